@@ -1,0 +1,22 @@
+# make run    set up, then run the gateway on its embedded defaults (config.example.yaml)
+# make test   set up, then run the whole test suite
+# make bench  set up (with Postfix), then run the acceptance benchmark
+.PHONY: setup run test bench lint
+
+setup:
+	sh scripts/setup.sh
+
+run: setup
+	.venv/bin/sealgate run --config config.example.yaml
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench:
+	sh scripts/setup.sh bench
+	.venv/bin/python bench/accept.py
+
+lint: setup
+	.venv/bin/pip install -q ruff mypy types-PyYAML
+	.venv/bin/ruff check gateway tests bench
+	.venv/bin/mypy

@@ -1,0 +1,517 @@
+"""Typed configuration: every option, its default and its documentation in one place.
+
+A configuration file is YAML.  Every key is declared below as a field of a frozen
+dataclass; the field's ``doc`` metadata is what ``config.example.yaml`` documents (a
+test keeps the two in sync).  Loading is strict:
+
+- an unknown or duplicated key is an error, with a "did you mean" hint;
+- every value is converted to its declared type (durations such as ``5m``, sizes
+  such as ``25MiB``, ``host:port`` listen addresses, CIDR networks);
+- an error names the exact key (``relay.networks[1]``) and the line of the file.
+
+This module checks the *shape* of the configuration only; `gateway.config_check`
+checks what the configuration refers to (files, directories, certificates).
+
+Failure: `ConfigError` (see `gateway.errors`); nothing is started on a bad config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gateway.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata: the documentation shown in config.example.yaml."""
+    return {"doc": text}
+
+
+# --- value types ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A listen or connect address: ``127.0.0.1:10025``, ``[::1]:25``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Duration(float):
+    """Seconds; written as a number or with a unit: ``30s``, ``5m``, ``1h``, ``2d``."""
+
+
+class Size(int):
+    """Bytes; written as a number or with a unit: ``512KiB``, ``25MiB``, ``10MB``."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+    "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (write e.g. 30s, 5m, 1h, 2d)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return Duration(seconds)
+
+
+def parse_size(value: Any) -> Size:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 25MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size (write e.g. 512KiB, 25MiB, 10MB)")
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if size <= 0:
+        raise ValueError("a size must be greater than zero")
+    return Size(size)
+
+
+def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
+    text = str(value).strip()
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?", text) or re.fullmatch(
+        r"([^:\[\]\s]+)(?::(\d+))?", text
+    )
+    if not m:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:25)")
+    host, port_text = m.group(1), m.group(2)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (write host:port)")
+        port = default_port
+    else:
+        port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return HostPort(host, port)
+
+
+def parse_nameserver(value: Any) -> HostPort:
+    hp = parse_hostport(value, default_port=53)
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        raise ValueError(f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)")
+    return hp
+
+
+def parse_network(value: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a network in CIDR form ({e})") from None
+
+
+# --- the schema ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    smtp: HostPort = field(
+        default=HostPort("127.0.0.1", 10025),
+        metadata=doc("Address and port of the SMTP listener (STARTTLS on the same port)."),
+    )
+    http: HostPort = field(
+        default=HostPort("127.0.0.1", 10080),
+        metadata=doc("Address and port of the ops HTTP listener: /metrics, /healthz, /readyz."),
+    )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "PEM certificate (chain) for STARTTLS. null: a self-signed certificate is "
+            "generated on first start under <state_dir>/tls/."
+        ),
+    )
+    key_file: Path | None = field(
+        default=None,
+        metadata=doc("PEM private key for cert_file. Set both or neither."),
+    )
+    min_version: Literal["1.2", "1.3"] = field(
+        default="1.2", metadata=doc("Lowest TLS version accepted from clients: 1.2 or 1.3.")
+    )
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    networks: tuple[IPNetwork, ...] = field(
+        default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        metadata=doc(
+            "Client networks (CIDR) allowed to relay. Microsoft 365 and Google Workspace "
+            "addresses are shared by all tenants: prefer client_certs or SMTP AUTH for them."
+        ),
+    )
+    client_certs: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "TLS client certificates allowed to relay, one pattern each: "
+            "'sha256:<fingerprint>', 'cn:<subject common name>' or 'san:<DNS name>' "
+            "('*.' matches one left-most label). The certificate must also chain to a "
+            "trusted CA (system store plus client_ca_file). Empty: no certificate is asked for."
+        ),
+    )
+    client_ca_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "Extra PEM CA certificates for verifying client certificates (a self-signed "
+            "client certificate pinned by sha256 goes here too)."
+        ),
+    )
+    users_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "SMTP AUTH users: one 'user:hash' per line, hashes made by "
+            "'sealgate hash-password'. AUTH is offered only after STARTTLS. null: no AUTH."
+        ),
+    )
+    require_tls: bool = field(
+        default=True,
+        metadata=doc("Refuse MAIL before STARTTLS with 530 5.7.0."),
+    )
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    hostname: str | None = field(
+        default=None,
+        metadata=doc("Name in the greeting, EHLO and Received header. null: the host's FQDN."),
+    )
+    max_message_size: Size = field(
+        default=Size(50 * 1024**2),
+        metadata=doc("Largest message accepted (advertised as SIZE); larger gets 552 5.3.4."),
+    )
+    max_recipients: int = field(
+        default=1000,
+        metadata=doc("Recipients per message; more get 452 4.5.3 (the client sends them later)."),
+    )
+    max_line_length: int = field(
+        default=1000,
+        metadata=doc(
+            "Longest line of message data in octets, CRLF included (RFC 5321 4.5.3.1.6: "
+            "1000). A longer line rejects the message with 500 5.5.2."
+        ),
+    )
+    max_connections: int = field(
+        default=500, metadata=doc("Concurrent SMTP connections in total; more get 421 4.7.0.")
+    )
+    max_connections_per_ip: int = field(
+        default=50, metadata=doc("Concurrent SMTP connections from one client IP address.")
+    )
+    command_timeout: Duration = field(
+        default=Duration(300),
+        metadata=doc("Idle time allowed between commands before 421 4.4.2 and disconnect."),
+    )
+    data_timeout: Duration = field(
+        default=Duration(300),
+        metadata=doc("Idle time allowed while receiving message data."),
+    )
+    max_received_headers: int = field(
+        default=50,
+        metadata=doc("A message with more Received headers is a mail loop: 554 5.4.6."),
+    )
+    max_auth_failures: int = field(
+        default=3, metadata=doc("Failed AUTH attempts on one connection before it is closed.")
+    )
+    marker_header: str = field(
+        default="X-Sealgate-Processed",
+        metadata=doc(
+            "Header added to every accepted message. Exclude it in the Microsoft 365 / "
+            "Google mail-flow rule that routes mail to Sealgate, so mail is never looped."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    io_threads: int = field(
+        default=8,
+        metadata=doc(
+            "Threads writing and fsyncing spool files; parallel fsyncs share journal commits."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[HostPort, ...] = field(
+        default=(),
+        metadata=doc("Resolvers for delivery lookups, 'ip' or 'ip:port'. Empty: the system's."),
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = field(default=25, metadata=doc("TCP port of recipients' mail servers."))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=doc("Lowest level written: debug, info, warning or error.")
+    )
+    addresses: Literal["hash", "plain", "omit"] = field(
+        default="hash",
+        metadata=doc(
+            "How mail addresses appear in logs: 'hash' (keyed HMAC, look one up with "
+            "'sealgate hash-address'), 'plain' or 'omit'."
+        ),
+    )
+    address_hash_key_file: Path | None = field(
+        default=None,
+        metadata=doc("Key for address hashes. null: <state_dir>/keys/address-hash.key (made on first start)."),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = field(
+        default=Path("./var"),
+        metadata=doc(
+            "Directory for all state (spool, generated certificate and keys). "
+            "'sealgate run --state-dir' overrides it; the systemd unit uses /var/lib/sealgate."
+        ),
+    )
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --- semantic checks on single values ------------------------------------------------
+
+_POSITIVE_INTS = {
+    "smtp.max_recipients", "smtp.max_connections", "smtp.max_connections_per_ip",
+    "smtp.max_received_headers", "smtp.max_auth_failures", "spool.io_threads",
+}
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
+_CERT_PATTERN = re.compile(r"(sha256:[0-9a-fA-F:]+|cn:.+|san:(\*\.)?[A-Za-z0-9.-]+)")
+
+
+def _check_value(path: str, value: Any) -> None:
+    if path in _POSITIVE_INTS and value < 1:
+        raise ValueError("must be at least 1")
+    if path == "smtp.max_line_length" and value < 1000:
+        raise ValueError("must be at least 1000 (RFC 5321 4.5.3.1.6)")
+    if path in ("delivery.port",) and not 0 < value < 65536:
+        raise ValueError("must be a port number 1-65535")
+    if path == "smtp.marker_header" and not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid header field name")
+    if path.startswith("relay.client_certs["):
+        if not _CERT_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a certificate pattern (sha256:<hex>, cn:<name>, san:<dns name>)"
+            )
+        if value.startswith("sha256:") and len(value[7:].replace(":", "")) != 64:
+            raise ValueError("a sha256 fingerprint has 64 hex digits")
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+class _Located:
+    """Line numbers of the keys of a YAML document, by dotted path."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, int] = {}
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0] if "." in path else ""
+        return None
+
+
+def _walk_nodes(node: yaml.Node, path: str, where: _Located, source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            if key in seen:
+                raise ConfigError(sub, "key appears twice", source, key_node.start_mark.line + 1)
+            seen.add(key)
+            where.lines[sub] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, sub, where, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            where.lines[f"{path}[{i}]"] = item.start_mark.line + 1
+            _walk_nodes(item, f"{path}[{i}]", where, source)
+
+
+def _convert(tp: Any, value: Any, path: str, where: _Located, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and tp is not HostPort:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of keys")
+        return _build(tp, value, path, where, source)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _convert(args[0], value, path, where, source)
+        return _convert_scalar(tp, value)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        items = []
+        for i, item in enumerate(value):
+            items.append(_convert_item(item_tp, item, f"{path}[{i}]", where, source))
+        return tuple(items)
+    return _convert_scalar(tp, value)
+
+
+def _convert_item(tp: Any, value: Any, path: str, where: _Located, source: str) -> Any:
+    try:
+        result = _convert(tp, value, path, where, source)
+        _check_value(path, result)
+        return result
+    except ValueError as e:
+        raise ConfigError(path, str(e), source, where.line(path)) from None
+
+
+def _convert_scalar(tp: Any, value: Any) -> Any:
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        text = str(value) if not isinstance(value, bool) else value
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(map(str, choices))}")
+        return text
+    if tp is HostPort:
+        return parse_hostport(value)
+    if tp is Duration:
+        return parse_duration(value)
+    if tp is Size:
+        return parse_size(value)
+    if set(typing.get_args(tp)) == {ipaddress.IPv4Network, ipaddress.IPv6Network}:
+        return parse_network(value)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a file or directory path")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a whole number")
+        return value
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{value!r} is not a non-empty string")
+        return value
+    raise TypeError(f"no converter for {tp!r}")  # a schema bug, not a user error
+
+
+def _build(cls: type, data: dict[str, Any], path: str, where: _Located, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(sub, f"unknown key{suffix}", source, where.line(sub))
+        kwargs[key] = _convert_item(hints[key], value, sub, where, source)
+    return cls(**kwargs)
+
+
+def load_config_text(text: str, source: str = "<config>") -> Config:
+    """Parse and validate a YAML configuration document."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError("", f"not valid YAML: {problem}", source, line) from None
+    where = _Located()
+    if node is not None:
+        _walk_nodes(node, "", where, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", "the configuration must be a mapping of keys", source, 1)
+    config = _build(Config, data, "", where, source)
+    _check_pairs(config, where, source)
+    return typing.cast(Config, config)
+
+
+def _check_pairs(config: Config, where: _Located, source: str) -> None:
+    if (config.tls.cert_file is None) != (config.tls.key_file is None):
+        key = "tls.key_file" if config.tls.key_file is None else "tls.cert_file"
+        raise ConfigError(key, "set tls.cert_file and tls.key_file together", source, where.line(key))
+
+
+def load_config(path: Path | None) -> Config:
+    """Load the configuration file at ``path``; ``None`` means the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read the configuration file: {e.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("", "the configuration file is not UTF-8", str(path)) from None
+    return load_config_text(text, str(path))
+
+
+def schema_paths(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field[Any]]:
+    """Every leaf option as dotted path -> field, in declaration order."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and tp is not HostPort:
+            out.update(schema_paths(tp, path + "."))  # type: ignore[arg-type]
+        else:
+            out[path] = f
+    return out

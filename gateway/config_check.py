@@ -1,0 +1,91 @@
+"""Check what a configuration refers to: files, directories, certificates, users.
+
+`check_references` returns the first problem as a `ConfigError` naming the key, so
+that ``sealgate check-config`` and ``sealgate run`` report the same precise message.
+Nothing is created or changed here; a state directory that does not exist yet is
+fine if it can be created.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+from gateway.smtp.auth import parse_users
+from gateway.tls import cert_matches_key
+
+
+def _readable(key: str, path: Path, source: str) -> bytes:
+    if not path.exists():
+        raise ConfigError(key, f"{path} does not exist", source)
+    if not path.is_file():
+        raise ConfigError(key, f"{path} is not a regular file", source)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"{path} is not readable: {e.strerror}", source) from None
+
+
+def _writable_dir(key: str, path: Path, source: str) -> None:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, f"{probe} is not a directory", source)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{probe} is not writable", source)
+
+
+def _pem_certs(key: str, data: bytes, path: Path, source: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(key, f"{path} holds no PEM certificate", source) from None
+    return certs
+
+
+def check_references(cfg: Config, source: str = "<config>") -> None:
+    _writable_dir("state_dir", cfg.state_dir, source)
+    tls = cfg.tls
+    if tls.cert_file is not None and tls.key_file is not None:
+        _pem_certs("tls.cert_file", _readable("tls.cert_file", tls.cert_file, source),
+                   tls.cert_file, source)
+        _readable("tls.key_file", tls.key_file, source)
+        try:
+            matches = cert_matches_key(tls.cert_file, tls.key_file)
+        except (ValueError, TypeError) as e:
+            raise ConfigError("tls.key_file", f"{tls.key_file} is not an unencrypted PEM "
+                              f"private key ({e})", source) from None
+        if not matches:
+            raise ConfigError("tls.key_file", f"{tls.key_file} does not match the "
+                              f"certificate in {tls.cert_file}", source)
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(tls.cert_file), str(tls.key_file))
+        except ssl.SSLError as e:
+            raise ConfigError("tls.cert_file", f"OpenSSL refuses the pair: {e.reason}",
+                              source) from None
+    relay = cfg.relay
+    if relay.client_ca_file is not None:
+        _pem_certs("relay.client_ca_file",
+                   _readable("relay.client_ca_file", relay.client_ca_file, source),
+                   relay.client_ca_file, source)
+    if relay.users_file is not None:
+        data = _readable("relay.users_file", relay.users_file, source)
+        try:
+            parse_users(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError("relay.users_file", f"{relay.users_file}: {e}", source) from None
+    key_file = cfg.logging.address_hash_key_file
+    if key_file is not None and cfg.logging.addresses == "hash":
+        data = _readable("logging.address_hash_key_file", key_file, source)
+        if len(data) < 16:
+            raise ConfigError("logging.address_hash_key_file",
+                              f"{key_file} holds fewer than 16 bytes", source)

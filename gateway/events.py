@@ -1,0 +1,52 @@
+"""The catalogue of event names, shared by the structured log and the metrics.
+
+Every log line Sealgate writes has one of these names as its ``event``; tests and
+dashboards rely on them, so they change only with a note in the changelog.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Event(enum.StrEnum):
+    # lifecycle
+    STARTING = "app.starting"
+    READY = "app.ready"
+    STOPPING = "app.stopping"
+    STOPPED = "app.stopped"
+    CERT_GENERATED = "tls.self-signed-generated"
+    # spool
+    SPOOL_RECOVERED = "spool.recovered"
+    SPOOL_INCOMPLETE_REMOVED = "spool.incomplete-removed"
+    SPOOL_CORRUPT = "spool.corrupt-quarantined"
+    SPOOL_WRITE_FAILED = "spool.write-failed"
+    # smtp
+    CONNECTION_REFUSED = "smtp.connection-refused"
+    MESSAGE_ACCEPTED = "smtp.message-accepted"
+    MESSAGE_REJECTED = "smtp.message-rejected"
+    RELAY_DENIED = "smtp.relay-denied"
+    AUTH_FAILED = "smtp.auth-failed"
+    AUTH_SUCCEEDED = "smtp.auth-succeeded"
+    TIMEOUT = "smtp.timeout"
+    TLS_FAILED = "smtp.tls-failed"
+    SESSION_ERROR = "smtp.session-error"
+    # ops http
+    HTTP_ERROR = "http.error"
+
+
+class RejectReason(enum.StrEnum):
+    """Why a command or message was refused: the ``reason`` label of the metrics."""
+
+    TLS_REQUIRED = "tls_required"
+    RELAY_DENIED = "relay_denied"
+    TOO_MANY_RECIPIENTS = "too_many_recipients"
+    MESSAGE_TOO_BIG = "message_too_big"
+    LINE_TOO_LONG = "line_too_long"
+    BARE_LINE_ENDING = "bare_line_ending"
+    MAIL_LOOP = "mail_loop"
+    SPOOL_ERROR = "spool_error"
+    BAD_SYNTAX = "bad_syntax"
+    CONNECTION_LIMIT = "connection_limit"
+    AUTH_FAILED = "auth_failed"
+    TIMEOUT = "timeout"

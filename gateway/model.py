@@ -1,0 +1,73 @@
+"""Small typed values that the stages pass to each other.
+
+They are plain frozen dataclasses with explicit ``to_dict`` / ``from_dict`` so that
+what goes to disk is JSON we wrote on purpose (never pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who handed us the message, and how that connection was secured."""
+
+    ip: str
+    port: int
+    helo: str
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    client_cert_sha256: str | None = None
+    client_cert_subject: str | None = None
+    # how relaying was authorized: "network", "client-cert" or "smtp-auth"
+    authorized_by: str = ""
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Everything about an accepted message except its bytes."""
+
+    queue_id: str
+    received_at: str  # RFC 3339, UTC
+    mail_from: str  # "" for the null reverse-path
+    mail_options: tuple[str, ...]
+    recipients: tuple[Recipient, ...]
+    client: ClientInfo
+    size: int
+    sha256: str
+    # Trace fields we add in front of the message on delivery (Received, marker);
+    # the spool keeps the received bytes themselves untouched.
+    trace_headers: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mail_options"] = list(self.mail_options)
+        d["recipients"] = [{"address": r.address, "options": list(r.options)}
+                           for r in self.recipients]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Envelope:
+        return cls(
+            queue_id=str(d["queue_id"]),
+            received_at=str(d["received_at"]),
+            mail_from=str(d["mail_from"]),
+            mail_options=tuple(d.get("mail_options", ())),
+            recipients=tuple(Recipient(r["address"], tuple(r.get("options", ())))
+                             for r in d["recipients"]),
+            client=ClientInfo(**d["client"]),
+            size=int(d["size"]),
+            sha256=str(d["sha256"]),
+            trace_headers=str(d.get("trace_headers", "")),
+            extra=dict(d.get("extra", {})),
+        )

@@ -1,0 +1,1 @@
+"""Logs, metrics and the ops HTTP listener."""

@@ -1,0 +1,76 @@
+"""Prometheus metrics, all named ``sealgate_*``.
+
+Every label value comes from a closed enum (`gateway.events.RejectReason`, TLS
+versions from the ssl module); never from addresses, hosts or message data.  Each
+`Metrics` owns its registry, so several gateways (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from gateway.events import RejectReason
+
+# "_created" series double the exposition for no use on our counters.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
+_TLS_VERSIONS = ("none", "TLSv1.2", "TLSv1.3")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Counter(
+            "sealgate_smtp_connections", "SMTP connections opened", ["result"], registry=r)
+        self.connections_active = Gauge(
+            "sealgate_smtp_connections_active", "SMTP connections open now", registry=r)
+        self.messages_accepted = Counter(
+            "sealgate_messages_accepted", "Messages accepted into the spool",
+            ["tls_version"], registry=r)
+        self.messages_rejected = Counter(
+            "sealgate_messages_rejected",
+            "Commands or messages refused, by reason", ["reason"], registry=r)
+        self.accepted_bytes = Counter(
+            "sealgate_accepted_bytes", "Bytes of message data accepted", registry=r)
+        self.message_size = Histogram(
+            "sealgate_message_size_bytes", "Size of accepted messages",
+            buckets=_SIZE_BUCKETS, registry=r)
+        self.acceptance_latency = Histogram(
+            "sealgate_acceptance_latency_seconds",
+            "End of DATA to the 250 reply (spool write and fsync included)",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.auth = Counter(
+            "sealgate_smtp_auth", "SMTP AUTH attempts", ["result"], registry=r)
+        self.spool_messages = Gauge(
+            "sealgate_spool_messages", "Messages in the spool", registry=r)
+        self.spool_bytes = Gauge(
+            "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r)
+        # Pre-create every labelled series so that dashboards see zeros, not gaps.
+        for reason in RejectReason:
+            self.messages_rejected.labels(reason.value)
+        for version in _TLS_VERSIONS:
+            self.messages_accepted.labels(version)
+        for result in ("accepted", "refused"):
+            self.connections.labels(result)
+        for result in ("success", "failure"):
+            self.auth.labels(result)
+
+    def reject(self, reason: RejectReason) -> None:
+        self.messages_rejected.labels(reason.value).inc()
+
+    @staticmethod
+    def tls_label(version: str | None) -> str:
+        return version if version in _TLS_VERSIONS else "none"
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

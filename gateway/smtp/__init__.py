@@ -1,0 +1,1 @@
+"""The accepting side: the inbound SMTP listener (aiosmtpd)."""

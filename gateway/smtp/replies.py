@@ -1,0 +1,38 @@
+"""The closed catalogue of SMTP replies Sealgate sends (RFC 5321, RFC 3463 codes).
+
+Handlers return one of these; no reply text is written anywhere else.  Replies never
+contain message content; the only variable parts are our host name, queue ids,
+limits and the client's own address or recipient.
+"""
+
+from __future__ import annotations
+
+OK = "250 2.0.0 OK"
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+
+TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
+RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (limit {limit} per message)"
+SIZE_EXCEEDED_MAIL = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
+MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system (limit {limit} bytes)"
+LINE_TOO_LONG = "500 5.5.2 Line too long in message data (limit {limit} octets, RFC 5321 4.5.3.1.6)"
+BARE_LINE_ENDING = ("554 5.5.2 Bare CR or LF in message data; lines must end with CRLF "
+                    "(RFC 5321 2.3.8)")
+MAIL_LOOP = "554 5.4.6 Too many Received headers ({count}): mail loop suspected"
+SPOOL_ERROR = "451 4.3.0 Temporary queue error, try again later"
+SYNTAX_SIZE = "501 5.5.4 Syntax error in SIZE parameter"
+NEED_RCPT = "503 5.5.1 Need RCPT command"
+
+TOO_MANY_CONNECTIONS = "421 4.7.0 {hostname} Too many connections, try again later"
+TOO_MANY_FROM_IP = "421 4.7.0 {hostname} Too many connections from your address"
+TIMEOUT = "421 4.4.2 {hostname} Error: timeout exceeded"
+SHUTTING_DOWN = "421 4.3.2 {hostname} Service shutting down, try again later"
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_TOO_MANY = "421 4.7.0 {hostname} Too many failed authentication attempts"
+AUTH_NOT_AVAILABLE = "504 5.5.4 Unrecognized authentication type"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_ABORTED = "501 5.7.0 Authentication aborted"

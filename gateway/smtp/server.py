@@ -1,0 +1,503 @@
+"""smtp - the inbound listener: accept mail from authorized clients, durably.
+
+Built on aiosmtpd.  `GatewaySMTP` (one per connection) adds what the library lacks:
+connection limits, a 421 on timeout, and its own DATA phase (`gateway.smtp.data`)
+that streams to the spool instead of buffering the message.  `Handler` holds the
+per-command policy: STARTTLS before MAIL, SIZE, relay authorization at RCPT,
+recipient limits, AUTH after TLS.
+
+Replies come from `gateway.smtp.replies`.  Temporary problems (spool, internal
+errors) get 4xx so the client retries; nothing is ever answered 250 before the spool
+says the message is on disk.  Logs carry no subject or body, and addresses only as
+configured (`logging.addresses`).
+
+RFCs: 5321 (SMTP), 3207 (STARTTLS), 4954 (AUTH), 1870 (SIZE), 6152 (8BITMIME),
+6531 (SMTPUTF8), 2034/3463 (enhanced status codes), 2920 (PIPELINING), 3848
+(Received "with" protocol names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import email.utils
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as AioEnvelope, Session
+
+from gateway.config import Config
+from gateway.errors import SpoolError
+from gateway.events import Event, RejectReason
+from gateway.model import ClientInfo, Envelope, Recipient
+from gateway.observability.logging import AddressRedactor, get_logger
+from gateway.observability.metrics import Metrics
+from gateway.smtp import replies
+from gateway.smtp.auth import RelayPolicy, check_credentials
+from gateway.smtp.data import DataProblem, MessageScanner
+from gateway.spool import Spool, new_queue_id
+
+log = get_logger("gateway.smtp")
+
+_READ_LIMIT = 64 * 1024  # StreamReader limit: command lines and DATA chunk size
+_PROBLEM_REPLY = {
+    DataProblem.TOO_BIG: (replies.MESSAGE_TOO_BIG, RejectReason.MESSAGE_TOO_BIG),
+    DataProblem.LINE_TOO_LONG: (replies.LINE_TOO_LONG, RejectReason.LINE_TOO_LONG),
+    DataProblem.BARE_LINE_ENDING: (replies.BARE_LINE_ENDING, RejectReason.BARE_LINE_ENDING),
+    DataProblem.MAIL_LOOP: (replies.MAIL_LOOP, RejectReason.MAIL_LOOP),
+}
+
+
+@dataclass
+class SmtpContext:
+    """What every connection shares: configuration, policy, spool, observability."""
+
+    config: Config
+    hostname: str
+    relay: RelayPolicy
+    spool: Spool
+    metrics: Metrics
+    redact: AddressRedactor
+    tls_context: ssl.SSLContext | None
+    connections: Counter[str] = field(default_factory=Counter)
+    sessions: set[GatewaySMTP] = field(default_factory=set)
+    stopping: bool = False
+
+
+class GatewaySession(Session):  # type: ignore[misc]
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.auth_failures = 0
+        self.auth_user: str | None = None
+        self.cert: Any = None  # CertIdentity once a client certificate is seen
+
+
+class GatewayEnvelope(AioEnvelope):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.authorized_by = ""
+        self.rcpt_option_list: list[list[str]] = []
+
+
+class GatewaySMTP(SMTP):  # type: ignore[misc]
+    line_length_limit = _READ_LIMIT
+
+    def __init__(self, ctx: SmtpContext):
+        self.ctx = ctx
+        cfg = ctx.config.smtp
+        excluded = [] if ctx.relay.offers_auth else ["PLAIN", "LOGIN"]
+        super().__init__(
+            Handler(ctx),
+            data_size_limit=None,  # SIZE is ours: advertised and checked by Handler
+            enable_SMTPUTF8=True,
+            hostname=ctx.hostname,
+            ident="ESMTP Sealgate",
+            tls_context=ctx.tls_context,
+            require_starttls=False,  # MAIL before STARTTLS is refused by Handler (530 5.7.0)
+            timeout=cfg.command_timeout,
+            auth_require_tls=True,
+            auth_exclude_mechanism=excluded,
+            loop=asyncio.get_running_loop(),
+        )
+        self._client_ip: str | None = None
+        self._refused = False
+        self.in_transaction = False
+
+    def _create_session(self) -> GatewaySession:
+        return GatewaySession(self.loop)
+
+    def _create_envelope(self) -> GatewayEnvelope:
+        return GatewayEnvelope()
+
+    # -- connection accounting ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and self.transport is None:
+            peer = transport.get_extra_info("peername") or ("?", 0)
+            ip = str(peer[0])
+            refusal = self._admit(ip)
+            if refusal is not None:
+                self._refused = True
+                transport.write(refusal.format(hostname=self.ctx.hostname).encode() + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._client_ip = ip
+            self.ctx.sessions.add(self)
+            self.ctx.metrics.connections.labels("accepted").inc()
+            self.ctx.metrics.connections_active.inc()
+        super().connection_made(transport)
+
+    def _admit(self, ip: str) -> str | None:
+        ctx, cfg = self.ctx, self.ctx.config.smtp
+        if ctx.stopping:
+            return replies.SHUTTING_DOWN
+        if sum(ctx.connections.values()) >= cfg.max_connections:
+            refusal = replies.TOO_MANY_CONNECTIONS
+        elif ctx.connections[ip] >= cfg.max_connections_per_ip:
+            refusal = replies.TOO_MANY_FROM_IP
+        else:
+            ctx.connections[ip] += 1
+            return None
+        ctx.metrics.connections.labels("refused").inc()
+        ctx.metrics.reject(RejectReason.CONNECTION_LIMIT)
+        log.warning(Event.CONNECTION_REFUSED, client_ip=ip, reason="connection_limit")
+        return refusal
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._client_ip is not None:
+            self.ctx.connections[self._client_ip] -= 1
+            if self.ctx.connections[self._client_ip] <= 0:
+                del self.ctx.connections[self._client_ip]
+            self._client_ip = None
+            self.ctx.sessions.discard(self)
+            self.ctx.metrics.connections_active.dec()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+        self.ctx.metrics.reject(RejectReason.TIMEOUT)
+        log.info(Event.TIMEOUT, client_ip=self._client_ip, in_data=self.in_transaction)
+        super()._timeout_cb()
+
+    def close_for_shutdown(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                replies.SHUTTING_DOWN.format(hostname=self.hostname).encode() + b"\r\n")
+            self.transport.close()
+
+    # -- DATA ---------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.in_transaction = True
+        try:
+            reply = await self._receive_message()
+        finally:
+            self.in_transaction = False
+            self._set_post_data_state()
+        await self.push(reply)
+
+    async def _receive_message(self) -> str:
+        ctx, cfg = self.ctx, self.ctx.config.smtp
+        queue_id = new_queue_id()
+        writer = ctx.spool.writer(queue_id)
+        scanner = MessageScanner(cfg.max_message_size, cfg.max_line_length,
+                                 cfg.max_received_headers)
+        try:
+            await self._read_data(scanner, writer)
+        except BaseException:
+            # The client went away mid-message: nothing was promised, nothing is kept.
+            asyncio.get_running_loop().create_task(writer.abort())
+            raise
+        scanner.finish()
+        if scanner.problem is not None:
+            await writer.abort()
+            template, reason = _PROBLEM_REPLY[scanner.problem]
+            limit = (cfg.max_message_size if scanner.problem is DataProblem.TOO_BIG
+                     else cfg.max_line_length)
+            return self._rejected(reason, template.format(
+                limit=limit, count=scanner.received_headers), scanner.wire_size)
+        started = time.perf_counter()
+        try:
+            envelope = await writer.commit(lambda size, sha: self._make_envelope(
+                queue_id, size, sha))
+        except SpoolError as e:
+            log.error(Event.SPOOL_WRITE_FAILED, queue_id=queue_id, error=str(e))
+            return self._rejected(RejectReason.SPOOL_ERROR, replies.SPOOL_ERROR, writer.size)
+        latency = time.perf_counter() - started
+        self._accepted(envelope, latency)
+        return replies.QUEUED.format(queue_id=queue_id)
+
+    async def _read_data(self, scanner: MessageScanner, writer: Any) -> None:
+        """Read up to and excluding CRLF "." CRLF, feeding the scanner chunk by chunk."""
+        reader = self._reader
+        last2 = b"\r\n"  # the CRLF that ended the DATA command line
+        timeout = self.ctx.config.smtp.data_timeout
+        while True:
+            try:
+                piece = await reader.readuntil(b".\r\n")
+                found = True
+            except asyncio.LimitOverrunError as e:
+                piece = await reader.read(e.consumed)
+                found = False
+            except asyncio.IncompleteReadError as e:
+                raise ConnectionResetError("connection closed during DATA") from e
+            self._reset_timeout(timeout)
+            before = piece[-5:-3] if len(piece) >= 5 else (last2 + piece[:-3])[-2:]
+            if found and before == b"\r\n":
+                await writer.write(scanner.feed(piece[:-3]))
+                return
+            await writer.write(scanner.feed(piece))
+            last2 = (last2 + piece)[-2:]
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def _client_info(self) -> ClientInfo:
+        session: GatewaySession = self.session
+        peer = session.peer or ("?", 0)
+        version = cipher = None
+        if session.ssl:
+            sslobj = session.ssl.get("ssl_object")
+            if sslobj is not None:
+                version = sslobj.version()
+                cipher = (sslobj.cipher() or (None,))[0]
+        cert = session.cert
+        return ClientInfo(
+            ip=str(peer[0]), port=int(peer[1]), helo=session.host_name or "",
+            tls_version=version, tls_cipher=cipher,
+            client_cert_sha256=cert.sha256 if cert else None,
+            client_cert_subject=cert.subject if cert else None,
+            authorized_by=self.envelope.authorized_by,
+            auth_user=session.auth_user,
+        )
+
+    def _make_envelope(self, queue_id: str, size: int, sha256: str) -> Envelope:
+        now = datetime.datetime.now(datetime.UTC)
+        client = self._client_info()
+        env: GatewayEnvelope = self.envelope
+        mail_from = "" if env.mail_from == "<>" else env.mail_from
+        recipients = tuple(Recipient(a, tuple(o)) for a, o in
+                           zip(env.rcpt_tos, env.rcpt_option_list, strict=True))
+        trace = received_header(client, self.hostname, queue_id, self.session.extended_smtp,
+                                bool(self.session.authenticated), now)
+        trace += f"{self.ctx.config.smtp.marker_header}: {self.hostname}\r\n"
+        return Envelope(
+            queue_id=queue_id, received_at=now.isoformat(timespec="microseconds"),
+            mail_from=mail_from, mail_options=tuple(env.mail_options), recipients=recipients,
+            client=client, size=size, sha256=sha256, trace_headers=trace,
+        )
+
+    def _accepted(self, envelope: Envelope, latency: float) -> None:
+        m = self.ctx.metrics
+        m.messages_accepted.labels(m.tls_label(envelope.client.tls_version)).inc()
+        m.accepted_bytes.inc(envelope.size)
+        m.message_size.observe(envelope.size)
+        m.acceptance_latency.observe(latency)
+        m.spool_messages.set(self.ctx.spool.messages)
+        m.spool_bytes.set(self.ctx.spool.bytes)
+        redact = self.ctx.redact
+        log.info(
+            Event.MESSAGE_ACCEPTED, result="accepted", queue_id=envelope.queue_id,
+            client_ip=envelope.client.ip, tls_version=envelope.client.tls_version,
+            size=envelope.size, recipients=len(envelope.recipients),
+            authorized_by=envelope.client.authorized_by,
+            mail_from=redact(envelope.mail_from) if envelope.mail_from else "<>",
+            rcpt=[redact(r.address) for r in envelope.recipients]
+            if redact.mode != "omit" else None,
+            latency_ms=round(latency * 1000, 2),
+        )
+
+    def _rejected(self, reason: RejectReason, reply: str, size: int) -> str:
+        self.ctx.metrics.reject(reason)
+        client = self._client_info()
+        log.info(Event.MESSAGE_REJECTED, result="rejected", reason=reason.value,
+                 client_ip=client.ip, tls_version=client.tls_version, size=size,
+                 reply=reply[:3])
+        return reply
+
+
+def received_header(client: ClientInfo, hostname: str, queue_id: str, esmtp: bool,
+                    authenticated: bool, when: datetime.datetime) -> str:
+    """Our Received trace field (RFC 5321 4.4), protocol names per RFC 3848."""
+    proto = "ESMTP" if esmtp else "SMTP"
+    if client.tls_version:
+        proto += "S"
+    if authenticated:
+        proto += "A"
+    helo = "".join(c for c in client.helo if 32 < ord(c) < 127 and c not in "()\\")[:255]
+    ip = f"IPv6:{client.ip}" if ":" in client.ip else client.ip
+    header = f"Received: from {helo or 'unknown'} (unknown [{ip}])\r\n\tby {hostname} (Sealgate)"
+    if client.tls_version:
+        header += f"\r\n\t(using {client.tls_version} with cipher {client.tls_cipher})"
+    header += f"\r\n\twith {proto} id {queue_id};\r\n\t{email.utils.format_datetime(when)}\r\n"
+    return header
+
+
+class Handler:
+    """aiosmtpd hooks: the per-command policy."""
+
+    def __init__(self, ctx: SmtpContext):
+        self.ctx = ctx
+
+    async def handle_EHLO(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: GatewayEnvelope, hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        server.command_size_limits["MAIL"] = 1024
+        tls_active = session.ssl is not None
+        out = [responses[0], f"250-SIZE {self.ctx.config.smtp.max_message_size}",
+               "250-8BITMIME", "250-SMTPUTF8", "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        if server.tls_context is not None and not tls_active:
+            out.append("250-STARTTLS")
+        if tls_active and self.ctx.relay.offers_auth:
+            out.append("250-AUTH PLAIN LOGIN")
+        out.append("250 HELP")
+        return out
+
+    def handle_STARTTLS(self, server: GatewaySMTP, session: GatewaySession,
+                        envelope: GatewayEnvelope) -> bool:
+        sslobj = session.ssl.get("ssl_object") if session.ssl else None
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if der:
+            try:
+                session.cert = self.ctx.relay.identify_cert(der)
+            except ValueError:
+                session.cert = None
+        return True
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: GatewayEnvelope, address: str, mail_options: list[str]) -> str:
+        cfg = self.ctx.config
+        if cfg.relay.require_tls and session.ssl is None:
+            self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
+            return replies.TLS_REQUIRED
+        for option in mail_options:
+            key, _, value = option.partition("=")
+            if key.upper() == "SIZE":
+                if not value.isdigit():
+                    return replies.SYNTAX_SIZE
+                if int(value) > cfg.smtp.max_message_size:
+                    self.ctx.metrics.reject(RejectReason.MESSAGE_TOO_BIG)
+                    return replies.SIZE_EXCEEDED_MAIL.format(limit=cfg.smtp.max_message_size)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: GatewaySession,
+                          envelope: GatewayEnvelope, address: str, rcpt_options: list[str]) -> str:
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            return "501 5.1.3 Bad recipient address syntax"
+        limit = self.ctx.config.smtp.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            self.ctx.metrics.reject(RejectReason.TOO_MANY_RECIPIENTS)
+            return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
+        authorized_by = self._authorization(session)
+        if authorized_by is None:
+            self.ctx.metrics.reject(RejectReason.RELAY_DENIED)
+            peer = session.peer or ("?", 0)
+            log.warning(Event.RELAY_DENIED, client_ip=str(peer[0]),
+                        tls=session.ssl is not None, rcpt=self.ctx.redact(address))
+            return replies.RELAY_DENIED.format(address=address)
+        envelope.authorized_by = authorized_by
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.rcpt_option_list.append(list(rcpt_options))
+        return replies.RECIPIENT_OK
+
+    def _authorization(self, session: GatewaySession) -> str | None:
+        relay = self.ctx.relay
+        if session.authenticated and session.auth_user:
+            return "smtp-auth"
+        if session.cert is not None and session.cert.matched:
+            return "client-cert"
+        peer = session.peer or ("", 0)
+        if relay.network_allows(str(peer[0])):
+            return "network"
+        return None
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error(Event.SESSION_ERROR, error_type=type(error).__name__, error=str(error)[:200])
+        return "451 4.3.0 Internal error, try again later"
+
+    # -- SMTP AUTH (RFC 4954, 4616); the builtin mechanisms check passwords on the loop
+
+    async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push(replies.AUTH_BAD_BASE64)
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            user = await server.challenge_auth("Username:")
+        else:
+            try:
+                user = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        if not isinstance(user, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, user, password)
+
+    async def _verify(self, server: GatewaySMTP, user_b: bytes, password: bytes) -> AuthResult:
+        session: GatewaySession = server.session
+        user = user_b.decode("utf-8", "replace")
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, check_credentials, self.ctx.relay.users, user, password)
+        peer = session.peer or ("?", 0)
+        if ok:
+            session.auth_user = user
+            self.ctx.metrics.auth.labels("success").inc()
+            log.info(Event.AUTH_SUCCEEDED, client_ip=str(peer[0]), user=user)
+            return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
+        session.auth_failures += 1
+        self.ctx.metrics.auth.labels("failure").inc()
+        self.ctx.metrics.reject(RejectReason.AUTH_FAILED)
+        log.warning(Event.AUTH_FAILED, client_ip=str(peer[0]), failures=session.auth_failures)
+        if session.auth_failures >= self.ctx.config.smtp.max_auth_failures:
+            await server.push(replies.AUTH_TOO_MANY.format(hostname=server.hostname))
+            server.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+
+
+class SmtpServer:
+    """The listening socket and its sessions."""
+
+    def __init__(self, ctx: SmtpContext):
+        self.ctx = ctx
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        listen = self.ctx.config.listen.smtp
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: GatewaySMTP(self.ctx), host=listen.host, port=listen.port,
+            reuse_address=True, backlog=512)
+
+    @property
+    def sockets(self) -> list[Any]:
+        return list(self._server.sockets) if self._server else []
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening; let messages in DATA finish (up to ``grace``), then close."""
+        self.ctx.stopping = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        while any(s.in_transaction for s in self.ctx.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.ctx.sessions):
+            session.close_for_shutdown()
+        if self._server is not None:
+            await asyncio.wait_for(self._server.wait_closed(), timeout=5)

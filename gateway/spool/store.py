@@ -1,0 +1,307 @@
+"""spool - make accepted messages durable before the client hears "250".
+
+Layout under ``<state_dir>/spool/`` (format: ``FORMAT.md`` beside this file):
+
+    tmp/<id>      being written; never trusted, removed at start
+    queue/<id>    complete: message bytes + envelope JSON + fixed-size footer
+    corrupt/<id>  a queue file that failed validation, kept for inspection
+
+Durability: a message is written to ``tmp/``, fsync'd, renamed into ``queue/`` and
+the ``queue/`` directory is fsync'd.  Only then does `SpoolWriter.commit` return, and
+only then does the SMTP layer answer 250.  A crash before the directory fsync loses
+only a message that was never acknowledged; ``tmp/`` leftovers are removed on start.
+A file in ``queue/`` is self-validating (magic footer, lengths, SHA-256 of the
+message), so a torn or truncated file is never mistaken for a complete one.
+
+File I/O runs in a dedicated thread pool, never on the event loop.  Small messages
+stay in memory until commit (one write, one fsync); large ones spill to the ``tmp/``
+file as they arrive, so memory per session stays bounded.
+
+Failure: every OS error becomes `SpoolError`; the temporary file is removed and the
+SMTP layer answers 451 4.3.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from gateway.errors import SpoolError
+from gateway.model import Envelope
+
+MAGIC = b"SEALGATE-SPOOL/1"
+FOOTER_LEN = len(MAGIC) + 1 + 20 + 1 + 20 + 1
+SPILL_THRESHOLD = 256 * 1024
+
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
+
+
+def new_queue_id() -> str:
+    """A 16-character id that sorts by arrival time (microseconds) and is unique."""
+    n = (time.time_ns() // 1000) << 24 | secrets.randbits(24)
+    chars = []
+    for _ in range(16):
+        n, r = divmod(n, len(_ALPHABET))
+        chars.append(_ALPHABET[r])
+    return "".join(reversed(chars))
+
+
+def is_queue_id(text: str) -> bool:
+    return len(text) == 16 and all(c in _ALPHABET for c in text)
+
+
+def _footer(message_len: int, json_len: int) -> bytes:
+    return MAGIC + b" %020d %020d\n" % (message_len, json_len)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    recovered: int
+    recovered_bytes: int
+    incomplete_removed: int
+    corrupt: tuple[str, ...]
+
+
+class Spool:
+    def __init__(self, root: Path, io_threads: int = 8):
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.queue_dir = root / "queue"
+        self.corrupt_dir = root / "corrupt"
+        self._io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self.messages = 0
+        self.bytes = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def open(self) -> RecoveryReport:
+        """Create the layout, drop unacknowledged leftovers, count what is queued."""
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.corrupt_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink()
+            removed += 1
+        if removed:
+            _fsync_dir(self.tmp_dir)
+        corrupt: list[str] = []
+        count = total = 0
+        for path in sorted(self.queue_dir.iterdir()):
+            try:
+                env = read_envelope(path)
+            except SpoolError:
+                os.replace(path, self.corrupt_dir / path.name)
+                corrupt.append(path.name)
+                continue
+            count += 1
+            total += env.size
+        if corrupt:
+            _fsync_dir(self.queue_dir)
+            _fsync_dir(self.corrupt_dir)
+        self.messages, self.bytes = count, total
+        self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        return RecoveryReport(count, total, removed, tuple(corrupt))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    async def run_io(self, fn: Callable[..., object], *args: object) -> object:
+        if self._pool is None:
+            raise SpoolError("spool is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def writer(self, queue_id: str) -> SpoolWriter:
+        return SpoolWriter(self, queue_id)
+
+    # -- reading (queue inspection, delivery) -----------------------------------
+
+    def path_of(self, queue_id: str) -> Path:
+        if not is_queue_id(queue_id):
+            raise SpoolError(f"{queue_id!r} is not a queue id")
+        return self.queue_dir / queue_id
+
+    def envelopes(self) -> Iterator[Envelope | SpoolError]:
+        """Every queued message's envelope, oldest first; unreadable ones as errors."""
+        if not self.queue_dir.is_dir():
+            return
+        for path in sorted(self.queue_dir.iterdir()):
+            try:
+                yield read_envelope(path)
+            except SpoolError as e:
+                yield e
+
+    def read(self, queue_id: str, verify: bool = True) -> tuple[Envelope, bytes]:
+        path = self.path_of(queue_id)
+        if not path.exists():
+            raise SpoolError(f"no message {queue_id} in the spool")
+        return read_message(path, verify=verify)
+
+    def note_committed(self, size: int) -> None:
+        self.messages += 1
+        self.bytes += size
+
+
+class SpoolWriter:
+    """Receives one message's bytes in pieces and commits them durably."""
+
+    def __init__(self, spool: Spool, queue_id: str):
+        self.spool = spool
+        self.queue_id = queue_id
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._sha = hashlib.sha256()
+        self._file: IO[bytes] | None = None
+        self._tmp_path = spool.tmp_dir / queue_id
+        self.failed: SpoolError | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def write(self, data: bytes) -> None:
+        if self.failed or not data:
+            return
+        self._sha.update(data)
+        self._size += len(data)
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= SPILL_THRESHOLD:
+            chunk = b"".join(self._buffer)
+            self._buffer, self._buffered = [], 0
+            try:
+                await self.spool.run_io(self._spill, chunk)
+            except OSError as e:
+                self.failed = SpoolError(f"cannot write {self._tmp_path}: {e.strerror or e}")
+                await self.abort()
+
+    def _open_tmp(self) -> IO[bytes]:
+        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.fdopen(fd, "wb")
+
+    def _spill(self, chunk: bytes) -> None:
+        if self._file is None:
+            self._file = self._open_tmp()
+        self._file.write(chunk)
+
+    async def commit(self, make_envelope: Callable[[int, str], Envelope]) -> Envelope:
+        """Make the message durable; returns only when it will survive a crash."""
+        if self.failed:
+            raise self.failed
+        envelope = make_envelope(self._size, self._sha.hexdigest())
+        tail = b"".join(self._buffer)
+        self._buffer = []
+        try:
+            await self.spool.run_io(self._commit_sync, tail, envelope)
+        except OSError as e:
+            await self.abort()
+            raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e
+        self.spool.note_committed(self._size)
+        return envelope
+
+    def _commit_sync(self, tail: bytes, envelope: Envelope) -> None:
+        meta = json.dumps(envelope.to_dict(), ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
+        f = self._file if self._file is not None else self._open_tmp()
+        self._file = f
+        f.write(tail)
+        f.write(meta)
+        f.write(_footer(self._size, len(meta)))
+        f.flush()
+        # Durability: the data must be on disk before the name appears in queue/ ...
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        os.rename(self._tmp_path, self.spool.queue_dir / self.queue_id)
+        # ... and the rename itself must be on disk before we answer 250.
+        _fsync_dir(self.spool.queue_dir)
+
+    async def abort(self) -> None:
+        """Forget this message: nothing of it stays on disk."""
+        self._buffer = []
+        try:
+            await self.spool.run_io(self._abort_sync)
+        except (OSError, SpoolError):
+            pass  # best effort; tmp/ is also cleared at the next start
+
+    def _abort_sync(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp_path)
+
+
+# -- the file format ----------------------------------------------------------------
+
+
+def _read_layout(f: IO[bytes], path: Path) -> tuple[int, int]:
+    try:
+        end = f.seek(0, os.SEEK_END)
+        if end < FOOTER_LEN:
+            raise SpoolError(f"{path.name}: too short to be a spool file")
+        f.seek(end - FOOTER_LEN)
+        footer = f.read(FOOTER_LEN)
+    except OSError as e:
+        raise SpoolError(f"{path.name}: {e.strerror}") from e
+    parts = footer.rstrip(b"\n").split(b" ")
+    if len(parts) != 3 or parts[0] != MAGIC or not footer.endswith(b"\n"):
+        raise SpoolError(f"{path.name}: no valid spool footer (torn or foreign file)")
+    message_len, json_len = int(parts[1]), int(parts[2])
+    if message_len + json_len + FOOTER_LEN != end:
+        raise SpoolError(f"{path.name}: lengths in the footer do not match the file size")
+    return message_len, json_len
+
+
+def _parse_envelope(raw: bytes, path: Path) -> Envelope:
+    try:
+        return Envelope.from_dict(json.loads(raw.decode("utf-8", "surrogateescape")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpoolError(f"{path.name}: envelope is not valid: {e}") from e
+
+
+def read_envelope(path: Path) -> Envelope:
+    try:
+        with open(path, "rb") as f:
+            message_len, json_len = _read_layout(f, path)
+            f.seek(message_len)
+            env = _parse_envelope(f.read(json_len), path)
+    except OSError as e:
+        raise SpoolError(f"{path.name}: {e.strerror}") from e
+    if env.size != message_len or env.queue_id != path.name:
+        raise SpoolError(f"{path.name}: envelope does not describe this file")
+    return env
+
+
+def read_message(path: Path, verify: bool = True) -> tuple[Envelope, bytes]:
+    env = read_envelope(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(env.size)
+    except OSError as e:
+        raise SpoolError(f"{path.name}: {e.strerror}") from e
+    if verify and hashlib.sha256(data).hexdigest() != env.sha256:
+        raise SpoolError(f"{path.name}: message bytes do not match their SHA-256")
+    return env, data

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Set up everything Sealgate needs on a Debian machine (run as root for apt-get):
+# the Debian packages the gateway and its tests use, and a virtualenv in .venv.
+#   scripts/setup.sh           runtime + test dependencies
+#   scripts/setup.sh bench     also Postfix (smtp-source/smtp-sink) for bench/
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need=""
+for pkg in gnupg openssl swaks ${1:+postfix}; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
+done
+"$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
+if [ -n "$need" ]; then
+    echo "setup: installing Debian packages:$need"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # postfix asks debconf questions; "No configuration" leaves the system MTA off.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get install -y -q --no-install-recommends $need
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch .venv/.installed
+fi
