@@ -167,6 +167,12 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         log.info(Event.TIMEOUT, client_ip=self._client_ip, in_data=self.in_transaction)
         super()._timeout_cb()
 
+    def data_received(self, data: bytes) -> None:
+        # While a message streams in, any received byte proves the client alive.
+        if self.in_transaction:
+            self._reset_timeout(self.ctx.config.smtp.data_timeout)
+        super().data_received(data)
+
     def close_for_shutdown(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(
@@ -186,11 +192,13 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_transaction = True
+        self._reset_timeout(self.ctx.config.smtp.data_timeout)
         try:
             reply = await self._receive_message()
         finally:
             self.in_transaction = False
             self._set_post_data_state()
+            self._reset_timeout()  # back to the command timeout
         await self.push(reply)
 
     async def _receive_message(self) -> str:
@@ -228,7 +236,6 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         """Read up to and excluding CRLF "." CRLF, feeding the scanner chunk by chunk."""
         reader = self._reader
         last2 = b"\r\n"  # the CRLF that ended the DATA command line
-        timeout = self.ctx.config.smtp.data_timeout
         while True:
             try:
                 piece = await reader.readuntil(b".\r\n")
@@ -238,7 +245,6 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
                 found = False
             except asyncio.IncompleteReadError as e:
                 raise ConnectionResetError("connection closed during DATA") from e
-            self._reset_timeout(timeout)
             before = piece[-5:-3] if len(piece) >= 5 else (last2 + piece[:-3])[-2:]
             if found and before == b"\r\n":
                 await writer.write(scanner.feed(piece[:-3]))

@@ -1,0 +1,199 @@
+"""Shared fixtures: a test PKI, free loopback ports, and an in-process gateway.
+
+Everything runs on loopback.  The gateway is configured through a real YAML file
+loaded by the real loader, so tests reach the code the way an admin does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trustme
+import yaml
+
+from gateway.app import Gateway
+from gateway.config import Config, load_config_text
+from gateway.observability.logging import configure_logging
+
+configure_logging("debug")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_chain: Path  # cert + key, PEM, CN relay.client.test, SAN relay.client.test
+    client_cert_der: bytes
+    other_client_chain: Path  # same CA, CN other.client.test
+    rogue_client_chain: Path  # a different CA: must not even complete the handshake
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA(organization_name="Sealgate Test CA")
+    ca_file = root / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = ca.issue_cert("localhost", "127.0.0.1", "mx.test")
+    server_cert, server_key = root / "server.pem", root / "server.key"
+    server.cert_chain_pems[0].write_to_path(str(server_cert))
+    server.private_key_pem.write_to_path(str(server_key))
+
+    def client(name: str, issuer: trustme.CA, filename: str) -> tuple[Path, bytes]:
+        cert = issuer.issue_cert(name, common_name=name)
+        path = root / filename
+        path.write_bytes(cert.private_key_pem.bytes() + cert.cert_chain_pems[0].bytes())
+        return path, ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+    client_chain, client_der = client("relay.client.test", ca, "client.pem")
+    other_chain, _ = client("other.client.test", ca, "other.pem")
+    rogue_chain, _ = client("relay.client.test", trustme.CA(), "rogue.pem")
+    return Pki(ca, ca_file, server_cert, server_key, client_chain, client_der, other_chain,
+               rogue_chain, root)
+
+
+def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
+    """A config file with free ports and a private state_dir, plus ``overrides``."""
+    data: dict[str, Any] = {
+        "state_dir": str(directory / "state"),
+        "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
+        "smtp": {"hostname": "gw.sealgate.test"},
+        "logging": {"addresses": "plain"},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def load_test_config(path: Path) -> Config:
+    return load_config_text(path.read_text(), str(path))
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``await gateway_factory({"relay.networks": [...]})`` starts a gateway on free
+    loopback ports; every gateway started is stopped after the test."""
+    gateways: list[Gateway] = []
+
+    async def start(overrides: dict[str, Any] | None = None) -> Gateway:
+        path = write_config(tmp_path, overrides or {})
+        gw = Gateway(load_test_config(path), str(path))
+        await gw.start()
+        gateways.append(gw)
+        return gw
+
+    yield start
+    for gw in gateways:
+        await gw.stop(grace=1.0)
+
+
+def client_tls(cert_chain: Path | None = None) -> ssl.SSLContext:
+    """A client context that accepts the gateway's self-signed certificate."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert_chain is not None:
+        ctx.load_cert_chain(str(cert_chain))
+    return ctx
+
+
+def smtp_addr(gw: Gateway) -> tuple[str, int]:
+    listen = gw.config.listen.smtp
+    return listen.host, listen.port
+
+
+@contextlib.asynccontextmanager
+async def smtp_client(gw: Gateway, *, source: str = "127.0.0.1", tls: bool = True,
+                      cert_chain: Path | None = None,
+                      timeout: float = 10) -> AsyncIterator[aiosmtplib.SMTP]:
+    host, port = smtp_addr(gw)
+    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, use_tls=False,
+                             source_address=(source, 0), timeout=timeout, local_hostname="client.test",
+                             tls_context=client_tls(cert_chain))
+    await client.connect()
+    await client.ehlo()
+    if tls:
+        await client.starttls(tls_context=client_tls(cert_chain))
+        await client.ehlo()
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()
+        client.close()
+
+
+def make_message(subject: str = "Test", body: str = "Hello.\r\n", headers: str = "") -> bytes:
+    return (f"From: sender@clinic.test\r\nTo: patient@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <m1@clinic.test>\r\n{headers}\r\n{body}").encode()
+
+
+def queued(gw: Gateway) -> list[Path]:
+    return sorted(gw.spool.queue_dir.iterdir())
+
+
+class RawSmtp:
+    """A byte-exact SMTP client for tests that must send what no library would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, gw: Gateway, source: str = "127.0.0.1") -> RawSmtp:
+        host, port = smtp_addr(gw)
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        session = cls(reader, writer)
+        try:
+            greeting = await session.reply()
+        except ConnectionError as e:
+            greeting = str(e)
+        if not greeting.startswith("220"):
+            await session.close()
+            raise AssertionError(f"no greeting: {greeting}")
+        return session
+
+    async def reply(self, timeout: float = 10) -> str:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                raise ConnectionError("closed: " + "".join(lines))
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "".join(lines)
+
+    async def command(self, line: str | bytes) -> str:
+        self.send(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+        return await self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()

@@ -1,0 +1,68 @@
+"""The DATA reader stores exactly the message the client meant, however it arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from gateway.smtp.data import DataProblem, MessageScanner
+from tests.conftest import RawSmtp, queued
+
+
+def dot_stuff(message: bytes) -> bytes:
+    lines = message.split(b"\r\n")
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+
+
+def random_message(rng: random.Random, lines: int) -> bytes:
+    words = [b".", b"..", b"x", b"Received: no", b"", b"end.", b".start", b"a" * 300]
+    body = [b" ".join(rng.choice(words) for _ in range(rng.randint(0, 3))) for _ in range(lines)]
+    return b"Subject: r\r\n\r\n" + b"\r\n".join(body) + b"\r\n"
+
+
+async def test_random_messages_in_random_fragments_are_stored_byte_for_byte(gateway_factory):
+    gw = await gateway_factory({"relay.require_tls": False})
+    rng = random.Random(5321)
+    expected = []
+    s = await RawSmtp.open(gw)
+    await s.command("EHLO client.test")
+    for _ in range(15):
+        message = random_message(rng, rng.randint(0, 3000))
+        expected.append(message)
+        assert (await s.command("MAIL FROM:<s@clinic.test>")).startswith("250")
+        assert (await s.command("RCPT TO:<r@example.test>")).startswith("250")
+        assert (await s.command("DATA")).startswith("354")
+        wire = dot_stuff(message) + b".\r\n"
+        pos = 0
+        while pos < len(wire):
+            step = rng.choice((1, 2, 3, 5, 700, 70000))
+            s.send(wire[pos:pos + step])
+            pos += step
+            if rng.random() < 0.05:
+                await s.writer.drain()
+                await asyncio.sleep(0)
+        assert (await s.reply()).startswith("250 2.0.0")
+    await s.close()
+    stored = [gw.spool.read(p.name)[1] for p in queued(gw)]
+    assert stored == expected  # queue ids sort by arrival
+
+
+def test_scanner_counts_received_headers_only_in_the_header_section():
+    scanner = MessageScanner(10**6, 1000, 2)
+    out = scanner.feed(b"Received: a\r\nreceived: b\r\nSubject: x\r\n\r\nReceived: body\r\n")
+    assert scanner.received_headers == 2
+    assert scanner.problem is None
+    assert out.endswith(b"Received: body\r\n")
+
+
+def test_scanner_reports_a_line_that_grows_past_the_limit_without_waiting_for_its_end():
+    scanner = MessageScanner(10**6, 1000, 50)
+    scanner.feed(b"x" * 1500)
+    assert scanner.problem is DataProblem.LINE_TOO_LONG
+
+
+def test_scanner_allows_a_1000_octet_line_and_its_dot_stuffed_form():
+    scanner = MessageScanner(10**6, 1000, 50)
+    out = scanner.feed(b"." + b"y" * 998 + b"\r\n")  # 1001 octets on the wire, 1000 stored
+    assert scanner.problem is None
+    assert len(out) == 1000
