@@ -53,6 +53,11 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class NameServer(HostPort):
+    """A resolver address: ``ip`` or ``ip:port`` (port 53 when omitted)."""
+
+
 class Duration(float):
     """Seconds; written as a number or with a unit: ``30s``, ``5m``, ``1h``, ``2d``."""
 
@@ -117,13 +122,19 @@ def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
     return HostPort(host, port)
 
 
-def parse_nameserver(value: Any) -> HostPort:
-    hp = parse_hostport(value, default_port=53)
+def parse_nameserver(value: Any) -> NameServer:
+    text = str(value).strip()
+    try:  # a bare IPv6 address has colons but no port
+        ipaddress.IPv6Address(text)
+        text = f"[{text}]"
+    except ValueError:
+        pass
+    hp = parse_hostport(text, default_port=53)
     try:
         ipaddress.ip_address(hp.host)
     except ValueError:
-        raise ValueError(f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)")
-    return hp
+        raise ValueError(f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)") from None
+    return NameServer(hp.host, hp.port)
 
 
 def parse_network(value: Any) -> IPNetwork:
@@ -267,7 +278,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
-    nameservers: tuple[HostPort, ...] = field(
+    nameservers: tuple[NameServer, ...] = field(
         default=(),
         metadata=doc("Resolvers for delivery lookups, 'ip' or 'ip:port'. Empty: the system's."),
     )
@@ -379,7 +390,7 @@ def _walk_nodes(node: yaml.Node, path: str, where: _Located, source: str) -> Non
 
 def _convert(tp: Any, value: Any, path: str, where: _Located, source: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and tp is not HostPort:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and not issubclass(tp, HostPort):
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -421,6 +432,8 @@ def _convert_scalar(tp: Any, value: Any) -> Any:
         if text not in choices:
             raise ValueError(f"{value!r} is not one of: {', '.join(map(str, choices))}")
         return text
+    if tp is NameServer:
+        return parse_nameserver(value)
     if tp is HostPort:
         return parse_hostport(value)
     if tp is Duration:
@@ -510,7 +523,7 @@ def schema_paths(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and tp is not HostPort:
+        if dataclasses.is_dataclass(tp) and not issubclass(tp, HostPort):  # type: ignore[arg-type]
             out.update(schema_paths(tp, path + "."))  # type: ignore[arg-type]
         else:
             out[path] = f

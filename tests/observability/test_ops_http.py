@@ -1,0 +1,53 @@
+"""The ops listener: health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import make_message, smtp_client
+
+
+async def http_get(gw, path: str, method: str = "GET") -> tuple[int, str]:
+    listen = gw.config.listen.http
+    reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_healthz_and_readyz_answer_200_when_running(gateway_factory):
+    gw = await gateway_factory()
+    assert await http_get(gw, "/healthz") == (200, "ok\n")
+    assert await http_get(gw, "/readyz") == (200, "ready\n")
+    assert (await http_get(gw, "/nope"))[0] == 404
+    assert (await http_get(gw, "/metrics", "POST"))[0] == 405
+
+
+async def test_readyz_fails_when_the_spool_is_gone(gateway_factory):
+    gw = await gateway_factory()
+    gw.spool.queue_dir.rename(gw.spool.root / "moved")
+    assert await http_get(gw, "/readyz") == (503, "spool not writable\n")
+
+
+async def test_metrics_count_connections_messages_bytes_and_latency(gateway_factory):
+    gw = await gateway_factory({"relay.networks": ["127.0.0.1/32"]})
+    message = make_message()
+    async with smtp_client(gw) as client:
+        await client.sendmail("s@clinic.test", ["r@example.test"], message)
+    async with smtp_client(gw, source="127.0.0.2") as client:
+        await client.mail("s@clinic.test")
+        await client.execute_command(b"RCPT", b"TO:<r@example.test>")
+    status, text = await http_get(gw, "/metrics")
+    assert status == 200
+    lines = set(text.splitlines())
+    assert "sealgate_smtp_connections_total{result=\"accepted\"} 2.0" in lines
+    assert any(line.startswith("sealgate_messages_accepted_total{tls_version=\"TLSv1.")
+               and line.endswith(" 1.0") for line in lines)
+    assert "sealgate_messages_rejected_total{reason=\"relay_denied\"} 1.0" in lines
+    assert f"sealgate_accepted_bytes_total {float(len(message))}" in lines
+    assert "sealgate_acceptance_latency_seconds_count 1.0" in lines
+    assert "sealgate_spool_messages 1.0" in lines
+    assert f"sealgate_spool_bytes {float(len(message))}" in lines
+    assert "example.test" not in text and "clinic.test" not in text  # labels are enums

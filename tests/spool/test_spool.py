@@ -1,0 +1,166 @@
+"""The spool: durable, self-validating files; failures leave nothing half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from gateway.errors import SpoolError
+from gateway.model import ClientInfo, Envelope, Recipient
+from gateway.spool import Spool, new_queue_id
+from gateway.spool.store import FOOTER_LEN, MAGIC, SPILL_THRESHOLD, is_queue_id
+from tests.conftest import make_message, queued, smtp_client
+
+
+def _envelope(queue_id: str, size: int, sha: str) -> Envelope:
+    return Envelope(queue_id=queue_id, received_at="2026-11-22T07:00:00+00:00",
+                    mail_from="s@clinic.test", mail_options=("BODY=8BITMIME",),
+                    recipients=(Recipient("r@example.test"),),
+                    client=ClientInfo(ip="127.0.0.1", port=1, helo="h"), size=size, sha256=sha)
+
+
+async def _store(spool: Spool, chunks: list[bytes]) -> Envelope:
+    writer = spool.writer(new_queue_id())
+    for chunk in chunks:
+        await writer.write(chunk)
+    return await writer.commit(lambda size, sha: _envelope(writer.queue_id, size, sha))
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool", io_threads=2)
+    s.open()
+    yield s
+    s.close()
+
+
+def test_queue_ids_are_unique_and_sort_by_arrival():
+    ids = [new_queue_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(is_queue_id(i) for i in ids)
+    assert ids == sorted(ids)
+
+
+@pytest.mark.parametrize("size", [0, 10, SPILL_THRESHOLD * 3 + 17])
+async def test_committed_file_is_message_then_envelope_then_footer(spool, size):
+    data = os.urandom(size)
+    env = await _store(spool, [data[i:i + 65536] for i in range(0, len(data), 65536)])
+    raw = (spool.queue_dir / env.queue_id).read_bytes()
+    assert raw[:size] == data
+    footer = raw[-FOOTER_LEN:]
+    assert footer.startswith(MAGIC + b" ") and footer.endswith(b"\n")
+    assert int(footer.split()[1]) == size
+    read_env, read_data = spool.read(env.queue_id)
+    assert read_data == data and read_env == env
+    assert env.sha256 == hashlib.sha256(data).hexdigest()
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_open_removes_unacknowledged_leftovers_and_counts_the_queue(tmp_path, spool):
+    await _store(spool, [b"one\r\n"])
+    await _store(spool, [b"two\r\n"])
+    (spool.tmp_dir / new_queue_id()).write_bytes(b"half a mess")
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    report = again.open()
+    again.close()
+    assert (report.recovered, report.recovered_bytes, report.incomplete_removed) == (2, 10, 1)
+    assert list(again.tmp_dir.iterdir()) == []
+
+
+async def test_a_torn_file_is_quarantined_not_deleted(tmp_path, spool):
+    env = await _store(spool, [b"message\r\n"])
+    path = spool.queue_dir / env.queue_id
+    path.write_bytes(path.read_bytes()[:-10])  # lose the end of the footer
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    report = again.open()
+    again.close()
+    assert report.corrupt == (env.queue_id,)
+    assert (again.corrupt_dir / env.queue_id).exists()
+    assert not path.exists()
+
+
+async def test_altered_message_bytes_fail_verification(spool):
+    env = await _store(spool, [b"dose: 5 mg\r\n"])
+    path = spool.queue_dir / env.queue_id
+    path.write_bytes(path.read_bytes().replace(b"5 mg", b"9 mg"))
+    with pytest.raises(SpoolError, match="do not match their SHA-256"):
+        spool.read(env.queue_id)
+
+
+async def test_a_spool_that_cannot_write_answers_451_and_keeps_nothing(gateway_factory):
+    gw = await gateway_factory()
+    gw.spool.tmp_dir.rmdir()
+    gw.spool.tmp_dir.write_text("not a directory")  # every create in tmp/ now fails
+    async with smtp_client(gw) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError) as e:
+            await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
+    assert e.value.code == 451
+    assert e.value.message.startswith("4.3.0")
+    assert queued(gw) == []
+    assert gw.metrics.messages_rejected.labels("spool_error")._value.get() == 1
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.parametrize("message_size", [20_000, SPILL_THRESHOLD * 4])
+async def test_disk_full_answers_451_leaves_nothing_and_recovers(gateway_factory, tmp_path,
+                                                                 message_size):
+    with small_filesystem(tmp_path / "small", "2m") as mount:
+        gw = await gateway_factory({"state_dir": str(mount / "state")})
+        filler = mount / "filler"
+        with open(filler, "wb", buffering=0) as f:  # fill the file system to the last block
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        body = ("x" * 76 + "\r\n") * (message_size // 78)
+        async with smtp_client(gw) as client:
+            with pytest.raises(aiosmtplib.SMTPDataError) as e:
+                await client.sendmail("s@clinic.test", ["r@example.test"],
+                                      make_message(body=body))
+            assert e.value.code == 451
+            assert queued(gw) == [] and list(gw.spool.tmp_dir.iterdir()) == []
+            filler.unlink()
+            errors, _ = await client.sendmail("s@clinic.test", ["r@example.test"],
+                                              make_message(body=body))
+            assert errors == {}
+        assert len(queued(gw)) == 1
+        await gw.stop()
+
+
+async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(spool,
+                                                                               monkeypatch):
+    import gateway.spool.store as store
+
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        calls.append("fsync-dir" if Path(f"/proc/self/fd/{fd}").resolve().is_dir()
+                     else "fsync-file")
+
+    def rename(src, dst) -> None:
+        real_rename(src, dst)
+        calls.append("rename")
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store.os, "rename", rename)
+    await _store(spool, [b"durable\r\n"])
+    assert calls == ["fsync-file", "rename", "fsync-dir"]
