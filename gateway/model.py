@@ -6,7 +6,7 @@ what goes to disk is JSON we wrote on purpose (never pickle).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -50,11 +50,21 @@ class Envelope:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mail_options"] = list(self.mail_options)
-        d["recipients"] = [{"address": r.address, "options": list(r.options)}
-                           for r in self.recipients]
-        return d
+        # Written out by hand: dataclasses.asdict deep-copies, and this runs for
+        # every accepted message.
+        return {
+            "queue_id": self.queue_id,
+            "received_at": self.received_at,
+            "mail_from": self.mail_from,
+            "mail_options": list(self.mail_options),
+            "recipients": [{"address": r.address, "options": list(r.options)}
+                           for r in self.recipients],
+            "client": dict(self.client.__dict__),
+            "size": self.size,
+            "sha256": self.sha256,
+            "trace_headers": self.trace_headers,
+            "extra": dict(self.extra),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DirectorySync:
+    """Group commit for directory fsyncs (called from the spool's I/O threads).
+
+    `sync` returns once an fsync of the directory that *started after the call* has
+    completed, so every rename done before the call is durable.  Concurrent callers
+    share one fsync instead of queueing one each, the way a journal batches commits.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0  # generation of the newest fsync begun
+        self._done = 0  # generation of the newest fsync finished
+        self._running = False
+        self._failed: tuple[int, OSError] | None = None
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                generation = self._started
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    _fsync_dir(self.path)
+                except OSError as e:
+                    error = e
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = generation
+                    if error is not None:
+                        self._failed = (generation, error)
+                    self._cond.notify_all()
+            if self._failed is not None and self._failed[0] == target:
+                raise self._failed[1]
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
     recovered: int
@@ -88,6 +132,7 @@ class Spool:
         self.corrupt_dir = root / "corrupt"
         self._io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
+        self.queue_sync = DirectorySync(self.queue_dir)
         self.messages = 0
         self.bytes = 0
 
@@ -235,7 +280,7 @@ class SpoolWriter:
         self._file = None
         os.rename(self._tmp_path, self.spool.queue_dir / self.queue_id)
         # ... and the rename itself must be on disk before we answer 250.
-        _fsync_dir(self.spool.queue_dir)
+        self.spool.queue_sync.sync()
 
     async def abort(self) -> None:
         """Forget this message: nothing of it stays on disk."""
