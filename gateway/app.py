@@ -1,41 +1,85 @@
 """app - the one place where the stages are wired together and run.
 
 `Gateway.start` prepares the state directory (self-signed certificate, address-hash
-key), recovers the spool, then opens the SMTP and ops HTTP listeners; `stop` closes
-them gracefully.  `run` adds signal handling (SIGTERM/SIGINT stop, letting messages
-in DATA finish) and systemd readiness notification (``Type=notify``).
+key), recovers the spool, then opens the SMTP listener (in this process, or shared by
+``smtp.workers`` worker processes, see `gateway.smtp.workers`) and the ops HTTP
+listener; `stop` closes them gracefully.  `serve` adds signal handling (SIGTERM and
+SIGINT stop, letting messages in DATA finish) and systemd readiness notification
+(``Type=notify``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.config import Config
 from gateway.config_check import check_references
 from gateway.events import Event
+from gateway.model import Envelope
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import AddressRedactor, get_logger, load_or_create_key
 from gateway.observability.metrics import Metrics
 from gateway.smtp.auth import RelayPolicy, load_users
 from gateway.smtp.server import SmtpContext, SmtpServer
+from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
-from gateway.tls import ensure_self_signed, server_context
+from gateway.tls import ensure_self_signed, self_signed_paths, server_context
 
 log = get_logger("gateway.app")
 
 
+def smtp_hostname(config: Config) -> str:
+    return config.smtp.hostname or socket.getfqdn()
+
+
+def address_key_path(state_dir: Path) -> Path:
+    return state_dir / "keys" / "address-hash.key"
+
+
+def make_smtp_context(config: Config, spool: Spool, metrics: Metrics, *,
+                      divide_limits_by: int = 1,
+                      on_queued: Callable[[Envelope], None] | None = None) -> SmtpContext:
+    """Everything an SMTP listener needs; the TLS material must exist already."""
+    cert, key = config.tls.cert_file, config.tls.key_file
+    if cert is None or key is None:
+        cert, key = self_signed_paths(config.state_dir)
+    relay = RelayPolicy(config.relay.networks, config.relay.client_certs,
+                        load_users(config.relay.users_file) if config.relay.users_file else {})
+    tls_context = server_context(cert, key, config.tls.min_version, config.relay.client_ca_file,
+                                 ask_client_cert=relay.asks_client_cert)
+    lc = config.logging
+    if lc.addresses == "hash":
+        key_file = lc.address_hash_key_file or address_key_path(config.state_dir)
+        redact = AddressRedactor("hash", load_or_create_key(key_file))
+    else:
+        redact = AddressRedactor(lc.addresses)
+    ctx = SmtpContext(
+        config, smtp_hostname(config), relay, spool, metrics, redact, tls_context,
+        max_connections=math.ceil(config.smtp.max_connections / divide_limits_by),
+        max_connections_per_ip=math.ceil(config.smtp.max_connections_per_ip / divide_limits_by),
+    )
+    if on_queued is not None:
+        ctx.on_queued = on_queued
+    return ctx
+
+
 class Gateway:
-    def __init__(self, config: Config, source: str = "<defaults>"):
+    def __init__(self, config: Config, source: str = "<defaults>",
+                 config_path: Path | None = None):
         self.config = config
         self.source = source
+        self.config_path = config_path
         self.metrics = Metrics()
         self.spool = Spool(config.state_dir / "spool", config.spool.io_threads)
-        self.hostname = config.smtp.hostname or socket.getfqdn()
+        self.hostname = smtp_hostname(config)
         self.smtp: SmtpServer | None = None
+        self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
 
     async def start(self) -> None:
@@ -43,40 +87,50 @@ class Gateway:
         check_references(cfg, self.source)
         log.info(Event.STARTING, config=self.source, state_dir=str(cfg.state_dir))
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        cert, key = cfg.tls.cert_file, cfg.tls.key_file
-        if cert is None or key is None:
-            cert, key, generated = ensure_self_signed(cfg.state_dir, self.hostname)
+        if cfg.tls.cert_file is None:
+            cert, _key, generated = ensure_self_signed(cfg.state_dir, self.hostname)
             if generated:
                 log.info(Event.CERT_GENERATED, cert_file=str(cert))
-        relay = RelayPolicy(cfg.relay.networks, cfg.relay.client_certs,
-                            load_users(cfg.relay.users_file) if cfg.relay.users_file else {})
-        tls_context = server_context(cert, key, cfg.tls.min_version, cfg.relay.client_ca_file,
-                                     ask_client_cert=relay.asks_client_cert)
-        redact = self._redactor()
         report = await asyncio.get_running_loop().run_in_executor(None, self.spool.open)
         log.info(Event.SPOOL_RECOVERED, messages=report.recovered, bytes=report.recovered_bytes,
                  incomplete_removed=report.incomplete_removed, corrupt=len(report.corrupt))
         for name in report.corrupt:
             log.error(Event.SPOOL_CORRUPT, queue_id=name)
-        self.metrics.spool_messages.set(self.spool.messages)
-        self.metrics.spool_bytes.set(self.spool.bytes)
-        ctx = SmtpContext(cfg, self.hostname, relay, self.spool, self.metrics, redact, tls_context)
-        self.smtp = SmtpServer(ctx)
-        await self.smtp.start()
-        self.http = OpsHttpServer(cfg.listen.http, self.metrics, self.readiness)
+        self._update_spool_gauges()
+        if worker_count(cfg) > 1:
+            make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
+            self.workers = WorkerPool(cfg, self.config_path, self.metrics, self._note_queued)
+            await self.workers.start()
+        else:
+            ctx = make_smtp_context(cfg, self.spool, self.metrics,
+                                    on_queued=lambda env: self._note_queued(env.queue_id,
+                                                                            env.size))
+            self.smtp = SmtpServer(ctx)
+            await self.smtp.start()
+        self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
         await self.http.start()
         log.info(Event.READY, smtp=str(cfg.listen.smtp), http=str(cfg.listen.http),
-                 hostname=self.hostname)
+                 hostname=self.hostname, workers=worker_count(cfg))
 
-    def _redactor(self) -> AddressRedactor:
-        lc = self.config.logging
-        if lc.addresses != "hash":
-            return AddressRedactor(lc.addresses)
-        key_file = lc.address_hash_key_file or address_key_path(self.config.state_dir)
-        return AddressRedactor("hash", load_or_create_key(key_file))
+    def _note_queued(self, queue_id: str, size: int) -> None:
+        if self.workers is not None:  # in-process, the spool counted it already
+            self.spool.note_committed(size)
+        self._update_spool_gauges()
+
+    def _update_spool_gauges(self) -> None:
+        self.metrics.spool_messages.set(self.spool.messages)
+        self.metrics.spool_bytes.set(self.spool.bytes)
+
+    def render_metrics(self) -> bytes:
+        if self.workers is not None:
+            return self.metrics.render(*self.workers.snapshots())
+        return self.metrics.render()
 
     def readiness(self) -> str | None:
-        if self.smtp is None or not self.smtp.sockets or self.smtp.ctx.stopping:
+        if self.workers is not None:
+            if not self.workers.ready or self.workers.stopping:
+                return "smtp workers not running"
+        elif self.smtp is None or not self.smtp.sockets or self.smtp.ctx.stopping:
             return "smtp listener not running"
         if not os.access(self.spool.queue_dir, os.W_OK):
             return "spool not writable"
@@ -84,16 +138,14 @@ class Gateway:
 
     async def stop(self, grace: float = 10.0) -> None:
         log.info(Event.STOPPING)
+        if self.workers is not None:
+            await self.workers.stop(grace)
         if self.smtp is not None:
             await self.smtp.stop(grace)
         if self.http is not None:
             await self.http.stop()
         self.spool.close()
         log.info(Event.STOPPED)
-
-
-def address_key_path(state_dir: Path) -> Path:
-    return state_dir / "keys" / "address-hash.key"
 
 
 def _sd_notify(message: str) -> None:

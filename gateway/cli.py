@@ -90,7 +90,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         check_references(config, source)
         configure_logging(config.logging.level)
-        asyncio.run(serve(Gateway(config, source)))
+        asyncio.run(serve(Gateway(config, source, args.config)))
         return 0
     if args.command == "hash-address":
         return _hash_address(config, args.address)

@@ -221,6 +221,13 @@ class SmtpConfig:
         default=None,
         metadata=doc("Name in the greeting, EHLO and Received header. null: the host's FQDN."),
     )
+    workers: int = field(
+        default=0,
+        metadata=doc(
+            "SMTP worker processes sharing the listener. 0: one per CPU core; 1: SMTP runs "
+            "in the main process. Connection limits apply per worker, divided evenly."
+        ),
+    )
     max_message_size: Size = field(
         default=Size(50 * 1024**2),
         metadata=doc("Largest message accepted (advertised as SIZE); larger gets 552 5.3.4."),
@@ -269,9 +276,10 @@ class SmtpConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     io_threads: int = field(
-        default=8,
+        default=2,
         metadata=doc(
-            "Threads writing and fsyncing spool files; parallel fsyncs share journal commits."
+            "Threads (per SMTP worker) writing and fsyncing spool files. More overlap "
+            "fsyncs on slow disks but contend for the interpreter lock."
         ),
     )
 
@@ -337,6 +345,8 @@ _CERT_PATTERN = re.compile(r"(sha256:[0-9a-fA-F:]+|cn:.+|san:(\*\.)?[A-Za-z0-9.-
 
 
 def _check_value(path: str, value: Any) -> None:
+    if path == "smtp.workers" and not 0 <= value <= 64:
+        raise ValueError("must be 0 (one per CPU core) to 64")
     if path in _POSITIVE_INTS and value < 1:
         raise ValueError("must be at least 1")
     if path == "smtp.max_line_length" and value < 1000:

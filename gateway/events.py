@@ -16,6 +16,7 @@ class Event(enum.StrEnum):
     STOPPING = "app.stopping"
     STOPPED = "app.stopped"
     CERT_GENERATED = "tls.self-signed-generated"
+    WORKER_EXITED = "smtp.worker-exited"
     # spool
     SPOOL_RECOVERED = "spool.recovered"
     SPOOL_INCOMPLETE_REMOVED = "spool.incomplete-removed"

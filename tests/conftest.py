@@ -75,7 +75,7 @@ def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
     data: dict[str, Any] = {
         "state_dir": str(directory / "state"),
         "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
-        "smtp": {"hostname": "gw.sealgate.test"},
+        "smtp": {"hostname": "gw.sealgate.test", "workers": 1},
         "logging": {"addresses": "plain"},
     }
     for dotted, value in overrides.items():

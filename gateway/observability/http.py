@@ -18,7 +18,6 @@ from collections.abc import Callable
 from gateway.config import HostPort
 from gateway.events import Event
 from gateway.observability.logging import get_logger
-from gateway.observability.metrics import Metrics
 
 log = get_logger("gateway.http")
 
@@ -27,10 +26,10 @@ _TIMEOUT = 5.0
 
 
 class OpsHttpServer:
-    def __init__(self, listen: HostPort, metrics: Metrics,
+    def __init__(self, listen: HostPort, render_metrics: Callable[[], bytes],
                  readiness: Callable[[], str | None]):
         self.listen = listen
-        self.metrics = metrics
+        self.render_metrics = render_metrics
         self.readiness = readiness  # returns None when ready, else the reason
         self._server: asyncio.AbstractServer | None = None
 
@@ -73,7 +72,7 @@ class OpsHttpServer:
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n", method
         if path == "/metrics":
             return ("200 OK", "text/plain; version=0.0.4; charset=utf-8",
-                    self.metrics.render(), method)
+                    self.render_metrics(), method)
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n", method
         if path == "/readyz":

@@ -25,9 +25,11 @@ import collections
 import datetime
 import email.utils
 import re
+import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,12 @@ class SmtpContext:
     metrics: Metrics
     redact: AddressRedactor
     tls_context: ssl.SSLContext | None
+    # Told of every message made durable (the main process counts the spool and,
+    # later, schedules delivery).
+    on_queued: Callable[[Envelope], None] = lambda envelope: None
+    # this process's share of smtp.max_connections / max_connections_per_ip
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
     handler: Handler = field(init=False)
     hooks: dict[str, Any] = field(init=False)
     connections: Counter[str] = field(default_factory=Counter)
@@ -79,6 +87,9 @@ class SmtpContext:
     stopping: bool = False
 
     def __post_init__(self) -> None:
+        self.max_connections = self.max_connections or self.config.smtp.max_connections
+        self.max_connections_per_ip = (self.max_connections_per_ip
+                                       or self.config.smtp.max_connections_per_ip)
         self.handler = Handler(self)
         self.hooks = {name[7:]: getattr(self.handler, name) for name in dir(Handler)
                       if name.startswith("handle_")}
@@ -178,18 +189,23 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
                 transport.close()
                 return
             self._client_ip = ip
+            # asyncio reads into a fresh 256 KiB buffer per recv() and shrinks it: past
+            # glibc's mmap threshold that is an mmap/mremap/munmap per read.  64 KiB
+            # stays on the heap and still matches the DATA chunk size.
+            if hasattr(transport, "max_size"):
+                transport.max_size = _READ_LIMIT
             self.ctx.sessions.add(self)
             self.ctx.metrics.connections.labels("accepted").inc()
             self.ctx.metrics.connections_active.inc()
         super().connection_made(transport)
 
     def _admit(self, ip: str) -> str | None:
-        ctx, cfg = self.ctx, self.ctx.config.smtp
+        ctx = self.ctx
         if ctx.stopping:
             return replies.SHUTTING_DOWN
-        if sum(ctx.connections.values()) >= cfg.max_connections:
+        if sum(ctx.connections.values()) >= ctx.max_connections:
             refusal = replies.TOO_MANY_CONNECTIONS
-        elif ctx.connections[ip] >= cfg.max_connections_per_ip:
+        elif ctx.connections[ip] >= ctx.max_connections_per_ip:
             refusal = replies.TOO_MANY_FROM_IP
         else:
             ctx.connections[ip] += 1
@@ -351,8 +367,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         m.accepted_bytes.inc(envelope.size)
         m.message_size.observe(envelope.size)
         m.acceptance_latency.observe(latency)
-        m.spool_messages.set(self.ctx.spool.messages)
-        m.spool_bytes.set(self.ctx.spool.bytes)
+        self.ctx.on_queued(envelope)
         redact = self.ctx.redact
         log.info(
             Event.MESSAGE_ACCEPTED, result="accepted", queue_id=envelope.queue_id,
@@ -541,9 +556,15 @@ class SmtpServer:
         self.ctx = ctx
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``listen.smtp``, or on ``sock`` inherited from the main process."""
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(lambda: GatewaySMTP(self.ctx), sock=sock,
+                                                    backlog=512)
+            return
         listen = self.ctx.config.listen.smtp
-        self._server = await asyncio.get_running_loop().create_server(
+        self._server = await loop.create_server(
             lambda: GatewaySMTP(self.ctx), host=listen.host, port=listen.port,
             reuse_address=True, backlog=512)
 

@@ -29,9 +29,8 @@ import hashlib
 import json
 import os
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,46 +73,41 @@ def _fsync_dir(path: Path) -> None:
 
 
 class DirectorySync:
-    """Group commit for directory fsyncs (called from the spool's I/O threads).
+    """Group commit for fsyncs of one directory.
 
     `sync` returns once an fsync of the directory that *started after the call* has
-    completed, so every rename done before the call is durable.  Concurrent callers
-    share one fsync instead of queueing one each, the way a journal batches commits.
+    completed, so every rename done before the call is durable.  Callers that arrive
+    while an fsync runs share the next one instead of queueing one each, the way a
+    journal batches commits.  The coordination happens on the event loop; only the
+    fsync itself runs in an I/O thread.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, run_io: Callable[..., Awaitable[object]]):
         self.path = path
-        self._cond = threading.Condition()
+        self._run_io = run_io
         self._started = 0  # generation of the newest fsync begun
         self._done = 0  # generation of the newest fsync finished
-        self._running = False
+        self._task: asyncio.Task[None] | None = None
         self._failed: tuple[int, OSError] | None = None
 
-    def sync(self) -> None:
-        with self._cond:
-            target = self._started + 1
-            while self._done < target:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
+    async def sync(self) -> None:
+        target = self._started + 1
+        while self._done < target:
+            if self._task is None:
                 self._started += 1
-                generation = self._started
-                self._cond.release()
-                error: OSError | None = None
-                try:
-                    _fsync_dir(self.path)
-                except OSError as e:
-                    error = e
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = generation
-                    if error is not None:
-                        self._failed = (generation, error)
-                    self._cond.notify_all()
-            if self._failed is not None and self._failed[0] == target:
-                raise self._failed[1]
+                self._task = asyncio.get_running_loop().create_task(self._fsync(self._started))
+            await asyncio.shield(self._task)
+        if self._failed is not None and self._failed[0] == target:
+            raise self._failed[1]
+
+    async def _fsync(self, generation: int) -> None:
+        try:
+            await self._run_io(_fsync_dir, self.path)
+        except OSError as e:
+            self._failed = (generation, e)
+        finally:
+            self._done = generation
+            self._task = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +126,7 @@ class Spool:
         self.corrupt_dir = root / "corrupt"
         self._io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
-        self.queue_sync = DirectorySync(self.queue_dir)
+        self.queue_sync = DirectorySync(self.queue_dir, self.run_io)
         self.messages = 0
         self.bytes = 0
 
@@ -163,8 +157,14 @@ class Spool:
             _fsync_dir(self.queue_dir)
             _fsync_dir(self.corrupt_dir)
         self.messages, self.bytes = count, total
-        self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        self.start_io()
         return RecoveryReport(count, total, removed, tuple(corrupt))
+
+    def start_io(self) -> None:
+        """Start the I/O threads without recovery (SMTP worker processes: the main
+        process has recovered the spool already)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -217,8 +217,8 @@ class SpoolWriter:
         self._buffered = 0
         self._size = 0
         self._sha = hashlib.sha256()
-        self._file: IO[bytes] | None = None
-        self._tmp_path = spool.tmp_dir / queue_id
+        self._fd: int | None = None  # the tmp/ file, once the message spills to disk
+        self._tmp_path = os.path.join(spool.tmp_dir, queue_id)
         self.failed: SpoolError | None = None
 
     @property
@@ -241,46 +241,45 @@ class SpoolWriter:
                 self.failed = SpoolError(f"cannot write {self._tmp_path}: {e.strerror or e}")
                 await self.abort()
 
-    def _open_tmp(self) -> IO[bytes]:
-        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return os.fdopen(fd, "wb")
+    def _open_tmp(self) -> int:
+        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                       0o600)
 
     def _spill(self, chunk: bytes) -> None:
-        if self._file is None:
-            self._file = self._open_tmp()
-        self._file.write(chunk)
+        if self._fd is None:
+            self._fd = self._open_tmp()
+        _write_all(self._fd, chunk)
 
     async def commit(self, make_envelope: Callable[[int, str], Envelope]) -> Envelope:
         """Make the message durable; returns only when it will survive a crash."""
         if self.failed:
             raise self.failed
         envelope = make_envelope(self._size, self._sha.hexdigest())
-        tail = b"".join(self._buffer)
+        meta = json.dumps(envelope.to_dict(), ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
+        # One buffer, one write: each system call in the I/O thread costs a GIL handoff.
+        self._buffer += (meta, _footer(self._size, len(meta)))
+        blob = b"".join(self._buffer)
         self._buffer = []
         try:
-            await self.spool.run_io(self._commit_sync, tail, envelope)
+            await self.spool.run_io(self._commit_sync, blob)
+            # The rename must be on disk too before we answer 250 (group commit).
+            await self.spool.queue_sync.sync()
         except OSError as e:
             await self.abort()
             raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e
         self.spool.note_committed(self._size)
         return envelope
 
-    def _commit_sync(self, tail: bytes, envelope: Envelope) -> None:
-        meta = json.dumps(envelope.to_dict(), ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
-        f = self._file if self._file is not None else self._open_tmp()
-        self._file = f
-        f.write(tail)
-        f.write(meta)
-        f.write(_footer(self._size, len(meta)))
-        f.flush()
-        # Durability: the data must be on disk before the name appears in queue/ ...
-        os.fsync(f.fileno())
-        f.close()
-        self._file = None
-        os.rename(self._tmp_path, self.spool.queue_dir / self.queue_id)
-        # ... and the rename itself must be on disk before we answer 250.
-        self.spool.queue_sync.sync()
+    def _commit_sync(self, blob: bytes) -> None:
+        fd = self._fd if self._fd is not None else self._open_tmp()
+        self._fd = fd
+        _write_all(fd, blob)
+        # Durability: the data must be on disk before the name appears in queue/.
+        os.fsync(fd)
+        os.close(fd)
+        self._fd = None
+        os.rename(self._tmp_path, os.path.join(self.spool.queue_dir, self.queue_id))
 
     async def abort(self) -> None:
         """Forget this message: nothing of it stays on disk."""
@@ -291,12 +290,19 @@ class SpoolWriter:
             pass  # best effort; tmp/ is also cleared at the next start
 
     def _abort_sync(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+                os.close(self._fd)
+            self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 # -- the file format ----------------------------------------------------------------

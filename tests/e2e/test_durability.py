@@ -18,9 +18,9 @@ N_MESSAGES = 120
 CONNECTIONS = 6
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    path = write_config(tmp_path, {})
+@pytest.fixture(params=[1, 2], ids=["in-process", "2-workers"])
+def daemon(tmp_path, request):
+    path = write_config(tmp_path, {"smtp.workers": request.param})
     d = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
     yield d
     d.kill()

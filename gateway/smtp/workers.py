@@ -1,0 +1,241 @@
+"""SMTP worker processes: several aiosmtpd event loops sharing one listening socket.
+
+One Python event loop accepts a few hundred messages a second; a gateway has more
+cores than that.  The main process binds the listener (so a port conflict is reported
+once, clearly), recovers the spool, and starts ``smtp.workers`` children that inherit
+the socket and accept from it, the way Postfix's smtpd processes share theirs.  A
+worker writes each message to the spool itself and answers 250 only after the fsync;
+then it tells the main process ``queued`` over a control socket, so the main process
+can count the spool (and, later, schedule delivery).  A large message in one worker
+cannot stall the sessions of another.
+
+Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
+with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
+(every second and on exit).  The main process adds the snapshots to its own metrics.
+
+Lifecycle: SIGTERM to a worker stops it gracefully (stop accepting, let DATA finish).
+A worker dies with the main process (PR_SET_PDEATHSIG) or when the control socket
+closes.  A worker that dies unexpectedly is logged and restarted after a pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, load_config
+from gateway.events import Event
+from gateway.observability.logging import configure_logging, get_logger
+from gateway.observability.metrics import Metrics
+
+log = get_logger("gateway.smtp.workers")
+
+METRICS_INTERVAL = 1.0
+RESTART_DELAY = 1.0
+_GAUGES = ("sealgate_smtp_connections_active", "sealgate_spool_")
+
+
+def worker_count(config: Config) -> int:
+    return config.smtp.workers or os.cpu_count() or 1
+
+
+def listening_socket(config: Config) -> socket.socket:
+    listen = config.listen.smtp
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.create_server((listen.host, listen.port), family=family, backlog=512,
+                                reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    task: asyncio.Task[None] | None = None
+    control: asyncio.StreamWriter | None = None  # held: dropping it closes the socket
+    snapshot: dict[str, float] = dataclasses.field(default_factory=dict)
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class WorkerPool:
+    def __init__(self, config: Config, config_path: Path | None, metrics: Metrics,
+                 on_queued: Callable[[str, int], None]):
+        self.config = config
+        self.config_path = config_path
+        self.metrics = metrics
+        self.on_queued = on_queued
+        self.count = worker_count(config)
+        self.sock: socket.socket | None = None
+        self.workers: dict[int, _Worker] = {}
+        self.retired: dict[str, float] = {}  # counters of workers that have exited
+        self.stopping = False
+
+    async def start(self, timeout: float = 30) -> None:
+        self.sock = listening_socket(self.config)
+        for index in range(self.count):
+            await self._spawn(index)
+        waits = [asyncio.wait_for(w.ready.wait(), timeout) for w in self.workers.values()]
+        try:
+            await asyncio.gather(*waits)
+        except TimeoutError:
+            await self.stop(grace=1)
+            raise RuntimeError("SMTP workers did not become ready") from None
+
+    def snapshots(self) -> list[dict[str, float]]:
+        return [w.snapshot for w in self.workers.values()] + [self.retired]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.workers) and all(w.ready.is_set() and w.proc.poll() is None
+                                          for w in self.workers.values())
+
+    async def _spawn(self, index: int) -> None:
+        assert self.sock is not None
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "gateway.smtp.workers", "--state-dir",
+                str(self.config.state_dir), "--listen-fd", str(self.sock.fileno()),
+                "--control-fd", str(theirs.fileno()), "--index", str(index)]
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        proc = subprocess.Popen(argv, pass_fds=(self.sock.fileno(), theirs.fileno()))
+        theirs.close()
+        worker = _Worker(index, proc)
+        self.workers[index] = worker
+        reader, worker.control = await asyncio.open_connection(sock=ours)
+        worker.task = asyncio.get_running_loop().create_task(self._listen(worker, reader))
+
+    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            kind = message.get("type")
+            if kind == "queued":
+                self.on_queued(str(message["queue_id"]), int(message["size"]))
+            elif kind == "metrics":
+                worker.snapshot = message["samples"]
+            elif kind == "ready":
+                worker.ready.set()
+        code = await asyncio.get_running_loop().run_in_executor(None, worker.proc.wait)
+        for key, value in worker.snapshot.items():
+            if not key.startswith(_GAUGES):
+                self.retired[key] = self.retired.get(key, 0.0) + value
+        worker.snapshot = {}
+        if self.stopping:
+            return
+        log.error(Event.WORKER_EXITED, worker=worker.index, exit_code=code)
+        await asyncio.sleep(RESTART_DELAY)
+        if not self.stopping:
+            await self._spawn(worker.index)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self.stopping = True
+        for w in self.workers.values():
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        tasks = [w.task for w in self.workers.values() if w.task is not None]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace + 5)
+            for w in self.workers.values():
+                if w.proc.poll() is None:
+                    w.proc.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for w in self.workers.values():
+            if w.control is not None:
+                w.control.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+# -- the worker process -----------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _serve(config: Config, listen: socket.socket, control: socket.socket,
+                 index: int) -> None:
+    from gateway.app import make_smtp_context
+    from gateway.smtp.server import SmtpServer
+    from gateway.spool import Spool
+
+    loop = asyncio.get_running_loop()
+    _reader, writer = await asyncio.open_connection(sock=control)
+
+    def send(message: dict[str, Any]) -> None:
+        if not writer.is_closing():
+            writer.write(json.dumps(message).encode() + b"\n")
+
+    metrics = Metrics()
+    spool = Spool(config.state_dir / "spool", config.spool.io_threads)
+    spool.start_io()
+    ctx = make_smtp_context(
+        config, spool, metrics, divide_limits_by=worker_count(config),
+        on_queued=lambda env: send({"type": "queued", "queue_id": env.queue_id,
+                                    "size": env.size}))
+    server = SmtpServer(ctx)
+    await server.start(sock=listen)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    send({"type": "ready", "worker": index})
+
+    async def report() -> None:
+        while True:
+            send({"type": "metrics", "samples": metrics.snapshot()})
+            await asyncio.sleep(METRICS_INTERVAL)
+
+    async def parent_gone() -> None:
+        await _reader.read()  # EOF: the main process went away
+        stop.set()
+
+    tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
+    await stop.wait()
+    await server.stop(grace=10)
+    for t in tasks:
+        t.cancel()
+    send({"type": "metrics", "samples": metrics.snapshot()})
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    writer.close()
+    spool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sealgate-smtp-worker")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--index", type=int, default=0)
+    args = p.parse_args(argv)
+    _die_with_parent()
+    config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
+    configure_logging(config.logging.level)
+    listen = socket.socket(fileno=args.listen_fd)
+    control = socket.socket(fileno=args.control_fd)
+    asyncio.run(_serve(config, listen, control, args.index))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
