@@ -93,6 +93,19 @@ def smtp_sink(workdir: Path) -> Iterator[int]:
         proc.wait(10)
 
 
+def wait_until_delivered(workdir: Path, timeout: float = 300) -> None:
+    """Wait for the instance's queue to empty, so that its deliveries do not compete
+    for the CPU with whatever is measured next."""
+    queue = workdir / "postfix" / "queue"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(any((queue / d).rglob("*")) for d in
+                   ("maildrop", "incoming", "active", "deferred")):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("postfix did not deliver its queue in time")
+
+
 @contextlib.contextmanager
 def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
     root = workdir / "postfix"
