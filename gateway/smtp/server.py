@@ -161,6 +161,20 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         self._refused = False
         self.in_transaction = False
         self._data_timer_armed = 0.0
+        self._continued: list[bytes] = []
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd pushes a multi-line reply (EHLO) line by line, a send() each; send it
+        # in one piece instead: continuation lines ("250-...") wait for the last line.
+        line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        if line[3:4] == b"-":
+            self._continued.append(line + b"\r\n")
+            return
+        if self._continued:
+            line = b"".join(self._continued) + line
+            self._continued.clear()
+        self._writer.write(line + b"\r\n")
+        await self._writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Fast path for the plain <local@domain> form; the library's RFC 5322 parser
