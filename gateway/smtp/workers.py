@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway.config import Config, load_config
 from gateway.events import Event
 from gateway.observability.logging import configure_logging, get_logger
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
     configure_logging(config.logging.level)
+    structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
     asyncio.run(_serve(config, listen, control, args.index))

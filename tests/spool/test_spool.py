@@ -164,3 +164,50 @@ async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(s
     monkeypatch.setattr(store.os, "rename", rename)
     await _store(spool, [b"durable\r\n"])
     assert calls == ["fsync-file", "rename", "fsync-dir"]
+
+
+async def test_concurrent_directory_syncs_share_fsyncs_and_each_waits_for_a_new_one(tmp_path):
+    import asyncio
+
+    from gateway.spool.store import DirectorySync
+
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def run_io(fn, path):  # an fsync that takes as long as the test says
+        started.append(len(started))
+        await release.wait()
+        release.clear()
+
+    async def settle() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    sync = DirectorySync(tmp_path, run_io)
+    first = asyncio.create_task(sync.sync())
+    await settle()
+    assert started == [0]
+    # arrivals during fsync #1 must not be satisfied by it (their renames may be later)
+    later = [asyncio.create_task(sync.sync()) for _ in range(10)]
+    await settle()
+    release.set()
+    await first
+    await settle()
+    assert not any(t.done() for t in later)
+    assert started == [0, 1]  # one more fsync for all ten
+    release.set()
+    await asyncio.gather(*later)
+    assert started == [0, 1]
+
+
+def test_metrics_from_other_processes_are_added_to_ours():
+    from gateway.observability.metrics import Metrics
+
+    main, worker = Metrics(), Metrics()
+    main.spool_messages.set(3)
+    worker.messages_accepted.labels("TLSv1.3").inc(5)
+    worker.acceptance_latency.observe(0.004)
+    text = main.render(worker.snapshot(), worker.snapshot()).decode()
+    assert 'sealgate_messages_accepted_total{tls_version="TLSv1.3"} 10.0' in text
+    assert "sealgate_acceptance_latency_seconds_count 2.0" in text
+    assert "sealgate_spool_messages 3.0" in text

@@ -1,0 +1,102 @@
+"""SMTP worker processes: shared listener, metrics summed in the main process, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import aiosmtplib
+import pytest
+
+from tests.conftest import client_tls, load_test_config, make_message, write_config
+from tests.e2e.daemon import Daemon
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    path = write_config(tmp_path, {"smtp.workers": 2})
+    d = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
+    d.start()
+    yield d
+    d.kill()
+
+
+def _get(d: Daemon, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{d.config.listen.http}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def _worker_pids(d: Daemon) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True)
+    return sorted(map(int, out.stdout.split()))
+
+
+async def _send(d: Daemon, count: int) -> None:
+    listen = d.config.listen.smtp
+    for _ in range(count):  # a new connection each: both workers get some
+        async with aiosmtplib.SMTP(hostname=listen.host, port=listen.port, start_tls=True,
+                                   tls_context=client_tls(), timeout=10) as client:
+            await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
+
+
+def _wait_for(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+async def test_two_workers_serve_and_the_main_process_sums_their_metrics(daemon):
+    assert len(_worker_pids(daemon)) == 2
+    await _send(daemon, 12)
+
+    def counted() -> bool:
+        text = _get(daemon, "/metrics")[1]
+        accepted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("sealgate_messages_accepted_total{"))
+        return accepted == 12 and _sample(text, "sealgate_spool_messages") == 12
+    _wait_for(counted)
+    log = [json.loads(line) for line in daemon.log_path.read_text().splitlines()
+           if line.startswith("{")]
+    accepted = [e for e in log if e["event"] == "smtp.message-accepted"]
+    assert len(accepted) == 12
+    assert {e["worker"] for e in accepted} <= {0, 1}  # each line names its worker
+
+
+async def test_a_worker_that_dies_is_restarted_and_counters_do_not_go_back(daemon):
+    await _send(daemon, 4)
+    _wait_for(lambda: "sealgate_acceptance_latency_seconds_count 4.0"
+              in _get(daemon, "/metrics")[1])
+    victim = _worker_pids(daemon)[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon)
+              and _get(daemon, "/readyz")[0] == 200)
+    await _send(daemon, 2)
+    _wait_for(lambda: "sealgate_acceptance_latency_seconds_count 6.0"
+              in _get(daemon, "/metrics")[1])
+    assert "smtp.worker-exited" in daemon.log_path.read_text()
+
+
+async def test_sigterm_stops_the_workers_and_the_main_process_cleanly(daemon):
+    workers = _worker_pids(daemon)
+    assert daemon.terminate() == 0
+    await asyncio.sleep(0.2)
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
