@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -45,14 +46,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SEALGATE = [sys.executable, "-m", "gateway"]
 
 
-def smtp_source(port: int, messages: int, sessions: int, size: int,
-                timeout: float = 600) -> float:
+def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: float = 600) -> float:
     """Send with smtp-source; return messages per second."""
     started = time.monotonic()
-    subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-                    "-f", "sender@bench.test", "-t", "rcpt@example.test",
-                    f"127.0.0.1:{port}"], check=True, timeout=timeout,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "smtp-source",
+            "-s",
+            str(sessions),
+            "-m",
+            str(messages),
+            "-l",
+            str(size),
+            "-f",
+            "sender@bench.test",
+            "-t",
+            "rcpt@example.test",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+    )
     return messages / (time.monotonic() - started)
 
 
@@ -64,18 +79,24 @@ class Sealgate:
             f"state_dir: {workdir / 'sealgate-state'}\n"
             f"listen: {{smtp: '127.0.0.1:{self.smtp_port}', http: '127.0.0.1:{self.http_port}'}}\n"
             "relay: {require_tls: false}\n"
-            f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n")
+            f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n"
+        )
         self.log = open(workdir / "sealgate.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Sealgate:
-        self.proc = subprocess.Popen([*SEALGATE, "run", "--config", str(self.config)],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*SEALGATE, "run", "--config", str(self.config)],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(  # noqa: S310 - loopback only
-                        f"http://127.0.0.1:{self.http_port}/readyz", timeout=1):
+                    f"http://127.0.0.1:{self.http_port}/readyz", timeout=1
+                ):
                     return self
             except OSError:
                 time.sleep(0.1)
@@ -95,8 +116,9 @@ class Sealgate:
 
     def pids(self) -> list[int]:
         assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True).stdout.split()
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
         return [self.proc.pid, *map(int, out)]
 
 
@@ -104,12 +126,15 @@ LATENCY = "sealgate_acceptance_latency_seconds"
 
 
 def histogram(text: str, name: str = LATENCY) -> list[tuple[float, float]]:
-    return [(float(m.group(1).replace("+Inf", "inf")), float(m.group(2))) for m in
-            re.finditer(name + r'_bucket\{le="([^"]+)"\} ([0-9.e+]+)', text)]
+    return [
+        (float(m.group(1).replace("+Inf", "inf")), float(m.group(2)))
+        for m in re.finditer(name + r'_bucket\{le="([^"]+)"\} ([0-9.e+]+)', text)
+    ]
 
 
-def histogram_delta(after: list[tuple[float, float]],
-                    before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def histogram_delta(
+    after: list[tuple[float, float]], before: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
     return [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
 
 
@@ -137,8 +162,20 @@ def peak_rss_mb(pids: list[int]) -> list[float]:
 async def measure_stall(port: int, size: int) -> tuple[float, float, float]:
     """(worst NOOP RTT during the 25 MB transfer in ms, p50 RTT in ms, transfer s)."""
     sender = await asyncio.create_subprocess_exec(
-        "smtp-source", "-s", "1", "-m", "1", "-l", str(size), "-f", "s@bench.test",
-        "-t", "r@example.test", f"127.0.0.1:{port}", stdout=subprocess.DEVNULL)
+        "smtp-source",
+        "-s",
+        "1",
+        "-m",
+        "1",
+        "-l",
+        str(size),
+        "-f",
+        "s@bench.test",
+        "-t",
+        "r@example.test",
+        f"127.0.0.1:{port}",
+        stdout=subprocess.DEVNULL,
+    )
     started = time.monotonic()
     rtts: list[float] = []
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -153,10 +190,8 @@ async def measure_stall(port: int, size: int) -> tuple[float, float, float]:
         await writer.drain()
         await reader.readline()
         rtts.append(time.monotonic() - t)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sender.wait(), 0.01)
-        except TimeoutError:
-            pass
     elapsed = time.monotonic() - started
     writer.write(b"QUIT\r\n")
     writer.close()
@@ -183,10 +218,15 @@ def main() -> int:
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
     postfix_rates, sealgate_rates = [], []
-    print(f"acceptance: {args.messages} messages of {args.size} B, {args.sessions} sessions, "
-          f"{args.rounds} rounds, cores={os.cpu_count()}")
-    with smtp_sink(workdir) as sink_port, postfix_instance(workdir, sink_port) as pf_port, \
-            Sealgate(workdir) as gw:
+    print(
+        f"acceptance: {args.messages} messages of {args.size} B, {args.sessions} sessions, "
+        f"{args.rounds} rounds, cores={os.cpu_count()}"
+    )
+    with (
+        smtp_sink(workdir) as sink_port,
+        postfix_instance(workdir, sink_port) as pf_port,
+        Sealgate(workdir) as gw,
+    ):
         # Warm-up round, not counted: a freshly created spool directory is slower for
         # its first few thousand files (directory blocks being allocated), and Postfix's
         # queue directories are long-lived too.
@@ -196,18 +236,22 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         for r in range(args.rounds):
             postfix_rates.append(smtp_source(pf_port, args.messages, args.sessions, args.size))
             wait_until_delivered(workdir)
-            sealgate_rates.append(smtp_source(gw.smtp_port, args.messages, args.sessions,
-                                              args.size))
-            print(f"  round {r + 1}: postfix {postfix_rates[-1]:7.0f}/s   "
-                  f"sealgate {sealgate_rates[-1]:7.0f}/s")
+            sealgate_rates.append(
+                smtp_source(gw.smtp_port, args.messages, args.sessions, args.size)
+            )
+            print(
+                f"  round {r + 1}: postfix {postfix_rates[-1]:7.0f}/s   "
+                f"sealgate {sealgate_rates[-1]:7.0f}/s"
+            )
         # Latency by load: fewer sessions, lower rate; which load matches Postfix's rate?
         profile = []
         for sessions in (args.sessions, 12, 8):
             before = histogram(gw.metrics())
             rate = smtp_source(gw.smtp_port, args.messages, sessions, args.size)
             delta = histogram_delta(histogram(gw.metrics()), before)
-            profile.append((sessions, rate, quantile(delta, 0.5) * 1000,
-                            quantile(delta, 0.99) * 1000))
+            profile.append(
+                (sessions, rate, quantile(delta, 0.5) * 1000, quantile(delta, 0.99) * 1000)
+            )
     pf, sg = statistics.median(postfix_rates), statistics.median(sealgate_rates)
 
     stalls = {}
@@ -221,18 +265,26 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 rss = peak_rss_mb(gw.pids())
 
     print()
-    print(f"{'throughput, median':34} postfix {pf:7.0f}/s  sealgate {sg:7.0f}/s  "
-          f"ratio {sg / pf:.2f}  (target >= 1.00)")
+    print(
+        f"{'throughput, median':34} postfix {pf:7.0f}/s  sealgate {sg:7.0f}/s  "
+        f"ratio {sg / pf:.2f}  (target >= 1.00)"
+    )
     for sessions, rate, p50, p99 in profile:
-        print(f"{'latency, ' + str(sessions) + ' sessions':34} {rate:5.0f}/s "
-              f"({rate / pf:.2f}x postfix)  p50 {p50:5.1f} ms  p99 {p99:5.1f} ms  "
-              f"(target p99 <= 25 ms at postfix's load)")
+        print(
+            f"{'latency, ' + str(sessions) + ' sessions':34} {rate:5.0f}/s "
+            f"({rate / pf:.2f}x postfix)  p50 {p50:5.1f} ms  p99 {p99:5.1f} ms  "
+            f"(target p99 <= 25 ms at postfix's load)"
+        )
     for label, (worst, typical, seconds) in stalls.items():
-        print(f"{'25 MB message, ' + label:34} sent in {seconds:.1f} s; another session's "
-              f"NOOP worst {worst:.0f} ms, median {typical:.1f} ms  (target <= 100 ms)")
-    print(f"{'200 concurrent sessions':34} peak RSS per process (MB): "
-          f"{', '.join(f'{m:.0f}' for m in rss)}; total {sum(rss):.0f} MB  "
-          f"(target < 300 MB)")
+        print(
+            f"{'25 MB message, ' + label:34} sent in {seconds:.1f} s; another session's "
+            f"NOOP worst {worst:.0f} ms, median {typical:.1f} ms  (target <= 100 ms)"
+        )
+    print(
+        f"{'200 concurrent sessions':34} peak RSS per process (MB): "
+        f"{', '.join(f'{m:.0f}' for m in rss)}; total {sum(rss):.0f} MB  "
+        f"(target < 300 MB)"
+    )
     return 0
 
 

@@ -83,8 +83,12 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 @contextlib.contextmanager
 def smtp_sink(workdir: Path) -> Iterator[int]:
     port = free_port()
-    proc = subprocess.Popen(["smtp-sink", "-u", "postfix", "-c", f"127.0.0.1:{port}", "1000"],
-                            stdout=subprocess.DEVNULL, stderr=open(workdir / "sink.log", "wb"))
+    with open(workdir / "sink.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["smtp-sink", "-u", "postfix", "-c", f"127.0.0.1:{port}", "1000"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         wait_for_port(port)
         yield port
@@ -99,8 +103,9 @@ def wait_until_delivered(workdir: Path, timeout: float = 300) -> None:
     queue = workdir / "postfix" / "queue"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(any((queue / d).rglob("*")) for d in
-                   ("maildrop", "incoming", "active", "deferred")):
+        if not any(
+            any((queue / d).rglob("*")) for d in ("maildrop", "incoming", "active", "deferred")
+        ):
             return
         time.sleep(0.2)
     raise RuntimeError("postfix did not deliver its queue in time")
@@ -123,10 +128,10 @@ def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
     for name in ("dynamicmaps.cf", "postfix-files"):
         shutil.copy(f"/etc/postfix/{name}", conf / name)
     shutil.copytree("/etc/postfix/postfix-files.d", conf / "postfix-files.d", dirs_exist_ok=True)
-    shutil.copytree("/etc/postfix/dynamicmaps.cf.d", conf / "dynamicmaps.cf.d",
-                    dirs_exist_ok=True)
-    started = subprocess.run(["postfix", "-c", str(conf), "start"], capture_output=True,
-                             text=True, timeout=60)
+    shutil.copytree("/etc/postfix/dynamicmaps.cf.d", conf / "dynamicmaps.cf.d", dirs_exist_ok=True)
+    started = subprocess.run(
+        ["postfix", "-c", str(conf), "start"], capture_output=True, text=True, timeout=60
+    )
     if started.returncode != 0:
         log = (root / "maillog").read_text() if (root / "maillog").exists() else ""
         raise RuntimeError(f"postfix did not start: {started.stderr}{log[-2000:]}")

@@ -42,17 +42,30 @@ def address_key_path(state_dir: Path) -> Path:
     return state_dir / "keys" / "address-hash.key"
 
 
-def make_smtp_context(config: Config, spool: Spool, metrics: Metrics, *,
-                      divide_limits_by: int = 1,
-                      on_queued: Callable[[Envelope], None] | None = None) -> SmtpContext:
+def make_smtp_context(
+    config: Config,
+    spool: Spool,
+    metrics: Metrics,
+    *,
+    divide_limits_by: int = 1,
+    on_queued: Callable[[Envelope], None] | None = None,
+) -> SmtpContext:
     """Everything an SMTP listener needs; the TLS material must exist already."""
     cert, key = config.tls.cert_file, config.tls.key_file
     if cert is None or key is None:
         cert, key = self_signed_paths(config.state_dir)
-    relay = RelayPolicy(config.relay.networks, config.relay.client_certs,
-                        load_users(config.relay.users_file) if config.relay.users_file else {})
-    tls_context = server_context(cert, key, config.tls.min_version, config.relay.client_ca_file,
-                                 ask_client_cert=relay.asks_client_cert)
+    relay = RelayPolicy(
+        config.relay.networks,
+        config.relay.client_certs,
+        load_users(config.relay.users_file) if config.relay.users_file else {},
+    )
+    tls_context = server_context(
+        cert,
+        key,
+        config.tls.min_version,
+        config.relay.client_ca_file,
+        ask_client_cert=relay.asks_client_cert,
+    )
     lc = config.logging
     if lc.addresses == "hash":
         key_file = lc.address_hash_key_file or address_key_path(config.state_dir)
@@ -60,7 +73,13 @@ def make_smtp_context(config: Config, spool: Spool, metrics: Metrics, *,
     else:
         redact = AddressRedactor(lc.addresses)
     ctx = SmtpContext(
-        config, smtp_hostname(config), relay, spool, metrics, redact, tls_context,
+        config,
+        smtp_hostname(config),
+        relay,
+        spool,
+        metrics,
+        redact,
+        tls_context,
         max_connections=math.ceil(config.smtp.max_connections / divide_limits_by),
         max_connections_per_ip=math.ceil(config.smtp.max_connections_per_ip / divide_limits_by),
     )
@@ -70,8 +89,7 @@ def make_smtp_context(config: Config, spool: Spool, metrics: Metrics, *,
 
 
 class Gateway:
-    def __init__(self, config: Config, source: str = "<defaults>",
-                 config_path: Path | None = None):
+    def __init__(self, config: Config, source: str = "<defaults>", config_path: Path | None = None):
         self.config = config
         self.source = source
         self.config_path = config_path
@@ -92,8 +110,13 @@ class Gateway:
             if generated:
                 log.info(Event.CERT_GENERATED, cert_file=str(cert))
         report = await asyncio.get_running_loop().run_in_executor(None, self.spool.open)
-        log.info(Event.SPOOL_RECOVERED, messages=report.recovered, bytes=report.recovered_bytes,
-                 incomplete_removed=report.incomplete_removed, corrupt=len(report.corrupt))
+        log.info(
+            Event.SPOOL_RECOVERED,
+            messages=report.recovered,
+            bytes=report.recovered_bytes,
+            incomplete_removed=report.incomplete_removed,
+            corrupt=len(report.corrupt),
+        )
         for name in report.corrupt:
             log.error(Event.SPOOL_CORRUPT, queue_id=name)
         self._update_spool_gauges()
@@ -102,15 +125,23 @@ class Gateway:
             self.workers = WorkerPool(cfg, self.config_path, self.metrics, self._note_queued)
             await self.workers.start()
         else:
-            ctx = make_smtp_context(cfg, self.spool, self.metrics,
-                                    on_queued=lambda env: self._note_queued(env.queue_id,
-                                                                            env.size))
+            ctx = make_smtp_context(
+                cfg,
+                self.spool,
+                self.metrics,
+                on_queued=lambda env: self._note_queued(env.queue_id, env.size),
+            )
             self.smtp = SmtpServer(ctx)
             await self.smtp.start()
         self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
         await self.http.start()
-        log.info(Event.READY, smtp=str(cfg.listen.smtp), http=str(cfg.listen.http),
-                 hostname=self.hostname, workers=worker_count(cfg))
+        log.info(
+            Event.READY,
+            smtp=str(cfg.listen.smtp),
+            http=str(cfg.listen.http),
+            hostname=self.hostname,
+            workers=worker_count(cfg),
+        )
 
     def _note_queued(self, queue_id: str, size: int) -> None:
         if self.workers is not None:  # in-process, the spool counted it already

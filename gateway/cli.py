@@ -141,9 +141,14 @@ def _spool(config: Config) -> Any:
 def _summary(env: Envelope) -> dict[str, Any]:
     received = datetime.datetime.fromisoformat(env.received_at)
     age = (datetime.datetime.now(datetime.UTC) - received).total_seconds()
-    return {"queue_id": env.queue_id, "received_at": env.received_at, "age_seconds": int(age),
-            "size": env.size, "mail_from": env.mail_from,
-            "recipients": [r.address for r in env.recipients]}
+    return {
+        "queue_id": env.queue_id,
+        "received_at": env.received_at,
+        "age_seconds": int(age),
+        "size": env.size,
+        "mail_from": env.mail_from,
+        "recipients": [r.address for r in env.recipients],
+    }
 
 
 def _queue_list(config: Config, as_json: bool) -> int:
@@ -160,8 +165,10 @@ def _queue_list(config: Config, as_json: bool) -> int:
             print(json.dumps(s, ensure_ascii=False))
         else:
             rcpts = ", ".join(s["recipients"])
-            print(f"{s['queue_id']}  {s['size']:>9}  {s['received_at'][:19]}  "
-                  f"<{s['mail_from']}>  {rcpts}")
+            print(
+                f"{s['queue_id']}  {s['size']:>9}  {s['received_at'][:19]}  "
+                f"<{s['mail_from']}>  {rcpts}"
+            )
     if not as_json:
         print(f"-- {count} message{'s' if count != 1 else ''} in the spool")
     return status

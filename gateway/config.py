@@ -68,8 +68,17 @@ class Size(int):
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {
-    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-    "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
 }
 
 
@@ -133,7 +142,9 @@ def parse_nameserver(value: Any) -> NameServer:
     try:
         ipaddress.ip_address(hp.host)
     except ValueError:
-        raise ValueError(f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)") from None
+        raise ValueError(
+            f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)"
+        ) from None
     return NameServer(hp.host, hp.port)
 
 
@@ -311,7 +322,9 @@ class LoggingConfig:
     )
     address_hash_key_file: Path | None = field(
         default=None,
-        metadata=doc("Key for address hashes. null: <state_dir>/keys/address-hash.key (made on first start)."),
+        metadata=doc(
+            "Key for address hashes. null: <state_dir>/keys/address-hash.key (made on first start)."
+        ),
     )
 
 
@@ -337,8 +350,12 @@ class Config:
 # --- semantic checks on single values ------------------------------------------------
 
 _POSITIVE_INTS = {
-    "smtp.max_recipients", "smtp.max_connections", "smtp.max_connections_per_ip",
-    "smtp.max_received_headers", "smtp.max_auth_failures", "spool.io_threads",
+    "smtp.max_recipients",
+    "smtp.max_connections",
+    "smtp.max_connections_per_ip",
+    "smtp.max_received_headers",
+    "smtp.max_auth_failures",
+    "spool.io_threads",
 }
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
 _CERT_PATTERN = re.compile(r"(sha256:[0-9a-fA-F:]+|cn:.+|san:(\*\.)?[A-Za-z0-9.-]+)")
@@ -510,7 +527,9 @@ def load_config_text(text: str, source: str = "<config>") -> Config:
 def _check_pairs(config: Config, where: _Located, source: str) -> None:
     if (config.tls.cert_file is None) != (config.tls.key_file is None):
         key = "tls.key_file" if config.tls.key_file is None else "tls.cert_file"
-        raise ConfigError(key, "set tls.cert_file and tls.key_file together", source, where.line(key))
+        raise ConfigError(
+            key, "set tls.cert_file and tls.key_file together", source, where.line(key)
+        )
 
 
 def load_config(path: Path | None) -> Config:
@@ -520,7 +539,9 @@ def load_config(path: Path | None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError("", f"cannot read the configuration file: {e.strerror}", str(path)) from None
+        raise ConfigError(
+            "", f"cannot read the configuration file: {e.strerror}", str(path)
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError("", "the configuration file is not UTF-8", str(path)) from None
     return load_config_text(text, str(path))

@@ -55,28 +55,43 @@ def check_references(cfg: Config, source: str = "<config>") -> None:
     _writable_dir("state_dir", cfg.state_dir, source)
     tls = cfg.tls
     if tls.cert_file is not None and tls.key_file is not None:
-        _pem_certs("tls.cert_file", _readable("tls.cert_file", tls.cert_file, source),
-                   tls.cert_file, source)
+        _pem_certs(
+            "tls.cert_file",
+            _readable("tls.cert_file", tls.cert_file, source),
+            tls.cert_file,
+            source,
+        )
         _readable("tls.key_file", tls.key_file, source)
         try:
             matches = cert_matches_key(tls.cert_file, tls.key_file)
         except (ValueError, TypeError) as e:
-            raise ConfigError("tls.key_file", f"{tls.key_file} is not an unencrypted PEM "
-                              f"private key ({e})", source) from None
+            raise ConfigError(
+                "tls.key_file",
+                f"{tls.key_file} is not an unencrypted PEM private key ({e})",
+                source,
+            ) from None
         if not matches:
-            raise ConfigError("tls.key_file", f"{tls.key_file} does not match the "
-                              f"certificate in {tls.cert_file}", source)
+            raise ConfigError(
+                "tls.key_file",
+                f"{tls.key_file} does not match the certificate in {tls.cert_file}",
+                source,
+            )
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(tls.cert_file), str(tls.key_file))
+                str(tls.cert_file), str(tls.key_file)
+            )
         except ssl.SSLError as e:
-            raise ConfigError("tls.cert_file", f"OpenSSL refuses the pair: {e.reason}",
-                              source) from None
+            raise ConfigError(
+                "tls.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
+            ) from None
     relay = cfg.relay
     if relay.client_ca_file is not None:
-        _pem_certs("relay.client_ca_file",
-                   _readable("relay.client_ca_file", relay.client_ca_file, source),
-                   relay.client_ca_file, source)
+        _pem_certs(
+            "relay.client_ca_file",
+            _readable("relay.client_ca_file", relay.client_ca_file, source),
+            relay.client_ca_file,
+            source,
+        )
     if relay.users_file is not None:
         data = _readable("relay.users_file", relay.users_file, source)
         try:
@@ -87,5 +102,6 @@ def check_references(cfg: Config, source: str = "<config>") -> None:
     if key_file is not None and cfg.logging.addresses == "hash":
         data = _readable("logging.address_hash_key_file", key_file, source)
         if len(data) < 16:
-            raise ConfigError("logging.address_hash_key_file",
-                              f"{key_file} holds fewer than 16 bytes", source)
+            raise ConfigError(
+                "logging.address_hash_key_file", f"{key_file} holds fewer than 16 bytes", source
+            )

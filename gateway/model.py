@@ -57,8 +57,9 @@ class Envelope:
             "received_at": self.received_at,
             "mail_from": self.mail_from,
             "mail_options": list(self.mail_options),
-            "recipients": [{"address": r.address, "options": list(r.options)}
-                           for r in self.recipients],
+            "recipients": [
+                {"address": r.address, "options": list(r.options)} for r in self.recipients
+            ],
             "client": dict(self.client.__dict__),
             "size": self.size,
             "sha256": self.sha256,
@@ -73,8 +74,9 @@ class Envelope:
             received_at=str(d["received_at"]),
             mail_from=str(d["mail_from"]),
             mail_options=tuple(d.get("mail_options", ())),
-            recipients=tuple(Recipient(r["address"], tuple(r.get("options", ())))
-                             for r in d["recipients"]),
+            recipients=tuple(
+                Recipient(r["address"], tuple(r.get("options", ()))) for r in d["recipients"]
+            ),
             client=ClientInfo(**d["client"]),
             size=int(d["size"]),
             sha256=str(d["sha256"]),

@@ -40,9 +40,12 @@ def ensure_self_signed(state_dir: Path, hostname: str) -> tuple[Path, Path, bool
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost"),
-                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                    x509.IPAddress(ipaddress.ip_address("::1"))]
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(hostname),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -53,12 +56,14 @@ def ensure_self_signed(state_dir: Path, hostname: str) -> tuple[Path, Path, bool
         .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     _write_new(key_path, key_pem, 0o600)
     _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path, True
@@ -83,8 +88,7 @@ def server_context(
     ask_client_cert: bool = False,
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if min_version == "1.3"
-                           else ssl.TLSVersion.TLSv1_2)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(str(cert_file), str(key_file))
     if ask_client_cert:

@@ -66,8 +66,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client_chain, client_der = client("relay.client.test", ca, "client.pem")
     other_chain, _ = client("other.client.test", ca, "other.pem")
     rogue_chain, _ = client("relay.client.test", trustme.CA(), "rogue.pem")
-    return Pki(ca, ca_file, server_cert, server_key, client_chain, client_der, other_chain,
-               rogue_chain, root)
+    return Pki(
+        ca,
+        ca_file,
+        server_cert,
+        server_key,
+        client_chain,
+        client_der,
+        other_chain,
+        rogue_chain,
+        root,
+    )
 
 
 def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
@@ -127,13 +136,25 @@ def smtp_addr(gw: Gateway) -> tuple[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def smtp_client(gw: Gateway, *, source: str = "127.0.0.1", tls: bool = True,
-                      cert_chain: Path | None = None,
-                      timeout: float = 10) -> AsyncIterator[aiosmtplib.SMTP]:
+async def smtp_client(
+    gw: Gateway,
+    *,
+    source: str = "127.0.0.1",
+    tls: bool = True,
+    cert_chain: Path | None = None,
+    timeout: float = 10,
+) -> AsyncIterator[aiosmtplib.SMTP]:
     host, port = smtp_addr(gw)
-    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, use_tls=False,
-                             source_address=(source, 0), timeout=timeout, local_hostname="client.test",
-                             tls_context=client_tls(cert_chain))
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        start_tls=False,
+        use_tls=False,
+        source_address=(source, 0),
+        timeout=timeout,
+        local_hostname="client.test",
+        tls_context=client_tls(cert_chain),
+    )
     await client.connect()
     await client.ehlo()
     if tls:
@@ -148,8 +169,10 @@ async def smtp_client(gw: Gateway, *, source: str = "127.0.0.1", tls: bool = Tru
 
 
 def make_message(subject: str = "Test", body: str = "Hello.\r\n", headers: str = "") -> bytes:
-    return (f"From: sender@clinic.test\r\nTo: patient@example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <m1@clinic.test>\r\n{headers}\r\n{body}").encode()
+    return (
+        f"From: sender@clinic.test\r\nTo: patient@example.test\r\nSubject: {subject}\r\n"
+        f"Message-ID: <m1@clinic.test>\r\n{headers}\r\n{body}"
+    ).encode()
 
 
 def queued(gw: Gateway) -> list[Path]:

@@ -11,15 +11,23 @@ from tests.conftest import make_message, queued, smtp_client
 
 
 def sealgate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, timeout=30, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=stdin,
+    )
 
 
 async def test_queue_list_and_show_read_the_spool(gateway_factory):
     gw = await gateway_factory()
     async with smtp_client(gw) as client:
-        await client.sendmail("s@clinic.test", ["a@example.test", "b@example.test"],
-                              make_message(subject="Lab results for J. Doe"))
+        await client.sendmail(
+            "s@clinic.test",
+            ["a@example.test", "b@example.test"],
+            make_message(subject="Lab results for J. Doe"),
+        )
         await client.sendmail("", ["c@example.test"], make_message())
     state = str(gw.config.state_dir)
     listed = sealgate("queue", "list", "--json", "--state-dir", state)
@@ -61,13 +69,15 @@ def test_hash_password_output_verifies():
 
 async def test_hash_address_matches_what_the_logs_show(gateway_factory):
     from structlog.testing import capture_logs
+
     gw = await gateway_factory({"logging.addresses": "hash"})
     with capture_logs() as logs:
         async with smtp_client(gw) as client:
             await client.sendmail("s@clinic.test", ["Patient@Example.test"], make_message())
     (accepted,) = [e for e in logs if e["event"] == "smtp.message-accepted"]
-    result = sealgate("hash-address", "patient@example.test",
-                      "--state-dir", str(gw.config.state_dir))
+    result = sealgate(
+        "hash-address", "patient@example.test", "--state-dir", str(gw.config.state_dir)
+    )
     assert result.returncode == 0, result.stderr
     assert accepted["rcpt"] == [result.stdout.strip()]
     assert "example.test" not in json.dumps(accepted)

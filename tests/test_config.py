@@ -26,8 +26,10 @@ def test_embedded_defaults_are_the_documented_ones():
     assert cfg.listen.http == HostPort("127.0.0.1", 10080)
     assert cfg.delivery.port == 25
     assert cfg.relay.require_tls is True
-    assert cfg.relay.networks == (ipaddress.ip_network("127.0.0.0/8"),
-                                  ipaddress.ip_network("::1/128"))
+    assert cfg.relay.networks == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
 
 
 def test_example_file_loads_to_exactly_the_embedded_defaults():
@@ -74,37 +76,70 @@ def test_duplicate_key_is_rejected():
         load_config_text("relay:\n  require_tls: true\n  require_tls: false\n", "gw.yaml")
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("relay:\n  networks: [10.0.0.0/8, 10.0.0.1/33]\n",
-     r"gw.yaml:2: relay.networks\[1\]: '10.0.0.1/33' is not a network in CIDR form"),
-    ("relay:\n  networks:\n    - 192.168.1.1/24\n",
-     r"gw.yaml:3: relay.networks\[0\]: .*has host bits set"),
-    ("listen:\n  smtp: 127.0.0.1:99999\n", r"gw.yaml:2: listen.smtp: port 99999 is out of range"),
-    ("listen:\n  http: localhost\n", r"listen.http: 'localhost' has no port"),
-    ("smtp:\n  command_timeout: 5 minutes\n", r"smtp.command_timeout: '5 minutes' is not a duration"),
-    ("smtp:\n  max_message_size: 10 potatoes\n", r"smtp.max_message_size: .* is not a size"),
-    ("smtp:\n  max_recipients: 0\n", r"smtp.max_recipients: must be at least 1"),
-    ("smtp:\n  max_recipients: many\n", r"smtp.max_recipients: 'many' is not a whole number"),
-    ("smtp:\n  max_line_length: 500\n", r"smtp.max_line_length: must be at least 1000"),
-    ("relay:\n  require_tls: yes please\n", r"relay.require_tls: 'yes please' is not true or false"),
-    ("tls:\n  min_version: '1.1'\n", r"tls.min_version: '1.1' is not one of: 1.2, 1.3"),
-    ("dns:\n  nameservers: [ns1.example]\n", r"dns.nameservers\[0\]: 'ns1.example' is not an IP"),
-    ("relay:\n  client_certs: ['CN=foo']\n", r"relay.client_certs\[0\]: 'CN=foo' is not a certificate pattern"),
-    ("relay:\n  client_certs: ['sha256:abcd']\n", r"client_certs\[0\]: a sha256 fingerprint has 64 hex digits"),
-    ("tls:\n  cert_file: /etc/x.pem\n", r"tls.key_file: set tls.cert_file and tls.key_file together"),
-    ("smtp:\n  marker_header: 'X Bad'\n", r"smtp.marker_header: 'X Bad' is not a valid header field name"),
-    ("relay: [1, 2]\n", r"relay: expected a mapping of keys"),
-    ("- a\n- b\n", r"the configuration must be a mapping"),
-    ("relay:\n  networks: [\n", r"gw.yaml:\d+: not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "relay:\n  networks: [10.0.0.0/8, 10.0.0.1/33]\n",
+            r"gw.yaml:2: relay.networks\[1\]: '10.0.0.1/33' is not a network in CIDR form",
+        ),
+        (
+            "relay:\n  networks:\n    - 192.168.1.1/24\n",
+            r"gw.yaml:3: relay.networks\[0\]: .*has host bits set",
+        ),
+        (
+            "listen:\n  smtp: 127.0.0.1:99999\n",
+            r"gw.yaml:2: listen.smtp: port 99999 is out of range",
+        ),
+        ("listen:\n  http: localhost\n", r"listen.http: 'localhost' has no port"),
+        (
+            "smtp:\n  command_timeout: 5 minutes\n",
+            r"smtp.command_timeout: '5 minutes' is not a duration",
+        ),
+        ("smtp:\n  max_message_size: 10 potatoes\n", r"smtp.max_message_size: .* is not a size"),
+        ("smtp:\n  max_recipients: 0\n", r"smtp.max_recipients: must be at least 1"),
+        ("smtp:\n  max_recipients: many\n", r"smtp.max_recipients: 'many' is not a whole number"),
+        ("smtp:\n  max_line_length: 500\n", r"smtp.max_line_length: must be at least 1000"),
+        (
+            "relay:\n  require_tls: yes please\n",
+            r"relay.require_tls: 'yes please' is not true or false",
+        ),
+        ("tls:\n  min_version: '1.1'\n", r"tls.min_version: '1.1' is not one of: 1.2, 1.3"),
+        (
+            "dns:\n  nameservers: [ns1.example]\n",
+            r"dns.nameservers\[0\]: 'ns1.example' is not an IP",
+        ),
+        (
+            "relay:\n  client_certs: ['CN=foo']\n",
+            r"relay.client_certs\[0\]: 'CN=foo' is not a certificate pattern",
+        ),
+        (
+            "relay:\n  client_certs: ['sha256:abcd']\n",
+            r"client_certs\[0\]: a sha256 fingerprint has 64 hex digits",
+        ),
+        (
+            "tls:\n  cert_file: /etc/x.pem\n",
+            r"tls.key_file: set tls.cert_file and tls.key_file together",
+        ),
+        (
+            "smtp:\n  marker_header: 'X Bad'\n",
+            r"smtp.marker_header: 'X Bad' is not a valid header field name",
+        ),
+        ("relay: [1, 2]\n", r"relay: expected a mapping of keys"),
+        ("- a\n- b\n", r"the configuration must be a mapping"),
+        ("relay:\n  networks: [\n", r"gw.yaml:\d+: not valid YAML"),
+    ],
+)
 def test_bad_values_name_the_exact_key(text, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config_text(text, "gw.yaml")
 
 
 def test_values_with_units_are_converted():
-    cfg = load_config_text("smtp:\n  command_timeout: 5m\n  max_message_size: 25MiB\n"
-                           "  data_timeout: 90\ndns:\n  nameservers: ['127.0.0.1:5353', '::1']\n")
+    cfg = load_config_text(
+        "smtp:\n  command_timeout: 5m\n  max_message_size: 25MiB\n"
+        "  data_timeout: 90\ndns:\n  nameservers: ['127.0.0.1:5353', '::1']\n"
+    )
     assert cfg.smtp.command_timeout == 300
     assert cfg.smtp.data_timeout == 90
     assert cfg.smtp.max_message_size == 25 * 1024 * 1024
@@ -112,6 +147,7 @@ def test_values_with_units_are_converted():
 
 
 # -- what the configuration refers to ------------------------------------------------
+
 
 def _cfg(tmp_path: Path, text: str) -> Config:
     return load_config_text(f"state_dir: {tmp_path / 'state'}\n" + text, "gw.yaml")
@@ -152,7 +188,9 @@ def test_users_file_with_a_bad_line_is_refused_with_its_line_number(tmp_path):
     users = tmp_path / "users"
     users.write_text(f"ok:{hash_password('pw')}\nbroken-line\n")
     cfg = _cfg(tmp_path, f"relay:\n  users_file: {users}\n")
-    with pytest.raises(ConfigError, match=r"relay.users_file: .*users: line 2: expected 'user:hash'"):
+    with pytest.raises(
+        ConfigError, match=r"relay.users_file: .*users: line 2: expected 'user:hash'"
+    ):
         check_references(cfg, "gw.yaml")
 
 
@@ -167,16 +205,25 @@ def test_users_file_with_a_plaintext_password_is_refused(tmp_path):
 def test_a_good_configuration_passes_every_check(tmp_path, pki):
     users = tmp_path / "users"
     users.write_text(f"m365:{hash_password('pw')}\n")
-    cfg = _cfg(tmp_path, f"tls:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-                         f"relay:\n  users_file: {users}\n  client_ca_file: {pki.ca_file}\n")
+    cfg = _cfg(
+        tmp_path,
+        f"tls:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+        f"relay:\n  users_file: {users}\n  client_ca_file: {pki.ca_file}\n",
+    )
     check_references(cfg, "gw.yaml")
 
 
 # -- the command line ----------------------------------------------------------------
 
+
 def _sealgate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, timeout=30, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
 
 
 def test_check_config_accepts_the_example():
@@ -190,8 +237,9 @@ def test_check_config_exits_78_naming_the_key_and_line(tmp_path):
     bad.write_text("smtp:\n  max_recipients: -4\n")
     result = _sealgate("check-config", "--config", str(bad))
     assert result.returncode == 78
-    assert result.stderr.strip() == (f"sealgate: configuration error: {bad}:2: "
-                                     "smtp.max_recipients: must be at least 1")
+    assert result.stderr.strip() == (
+        f"sealgate: configuration error: {bad}:2: smtp.max_recipients: must be at least 1"
+    )
 
 
 def test_check_config_reports_a_missing_config_file(tmp_path):
@@ -202,8 +250,10 @@ def test_check_config_reports_a_missing_config_file(tmp_path):
 
 def test_run_refuses_to_start_on_a_bad_config_with_the_same_message(tmp_path, pki):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"state_dir: {tmp_path}/s\ntls:\n  cert_file: {pki.server_cert}\n"
-                   f"  key_file: {tmp_path}/missing.key\n")
+    bad.write_text(
+        f"state_dir: {tmp_path}/s\ntls:\n  cert_file: {pki.server_cert}\n"
+        f"  key_file: {tmp_path}/missing.key\n"
+    )
     check = _sealgate("check-config", "--config", str(bad))
     run = _sealgate("run", "--config", str(bad))
     assert run.returncode == check.returncode == 78

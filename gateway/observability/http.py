@@ -26,8 +26,12 @@ _TIMEOUT = 5.0
 
 
 class OpsHttpServer:
-    def __init__(self, listen: HostPort, render_metrics: Callable[[], bytes],
-                 readiness: Callable[[], str | None]):
+    def __init__(
+        self,
+        listen: HostPort,
+        render_metrics: Callable[[], bytes],
+        readiness: Callable[[], str | None],
+    ):
         self.listen = listen
         self.render_metrics = render_metrics
         self.readiness = readiness  # returns None when ready, else the reason
@@ -35,8 +39,12 @@ class OpsHttpServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, host=self.listen.host, port=self.listen.port, reuse_address=True,
-            limit=_MAX_HEAD)
+            self._serve,
+            host=self.listen.host,
+            port=self.listen.port,
+            reuse_address=True,
+            limit=_MAX_HEAD,
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -47,15 +55,21 @@ class OpsHttpServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
             status, ctype, body, method = self._route(head)
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError,
-                ValueError):
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             status, ctype, body, method = "400 Bad Request", "text/plain", b"bad request\n", "GET"
         except Exception as e:  # never let one request take the listener down
             log.error(Event.HTTP_ERROR, error=str(e)[:200])
-            status, ctype, body, method = "500 Internal Server Error", "text/plain", b"error\n", "GET"
-        headers = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                   "Cache-Control: no-store\r\n\r\n").encode()
+            status, ctype, body, method = (
+                "500 Internal Server Error",
+                "text/plain",
+                b"error\n",
+                "GET",
+            )
+        headers = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            "Cache-Control: no-store\r\n\r\n"
+        ).encode()
         try:
             writer.write(headers + (body if method != "HEAD" else b""))
             await asyncio.wait_for(writer.drain(), _TIMEOUT)
@@ -71,8 +85,12 @@ class OpsHttpServer:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n", method
         if path == "/metrics":
-            return ("200 OK", "text/plain; version=0.0.4; charset=utf-8",
-                    self.render_metrics(), method)
+            return (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.render_metrics(),
+                method,
+            )
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n", method
         if path == "/readyz":

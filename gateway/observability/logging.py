@@ -21,8 +21,12 @@ from typing import Literal
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure_logging(level: str = "info") -> None:
@@ -83,6 +87,7 @@ class AddressRedactor:
 
 
 def hash_address(key: bytes, address: str) -> str:
-    digest = hmac.new(key, address.strip().lower().encode("utf-8", "surrogateescape"),
-                      hashlib.sha256).hexdigest()
+    digest = hmac.new(
+        key, address.strip().lower().encode("utf-8", "surrogateescape"), hashlib.sha256
+    ).hexdigest()
     return "h:" + digest[:16]

@@ -21,10 +21,28 @@ from prometheus_client import (
 from gateway.events import RejectReason
 
 # "_created" series double the exposition for no use on our counters.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
-                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 _SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 _TLS_VERSIONS = ("none", "TLSv1.2", "TLSv1.3")
 
@@ -34,30 +52,43 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter(
-            "sealgate_smtp_connections", "SMTP connections opened", ["result"], registry=r)
+            "sealgate_smtp_connections", "SMTP connections opened", ["result"], registry=r
+        )
         self.connections_active = Gauge(
-            "sealgate_smtp_connections_active", "SMTP connections open now", registry=r)
+            "sealgate_smtp_connections_active", "SMTP connections open now", registry=r
+        )
         self.messages_accepted = Counter(
-            "sealgate_messages_accepted", "Messages accepted into the spool",
-            ["tls_version"], registry=r)
+            "sealgate_messages_accepted",
+            "Messages accepted into the spool",
+            ["tls_version"],
+            registry=r,
+        )
         self.messages_rejected = Counter(
             "sealgate_messages_rejected",
-            "Commands or messages refused, by reason", ["reason"], registry=r)
+            "Commands or messages refused, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.accepted_bytes = Counter(
-            "sealgate_accepted_bytes", "Bytes of message data accepted", registry=r)
+            "sealgate_accepted_bytes", "Bytes of message data accepted", registry=r
+        )
         self.message_size = Histogram(
-            "sealgate_message_size_bytes", "Size of accepted messages",
-            buckets=_SIZE_BUCKETS, registry=r)
+            "sealgate_message_size_bytes",
+            "Size of accepted messages",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
         self.acceptance_latency = Histogram(
             "sealgate_acceptance_latency_seconds",
             "End of DATA to the 250 reply (spool write and fsync included)",
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.auth = Counter(
-            "sealgate_smtp_auth", "SMTP AUTH attempts", ["result"], registry=r)
-        self.spool_messages = Gauge(
-            "sealgate_spool_messages", "Messages in the spool", registry=r)
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth = Counter("sealgate_smtp_auth", "SMTP AUTH attempts", ["result"], registry=r)
+        self.spool_messages = Gauge("sealgate_spool_messages", "Messages in the spool", registry=r)
         self.spool_bytes = Gauge(
-            "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r)
+            "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r
+        )
         # Pre-create every labelled series so that dashboards see zeros, not gaps.
         for reason in RejectReason:
             self.messages_rejected.labels(reason.value)
@@ -77,8 +108,11 @@ class Metrics:
 
     def snapshot(self) -> dict[str, float]:
         """Every sample as ``name{labels}`` -> value, to ship to another process."""
-        return {_sample_key(s.name, s.labels): s.value
-                for family in self.registry.collect() for s in family.samples}
+        return {
+            _sample_key(s.name, s.labels): s.value
+            for family in self.registry.collect()
+            for s in family.samples
+        }
 
     def render(self, *others: dict[str, float]) -> bytes:
         """Exposition text, adding the samples of other processes' snapshots."""
@@ -87,10 +121,12 @@ class Metrics:
         families = list(self.registry.collect())
         for family in families:
             family.samples = [
-                s._replace(value=s.value + sum(o.get(_sample_key(s.name, s.labels), 0.0)
-                                               for o in others))
-                for s in family.samples]
-        return generate_latest(_Families(families))  # type: ignore[arg-type]
+                s._replace(
+                    value=s.value + sum(o.get(_sample_key(s.name, s.labels), 0.0) for o in others)
+                )
+                for s in family.samples
+            ]
+        return generate_latest(_Families(families))
 
 
 def _sample_key(name: str, labels: dict[str, str]) -> str:

@@ -47,8 +47,9 @@ def _unb64(text: str) -> bytes:
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2**SCRYPT_LN,
-                            r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=2**SCRYPT_LN, r=SCRYPT_R, p=SCRYPT_P, dklen=32
+    )
     return f"$scrypt$ln={SCRYPT_LN},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
 
 
@@ -58,8 +59,15 @@ def verify_password(password: bytes, encoded: str) -> bool:
         return False
     ln, r, p = int(m.group(1)), int(m.group(2)), int(m.group(3))
     expected = _unb64(m.group(5))
-    digest = hashlib.scrypt(password, salt=_unb64(m.group(4)), n=2**ln, r=r, p=p,
-                            dklen=len(expected), maxmem=256 * 1024 * 1024)
+    digest = hashlib.scrypt(
+        password,
+        salt=_unb64(m.group(4)),
+        n=2**ln,
+        r=r,
+        p=p,
+        dklen=len(expected),
+        maxmem=256 * 1024 * 1024,
+    )
     return hmac.compare_digest(digest, expected)
 
 
@@ -75,10 +83,15 @@ def parse_users(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: expected 'user:hash'")
         m = _PHC.fullmatch(encoded)
         if not m:
-            raise ValueError(f"line {number}: the hash for {user!r} is not a "
-                             "'sealgate hash-password' scrypt hash")
-        if not (10 <= int(m.group(1)) <= 20 and 1 <= int(m.group(2)) <= 32
-                and 1 <= int(m.group(3)) <= 16):
+            raise ValueError(
+                f"line {number}: the hash for {user!r} is not a "
+                "'sealgate hash-password' scrypt hash"
+            )
+        if not (
+            10 <= int(m.group(1)) <= 20
+            and 1 <= int(m.group(2)) <= 32
+            and 1 <= int(m.group(3)) <= 16
+        ):
             raise ValueError(f"line {number}: scrypt parameters out of range")
         if user in users:
             raise ValueError(f"line {number}: user {user!r} appears twice")
@@ -147,8 +160,9 @@ class CertIdentity:
 
 
 class RelayPolicy:
-    def __init__(self, networks: tuple[IPNetwork, ...], cert_patterns: tuple[str, ...],
-                 users: dict[str, str]):
+    def __init__(
+        self, networks: tuple[IPNetwork, ...], cert_patterns: tuple[str, ...], users: dict[str, str]
+    ):
         self.networks = networks
         self.cert_patterns = tuple(CertPattern.parse(p) for p in cert_patterns)
         self.users = users
@@ -174,6 +188,8 @@ class RelayPolicy:
         """Describe a verified client certificate and say whether it may relay."""
         cert = x509.load_der_x509_certificate(der)
         fingerprint = hashlib.sha256(der).hexdigest()
-        matched = next((f"{p.kind}:{p.value}" for p in self.cert_patterns
-                        if p.matches(fingerprint, cert)), None)
+        matched = next(
+            (f"{p.kind}:{p.value}" for p in self.cert_patterns if p.matches(fingerprint, cert)),
+            None,
+        )
         return CertIdentity(fingerprint, cert.subject.rfc4514_string(), matched)

@@ -18,8 +18,9 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (limit {limit} per message)
 SIZE_EXCEEDED_MAIL = "552 5.3.4 Message size exceeds fixed limit of {limit} bytes"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system (limit {limit} bytes)"
 LINE_TOO_LONG = "500 5.5.2 Line too long in message data (limit {limit} octets, RFC 5321 4.5.3.1.6)"
-BARE_LINE_ENDING = ("554 5.5.2 Bare CR or LF in message data; lines must end with CRLF "
-                    "(RFC 5321 2.3.8)")
+BARE_LINE_ENDING = (
+    "554 5.5.2 Bare CR or LF in message data; lines must end with CRLF (RFC 5321 2.3.8)"
+)
 MAIL_LOOP = "554 5.4.6 Too many Received headers ({count}): mail loop suspected"
 SPOOL_ERROR = "451 4.3.0 Temporary queue error, try again later"
 SYNTAX_SIZE = "501 5.5.4 Syntax error in SIZE parameter"

@@ -54,7 +54,9 @@ _COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024}  # RFC 5321 512 plus ESMTP parame
 _SMTP_VERBS = tuple(name[5:] for name in dir(SMTP) if name.startswith("smtp_"))
 _SIMPLE_PATH = re.compile(
     r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)", re.S)
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)",
+    re.S,
+)
 _PROBLEM_REPLY = {
     DataProblem.TOO_BIG: (replies.MESSAGE_TOO_BIG, RejectReason.MESSAGE_TOO_BIG),
     DataProblem.LINE_TOO_LONG: (replies.LINE_TOO_LONG, RejectReason.LINE_TOO_LONG),
@@ -88,14 +90,18 @@ class SmtpContext:
 
     def __post_init__(self) -> None:
         self.max_connections = self.max_connections or self.config.smtp.max_connections
-        self.max_connections_per_ip = (self.max_connections_per_ip
-                                       or self.config.smtp.max_connections_per_ip)
+        self.max_connections_per_ip = (
+            self.max_connections_per_ip or self.config.smtp.max_connections_per_ip
+        )
         self.handler = Handler(self)
-        self.hooks = {name[7:]: getattr(self.handler, name) for name in dir(Handler)
-                      if name.startswith("handle_")}
+        self.hooks = {
+            name[7:]: getattr(self.handler, name)
+            for name in dir(Handler)
+            if name.startswith("handle_")
+        }
 
 
-class GatewaySession(Session):  # type: ignore[misc]
+class GatewaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
         self.auth_failures = 0
@@ -103,14 +109,14 @@ class GatewaySession(Session):  # type: ignore[misc]
         self.cert: Any = None  # CertIdentity once a client certificate is seen
 
 
-class GatewayEnvelope(AioEnvelope):  # type: ignore[misc]
+class GatewayEnvelope(AioEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.authorized_by = ""
         self.rcpt_option_list: list[list[str]] = []
 
 
-class GatewaySMTP(SMTP):  # type: ignore[misc]
+class GatewaySMTP(SMTP):
     line_length_limit = _READ_LIMIT
 
     def __init__(self, ctx: SmtpContext):
@@ -124,8 +130,11 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         self.__ident__ = "ESMTP Sealgate"
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
         handler = ctx.handler
         self.event_handler = handler
         self.data_size_limit = None  # SIZE is ours: advertised and checked by Handler
@@ -150,9 +159,14 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         self._authenticator = None
         self._auth_callback = login_always_fail
         self._auth_required = False
-        self._auth_methods = ({name: _AuthMechAttr(getattr(handler, "auth_" + name), False)
-                               for name in ("PLAIN", "LOGIN")}
-                              if ctx.relay.offers_auth else {})
+        self._auth_methods = (
+            {
+                name: _AuthMechAttr(getattr(handler, "auth_" + name), False)
+                for name in ("PLAIN", "LOGIN")
+            }
+            if ctx.relay.offers_auth
+            else {}
+        )
         self._handle_hooks = ctx.hooks
         self._ehlo_hook_ver = "new"
         self._smtp_methods = {verb: getattr(self, "smtp_" + verb) for verb in _SMTP_VERBS}
@@ -182,7 +196,23 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         m = _SIMPLE_PATH.match(arg)
         if m:
             return m.group(1) or "<>", m.group(2)
-        return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return super()._getaddr(arg)
+
+    @property
+    def gw_session(self) -> GatewaySession:
+        assert isinstance(self.session, GatewaySession)
+        return self.session
+
+    @property
+    def gw_envelope(self) -> GatewayEnvelope:
+        assert isinstance(self.envelope, GatewayEnvelope)
+        return self.envelope
+
+    def _write_raw(self, reply: str) -> None:
+        """Write a reply outside the command loop (timeouts, shutdown)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.encode() + b"\r\n")
 
     def _create_session(self) -> GatewaySession:
         return GatewaySession(self.loop)
@@ -242,11 +272,10 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+        self._write_raw(replies.TIMEOUT.format(hostname=self.hostname))
         self.ctx.metrics.reject(RejectReason.TIMEOUT)
         log.info(Event.TIMEOUT, client_ip=self._client_ip, in_data=self.in_transaction)
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def data_received(self, data: bytes) -> None:
         # While a message streams in, any received byte proves the client alive
@@ -259,9 +288,8 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         super().data_received(data)
 
     def close_for_shutdown(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                replies.SHUTTING_DOWN.format(hostname=self.hostname).encode() + b"\r\n")
+        self._write_raw(replies.SHUTTING_DOWN.format(hostname=self.hostname))
+        if self.transport is not None:
             self.transport.close()
 
     # -- DATA ---------------------------------------------------------------------
@@ -269,7 +297,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
-        if not self.envelope.rcpt_tos:
+        if not self.gw_envelope.rcpt_tos:
             await self.push(replies.NEED_RCPT)
             return
         if arg:
@@ -283,7 +311,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
             reply = await self._receive_message()
         finally:
             self.in_transaction = False
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             self._reset_timeout()  # back to the command timeout
         await self.push(reply)
 
@@ -291,8 +319,9 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         ctx, cfg = self.ctx, self.ctx.config.smtp
         queue_id = new_queue_id()
         writer = ctx.spool.writer(queue_id)
-        scanner = MessageScanner(cfg.max_message_size, cfg.max_line_length,
-                                 cfg.max_received_headers)
+        scanner = MessageScanner(
+            cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
+        )
         try:
             await self._read_data(scanner, writer)
         except BaseException:
@@ -303,14 +332,21 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         if scanner.problem is not None:
             await writer.abort()
             template, reason = _PROBLEM_REPLY[scanner.problem]
-            limit = (cfg.max_message_size if scanner.problem is DataProblem.TOO_BIG
-                     else cfg.max_line_length)
-            return self._rejected(reason, template.format(
-                limit=limit, count=scanner.received_headers), scanner.wire_size)
+            limit = (
+                cfg.max_message_size
+                if scanner.problem is DataProblem.TOO_BIG
+                else cfg.max_line_length
+            )
+            return self._rejected(
+                reason,
+                template.format(limit=limit, count=scanner.received_headers),
+                scanner.wire_size,
+            )
         started = time.perf_counter()
         try:
-            envelope = await writer.commit(lambda size, sha: self._make_envelope(
-                queue_id, size, sha))
+            envelope = await writer.commit(
+                lambda size, sha: self._make_envelope(queue_id, size, sha)
+            )
         except SpoolError as e:
             log.error(Event.SPOOL_WRITE_FAILED, queue_id=queue_id, error=str(e))
             return self._rejected(RejectReason.SPOOL_ERROR, replies.SPOOL_ERROR, writer.size)
@@ -341,7 +377,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
     # -- outcomes -----------------------------------------------------------------
 
     def _client_info(self) -> ClientInfo:
-        session: GatewaySession = self.session
+        session = self.gw_session
         peer = session.peer or ("?", 0)
         version = cipher = None
         if session.ssl:
@@ -351,28 +387,44 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
                 cipher = (sslobj.cipher() or (None,))[0]
         cert = session.cert
         return ClientInfo(
-            ip=str(peer[0]), port=int(peer[1]), helo=session.host_name or "",
-            tls_version=version, tls_cipher=cipher,
+            ip=str(peer[0]),
+            port=int(peer[1]),
+            helo=session.host_name or "",
+            tls_version=version,
+            tls_cipher=cipher,
             client_cert_sha256=cert.sha256 if cert else None,
             client_cert_subject=cert.subject if cert else None,
-            authorized_by=self.envelope.authorized_by,
+            authorized_by=self.gw_envelope.authorized_by,
             auth_user=session.auth_user,
         )
 
     def _make_envelope(self, queue_id: str, size: int, sha256: str) -> Envelope:
         now = datetime.datetime.now(datetime.UTC)
         client = self._client_info()
-        env: GatewayEnvelope = self.envelope
-        mail_from = "" if env.mail_from == "<>" else env.mail_from
-        recipients = tuple(Recipient(a, tuple(o)) for a, o in
-                           zip(env.rcpt_tos, env.rcpt_option_list, strict=True))
-        trace = received_header(client, self.hostname, queue_id, self.session.extended_smtp,
-                                bool(self.session.authenticated), now)
+        env = self.gw_envelope
+        mail_from = "" if env.mail_from in (None, "<>") else str(env.mail_from)
+        recipients = tuple(
+            Recipient(a, tuple(o)) for a, o in zip(env.rcpt_tos, env.rcpt_option_list, strict=True)
+        )
+        trace = received_header(
+            client,
+            self.hostname,
+            queue_id,
+            self.gw_session.extended_smtp,
+            bool(self.gw_session.authenticated),
+            now,
+        )
         trace += f"{self.ctx.config.smtp.marker_header}: {self.hostname}\r\n"
         return Envelope(
-            queue_id=queue_id, received_at=now.isoformat(timespec="microseconds"),
-            mail_from=mail_from, mail_options=tuple(env.mail_options), recipients=recipients,
-            client=client, size=size, sha256=sha256, trace_headers=trace,
+            queue_id=queue_id,
+            received_at=now.isoformat(timespec="microseconds"),
+            mail_from=mail_from,
+            mail_options=tuple(env.mail_options),
+            recipients=recipients,
+            client=client,
+            size=size,
+            sha256=sha256,
+            trace_headers=trace,
         )
 
     def _accepted(self, envelope: Envelope, latency: float) -> None:
@@ -384,27 +436,44 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]
         self.ctx.on_queued(envelope)
         redact = self.ctx.redact
         log.info(
-            Event.MESSAGE_ACCEPTED, result="accepted", queue_id=envelope.queue_id,
-            client_ip=envelope.client.ip, tls_version=envelope.client.tls_version,
-            size=envelope.size, recipients=len(envelope.recipients),
+            Event.MESSAGE_ACCEPTED,
+            result="accepted",
+            queue_id=envelope.queue_id,
+            client_ip=envelope.client.ip,
+            tls_version=envelope.client.tls_version,
+            size=envelope.size,
+            recipients=len(envelope.recipients),
             authorized_by=envelope.client.authorized_by,
             mail_from=redact(envelope.mail_from) if envelope.mail_from else "<>",
             rcpt=[redact(r.address) for r in envelope.recipients]
-            if redact.mode != "omit" else None,
+            if redact.mode != "omit"
+            else None,
             latency_ms=round(latency * 1000, 2),
         )
 
     def _rejected(self, reason: RejectReason, reply: str, size: int) -> str:
         self.ctx.metrics.reject(reason)
         client = self._client_info()
-        log.info(Event.MESSAGE_REJECTED, result="rejected", reason=reason.value,
-                 client_ip=client.ip, tls_version=client.tls_version, size=size,
-                 reply=reply[:3])
+        log.info(
+            Event.MESSAGE_REJECTED,
+            result="rejected",
+            reason=reason.value,
+            client_ip=client.ip,
+            tls_version=client.tls_version,
+            size=size,
+            reply=reply[:3],
+        )
         return reply
 
 
-def received_header(client: ClientInfo, hostname: str, queue_id: str, esmtp: bool,
-                    authenticated: bool, when: datetime.datetime) -> str:
+def received_header(
+    client: ClientInfo,
+    hostname: str,
+    queue_id: str,
+    esmtp: bool,
+    authenticated: bool,
+    when: datetime.datetime,
+) -> str:
     """Our Received trace field (RFC 5321 4.4), protocol names per RFC 3848."""
     proto = "ESMTP" if esmtp else "SMTP"
     if client.tls_version:
@@ -426,13 +495,25 @@ class Handler:
     def __init__(self, ctx: SmtpContext):
         self.ctx = ctx
 
-    async def handle_EHLO(self, server: GatewaySMTP, session: GatewaySession,
-                          envelope: GatewayEnvelope, hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         server.command_size_limits["MAIL"] = 1024
         tls_active = session.ssl is not None
-        out = [responses[0], f"250-SIZE {self.ctx.config.smtp.max_message_size}",
-               "250-8BITMIME", "250-SMTPUTF8", "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        out = [
+            responses[0],
+            f"250-SIZE {self.ctx.config.smtp.max_message_size}",
+            "250-8BITMIME",
+            "250-SMTPUTF8",
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+        ]
         if server.tls_context is not None and not tls_active:
             out.append("250-STARTTLS")
         if tls_active and self.ctx.relay.offers_auth:
@@ -440,8 +521,9 @@ class Handler:
         out.append("250 HELP")
         return out
 
-    def handle_STARTTLS(self, server: GatewaySMTP, session: GatewaySession,
-                        envelope: GatewayEnvelope) -> bool:
+    def handle_STARTTLS(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
+    ) -> bool:
         sslobj = session.ssl.get("ssl_object") if session.ssl else None
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         if der:
@@ -451,8 +533,14 @@ class Handler:
                 session.cert = None
         return True
 
-    async def handle_MAIL(self, server: GatewaySMTP, session: GatewaySession,
-                          envelope: GatewayEnvelope, address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         cfg = self.ctx.config
         if cfg.relay.require_tls and session.ssl is None:
             self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
@@ -469,8 +557,14 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
 
-    async def handle_RCPT(self, server: GatewaySMTP, session: GatewaySession,
-                          envelope: GatewayEnvelope, address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "501 5.1.3 Bad recipient address syntax"
@@ -482,8 +576,12 @@ class Handler:
         if authorized_by is None:
             self.ctx.metrics.reject(RejectReason.RELAY_DENIED)
             peer = session.peer or ("?", 0)
-            log.warning(Event.RELAY_DENIED, client_ip=str(peer[0]),
-                        tls=session.ssl is not None, rcpt=self.ctx.redact(address))
+            log.warning(
+                Event.RELAY_DENIED,
+                client_ip=str(peer[0]),
+                tls=session.ssl is not None,
+                rcpt=self.ctx.redact(address),
+            )
             return replies.RELAY_DENIED.format(address=address)
         envelope.authorized_by = authorized_by
         envelope.rcpt_tos.append(address)
@@ -542,10 +640,11 @@ class Handler:
         return await self._verify(server, user, password)
 
     async def _verify(self, server: GatewaySMTP, user_b: bytes, password: bytes) -> AuthResult:
-        session: GatewaySession = server.session
+        session = server.gw_session
         user = user_b.decode("utf-8", "replace")
         ok = await asyncio.get_running_loop().run_in_executor(
-            None, check_credentials, self.ctx.relay.users, user, password)
+            None, check_credentials, self.ctx.relay.users, user, password
+        )
         peer = session.peer or ("?", 0)
         if ok:
             session.auth_user = user
@@ -558,7 +657,8 @@ class Handler:
         log.warning(Event.AUTH_FAILED, client_ip=str(peer[0]), failures=session.auth_failures)
         if session.auth_failures >= self.ctx.config.smtp.max_auth_failures:
             await server.push(replies.AUTH_TOO_MANY.format(hostname=server.hostname))
-            server.transport.close()
+            if server.transport is not None:
+                server.transport.close()
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
 
@@ -574,17 +674,22 @@ class SmtpServer:
         """Listen on ``listen.smtp``, or on ``sock`` inherited from the main process."""
         loop = asyncio.get_running_loop()
         if sock is not None:
-            self._server = await loop.create_server(lambda: GatewaySMTP(self.ctx), sock=sock,
-                                                    backlog=512)
+            self._server = await loop.create_server(
+                lambda: GatewaySMTP(self.ctx), sock=sock, backlog=512
+            )
             return
         listen = self.ctx.config.listen.smtp
         self._server = await loop.create_server(
-            lambda: GatewaySMTP(self.ctx), host=listen.host, port=listen.port,
-            reuse_address=True, backlog=512)
+            lambda: GatewaySMTP(self.ctx),
+            host=listen.host,
+            port=listen.port,
+            reuse_address=True,
+            backlog=512,
+        )
 
     @property
     def sockets(self) -> list[Any]:
-        return list(self._server.sockets) if self._server else []
+        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let messages in DATA finish (up to ``grace``), then close."""

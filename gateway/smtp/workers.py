@@ -56,8 +56,9 @@ def worker_count(config: Config) -> int:
 def listening_socket(config: Config) -> socket.socket:
     listen = config.listen.smtp
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.create_server((listen.host, listen.port), family=family, backlog=512,
-                                reuse_port=False)
+    sock = socket.create_server(
+        (listen.host, listen.port), family=family, backlog=512, reuse_port=False
+    )
     sock.setblocking(False)
     return sock
 
@@ -73,8 +74,13 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, config: Config, config_path: Path | None, metrics: Metrics,
-                 on_queued: Callable[[str, int], None]):
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        metrics: Metrics,
+        on_queued: Callable[[str, int], None],
+    ):
         self.config = config
         self.config_path = config_path
         self.metrics = metrics
@@ -101,18 +107,30 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
-        return bool(self.workers) and all(w.ready.is_set() and w.proc.poll() is None
-                                          for w in self.workers.values())
+        return bool(self.workers) and all(
+            w.ready.is_set() and w.proc.poll() is None for w in self.workers.values()
+        )
 
     async def _spawn(self, index: int) -> None:
         assert self.sock is not None
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-m", "gateway.smtp.workers", "--state-dir",
-                str(self.config.state_dir), "--listen-fd", str(self.sock.fileno()),
-                "--control-fd", str(theirs.fileno()), "--index", str(index)]
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.smtp.workers",
+            "--state-dir",
+            str(self.config.state_dir),
+            "--listen-fd",
+            str(self.sock.fileno()),
+            "--control-fd",
+            str(theirs.fileno()),
+            "--index",
+            str(index),
+        ]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
-        proc = subprocess.Popen(argv, pass_fds=(self.sock.fileno(), theirs.fileno()))
+        # Our own interpreter and module, arguments from our own configuration.
+        proc = subprocess.Popen(argv, pass_fds=(self.sock.fileno(), theirs.fileno()))  # noqa: S603
         theirs.close()
         worker = _Worker(index, proc)
         self.workers[index] = worker
@@ -174,8 +192,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def _serve(config: Config, listen: socket.socket, control: socket.socket,
-                 index: int) -> None:
+async def _serve(config: Config, listen: socket.socket, control: socket.socket, index: int) -> None:
     from gateway.app import make_smtp_context
     from gateway.smtp.server import SmtpServer
     from gateway.spool import Spool
@@ -191,9 +208,12 @@ async def _serve(config: Config, listen: socket.socket, control: socket.socket,
     spool = Spool(config.state_dir / "spool", config.spool.io_threads)
     spool.start_io()
     ctx = make_smtp_context(
-        config, spool, metrics, divide_limits_by=worker_count(config),
-        on_queued=lambda env: send({"type": "queued", "queue_id": env.queue_id,
-                                    "size": env.size}))
+        config,
+        spool,
+        metrics,
+        divide_limits_by=worker_count(config),
+        on_queued=lambda env: send({"type": "queued", "queue_id": env.queue_id, "size": env.size}),
+    )
     server = SmtpServer(ctx)
     await server.start(sock=listen)
     stop = asyncio.Event()

@@ -242,8 +242,7 @@ class SpoolWriter:
                 await self.abort()
 
     def _open_tmp(self) -> int:
-        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                       0o600)
+        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def _spill(self, chunk: bytes) -> None:
         if self._fd is None:
@@ -255,8 +254,12 @@ class SpoolWriter:
         if self.failed:
             raise self.failed
         envelope = make_envelope(self._size, self._sha.hexdigest())
-        meta = json.dumps(envelope.to_dict(), ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
+        meta = (
+            json.dumps(envelope.to_dict(), ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8", "surrogateescape"
+            )
+            + b"\n"
+        )
         # One buffer, one write: each system call in the I/O thread costs a GIL handoff.
         self._buffer += (meta, _footer(self._size, len(meta)))
         blob = b"".join(self._buffer)
@@ -284,10 +287,9 @@ class SpoolWriter:
     async def abort(self) -> None:
         """Forget this message: nothing of it stays on disk."""
         self._buffer = []
-        try:
+        # Best effort: tmp/ is also cleared at the next start.
+        with contextlib.suppress(OSError, SpoolError):
             await self.spool.run_io(self._abort_sync)
-        except (OSError, SpoolError):
-            pass  # best effort; tmp/ is also cleared at the next start
 
     def _abort_sync(self) -> None:
         if self._fd is not None:

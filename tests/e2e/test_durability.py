@@ -27,10 +27,14 @@ def daemon(tmp_path, request):
 
 
 def _message(i: int, rng: random.Random) -> bytes:
-    body = "".join(rng.choice(["x" * rng.randint(0, 900), ".dot", "", "é ü"]) + "\r\n"
-                   for _ in range(rng.randint(1, 200)))
-    return (f"From: s@clinic.test\r\nTo: r{i}@example.test\r\nSubject: durable {i}\r\n"
-            f"Message-ID: <{i}@clinic.test>\r\n\r\n{body}").encode()
+    body = "".join(
+        rng.choice(["x" * rng.randint(0, 900), ".dot", "", "é ü"]) + "\r\n"
+        for _ in range(rng.randint(1, 200))
+    )
+    return (
+        f"From: s@clinic.test\r\nTo: r{i}@example.test\r\nSubject: durable {i}\r\n"
+        f"Message-ID: <{i}@clinic.test>\r\n\r\n{body}"
+    ).encode()
 
 
 async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[int, bytes]]:
@@ -39,13 +43,17 @@ async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[in
     listen = daemon.config.listen.smtp
 
     async def worker() -> None:
-        client = aiosmtplib.SMTP(hostname=listen.host, port=listen.port, start_tls=True,
-                                 tls_context=client_tls(), timeout=20)
+        client = aiosmtplib.SMTP(
+            hostname=listen.host,
+            port=listen.port,
+            start_tls=True,
+            tls_context=client_tls(),
+            timeout=20,
+        )
         async with client:
             while queue:
                 i, message = queue.pop(0)
-                _, reply = await client.sendmail("s@clinic.test", [f"r{i}@example.test"],
-                                                 message)
+                _, reply = await client.sendmail("s@clinic.test", [f"r{i}@example.test"], message)
                 queue_id = reply.rsplit(" ", 1)[1]
                 acked[queue_id] = (i, message)
                 if len(acked) == len(messages):
@@ -57,9 +65,13 @@ async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[in
 
 
 def _queue_list(config_path) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "gateway", "queue", "list", "--json",
-                          "--config", str(config_path)], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "queue", "list", "--json", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -73,8 +85,11 @@ async def test_every_acknowledged_message_survives_kill_9_byte_for_byte(daemon):
 
     daemon.start()  # recovery at start: everything is found again
     assert daemon.terminate() == 0
-    log = [json.loads(line) for line in daemon.log_path.read_text().splitlines()
-           if line.startswith("{")]
+    log = [
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
     recovered = [e for e in log if e["event"] == "spool.recovered"]
     assert recovered[-1]["messages"] == N_MESSAGES
     assert recovered[-1]["corrupt"] == 0

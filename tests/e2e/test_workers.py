@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -49,8 +50,13 @@ def _worker_pids(d: Daemon) -> list[int]:
 async def _send(d: Daemon, count: int) -> None:
     listen = d.config.listen.smtp
     for _ in range(count):  # a new connection each: both workers get some
-        async with aiosmtplib.SMTP(hostname=listen.host, port=listen.port, start_tls=True,
-                                   tls_context=client_tls(), timeout=10) as client:
+        async with aiosmtplib.SMTP(
+            hostname=listen.host,
+            port=listen.port,
+            start_tls=True,
+            tls_context=client_tls(),
+            timeout=10,
+        ) as client:
             await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
 
 
@@ -69,12 +75,19 @@ async def test_two_workers_serve_and_the_main_process_sums_their_metrics(daemon)
 
     def counted() -> bool:
         text = _get(daemon, "/metrics")[1]
-        accepted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("sealgate_messages_accepted_total{"))
+        accepted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sealgate_messages_accepted_total{")
+        )
         return accepted == 12 and _sample(text, "sealgate_spool_messages") == 12
+
     _wait_for(counted)
-    log = [json.loads(line) for line in daemon.log_path.read_text().splitlines()
-           if line.startswith("{")]
+    log = [
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
     accepted = [e for e in log if e["event"] == "smtp.message-accepted"]
     assert len(accepted) == 12
     assert {e["worker"] for e in accepted} <= {0, 1}  # each line names its worker
@@ -82,15 +95,22 @@ async def test_two_workers_serve_and_the_main_process_sums_their_metrics(daemon)
 
 async def test_a_worker_that_dies_is_restarted_and_counters_do_not_go_back(daemon):
     await _send(daemon, 4)
-    _wait_for(lambda: "sealgate_acceptance_latency_seconds_count 4.0"
-              in _get(daemon, "/metrics")[1])
+    _wait_for(
+        lambda: "sealgate_acceptance_latency_seconds_count 4.0" in _get(daemon, "/metrics")[1]
+    )
     victim = _worker_pids(daemon)[0]
     os.kill(victim, signal.SIGKILL)
-    _wait_for(lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon)
-              and _get(daemon, "/readyz")[0] == 200)
+    _wait_for(
+        lambda: (
+            len(_worker_pids(daemon)) == 2
+            and victim not in _worker_pids(daemon)
+            and _get(daemon, "/readyz")[0] == 200
+        )
+    )
     await _send(daemon, 2)
-    _wait_for(lambda: "sealgate_acceptance_latency_seconds_count 6.0"
-              in _get(daemon, "/metrics")[1])
+    _wait_for(
+        lambda: "sealgate_acceptance_latency_seconds_count 6.0" in _get(daemon, "/metrics")[1]
+    )
     assert "smtp.worker-exited" in daemon.log_path.read_text()
 
 
@@ -98,5 +118,6 @@ async def test_sigterm_stops_the_workers_and_the_main_process_cleanly(daemon):
     workers = _worker_pids(daemon)
     assert daemon.terminate() == 0
     await asyncio.sleep(0.2)
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+    for pid in workers:  # gone, or a zombie waiting for its (exited) parent's reaper
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z"

@@ -18,8 +18,9 @@ async def test_accepted_transaction_is_one_event_with_the_documented_fields(gate
     gw = await gateway_factory()
     with capture_logs() as logs:
         async with smtp_client(gw) as client:
-            _, reply = await client.sendmail("s@clinic.test", ["r@example.test"],
-                                             make_message(PHI_SUBJECT, PHI_BODY))
+            _, reply = await client.sendmail(
+                "s@clinic.test", ["r@example.test"], make_message(PHI_SUBJECT, PHI_BODY)
+            )
     (event,) = [e for e in logs if e["event"] == "smtp.message-accepted"]
     assert event["queue_id"] == reply.rsplit(" ", 1)[1]
     assert event["client_ip"] == "127.0.0.1"
@@ -36,8 +37,9 @@ async def test_no_subject_or_body_reaches_the_logs_on_any_path(gateway_factory):
         async with smtp_client(gw) as client:
             await client.sendmail("s@clinic.test", ["r@example.test"], message)
             with pytest.raises(aiosmtplib.SMTPSenderRefused):  # too big (declared SIZE)
-                await client.sendmail("s@clinic.test", ["r@example.test"],
-                                      message + b"x" * 3000 + b"\r\n")
+                await client.sendmail(
+                    "s@clinic.test", ["r@example.test"], message + b"x" * 3000 + b"\r\n"
+                )
         s = await RawSmtp.open(gw)
         await s.command("EHLO c")
         await s.command("MAIL FROM:<s@clinic.test>")

@@ -36,7 +36,7 @@ async def test_random_messages_in_random_fragments_are_stored_byte_for_byte(gate
         pos = 0
         while pos < len(wire):
             step = rng.choice((1, 2, 3, 5, 700, 70000))
-            s.send(wire[pos:pos + step])
+            s.send(wire[pos : pos + step])
             pos += step
             if rng.random() < 0.05:
                 await s.writer.drain()

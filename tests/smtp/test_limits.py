@@ -67,8 +67,11 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_accepted(gatewa
         await client.data(make_message())
     (path,) = queued(gw)
     env = gw.spool.read(path.name)[0]
-    assert [r.address for r in env.recipients] == ["r0@example.test", "r1@example.test",
-                                                   "r2@example.test"]
+    assert [r.address for r in env.recipients] == [
+        "r0@example.test",
+        "r1@example.test",
+        "r2@example.test",
+    ]
 
 
 async def test_a_line_longer_than_the_limit_rejects_the_message(gateway_factory):
@@ -88,8 +91,9 @@ async def test_a_line_longer_than_the_limit_rejects_the_message(gateway_factory)
 async def test_a_longer_line_limit_accepts_long_lines(gateway_factory):
     gw = await gateway_factory({**PLAINTEXT, "smtp.max_line_length": 20000})
     async with smtp_client(gw, tls=False) as client:
-        errors, _ = await client.sendmail("s@clinic.test", ["r@example.test"],
-                                          make_message(body="x" * 12000 + "\r\n"))
+        errors, _ = await client.sendmail(
+            "s@clinic.test", ["r@example.test"], make_message(body="x" * 12000 + "\r\n")
+        )
     assert errors == {}
 
 
@@ -141,16 +145,20 @@ async def test_a_stalled_data_phase_times_out_and_keeps_nothing(gateway_factory)
 
 async def test_more_than_50_received_headers_is_a_loop(gateway_factory):
     gw = await gateway_factory()
-    hops = "".join(f"Received: from hop{i} by hop{i + 1}; Sun, 22 Nov 2026 07:00:00 +0000\r\n"
-                   for i in range(51))
+    hops = "".join(
+        f"Received: from hop{i} by hop{i + 1}; Sun, 22 Nov 2026 07:00:00 +0000\r\n"
+        for i in range(51)
+    )
     async with smtp_client(gw) as client:
         with pytest.raises(aiosmtplib.SMTPDataError) as e:
-            await client.sendmail("s@clinic.test", ["r@example.test"],
-                                  hops.encode() + make_message())
+            await client.sendmail(
+                "s@clinic.test", ["r@example.test"], hops.encode() + make_message()
+            )
         assert e.value.code == 554
         assert e.value.message.startswith("5.4.6")
-        errors, _ = await client.sendmail("s@clinic.test", ["r@example.test"],
-                                          hops.encode().split(b"\r\n", 1)[1] + make_message())
+        errors, _ = await client.sendmail(
+            "s@clinic.test", ["r@example.test"], hops.encode().split(b"\r\n", 1)[1] + make_message()
+        )
         assert errors == {}  # exactly 50 is still fine
     assert len(queued(gw)) == 1
     assert gw.metrics.messages_rejected.labels("mail_loop")._value.get() == 1
@@ -164,7 +172,9 @@ async def test_accepted_message_carries_our_received_and_marker_headers(gateway_
     env, data = gw.spool.read(path.name)
     assert data == make_message()  # the received bytes stay untouched
     trace = env.trace_headers
-    assert trace.startswith("Received: from client.test (unknown [127.0.0.1])\r\n\tby gw.sealgate.test")
+    assert trace.startswith(
+        "Received: from client.test (unknown [127.0.0.1])\r\n\tby gw.sealgate.test"
+    )
     assert f"with ESMTPS id {env.queue_id};" in trace
     assert f"(using {env.client.tls_version} with cipher {env.client.tls_cipher})" in trace
     assert "X-Clinic-Gateway: gw.sealgate.test\r\n" in trace

@@ -44,15 +44,23 @@ async def test_relay_is_allowed_from_an_address_inside_relay_networks(gateway_fa
     assert gw.spool.read(path.name)[0].client.authorized_by == "network"
 
 
-@pytest.mark.parametrize("pattern", ["cn:relay.client.test", "san:relay.client.test",
-                                     "san:*.client.test", "sha256:FINGERPRINT"])
+@pytest.mark.parametrize(
+    "pattern",
+    ["cn:relay.client.test", "san:relay.client.test", "san:*.client.test", "sha256:FINGERPRINT"],
+)
 async def test_relay_is_allowed_by_a_matching_client_certificate(gateway_factory, pki, pattern):
     import hashlib
+
     if pattern == "sha256:FINGERPRINT":
         digest = hashlib.sha256(pki.client_cert_der).hexdigest().upper()
-        pattern = "sha256:" + ":".join(digest[i:i + 2] for i in range(0, 64, 2))
-    gw = await gateway_factory({**ONLY_127_0_0_1, "relay.client_certs": [pattern],
-                                "relay.client_ca_file": str(pki.ca_file)})
+        pattern = "sha256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2))
+    gw = await gateway_factory(
+        {
+            **ONLY_127_0_0_1,
+            "relay.client_certs": [pattern],
+            "relay.client_ca_file": str(pki.ca_file),
+        }
+    )
     async with smtp_client(gw, source="127.0.0.2", cert_chain=pki.client_chain) as client:
         errors, _ = await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
     assert errors == {}
@@ -63,8 +71,13 @@ async def test_relay_is_allowed_by_a_matching_client_certificate(gateway_factory
 
 
 async def test_a_certificate_that_matches_no_pattern_does_not_allow_relaying(gateway_factory, pki):
-    gw = await gateway_factory({**ONLY_127_0_0_1, "relay.client_certs": ["cn:relay.client.test"],
-                                "relay.client_ca_file": str(pki.ca_file)})
+    gw = await gateway_factory(
+        {
+            **ONLY_127_0_0_1,
+            "relay.client_certs": ["cn:relay.client.test"],
+            "relay.client_ca_file": str(pki.ca_file),
+        }
+    )
     async with smtp_client(gw, source="127.0.0.2", cert_chain=pki.other_client_chain) as client:
         await client.mail("s@clinic.test")
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as e:
@@ -74,9 +87,15 @@ async def test_a_certificate_that_matches_no_pattern_does_not_allow_relaying(gat
 
 
 async def test_a_certificate_from_an_untrusted_ca_is_refused_even_if_its_name_matches(
-        gateway_factory, pki):
-    gw = await gateway_factory({**ONLY_127_0_0_1, "relay.client_certs": ["cn:relay.client.test"],
-                                "relay.client_ca_file": str(pki.ca_file)})
+    gateway_factory, pki
+):
+    gw = await gateway_factory(
+        {
+            **ONLY_127_0_0_1,
+            "relay.client_certs": ["cn:relay.client.test"],
+            "relay.client_ca_file": str(pki.ca_file),
+        }
+    )
     with pytest.raises((aiosmtplib.SMTPException, OSError)):
         async with smtp_client(gw, source="127.0.0.2", cert_chain=pki.rogue_client_chain) as c:
             await c.sendmail("s@clinic.test", ["r@example.test"], make_message())
@@ -112,8 +131,9 @@ async def test_auth_login_mechanism_works_too(gateway_factory, users_file):
 
 
 async def test_auth_is_refused_before_tls(gateway_factory, users_file):
-    gw = await gateway_factory({**ONLY_127_0_0_1, "relay.users_file": str(users_file),
-                                "relay.require_tls": False})
+    gw = await gateway_factory(
+        {**ONLY_127_0_0_1, "relay.users_file": str(users_file), "relay.require_tls": False}
+    )
     async with smtp_client(gw, source="127.0.0.2", tls=False) as client:
         assert "auth" not in client.esmtp_extensions
         token = base64.b64encode(b"\0m365\0correct horse").decode()
@@ -133,8 +153,9 @@ async def test_wrong_passwords_are_refused_and_end_the_session(gateway_factory, 
                 await client.auth_plain(user, "wrong")
             assert e.value.code == 535
         # the third failure (max_auth_failures) ends the session with 421
-        with pytest.raises((aiosmtplib.SMTPAuthenticationError,
-                            aiosmtplib.SMTPServerDisconnected)) as e:
+        with pytest.raises(
+            (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPServerDisconnected)
+        ) as e:
             await client.auth_plain("m365", "wrong again")
         assert getattr(e.value, "code", 421) == 421
         with pytest.raises(aiosmtplib.SMTPServerDisconnected):
@@ -145,9 +166,19 @@ async def test_wrong_passwords_are_refused_and_end_the_session(gateway_factory, 
 async def _swaks(gw, *args: str) -> tuple[int, str]:
     host, port = smtp_addr(gw)
     proc = await asyncio.create_subprocess_exec(
-        "swaks", "--server", f"{host}:{port}", "--from", "s@clinic.test",
-        "--to", "r@example.test", "--timeout", "10", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        "swaks",
+        "--server",
+        f"{host}:{port}",
+        "--from",
+        "s@clinic.test",
+        "--to",
+        "r@example.test",
+        "--timeout",
+        "10",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode()
 
@@ -162,9 +193,18 @@ async def test_swaks_from_an_outside_address_is_denied(gateway_factory):
 
 async def test_swaks_with_auth_from_an_outside_address_is_allowed(gateway_factory, users_file):
     gw = await gateway_factory({**ONLY_127_0_0_1, "relay.users_file": str(users_file)})
-    code, out = await _swaks(gw, "--tls", "--local-interface", "127.0.0.3",
-                             "--auth", "PLAIN", "--auth-user", "m365",
-                             "--auth-password", "correct horse")
+    code, out = await _swaks(
+        gw,
+        "--tls",
+        "--local-interface",
+        "127.0.0.3",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "m365",
+        "--auth-password",
+        "correct horse",
+    )
     assert code == 0, out
     assert "235 2.7.0" in out
     assert len(queued(gw)) == 1

@@ -11,8 +11,10 @@ import pytest
 
 from tests.conftest import RawSmtp, queued
 
-SMUGGLED = (b"MAIL FROM:<attacker@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
-            b"From: ceo@clinic.test\r\nSubject: smuggled\r\n\r\nsmuggled body\r\n")
+SMUGGLED = (
+    b"MAIL FROM:<attacker@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
+    b"From: ceo@clinic.test\r\nSubject: smuggled\r\n\r\nsmuggled body\r\n"
+)
 
 MARKERS = {
     "lf-dot-lf": b"\n.\n",
@@ -37,7 +39,8 @@ async def _start_data(gw) -> RawSmtp:
 
 @pytest.mark.parametrize("marker", MARKERS.values(), ids=MARKERS.keys())
 async def test_smuggled_message_behind_a_non_crlf_end_marker_is_not_accepted(
-        gateway_factory, marker):
+    gateway_factory, marker
+):
     gw = await gateway_factory(PLAINTEXT)
     s = await _start_data(gw)
     s.send(b"Subject: cover\r\n\r\ncover body" + marker + SMUGGLED + b".\r\n")
@@ -85,8 +88,10 @@ async def test_an_empty_message_ends_at_the_first_dot_line(gateway_factory):
 async def test_pipelined_commands_after_data_are_not_swallowed(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
     s = await _start_data(gw)
-    s.send(b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@clinic.test>\r\n"
-           b"RCPT TO:<b@example.test>\r\nDATA\r\n")
+    s.send(
+        b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@clinic.test>\r\n"
+        b"RCPT TO:<b@example.test>\r\nDATA\r\n"
+    )
     assert (await s.reply()).startswith("250 2.0.0")
     assert (await s.reply()).startswith("250 2.1.0")
     assert (await s.reply()).startswith("250 2.1.5")
@@ -100,6 +105,7 @@ async def test_pipelined_commands_after_data_are_not_swallowed(gateway_factory):
 
 async def test_end_marker_split_across_packets_is_still_found(gateway_factory):
     import asyncio
+
     gw = await gateway_factory(PLAINTEXT)
     s = await _start_data(gw)
     for piece in (b"Subject: split\r\n\r\nbody\r", b"\n", b".", b"\r", b"\n"):

@@ -17,8 +17,14 @@ async def test_ehlo_advertises_the_extensions_relays_rely_on(gateway_factory):
     gw = await gateway_factory()
     async with smtp_client(gw, tls=False) as client:
         before = client.esmtp_extensions
-        assert {"size", "8bitmime", "smtputf8", "enhancedstatuscodes", "starttls",
-                "pipelining"} <= set(before)
+        assert {
+            "size",
+            "8bitmime",
+            "smtputf8",
+            "enhancedstatuscodes",
+            "starttls",
+            "pipelining",
+        } <= set(before)
         assert before["size"] == str(50 * 1024**2)
         assert "auth" not in before  # never offered in clear text
         await client.starttls(tls_context=client_tls())
@@ -63,16 +69,24 @@ async def test_mail_before_starttls_is_refused_with_530(gateway_factory):
 async def test_plaintext_mail_is_accepted_when_tls_is_not_required(gateway_factory):
     gw = await gateway_factory({"relay.require_tls": False})
     async with smtp_client(gw, tls=False) as client:
-        errors, reply = await client.sendmail("s@clinic.test", ["r@example.test"],
-                                              make_message())
+        errors, reply = await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
     assert errors == {}
     assert len(queued(gw)) == 1
 
 
 async def _openssl_starttls(host: str, port: int, *flags: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        "openssl", "s_client", "-starttls", "smtp", "-connect", f"{host}:{port}", *flags,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        "openssl",
+        "s_client",
+        "-starttls",
+        "smtp",
+        "-connect",
+        f"{host}:{port}",
+        *flags,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     return out.decode(errors="replace")
 
@@ -97,8 +111,9 @@ async def test_tls_1_3_minimum_refuses_tls_1_2(gateway_factory):
 
 
 async def test_configured_certificate_is_used_instead_of_a_generated_one(gateway_factory, pki):
-    gw = await gateway_factory({"tls.cert_file": str(pki.server_cert),
-                                "tls.key_file": str(pki.server_key)})
+    gw = await gateway_factory(
+        {"tls.cert_file": str(pki.server_cert), "tls.key_file": str(pki.server_key)}
+    )
     assert not (gw.config.state_dir / "tls" / "selfsigned.crt").exists()
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))  # verifies name and chain
     async with smtp_client(gw, tls=False) as client:
@@ -112,9 +127,21 @@ async def test_swaks_delivers_over_starttls(gateway_factory):
     gw = await gateway_factory()
     host, port = smtp_addr(gw)
     proc = await asyncio.create_subprocess_exec(
-        "swaks", "--server", f"{host}:{port}", "--tls", "--from", "s@clinic.test",
-        "--to", "r@example.test", "--helo", "swaks.test", "--timeout", "10",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        "swaks",
+        "--server",
+        f"{host}:{port}",
+        "--tls",
+        "--from",
+        "s@clinic.test",
+        "--to",
+        "r@example.test",
+        "--helo",
+        "swaks.test",
+        "--timeout",
+        "10",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     text = out.decode()
     assert proc.returncode == 0, text

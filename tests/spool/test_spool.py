@@ -19,10 +19,16 @@ from tests.conftest import make_message, queued, smtp_client
 
 
 def _envelope(queue_id: str, size: int, sha: str) -> Envelope:
-    return Envelope(queue_id=queue_id, received_at="2026-11-22T07:00:00+00:00",
-                    mail_from="s@clinic.test", mail_options=("BODY=8BITMIME",),
-                    recipients=(Recipient("r@example.test"),),
-                    client=ClientInfo(ip="127.0.0.1", port=1, helo="h"), size=size, sha256=sha)
+    return Envelope(
+        queue_id=queue_id,
+        received_at="2026-11-22T07:00:00+00:00",
+        mail_from="s@clinic.test",
+        mail_options=("BODY=8BITMIME",),
+        recipients=(Recipient("r@example.test"),),
+        client=ClientInfo(ip="127.0.0.1", port=1, helo="h"),
+        size=size,
+        sha256=sha,
+    )
 
 
 async def _store(spool: Spool, chunks: list[bytes]) -> Envelope:
@@ -50,7 +56,7 @@ def test_queue_ids_are_unique_and_sort_by_arrival():
 @pytest.mark.parametrize("size", [0, 10, SPILL_THRESHOLD * 3 + 17])
 async def test_committed_file_is_message_then_envelope_then_footer(spool, size):
     data = os.urandom(size)
-    env = await _store(spool, [data[i:i + 65536] for i in range(0, len(data), 65536)])
+    env = await _store(spool, [data[i : i + 65536] for i in range(0, len(data), 65536)])
     raw = (spool.queue_dir / env.queue_id).read_bytes()
     assert raw[:size] == data
     footer = raw[-FOOTER_LEN:]
@@ -111,8 +117,9 @@ async def test_a_spool_that_cannot_write_answers_451_and_keeps_nothing(gateway_f
 @contextlib.contextmanager
 def small_filesystem(path: Path, size: str):
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True
+    )
     try:
         yield path
     finally:
@@ -120,32 +127,32 @@ def small_filesystem(path: Path, size: str):
 
 
 @pytest.mark.parametrize("message_size", [20_000, SPILL_THRESHOLD * 4])
-async def test_disk_full_answers_451_leaves_nothing_and_recovers(gateway_factory, tmp_path,
-                                                                 message_size):
+async def test_disk_full_answers_451_leaves_nothing_and_recovers(
+    gateway_factory, tmp_path, message_size
+):
     with small_filesystem(tmp_path / "small", "2m") as mount:
         gw = await gateway_factory({"state_dir": str(mount / "state")})
         filler = mount / "filler"
-        with open(filler, "wb", buffering=0) as f:  # fill the file system to the last block
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
+        # fill the file system to the last block
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
         body = ("x" * 76 + "\r\n") * (message_size // 78)
         async with smtp_client(gw) as client:
             with pytest.raises(aiosmtplib.SMTPDataError) as e:
-                await client.sendmail("s@clinic.test", ["r@example.test"],
-                                      make_message(body=body))
+                await client.sendmail("s@clinic.test", ["r@example.test"], make_message(body=body))
             assert e.value.code == 451
             assert queued(gw) == [] and list(gw.spool.tmp_dir.iterdir()) == []
             filler.unlink()
-            errors, _ = await client.sendmail("s@clinic.test", ["r@example.test"],
-                                              make_message(body=body))
+            errors, _ = await client.sendmail(
+                "s@clinic.test", ["r@example.test"], make_message(body=body)
+            )
             assert errors == {}
         assert len(queued(gw)) == 1
         await gw.stop()
 
 
-async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(spool,
-                                                                               monkeypatch):
+async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(spool, monkeypatch):
     import gateway.spool.store as store
 
     calls: list[str] = []
@@ -153,8 +160,9 @@ async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(s
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
-        calls.append("fsync-dir" if Path(f"/proc/self/fd/{fd}").resolve().is_dir()
-                     else "fsync-file")
+        calls.append(
+            "fsync-dir" if Path(f"/proc/self/fd/{fd}").resolve().is_dir() else "fsync-file"
+        )
 
     def rename(src, dst) -> None:
         real_rename(src, dst)
