@@ -17,6 +17,6 @@ bench:
 	.venv/bin/python bench/accept.py
 
 lint: setup
-	.venv/bin/pip install -q ruff mypy types-PyYAML
+	.venv/bin/ruff format --check gateway tests bench
 	.venv/bin/ruff check gateway tests bench
 	.venv/bin/mypy
