@@ -7,6 +7,8 @@ limits and the client's own address or recipient.
 
 from __future__ import annotations
 
+import re
+
 OK = "250 2.0.0 OK"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
@@ -37,3 +39,35 @@ AUTH_TOO_MANY = "421 4.7.0 {hostname} Too many failed authentication attempts"
 AUTH_NOT_AVAILABLE = "504 5.5.4 Unrecognized authentication type"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+
+
+# Replies aiosmtpd writes itself ("250 OK", "500 Error: bad syntax", "503 Error: nested
+# MAIL command"...) get an enhanced status code too, since we advertise
+# ENHANCEDSTATUSCODES (RFC 2034: every reply but the greeting and HELO/EHLO).
+_HAS_ENHANCED = re.compile(rb"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_DEFAULT_DETAIL = {
+    b"221": b"2.0.0",
+    b"250": b"2.0.0",
+    b"252": b"2.5.0",
+    b"421": b"4.3.0",
+    b"451": b"4.3.0",
+    b"454": b"4.7.0",
+    b"500": b"5.5.2",
+    b"501": b"5.5.4",
+    b"502": b"5.5.1",
+    b"503": b"5.5.1",
+    b"504": b"5.5.4",
+    b"530": b"5.7.0",
+    b"553": b"5.1.3",
+    b"554": b"5.3.0",
+    b"555": b"5.5.4",
+}
+_INTERMEDIATE = (b"220", b"334", b"354")  # STARTTLS go-ahead, AUTH challenge, DATA
+
+
+def with_enhanced_code(line: bytes) -> bytes:
+    code = line[:3]
+    if code in _INTERMEDIATE or not code.isdigit() or _HAS_ENHANCED.match(line):
+        return line
+    detail = _DEFAULT_DETAIL.get(code, code[:1] + b".0.0")
+    return code + line[3:4] + detail + (b" " + line[4:] if len(line) > 4 else b"")

@@ -176,11 +176,16 @@ class GatewaySMTP(SMTP):
         self.in_transaction = False
         self._data_timer_armed = 0.0
         self._continued: list[bytes] = []
+        self._greeted = False  # the 220 greeting carries no enhanced code
+        self._in_hello = False  # nor do HELO/EHLO replies (RFC 2034 section 3)
 
     async def push(self, status: str | bytes) -> None:
+        line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        if self._greeted and not self._in_hello:
+            line = replies.with_enhanced_code(line)
+        self._greeted = True
         # aiosmtpd pushes a multi-line reply (EHLO) line by line, a send() each; send it
         # in one piece instead: continuation lines ("250-...") wait for the last line.
-        line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
         if line[3:4] == b"-":
             self._continued.append(line + b"\r\n")
             return
@@ -291,6 +296,20 @@ class GatewaySMTP(SMTP):
         self._write_raw(replies.SHUTTING_DOWN.format(hostname=self.hostname))
         if self.transport is not None:
             self.transport.close()
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_hello = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_hello = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_hello = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_hello = False
 
     # -- DATA ---------------------------------------------------------------------
 

@@ -190,6 +190,8 @@ def _die_with_parent() -> None:
     PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the main process died before we could ask to follow it
+        raise SystemExit(1)
 
 
 async def _serve(config: Config, listen: socket.socket, control: socket.socket, index: int) -> None:

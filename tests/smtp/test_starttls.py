@@ -150,3 +150,44 @@ async def test_swaks_delivers_over_starttls(gateway_factory):
     envelope, _ = gw.spool.read(path.name)
     assert envelope.client.tls_version in ("TLSv1.2", "TLSv1.3")
     assert envelope.client.helo == "swaks.test"
+
+
+async def test_internationalized_addresses_and_8bit_content_are_kept_exactly(gateway_factory):
+    gw = await gateway_factory()
+    message = "Subject: Befund\r\n\r\nGrüße, 患者\r\n".encode()
+    async with smtp_client(gw) as client:
+        await client.mail(
+            "ärztin@klinik.test", options=["SMTPUTF8", "BODY=8BITMIME"], encoding="utf-8"
+        )
+        await client.rcpt("patiënt@例え.test", encoding="utf-8")
+        await client.data(message)
+    (path,) = queued(gw)
+    envelope, data = gw.spool.read(path.name)
+    assert envelope.mail_from == "ärztin@klinik.test"
+    assert [r.address for r in envelope.recipients] == ["patiënt@例え.test"]
+    assert set(envelope.mail_options) == {"SMTPUTF8", "BODY=8BITMIME"}
+    assert data == message
+
+
+async def test_every_reply_after_the_greeting_carries_an_enhanced_status_code(gateway_factory):
+    from tests.conftest import RawSmtp
+
+    gw = await gateway_factory({"relay.require_tls": False})
+    s = await RawSmtp.open(gw)
+    ehlo = await s.command("EHLO client.test")
+    assert ehlo.splitlines()[0] == "250-gw.sealgate.test"  # EHLO lines stay as they are
+    replies = {
+        "NOOP": "250 2.0.0 OK",
+        "RSET": "250 2.0.0 OK",
+        "FROB": '500 5.5.2 Error: command "FROB" not recognized',
+        "RCPT TO:<r@example.test>": "503 5.5.1 Error: need MAIL command",
+        "MAIL FROM:<s@clinic.test> FOO=BAR": "555 5.5.4 MAIL FROM parameters not recognized",
+        "MAIL FROM:<s@clinic.test>": "250 2.1.0 Sender OK",
+        "MAIL FROM:<t@clinic.test>": "503 5.5.1 Error: nested MAIL command",
+        "RCPT TO:<postmaster>": "501 5.1.3 Bad recipient address syntax",
+        "DATA": "503 5.5.1 Need RCPT command",
+        "QUIT": "221 2.0.0 Bye",
+    }
+    for command, expected in replies.items():
+        assert (await s.command(command)).rstrip("\r\n").startswith(expected), command
+    await s.close()
