@@ -59,7 +59,7 @@ _DEFAULT_DETAIL = {
     b"504": b"5.5.4",
     b"530": b"5.7.0",
     b"553": b"5.1.3",
-    b"554": b"5.3.0",
+    b"554": b"5.7.0",
     b"555": b"5.5.4",
 }
 _INTERMEDIATE = (b"220", b"334", b"354")  # STARTTLS go-ahead, AUTH challenge, DATA
