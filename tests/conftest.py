@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +201,22 @@ class RawSmtp:
             raise AssertionError(f"no greeting: {greeting}")
         return session
 
+    @classmethod
+    async def start_data(
+        cls, gw: Gateway, sender: str = "s@clinic.test", rcpt: str = "r@example.test"
+    ) -> RawSmtp:
+        """A session that has just been told 354: what it sends next is message data."""
+        s = await cls.open(gw)
+        for command, code in (
+            ("EHLO client.test", "250"),
+            (f"MAIL FROM:<{sender}>", "250"),
+            (f"RCPT TO:<{rcpt}>", "250"),
+            ("DATA", "354"),
+        ):
+            reply = await s.command(command)
+            assert reply.startswith(code), f"{command}: {reply}"
+        return s
+
     async def reply(self, timeout: float = 10) -> str:
         lines = []
         while True:
@@ -220,3 +238,38 @@ class RawSmtp:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+async def swaks(gw: Gateway, *args: str) -> tuple[int, str]:
+    """Run the swaks command against the gateway; (exit status, transcript)."""
+    host, port = smtp_addr(gw)
+    proc = await asyncio.create_subprocess_exec(
+        "swaks",
+        "--server",
+        f"{host}:{port}",
+        "--from",
+        "s@clinic.test",
+        "--to",
+        "r@example.test",
+        "--timeout",
+        "10",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+def run_sealgate(
+    *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The sealgate command in a subprocess, as an admin would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=stdin,
+        cwd=cwd,
+    )

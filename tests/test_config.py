@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from gateway.config import Config, HostPort, load_config, load_config_text, sche
 from gateway.config_check import check_references
 from gateway.errors import ConfigError
 from gateway.smtp.auth import hash_password
+from tests.conftest import run_sealgate
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"
@@ -216,18 +215,8 @@ def test_a_good_configuration_passes_every_check(tmp_path, pki):
 # -- the command line ----------------------------------------------------------------
 
 
-def _sealgate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=cwd,
-    )
-
-
 def test_check_config_accepts_the_example():
-    result = _sealgate("check-config", "--config", str(EXAMPLE), cwd=ROOT)
+    result = run_sealgate("check-config", "--config", str(EXAMPLE), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
 
@@ -235,7 +224,7 @@ def test_check_config_accepts_the_example():
 def test_check_config_exits_78_naming_the_key_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("smtp:\n  max_recipients: -4\n")
-    result = _sealgate("check-config", "--config", str(bad))
+    result = run_sealgate("check-config", "--config", str(bad))
     assert result.returncode == 78
     assert result.stderr.strip() == (
         f"sealgate: configuration error: {bad}:2: smtp.max_recipients: must be at least 1"
@@ -243,7 +232,7 @@ def test_check_config_exits_78_naming_the_key_and_line(tmp_path):
 
 
 def test_check_config_reports_a_missing_config_file(tmp_path):
-    result = _sealgate("check-config", "--config", str(tmp_path / "absent.yaml"))
+    result = run_sealgate("check-config", "--config", str(tmp_path / "absent.yaml"))
     assert result.returncode == 78
     assert "cannot read the configuration file: No such file or directory" in result.stderr
 
@@ -254,8 +243,8 @@ def test_run_refuses_to_start_on_a_bad_config_with_the_same_message(tmp_path, pk
         f"state_dir: {tmp_path}/s\ntls:\n  cert_file: {pki.server_cert}\n"
         f"  key_file: {tmp_path}/missing.key\n"
     )
-    check = _sealgate("check-config", "--config", str(bad))
-    run = _sealgate("run", "--config", str(bad))
+    check = run_sealgate("check-config", "--config", str(bad))
+    run = run_sealgate("run", "--config", str(bad))
     assert run.returncode == check.returncode == 78
     assert run.stderr == check.stderr
     assert "tls.key_file:" in run.stderr and "missing.key does not exist" in run.stderr

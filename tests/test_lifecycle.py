@@ -11,11 +11,7 @@ from tests.conftest import RawSmtp, queued
 
 async def test_stop_lets_a_message_in_data_finish_and_refuses_new_connections(gateway_factory):
     gw = await gateway_factory({"relay.require_tls": False})
-    s = await RawSmtp.open(gw)
-    await s.command("EHLO c")
-    await s.command("MAIL FROM:<s@clinic.test>")
-    await s.command("RCPT TO:<r@example.test>")
-    await s.command("DATA")
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
     await s.writer.drain()
     await asyncio.sleep(0.05)

@@ -40,11 +40,7 @@ async def test_no_subject_or_body_reaches_the_logs_on_any_path(gateway_factory):
                 await client.sendmail(
                     "s@clinic.test", ["r@example.test"], message + b"x" * 3000 + b"\r\n"
                 )
-        s = await RawSmtp.open(gw)
-        await s.command("EHLO c")
-        await s.command("MAIL FROM:<s@clinic.test>")
-        await s.command("RCPT TO:<r@example.test>")
-        await s.command("DATA")
+        s = await RawSmtp.start_data(gw)
         s.send(message.replace(b"diagnosis", b"diag\nnosis") + PHI_BODY.encode() + b".\r\n")
         assert (await s.reply()).startswith("554")
         await s.close()

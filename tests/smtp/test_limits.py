@@ -42,11 +42,7 @@ async def test_data_over_the_size_limit_is_refused_after_data(gateway_factory):
 
 async def test_data_over_the_size_limit_gets_552_5_3_4(gateway_factory):
     gw = await gateway_factory({**PLAINTEXT, "smtp.max_message_size": "10KiB"})
-    s = await RawSmtp.open(gw)
-    await s.command("EHLO client.test")
-    await s.command("MAIL FROM:<s@clinic.test>")
-    await s.command("RCPT TO:<r@example.test>")
-    await s.command("DATA")
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: big\r\n\r\n" + (b"z" * 70 + b"\r\n") * 200 + b".\r\n")
     reply = await s.reply()
     assert reply.startswith("552 5.3.4"), reply
@@ -76,11 +72,7 @@ async def test_recipients_past_the_limit_get_452_and_the_rest_is_accepted(gatewa
 
 async def test_a_line_longer_than_the_limit_rejects_the_message(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
-    s = await RawSmtp.open(gw)
-    await s.command("EHLO client.test")
-    await s.command("MAIL FROM:<s@clinic.test>")
-    await s.command("RCPT TO:<r@example.test>")
-    assert (await s.command("DATA")).startswith("354")
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: long\r\n\r\n" + b"x" * 1200 + b"\r\nmore\r\n.\r\n")
     reply = await s.reply()
     assert reply.startswith("500 5.5.2"), reply
@@ -130,11 +122,7 @@ async def test_an_idle_client_gets_421_after_the_command_timeout(gateway_factory
 
 async def test_a_stalled_data_phase_times_out_and_keeps_nothing(gateway_factory):
     gw = await gateway_factory({**PLAINTEXT, "smtp.data_timeout": "300ms"})
-    s = await RawSmtp.open(gw)
-    await s.command("EHLO client.test")
-    await s.command("MAIL FROM:<s@clinic.test>")
-    await s.command("RCPT TO:<r@example.test>")
-    await s.command("DATA")
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: half\r\n\r\nhalf a mess")
     assert (await s.reply(timeout=5)).startswith("421 4.4.2")
     await s.close()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import subprocess
 
 import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.smtp.auth import hash_password
-from tests.conftest import make_message, queued, smtp_addr, smtp_client
+from tests.conftest import make_message, queued, smtp_client, swaks
 
 ONLY_127_0_0_1 = {"relay.networks": ["127.0.0.1/32"]}
 
@@ -163,29 +161,9 @@ async def test_wrong_passwords_are_refused_and_end_the_session(gateway_factory, 
     assert gw.metrics.auth.labels("failure")._value.get() == 3
 
 
-async def _swaks(gw, *args: str) -> tuple[int, str]:
-    host, port = smtp_addr(gw)
-    proc = await asyncio.create_subprocess_exec(
-        "swaks",
-        "--server",
-        f"{host}:{port}",
-        "--from",
-        "s@clinic.test",
-        "--to",
-        "r@example.test",
-        "--timeout",
-        "10",
-        *args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
-
-
 async def test_swaks_from_an_outside_address_is_denied(gateway_factory):
     gw = await gateway_factory(ONLY_127_0_0_1)
-    code, out = await _swaks(gw, "--tls", "--local-interface", "127.0.0.3")
+    code, out = await swaks(gw, "--tls", "--local-interface", "127.0.0.3")
     assert code != 0
     assert "554 5.7.1 <r@example.test>: Relay access denied" in out
     assert queued(gw) == []
@@ -193,7 +171,7 @@ async def test_swaks_from_an_outside_address_is_denied(gateway_factory):
 
 async def test_swaks_with_auth_from_an_outside_address_is_allowed(gateway_factory, users_file):
     gw = await gateway_factory({**ONLY_127_0_0_1, "relay.users_file": str(users_file)})
-    code, out = await _swaks(
+    code, out = await swaks(
         gw,
         "--tls",
         "--local-interface",

@@ -28,21 +28,12 @@ MARKERS = {
 PLAINTEXT = {"relay.require_tls": False}
 
 
-async def _start_data(gw) -> RawSmtp:
-    s = await RawSmtp.open(gw)
-    assert (await s.command("EHLO client.test")).startswith("250")
-    assert (await s.command("MAIL FROM:<sender@clinic.test>")).startswith("250")
-    assert (await s.command("RCPT TO:<patient@example.test>")).startswith("250")
-    assert (await s.command("DATA")).startswith("354")
-    return s
-
-
 @pytest.mark.parametrize("marker", MARKERS.values(), ids=MARKERS.keys())
 async def test_smuggled_message_behind_a_non_crlf_end_marker_is_not_accepted(
     gateway_factory, marker
 ):
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: cover\r\n\r\ncover body" + marker + SMUGGLED + b".\r\n")
     reply = await s.reply()
     assert reply.startswith("554 5.5.2"), reply
@@ -55,7 +46,7 @@ async def test_smuggled_message_behind_a_non_crlf_end_marker_is_not_accepted(
 
 async def test_bare_lf_inside_a_message_is_rejected(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: x\r\n\r\nline one\nline two\r\n.\r\n")
     assert (await s.reply()).startswith("554 5.5.2")
     await s.close()
@@ -64,7 +55,7 @@ async def test_bare_lf_inside_a_message_is_rejected(gateway_factory):
 
 async def test_dot_stuffed_lines_are_unstuffed_and_kept(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     s.send(b"Subject: dots\r\n\r\n..\r\n...two\r\n.x\r\nend.\r\n.\r\n")
     reply = await s.reply()
     assert reply.startswith("250 2.0.0 Ok: queued as"), reply
@@ -76,7 +67,7 @@ async def test_dot_stuffed_lines_are_unstuffed_and_kept(gateway_factory):
 
 async def test_an_empty_message_ends_at_the_first_dot_line(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     s.send(b".\r\nNOOP\r\n")
     assert (await s.reply()).startswith("250 2.0.0 Ok: queued as")
     assert (await s.reply()).startswith("250")  # the pipelined NOOP is a command
@@ -87,7 +78,7 @@ async def test_an_empty_message_ends_at_the_first_dot_line(gateway_factory):
 
 async def test_pipelined_commands_after_data_are_not_swallowed(gateway_factory):
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     s.send(
         b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@clinic.test>\r\n"
         b"RCPT TO:<b@example.test>\r\nDATA\r\n"
@@ -107,7 +98,7 @@ async def test_end_marker_split_across_packets_is_still_found(gateway_factory):
     import asyncio
 
     gw = await gateway_factory(PLAINTEXT)
-    s = await _start_data(gw)
+    s = await RawSmtp.start_data(gw)
     for piece in (b"Subject: split\r\n\r\nbody\r", b"\n", b".", b"\r", b"\n"):
         s.send(piece)
         await s.writer.drain()

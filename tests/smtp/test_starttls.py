@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 from cryptography import x509
 
-from tests.conftest import client_tls, make_message, queued, smtp_addr, smtp_client
+from tests.conftest import client_tls, make_message, queued, smtp_addr, smtp_client, swaks
 
 
 async def test_ehlo_advertises_the_extensions_relays_rely_on(gateway_factory):
@@ -125,26 +125,8 @@ async def test_configured_certificate_is_used_instead_of_a_generated_one(gateway
 
 async def test_swaks_delivers_over_starttls(gateway_factory):
     gw = await gateway_factory()
-    host, port = smtp_addr(gw)
-    proc = await asyncio.create_subprocess_exec(
-        "swaks",
-        "--server",
-        f"{host}:{port}",
-        "--tls",
-        "--from",
-        "s@clinic.test",
-        "--to",
-        "r@example.test",
-        "--helo",
-        "swaks.test",
-        "--timeout",
-        "10",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    text = out.decode()
-    assert proc.returncode == 0, text
+    code, text = await swaks(gw, "--tls", "--helo", "swaks.test")
+    assert code == 0, text
     assert "250 2.0.0 Ok: queued as" in text
     (path,) = queued(gw)
     envelope, _ = gw.spool.read(path.name)
