@@ -1,0 +1,256 @@
+"""client - deliver one message to one destination, enforcing the TLS level per MX.
+
+For each next hop in routing order, and each of its addresses, `deliver` opens an
+SMTP session (aiosmtplib) and applies the `TlsLevel` *on that connection*:
+
+- ``may``: STARTTLS when offered, certificate not checked; plaintext otherwise;
+- ``encrypt``: STARTTLS required, TLS 1.2 or later; not offered → 4.7.4, next host;
+- ``verify`` and above: the certificate must chain to a trusted CA (system store plus
+  ``ca_file``) and name the MX host (SNI = MX host); failure → 4.7.5, next host.
+
+A level that requires TLS never falls back to plaintext, on any host.  A host that
+fails (connection, greeting, TLS) is a `HostFailure` and the next host is tried; once
+a session reaches MAIL FROM, each recipient gets its own result from the server's
+replies (2xx delivered, 4xx deferred, 5xx bounced).
+
+Evidence: every session records the MX host, IP, port, level, TLS version, cipher,
+SHA-256 of the peer certificate and how it was verified, and the remote replies.
+
+Failures are values (`RecipientResult`, `HostFailure`); exceptions escape only for
+programming errors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import aiosmtplib
+
+from gateway.delivery.router import NextHop, Routed
+from gateway.delivery.tls_policy import TlsLevel
+from gateway.probe.dns import LookupStatus, Resolver
+
+Outcome = Literal["delivered", "deferred", "bounced"]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    helo_name: str
+    ca_file: Path | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class SessionEvidence:
+    mx_host: str
+    ip: str
+    port: int
+    level: str
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    peer_cert_sha256: str | None = None
+    verification: str = "none"  # "pkix" when the chain and name were verified
+    started_at: str = ""
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    address: str
+    outcome: Outcome
+    status: str  # RFC 3463 enhanced status code
+    diagnostic: str  # the remote reply, or why we did not get one
+    evidence: SessionEvidence | None = None
+
+
+@dataclass(frozen=True)
+class HostFailure:
+    status: str
+    reason: str
+    evidence: SessionEvidence | None = None
+
+
+@dataclass
+class _Message:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    smtputf8: bool = False
+    eightbit: bool = False
+    results: dict[str, RecipientResult] = field(default_factory=dict)
+
+
+def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
+    if level.verifies_certificate:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _status_of(code: int, message: str, fallback: str) -> str:
+    head = message.split(" ", 1)[0]
+    parts = head.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] == str(code)[0]:
+        return head
+    return fallback
+
+
+def _outcome(code: int) -> Outcome:
+    return "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
+
+
+async def addresses_of(hop: NextHop, resolver: Resolver) -> list[str] | HostFailure:
+    try:
+        ipaddress.ip_address(hop.host)
+        return [hop.host]
+    except ValueError:
+        pass
+    found: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        lookup = await resolver.lookup(hop.host, rdtype)
+        if lookup.status is LookupStatus.ERROR:
+            return HostFailure("4.4.3", f"address lookup for {hop.host} failed")
+        found += [r.to_text() for r in lookup.records]
+    if not found:
+        return HostFailure("4.4.4", f"{hop.host} has no address")
+    return found
+
+
+async def deliver(routed: Routed, level: TlsLevel, sender: str, recipients: list[str],
+                  data: bytes, settings: ClientSettings, resolver: Resolver, *,
+                  smtputf8: bool = False, eightbit: bool = False) -> list[RecipientResult]:
+    """Try the hops in order until one session takes the message."""
+    message = _Message(sender, list(recipients), data, smtputf8, eightbit)
+    last = HostFailure("4.4.1", "no host could be reached")
+    for hop in routed.hops:
+        addresses = await addresses_of(hop, resolver)
+        if isinstance(addresses, HostFailure):
+            last = addresses
+            continue
+        for ip in addresses:
+            failure = await _session(hop, ip, level, message, settings)
+            if failure is None:
+                return [message.results[r] for r in message.recipients]
+            last = failure
+    return [RecipientResult(r, "deferred", last.status, last.reason, last.evidence)
+            for r in message.recipients]
+
+
+async def _session(hop: NextHop, ip: str, level: TlsLevel, message: _Message,
+                   settings: ClientSettings) -> HostFailure | None:
+    evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
+    smtp = aiosmtplib.SMTP(hostname=ip, port=hop.port, local_hostname=settings.helo_name,
+                           timeout=settings.connect_timeout, start_tls=False, use_tls=False)
+    try:
+        await smtp.connect()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}",
+                           evidence)
+    try:
+        smtp.timeout = settings.command_timeout
+        await smtp.ehlo()
+        evidence_or_failure = await _secure(smtp, hop, level, evidence, settings)
+        if isinstance(evidence_or_failure, HostFailure):
+            return evidence_or_failure
+        return await _transaction(smtp, message, evidence_or_failure)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        return HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
+    finally:
+        if smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+
+
+async def _secure(smtp: aiosmtplib.SMTP, hop: NextHop, level: TlsLevel,
+                  evidence: SessionEvidence,
+                  settings: ClientSettings) -> SessionEvidence | HostFailure:
+    offered = smtp.supports_extension("starttls")
+    if not level.attempts_tls or not offered:
+        if level.requires_tls:
+            return HostFailure("4.7.4", f"TLS is required, but was not offered by host "
+                               f"{hop.host}[{evidence.ip}]", evidence)
+        return evidence
+    try:
+        await smtp.starttls(server_hostname=hop.host,
+                            tls_context=tls_context(level, settings.ca_file))
+    except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
+        what = ("Server certificate not verified" if level.verifies_certificate
+                else "Cannot start TLS")
+        return HostFailure("4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence)
+    sslobj = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
+    if sslobj is None:
+        return HostFailure("4.7.5", f"no TLS session with {hop.host}", evidence)
+    der = sslobj.getpeercert(binary_form=True)
+    cipher = sslobj.cipher()
+    evidence = SessionEvidence(
+        evidence.mx_host, evidence.ip, evidence.port, evidence.level,
+        tls_version=sslobj.version(), tls_cipher=cipher[0] if cipher else None,
+        peer_cert_sha256=hashlib.sha256(der).hexdigest() if der else None,
+        verification="pkix" if level.verifies_certificate else "none",
+        started_at=evidence.started_at)
+    await smtp.ehlo()  # RFC 3207: forget what was learned before TLS
+    return evidence
+
+
+async def _transaction(smtp: aiosmtplib.SMTP, message: _Message,
+                       evidence: SessionEvidence) -> HostFailure | None:
+    options = []
+    if message.smtputf8 and smtp.supports_extension("smtputf8"):
+        options.append("SMTPUTF8")
+    if message.eightbit and smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(message.data)}")
+    encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+    reply = await smtp.execute_command(b"MAIL", b"FROM:<" + message.sender.encode(encoding)
+                                       + b">", *(o.encode() for o in options))
+    if reply.code >= 400:
+        # The sender was refused: that is about the whole message on this host.
+        status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
+        if reply.code >= 500:
+            for rcpt in message.recipients:
+                message.results[rcpt] = RecipientResult(
+                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence)
+            return None
+        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}",
+                           evidence)
+    accepted = []
+    for rcpt in message.recipients:
+        reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+        if reply.code < 400:
+            accepted.append(rcpt)
+        else:
+            status = _status_of(reply.code, reply.message, f"{reply.code // 100}.1.0")
+            message.results[rcpt] = RecipientResult(
+                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence)
+    if not accepted:
+        await smtp.rset()
+        return None
+    try:
+        reply = await smtp.data(message.data)
+        code, text = reply.code, reply.message
+    except aiosmtplib.SMTPResponseException as e:
+        code, text = e.code, e.message
+    status = _status_of(code, text, f"{code // 100}.0.0")
+    for rcpt in accepted:
+        message.results[rcpt] = RecipientResult(rcpt, _outcome(code), status,
+                                                f"{code} {text}", evidence)
+    return None

@@ -1,0 +1,195 @@
+"""Delivery enforces the TLS level on each connection, per MX, and records evidence."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+
+import pytest
+import trustme
+
+from gateway.config import parse_nameserver
+from gateway.delivery.client import ClientSettings, deliver
+from gateway.delivery.router import NextHop, Routed
+from gateway.delivery.tls_policy import TlsLevel
+from gateway.probe.dns import Resolver
+from tests.conftest import free_port
+from tests.dns_fixture import DnsFixture
+from tests.mta_fixture import RecipientMta
+
+MESSAGE = b"From: s@clinic.test\r\nTo: r@dest.test\r\nSubject: t\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+async def world(tmp_path, pki):
+    """DNS on loopback and a factory of recipient MTAs on 127.0.0.x, one port."""
+    dns = await DnsFixture().start()
+    port = free_port()
+    mtas: list[RecipientMta] = []
+
+    leaves: dict[str, trustme.LeafCert] = {}
+
+    def cert_files(name: str, leaf: trustme.LeafCert) -> tuple:
+        chain, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        leaf.private_key_pem.write_to_path(str(key))
+        leaves[name] = leaf
+        return chain, key
+
+    async def mta(name: str, ip: str, cert: str | None = "good", **kwargs) -> RecipientMta:
+        dns.add(name, "A", ip)
+        pair = None
+        if cert == "good":
+            pair = cert_files(name, pki.ca.issue_cert(name))
+        elif cert == "wrong-name":
+            pair = cert_files(name, pki.ca.issue_cert("somebody-else.test"))
+        elif cert == "expired":
+            past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+            pair = cert_files(
+                name,
+                pki.ca.issue_cert(
+                    name, not_before=past, not_after=past + datetime.timedelta(days=30)
+                ),
+            )
+        elif cert == "self-signed":
+            pair = cert_files(name, trustme.CA().issue_cert(name))
+        server = await RecipientMta(ip, port, pair, **kwargs).start()
+        if name in leaves:
+            server.cert_der = ssl.PEM_cert_to_DER_cert(
+                leaves[name].cert_chain_pems[0].bytes().decode()
+            )
+        mtas.append(server)
+        return server
+
+    settings = ClientSettings(
+        helo_name="gw.sealgate.test", ca_file=pki.ca_file, connect_timeout=5, command_timeout=10
+    )
+    resolver = Resolver((parse_nameserver(dns.nameserver),), timeout=2)
+
+    class World:
+        pass
+
+    w = World()
+    w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
+
+    async def send(hosts: list[str], level: TlsLevel, rcpts=("r@dest.test",)):
+        routed = Routed(tuple(NextHop(h, port, i) for i, h in enumerate(hosts)))
+        return await deliver(
+            routed, level, "s@clinic.test", list(rcpts), MESSAGE, settings, resolver
+        )
+
+    w.send = send
+    yield w
+    for server in mtas:
+        await server.stop()
+    await dns.stop()
+
+
+async def test_verify_delivers_and_records_tls_evidence(world):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21")
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY)
+    assert (result.outcome, result.status) == ("delivered", "2.0.0")
+    ev = result.evidence
+    assert (ev.mx_host, ev.ip, ev.port, ev.level) == (
+        "mx1.dest.test",
+        "127.0.0.21",
+        world.port,
+        "verify",
+    )
+    assert ev.tls_version in ("TLSv1.2", "TLSv1.3") and ev.tls_cipher
+    assert ev.verification == "pkix"
+    assert ev.peer_cert_sha256 == hashlib.sha256(mx.cert_der).hexdigest()
+    assert result.diagnostic.startswith("250 2.0.0")
+    (got,) = mx.received
+    assert got.tls_version == ev.tls_version and got.data.endswith(b"body\r\n")
+
+
+@pytest.mark.parametrize("level", [TlsLevel.ENCRYPT, TlsLevel.VERIFY])
+async def test_no_starttls_where_tls_is_required_defers_and_sends_nothing(world, level):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21", cert=None)
+    (result,) = await world.send(["mx1.dest.test"], level)
+    assert (result.outcome, result.status) == ("deferred", "4.7.4")
+    assert "TLS is required, but was not offered by host mx1.dest.test" in result.diagnostic
+    assert mx.received == []
+
+
+async def test_may_sends_in_plaintext_when_starttls_is_not_offered(world):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21", cert=None)
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.MAY)
+    assert result.outcome == "delivered" and result.evidence.tls_version is None
+    assert mx.received[0].tls_version is None
+
+
+@pytest.mark.parametrize("bad", ["wrong-name", "expired", "self-signed"])
+async def test_a_bad_certificate_at_verify_defers_that_mx_and_the_next_is_tried(world, bad):
+    first = await world.mta("mx1.dest.test", "127.0.0.21", cert=bad)
+    second = await world.mta("mx2.dest.test", "127.0.0.22")
+    (result,) = await world.send(["mx1.dest.test", "mx2.dest.test"], TlsLevel.VERIFY)
+    assert result.outcome == "delivered" and result.evidence.mx_host == "mx2.dest.test"
+    assert first.received == [] and len(second.received) == 1
+
+
+@pytest.mark.parametrize("bad", ["wrong-name", "expired", "self-signed"])
+async def test_a_bad_certificate_on_the_only_mx_at_verify_is_4_7_5(world, bad):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21", cert=bad)
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY)
+    assert (result.outcome, result.status) == ("deferred", "4.7.5")
+    assert "Server certificate not verified for mx1.dest.test" in result.diagnostic
+    assert mx.received == []
+
+
+async def test_encrypt_accepts_a_certificate_it_does_not_check(world):
+    await world.mta("mx1.dest.test", "127.0.0.21", cert="self-signed")
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.ENCRYPT)
+    assert result.outcome == "delivered"
+    assert result.evidence.tls_version and result.evidence.verification == "none"
+
+
+async def test_a_down_first_mx_falls_through_to_the_second(world):
+    world.dns.add("down.dest.test", "A", "127.0.0.23")  # nothing listens there
+    second = await world.mta("mx2.dest.test", "127.0.0.22")
+    (result,) = await world.send(["down.dest.test", "mx2.dest.test"], TlsLevel.VERIFY)
+    assert result.outcome == "delivered" and len(second.received) == 1
+
+
+async def test_every_host_down_defers_with_the_reason(world):
+    world.dns.add("down.dest.test", "A", "127.0.0.23")
+    (result,) = await world.send(["down.dest.test"], TlsLevel.VERIFY)
+    assert (result.outcome, result.status) == ("deferred", "4.4.1")
+    assert "connect to down.dest.test[127.0.0.23]" in result.diagnostic
+
+
+async def test_each_recipient_gets_the_servers_own_answer(world):
+    mx = await world.mta(
+        "mx1.dest.test",
+        "127.0.0.21",
+        rcpt_replies={
+            "gone@dest.test": "550 5.1.1 No such user",
+            "full@dest.test": "452 4.2.2 Mailbox full",
+        },
+    )
+    results = await world.send(
+        ["mx1.dest.test"],
+        TlsLevel.VERIFY,
+        rcpts=("ok@dest.test", "gone@dest.test", "full@dest.test"),
+    )
+    by = {r.address: (r.outcome, r.status) for r in results}
+    assert by == {
+        "ok@dest.test": ("delivered", "2.0.0"),
+        "gone@dest.test": ("bounced", "5.1.1"),
+        "full@dest.test": ("deferred", "4.2.2"),
+    }
+    assert mx.received[0].rcpt_tos == ["ok@dest.test"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [("451 4.3.0 Try later", "deferred"), ("554 5.6.0 Content rejected", "bounced")],
+)
+async def test_the_data_reply_decides_for_every_accepted_recipient(world, reply, outcome):
+    await world.mta("mx1.dest.test", "127.0.0.21", data_reply=reply)
+    results = await world.send(
+        ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("a@dest.test", "b@dest.test")
+    )
+    assert {(r.outcome, r.status) for r in results} == {(outcome, reply.split()[1])}

@@ -1,0 +1,76 @@
+"""Recipient mail servers for delivery tests: aiosmtpd on 127.0.0.x addresses.
+
+Each can offer STARTTLS with a given certificate (or not at all), refuse chosen
+recipients, answer DATA with a chosen reply, and records everything it received,
+including whether the session was encrypted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls_version: str | None
+
+
+@dataclass
+class RecipientMta:
+    host: str
+    port: int
+    cert: tuple[Path, Path] | None = None  # (chain, key); None: no STARTTLS
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    received: list[Received] = field(default_factory=list)
+    cert_der: bytes = b""
+    _server: asyncio.AbstractServer | None = None
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        sslobj = session.ssl.get("ssl_object") if session.ssl else None
+        if self.data_reply is None or self.data_reply.startswith("2"):
+            self.received.append(
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content,
+                    sslobj.version() if sslobj else None,
+                )
+            )
+        return self.data_reply or "250 2.0.0 Ok: queued"
+
+    async def start(self) -> RecipientMta:
+        ctx = None
+        if self.cert is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(self, tls_context=ctx, enable_SMTPUTF8=True, hostname=self.host),
+            host=self.host,
+            port=self.port,
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
