@@ -132,9 +132,18 @@ async def addresses_of(hop: NextHop, resolver: Resolver) -> list[str] | HostFail
     return found
 
 
-async def deliver(routed: Routed, level: TlsLevel, sender: str, recipients: list[str],
-                  data: bytes, settings: ClientSettings, resolver: Resolver, *,
-                  smtputf8: bool = False, eightbit: bool = False) -> list[RecipientResult]:
+async def deliver(
+    routed: Routed,
+    level: TlsLevel,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    settings: ClientSettings,
+    resolver: Resolver,
+    *,
+    smtputf8: bool = False,
+    eightbit: bool = False,
+) -> list[RecipientResult]:
     """Try the hops in order until one session takes the message."""
     message = _Message(sender, list(recipients), data, smtputf8, eightbit)
     last = HostFailure("4.4.1", "no host could be reached")
@@ -148,20 +157,28 @@ async def deliver(routed: Routed, level: TlsLevel, sender: str, recipients: list
             if failure is None:
                 return [message.results[r] for r in message.recipients]
             last = failure
-    return [RecipientResult(r, "deferred", last.status, last.reason, last.evidence)
-            for r in message.recipients]
+    return [
+        RecipientResult(r, "deferred", last.status, last.reason, last.evidence)
+        for r in message.recipients
+    ]
 
 
-async def _session(hop: NextHop, ip: str, level: TlsLevel, message: _Message,
-                   settings: ClientSettings) -> HostFailure | None:
+async def _session(
+    hop: NextHop, ip: str, level: TlsLevel, message: _Message, settings: ClientSettings
+) -> HostFailure | None:
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
-    smtp = aiosmtplib.SMTP(hostname=ip, port=hop.port, local_hostname=settings.helo_name,
-                           timeout=settings.connect_timeout, start_tls=False, use_tls=False)
+    smtp = aiosmtplib.SMTP(
+        hostname=ip,
+        port=hop.port,
+        local_hostname=settings.helo_name,
+        timeout=settings.connect_timeout,
+        start_tls=False,
+        use_tls=False,
+    )
     try:
         await smtp.connect()
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}",
-                           evidence)
+        return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}", evidence)
     try:
         smtp.timeout = settings.command_timeout
         await smtp.ehlo()
@@ -179,21 +196,30 @@ async def _session(hop: NextHop, ip: str, level: TlsLevel, message: _Message,
                 smtp.close()
 
 
-async def _secure(smtp: aiosmtplib.SMTP, hop: NextHop, level: TlsLevel,
-                  evidence: SessionEvidence,
-                  settings: ClientSettings) -> SessionEvidence | HostFailure:
+async def _secure(
+    smtp: aiosmtplib.SMTP,
+    hop: NextHop,
+    level: TlsLevel,
+    evidence: SessionEvidence,
+    settings: ClientSettings,
+) -> SessionEvidence | HostFailure:
     offered = smtp.supports_extension("starttls")
     if not level.attempts_tls or not offered:
         if level.requires_tls:
-            return HostFailure("4.7.4", f"TLS is required, but was not offered by host "
-                               f"{hop.host}[{evidence.ip}]", evidence)
+            return HostFailure(
+                "4.7.4",
+                f"TLS is required, but was not offered by host {hop.host}[{evidence.ip}]",
+                evidence,
+            )
         return evidence
     try:
-        await smtp.starttls(server_hostname=hop.host,
-                            tls_context=tls_context(level, settings.ca_file))
+        await smtp.starttls(
+            server_hostname=hop.host, tls_context=tls_context(level, settings.ca_file)
+        )
     except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
-        what = ("Server certificate not verified" if level.verifies_certificate
-                else "Cannot start TLS")
+        what = (
+            "Server certificate not verified" if level.verifies_certificate else "Cannot start TLS"
+        )
         return HostFailure("4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence)
     sslobj = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
     if sslobj is None:
@@ -201,17 +227,23 @@ async def _secure(smtp: aiosmtplib.SMTP, hop: NextHop, level: TlsLevel,
     der = sslobj.getpeercert(binary_form=True)
     cipher = sslobj.cipher()
     evidence = SessionEvidence(
-        evidence.mx_host, evidence.ip, evidence.port, evidence.level,
-        tls_version=sslobj.version(), tls_cipher=cipher[0] if cipher else None,
+        evidence.mx_host,
+        evidence.ip,
+        evidence.port,
+        evidence.level,
+        tls_version=sslobj.version(),
+        tls_cipher=cipher[0] if cipher else None,
         peer_cert_sha256=hashlib.sha256(der).hexdigest() if der else None,
         verification="pkix" if level.verifies_certificate else "none",
-        started_at=evidence.started_at)
+        started_at=evidence.started_at,
+    )
     await smtp.ehlo()  # RFC 3207: forget what was learned before TLS
     return evidence
 
 
-async def _transaction(smtp: aiosmtplib.SMTP, message: _Message,
-                       evidence: SessionEvidence) -> HostFailure | None:
+async def _transaction(
+    smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence
+) -> HostFailure | None:
     options = []
     if message.smtputf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
@@ -220,18 +252,19 @@ async def _transaction(smtp: aiosmtplib.SMTP, message: _Message,
     if smtp.supports_extension("size"):
         options.append(f"SIZE={len(message.data)}")
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-    reply = await smtp.execute_command(b"MAIL", b"FROM:<" + message.sender.encode(encoding)
-                                       + b">", *(o.encode() for o in options))
+    reply = await smtp.execute_command(
+        b"MAIL", b"FROM:<" + message.sender.encode(encoding) + b">", *(o.encode() for o in options)
+    )
     if reply.code >= 400:
         # The sender was refused: that is about the whole message on this host.
         status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
         if reply.code >= 500:
             for rcpt in message.recipients:
                 message.results[rcpt] = RecipientResult(
-                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence)
+                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence
+                )
             return None
-        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}",
-                           evidence)
+        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}", evidence)
     accepted = []
     for rcpt in message.recipients:
         reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
@@ -240,7 +273,8 @@ async def _transaction(smtp: aiosmtplib.SMTP, message: _Message,
         else:
             status = _status_of(reply.code, reply.message, f"{reply.code // 100}.1.0")
             message.results[rcpt] = RecipientResult(
-                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence)
+                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence
+            )
     if not accepted:
         await smtp.rset()
         return None
@@ -251,6 +285,7 @@ async def _transaction(smtp: aiosmtplib.SMTP, message: _Message,
         code, text = e.code, e.message
     status = _status_of(code, text, f"{code // 100}.0.0")
     for rcpt in accepted:
-        message.results[rcpt] = RecipientResult(rcpt, _outcome(code), status,
-                                                f"{code} {text}", evidence)
+        message.results[rcpt] = RecipientResult(
+            rcpt, _outcome(code), status, f"{code} {text}", evidence
+        )
     return None
