@@ -11,6 +11,7 @@ SIGINT stop, letting messages in DATA finish) and systemd readiness notification
 from __future__ import annotations
 
 import asyncio
+import datetime
 import math
 import os
 import signal
@@ -21,14 +22,15 @@ from pathlib import Path
 from gateway.config import Config
 from gateway.config_check import check_references
 from gateway.events import Event
-from gateway.model import Envelope
+from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import AddressRedactor, get_logger, load_or_create_key
 from gateway.observability.metrics import Metrics
+from gateway.queue.manager import QueueManager
 from gateway.smtp.auth import RelayPolicy, load_users
 from gateway.smtp.server import SmtpContext, SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
-from gateway.spool import Spool
+from gateway.spool import Spool, new_queue_id
 from gateway.tls import ensure_self_signed, self_signed_paths, server_context
 
 log = get_logger("gateway.app")
@@ -40,6 +42,14 @@ def smtp_hostname(config: Config) -> str:
 
 def address_key_path(state_dir: Path) -> Path:
     return state_dir / "keys" / "address-hash.key"
+
+
+def make_redactor(config: Config) -> AddressRedactor:
+    lc = config.logging
+    if lc.addresses == "hash":
+        key_file = lc.address_hash_key_file or address_key_path(config.state_dir)
+        return AddressRedactor("hash", load_or_create_key(key_file))
+    return AddressRedactor(lc.addresses)
 
 
 def make_smtp_context(
@@ -66,12 +76,7 @@ def make_smtp_context(
         config.relay.client_ca_file,
         ask_client_cert=relay.asks_client_cert,
     )
-    lc = config.logging
-    if lc.addresses == "hash":
-        key_file = lc.address_hash_key_file or address_key_path(config.state_dir)
-        redact = AddressRedactor("hash", load_or_create_key(key_file))
-    else:
-        redact = AddressRedactor(lc.addresses)
+    redact = make_redactor(config)
     ctx = SmtpContext(
         config,
         smtp_hostname(config),
@@ -99,6 +104,9 @@ class Gateway:
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
+        self.queue: QueueManager | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     async def start(self) -> None:
         cfg = self.config
@@ -120,6 +128,10 @@ class Gateway:
         for name in report.corrupt:
             log.error(Event.SPOOL_CORRUPT, queue_id=name)
         self._update_spool_gauges()
+        self.queue = QueueManager(
+            cfg, self.spool, self.metrics, make_redactor(cfg), self.hostname, self._inject
+        )
+        await self.queue.start()
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
             self.workers = WorkerPool(cfg, self.config_path, self.metrics, self._note_queued)
@@ -147,6 +159,33 @@ class Gateway:
         if self.workers is not None:  # in-process, the spool counted it already
             self.spool.note_committed(size)
         self._update_spool_gauges()
+        if self.queue is not None:
+            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _inject(self, sender: str, recipients: list[str], data: bytes) -> str:
+        """Spool a message Sealgate itself writes (a DSN), durably, then queue it."""
+        queue_id = new_queue_id()
+        writer = self.spool.writer(queue_id)
+        await writer.write(data)
+        now = datetime.datetime.now(datetime.UTC)
+        client = ClientInfo(ip="", port=0, helo=self.hostname, authorized_by="local")
+        await writer.commit(
+            lambda size, sha: Envelope(
+                queue_id=queue_id,
+                received_at=now.isoformat(timespec="microseconds"),
+                mail_from=sender,
+                mail_options=(),
+                recipients=tuple(Recipient(r) for r in recipients),
+                client=client,
+                size=size,
+                sha256=sha,
+                trace_headers=f"{self.config.smtp.marker_header}: {self.hostname}\r\n",
+            )
+        )
+        self._note_queued(queue_id, len(data))
+        return queue_id
 
     def _update_spool_gauges(self) -> None:
         self.metrics.spool_messages.set(self.spool.messages)
@@ -168,11 +207,16 @@ class Gateway:
         return None
 
     async def stop(self, grace: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         log.info(Event.STOPPING)
         if self.workers is not None:
             await self.workers.stop(grace)
         if self.smtp is not None:
             await self.smtp.stop(grace)
+        if self.queue is not None:
+            await self.queue.stop(grace)
         if self.http is not None:
             await self.http.stop()
         self.spool.close()

@@ -32,6 +32,7 @@ import yaml
 from gateway.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TlsLevelName = Literal["none", "may", "encrypt", "verify"]
 
 
 def doc(text: str) -> dict[str, str]:
@@ -183,6 +184,13 @@ class TlsConfig:
         default=None,
         metadata=doc("PEM private key for cert_file. Set both or neither."),
     )
+    ca_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "Extra PEM CA certificates trusted when verifying recipients' servers, "
+            "besides the system store."
+        ),
+    )
     min_version: Literal["1.2", "1.3"] = field(
         default="1.2", metadata=doc("Lowest TLS version accepted from clients: 1.2 or 1.3.")
     )
@@ -306,6 +314,52 @@ class DnsConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     port: int = field(default=25, metadata=doc("TCP port of recipients' mail servers."))
+    smart_host: HostPort | None = field(
+        default=None,
+        metadata=doc(
+            "Send everything not in 'routes' to this host:port (no MX lookup). "
+            "null: look up MX records."
+        ),
+    )
+    max_mx_hosts: int = field(
+        default=5, metadata=doc("MX hosts tried per delivery attempt, lowest preference first.")
+    )
+    tls_level: TlsLevelName = field(
+        default="verify",
+        metadata=doc(
+            "TLS level for every domain not in tls_policy: none, may, encrypt or "
+            "verify (STARTTLS required, certificate chains to a trusted CA and names "
+            "the MX host)."
+        ),
+    )
+    tls_policy: dict[str, TlsLevelName] = field(
+        default_factory=dict,
+        metadata=doc("TLS level per recipient domain, e.g. {legacy-lab.example: encrypt}."),
+    )
+    connect_timeout: Duration = field(
+        default=Duration(15), metadata=doc("Time allowed to connect and get the greeting.")
+    )
+    command_timeout: Duration = field(
+        default=Duration(300), metadata=doc("Time allowed for each SMTP command's reply.")
+    )
+    concurrency: int = field(default=50, metadata=doc("Delivery sessions open at once, in total."))
+    concurrency_per_destination: int = field(
+        default=10, metadata=doc("Delivery sessions open at once to one recipient domain.")
+    )
+    retry_schedule: tuple[Duration, ...] = field(
+        default=tuple(Duration(s) for s in (60, 300, 900, 1800, 3600, 7200, 14400)),
+        metadata=doc(
+            "Waits between attempts for a deferred recipient; the last repeats. "
+            "Each wait varies by up to 10% so retries do not come in bursts."
+        ),
+    )
+    max_queue_lifetime: Duration = field(
+        default=Duration(5 * 86400),
+        metadata=doc(
+            "A recipient still deferred after this long fails, and the sender gets "
+            "a delivery status notification."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -343,6 +397,13 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    routes: dict[str, HostPort] = field(
+        default_factory=dict,
+        metadata=doc(
+            "Static next hops by recipient domain, e.g. {clinic.example: "
+            '"10.1.2.3:25"}; used instead of MX records.'
+        ),
+    )
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -350,6 +411,9 @@ class Config:
 # --- semantic checks on single values ------------------------------------------------
 
 _POSITIVE_INTS = {
+    "delivery.max_mx_hosts",
+    "delivery.concurrency",
+    "delivery.concurrency_per_destination",
     "smtp.max_recipients",
     "smtp.max_connections",
     "smtp.max_connections_per_ip",
@@ -357,6 +421,9 @@ _POSITIVE_INTS = {
     "smtp.max_auth_failures",
     "spool.io_threads",
 }
+_DOMAIN = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+)
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
 _CERT_PATTERN = re.compile(r"(sha256:[0-9a-fA-F:]+|cn:.+|san:(\*\.)?[A-Za-z0-9.-]+)")
 
@@ -430,6 +497,24 @@ def _convert(tp: Any, value: Any, path: str, where: _Located, source: str) -> An
         if len(args) == 1:
             return _convert(args[0], value, path, where, source)
         return _convert_scalar(tp, value)
+    if origin is dict:
+        item_tp = typing.get_args(tp)[1]
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of domain: value")
+        converted = {}
+        for key, item in value.items():
+            domain = str(key).strip().lower().rstrip(".")
+            if not _DOMAIN.fullmatch(domain):
+                raise ConfigError(
+                    f"{path}.{key}",
+                    f"{key!r} is not a domain name",
+                    source,
+                    where.line(f"{path}.{key}"),
+                )
+            converted[domain] = _convert_item(item_tp, item, f"{path}.{key}", where, source)
+        return converted
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if value is None:

@@ -32,6 +32,12 @@ class Event(enum.StrEnum):
     TIMEOUT = "smtp.timeout"
     TLS_FAILED = "smtp.tls-failed"
     SESSION_ERROR = "smtp.session-error"
+    # queue and delivery
+    QUEUE_STARTED = "queue.started"
+    DELIVERY_ATTEMPT = "delivery.attempt"
+    DELIVERY_ERROR = "delivery.error"
+    DSN_SENT = "delivery.dsn-sent"
+    MESSAGE_DONE = "queue.message-done"
     # ops http
     HTTP_ERROR = "http.error"
 

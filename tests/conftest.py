@@ -87,6 +87,10 @@ def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
         "state_dir": str(directory / "state"),
         "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
         "smtp": {"hostname": "gw.sealgate.test", "workers": 1},
+        # Never the machine's resolver or the internet: accepted mail waits for a
+        # next hop on loopback where nothing listens (tests of delivery override these).
+        "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
+        "delivery": {"smart_host": f"127.0.0.1:{free_port()}", "connect_timeout": "2s"},
         "logging": {"addresses": "plain"},
     }
     for dotted, value in overrides.items():

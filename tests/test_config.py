@@ -38,7 +38,7 @@ def test_example_file_loads_to_exactly_the_embedded_defaults():
 def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in schema_paths():
             keys += _leaf_keys(value, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")

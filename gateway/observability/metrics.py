@@ -85,6 +85,15 @@ class Metrics:
             registry=r,
         )
         self.auth = Counter("sealgate_smtp_auth", "SMTP AUTH attempts", ["result"], registry=r)
+        self.delivery_attempts = Counter(
+            "sealgate_delivery_attempts",
+            "Recipient delivery attempts by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.dsn_sent = Counter(
+            "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
+        )
         self.spool_messages = Gauge("sealgate_spool_messages", "Messages in the spool", registry=r)
         self.spool_bytes = Gauge(
             "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r
@@ -98,6 +107,8 @@ class Metrics:
             self.connections.labels(result)
         for result in ("success", "failure"):
             self.auth.labels(result)
+        for outcome in ("delivered", "deferred", "bounced"):
+            self.delivery_attempts.labels(outcome)
 
     def reject(self, reason: RejectReason) -> None:
         self.messages_rejected.labels(reason.value).inc()

@@ -1,0 +1,131 @@
+"""dsn - delivery status notifications (RFC 3464) that carry no message content.
+
+When recipients fail for good, the envelope sender gets one ``multipart/report``
+listing each failed recipient with its status, the remote server and its diagnostic.
+It never contains the original subject or any body text (subjects and bodies can
+carry PHI): the only thing taken from the original message is its Message-ID, in a
+``text/rfc822-headers`` part holding that single header, so that mail clients can
+thread the report.
+
+A message from the null sender never gets a DSN (no bounce for a bounce); the caller
+checks that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import re
+import secrets
+from dataclasses import dataclass
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.I | re.M)
+
+
+@dataclass(frozen=True)
+class FailedRecipient:
+    address: str
+    status: str
+    diagnostic: str
+    remote_mta: str | None = None
+    last_attempt: datetime.datetime | None = None
+
+
+def original_message_id(message: bytes) -> str | None:
+    """The Message-ID of a message, read from its header section only."""
+    head = message.split(b"\r\n\r\n", 1)[0]
+    head = re.sub(rb"\r\n[ \t]+", b" ", head)  # unfold
+    m = _MESSAGE_ID.search(head)
+    if not m:
+        return None
+    value = m.group(1).decode("ascii", "replace").strip()
+    return value if re.fullmatch(r"<[^<>\s]{1,900}>", value) else None
+
+
+def _line(text: str) -> str:
+    """One printable line: remote replies go into headers and the report."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:900]
+
+
+def build_dsn(
+    *,
+    sender: str,
+    failed: list[FailedRecipient],
+    reporting_mta: str,
+    queue_id: str,
+    arrival: str,
+    original: bytes,
+    now: datetime.datetime | None = None,
+) -> bytes:
+    now = now or datetime.datetime.now(datetime.UTC)
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    message_id = original_message_id(original)
+    date = email.utils.format_datetime(now)
+    human = [
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "For privacy, its subject and content are not repeated in this report.",
+        "",
+        f"Original message: {message_id or '(no Message-ID)'}, queue id {queue_id}",
+        "",
+    ]
+    status_fields = [
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Sealgate-Queue-ID: {queue_id}",
+        f"Arrival-Date: {email.utils.format_datetime(datetime.datetime.fromisoformat(arrival))}",
+    ]
+    for f in failed:
+        diagnostic = _line(f.diagnostic)
+        human.append(f"<{f.address}>: {f.status} {diagnostic}")
+        status_fields += [
+            "",
+            f"Final-Recipient: {'utf-8' if not f.address.isascii() else 'rfc822'}; {f.address}",
+            "Action: failed",
+            f"Status: {f.status}",
+        ]
+        if f.remote_mta:
+            status_fields.append(f"Remote-MTA: dns; {_line(f.remote_mta)}")
+        kind = "smtp" if diagnostic[:3].isdigit() else "x-sealgate"
+        status_fields.append(f"Diagnostic-Code: {kind}; {diagnostic}")
+        if f.last_attempt is not None:
+            status_fields.append(
+                f"Last-Attempt-Date: {email.utils.format_datetime(f.last_attempt)}"
+            )
+    headers = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {date}",
+        f"Message-ID: <{queue_id}.{secrets.token_hex(4)}.dsn@{reporting_mta}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+    ]
+    if message_id:
+        headers.append(f"In-Reply-To: {message_id}")
+    parts = [
+        "\r\n".join(headers),
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        "\r\n".join(human),
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        "\r\n".join(status_fields),
+        "",
+    ]
+    if message_id:
+        parts += [
+            f"--{boundary}",
+            "Content-Type: text/rfc822-headers",
+            "",
+            f"Message-ID: {message_id}",
+            "",
+        ]
+    parts.append(f"--{boundary}--")
+    return ("\r\n".join(parts) + "\r\n").encode("utf-8")

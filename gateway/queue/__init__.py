@@ -1,0 +1,1 @@
+"""The queue: per-recipient state, scheduling, retries and expiry."""

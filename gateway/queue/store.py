@@ -1,0 +1,310 @@
+"""queue state - per-recipient delivery state, attempts and evidence, in SQLite.
+
+The spool holds each message's bytes and envelope (immutable); this store holds what
+changes: each recipient's state and next attempt, every attempt with its evidence,
+and the audit trail of administrative actions.  Per-recipient state is the truth: a
+message is done when every recipient is delivered, bounced or expired.
+
+SQLite in WAL mode at ``<state_dir>/queue.db``: the daemon and the ``sealgate queue``
+commands can use it at the same time; each write is one transaction.  Calls are
+synchronous and short; the daemon makes them from a single dedicated thread.
+
+Recipient states: ``pending`` (never tried), ``deferred`` (will be retried),
+``delivered``, ``bounced`` (permanent failure), ``expired`` (deferred past the queue
+lifetime).  A message may also be on ``hold`` (no attempts until released).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.model import Envelope
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    arrived REAL NOT NULL,
+    hold INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    dsn_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT '',
+    diagnostic TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL,
+    PRIMARY KEY (queue_id, idx)
+);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(state, next_attempt);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    status TEXT NOT NULL,
+    diagnostic TEXT NOT NULL,
+    evidence TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_by_message ON attempts(queue_id);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    queue_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    actor TEXT NOT NULL
+);
+"""
+
+OPEN_STATES = ("pending", "deferred")
+FINAL_STATES = ("delivered", "bounced", "expired")
+
+
+@dataclass(frozen=True)
+class RecipientRow:
+    queue_id: str
+    idx: int
+    address: str
+    domain: str
+    state: str
+    attempts: int
+    next_attempt: float
+    status: str
+    diagnostic: str
+
+
+class QueueStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                db.execute(sql, args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- messages -------------------------------------------------------------------
+
+    def add(self, envelope: Envelope, now: float | None = None) -> bool:
+        """Record a spooled message; False if it is known already (recovery)."""
+        now = time.time() if now is None else now
+        if self._db.execute(
+            "SELECT 1 FROM messages WHERE queue_id=?", (envelope.queue_id,)
+        ).fetchone():
+            return False
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "INSERT INTO messages(queue_id, received_at, mail_from, size, arrived) "
+                "VALUES (?,?,?,?,?)",
+                (envelope.queue_id, envelope.received_at, envelope.mail_from, envelope.size, now),
+            )
+        ]
+        for idx, rcpt in enumerate(envelope.recipients):
+            domain = rcpt.address.rpartition("@")[2].lower()
+            statements.append(
+                (
+                    "INSERT INTO recipients(queue_id, idx, address, domain, next_attempt, updated) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (envelope.queue_id, idx, rcpt.address, domain, now, now),
+                )
+            )
+        self._tx(statements)
+        return True
+
+    def known(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT queue_id FROM messages")}
+
+    def message(self, queue_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT queue_id, received_at, mail_from, size, arrived, hold, done, dsn_sent "
+            "FROM messages WHERE queue_id=?",
+            (queue_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = (
+            "queue_id",
+            "received_at",
+            "mail_from",
+            "size",
+            "arrived",
+            "hold",
+            "done",
+            "dsn_sent",
+        )
+        return dict(zip(keys, row, strict=True))
+
+    def messages(self) -> list[dict[str, Any]]:
+        ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT queue_id FROM messages WHERE done=0 ORDER BY queue_id"
+            )
+        ]
+        return [m for m in (self.message(i) for i in ids) if m is not None]
+
+    # -- recipients -----------------------------------------------------------------
+
+    def recipients(self, queue_id: str) -> list[RecipientRow]:
+        rows = self._db.execute(
+            "SELECT queue_id, idx, address, domain, state, attempts, next_attempt, status, "
+            "diagnostic FROM recipients WHERE queue_id=? ORDER BY idx",
+            (queue_id,),
+        )
+        return [RecipientRow(*r) for r in rows]
+
+    def due(self, now: float, limit: int = 1000) -> list[RecipientRow]:
+        rows = self._db.execute(
+            "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "
+            "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
+            "USING (queue_id) WHERE r.state IN ('pending','deferred') AND r.next_attempt<=? "
+            "AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
+            (now, limit),
+        )
+        return [RecipientRow(*r) for r in rows]
+
+    def next_due(self) -> float | None:
+        row = self._db.execute(
+            "SELECT MIN(r.next_attempt) FROM recipients r JOIN messages m USING (queue_id) "
+            "WHERE r.state IN ('pending','deferred') AND m.hold=0"
+        ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def record(
+        self,
+        queue_id: str,
+        idx: int,
+        state: str,
+        status: str,
+        diagnostic: str,
+        evidence: dict[str, Any] | None,
+        next_attempt: float,
+        outcome: str,
+        now: float | None = None,
+    ) -> None:
+        """One attempt's result for one recipient, and its new state, atomically."""
+        now = time.time() if now is None else now
+        self._tx(
+            [
+                (
+                    "UPDATE recipients SET state=?, attempts=attempts+1, next_attempt=?, status=?, "
+                    "diagnostic=?, updated=? WHERE queue_id=? AND idx=?",
+                    (state, next_attempt, status, diagnostic, now, queue_id, idx),
+                ),
+                (
+                    "INSERT INTO attempts(queue_id, idx, at, outcome, status, diagnostic, "
+                    "evidence) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (queue_id, idx, now, outcome, status, diagnostic, json.dumps(evidence or {})),
+                ),
+            ]
+        )
+
+    def attempts(self, queue_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT idx, at, outcome, status, diagnostic, evidence FROM attempts "
+            "WHERE queue_id=? ORDER BY id",
+            (queue_id,),
+        )
+        return [
+            {
+                "recipient_index": r[0],
+                "at": r[1],
+                "outcome": r[2],
+                "status": r[3],
+                "diagnostic": r[4],
+                "evidence": json.loads(r[5]),
+            }
+            for r in rows
+        ]
+
+    def finish(self, queue_id: str, dsn_sent: bool) -> None:
+        self._tx(
+            [("UPDATE messages SET done=1, dsn_sent=? WHERE queue_id=?", (int(dsn_sent), queue_id))]
+        )
+
+    # -- administration (each action is audited) -----------------------------------
+
+    def admin(self, queue_id: str, action: str, actor: str) -> bool:
+        """retry, hold, release or delete one message; False if it is not queued."""
+        if self.message(queue_id) is None:
+            return False
+        now = time.time()
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "INSERT INTO audit(at, queue_id, action, actor) VALUES (?,?,?,?)",
+                (now, queue_id, action, actor),
+            )
+        ]
+        if action == "retry":
+            statements.append(
+                (
+                    "UPDATE recipients SET next_attempt=? WHERE queue_id=? AND "
+                    "state IN ('pending','deferred')",
+                    (now, queue_id),
+                )
+            )
+        elif action in ("hold", "release"):
+            statements.append(
+                ("UPDATE messages SET hold=? WHERE queue_id=?", (int(action == "hold"), queue_id))
+            )
+        elif action == "delete":
+            statements.append(
+                (
+                    "UPDATE recipients SET state='deleted' WHERE queue_id=? AND "
+                    "state IN ('pending','deferred')",
+                    (queue_id,),
+                )
+            )
+            statements.append(("UPDATE messages SET done=1 WHERE queue_id=?", (queue_id,)))
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        self._tx(statements)
+        return True
+
+    def audit(self, queue_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT at, action, actor FROM audit WHERE queue_id=? ORDER BY id", (queue_id,)
+        )
+        return [{"at": r[0], "action": r[1], "actor": r[2]} for r in rows]
+
+
+def evidence_dict(evidence: Any) -> dict[str, Any] | None:
+    return asdict(evidence) if evidence is not None else None
+
+
+def iter_due_groups(rows: list[RecipientRow]) -> Iterator[tuple[str, str, list[RecipientRow]]]:
+    """Group due recipients by (message, domain): one transaction each."""
+    groups: dict[tuple[str, str], list[RecipientRow]] = {}
+    for row in rows:
+        groups.setdefault((row.queue_id, row.domain), []).append(row)
+    for (queue_id, domain), members in groups.items():
+        yield queue_id, domain, members
