@@ -4,6 +4,7 @@
     sealgate check-config [--config FILE]
     sealgate queue list [--json]
     sealgate queue show ID [--json]
+    sealgate queue retry|hold|release|delete ID...
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import getpass
@@ -49,9 +51,24 @@ def _parser() -> argparse.ArgumentParser:
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     ql = with_config(qsub.add_parser("list", help="list queued messages"))
     ql.add_argument("--json", action="store_true", help="one JSON object per line")
+    ql.add_argument(
+        "--state",
+        choices=("pending", "deferred", "hold"),
+        help="only messages with a recipient in this state (or on hold)",
+    )
+    ql.add_argument("--domain", help="only messages with a recipient at this domain")
+    ql.add_argument("--older-than", metavar="DURATION", help="e.g. 30m, 2h, 1d")
     qs = with_config(qsub.add_parser("show", help="show one message's envelope"))
     qs.add_argument("queue_id")
     qs.add_argument("--json", action="store_true")
+    for action, text in (
+        ("retry", "try the deferred recipients now"),
+        ("hold", "stop delivery attempts until released"),
+        ("release", "resume delivery attempts"),
+        ("delete", "remove from the queue (no DSN)"),
+    ):
+        qa = with_config(qsub.add_parser(action, help=text))
+        qa.add_argument("queue_ids", nargs="+", metavar="ID")
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -96,8 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _hash_address(config, args.address)
     if args.command == "queue":
         if args.queue_command == "list":
-            return _queue_list(config, args.json)
-        return _queue_show(config, args.queue_id, args.json)
+            return _queue_list(config, args)
+        if args.queue_command == "show":
+            return _queue_show(config, args.queue_id, args.json)
+        return _queue_admin(config, args.queue_command, args.queue_ids)
     raise AssertionError(args.command)
 
 
@@ -138,67 +157,170 @@ def _spool(config: Config) -> Any:
     return Spool(config.state_dir / "spool")
 
 
-def _summary(env: Envelope) -> dict[str, Any]:
+def _store(config: Config) -> Any:
+    from gateway.queue.store import QueueStore
+
+    path = config.state_dir / "queue.db"
+    return QueueStore(path) if path.exists() else None
+
+
+def _summary(env: Envelope, store: Any) -> dict[str, Any]:
     received = datetime.datetime.fromisoformat(env.received_at)
     age = (datetime.datetime.now(datetime.UTC) - received).total_seconds()
+    states = {r.idx: r for r in store.recipients(env.queue_id)} if store else {}
+    message = store.message(env.queue_id) if store else None
+    recipients = []
+    for idx, r in enumerate(env.recipients):
+        row = states.get(idx)
+        recipients.append(
+            {
+                "address": r.address,
+                "state": row.state if row else "pending",
+                "status": row.status if row else "",
+            }
+        )
     return {
         "queue_id": env.queue_id,
         "received_at": env.received_at,
         "age_seconds": int(age),
         "size": env.size,
         "mail_from": env.mail_from,
-        "recipients": [r.address for r in env.recipients],
+        "hold": bool(message and message["hold"]),
+        "recipients": recipients,
     }
 
 
-def _queue_list(config: Config, as_json: bool) -> int:
-    count = 0
-    status = 0
+def _matches(s: dict[str, Any], state: str | None, domain: str | None, older: float | None) -> bool:
+    if state == "hold":
+        if not s["hold"]:
+            return False
+    elif state is not None and not any(r["state"] == state for r in s["recipients"]):
+        return False
+    if domain is not None and not any(
+        r["address"].lower().endswith("@" + domain.lower()) for r in s["recipients"]
+    ):
+        return False
+    return older is None or s["age_seconds"] >= older
+
+
+def _queue_list(config: Config, args: argparse.Namespace) -> int:
+    from gateway.config import parse_duration
+
+    older = parse_duration(args.older_than) if args.older_than else None
+    store = _store(config)
+    count = status = 0
     for item in _spool(config).envelopes():
         if isinstance(item, SpoolError):
             print(f"sealgate: {item}", file=sys.stderr)
             status = 1
             continue
+        s = _summary(item, store)
+        if not _matches(s, args.state, args.domain, older):
+            continue
         count += 1
-        s = _summary(item)
-        if as_json:
+        if args.json:
             print(json.dumps(s, ensure_ascii=False))
         else:
-            rcpts = ", ".join(s["recipients"])
+            flag = " HOLD" if s["hold"] else ""
+            rcpts = ", ".join(
+                f"{r['address']} ({r['state']}{' ' + r['status'] if r['status'] else ''})"
+                for r in s["recipients"]
+            )
             print(
-                f"{s['queue_id']}  {s['size']:>9}  {s['received_at'][:19]}  "
+                f"{s['queue_id']}{flag}  {s['size']:>9}  {s['received_at'][:19]}  "
                 f"<{s['mail_from']}>  {rcpts}"
             )
-    if not as_json:
-        print(f"-- {count} message{'s' if count != 1 else ''} in the spool")
+    if not args.json:
+        print(f"-- {count} message{'s' if count != 1 else ''} in the queue")
     return status
 
 
 def _queue_show(config: Config, queue_id: str, as_json: bool) -> int:
+    store = _store(config)
+    message = store.message(queue_id) if store else None
     try:
-        envelope, _ = _spool(config).read(queue_id, verify=True)
+        envelope: Envelope | None = _spool(config).read(queue_id, verify=True)[0]
     except SpoolError as e:
-        print(f"sealgate: {e}", file=sys.stderr)
-        return 1
-    d = envelope.to_dict()
+        if message is None:
+            print(f"sealgate: {e}", file=sys.stderr)
+            return 1
+        envelope = None  # done: the spool file is gone, the record stays
+    if envelope is not None:
+        d: dict[str, Any] = envelope.to_dict()
+    else:
+        assert message is not None
+        d = {key: message[key] for key in ("queue_id", "received_at", "mail_from", "size")}
+    rows = store.recipients(queue_id) if store else []
+    d["recipients"] = [
+        {
+            **(d.get("recipients") or [{}] * len(rows))[r.idx],
+            "address": r.address,
+            "state": r.state,
+            "status": r.status,
+            "diagnostic": r.diagnostic,
+            "attempts": r.attempts,
+            "next_attempt": r.next_attempt,
+        }
+        for r in rows
+    ] or d.get("recipients", [])
+    d["state"] = (
+        "done"
+        if message and message["done"]
+        else "hold"
+        if message and message["hold"]
+        else "queued"
+    )
+    d["attempts"] = store.attempts(queue_id) if store else []
+    d["audit"] = store.audit(queue_id) if store else []
     if as_json:
         print(json.dumps(d, ensure_ascii=False, indent=2))
         return 0
-    client = d.pop("client")
-    trace = d.pop("trace_headers")
-    for key, value in d.items():
-        if key == "recipients":
-            for r in value:
-                opts = " ".join(r["options"])
-                print(f"{'recipient':<14} {r['address']} {opts}".rstrip())
-        elif key != "extra":
-            print(f"{key:<14} {value}")
-    for key, value in client.items():
-        print(f"{'client.' + key:<14} {value}")
-    print("integrity      sha256 verified")
-    print("trace headers:")
-    print(trace.rstrip("\r\n").replace("\r\n", "\n"))
+    _print_show(d, envelope is not None)
     return 0
+
+
+def _print_show(d: dict[str, Any], verified: bool) -> None:
+    for key in ("queue_id", "state", "received_at", "mail_from", "mail_options", "size", "sha256"):
+        if key in d:
+            print(f"{key:<14} {d[key]}")
+    for r in d["recipients"]:
+        extra = f"{r.get('state', 'pending')} {r.get('status', '')}".strip()
+        print(f"{'recipient':<14} {r['address']}  [{extra}] {r.get('diagnostic', '')}".rstrip())
+    for key, value in (d.get("client") or {}).items():
+        print(f"{'client.' + key:<14} {value}")
+    if verified:
+        print("integrity      sha256 verified")
+    for a in d["attempts"]:
+        ev = a["evidence"] or {}
+        when = datetime.datetime.fromtimestamp(a["at"], datetime.UTC).isoformat()[:19]
+        print(
+            f"attempt        {when} #{a['recipient_index']} {a['outcome']} {a['status']} "
+            f"mx={ev.get('mx_host')} ip={ev.get('ip')} tls={ev.get('tls_version')} "
+            f"cipher={ev.get('tls_cipher')} cert-sha256={ev.get('peer_cert_sha256')} "
+            f"verified={ev.get('verification')} reply={a['diagnostic']!r}"
+        )
+    for a in d["audit"]:
+        when = datetime.datetime.fromtimestamp(a["at"], datetime.UTC).isoformat()[:19]
+        print(f"audit          {when} {a['action']} by {a['actor']}")
+    if "trace_headers" in d:
+        print("trace headers:")
+        print(d["trace_headers"].rstrip("\r\n").replace("\r\n", "\n"))
+
+
+def _queue_admin(config: Config, action: str, queue_ids: list[str]) -> int:
+    store = _store(config)
+    actor = getpass.getuser()
+    status = 0
+    for queue_id in queue_ids:
+        if store is None or not store.admin(queue_id, action, actor):
+            print(f"sealgate: no message {queue_id} in the queue", file=sys.stderr)
+            status = 1
+            continue
+        if action == "delete":
+            with contextlib.suppress(SpoolError):
+                _spool(config).remove(queue_id)
+        print(f"{queue_id}: {action} done")
+    return status
 
 
 if __name__ == "__main__":

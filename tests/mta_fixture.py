@@ -31,8 +31,10 @@ class RecipientMta:
     cert: tuple[Path, Path] | None = None  # (chain, key); None: no STARTTLS
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    data_replies: list[str] = field(default_factory=list)  # used first, one per DATA
     received: list[Received] = field(default_factory=list)
     cert_der: bytes = b""
+    attempts: int = 0
     _server: asyncio.AbstractServer | None = None
 
     async def handle_RCPT(
@@ -46,16 +48,19 @@ class RecipientMta:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         sslobj = session.ssl.get("ssl_object") if session.ssl else None
-        if self.data_reply is None or self.data_reply.startswith("2"):
+        reply = self.data_replies.pop(0) if self.data_replies else self.data_reply
+        self.attempts += 1
+        if reply is None or reply.startswith("2"):
+            sender = "" if envelope.mail_from == "<>" else envelope.mail_from
             self.received.append(
                 Received(
-                    envelope.mail_from,
+                    sender,
                     list(envelope.rcpt_tos),
                     envelope.original_content,
                     sslobj.version() if sslobj else None,
                 )
             )
-        return self.data_reply or "250 2.0.0 Ok: queued"
+        return reply or "250 2.0.0 Ok: queued"
 
     async def start(self) -> RecipientMta:
         ctx = None

@@ -22,11 +22,11 @@ async def test_queue_list_and_show_read_the_spool(gateway_factory):
     assert listed.returncode == 0, listed.stderr
     items = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [i["queue_id"] for i in items] == [p.name for p in queued(gw)]
-    assert items[0]["recipients"] == ["a@example.test", "b@example.test"]
+    assert [r["address"] for r in items[0]["recipients"]] == ["a@example.test", "b@example.test"]
     assert items[1]["mail_from"] == ""  # the null sender of a bounce
 
     human = run_sealgate("queue", "list", "--state-dir", state)
-    assert "-- 2 messages in the spool" in human.stdout
+    assert "-- 2 messages in the queue" in human.stdout
 
     shown = run_sealgate("queue", "show", items[0]["queue_id"], "--json", "--state-dir", state)
     env = json.loads(shown.stdout)

@@ -79,6 +79,7 @@ class QueueManager:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[tuple[str, int]] = set()
+        self._finishing: dict[str, asyncio.Lock] = {}
         self._attempts: set[asyncio.Task[None]] = set()
         self._total = asyncio.Semaphore(dc.concurrency)
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
@@ -242,7 +243,21 @@ class QueueManager:
         )
 
     async def _maybe_finish(self, envelope: Envelope, data: bytes) -> None:
+        # Attempts for several domains of one message end concurrently: they check in
+        # turn, so the message is finished exactly once, by the last of them.
+        lock = self._finishing.setdefault(envelope.queue_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self._finish(envelope, data)
+        finally:
+            if not lock.locked() and self._finishing.get(envelope.queue_id) is lock:
+                del self._finishing[envelope.queue_id]
+
+    async def _finish(self, envelope: Envelope, data: bytes) -> None:
         assert self.store is not None
+        message = await self._db(self.store.message, envelope.queue_id)
+        if message is None or message["done"]:
+            return
         rows = await self._db(self.store.recipients, envelope.queue_id)
         if not rows or any(r.state not in FINAL_STATES for r in rows):
             return

@@ -1,0 +1,96 @@
+"""Delivery test world: DNS on loopback and recipient MTAs on 127.0.0.x."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+import time
+
+import pytest
+import trustme
+
+from gateway.config import parse_nameserver
+from gateway.delivery.client import ClientSettings, deliver
+from gateway.delivery.router import NextHop, Routed
+from gateway.delivery.tls_policy import TlsLevel
+from gateway.probe.dns import Resolver
+from tests.conftest import free_port
+from tests.dns_fixture import DnsFixture
+from tests.mta_fixture import RecipientMta
+
+MESSAGE = b"From: s@clinic.test\r\nTo: r@dest.test\r\nSubject: t\r\n\r\nbody\r\n"
+
+
+async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+@pytest.fixture
+async def world(tmp_path, pki):
+    """DNS on loopback and a factory of recipient MTAs on 127.0.0.x, one port."""
+    dns = await DnsFixture().start()
+    port = free_port()
+    mtas: list[RecipientMta] = []
+
+    leaves: dict[str, trustme.LeafCert] = {}
+
+    def cert_files(name: str, leaf: trustme.LeafCert) -> tuple:
+        chain, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        leaf.private_key_pem.write_to_path(str(key))
+        leaves[name] = leaf
+        return chain, key
+
+    async def mta(name: str, ip: str, cert: str | None = "good", **kwargs) -> RecipientMta:
+        dns.add(name, "A", ip)
+        pair = None
+        if cert == "good":
+            pair = cert_files(name, pki.ca.issue_cert(name))
+        elif cert == "wrong-name":
+            pair = cert_files(name, pki.ca.issue_cert("somebody-else.test"))
+        elif cert == "expired":
+            past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+            pair = cert_files(
+                name,
+                pki.ca.issue_cert(
+                    name, not_before=past, not_after=past + datetime.timedelta(days=30)
+                ),
+            )
+        elif cert == "self-signed":
+            pair = cert_files(name, trustme.CA().issue_cert(name))
+        server = await RecipientMta(ip, port, pair, **kwargs).start()
+        if name in leaves:
+            server.cert_der = ssl.PEM_cert_to_DER_cert(
+                leaves[name].cert_chain_pems[0].bytes().decode()
+            )
+        mtas.append(server)
+        return server
+
+    settings = ClientSettings(
+        helo_name="gw.sealgate.test", ca_file=pki.ca_file, connect_timeout=5, command_timeout=10
+    )
+    resolver = Resolver((parse_nameserver(dns.nameserver),), timeout=2)
+
+    class World:
+        pass
+
+    w = World()
+    w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
+
+    async def send(hosts: list[str], level: TlsLevel, rcpts=("r@dest.test",)):
+        routed = Routed(tuple(NextHop(h, port, i) for i, h in enumerate(hosts)))
+        return await deliver(
+            routed, level, "s@clinic.test", list(rcpts), MESSAGE, settings, resolver
+        )
+
+    w.send = send
+    yield w
+    for server in mtas:
+        await server.stop()
+    await dns.stop()

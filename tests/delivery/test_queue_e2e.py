@@ -1,0 +1,182 @@
+"""Through the daemon: accepted mail is routed, delivered over TLS, retried, bounced.
+
+The gateway runs in-process with its resolver on the DNS fixture and its delivery
+port on the recipient MTAs' port; the sender's own domain has a sink that receives
+the delivery status notifications.
+"""
+
+from __future__ import annotations
+
+import json
+
+from gateway.delivery.dsn import original_message_id
+from tests.conftest import make_message, queued, run_sealgate, smtp_client
+from tests.delivery.conftest import wait_until
+
+SUBJECT = "Biopsy result for J. Roe"
+BODY = "The margins are clear.\r\n"
+
+
+async def start(gateway_factory, world, pki, **overrides):
+    return await gateway_factory(
+        {
+            "dns.nameservers": [world.dns.nameserver],
+            "delivery.smart_host": None,
+            "delivery.port": world.port,
+            "tls.ca_file": str(pki.ca_file),
+            "delivery.retry_schedule": ["1s"],
+            **overrides,
+        }
+    )
+
+
+async def send(gw, rcpts, sender="doctor@clinic.test"):
+    async with smtp_client(gw) as client:
+        await client.sendmail(sender, rcpts, make_message(SUBJECT, BODY))
+    (path,) = queued(gw)
+    return path.name
+
+
+def done(gw, queue_id) -> bool:
+    message = gw.queue.store.message(queue_id)
+    return bool(message and message["done"])
+
+
+def state(gw, queue_id):
+    return {r.address: (r.state, r.status) for r in gw.queue.store.recipients(queue_id)}
+
+
+async def test_mixed_domains_each_get_their_copy_and_a_5xx_bounces_without_content(
+    gateway_factory, world, pki
+):
+    dest = await world.mta(
+        "mx.dest.test", "127.0.0.31", rcpt_replies={"gone@dest.test": "550 5.1.1 No such user"}
+    )
+    other = await world.mta("mx.other.test", "127.0.0.32")
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    for domain, mx in (
+        ("dest.test", "mx.dest.test"),
+        ("other.test", "mx.other.test"),
+        ("clinic.test", "mx.clinic.test"),
+    ):
+        world.dns.add(domain, "MX", f"10 {mx}.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["ok@dest.test", "gone@dest.test", "r@other.test"])
+
+    await wait_until(lambda: sender_sink.received, what="DSN at the sender's server")
+    assert [m.rcpt_tos for m in dest.received] == [["ok@dest.test"]]
+    assert [m.rcpt_tos for m in other.received] == [["r@other.test"]]
+    assert dest.received[0].tls_version in ("TLSv1.2", "TLSv1.3")
+    delivered = dest.received[0].data
+    assert delivered.startswith(b"Received: from client.test")
+    assert delivered.endswith(make_message(SUBJECT, BODY))  # original bytes after our trace
+
+    (dsn,) = sender_sink.received
+    assert dsn.mail_from == "" and dsn.rcpt_tos == ["doctor@clinic.test"]
+    text = dsn.data.decode()
+    assert "multipart/report; report-type=delivery-status" in text
+    assert "Final-Recipient: rfc822; gone@dest.test" in text and "Status: 5.1.1" in text
+    assert "550 5.1.1 No such user" in text
+    assert original_message_id(make_message()) in text
+    assert SUBJECT not in text and "margins" not in text
+    assert "ok@dest.test" not in text  # only failed recipients are reported
+
+    assert state(gw, queue_id) == {
+        "ok@dest.test": ("delivered", "2.0.0"),
+        "gone@dest.test": ("bounced", "5.1.1"),
+        "r@other.test": ("delivered", "2.0.0"),
+    }
+    await wait_until(
+        lambda: not (gw.spool.queue_dir / queue_id).exists(), what="spool file removed when done"
+    )
+
+
+async def test_a_4xx_is_retried_on_schedule_and_then_delivered(gateway_factory, world, pki):
+    dest = await world.mta("mx.dest.test", "127.0.0.31", data_replies=["451 4.3.0 Try again later"])
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(lambda: dest.received, what="delivery on retry")
+    assert dest.attempts == 2
+    attempts = gw.queue.store.attempts(queue_id)
+    assert [(a["outcome"], a["status"]) for a in attempts] == [
+        ("deferred", "4.3.0"),
+        ("delivered", "2.0.0"),
+    ]
+    evidence = attempts[-1]["evidence"]
+    assert evidence["mx_host"] == "mx.dest.test" and evidence["ip"] == "127.0.0.31"
+    assert evidence["verification"] == "pkix" and len(evidence["peer_cert_sha256"]) == 64
+
+
+async def test_no_starttls_at_verify_is_deferred_and_the_server_never_gets_the_message(
+    gateway_factory, world, pki
+):
+    plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(
+        lambda: len(gw.queue.store.attempts(queue_id)) >= 2, what="two deferred attempts"
+    )
+    assert plain.received == [] and plain.attempts == 0
+    assert state(gw, queue_id) == {"r@dest.test": ("deferred", "4.7.4")}
+    assert (gw.spool.queue_dir / queue_id).exists()
+
+
+async def test_a_domain_level_in_tls_policy_overrides_the_default(gateway_factory, world, pki):
+    plain = await world.mta("mx.legacy.test", "127.0.0.31", cert=None)
+    world.dns.add("legacy.test", "MX", "10 mx.legacy.test.")
+    gw = await start(gateway_factory, world, pki, **{"delivery.tls_policy": {"legacy.test": "may"}})
+    await send(gw, ["r@legacy.test"])
+    await wait_until(lambda: plain.received, what="plaintext delivery allowed by policy")
+
+
+async def test_null_mx_bounces_at_once(gateway_factory, world, pki):
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    world.dns.add("nomail.test", "MX", "0 .")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["r@nomail.test"])
+    await wait_until(lambda: sender_sink.received, what="DSN for the null MX")
+    assert "Status: 5.1.10" in sender_sink.received[0].data.decode()
+    assert state(gw, queue_id) == {"r@nomail.test": ("bounced", "5.1.10")}
+
+
+async def test_a_bounce_is_never_bounced(gateway_factory, world, pki):
+    world.dns.add("nomail.test", "MX", "0 .")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["r@nomail.test"], sender="")
+    await wait_until(lambda: done(gw, queue_id), what="done")
+    assert gw.queue.store.message(queue_id)["dsn_sent"] == 0
+    assert queued(gw) == []  # no DSN was spooled
+
+
+async def test_expired_recipients_fail_with_4_4_7_and_a_dsn(gateway_factory, world, pki):
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    world.dns.add("dest.test", "MX", "10 down.dest.test.")
+    world.dns.add("down.dest.test", "A", "127.0.0.34")  # nothing listens
+    gw = await start(gateway_factory, world, pki, **{"delivery.max_queue_lifetime": "2s"})
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(lambda: sender_sink.received, what="DSN after expiry")
+    text = sender_sink.received[0].data.decode()
+    assert "Status: 4.4.7" in text and "delivery time expired" in text
+    assert state(gw, queue_id)["r@dest.test"][0] == "expired"
+
+
+async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factory, world, pki):
+    dest = await world.mta("mx.dest.test", "127.0.0.31")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki, **{"delivery.tls_policy": {}})
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(lambda: dest.received, what="delivery")
+    await wait_until(lambda: done(gw, queue_id), what="done")
+    shown = run_sealgate(
+        "queue", "show", queue_id, "--json", "--state-dir", str(gw.config.state_dir)
+    )
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    (rcpt,) = info["recipients"]
+    assert (rcpt["address"], rcpt["state"], rcpt["status"]) == ("r@dest.test", "delivered", "2.0.0")
+    (attempt,) = info["attempts"]
+    assert attempt["evidence"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
