@@ -180,3 +180,50 @@ async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factor
     assert (rcpt["address"], rcpt["state"], rcpt["status"]) == ("r@dest.test", "delivered", "2.0.0")
     (attempt,) = info["attempts"]
     assert attempt["evidence"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+
+
+async def test_hold_release_retry_and_delete_are_obeyed_and_audited(gateway_factory, world, pki):
+    dest = await world.mta("mx.dest.test", "127.0.0.31", data_replies=["451 4.3.0 Not now"])
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki, **{"delivery.retry_schedule": ["1h"]})
+    state_dir = str(gw.config.state_dir)
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(lambda: dest.attempts == 1, what="first attempt")
+    await wait_until(
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred", what="deferred"
+    )
+
+    held = run_sealgate("queue", "hold", queue_id, "--state-dir", state_dir)
+    assert held.returncode == 0, held.stderr
+    listed = run_sealgate("queue", "list", "--state", "hold", "--json", "--state-dir", state_dir)
+    assert [json.loads(line)["queue_id"] for line in listed.stdout.splitlines()] == [queue_id]
+    assert run_sealgate("queue", "retry", queue_id, "--state-dir", state_dir).returncode == 0
+    import asyncio
+
+    await asyncio.sleep(2.5)  # the scheduler polls every second: held means no attempt
+    assert dest.attempts == 1
+    assert run_sealgate("queue", "release", queue_id, "--state-dir", state_dir).returncode == 0
+    await wait_until(lambda: dest.received, what="delivery after release and retry")
+
+    actions = [a["action"] for a in gw.queue.store.audit(queue_id)]
+    assert actions == ["hold", "retry", "release"]
+    gone = run_sealgate("queue", "delete", "0000000000000000", "--state-dir", state_dir)
+    assert gone.returncode == 1 and "no message 0000000000000000" in gone.stderr
+
+
+async def test_delete_removes_a_deferred_message_without_a_dsn(gateway_factory, world, pki):
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    world.dns.add("dest.test", "MX", "10 down.dest.test.")
+    world.dns.add("down.dest.test", "A", "127.0.0.34")
+    gw = await start(gateway_factory, world, pki, **{"delivery.retry_schedule": ["1h"]})
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred", what="deferred"
+    )
+    deleted = run_sealgate("queue", "delete", queue_id, "--state-dir", str(gw.config.state_dir))
+    assert deleted.returncode == 0, deleted.stderr
+    assert queued(gw) == []
+    assert state(gw, queue_id)["r@dest.test"][0] == "deleted"
+    assert [a["action"] for a in gw.queue.store.audit(queue_id)] == ["delete"]
+    assert sender_sink.received == []
