@@ -35,6 +35,7 @@ class RecipientMta:
     received: list[Received] = field(default_factory=list)
     cert_der: bytes = b""
     attempts: int = 0
+    data_delay: float = 0.0  # seconds before answering DATA
     _server: asyncio.AbstractServer | None = None
 
     async def handle_RCPT(
@@ -50,6 +51,8 @@ class RecipientMta:
         sslobj = session.ssl.get("ssl_object") if session.ssl else None
         reply = self.data_replies.pop(0) if self.data_replies else self.data_reply
         self.attempts += 1
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if reply is None or reply.startswith("2"):
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from
             self.received.append(
