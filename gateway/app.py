@@ -11,6 +11,7 @@ SIGINT stop, letting messages in DATA finish) and systemd readiness notification
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import math
 import os
@@ -19,8 +20,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.config import Config
+from gateway.config import Config, load_config
 from gateway.config_check import check_references
+from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.http import OpsHttpServer
@@ -155,6 +157,28 @@ class Gateway:
             workers=worker_count(cfg),
         )
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration file and apply what can change live.
+
+        Delivery settings (routes, smart host, TLS levels and policy, CA file,
+        resolvers, timeouts) apply to every attempt that starts afterwards; no
+        connection is dropped.  Listener, state directory and worker settings need a
+        restart.  A bad file is reported and changes nothing.
+        """
+        if self.config_path is None:
+            log.info(Event.RELOADED, changed=False, reason="running on embedded defaults")
+            return
+        try:
+            new = load_config(self.config_path)
+            new = dataclasses.replace(new, state_dir=self.config.state_dir)
+            check_references(new, str(self.config_path))
+        except ConfigError as e:
+            log.error(Event.RELOAD_FAILED, error=str(e))
+            return
+        if self.queue is not None:
+            self.queue.apply(new)
+        log.info(Event.RELOADED, changed=True, config=str(self.config_path))
+
     def _note_queued(self, queue_id: str, size: int) -> None:
         if self.workers is not None:  # in-process, the spool counted it already
             self.spool.note_committed(size)
@@ -241,6 +265,7 @@ async def serve(gateway: Gateway) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     await gateway.start()
     _sd_notify("READY=1")
     try:

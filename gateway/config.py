@@ -59,6 +59,14 @@ class NameServer(HostPort):
     """A resolver address: ``ip`` or ``ip:port`` (port 53 when omitted)."""
 
 
+@dataclass(frozen=True)
+class NextHopAddress(HostPort):
+    """A route's next hop: ``host`` or ``host:port``; port 0 means ``delivery.port``."""
+
+    def __str__(self) -> str:
+        return self.host if self.port == 0 else super().__str__()
+
+
 class Duration(float):
     """Seconds; written as a number or with a unit: ``30s``, ``5m``, ``1h``, ``2d``."""
 
@@ -147,6 +155,15 @@ def parse_nameserver(value: Any) -> NameServer:
             f"{hp.host!r} is not an IP address (nameservers are ip or ip:port)"
         ) from None
     return NameServer(hp.host, hp.port)
+
+
+def parse_next_hop(value: Any) -> NextHopAddress:
+    text = str(value).strip()
+    if text.count(":") == 0 or (text.startswith("[") and text.endswith("]")):
+        hp = parse_hostport(text, default_port=1)
+        return NextHopAddress(hp.host, 0)
+    hp = parse_hostport(text)
+    return NextHopAddress(hp.host, hp.port)
 
 
 def parse_network(value: Any) -> IPNetwork:
@@ -314,10 +331,10 @@ class DnsConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     port: int = field(default=25, metadata=doc("TCP port of recipients' mail servers."))
-    smart_host: HostPort | None = field(
+    smart_host: NextHopAddress | None = field(
         default=None,
         metadata=doc(
-            "Send everything not in 'routes' to this host:port (no MX lookup). "
+            "Send everything not in 'routes' to this host or host:port (no MX lookup). "
             "null: look up MX records."
         ),
     )
@@ -397,11 +414,11 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
-    routes: dict[str, HostPort] = field(
+    routes: dict[str, NextHopAddress] = field(
         default_factory=dict,
         metadata=doc(
-            "Static next hops by recipient domain, e.g. {clinic.example: "
-            '"10.1.2.3:25"}; used instead of MX records.'
+            "Static next hops by recipient domain, host or host:port (default port: "
+            'delivery.port), e.g. {clinic.example: "10.1.2.3:25"}; used instead of MX records.'
         ),
     )
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -546,6 +563,8 @@ def _convert_scalar(tp: Any, value: Any) -> Any:
         return text
     if tp is NameServer:
         return parse_nameserver(value)
+    if tp is NextHopAddress:
+        return parse_next_hop(value)
     if tp is HostPort:
         return parse_hostport(value)
     if tp is Duration:

@@ -15,6 +15,8 @@ class Event(enum.StrEnum):
     READY = "app.ready"
     STOPPING = "app.stopping"
     STOPPED = "app.stopped"
+    RELOADED = "app.reloaded"
+    RELOAD_FAILED = "app.reload-failed"
     CERT_GENERATED = "tls.self-signed-generated"
     WORKER_EXITED = "smtp.worker-exited"
     # spool

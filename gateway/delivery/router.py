@@ -17,6 +17,7 @@ Host names are resolved to addresses when connecting, not here.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import dns.name
@@ -52,7 +53,7 @@ class Router:
         self,
         resolver: Resolver,
         port: int = 25,
-        routes: dict[str, HostPort] | None = None,
+        routes: Mapping[str, HostPort] | None = None,
         smart_host: HostPort | None = None,
         max_mx_hosts: int = 5,
         rng: random.Random | None = None,
@@ -68,9 +69,10 @@ class Router:
         domain = domain.lower().rstrip(".")
         static = self.routes.get(domain)
         if static is not None:
-            return Routed((NextHop(static.host, static.port, via="route"),))
+            return Routed((NextHop(static.host, static.port or self.port, via="route"),))
         if self.smart_host is not None:
-            return Routed((NextHop(self.smart_host.host, self.smart_host.port, via="smart-host"),))
+            port = self.smart_host.port or self.port  # port 0: delivery.port
+            return Routed((NextHop(self.smart_host.host, port, via="smart-host"),))
         mx = await self.resolver.lookup(domain, "MX")
         if mx.status is LookupStatus.NXDOMAIN:
             return RouteFailure(True, "5.1.2", f"domain {domain} does not exist")

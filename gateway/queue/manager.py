@@ -67,12 +67,8 @@ class QueueManager:
         self.redact = redact
         self.hostname = hostname
         self.inject = inject  # spools a message we generate (DSNs); returns its queue id
+        self.apply(config)
         dc = config.delivery
-        self.resolver = Resolver(config.dns.nameservers)
-        self.router = Router(self.resolver, dc.port, config.routes, dc.smart_host, dc.max_mx_hosts)
-        self.settings = ClientSettings(
-            hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
-        )
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         self.store: QueueStore | None = None
         self._wake = asyncio.Event()
@@ -86,6 +82,20 @@ class QueueManager:
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
         )
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
+
+    def apply(self, config: Config) -> None:
+        """Take routes, TLS levels, resolvers and timeouts from ``config`` (start, SIGHUP).
+
+        Attempts in progress finish with the settings they started with; every attempt
+        that starts afterwards uses the new ones.
+        """
+        self.config = config
+        dc = config.delivery
+        self.resolver = Resolver(config.dns.nameservers)
+        self.router = Router(self.resolver, dc.port, config.routes, dc.smart_host, dc.max_mx_hosts)
+        self.settings = ClientSettings(
+            self.hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
+        )
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)

@@ -221,6 +221,9 @@ async def _serve(config: Config, listen: socket.socket, control: socket.socket, 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Reloading is the main process's business; a HUP sent to the whole process
+    # group must not end a worker.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     send({"type": "ready", "worker": index})
 
     async def report() -> None:
