@@ -72,13 +72,18 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: flo
 
 
 class Sealgate:
-    def __init__(self, workdir: Path, smtp_extra: str = ""):
+    def __init__(self, workdir: Path, smtp_extra: str = "", delivery_extra: str = ""):
         self.smtp_port, self.http_port = free_port(), free_port()
         self.config = workdir / "sealgate.yaml"
+        # Only loopback, ever: the resolver and, unless told otherwise, the next hop
+        # are dead loopback ports (accepted mail then simply waits in the queue).
+        delivery = delivery_extra or f"  smart_host: '127.0.0.1:{free_port()}'\n"
         self.config.write_text(
             f"state_dir: {workdir / 'sealgate-state'}\n"
             f"listen: {{smtp: '127.0.0.1:{self.smtp_port}', http: '127.0.0.1:{self.http_port}'}}\n"
             "relay: {require_tls: false}\n"
+            f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
+            f"delivery:\n{delivery}"
             f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n"
         )
         self.log = open(workdir / "sealgate.log", "ab")  # noqa: SIM115

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import ssl
 import subprocess
@@ -29,10 +30,35 @@ from gateway.observability.logging import configure_logging
 configure_logging("debug")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, chosen outside the kernel's ephemeral range: a port
+    the kernel might hand to an outgoing connection in the meantime (the tests make
+    many) could be taken before the test binds it."""
+    low, _high = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(max(1024, low - 12000), low - 1)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass
