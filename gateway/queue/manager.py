@@ -105,6 +105,7 @@ class QueueManager:
     async def start(self) -> None:
         path = self.config.state_dir / "queue.db"
         self.store = await self._db(QueueStore, path)
+        await self._db(self.store.release_leases)
         added = await self._db(self._reconcile)
         log.info(Event.QUEUE_STARTED, reconciled=added)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -152,11 +153,9 @@ class QueueManager:
         assert self.store is not None
         while not self._stopping:
             now = time.time()
-            due = [
-                r
-                for r in await self._db(self.store.due, now)
-                if (r.queue_id, r.idx) not in self._inflight
-            ]
+            # Claim no more than can start soon: the rest stay in the database.
+            room = 2 * self.config.delivery.concurrency - len(self._attempts)
+            due = await self._db(self.store.claim, now, room) if room > 0 else []
             groups: dict[tuple[str, str], list[RecipientRow]] = defaultdict(list)
             for row in due:
                 groups[(row.queue_id, row.domain)].append(row)
@@ -174,6 +173,10 @@ class QueueManager:
             async with self._total, self._per_domain[domain]:
                 await self._attempt_locked(queue_id, domain, rows)
         except Exception as e:  # fail closed: record nothing, try again later
+            assert self.store is not None
+            await self._db(
+                self.store.release_leases, queue_id, [r.idx for r in rows], time.time() + 60
+            )
             log.error(
                 Event.DELIVERY_ERROR,
                 queue_id=queue_id,
@@ -182,6 +185,7 @@ class QueueManager:
             )
         finally:
             self._inflight.difference_update((r.queue_id, r.idx) for r in rows)
+            self._wake.set()  # room for the next claim
 
     async def _attempt_locked(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         envelope, data = await self._db(self.spool.read, queue_id)

@@ -48,9 +48,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     status TEXT NOT NULL DEFAULT '',
     diagnostic TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL,
+    leased INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue_id, idx)
 );
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(state, next_attempt);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(leased, state, next_attempt);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     queue_id TEXT NOT NULL,
@@ -99,6 +100,9 @@ class QueueStore:
         # and a lost message row is re-added from the spool at start.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(recipients)")}
+        if columns and "leased" not in columns:  # a store from before leases existed
+            self._db.execute("ALTER TABLE recipients ADD COLUMN leased INTEGER NOT NULL DEFAULT 0")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -186,14 +190,52 @@ class QueueStore:
         return [RecipientRow(*r) for r in rows]
 
     def due(self, now: float, limit: int = 1000) -> list[RecipientRow]:
+        """Recipients whose attempt is due and not already taken by an attempt."""
         rows = self._db.execute(
             "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "
             "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
-            "USING (queue_id) WHERE r.state IN ('pending','deferred') AND r.next_attempt<=? "
-            "AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
+            "USING (queue_id) WHERE r.leased=0 AND r.state IN ('pending','deferred') "
+            "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
             (now, limit),
         )
         return [RecipientRow(*r) for r in rows]
+
+    def claim(self, now: float, limit: int) -> list[RecipientRow]:
+        """Take due recipients for attempts (the lease ends when a result is recorded,
+        or at the next start: `release_leases`)."""
+        rows = self.due(now, limit)
+        if rows:
+            self._tx(
+                [
+                    (
+                        "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
+                        (r.queue_id, r.idx),
+                    )
+                    for r in rows
+                ]
+            )
+        return rows
+
+    def release_leases(
+        self,
+        queue_id: str | None = None,
+        idxs: list[int] | None = None,
+        next_attempt: float | None = None,
+    ) -> None:
+        """At start: attempts cut short by a crash are due again.  After an unexpected
+        error: those recipients wait until ``next_attempt``."""
+        if queue_id is None:
+            self._tx([("UPDATE recipients SET leased=0 WHERE leased=1", ())])
+            return
+        self._tx(
+            [
+                (
+                    "UPDATE recipients SET leased=0, next_attempt=? WHERE queue_id=? AND idx=?",
+                    (next_attempt or time.time(), queue_id, i),
+                )
+                for i in idxs or []
+            ]
+        )
 
     def next_due(self) -> float | None:
         row = self._db.execute(
@@ -219,8 +261,9 @@ class QueueStore:
         self._tx(
             [
                 (
-                    "UPDATE recipients SET state=?, attempts=attempts+1, next_attempt=?, status=?, "
-                    "diagnostic=?, updated=? WHERE queue_id=? AND idx=?",
+                    "UPDATE recipients SET leased=0, state=?, attempts=attempts+1, "
+                    "next_attempt=?, status=?, diagnostic=?, updated=? "
+                    "WHERE queue_id=? AND idx=?",
                     (state, next_attempt, status, diagnostic, now, queue_id, idx),
                 ),
                 (
