@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accept import Sealgate, peak_rss_mb  # noqa: E402
+from accept import Sealgate, peak_rss_mb, smtp_source  # noqa: E402
 from postfix_anchor import free_port, postfix_instance, wait_for_port, wait_until_delivered  # noqa: E402
 
 
@@ -48,25 +48,7 @@ def run_to(
     port: int, messages: int, size: int, sink_log: Path, baseline: int, timeout: float = 600
 ) -> float:
     started = time.monotonic()
-    subprocess.run(
-        [
-            "smtp-source",
-            "-s",
-            "20",
-            "-m",
-            str(messages),
-            "-l",
-            str(size),
-            "-f",
-            "s@bench.test",
-            "-t",
-            "r@example.test",
-            f"127.0.0.1:{port}",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        timeout=timeout,
-    )
+    smtp_source(port, messages, 20, size, timeout)
     deadline = started + timeout
     while delivered(sink_log) < baseline + messages and time.monotonic() < deadline:
         time.sleep(0.1)

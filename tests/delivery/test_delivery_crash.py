@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import aiosmtplib
-
-from tests.conftest import client_tls, load_test_config, make_message, write_config
+from tests.conftest import load_test_config, make_message, write_config
 from tests.delivery.conftest import wait_until
 from tests.e2e.daemon import Daemon
 
@@ -27,15 +25,8 @@ async def test_kill_9_during_delivery_then_restart_delivers_every_recipient(tmp_
     daemon = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
     await asyncio.to_thread(daemon.start)
     try:
-        listen = daemon.config.listen.smtp
         rcpts = [f"r{i}@dest.test" for i in range(5)]
-        async with aiosmtplib.SMTP(
-            hostname=listen.host,
-            port=listen.port,
-            start_tls=True,
-            tls_context=client_tls(),
-            timeout=10,
-        ) as client:
+        async with daemon.smtp_client() as client:
             for rcpt in rcpts:
                 await client.sendmail("s@clinic.test", [rcpt], make_message())
         await wait_until(lambda: slow.attempts >= 1, what="a delivery in progress")

@@ -15,10 +15,7 @@ from tests.e2e.daemon import Daemon
 
 
 async def _send(daemon: Daemon, rcpt: str) -> None:
-    listen = daemon.config.listen.smtp
-    async with aiosmtplib.SMTP(
-        hostname=listen.host, port=listen.port, start_tls=True, tls_context=client_tls(), timeout=10
-    ) as client:
+    async with daemon.smtp_client() as client:
         await client.sendmail("s@clinic.test", [rcpt], make_message())
 
 

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiosmtplib
+
 from gateway.config import Config
 
 
@@ -43,6 +45,19 @@ class Daemon:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError("daemon did not become ready")
+
+    def smtp_client(self) -> aiosmtplib.SMTP:
+        """A client for the daemon's listener, STARTTLS on (self-signed certificate)."""
+        from tests.conftest import client_tls
+
+        listen = self.config.listen.smtp
+        return aiosmtplib.SMTP(
+            hostname=listen.host,
+            port=listen.port,
+            start_tls=True,
+            tls_context=client_tls(),
+            timeout=10,
+        )
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -11,10 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
-from tests.conftest import client_tls, load_test_config, make_message, write_config
+from tests.conftest import load_test_config, make_message, write_config
 from tests.e2e.daemon import Daemon
 
 
@@ -48,15 +47,8 @@ def _worker_pids(d: Daemon) -> list[int]:
 
 
 async def _send(d: Daemon, count: int) -> None:
-    listen = d.config.listen.smtp
     for _ in range(count):  # a new connection each: both workers get some
-        async with aiosmtplib.SMTP(
-            hostname=listen.host,
-            port=listen.port,
-            start_tls=True,
-            tls_context=client_tls(),
-            timeout=10,
-        ) as client:
+        async with d.smtp_client() as client:
             await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
 
 
