@@ -13,7 +13,7 @@ test: setup
 	.venv/bin/python -m pytest
 
 bench:
-	sh scripts/setup.sh bench
+	sh scripts/setup.sh
 	.venv/bin/python bench/accept.py
 
 lint: setup

@@ -47,7 +47,7 @@ queue_directory = {root}/queue
 data_directory = {root}/data
 mail_owner = postfix
 setgid_group = postdrop
-inet_interfaces = 127.0.0.1
+inet_interfaces = {listen_host}
 inet_protocols = ipv4
 myhostname = anchor.bench.test
 mydomain = bench.test
@@ -56,7 +56,7 @@ mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-relayhost = [127.0.0.1]:{sink_port}
+relayhost = [{sink_host}]:{sink_port}
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_tls_security_level = none
@@ -71,13 +71,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 20) -> None:
+def wait_for_port(port: int, timeout: float = 20, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+    raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
 @contextlib.contextmanager
@@ -112,7 +112,17 @@ def wait_until_delivered(workdir: Path, timeout: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
+def postfix_instance(
+    workdir: Path,
+    sink_port: int,
+    *,
+    listen_host: str = "127.0.0.1",
+    port: int | None = None,
+    sink_host: str = "127.0.0.1",
+    extra_main_cf: str = "",
+) -> Iterator[int]:
+    """A Postfix listening on listen_host:port that relays everything to the sink;
+    ``extra_main_cf`` lines are appended to main.cf (later settings win)."""
     root = workdir / "postfix"
     conf = root / "etc"
     conf.mkdir(parents=True)
@@ -122,9 +132,12 @@ def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
     (root / "queue").mkdir()
     (root / "data").mkdir()
     shutil.chown(root / "data", "postfix")
-    port = free_port()
-    (conf / "main.cf").write_text(MAIN_CF.format(root=root, sink_port=sink_port))
-    (conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{port}"))
+    port = port or free_port()
+    (conf / "main.cf").write_text(
+        MAIN_CF.format(root=root, sink_port=sink_port, sink_host=sink_host, listen_host=listen_host)
+        + extra_main_cf
+    )
+    (conf / "master.cf").write_text(MASTER_CF.format(listen=f"{listen_host}:{port}"))
     for name in ("dynamicmaps.cf", "postfix-files"):
         shutil.copy(f"/etc/postfix/{name}", conf / name)
     shutil.copytree("/etc/postfix/postfix-files.d", conf / "postfix-files.d", dirs_exist_ok=True)
@@ -136,7 +149,7 @@ def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
         log = (root / "maillog").read_text() if (root / "maillog").exists() else ""
         raise RuntimeError(f"postfix did not start: {started.stderr}{log[-2000:]}")
     try:
-        wait_for_port(port)
+        wait_for_port(port, host=listen_host)
         yield port
     finally:
         subprocess.run(["postfix", "-c", str(conf), "stop"], capture_output=True, timeout=60)
@@ -144,7 +157,7 @@ def postfix_instance(workdir: Path, sink_port: int) -> Iterator[int]:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                socket.create_connection((listen_host, port), 0.2).close()
             except OSError:
                 break
             time.sleep(0.1)

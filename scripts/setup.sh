@@ -1,14 +1,14 @@
 #!/bin/sh
 # Set up everything Sealgate needs on a Debian machine (run as root for apt-get):
 # the Debian packages the gateway and its tests use, and a virtualenv in .venv.
-#   scripts/setup.sh           runtime + test dependencies
-#   scripts/setup.sh bench     also Postfix (smtp-source/smtp-sink) for bench/
+#   scripts/setup.sh           runtime + test dependencies (Postfix: a real recipient
+#                              server in the interop test, and smtp-source for bench/)
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 need=""
-for pkg in gnupg openssl swaks ${1:+postfix}; do
+for pkg in gnupg openssl swaks postfix; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
