@@ -104,12 +104,21 @@ class DnsFixture:
                 with contextlib.suppress(Exception):
                     self.transport.sendto(fixture.answer(data, 512), addr)  # type: ignore[attr-defined]
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=sock)
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
-        return self
+        from tests.conftest import free_port
+
+        for _ in range(20):  # UDP and TCP on one port number, outside the ephemeral range
+            port = free_port(self.host)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((self.host, port))
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
+            except OSError:
+                sock.close()
+                continue
+            self.port = port
+            self._udp, _ = await loop.create_datagram_endpoint(Udp, sock=sock)
+            return self
+        raise RuntimeError("no port free for both UDP and TCP")
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
