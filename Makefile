@@ -1,6 +1,6 @@
 # make run    set up, then run the gateway on its embedded defaults (config.example.yaml)
 # make test   set up, then run the whole test suite
-# make bench  set up (with Postfix), then run the acceptance benchmark
+# make bench  set up, then run the acceptance and end-to-end relay benchmarks
 .PHONY: setup run test bench lint
 
 setup:
@@ -15,6 +15,7 @@ test: setup
 bench:
 	sh scripts/setup.sh
 	.venv/bin/python bench/accept.py
+	.venv/bin/python bench/relay.py
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench
