@@ -129,21 +129,23 @@ class Gateway:
         )
         for name in report.corrupt:
             log.error(Event.SPOOL_CORRUPT, queue_id=name)
-        self._update_spool_gauges()
+        # Read from the spool at each scrape: never stale after a removal.
+        self.metrics.spool_messages.set_function(lambda: self.spool.messages)
+        self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.queue = QueueManager(
             cfg, self.spool, self.metrics, make_redactor(cfg), self.hostname, self._inject
         )
         await self.queue.start()
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
-            self.workers = WorkerPool(cfg, self.config_path, self.metrics, self._note_queued)
+            self.workers = WorkerPool(cfg, self.config_path, self._worker_queued)
             await self.workers.start()
         else:
             ctx = make_smtp_context(
                 cfg,
                 self.spool,
                 self.metrics,
-                on_queued=lambda env: self._note_queued(env.queue_id, env.size),
+                on_queued=lambda env: self._enqueue(env.queue_id, env),
             )
             self.smtp = SmtpServer(ctx)
             await self.smtp.start()
@@ -179,12 +181,16 @@ class Gateway:
             self.queue.apply(new)
         log.info(Event.RELOADED, changed=True, config=str(self.config_path))
 
-    def _note_queued(self, queue_id: str, size: int) -> None:
-        if self.workers is not None:  # in-process, the spool counted it already
-            self.spool.note_committed(size)
-        self._update_spool_gauges()
+    def _worker_queued(self, queue_id: str, size: int) -> None:
+        """A worker process spooled a message: count it here, then queue it."""
+        self.spool.note_committed(size)
+        self._enqueue(queue_id)
+
+    def _enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+        """Hand a spooled message to the queue manager (this process's spool writer
+        counted it already when it was written here)."""
         if self.queue is not None:
-            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id))
+            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id, envelope))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -195,7 +201,7 @@ class Gateway:
         await writer.write(data)
         now = datetime.datetime.now(datetime.UTC)
         client = ClientInfo(ip="", port=0, helo=self.hostname, authorized_by="local")
-        await writer.commit(
+        envelope = await writer.commit(
             lambda size, sha: Envelope(
                 queue_id=queue_id,
                 received_at=now.isoformat(timespec="microseconds"),
@@ -208,12 +214,8 @@ class Gateway:
                 trace_headers=f"{self.config.smtp.marker_header}: {self.hostname}\r\n",
             )
         )
-        self._note_queued(queue_id, len(data))
+        self._enqueue(queue_id, envelope)
         return queue_id
-
-    def _update_spool_gauges(self) -> None:
-        self.metrics.spool_messages.set(self.spool.messages)
-        self.metrics.spool_bytes.set(self.spool.bytes)
 
     def render_metrics(self) -> bytes:
         if self.workers is not None:

@@ -74,7 +74,6 @@ class QueueManager:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[tuple[str, int]] = set()
         self._finishing: dict[str, asyncio.Lock] = {}
         self._attempts: set[asyncio.Task[None]] = set()
         self._total = asyncio.Semaphore(dc.concurrency)
@@ -136,13 +135,15 @@ class QueueManager:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
 
-    async def enqueue(self, queue_id: str) -> None:
-        """A message was spooled: record its recipients and try them now."""
-        try:
-            envelope = await self._db(lambda: self.spool.read(queue_id, verify=False)[0])
-        except SpoolError as e:
-            log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
-            return
+    async def enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+        """A message was spooled: record its recipients and try them now.  Without the
+        envelope (a worker process spooled it), it is read back from the spool."""
+        if envelope is None:
+            try:
+                envelope = await self._db(lambda: self.spool.read(queue_id, verify=False)[0])
+            except SpoolError as e:
+                log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
+                return
         assert self.store is not None
         await self._db(self.store.add, envelope)
         self._wake.set()
@@ -160,7 +161,6 @@ class QueueManager:
             for row in due:
                 groups[(row.queue_id, row.domain)].append(row)
             for (queue_id, domain), rows in groups.items():
-                self._inflight.update((r.queue_id, r.idx) for r in rows)
                 task = asyncio.get_running_loop().create_task(self._attempt(queue_id, domain, rows))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
@@ -184,7 +184,6 @@ class QueueManager:
                 error=str(e)[:300],
             )
         finally:
-            self._inflight.difference_update((r.queue_id, r.idx) for r in rows)
             self._wake.set()  # room for the next claim
 
     async def _attempt_locked(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
@@ -293,7 +292,7 @@ class QueueManager:
             )
             dsn_sent = True
         await self._db(self.store.finish, envelope.queue_id, dsn_sent)
-        await self._db(self.spool.remove, envelope.queue_id)
+        await self._db(self.spool.remove, envelope.queue_id, envelope.size)
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-OPEN_STATES = ("pending", "deferred")
 FINAL_STATES = ("delivered", "bounced", "expired")
 
 
@@ -170,15 +168,6 @@ class QueueStore:
         )
         return dict(zip(keys, row, strict=True))
 
-    def messages(self) -> list[dict[str, Any]]:
-        ids = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT queue_id FROM messages WHERE done=0 ORDER BY queue_id"
-            )
-        ]
-        return [m for m in (self.message(i) for i in ids) if m is not None]
-
     # -- recipients -----------------------------------------------------------------
 
     def recipients(self, queue_id: str) -> list[RecipientRow]:
@@ -236,13 +225,6 @@ class QueueStore:
                 for i in idxs or []
             ]
         )
-
-    def next_due(self) -> float | None:
-        row = self._db.execute(
-            "SELECT MIN(r.next_attempt) FROM recipients r JOIN messages m USING (queue_id) "
-            "WHERE r.state IN ('pending','deferred') AND m.hold=0"
-        ).fetchone()
-        return row[0] if row and row[0] is not None else None
 
     def record(
         self,
@@ -346,12 +328,3 @@ class QueueStore:
 
 def evidence_dict(evidence: Any) -> dict[str, Any] | None:
     return asdict(evidence) if evidence is not None else None
-
-
-def iter_due_groups(rows: list[RecipientRow]) -> Iterator[tuple[str, str, list[RecipientRow]]]:
-    """Group due recipients by (message, domain): one transaction each."""
-    groups: dict[tuple[str, str], list[RecipientRow]] = {}
-    for row in rows:
-        groups.setdefault((row.queue_id, row.domain), []).append(row)
-    for (queue_id, domain), members in groups.items():
-        yield queue_id, domain, members

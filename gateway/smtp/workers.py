@@ -78,12 +78,10 @@ class WorkerPool:
         self,
         config: Config,
         config_path: Path | None,
-        metrics: Metrics,
         on_queued: Callable[[str, int], None],
     ):
         self.config = config
         self.config_path = config_path
-        self.metrics = metrics
         self.on_queued = on_queued
         self.count = worker_count(config)
         self.sock: socket.socket | None = None

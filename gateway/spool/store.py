@@ -202,13 +202,14 @@ class Spool:
             raise SpoolError(f"no message {queue_id} in the spool")
         return read_message(path, verify=verify)
 
-    def remove(self, queue_id: str) -> None:
+    def remove(self, queue_id: str, size: int | None = None) -> None:
         """Forget a message that is done (every recipient delivered or failed)."""
         path = self.path_of(queue_id)
-        try:
-            size = read_envelope(path).size
-        except SpoolError:
-            size = 0
+        if size is None:
+            try:
+                size = read_envelope(path).size
+            except SpoolError:
+                size = 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             self.messages = max(0, self.messages - 1)

@@ -180,6 +180,9 @@ async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factor
     assert (rcpt["address"], rcpt["state"], rcpt["status"]) == ("r@dest.test", "delivered", "2.0.0")
     (attempt,) = info["attempts"]
     assert attempt["evidence"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    # the spool gauges follow the removal of a finished message
+    lines = gw.render_metrics().decode().splitlines()
+    assert "sealgate_spool_messages 0.0" in lines and "sealgate_spool_bytes 0.0" in lines
 
 
 async def test_hold_release_retry_and_delete_are_obeyed_and_audited(gateway_factory, world, pki):
