@@ -184,13 +184,17 @@ class Gateway:
     def _worker_queued(self, queue_id: str, size: int) -> None:
         """A worker process spooled a message: count it here, then queue it."""
         self.spool.note_committed(size)
-        self._enqueue(queue_id)
+        self._enqueue(queue_id, size=size)
 
-    def _enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+    def _enqueue(
+        self, queue_id: str, envelope: Envelope | None = None, size: int | None = None
+    ) -> None:
         """Hand a spooled message to the queue manager (this process's spool writer
         counted it already when it was written here)."""
         if self.queue is not None:
-            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id, envelope))
+            task = asyncio.get_running_loop().create_task(
+                self.queue.enqueue(queue_id, envelope, size)
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 

@@ -377,6 +377,26 @@ class DeliveryConfig:
             "a delivery status notification."
         ),
     )
+    reuse_idle_time: Duration = field(
+        default=Duration(2),
+        metadata=doc(
+            "An outbound session is kept open this long after its message, for the "
+            "next message to the same server at the same TLS level."
+        ),
+    )
+    reuse_max_age: Duration = field(
+        default=Duration(300), metadata=doc("An outbound session is not reused once this old.")
+    )
+    reuse_max_messages: int = field(
+        default=100, metadata=doc("Messages sent over one outbound session; 1: no reuse.")
+    )
+    history_retention: Duration = field(
+        default=Duration(7 * 86400),
+        metadata=doc(
+            "Finished messages' recipient states, attempts and evidence stay in the queue "
+            "database ('sealgate queue show') this long after the last recipient is final."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -431,6 +451,7 @@ _POSITIVE_INTS = {
     "delivery.max_mx_hosts",
     "delivery.concurrency",
     "delivery.concurrency_per_destination",
+    "delivery.reuse_max_messages",
     "smtp.max_recipients",
     "smtp.max_connections",
     "smtp.max_connections_per_ip",

@@ -38,6 +38,7 @@ class Event(enum.StrEnum):
     QUEUE_STARTED = "queue.started"
     DELIVERY_ATTEMPT = "delivery.attempt"
     DELIVERY_ERROR = "delivery.error"
+    DELIVERY_TLS_FAILED = "delivery.tls-failed"
     DSN_SENT = "delivery.dsn-sent"
     MESSAGE_DONE = "queue.message-done"
     # ops http
@@ -59,3 +60,13 @@ class RejectReason(enum.StrEnum):
     CONNECTION_LIMIT = "connection_limit"
     AUTH_FAILED = "auth_failed"
     TIMEOUT = "timeout"
+
+
+class TlsFailure(enum.StrEnum):
+    """Why TLS with a recipient's server failed: the ``reason`` label of the metrics."""
+
+    NOT_OFFERED = "starttls_not_offered"
+    HANDSHAKE = "handshake_failed"
+    UNTRUSTED = "certificate_untrusted"
+    NAME_MISMATCH = "certificate_name_mismatch"
+    EXPIRED = "certificate_expired"

@@ -22,6 +22,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     tls_version: str | None
+    connection: int = 0  # which connection (1, 2, ...) carried it
 
 
 @dataclass
@@ -36,7 +37,14 @@ class RecipientMta:
     cert_der: bytes = b""
     attempts: int = 0
     data_delay: float = 0.0  # seconds before answering DATA
+    close_after_data: bool = False  # drop the connection after each message, no reply
+    connections: int = 0
+    quits: int = 0
     _server: asyncio.AbstractServer | None = None
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quits += 1
+        return "221 2.0.0 Bye"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -61,8 +69,13 @@ class RecipientMta:
                     list(envelope.rcpt_tos),
                     envelope.original_content,
                     sslobj.version() if sslobj else None,
+                    server.connection_number,
                 )
             )
+        if self.close_after_data:
+            # like a server whose idle timeout is shorter than the client's: the
+            # reply arrives, then the connection is gone
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
         return reply or "250 2.0.0 Ok: queued"
 
     async def start(self) -> RecipientMta:
@@ -71,11 +84,14 @@ class RecipientMta:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SMTP(self, tls_context=ctx, enable_SMTPUTF8=True, hostname=self.host),
-            host=self.host,
-            port=self.port,
-        )
+
+        def connection() -> SMTP:
+            self.connections += 1
+            smtp = SMTP(self, tls_context=ctx, enable_SMTPUTF8=True, hostname=self.host)
+            smtp.connection_number = self.connections  # type: ignore[attr-defined]
+            return smtp
+
+        self._server = await loop.create_server(connection, host=self.host, port=self.port)
         return self
 
     async def stop(self) -> None:

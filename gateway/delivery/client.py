@@ -1,7 +1,8 @@
 """client - deliver one message to one destination, enforcing the TLS level per MX.
 
 For each next hop in routing order, and each of its addresses, `deliver` opens an
-SMTP session (aiosmtplib) and applies the `TlsLevel` *on that connection*:
+SMTP session (aiosmtplib), or takes an idle one to the same host at the same level
+from the `SessionCache`, and applies the `TlsLevel` *on that connection*:
 
 - ``may``: STARTTLS when offered, certificate not checked; plaintext otherwise;
 - ``encrypt``: STARTTLS required, TLS 1.2 or later; not offered → 4.7.4, next host;
@@ -14,7 +15,8 @@ a session reaches MAIL FROM, each recipient gets its own result from the server'
 replies (2xx delivered, 4xx deferred, 5xx bounced).
 
 Evidence: every session records the MX host, IP, port, level, TLS version, cipher,
-SHA-256 of the peer certificate and how it was verified, and the remote replies.
+SHA-256 of the peer certificate and how it was verified, and the remote replies; a
+reused session's evidence says how many transactions it carried before.
 
 Failures are values (`RecipientResult`, `HostFailure`); exceptions escape only for
 programming errors.
@@ -22,7 +24,9 @@ programming errors.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import enum
 import hashlib
 import ipaddress
 import ssl
@@ -33,8 +37,14 @@ from typing import Literal
 import aiosmtplib
 
 from gateway.delivery.router import NextHop, Routed
+from gateway.delivery.sessions import Session, SessionCache, SessionKey, quit_session
 from gateway.delivery.tls_policy import TlsLevel
+from gateway.events import Event, TlsFailure
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 from gateway.probe.dns import LookupStatus, Resolver
+
+log = get_logger("gateway.delivery")
 
 Outcome = Literal["delivered", "deferred", "bounced"]
 
@@ -57,7 +67,8 @@ class SessionEvidence:
     tls_cipher: str | None = None
     peer_cert_sha256: str | None = None
     verification: str = "none"  # "pkix" when the chain and name were verified
-    started_at: str = ""
+    started_at: str = ""  # when the connection was opened
+    reused: int = 0  # transactions this connection carried before this one
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,13 @@ class HostFailure:
     status: str
     reason: str
     evidence: SessionEvidence | None = None
+    tls_failure: TlsFailure | None = None
+
+
+class _Stale(enum.Enum):
+    """A cached session the server has closed meanwhile: nothing was sent."""
+
+    STALE = 0
 
 
 @dataclass
@@ -143,29 +161,46 @@ async def deliver(
     *,
     smtputf8: bool = False,
     eightbit: bool = False,
+    sessions: SessionCache | None = None,
+    metrics: Metrics | None = None,
 ) -> list[RecipientResult]:
     """Try the hops in order until one session takes the message."""
     message = _Message(sender, list(recipients), data, smtputf8, eightbit)
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
+        key = SessionKey(hop.host, hop.port, level.label)
+        while sessions is not None and (cached := sessions.take(key)) is not None:
+            if metrics is not None:
+                metrics.delivery_connections.labels("reused").inc()
+            outcome = await _use(cached, key, message, sessions, reused=True)
+            if outcome is None:
+                return [message.results[r] for r in message.recipients]
+            if not isinstance(outcome, _Stale):
+                last = outcome
         addresses = await addresses_of(hop, resolver)
         if isinstance(addresses, HostFailure):
             last = addresses
             continue
         for ip in addresses:
-            failure = await _session(hop, ip, level, message, settings)
-            if failure is None:
+            opened = await _open(hop, ip, level, settings, metrics)
+            if isinstance(opened, HostFailure):
+                last = opened
+                continue
+            outcome = await _use(opened, key, message, sessions, reused=False)
+            if outcome is None:
                 return [message.results[r] for r in message.recipients]
-            last = failure
+            if not isinstance(outcome, _Stale):
+                last = outcome
     return [
         RecipientResult(r, "deferred", last.status, last.reason, last.evidence)
         for r in message.recipients
     ]
 
 
-async def _session(
-    hop: NextHop, ip: str, level: TlsLevel, message: _Message, settings: ClientSettings
-) -> HostFailure | None:
+async def _open(
+    hop: NextHop, ip: str, level: TlsLevel, settings: ClientSettings, metrics: Metrics | None
+) -> Session | HostFailure:
+    """Connect, EHLO and secure the session as ``level`` requires."""
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
     smtp = aiosmtplib.SMTP(
         hostname=ip,
@@ -179,21 +214,46 @@ async def _session(
         await smtp.connect()
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}", evidence)
+    if metrics is not None:
+        metrics.delivery_connections.labels("new").inc()
     try:
         smtp.timeout = settings.command_timeout
         await smtp.ehlo()
-        evidence_or_failure = await _secure(smtp, hop, level, evidence, settings)
-        if isinstance(evidence_or_failure, HostFailure):
-            return evidence_or_failure
-        return await _transaction(smtp, message, evidence_or_failure)
+        secured = await _secure(smtp, hop, level, evidence, settings)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        return HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
-    finally:
-        if smtp.is_connected:
-            try:
-                await smtp.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                smtp.close()
+        secured = HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
+    if isinstance(secured, HostFailure):
+        if secured.tls_failure is not None:
+            _tls_failed(secured, metrics)
+        await quit_session(smtp)
+        return secured
+    return Session(smtp, secured)
+
+
+async def _use(
+    session: Session,
+    key: SessionKey,
+    message: _Message,
+    sessions: SessionCache | None,
+    *,
+    reused: bool,
+) -> HostFailure | _Stale | None:
+    """One transaction on an open session; the session goes back to the cache when
+    the transaction ended cleanly."""
+    evidence = session.evidence
+    if reused:
+        evidence = dataclasses.replace(evidence, reused=session.transactions)
+    try:
+        outcome = await _transaction(session.smtp, message, evidence, reused)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        session.smtp.close()
+        host = f"{evidence.mx_host}[{evidence.ip}]"
+        return HostFailure("4.4.2", f"session with {host} failed: {e}", evidence)
+    if outcome is None and sessions is not None:
+        sessions.give(key, session)
+    else:
+        await quit_session(session.smtp)
+    return outcome
 
 
 async def _secure(
@@ -210,6 +270,7 @@ async def _secure(
                 "4.7.4",
                 f"TLS is required, but was not offered by host {hop.host}[{evidence.ip}]",
                 evidence,
+                TlsFailure.NOT_OFFERED,
             )
         return evidence
     try:
@@ -220,30 +281,65 @@ async def _secure(
         what = (
             "Server certificate not verified" if level.verifies_certificate else "Cannot start TLS"
         )
-        return HostFailure("4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence)
+        return HostFailure(
+            "4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence, _tls_failure_of(e)
+        )
     sslobj = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
     if sslobj is None:
-        return HostFailure("4.7.5", f"no TLS session with {hop.host}", evidence)
+        return HostFailure(
+            "4.7.5", f"no TLS session with {hop.host}", evidence, TlsFailure.HANDSHAKE
+        )
     der = sslobj.getpeercert(binary_form=True)
     cipher = sslobj.cipher()
-    evidence = SessionEvidence(
-        evidence.mx_host,
-        evidence.ip,
-        evidence.port,
-        evidence.level,
+    evidence = dataclasses.replace(
+        evidence,
         tls_version=sslobj.version(),
         tls_cipher=cipher[0] if cipher else None,
         peer_cert_sha256=hashlib.sha256(der).hexdigest() if der else None,
         verification="pkix" if level.verifies_certificate else "none",
-        started_at=evidence.started_at,
     )
     await smtp.ehlo()  # RFC 3207: forget what was learned before TLS
     return evidence
 
 
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) that have a reason of their own.
+_CERT_EXPIRED = {9, 10}  # not yet valid, expired
+_HOSTNAME_MISMATCH = 62
+
+
+def _tls_failure_of(error: BaseException) -> TlsFailure:
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return TlsFailure.HANDSHAKE
+    code = cause.verify_code
+    if code in _CERT_EXPIRED:
+        return TlsFailure.EXPIRED
+    if code == _HOSTNAME_MISMATCH:
+        return TlsFailure.NAME_MISMATCH
+    return TlsFailure.UNTRUSTED
+
+
+def _tls_failed(failure: HostFailure, metrics: Metrics | None) -> None:
+    assert failure.tls_failure is not None
+    if metrics is not None:
+        metrics.delivery_tls_failures.labels(failure.tls_failure.value).inc()
+    ev = failure.evidence
+    log.warning(
+        Event.DELIVERY_TLS_FAILED,
+        mx=ev.mx_host if ev else None,
+        ip=ev.ip if ev else None,
+        level=ev.level if ev else None,
+        reason=failure.tls_failure.value,
+        status=failure.status,
+        error=failure.reason[:300],
+    )
+
+
 async def _transaction(
-    smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence
-) -> HostFailure | None:
+    smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence, reused: bool = False
+) -> HostFailure | _Stale | None:
     options = []
     if message.smtputf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
@@ -252,9 +348,20 @@ async def _transaction(
     if smtp.supports_extension("size"):
         options.append(f"SIZE={len(message.data)}")
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-    reply = await smtp.execute_command(
-        b"MAIL", b"FROM:<" + message.sender.encode(encoding) + b">", *(o.encode() for o in options)
-    )
+    try:
+        reply = await smtp.execute_command(
+            b"MAIL",
+            b"FROM:<" + message.sender.encode(encoding) + b">",
+            *(o.encode() for o in options),
+        )
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+        if reused:
+            smtp.close()
+            return _Stale.STALE
+        raise
+    if reused and reply.code == 421:  # the server timed out the idle session
+        smtp.close()
+        return _Stale.STALE
     if reply.code >= 400:
         # The sender was refused: that is about the whole message on this host.
         status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")

@@ -18,7 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.events import RejectReason
+from gateway.events import RejectReason, TlsFailure
 
 # "_created" series double the exposition for no use on our counters.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -45,6 +45,11 @@ _LATENCY_BUCKETS = (
 )
 _SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 _TLS_VERSIONS = ("none", "TLSv1.2", "TLSv1.3")
+_TLS_LEVELS = ("none", "may", "encrypt", "verify", "mta-sts", "dane")
+_OUTCOMES = ("delivered", "deferred", "bounced")
+_QUEUE_STATES = ("pending", "deferred", "active", "hold")
+# Time in queue: from seconds (straight through) to the 5-day lifetime.
+_QUEUE_TIME_BUCKETS = (1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400, 5 * 86400)
 
 
 class Metrics:
@@ -87,8 +92,33 @@ class Metrics:
         self.auth = Counter("sealgate_smtp_auth", "SMTP AUTH attempts", ["result"], registry=r)
         self.delivery_attempts = Counter(
             "sealgate_delivery_attempts",
-            "Recipient delivery attempts by outcome",
+            "Recipient delivery attempts by outcome, required TLS level and TLS version used",
+            ["outcome", "tls_level", "tls_version"],
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "sealgate_queue_time_seconds",
+            "Arrival to final state, per recipient (delivered, bounced or expired)",
             ["outcome"],
+            buckets=_QUEUE_TIME_BUCKETS,
+            registry=r,
+        )
+        self.queue_recipients = Gauge(
+            "sealgate_queue_recipients",
+            "Recipients not yet final, by state (active: an attempt is under way)",
+            ["state"],
+            registry=r,
+        )
+        self.delivery_connections = Counter(
+            "sealgate_delivery_connections",
+            "Outbound SMTP sessions used: newly opened, or reused from the cache",
+            ["kind"],
+            registry=r,
+        )
+        self.delivery_tls_failures = Counter(
+            "sealgate_delivery_tls_failures",
+            "Outbound TLS failures (the host was skipped), by reason",
+            ["reason"],
             registry=r,
         )
         self.dsn_sent = Counter(
@@ -107,8 +137,18 @@ class Metrics:
             self.connections.labels(result)
         for result in ("success", "failure"):
             self.auth.labels(result)
-        for outcome in ("delivered", "deferred", "bounced"):
-            self.delivery_attempts.labels(outcome)
+        for outcome in _OUTCOMES:
+            for level in _TLS_LEVELS:
+                for version in _TLS_VERSIONS:
+                    self.delivery_attempts.labels(outcome, level, version)
+        for outcome in ("delivered", "bounced", "expired"):
+            self.queue_time.labels(outcome)
+        for state in _QUEUE_STATES:
+            self.queue_recipients.labels(state)
+        for kind in ("new", "reused"):
+            self.delivery_connections.labels(kind)
+        for failure in TlsFailure:
+            self.delivery_tls_failures.labels(failure.value)
 
     def reject(self, reason: RejectReason) -> None:
         self.messages_rejected.labels(reason.value).inc()

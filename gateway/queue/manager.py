@@ -7,12 +7,14 @@ domain so that recipients who share a destination go in one SMTP transaction.
 
 For each group: route the domain (`gateway.delivery.router`), choose the TLS level
 (``delivery.tls_policy`` for the domain, else ``delivery.tls_level``), deliver
-(`gateway.delivery.client`), and record every recipient's result with its evidence in
-one state-store transaction.  Deferred recipients get their next attempt from
-``delivery.retry_schedule`` (with up to 10% jitter); past
-``delivery.max_queue_lifetime`` they expire.  When every recipient of a message is
+(`gateway.delivery.client`, reusing idle sessions from `SessionCache`), and record
+every recipient's result with its evidence in one state-store transaction.  Deferred
+recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
+jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a message is
 final, failed ones are reported to the sender in one DSN (never for a null sender),
-and the spool file is removed.
+and the spool file is removed.  A crash between the last result and that step is
+repaired at start (`QueueStore.unfinished`).  Finished messages stay in the state
+store for ``delivery.history_retention`` (for ``sealgate queue show``), then go.
 
 At-least-once: a result is recorded only after the remote server answered; a crash
 in between means the recipient is tried again.  Concurrency is bounded in total
@@ -26,7 +28,7 @@ import contextlib
 import datetime
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -35,6 +37,7 @@ from gateway.config import Config
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.router import RouteFailure, Router
+from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import SpoolError
 from gateway.events import Event
@@ -42,13 +45,19 @@ from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.probe.dns import Resolver
-from gateway.queue.store import FINAL_STATES, QueueStore, RecipientRow, evidence_dict
+from gateway.queue.store import AttemptRecord, QueueStore, RecipientRow, evidence_dict
 from gateway.spool import Spool
+from gateway.spool.store import read_envelope
 
 log = get_logger("gateway.queue")
 T = TypeVar("T")
 
 POLL_INTERVAL = 1.0  # also picks up `sealgate queue retry/hold/release/delete`
+PRUNE_INTERVAL = 60.0
+# Messages read at arrival wait here for their first attempt (no second read); the
+# spool file stays the durable copy.
+CACHE_MESSAGE_MAX = 256 * 1024
+CACHE_TOTAL_MAX = 64 * 1024 * 1024
 
 
 class QueueManager:
@@ -61,12 +70,13 @@ class QueueManager:
         hostname: str,
         inject: Callable[[str, list[str], bytes], Awaitable[str]],
     ):
-        self.config = config
         self.spool = spool
         self.metrics = metrics
         self.redact = redact
         self.hostname = hostname
         self.inject = inject  # spools a message we generate (DSNs); returns its queue id
+        self.sessions: SessionCache | None = None
+        self._retired: set[asyncio.Task[None]] = set()
         self.apply(config)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -74,19 +84,21 @@ class QueueManager:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._finishing: dict[str, asyncio.Lock] = {}
         self._attempts: set[asyncio.Task[None]] = set()
         self._total = asyncio.Semaphore(dc.concurrency)
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
         )
+        self._cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._cached_bytes = 0
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
 
     def apply(self, config: Config) -> None:
         """Take routes, TLS levels, resolvers and timeouts from ``config`` (start, SIGHUP).
 
         Attempts in progress finish with the settings they started with; every attempt
-        that starts afterwards uses the new ones.
+        that starts afterwards uses the new ones.  Idle sessions were established under
+        the old settings: they are closed, never reused.
         """
         self.config = config
         dc = config.delivery
@@ -95,6 +107,17 @@ class QueueManager:
         self.settings = ClientSettings(
             self.hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
         )
+        old, self.sessions = (
+            self.sessions,
+            SessionCache(
+                ReuseLimits(dc.reuse_idle_time, dc.reuse_max_age, dc.reuse_max_messages),
+                per_key=dc.concurrency_per_destination,
+            ),
+        )
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -106,7 +129,16 @@ class QueueManager:
         self.store = await self._db(QueueStore, path)
         await self._db(self.store.release_leases)
         added = await self._db(self._reconcile)
-        log.info(Event.QUEUE_STARTED, reconciled=added)
+        unfinished = await self._db(self.store.unfinished)
+        for queue_id in unfinished:
+            try:
+                envelope, data = await self._db(self.spool.read, queue_id)
+            except SpoolError:  # removed already: only the state store lagged
+                await self._db(self.store.finish, queue_id, False)
+                continue
+            rows = await self._db(self.store.recipients, queue_id)
+            await self._finish(envelope, data, rows)
+        log.info(Event.QUEUE_STARTED, reconciled=added, finished=len(unfinished))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _reconcile(self) -> int:
@@ -131,27 +163,61 @@ class QueueManager:
             _, pending = await asyncio.wait(self._attempts, timeout=grace)
             for t in pending:
                 t.cancel()  # not recorded: tried again after restart
+        if self.sessions is not None:
+            await self.sessions.close()
+        if self._retired:
+            await asyncio.wait(self._retired, timeout=5)
         if self.store is not None:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
 
-    async def enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+    async def enqueue(
+        self, queue_id: str, envelope: Envelope | None = None, size: int | None = None
+    ) -> None:
         """A message was spooled: record its recipients and try them now.  Without the
         envelope (a worker process spooled it), it is read back from the spool."""
-        if envelope is None:
-            try:
-                envelope = await self._db(lambda: self.spool.read(queue_id, verify=False)[0])
-            except SpoolError as e:
-                log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
-                return
         assert self.store is not None
-        await self._db(self.store.add, envelope)
+        try:
+            recorded, data = await self._db(self._add, queue_id, envelope, size)
+        except SpoolError as e:
+            log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
+            return
+        if data is not None:
+            self._cache_put(recorded, data)
         self._wake.set()
+
+    def _add(
+        self, queue_id: str, envelope: Envelope | None, size: int | None
+    ) -> tuple[Envelope, bytes | None]:
+        """In the database thread: record the message's recipients, reading the
+        message when it is small enough to be kept for its first attempt."""
+        assert self.store is not None
+        data = None
+        size = envelope.size if envelope is not None else size
+        if size is not None and size <= CACHE_MESSAGE_MAX:
+            envelope, data = self.spool.read(queue_id)
+        elif envelope is None:
+            envelope = read_envelope(self.spool.path_of(queue_id))
+        self.store.add(envelope)
+        return envelope, data
+
+    def _cache_put(self, envelope: Envelope, data: bytes) -> None:
+        self._cache[envelope.queue_id] = (envelope, data)
+        self._cached_bytes += len(data)
+        while self._cached_bytes > CACHE_TOTAL_MAX and self._cache:
+            _, (_, old) = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
+
+    def _forget(self, queue_id: str) -> None:
+        cached = self._cache.pop(queue_id, None)
+        if cached is not None:
+            self._cached_bytes -= len(cached[1])
 
     # -- scheduling -----------------------------------------------------------------
 
     async def _run(self) -> None:
         assert self.store is not None
+        last_depth = last_prune = 0.0
         while not self._stopping:
             now = time.time()
             # Claim no more than can start soon: the rest stay in the database.
@@ -164,6 +230,14 @@ class QueueManager:
                 task = asyncio.get_running_loop().create_task(self._attempt(queue_id, domain, rows))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
+            if now - last_depth >= POLL_INTERVAL:
+                last_depth = now
+                for state, count in (await self._db(self.store.depth)).items():
+                    self.metrics.queue_recipients.labels(state).set(count)
+            if now - last_prune >= PRUNE_INTERVAL:
+                last_prune = now
+                before = now - self.config.delivery.history_retention
+                await self._db(self.store.prune, before)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
@@ -187,7 +261,9 @@ class QueueManager:
             self._wake.set()  # room for the next claim
 
     async def _attempt_locked(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
-        envelope, data = await self._db(self.spool.read, queue_id)
+        assert self.store is not None
+        cached = self._cache.get(queue_id)
+        envelope, data = cached if cached is not None else await self._db(self.spool.read, queue_id)
         level = TlsLevel.parse(
             self.config.delivery.tls_policy.get(domain, self.config.delivery.tls_level)
         )
@@ -207,31 +283,37 @@ class QueueManager:
                 self.resolver,
                 smtputf8="SMTPUTF8" in envelope.mail_options,
                 eightbit="BODY=8BITMIME" in envelope.mail_options,
+                sessions=self.sessions,
+                metrics=self.metrics,
             )
-        for row, result in zip(rows, results, strict=True):
-            await self._record(envelope, row, result, level)
-        await self._maybe_finish(envelope, data)
-
-    async def _record(
-        self, envelope: Envelope, row: RecipientRow, result: RecipientResult, level: TlsLevel
-    ) -> None:
-        assert self.store is not None
         now = time.time()
+        records = [
+            self._next_state(envelope, row, result, now)
+            for row, result in zip(rows, results, strict=True)
+        ]
+        final = await self._db(self.store.record, queue_id, records, now)
+        if final is None and any(r.state == "deferred" for r in records):
+            self._forget(queue_id)  # a retry is minutes away: it reads the spool again
+        for row, result, record in zip(rows, results, records, strict=True):
+            self._report(envelope, row, result, record, level, now)
+        if final is not None:
+            await self._finish(envelope, data, final)
+
+    def _next_state(
+        self, envelope: Envelope, row: RecipientRow, result: RecipientResult, now: float
+    ) -> AttemptRecord:
         state: str = result.outcome
         status, diagnostic = result.status, result.diagnostic
         next_attempt = now
         if state == "deferred":
-            arrived = datetime.datetime.fromisoformat(envelope.received_at).timestamp()
-            if now - arrived >= self.config.delivery.max_queue_lifetime:
+            if now - _arrival(envelope) >= self.config.delivery.max_queue_lifetime:
                 state, status = "expired", "4.4.7"
                 diagnostic = f"delivery time expired; last error: {diagnostic}"
             else:
                 schedule = self.config.delivery.retry_schedule
                 wait = schedule[min(row.attempts, len(schedule) - 1)]
                 next_attempt = now + wait * self._rng.uniform(0.9, 1.1)
-        await self._db(
-            self.store.record,
-            row.queue_id,
+        return AttemptRecord(
             row.idx,
             state,
             status,
@@ -239,41 +321,39 @@ class QueueManager:
             evidence_dict(result.evidence),
             next_attempt,
             result.outcome,
-            now,
         )
-        self.metrics.delivery_attempts.labels(result.outcome).inc()
+
+    def _report(
+        self,
+        envelope: Envelope,
+        row: RecipientRow,
+        result: RecipientResult,
+        record: AttemptRecord,
+        level: TlsLevel,
+        now: float,
+    ) -> None:
         ev = result.evidence
+        tls_version = Metrics.tls_label(ev.tls_version if ev else None)
+        self.metrics.delivery_attempts.labels(result.outcome, level.label, tls_version).inc()
+        if record.state != "deferred":
+            self.metrics.queue_time.labels(record.state).observe(now - _arrival(envelope))
         log.info(
             Event.DELIVERY_ATTEMPT,
             queue_id=row.queue_id,
             rcpt=self.redact(row.address),
-            outcome=state,
-            status=status,
+            outcome=record.state,
+            status=record.status,
             level=level.label,
             mx=ev.mx_host if ev else None,
             ip=ev.ip if ev else None,
             tls_version=ev.tls_version if ev else None,
+            reused=ev.reused if ev else None,
         )
 
-    async def _maybe_finish(self, envelope: Envelope, data: bytes) -> None:
-        # Attempts for several domains of one message end concurrently: they check in
-        # turn, so the message is finished exactly once, by the last of them.
-        lock = self._finishing.setdefault(envelope.queue_id, asyncio.Lock())
-        try:
-            async with lock:
-                await self._finish(envelope, data)
-        finally:
-            if not lock.locked() and self._finishing.get(envelope.queue_id) is lock:
-                del self._finishing[envelope.queue_id]
-
-    async def _finish(self, envelope: Envelope, data: bytes) -> None:
+    async def _finish(self, envelope: Envelope, data: bytes, rows: list[RecipientRow]) -> None:
+        """Every recipient is final: report failures to the sender, forget the message."""
         assert self.store is not None
-        message = await self._db(self.store.message, envelope.queue_id)
-        if message is None or message["done"]:
-            return
-        rows = await self._db(self.store.recipients, envelope.queue_id)
-        if not rows or any(r.state not in FINAL_STATES for r in rows):
-            return
+        self._forget(envelope.queue_id)
         failed = [r for r in rows if r.state in ("bounced", "expired")]
         dsn_sent = False
         if failed and envelope.mail_from:
@@ -291,11 +371,19 @@ class QueueManager:
                 Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=dsn_id, failed=len(failed)
             )
             dsn_sent = True
-        await self._db(self.store.finish, envelope.queue_id, dsn_sent)
-        await self._db(self.spool.remove, envelope.queue_id, envelope.size)
+        await self._db(self._done, envelope, dsn_sent)
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,
             delivered=sum(r.state == "delivered" for r in rows),
             failed=len(failed),
         )
+
+    def _done(self, envelope: Envelope, dsn_sent: bool) -> None:
+        assert self.store is not None
+        self.store.finish(envelope.queue_id, dsn_sent)
+        self.spool.remove(envelope.queue_id, envelope.size)
+
+
+def _arrival(envelope: Envelope) -> float:
+    return datetime.datetime.fromisoformat(envelope.received_at).timestamp()

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS messages (
     arrived REAL NOT NULL,
     hold INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
-    dsn_sent INTEGER NOT NULL DEFAULT 0
+    dsn_sent INTEGER NOT NULL DEFAULT 0,
+    finished REAL
 );
 CREATE TABLE IF NOT EXISTS recipients (
     queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     evidence TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_by_message ON attempts(queue_id);
+CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -72,6 +74,19 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 FINAL_STATES = ("delivered", "bounced", "expired")
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What one attempt did for one recipient, and the state that follows."""
+
+    idx: int
+    state: str
+    status: str
+    diagnostic: str
+    evidence: dict[str, Any] | None
+    next_attempt: float
+    outcome: str
 
 
 @dataclass(frozen=True)
@@ -98,10 +113,18 @@ class QueueStore:
         # and a lost message row is re-added from the spool at start.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(recipients)")}
-        if columns and "leased" not in columns:  # a store from before leases existed
-            self._db.execute("ALTER TABLE recipients ADD COLUMN leased INTEGER NOT NULL DEFAULT 0")
+        self._migrate()
         self._db.executescript(SCHEMA)
+
+    def _migrate(self) -> None:
+        """Bring a store written by an earlier version up to date (columns only added)."""
+        for table, column, decl in (
+            ("recipients", "leased", "INTEGER NOT NULL DEFAULT 0"),
+            ("messages", "finished", "REAL"),
+        ):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -227,35 +250,88 @@ class QueueStore:
         )
 
     def record(
-        self,
-        queue_id: str,
-        idx: int,
-        state: str,
-        status: str,
-        diagnostic: str,
-        evidence: dict[str, Any] | None,
-        next_attempt: float,
-        outcome: str,
-        now: float | None = None,
-    ) -> None:
-        """One attempt's result for one recipient, and its new state, atomically."""
+        self, queue_id: str, results: list[AttemptRecord], now: float | None = None
+    ) -> list[RecipientRow] | None:
+        """One attempt's results for some recipients of a message, with their new
+        states, in one transaction.  Returns every recipient of the message when this
+        made the last of them final (the caller then finishes the message: exactly
+        one caller does, as calls are serialised), else None."""
         now = time.time() if now is None else now
-        self._tx(
-            [
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        for r in results:
+            statements.append(
                 (
                     "UPDATE recipients SET leased=0, state=?, attempts=attempts+1, "
                     "next_attempt=?, status=?, diagnostic=?, updated=? "
                     "WHERE queue_id=? AND idx=?",
-                    (state, next_attempt, status, diagnostic, now, queue_id, idx),
-                ),
+                    (r.state, r.next_attempt, r.status, r.diagnostic, now, queue_id, r.idx),
+                )
+            )
+            statements.append(
                 (
                     "INSERT INTO attempts(queue_id, idx, at, outcome, status, diagnostic, "
-                    "evidence) "
-                    "VALUES (?,?,?,?,?,?,?)",
-                    (queue_id, idx, now, outcome, status, diagnostic, json.dumps(evidence or {})),
-                ),
-            ]
+                    "evidence) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        queue_id,
+                        r.idx,
+                        now,
+                        r.outcome,
+                        r.status,
+                        r.diagnostic,
+                        json.dumps(r.evidence or {}),
+                    ),
+                )
+            )
+        self._tx(statements)
+        if not any(r.state in FINAL_STATES for r in results):
+            return None
+        rows = self.recipients(queue_id)
+        if all(r.state in FINAL_STATES for r in rows):
+            return rows
+        return None
+
+    def unfinished(self) -> list[str]:
+        """Messages whose recipients are all final but which were never finished (a
+        crash came in between): finished at start."""
+        rows = self._db.execute(
+            "SELECT m.queue_id FROM messages m WHERE m.done=0 AND NOT EXISTS "
+            "(SELECT 1 FROM recipients r WHERE r.queue_id=m.queue_id AND r.state NOT IN "
+            "('delivered','bounced','expired'))"
         )
+        return [r[0] for r in rows]
+
+    def depth(self) -> dict[str, int]:
+        """Recipients not yet final: pending, deferred, active (leased) and hold."""
+        counts = dict.fromkeys(("pending", "deferred", "active", "hold"), 0)
+        rows = self._db.execute(
+            "SELECT r.state, r.leased, m.hold, count(*) FROM recipients r JOIN messages m "
+            "USING (queue_id) WHERE m.done=0 AND r.state IN ('pending','deferred') "
+            "GROUP BY r.state, r.leased, m.hold"
+        )
+        for state, leased, hold, n in rows:
+            counts["active" if leased else "hold" if hold else state] += n
+        return counts
+
+    def prune(self, before: float) -> int:
+        """Forget messages finished before ``before``, with their recipients, attempts
+        and audit trail; returns how many."""
+        ids = [
+            (r[0],)
+            for r in self._db.execute(
+                "SELECT queue_id FROM messages WHERE done=1 AND finished<? LIMIT 5000", (before,)
+            )
+        ]
+        if ids:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("attempts", "audit", "recipients", "messages"):
+                    db.executemany(f"DELETE FROM {table} WHERE queue_id=?", ids)  # noqa: S608
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return len(ids)
 
     def attempts(self, queue_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
@@ -275,9 +351,15 @@ class QueueStore:
             for r in rows
         ]
 
-    def finish(self, queue_id: str, dsn_sent: bool) -> None:
+    def finish(self, queue_id: str, dsn_sent: bool, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         self._tx(
-            [("UPDATE messages SET done=1, dsn_sent=? WHERE queue_id=?", (int(dsn_sent), queue_id))]
+            [
+                (
+                    "UPDATE messages SET done=1, dsn_sent=?, finished=? WHERE queue_id=?",
+                    (int(dsn_sent), now, queue_id),
+                )
+            ]
         )
 
     # -- administration (each action is audited) -----------------------------------
@@ -313,7 +395,9 @@ class QueueStore:
                     (queue_id,),
                 )
             )
-            statements.append(("UPDATE messages SET done=1 WHERE queue_id=?", (queue_id,)))
+            statements.append(
+                ("UPDATE messages SET done=1, finished=? WHERE queue_id=?", (now, queue_id))
+            )
         else:
             raise ValueError(f"unknown action {action!r}")
         self._tx(statements)

@@ -349,25 +349,27 @@ def _parse_envelope(raw: bytes, path: Path) -> Envelope:
 
 
 def read_envelope(path: Path) -> Envelope:
+    return _read(path, with_data=False)[0]
+
+
+def read_message(path: Path, verify: bool = True) -> tuple[Envelope, bytes]:
+    env, data = _read(path, with_data=True)
+    if verify and hashlib.sha256(data).hexdigest() != env.sha256:
+        raise SpoolError(f"{path.name}: message bytes do not match their SHA-256")
+    return env, data
+
+
+def _read(path: Path, with_data: bool) -> tuple[Envelope, bytes]:
+    data = b""
     try:
         with open(path, "rb") as f:
             message_len, json_len = _read_layout(f, path)
-            f.seek(message_len)
+            f.seek(0 if with_data else message_len)
+            if with_data:
+                data = f.read(message_len)
             env = _parse_envelope(f.read(json_len), path)
     except OSError as e:
         raise SpoolError(f"{path.name}: {e.strerror}") from e
     if env.size != message_len or env.queue_id != path.name:
         raise SpoolError(f"{path.name}: envelope does not describe this file")
-    return env
-
-
-def read_message(path: Path, verify: bool = True) -> tuple[Envelope, bytes]:
-    env = read_envelope(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(env.size)
-    except OSError as e:
-        raise SpoolError(f"{path.name}: {e.strerror}") from e
-    if verify and hashlib.sha256(data).hexdigest() != env.sha256:
-        raise SpoolError(f"{path.name}: message bytes do not match their SHA-256")
     return env, data

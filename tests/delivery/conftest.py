@@ -83,10 +83,20 @@ async def world(tmp_path, pki):
     w = World()
     w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
 
-    async def send(hosts: list[str], level: TlsLevel, rcpts=("r@dest.test",)):
+    async def send(
+        hosts: list[str], level: TlsLevel, rcpts=("r@dest.test",), sessions=None, metrics=None
+    ):
         routed = Routed(tuple(NextHop(h, port, i) for i, h in enumerate(hosts)))
         return await deliver(
-            routed, level, "s@clinic.test", list(rcpts), MESSAGE, settings, resolver
+            routed,
+            level,
+            "s@clinic.test",
+            list(rcpts),
+            MESSAGE,
+            settings,
+            resolver,
+            sessions=sessions,
+            metrics=metrics,
         )
 
     w.send = send

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import load_test_config, make_message, write_config
+from gateway.queue.store import AttemptRecord, QueueStore
+from tests.conftest import load_test_config, make_message, queued, smtp_client, write_config
 from tests.delivery.conftest import wait_until
 from tests.e2e.daemon import Daemon
 
@@ -43,3 +44,43 @@ async def test_kill_9_during_delivery_then_restart_delivers_every_recipient(tmp_
         )
     finally:
         daemon.kill()
+
+
+async def test_a_crash_after_the_last_result_but_before_the_bounce_is_finished_at_start(
+    gateway_factory, world, pki
+):
+    """The last recipient's result was recorded, then the process died before the DSN
+    and the spool removal: the next start finishes the message."""
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.42")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    config = {
+        "dns.nameservers": [world.dns.nameserver],
+        "delivery.smart_host": None,
+        "delivery.port": world.port,
+        "tls.ca_file": str(pki.ca_file),
+        "delivery.retry_schedule": ["1h"],
+        "routes": {"dest.test": "127.0.0.43"},  # nothing listens: deferred
+    }
+    first = await gateway_factory(config)
+    async with smtp_client(first) as client:
+        await client.sendmail("s@clinic.test", ["r@dest.test"], make_message("Secret", "PHI\r\n"))
+    (path,) = queued(first)
+    queue_id = path.name
+    await wait_until(
+        lambda: [r.state for r in first.queue.store.recipients(queue_id)] == ["deferred"],
+        what="deferred",
+    )
+    await first.stop()
+    store = QueueStore(first.config.state_dir / "queue.db")  # what the crash left behind
+    store.record(
+        queue_id,
+        [AttemptRecord(0, "bounced", "5.1.1", "550 5.1.1 no such user", None, 0, "bounced")],
+    )
+    store.close()
+
+    second = await gateway_factory(config)
+    await wait_until(lambda: sender_sink.received, what="the DSN")
+    text = sender_sink.received[0].data.decode()
+    assert "Status: 5.1.1" in text and "Secret" not in text and "PHI" not in text
+    assert second.queue.store.message(queue_id)["done"] == 1
+    await wait_until(lambda: queued(second) == [], what="the message and its DSN gone")

@@ -42,6 +42,10 @@ def done(gw, queue_id) -> bool:
     return bool(message and message["done"])
 
 
+def depth(gw, state: str) -> float:
+    return gw.metrics.registry.get_sample_value("sealgate_queue_recipients", {"state": state})
+
+
 def state(gw, queue_id):
     return {r.address: (r.state, r.status) for r in gw.queue.store.recipients(queue_id)}
 
@@ -183,6 +187,13 @@ async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factor
     # the spool gauges follow the removal of a finished message
     lines = gw.render_metrics().decode().splitlines()
     assert "sealgate_spool_messages 0.0" in lines and "sealgate_spool_bytes 0.0" in lines
+    version = attempt["evidence"]["tls_version"]
+    assert (
+        "sealgate_delivery_attempts_total"
+        f'{{outcome="delivered",tls_level="verify",tls_version="{version}"}} 1.0'
+    ) in lines
+    assert 'sealgate_queue_time_seconds_count{outcome="delivered"} 1.0' in lines
+    assert 'sealgate_delivery_connections_total{kind="new"} 1.0' in lines
 
 
 async def test_hold_release_retry_and_delete_are_obeyed_and_audited(gateway_factory, world, pki):
@@ -195,9 +206,11 @@ async def test_hold_release_retry_and_delete_are_obeyed_and_audited(gateway_fact
     await wait_until(
         lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred", what="deferred"
     )
+    await wait_until(lambda: depth(gw, "deferred") == 1, what="queue depth gauge")
 
     held = run_sealgate("queue", "hold", queue_id, "--state-dir", state_dir)
     assert held.returncode == 0, held.stderr
+    await wait_until(lambda: (depth(gw, "hold"), depth(gw, "deferred")) == (1, 0), what="held")
     listed = run_sealgate("queue", "list", "--state", "hold", "--json", "--state-dir", state_dir)
     assert [json.loads(line)["queue_id"] for line in listed.stdout.splitlines()] == [queue_id]
     assert run_sealgate("queue", "retry", queue_id, "--state-dir", state_dir).returncode == 0

@@ -28,6 +28,7 @@ async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world,
         "delivery.port": world.port,
         "tls.ca_file": str(pki.ca_file),
         "delivery.retry_schedule": ["1s"],
+        "delivery.reuse_idle_time": "60s",
         "smtp.workers": 2,
     }
     path = write_config(tmp_path, {**base, "routes": {"partner.test": "old.partner.test"}})
@@ -51,6 +52,8 @@ async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world,
             await wait_until(
                 lambda: "app.reloaded" in daemon.log_path.read_text(), what="reload logged"
             )
+            # the idle session was established under the old settings: closed, not reused
+            await wait_until(lambda: old.quits == 1, what="idle session closed at reload")
             await _send(daemon, "b@partner.test")
             await wait_until(lambda: new.received, what="delivery on the new route")
             assert [m.rcpt_tos for m in old.received] == [["a@partner.test"]]
