@@ -137,16 +137,23 @@ class QueueManager:
                 await self._db(self.store.finish, queue_id, False)
                 continue
             rows = await self._db(self.store.recipients, queue_id)
-            await self._finish(envelope, data, rows)
+            await self._finish(envelope, data, rows, recovering=True)
         log.info(Event.QUEUE_STARTED, reconciled=added, finished=len(unfinished))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _reconcile(self) -> int:
+        """Add spooled messages the store does not know (a crash before `enqueue`);
+        remove spool files of messages already done (a crash before the removal)."""
         assert self.store is not None
         known, added = self.store.known(), 0
         for item in self.spool.envelopes():
-            if isinstance(item, Envelope) and item.queue_id not in known:
+            if not isinstance(item, Envelope):
+                continue
+            done = known.get(item.queue_id)
+            if done is None:
                 added += self.store.add(item)
+            elif done:
+                self.spool.remove(item.queue_id, item.size)
         return added
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -291,7 +298,7 @@ class QueueManager:
             self._next_state(envelope, row, result, now)
             for row, result in zip(rows, results, strict=True)
         ]
-        final = await self._db(self.store.record, queue_id, records, now)
+        final = await self._db(self._record, envelope, records, now)
         if final is None and any(r.state == "deferred" for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         for row, result, record in zip(rows, results, records, strict=True):
@@ -350,8 +357,24 @@ class QueueManager:
             reused=ev.reused if ev else None,
         )
 
-    async def _finish(self, envelope: Envelope, data: bytes, rows: list[RecipientRow]) -> None:
-        """Every recipient is final: report failures to the sender, forget the message."""
+    def _record(
+        self, envelope: Envelope, records: list[AttemptRecord], now: float
+    ) -> list[RecipientRow] | None:
+        """In the database thread: record the results; a message every recipient of
+        which was delivered is done at once (`QueueStore.record`), and its spool file
+        goes now, without another trip through the event loop."""
+        assert self.store is not None
+        final = self.store.record(envelope.queue_id, records, now)
+        if final is not None and all(r.state == "delivered" for r in final):
+            self.spool.remove(envelope.queue_id, envelope.size)
+        return final
+
+    async def _finish(
+        self, envelope: Envelope, data: bytes, rows: list[RecipientRow], *, recovering: bool = False
+    ) -> None:
+        """Every recipient is final: report failures to the sender, forget the message.
+        (All delivered: done already, in the transaction of the last result, unless
+        ``recovering`` a message a crash left unfinished.)"""
         assert self.store is not None
         self._forget(envelope.queue_id)
         failed = [r for r in rows if r.state in ("bounced", "expired")]
@@ -371,7 +394,8 @@ class QueueManager:
                 Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=dsn_id, failed=len(failed)
             )
             dsn_sent = True
-        await self._db(self._done, envelope, dsn_sent)
+        if failed or recovering:
+            await self._db(self._done, envelope, dsn_sent)
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,

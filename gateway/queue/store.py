@@ -168,8 +168,11 @@ class QueueStore:
         self._tx(statements)
         return True
 
-    def known(self) -> set[str]:
-        return {row[0] for row in self._db.execute("SELECT queue_id FROM messages")}
+    def known(self) -> dict[str, bool]:
+        """Every message in the store -> whether it is done."""
+        return {
+            row[0]: bool(row[1]) for row in self._db.execute("SELECT queue_id, done FROM messages")
+        }
 
     def message(self, queue_id: str) -> dict[str, Any] | None:
         row = self._db.execute(
@@ -217,15 +220,17 @@ class QueueStore:
         or at the next start: `release_leases`)."""
         rows = self.due(now, limit)
         if rows:
-            self._tx(
-                [
-                    (
-                        "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
-                        (r.queue_id, r.idx),
-                    )
-                    for r in rows
-                ]
-            )
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
+                    [(r.queue_id, r.idx) for r in rows],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         return rows
 
     def release_leases(
@@ -255,7 +260,8 @@ class QueueStore:
         """One attempt's results for some recipients of a message, with their new
         states, in one transaction.  Returns every recipient of the message when this
         made the last of them final (the caller then finishes the message: exactly
-        one caller does, as calls are serialised), else None."""
+        one caller does, as calls are serialised), else None.  When every recipient
+        was delivered, the message is marked done in the same transaction."""
         now = time.time() if now is None else now
         statements: list[tuple[str, tuple[Any, ...]]] = []
         for r in results:
@@ -282,13 +288,26 @@ class QueueStore:
                     ),
                 )
             )
-        self._tx(statements)
         if not any(r.state in FINAL_STATES for r in results):
+            self._tx(statements)
             return None
-        rows = self.recipients(queue_id)
-        if all(r.state in FINAL_STATES for r in rows):
-            return rows
-        return None
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                db.execute(sql, args)
+            rows = self.recipients(queue_id)
+            final = all(r.state in FINAL_STATES for r in rows)
+            if final and all(r.state == "delivered" for r in rows):
+                # Nothing to report to the sender: the message is done right here.
+                db.execute(
+                    "UPDATE messages SET done=1, finished=? WHERE queue_id=?", (now, queue_id)
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return rows if final else None
 
     def unfinished(self) -> list[str]:
         """Messages whose recipients are all final but which were never finished (a

@@ -84,7 +84,12 @@ async def world(tmp_path, pki):
     w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
 
     async def send(
-        hosts: list[str], level: TlsLevel, rcpts=("r@dest.test",), sessions=None, metrics=None
+        hosts: list[str],
+        level: TlsLevel,
+        rcpts=("r@dest.test",),
+        sessions=None,
+        metrics=None,
+        data: bytes = MESSAGE,
     ):
         routed = Routed(tuple(NextHop(h, port, i) for i, h in enumerate(hosts)))
         return await deliver(
@@ -92,7 +97,7 @@ async def world(tmp_path, pki):
             level,
             "s@clinic.test",
             list(rcpts),
-            MESSAGE,
+            data,
             settings,
             resolver,
             sessions=sessions,

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from gateway.delivery.client import wire_form
 from gateway.delivery.tls_policy import TlsLevel
 
 
@@ -116,3 +117,25 @@ async def test_the_data_reply_decides_for_every_accepted_recipient(world, reply,
         ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("a@dest.test", "b@dest.test")
     )
     assert {(r.outcome, r.status) for r in results} == {(outcome, reply.split()[1])}
+
+
+@pytest.mark.parametrize(
+    ("data", "wire"),
+    [
+        (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+        (b".\r\n", b"..\r\n.\r\n"),  # a line holding only a dot is not the end
+        (b"..x\r\nend", b"...x\r\nend\r\n.\r\n"),
+        (b"a\nb\r.c", b"a\r\nb\r\n..c\r\n.\r\n"),  # foreign data: line endings made CRLF
+        (b"", b"\r\n.\r\n"),
+    ],
+)
+def test_the_wire_form_dot_stuffs_and_ends_with_the_end_marker(data, wire):
+    assert wire_form(data) == wire
+
+
+async def test_lines_starting_with_a_dot_arrive_intact(world):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21")
+    data = b"Subject: t\r\n\r\n.\r\n..two\r\n.\r\n.end\r\n"
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY, data=data)
+    assert result.outcome == "delivered"
+    assert mx.received[0].data == data

@@ -84,3 +84,40 @@ async def test_a_crash_after_the_last_result_but_before_the_bounce_is_finished_a
     assert "Status: 5.1.1" in text and "Secret" not in text and "PHI" not in text
     assert second.queue.store.message(queue_id)["done"] == 1
     await wait_until(lambda: queued(second) == [], what="the message and its DSN gone")
+
+
+async def test_a_crash_after_the_last_delivery_but_before_the_spool_removal_is_cleaned_at_start(
+    gateway_factory, world, pki
+):
+    mx = await world.mta("mx.dest.test", "127.0.0.44")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    config = {
+        "dns.nameservers": [world.dns.nameserver],
+        "delivery.smart_host": None,
+        "delivery.port": world.port,
+        "tls.ca_file": str(pki.ca_file),
+        "delivery.retry_schedule": ["1h"],
+        "routes": {"dest.test": "127.0.0.45"},  # nothing listens: deferred
+    }
+    first = await gateway_factory(config)
+    async with smtp_client(first) as client:
+        await client.sendmail("s@clinic.test", ["r@dest.test"], make_message())
+    (path,) = queued(first)
+    await wait_until(
+        lambda: [r.state for r in first.queue.store.recipients(path.name)] == ["deferred"],
+        what="deferred",
+    )
+    await first.stop()
+    store = QueueStore(first.config.state_dir / "queue.db")  # the delivery was recorded...
+    store.record(
+        path.name, [AttemptRecord(0, "delivered", "2.0.0", "250 ok", None, 0, "delivered")]
+    )
+    assert store.message(path.name)["done"] == 1
+    store.close()
+    assert path.exists()  # ...and the process died before removing the file
+
+    del config["routes"]  # were it queued again, it would now reach mx.dest.test
+    second = await gateway_factory(config)
+    assert queued(second) == []
+    await asyncio.sleep(1.5)
+    assert mx.received == []  # delivered once is enough
