@@ -2,11 +2,13 @@
 """End-to-end relay benchmark: smtp-source -> Sealgate -> smtp-sink, against
 smtp-source -> Postfix -> smtp-sink, in the same run.
 
-    .venv/bin/python bench/relay.py [--messages 3000] [--size 4096]
+    .venv/bin/python bench/relay.py [--messages 3000] [--sizes 4096,51200] [--rounds 3]
 
-Both relay to the same ``smtp-sink`` (plaintext: smtp-sink has no STARTTLS, so
-Sealgate runs at ``tls_level: may`` here).  The figure is messages per second from the
-first connection until the sink has received every message.  Needs root (Postfix).
+``smtp-source`` sends with 20 sessions.  Each relay has its own ``smtp-sink``
+(plaintext: smtp-sink has no STARTTLS, so Sealgate runs at ``tls_level: may`` here).
+The figure is messages per second from the first connection until the sink has
+received every message.  Postfix and Sealgate alternate (the first to go changes
+every round) and the medians are compared.  Needs root (Postfix).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,17 +43,34 @@ def counting_sink(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     return proc, port, log
 
 
-def delivered(log: Path) -> int:
-    return log.read_bytes().count(b"\n.\n") + log.read_bytes().count(b": .\n")
+class DeliveryCounter:
+    """Counts messages in the sink's verbose log, reading only what was appended (a
+    full re-read every poll would cost the later run more CPU than the earlier)."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.offset = 0
+        self.count = 0
+        self.tail = b""
+
+    def __call__(self) -> int:
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        text = self.tail + chunk
+        # the end of a message shows as a line holding a dot (older smtp-sink: ": .")
+        self.count += text.count(b"\n.\n") + text.count(b": .\n")
+        self.tail = text[-3:]
+        return self.count
 
 
-def run_to(
-    port: int, messages: int, size: int, sink_log: Path, baseline: int, timeout: float = 600
-) -> float:
+def run_to(port: int, messages: int, size: int, sink_log: Path, timeout: float = 600) -> float:
+    delivered = DeliveryCounter(sink_log)
     started = time.monotonic()
     smtp_source(port, messages, 20, size, timeout)
     deadline = started + timeout
-    while delivered(sink_log) < baseline + messages and time.monotonic() < deadline:
+    while delivered() < messages and time.monotonic() < deadline:
         time.sleep(0.1)
     return messages / (time.monotonic() - started)
 
@@ -58,32 +78,52 @@ def run_to(
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=3000)
-    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--sizes", default="4096,51200", help="message sizes in bytes, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (Postfix)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="sealgate-relay-"))
+    sinks: list[subprocess.Popen[bytes]] = []
     try:
-        sink, sink_port, sink_log = counting_sink(workdir)
-        try:
-            with postfix_instance(workdir, sink_port) as pf_port:
-                base = delivered(sink_log)
-                pf = run_to(pf_port, args.messages, args.size, sink_log, base)
+        pf_sink, pf_sink_port, pf_log = counting_sink(workdir)
+        sg_sink, sg_sink_port, sg_log = counting_sink(workdir)
+        sinks += [pf_sink, sg_sink]
+        extra = f"  smart_host: '127.0.0.1:{sg_sink_port}'\n  tls_level: may\n"
+        with (
+            postfix_instance(workdir, pf_sink_port) as pf_port,
+            Sealgate(workdir, delivery_extra=extra) as gw,
+        ):
+
+            def postfix(size: int) -> float:
+                rate = run_to(pf_port, args.messages, size, pf_log)
                 wait_until_delivered(workdir)
-            extra = f"  smart_host: '127.0.0.1:{sink_port}'\n  tls_level: may\n"
-            with Sealgate(workdir, delivery_extra=extra) as gw:
-                base = delivered(sink_log)
-                sg = run_to(gw.smtp_port, args.messages, args.size, sink_log, base)
-                rss = peak_rss_mb(gw.pids())
-        finally:
-            sink.terminate()
-        print(
-            f"relay {args.size} B: postfix {pf:.0f}/s  sealgate {sg:.0f}/s  "
-            f"ratio {sg / pf:.2f}  (target >= 1.00); sealgate peak RSS "
-            f"{', '.join(f'{m:.0f}' for m in rss)} MB"
-        )
+                return rate
+
+            def sealgate(size: int) -> float:
+                return run_to(gw.smtp_port, args.messages, size, sg_log)
+
+            for size in (int(s) for s in args.sizes.split(",")):
+                rates: dict[str, list[float]] = {"postfix": [], "sealgate": []}
+                for i in range(args.rounds):
+                    order = [("postfix", postfix), ("sealgate", sealgate)]
+                    for name, run in order if i % 2 == 0 else reversed(order):
+                        rates[name].append(run(size))
+                pf, sg = (statistics.median(rates[k]) for k in ("postfix", "sealgate"))
+                print(
+                    f"relay {size} B, {args.messages} messages, 20 sessions, median of "
+                    f"{args.rounds}: postfix {pf:.0f}/s  sealgate {sg:.0f}/s  ratio "
+                    f"{sg / pf:.2f}  (target >= 1.00)  [postfix "
+                    f"{', '.join(f'{r:.0f}' for r in rates['postfix'])}; sealgate "
+                    f"{', '.join(f'{r:.0f}' for r in rates['sealgate'])}]",
+                    flush=True,
+                )
+            rss = peak_rss_mb(gw.pids())
+            print(f"sealgate peak RSS per process: {', '.join(f'{m:.0f}' for m in rss)} MB")
     finally:
+        for sink in sinks:
+            sink.terminate()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
