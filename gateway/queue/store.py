@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -430,4 +430,5 @@ class QueueStore:
 
 
 def evidence_dict(evidence: Any) -> dict[str, Any] | None:
-    return asdict(evidence) if evidence is not None else None
+    """A flat evidence dataclass as a dict (vars(): asdict's deep copy is not needed)."""
+    return dict(vars(evidence)) if evidence is not None else None

@@ -197,10 +197,7 @@ class Spool:
                 yield e
 
     def read(self, queue_id: str, verify: bool = True) -> tuple[Envelope, bytes]:
-        path = self.path_of(queue_id)
-        if not path.exists():
-            raise SpoolError(f"no message {queue_id} in the spool")
-        return read_message(path, verify=verify)
+        return read_message(self.path_of(queue_id), verify=verify)
 
     def remove(self, queue_id: str, size: int | None = None) -> None:
         """Forget a message that is done (every recipient delivered or failed)."""
@@ -368,6 +365,8 @@ def _read(path: Path, with_data: bool) -> tuple[Envelope, bytes]:
             if with_data:
                 data = f.read(message_len)
             env = _parse_envelope(f.read(json_len), path)
+    except FileNotFoundError:
+        raise SpoolError(f"no message {path.name} in the spool") from None
     except OSError as e:
         raise SpoolError(f"{path.name}: {e.strerror}") from e
     if env.size != message_len or env.queue_id != path.name:
