@@ -45,7 +45,13 @@ from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.probe.dns import Resolver
-from gateway.queue.store import AttemptRecord, QueueStore, RecipientRow, evidence_dict
+from gateway.queue.store import (
+    AttemptRecord,
+    QueueStore,
+    RecipientRow,
+    domain_of,
+    evidence_dict,
+)
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
 
@@ -182,20 +188,35 @@ class QueueManager:
         self, queue_id: str, envelope: Envelope | None = None, size: int | None = None
     ) -> None:
         """A message was spooled: record its recipients and try them now.  Without the
-        envelope (a worker process spooled it), it is read back from the spool."""
+        envelope (a worker process spooled it), it is read back from the spool.
+
+        When there is room for more attempts, the recipients are leased as they are
+        recorded and their attempts start here, without a trip through `_run`."""
         assert self.store is not None
+        lease = not self._stopping and len(self._attempts) < self.config.delivery.concurrency
         try:
-            recorded, data = await self._db(self._add, queue_id, envelope, size)
+            recorded, data, added = await self._db(self._add, queue_id, envelope, size, lease)
         except SpoolError as e:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
             return
         if data is not None:
             self._cache_put(recorded, data)
-        self._wake.set()
+        if lease and added:
+            now = time.time()
+            self._start(
+                [
+                    RecipientRow(
+                        queue_id, idx, r.address, domain_of(r.address), "pending", 0, now, "", ""
+                    )
+                    for idx, r in enumerate(recorded.recipients)
+                ]
+            )
+        else:
+            self._wake.set()
 
     def _add(
-        self, queue_id: str, envelope: Envelope | None, size: int | None
-    ) -> tuple[Envelope, bytes | None]:
+        self, queue_id: str, envelope: Envelope | None, size: int | None, lease: bool
+    ) -> tuple[Envelope, bytes | None, bool]:
         """In the database thread: record the message's recipients, reading the
         message when it is small enough to be kept for its first attempt."""
         assert self.store is not None
@@ -205,8 +226,8 @@ class QueueManager:
             envelope, data = self.spool.read(queue_id)
         elif envelope is None:
             envelope = read_envelope(self.spool.path_of(queue_id))
-        self.store.add(envelope)
-        return envelope, data
+        added = self.store.add(envelope, lease=lease)
+        return envelope, data, added
 
     def _cache_put(self, envelope: Envelope, data: bytes) -> None:
         self._cache[envelope.queue_id] = (envelope, data)
@@ -230,13 +251,7 @@ class QueueManager:
             # Claim no more than can start soon: the rest stay in the database.
             room = 2 * self.config.delivery.concurrency - len(self._attempts)
             due = await self._db(self.store.claim, now, room) if room > 0 else []
-            groups: dict[tuple[str, str], list[RecipientRow]] = defaultdict(list)
-            for row in due:
-                groups[(row.queue_id, row.domain)].append(row)
-            for (queue_id, domain), rows in groups.items():
-                task = asyncio.get_running_loop().create_task(self._attempt(queue_id, domain, rows))
-                self._attempts.add(task)
-                task.add_done_callback(self._attempts.discard)
+            self._start(due)
             if now - last_depth >= POLL_INTERVAL:
                 last_depth = now
                 for state, count in (await self._db(self.store.depth)).items():
@@ -248,6 +263,18 @@ class QueueManager:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+
+    def _start(self, leased: list[RecipientRow]) -> None:
+        """An attempt per message and recipient domain, for recipients leased to us."""
+        if self._stopping:
+            return  # the leases end at the next start (`release_leases`)
+        groups: dict[tuple[str, str], list[RecipientRow]] = defaultdict(list)
+        for row in leased:
+            groups[(row.queue_id, row.domain)].append(row)
+        for (queue_id, domain), rows in groups.items():
+            task = asyncio.get_running_loop().create_task(self._attempt(queue_id, domain, rows))
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         try:

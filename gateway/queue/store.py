@@ -142,8 +142,9 @@ class QueueStore:
 
     # -- messages -------------------------------------------------------------------
 
-    def add(self, envelope: Envelope, now: float | None = None) -> bool:
-        """Record a spooled message; False if it is known already (recovery)."""
+    def add(self, envelope: Envelope, now: float | None = None, lease: bool = False) -> bool:
+        """Record a spooled message; False if it is known already (recovery).  With
+        ``lease``, its recipients are taken for an attempt at once (no `claim`)."""
         now = time.time() if now is None else now
         if self._db.execute(
             "SELECT 1 FROM messages WHERE queue_id=?", (envelope.queue_id,)
@@ -157,12 +158,12 @@ class QueueStore:
             )
         ]
         for idx, rcpt in enumerate(envelope.recipients):
-            domain = rcpt.address.rpartition("@")[2].lower()
+            domain = domain_of(rcpt.address)
             statements.append(
                 (
-                    "INSERT INTO recipients(queue_id, idx, address, domain, next_attempt, updated) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (envelope.queue_id, idx, rcpt.address, domain, now, now),
+                    "INSERT INTO recipients(queue_id, idx, address, domain, next_attempt, "
+                    "updated, leased) VALUES (?,?,?,?,?,?,?)",
+                    (envelope.queue_id, idx, rcpt.address, domain, now, now, int(lease)),
                 )
             )
         self._tx(statements)
@@ -427,6 +428,10 @@ class QueueStore:
             "SELECT at, action, actor FROM audit WHERE queue_id=? ORDER BY id", (queue_id,)
         )
         return [{"at": r[0], "action": r[1], "actor": r[2]} for r in rows]
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
 
 
 def evidence_dict(evidence: Any) -> dict[str, Any] | None:
