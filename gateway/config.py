@@ -264,6 +264,14 @@ class SmtpConfig:
             "in the main process. Connection limits apply per worker, divided evenly."
         ),
     )
+    worker_nice: int = field(
+        default=5,
+        metadata=doc(
+            "Scheduling niceness added to the SMTP worker processes (0-19). When the CPU "
+            "is saturated, delivery keeps pace with acceptance and senders are slowed "
+            "instead of the queue growing. 0: the same priority as delivery."
+        ),
+    )
     max_message_size: Size = field(
         default=Size(50 * 1024**2),
         metadata=doc("Largest message accepted (advertised as SIZE); larger gets 552 5.3.4."),
@@ -469,6 +477,8 @@ _CERT_PATTERN = re.compile(r"(sha256:[0-9a-fA-F:]+|cn:.+|san:(\*\.)?[A-Za-z0-9.-
 def _check_value(path: str, value: Any) -> None:
     if path == "smtp.workers" and not 0 <= value <= 64:
         raise ValueError("must be 0 (one per CPU core) to 64")
+    if path == "smtp.worker_nice" and not 0 <= value <= 19:
+        raise ValueError("must be 0 to 19")
     if path in _POSITIVE_INTS and value < 1:
         raise ValueError("must be at least 1")
     if path == "smtp.max_line_length" and value < 1000:

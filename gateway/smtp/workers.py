@@ -13,6 +13,10 @@ Control protocol (one JSON object per line, child -> main): ``ready``; ``queued`
 with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
 (every second and on exit).  The main process adds the snapshots to its own metrics.
 
+Workers run at a lower scheduling priority (``smtp.worker_nice``) than the main
+process, which delivers: under CPU saturation senders wait a little longer for 250
+rather than the queue growing without bound.
+
 Lifecycle: SIGTERM to a worker stops it gracefully (stop accepting, let DATA finish).
 A worker dies with the main process (PR_SET_PDEATHSIG) or when the control socket
 closes.  A worker that dies unexpectedly is logged and restarted after a pause.
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
+    # Delivery (the main process) comes first when CPU is short: accepting faster
+    # than we deliver only grows the queue.
+    os.nice(config.smtp.worker_nice)
     configure_logging(config.logging.level)
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)

@@ -113,3 +113,13 @@ async def test_sigterm_stops_the_workers_and_the_main_process_cleanly(daemon):
     for pid in workers:  # gone, or a zombie waiting for its (exited) parent's reaper
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z"
+
+
+def test_workers_run_at_a_lower_priority_than_the_main_process(daemon):
+    def nice(pid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+
+    workers = _worker_pids(daemon)
+    assert len(workers) == 2
+    main = nice(daemon.proc.pid)
+    assert [nice(pid) - main for pid in workers] == [daemon.config.smtp.worker_nice] * 2 == [5, 5]
