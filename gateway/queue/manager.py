@@ -86,6 +86,11 @@ class QueueManager:
         self.apply(config)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
+        # Removing a finished message's file can wait behind the file system journal
+        # (the SMTP side renames and fsyncs in the same directory): never in the
+        # database thread, which every attempt needs.
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
+        self._removals: set[asyncio.Future[None]] = set()
         self.store: QueueStore | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -180,6 +185,9 @@ class QueueManager:
             await self.sessions.close()
         if self._retired:
             await asyncio.wait(self._retired, timeout=5)
+        if self._removals:
+            await asyncio.wait(self._removals, timeout=grace)
+        self._remover.shutdown(wait=True)
         if self.store is not None:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
@@ -388,13 +396,18 @@ class QueueManager:
         self, envelope: Envelope, records: list[AttemptRecord], now: float
     ) -> list[RecipientRow] | None:
         """In the database thread: record the results; a message every recipient of
-        which was delivered is done at once (`QueueStore.record`), and its spool file
-        goes now, without another trip through the event loop."""
+        which was delivered is done at once (`QueueStore.record`)."""
         assert self.store is not None
-        final = self.store.record(envelope.queue_id, records, now)
-        if final is not None and all(r.state == "delivered" for r in final):
-            self.spool.remove(envelope.queue_id, envelope.size)
-        return final
+        return self.store.record(envelope.queue_id, records, now)
+
+    def _remove(self, envelope: Envelope) -> None:
+        """Remove a done message's spool file, in the background: if the process dies
+        first, the next start removes it (`_reconcile`)."""
+        removal = asyncio.get_running_loop().run_in_executor(
+            self._remover, self.spool.remove, envelope.queue_id, envelope.size
+        )
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
 
     async def _finish(
         self, envelope: Envelope, data: bytes, rows: list[RecipientRow], *, recovering: bool = False
@@ -422,18 +435,14 @@ class QueueManager:
             )
             dsn_sent = True
         if failed or recovering:
-            await self._db(self._done, envelope, dsn_sent)
+            await self._db(self.store.finish, envelope.queue_id, dsn_sent)
+        self._remove(envelope)
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,
             delivered=sum(r.state == "delivered" for r in rows),
             failed=len(failed),
         )
-
-    def _done(self, envelope: Envelope, dsn_sent: bool) -> None:
-        assert self.store is not None
-        self.store.finish(envelope.queue_id, dsn_sent)
-        self.spool.remove(envelope.queue_id, envelope.size)
 
 
 def _arrival(envelope: Envelope) -> float:

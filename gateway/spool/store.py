@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,7 @@ class Spool:
         self.queue_sync = DirectorySync(self.queue_dir, self.run_io)
         self.messages = 0
         self.bytes = 0
+        self._count_lock = threading.Lock()  # removals may run in another thread
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -209,12 +211,14 @@ class Spool:
                 size = 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-            self.messages = max(0, self.messages - 1)
-            self.bytes = max(0, self.bytes - size)
+            with self._count_lock:
+                self.messages = max(0, self.messages - 1)
+                self.bytes = max(0, self.bytes - size)
 
     def note_committed(self, size: int) -> None:
-        self.messages += 1
-        self.bytes += size
+        with self._count_lock:
+            self.messages += 1
+            self.bytes += size
 
 
 class SpoolWriter:
