@@ -65,14 +65,26 @@ class DeliveryCounter:
         return self.count
 
 
-def run_to(port: int, messages: int, size: int, sink_log: Path, timeout: float = 600) -> float:
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent not idle (user, system, irq...), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_to(
+    port: int, messages: int, size: int, sink_log: Path, timeout: float = 600
+) -> tuple[float, float]:
+    """(messages per second, machine CPU milliseconds per message) for one run."""
     delivered = DeliveryCounter(sink_log)
+    cpu = busy_cpu_seconds()
     started = time.monotonic()
     smtp_source(port, messages, 20, size, timeout)
     deadline = started + timeout
     while delivered() < messages and time.monotonic() < deadline:
         time.sleep(0.1)
-    return messages / (time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    return messages / elapsed, 1000 * (busy_cpu_seconds() - cpu) / messages
 
 
 def main() -> int:
@@ -96,27 +108,31 @@ def main() -> int:
             Sealgate(workdir, delivery_extra=extra) as gw,
         ):
 
-            def postfix(size: int) -> float:
-                rate = run_to(pf_port, args.messages, size, pf_log)
+            def postfix(size: int) -> tuple[float, float]:
+                result = run_to(pf_port, args.messages, size, pf_log)
                 wait_until_delivered(workdir)
-                return rate
+                return result
 
-            def sealgate(size: int) -> float:
+            def sealgate(size: int) -> tuple[float, float]:
                 return run_to(gw.smtp_port, args.messages, size, sg_log)
 
             for size in (int(s) for s in args.sizes.split(",")):
-                rates: dict[str, list[float]] = {"postfix": [], "sealgate": []}
+                runs: dict[str, list[tuple[float, float]]] = {"postfix": [], "sealgate": []}
                 for i in range(args.rounds):
                     order = [("postfix", postfix), ("sealgate", sealgate)]
                     for name, run in order if i % 2 == 0 else reversed(order):
-                        rates[name].append(run(size))
-                pf, sg = (statistics.median(rates[k]) for k in ("postfix", "sealgate"))
+                        runs[name].append(run(size))
+                rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
+                cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
                 print(
                     f"relay {size} B, {args.messages} messages, 20 sessions, median of "
-                    f"{args.rounds}: postfix {pf:.0f}/s  sealgate {sg:.0f}/s  ratio "
-                    f"{sg / pf:.2f}  (target >= 1.00)  [postfix "
-                    f"{', '.join(f'{r:.0f}' for r in rates['postfix'])}; sealgate "
-                    f"{', '.join(f'{r:.0f}' for r in rates['sealgate'])}]",
+                    f"{args.rounds}: postfix {rate['postfix']:.0f}/s  sealgate "
+                    f"{rate['sealgate']:.0f}/s  ratio {rate['sealgate'] / rate['postfix']:.2f}"
+                    f"  (target >= 1.00)  [postfix "
+                    f"{', '.join(f'{r:.0f}' for r, _ in runs['postfix'])}; sealgate "
+                    f"{', '.join(f'{r:.0f}' for r, _ in runs['sealgate'])}]; machine CPU "
+                    f"per message (source and sink included): postfix {cpu['postfix']:.2f} ms"
+                    f"  sealgate {cpu['sealgate']:.2f} ms",
                     flush=True,
                 )
             rss = peak_rss_mb(gw.pids())

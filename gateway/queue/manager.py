@@ -45,6 +45,7 @@ from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.probe.dns import Resolver
+from gateway.queue.groupcommit import GroupCommit
 from gateway.queue.store import (
     AttemptRecord,
     QueueStore,
@@ -92,6 +93,7 @@ class QueueManager:
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
         self._removals: set[asyncio.Future[None]] = set()
         self.store: QueueStore | None = None
+        self._commits: GroupCommit
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -138,6 +140,7 @@ class QueueManager:
     async def start(self) -> None:
         path = self.config.state_dir / "queue.db"
         self.store = await self._db(QueueStore, path)
+        self._commits = GroupCommit(self.store, self._db_thread)
         await self._db(self.store.release_leases)
         added = await self._db(self._reconcile)
         unfinished = await self._db(self.store.unfinished)
@@ -203,7 +206,9 @@ class QueueManager:
         assert self.store is not None
         lease = not self._stopping and len(self._attempts) < self.config.delivery.concurrency
         try:
-            recorded, data, added = await self._db(self._add, queue_id, envelope, size, lease)
+            recorded, data, added = await self._commits.run(
+                lambda: self._add(queue_id, envelope, size, lease)
+            )
         except SpoolError as e:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
             return
@@ -333,7 +338,8 @@ class QueueManager:
             self._next_state(envelope, row, result, now)
             for row, result in zip(rows, results, strict=True)
         ]
-        final = await self._db(self._record, envelope, records, now)
+        store = self.store
+        final = await self._commits.run(lambda: store.record(queue_id, records, now))
         if final is None and any(r.state == "deferred" for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         for row, result, record in zip(rows, results, records, strict=True):
@@ -391,14 +397,6 @@ class QueueManager:
             tls_version=ev.tls_version if ev else None,
             reused=ev.reused if ev else None,
         )
-
-    def _record(
-        self, envelope: Envelope, records: list[AttemptRecord], now: float
-    ) -> list[RecipientRow] | None:
-        """In the database thread: record the results; a message every recipient of
-        which was delivered is done at once (`QueueStore.record`)."""
-        assert self.store is not None
-        return self.store.record(envelope.queue_id, records, now)
 
     def _remove(self, envelope: Envelope) -> None:
         """Remove a done message's spool file, in the background: if the process dies

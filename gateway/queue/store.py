@@ -16,9 +16,11 @@ lifetime).  A message may also be on ``hold`` (no attempts until released).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,16 +131,42 @@ class QueueStore:
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction; inside another (a `batch`), part of that one."""
         db = self._db
+        if db.in_transaction:
+            yield
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, args in statements:
-                db.execute(sql, args)
+            yield
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+
+    def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, Exception | None]]:
+        """Run several operations in one transaction (group commit): each in a
+        savepoint, so one that fails is undone alone and reports its exception."""
+        results: list[tuple[Any, Exception | None]] = []
+        db = self._db
+        with self.transaction():
+            for operation in operations:
+                db.execute("SAVEPOINT operation")
+                try:
+                    results.append((operation(), None))
+                except Exception as e:  # the caller gets it, the others go on
+                    db.execute("ROLLBACK TO operation")
+                    results.append((None, e))
+                db.execute("RELEASE operation")
+        return results
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self.transaction():
+            for sql, args in statements:
+                self._db.execute(sql, args)
 
     # -- messages -------------------------------------------------------------------
 
@@ -221,17 +249,11 @@ class QueueStore:
         or at the next start: `release_leases`)."""
         rows = self.due(now, limit)
         if rows:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
+            with self.transaction():
+                self._db.executemany(
                     "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
                     [(r.queue_id, r.idx) for r in rows],
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return rows
 
     def release_leases(
@@ -292,22 +314,16 @@ class QueueStore:
         if not any(r.state in FINAL_STATES for r in results):
             self._tx(statements)
             return None
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction():
             for sql, args in statements:
-                db.execute(sql, args)
+                self._db.execute(sql, args)
             rows = self.recipients(queue_id)
             final = all(r.state in FINAL_STATES for r in rows)
             if final and all(r.state == "delivered" for r in rows):
                 # Nothing to report to the sender: the message is done right here.
-                db.execute(
+                self._db.execute(
                     "UPDATE messages SET done=1, finished=? WHERE queue_id=?", (now, queue_id)
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return rows if final else None
 
     def unfinished(self) -> list[str]:
@@ -342,15 +358,9 @@ class QueueStore:
             )
         ]
         if ids:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.transaction():
                 for table in ("attempts", "audit", "recipients", "messages"):
-                    db.executemany(f"DELETE FROM {table} WHERE queue_id=?", ids)  # noqa: S608
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                    self._db.executemany(f"DELETE FROM {table} WHERE queue_id=?", ids)  # noqa: S608
         return len(ids)
 
     def attempts(self, queue_id: str) -> list[dict[str, Any]]:
