@@ -27,7 +27,7 @@ from gateway.app import Gateway
 from gateway.config import Config, load_config_text
 from gateway.observability.logging import configure_logging
 
-configure_logging("debug")
+configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 
 
 _handed_out: set[int] = set()
