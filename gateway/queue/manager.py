@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime
 import random
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
@@ -91,7 +92,9 @@ class QueueManager:
         # (the SMTP side renames and fsyncs in the same directory): never in the
         # database thread, which every attempt needs.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
-        self._removals: set[asyncio.Future[None]] = set()
+        self._remove_lock = threading.Lock()
+        self._to_remove: list[tuple[str, int]] = []
+        self._removing: asyncio.Future[None] | None = None
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -188,9 +191,7 @@ class QueueManager:
             await self.sessions.close()
         if self._retired:
             await asyncio.wait(self._retired, timeout=5)
-        if self._removals:
-            await asyncio.wait(self._removals, timeout=grace)
-        self._remover.shutdown(wait=True)
+        self._remover.shutdown(wait=True)  # the removals waiting are done first
         if self.store is not None:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
@@ -399,13 +400,26 @@ class QueueManager:
         )
 
     def _remove(self, envelope: Envelope) -> None:
-        """Remove a done message's spool file, in the background: if the process dies
-        first, the next start removes it (`_reconcile`)."""
-        removal = asyncio.get_running_loop().run_in_executor(
-            self._remover, self.spool.remove, envelope.queue_id, envelope.size
-        )
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
+        """Remove a done message's spool file, in the background (one job for all
+        that are waiting); if the process dies first, the next start removes it
+        (`_reconcile`)."""
+        with self._remove_lock:
+            self._to_remove.append((envelope.queue_id, envelope.size))
+            if self._removing is not None:
+                return
+            self._removing = asyncio.get_running_loop().run_in_executor(
+                self._remover, self._remove_waiting
+            )
+
+    def _remove_waiting(self) -> None:
+        while True:
+            with self._remove_lock:
+                batch, self._to_remove = self._to_remove, []
+                if not batch:
+                    self._removing = None
+                    return
+            for queue_id, size in batch:
+                self.spool.remove(queue_id, size)
 
     async def _finish(
         self, envelope: Envelope, data: bytes, rows: list[RecipientRow], *, recovering: bool = False
