@@ -265,11 +265,11 @@ class SmtpConfig:
         ),
     )
     worker_nice: int = field(
-        default=5,
+        default=0,
         metadata=doc(
-            "Scheduling niceness added to the SMTP worker processes (0-19). When the CPU "
-            "is saturated, delivery keeps pace with acceptance and senders are slowed "
-            "instead of the queue growing. 0: the same priority as delivery."
+            "Scheduling niceness added to the SMTP worker processes (0-19). Above 0, "
+            "delivery comes first when the CPU is saturated: senders wait longer for "
+            "250 instead of the queue growing. 0: the same priority as delivery."
         ),
     )
     max_message_size: Size = field(

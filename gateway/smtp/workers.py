@@ -13,9 +13,10 @@ Control protocol (one JSON object per line, child -> main): ``ready``; ``queued`
 with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
 (every second and on exit).  The main process adds the snapshots to its own metrics.
 
-Workers run at a lower scheduling priority (``smtp.worker_nice``) than the main
-process, which delivers: under CPU saturation senders wait a little longer for 250
-rather than the queue growing without bound.
+Workers can run at a lower scheduling priority (``smtp.worker_nice``) than the main
+process, which delivers: under CPU saturation senders then wait longer for 250
+rather than the queue growing (Postfix's ``in_flow_delay`` has the same aim).  Off by
+default: it costs acceptance latency, and on the benchmark it did not pay for that.
 
 Lifecycle: SIGTERM to a worker stops it gracefully (stop accepting, let DATA finish).
 A worker dies with the main process (PR_SET_PDEATHSIG) or when the control socket
@@ -259,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
-    # Delivery (the main process) comes first when CPU is short: accepting faster
-    # than we deliver only grows the queue.
-    os.nice(config.smtp.worker_nice)
+    if config.smtp.worker_nice:
+        os.nice(config.smtp.worker_nice)  # delivery (the main process) first
     configure_logging(config.logging.level)
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)

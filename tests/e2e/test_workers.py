@@ -115,11 +115,22 @@ async def test_sigterm_stops_the_workers_and_the_main_process_cleanly(daemon):
         assert not stat.exists() or stat.read_text().split()[2] == "Z"
 
 
-def test_workers_run_at_a_lower_priority_than_the_main_process(daemon):
+def test_workers_run_at_the_configured_lower_priority(tmp_path):
     def nice(pid: int) -> int:
         return os.getpriority(os.PRIO_PROCESS, pid)
 
+    path = write_config(tmp_path, {"smtp.workers": 2, "smtp.worker_nice": 5})
+    d = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
+    d.start()
+    try:
+        workers = _worker_pids(d)
+        assert len(workers) == 2
+        assert [nice(pid) - nice(d.proc.pid) for pid in workers] == [5, 5]
+    finally:
+        d.kill()
+
+
+def test_workers_run_at_the_main_process_priority_by_default(daemon):
+    main = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
     workers = _worker_pids(daemon)
-    assert len(workers) == 2
-    main = nice(daemon.proc.pid)
-    assert [nice(pid) - main for pid in workers] == [daemon.config.smtp.worker_nice] * 2 == [5, 5]
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers] == [main, main]
