@@ -132,11 +132,14 @@ class SessionCache:
 
 
 async def quit_session(smtp: aiosmtplib.SMTP) -> None:
-    """QUIT politely, but never wait long or fail for it."""
-    if not smtp.is_connected:
-        return
+    """QUIT politely, but never wait long or fail for it; the socket is closed in
+    every case (also after a failed TLS handshake, where the session may no longer
+    count as connected)."""
     try:
-        smtp.timeout = min(smtp.timeout or 10.0, 10.0)
-        await smtp.quit()
+        if smtp.is_connected:
+            smtp.timeout = min(smtp.timeout or 10.0, 10.0)
+            await smtp.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        pass
+    finally:
         smtp.close()
