@@ -1,0 +1,340 @@
+"""MTA-STS (RFC 8461): discover, fetch, parse and cache a domain's policy.
+
+Discovery: exactly one TXT record at ``_mta-sts.<domain>`` that begins with
+``v=STSv1;`` and carries an ``id`` (1-32 letters and digits); any other number of
+such records, or a malformed one, means "no live policy" (§3.1).  Fetch:
+``https://mta-sts.<domain>/.well-known/mta-sts.txt`` with a WebPKI-valid certificate
+for that name (system CAs plus ``ca_file``, SNI), status 200 only (redirects are not
+followed, §3.3), ``text/plain``, at most 64 KiB, within ``timeout``.  Parse (§3.2):
+``version: STSv1``, ``mode`` enforce/testing/none, ``max_age`` 0..31557600, one
+``mx`` key per pattern (required unless mode is none); unknown keys are ignored.
+
+Cache (§3.3, §5.1): a policy is kept for its ``max_age``.  The TXT record is looked
+up at every use; the same ``id`` means the cached policy stands without a fetch.
+When no live policy can be had (no TXT, a DNS error, a failed fetch) a non-expired
+cached policy still applies - an attacker who removes the TXT record or blocks the
+fetch cannot downgrade a domain we have seen enforce.  After a failed fetch the same
+``id`` is not fetched again for ``FETCH_BACKOFF`` seconds.
+
+Outcomes are values (`StsResult`); nothing here raises for what a remote party sends.
+MX matching (§4.1): ``mx: host`` matches exactly, ``mx: *.suffix`` matches one
+left-most label and no more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.probe.dns import LookupStatus, Resolver
+
+MAX_POLICY_BYTES = 64 * 1024
+MAX_AGE_LIMIT = 31557600
+FETCH_BACKOFF = 300.0
+_ID = re.compile(r"[A-Za-z0-9]{1,32}")
+_KEY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
+class StsMode(enum.StrEnum):
+    ENFORCE = "enforce"
+    TESTING = "testing"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class StsPolicy:
+    mode: StsMode
+    max_age: int
+    mx: tuple[str, ...]
+
+    def matches(self, mx_host: str) -> bool:
+        """Whether the policy authorises ``mx_host`` (RFC 8461 §4.1)."""
+        host = mx_host.lower().rstrip(".")
+        for pattern in self.mx:
+            if pattern.startswith("*."):
+                label, _, rest = host.partition(".")
+                if label and rest == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+class StsError(ValueError):
+    """A record or policy that does not follow RFC 8461 (the reason is the text)."""
+
+
+def parse_record(txt: str) -> str:
+    """The ``id`` of a ``v=STSv1`` TXT record (its strings joined already)."""
+    fields = [f.strip() for f in txt.split(";")]
+    if not fields or fields[0] != "v=STSv1":
+        raise StsError("the record does not begin with v=STSv1")
+    found: dict[str, str] = {}
+    for item in fields[1:]:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not _KEY.fullmatch(key):
+            raise StsError(f"malformed field {item!r}")
+        found.setdefault(key, value)
+    record_id = found.get("id")
+    if record_id is None or not _ID.fullmatch(record_id):
+        raise StsError("no valid id (1-32 letters and digits)")
+    return record_id
+
+
+def parse_policy(text: str) -> StsPolicy:
+    """A policy file's text (CRLF or LF lines of ``key: value``)."""
+    values: dict[str, str] = {}
+    mx: list[str] = []
+    for number, raw in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not sep or not _KEY.fullmatch(key) or not value:
+            raise StsError(f"line {number} is not 'key: value'")
+        if key == "mx":
+            mx.append(_mx_pattern(value, number))
+        else:
+            values.setdefault(key, value)  # the first occurrence counts
+    if values.get("version") != "STSv1":
+        raise StsError("version is not STSv1")
+    try:
+        mode = StsMode(values.get("mode", ""))
+    except ValueError:
+        raise StsError(f"mode {values.get('mode')!r} is not enforce, testing or none") from None
+    max_age_text = values.get("max_age", "")
+    if not max_age_text.isdigit() or int(max_age_text) > MAX_AGE_LIMIT:
+        raise StsError(f"max_age {max_age_text!r} is not a number of seconds up to 31557600")
+    if not mx and mode is not StsMode.NONE:
+        raise StsError(f"mode {mode.value} needs at least one mx")
+    return StsPolicy(mode, int(max_age_text), tuple(mx))
+
+
+def _mx_pattern(value: str, number: int) -> str:
+    pattern = value.lower().rstrip(".")
+    body = pattern[2:] if pattern.startswith("*.") else pattern
+    labels = body.split(".")
+    if not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels):
+        raise StsError(f"line {number}: {value!r} is not an mx pattern (A-labels only)")
+    return pattern
+
+
+# -- fetching ---------------------------------------------------------------------------
+
+
+class FetchError(Exception):
+    """Why a policy could not be fetched (the text is for logs and evidence)."""
+
+
+async def fetch_policy_text(
+    domain: str,
+    resolver: Resolver,
+    *,
+    port: int = 443,
+    ca_file: Path | None = None,
+    timeout: float = 60.0,
+) -> str:
+    """GET https://mta-sts.<domain>/.well-known/mta-sts.txt under RFC 8461 §3.3's rules."""
+    host = f"mta-sts.{domain}"
+    try:
+        async with asyncio.timeout(timeout):
+            return await _fetch(host, port, resolver, _client_context(ca_file))
+    except TimeoutError:
+        raise FetchError(f"no policy from {host} within {timeout:g} s") from None
+    except ssl.SSLError as e:
+        raise FetchError(f"TLS with {host} failed: {e}") from None
+    except OSError as e:
+        raise FetchError(f"cannot fetch the policy from {host}: {e}") from None
+
+
+def _client_context(ca_file: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def _fetch(host: str, port: int, resolver: Resolver, ctx: ssl.SSLContext) -> str:
+    addresses: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        lookup = await resolver.lookup(host, rdtype)
+        if lookup.status is LookupStatus.ERROR:
+            raise FetchError(f"address lookup for {host} failed ({lookup.error})")
+        addresses += [r.to_text() for r in lookup.records]
+    if not addresses:
+        raise FetchError(f"{host} has no address")
+    last: Exception = FetchError(f"{host}: no address answered")
+    for ip in addresses:
+        try:
+            reader, writer = await asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host)
+        except OSError as e:  # includes certificate failures: try no other address
+            if isinstance(e, ssl.SSLError):
+                raise
+            last = e
+            continue
+        try:
+            request = (
+                f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\n"
+                "User-Agent: sealgate\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(request.encode("ascii"))
+            await writer.drain()
+            return await _read_response(reader, host)
+        finally:
+            writer.close()
+    raise FetchError(str(last))
+
+
+async def _read_response(reader: asyncio.StreamReader, host: str) -> str:
+    status_line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise FetchError(f"{host} did not answer HTTP: {status_line[:80]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for _ in range(100):
+        line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
+        if not line:
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise FetchError(f"{host} sent too many header lines")
+    if status != 200:  # a redirect too: RFC 8461 §3.3 forbids following it
+        raise FetchError(f"{host} answered HTTP {status}")
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "text/plain":
+        raise FetchError(f"{host} served the policy as {media_type or 'no type'}, not text/plain")
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = await _read_chunked(reader, host)
+    elif "content-length" in headers:
+        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
+        if not 0 <= length <= MAX_POLICY_BYTES:
+            raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+        body = await reader.readexactly(length)
+    else:
+        body = await reader.read(MAX_POLICY_BYTES + 1)
+    if len(body) > MAX_POLICY_BYTES:
+        raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        return body.decode("ascii")
+    except UnicodeDecodeError:
+        raise FetchError(f"{host}: the policy is not ASCII text") from None
+
+
+async def _read_chunked(reader: asyncio.StreamReader, host: str) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = (await reader.readline()).split(b";")[0].strip()
+        try:
+            size = int(size_line, 16)
+        except ValueError:
+            raise FetchError(f"{host}: malformed chunked encoding") from None
+        if size == 0:
+            return bytes(body)
+        if len(body) + size > MAX_POLICY_BYTES:
+            raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)  # the CRLF after each chunk
+
+
+# -- discovery and the cache ------------------------------------------------------------
+
+
+class StsSource(enum.StrEnum):
+    NONE = "none"  # no policy, live or cached
+    FETCHED = "fetched"  # a new policy was fetched now
+    CACHED = "cached"  # the TXT id matches the cached policy
+    CACHED_FALLBACK = "cached-fallback"  # no live policy; a non-expired cached one applies
+
+
+@dataclass(frozen=True)
+class StsResult:
+    domain: str
+    policy: StsPolicy | None
+    source: StsSource
+    policy_id: str = ""
+    detail: str = ""  # why there is no live policy, when there is none
+
+    @property
+    def enforced(self) -> bool:
+        return self.policy is not None and self.policy.mode is StsMode.ENFORCE
+
+
+@dataclass
+class _Cached:
+    policy_id: str
+    policy: StsPolicy
+    expires: float
+
+
+@dataclass
+class StsCache:
+    """Policies by domain, and what to do when the live one cannot be had."""
+
+    resolver: Resolver
+    port: int = 443
+    ca_file: Path | None = None
+    timeout: float = 60.0
+    clock: Callable[[], float] = time.time
+    _policies: dict[str, _Cached] = field(default_factory=dict)
+    _backoff: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    async def policy(self, domain: str) -> StsResult:
+        domain = domain.lower().rstrip(".")
+        now = self.clock()
+        cached = self._policies.get(domain)
+        if cached is not None and cached.expires <= now:
+            del self._policies[domain]
+            cached = None
+        record_id, why = await self._discover(domain)
+        if record_id is None:
+            return self._fallback(domain, cached, why)
+        if cached is not None and cached.policy_id == record_id:
+            return StsResult(domain, cached.policy, StsSource.CACHED, record_id)
+        if self._backoff.get((domain, record_id), 0.0) > now:
+            return self._fallback(domain, cached, "the last fetch failed; waiting to retry")
+        try:
+            text = await fetch_policy_text(
+                domain, self.resolver, port=self.port, ca_file=self.ca_file, timeout=self.timeout
+            )
+            policy = parse_policy(text)
+        except (FetchError, StsError) as e:
+            self._backoff[(domain, record_id)] = now + FETCH_BACKOFF
+            return self._fallback(domain, cached, str(e))
+        self._policies[domain] = _Cached(record_id, policy, now + policy.max_age)
+        return StsResult(domain, policy, StsSource.FETCHED, record_id)
+
+    async def _discover(self, domain: str) -> tuple[str | None, str]:
+        lookup = await self.resolver.lookup(f"_mta-sts.{domain}", "TXT")
+        if lookup.status is LookupStatus.ERROR:
+            return None, f"TXT lookup failed ({lookup.error})"
+        texts = [
+            b"".join(r.strings).decode("ascii", "replace")  # type: ignore[attr-defined]
+            for r in lookup.records
+        ]
+        records = [t for t in texts if t.startswith("v=STSv1")]
+        if len(records) != 1:
+            return None, f"{len(records)} v=STSv1 TXT records"
+        try:
+            return parse_record(records[0]), ""
+        except StsError as e:
+            return None, f"TXT record: {e}"
+
+    @staticmethod
+    def _fallback(domain: str, cached: _Cached | None, why: str) -> StsResult:
+        if cached is not None:
+            return StsResult(
+                domain, cached.policy, StsSource.CACHED_FALLBACK, cached.policy_id, why
+            )
+        return StsResult(domain, None, StsSource.NONE, detail=why)

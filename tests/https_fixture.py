@@ -1,0 +1,69 @@
+"""HTTPS servers on 127.0.0.x for MTA-STS tests: each serves one canned response.
+
+server = await PolicyServer("127.0.0.71", port, cert_and_key, body="version: STSv1...")
+server.status, server.content_type, server.chunked = 404, "text/html", True
+server.requests   # how many requests it answered
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PolicyServer:
+    host: str
+    port: int
+    cert: tuple[Path, Path]
+    body: str = ""
+    status: int = 200
+    content_type: str = "text/plain"
+    chunked: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    requests: int = 0
+    paths: list[str] = field(default_factory=list)
+    _server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> PolicyServer:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, ssl=ctx)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = (await reader.readline()).decode()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            self.requests += 1
+            self.paths.append(request_line.split(" ")[1] if " " in request_line else "")
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            body = self.body.encode()
+            head = [f"HTTP/1.1 {self.status} X", f"Content-Type: {self.content_type}"]
+            head += [f"{k}: {v}" for k, v in self.headers.items()]
+            if self.chunked:
+                head.append("Transfer-Encoding: chunked")
+                payload = b"".join(
+                    f"{len(body[i : i + 1000]):x}\r\n".encode() + body[i : i + 1000] + b"\r\n"
+                    for i in range(0, len(body), 1000)
+                )
+                payload += b"0\r\n\r\n"
+            else:
+                head.append(f"Content-Length: {len(body)}")
+                payload = body
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
