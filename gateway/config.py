@@ -408,6 +408,24 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Apply recipient domains' MTA-STS policies (RFC 8461) to deliveries by MX: "
+            "under 'enforce', only the policy's MX hosts, over verified TLS."
+        ),
+    )
+    port: int = field(
+        default=443,
+        metadata=doc("HTTPS port of mta-sts.<domain> policy hosts (443; another for a proxy)."),
+    )
+    fetch_timeout: Duration = field(
+        default=Duration(60), metadata=doc("Time allowed to fetch one policy over HTTPS.")
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata=doc("Lowest level written: debug, info, warning or error.")
@@ -450,6 +468,7 @@ class Config:
         ),
     )
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -483,7 +502,7 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError("must be at least 1")
     if path == "smtp.max_line_length" and value < 1000:
         raise ValueError("must be at least 1000 (RFC 5321 4.5.3.1.6)")
-    if path in ("delivery.port",) and not 0 < value < 65536:
+    if path in ("delivery.port", "mta_sts.port") and not 0 < value < 65536:
         raise ValueError("must be a port number 1-65535")
     if path == "smtp.marker_header" and not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid header field name")

@@ -70,6 +70,7 @@ class SessionEvidence:
     verification: str = "none"  # "pkix" when the chain and name were verified
     started_at: str = ""  # when the connection was opened
     reused: int = 0  # transactions this connection carried before this one
+    mta_sts: str = ""  # the recipient domain's MTA-STS policy, when it has one
 
 
 @dataclass(frozen=True)

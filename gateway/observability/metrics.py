@@ -115,6 +115,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.mta_sts_lookups = Counter(
+            "sealgate_mta_sts_lookups",
+            "MTA-STS policy lookups by where the policy came from (none: no policy)",
+            ["source"],
+            registry=r,
+        )
         self.delivery_tls_failures = Counter(
             "sealgate_delivery_tls_failures",
             "Outbound TLS failures (the host was skipped), by reason",
@@ -147,6 +153,8 @@ class Metrics:
             self.queue_recipients.labels(state)
         for kind in ("new", "reused"):
             self.delivery_connections.labels(kind)
+        for source in ("none", "fetched", "cached", "cached-fallback"):
+            self.mta_sts_lookups.labels(source)
         for failure in TlsFailure:
             self.delivery_tls_failures.labels(failure.value)
 

@@ -24,6 +24,7 @@ left-most label and no more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import re
 import ssl
@@ -192,6 +193,8 @@ async def _fetch(host: str, port: int, resolver: Resolver, ctx: ssl.SSLContext) 
             return await _read_response(reader, host)
         finally:
             writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
     raise FetchError(str(last))
 
 

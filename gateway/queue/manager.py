@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import random
 import threading
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 from gateway.config import Config
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
-from gateway.delivery.router import RouteFailure, Router
+from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import SpoolError
@@ -46,6 +47,7 @@ from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.probe.dns import Resolver
+from gateway.probe.mta_sts import StsCache, StsMode
 from gateway.queue.groupcommit import GroupCommit
 from gateway.queue.store import (
     AttemptRecord,
@@ -84,6 +86,7 @@ class QueueManager:
         self.hostname = hostname
         self.inject = inject  # spools a message we generate (DSNs); returns its queue id
         self.sessions: SessionCache | None = None
+        self.sts: StsCache | None = None  # outlives reloads: cached policies stay
         self._retired: set[asyncio.Task[None]] = set()
         self.apply(config)
         dc = config.delivery
@@ -123,6 +126,12 @@ class QueueManager:
         self.settings = ClientSettings(
             self.hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
         )
+        if self.sts is None:
+            self.sts = StsCache(self.resolver)
+        self.sts.resolver = self.resolver
+        self.sts.port = config.mta_sts.port
+        self.sts.ca_file = config.tls.ca_file
+        self.sts.timeout = config.mta_sts.fetch_timeout
         old, self.sessions = (
             self.sessions,
             SessionCache(
@@ -316,6 +325,9 @@ class QueueManager:
             self.config.delivery.tls_policy.get(domain, self.config.delivery.tls_level)
         )
         routed = await self.router.route(domain)
+        note = ""
+        if isinstance(routed, Routed):
+            routed, level, note = await self._apply_mta_sts(domain, routed, level)
         addresses = [r.address for r in rows]
         if isinstance(routed, RouteFailure):
             outcome: Outcome = "bounced" if routed.permanent else "deferred"
@@ -334,6 +346,8 @@ class QueueManager:
                 sessions=self.sessions,
                 metrics=self.metrics,
             )
+        if note:
+            results = [_with_mta_sts(r, note) for r in results]
         now = time.time()
         records = [
             self._next_state(envelope, row, result, now)
@@ -347,6 +361,29 @@ class QueueManager:
             self._report(envelope, row, result, record, level, now)
         if final is not None:
             await self._finish(envelope, data, final)
+
+    async def _apply_mta_sts(
+        self, domain: str, routed: Routed, level: TlsLevel
+    ) -> tuple[Routed | RouteFailure, TlsLevel, str]:
+        """RFC 8461 for mail routed by MX records: under an ``enforce`` policy only
+        the policy's MX hosts, at least at the ``mta-sts`` level (verified TLS, never
+        lower); ``testing`` is noted in the evidence and changes nothing.  Routes and
+        the smart host are the administrator's choice: no policy lookup."""
+        if not self.config.mta_sts.enabled or routed.hops[0].via not in ("mx", "implicit-mx"):
+            return routed, level, ""
+        assert self.sts is not None
+        sts = await self.sts.policy(domain)
+        self.metrics.mta_sts_lookups.labels(sts.source.value).inc()
+        if sts.policy is None or sts.policy.mode is StsMode.NONE:
+            return routed, level, ""
+        note = f"{sts.policy.mode.value} id={sts.policy_id} ({sts.source.value})"
+        if not sts.enforced:
+            return routed, level, note
+        allowed = tuple(h for h in routed.hops if sts.policy.matches(h.host))
+        if not allowed:
+            reason = f"no MX host of {domain} matches its MTA-STS policy (id={sts.policy_id})"
+            return RouteFailure(False, "4.7.5", reason), level, note
+        return dataclasses.replace(routed, hops=allowed), max(level, TlsLevel.MTA_STS), note
 
     def _next_state(
         self, envelope: Envelope, row: RecipientRow, result: RecipientResult, now: float
@@ -455,6 +492,12 @@ class QueueManager:
             delivered=sum(r.state == "delivered" for r in rows),
             failed=len(failed),
         )
+
+
+def _with_mta_sts(result: RecipientResult, note: str) -> RecipientResult:
+    if result.evidence is None:
+        return dataclasses.replace(result, diagnostic=f"{result.diagnostic} [MTA-STS {note}]")
+    return dataclasses.replace(result, evidence=dataclasses.replace(result.evidence, mta_sts=note))
 
 
 def _arrival(envelope: Envelope) -> float:
