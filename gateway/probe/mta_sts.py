@@ -9,7 +9,8 @@ followed, §3.3), ``text/plain``, at most 64 KiB, within ``timeout``.  Parse (§
 ``version: STSv1``, ``mode`` enforce/testing/none, ``max_age`` 0..31557600, one
 ``mx`` key per pattern (required unless mode is none); unknown keys are ignored.
 
-Cache (§3.3, §5.1): a policy is kept for its ``max_age``.  The TXT record is looked
+Cache (§3.3, §5.1): a policy is kept for its ``max_age`` (in memory, and in a file
+when the cache has a ``path``, so that it survives a restart).  The TXT record is looked
 up at every use; the same ``id`` means the cached policy stands without a fetch.
 When no live policy can be had (no TXT, a DNS error, a failed fetch) a non-expired
 cached policy still applies - an attacker who removes the TXT record or blocks the
@@ -26,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
+import os
 import re
 import ssl
 import time
@@ -283,15 +286,60 @@ class _Cached:
 
 @dataclass
 class StsCache:
-    """Policies by domain, and what to do when the live one cannot be had."""
+    """Policies by domain, and what to do when the live one cannot be had.
+
+    With ``path``, the policies also live in a JSON file (written whole, then renamed
+    over the old one) so that a restart does not forget a domain's ``enforce``: a
+    freshly started gateway must not be the one an attacker can downgrade."""
 
     resolver: Resolver
     port: int = 443
     ca_file: Path | None = None
     timeout: float = 60.0
     clock: Callable[[], float] = time.time
+    path: Path | None = None
     _policies: dict[str, _Cached] = field(default_factory=dict)
     _backoff: dict[tuple[str, str], float] = field(default_factory=dict)
+    _saving: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def load(self) -> int:
+        """Read the saved policies (blocking: call it from a thread); returns how many
+        are still valid.  A missing or unreadable file means an empty cache."""
+        if self.path is None:
+            return 0
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            now = self.clock()
+            for domain, item in saved.items():
+                policy = StsPolicy(StsMode(item["mode"]), int(item["max_age"]), tuple(item["mx"]))
+                if item["expires"] > now:
+                    self._policies[domain] = _Cached(item["id"], policy, float(item["expires"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return 0
+        return len(self._policies)
+
+    def _save_sync(self, snapshot: dict[str, dict[str, object]]) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(snapshot, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    async def _save(self) -> None:
+        if self.path is None:
+            return
+        snapshot: dict[str, dict[str, object]] = {
+            domain: {
+                "id": c.policy_id,
+                "mode": c.policy.mode.value,
+                "max_age": c.policy.max_age,
+                "mx": list(c.policy.mx),
+                "expires": c.expires,
+            }
+            for domain, c in self._policies.items()
+        }
+        async with self._saving:  # one writer of the temporary file at a time
+            with contextlib.suppress(OSError):  # the in-memory cache still holds it
+                await asyncio.to_thread(self._save_sync, snapshot)
 
     async def policy(self, domain: str) -> StsResult:
         domain = domain.lower().rstrip(".")
@@ -316,6 +364,7 @@ class StsCache:
             self._backoff[(domain, record_id)] = now + FETCH_BACKOFF
             return self._fallback(domain, cached, str(e))
         self._policies[domain] = _Cached(record_id, policy, now + policy.max_age)
+        await self._save()
         return StsResult(domain, policy, StsSource.FETCHED, record_id)
 
     async def _discover(self, domain: str) -> tuple[str | None, str]:

@@ -127,7 +127,7 @@ class QueueManager:
             self.hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
         )
         if self.sts is None:
-            self.sts = StsCache(self.resolver)
+            self.sts = StsCache(self.resolver, path=config.state_dir / "mta-sts.json")
         self.sts.resolver = self.resolver
         self.sts.port = config.mta_sts.port
         self.sts.ca_file = config.tls.ca_file
@@ -153,6 +153,8 @@ class QueueManager:
         path = self.config.state_dir / "queue.db"
         self.store = await self._db(QueueStore, path)
         self._commits = GroupCommit(self.store, self._db_thread)
+        assert self.sts is not None
+        await asyncio.to_thread(self.sts.load)
         await self._db(self.store.release_leases)
         added = await self._db(self._reconcile)
         unfinished = await self._db(self.store.unfinished)

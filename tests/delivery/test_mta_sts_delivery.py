@@ -3,6 +3,8 @@ level to verified TLS whatever the configured level; testing only notes it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import free_port
@@ -80,6 +82,8 @@ async def test_enforce_skips_mx_hosts_outside_the_policy_and_verifies_tls(
     )
     assert evidence["mta_sts"] == "enforce id=one (fetched)"
     assert server.requests == 1
+    saved = json.loads((gw.config.state_dir / "mta-sts.json").read_text())
+    assert (saved["dest.test"]["id"], saved["dest.test"]["mode"]) == ("one", "enforce")
 
 
 async def test_enforce_never_falls_back_to_unverified_tls_even_where_the_admin_allows_it(

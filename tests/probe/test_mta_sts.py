@@ -263,3 +263,29 @@ async def test_a_dns_failure_falls_back_to_the_cached_policy(sts):
     result = await sts.cache.policy("good.test")
     assert (result.source, result.enforced) == (StsSource.CACHED_FALLBACK, True)
     assert "TXT lookup failed" in result.detail
+
+
+async def test_a_saved_policy_survives_a_restart_and_still_resists_a_downgrade(sts, tmp_path):
+    sts.dns.add("_mta-sts.good.test", "TXT", '"v=STSv1; id=one"')
+    await sts.serve("good.test", "127.0.0.71")
+    path = tmp_path / "mta-sts.json"
+    sts.cache.path = path
+    assert (await sts.cache.policy("good.test")).enforced
+    # restarted, and meanwhile an attacker strips the TXT record
+    sts.dns.records.pop(next(k for k in sts.dns.records if k[0].to_text().startswith("_mta")))
+    restarted = StsCache(sts.cache.resolver, port=sts.cache.port, clock=sts.clock, path=path)
+    assert restarted.load() == 1
+    result = await restarted.policy("good.test")
+    assert (result.source, result.enforced, result.policy_id) == (
+        StsSource.CACHED_FALLBACK,
+        True,
+        "one",
+    )
+    sts.clock.now += 86400  # expired policies are not loaded
+    assert StsCache(sts.cache.resolver, clock=sts.clock, path=path).load() == 0
+
+
+def test_an_unreadable_saved_cache_is_an_empty_one(tmp_path):
+    path = tmp_path / "mta-sts.json"
+    path.write_text("{not json")
+    assert StsCache(Resolver(), path=path).load() == 0
