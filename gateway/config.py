@@ -334,6 +334,14 @@ class DnsConfig:
         default=(),
         metadata=doc("Resolvers for delivery lookups, 'ip' or 'ip:port'. Empty: the system's."),
     )
+    dnssec: Literal["ignore", "trust-ad"] = field(
+        default="ignore",
+        metadata=doc(
+            "'trust-ad': the resolvers validate DNSSEC and are reached over a trusted path "
+            "(e.g. unbound on loopback), so their AD bit is believed and DANE (TLSA) "
+            "applies to MX hosts. 'ignore': the AD bit means nothing, no DANE."
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,4 @@ class TlsFailure(enum.StrEnum):
     UNTRUSTED = "certificate_untrusted"
     NAME_MISMATCH = "certificate_name_mismatch"
     EXPIRED = "certificate_expired"
+    DANE_MISMATCH = "dane_mismatch"

@@ -24,6 +24,7 @@ programming errors.
 
 from __future__ import annotations
 
+import _ssl
 import dataclasses
 import datetime
 import enum
@@ -43,6 +44,8 @@ from gateway.delivery.tls_policy import TlsLevel
 from gateway.events import Event, TlsFailure
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
+from gateway.probe.dane import Tlsa, TlsaStatus, lookup_tlsa
+from gateway.probe.dane import verify as verify_tlsa
 from gateway.probe.dns import LookupStatus, Resolver
 
 log = get_logger("gateway.delivery")
@@ -56,6 +59,7 @@ class ClientSettings:
     ca_file: Path | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    dane: bool = False  # the resolver validates DNSSEC: TLSA records are believed
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def wire_form(data: bytes) -> bytes:
 
 
 def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
-    if level.verifies_certificate:
+    if level.verifies_certificate and not level.uses_dane:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if ca_file is not None:
             ctx.load_verify_locations(cafile=str(ca_file))
@@ -194,7 +198,12 @@ async def deliver(
     message = _Message(sender, list(recipients), data, smtputf8, eightbit)
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
-        key = SessionKey(hop.host, hop.port, level.label)
+        tlsa = await _dane(hop, routed, level, settings, resolver)
+        if isinstance(tlsa, HostFailure):
+            last = tlsa
+            continue
+        hop_level, records = tlsa
+        key = SessionKey(hop.host, hop.port, hop_level.label, _digest(records))
         while sessions is not None and (cached := sessions.take(key)) is not None:
             if metrics is not None:
                 metrics.delivery_connections.labels("reused").inc()
@@ -208,7 +217,7 @@ async def deliver(
             last = addresses
             continue
         for ip in addresses:
-            opened = await _open(hop, ip, level, settings, metrics)
+            opened = await _open(hop, ip, hop_level, settings, metrics, records)
             if isinstance(opened, HostFailure):
                 last = opened
                 continue
@@ -223,8 +232,39 @@ async def deliver(
     ]
 
 
+async def _dane(
+    hop: NextHop, routed: Routed, level: TlsLevel, settings: ClientSettings, resolver: Resolver
+) -> tuple[TlsLevel, tuple[Tlsa, ...]] | HostFailure:
+    """The level for this MX host after its TLSA records (RFC 7672 §2.2): usable
+    records make it ``dane`` (it outranks MTA-STS); records none of which is usable
+    still require TLS; a failed lookup makes the host unusable.  Only for a
+    DNSSEC-secure MX answer from a resolver trusted to validate."""
+    if not settings.dane or not routed.mx_secure or hop.via != "mx":
+        return level, ()
+    found = await lookup_tlsa(resolver, hop.host, hop.port)
+    if found.status is TlsaStatus.ERROR:
+        return HostFailure("4.7.5", found.detail)
+    if found.status is TlsaStatus.USABLE:
+        return TlsLevel.DANE, found.records
+    if found.status is TlsaStatus.UNUSABLE:
+        return max(level, TlsLevel.ENCRYPT), ()
+    return level, ()
+
+
+def _digest(records: tuple[Tlsa, ...]) -> str:
+    """Sessions verified against other TLSA records are never reused (Postfix keys its
+    connection cache on the TLSA RRset too)."""
+    text = ";".join(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in records)
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if records else ""
+
+
 async def _open(
-    hop: NextHop, ip: str, level: TlsLevel, settings: ClientSettings, metrics: Metrics | None
+    hop: NextHop,
+    ip: str,
+    level: TlsLevel,
+    settings: ClientSettings,
+    metrics: Metrics | None,
+    tlsa: tuple[Tlsa, ...] = (),
 ) -> Session | HostFailure:
     """Connect, EHLO and secure the session as ``level`` requires."""
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
@@ -245,7 +285,7 @@ async def _open(
     try:
         smtp.timeout = settings.command_timeout
         await smtp.ehlo()
-        secured = await _secure(smtp, hop, level, evidence, settings)
+        secured = await _secure(smtp, hop, level, evidence, settings, tlsa)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         secured = HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
     if isinstance(secured, HostFailure):
@@ -288,6 +328,7 @@ async def _secure(
     level: TlsLevel,
     evidence: SessionEvidence,
     settings: ClientSettings,
+    tlsa: tuple[Tlsa, ...] = (),
 ) -> SessionEvidence | HostFailure:
     offered = smtp.supports_extension("starttls")
     if not level.attempts_tls or not offered:
@@ -317,15 +358,37 @@ async def _secure(
         )
     der = sslobj.getpeercert(binary_form=True)
     cipher = sslobj.cipher()
+    verification = "pkix" if level.verifies_certificate else "none"
+    if level.uses_dane:
+        how = verify_tlsa(tlsa, _presented_chain(sslobj, der), hop.host)
+        if how is None:
+            return HostFailure(
+                "4.7.5",
+                f"DANE: no TLSA record of {hop.host}[{evidence.ip}] matches its certificate",
+                evidence,
+                TlsFailure.DANE_MISMATCH,
+            )
+        verification = how
     evidence = dataclasses.replace(
         evidence,
         tls_version=sslobj.version(),
         tls_cipher=cipher[0] if cipher else None,
         peer_cert_sha256=hashlib.sha256(der).hexdigest() if der else None,
-        verification="pkix" if level.verifies_certificate else "none",
+        verification=verification,
     )
     await smtp.ehlo()  # RFC 3207: forget what was learned before TLS
     return evidence
+
+
+def _presented_chain(sslobj: ssl.SSLObject, leaf: bytes | None) -> list[bytes]:
+    """The certificates the server sent, its own first (DANE-TA needs them all)."""
+    get_chain = getattr(sslobj, "get_unverified_chain", None)  # public from Python 3.13
+    if get_chain is None:
+        get_chain = getattr(getattr(sslobj, "_sslobj", None), "get_unverified_chain", None)
+    if get_chain is not None:
+        chain = get_chain() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    return [leaf] if leaf else []
 
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) that have a reason of their own.

@@ -12,10 +12,11 @@ and skips connect, greeting, EHLO and STARTTLS (after Postfix's connection cache
 - at most ``per_key`` idle sessions per server, more are closed.
 
 Security: the key holds everything the session's security was established for (MX
-host, port, TLS level), and a cache belongs to one set of delivery settings (CA file,
-HELO name): `QueueManager.apply` starts a new cache on reload, so a session verified
-under old settings is never reused under new ones.  A session established at ``may``
-in plaintext can therefore never carry mail that requires ``verify``.
+host, port, TLS level, TLSA records), and a cache belongs to one set of delivery
+settings (CA file, HELO name): `QueueManager.apply` starts a new cache on reload, so
+a session verified under old settings is never reused under new ones. A session
+established at ``may`` in plaintext can therefore never carry mail that requires
+``verify``.
 
 A cached session may have been closed by the server meanwhile; `deliver` notices at
 MAIL FROM (disconnect or 421) and opens a new one, which is safe because nothing of
@@ -41,6 +42,7 @@ class SessionKey:
     host: str  # the MX host name (as routed), not the address
     port: int
     level: str  # TlsLevel label
+    tlsa: str = ""  # digest of the TLSA records a DANE session was verified with
 
 
 @dataclass(frozen=True)

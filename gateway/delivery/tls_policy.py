@@ -50,5 +50,10 @@ class TlsLevel(enum.IntEnum):
         return self >= TlsLevel.VERIFY
 
     @property
+    def uses_dane(self) -> bool:
+        """The certificate is checked against TLSA records instead of the CAs."""
+        return self is TlsLevel.DANE
+
+    @property
     def allows_plaintext(self) -> bool:
         return not self.requires_tls

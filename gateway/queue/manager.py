@@ -124,7 +124,11 @@ class QueueManager:
         self.resolver = Resolver(config.dns.nameservers)
         self.router = Router(self.resolver, dc.port, config.routes, dc.smart_host, dc.max_mx_hosts)
         self.settings = ClientSettings(
-            self.hostname, config.tls.ca_file, dc.connect_timeout, dc.command_timeout
+            self.hostname,
+            config.tls.ca_file,
+            dc.connect_timeout,
+            dc.command_timeout,
+            dane=config.dns.dnssec == "trust-ad",
         )
         if self.sts is None:
             self.sts = StsCache(self.resolver, path=config.state_dir / "mta-sts.json")
