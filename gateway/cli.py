@@ -297,7 +297,10 @@ def _print_show(d: dict[str, Any], verified: bool) -> None:
             f"attempt        {when} #{a['recipient_index']} {a['outcome']} {a['status']} "
             f"mx={ev.get('mx_host')} ip={ev.get('ip')} tls={ev.get('tls_version')} "
             f"cipher={ev.get('tls_cipher')} cert-sha256={ev.get('peer_cert_sha256')} "
-            f"verified={ev.get('verification')} reply={a['diagnostic']!r}"
+            f"level={ev.get('level')} verified={ev.get('verification')}"
+            + (f" reused={ev['reused']}" if ev.get("reused") else "")
+            + (f" mta-sts={ev['mta_sts']!r}" if ev.get("mta_sts") else "")
+            + f" reply={a['diagnostic']!r}"
         )
     for a in d["audit"]:
         when = datetime.datetime.fromtimestamp(a["at"], datetime.UTC).isoformat()[:19]

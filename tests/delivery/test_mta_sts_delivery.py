@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_sealgate
 from tests.delivery.conftest import wait_until
 from tests.delivery.test_queue_e2e import send, state
 from tests.https_fixture import PolicyServer
@@ -82,6 +82,8 @@ async def test_enforce_skips_mx_hosts_outside_the_policy_and_verifies_tls(
     )
     assert evidence["mta_sts"] == "enforce id=one (fetched)"
     assert server.requests == 1
+    shown = run_sealgate("queue", "show", queue_id, "--state-dir", str(gw.config.state_dir))
+    assert "level=mta-sts verified=pkix mta-sts='enforce id=one (fetched)'" in shown.stdout
     saved = json.loads((gw.config.state_dir / "mta-sts.json").read_text())
     assert (saved["dest.test"]["id"], saved["dest.test"]["mode"]) == ("one", "enforce")
 
