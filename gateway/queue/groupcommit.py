@@ -42,7 +42,10 @@ class GroupCommit:
             start = not self._draining
             self._draining = True
         if start:
-            loop.run_in_executor(self.executor, self._drain, loop)
+            # Start at the end of this turn of the event loop: operations issued in
+            # the same turn (several arrivals read at once, attempts ending together)
+            # share the batch, and the thread is woken once for them.
+            loop.call_soon(lambda: loop.run_in_executor(self.executor, self._drain, loop))
         return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
