@@ -97,7 +97,7 @@ class QueueManager:
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
         self._remove_lock = threading.Lock()
         self._to_remove: list[tuple[str, int]] = []
-        self._removing: asyncio.Future[None] | None = None
+        self._removing = False
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -206,6 +206,7 @@ class QueueManager:
             await self.sessions.close()
         if self._retired:
             await asyncio.wait(self._retired, timeout=5)
+        await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts
         self._remover.shutdown(wait=True)  # the removals waiting are done first
         if self.store is not None:
             await self._db(self.store.close)
@@ -448,18 +449,20 @@ class QueueManager:
         (`_reconcile`)."""
         with self._remove_lock:
             self._to_remove.append((envelope.queue_id, envelope.size))
-            if self._removing is not None:
+            if self._removing:
                 return
-            self._removing = asyncio.get_running_loop().run_in_executor(
-                self._remover, self._remove_waiting
-            )
+            self._removing = True
+        # At the end of this turn of the event loop, so that one wake-up serves all
+        # the messages finished in it (see `GroupCommit`).
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: loop.run_in_executor(self._remover, self._remove_waiting))
 
     def _remove_waiting(self) -> None:
         while True:
             with self._remove_lock:
                 batch, self._to_remove = self._to_remove, []
                 if not batch:
-                    self._removing = None
+                    self._removing = False
                     return
             for queue_id, size in batch:
                 self.spool.remove(queue_id, size)
