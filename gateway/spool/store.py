@@ -131,6 +131,7 @@ class Spool:
         self.messages = 0
         self.bytes = 0
         self._count_lock = threading.Lock()  # removals may run in another thread
+        self._batch: list[tuple[Callable[[], object], asyncio.Future[object]]] = []
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -177,6 +178,23 @@ class Spool:
         if self._pool is None:
             raise SpoolError("spool is not open")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def run_io_batched(self, fn: Callable[[], object]) -> object:
+        """Like `run_io`, but calls made in one turn of the event loop run together in
+        one I/O job, one after the other: one thread wake-up for all of them."""
+        if self._pool is None:
+            raise SpoolError("spool is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self._batch.append((fn, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._submit_batch, loop)
+        return await future
+
+    def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._batch = self._batch, []
+        assert self._pool is not None
+        self._pool.submit(_run_batch, batch, loop)
 
     def writer(self, queue_id: str) -> SpoolWriter:
         return SpoolWriter(self, queue_id)
@@ -279,7 +297,7 @@ class SpoolWriter:
         blob = b"".join(self._buffer)
         self._buffer = []
         try:
-            await self.spool.run_io(self._commit_sync, blob)
+            await self.spool.run_io_batched(lambda: self._commit_sync(blob))
             # The rename must be on disk too before we answer 250 (group commit).
             await self.spool.queue_sync.sync()
         except OSError as e:
@@ -312,6 +330,29 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
+
+
+def _run_batch(
+    batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
+    for fn, future in batch:
+        try:
+            results.append((future, fn(), None))
+        except Exception as e:  # that caller's error; the others go on
+            results.append((future, None, e))
+    loop.call_soon_threadsafe(_settle, results)
+
+
+def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import aiosmtplib
@@ -219,3 +221,24 @@ def test_metrics_from_other_processes_are_added_to_ours():
     assert 'sealgate_messages_accepted_total{tls_version="TLSv1.3"} 10.0' in text
     assert "sealgate_acceptance_latency_seconds_count 2.0" in text
     assert "sealgate_spool_messages 3.0" in text
+
+
+async def test_io_calls_of_one_event_loop_turn_run_as_one_job_and_fail_alone(spool):
+    threads: list[int] = []
+
+    def ok(n: int) -> int:
+        threads.append(threading.get_ident())
+        return n
+
+    def boom() -> int:
+        raise OSError("disk on fire")
+
+    results = await asyncio.gather(
+        spool.run_io_batched(lambda: ok(1)),
+        spool.run_io_batched(boom),
+        spool.run_io_batched(lambda: ok(3)),
+        return_exceptions=True,
+    )
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], OSError) and "disk on fire" in str(results[1])
+    assert len(set(threads)) == 1  # the same job ran both
