@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,44 +73,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class DirectorySync:
-    """Group commit for fsyncs of one directory.
-
-    `sync` returns once an fsync of the directory that *started after the call* has
-    completed, so every rename done before the call is durable.  Callers that arrive
-    while an fsync runs share the next one instead of queueing one each, the way a
-    journal batches commits.  The coordination happens on the event loop; only the
-    fsync itself runs in an I/O thread.
-    """
-
-    def __init__(self, path: Path, run_io: Callable[..., Awaitable[object]]):
-        self.path = path
-        self._run_io = run_io
-        self._started = 0  # generation of the newest fsync begun
-        self._done = 0  # generation of the newest fsync finished
-        self._task: asyncio.Task[None] | None = None
-        self._failed: tuple[int, OSError] | None = None
-
-    async def sync(self) -> None:
-        target = self._started + 1
-        while self._done < target:
-            if self._task is None:
-                self._started += 1
-                self._task = asyncio.get_running_loop().create_task(self._fsync(self._started))
-            await asyncio.shield(self._task)
-        if self._failed is not None and self._failed[0] == target:
-            raise self._failed[1]
-
-    async def _fsync(self, generation: int) -> None:
-        try:
-            await self._run_io(_fsync_dir, self.path)
-        except OSError as e:
-            self._failed = (generation, e)
-        finally:
-            self._done = generation
-            self._task = None
-
-
 @dataclass(frozen=True)
 class RecoveryReport:
     recovered: int
@@ -127,7 +89,6 @@ class Spool:
         self.corrupt_dir = root / "corrupt"
         self._io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
-        self.queue_sync = DirectorySync(self.queue_dir, self.run_io)
         self.messages = 0
         self.bytes = 0
         self._count_lock = threading.Lock()  # removals may run in another thread
@@ -179,9 +140,15 @@ class Spool:
             raise SpoolError("spool is not open")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def run_io_batched(self, fn: Callable[[], object]) -> object:
-        """Like `run_io`, but calls made in one turn of the event loop run together in
-        one I/O job, one after the other: one thread wake-up for all of them."""
+    async def commit_io(self, fn: Callable[[], object]) -> object:
+        """Run a commit step (write, fsync, rename into queue/) in an I/O thread and
+        return once the queue directory has been fsynced after it.
+
+        Group commit: the commits of one turn of the event loop run together in one
+        I/O job, one after the other, followed by one fsync of the directory for all
+        of them - one thread wake-up and one directory fsync per batch, not per
+        message.  A commit that fails reports its own error; a failed directory fsync
+        fails every commit of the batch (none of them is known to be durable)."""
         if self._pool is None:
             raise SpoolError("spool is not open")
         loop = asyncio.get_running_loop()
@@ -194,7 +161,26 @@ class Spool:
     def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._batch = self._batch, []
         assert self._pool is not None
-        self._pool.submit(_run_batch, batch, loop)
+        self._pool.submit(self._run_batch, batch, loop)
+
+    def _run_batch(
+        self,
+        batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
+        for fn, future in batch:
+            try:
+                results.append((future, fn(), None))
+            except Exception as e:  # that commit's error; the others go on
+                results.append((future, None, e))
+        if any(error is None for _, _, error in results):
+            try:
+                # Durability: the renames above are on disk before anyone answers 250.
+                _fsync_dir(self.queue_dir)
+            except OSError as e:
+                results = [(f, None, err or e) for f, _, err in results]
+        loop.call_soon_threadsafe(_settle, results)
 
     def writer(self, queue_id: str) -> SpoolWriter:
         return SpoolWriter(self, queue_id)
@@ -297,9 +283,8 @@ class SpoolWriter:
         blob = b"".join(self._buffer)
         self._buffer = []
         try:
-            await self.spool.run_io_batched(lambda: self._commit_sync(blob))
-            # The rename must be on disk too before we answer 250 (group commit).
-            await self.spool.queue_sync.sync()
+            # Returns after the directory fsync: the rename is on disk too.
+            await self.spool.commit_io(lambda: self._commit_sync(blob))
         except OSError as e:
             await self.abort()
             raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e
@@ -330,19 +315,6 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
-
-
-def _run_batch(
-    batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
-    for fn, future in batch:
-        try:
-            results.append((future, fn(), None))
-        except Exception as e:  # that caller's error; the others go on
-            results.append((future, None, e))
-    loop.call_soon_threadsafe(_settle, results)
 
 
 def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | None]]) -> None:

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import aiosmtplib
@@ -176,38 +175,26 @@ async def test_commit_returns_only_after_file_fsync_rename_and_directory_fsync(s
     assert calls == ["fsync-file", "rename", "fsync-dir"]
 
 
-async def test_concurrent_directory_syncs_share_fsyncs_and_each_waits_for_a_new_one(tmp_path):
-    import asyncio
+async def test_commits_of_one_turn_share_one_directory_fsync_after_all_their_renames(
+    spool, monkeypatch
+):
+    import gateway.spool.store as store
 
-    from gateway.spool.store import DirectorySync
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
 
-    started: list[int] = []
-    release = asyncio.Event()
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        calls.append("dir" if Path(f"/proc/self/fd/{fd}").resolve().is_dir() else "file")
 
-    async def run_io(fn, path):  # an fsync that takes as long as the test says
-        started.append(len(started))
-        await release.wait()
-        release.clear()
+    def rename(src, dst) -> None:
+        real_rename(src, dst)
+        calls.append("rename")
 
-    async def settle() -> None:
-        for _ in range(5):
-            await asyncio.sleep(0)
-
-    sync = DirectorySync(tmp_path, run_io)
-    first = asyncio.create_task(sync.sync())
-    await settle()
-    assert started == [0]
-    # arrivals during fsync #1 must not be satisfied by it (their renames may be later)
-    later = [asyncio.create_task(sync.sync()) for _ in range(10)]
-    await settle()
-    release.set()
-    await first
-    await settle()
-    assert not any(t.done() for t in later)
-    assert started == [0, 1]  # one more fsync for all ten
-    release.set()
-    await asyncio.gather(*later)
-    assert started == [0, 1]
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store.os, "rename", rename)
+    await asyncio.gather(*(_store(spool, [b"message %d\r\n" % i]) for i in range(3)))
+    assert calls == ["file", "rename"] * 3 + ["dir"]
 
 
 def test_metrics_from_other_processes_are_added_to_ours():
@@ -223,22 +210,15 @@ def test_metrics_from_other_processes_are_added_to_ours():
     assert "sealgate_spool_messages 3.0" in text
 
 
-async def test_io_calls_of_one_event_loop_turn_run_as_one_job_and_fail_alone(spool):
-    threads: list[int] = []
-
-    def ok(n: int) -> int:
-        threads.append(threading.get_ident())
-        return n
-
+async def test_a_failing_commit_fails_alone_in_its_batch(spool):
     def boom() -> int:
         raise OSError("disk on fire")
 
     results = await asyncio.gather(
-        spool.run_io_batched(lambda: ok(1)),
-        spool.run_io_batched(boom),
-        spool.run_io_batched(lambda: ok(3)),
+        spool.commit_io(lambda: 1),
+        spool.commit_io(boom),
+        spool.commit_io(lambda: 3),
         return_exceptions=True,
     )
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], OSError) and "disk on fire" in str(results[1])
-    assert len(set(threads)) == 1  # the same job ran both
