@@ -10,6 +10,8 @@ Durability: a message is written to ``tmp/``, fsync'd, renamed into ``queue/`` a
 the ``queue/`` directory is fsync'd.  Only then does `SpoolWriter.commit` return, and
 only then does the SMTP layer answer 250.  A crash before the directory fsync loses
 only a message that was never acknowledged; ``tmp/`` leftovers are removed on start.
+Commits that end in the same turn of the event loop share one I/O job and one
+directory fsync (group commit, `Spool.commit_io`).
 A file in ``queue/`` is self-validating (magic footer, lengths, SHA-256 of the
 message), so a torn or truncated file is never mistaken for a complete one.
 
