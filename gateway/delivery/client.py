@@ -25,6 +25,7 @@ programming errors.
 from __future__ import annotations
 
 import _ssl
+import asyncio
 import dataclasses
 import datetime
 import enum
@@ -279,7 +280,11 @@ async def _open(
     try:
         await smtp.connect()
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        smtp.close()
         return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}", evidence)
+    except asyncio.CancelledError:  # shutting down: leave no socket behind
+        smtp.close()
+        raise
     if metrics is not None:
         metrics.delivery_connections.labels("new").inc()
     try:
@@ -288,6 +293,9 @@ async def _open(
         secured = await _secure(smtp, hop, level, evidence, settings, tlsa)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         secured = HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
+    except asyncio.CancelledError:
+        smtp.close()
+        raise
     if isinstance(secured, HostFailure):
         if secured.tls_failure is not None:
             _tls_failed(secured, metrics)
@@ -315,6 +323,9 @@ async def _use(
         session.smtp.close()
         host = f"{evidence.mx_host}[{evidence.ip}]"
         return HostFailure("4.4.2", f"session with {host} failed: {e}", evidence)
+    except asyncio.CancelledError:  # shutting down mid-transaction: not recorded, retried
+        session.smtp.close()
+        raise
     if outcome is None and sessions is not None:
         sessions.give(key, session)
     else:

@@ -121,3 +121,34 @@ async def test_a_crash_after_the_last_delivery_but_before_the_spool_removal_is_c
     assert queued(second) == []
     await asyncio.sleep(1.5)
     assert mx.received == []  # delivered once is enough
+
+
+async def test_stopping_during_a_delivery_closes_its_connection_and_records_nothing(
+    gateway_factory, world, pki
+):
+    import gc
+    import warnings
+
+    slow = await world.mta("mx.dest.test", "127.0.0.46", data_delay=5.0)
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await gateway_factory(
+        {
+            "dns.nameservers": [world.dns.nameserver],
+            "delivery.smart_host": None,
+            "delivery.port": world.port,
+            "tls.ca_file": str(pki.ca_file),
+        }
+    )
+    async with smtp_client(gw) as client:
+        await client.sendmail("s@clinic.test", ["r@dest.test"], make_message())
+    await wait_until(lambda: slow.attempts == 1, what="a delivery in DATA")
+    (path,) = queued(gw)
+    await gw.stop(grace=0.2)  # the attempt is cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [w for w in caught if "unclosed" in str(w.message)]
+    store = QueueStore(gw.config.state_dir / "queue.db")
+    assert [r.state for r in store.recipients(path.name)] == ["pending"]  # tried again later
+    store.close()
+    assert path.exists()
