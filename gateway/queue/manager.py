@@ -28,13 +28,13 @@ import contextlib
 import dataclasses
 import datetime
 import random
-import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from gateway.batching import Batcher, run_each
 from gateway.config import Config
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
@@ -95,9 +95,7 @@ class QueueManager:
         # (the SMTP side renames and fsyncs in the same directory): never in the
         # database thread, which every attempt needs.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
-        self._remove_lock = threading.Lock()
-        self._to_remove: list[tuple[str, int]] = []
-        self._removing = False
+        self._removals = Batcher(self._remover, run_each)
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -447,25 +445,7 @@ class QueueManager:
         """Remove a done message's spool file, in the background (one job for all
         that are waiting); if the process dies first, the next start removes it
         (`_reconcile`)."""
-        with self._remove_lock:
-            self._to_remove.append((envelope.queue_id, envelope.size))
-            if self._removing:
-                return
-            self._removing = True
-        # At the end of this turn of the event loop, so that one wake-up serves all
-        # the messages finished in it (see `GroupCommit`).
-        loop = asyncio.get_running_loop()
-        loop.call_soon(lambda: loop.run_in_executor(self._remover, self._remove_waiting))
-
-    def _remove_waiting(self) -> None:
-        while True:
-            with self._remove_lock:
-                batch, self._to_remove = self._to_remove, []
-                if not batch:
-                    self._removing = False
-                    return
-            for queue_id, size in batch:
-                self.spool.remove(queue_id, size)
+        self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
 
     async def _finish(
         self, envelope: Envelope, data: bytes, rows: list[RecipientRow], *, recovering: bool = False

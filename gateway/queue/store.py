@@ -147,10 +147,10 @@ class QueueStore:
                 db.execute("ROLLBACK")
             raise
 
-    def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, Exception | None]]:
+    def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several operations in one transaction (group commit): each in a
         savepoint, so one that fails is undone alone and reports its exception."""
-        results: list[tuple[Any, Exception | None]] = []
+        results: list[tuple[Any, BaseException | None]] = []
         db = self._db
         with self.transaction():
             for operation in operations:

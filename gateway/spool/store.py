@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from gateway.batching import run_each, settle
 from gateway.errors import SpoolError
 from gateway.model import Envelope
 
@@ -170,19 +171,14 @@ class Spool:
         batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
-        for fn, future in batch:
-            try:
-                results.append((future, fn(), None))
-            except Exception as e:  # that commit's error; the others go on
-                results.append((future, None, e))
-        if any(error is None for _, _, error in results):
+        outcomes = run_each([fn for fn, _ in batch])
+        if any(error is None for _, error in outcomes):
             try:
                 # Durability: the renames above are on disk before anyone answers 250.
                 _fsync_dir(self.queue_dir)
             except OSError as e:
-                results = [(f, None, err or e) for f, _, err in results]
-        loop.call_soon_threadsafe(_settle, results)
+                outcomes = [(None, error or e) for _, error in outcomes]
+        loop.call_soon_threadsafe(settle, list(zip([f for _, f in batch], outcomes, strict=True)))
 
     def writer(self, queue_id: str) -> SpoolWriter:
         return SpoolWriter(self, queue_id)
@@ -317,16 +313,6 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
-
-
-def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | None]]) -> None:
-    for future, value, error in results:
-        if future.cancelled():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,92 @@
+"""batching - many small jobs for one worker thread, one wake-up.
+
+Handing a job to a thread pool costs a thread wake-up and interpreter-lock traffic
+that, per message, outweighs small jobs themselves.  A `Batcher` collects the jobs
+issued during one turn of the event loop, and those issued while its batch runs, and
+hands them to its executor together; ``run_batch`` runs them and returns one
+``(value, error)`` per job, in order.  Callers of `Batcher.run` get their own value
+or exception, and only once the whole batch is done (a group commit: nobody acts
+on a write that the batch has not completed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Job = Callable[[], Any]
+Outcome = tuple[Any, BaseException | None]
+
+
+def run_each(jobs: list[Job]) -> list[Outcome]:
+    """Run jobs one after the other; a job that raises fails alone."""
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        try:
+            outcomes.append((job(), None))
+        except Exception as e:  # that job's caller gets it; the others go on
+            outcomes.append((None, e))
+    return outcomes
+
+
+def settle(pairs: Iterable[tuple[asyncio.Future[Any] | None, Outcome]]) -> None:
+    """On the event loop: give each waiting caller its value or its exception."""
+    for future, (value, error) in pairs:
+        if future is None or future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class Batcher:
+    def __init__(self, executor: Executor, run_batch: Callable[[list[Job]], list[Outcome]]):
+        self.executor = executor
+        self.run_batch = run_batch
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Job, asyncio.Future[Any] | None]] = []
+        self._draining = False
+        self.batches = 0  # batches run (for tests and curiosity)
+
+    async def run(self, job: Callable[[], T]) -> T:
+        """Run ``job`` in the next batch; its value, once the batch is done."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._add(job, future)
+        return await future
+
+    def post(self, job: Job) -> None:
+        """Run ``job`` in the next batch; nobody waits for it."""
+        self._add(job, None)
+
+    def _add(self, job: Job, future: asyncio.Future[Any] | None) -> None:
+        with self._lock:
+            self._pending.append((job, future))
+            start = not self._draining
+            self._draining = True
+        if start:
+            # At the end of this turn of the event loop: jobs issued in the same turn
+            # share the batch, and the thread is woken once for them.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(lambda: loop.run_in_executor(self.executor, self._drain, loop))
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the executor: run batches until nothing is pending."""
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._draining = False
+                    return
+            try:
+                outcomes = self.run_batch([job for job, _ in batch])
+            except Exception as e:  # the batch as a whole failed
+                outcomes = [(None, e)] * len(batch)
+            self.batches += 1
+            loop.call_soon_threadsafe(
+                settle, list(zip([f for _, f in batch], outcomes, strict=True))
+            )
