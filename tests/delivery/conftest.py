@@ -83,6 +83,18 @@ async def world(tmp_path, pki):
     w = World()
     w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
 
+    def config(overrides: dict | None = None) -> dict:
+        """Gateway settings for this world: its DNS, its MTAs' port, the test CA."""
+        return {
+            "dns.nameservers": [dns.nameserver],
+            "delivery.smart_host": None,
+            "delivery.port": port,
+            "tls.ca_file": str(pki.ca_file),
+            **(overrides or {}),
+        }
+
+    w.config = config
+
     async def send(
         hosts: list[str],
         level: TlsLevel,

@@ -93,14 +93,13 @@ async def test_through_the_daemon_dane_outranks_the_configured_level(gateway_fac
     world.dns.secure("dest.test")
     publish(world, "mx1.dest.test", f"3 1 1 {spki_sha256(mx.cert_der)}")
     gw = await gateway_factory(
-        {
-            "dns.nameservers": [world.dns.nameserver],
-            "dns.dnssec": "trust-ad",
-            "delivery.smart_host": None,
-            "delivery.port": world.port,
-            "delivery.tls_level": "verify",  # a self-signed certificate fails this...
-            "delivery.retry_schedule": ["1h"],
-        }
+        world.config(
+            {
+                "dns.dnssec": "trust-ad",
+                "delivery.tls_level": "verify",  # a self-signed certificate fails this...
+                "delivery.retry_schedule": ["1h"],
+            }
+        )
     )
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(lambda: mx.received, what="delivery authenticated by DANE")

@@ -13,16 +13,7 @@ from tests.e2e.daemon import Daemon
 async def test_kill_9_during_delivery_then_restart_delivers_every_recipient(tmp_path, world, pki):
     slow = await world.mta("mx.dest.test", "127.0.0.41", data_delay=3.0)
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    path = write_config(
-        tmp_path,
-        {
-            "dns.nameservers": [world.dns.nameserver],
-            "delivery.smart_host": None,
-            "delivery.port": world.port,
-            "tls.ca_file": str(pki.ca_file),
-            "delivery.retry_schedule": ["1s"],
-        },
-    )
+    path = write_config(tmp_path, world.config({"delivery.retry_schedule": ["1s"]}))
     daemon = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
     await asyncio.to_thread(daemon.start)
     try:
@@ -53,14 +44,12 @@ async def test_a_crash_after_the_last_result_but_before_the_bounce_is_finished_a
     and the spool removal: the next start finishes the message."""
     sender_sink = await world.mta("mx.clinic.test", "127.0.0.42")
     world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
-    config = {
-        "dns.nameservers": [world.dns.nameserver],
-        "delivery.smart_host": None,
-        "delivery.port": world.port,
-        "tls.ca_file": str(pki.ca_file),
-        "delivery.retry_schedule": ["1h"],
-        "routes": {"dest.test": "127.0.0.43"},  # nothing listens: deferred
-    }
+    config = world.config(
+        {
+            "delivery.retry_schedule": ["1h"],
+            "routes": {"dest.test": "127.0.0.43"},  # nothing listens: deferred
+        }
+    )
     first = await gateway_factory(config)
     async with smtp_client(first) as client:
         await client.sendmail("s@clinic.test", ["r@dest.test"], make_message("Secret", "PHI\r\n"))
@@ -91,14 +80,12 @@ async def test_a_crash_after_the_last_delivery_but_before_the_spool_removal_is_c
 ):
     mx = await world.mta("mx.dest.test", "127.0.0.44")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    config = {
-        "dns.nameservers": [world.dns.nameserver],
-        "delivery.smart_host": None,
-        "delivery.port": world.port,
-        "tls.ca_file": str(pki.ca_file),
-        "delivery.retry_schedule": ["1h"],
-        "routes": {"dest.test": "127.0.0.45"},  # nothing listens: deferred
-    }
+    config = world.config(
+        {
+            "delivery.retry_schedule": ["1h"],
+            "routes": {"dest.test": "127.0.0.45"},  # nothing listens: deferred
+        }
+    )
     first = await gateway_factory(config)
     async with smtp_client(first) as client:
         await client.sendmail("s@clinic.test", ["r@dest.test"], make_message())
@@ -131,14 +118,7 @@ async def test_stopping_during_a_delivery_closes_its_connection_and_records_noth
 
     slow = await world.mta("mx.dest.test", "127.0.0.46", data_delay=5.0)
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await gateway_factory(
-        {
-            "dns.nameservers": [world.dns.nameserver],
-            "delivery.smart_host": None,
-            "delivery.port": world.port,
-            "tls.ca_file": str(pki.ca_file),
-        }
-    )
+    gw = await gateway_factory(world.config())
     async with smtp_client(gw) as client:
         await client.sendmail("s@clinic.test", ["r@dest.test"], make_message())
     await wait_until(lambda: slow.attempts == 1, what="a delivery in DATA")

@@ -32,15 +32,7 @@ async def start(gateway_factory, world, pki, tmp_path, policy: str, servers, **o
     server = await PolicyServer("127.0.0.79", port, (chain, key), body=policy).start()
     servers.append(server)
     gw = await gateway_factory(
-        {
-            "dns.nameservers": [world.dns.nameserver],
-            "delivery.smart_host": None,
-            "delivery.port": world.port,
-            "tls.ca_file": str(pki.ca_file),
-            "delivery.retry_schedule": ["1h"],
-            "mta_sts.port": port,
-            **overrides,
-        }
+        world.config({"delivery.retry_schedule": ["1h"], "mta_sts.port": port, **overrides})
     )
     return gw, server
 

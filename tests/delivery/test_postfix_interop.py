@@ -47,14 +47,7 @@ async def test_delivery_at_verify_to_a_real_postfix(gateway_factory, world, pki,
         sink_host="127.0.0.62",
         extra_main_cf=tls,
     ):
-        gw = await gateway_factory(
-            {
-                "dns.nameservers": [world.dns.nameserver],
-                "delivery.smart_host": None,
-                "delivery.port": world.port,
-                "tls.ca_file": str(pki.ca_file),
-            }
-        )
+        gw = await gateway_factory(world.config())
         async with smtp_client(gw) as client:
             _, reply = await client.sendmail(
                 "s@clinic.test", ["patient@postfix.test"], make_message()

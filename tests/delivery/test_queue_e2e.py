@@ -18,16 +18,7 @@ BODY = "The margins are clear.\r\n"
 
 
 async def start(gateway_factory, world, pki, **overrides):
-    return await gateway_factory(
-        {
-            "dns.nameservers": [world.dns.nameserver],
-            "delivery.smart_host": None,
-            "delivery.port": world.port,
-            "tls.ca_file": str(pki.ca_file),
-            "delivery.retry_schedule": ["1s"],
-            **overrides,
-        }
-    )
+    return await gateway_factory(world.config({"delivery.retry_schedule": ["1s"], **overrides}))
 
 
 async def send(gw, rcpts, sender="doctor@clinic.test"):

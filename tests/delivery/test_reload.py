@@ -22,15 +22,13 @@ async def _send(daemon: Daemon, rcpt: str) -> None:
 async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world, pki):
     old = await world.mta("old.partner.test", "127.0.0.51")
     new = await world.mta("new.partner.test", "127.0.0.52")
-    base = {
-        "dns.nameservers": [world.dns.nameserver],
-        "delivery.smart_host": None,
-        "delivery.port": world.port,
-        "tls.ca_file": str(pki.ca_file),
-        "delivery.retry_schedule": ["1s"],
-        "delivery.reuse_idle_time": "60s",
-        "smtp.workers": 2,
-    }
+    base = world.config(
+        {
+            "delivery.retry_schedule": ["1s"],
+            "delivery.reuse_idle_time": "60s",
+            "smtp.workers": 2,
+        }
+    )
     path = write_config(tmp_path, {**base, "routes": {"partner.test": "old.partner.test"}})
     daemon = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
     await asyncio.to_thread(daemon.start)
