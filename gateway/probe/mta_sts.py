@@ -181,9 +181,9 @@ async def _fetch(host: str, port: int, resolver: Resolver, ctx: ssl.SSLContext) 
     for ip in addresses:
         try:
             reader, writer = await asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host)
-        except OSError as e:  # includes certificate failures: try no other address
-            if isinstance(e, ssl.SSLError):
-                raise
+        except ssl.SSLError:  # a certificate failure: no other address is tried
+            raise
+        except OSError as e:
             last = e
             continue
         try:

@@ -10,9 +10,9 @@ For each group: route the domain (`gateway.delivery.router`), choose the TLS lev
 (`gateway.delivery.client`, reusing idle sessions from `SessionCache`), and record
 every recipient's result with its evidence in one state-store transaction.  Deferred
 recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
-jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a message is
-final, failed ones are reported to the sender in one DSN (never for a null sender),
-and the spool file is removed.  A crash between the last result and that step is
+jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a
+message is final, failed ones are reported to the sender in one DSN (never for a null
+sender), and the spool file is removed.  A crash between the last result and that step is
 repaired at start (`QueueStore.unfinished`).  Finished messages stay in the state
 store for ``delivery.history_retention`` (for ``sealgate queue show``), then go.
 
