@@ -1,0 +1,1 @@
+"""The policy engine: the language, the classifiers and the decision."""
