@@ -6,6 +6,7 @@ Records are added as text, the way a zone file writes them::
     dns.add("mx1.example.test", "A", "127.0.0.2")
     dns.fail("broken.test")              # SERVFAIL for every question about it
     dns.secure("example.test")           # answers about it carry the AD bit
+    dns.silence("dead.test")             # questions about it (and below) never answered
 
 A name with records of other types answers NOERROR with no data (NODATA); an unknown
 name answers NXDOMAIN.  Answers longer than 512 octets over UDP are truncated (TC)
@@ -38,6 +39,7 @@ class DnsFixture:
         self.records: dict[tuple[dns.name.Name, int], list[dns.rdata.Rdata]] = defaultdict(list)
         self.failing: set[dns.name.Name] = set()
         self.secure_names: set[dns.name.Name] = set()
+        self.silent: set[dns.name.Name] = set()
         self.queries: list[tuple[str, str]] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -55,6 +57,9 @@ class DnsFixture:
     def fail(self, name: str) -> None:
         self.failing.add(dns.name.from_text(name))
 
+    def silence(self, name: str) -> None:
+        self.silent.add(dns.name.from_text(name))
+
     def secure(self, name: str) -> None:
         self.secure_names.add(dns.name.from_text(name))
 
@@ -64,8 +69,10 @@ class DnsFixture:
 
     # -- serving --------------------------------------------------------------------
 
-    def answer(self, wire: bytes, max_size: int | None) -> bytes:
+    def answer(self, wire: bytes, max_size: int | None) -> bytes | None:
         query = dns.message.from_wire(wire)
+        if any(query.question[0].name.is_subdomain(n) for n in self.silent):
+            return None
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         question = query.question[0]
@@ -102,7 +109,9 @@ class DnsFixture:
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 with contextlib.suppress(Exception):
-                    self.transport.sendto(fixture.answer(data, 512), addr)  # type: ignore[attr-defined]
+                    out = fixture.answer(data, 512)
+                    if out is not None:
+                        self.transport.sendto(out, addr)  # type: ignore[attr-defined]
 
         from tests.conftest import free_port
 
@@ -125,6 +134,8 @@ class DnsFixture:
             while True:
                 (length,) = struct.unpack("!H", await reader.readexactly(2))
                 out = self.answer(await reader.readexactly(length), None)
+                if out is None:
+                    continue
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):

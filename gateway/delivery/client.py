@@ -360,7 +360,7 @@ async def _secure(
             "Server certificate not verified" if level.verifies_certificate else "Cannot start TLS"
         )
         return HostFailure(
-            "4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence, _tls_failure_of(e)
+            "4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence, tls_failure_of(e)
         )
     sslobj = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
     if sslobj is None:
@@ -371,7 +371,7 @@ async def _secure(
     cipher = sslobj.cipher()
     verification = "pkix" if level.verifies_certificate else "none"
     if level.uses_dane:
-        how = verify_tlsa(tlsa, _presented_chain(sslobj, der), hop.host)
+        how = verify_tlsa(tlsa, presented_chain(sslobj, der), hop.host)
         if how is None:
             return HostFailure(
                 "4.7.5",
@@ -391,7 +391,7 @@ async def _secure(
     return evidence
 
 
-def _presented_chain(sslobj: ssl.SSLObject, leaf: bytes | None) -> list[bytes]:
+def presented_chain(sslobj: ssl.SSLObject, leaf: bytes | None) -> list[bytes]:
     """The certificates the server sent, its own first (DANE-TA needs them all)."""
     get_chain = getattr(sslobj, "get_unverified_chain", None)  # public from Python 3.13
     if get_chain is None:
@@ -407,7 +407,7 @@ _CERT_EXPIRED = {9, 10}  # not yet valid, expired
 _HOSTNAME_MISMATCH = 62
 
 
-def _tls_failure_of(error: BaseException) -> TlsFailure:
+def tls_failure_of(error: BaseException) -> TlsFailure:
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
         cause = cause.__cause__ or cause.__context__

@@ -47,7 +47,9 @@ _SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 _TLS_VERSIONS = ("none", "TLSv1.2", "TLSv1.3")
 _TLS_LEVELS = ("none", "may", "encrypt", "verify", "mta-sts", "dane")
 _OUTCOMES = ("delivered", "deferred", "bounced")
-_QUEUE_STATES = ("pending", "deferred", "active", "hold")
+_QUEUE_STATES = ("pending", "deferred", "active", "hold", "held")
+_MODES = ("tls", "smime", "pgp", "portal", "hold", "bounce")
+_PROBE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Time in queue: from seconds (straight through) to the 5-day lifetime.
 _QUEUE_TIME_BUCKETS = (1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400, 5 * 86400)
 
@@ -127,6 +129,44 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.policy_decisions = Counter(
+            "sealgate_policy_decisions",
+            "Per-recipient policy decisions, by mode and by the rule that decided",
+            ["mode", "rule"],
+            registry=r,
+        )
+        self.policy_fallbacks = Counter(
+            "sealgate_policy_fallbacks",
+            "Recipients moved to another mode because the decided one failed at delivery, "
+            "by the mode they moved to",
+            ["mode"],
+            registry=r,
+        )
+        self.probe_seconds = Histogram(
+            "sealgate_probe_seconds",
+            "Time to probe a recipient domain (cache misses only)",
+            buckets=_PROBE_BUCKETS,
+            registry=r,
+        )
+        self.probe_cache = Counter(
+            "sealgate_probe_cache",
+            "Domain facts asked for: hit (cached), miss (probed), shared (another probe's)",
+            ["result"],
+            registry=r,
+        )
+        self.probe_mta_sts = Counter(
+            "sealgate_probe_mta_sts",
+            "MTA-STS mode found when probing a domain routed by MX (none: no policy)",
+            ["mode"],
+            registry=r,
+        )
+        self.probe_dane = Counter(
+            "sealgate_probe_dane",
+            "DANE outcome per probed server: n/a (no DNSSEC), none, unusable, error "
+            "(TLSA lookup failed), match, mismatch",
+            ["outcome"],
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
@@ -157,6 +197,14 @@ class Metrics:
             self.mta_sts_lookups.labels(source)
         for failure in TlsFailure:
             self.delivery_tls_failures.labels(failure.value)
+        for mode in _MODES:
+            self.policy_fallbacks.labels(mode)
+        for result in ("hit", "miss", "shared"):
+            self.probe_cache.labels(result)
+        for sts_mode in ("enforce", "testing", "none"):
+            self.probe_mta_sts.labels(sts_mode)
+        for outcome in ("n/a", "none", "unusable", "error", "match", "mismatch"):
+            self.probe_dane.labels(outcome)
 
     def reject(self, reason: RejectReason) -> None:
         self.messages_rejected.labels(reason.value).inc()

@@ -136,6 +136,8 @@ def level_of(mx: MxFacts, domain: DomainFacts) -> TlsLevel | None:
         if mx.tlsa in (TlsaState.USABLE, TlsaState.UNUSABLE) or domain.sts_enforced:
             return None  # DANE and MTA-STS forbid plaintext
         return TlsLevel.MAY
+    if mx.tls_version is None:
+        return None  # STARTTLS offered, but no TLS session could be had
     if mx.tlsa is TlsaState.USABLE:
         return TlsLevel.DANE if mx.dane_match else None
     if domain.sts_enforced:

@@ -50,7 +50,14 @@ DANE_BAD = MxFacts(
     dane_match=False,
 )
 TLSA_SERVFAIL = MxFacts(
-    "mx.d.test", 25, T0, reachable=True, starttls=True, pkix_valid=True, tlsa=TlsaState.ERROR
+    "mx.d.test",
+    25,
+    T0,
+    reachable=True,
+    starttls=True,
+    tls_version="TLSv1.3",
+    pkix_valid=True,
+    tlsa=TlsaState.ERROR,
 )
 UNREACHED = MxFacts("mx.d.test", 25, T0, reachable=False, error="connection refused")
 

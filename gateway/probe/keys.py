@@ -1,0 +1,27 @@
+"""Key stores: where the probe learns of a recipient's S/MIME certificate or PGP key.
+
+The interface the policy engine's facts come from.  The stores themselves (a key
+directory managed with ``sealgate keys``, WKD discovery) are built with the
+encryption issue; until then the gateway knows no keys (`NoKeys`), so recipients
+are never decided for S/MIME or PGP.
+
+A store answers for one address at a time, returns only keys it would encrypt to
+(valid now, suitable for encryption, bound to that address), and never raises for
+what it does not know: a failure is `KnownKeys.error`, and means "no key" (the
+decision then moves on to another secure mode, never to plaintext).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.probe.facts import KnownKeys
+
+
+class KeyStore(Protocol):
+    async def lookup(self, address: str) -> KnownKeys: ...
+
+
+class NoKeys:
+    async def lookup(self, address: str) -> KnownKeys:
+        return KnownKeys()
