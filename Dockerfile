@@ -13,6 +13,7 @@ RUN apt-get update \
 WORKDIR /opt/sealgate
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+COPY policies ./policies
 RUN pip install --no-cache-dir .
 
 # The built-in configuration: listen on all interfaces inside the container, state on

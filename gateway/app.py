@@ -112,7 +112,7 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        check_references(cfg, self.source)
+        policy = check_references(cfg, self.source)
         log.info(Event.STARTING, config=self.source, state_dir=str(cfg.state_dir))
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         if cfg.tls.cert_file is None:
@@ -133,7 +133,7 @@ class Gateway:
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.queue = QueueManager(
-            cfg, self.spool, self.metrics, make_redactor(cfg), self.hostname, self._inject
+            cfg, self.spool, self.metrics, make_redactor(cfg), self.hostname, self._inject, policy
         )
         await self.queue.start()
         if worker_count(cfg) > 1:
@@ -162,10 +162,11 @@ class Gateway:
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and apply what can change live.
 
-        Delivery settings (routes, smart host, TLS levels and policy, CA file,
+        The policy file and the delivery settings (routes, smart host, CA file,
         resolvers, timeouts) apply to every attempt that starts afterwards; no
         connection is dropped.  Listener, state directory and worker settings need a
-        restart.  A bad file is reported and changes nothing.
+        restart.  A bad configuration or policy file is reported (file, line, key) and
+        changes nothing: the old policy stays in force.
         """
         if self.config_path is None:
             log.info(Event.RELOADED, changed=False, reason="running on embedded defaults")
@@ -173,13 +174,13 @@ class Gateway:
         try:
             new = load_config(self.config_path)
             new = dataclasses.replace(new, state_dir=self.config.state_dir)
-            check_references(new, str(self.config_path))
+            policy = check_references(new, str(self.config_path))
         except ConfigError as e:
             log.error(Event.RELOAD_FAILED, error=str(e))
             return
         if self.queue is not None:
-            self.queue.apply(new)
-        log.info(Event.RELOADED, changed=True, config=str(self.config_path))
+            self.queue.apply(new, policy)
+        log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
 
     def _worker_queued(self, queue_id: str, size: int) -> None:
         """A worker process spooled a message: count it here, then queue it."""

@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     ql.add_argument("--json", action="store_true", help="one JSON object per line")
     ql.add_argument(
         "--state",
-        choices=("pending", "deferred", "hold"),
-        help="only messages with a recipient in this state (or on hold)",
+        choices=("pending", "deferred", "held", "hold"),
+        help="only messages with a recipient in this state (held: by the policy), "
+        "or on hold (by an administrator)",
     )
     ql.add_argument("--domain", help="only messages with a recipient at this domain")
     ql.add_argument("--older-than", metavar="DURATION", help="e.g. 30m, 2h, 1d")
@@ -98,8 +99,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _hash_password()
     config, source = _load(args)
     if args.command == "check-config":
-        check_references(config, source)
+        policy = check_references(config, source)
         print(f"{source}: configuration OK")
+        print(f"{policy.source}: policy OK ({len(policy.rules)} rules, {policy.stamp})")
         return 0
     if args.command == "run":
         from gateway.app import Gateway, serve
@@ -168,15 +170,19 @@ def _summary(env: Envelope, store: Any) -> dict[str, Any]:
     received = datetime.datetime.fromisoformat(env.received_at)
     age = (datetime.datetime.now(datetime.UTC) - received).total_seconds()
     states = {r.idx: r for r in store.recipients(env.queue_id)} if store else {}
+    decisions = store.decisions(env.queue_id) if store else {}
     message = store.message(env.queue_id) if store else None
     recipients = []
     for idx, r in enumerate(env.recipients):
         row = states.get(idx)
+        decision = decisions.get(idx)
         recipients.append(
             {
                 "address": r.address,
                 "state": row.state if row else "pending",
                 "status": row.status if row else "",
+                "mode": decision["mode"] if decision else "",
+                "rule": decision["rule"] if decision else "",
             }
         )
     return {
@@ -223,7 +229,8 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
         else:
             flag = " HOLD" if s["hold"] else ""
             rcpts = ", ".join(
-                f"{r['address']} ({r['state']}{' ' + r['status'] if r['status'] else ''})"
+                f"{r['address']} ({r['state']}{' ' + r['status'] if r['status'] else ''}"
+                f"{' ' + r['mode'] + ' by ' + r['rule'] if r['mode'] else ''})"
                 for r in s["recipients"]
             )
             print(
@@ -251,6 +258,7 @@ def _queue_show(config: Config, queue_id: str, as_json: bool) -> int:
         assert message is not None
         d = {key: message[key] for key in ("queue_id", "received_at", "mail_from", "size")}
     rows = store.recipients(queue_id) if store else []
+    decisions = store.decisions(queue_id) if store else {}
     d["recipients"] = [
         {
             **(d.get("recipients") or [{}] * len(rows))[r.idx],
@@ -260,6 +268,7 @@ def _queue_show(config: Config, queue_id: str, as_json: bool) -> int:
             "diagnostic": r.diagnostic,
             "attempts": r.attempts,
             "next_attempt": r.next_attempt,
+            "decision": decisions.get(r.idx),
         }
         for r in rows
     ] or d.get("recipients", [])
@@ -286,6 +295,15 @@ def _print_show(d: dict[str, Any], verified: bool) -> None:
     for r in d["recipients"]:
         extra = f"{r.get('state', 'pending')} {r.get('status', '')}".strip()
         print(f"{'recipient':<14} {r['address']}  [{extra}] {r.get('diagnostic', '')}".rstrip())
+        decision = r.get("decision")
+        if decision:
+            print(
+                f"{'  decision':<14} {decision['mode']} (rule {decision['rule']}), "
+                f"tls level {decision['tls_level']} ({decision['level_source']}), "
+                f"fallback {decision['fallback']}, policy {decision['policy']}"
+            )
+            for reason in decision["reasons"]:
+                print(f"{'  why':<14} {reason}")
     for key, value in (d.get("client") or {}).items():
         print(f"{'client.' + key:<14} {value}")
     if verified:
@@ -300,6 +318,7 @@ def _print_show(d: dict[str, Any], verified: bool) -> None:
             f"level={ev.get('level')} verified={ev.get('verification')}"
             + (f" reused={ev['reused']}" if ev.get("reused") else "")
             + (f" mta-sts={ev['mta_sts']!r}" if ev.get("mta_sts") else "")
+            + (f" mode={ev['decision']['mode']}" if ev.get("decision") else "")
             + f" reply={a['diagnostic']!r}"
         )
     for a in d["audit"]:

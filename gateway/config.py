@@ -32,7 +32,6 @@ import yaml
 from gateway.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-TlsLevelName = Literal["none", "may", "encrypt", "verify"]
 
 
 def doc(text: str) -> dict[str, str]:
@@ -357,18 +356,6 @@ class DeliveryConfig:
     max_mx_hosts: int = field(
         default=5, metadata=doc("MX hosts tried per delivery attempt, lowest preference first.")
     )
-    tls_level: TlsLevelName = field(
-        default="verify",
-        metadata=doc(
-            "TLS level for every domain not in tls_policy: none, may, encrypt or "
-            "verify (STARTTLS required, certificate chains to a trusted CA and names "
-            "the MX host)."
-        ),
-    )
-    tls_policy: dict[str, TlsLevelName] = field(
-        default_factory=dict,
-        metadata=doc("TLS level per recipient domain, e.g. {legacy-lab.example: encrypt}."),
-    )
     connect_timeout: Duration = field(
         default=Duration(15), metadata=doc("Time allowed to connect and get the greeting.")
     )
@@ -434,6 +421,41 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "The policy that decides, per recipient, how mail is protected (verified TLS, "
+            "S/MIME, PGP or the portal): see policies/README.md. null: the embedded "
+            "default (policies/default.yaml)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    cache_ttl: Duration = field(
+        default=Duration(3600),
+        metadata=doc("What probing learned about a recipient domain is used this long."),
+    )
+    negative_ttl: Duration = field(
+        default=Duration(300),
+        metadata=doc(
+            "A probe that reached no server of a domain (or failed in DNS) is repeated "
+            "after this long."
+        ),
+    )
+    connect_timeout: Duration = field(
+        default=Duration(10),
+        metadata=doc("Time allowed to connect to a server and get its greeting."),
+    )
+    timeout: Duration = field(
+        default=Duration(30), metadata=doc("Time allowed to probe one server, start to QUIT.")
+    )
+    concurrency: int = field(default=20, metadata=doc("Probe connections open at once, in total."))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata=doc("Lowest level written: debug, info, warning or error.")
@@ -477,6 +499,8 @@ class Config:
     )
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -493,6 +517,7 @@ _POSITIVE_INTS = {
     "smtp.max_received_headers",
     "smtp.max_auth_failures",
     "spool.io_threads",
+    "probe.concurrency",
 }
 _DOMAIN = re.compile(
     r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"

@@ -16,6 +16,7 @@ from cryptography import x509
 
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
 from gateway.tls import cert_matches_key
 
@@ -51,7 +52,8 @@ def _pem_certs(key: str, data: bytes, path: Path, source: str) -> list[x509.Cert
     return certs
 
 
-def check_references(cfg: Config, source: str = "<config>") -> None:
+def check_references(cfg: Config, source: str = "<config>") -> Policy:
+    """Check everything ``cfg`` refers to; returns the policy it names, loaded."""
     _writable_dir("state_dir", cfg.state_dir, source)
     tls = cfg.tls
     if tls.cert_file is not None and tls.key_file is not None:
@@ -105,3 +107,4 @@ def check_references(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(
                 "logging.address_hash_key_file", f"{key_file} holds fewer than 16 bytes", source
             )
+    return load_policy_for(cfg)

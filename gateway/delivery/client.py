@@ -51,7 +51,7 @@ from gateway.probe.dns import LookupStatus, Resolver
 
 log = get_logger("gateway.delivery")
 
-Outcome = Literal["delivered", "deferred", "bounced"]
+Outcome = Literal["delivered", "deferred", "bounced", "held"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class RecipientResult:
     status: str  # RFC 3463 enhanced status code
     diagnostic: str  # the remote reply, or why we did not get one
     evidence: SessionEvidence | None = None
+    # Deferred because the TLS level could not be met (the last host's failure): the
+    # policy moves the recipient to its next mode.
+    tls_failure: TlsFailure | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ async def deliver(
             if not isinstance(outcome, _Stale):
                 last = outcome
     return [
-        RecipientResult(r, "deferred", last.status, last.reason, last.evidence)
+        RecipientResult(r, "deferred", last.status, last.reason, last.evidence, last.tls_failure)
         for r in message.recipients
     ]
 
@@ -430,7 +433,7 @@ def _tls_failed(failure: HostFailure, metrics: Metrics | None) -> None:
         Event.DELIVERY_TLS_FAILED,
         mx=ev.mx_host if ev else None,
         ip=ev.ip if ev else None,
-        level=ev.level if ev else None,
+        tls_level=ev.level if ev else None,
         reason=failure.tls_failure.value,
         status=failure.status,
         error=failure.reason[:300],

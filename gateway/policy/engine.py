@@ -239,7 +239,13 @@ def _tls_available(facts: RecipientFacts, level: TlsLevel, source: str) -> tuple
     if domain.via == "error":
         return True, f"{need}: routing failed ({domain.route_error}); delivery will enforce it"
     best: TlsLevel | None = None
-    for mx in domain.mx:
+    usable = domain.mx
+    if domain.sts_enforced:
+        usable = tuple(m for m in domain.mx if m.sts_match is not False)
+        if not usable:
+            why = f"no MX host matches the MTA-STS policy (id={domain.mta_sts_id})"
+            return False, f"{need}: {why}"
+    for mx in usable:
         if not mx.reachable:
             continue
         reach = level_of(mx, domain)
@@ -247,10 +253,10 @@ def _tls_available(facts: RecipientFacts, level: TlsLevel, source: str) -> tuple
             return True, f"{need}: {mx.host} reaches {reach.label}{_how(mx.tls_version)}"
         if reach is not None and (best is None or reach > best):
             best = reach
-    if not domain.known:
+    if not any(m.reachable for m in usable):
         return True, f"{need}: no server was reached by the probe; delivery will enforce it"
     best_text = best.label if best is not None else "no usable server"
-    if any(not mx.reachable for mx in domain.mx):
+    if any(not mx.reachable for mx in usable):
         return True, (
             f"{need}: the servers reached fall short (best: {best_text}), "
             "others were not reached; delivery will enforce it"

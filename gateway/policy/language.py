@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from gateway.config import parse_size
+from gateway.config import Config, parse_size
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import ConfigError
 from gateway.policy.classifiers import DETECTORS, Classifier
@@ -158,6 +158,11 @@ def load_policy(path: Path) -> Policy:
     except UnicodeDecodeError:
         raise PolicyError("", "the policy file is not UTF-8", str(path)) from None
     return load_policy_text(text, str(path))
+
+
+def load_policy_for(config: Config) -> Policy:
+    """The policy ``config`` names (``policy.file``), or the embedded default."""
+    return load_policy(config.policy.file or default_policy_path())
 
 
 def default_policy_path() -> Path:

@@ -80,6 +80,11 @@ class DomainFacts:
         """Some next hop was reached: the transport facts are observations, not guesses."""
         return any(m.reachable for m in self.mx)
 
+    @property
+    def settled(self) -> bool:
+        """Worth caching for long: a server was reached and no lookup failed."""
+        return self.known and not any(m.tlsa is TlsaState.ERROR for m in self.mx)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mx"}
         d["mx"] = [m.to_dict() for m in self.mx]

@@ -119,7 +119,7 @@ class Prober:
             del self._inflight[domain]
         if self.metrics is not None:
             self.metrics.probe_seconds.observe(time.monotonic() - started)
-        ttl = self.settings.cache_ttl if facts.known else self.settings.negative_ttl
+        ttl = self.settings.cache_ttl if facts.settled else self.settings.negative_ttl
         self._domains[domain] = (self.clock() + ttl, facts)
         future.set_result(facts)
         return facts
@@ -161,9 +161,18 @@ class Prober:
             if self.metrics is not None:
                 self.metrics.probe_mta_sts.labels(sts_mode).inc()
         secure_mx = self.settings.dane and routed.mx_secure and via == "mx"
-        hops = await asyncio.gather(*(self._hop(hop, secure_mx) for hop in routed.hops))
-        if policy is not None and policy.mode is not StsMode.NONE:
-            hops = [dataclasses.replace(h, sts_match=policy.matches(h.host)) for h in hops]
+
+        async def hop_facts(hop: NextHop) -> MxFacts:
+            if policy is None or policy.mode is StsMode.NONE:
+                return await self._hop(hop, secure_mx)
+            if not policy.matches(hop.host) and policy.mode is StsMode.ENFORCE:
+                # never used for this domain: no connection (RFC 8461 §4.2)
+                why = "not an MX host of the domain's MTA-STS policy"
+                return MxFacts(hop.host, hop.port, now, sts_match=False, error=why)
+            facts = await self._hop(hop, secure_mx)
+            return dataclasses.replace(facts, sts_match=policy.matches(hop.host))
+
+        hops = await asyncio.gather(*(hop_facts(hop) for hop in routed.hops))
         return DomainFacts(
             domain,
             now,
@@ -184,7 +193,8 @@ class Prober:
             facts = await asyncio.wait_for(self._probe_hop(hop, secure_mx), self.settings.timeout)
         except TimeoutError:
             facts = MxFacts(hop.host, hop.port, self.clock(), error="probe timed out")
-        ttl = self.settings.cache_ttl if facts.reachable else self.settings.negative_ttl
+        settled = facts.reachable and facts.tlsa is not TlsaState.ERROR
+        ttl = self.settings.cache_ttl if settled else self.settings.negative_ttl
         self._hops[key] = (self.clock() + ttl, facts)
         if self.metrics is not None:
             self.metrics.probe_dane.labels(_dane_outcome(facts)).inc()

@@ -5,10 +5,16 @@ by reconciling the spool with the state store; then from each "queued" event), a
 repeatedly takes the recipients that are due, grouped by message and recipient
 domain so that recipients who share a destination go in one SMTP transaction.
 
-For each group: route the domain (`gateway.delivery.router`), choose the TLS level
-(``delivery.tls_policy`` for the domain, else ``delivery.tls_level``), deliver
-(`gateway.delivery.client`, reusing idle sessions from `SessionCache`), and record
-every recipient's result with its evidence in one state-store transaction.  Deferred
+For each group: learn the domain's facts (`gateway.probe.prober`, cached) and each
+recipient's keys, let the policy decide per recipient (`gateway.policy.engine`), and
+act on the decision: ``tls`` - route the domain (`gateway.delivery.router`), apply
+its MTA-STS policy, deliver at the decided level (`gateway.delivery.client`, which
+applies DANE per MX and reuses idle sessions from `SessionCache`); when the level
+cannot be met on the connection, probe again, decide again without ``tls`` and take
+the next mode.  ``bounce`` - fail the recipient (5.7.10).  ``hold``, and the modes
+this version cannot deliver yet (``smime``, ``pgp``, ``portal``) - the recipient is
+``held``, decided again at each retry.  Every recipient's result, decision and
+evidence are recorded in one state-store transaction.  Deferred
 recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
 jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a
 message is final, failed ones are reported to the sender in one DSN (never for a null
@@ -46,8 +52,14 @@ from gateway.events import Event
 from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
+from gateway.policy.engine import decide
+from gateway.policy.features import Features, message_features, strip_subject_tags
+from gateway.policy.language import Policy, load_policy_for
+from gateway.policy.model import Decision, Mode
 from gateway.probe.dns import Resolver
+from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import StsCache, StsMode
+from gateway.probe.prober import Prober, ProbeSettings
 from gateway.queue.groupcommit import GroupCommit
 from gateway.queue.store import (
     AttemptRecord,
@@ -68,6 +80,8 @@ PRUNE_INTERVAL = 60.0
 # spool file stays the durable copy.
 CACHE_MESSAGE_MAX = 256 * 1024
 CACHE_TOTAL_MAX = 64 * 1024 * 1024
+FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
+THREAD_FEATURES_ABOVE = 256 * 1024  # larger messages are read in a thread, not the loop
 
 
 class QueueManager:
@@ -79,6 +93,8 @@ class QueueManager:
         redact: AddressRedactor,
         hostname: str,
         inject: Callable[[str, list[str], bytes], Awaitable[str]],
+        policy: Policy | None = None,
+        keys: KeyStore | None = None,
     ):
         self.spool = spool
         self.metrics = metrics
@@ -87,8 +103,10 @@ class QueueManager:
         self.inject = inject  # spools a message we generate (DSNs); returns its queue id
         self.sessions: SessionCache | None = None
         self.sts: StsCache | None = None  # outlives reloads: cached policies stay
+        self.keys: KeyStore = keys or NoKeys()
         self._retired: set[asyncio.Task[None]] = set()
-        self.apply(config)
+        self._features: dict[str, tuple[str, Features]] = {}
+        self.apply(config, policy)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         # Removing a finished message's file can wait behind the file system journal
@@ -110,13 +128,16 @@ class QueueManager:
         self._cached_bytes = 0
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
 
-    def apply(self, config: Config) -> None:
-        """Take routes, TLS levels, resolvers and timeouts from ``config`` (start, SIGHUP).
+    def apply(self, config: Config, policy: Policy | None = None) -> None:
+        """Take the policy, routes, resolvers and timeouts from ``config`` (start,
+        SIGHUP); ``policy`` when the caller loaded it already.  A policy that does not
+        load raises `PolicyError` before anything changes.
 
-        Attempts in progress finish with the settings they started with; every attempt
-        that starts afterwards uses the new ones.  Idle sessions were established under
-        the old settings: they are closed, never reused.
+        Attempts in progress finish with the settings (and the policy) they started
+        with; every attempt that starts afterwards uses the new ones.  Idle sessions
+        and probe facts were made under the old settings: they are dropped.
         """
+        self.policy = policy or load_policy_for(config)
         self.config = config
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
@@ -134,6 +155,25 @@ class QueueManager:
         self.sts.port = config.mta_sts.port
         self.sts.ca_file = config.tls.ca_file
         self.sts.timeout = config.mta_sts.fetch_timeout
+        pc = config.probe
+        self.prober = Prober(
+            self.router,
+            self.resolver,
+            ProbeSettings(
+                self.hostname,
+                config.tls.ca_file,
+                pc.connect_timeout,
+                pc.timeout,
+                pc.cache_ttl,
+                pc.negative_ttl,
+                pc.concurrency,
+                dane=self.settings.dane,
+                mta_sts=config.mta_sts.enabled,
+            ),
+            self.sts,
+            self.keys,
+            self.metrics,
+        )
         old, self.sessions = (
             self.sessions,
             SessionCache(
@@ -265,6 +305,7 @@ class QueueManager:
             self._cached_bytes -= len(old)
 
     def _forget(self, queue_id: str) -> None:
+        self._features.pop(queue_id, None)
         cached = self._cache.pop(queue_id, None)
         if cached is not None:
             self._cached_bytes -= len(cached[1])
@@ -326,9 +367,76 @@ class QueueManager:
         assert self.store is not None
         cached = self._cache.get(queue_id)
         envelope, data = cached if cached is not None else await self._db(self.spool.read, queue_id)
-        level = TlsLevel.parse(
-            self.config.delivery.tls_policy.get(domain, self.config.delivery.tls_level)
-        )
+        policy, prober = self.policy, self.prober  # one policy for the whole attempt
+        features = await self._features_of(queue_id, policy, data)
+        now = time.time()
+        decisions: dict[int, Decision] = {}
+        for row in rows:
+            facts = await prober.recipient(row.address)
+            evaluation = decide(policy, envelope.mail_from, row.address, features, facts, now)
+            decisions[row.idx] = evaluation.decision
+        results: dict[int, RecipientResult] = {}
+        sending: dict[tuple[TlsLevel, tuple[str, ...]], list[RecipientRow]] = defaultdict(list)
+        for row in rows:
+            decision = decisions[row.idx]
+            if decision.mode is Mode.TLS:
+                sending[(decision.tls_level, decision.strip_tags)].append(row)
+            else:
+                results[row.idx] = _not_sent(row.address, decision)
+        for (level, tags), group in sending.items():
+            sent = await self._send(envelope, data, domain, group, level, tags)
+            results.update((row.idx, result) for row, result in zip(group, sent, strict=True))
+        failed = [r for r in rows if r.idx in results and results[r.idx].tls_failure is not None]
+        if failed:
+            # The level the facts promised was not met on the connection: learn the
+            # facts again and take the next mode (never a lower TLS level).
+            prober.forget(domain)
+            for row in failed:
+                facts = await prober.recipient(row.address)
+                evaluation = decide(
+                    policy, envelope.mail_from, row.address, features, facts, now, (Mode.TLS,)
+                )
+                decisions[row.idx] = evaluation.decision
+                self.metrics.policy_fallbacks.labels(evaluation.decision.mode.value).inc()
+                results[row.idx] = _not_sent(row.address, evaluation.decision, results[row.idx])
+        now = time.time()
+        records = [
+            self._next_state(envelope, row, results[row.idx], decisions[row.idx], now)
+            for row in rows
+        ]
+        store = self.store
+        final = await self._commits.run(lambda: store.record(queue_id, records, now))
+        if final is None and any(r.state in ("deferred", "held") for r in records):
+            self._forget(queue_id)  # a retry is minutes away: it reads the spool again
+        for row, record in zip(rows, records, strict=True):
+            self._report(envelope, row, results[row.idx], record, decisions[row.idx], now)
+        if final is not None:
+            await self._finish(envelope, data, final)
+
+    async def _features_of(self, queue_id: str, policy: Policy, data: bytes) -> Features:
+        """What the policy reads from the message, once per message and policy."""
+        known = self._features.get(queue_id)
+        if known is not None and known[0] == policy.stamp:
+            return known[1]
+        if policy.reads_content and len(data) > THREAD_FEATURES_ABOVE:
+            features = await asyncio.to_thread(message_features, policy, data)
+        else:
+            features = message_features(policy, data)
+        if len(self._features) >= FEATURES_MAX:
+            self._features.clear()
+        self._features[queue_id] = (policy.stamp, features)
+        return features
+
+    async def _send(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        domain: str,
+        rows: list[RecipientRow],
+        level: TlsLevel,
+        strip_tags: tuple[str, ...],
+    ) -> list[RecipientResult]:
+        """Deliver one copy to ``rows`` over TLS at ``level`` (at least)."""
         routed = await self.router.route(domain)
         note = ""
         if isinstance(routed, Routed):
@@ -338,6 +446,8 @@ class QueueManager:
             outcome: Outcome = "bounced" if routed.permanent else "deferred"
             results = [RecipientResult(a, outcome, routed.status, routed.reason) for a in addresses]
         else:
+            if strip_tags:
+                data = strip_subject_tags(data, strip_tags)
             results = await deliver(
                 routed,
                 level,
@@ -351,21 +461,15 @@ class QueueManager:
                 sessions=self.sessions,
                 metrics=self.metrics,
             )
+            for result in results:
+                ev = result.evidence
+                tls_version = Metrics.tls_label(ev.tls_version if ev else None)
+                self.metrics.delivery_attempts.labels(
+                    result.outcome, level.label, tls_version
+                ).inc()
         if note:
             results = [_with_mta_sts(r, note) for r in results]
-        now = time.time()
-        records = [
-            self._next_state(envelope, row, result, now)
-            for row, result in zip(rows, results, strict=True)
-        ]
-        store = self.store
-        final = await self._commits.run(lambda: store.record(queue_id, records, now))
-        if final is None and any(r.state == "deferred" for r in records):
-            self._forget(queue_id)  # a retry is minutes away: it reads the spool again
-        for row, result, record in zip(rows, results, records, strict=True):
-            self._report(envelope, row, result, record, level, now)
-        if final is not None:
-            await self._finish(envelope, data, final)
+        return results
 
     async def _apply_mta_sts(
         self, domain: str, routed: Routed, level: TlsLevel
@@ -391,12 +495,17 @@ class QueueManager:
         return dataclasses.replace(routed, hops=allowed), max(level, TlsLevel.MTA_STS), note
 
     def _next_state(
-        self, envelope: Envelope, row: RecipientRow, result: RecipientResult, now: float
+        self,
+        envelope: Envelope,
+        row: RecipientRow,
+        result: RecipientResult,
+        decision: Decision,
+        now: float,
     ) -> AttemptRecord:
         state: str = result.outcome
         status, diagnostic = result.status, result.diagnostic
         next_attempt = now
-        if state == "deferred":
+        if state in ("deferred", "held"):
             if now - _arrival(envelope) >= self.config.delivery.max_queue_lifetime:
                 state, status = "expired", "4.4.7"
                 diagnostic = f"delivery time expired; last error: {diagnostic}"
@@ -404,14 +513,23 @@ class QueueManager:
                 schedule = self.config.delivery.retry_schedule
                 wait = schedule[min(row.attempts, len(schedule) - 1)]
                 next_attempt = now + wait * self._rng.uniform(0.9, 1.1)
+        evidence = evidence_dict(result.evidence) or {}
+        evidence["decision"] = {
+            "mode": decision.mode.value,
+            "rule": decision.rule,
+            "tls_level": decision.tls_level.label,
+            "level_source": decision.level_source,
+            "policy": decision.policy,
+        }
         return AttemptRecord(
             row.idx,
             state,
             status,
             diagnostic,
-            evidence_dict(result.evidence),
+            evidence,
             next_attempt,
             result.outcome,
+            decision.to_dict(),
         )
 
     def _report(
@@ -420,13 +538,12 @@ class QueueManager:
         row: RecipientRow,
         result: RecipientResult,
         record: AttemptRecord,
-        level: TlsLevel,
+        decision: Decision,
         now: float,
     ) -> None:
         ev = result.evidence
-        tls_version = Metrics.tls_label(ev.tls_version if ev else None)
-        self.metrics.delivery_attempts.labels(result.outcome, level.label, tls_version).inc()
-        if record.state != "deferred":
+        self.metrics.policy_decisions.labels(decision.mode.value, decision.rule).inc()
+        if record.state not in ("deferred", "held"):
             self.metrics.queue_time.labels(record.state).observe(now - _arrival(envelope))
         log.info(
             Event.DELIVERY_ATTEMPT,
@@ -434,7 +551,9 @@ class QueueManager:
             rcpt=self.redact(row.address),
             outcome=record.state,
             status=record.status,
-            level=level.label,
+            mode=decision.mode.value,
+            rule=decision.rule,
+            tls_level=decision.tls_level.label,
             mx=ev.mx_host if ev else None,
             ip=ev.ip if ev else None,
             tls_version=ev.tls_version if ev else None,
@@ -481,6 +600,29 @@ class QueueManager:
             delivered=sum(r.state == "delivered" for r in rows),
             failed=len(failed),
         )
+
+
+def _not_sent(
+    address: str, decision: Decision, cause: RecipientResult | None = None
+) -> RecipientResult:
+    """The result for a recipient the decision does not send to over TLS now.
+    ``cause``: the delivery failure that moved it off TLS."""
+    after = f" (after: {cause.status} {cause.diagnostic[:200]})" if cause else ""
+    evidence = cause.evidence if cause else None
+    rule = f"rule {decision.rule}" if decision.rule != "defaults" else "the policy defaults"
+    if decision.mode is Mode.BOUNCE:
+        passed = "; ".join(r for r in decision.reasons if not r.startswith("no allowed mode"))
+        why = f"no secure way to deliver is allowed by {rule} ({passed[:300]}){after}"
+        return RecipientResult(address, "bounced", "5.7.10", why, evidence)
+    if decision.mode is Mode.HOLD:
+        passed = "; ".join(r for r in decision.reasons if not r.startswith("no allowed mode"))
+        why = f"held by {rule}: no allowed mode can be used now ({passed[:300]}){after}"
+    else:
+        why = (
+            f"held: {rule} decided {decision.mode.value}, which this version cannot "
+            f"deliver yet{after}"
+        )
+    return RecipientResult(address, "held", "4.7.10", why, evidence)
 
 
 def _with_mta_sts(result: RecipientResult, note: str) -> RecipientResult:

@@ -10,8 +10,11 @@ commands can use it at the same time; each write is one transaction.  Calls are
 synchronous and short; the daemon makes them from a single dedicated thread.
 
 Recipient states: ``pending`` (never tried), ``deferred`` (will be retried),
-``delivered``, ``bounced`` (permanent failure), ``expired`` (deferred past the queue
-lifetime).  A message may also be on ``hold`` (no attempts until released).
+``held`` (the policy decided a mode that cannot be used now - ``hold``, or one this
+version cannot deliver yet; decided again at each retry), ``delivered``, ``bounced``
+(permanent failure), ``expired`` (deferred or held past the queue lifetime).  A message
+may also be on ``hold`` by an administrator (no attempts until released).  Each
+recipient keeps the policy decision of its latest attempt (JSON).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     diagnostic TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL,
     leased INTEGER NOT NULL DEFAULT 0,
+    decision TEXT,
     PRIMARY KEY (queue_id, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(leased, state, next_attempt);
@@ -89,6 +93,7 @@ class AttemptRecord:
     evidence: dict[str, Any] | None
     next_attempt: float
     outcome: str
+    decision: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class QueueStore:
         for table, column, decl in (
             ("recipients", "leased", "INTEGER NOT NULL DEFAULT 0"),
             ("messages", "finished", "REAL"),
+            ("recipients", "decision", "TEXT"),
         ):
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if columns and column not in columns:
@@ -225,6 +231,14 @@ class QueueStore:
 
     # -- recipients -----------------------------------------------------------------
 
+    def decisions(self, queue_id: str) -> dict[int, dict[str, Any]]:
+        """Each recipient's latest policy decision, by recipient index."""
+        rows = self._db.execute(
+            "SELECT idx, decision FROM recipients WHERE queue_id=? AND decision IS NOT NULL",
+            (queue_id,),
+        )
+        return {idx: json.loads(text) for idx, text in rows}
+
     def recipients(self, queue_id: str) -> list[RecipientRow]:
         rows = self._db.execute(
             "SELECT queue_id, idx, address, domain, state, attempts, next_attempt, status, "
@@ -238,7 +252,7 @@ class QueueStore:
         rows = self._db.execute(
             "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "
             "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
-            "USING (queue_id) WHERE r.leased=0 AND r.state IN ('pending','deferred') "
+            "USING (queue_id) WHERE r.leased=0 AND r.state IN ('pending','deferred','held') "
             "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
             (now, limit),
         )
@@ -291,9 +305,18 @@ class QueueStore:
             statements.append(
                 (
                     "UPDATE recipients SET leased=0, state=?, attempts=attempts+1, "
-                    "next_attempt=?, status=?, diagnostic=?, updated=? "
-                    "WHERE queue_id=? AND idx=?",
-                    (r.state, r.next_attempt, r.status, r.diagnostic, now, queue_id, r.idx),
+                    "next_attempt=?, status=?, diagnostic=?, updated=?, "
+                    "decision=coalesce(?, decision) WHERE queue_id=? AND idx=?",
+                    (
+                        r.state,
+                        r.next_attempt,
+                        r.status,
+                        r.diagnostic,
+                        now,
+                        json.dumps(r.decision) if r.decision is not None else None,
+                        queue_id,
+                        r.idx,
+                    ),
                 )
             )
             statements.append(
@@ -337,11 +360,12 @@ class QueueStore:
         return [r[0] for r in rows]
 
     def depth(self) -> dict[str, int]:
-        """Recipients not yet final: pending, deferred, active (leased) and hold."""
-        counts = dict.fromkeys(("pending", "deferred", "active", "hold"), 0)
+        """Recipients not yet final: pending, deferred, held (by the policy), active
+        (leased) and hold (by an administrator)."""
+        counts = dict.fromkeys(("pending", "deferred", "active", "hold", "held"), 0)
         rows = self._db.execute(
             "SELECT r.state, r.leased, m.hold, count(*) FROM recipients r JOIN messages m "
-            "USING (queue_id) WHERE m.done=0 AND r.state IN ('pending','deferred') "
+            "USING (queue_id) WHERE m.done=0 AND r.state IN ('pending','deferred','held') "
             "GROUP BY r.state, r.leased, m.hold"
         )
         for state, leased, hold, n in rows:
@@ -409,7 +433,7 @@ class QueueStore:
             statements.append(
                 (
                     "UPDATE recipients SET next_attempt=? WHERE queue_id=? AND "
-                    "state IN ('pending','deferred')",
+                    "state IN ('pending','deferred','held')",
                     (now, queue_id),
                 )
             )
@@ -421,7 +445,7 @@ class QueueStore:
             statements.append(
                 (
                     "UPDATE recipients SET state='deleted' WHERE queue_id=? AND "
-                    "state IN ('pending','deferred')",
+                    "state IN ('pending','deferred','held')",
                     (queue_id,),
                 )
             )

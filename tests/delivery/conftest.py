@@ -22,6 +22,14 @@ from tests.mta_fixture import RecipientMta
 MESSAGE = b"From: s@clinic.test\r\nTo: r@dest.test\r\nSubject: t\r\n\r\nbody\r\n"
 
 
+def tls_only(level: str, fallback: str = "hold", rules: str = "") -> str:
+    """A policy that sends over TLS at ``level`` or not at all (the transport tests'
+    policy: no portal, no keys)."""
+    return f"version: 1\ndefaults: {{modes: [tls], tls_level: {level}, fallback: {fallback}}}\n" + (
+        f"rules:\n{rules}" if rules else ""
+    )
+
+
 async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,15 +91,21 @@ async def world(tmp_path, pki):
     w = World()
     w.dns, w.port, w.mta, w.settings, w.resolver = dns, port, mta, settings, resolver
 
-    def config(overrides: dict | None = None) -> dict:
-        """Gateway settings for this world: its DNS, its MTAs' port, the test CA."""
-        return {
+    def config(overrides: dict | None = None, policy: str | None = None) -> dict:
+        """Gateway settings for this world: its DNS, its MTAs' port, the test CA, and
+        ``policy`` (a policy document) when given."""
+        settings = {
             "dns.nameservers": [dns.nameserver],
             "delivery.smart_host": None,
             "delivery.port": port,
             "tls.ca_file": str(pki.ca_file),
             **(overrides or {}),
         }
+        if policy is not None:
+            path = tmp_path / f"policy-{len(list(tmp_path.glob('policy-*.yaml')))}.yaml"
+            path.write_text(policy)
+            settings["policy.file"] = str(path)
+        return settings
 
     w.config = config
 

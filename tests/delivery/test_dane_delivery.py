@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gateway.delivery.client import ClientSettings, deliver
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.tls_policy import TlsLevel
-from tests.delivery.conftest import MESSAGE, wait_until
+from tests.delivery.conftest import MESSAGE, tls_only, wait_until
 from tests.delivery.test_queue_e2e import send
 
 
@@ -87,7 +87,7 @@ async def test_an_insecure_tlsa_answer_is_no_dane(world):
     assert len(mx.received) == 1
 
 
-async def test_through_the_daemon_dane_outranks_the_configured_level(gateway_factory, world, pki):
+async def test_through_the_daemon_dane_outranks_the_policy_level(gateway_factory, world, pki):
     mx = await world.mta("mx1.dest.test", "127.0.0.81", cert="self-signed")
     world.dns.add("dest.test", "MX", "10 mx1.dest.test.")
     world.dns.secure("dest.test")
@@ -96,19 +96,22 @@ async def test_through_the_daemon_dane_outranks_the_configured_level(gateway_fac
         world.config(
             {
                 "dns.dnssec": "trust-ad",
-                "delivery.tls_level": "verify",  # a self-signed certificate fails this...
                 "delivery.retry_schedule": ["1h"],
-            }
+            },
+            # a self-signed certificate fails 'verify', the default policy's level...
+            policy=tls_only("verify"),
         )
     )
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(lambda: mx.received, what="delivery authenticated by DANE")
     await wait_until(lambda: gw.queue.store.attempts(queue_id), what="recorded")
     (attempt,) = gw.queue.store.attempts(queue_id)
+    # ...DANE authenticates it instead
     assert (attempt["evidence"]["level"], attempt["evidence"]["verification"]) == (
         "dane",
         "dane-ee",
     )
+    assert attempt["evidence"]["decision"]["level_source"] == "dane"
 
 
 def spki_sha256(cert_der: bytes) -> str:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import free_port, run_sealgate
-from tests.delivery.conftest import wait_until
+from tests.delivery.conftest import tls_only, wait_until
 from tests.delivery.test_queue_e2e import send, state
 from tests.https_fixture import PolicyServer
 
@@ -21,7 +21,9 @@ async def policy_servers():
         await server.stop()
 
 
-async def start(gateway_factory, world, pki, tmp_path, policy: str, servers, **overrides):
+async def start(
+    gateway_factory, world, pki, tmp_path, policy: str, servers, gateway_policy=None, **overrides
+):
     port = free_port()
     leaf = pki.ca.issue_cert("mta-sts.dest.test")
     chain, key = tmp_path / "sts.pem", tmp_path / "sts.key"
@@ -32,7 +34,10 @@ async def start(gateway_factory, world, pki, tmp_path, policy: str, servers, **o
     server = await PolicyServer("127.0.0.79", port, (chain, key), body=policy).start()
     servers.append(server)
     gw = await gateway_factory(
-        world.config({"delivery.retry_schedule": ["1h"], "mta_sts.port": port, **overrides})
+        world.config(
+            {"delivery.retry_schedule": ["1h"], "mta_sts.port": port, **overrides},
+            policy=gateway_policy,
+        )
     )
     return gw, server
 
@@ -58,24 +63,25 @@ async def test_enforce_skips_mx_hosts_outside_the_policy_and_verifies_tls(
         tmp_path,
         ENFORCE_MX1,
         policy_servers,
-        **{"delivery.tls_level": "may"},
+        gateway_policy=tls_only("may"),
     )
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(lambda: listed.received, what="delivery to the policy's MX")
     await wait_until(
         lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "delivered", what="done"
     )
-    assert outside.received == [] and outside.connections == 0
+    assert outside.received == [] and outside.connections == 0  # not even probed
     (evidence,) = attempt_evidence(gw, queue_id)
     assert (evidence["mx_host"], evidence["level"], evidence["verification"]) == (
         "mx1.dest.test",
         "mta-sts",
         "pkix",
     )
-    assert evidence["mta_sts"] == "enforce id=one (fetched)"
+    # the probe fetched it for the decision; delivery found it cached by its id
+    assert evidence["mta_sts"] == "enforce id=one (cached)"
     assert server.requests == 1
     shown = run_sealgate("queue", "show", queue_id, "--state-dir", str(gw.config.state_dir))
-    assert "level=mta-sts verified=pkix mta-sts='enforce id=one (fetched)'" in shown.stdout
+    assert "level=mta-sts verified=pkix mta-sts='enforce id=one (cached)'" in shown.stdout
     saved = json.loads((gw.config.state_dir / "mta-sts.json").read_text())
     assert (saved["dest.test"]["id"], saved["dest.test"]["mode"]) == ("one", "enforce")
 
@@ -92,28 +98,35 @@ async def test_enforce_never_falls_back_to_unverified_tls_even_where_the_admin_a
         tmp_path,
         ENFORCE_MX1,
         policy_servers,
-        **{"delivery.tls_policy": {"dest.test": "encrypt"}},
+        gateway_policy=tls_only("encrypt"),
     )
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(
-        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred", what="deferred"
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "held", what="held"
     )
-    assert state(gw, queue_id)["r@dest.test"][1] == "4.7.5"
+    (row,) = gw.queue.store.recipients(queue_id)
+    assert row.status == "4.7.10"
+    assert "level mta-sts" not in row.diagnostic  # the rule asked for encrypt...
+    decision = gw.queue.store.decisions(queue_id)[0]
+    assert (decision["mode"], decision["tls_level"]) == ("hold", "mta-sts")  # ...MTA-STS more
+    assert "tls: level encrypt (defaults) not reached by any server" in row.diagnostic
     assert mx.received == []
 
 
-async def test_enforce_with_no_matching_mx_defers_and_connects_nowhere(
+async def test_enforce_with_no_matching_mx_holds_and_connects_nowhere(
     gateway_factory, world, pki, tmp_path, policy_servers
 ):
     mx = await world.mta("mx9.dest.test", "127.0.0.77")
     world.dns.add("dest.test", "MX", "10 mx9.dest.test.")
-    gw, _ = await start(gateway_factory, world, pki, tmp_path, ENFORCE_MX1, policy_servers)
+    gw, _ = await start(
+        gateway_factory, world, pki, tmp_path, ENFORCE_MX1, policy_servers, tls_only("verify")
+    )
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(
-        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred", what="deferred"
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "held", what="held"
     )
     (row,) = gw.queue.store.recipients(queue_id)
-    assert row.status == "4.7.5" and "matches its MTA-STS policy" in row.diagnostic
+    assert row.status == "4.7.10" and "no MX host matches the MTA-STS policy" in row.diagnostic
     assert mx.connections == 0
 
 
@@ -128,7 +141,7 @@ async def test_testing_mode_delivers_as_configured_and_notes_the_policy(
     await wait_until(lambda: mx.received, what="delivery despite the testing policy")
     await wait_until(lambda: attempt_evidence(gw, queue_id), what="recorded")
     (evidence,) = attempt_evidence(gw, queue_id)
-    assert (evidence["level"], evidence["mta_sts"]) == ("verify", "testing id=one (fetched)")
+    assert (evidence["level"], evidence["mta_sts"]) == ("verify", "testing id=one (cached)")
 
 
 async def test_a_disabled_mta_sts_fetches_nothing(

@@ -11,14 +11,16 @@ import json
 
 from gateway.delivery.dsn import original_message_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.delivery.conftest import wait_until
+from tests.delivery.conftest import tls_only, wait_until
 
 SUBJECT = "Biopsy result for J. Roe"
 BODY = "The margins are clear.\r\n"
 
 
-async def start(gateway_factory, world, pki, **overrides):
-    return await gateway_factory(world.config({"delivery.retry_schedule": ["1s"], **overrides}))
+async def start(gateway_factory, world, pki, policy=None, **overrides):
+    return await gateway_factory(
+        world.config({"delivery.retry_schedule": ["1s"], **overrides}, policy=policy)
+    )
 
 
 async def send(gw, rcpts, sender="doctor@clinic.test"):
@@ -103,27 +105,71 @@ async def test_a_4xx_is_retried_on_schedule_and_then_delivered(gateway_factory, 
     assert evidence["verification"] == "pkix" and len(evidence["peer_cert_sha256"]) == 64
 
 
-async def test_no_starttls_at_verify_is_deferred_and_the_server_never_gets_the_message(
+async def test_no_starttls_means_no_plaintext_the_default_policy_holds_it_for_the_portal(
     gateway_factory, world, pki
 ):
     plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await start(gateway_factory, world, pki)
+    gw = await start(gateway_factory, world, pki)  # the embedded default policy
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(
-        lambda: len(gw.queue.store.attempts(queue_id)) >= 2, what="two deferred attempts"
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "held", what="held"
     )
     assert plain.received == [] and plain.attempts == 0
-    assert state(gw, queue_id) == {"r@dest.test": ("deferred", "4.7.4")}
+    (row,) = gw.queue.store.recipients(queue_id)
+    assert row.status == "4.7.10"
+    assert "decided portal, which this version cannot deliver yet" in row.diagnostic
+    decision = gw.queue.store.decisions(queue_id)[0]
+    assert (decision["mode"], decision["rule"]) == ("portal", "defaults")
+    assert decision["reasons"][0].startswith("tls: level verify (defaults) not reached")
+    assert decision["facts"]["mx"][0]["starttls"] is False
     assert (gw.spool.queue_dir / queue_id).exists()
+    await wait_until(lambda: depth(gw, "held") == 1, what="queue depth gauge")
+    listed = run_sealgate(
+        "queue", "list", "--state", "held", "--state-dir", str(gw.config.state_dir)
+    )
+    assert (
+        f"{queue_id}" in listed.stdout
+        and "r@dest.test (held 4.7.10 portal by defaults)" in listed.stdout
+    )
 
 
-async def test_a_domain_level_in_tls_policy_overrides_the_default(gateway_factory, world, pki):
+async def test_a_tls_only_policy_holds_and_retries_and_never_sends_plaintext(
+    gateway_factory, world, pki
+):
+    plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(
+        gateway_factory, world, pki, tls_only("verify"), **{"probe.negative_ttl": "1s"}
+    )
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(
+        lambda: len(gw.queue.store.attempts(queue_id)) >= 2, what="decided again at the retry"
+    )
+    assert plain.received == [] and plain.attempts == 0
+    assert state(gw, queue_id) == {"r@dest.test": ("held", "4.7.10")}
+    assert gw.queue.store.decisions(queue_id)[0]["mode"] == "hold"
+
+
+async def test_a_policy_rule_lowers_the_level_for_one_domain(gateway_factory, world, pki):
     plain = await world.mta("mx.legacy.test", "127.0.0.31", cert=None)
     world.dns.add("legacy.test", "MX", "10 mx.legacy.test.")
-    gw = await start(gateway_factory, world, pki, **{"delivery.tls_policy": {"legacy.test": "may"}})
-    await send(gw, ["r@legacy.test"])
-    await wait_until(lambda: plain.received, what="plaintext delivery allowed by policy")
+    rule = (
+        "  - name: legacy-lab\n    when: {recipient_domain: legacy.test}\n"
+        "    then: {modes: [tls], tls_level: may}\n    stop: true\n"
+    )
+    gw = await start(gateway_factory, world, pki, tls_only("verify", rules=rule))
+    queue_id = await send(gw, ["r@legacy.test"])
+    await wait_until(lambda: plain.received, what="plaintext delivery allowed by the rule")
+    await wait_until(lambda: done(gw, queue_id), what="done")
+    (attempt,) = gw.queue.store.attempts(queue_id)
+    assert attempt["evidence"]["decision"] == {
+        "mode": "tls",
+        "rule": "legacy-lab",
+        "tls_level": "may",
+        "level_source": "rule legacy-lab",
+        "policy": attempt["evidence"]["decision"]["policy"],
+    }
 
 
 async def test_null_mx_bounces_at_once(gateway_factory, world, pki):
@@ -162,7 +208,7 @@ async def test_expired_recipients_fail_with_4_4_7_and_a_dsn(gateway_factory, wor
 async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factory, world, pki):
     dest = await world.mta("mx.dest.test", "127.0.0.31")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await start(gateway_factory, world, pki, **{"delivery.tls_policy": {}})
+    gw = await start(gateway_factory, world, pki)
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(lambda: dest.received, what="delivery")
     await wait_until(lambda: done(gw, queue_id), what="done")

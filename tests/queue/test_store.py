@@ -73,10 +73,10 @@ def test_depth_counts_recipients_not_yet_final_by_state(tmp_path):
     store.add(_envelope("Q5", "d@x.test"), now=100)
     store.admin("Q5", "hold", "alice")
     store.claim(now=100, limit=1)  # one of Q4's recipients is now under way
-    assert store.depth() == {"pending": 2, "deferred": 0, "active": 1, "hold": 1}
+    assert store.depth() == {"pending": 2, "deferred": 0, "active": 1, "hold": 1, "held": 0}
     store.record("Q4", [AttemptRecord(0, "deferred", "4.4.1", "down", None, 500, "deferred")])
     store.record("Q4", [_final(1), _final(2)])
-    assert store.depth() == {"pending": 0, "deferred": 1, "active": 0, "hold": 1}
+    assert store.depth() == {"pending": 0, "deferred": 1, "active": 0, "hold": 1, "held": 0}
 
 
 def test_prune_forgets_only_messages_finished_before_the_cutoff(tmp_path):
