@@ -2,6 +2,7 @@
 
     sealgate run [--config FILE] [--state-dir DIR]
     sealgate check-config [--config FILE]
+    sealgate explain --from ADDR --to ADDR [--to ADDR...] [--message FILE.eml] [--json]
     sealgate queue list [--json]
     sealgate queue show ID [--json]
     sealgate queue retry|hold|release|delete ID...
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("run", help="run the gateway"))
     with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
+    ex = with_config(
+        sub.add_parser("explain", help="what the policy decides for mail from A to B, and why")
+    )
+    ex.add_argument("--from", dest="sender", required=True, metavar="ADDRESS")
+    ex.add_argument("--to", dest="recipients", action="append", required=True, metavar="ADDRESS")
+    ex.add_argument("--message", type=Path, metavar="FILE", help="the message (.eml) to classify")
+    ex.add_argument("--json", action="store_true")
     queue = sub.add_parser("queue", help="inspect the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     ql = with_config(qsub.add_parser("list", help="list queued messages"))
@@ -113,6 +121,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "hash-address":
         return _hash_address(config, args.address)
+    if args.command == "explain":
+        return _explain(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)
@@ -120,6 +130,29 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _queue_show(config, args.queue_id, args.json)
         return _queue_admin(config, args.queue_command, args.queue_ids)
     raise AssertionError(args.command)
+
+
+def _explain(config: Config, args: argparse.Namespace) -> int:
+    from gateway.app import smtp_hostname
+    from gateway.explain import as_json, as_text, explain
+    from gateway.policy.language import load_policy_for
+
+    policy = load_policy_for(config)
+    message = None
+    if args.message is not None:
+        try:
+            message = args.message.read_bytes()
+        except OSError as e:
+            print(f"sealgate: cannot read {args.message}: {e.strerror}", file=sys.stderr)
+            return 1
+    features, explained = asyncio.run(
+        explain(config, policy, args.sender, args.recipients, message, smtp_hostname(config))
+    )
+    if args.json:
+        print(json.dumps(as_json(policy, features, explained), ensure_ascii=False, indent=2))
+    else:
+        print(as_text(policy, features, explained))
+    return 0
 
 
 def _hash_password() -> int:

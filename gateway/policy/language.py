@@ -167,7 +167,7 @@ def load_policy_for(config: Config) -> Policy:
 
 def default_policy_path() -> Path:
     """The embedded default policy (``policies/default.yaml``, shipped in the package)."""
-    return Path(__file__).with_name("default.yaml")
+    return Path(__file__).with_name("default.yaml").resolve()
 
 
 def load_policy_text(text: str, source: str = "<policy>") -> Policy:
