@@ -72,9 +72,15 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: flo
 
 
 class Sealgate:
-    def __init__(self, workdir: Path, smtp_extra: str = "", delivery_extra: str = ""):
+    def __init__(
+        self, workdir: Path, smtp_extra: str = "", delivery_extra: str = "", policy: str = ""
+    ):
         self.smtp_port, self.http_port = free_port(), free_port()
         self.config = workdir / "sealgate.yaml"
+        policy_line = ""
+        if policy:  # else the embedded default policy
+            (workdir / "policy.yaml").write_text(policy)
+            policy_line = f"policy: {{file: {workdir / 'policy.yaml'}}}\n"
         # Only loopback, ever: the resolver and, unless told otherwise, the next hop
         # are dead loopback ports (accepted mail then simply waits in the queue).
         delivery = delivery_extra or f"  smart_host: '127.0.0.1:{free_port()}'\n"
@@ -85,6 +91,7 @@ class Sealgate:
             f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
             f"delivery:\n{delivery}"
             f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n"
+            + policy_line
         )
         self.log = open(workdir / "sealgate.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None

@@ -5,7 +5,8 @@ smtp-source -> Postfix -> smtp-sink, in the same run.
     .venv/bin/python bench/relay.py [--messages 3000] [--sizes 4096,51200] [--rounds 3]
 
 ``smtp-source`` sends with 20 sessions.  Each relay has its own ``smtp-sink``
-(plaintext: smtp-sink has no STARTTLS, so Sealgate runs at ``tls_level: may`` here).
+(plaintext: smtp-sink has no STARTTLS, so Sealgate runs with a policy of ``tls`` at level
+``may`` here; the probe and the policy engine are in the path as always).
 The figure is messages per second from the first connection until the sink has
 received every message.  Postfix and Sealgate alternate (the first to go changes
 every round) and the medians are compared.  Needs root (Postfix).
@@ -26,6 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accept import Sealgate, peak_rss_mb, smtp_source  # noqa: E402
 from postfix_anchor import free_port, postfix_instance, wait_for_port, wait_until_delivered  # noqa: E402
+
+# smtp-sink has no STARTTLS: the one policy under which it may receive mail.
+PLAINTEXT_SINK_POLICY = "version: 1\ndefaults: {modes: [tls], tls_level: may, fallback: hold}\n"
 
 
 def counting_sink(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -102,10 +106,10 @@ def main() -> int:
         pf_sink, pf_sink_port, pf_log = counting_sink(workdir)
         sg_sink, sg_sink_port, sg_log = counting_sink(workdir)
         sinks += [pf_sink, sg_sink]
-        extra = f"  smart_host: '127.0.0.1:{sg_sink_port}'\n  tls_level: may\n"
+        extra = f"  smart_host: '127.0.0.1:{sg_sink_port}'\n"
         with (
             postfix_instance(workdir, pf_sink_port) as pf_port,
-            Sealgate(workdir, delivery_extra=extra) as gw,
+            Sealgate(workdir, delivery_extra=extra, policy=PLAINTEXT_SINK_POLICY) as gw,
         ):
 
             def postfix(size: int) -> tuple[float, float]:

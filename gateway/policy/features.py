@@ -7,15 +7,14 @@ Computed once per message, whatever the number of recipients.  Pure computation;
 from __future__ import annotations
 
 import email.header
-import email.parser
-import email.policy
 import re
 from dataclasses import dataclass, field
 
 from gateway.policy.classifiers import ClassifierResult, classify
 from gateway.policy.language import Policy
 
-_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
+# A header field (RFC 5322 2.2): name, colon, value with its folded continuation lines.
+_FIELD = re.compile(rb"^([!-9;-~]+):[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r?\n", re.M)
 
 
 @dataclass(frozen=True)
@@ -39,15 +38,25 @@ def message_features(policy: Policy, data: bytes) -> Features:
     a message that cannot be read counts as matching them (see `classify`)."""
     headers: dict[str, list[str]] = {}
     error = ""
-    try:
-        parsed = _PARSER.parsebytes(data[: _header_end(data)])
-        for name, value in parsed.items():
-            headers.setdefault(name.lower(), []).append(str(value))
-    except Exception as e:  # noqa: BLE001 - a header we cannot decode matches nothing
-        error = f"{type(e).__name__}: {str(e)[:200]}"
+    for match in _FIELD.finditer(data, 0, _header_end(data)):
+        name = match.group(1).decode("ascii").lower()
+        try:
+            value = _decoded(match.group(2))
+        except Exception as e:  # noqa: BLE001 - a header we cannot decode matches nothing
+            error = f"{name}: {type(e).__name__}: {str(e)[:200]}"
+            continue
+        headers.setdefault(name, []).append(value)
     content = classify(policy.classifiers, data, policy.scan_limit) if policy.reads_content else {}
     subject = headers.get("subject", [""])[0]
     return Features({k: tuple(v) for k, v in headers.items()}, subject, content, error)
+
+
+def _decoded(raw: bytes) -> str:
+    """A field value unfolded, with RFC 2047 encoded words decoded."""
+    value = raw.decode("utf-8", "surrogateescape").replace("\r\n", "").replace("\n", "")
+    if "=?" in value:
+        value = str(email.header.make_header(email.header.decode_header(value)))
+    return value.strip()
 
 
 def _header_end(data: bytes) -> int:

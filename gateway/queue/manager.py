@@ -81,7 +81,7 @@ PRUNE_INTERVAL = 60.0
 CACHE_MESSAGE_MAX = 256 * 1024
 CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
-THREAD_FEATURES_ABOVE = 256 * 1024  # larger messages are read in a thread, not the loop
+THREAD_FEATURES_ABOVE = 32 * 1024  # classifying larger messages runs in a thread, not the loop
 
 
 class QueueManager:
