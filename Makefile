@@ -1,6 +1,6 @@
 # make run    set up, then run the gateway on its embedded defaults (config.example.yaml)
 # make test   set up, then run the whole test suite
-# make bench  set up, then run the acceptance and end-to-end relay benchmarks
+# make bench  set up, then run the acceptance, end-to-end relay and policy benchmarks
 .PHONY: setup run test bench lint
 
 setup:
@@ -16,6 +16,7 @@ bench:
 	sh scripts/setup.sh
 	.venv/bin/python bench/accept.py
 	.venv/bin/python bench/relay.py
+	.venv/bin/python bench/policy.py
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench

@@ -150,3 +150,25 @@ def test_errors_name_the_file_the_line_and_the_key(text, line, key, problem):
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(PolicyError, match="cannot read the policy file: No such file"):
         load_policy(tmp_path / "nope.yaml")
+
+
+def test_the_example_in_the_policy_readme_loads_as_documented():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "policies" / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    p = load_policy_text(example, "README.md")
+    assert [r.name for r in p.rules] == ["partners"] and p.rules[0].stop
+    assert p.scan_limit == 10_000_000 and p.classifiers["phi"].threshold == 1
+    assert p.defaults == BUILTIN_DEFAULTS  # the defaults shown are the built-in ones
+
+
+def test_the_embedded_default_is_the_documented_default_policy():
+    from pathlib import Path
+
+    from gateway.policy.language import default_policy_path
+
+    shipped = Path(__file__).parents[2] / "policies" / "default.yaml"
+    assert default_policy_path().read_bytes() == shipped.read_bytes()
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert '"policy/default.yaml"' in pyproject  # in the wheel too
