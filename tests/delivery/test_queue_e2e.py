@@ -132,6 +132,12 @@ async def test_no_starttls_means_no_plaintext_the_default_policy_holds_it_for_th
         f"{queue_id}" in listed.stdout
         and "r@dest.test (held 4.7.10 portal by defaults)" in listed.stdout
     )
+    shown = run_sealgate("queue", "show", queue_id, "--state-dir", str(gw.config.state_dir))
+    assert (
+        "  decision     portal (rule defaults), tls level may (opportunistic), fallback portal, "
+        "policy default.yaml@"
+    ) in shown.stdout
+    assert "  why          smime: no S/MIME certificate known" in shown.stdout
 
 
 async def test_a_tls_only_policy_holds_and_retries_and_never_sends_plaintext(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import ssl
 import time
 
 import pytest
@@ -260,3 +261,63 @@ async def test_a_domain_whose_dns_never_answers_delays_only_itself(world, make_p
     )
     assert good.known and good_time < 1.0
     assert dead.via == "error" and "4.4.3" in dead.route_error and dead_time >= 1.9
+
+
+async def test_mta_sts_fetch_failure_keeps_the_cached_policy_in_the_facts(
+    world, make_prober, sts_server
+):
+    await world.mta("mx1.dest.test", "127.0.0.81")
+    mx(world, "mx1.dest.test")
+    server = await sts_server("version: STSv1\nmode: enforce\nmx: mx1.dest.test\nmax_age: 86400\n")
+    prober = make_prober(sts_port=server.port)
+    assert (await prober.domain("dest.test")).mta_sts == "enforce"
+    # the id changes and the new policy cannot be fetched (or the record vanishes):
+    # the cached enforce policy still applies
+    world.dns.records.pop(
+        next(k for k in world.dns.records if k[0].to_text() == "_mta-sts.dest.test.")
+    )
+    world.dns.add("_mta-sts.dest.test", "TXT", '"v=STSv1; id=two"')
+    server.status = 500
+    prober.forget("dest.test")
+    facts = await prober.domain("dest.test")
+    assert (facts.mta_sts, facts.mta_sts_id, facts.mta_sts_source) == (
+        "enforce",
+        "one",
+        "cached-fallback",
+    )
+    assert level_of(facts.mx[0], facts) is TlsLevel.MTA_STS
+
+
+async def test_a_malformed_mta_sts_policy_gives_no_policy_fact(world, make_prober, sts_server):
+    await world.mta("mx1.dest.test", "127.0.0.81")
+    mx(world, "mx1.dest.test")
+    server = await sts_server("version: STSv1\nmode: enforce\nmax_age: 86400\n")  # no mx
+    facts = await make_prober(sts_port=server.port).domain("dest.test")
+    assert (facts.mta_sts, facts.mx[0].sts_match) == ("none", None)
+    assert level_of(facts.mx[0], facts) is TlsLevel.VERIFY
+
+
+async def test_dane_ta_matches_a_ca_the_server_presents(world, make_prober, tmp_path):
+    import trustme
+
+    from tests.mta_fixture import RecipientMta
+
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf = intermediate.issue_cert("mx1.dest.test")
+    chain, key = tmp_path / "ta.pem", tmp_path / "ta.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))  # leaf + intermediate
+    leaf.private_key_pem.write_to_path(str(key))
+    world.dns.add("mx1.dest.test", "A", "127.0.0.81")
+    server = await RecipientMta("127.0.0.81", world.port, (chain, key)).start()
+    try:
+        mx(world, "mx1.dest.test")
+        world.dns.secure("dest.test")
+        ta = ssl.PEM_cert_to_DER_cert(intermediate.cert_pem.bytes().decode())
+        publish(world, "mx1.dest.test", f"2 0 1 {hashlib.sha256(ta).hexdigest()}")
+        facts = await make_prober().domain("dest.test")
+        (hop,) = facts.mx
+        assert (hop.tlsa, hop.dane_match, hop.pkix_valid) == (TlsaState.USABLE, True, False)
+        assert level_of(hop, facts) is TlsLevel.DANE
+    finally:
+        await server.stop()
