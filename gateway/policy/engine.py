@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway.delivery.tls_policy import TlsLevel
-from gateway.policy.features import Features, has_tag, subject_tags
+from gateway.policy.features import Features, has_tag
 from gateway.policy.language import Condition, Policy, Rule
 from gateway.policy.model import STRENGTH, Action, Decision, Mode
 from gateway.probe.facts import RecipientFacts, TlsaState, level_of
@@ -159,7 +159,7 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
         # domain itself requires (DANE, MTA-STS).
         tls_level = max(TlsLevel.MAY, floor)
         level_source = floor_source if floor > TlsLevel.MAY else "opportunistic"
-    tags = tuple(t for t in subject_tags(policy) if has_tag(ctx.features.subject, t))
+    tags = tuple(t for t in policy.subject_tags if has_tag(ctx.features.subject, t))
     facts = ctx.facts.domain.to_dict()
     facts["keys"] = ctx.facts.keys.to_dict()
     if ctx.features.content:

@@ -25,14 +25,6 @@ class Features:
     error: str = ""  # the header block could not be read
 
 
-def subject_tags(policy: Policy) -> tuple[str, ...]:
-    return tuple(
-        dict.fromkeys(
-            v for r in policy.rules for c in r.when if c.kind == "subject_tag" for v in c.values
-        )
-    )
-
-
 def message_features(policy: Policy, data: bytes) -> Features:
     """Read what ``policy`` looks at.  The classifiers run only when a rule uses them;
     a message that cannot be read counts as matching them (see `classify`)."""

@@ -11,6 +11,7 @@ naming the file, the line and the key, and nothing of the file is used.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -80,9 +81,15 @@ class Policy:
     classifiers: dict[str, Classifier]
     scan_limit: int = DEFAULT_SCAN_LIMIT
 
-    @property
+    @functools.cached_property
     def reads_content(self) -> bool:
         return any(c.kind == "content" for r in self.rules for c in r.when)
+
+    @functools.cached_property
+    def subject_tags(self) -> tuple[str, ...]:
+        """Every subject tag a rule names: removed from the subject before delivery."""
+        tags = (v for r in self.rules for c in r.when if c.kind == "subject_tag" for v in c.values)
+        return tuple(dict.fromkeys(tags))
 
 
 # -- reading YAML nodes with their lines ---------------------------------------------

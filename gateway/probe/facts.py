@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,11 @@ class DomainFacts:
         return self.known and not any(m.tlsa is TlsaState.ERROR for m in self.mx)
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON-ready values (a new dict each time; made once per facts object)."""
+        return dict(self._as_dict)
+
+    @functools.cached_property
+    def _as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mx"}
         d["mx"] = [m.to_dict() for m in self.mx]
         return d

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 from cryptography import x509
@@ -41,7 +42,7 @@ from gateway.observability.metrics import Metrics
 from gateway.probe.dane import Tlsa, TlsaStatus, lookup_tlsa
 from gateway.probe.dane import verify as verify_tlsa
 from gateway.probe.dns import Resolver
-from gateway.probe.facts import DomainFacts, MxFacts, RecipientFacts, TlsaState
+from gateway.probe.facts import DomainFacts, KnownKeys, MxFacts, RecipientFacts, TlsaState
 from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import StsCache, StsMode
 
@@ -81,13 +82,19 @@ class Prober:
         self._hops: dict[tuple[str, int, bool], tuple[float, MxFacts]] = {}
         self._inflight: dict[str, asyncio.Future[DomainFacts]] = {}
         self._connections = asyncio.Semaphore(settings.concurrency)
+        self._counters: dict[str, Any] = {}
 
     # -- the cache ---------------------------------------------------------------------
 
     async def recipient(self, address: str) -> RecipientFacts:
         domain = address.rpartition("@")[2].lower()
         facts = await self.domain(domain)
-        return RecipientFacts(address, facts, await self.keys.lookup(address))
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                keys = await self.keys.lookup(address)
+        except Exception as e:  # noqa: BLE001 - a failing key store means "no key known"
+            keys = KnownKeys(error=f"{type(e).__name__}: {str(e)[:200]}")
+        return RecipientFacts(address, facts, keys)
 
     def cached(self, domain: str) -> DomainFacts | None:
         entry = self._domains.get(domain.lower().rstrip("."))
@@ -111,6 +118,9 @@ class Prober:
         started = time.monotonic()
         try:
             facts = await self._probe_domain(domain)
+        except asyncio.CancelledError:
+            future.cancel()  # those waiting ask again (or are shutting down too)
+            raise
         except BaseException as e:
             future.set_exception(e)
             future.exception()  # retrieved: nobody may be waiting
@@ -135,7 +145,10 @@ class Prober:
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.probe_cache.labels(result).inc()
+            counter = self._counters.get(result)
+            if counter is None:
+                counter = self._counters[result] = self.metrics.probe_cache.labels(result)
+            counter.inc()
 
     # -- probing ---------------------------------------------------------------------
 

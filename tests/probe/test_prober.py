@@ -321,3 +321,21 @@ async def test_dane_ta_matches_a_ca_the_server_presents(world, make_prober, tmp_
         assert level_of(hop, facts) is TlsLevel.DANE
     finally:
         await server.stop()
+
+
+async def test_a_failing_key_store_means_no_key_never_an_error_that_stops_the_decision(
+    world, make_prober
+):
+    await world.mta("mx1.dest.test", "127.0.0.81", cert=None)
+    mx(world, "mx1.dest.test")
+
+    class Broken:
+        async def lookup(self, address):
+            raise RuntimeError("directory unreachable")
+
+    prober = make_prober()
+    prober.keys = Broken()
+    facts = await prober.recipient("bob@dest.test")
+    assert facts.keys.smime is None and facts.keys.pgp is None
+    assert facts.keys.error == "RuntimeError: directory unreachable"
+    assert facts.domain.known
