@@ -163,3 +163,23 @@ async def test_a_known_key_is_a_fact_and_its_mode_is_held_until_it_can_be_sent(
     assert "decided smime, which this version cannot deliver yet" in row.diagnostic
     assert sorted(keys.asked) == ["known@dest.test", "other@dest.test"]
     assert mx.received == []
+
+
+async def test_a_certificate_that_fails_at_delivery_never_gets_the_message_over_weaker_tls(
+    gateway_factory, world, pki
+):
+    good = await world.mta("mx.dest.test", "127.0.0.61")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki, tls_only("verify", "bounce"))
+    assert (await gw.queue.prober.domain("dest.test")).mx[0].pkix_valid
+    await good.stop()
+    forged = await world.mta("mx.dest.test", "127.0.0.61", cert="self-signed")
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "bounced", what="bounced"
+    )
+    assert forged.received == [] and forged.attempts == 0  # STARTTLS, then no message
+    (row,) = gw.queue.store.recipients(queue_id)
+    assert row.status == "5.7.10" and "Server certificate not verified" in row.diagnostic
+    assert sample(gw, "sealgate_delivery_tls_failures_total", reason="certificate_untrusted") >= 1
+    assert sample(gw, "sealgate_policy_fallbacks_total", mode="bounce") == 1
