@@ -15,13 +15,23 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gateway.probe.facts import KnownKeys
+from gateway.probe.facts import KeyInfo, KnownKeys
 
 
 class KeyStore(Protocol):
-    async def lookup(self, address: str) -> KnownKeys: ...
+    async def lookup(self, address: str) -> KnownKeys:
+        """The keys to use for ``address`` now (`KnownKeys`; never raises)."""
+        ...
+
+    async def material(self, info: KeyInfo) -> bytes | None:
+        """The key itself (an S/MIME certificate as DER, a PGP key as binary), or None
+        when it is gone (removed since the lookup)."""
+        ...
 
 
 class NoKeys:
     async def lookup(self, address: str) -> KnownKeys:
         return KnownKeys()
+
+    async def material(self, info: KeyInfo) -> bytes | None:
+        return None

@@ -1,0 +1,1 @@
+"""Transforms of a recipient copy: S/MIME, PGP/MIME; the key directory."""

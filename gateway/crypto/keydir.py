@@ -1,0 +1,310 @@
+"""The key directory: recipients' S/MIME certificates (and, with PGP, public keys),
+imported by an administrator, kept in SQLite at ``<state_dir>/keydir.db``.
+
+``sealgate keys import|list|show|remove|pin`` work on it while the daemon runs; the
+daemon's `DirectoryKeyStore` reads a snapshot and notices changes (SQLite's
+``data_version``) within a second.
+
+Which key is used for an address: a pinned one (``sealgate keys pin ADDRESS FPR``)
+when there is a pin - and if the pinned key has expired, none (never silently
+another); else the valid key that lasts longest.  Every change is recorded in the
+directory's log (who, when, what).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import getpass
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.crypto.certs import CertificateError, check, is_ca, read_certificates
+from gateway.probe.facts import KeyInfo, KnownKeys
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    fingerprint TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    source TEXT NOT NULL,
+    added REAL NOT NULL,
+    material BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS addresses (
+    address TEXT NOT NULL,
+    fingerprint TEXT NOT NULL REFERENCES keys(fingerprint) ON DELETE CASCADE,
+    PRIMARY KEY (address, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    address TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    PRIMARY KEY (address, kind)
+);
+CREATE TABLE IF NOT EXISTS log (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    action TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    address TEXT NOT NULL,
+    actor TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    fingerprint: str
+    kind: str
+    subject: str
+    not_before: float
+    not_after: float
+    source: str
+    added: float
+    addresses: tuple[str, ...]
+
+    def info(self) -> KeyInfo:
+        not_after = datetime.datetime.fromtimestamp(self.not_after, datetime.UTC)
+        return KeyInfo(self.kind, self.fingerprint, self.source, not_after.isoformat())
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    imported: tuple[StoredKey, ...]
+    skipped: tuple[str, ...]  # one line per certificate not imported, with the reason
+
+
+class KeyDirectory:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def version(self) -> int:
+        """Changes when another connection (a ``sealgate keys`` command) wrote."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- changes -----------------------------------------------------------------------
+
+    def import_smime(
+        self, data: bytes, address: str | None = None, source: str = "import", actor: str = ""
+    ) -> ImportReport:
+        """Import the usable certificates in ``data`` (PEM, DER, PKCS#7).  With
+        ``address``, only certificates naming it.  ValueError when nothing usable is in it."""
+        certs = read_certificates(data)
+        wanted = address.lower() if address else None
+        usable, skipped = [], []
+        for cert in certs:
+            name = cert.subject.rfc4514_string() or "(no subject)"
+            if is_ca(cert) and len(certs) > 1:
+                skipped.append(f"{name}: a CA certificate of the bundle (not imported)")
+                continue
+            try:
+                checked = check(cert)
+            except CertificateError as e:
+                skipped.append(f"{name}: {e}")
+                continue
+            if wanted is not None and wanted not in checked.addresses:
+                skipped.append(f"{name}: does not name {wanted} ({', '.join(checked.addresses)})")
+                continue
+            usable.append(checked)
+        if not usable:
+            raise ValueError("no usable certificate: " + "; ".join(skipped))
+        now = time.time()
+        actor = actor or _actor()
+        stored = []
+        with self._db:
+            for c in usable:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
+                    "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        c.fingerprint,
+                        "smime",
+                        c.subject,
+                        c.not_before.timestamp(),
+                        c.not_after.timestamp(),
+                        source,
+                        now,
+                        c.der,
+                    ),
+                )
+                addresses = (wanted,) if wanted else c.addresses
+                for a in addresses:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO addresses(address, fingerprint) VALUES (?,?)",
+                        (a, c.fingerprint),
+                    )
+                    self._log("import", c.fingerprint, a, actor)
+                stored.append(
+                    StoredKey(
+                        c.fingerprint,
+                        "smime",
+                        c.subject,
+                        c.not_before.timestamp(),
+                        c.not_after.timestamp(),
+                        source,
+                        now,
+                        tuple(addresses),
+                    )
+                )
+        return ImportReport(tuple(stored), tuple(skipped))
+
+    def remove(self, fingerprint: str, actor: str = "") -> bool:
+        fingerprint = _normal(fingerprint)
+        with self._db:
+            found = self._db.execute(
+                "DELETE FROM keys WHERE fingerprint=?", (fingerprint,)
+            ).rowcount
+            if found:
+                self._db.execute("DELETE FROM pins WHERE fingerprint=?", (fingerprint,))
+                self._log("remove", fingerprint, "", actor or _actor())
+        return bool(found)
+
+    def pin(self, address: str, fingerprint: str, actor: str = "") -> StoredKey:
+        """Use this key, and only this one, for ``address`` (ValueError if it is not
+        a key for that address)."""
+        address, fingerprint = address.lower(), _normal(fingerprint)
+        key = next((k for k in self.stored(address) if k.fingerprint == fingerprint), None)
+        if key is None:
+            raise ValueError(f"no key {fingerprint[:16]}... for {address} in the directory")
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO pins(address, kind, fingerprint) VALUES (?,?,?)",
+                (address, key.kind, fingerprint),
+            )
+            self._log("pin", fingerprint, address, actor or _actor())
+        return key
+
+    def _log(self, action: str, fingerprint: str, address: str, actor: str) -> None:
+        self._db.execute(
+            "INSERT INTO log(at, action, fingerprint, address, actor) VALUES (?,?,?,?,?)",
+            (time.time(), action, fingerprint, address, actor),
+        )
+
+    # -- reading ------------------------------------------------------------------------
+
+    def stored(self, address: str | None = None) -> list[StoredKey]:
+        sql = (
+            "SELECT k.fingerprint, k.kind, k.subject, k.not_before, k.not_after, k.source, "
+            "k.added, group_concat(a.address) FROM keys k LEFT JOIN addresses a "
+            "USING (fingerprint) "
+        )
+        args: tuple[Any, ...] = ()
+        if address is not None:
+            sql += "WHERE k.fingerprint IN (SELECT fingerprint FROM addresses WHERE address=?) "
+            args = (address.lower(),)
+        sql += "GROUP BY k.fingerprint ORDER BY k.added"
+        return [
+            StoredKey(
+                fingerprint=row[0],
+                kind=row[1],
+                subject=row[2],
+                not_before=row[3],
+                not_after=row[4],
+                source=row[5],
+                added=row[6],
+                addresses=tuple(sorted((row[7] or "").split(","))),
+            )
+            for row in self._db.execute(sql, args)
+        ]
+
+    def pins(self) -> dict[tuple[str, str], str]:
+        return {
+            (a, k): f for a, k, f in self._db.execute("SELECT address, kind, fingerprint FROM pins")
+        }
+
+    def material(self, fingerprint: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT material FROM keys WHERE fingerprint=?", (_normal(fingerprint),)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def log(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT at, action, fingerprint, address, actor FROM log ORDER BY id"
+        )
+        keys = ("at", "action", "fingerprint", "address", "actor")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def choose(
+    keys: list[StoredKey], pins: dict[tuple[str, str], str], address: str, now: float
+) -> KnownKeys:
+    """The key of each kind to use for ``address``: the pinned one (if still valid),
+    else the valid one that lasts longest."""
+    chosen: dict[str, KeyInfo | None] = {}
+    for kind in ("smime", "pgp"):
+        mine = [k for k in keys if k.kind == kind]
+        pinned = pins.get((address, kind))
+        if pinned is not None:
+            mine = [k for k in mine if k.fingerprint == pinned]
+        valid = [k for k in mine if k.not_before <= now < k.not_after]
+        best = max(valid, key=lambda k: k.not_after, default=None)
+        chosen[kind] = best.info() if best else None
+    return KnownKeys(smime=chosen["smime"], pgp=chosen["pgp"])
+
+
+class DirectoryKeyStore:
+    """The daemon's view of the key directory (`gateway.probe.keys.KeyStore`): an
+    in-memory snapshot, reloaded when the directory changed (checked at most once a
+    second), so a lookup costs a dictionary access."""
+
+    CHECK_INTERVAL = 1.0
+
+    def __init__(self, directory: KeyDirectory, clock: Any = time.time):
+        self.directory = directory
+        self.clock = clock
+        self._version = -1
+        self._checked = 0.0
+        self._by_address: dict[str, list[StoredKey]] = {}
+        self._pins: dict[tuple[str, str], str] = {}
+        self._lock = asyncio.Lock()
+
+    async def lookup(self, address: str) -> KnownKeys:
+        address = address.lower()
+        now = self.clock()
+        if now - self._checked >= self.CHECK_INTERVAL:
+            async with self._lock:
+                if now - self._checked >= self.CHECK_INTERVAL:
+                    await asyncio.to_thread(self._refresh)
+                    self._checked = now
+        return choose(self._by_address.get(address, []), self._pins, address, now)
+
+    def _refresh(self) -> None:
+        version = self.directory.version()
+        if version == self._version:
+            return
+        by_address: dict[str, list[StoredKey]] = {}
+        for key in self.directory.stored():
+            for a in key.addresses:
+                if a:
+                    by_address.setdefault(a, []).append(key)
+        self._by_address, self._pins = by_address, self.directory.pins()
+        self._version = version
+
+    async def material(self, info: KeyInfo) -> bytes | None:
+        return await asyncio.to_thread(self.directory.material, info.fingerprint)
+
+
+def _normal(fingerprint: str) -> str:
+    return fingerprint.replace(":", "").replace(" ", "").lower().removeprefix("sha256")
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

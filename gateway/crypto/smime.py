@@ -1,0 +1,124 @@
+"""S/MIME encryption (RFC 8551) of one recipient's copy.
+
+The message is split in two: the *content* - the MIME entity, i.e. its ``Content-*``
+header fields and the body, byte for byte - is what gets protected; the other header
+fields (From, To, Cc, Date, Message-ID, Subject, Received, ...) stay outside, where
+mail servers need them.  The content is optionally signed first with the
+organisation's certificate (detached, SHA-256, ``multipart/signed``), then
+encrypted to the recipient's certificate with AES-256-CBC (``application/pkcs7-mime;
+smime-type=enveloped-data``), the CMS structure base64-encoded in 76-character CRLF
+lines.  With ``subject``, the outer Subject is replaced by that neutral one (subjects
+can carry PHI, and the outer header is not encrypted).
+
+Everything is in memory (`cryptography` does not stream); callers run it in a
+thread for large messages.  Failures raise `SmimeError`; the caller never sends the
+original instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.header
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+_FIELD = re.compile(rb"[!-9;-~]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+_CONTENT_FIELDS = (b"content-", b"mime-version:")
+
+
+class SmimeError(Exception):
+    """The copy could not be encrypted (or signed)."""
+
+
+def split(message: bytes) -> tuple[list[bytes], bytes]:
+    """(outer header fields, MIME entity): the entity is the ``Content-*`` fields and
+    the body exactly as received (RFC 2045 defaults added when there are none)."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        head, body = message, b""
+    else:
+        head, body = message[: end + 2], message[end + 4 :]
+    outer: list[bytes] = []
+    content: list[bytes] = []
+    pos = 0
+    for match in _FIELD.finditer(head):
+        if match.start() != pos:
+            raise SmimeError("the header block is not well formed")
+        pos = match.end()
+        field = match.group(0)
+        if field.lower().startswith(b"mime-version:"):
+            continue  # the outer one is written anew
+        (content if field.lower().startswith(b"content-") else outer).append(field)
+    if not any(f.lower().startswith(b"content-type:") for f in content):
+        content.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
+    return outer, b"".join(content) + b"\r\n" + body
+
+
+def sign(
+    entity: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+) -> bytes:
+    """``multipart/signed`` (detached, SHA-256) over the entity, CRLF line endings."""
+    try:
+        signed = (
+            pkcs7.PKCS7SignatureBuilder()
+            .set_data(entity)
+            .add_signer(cert, key, hashes.SHA256())
+            .sign(
+                serialization.Encoding.SMIME,
+                [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary],
+            )
+        )
+    except (ValueError, TypeError) as e:
+        raise SmimeError(f"signing failed: {e}") from e
+    return _crlf(signed)
+
+
+def envelope(entity: bytes, recipient: x509.Certificate) -> bytes:
+    """The ``application/pkcs7-mime`` entity carrying ``entity`` encrypted to
+    ``recipient`` (AES-256-CBC, RSA key transport)."""
+    try:
+        der = (
+            pkcs7.PKCS7EnvelopeBuilder()
+            .set_data(entity)
+            .add_recipient(recipient)
+            .set_content_encryption_algorithm(algorithms.AES256)
+            .encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+        )
+    except (ValueError, TypeError) as e:
+        raise SmimeError(f"encryption failed: {e}") from e
+    encoded = base64.encodebytes(der).replace(b"\n", b"\r\n")
+    return (
+        b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
+        b"Content-Description: S/MIME encrypted message\r\n"
+        b"\r\n" + encoded
+    )
+
+
+def encrypt(
+    message: bytes,
+    recipient: x509.Certificate,
+    *,
+    signer: tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey] | None = None,
+    subject: str | None = None,
+) -> bytes:
+    """The recipient's copy of ``message`` (CRLF), encrypted (and signed first when
+    ``signer`` is given); ``subject`` replaces the outer Subject when given."""
+    outer, entity = split(message)
+    if signer is not None:
+        entity = sign(entity, *signer)
+    if subject is not None:
+        outer = [f for f in outer if not f.lower().startswith(b"subject:")]
+        encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode("\r\n")
+        outer.append(f"Subject: {encoded}\r\n".encode("ascii"))
+    return b"".join(outer) + b"MIME-Version: 1.0\r\n" + envelope(entity, recipient)
+
+
+def _crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r?\n", b"\r\n", data)
