@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
+from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.model import ClientInfo, Envelope, Recipient
@@ -40,6 +41,10 @@ log = get_logger("gateway.app")
 
 def smtp_hostname(config: Config) -> str:
     return config.smtp.hostname or socket.getfqdn()
+
+
+def keydir_path(state_dir: Path) -> Path:
+    return state_dir / "keydir.db"
 
 
 def address_key_path(state_dir: Path) -> Path:
@@ -107,6 +112,7 @@ class Gateway:
         self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
         self.queue: QueueManager | None = None
+        self.keydir: KeyDirectory | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._stopped = False
 
@@ -132,8 +138,16 @@ class Gateway:
         # Read from the spool at each scrape: never stale after a removal.
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
+        self.keydir = KeyDirectory(keydir_path(cfg.state_dir))
         self.queue = QueueManager(
-            cfg, self.spool, self.metrics, make_redactor(cfg), self.hostname, self._inject, policy
+            cfg,
+            self.spool,
+            self.metrics,
+            make_redactor(cfg),
+            self.hostname,
+            self._inject,
+            policy,
+            DirectoryKeyStore(self.keydir),
         )
         await self.queue.start()
         if worker_count(cfg) > 1:
@@ -248,6 +262,8 @@ class Gateway:
             await self.smtp.stop(grace)
         if self.queue is not None:
             await self.queue.stop(grace)
+        if self.keydir is not None:
+            self.keydir.close()
         if self.http is not None:
             await self.http.stop()
         self.spool.close()

@@ -3,6 +3,8 @@
     sealgate run [--config FILE] [--state-dir DIR]
     sealgate check-config [--config FILE]
     sealgate explain --from ADDR --to ADDR [--to ADDR...] [--message FILE.eml] [--json]
+    sealgate keys import FILE [--address ADDR] | list [--json] | show FPR|ADDR
+    sealgate keys remove FPR | pin ADDR FPR
     sealgate queue list [--json]
     sealgate queue show ID [--json]
     sealgate queue retry|hold|release|delete ID...
@@ -55,6 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", dest="recipients", action="append", required=True, metavar="ADDRESS")
     ex.add_argument("--message", type=Path, metavar="FILE", help="the message (.eml) to classify")
     ex.add_argument("--json", action="store_true")
+    keys = sub.add_parser("keys", help="the key directory: recipients' certificates and keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ki = with_config(
+        ksub.add_parser("import", help="import S/MIME certificates (PEM, DER, PKCS#7)")
+    )
+    ki.add_argument("file", type=Path)
+    ki.add_argument("--address", help="only certificates naming this address, for it alone")
+    kl = with_config(ksub.add_parser("list", help="every key, its addresses and validity"))
+    kl.add_argument("--json", action="store_true")
+    ks = with_config(ksub.add_parser("show", help="one key (by fingerprint) or an address's keys"))
+    ks.add_argument("what", metavar="FPR|ADDRESS")
+    kr = with_config(ksub.add_parser("remove", help="remove a key (e.g. revoked)"))
+    kr.add_argument("fingerprint")
+    kp = with_config(ksub.add_parser("pin", help="use only this key for this address"))
+    kp.add_argument("address")
+    kp.add_argument("fingerprint")
     queue = sub.add_parser("queue", help="inspect the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     ql = with_config(qsub.add_parser("list", help="list queued messages"))
@@ -123,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _hash_address(config, args.address)
     if args.command == "explain":
         return _explain(config, args)
+    if args.command == "keys":
+        return _keys(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)
@@ -153,6 +173,68 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     else:
         print(as_text(policy, features, explained))
     return 0
+
+
+def _keys(config: Config, args: argparse.Namespace) -> int:
+    from gateway.app import keydir_path
+    from gateway.crypto.keydir import KeyDirectory, StoredKey
+
+    def line(k: StoredKey) -> str:
+        until = datetime.datetime.fromtimestamp(k.not_after, datetime.UTC).date()
+        return f"{k.fingerprint}  {k.kind:<5}  until {until}  {', '.join(k.addresses)}  {k.subject}"
+
+    directory = KeyDirectory(keydir_path(config.state_dir))
+    try:
+        if args.keys_command == "import":
+            try:
+                report = directory.import_smime(args.file.read_bytes(), args.address)
+            except OSError as e:
+                print(f"sealgate: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+                return 1
+            except ValueError as e:
+                print(f"sealgate: {args.file}: {e}", file=sys.stderr)
+                return 1
+            for k in report.imported:
+                print(f"imported {line(k)}")
+            for why in report.skipped:
+                print(f"skipped  {why}")
+            return 0
+        if args.keys_command == "list":
+            for k in directory.stored():
+                print(json.dumps(dataclasses.asdict(k)) if args.json else line(k))
+            return 0
+        if args.keys_command == "show":
+            what = args.what.lower()
+            found = (
+                directory.stored(what)
+                if "@" in what
+                else [
+                    k for k in directory.stored() if k.fingerprint.startswith(what.replace(":", ""))
+                ]
+            )
+            if not found:
+                print(f"sealgate: no key for {args.what}", file=sys.stderr)
+                return 1
+            pins = directory.pins()
+            for k in found:
+                pinned = [a for (a, _), f in pins.items() if f == k.fingerprint]
+                print(line(k) + (f"  pinned for {', '.join(pinned)}" if pinned else ""))
+            return 0
+        if args.keys_command == "remove":
+            if not directory.remove(args.fingerprint):
+                print(f"sealgate: no key {args.fingerprint}", file=sys.stderr)
+                return 1
+            print(f"removed {args.fingerprint}")
+            return 0
+        try:
+            key = directory.pin(args.address, args.fingerprint)
+        except ValueError as e:
+            print(f"sealgate: {e}", file=sys.stderr)
+            return 1
+        print(f"pinned {key.fingerprint} for {args.address.lower()}")
+        return 0
+    finally:
+        directory.close()
 
 
 def _hash_password() -> int:

@@ -421,6 +421,27 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class SmimeConfig:
+    signing_cert_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "PEM certificate of the organisation: S/MIME copies are signed with it "
+            "(detached, SHA-256) before they are encrypted. null: not signed."
+        ),
+    )
+    signing_key_file: Path | None = field(
+        default=None, metadata=doc("Unencrypted PEM private key of signing_cert_file.")
+    )
+    subject: str | None = field(
+        default=None,
+        metadata=doc(
+            "Subject of every S/MIME copy, e.g. 'Secure message' (the subject is not "
+            "encrypted and can carry PHI). null: the original subject."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     file: Path | None = field(
         default=None,
@@ -500,6 +521,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    smime: SmimeConfig = field(default_factory=SmimeConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -13,12 +13,16 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
 from gateway.tls import cert_matches_key
+
+Signer = tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]
 
 
 def _readable(key: str, path: Path, source: str) -> bytes:
@@ -107,4 +111,40 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
             raise ConfigError(
                 "logging.address_hash_key_file", f"{key_file} holds fewer than 16 bytes", source
             )
+    sm = cfg.smime
+    if sm.signing_cert_file is not None and sm.signing_key_file is not None:
+        load_signer(sm.signing_cert_file, sm.signing_key_file, source)
     return load_policy_for(cfg)
+
+
+def load_signer(cert_file: Path, key_file: Path, source: str = "<config>") -> Signer:
+    """The organisation's S/MIME signing certificate and key, checked as a pair."""
+    certs = _pem_certs(
+        "smime.signing_cert_file",
+        _readable("smime.signing_cert_file", cert_file, source),
+        cert_file,
+        source,
+    )
+    data = _readable("smime.signing_key_file", key_file, source)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            "smime.signing_key_file",
+            f"{key_file} is not an unencrypted PEM private key ({e})",
+            source,
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(
+            "smime.signing_key_file", f"{key_file}: an RSA or EC key is needed", source
+        )
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if certs[0].public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise ConfigError(
+            "smime.signing_key_file",
+            f"{key_file} does not match the certificate in {cert_file}",
+            source,
+        )
+    return certs[0], key

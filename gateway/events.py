@@ -40,6 +40,7 @@ class Event(enum.StrEnum):
     DELIVERY_ERROR = "delivery.error"
     DELIVERY_TLS_FAILED = "delivery.tls-failed"
     DSN_SENT = "delivery.dsn-sent"
+    ENCRYPTION_FAILED = "delivery.encryption-failed"
     MESSAGE_DONE = "queue.message-done"
     # ops http
     HTTP_ERROR = "http.error"
@@ -71,3 +72,11 @@ class TlsFailure(enum.StrEnum):
     NAME_MISMATCH = "certificate_name_mismatch"
     EXPIRED = "certificate_expired"
     DANE_MISMATCH = "dane_mismatch"
+
+
+class EncryptionFailure(enum.StrEnum):
+    """Why a copy could not be encrypted: the ``reason`` label of the metrics."""
+
+    KEY_MISSING = "key_missing"  # no key any more (removed since the decision)
+    KEY_INVALID = "key_invalid"  # expired, or no longer passes the checks
+    ENCRYPT_FAILED = "encrypt_failed"

@@ -18,7 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.events import RejectReason, TlsFailure
+from gateway.events import EncryptionFailure, RejectReason, TlsFailure
 
 # "_created" series double the exposition for no use on our counters.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -167,6 +167,19 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.messages_encrypted = Counter(
+            "sealgate_messages_encrypted",
+            "Recipient copies delivered encrypted end to end, by mode",
+            ["mode"],
+            registry=r,
+        )
+        self.encryption_errors = Counter(
+            "sealgate_encryption_errors",
+            "Recipient copies that could not be encrypted (the recipient moved to its "
+            "next mode), by mode and reason",
+            ["mode", "reason"],
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
@@ -199,6 +212,10 @@ class Metrics:
             self.delivery_tls_failures.labels(failure.value)
         for mode in _MODES:
             self.policy_fallbacks.labels(mode)
+        for mode in ("smime", "pgp"):
+            self.messages_encrypted.labels(mode)
+            for why in EncryptionFailure:
+                self.encryption_errors.labels(mode, why.value)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
         for sts_mode in ("enforce", "testing", "none"):

@@ -33,6 +33,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
+import hashlib
 import random
 import time
 from collections import OrderedDict, defaultdict
@@ -40,23 +42,29 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from cryptography import x509
+
 from gateway.batching import Batcher, run_each
 from gateway.config import Config
+from gateway.config_check import Signer, load_signer
+from gateway.crypto import smime
+from gateway.crypto.certs import CertificateError, check
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import SpoolError
-from gateway.events import Event
+from gateway.events import EncryptionFailure, Event
 from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.engine import decide
 from gateway.policy.features import Features, message_features, strip_subject_tags
 from gateway.policy.language import Policy, load_policy_for
-from gateway.policy.model import Decision, Mode
+from gateway.policy.model import DELIVERY_MODES, Decision, Mode
 from gateway.probe.dns import Resolver
+from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import StsCache, StsMode
 from gateway.probe.prober import Prober, ProbeSettings
@@ -106,6 +114,8 @@ class QueueManager:
         self.keys: KeyStore = keys or NoKeys()
         self._retired: set[asyncio.Task[None]] = set()
         self._features: dict[str, tuple[str, Features]] = {}
+        self._smime_signer: Signer | None = None
+        self._smime_subject: str | None = None
         self.apply(config, policy)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -138,6 +148,11 @@ class QueueManager:
         and probe facts were made under the old settings: they are dropped.
         """
         self.policy = policy or load_policy_for(config)
+        sm = config.smime
+        signer = None
+        if sm.signing_cert_file is not None and sm.signing_key_file is not None:
+            signer = load_signer(sm.signing_cert_file, sm.signing_key_file)
+        self._smime_signer, self._smime_subject = signer, sm.subject
         self.config = config
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
@@ -371,37 +386,60 @@ class QueueManager:
         features = await self._features_of(queue_id, policy, data)
         now = time.time()
         decisions: dict[int, Decision] = {}
+        facts_of: dict[int, RecipientFacts] = {}
         for row in rows:
-            facts = await prober.recipient(row.address)
+            facts_of[row.idx] = facts = await prober.recipient(row.address)
             evaluation = decide(policy, envelope.mail_from, row.address, features, facts, now)
             decisions[row.idx] = evaluation.decision
         results: dict[int, RecipientResult] = {}
-        sending: dict[tuple[TlsLevel, tuple[str, ...]], list[RecipientRow]] = defaultdict(list)
-        for row in rows:
-            decision = decisions[row.idx]
-            if decision.mode is Mode.TLS:
-                sending[(decision.tls_level, decision.strip_tags)].append(row)
-            else:
-                results[row.idx] = _not_sent(row.address, decision)
-        for (level, tags), group in sending.items():
-            sent = await self._send(envelope, data, domain, group, level, tags)
-            results.update((row.idx, result) for row, result in zip(group, sent, strict=True))
-        failed = [r for r in rows if r.idx in results and results[r.idx].tls_failure is not None]
-        if failed:
-            # The level the facts promised was not met on the connection: learn the
-            # facts again and take the next mode (never a lower TLS level).
-            prober.forget(domain)
-            for row in failed:
-                facts = await prober.recipient(row.address)
+        transforms: dict[int, dict[str, Any]] = {}
+        causes: dict[int, RecipientResult] = {}
+        pending = rows
+        for _ in range(len(DELIVERY_MODES) + 1):  # each round rules out one more mode
+            failed: list[tuple[RecipientRow, RecipientResult]] = []
+            tls: dict[tuple[TlsLevel, tuple[str, ...]], list[RecipientRow]] = defaultdict(list)
+            for row in pending:
+                decision = decisions[row.idx]
+                if decision.mode is Mode.TLS:
+                    tls[(decision.tls_level, decision.strip_tags)].append(row)
+                elif decision.mode is Mode.SMIME:
+                    sent = await self._send_smime(envelope, data, domain, row, decision, facts_of)
+                    if isinstance(sent, RecipientResult):
+                        failed.append((row, sent))
+                    else:
+                        results[row.idx], transforms[row.idx] = sent
+                else:
+                    results[row.idx] = _not_sent(row.address, decision, causes.get(row.idx))
+            for (level, tags), group in tls.items():
+                sent_tls = await self._send(envelope, data, domain, group, level, tags)
+                for row, result in zip(group, sent_tls, strict=True):
+                    if result.tls_failure is not None:
+                        failed.append((row, result))
+                    else:
+                        results[row.idx] = result
+            if not failed:
+                break
+            # The mode decided could not be used (the TLS level was not met on the
+            # connection, the key could not be used): learn the facts again and take
+            # the next mode - never a lower TLS level, never the original instead.
+            if any(decisions[r.idx].mode is Mode.TLS for r, _ in failed):
+                prober.forget(domain)
+            for row, cause in failed:
+                before = decisions[row.idx]
+                excluded = (*before.excluded, before.mode)
+                facts_of[row.idx] = facts = await prober.recipient(row.address)
                 evaluation = decide(
-                    policy, envelope.mail_from, row.address, features, facts, now, (Mode.TLS,)
+                    policy, envelope.mail_from, row.address, features, facts, now, excluded
                 )
                 decisions[row.idx] = evaluation.decision
+                causes[row.idx] = cause
                 self.metrics.policy_fallbacks.labels(evaluation.decision.mode.value).inc()
-                results[row.idx] = _not_sent(row.address, evaluation.decision, results[row.idx])
+            pending = [row for row, _ in failed]
         now = time.time()
         records = [
-            self._next_state(envelope, row, results[row.idx], decisions[row.idx], now)
+            self._next_state(
+                envelope, row, results[row.idx], decisions[row.idx], now, transforms.get(row.idx)
+            )
             for row in rows
         ]
         store = self.store
@@ -412,6 +450,66 @@ class QueueManager:
             self._report(envelope, row, results[row.idx], record, decisions[row.idx], now)
         if final is not None:
             await self._finish(envelope, data, final)
+
+    async def _send_smime(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        domain: str,
+        row: RecipientRow,
+        decision: Decision,
+        facts_of: dict[int, RecipientFacts],
+    ) -> tuple[RecipientResult, dict[str, Any]] | RecipientResult:
+        """Encrypt ``row``'s own copy to its S/MIME certificate and deliver it; the
+        result and the evidence of the encryption, or (a `RecipientResult` alone) why
+        it could not be encrypted - then nothing was sent."""
+        info = facts_of[row.idx].keys.smime
+        sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no certificate"
+        material = await self.prober.keys.material(info) if info is not None else None
+        if info is not None and material is not None:
+            try:
+                cert = x509.load_der_x509_certificate(material)
+                check(cert)
+                plain = (
+                    strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
+                )
+                work = functools.partial(
+                    smime.encrypt,
+                    plain,
+                    cert,
+                    signer=self._smime_signer,
+                    subject=self._smime_subject,
+                )
+                big = len(plain) > THREAD_FEATURES_ABOVE
+                sealed = await asyncio.to_thread(work) if big else work()
+            except (CertificateError, ValueError) as e:
+                reason, detail = EncryptionFailure.KEY_INVALID, str(e)
+            except smime.SmimeError as e:
+                reason, detail = EncryptionFailure.ENCRYPT_FAILED, str(e)
+        if sealed is None or info is None:
+            self.metrics.encryption_errors.labels("smime", reason.value).inc()
+            log.warning(
+                Event.ENCRYPTION_FAILED,
+                queue_id=row.queue_id,
+                rcpt=self.redact(row.address),
+                mode="smime",
+                reason=reason.value,
+                error=detail[:300],
+            )
+            why = f"S/MIME: {reason.value.replace('_', ' ')}: {detail[:200]}"
+            return RecipientResult(row.address, "deferred", "4.7.10", why)
+        (result,) = await self._send(envelope, sealed, domain, [row], decision.tls_level, ())
+        if result.outcome == "delivered":
+            self.metrics.messages_encrypted.labels("smime").inc()
+        transform = {
+            "mode": "smime",
+            "key_fingerprint": info.fingerprint,
+            "key_source": info.source,
+            "signed": self._smime_signer is not None,
+            "sent_sha256": hashlib.sha256(sealed).hexdigest(),
+            "sent_size": len(sealed),
+        }
+        return result, transform
 
     async def _features_of(self, queue_id: str, policy: Policy, data: bytes) -> Features:
         """What the policy reads from the message, once per message and policy."""
@@ -501,6 +599,7 @@ class QueueManager:
         result: RecipientResult,
         decision: Decision,
         now: float,
+        transform: dict[str, Any] | None = None,
     ) -> AttemptRecord:
         state: str = result.outcome
         status, diagnostic = result.status, result.diagnostic
@@ -521,6 +620,8 @@ class QueueManager:
             "level_source": decision.level_source,
             "policy": decision.policy,
         }
+        if transform is not None:
+            evidence["encryption"] = transform
         return AttemptRecord(
             row.idx,
             state,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-from gateway.probe.facts import KeyInfo, KnownKeys
 from tests.conftest import smtp_client
 from tests.delivery.conftest import tls_only, wait_until
 from tests.delivery.test_queue_e2e import send, start, state
@@ -124,62 +123,3 @@ async def send_one(gw, rcpt: str) -> None:
 
 def _rcpts(gw, queue_id: str) -> list[str]:
     return [r.address for r in gw.queue.store.recipients(queue_id)]
-
-
-class OneCertificate:
-    """A key store that knows an S/MIME certificate for one address (the stores
-    themselves come with the encryption issue; this is the interface's contract)."""
-
-    def __init__(self, address: str):
-        self.address = address
-        self.asked: list[str] = []
-
-    async def lookup(self, address: str) -> KnownKeys:
-        self.asked.append(address)
-        if address.lower() == self.address:
-            return KnownKeys(smime=KeyInfo("smime", "ab" * 32, "directory"))
-        return KnownKeys()
-
-
-async def test_a_known_key_is_a_fact_and_its_mode_is_held_until_it_can_be_sent(
-    gateway_factory, world, pki
-):
-    mx = await world.mta("mx.dest.test", "127.0.0.61", cert="self-signed")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await start(gateway_factory, world, pki)
-    keys = OneCertificate("known@dest.test")
-    gw.queue.prober.keys = keys
-    queue_id = await send(gw, ["known@dest.test", "other@dest.test"])
-    await wait_until(lambda: len(gw.queue.store.decisions(queue_id)) == 2, what="decided")
-    decisions = gw.queue.store.decisions(queue_id)
-    assert (decisions[0]["mode"], decisions[1]["mode"]) == ("smime", "portal")
-    assert decisions[0]["facts"]["keys"]["smime"]["fingerprint"] == "ab" * 32
-    assert "smime: S/MIME certificate abababababababab (directory)" in decisions[0]["reasons"]
-    assert state(gw, queue_id) == {
-        "known@dest.test": ("held", "4.7.10"),
-        "other@dest.test": ("held", "4.7.10"),
-    }
-    (row, _) = gw.queue.store.recipients(queue_id)
-    assert "decided smime, which this version cannot deliver yet" in row.diagnostic
-    assert sorted(keys.asked) == ["known@dest.test", "other@dest.test"]
-    assert mx.received == []
-
-
-async def test_a_certificate_that_fails_at_delivery_never_gets_the_message_over_weaker_tls(
-    gateway_factory, world, pki
-):
-    good = await world.mta("mx.dest.test", "127.0.0.61")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await start(gateway_factory, world, pki, tls_only("verify", "bounce"))
-    assert (await gw.queue.prober.domain("dest.test")).mx[0].pkix_valid
-    await good.stop()
-    forged = await world.mta("mx.dest.test", "127.0.0.61", cert="self-signed")
-    queue_id = await send(gw, ["r@dest.test"])
-    await wait_until(
-        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "bounced", what="bounced"
-    )
-    assert forged.received == [] and forged.attempts == 0  # STARTTLS, then no message
-    (row,) = gw.queue.store.recipients(queue_id)
-    assert row.status == "5.7.10" and "Server certificate not verified" in row.diagnostic
-    assert sample(gw, "sealgate_delivery_tls_failures_total", reason="certificate_untrusted") >= 1
-    assert sample(gw, "sealgate_policy_fallbacks_total", mode="bounce") == 1

@@ -1,0 +1,128 @@
+"""S/MIME through the daemon: a recipient whose servers cannot prove themselves but
+whose certificate is in the key directory gets an encrypted copy of their own, which
+OpenSSL decrypts to the original; when the key cannot be used, the next mode."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import subprocess
+
+from gateway.crypto.smime import split
+from gateway.probe.facts import KeyInfo, KnownKeys
+from tests.conftest import make_message, run_sealgate
+from tests.crypto.smime_pki import ca, mailbox
+from tests.delivery.conftest import wait_until
+from tests.delivery.test_queue_e2e import send, start, state
+
+BOB = mailbox("bob@dest.test", n=5)
+ORG = mailbox("noreply@clinic.test", n=6)
+
+
+def sample(gw, name: str, **labels) -> float:
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_three_recipients_three_copies_tls_smime_and_portal(
+    gateway_factory, world, pki, tmp_path
+):
+    dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")  # no proof
+    good = await world.mta("mx.good.test", "127.0.0.72")  # verified TLS
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    org_cert, org_key = ORG.write(tmp_path, "org")
+    gw = await start(
+        gateway_factory,
+        world,
+        pki,
+        **{
+            "smime.signing_cert_file": str(org_cert),
+            "smime.signing_key_file": str(org_key),
+            "smime.subject": "Secure message from the clinic",
+        },
+    )
+    bob_cert, bob_key = BOB.write(tmp_path, "bob")
+    state_dir = str(gw.config.state_dir)
+    imported = await asyncio.to_thread(
+        run_sealgate, "keys", "import", str(bob_cert), "--state-dir", state_dir
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("imported ") and "bob@dest.test" in imported.stdout
+    fingerprint = imported.stdout.split()[1]
+
+    queue_id = await send(gw, ["bob@dest.test", "carol@dest.test", "a@good.test"])
+    await wait_until(lambda: dest.received and good.received, what="both copies")
+    await wait_until(lambda: len(gw.queue.store.attempts(queue_id)) == 3, what="recorded")
+    assert state(gw, queue_id) == {
+        "bob@dest.test": ("delivered", "2.0.0"),
+        "carol@dest.test": ("held", "4.7.10"),  # no key, no verified TLS: the portal
+        "a@good.test": ("delivered", "2.0.0"),
+    }
+    original = make_message("Biopsy result for J. Roe", "The margins are clear.\r\n")
+    (plain_copy,) = good.received
+    assert plain_copy.rcpt_tos == ["a@good.test"] and plain_copy.data.endswith(original)
+    (sealed,) = dest.received
+    assert sealed.rcpt_tos == ["bob@dest.test"]  # a copy of its own
+    outer = email.message_from_bytes(sealed.data, policy=email.policy.default)
+    assert outer.get_content_type() == "application/pkcs7-mime"
+    assert outer["subject"] == "Secure message from the clinic"
+    assert b"Biopsy" not in sealed.data and b"margins" not in sealed.data
+    decrypted = subprocess.run(
+        ["openssl", "cms", "-decrypt", "-recip", str(bob_cert), "-inkey", str(bob_key), "-binary"],
+        input=sealed.data,
+        capture_output=True,
+        timeout=30,
+    )
+    assert decrypted.returncode == 0, decrypted.stderr
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca().pem)
+    verified = subprocess.run(
+        ["openssl", "cms", "-verify", "-CAfile", str(ca_file)],
+        input=decrypted.stdout,
+        capture_output=True,
+        timeout=30,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout == split(original)[1]  # the original entity, byte for byte
+
+    evidence = {
+        gw.queue.store.recipients(queue_id)[a["recipient_index"]].address: a["evidence"]
+        for a in gw.queue.store.attempts(queue_id)
+    }
+    enc = evidence["bob@dest.test"]["encryption"]
+    assert (enc["mode"], enc["key_fingerprint"], enc["signed"]) == ("smime", fingerprint, True)
+    assert evidence["bob@dest.test"]["decision"]["mode"] == "smime"
+    assert "encryption" not in evidence["a@good.test"]
+    assert sample(gw, "sealgate_messages_encrypted_total", mode="smime") == 1
+    assert sample(gw, "sealgate_policy_decisions_total", mode="smime", rule="defaults") == 1
+
+
+class UnusableCertificate:
+    """A key store whose certificate turns out unusable when the copy is made."""
+
+    async def lookup(self, address: str) -> KnownKeys:
+        return KnownKeys(smime=KeyInfo("smime", "ab" * 32, "import"))
+
+    async def material(self, info: KeyInfo) -> bytes | None:
+        return mailbox("bob@dest.test", expired=True, n=7).der
+
+
+async def test_a_key_that_cannot_be_used_moves_the_recipient_on_never_to_plaintext(
+    gateway_factory, world, pki
+):
+    dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    gw = await start(gateway_factory, world, pki)
+    gw.queue.prober.keys = UnusableCertificate()
+    queue_id = await send(gw, ["bob@dest.test"])
+    await wait_until(
+        lambda: state(gw, queue_id).get("bob@dest.test", ("",))[0] == "held", what="held"
+    )
+    assert dest.received == []
+    decision = gw.queue.store.decisions(queue_id)[0]
+    assert decision["mode"] == "portal" and decision["excluded"] == ["smime"]
+    (row,) = gw.queue.store.recipients(queue_id)
+    assert "after: 4.7.10 S/MIME: key invalid: expired on" in row.diagnostic
+    assert sample(gw, "sealgate_encryption_errors_total", mode="smime", reason="key_invalid") == 1
+    assert sample(gw, "sealgate_policy_fallbacks_total", mode="portal") == 1
