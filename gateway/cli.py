@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="the key directory: recipients' certificates and keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     ki = with_config(
-        ksub.add_parser("import", help="import S/MIME certificates (PEM, DER, PKCS#7)")
+        ksub.add_parser(
+            "import", help="import S/MIME certificates (PEM, DER, PKCS#7) or OpenPGP public keys"
+        )
     )
     ki.add_argument("file", type=Path)
     ki.add_argument("--address", help="only certificates naming this address, for it alone")
@@ -187,7 +189,7 @@ def _keys(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "import":
             try:
-                report = directory.import_smime(args.file.read_bytes(), args.address)
+                report = directory.import_any(args.file.read_bytes(), args.address)
             except OSError as e:
                 print(f"sealgate: cannot read {args.file}: {e.strerror}", file=sys.stderr)
                 return 1

@@ -303,3 +303,11 @@ def run_sealgate(
         input=stdin,
         cwd=cwd,
     )
+
+
+@pytest.fixture(scope="session")
+def pgp_keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """OpenPGP test keys (see tests/crypto/pgp_keys.py), made once per session."""
+    from tests.crypto.pgp_keys import make_all
+
+    return make_all(tmp_path_factory.mktemp("pgp"))

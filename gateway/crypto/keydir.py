@@ -1,4 +1,4 @@
-"""The key directory: recipients' S/MIME certificates (and, with PGP, public keys),
+"""The key directory: recipients' S/MIME certificates and OpenPGP public keys,
 imported by an administrator, kept in SQLite at ``<state_dir>/keydir.db``.
 
 ``sealgate keys import|list|show|remove|pin`` work on it while the daemon runs; the
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.crypto.certs import CertificateError, check, is_ca, read_certificates
+from gateway.crypto.pgp import PgpError, is_pgp, read_keys
 from gateway.probe.facts import KeyInfo, KnownKeys
 
 SCHEMA = """
@@ -98,6 +99,77 @@ class KeyDirectory:
 
     # -- changes -----------------------------------------------------------------------
 
+    def import_any(
+        self, data: bytes, address: str | None = None, source: str = "import", actor: str = ""
+    ) -> ImportReport:
+        """S/MIME certificates or OpenPGP public keys, whichever ``data`` holds."""
+        if is_pgp(data):
+            return self.import_pgp(data, address, source, actor)
+        return self.import_smime(data, address, source, actor)
+
+    def import_pgp(
+        self, data: bytes, address: str | None = None, source: str = "import", actor: str = ""
+    ) -> ImportReport:
+        """Import the usable OpenPGP public keys in ``data``; with ``address``, only
+        keys with that user id.  ValueError when nothing usable is in it."""
+        try:
+            keys, skipped = read_keys(data)
+        except PgpError as e:
+            raise ValueError(str(e)) from e
+        wanted = address.lower() if address else None
+        usable = []
+        for k in keys:
+            if wanted is not None and wanted not in k.addresses:
+                skipped.append(f"{k.fingerprint} {k.uid}: no user id {wanted}")
+            elif not k.addresses:
+                skipped.append(f"{k.fingerprint} {k.uid}: no mail address in its user ids")
+            else:
+                usable.append(k)
+        if not usable:
+            raise ValueError("no usable key: " + "; ".join(skipped))
+        now = time.time()
+        actor = actor or _actor()
+        stored = []
+        with self._db:
+            for k in usable:
+                fingerprint = k.fingerprint.lower()
+                addresses = (wanted,) if wanted else k.addresses
+                self._store(
+                    fingerprint, "pgp", k.uid, k.created, k.expires, source, now, k.material
+                )
+                for a in addresses:
+                    self._add_address(a, fingerprint, actor)
+                stored.append(
+                    StoredKey(
+                        fingerprint, "pgp", k.uid, k.created, k.expires, source, now, addresses
+                    )
+                )
+        return ImportReport(tuple(stored), tuple(skipped))
+
+    def _store(
+        self,
+        fingerprint: str,
+        kind: str,
+        subject: str,
+        not_before: float,
+        not_after: float,
+        source: str,
+        now: float,
+        material: bytes,
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
+            "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
+            (fingerprint, kind, subject, not_before, not_after, source, now, material),
+        )
+
+    def _add_address(self, address: str, fingerprint: str, actor: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO addresses(address, fingerprint) VALUES (?,?)",
+            (address, fingerprint),
+        )
+        self._log("import", fingerprint, address, actor)
+
     def import_smime(
         self, data: bytes, address: str | None = None, source: str = "import", actor: str = ""
     ) -> ImportReport:
@@ -127,27 +199,19 @@ class KeyDirectory:
         stored = []
         with self._db:
             for c in usable:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
-                    "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        c.fingerprint,
-                        "smime",
-                        c.subject,
-                        c.not_before.timestamp(),
-                        c.not_after.timestamp(),
-                        source,
-                        now,
-                        c.der,
-                    ),
+                self._store(
+                    c.fingerprint,
+                    "smime",
+                    c.subject,
+                    c.not_before.timestamp(),
+                    c.not_after.timestamp(),
+                    source,
+                    now,
+                    c.der,
                 )
                 addresses = (wanted,) if wanted else c.addresses
                 for a in addresses:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO addresses(address, fingerprint) VALUES (?,?)",
-                        (a, c.fingerprint),
-                    )
-                    self._log("import", c.fingerprint, a, actor)
+                    self._add_address(a, c.fingerprint, actor)
                 stored.append(
                     StoredKey(
                         c.fingerprint,

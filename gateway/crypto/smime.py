@@ -27,36 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-_FIELD = re.compile(rb"[!-9;-~]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
-_CONTENT_FIELDS = (b"content-", b"mime-version:")
+from gateway.crypto.mime import SplitError, split
 
 
 class SmimeError(Exception):
     """The copy could not be encrypted (or signed)."""
 
 
-def split(message: bytes) -> tuple[list[bytes], bytes]:
-    """(outer header fields, MIME entity): the entity is the ``Content-*`` fields and
-    the body exactly as received (RFC 2045 defaults added when there are none)."""
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        head, body = message, b""
-    else:
-        head, body = message[: end + 2], message[end + 4 :]
-    outer: list[bytes] = []
-    content: list[bytes] = []
-    pos = 0
-    for match in _FIELD.finditer(head):
-        if match.start() != pos:
-            raise SmimeError("the header block is not well formed")
-        pos = match.end()
-        field = match.group(0)
-        if field.lower().startswith(b"mime-version:"):
-            continue  # the outer one is written anew
-        (content if field.lower().startswith(b"content-") else outer).append(field)
-    if not any(f.lower().startswith(b"content-type:") for f in content):
-        content.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
-    return outer, b"".join(content) + b"\r\n" + body
+__all__ = ["SmimeError", "SplitError", "encrypt", "envelope", "sign", "split"]
 
 
 def sign(
@@ -110,7 +88,10 @@ def encrypt(
 ) -> bytes:
     """The recipient's copy of ``message`` (CRLF), encrypted (and signed first when
     ``signer`` is given); ``subject`` replaces the outer Subject when given."""
-    outer, entity = split(message)
+    try:
+        outer, entity = split(message)
+    except SplitError as e:
+        raise SmimeError(str(e)) from e
     if signer is not None:
         entity = sign(entity, *signer)
     if subject is not None:

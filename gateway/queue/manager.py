@@ -49,6 +49,7 @@ from gateway.config import Config
 from gateway.config_check import Signer, load_signer
 from gateway.crypto import smime
 from gateway.crypto.certs import CertificateError, check
+from gateway.crypto.pgp import PgpEncryptor, PgpError
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.router import Routed, RouteFailure, Router
@@ -116,6 +117,10 @@ class QueueManager:
         self._features: dict[str, tuple[str, Features]] = {}
         self._smime_signer: Signer | None = None
         self._smime_subject: str | None = None
+        # Encryption runs here, off the event loop: gpg processes and S/MIME of
+        # large messages (two at a time: the machine's cores are shared with SMTP).
+        self._crypto = ThreadPoolExecutor(2, thread_name_prefix="crypto")
+        self._pgp = PgpEncryptor(config.state_dir / "pgp-keys")
         self.apply(config, policy)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -261,6 +266,7 @@ class QueueManager:
             await asyncio.wait(self._retired, timeout=5)
         await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts
         self._remover.shutdown(wait=True)  # the removals waiting are done first
+        self._crypto.shutdown(wait=True)
         if self.store is not None:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
@@ -402,8 +408,10 @@ class QueueManager:
                 decision = decisions[row.idx]
                 if decision.mode is Mode.TLS:
                     tls[(decision.tls_level, decision.strip_tags)].append(row)
-                elif decision.mode is Mode.SMIME:
-                    sent = await self._send_smime(envelope, data, domain, row, decision, facts_of)
+                elif decision.mode in (Mode.SMIME, Mode.PGP):
+                    sent = await self._send_encrypted(
+                        envelope, data, domain, row, decision, facts_of
+                    )
                     if isinstance(sent, RecipientResult):
                         failed.append((row, sent))
                     else:
@@ -451,7 +459,7 @@ class QueueManager:
         if final is not None:
             await self._finish(envelope, data, final)
 
-    async def _send_smime(
+    async def _send_encrypted(
         self,
         envelope: Envelope,
         data: bytes,
@@ -460,52 +468,58 @@ class QueueManager:
         decision: Decision,
         facts_of: dict[int, RecipientFacts],
     ) -> tuple[RecipientResult, dict[str, Any]] | RecipientResult:
-        """Encrypt ``row``'s own copy to its S/MIME certificate and deliver it; the
-        result and the evidence of the encryption, or (a `RecipientResult` alone) why
-        it could not be encrypted - then nothing was sent."""
-        info = facts_of[row.idx].keys.smime
-        sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no certificate"
+        """Encrypt ``row``'s own copy to its key (S/MIME or PGP, as decided) and deliver
+        it; the result and the evidence of the encryption, or (a `RecipientResult`
+        alone) why it could not be encrypted - then nothing was sent."""
+        mode = decision.mode
+        keys = facts_of[row.idx].keys
+        info = keys.smime if mode is Mode.SMIME else keys.pgp
+        plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
+        sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no key"
         material = await self.prober.keys.material(info) if info is not None else None
         if info is not None and material is not None:
+            loop = asyncio.get_running_loop()
             try:
-                cert = x509.load_der_x509_certificate(material)
-                check(cert)
-                plain = (
-                    strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
-                )
-                work = functools.partial(
-                    smime.encrypt,
-                    plain,
-                    cert,
-                    signer=self._smime_signer,
-                    subject=self._smime_subject,
-                )
-                big = len(plain) > THREAD_FEATURES_ABOVE
-                sealed = await asyncio.to_thread(work) if big else work()
+                if mode is Mode.SMIME:
+                    cert = x509.load_der_x509_certificate(material)
+                    check(cert)
+                    work = functools.partial(
+                        smime.encrypt,
+                        plain,
+                        cert,
+                        signer=self._smime_signer,
+                        subject=self._smime_subject,
+                    )
+                else:
+                    if info.not_after and _expired(info.not_after):
+                        raise CertificateError(f"expired on {info.not_after[:10]}")
+                    work = functools.partial(self._pgp.encrypt, plain, info.fingerprint, material)
+                sealed = await loop.run_in_executor(self._crypto, work)
             except (CertificateError, ValueError) as e:
                 reason, detail = EncryptionFailure.KEY_INVALID, str(e)
-            except smime.SmimeError as e:
+            except (smime.SmimeError, PgpError, OSError) as e:
                 reason, detail = EncryptionFailure.ENCRYPT_FAILED, str(e)
         if sealed is None or info is None:
-            self.metrics.encryption_errors.labels("smime", reason.value).inc()
+            self.metrics.encryption_errors.labels(mode.value, reason.value).inc()
             log.warning(
                 Event.ENCRYPTION_FAILED,
                 queue_id=row.queue_id,
                 rcpt=self.redact(row.address),
-                mode="smime",
+                mode=mode.value,
                 reason=reason.value,
                 error=detail[:300],
             )
-            why = f"S/MIME: {reason.value.replace('_', ' ')}: {detail[:200]}"
+            name = "S/MIME" if mode is Mode.SMIME else "PGP"
+            why = f"{name}: {reason.value.replace('_', ' ')}: {detail[:200]}"
             return RecipientResult(row.address, "deferred", "4.7.10", why)
         (result,) = await self._send(envelope, sealed, domain, [row], decision.tls_level, ())
         if result.outcome == "delivered":
-            self.metrics.messages_encrypted.labels("smime").inc()
+            self.metrics.messages_encrypted.labels(mode.value).inc()
         transform = {
-            "mode": "smime",
+            "mode": mode.value,
             "key_fingerprint": info.fingerprint,
             "key_source": info.source,
-            "signed": self._smime_signer is not None,
+            "signed": mode is Mode.SMIME and self._smime_signer is not None,
             "sent_sha256": hashlib.sha256(sealed).hexdigest(),
             "sent_size": len(sealed),
         }
@@ -730,6 +744,11 @@ def _with_mta_sts(result: RecipientResult, note: str) -> RecipientResult:
     if result.evidence is None:
         return dataclasses.replace(result, diagnostic=f"{result.diagnostic} [MTA-STS {note}]")
     return dataclasses.replace(result, evidence=dataclasses.replace(result.evidence, mta_sts=note))
+
+
+def _expired(not_after: str) -> bool:
+    when = datetime.datetime.fromisoformat(not_after)
+    return when <= datetime.datetime.now(datetime.UTC)
 
 
 def _arrival(envelope: Envelope) -> float:

@@ -1,6 +1,7 @@
-"""S/MIME through the daemon: a recipient whose servers cannot prove themselves but
-whose certificate is in the key directory gets an encrypted copy of their own, which
-OpenSSL decrypts to the original; when the key cannot be used, the next mode."""
+"""S/MIME and PGP/MIME through the daemon: a recipient whose servers cannot prove
+themselves but whose certificate or key is in the key directory gets an encrypted
+copy of their own, which OpenSSL or gpg decrypts to the original; when the key cannot
+be used, the next mode."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 from gateway.crypto.smime import split
 from gateway.probe.facts import KeyInfo, KnownKeys
 from tests.conftest import make_message, run_sealgate
+from tests.crypto.pgp_keys import gpg
 from tests.crypto.smime_pki import ca, mailbox
 from tests.delivery.conftest import wait_until
 from tests.delivery.test_queue_e2e import send, start, state
@@ -24,8 +26,8 @@ def sample(gw, name: str, **labels) -> float:
     return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_three_recipients_three_copies_tls_smime_and_portal(
-    gateway_factory, world, pki, tmp_path
+async def test_each_recipient_gets_its_copy_tls_smime_pgp_and_portal(
+    gateway_factory, world, pki, tmp_path, pgp_keys
 ):
     dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")  # no proof
     good = await world.mta("mx.good.test", "127.0.0.72")  # verified TLS
@@ -50,20 +52,27 @@ async def test_three_recipients_three_copies_tls_smime_and_portal(
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("imported ") and "bob@dest.test" in imported.stdout
     fingerprint = imported.stdout.split()[1]
+    dave = pgp_keys["dave"]
+    (tmp_path / "dave.gpg").write_bytes(dave.public)
+    imported = await asyncio.to_thread(
+        run_sealgate, "keys", "import", str(tmp_path / "dave.gpg"), "--state-dir", state_dir
+    )
+    assert imported.returncode == 0, imported.stderr
 
-    queue_id = await send(gw, ["bob@dest.test", "carol@dest.test", "a@good.test"])
-    await wait_until(lambda: dest.received and good.received, what="both copies")
-    await wait_until(lambda: len(gw.queue.store.attempts(queue_id)) == 3, what="recorded")
+    rcpts = ["bob@dest.test", "carol@dest.test", "a@good.test", "dave@dest.test"]
+    queue_id = await send(gw, rcpts)
+    await wait_until(lambda: len(dest.received) == 2 and good.received, what="three copies")
+    await wait_until(lambda: len(gw.queue.store.attempts(queue_id)) == 4, what="recorded")
     assert state(gw, queue_id) == {
         "bob@dest.test": ("delivered", "2.0.0"),
         "carol@dest.test": ("held", "4.7.10"),  # no key, no verified TLS: the portal
         "a@good.test": ("delivered", "2.0.0"),
+        "dave@dest.test": ("delivered", "2.0.0"),
     }
     original = make_message("Biopsy result for J. Roe", "The margins are clear.\r\n")
     (plain_copy,) = good.received
     assert plain_copy.rcpt_tos == ["a@good.test"] and plain_copy.data.endswith(original)
-    (sealed,) = dest.received
-    assert sealed.rcpt_tos == ["bob@dest.test"]  # a copy of its own
+    sealed = next(m for m in dest.received if m.rcpt_tos == ["bob@dest.test"])  # its own copy
     outer = email.message_from_bytes(sealed.data, policy=email.policy.default)
     assert outer.get_content_type() == "application/pkcs7-mime"
     assert outer["subject"] == "Secure message from the clinic"
@@ -96,6 +105,19 @@ async def test_three_recipients_three_copies_tls_smime_and_portal(
     assert "encryption" not in evidence["a@good.test"]
     assert sample(gw, "sealgate_messages_encrypted_total", mode="smime") == 1
     assert sample(gw, "sealgate_policy_decisions_total", mode="smime", rule="defaults") == 1
+
+    # dave's copy: PGP/MIME that his own gpg decrypts to the original entity
+    pgp_copy = next(m for m in dest.received if m.rcpt_tos == ["dave@dest.test"])
+    outer = email.message_from_bytes(pgp_copy.data, policy=email.policy.default)
+    assert outer.get_content_type() == "multipart/encrypted"
+    assert b"Biopsy" not in pgp_copy.data.split(b"\r\n\r\n", 1)[1]
+    armored = list(outer.iter_parts())[1].get_payload(decode=True)
+    plain = gpg(dave.home, "--decrypt", data=armored)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == split(original)[1]
+    enc = evidence["dave@dest.test"]["encryption"]
+    assert (enc["mode"], enc["key_fingerprint"]) == ("pgp", dave.fingerprint.lower())
+    assert sample(gw, "sealgate_messages_encrypted_total", mode="pgp") == 1
 
 
 class UnusableCertificate:

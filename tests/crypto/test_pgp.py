@@ -1,0 +1,83 @@
+"""PGP/MIME copies, checked with gpg: the recipient's own gpg decrypts the original
+entity byte for byte; keys that cannot be used are refused at import; a missing gpg
+is an error, never the original."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from gateway.crypto.keydir import KeyDirectory
+from gateway.crypto.mime import split
+from gateway.crypto.pgp import PgpEncryptor, PgpError
+from tests.crypto.pgp_keys import gpg
+from tests.crypto.test_smime import MESSAGES
+
+
+@pytest.fixture
+def encryptor(tmp_path):
+    return PgpEncryptor(tmp_path / "pgp-keys")
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+@pytest.mark.parametrize("who", ["dave", "erin"])  # RSA-2048 and Curve25519
+def test_gpg_decrypts_the_original_entity_byte_for_byte(pgp_keys, encryptor, name, who):
+    key = pgp_keys[who]
+    original = MESSAGES[name]()
+    sealed = encryptor.encrypt(original, key.fingerprint, key.public)
+    assert b"\n" not in sealed.replace(b"\r\n", b"")
+    outer, entity = split(original)
+    msg = email.message_from_bytes(sealed, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/encrypted"
+    assert msg.get_param("protocol") == "application/pgp-encrypted"
+    control, payload = msg.iter_parts()
+    assert control.get_content_type() == "application/pgp-encrypted"
+    assert control.get_content().strip() == b"Version: 1"
+    assert payload.get_content_type() == "application/octet-stream"
+    armored = payload.get_payload(decode=True)
+    assert armored.startswith(b"-----BEGIN PGP MESSAGE-----")
+    for field in outer:
+        assert field in sealed
+    out = gpg(key.home, "--decrypt", data=armored)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == entity
+
+
+def test_the_key_directory_takes_good_keys_and_says_why_it_refuses_the_others(pgp_keys, tmp_path):
+    d = KeyDirectory(tmp_path / "keydir.db")
+    (dave,) = d.import_any(pgp_keys["dave"].public).imported
+    assert (dave.kind, dave.fingerprint, dave.addresses) == (
+        "pgp",
+        pgp_keys["dave"].fingerprint.lower(),
+        ("dave@dest.test",),
+    )
+    assert d.material(dave.fingerprint) == pgp_keys["dave"].public
+    for name, reason in (
+        ("expired", ": expired"),
+        ("revoked", ": revoked"),
+        ("signonly", ": no valid encryption key"),
+        ("weak", "RSA of 1024 bits: RSA of 2048 bits or more, or ECDH, is needed"),
+    ):
+        with pytest.raises(ValueError, match="no usable key") as err:
+            d.import_any(pgp_keys[name].public)
+        assert reason in str(err.value), name
+    with pytest.raises(ValueError, match="no user id someone@else.test"):
+        d.import_any(pgp_keys["erin"].public, address="someone@else.test")
+    armored = gpg(pgp_keys["erin"].home, "--armor", "--export", pgp_keys["erin"].fingerprint).stdout
+    (erin,) = d.import_any(armored).imported
+    assert erin.addresses == ("erin@dest.test",)
+    d.close()
+
+
+def test_no_gpg_binary_is_an_error_not_plaintext(pgp_keys, encryptor, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    key = pgp_keys["dave"]
+    with pytest.raises(PgpError, match="gpg cannot run"):
+        encryptor.encrypt(MESSAGES["plain text, no MIME fields"](), key.fingerprint, key.public)
+
+
+def test_a_key_gpg_cannot_use_is_an_error(pgp_keys, encryptor):
+    with pytest.raises(PgpError):
+        encryptor.encrypt(MESSAGES["plain text, no MIME fields"](), "00" * 20, b"not a key")
