@@ -335,6 +335,7 @@ class DirectoryKeyStore:
         self._checked = 0.0
         self._by_address: dict[str, list[StoredKey]] = {}
         self._pins: dict[tuple[str, str], str] = {}
+        self._material: dict[str, bytes] = {}  # by fingerprint, for this snapshot
         self._lock = asyncio.Lock()
 
     async def lookup(self, address: str) -> KnownKeys:
@@ -357,10 +358,17 @@ class DirectoryKeyStore:
                 if a:
                     by_address.setdefault(a, []).append(key)
         self._by_address, self._pins = by_address, self.directory.pins()
+        self._material = {}
         self._version = version
 
     async def material(self, info: KeyInfo) -> bytes | None:
-        return await asyncio.to_thread(self.directory.material, info.fingerprint)
+        """The key itself; read once per snapshot (keys are a few KB)."""
+        found = self._material.get(info.fingerprint)
+        if found is None:
+            found = await asyncio.to_thread(self.directory.material, info.fingerprint)
+            if found is not None:
+                self._material[info.fingerprint] = found
+        return found
 
 
 def _normal(fingerprint: str) -> str:

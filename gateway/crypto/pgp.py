@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -34,10 +35,19 @@ import gnupg
 
 from gateway.crypto.mime import SplitError, split
 
-GPG_OPTIONS = ["--lock-never", "--no-auto-check-trustdb", "--no-autostart", "--no-random-seed-file"]
+GPG_OPTIONS = [
+    "--lock-never",
+    "--no-auto-check-trustdb",
+    "--no-autostart",
+    "--no-random-seed-file",
+    "--no-greeting",
+    "--no-permission-warning",
+    "--no-secmem-warning",
+]
 MIN_RSA_BITS = 2048
 _RSA_ALGOS = {"1", "2", "3"}
 _ECDH_ALGO = "18"
+GPG_TIMEOUT = 120.0  # seconds for one encryption (a 50 MB message takes about 2 s)
 NO_EXPIRY = 253402300799.0  # 9999-12-31: a key without an expiry date
 
 
@@ -167,6 +177,7 @@ class PgpEncryptor:
     def __init__(self, key_dir: Path):
         key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_dir = key_dir
+        self._binary: str | None = None  # gpg's path, found once
         self._gpgs: dict[Path, gnupg.GPG] = {}
         self._lock = threading.Lock()
 
@@ -195,17 +206,52 @@ class PgpEncryptor:
             raise
 
     def encrypt(self, message: bytes, fingerprint: str, material: bytes) -> bytes:
-        """The recipient's copy of ``message`` as PGP/MIME (CRLF)."""
+        """The recipient's copy of ``message`` as PGP/MIME (CRLF).
+
+        gpg is run directly (python-gnupg would add three threads and a full fork per
+        call: 1.1 ms of this process's CPU against 0.3 ms; the key handling above
+        stays with python-gnupg)."""
         try:
             outer, entity = split(message)
         except SplitError as e:
             raise PgpError(str(e)) from e
         gpg, fingerprint = self.gpg_for(fingerprint, material)
-        result = gpg.encrypt(entity, [fingerprint], armor=True, always_trust=True)
-        armored = bytes(result.data)
-        if not result.ok or not armored.startswith(b"-----BEGIN PGP MESSAGE-----"):
-            detail = getattr(result, "status_detail", "") or result.status or result.stderr[-300:]
-            raise PgpError(f"gpg did not encrypt: {detail}")
+        if self._binary is None:
+            self._binary = shutil.which(gpg.gpgbinary) or gpg.gpgbinary
+        binary = self._binary
+        args = [
+            binary,
+            "--homedir",
+            str(gpg.gnupghome),
+            "--batch",
+            "--no-tty",
+            "--quiet",
+            "--status-fd",
+            "2",
+            *GPG_OPTIONS,
+            "--trust-model",
+            "always",
+            "--armor",
+            "--encrypt",
+            "--recipient",
+            fingerprint,
+        ]
+        try:
+            # close_fds=False lets Python use posix_spawn (no copy of this process);
+            # every descriptor Python opens is non-inheritable anyway (PEP 446).
+            done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+                args, input=entity, capture_output=True, timeout=GPG_TIMEOUT, close_fds=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PgpError(f"gpg cannot run: {e}") from e
+        armored = done.stdout
+        if (
+            done.returncode != 0
+            or b"[GNUPG:] END_ENCRYPTION" not in done.stderr
+            or not armored.startswith(b"-----BEGIN PGP MESSAGE-----")
+        ):
+            detail = done.stderr.decode("utf-8", "replace").strip()[-300:]
+            raise PgpError(f"gpg did not encrypt (exit {done.returncode}): {detail}")
         return b"".join(outer) + pgp_mime(armored)
 
 

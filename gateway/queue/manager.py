@@ -11,10 +11,12 @@ act on the decision: ``tls`` - route the domain (`gateway.delivery.router`), app
 its MTA-STS policy, deliver at the decided level (`gateway.delivery.client`, which
 applies DANE per MX and reuses idle sessions from `SessionCache`); when the level
 cannot be met on the connection, probe again, decide again without ``tls`` and take
-the next mode.  ``bounce`` - fail the recipient (5.7.10).  ``hold``, and the modes
-this version cannot deliver yet (``smime``, ``pgp``, ``portal``) - the recipient is
-``held``, decided again at each retry.  Every recipient's result, decision and
-evidence are recorded in one state-store transaction.  Deferred
+the next mode.  ``smime`` / ``pgp`` - the recipient's own copy, encrypted to its key
+(`gateway.crypto`), delivered the same way; a key that cannot be used moves it to the
+next mode.  ``bounce`` - fail the recipient (5.7.10).  ``hold``, and ``portal`` (not
+built yet) - the recipient is ``held``, decided again at each retry.  Every
+recipient's result, decision and evidence are recorded in one state-store
+transaction.  Deferred
 recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
 jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a
 message is final, failed ones are reported to the sender in one DSN (never for a null
@@ -118,8 +120,9 @@ class QueueManager:
         self._smime_signer: Signer | None = None
         self._smime_subject: str | None = None
         # Encryption runs here, off the event loop: gpg processes and S/MIME of
-        # large messages (two at a time: the machine's cores are shared with SMTP).
-        self._crypto = ThreadPoolExecutor(2, thread_name_prefix="crypto")
+        # large messages (a gpg waits on its pipes part of the time: three at once).
+        self._crypto = ThreadPoolExecutor(3, thread_name_prefix="crypto")
+        self._certs: dict[bytes, x509.Certificate] = {}
         self._pgp = PgpEncryptor(config.state_dir / "pgp-keys")
         self.apply(config, policy)
         dc = config.delivery
@@ -459,6 +462,21 @@ class QueueManager:
         if final is not None:
             await self._finish(envelope, data, final)
 
+    def _certificate(self, der: bytes) -> x509.Certificate:
+        """The certificate, parsed and checked once; its validity period checked at
+        every use (CertificateError when it cannot be used now)."""
+        cert = self._certs.get(der)
+        if cert is None:
+            cert = x509.load_der_x509_certificate(der)
+            check(cert)
+            if len(self._certs) > 10_000:
+                self._certs.clear()
+            self._certs[der] = cert
+        now = datetime.datetime.now(datetime.UTC)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise CertificateError(f"expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+        return cert
+
     async def _send_encrypted(
         self,
         envelope: Envelope,
@@ -481,8 +499,7 @@ class QueueManager:
             loop = asyncio.get_running_loop()
             try:
                 if mode is Mode.SMIME:
-                    cert = x509.load_der_x509_certificate(material)
-                    check(cert)
+                    cert = self._certificate(material)
                     work = functools.partial(
                         smime.encrypt,
                         plain,
@@ -490,11 +507,14 @@ class QueueManager:
                         signer=self._smime_signer,
                         subject=self._smime_subject,
                     )
+                    # a small copy takes well under a millisecond: no thread hand-off
+                    big = len(plain) > THREAD_FEATURES_ABOVE or self._smime_signer is not None
+                    sealed = await loop.run_in_executor(self._crypto, work) if big else work()
                 else:
                     if info.not_after and _expired(info.not_after):
                         raise CertificateError(f"expired on {info.not_after[:10]}")
                     work = functools.partial(self._pgp.encrypt, plain, info.fingerprint, material)
-                sealed = await loop.run_in_executor(self._crypto, work)
+                    sealed = await loop.run_in_executor(self._crypto, work)
             except (CertificateError, ValueError) as e:
                 reason, detail = EncryptionFailure.KEY_INVALID, str(e)
             except (smime.SmimeError, PgpError, OSError) as e:
