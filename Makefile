@@ -17,6 +17,7 @@ bench:
 	.venv/bin/python bench/accept.py
 	.venv/bin/python bench/relay.py
 	.venv/bin/python bench/policy.py
+	.venv/bin/python bench/encrypt.py
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench

@@ -442,6 +442,35 @@ class SmimeConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    domain: str | None = field(
+        default=None,
+        metadata=doc(
+            "Signing domain (d=), aligned with your From domain for DMARC. null: "
+            "copies are not signed (a changed copy still loses the original signature)."
+        ),
+    )
+    selector: str | None = field(
+        default=None,
+        metadata=doc(
+            "Selector (s=): the public key is the TXT record <selector>._domainkey.<domain>."
+        ),
+    )
+    key_file: Path | None = field(
+        default=None,
+        metadata=doc("Unencrypted PEM private key: RSA (2048 bits or more advised) or Ed25519."),
+    )
+    sign: Literal["changed", "all"] = field(
+        default="changed",
+        metadata=doc(
+            "'changed': sign only the copies the gateway changed (encrypted, subject tag "
+            "removed); copies sent as received keep their original signature untouched. "
+            "'all': sign every copy (the original signature stays too)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     file: Path | None = field(
         default=None,
@@ -522,6 +551,7 @@ class Config:
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     smime: SmimeConfig = field(default_factory=SmimeConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

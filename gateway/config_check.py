@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.config import Config
+from gateway.crypto.dkim import DkimError, DkimKey, load_key
 from gateway.errors import ConfigError
 from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
@@ -114,7 +115,18 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     sm = cfg.smime
     if sm.signing_cert_file is not None and sm.signing_key_file is not None:
         load_signer(sm.signing_cert_file, sm.signing_key_file, source)
+    dkim_key(cfg, source)
     return load_policy_for(cfg)
+
+
+def dkim_key(cfg: Config, source: str = "<config>") -> DkimKey | None:
+    dk = cfg.dkim
+    if dk.domain is None or dk.selector is None or dk.key_file is None:
+        return None
+    try:
+        return load_key(dk.key_file, dk.domain, dk.selector)
+    except DkimError as e:
+        raise ConfigError("dkim.key_file", str(e), source) from None
 
 
 def load_signer(cert_file: Path, key_file: Path, source: str = "<config>") -> Signer:

@@ -41,6 +41,7 @@ class Event(enum.StrEnum):
     DELIVERY_TLS_FAILED = "delivery.tls-failed"
     DSN_SENT = "delivery.dsn-sent"
     ENCRYPTION_FAILED = "delivery.encryption-failed"
+    DKIM_NOT_SIGNED = "delivery.dkim-not-signed"
     MESSAGE_DONE = "queue.message-done"
     # ops http
     HTTP_ERROR = "http.error"

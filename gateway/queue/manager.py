@@ -48,9 +48,10 @@ from cryptography import x509
 
 from gateway.batching import Batcher, run_each
 from gateway.config import Config
-from gateway.config_check import Signer, load_signer
-from gateway.crypto import smime
+from gateway.config_check import Signer, dkim_key, load_signer
+from gateway.crypto import dkim, smime
 from gateway.crypto.certs import CertificateError, check
+from gateway.crypto.dkim import DkimKey
 from gateway.crypto.pgp import PgpEncryptor, PgpError
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
@@ -119,6 +120,7 @@ class QueueManager:
         self._features: dict[str, tuple[str, Features]] = {}
         self._smime_signer: Signer | None = None
         self._smime_subject: str | None = None
+        self._dkim: DkimKey | None = None
         # Encryption runs here, off the event loop: gpg processes and S/MIME of
         # large messages (a gpg waits on its pipes part of the time: three at once).
         self._crypto = ThreadPoolExecutor(3, thread_name_prefix="crypto")
@@ -161,6 +163,7 @@ class QueueManager:
         if sm.signing_cert_file is not None and sm.signing_key_file is not None:
             signer = load_signer(sm.signing_cert_file, sm.signing_key_file)
         self._smime_signer, self._smime_subject = signer, sm.subject
+        self._dkim = dkim_key(config)
         self.config = config
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
@@ -462,6 +465,25 @@ class QueueManager:
         if final is not None:
             await self._finish(envelope, data, final)
 
+    async def _signed(self, copy: bytes, changed: bool) -> bytes:
+        """A changed copy without the original DKIM signature (it would fail), signed
+        with ours when ``dkim.*`` is set; an unchanged one as it is (or signed too
+        under ``dkim.sign: all``)."""
+        if changed:
+            copy = dkim.without_signatures(copy)
+        key = self._dkim
+        if key is None or not (changed or self.config.dkim.sign == "all"):
+            return copy
+        try:
+            if len(copy) > THREAD_FEATURES_ABOVE:
+                signature = await asyncio.to_thread(dkim.sign, copy, key)
+            else:
+                signature = dkim.sign(copy, key)
+        except dkim.DkimError as e:  # e.g. no From field: it goes out unsigned
+            log.warning(Event.DKIM_NOT_SIGNED, error=str(e)[:300])
+            return copy
+        return signature + copy
+
     def _certificate(self, der: bytes) -> x509.Certificate:
         """The certificate, parsed and checked once; its validity period checked at
         every use (CertificateError when it cannot be used now)."""
@@ -532,7 +554,9 @@ class QueueManager:
             name = "S/MIME" if mode is Mode.SMIME else "PGP"
             why = f"{name}: {reason.value.replace('_', ' ')}: {detail[:200]}"
             return RecipientResult(row.address, "deferred", "4.7.10", why)
-        (result,) = await self._send(envelope, sealed, domain, [row], decision.tls_level, ())
+        (result,) = await self._send(
+            envelope, sealed, domain, [row], decision.tls_level, (), changed=True
+        )
         if result.outcome == "delivered":
             self.metrics.messages_encrypted.labels(mode.value).inc()
         transform = {
@@ -567,8 +591,10 @@ class QueueManager:
         rows: list[RecipientRow],
         level: TlsLevel,
         strip_tags: tuple[str, ...],
+        changed: bool = False,
     ) -> list[RecipientResult]:
-        """Deliver one copy to ``rows`` over TLS at ``level`` (at least)."""
+        """Deliver one copy to ``rows`` over TLS at ``level`` (at least); ``changed``:
+        the copy is not the message as received (it is signed anew, see `_signed`)."""
         routed = await self.router.route(domain)
         note = ""
         if isinstance(routed, Routed):
@@ -580,6 +606,7 @@ class QueueManager:
         else:
             if strip_tags:
                 data = strip_subject_tags(data, strip_tags)
+            data = await self._signed(data, changed or bool(strip_tags))
             results = await deliver(
                 routed,
                 level,

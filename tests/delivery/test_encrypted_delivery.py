@@ -148,3 +148,58 @@ async def test_a_key_that_cannot_be_used_moves_the_recipient_on_never_to_plainte
     assert "after: 4.7.10 S/MIME: key invalid: expired on" in row.diagnostic
     assert sample(gw, "sealgate_encryption_errors_total", mode="smime", reason="key_invalid") == 1
     assert sample(gw, "sealgate_policy_fallbacks_total", mode="portal") == 1
+
+
+async def test_changed_copies_are_dkim_signed_unchanged_ones_stay_byte_identical(
+    gateway_factory, world, pki, tmp_path
+):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.crypto.dkim import load_key
+    from tests.conftest import smtp_client
+    from tests.crypto.test_dkim import verify
+
+    dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
+    good = await world.mta("mx.good.test", "127.0.0.72")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    gw = await start(
+        gateway_factory,
+        world,
+        pki,
+        **{"dkim.domain": "clinic.test", "dkim.selector": "sg", "dkim.key_file": str(key_file)},
+    )
+    state_dir = str(gw.config.state_dir)
+    bob_cert, _ = BOB.write(tmp_path, "bob")
+    assert (
+        await asyncio.to_thread(
+            run_sealgate, "keys", "import", str(bob_cert), "--state-dir", state_dir
+        )
+    ).returncode == 0
+    original = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=clinic.test; s=m365; bh=x; b=y\r\n"
+        + make_message("Results", "All clear.\r\n")
+    )
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["bob@dest.test", "a@good.test"], original)
+    await wait_until(lambda: dest.received and good.received, what="both copies")
+    key = load_key(key_file, "clinic.test", "sg")
+    (sealed,) = dest.received
+    assert b"s=m365" not in sealed.data  # the original signature would only fail
+    assert (
+        b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=clinic.test; s=sg;"
+        in sealed.data
+    )
+    assert verify(sealed.data, key)
+    (as_received,) = good.received
+    assert as_received.data.endswith(original)  # byte-identical: the M365 signature stays
+    assert b"s=sg;" not in as_received.data
