@@ -29,6 +29,9 @@ from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import AddressRedactor, get_logger, load_or_create_key
 from gateway.observability.metrics import Metrics
+from gateway.probe.dns import Resolver
+from gateway.probe.keys import KeyStore
+from gateway.probe.wkd import WkdKeyStore
 from gateway.queue.manager import QueueManager
 from gateway.smtp.auth import RelayPolicy, load_users
 from gateway.smtp.server import SmtpContext, SmtpServer
@@ -139,6 +142,19 @@ class Gateway:
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.keydir = KeyDirectory(keydir_path(cfg.state_dir))
+        keys: KeyStore = DirectoryKeyStore(self.keydir)
+        if cfg.wkd.enabled:
+            keys = WkdKeyStore(
+                DirectoryKeyStore(self.keydir),
+                self.keydir,
+                Resolver(cfg.dns.nameservers),
+                port=cfg.wkd.port,
+                ca_file=cfg.tls.ca_file,
+                timeout=cfg.wkd.timeout,
+                cache_ttl=cfg.wkd.cache_ttl,
+                negative_ttl=cfg.wkd.negative_ttl,
+                metrics=self.metrics,
+            )
         self.queue = QueueManager(
             cfg,
             self.spool,
@@ -147,7 +163,7 @@ class Gateway:
             self.hostname,
             self._inject,
             policy,
-            DirectoryKeyStore(self.keydir),
+            keys,
         )
         await self.queue.start()
         if worker_count(cfg) > 1:

@@ -471,6 +471,28 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class WkdConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Ask a recipient's domain for their OpenPGP key (Web Key Directory) when the "
+            "key directory has none; the policy decides whether such a key is used "
+            "(discovered_keys)."
+        ),
+    )
+    port: int = field(
+        default=443, metadata=doc("HTTPS port of WKD hosts (443; another for a proxy).")
+    )
+    timeout: Duration = field(default=Duration(10), metadata=doc("Time allowed for one lookup."))
+    cache_ttl: Duration = field(
+        default=Duration(86400), metadata=doc("A key found (or a 404) is trusted this long.")
+    )
+    negative_ttl: Duration = field(
+        default=Duration(3600), metadata=doc("A lookup that failed is tried again after this long.")
+    )
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     file: Path | None = field(
         default=None,
@@ -552,6 +574,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     smime: SmimeConfig = field(default_factory=SmimeConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    wkd: WkdConfig = field(default_factory=WkdConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -587,7 +610,7 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError("must be at least 1")
     if path == "smtp.max_line_length" and value < 1000:
         raise ValueError("must be at least 1000 (RFC 5321 4.5.3.1.6)")
-    if path in ("delivery.port", "mta_sts.port") and not 0 < value < 65536:
+    if path in ("delivery.port", "mta_sts.port", "wkd.port") and not 0 < value < 65536:
         raise ValueError("must be a port number 1-65535")
     if path == "smtp.marker_header" and not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid header field name")

@@ -19,7 +19,7 @@ class PolicyServer:
     host: str
     port: int
     cert: tuple[Path, Path]
-    body: str = ""
+    body: str | bytes = ""
     status: int = 200
     content_type: str = "text/plain"
     chunked: bool = False
@@ -49,7 +49,7 @@ class PolicyServer:
             self.paths.append(request_line.split(" ")[1] if " " in request_line else "")
             if self.delay:
                 await asyncio.sleep(self.delay)
-            body = self.body.encode()
+            body = self.body.encode() if isinstance(self.body, str) else self.body
             head = [f"HTTP/1.1 {self.status} X", f"Content-Type: {self.content_type}"]
             head += [f"{k}: {v}" for k, v in self.headers.items()]
             if self.chunked:

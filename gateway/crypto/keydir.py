@@ -237,6 +237,20 @@ class KeyDirectory:
                 self._log("remove", fingerprint, "", actor or _actor())
         return bool(found)
 
+    def forget_discovered(self, address: str) -> int:
+        """Remove the keys WKD once served for ``address`` (it serves none now)."""
+        address = address.lower()
+        with self._db:
+            rows = self._db.execute(
+                "SELECT fingerprint FROM keys WHERE source='wkd' AND fingerprint IN "
+                "(SELECT fingerprint FROM addresses WHERE address=?)",
+                (address,),
+            ).fetchall()
+            for (fingerprint,) in rows:
+                self._db.execute("DELETE FROM keys WHERE fingerprint=?", (fingerprint,))
+                self._log("remove", fingerprint, address, "wkd")
+        return len(rows)
+
     def pin(self, address: str, fingerprint: str, actor: str = "") -> StoredKey:
         """Use this key, and only this one, for ``address`` (ValueError if it is not
         a key for that address)."""
@@ -360,6 +374,14 @@ class DirectoryKeyStore:
         self._by_address, self._pins = by_address, self.directory.pins()
         self._material = {}
         self._version = version
+
+    async def discover(self, address: str) -> KnownKeys:
+        return await self.lookup(address)
+
+    def invalidate(self) -> None:
+        """Read the directory again at the next lookup (after this process wrote it)."""
+        self._checked = 0.0
+        self._version = -1
 
     async def material(self, info: KeyInfo) -> bytes | None:
         """The key itself; read once per snapshot (keys are a few KB)."""

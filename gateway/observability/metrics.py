@@ -180,6 +180,12 @@ class Metrics:
             ["mode", "reason"],
             registry=r,
         )
+        self.wkd_lookups = Counter(
+            "sealgate_wkd_lookups",
+            "Web Key Directory lookups by outcome: found, none (404), unusable, error",
+            ["outcome"],
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
@@ -216,6 +222,8 @@ class Metrics:
             self.messages_encrypted.labels(mode)
             for why in EncryptionFailure:
                 self.encryption_errors.labels(mode, why.value)
+        for outcome in ("found", "none", "unusable", "error"):
+            self.wkd_lookups.labels(outcome)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
         for sts_mode in ("enforce", "testing", "none"):

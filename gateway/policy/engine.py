@@ -139,7 +139,7 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
         if mode in excluded:
             reasons.append(f"{mode}: failed at delivery")
             continue
-        usable, why = _available(mode, ctx.facts, level, level_source)
+        usable, why = _available(mode, ctx.facts, level, level_source, policy.discovered_keys)
         reasons.append(f"{mode}: {why}")
         if usable:
             chosen = mode
@@ -212,7 +212,7 @@ def _transport_floor(facts: RecipientFacts) -> tuple[TlsLevel, str]:
 
 
 def _available(
-    mode: Mode, facts: RecipientFacts, level: TlsLevel, level_source: str
+    mode: Mode, facts: RecipientFacts, level: TlsLevel, level_source: str, discovered: bool
 ) -> tuple[bool, str]:
     if mode is Mode.SMIME:
         key = facts.keys.smime
@@ -223,6 +223,11 @@ def _available(
         key = facts.keys.pgp
         if key is None:
             return False, "no PGP key known" + _key_error(facts)
+        if key.source == "wkd" and not discovered:
+            return False, (
+                f"PGP key {key.fingerprint[:16]} was found by WKD; the policy does not "
+                "use discovered keys (discovered_keys: false)"
+            )
         return True, f"PGP key {key.fingerprint[:16]} ({key.source})"
     if mode is Mode.PORTAL:
         return True, "always available"

@@ -80,6 +80,7 @@ class Policy:
     lists: dict[str, tuple[str, ...]]
     classifiers: dict[str, Classifier]
     scan_limit: int = DEFAULT_SCAN_LIMIT
+    discovered_keys: bool = False  # keys found by WKD may be used
 
     @functools.cached_property
     def reads_content(self) -> bool:
@@ -191,7 +192,16 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
     top = r.mapping(
         root,
         "",
-        ("version", "description", "defaults", "lists", "classifiers", "rules", "scan_limit"),
+        (
+            "version",
+            "description",
+            "defaults",
+            "lists",
+            "classifiers",
+            "rules",
+            "scan_limit",
+            "discovered_keys",
+        ),
     )
     if "version" not in top:
         raise r.error(root, "version", "missing: write 'version: 1' at the top")
@@ -207,6 +217,9 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
             scan_limit = int(parse_size(r.scalar(node, "scan_limit")))
         except ValueError as e:
             raise r.error(node, "scan_limit", str(e)) from None
+    discovered = (
+        r.flag(top["discovered_keys"][1], "discovered_keys") if "discovered_keys" in top else False
+    )
     defaults = BUILTIN_DEFAULTS
     if "defaults" in top:
         given = _action(r, top["defaults"][1], "defaults")
@@ -240,6 +253,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
         lists=lists,
         classifiers=classifiers,
         scan_limit=scan_limit,
+        discovered_keys=discovered,
     )
 
 

@@ -28,6 +28,10 @@ class KeyStore(Protocol):
         when it is gone (removed since the lookup)."""
         ...
 
+    async def discover(self, address: str) -> KnownKeys:
+        """Like `lookup`, after looking further (WKD) where the store can."""
+        ...
+
 
 class NoKeys:
     async def lookup(self, address: str) -> KnownKeys:
@@ -35,3 +39,6 @@ class NoKeys:
 
     async def material(self, info: KeyInfo) -> bytes | None:
         return None
+
+    async def discover(self, address: str) -> KnownKeys:
+        return KnownKeys()

@@ -30,13 +30,14 @@ import enum
 import json
 import os
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
+from gateway.probe.https import FetchError
 
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31557600
@@ -135,10 +136,6 @@ def _mx_pattern(value: str, number: int) -> str:
 # -- fetching ---------------------------------------------------------------------------
 
 
-class FetchError(Exception):
-    """Why a policy could not be fetched (the text is for logs and evidence)."""
-
-
 async def fetch_policy_text(
     domain: str,
     resolver: Resolver,
@@ -151,107 +148,26 @@ async def fetch_policy_text(
     host = f"mta-sts.{domain}"
     try:
         async with asyncio.timeout(timeout):
-            return await _fetch(host, port, resolver, _client_context(ca_file))
+            response = await https.get(
+                host,
+                "/.well-known/mta-sts.txt",
+                port,
+                resolver,
+                https.client_context(ca_file),
+                MAX_POLICY_BYTES,
+                "text/plain",
+            )
     except TimeoutError:
         raise FetchError(f"no policy from {host} within {timeout:g} s") from None
-    except ssl.SSLError as e:
-        raise FetchError(f"TLS with {host} failed: {e}") from None
-    except OSError as e:
-        raise FetchError(f"cannot fetch the policy from {host}: {e}") from None
-
-
-def _client_context(ca_file: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file is not None:
-        ctx.load_verify_locations(cafile=str(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-async def _fetch(host: str, port: int, resolver: Resolver, ctx: ssl.SSLContext) -> str:
-    addresses: list[str] = []
-    for rdtype in ("A", "AAAA"):
-        lookup = await resolver.lookup(host, rdtype)
-        if lookup.status is LookupStatus.ERROR:
-            raise FetchError(f"address lookup for {host} failed ({lookup.error})")
-        addresses += [r.to_text() for r in lookup.records]
-    if not addresses:
-        raise FetchError(f"{host} has no address")
-    last: Exception = FetchError(f"{host}: no address answered")
-    for ip in addresses:
-        try:
-            reader, writer = await asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host)
-        except ssl.SSLError:  # a certificate failure: no other address is tried
-            raise
-        except OSError as e:
-            last = e
-            continue
-        try:
-            request = (
-                f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\n"
-                "User-Agent: sealgate\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(request.encode("ascii"))
-            await writer.drain()
-            return await _read_response(reader, host)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-    raise FetchError(str(last))
-
-
-async def _read_response(reader: asyncio.StreamReader, host: str) -> str:
-    status_line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise FetchError(f"{host} did not answer HTTP: {status_line[:80]!r}")
-    status = int(parts[1])
-    headers: dict[str, str] = {}
-    for _ in range(100):
-        line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-        if not line:
-            break
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise FetchError(f"{host} sent too many header lines")
-    if status != 200:  # a redirect too: RFC 8461 §3.3 forbids following it
-        raise FetchError(f"{host} answered HTTP {status}")
-    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "text/plain":
-        raise FetchError(f"{host} served the policy as {media_type or 'no type'}, not text/plain")
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = await _read_chunked(reader, host)
-    elif "content-length" in headers:
-        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
-        if not 0 <= length <= MAX_POLICY_BYTES:
-            raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
-        body = await reader.readexactly(length)
-    else:
-        body = await reader.read(MAX_POLICY_BYTES + 1)
-    if len(body) > MAX_POLICY_BYTES:
-        raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
+    if response.status != 200:  # a redirect too: RFC 8461 §3.3 forbids following it
+        raise FetchError(f"{host} answered HTTP {response.status}")
+    if response.media_type != "text/plain":
+        kind = response.media_type or "no type"
+        raise FetchError(f"{host} served the policy as {kind}, not text/plain")
     try:
-        return body.decode("ascii")
+        return response.body.decode("ascii")
     except UnicodeDecodeError:
         raise FetchError(f"{host}: the policy is not ASCII text") from None
-
-
-async def _read_chunked(reader: asyncio.StreamReader, host: str) -> bytes:
-    body = bytearray()
-    while True:
-        size_line = (await reader.readline()).split(b";")[0].strip()
-        try:
-            size = int(size_line, 16)
-        except ValueError:
-            raise FetchError(f"{host}: malformed chunked encoding") from None
-        if size == 0:
-            return bytes(body)
-        if len(body) + size > MAX_POLICY_BYTES:
-            raise FetchError(f"{host}: policy larger than {MAX_POLICY_BYTES} bytes")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
 
 
 # -- discovery and the cache ------------------------------------------------------------

@@ -402,6 +402,13 @@ class QueueManager:
         for row in rows:
             facts_of[row.idx] = facts = await prober.recipient(row.address)
             evaluation = decide(policy, envelope.mail_from, row.address, features, facts, now)
+            if _could_use_discovered_key(policy.discovered_keys, evaluation.decision, facts):
+                keys = await prober.keys.discover(row.address)
+                if keys.pgp is not None:
+                    facts_of[row.idx] = facts = dataclasses.replace(facts, keys=keys)
+                    evaluation = decide(
+                        policy, envelope.mail_from, row.address, features, facts, now
+                    )
             decisions[row.idx] = evaluation.decision
         results: dict[int, RecipientResult] = {}
         transforms: dict[int, dict[str, Any]] = {}
@@ -791,6 +798,14 @@ def _with_mta_sts(result: RecipientResult, note: str) -> RecipientResult:
     if result.evidence is None:
         return dataclasses.replace(result, diagnostic=f"{result.diagnostic} [MTA-STS {note}]")
     return dataclasses.replace(result, evidence=dataclasses.replace(result.evidence, mta_sts=note))
+
+
+def _could_use_discovered_key(allowed: bool, decision: Decision, facts: RecipientFacts) -> bool:
+    """A PGP key found now (WKD) could change ``decision``: the policy uses discovered
+    keys, PGP is allowed, and the mode chosen comes after it (portal, hold, bounce)."""
+    if not allowed or facts.keys.pgp is not None or Mode.PGP not in decision.candidates:
+        return False
+    return decision.mode not in (Mode.TLS, Mode.SMIME)
 
 
 def _expired(not_after: str) -> bool:

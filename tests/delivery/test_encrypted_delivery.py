@@ -10,6 +10,8 @@ import email
 import email.policy
 import subprocess
 
+import pytest
+
 from gateway.crypto.smime import split
 from gateway.probe.facts import KeyInfo, KnownKeys
 from tests.conftest import make_message, run_sealgate
@@ -203,3 +205,45 @@ async def test_changed_copies_are_dkim_signed_unchanged_ones_stay_byte_identical
     (as_received,) = good.received
     assert as_received.data.endswith(original)  # byte-identical: the M365 signature stays
     assert b"s=sg;" not in as_received.data
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_a_key_found_by_wkd_is_used_only_where_the_policy_allows(
+    gateway_factory, world, pki, tmp_path, pgp_keys, allowed
+):
+    from tests.conftest import free_port
+    from tests.https_fixture import PolicyServer
+
+    dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    leaf = pki.ca.issue_cert("openpgpkey.dest.test")
+    chain, key = tmp_path / "wkd.pem", tmp_path / "wkd.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    world.dns.add("openpgpkey.dest.test", "A", "127.0.0.86")
+    port = free_port()
+    wkd = await PolicyServer("127.0.0.86", port, (chain, key), body=pgp_keys["dave"].public).start()
+    try:
+        policy = f"version: 1\ndiscovered_keys: {'true' if allowed else 'false'}\n"
+        gw = await gateway_factory(
+            world.config({"delivery.retry_schedule": ["1h"], "wkd.port": port}, policy=policy)
+        )
+        queue_id = await send(gw, ["dave@dest.test"])
+        await wait_until(lambda: gw.queue.store.attempts(queue_id), what="decided")
+        decision = gw.queue.store.decisions(queue_id)[0]
+        if allowed:
+            assert decision["facts"]["keys"]["pgp"]["source"] == "wkd"
+            await wait_until(lambda: dest.received, what="the PGP copy")
+            armored = list(
+                email.message_from_bytes(
+                    dest.received[0].data, policy=email.policy.default
+                ).iter_parts()
+            )[1].get_payload(decode=True)
+            assert gpg(pgp_keys["dave"].home, "--decrypt", data=armored).returncode == 0
+            assert decision["mode"] == "pgp"
+            assert wkd.requests == 1
+        else:  # WKD is not even asked: the address is not shown to the domain for nothing
+            assert decision["mode"] == "portal" and dest.received == []
+            assert decision["facts"]["keys"]["pgp"] is None and wkd.requests == 0
+    finally:
+        await wkd.stop()

@@ -352,3 +352,17 @@ rules:
     assert run(policy, facts(DANE_OK)).rules == ("dane-partners-any-content",)
     assert run(policy, facts(PLAIN, pgp=True)).mode is Mode.PGP
     assert run(policy, facts(PLAIN)).rules == ()
+
+
+def test_a_key_found_by_wkd_counts_only_where_the_policy_allows_it():
+    from dataclasses import replace
+
+    from gateway.probe.facts import KeyInfo, KnownKeys
+
+    found = facts(SELF_SIGNED)
+    found = replace(found, keys=KnownKeys(pgp=KeyInfo("pgp", "ef" * 20, "wkd")))
+    d = run(DEFAULT, found)
+    assert d.mode is Mode.PORTAL
+    assert "discovered_keys: false" in " ".join(d.reasons)
+    allowing = load_policy_text("version: 1\ndiscovered_keys: true\n")
+    assert run(allowing, found).mode is Mode.PGP
