@@ -142,10 +142,10 @@ class Gateway:
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.keydir = KeyDirectory(keydir_path(cfg.state_dir))
-        keys: KeyStore = DirectoryKeyStore(self.keydir)
+        keys: KeyStore = DirectoryKeyStore(self.keydir, metrics=self.metrics)
         if cfg.wkd.enabled:
             keys = WkdKeyStore(
-                DirectoryKeyStore(self.keydir),
+                DirectoryKeyStore(self.keydir, metrics=self.metrics),
                 self.keydir,
                 Resolver(cfg.dns.nameservers),
                 port=cfg.wkd.port,

@@ -342,9 +342,10 @@ class DirectoryKeyStore:
 
     CHECK_INTERVAL = 1.0
 
-    def __init__(self, directory: KeyDirectory, clock: Any = time.time):
+    def __init__(self, directory: KeyDirectory, clock: Any = time.time, metrics: Any = None):
         self.directory = directory
         self.clock = clock
+        self.metrics = metrics
         self._version = -1
         self._checked = 0.0
         self._by_address: dict[str, list[StoredKey]] = {}
@@ -367,10 +368,16 @@ class DirectoryKeyStore:
         if version == self._version:
             return
         by_address: dict[str, list[StoredKey]] = {}
+        counts: dict[tuple[str, str], int] = {}
         for key in self.directory.stored():
+            counts[(key.kind, key.source)] = counts.get((key.kind, key.source), 0) + 1
             for a in key.addresses:
                 if a:
                     by_address.setdefault(a, []).append(key)
+        if self.metrics is not None:
+            for kind in ("smime", "pgp"):
+                for source in ("import", "wkd"):
+                    self.metrics.keys.labels(kind, source).set(counts.get((kind, source), 0))
         self._by_address, self._pins = by_address, self.directory.pins()
         self._material = {}
         self._version = version

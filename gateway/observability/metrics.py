@@ -180,6 +180,12 @@ class Metrics:
             ["mode", "reason"],
             registry=r,
         )
+        self.keys = Gauge(
+            "sealgate_keys",
+            "Keys in the key directory by kind (smime, pgp) and source (import, wkd)",
+            ["kind", "source"],
+            registry=r,
+        )
         self.wkd_lookups = Counter(
             "sealgate_wkd_lookups",
             "Web Key Directory lookups by outcome: found, none (404), unusable, error",

@@ -120,6 +120,8 @@ async def test_each_recipient_gets_its_copy_tls_smime_pgp_and_portal(
     enc = evidence["dave@dest.test"]["encryption"]
     assert (enc["mode"], enc["key_fingerprint"]) == ("pgp", dave.fingerprint.lower())
     assert sample(gw, "sealgate_messages_encrypted_total", mode="pgp") == 1
+    assert sample(gw, "sealgate_keys", kind="smime", source="import") == 1
+    assert sample(gw, "sealgate_keys", kind="pgp", source="import") == 1
 
 
 class UnusableCertificate:
