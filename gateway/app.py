@@ -205,11 +205,11 @@ class Gateway:
             new = load_config(self.config_path)
             new = dataclasses.replace(new, state_dir=self.config.state_dir)
             policy = check_references(new, str(self.config_path))
+            if self.queue is not None:
+                self.queue.apply(new, policy)
         except ConfigError as e:
             log.error(Event.RELOAD_FAILED, error=str(e))
             return
-        if self.queue is not None:
-            self.queue.apply(new, policy)
         log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
 
     def _worker_queued(self, queue_id: str, size: int) -> None:

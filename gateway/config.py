@@ -442,6 +442,17 @@ class SmimeConfig:
 
 
 @dataclass(frozen=True)
+class PgpConfig:
+    signing_key_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "The organisation's OpenPGP secret key (unprotected, armored or binary): PGP "
+            "copies are signed with it before they are encrypted. null: not signed."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class DkimConfig:
     domain: str | None = field(
         default=None,
@@ -573,6 +584,7 @@ class Config:
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     smime: SmimeConfig = field(default_factory=SmimeConfig)
+    pgp: PgpConfig = field(default_factory=PgpConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     wkd: WkdConfig = field(default_factory=WkdConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -116,6 +116,8 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     if sm.signing_cert_file is not None and sm.signing_key_file is not None:
         load_signer(sm.signing_cert_file, sm.signing_key_file, source)
     dkim_key(cfg, source)
+    if cfg.pgp.signing_key_file is not None:
+        _readable("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
     return load_policy_for(cfg)
 
 

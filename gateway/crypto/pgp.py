@@ -205,8 +205,11 @@ class PgpEncryptor:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def encrypt(self, message: bytes, fingerprint: str, material: bytes) -> bytes:
-        """The recipient's copy of ``message`` as PGP/MIME (CRLF).
+    def encrypt(
+        self, message: bytes, fingerprint: str, material: bytes, signer: PgpSigner | None = None
+    ) -> bytes:
+        """The recipient's copy of ``message`` as PGP/MIME (CRLF); signed first by
+        ``signer`` (RFC 3156 §6.1: ``multipart/signed`` inside the encryption).
 
         gpg is run directly (python-gnupg would add three threads and a full fork per
         call: 1.1 ms of this process's CPU against 0.3 ms; the key handling above
@@ -215,6 +218,8 @@ class PgpEncryptor:
             outer, entity = split(message)
         except SplitError as e:
             raise PgpError(str(e)) from e
+        if signer is not None:
+            entity = signer.sign(entity)
         gpg, fingerprint = self.gpg_for(fingerprint, material)
         if self._binary is None:
             self._binary = shutil.which(gpg.gpgbinary) or gpg.gpgbinary
@@ -253,6 +258,64 @@ class PgpEncryptor:
             detail = done.stderr.decode("utf-8", "replace").strip()[-300:]
             raise PgpError(f"gpg did not encrypt (exit {done.returncode}): {detail}")
         return b"".join(outer) + pgp_mime(armored)
+
+
+class PgpSigner:
+    """The organisation's OpenPGP key (``pgp.signing_key_file``, an unprotected secret
+    key), kept in a GnuPG home of its own; signs MIME entities (RFC 3156 §5)."""
+
+    def __init__(self, home: Path, key_file: Path):
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home = home
+        try:
+            data = key_file.read_bytes()
+        except OSError as e:
+            raise PgpError(f"cannot read {key_file}: {e.strerror}") from None
+        gpg = gnupg.GPG(gnupghome=str(home)) if shutil.which("gpg") else None
+        if gpg is None:
+            raise PgpError("gpg cannot run: not found")
+        imported = gpg.import_keys(data)
+        secret = [
+            k
+            for k in gpg.list_keys(secret=True)
+            if k["fingerprint"] in (imported.fingerprints or [])
+        ]
+        if not secret:
+            raise PgpError(f"{key_file} holds no OpenPGP secret key")
+        self.fingerprint = secret[0]["fingerprint"]
+        self._gpg = gpg
+
+    def sign(self, entity: bytes) -> bytes:
+        """``multipart/signed`` over the entity (its CRLF form, as RFC 3156 requires)."""
+        result = self._gpg.sign(
+            entity,
+            keyid=self.fingerprint,
+            detach=True,
+            binary=False,
+            extra_args=[
+                "--digest-algo",
+                "SHA256",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                "",
+            ],
+        )
+        signature = bytes(result.data)
+        if not signature.startswith(b"-----BEGIN PGP SIGNATURE-----"):
+            raise PgpError(f"gpg did not sign: {result.status or result.stderr[-300:]}")
+        boundary = f"sealgate-s-{secrets.token_hex(12)}".encode()
+        signature = re.sub(rb"\r?\n", b"\r\n", signature)
+        return (
+            b"Content-Type: multipart/signed; micalg=pgp-sha256;\r\n"
+            b' protocol="application/pgp-signature"; boundary="' + boundary + b'"\r\n'
+            b"\r\n"
+            b"--" + boundary + b"\r\n" + entity + b"\r\n--" + boundary + b"\r\n"
+            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n'
+            b"Content-Description: OpenPGP digital signature\r\n"
+            b'Content-Disposition: attachment; filename="signature.asc"\r\n'
+            b"\r\n" + signature + b"\r\n--" + boundary + b"--\r\n"
+        )
 
 
 def pgp_mime(armored: bytes) -> bytes:

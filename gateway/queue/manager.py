@@ -52,13 +52,13 @@ from gateway.config_check import Signer, dkim_key, load_signer
 from gateway.crypto import dkim, smime
 from gateway.crypto.certs import CertificateError, check
 from gateway.crypto.dkim import DkimKey
-from gateway.crypto.pgp import PgpEncryptor, PgpError
+from gateway.crypto.pgp import PgpEncryptor, PgpError, PgpSigner
 from gateway.delivery.client import ClientSettings, Outcome, RecipientResult, deliver
 from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
-from gateway.errors import SpoolError
+from gateway.errors import ConfigError, SpoolError
 from gateway.events import EncryptionFailure, Event
 from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
@@ -121,6 +121,7 @@ class QueueManager:
         self._smime_signer: Signer | None = None
         self._smime_subject: str | None = None
         self._dkim: DkimKey | None = None
+        self._pgp_signer: PgpSigner | None = None
         # Encryption runs here, off the event loop: gpg processes and S/MIME of
         # large messages (a gpg waits on its pipes part of the time: three at once).
         self._crypto = ThreadPoolExecutor(3, thread_name_prefix="crypto")
@@ -150,20 +151,29 @@ class QueueManager:
 
     def apply(self, config: Config, policy: Policy | None = None) -> None:
         """Take the policy, routes, resolvers and timeouts from ``config`` (start,
-        SIGHUP); ``policy`` when the caller loaded it already.  A policy that does not
-        load raises `PolicyError` before anything changes.
+        SIGHUP); ``policy`` when the caller loaded it already.  A policy or a signing
+        key that does not load raises `ConfigError` before anything changes.
 
         Attempts in progress finish with the settings (and the policy) they started
         with; every attempt that starts afterwards uses the new ones.  Idle sessions
         and probe facts were made under the old settings: they are dropped.
         """
-        self.policy = policy or load_policy_for(config)
+        new_policy = policy or load_policy_for(config)
+        pgp_signer = None
+        if config.pgp.signing_key_file is not None:
+            try:
+                home = config.state_dir / "pgp-signing"
+                pgp_signer = PgpSigner(home, config.pgp.signing_key_file)
+            except PgpError as e:
+                raise ConfigError("pgp.signing_key_file", str(e)) from None
         sm = config.smime
         signer = None
         if sm.signing_cert_file is not None and sm.signing_key_file is not None:
             signer = load_signer(sm.signing_cert_file, sm.signing_key_file)
+        dkim_signing = dkim_key(config)
+        # everything that can fail has been read: from here on, nothing raises
+        self.policy, self._pgp_signer, self._dkim = new_policy, pgp_signer, dkim_signing
         self._smime_signer, self._smime_subject = signer, sm.subject
-        self._dkim = dkim_key(config)
         self.config = config
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
@@ -542,7 +552,9 @@ class QueueManager:
                 else:
                     if info.not_after and _expired(info.not_after):
                         raise CertificateError(f"expired on {info.not_after[:10]}")
-                    work = functools.partial(self._pgp.encrypt, plain, info.fingerprint, material)
+                    work = functools.partial(
+                        self._pgp.encrypt, plain, info.fingerprint, material, self._pgp_signer
+                    )
                     sealed = await loop.run_in_executor(self._crypto, work)
             except (CertificateError, ValueError) as e:
                 reason, detail = EncryptionFailure.KEY_INVALID, str(e)
@@ -570,7 +582,7 @@ class QueueManager:
             "mode": mode.value,
             "key_fingerprint": info.fingerprint,
             "key_source": info.source,
-            "signed": mode is Mode.SMIME and self._smime_signer is not None,
+            "signed": (self._smime_signer if mode is Mode.SMIME else self._pgp_signer) is not None,
             "sent_sha256": hashlib.sha256(sealed).hexdigest(),
             "sent_size": len(sealed),
         }

@@ -81,3 +81,34 @@ def test_no_gpg_binary_is_an_error_not_plaintext(pgp_keys, encryptor, monkeypatc
 def test_a_key_gpg_cannot_use_is_an_error(pgp_keys, encryptor):
     with pytest.raises(PgpError):
         encryptor.encrypt(MESSAGES["plain text, no MIME fields"](), "00" * 20, b"not a key")
+
+
+def test_signed_then_encrypted_and_the_signature_verifies(pgp_keys, encryptor, tmp_path):
+    from gateway.crypto.pgp import PgpSigner
+
+    org, rcpt = pgp_keys["dave"], pgp_keys["erin"]
+    key_file = tmp_path / "org.asc"
+    key_file.write_bytes(gpg(org.home, "--armor", "--export-secret-keys", org.fingerprint).stdout)
+    signer = PgpSigner(tmp_path / "signing", key_file)
+    original = MESSAGES["nested multipart with attachments"]()
+    sealed = encryptor.encrypt(original, rcpt.fingerprint, rcpt.public, signer)
+    armored = list(email.message_from_bytes(sealed, policy=email.policy.default).iter_parts())[1]
+    inner = gpg(rcpt.home, "--decrypt", data=armored.get_payload(decode=True))
+    assert inner.returncode == 0, inner.stderr
+    signed = email.message_from_bytes(inner.stdout, policy=email.policy.compat32)
+    assert signed.get_content_type() == "multipart/signed"
+    assert signed.get_param("micalg") == "pgp-sha256"
+    boundary = signed.get_boundary().encode()
+    # the first part: between the first delimiter and the CRLF that starts the next one
+    after = inner.stdout.split(b"--" + boundary + b"\r\n", 1)[1]
+    first = after.split(b"\r\n--" + boundary + b"\r\n", 1)[0]
+    assert first == split(original)[1]  # the original entity, as signed
+    signature = signed.get_payload()[1].get_payload().encode()
+    (tmp_path / "data").write_bytes(first)
+    (tmp_path / "data.asc").write_bytes(signature)
+    checker = tmp_path / "checker"
+    checker.mkdir(mode=0o700)
+    gpg(checker, "--import", data=org.public)
+    verified = gpg(checker, "--verify", str(tmp_path / "data.asc"), str(tmp_path / "data"))
+    assert verified.returncode == 0, verified.stderr
+    assert b"Good signature" in verified.stderr
