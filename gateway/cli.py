@@ -167,9 +167,21 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"sealgate: cannot read {args.message}: {e.strerror}", file=sys.stderr)
             return 1
-    features, explained = asyncio.run(
-        explain(config, policy, args.sender, args.recipients, message, smtp_hostname(config))
-    )
+    from gateway.app import keydir_path
+    from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
+
+    path = keydir_path(config.state_dir)
+    directory = KeyDirectory(path) if path.exists() else None  # the keys the daemon would use
+    try:
+        keys = DirectoryKeyStore(directory) if directory is not None else None
+        features, explained = asyncio.run(
+            explain(
+                config, policy, args.sender, args.recipients, message, smtp_hostname(config), keys
+            )
+        )
+    finally:
+        if directory is not None:
+            directory.close()
     if args.json:
         print(json.dumps(as_json(policy, features, explained), ensure_ascii=False, indent=2))
     else:

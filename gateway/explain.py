@@ -1,7 +1,8 @@
 """``sealgate explain``: what the gateway would do with mail from A to B, and why.
 
 It gathers the facts the daemon would (its configuration: resolvers, routes, port,
-CA file, DANE and MTA-STS settings), runs the policy, and reports every rule
+CA file, DANE and MTA-STS settings, the keys in its key directory - WKD is not
+asked), runs the policy, and reports every rule
 considered - matched or not, condition by condition - and the decision.  Nothing is
 sent and nothing of the daemon's state is changed (probe connections end with QUIT
 after EHLO/STARTTLS; the MTA-STS cache is not written).

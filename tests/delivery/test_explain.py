@@ -132,3 +132,20 @@ async def test_explain_reports_a_bad_policy_with_file_and_line(tmp_path):
     )
     out = await sealgate("check-config", "--config", str(path))
     assert out.returncode == 78 and f"{policy}:4:" in out.stderr
+
+
+async def test_explain_uses_the_key_directory(world, tmp_path):
+    from tests.crypto.smime_pki import mailbox
+
+    await world.mta("mx.plain.test", "127.0.0.92", cert=None)
+    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
+    path = write_config(tmp_path, world.config())
+    cert = tmp_path / "b.pem"
+    cert.write_bytes(mailbox("b@plain.test", n=30).pem)
+    state = str(tmp_path / "state")
+    assert (await sealgate("keys", "import", str(cert), "--state-dir", state)).returncode == 0
+    out = await sealgate(
+        "explain", "--config", str(path), "--from", "a@clinic.test", "--to", "b@plain.test"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "decision   SMIME" in out.stdout and "keys       S/MIME " in out.stdout
