@@ -123,10 +123,10 @@ class QueueManager:
         self._dkim: DkimKey | None = None
         self._pgp_signer: PgpSigner | None = None
         # Encryption runs here, off the event loop: gpg processes and S/MIME of
-        # large messages (a gpg waits on its pipes part of the time: three at once).
+        # large messages, and gpg signing (three at once: a gpg waits on its pipes).
         self._crypto = ThreadPoolExecutor(3, thread_name_prefix="crypto")
         self._certs: dict[bytes, x509.Certificate] = {}
-        self._pgp = PgpEncryptor(config.state_dir / "pgp-keys")
+        self._pgp = PgpEncryptor()
         self.apply(config, policy)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -555,7 +555,10 @@ class QueueManager:
                     work = functools.partial(
                         self._pgp.encrypt, plain, info.fingerprint, material, self._pgp_signer
                     )
-                    sealed = await loop.run_in_executor(self._crypto, work)
+                    # in-process, a fraction of a millisecond for a small copy; signing
+                    # runs gpg: a thread then
+                    big = len(plain) > THREAD_FEATURES_ABOVE or self._pgp_signer is not None
+                    sealed = await loop.run_in_executor(self._crypto, work) if big else work()
             except (CertificateError, ValueError) as e:
                 reason, detail = EncryptionFailure.KEY_INVALID, str(e)
             except (smime.SmimeError, PgpError, OSError) as e:

@@ -18,7 +18,7 @@ from tests.crypto.test_smime import MESSAGES
 
 @pytest.fixture
 def encryptor(tmp_path):
-    return PgpEncryptor(tmp_path / "pgp-keys")
+    return PgpEncryptor()
 
 
 @pytest.mark.parametrize("name", MESSAGES)
@@ -71,16 +71,30 @@ def test_the_key_directory_takes_good_keys_and_says_why_it_refuses_the_others(pg
     d.close()
 
 
-def test_no_gpg_binary_is_an_error_not_plaintext(pgp_keys, encryptor, monkeypatch):
+def test_no_gpg_binary_is_an_error_where_gpg_is_needed(pgp_keys, tmp_path, monkeypatch):
+    from gateway.crypto.pgp import PgpSigner
+
     monkeypatch.setenv("PATH", "/nonexistent")
-    key = pgp_keys["dave"]
+    d = KeyDirectory(tmp_path / "keydir.db")
+    with pytest.raises(ValueError, match="gpg cannot run"):
+        d.import_any(pgp_keys["dave"].public)  # keys are checked by gpg
+    d.close()
+    key_file = tmp_path / "org.asc"
+    key_file.write_bytes(b"-----BEGIN PGP PRIVATE KEY BLOCK-----\n")
     with pytest.raises(PgpError, match="gpg cannot run"):
-        encryptor.encrypt(MESSAGES["plain text, no MIME fields"](), key.fingerprint, key.public)
+        PgpSigner(tmp_path / "signing", key_file)
 
 
-def test_a_key_gpg_cannot_use_is_an_error(pgp_keys, encryptor):
-    with pytest.raises(PgpError):
-        encryptor.encrypt(MESSAGES["plain text, no MIME fields"](), "00" * 20, b"not a key")
+def test_a_key_that_cannot_be_used_is_an_error_not_plaintext(pgp_keys, encryptor):
+    message = MESSAGES["plain text, no MIME fields"]()
+    with pytest.raises(PgpError, match="cannot be read"):
+        encryptor.encrypt(message, "00" * 20, b"not a key")
+    signonly = pgp_keys["signonly"]  # gpg refuses it at import; here it comes anyway
+    with pytest.raises(PgpError, match="not encrypted"):
+        encryptor.encrypt(message, signonly.fingerprint, signonly.public)
+    dave = pgp_keys["dave"]
+    with pytest.raises(PgpError, match="is not"):
+        encryptor.encrypt(message, "AB" * 20, dave.public)
 
 
 def test_signed_then_encrypted_and_the_signature_verifies(pgp_keys, encryptor, tmp_path):
