@@ -112,10 +112,16 @@ class KeyDirectory:
     ) -> ImportReport:
         """Import the usable OpenPGP public keys in ``data``; with ``address``, only
         keys with that user id.  ValueError when nothing usable is in it."""
+        revoked: list[str] = []
         try:
-            keys, skipped = read_keys(data)
+            keys, skipped = read_keys(data, revoked=revoked)
         except PgpError as e:
             raise ValueError(str(e)) from e
+        withdrawn = []
+        for fingerprint in revoked:  # the holder revoked it: it is never used again
+            if self.remove(fingerprint, actor or "revocation"):
+                withdrawn.append(fingerprint)
+                skipped.append(f"{fingerprint.upper()}: revoked - removed from the directory")
         wanted = address.lower() if address else None
         usable = []
         for k in keys:
@@ -126,6 +132,8 @@ class KeyDirectory:
             else:
                 usable.append(k)
         if not usable:
+            if withdrawn:
+                return ImportReport((), tuple(skipped))
             raise ValueError("no usable key: " + "; ".join(skipped))
         now = time.time()
         actor = actor or _actor()

@@ -77,9 +77,12 @@ def _gpg(home: Path) -> gnupg.GPG:
         raise PgpError(f"gpg cannot run: {e}") from e
 
 
-def read_keys(data: bytes, now: float | None = None) -> tuple[list[PgpKey], list[str]]:
+def read_keys(
+    data: bytes, now: float | None = None, revoked: list[str] | None = None
+) -> tuple[list[PgpKey], list[str]]:
     """The usable keys in ``data`` (armored or binary, one or more) and, for every key
-    refused, the reason.  Uses a throw-away GnuPG home: nothing is kept."""
+    refused, the reason; the fingerprints of revoked keys are added to ``revoked``.
+    Uses a throw-away GnuPG home: nothing is kept."""
     now = time.time() if now is None else now
     with tempfile.TemporaryDirectory(prefix="sealgate-pgp-") as tmp:
         home = Path(tmp)
@@ -94,6 +97,8 @@ def read_keys(data: bytes, now: float | None = None) -> tuple[list[PgpKey], list
             why = _refusal(info, now)
             if why:
                 refused.append(f"{info['fingerprint']} {name}: {why}")
+                if why == "revoked" and revoked is not None:
+                    revoked.append(info["fingerprint"].lower())
                 continue
             material = gpg.export_keys(info["fingerprint"], armor=False)
             if not isinstance(material, bytes) or not material:

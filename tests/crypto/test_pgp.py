@@ -126,3 +126,25 @@ def test_signed_then_encrypted_and_the_signature_verifies(pgp_keys, encryptor, t
     verified = gpg(checker, "--verify", str(tmp_path / "data.asc"), str(tmp_path / "data"))
     assert verified.returncode == 0, verified.stderr
     assert b"Good signature" in verified.stderr
+
+
+def test_importing_a_revocation_removes_the_key(pgp_keys, tmp_path):
+    dave = pgp_keys["dave"]
+    d = KeyDirectory(tmp_path / "keydir.db")
+    d.import_any(dave.public)
+    # the holder revokes the key; the revoked key reaches the administrator
+    home = tmp_path / "holder"
+    home.mkdir(mode=0o700)
+    gpg(home, "--import", data=dave.public)
+    cert = (dave.home / "openpgp-revocs.d" / f"{dave.fingerprint}.rev").read_text()
+    cert = cert.replace(
+        ":-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+    )
+    gpg(home, "--import", data=cert.encode())
+    revoked = gpg(home, "--export", dave.fingerprint).stdout
+    report = d.import_any(revoked)
+    assert report.imported == ()
+    assert report.skipped[-1] == f"{dave.fingerprint}: revoked - removed from the directory"
+    assert d.stored() == []
+    assert [e["action"] for e in d.log()] == ["import", "remove"]
+    d.close()
