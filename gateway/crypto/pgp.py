@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -169,13 +170,19 @@ def _addresses(uids: list[str]) -> tuple[str, ...]:
 
 
 class PgpEncryptor:
-    """Encrypts copies in this process with Sequoia-PGP (`pysequoia`): about 0.2 to
+    """Encrypts copies: in this process with Sequoia-PGP (`pysequoia`) - about 0.2 to
     0.4 ms for 4 KB, where running gpg costs 2.5 ms of CPU just to start (measured:
-    ``gpg --version`` alone) and held the PGP path under 200 messages/s on two cores.
-    gpg (python-gnupg) still checks every key at import; the certificate parsed from
-    the stored key is cached by fingerprint and content."""
+    ``gpg --version`` alone) and held the PGP path under 200 messages/s on two cores -
+    except large copies: pysequoia holds the interpreter lock while it works (a 25 MB
+    copy stopped every other thread for 0.3 s), so copies over `LARGE` go to ``gpg
+    --recipient-file`` in a subprocess, with an empty GnuPG home of the gateway's
+    (the key is read from a file written from the directory, never imported).
+    gpg (python-gnupg) checks every key at import in any case."""
 
-    def __init__(self) -> None:
+    LARGE = 1024 * 1024
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
         self._certs: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -209,13 +216,45 @@ class PgpEncryptor:
         if signer is not None:
             entity = signer.sign(entity)
         cert = self.certificate(fingerprint, material)
-        try:
-            armored = pysequoia.encrypt(recipients=[cert], bytes=entity)
-        except Exception as e:  # noqa: BLE001 - e.g. no usable encryption subkey any more
-            raise PgpError(f"not encrypted: {str(e).splitlines()[0]}") from e
+        if len(entity) > self.LARGE:
+            armored = self._gpg_encrypt(entity, fingerprint, material)
+        else:
+            try:
+                armored = pysequoia.encrypt(recipients=[cert], bytes=entity)
+            except Exception as e:  # noqa: BLE001 - e.g. no usable encryption subkey any more
+                raise PgpError(f"not encrypted: {str(e).splitlines()[0]}") from e
         if not isinstance(armored, bytes) or not armored.startswith(b"-----BEGIN PGP MESSAGE-----"):
             raise PgpError("not encrypted: no OpenPGP message came out")
         return b"".join(outer) + pgp_mime(armored)
+
+    def _gpg_encrypt(self, entity: bytes, fingerprint: str, material: bytes) -> bytes:
+        home = self.work_dir / "gnupg"
+        keys = self.work_dir / "keys"
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_file = keys / f"{fingerprint.upper()}-{hashlib.sha256(material).hexdigest()[:16]}.gpg"
+        if not key_file.exists():
+            tmp = key_file.with_suffix(f".{secrets.token_hex(4)}.tmp")
+            tmp.write_bytes(material)
+            os.replace(tmp, key_file)
+        binary = shutil.which("gpg")
+        if binary is None:
+            raise PgpError("gpg cannot run: not found")
+        args = [binary, "--homedir", str(home), "--batch", "--no-tty", "--quiet"]
+        args += ["--status-fd", "2", *GPG_OPTIONS, "--armor", "--encrypt"]
+        args += ["--recipient-file", str(key_file)]
+        try:
+            # close_fds=False lets Python use posix_spawn (no copy of this process);
+            # every descriptor Python opens is non-inheritable anyway (PEP 446).
+            done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+                args, input=entity, capture_output=True, timeout=GPG_TIMEOUT, close_fds=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PgpError(f"gpg cannot run: {e}") from e
+        if done.returncode != 0 or b"[GNUPG:] END_ENCRYPTION" not in done.stderr:
+            detail = done.stderr.decode("utf-8", "replace").strip()[-300:]
+            raise PgpError(f"gpg did not encrypt (exit {done.returncode}): {detail}")
+        return done.stdout
 
 
 class PgpSigner:

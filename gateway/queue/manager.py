@@ -126,7 +126,7 @@ class QueueManager:
         # large messages, and gpg signing (three at once: a gpg waits on its pipes).
         self._crypto = ThreadPoolExecutor(3, thread_name_prefix="crypto")
         self._certs: dict[bytes, x509.Certificate] = {}
-        self._pgp = PgpEncryptor()
+        self._pgp = PgpEncryptor(config.state_dir / "pgp")
         self.apply(config, policy)
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
@@ -555,8 +555,8 @@ class QueueManager:
                     work = functools.partial(
                         self._pgp.encrypt, plain, info.fingerprint, material, self._pgp_signer
                     )
-                    # in-process, a fraction of a millisecond for a small copy; signing
-                    # runs gpg: a thread then
+                    # in-process, a fraction of a millisecond for a small copy; larger
+                    # ones, and signing, in a thread (over 1 MiB: a gpg subprocess)
                     big = len(plain) > THREAD_FEATURES_ABOVE or self._pgp_signer is not None
                     sealed = await loop.run_in_executor(self._crypto, work) if big else work()
             except (CertificateError, ValueError) as e:

@@ -18,12 +18,15 @@ from tests.crypto.test_smime import MESSAGES
 
 @pytest.fixture
 def encryptor(tmp_path):
-    return PgpEncryptor()
+    return PgpEncryptor(tmp_path / "pgp")
 
 
 @pytest.mark.parametrize("name", MESSAGES)
 @pytest.mark.parametrize("who", ["dave", "erin"])  # RSA-2048 and Curve25519
-def test_gpg_decrypts_the_original_entity_byte_for_byte(pgp_keys, encryptor, name, who):
+@pytest.mark.parametrize("path", ["in-process", "gpg for large copies"])
+def test_gpg_decrypts_the_original_entity_byte_for_byte(pgp_keys, encryptor, name, who, path):
+    if path != "in-process":
+        encryptor.LARGE = 0  # every copy counts as large: the gpg subprocess
     key = pgp_keys[who]
     original = MESSAGES[name]()
     sealed = encryptor.encrypt(original, key.fingerprint, key.public)
