@@ -448,6 +448,12 @@ def _print_show(d: dict[str, Any], verified: bool) -> None:
             + (f" reused={ev['reused']}" if ev.get("reused") else "")
             + (f" mta-sts={ev['mta_sts']!r}" if ev.get("mta_sts") else "")
             + (f" mode={ev['decision']['mode']}" if ev.get("decision") else "")
+            + (
+                f" key={ev['encryption']['key_fingerprint']} sent-sha256="
+                f"{ev['encryption']['sent_sha256']}"
+                if ev.get("encryption")
+                else ""
+            )
             + f" reply={a['diagnostic']!r}"
         )
     for a in d["audit"]:

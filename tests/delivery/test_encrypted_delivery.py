@@ -107,6 +107,10 @@ async def test_each_recipient_gets_its_copy_tls_smime_pgp_and_portal(
     assert "encryption" not in evidence["a@good.test"]
     assert sample(gw, "sealgate_messages_encrypted_total", mode="smime") == 1
     assert sample(gw, "sealgate_policy_decisions_total", mode="smime", rule="defaults") == 1
+    shown = await asyncio.to_thread(
+        run_sealgate, "queue", "show", queue_id, "--state-dir", state_dir
+    )
+    assert f"mode=smime key={fingerprint} sent-sha256={enc['sent_sha256']}" in shown.stdout
 
     # dave's copy: PGP/MIME that his own gpg decrypts to the original entity
     pgp_copy = next(m for m in dest.received if m.rcpt_tos == ["dave@dest.test"])
