@@ -1,0 +1,1 @@
+"""The compliance archive: journal, encryption at rest, tamper-evident log."""
