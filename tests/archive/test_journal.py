@@ -1,0 +1,113 @@
+"""The journal: messages and events in, verification names every record that was
+altered or removed, and checkpoints pin the log."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.archive.journal import Archive, ArchiveIndex, FileBlobStore
+from gateway.archive.sealing import MasterKeys
+
+ENVELOPE = {
+    "queue_id": "Q1",
+    "received_at": "2026-11-22T10:00:00+00:00",
+    "mail_from": "dr@clinic.test",
+    "recipients": [{"address": "a@dest.test"}, {"address": "bcc@dest.test"}],
+}
+DATA = b"From: dr@clinic.test\r\nSubject: Biopsy\r\n\r\nThe margins are clear.\r\n"
+
+
+@pytest.fixture
+def archive(tmp_path):
+    index = ArchiveIndex(tmp_path / "archive.db")
+    a = Archive(
+        FileBlobStore(tmp_path / "blobs"),
+        index,
+        MasterKeys("k1", {"k1": os.urandom(32)}),
+        "archive.clinic.test/sealgate",
+        ed25519.Ed25519PrivateKey.generate(),
+        "archive.clinic.test",
+    )
+    for n in range(1, 4):
+        envelope = {**ENVELOPE, "queue_id": f"Q{n}"}
+        a.journal_message(envelope, DATA.replace(b"Biopsy", f"Biopsy {n}".encode()))
+        a.journal_event(f"Q{n}", "attempt", {"rcpt": "a@dest.test", "outcome": "delivered"})
+    yield a
+    index.close()
+
+
+def test_a_message_comes_back_byte_for_byte_with_its_envelope(archive, tmp_path):
+    envelope, data = archive.message("Q2")
+    assert data == DATA.replace(b"Biopsy", b"Biopsy 2")
+    assert [r["address"] for r in envelope["recipients"]] == ["a@dest.test", "bcc@dest.test"]
+    assert b"Biopsy" not in (tmp_path / "blobs" / "msg-Q2").read_bytes()  # encrypted at rest
+    leaves = archive.index.db.execute("SELECT kind, record_id FROM leaves").fetchall()
+    assert leaves == [
+        ("message", "msg-Q1"),
+        ("event", "evt-1"),
+        ("message", "msg-Q2"),
+        ("event", "evt-3"),
+        ("message", "msg-Q3"),
+        ("event", "evt-5"),
+    ]
+
+
+def test_an_intact_archive_verifies(archive):
+    archive.checkpoint()
+    archive.journal_message({**ENVELOPE, "queue_id": "Q4"}, DATA)
+    archive.checkpoint()
+    report = archive.verify()
+    assert report.ok, report.problems
+    assert (report.leaves, report.checkpoints) == (7, 2)
+
+
+def test_a_flipped_byte_a_removed_blob_and_an_altered_row_are_each_named(archive, tmp_path):
+    archive.checkpoint()
+    blob = tmp_path / "blobs" / "msg-Q1"
+    raw = bytearray(blob.read_bytes())
+    raw[-3] ^= 1
+    blob.write_bytes(bytes(raw))
+    (tmp_path / "blobs" / "msg-Q2").unlink()
+    archive.index.db.execute(
+        "UPDATE events SET body=replace(body, 'delivered', 'bounced') WHERE record_id='evt-5'"
+    )
+    problems = {(p.record_id, p.what) for p in archive.verify().problems}
+    assert (
+        "msg-Q1",
+        "its stored message: record msg-Q1: altered, or not this record's",
+    ) in problems
+    assert ("msg-Q2", "its stored message is gone") in problems
+    assert ("evt-5", "its index row was altered") in problems
+    assert len(problems) == 3
+
+
+def test_a_removed_index_row_or_leaf_is_named_and_the_checkpoint_catches_it(archive):
+    archive.checkpoint()
+    archive.index.db.execute("DELETE FROM events WHERE record_id='evt-3'")
+    archive.index.db.execute("DELETE FROM leaves WHERE record_id='msg-Q3'")
+    problems = {(p.record_id, p.what) for p in archive.verify().problems}
+    assert ("evt-3", "its index row is gone") in problems
+    assert ("msg-Q3", "indexed but not in the log") in problems
+    assert ("msg-Q3", "a stored blob the log does not know") in problems
+    assert ("evt-5", "a leaf is missing before it") in problems
+    assert ("checkpoint-6", "the log is shorter: leaves were removed") in problems
+
+
+def test_a_rewritten_history_is_not_consistent_with_an_earlier_checkpoint(archive):
+    archive.checkpoint()  # size 6
+    # someone with database access replaces a leaf and re-signs... without our key
+    forger = ed25519.Ed25519PrivateKey.generate()
+    archive.index.db.execute("UPDATE leaves SET hash=? WHERE idx=2", (b"\x00" * 32,))
+    problems = {(p.record_id, p.what) for p in archive.verify().problems}
+    assert ("evt-1", "its index row was altered") in problems
+    assert ("checkpoint-6", "the log no longer has this root") in problems
+    real = archive.signing_key
+    archive.signing_key = forger
+    archive.journal_event("Q1", "attempt", {"outcome": "delivered"})
+    archive.checkpoint()  # a new checkpoint under the wrong key
+    archive.signing_key = real
+    problems = {(p.record_id, p.what) for p in archive.verify().problems}
+    assert ("checkpoint-7", "no signature of archive.clinic.test") in problems
