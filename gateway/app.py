@@ -116,6 +116,7 @@ class Gateway:
         self.http: OpsHttpServer | None = None
         self.queue: QueueManager | None = None
         self.keydir: KeyDirectory | None = None
+        self.keydir_writer: KeyDirectory | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._stopped = False
 
@@ -144,9 +145,12 @@ class Gateway:
         self.keydir = KeyDirectory(keydir_path(cfg.state_dir))
         keys: KeyStore = DirectoryKeyStore(self.keydir, metrics=self.metrics)
         if cfg.wkd.enabled:
+            # WKD writes through a connection of its own: a connection is never
+            # shared by a writing and a reading thread
+            self.keydir_writer = KeyDirectory(keydir_path(cfg.state_dir))
             keys = WkdKeyStore(
                 DirectoryKeyStore(self.keydir, metrics=self.metrics),
-                self.keydir,
+                self.keydir_writer,
                 Resolver(cfg.dns.nameservers),
                 port=cfg.wkd.port,
                 ca_file=cfg.tls.ca_file,
@@ -278,8 +282,9 @@ class Gateway:
             await self.smtp.stop(grace)
         if self.queue is not None:
             await self.queue.stop(grace)
-        if self.keydir is not None:
-            self.keydir.close()
+        for directory in (self.keydir, self.keydir_writer):
+            if directory is not None:
+                directory.close()
         if self.http is not None:
             await self.http.stop()
         self.spool.close()

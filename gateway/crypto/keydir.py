@@ -359,7 +359,7 @@ class DirectoryKeyStore:
         self._by_address: dict[str, list[StoredKey]] = {}
         self._pins: dict[tuple[str, str], str] = {}
         self._material: dict[str, bytes] = {}  # by fingerprint, for this snapshot
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one reader of the directory at a time
 
     async def lookup(self, address: str) -> KnownKeys:
         address = address.lower()
@@ -402,7 +402,8 @@ class DirectoryKeyStore:
         """The key itself; read once per snapshot (keys are a few KB)."""
         found = self._material.get(info.fingerprint)
         if found is None:
-            found = await asyncio.to_thread(self.directory.material, info.fingerprint)
+            async with self._lock:
+                found = await asyncio.to_thread(self.directory.material, info.fingerprint)
             if found is not None:
                 self._material[info.fingerprint] = found
         return found
