@@ -38,6 +38,8 @@ from gateway.archive import merkle
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
 
+DEFAULT_RETENTION = 6 * 365.25 * 86400  # HIPAA: six years
+
 
 def canonical(value: Any) -> bytes:
     """JSON with sorted keys and no spaces: the bytes a commitment is made over."""
@@ -116,7 +118,16 @@ CREATE TABLE IF NOT EXISTS messages (
     recipients TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
-    leaf INTEGER NOT NULL
+    leaf INTEGER NOT NULL,
+    retain_until REAL NOT NULL,
+    disposed TEXT
+);
+CREATE TABLE IF NOT EXISTS holds (
+    case_name TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    placed REAL NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (case_name, queue_id)
 );
 CREATE TABLE IF NOT EXISTS events (
     record_id TEXT PRIMARY KEY,
@@ -194,9 +205,12 @@ class Archive:
         assert cur.lastrowid is not None
         return cur.lastrowid - 1  # leaf indexes from 0
 
-    def journal_message(self, envelope: dict[str, Any], data: bytes) -> str:
+    def journal_message(
+        self, envelope: dict[str, Any], data: bytes, retain_until: float | None = None
+    ) -> str:
         """The message as received and its envelope (every recipient, Bcc included):
-        sealed into a blob, committed to the log, indexed.  Returns its record id."""
+        sealed into a blob, committed to the log, indexed, kept until ``retain_until``
+        (default: `DEFAULT_RETENTION` from now).  Returns its record id."""
         queue_id = str(envelope["queue_id"])
         record_id = f"msg-{queue_id}"
         record = canonical(envelope) + b"\n" + data
@@ -207,7 +221,7 @@ class Archive:
         with db:
             leaf = self._append("message", record_id, digest, now)
             db.execute(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,NULL)",
                 (
                     record_id,
                     queue_id,
@@ -217,9 +231,75 @@ class Archive:
                     len(data),
                     hashlib.sha256(data).hexdigest(),
                     leaf,
+                    retain_until if retain_until is not None else now + DEFAULT_RETENTION,
                 ),
             )
         return record_id
+
+    # -- retention, holds and disposition ---------------------------------------------
+
+    def hold(self, case_name: str, queue_ids: list[str], actor: str) -> int:
+        """Place a legal hold: these messages are not purged while it stands.  The
+        hold itself is a record in the log."""
+        now = time.time()
+        db = self.index.db
+        with db:
+            placed = 0
+            for queue_id in queue_ids:
+                placed += db.execute(
+                    "INSERT OR IGNORE INTO holds VALUES (?,?,?,?)",
+                    (case_name, queue_id, now, actor),
+                ).rowcount
+        self.journal_event(
+            "", "hold", {"case": case_name, "queue_ids": sorted(queue_ids), "actor": actor}
+        )
+        return placed
+
+    def release(self, case_name: str, actor: str) -> int:
+        with self.index.db:
+            released = self.index.db.execute(
+                "DELETE FROM holds WHERE case_name=?", (case_name,)
+            ).rowcount
+        self.journal_event("", "hold-release", {"case": case_name, "actor": actor})
+        return int(released)
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Messages past their retention that no hold covers (oldest first)."""
+        now = time.time() if now is None else now
+        rows = self.index.db.execute(
+            "SELECT queue_id FROM messages m WHERE disposed IS NULL AND retain_until <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.queue_id = m.queue_id) "
+            "ORDER BY retain_until",
+            (now,),
+        )
+        return [r[0] for r in rows]
+
+    def purge(
+        self, queue_ids: list[str], reason: str, actor: str, now: float | None = None
+    ) -> list[str]:
+        """Remove the content of expired, unheld messages; each removal is a
+        disposition record in the log (so `verify` tells a lawful purge from a
+        removal behind its back).  Returns the messages purged."""
+        allowed = set(self.expired(now))
+        purged = []
+        for queue_id in queue_ids:
+            if queue_id not in allowed:
+                continue
+            row = self.index.db.execute(
+                "SELECT record_id, sha256 FROM messages WHERE queue_id=?", (queue_id,)
+            ).fetchone()
+            disposition = self.journal_event(
+                queue_id,
+                "disposition",
+                {"record_id": row[0], "content_sha256": row[1], "reason": reason, "actor": actor},
+            )
+            with self.index.db:
+                self.index.db.execute(
+                    "UPDATE messages SET disposed=? WHERE record_id=?", (disposition, row[0])
+                )
+            self.blobs.delete(row[0])
+            purged.append(queue_id)
+        return purged
 
     def journal_event(self, queue_id: str, kind: str, body: dict[str, Any]) -> str:
         """An event about a message (decision, delivery attempt, access): indexed in
@@ -275,16 +355,28 @@ class Archive:
         report = Report(leaves=len(rows))
         leaves = [bytes(r[1]) for r in rows]
         seen: set[str] = set()
-        messages = {r[0]: r for r in db.execute("SELECT record_id, leaf, sha256 FROM messages")}
+        messages = {
+            r[0]: r for r in db.execute("SELECT record_id, leaf, sha256, disposed FROM messages")
+        }
+        disposals = {
+            json.loads(body)["record_id"]: record_id
+            for record_id, body in db.execute(
+                "SELECT record_id, body FROM events WHERE kind='disposition'"
+            )
+        }
         events = {r[0]: r for r in db.execute("SELECT record_id, leaf, body FROM events")}
         for position, (idx, leaf, kind, record_id) in enumerate(rows):
             if idx - 1 != position:
                 report.problems.append(Problem(record_id, position, "a leaf is missing before it"))
             seen.add(record_id)
             if kind == "message":
-                self._check_message(
-                    record_id, position, bytes(leaf), messages.get(record_id), report
-                )
+                row = messages.get(record_id)
+                if row is not None and row[3] is not None and record_id in disposals:
+                    if self.blobs.get(record_id) is not None:
+                        what = "disposed of, but its content is still stored"
+                        report.problems.append(Problem(record_id, position, what))
+                    continue  # purged under retention, and the log says so
+                self._check_message(record_id, position, bytes(leaf), row, report)
             else:
                 row = events.get(record_id)
                 if row is None:

@@ -111,3 +111,25 @@ def test_a_rewritten_history_is_not_consistent_with_an_earlier_checkpoint(archiv
     archive.signing_key = real
     problems = {(p.record_id, p.what) for p in archive.verify().problems}
     assert ("checkpoint-7", "no signature of archive.clinic.test") in problems
+
+
+def test_a_purge_under_retention_is_not_tampering_and_a_held_message_is_not_purged(
+    archive, tmp_path
+):
+    now = archive.index.db.execute("SELECT max(retain_until) FROM messages").fetchone()[0] + 1
+    assert archive.expired(now - 10 * 365 * 86400) == []  # nothing expired yet
+    assert archive.hold("case-1042 Roe v. Clinic", ["Q2"], "counsel@clinic.test") == 1
+    assert archive.expired(now) == ["Q1", "Q3"]  # Q2 is held
+    assert archive.purge(["Q1", "Q2"], "retention: 6 years", "records@clinic.test", now) == ["Q1"]
+    assert not (tmp_path / "blobs" / "msg-Q1").exists()
+    assert (tmp_path / "blobs" / "msg-Q2").exists()  # the hold beats retention
+    report = archive.verify()
+    assert report.ok, report.problems  # a lawful purge, recorded in the log
+    kinds = [k for (k,) in archive.index.db.execute("SELECT kind FROM events ORDER BY leaf")]
+    assert kinds[-2:] == ["hold", "disposition"]
+    archive.release("case-1042 Roe v. Clinic", "counsel@clinic.test")
+    assert archive.expired(now) == ["Q2", "Q3"]
+    # a removal without a disposition record is tampering
+    (tmp_path / "blobs" / "msg-Q3").unlink()
+    problems = {(p.record_id, p.what) for p in archive.verify().problems}
+    assert problems == {("msg-Q3", "its stored message is gone")}
