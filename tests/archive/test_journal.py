@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.archive.journal import Archive, ArchiveIndex, FileBlobStore
+from gateway.archive.journal import Archive, ArchiveIndex, FileBlobStore, SqliteBlobStore
 from gateway.archive.sealing import MasterKeys
 
 ENVELOPE = {
@@ -20,11 +20,14 @@ ENVELOPE = {
 DATA = b"From: dr@clinic.test\r\nSubject: Biopsy\r\n\r\nThe margins are clear.\r\n"
 
 
-@pytest.fixture
-def archive(tmp_path):
+@pytest.fixture(params=["files", "sqlite"])
+def archive(tmp_path, request):
     index = ArchiveIndex(tmp_path / "archive.db")
+    blobs = (
+        FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqliteBlobStore(index.db)
+    )
     a = Archive(
-        FileBlobStore(tmp_path / "blobs"),
+        blobs,
         index,
         MasterKeys("k1", {"k1": os.urandom(32)}),
         "archive.clinic.test/sealgate",
@@ -43,7 +46,7 @@ def test_a_message_comes_back_byte_for_byte_with_its_envelope(archive, tmp_path)
     envelope, data = archive.message("Q2")
     assert data == DATA.replace(b"Biopsy", b"Biopsy 2")
     assert [r["address"] for r in envelope["recipients"]] == ["a@dest.test", "bcc@dest.test"]
-    assert b"Biopsy" not in (tmp_path / "blobs" / "msg-Q2").read_bytes()  # encrypted at rest
+    assert b"Biopsy" not in archive.blobs.get("msg-Q2")  # encrypted at rest
     leaves = archive.index.db.execute("SELECT kind, record_id FROM leaves").fetchall()
     assert leaves == [
         ("message", "msg-Q1"),
@@ -66,11 +69,10 @@ def test_an_intact_archive_verifies(archive):
 
 def test_a_flipped_byte_a_removed_blob_and_an_altered_row_are_each_named(archive, tmp_path):
     archive.checkpoint()
-    blob = tmp_path / "blobs" / "msg-Q1"
-    raw = bytearray(blob.read_bytes())
+    raw = bytearray(archive.blobs.get("msg-Q1"))  # behind the archive's back
     raw[-3] ^= 1
-    blob.write_bytes(bytes(raw))
-    (tmp_path / "blobs" / "msg-Q2").unlink()
+    archive.blobs.put("msg-Q1", bytes(raw))
+    archive.blobs.delete("msg-Q2")
     archive.index.db.execute(
         "UPDATE events SET body=replace(body, 'delivered', 'bounced') WHERE record_id='evt-5'"
     )
@@ -121,8 +123,8 @@ def test_a_purge_under_retention_is_not_tampering_and_a_held_message_is_not_purg
     assert archive.hold("case-1042 Roe v. Clinic", ["Q2"], "counsel@clinic.test") == 1
     assert archive.expired(now) == ["Q1", "Q3"]  # Q2 is held
     assert archive.purge(["Q1", "Q2"], "retention: 6 years", "records@clinic.test", now) == ["Q1"]
-    assert not (tmp_path / "blobs" / "msg-Q1").exists()
-    assert (tmp_path / "blobs" / "msg-Q2").exists()  # the hold beats retention
+    assert archive.blobs.get("msg-Q1") is None
+    assert archive.blobs.get("msg-Q2") is not None  # the hold beats retention
     report = archive.verify()
     assert report.ok, report.problems  # a lawful purge, recorded in the log
     kinds = [k for (k,) in archive.index.db.execute("SELECT kind FROM events ORDER BY leaf")]
@@ -130,6 +132,29 @@ def test_a_purge_under_retention_is_not_tampering_and_a_held_message_is_not_purg
     archive.release("case-1042 Roe v. Clinic", "counsel@clinic.test")
     assert archive.expired(now) == ["Q2", "Q3"]
     # a removal without a disposition record is tampering
-    (tmp_path / "blobs" / "msg-Q3").unlink()
+    archive.blobs.delete("msg-Q3")
     problems = {(p.record_id, p.what) for p in archive.verify().problems}
     assert problems == {("msg-Q3", "its stored message is gone")}
+
+
+def test_a_batch_is_one_transaction_and_a_failing_job_is_undone_alone(archive):
+    def bad():
+        archive.journal_event("Q9", "attempt", {"n": 1})
+        raise RuntimeError("disk full")
+
+    results = archive.batch(
+        [lambda: archive.journal_event("Q1", "attempt", {"n": 2}), bad, archive.checkpoint]
+    )
+    assert results[0][1] is None and isinstance(results[1][1], RuntimeError)
+    assert results[2][0].split("\n")[1] == "7"  # the checkpoint saw the good job only
+    assert archive.verify().ok
+
+
+def test_a_message_whose_blob_was_lost_is_not_counted_as_journaled_and_can_be_again(archive):
+    assert archive.has("Q1")
+    archive.blobs.delete("msg-Q1")  # written without fsync, lost in a power cut
+    assert not archive.has("Q1")
+    archive.journal_message({**ENVELOPE, "queue_id": "Q1"}, DATA.replace(b"Biopsy", b"Biopsy 1"))
+    assert archive.has("Q1")
+    archive.make_durable(["Q1"])
+    assert archive.verify().ok

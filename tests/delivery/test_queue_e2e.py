@@ -227,7 +227,12 @@ async def test_queue_show_reports_each_recipient_and_its_evidence(gateway_factor
     assert (rcpt["address"], rcpt["state"], rcpt["status"]) == ("r@dest.test", "delivered", "2.0.0")
     (attempt,) = info["attempts"]
     assert attempt["evidence"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
-    # the spool gauges follow the removal of a finished message
+    # the spool gauges follow the removal of a finished message (done in the
+    # background, just after the message is marked done)
+    await wait_until(
+        lambda: "sealgate_spool_messages 0.0" in gw.render_metrics().decode().splitlines(),
+        what="spool gauge after the removal",
+    )
     lines = gw.render_metrics().decode().splitlines()
     assert "sealgate_spool_messages 0.0" in lines and "sealgate_spool_bytes 0.0" in lines
     version = attempt["evidence"]["tls_version"]
