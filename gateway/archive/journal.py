@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway import sqlite_tx
 from gateway.archive import merkle
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
@@ -257,36 +258,13 @@ class Archive:
         self.blobs, self.index, self.keys = blobs, index, keys
         self.origin, self.signing_key, self.key_name = origin, signing_key, key_name
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        db = self.index.db
-        if db.in_transaction:
-            yield
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return sqlite_tx.transaction(self.index.db)
 
     def batch(self, jobs: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several writes as one transaction (group commit), each in a savepoint
         so that one failing is undone alone."""
-        results: list[tuple[Any, BaseException | None]] = []
-        db = self.index.db
-        with self._transaction():
-            for job in jobs:
-                db.execute("SAVEPOINT job")
-                try:
-                    results.append((job(), None))
-                except Exception as e:  # its caller gets it; the others go on
-                    db.execute("ROLLBACK TO job")
-                    results.append((None, e))
-                db.execute("RELEASE job")
-        return results
+        return sqlite_tx.batch(self.index.db, jobs)
 
     def make_durable(self, queue_ids: list[str]) -> None:
         """Put these messages' archived copies, and every committed index record, on

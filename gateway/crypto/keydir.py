@@ -25,6 +25,7 @@ from typing import Any
 from gateway.crypto.certs import CertificateError, check, is_ca, read_certificates
 from gateway.crypto.pgp import PgpError, is_pgp, read_keys
 from gateway.probe.facts import KeyInfo, KnownKeys
+from gateway.sqlite_tx import transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -138,7 +139,7 @@ class KeyDirectory:
         now = time.time()
         actor = actor or _actor()
         stored = []
-        with self._db:
+        with transaction(self._db):
             for k in usable:
                 fingerprint = k.fingerprint.lower()
                 addresses = (wanted,) if wanted else k.addresses
@@ -205,7 +206,7 @@ class KeyDirectory:
         now = time.time()
         actor = actor or _actor()
         stored = []
-        with self._db:
+        with transaction(self._db):
             for c in usable:
                 self._store(
                     c.fingerprint,
@@ -236,7 +237,7 @@ class KeyDirectory:
 
     def remove(self, fingerprint: str, actor: str = "") -> bool:
         fingerprint = _normal(fingerprint)
-        with self._db:
+        with transaction(self._db):
             found = self._db.execute(
                 "DELETE FROM keys WHERE fingerprint=?", (fingerprint,)
             ).rowcount
@@ -248,7 +249,7 @@ class KeyDirectory:
     def forget_discovered(self, address: str) -> int:
         """Remove the keys WKD once served for ``address`` (it serves none now)."""
         address = address.lower()
-        with self._db:
+        with transaction(self._db):
             rows = self._db.execute(
                 "SELECT fingerprint FROM keys WHERE source='wkd' AND fingerprint IN "
                 "(SELECT fingerprint FROM addresses WHERE address=?)",
@@ -266,7 +267,7 @@ class KeyDirectory:
         key = next((k for k in self.stored(address) if k.fingerprint == fingerprint), None)
         if key is None:
             raise ValueError(f"no key {fingerprint[:16]}... for {address} in the directory")
-        with self._db:
+        with transaction(self._db):
             self._db.execute(
                 "INSERT OR REPLACE INTO pins(address, kind, fingerprint) VALUES (?,?,?)",
                 (address, key.kind, fingerprint),

@@ -23,11 +23,12 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import sqlite_tx
 from gateway.model import Envelope
 
 SCHEMA = """
@@ -137,37 +138,14 @@ class QueueStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One transaction; inside another (a `batch`), part of that one."""
-        db = self._db
-        if db.in_transaction:
-            yield
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        return sqlite_tx.transaction(self._db)
 
     def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several operations in one transaction (group commit): each in a
         savepoint, so one that fails is undone alone and reports its exception."""
-        results: list[tuple[Any, BaseException | None]] = []
-        db = self._db
-        with self.transaction():
-            for operation in operations:
-                db.execute("SAVEPOINT operation")
-                try:
-                    results.append((operation(), None))
-                except Exception as e:  # the caller gets it, the others go on
-                    db.execute("ROLLBACK TO operation")
-                    results.append((None, e))
-                db.execute("RELEASE operation")
-        return results
+        return sqlite_tx.batch(self._db, operations)
 
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self.transaction():

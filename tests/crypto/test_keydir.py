@@ -110,3 +110,19 @@ def test_pin_needs_a_key_of_that_address(keydir):
     (key,) = keydir.import_smime(mailbox("bob@dest.test").pem).imported
     with pytest.raises(ValueError, match="no key"):
         keydir.pin("alice@dest.test", key.fingerprint)
+
+
+def test_an_import_that_fails_halfway_stores_nothing(keydir, monkeypatch):
+    bundle = mailbox("a@dest.test", n=11).pem + mailbox("b@dest.test", n=12).pem
+    calls = []
+
+    def failing(address, fingerprint, actor):
+        calls.append(address)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        KeyDirectory._add_address(keydir, address, fingerprint, actor)
+
+    monkeypatch.setattr(keydir, "_add_address", failing)
+    with pytest.raises(OSError, match="disk full"):
+        keydir.import_smime(bundle)
+    assert keydir.stored() == [] and keydir.log() == []  # nothing half-imported

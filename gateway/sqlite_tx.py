@@ -1,0 +1,44 @@
+"""Transactions on the SQLite connections Sealgate opens in autocommit mode
+(``isolation_level=None``): there, ``with connection:`` does not begin a transaction
+- each statement would commit alone - so every store uses these instead."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Outcome = tuple[Any, BaseException | None]
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction; inside another, part of that one."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def batch(db: sqlite3.Connection, operations: list[Callable[[], Any]]) -> list[Outcome]:
+    """Several operations in one transaction (group commit): each in a savepoint, so
+    one that fails is undone alone and reports its exception."""
+    results: list[Outcome] = []
+    with transaction(db):
+        for operation in operations:
+            db.execute("SAVEPOINT operation")
+            try:
+                results.append((operation(), None))
+            except Exception as e:  # the caller gets it, the others go on
+                db.execute("ROLLBACK TO operation")
+                results.append((None, e))
+            db.execute("RELEASE operation")
+    return results
