@@ -57,7 +57,6 @@ def canonical(value: Any) -> bytes:
 
 class BlobStore(Protocol):
     def put(self, name: str, data: bytes, durable: bool = True) -> None: ...
-    def make_durable(self, name: str) -> None: ...
     def make_durable_all(self, names: list[str]) -> None: ...
     def get(self, name: str) -> bytes | None: ...
     def delete(self, name: str) -> bool: ...
@@ -79,7 +78,7 @@ class FileBlobStore:
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         """Write the blob; with ``durable=False`` the caller makes it durable later
-        (`make_durable`), e.g. in a batch, while another durable copy exists."""
+        (`make_durable_all`), e.g. in a batch, while another durable copy exists."""
         path = self._path(name)
         tmp = path.with_name(f".{name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -92,9 +91,6 @@ class FileBlobStore:
         os.replace(tmp, path)
         if durable:
             self._sync_dir()
-
-    def make_durable(self, name: str) -> None:
-        self.make_durable_all([name])
 
     def make_durable_all(self, names: list[str]) -> None:
         for name in names:
@@ -142,11 +138,8 @@ class SqliteBlobStore:
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         self.db.execute("INSERT OR REPLACE INTO blobs(name, data) VALUES (?,?)", (name, data))
 
-    def make_durable(self, name: str) -> None:
-        pass  # the write-ahead log sync covers it
-
     def make_durable_all(self, names: list[str]) -> None:
-        pass
+        pass  # the write-ahead log sync covers it
 
     def get(self, name: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM blobs WHERE name=?", (name,)).fetchone()

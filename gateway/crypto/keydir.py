@@ -137,40 +137,46 @@ class KeyDirectory:
                 return ImportReport((), tuple(skipped))
             raise ValueError("no usable key: " + "; ".join(skipped))
         now = time.time()
-        actor = actor or _actor()
-        stored = []
-        with transaction(self._db):
-            for k in usable:
-                fingerprint = k.fingerprint.lower()
-                addresses = (wanted,) if wanted else k.addresses
-                self._store(
-                    fingerprint, "pgp", k.uid, k.created, k.expires, source, now, k.material
-                )
-                for a in addresses:
-                    self._add_address(a, fingerprint, actor)
-                stored.append(
-                    StoredKey(
-                        fingerprint, "pgp", k.uid, k.created, k.expires, source, now, addresses
-                    )
-                )
-        return ImportReport(tuple(stored), tuple(skipped))
+        entries = [
+            (
+                StoredKey(
+                    k.fingerprint.lower(),
+                    "pgp",
+                    k.uid,
+                    k.created,
+                    k.expires,
+                    source,
+                    now,
+                    (wanted,) if wanted else k.addresses,
+                ),
+                k.material,
+            )
+            for k in usable
+        ]
+        return ImportReport(self._save(entries, actor), tuple(skipped))
 
-    def _store(
-        self,
-        fingerprint: str,
-        kind: str,
-        subject: str,
-        not_before: float,
-        not_after: float,
-        source: str,
-        now: float,
-        material: bytes,
-    ) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
-            "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
-            (fingerprint, kind, subject, not_before, not_after, source, now, material),
-        )
+    def _save(self, entries: list[tuple[StoredKey, bytes]], actor: str) -> tuple[StoredKey, ...]:
+        """Store keys (each with its material) and their addresses, in one transaction."""
+        actor = actor or _actor()
+        with transaction(self._db):
+            for key, material in entries:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
+                    "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        key.fingerprint,
+                        key.kind,
+                        key.subject,
+                        key.not_before,
+                        key.not_after,
+                        key.source,
+                        key.added,
+                        material,
+                    ),
+                )
+                for address in key.addresses:
+                    self._add_address(address, key.fingerprint, actor)
+        return tuple(key for key, _ in entries)
 
     def _add_address(self, address: str, fingerprint: str, actor: str) -> None:
         self._db.execute(
@@ -204,11 +210,9 @@ class KeyDirectory:
         if not usable:
             raise ValueError("no usable certificate: " + "; ".join(skipped))
         now = time.time()
-        actor = actor or _actor()
-        stored = []
-        with transaction(self._db):
-            for c in usable:
-                self._store(
+        entries = [
+            (
+                StoredKey(
                     c.fingerprint,
                     "smime",
                     c.subject,
@@ -216,24 +220,13 @@ class KeyDirectory:
                     c.not_after.timestamp(),
                     source,
                     now,
-                    c.der,
-                )
-                addresses = (wanted,) if wanted else c.addresses
-                for a in addresses:
-                    self._add_address(a, c.fingerprint, actor)
-                stored.append(
-                    StoredKey(
-                        c.fingerprint,
-                        "smime",
-                        c.subject,
-                        c.not_before.timestamp(),
-                        c.not_after.timestamp(),
-                        source,
-                        now,
-                        tuple(addresses),
-                    )
-                )
-        return ImportReport(tuple(stored), tuple(skipped))
+                    (wanted,) if wanted else c.addresses,
+                ),
+                c.der,
+            )
+            for c in usable
+        ]
+        return ImportReport(self._save(entries, actor), tuple(skipped))
 
     def remove(self, fingerprint: str, actor: str = "") -> bool:
         fingerprint = _normal(fingerprint)
