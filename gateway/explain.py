@@ -43,7 +43,7 @@ async def explain(
     keys: KeyStore | None = None,
 ) -> tuple[Features, list[Explained]]:
     resolver = Resolver(config.dns.nameservers)
-    dc, pc = config.delivery, config.probe
+    dc = config.delivery
     router = Router(resolver, dc.port, config.routes, dc.smart_host, dc.max_mx_hosts)
     sts = StsCache(
         resolver,
@@ -51,17 +51,7 @@ async def explain(
         ca_file=config.tls.ca_file,
         timeout=config.mta_sts.fetch_timeout,
     )
-    settings = ProbeSettings(
-        hostname,
-        config.tls.ca_file,
-        pc.connect_timeout,
-        pc.timeout,
-        pc.cache_ttl,
-        pc.negative_ttl,
-        pc.concurrency,
-        dane=config.dns.dnssec == "trust-ad",
-        mta_sts=config.mta_sts.enabled,
-    )
+    settings = ProbeSettings.from_config(config, hostname)
     prober = Prober(router, resolver, settings, sts, keys or NoKeys())
     data = message if message is not None else f"From: <{sender}>\r\n\r\n".encode()
     features = message_features(policy, data)

@@ -262,6 +262,25 @@ def _digest(records: tuple[Tlsa, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16] if records else ""
 
 
+async def connect(ip: str, port: int, helo_name: str, timeout: float) -> aiosmtplib.SMTP:
+    """An SMTP session with the greeting read (no STARTTLS yet); when connecting
+    fails or is cancelled (shutting down), no socket is left behind."""
+    smtp = aiosmtplib.SMTP(
+        hostname=ip,
+        port=port,
+        local_hostname=helo_name,
+        timeout=timeout,
+        start_tls=False,
+        use_tls=False,
+    )
+    try:
+        await smtp.connect()
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
 async def _open(
     hop: NextHop,
     ip: str,
@@ -272,22 +291,10 @@ async def _open(
 ) -> Session | HostFailure:
     """Connect, EHLO and secure the session as ``level`` requires."""
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
-    smtp = aiosmtplib.SMTP(
-        hostname=ip,
-        port=hop.port,
-        local_hostname=settings.helo_name,
-        timeout=settings.connect_timeout,
-        start_tls=False,
-        use_tls=False,
-    )
     try:
-        await smtp.connect()
+        smtp = await connect(ip, hop.port, settings.helo_name, settings.connect_timeout)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        smtp.close()
         return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}", evidence)
-    except asyncio.CancelledError:  # shutting down: leave no socket behind
-        smtp.close()
-        raise
     if metrics is not None:
         metrics.delivery_connections.labels("new").inc()
     try:

@@ -34,7 +34,14 @@ from typing import Any
 import aiosmtplib
 from cryptography import x509
 
-from gateway.delivery.client import addresses_of, presented_chain, tls_context, tls_failure_of
+from gateway.config import Config
+from gateway.delivery.client import (
+    addresses_of,
+    connect,
+    presented_chain,
+    tls_context,
+    tls_failure_of,
+)
 from gateway.delivery.router import NextHop, RouteFailure, Router
 from gateway.delivery.sessions import quit_session
 from gateway.delivery.tls_policy import TlsLevel
@@ -58,6 +65,21 @@ class ProbeSettings:
     concurrency: int = 20
     dane: bool = False  # the resolver validates DNSSEC: TLSA records are believed
     mta_sts: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, helo_name: str) -> ProbeSettings:
+        pc = config.probe
+        return cls(
+            helo_name,
+            config.tls.ca_file,
+            pc.connect_timeout,
+            pc.timeout,
+            pc.cache_ttl,
+            pc.negative_ttl,
+            pc.concurrency,
+            dane=config.dns.dnssec == "trust-ad",
+            mta_sts=config.mta_sts.enabled,
+        )
 
 
 class Prober:
@@ -260,22 +282,12 @@ class Prober:
 
     async def _connect(self, hop: NextHop, ip: str, verify: bool) -> _Seen | str:
         """One probe connection: what it saw, or why it got nowhere."""
-        smtp = aiosmtplib.SMTP(
-            hostname=ip,
-            port=hop.port,
-            local_hostname=self.settings.helo_name,
-            timeout=self.settings.connect_timeout,
-            start_tls=False,
-            use_tls=False,
-        )
         try:
-            await smtp.connect()
+            smtp = await connect(
+                ip, hop.port, self.settings.helo_name, self.settings.connect_timeout
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            smtp.close()
             return f"{hop.host}[{ip}]:{hop.port}: {e}"
-        except asyncio.CancelledError:
-            smtp.close()
-            raise
         try:
             return await self._session(smtp, hop, verify)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:

@@ -191,21 +191,10 @@ class QueueManager:
         self.sts.port = config.mta_sts.port
         self.sts.ca_file = config.tls.ca_file
         self.sts.timeout = config.mta_sts.fetch_timeout
-        pc = config.probe
         self.prober = Prober(
             self.router,
             self.resolver,
-            ProbeSettings(
-                self.hostname,
-                config.tls.ca_file,
-                pc.connect_timeout,
-                pc.timeout,
-                pc.cache_ttl,
-                pc.negative_ttl,
-                pc.concurrency,
-                dane=self.settings.dane,
-                mta_sts=config.mta_sts.enabled,
-            ),
+            ProbeSettings.from_config(config, self.hostname),
             self.sts,
             self.keys,
             self.metrics,
