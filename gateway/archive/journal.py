@@ -411,11 +411,6 @@ class Archive:
             )
         return record_id
 
-    def checkpoint_if_grown(self) -> str | None:
-        last = self.index.db.execute("SELECT max(size) FROM checkpoints").fetchone()[0] or 0
-        size = self.index.db.execute("SELECT count(*) FROM leaves").fetchone()[0]
-        return self.checkpoint() if size > last else None
-
     def checkpoint(self) -> str:
         """Sign the log as it stands; the note is kept and returned (publish it)."""
         leaves = self._leaves()
