@@ -27,11 +27,15 @@ Postfix: the per-message write path needs batching work first.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.header
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,54 +166,258 @@ CREATE TABLE IF NOT EXISTS leaves (
 );
 CREATE TABLE IF NOT EXISTS messages (
     record_id TEXT PRIMARY KEY,
-    queue_id TEXT NOT NULL,
-    received_at TEXT NOT NULL,
+    queue_id TEXT NOT NULL UNIQUE,
+    received REAL NOT NULL,
     mail_from TEXT NOT NULL,
-    recipients TEXT NOT NULL,
+    sender_domain TEXT NOT NULL,
+    message_id TEXT,
+    client_ip TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     leaf INTEGER NOT NULL,
     retain_until REAL NOT NULL,
     disposed TEXT
 );
+CREATE INDEX IF NOT EXISTS messages_by_sender ON messages(mail_from, received);
+CREATE INDEX IF NOT EXISTS messages_by_sender_domain ON messages(sender_domain, received);
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages(received);
+CREATE INDEX IF NOT EXISTS messages_by_message_id ON messages(message_id);
+CREATE INDEX IF NOT EXISTS messages_by_retention ON messages(retain_until) WHERE disposed IS NULL;
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    mode TEXT,
+    rule TEXT,
+    state TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue_id, idx)
+);
+CREATE INDEX IF NOT EXISTS recipients_by_address ON recipients(address);
+CREATE INDEX IF NOT EXISTS recipients_by_domain ON recipients(domain);
+CREATE TABLE IF NOT EXISTS copies (
+    record_id TEXT PRIMARY KEY,
+    queue_id TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    leaf INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS copies_by_message ON copies(queue_id);
+CREATE TABLE IF NOT EXISTS cases (
+    case_name TEXT PRIMARY KEY,
+    query TEXT,
+    placed REAL NOT NULL,
+    actor TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS holds (
     case_name TEXT NOT NULL,
     queue_id TEXT NOT NULL,
-    placed REAL NOT NULL,
-    actor TEXT NOT NULL,
     PRIMARY KEY (case_name, queue_id)
 );
+CREATE INDEX IF NOT EXISTS holds_by_message ON holds(queue_id);
 CREATE TABLE IF NOT EXISTS events (
     record_id TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL,
     kind TEXT NOT NULL,
+    at REAL NOT NULL,
     body TEXT NOT NULL,
     leaf INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_message ON events(queue_id);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, at);
 CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER PRIMARY KEY,
     root BLOB NOT NULL,
     note TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+SUBJECT_SCHEMA = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS subjects USING fts5(subject, queue_id UNINDEXED)"
+)
 
 
 class ArchiveIndex:
     """The embedded index: SQLite (WAL) at ``path``."""
 
-    def __init__(self, path: Path):
-        self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    def __init__(self, path: Path, subjects: bool = False):
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: commits reach the disk at the latest when `make_durable` syncs the
         # write-ahead log - which the queue does before a spool file may go
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.path = path
         self.db.executescript(INDEX_SCHEMA)
+        if subjects:
+            self.db.execute(SUBJECT_SCHEMA)
+        self.subjects = subjects
 
     def close(self) -> None:
         self.db.close()
+
+
+# -- retention --------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    """Keep matching messages ``days`` days.  Every condition given must hold:
+    ``sender`` (address), ``sender_domain``, ``recipient_domain`` (any recipient),
+    ``mode`` (any recipient's delivery mode)."""
+
+    days: int
+    sender: str | None = None
+    sender_domain: str | None = None
+    recipient_domain: str | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long each message is kept: the longest of the default and every matching
+    rule, never less than the floor."""
+
+    default_days: int = 2192  # six years (HIPAA documentation retention)
+    floor_days: int = 2192
+    rules: tuple[RetentionRule, ...] = ()
+
+    def days(self, sender: str, domains: set[str], modes: set[str]) -> int:
+        days = max(self.default_days, self.floor_days)
+        sender_domain = sender.rpartition("@")[2]
+        for rule in self.rules:
+            if rule.sender is not None and rule.sender != sender:
+                continue
+            if rule.sender_domain is not None and rule.sender_domain != sender_domain:
+                continue
+            if rule.recipient_domain is not None and rule.recipient_domain not in domains:
+                continue
+            if rule.mode is not None and rule.mode not in modes:
+                continue
+            days = max(days, rule.days)
+        return days
+
+
+class ArchiveError(Exception):
+    """The archive cannot be opened or written as configured."""
+
+
+# -- search ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to look for.  ``sender`` and ``recipient``: an address, or ``@domain``;
+    ``since``/``until``: Unix times (received); recipient conditions (``recipient``,
+    ``mode``, ``status``, ``rule``) must hold for the same recipient."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    since: float | None = None
+    until: float | None = None
+    message_id: str | None = None
+    queue_id: str | None = None
+    mode: str | None = None
+    status: str | None = None
+    rule: str | None = None
+    subject: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Query:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown search field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def sql(self, subjects: bool) -> tuple[str, list[Any]]:
+        where, args = ["1"], []
+        if self.sender:
+            s = self.sender.lower()
+            if s.startswith("@"):
+                where.append("m.sender_domain = ?")
+                args.append(s[1:])
+            else:
+                where.append("m.mail_from = ?")
+                args.append(s)
+        if self.since is not None:
+            where.append("m.received >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            where.append("m.received < ?")
+            args.append(self.until)
+        if self.message_id:
+            mid = self.message_id.strip()
+            where.append("m.message_id = ?")
+            args.append(mid if mid.startswith("<") else f"<{mid}>")
+        if self.queue_id:
+            where.append("m.queue_id = ?")
+            args.append(self.queue_id)
+        if self.subject:
+            if not subjects:
+                raise ValueError("subjects are not indexed (archive.index_subjects: false)")
+            where.append("m.queue_id IN (SELECT queue_id FROM subjects WHERE subjects MATCH ?)")
+            args.append(_fts_phrase(self.subject))
+        inner, inner_args = [], []
+        if self.recipient:
+            r = self.recipient.lower()
+            if r.startswith("@"):
+                inner.append("r.domain = ?")
+                inner_args.append(r[1:])
+            else:
+                inner.append("r.address = ?")
+                inner_args.append(r)
+        for column, value in (("mode", self.mode), ("state", self.status), ("rule", self.rule)):
+            if value:
+                inner.append(f"r.{column} = ?")
+                inner_args.append(value)
+        if inner:
+            where.append(
+                "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "
+                + " AND ".join(inner)
+                + ")"
+            )
+            args.extend(inner_args)
+        return " AND ".join(where), args
+
+
+def _fts_phrase(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,900}>)", re.I | re.M)
+_SUBJECT = re.compile(rb"^subject:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def _header_part(data: bytes) -> bytes:
+    m = _HEADER_END.search(data, 0, 256 * 1024)
+    return data[: m.start() + 2] if m else data[: 256 * 1024]
+
+
+def message_id_of(data: bytes) -> str | None:
+    m = _MESSAGE_ID.search(_header_part(data))
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def subject_of(data: bytes) -> str:
+    m = _SUBJECT.search(_header_part(data))
+    if not m:
+        return ""
+    raw = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip().decode("utf-8", "replace")
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except (ValueError, LookupError):
+        return raw
 
 
 # -- the archive --------------------------------------------------------------------------
@@ -228,16 +436,29 @@ class Problem:
 class Report:
     leaves: int = 0
     checkpoints: int = 0
+    messages: int = 0
+    disposed: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "leaves": self.leaves,
+            "checkpoints": self.checkpoints,
+            "messages": self.messages,
+            "disposed": self.disposed,
+            "problems": [p.__dict__ for p in self.problems],
+        }
+
 
 class Archive:
-    """Writes are meant for one thread; `batch` runs many in one transaction (and
-    makes the blobs they wrote durable once, before the commit)."""
+    """Writes are meant for one thread; `batch` runs many in one transaction.  Other
+    processes (the CLI) may write too: SQLite serialises them, and the checkpoint
+    reads the leaves they added."""
 
     def __init__(
         self,
@@ -247,9 +468,12 @@ class Archive:
         origin: str,
         signing_key: ed25519.Ed25519PrivateKey,
         key_name: str,
+        retention: Retention | None = None,
     ):
         self.blobs, self.index, self.keys = blobs, index, keys
         self.origin, self.signing_key, self.key_name = origin, signing_key, key_name
+        self.retention = retention or Retention()
+        self._frontier = merkle.Frontier()
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return sqlite_tx.transaction(self.index.db)
@@ -259,7 +483,7 @@ class Archive:
         so that one failing is undone alone."""
         return sqlite_tx.batch(self.index.db, jobs)
 
-    def make_durable(self, queue_ids: list[str]) -> None:
+    def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
         disk (fsync of each blob, the blob directory and the index's write-ahead
         log).  Safe from another thread: files only, no database connection."""
@@ -276,6 +500,33 @@ class Archive:
             finally:
                 os.close(fd)
 
+    # -- settings -------------------------------------------------------------------------
+
+    def setting(self, name: str) -> str | None:
+        row = self.index.db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def enforce_floor(self, actor: str = "config") -> None:
+        """The retention floor can be raised, never lowered: a configured floor below
+        the one the archive recorded is refused; a higher one is recorded (and the
+        change is a record in the log)."""
+        wanted = self.retention.floor_days
+        stored = self.setting("retention_floor_days")
+        if stored is not None and wanted < int(stored):
+            raise ArchiveError(
+                f"archive.retention.floor_days is {wanted}, but this archive's retention floor "
+                f"is {stored} days: a floor can be raised, never lowered"
+            )
+        if stored is None or wanted > int(stored):
+            with self._transaction():
+                self.index.db.execute(
+                    "INSERT OR REPLACE INTO settings VALUES ('retention_floor_days', ?)",
+                    (str(wanted),),
+                )
+                self.journal_event(
+                    "", "retention-floor", {"days": wanted, "was": stored, "actor": actor}
+                )
+
     # -- writing ------------------------------------------------------------------------
 
     def _append(self, kind: str, record_id: str, digest: str, now: float) -> int:
@@ -288,12 +539,17 @@ class Archive:
         return cur.lastrowid - 1  # leaf indexes from 0
 
     def has(self, queue_id: str) -> bool:
-        """Journaled, with its blob there (a crash can lose a blob written without
-        fsync while the spool still holds the message: it is journaled again)."""
+        """Journaled (by the index: a blob commits with its index rows, or is made
+        durable before the message's spool file goes)."""
         found = self.index.db.execute(
             "SELECT 1 FROM messages WHERE queue_id=?", (queue_id,)
         ).fetchone()
-        return found is not None and self.blobs.get(f"msg-{queue_id}") is not None
+        return found is not None
+
+    def has_content(self, queue_id: str) -> bool:
+        """Journaled with its blob there (at start: a crash can lose a file blob
+        written without fsync while the spool still holds the message)."""
+        return self.has(queue_id) and self.blobs.get(f"msg-{queue_id}") is not None
 
     def journal_message(
         self,
@@ -301,99 +557,115 @@ class Archive:
         data: bytes,
         retain_until: float | None = None,
         durable: bool = True,
+        subject: bool = False,
     ) -> str:
         """The message as received and its envelope (every recipient, Bcc included):
         sealed into a blob, committed to the log, indexed, kept until ``retain_until``
-        (default: `DEFAULT_RETENTION` from now).  Returns its record id."""
+        (default: by the retention rules).  ``subject``: index the subject for search.
+        Returns its record id."""
         queue_id = str(envelope["queue_id"])
         record_id = f"msg-{queue_id}"
         record = canonical(envelope) + b"\n" + data
         digest = hashlib.sha256(record).hexdigest()
         self.blobs.put(record_id, seal(record, record_id, self.keys), durable)
         now = time.time()
+        sender = str(envelope.get("mail_from", "")).lower()
+        addresses = [str(r["address"]).lower() for r in envelope.get("recipients", [])]
+        received = _timestamp(envelope.get("received_at"), now)
+        if retain_until is None:
+            domains = {a.rpartition("@")[2] for a in addresses}
+            retain_until = received + self.retention.days(sender, domains, set()) * DAY
         db = self.index.db
         with self._transaction():
+            if self.has(queue_id):  # journaled again (its blob was lost): a new leaf
+                db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
+                db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
             leaf = self._append("message", record_id, digest, now)
             db.execute(
-                "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,NULL)",
+                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)",
                 (
                     record_id,
                     queue_id,
-                    str(envelope.get("received_at", "")),
-                    str(envelope.get("mail_from", "")),
-                    json.dumps([r["address"] for r in envelope.get("recipients", [])]),
+                    received,
+                    sender,
+                    sender.rpartition("@")[2],
+                    message_id_of(data),
+                    str((envelope.get("client") or {}).get("ip", "")),
                     len(data),
                     hashlib.sha256(data).hexdigest(),
                     leaf,
-                    retain_until if retain_until is not None else now + DEFAULT_RETENTION,
+                    retain_until,
                 ),
+            )
+            db.executemany(
+                "INSERT INTO recipients(queue_id, idx, address, domain, state) "
+                "VALUES (?,?,?,?,'queued')",
+                [(queue_id, i, a, a.rpartition("@")[2]) for i, a in enumerate(addresses)],
+            )
+            if subject and self.index.subjects:
+                db.execute("INSERT INTO subjects VALUES (?,?)", (subject_of(data), queue_id))
+        return record_id
+
+    def journal_copy(self, queue_id: str, data: bytes) -> str:
+        """A copy the gateway changed before sending it (encrypted, re-signed, tag
+        removed), as sent: by its digest, once however many recipients got it."""
+        digest = hashlib.sha256(data).hexdigest()
+        record_id = f"copy-{digest}"
+        db = self.index.db
+        if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
+            return record_id
+        self.blobs.put(record_id, seal(data, record_id, self.keys))
+        with self._transaction():
+            leaf = self._append("copy", record_id, digest, time.time())
+            db.execute(
+                "INSERT INTO copies VALUES (?,?,?,?,?)",
+                (record_id, queue_id, digest, len(data), leaf),
             )
         return record_id
 
-    # -- retention, holds and disposition ---------------------------------------------
-
-    def hold(self, case_name: str, queue_ids: list[str], actor: str) -> int:
-        """Place a legal hold: these messages are not purged while it stands.  The
-        hold itself is a record in the log."""
-        now = time.time()
+    def journal_attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> str:
+        """One delivery attempt's outcome and evidence for some recipients (``idx``,
+        ``address``, ``state``, ``status``, ``evidence`` with the decision): a record
+        in the log, and each recipient's mode, rule and state for search.  A mode
+        with a longer retention rule extends the message's retention."""
         db = self.index.db
         with self._transaction():
-            placed = 0
-            for queue_id in queue_ids:
-                placed += db.execute(
-                    "INSERT OR IGNORE INTO holds VALUES (?,?,?,?)",
-                    (case_name, queue_id, now, actor),
-                ).rowcount
-        self.journal_event(
-            "", "hold", {"case": case_name, "queue_ids": sorted(queue_ids), "actor": actor}
-        )
-        return placed
-
-    def release(self, case_name: str, actor: str) -> int:
-        with self._transaction():
-            released = self.index.db.execute(
-                "DELETE FROM holds WHERE case_name=?", (case_name,)
-            ).rowcount
-        self.journal_event("", "hold-release", {"case": case_name, "actor": actor})
-        return int(released)
-
-    def expired(self, now: float | None = None) -> list[str]:
-        """Messages past their retention that no hold covers (oldest first)."""
-        now = time.time() if now is None else now
-        rows = self.index.db.execute(
-            "SELECT queue_id FROM messages m WHERE disposed IS NULL AND retain_until <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.queue_id = m.queue_id) "
-            "ORDER BY retain_until",
-            (now,),
-        )
-        return [r[0] for r in rows]
-
-    def purge(
-        self, queue_ids: list[str], reason: str, actor: str, now: float | None = None
-    ) -> list[str]:
-        """Remove the content of expired, unheld messages; each removal is a
-        disposition record in the log (so `verify` tells a lawful purge from a
-        removal behind its back).  Returns the messages purged."""
-        allowed = set(self.expired(now))
-        purged = []
-        for queue_id in queue_ids:
-            if queue_id not in allowed:
-                continue
-            row = self.index.db.execute(
-                "SELECT record_id, sha256 FROM messages WHERE queue_id=?", (queue_id,)
-            ).fetchone()
-            disposition = self.journal_event(
-                queue_id,
-                "disposition",
-                {"record_id": row[0], "content_sha256": row[1], "reason": reason, "actor": actor},
-            )
-            with self._transaction():
-                self.index.db.execute(
-                    "UPDATE messages SET disposed=? WHERE record_id=?", (disposition, row[0])
+            record_id = self.journal_event(queue_id, "attempt", {"recipients": recipients})
+            modes = set()
+            for r in recipients:
+                decision = (r.get("evidence") or {}).get("decision") or {}
+                mode = decision.get("mode")
+                if mode:
+                    modes.add(mode)
+                db.execute(
+                    "UPDATE recipients SET mode=coalesce(?, mode), rule=coalesce(?, rule), "
+                    "state=?, status=?, attempts=attempts+1 WHERE queue_id=? AND idx=?",
+                    (
+                        mode,
+                        decision.get("rule"),
+                        r["state"],
+                        r.get("status", ""),
+                        queue_id,
+                        r["idx"],
+                    ),
                 )
-            self.blobs.delete(row[0])
-            purged.append(queue_id)
-        return purged
+            if modes and any(rule.mode for rule in self.retention.rules):
+                self._extend_retention(queue_id, modes)
+        return record_id
+
+    def _extend_retention(self, queue_id: str, modes: set[str]) -> None:
+        db = self.index.db
+        row = db.execute(
+            "SELECT received, mail_from, retain_until FROM messages WHERE queue_id=?", (queue_id,)
+        ).fetchone()
+        if row is None:
+            return
+        domains = {
+            d for (d,) in db.execute("SELECT domain FROM recipients WHERE queue_id=?", (queue_id,))
+        }
+        until = row[0] + self.retention.days(row[1], domains, modes) * DAY
+        if until > row[2]:
+            db.execute("UPDATE messages SET retain_until=? WHERE queue_id=?", (until, queue_id))
 
     def journal_event(self, queue_id: str, kind: str, body: dict[str, Any]) -> str:
         """An event about a message (decision, delivery attempt, access): indexed in
@@ -403,139 +675,479 @@ class Archive:
         digest = hashlib.sha256(text.encode()).hexdigest()
         db = self.index.db
         with self._transaction():
-            count = db.execute("SELECT count(*) FROM leaves").fetchone()[0]
+            count = db.execute("SELECT coalesce(max(idx), 0) FROM leaves").fetchone()[0]
             record_id = f"evt-{count}"
             leaf = self._append("event", record_id, digest, now)
             db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?)", (record_id, queue_id, kind, text, leaf)
+                "INSERT INTO events VALUES (?,?,?,?,?,?)",
+                (record_id, queue_id, kind, now, text, leaf),
             )
         return record_id
 
+    def access(self, actor: str, action: str, queue_id: str = "", **detail: Any) -> str:
+        """The access record: who searched, viewed, exported or changed what."""
+        return self.journal_event(queue_id, "access", {"actor": actor, "action": action, **detail})
+
+    # -- retention, holds and disposition ---------------------------------------------
+
+    def hold(
+        self,
+        case_name: str,
+        actor: str,
+        queue_ids: list[str] | None = None,
+        query: Query | None = None,
+    ) -> int:
+        """Place a legal hold for a case: on these messages, and/or on every message
+        a query matches, now and arriving later (the query is recorded as the hold's
+        scope).  Held messages are not purged while the case stands.  Returns how
+        many messages the case holds now."""
+        if not case_name.strip():
+            raise ValueError("a hold needs a case name")
+        if not queue_ids and query is None:
+            raise ValueError("a hold needs message ids or a query")
+        now = time.time()
+        db = self.index.db
+        with self._transaction():
+            existing = db.execute(
+                "SELECT query FROM cases WHERE case_name=?", (case_name,)
+            ).fetchone()
+            if existing is not None and existing[0] is not None and query is not None:
+                raise ValueError(f"case {case_name!r} already holds by a query")
+            db.execute(
+                "INSERT OR IGNORE INTO cases VALUES (?,?,?,?)",
+                (case_name, canonical(query.to_dict()).decode() if query else None, now, actor),
+            )
+            if query is not None and existing is not None:
+                db.execute(
+                    "UPDATE cases SET query=? WHERE case_name=?",
+                    (canonical(query.to_dict()).decode(), case_name),
+                )
+            db.executemany(
+                "INSERT OR IGNORE INTO holds VALUES (?,?)",
+                [(case_name, q) for q in queue_ids or []],
+            )
+            self.journal_event(
+                "",
+                "hold",
+                {
+                    "case": case_name,
+                    "queue_ids": sorted(queue_ids or []),
+                    "query": query.to_dict() if query else None,
+                    "actor": actor,
+                },
+            )
+        return len(self.held_by(case_name))
+
+    def held_by(self, case_name: str) -> set[str]:
+        db = self.index.db
+        held = {
+            q for (q,) in db.execute("SELECT queue_id FROM holds WHERE case_name=?", (case_name,))
+        }
+        row = db.execute("SELECT query FROM cases WHERE case_name=?", (case_name,)).fetchone()
+        if row is not None and row[0] is not None:
+            held |= self._matching(Query.from_dict(json.loads(row[0])))
+        return held
+
+    def cases(self) -> list[dict[str, Any]]:
+        rows = self.index.db.execute(
+            "SELECT case_name, query, placed, actor FROM cases ORDER BY placed"
+        ).fetchall()
+        return [
+            {
+                "case": name,
+                "query": json.loads(query) if query else None,
+                "placed": _iso(placed),
+                "actor": actor,
+                "messages": len(self.held_by(name)),
+            }
+            for name, query, placed, actor in rows
+        ]
+
+    def release(self, case_name: str, actor: str) -> int:
+        db = self.index.db
+        with self._transaction():
+            held = len(self.held_by(case_name))
+            if not db.execute("DELETE FROM cases WHERE case_name=?", (case_name,)).rowcount:
+                raise KeyError(case_name)
+            db.execute("DELETE FROM holds WHERE case_name=?", (case_name,))
+            self.journal_event("", "hold-release", {"case": case_name, "actor": actor})
+        return held
+
+    def _matching(self, query: Query) -> set[str]:
+        where, args = query.sql(self.index.subjects)
+        return {
+            q
+            for (q,) in self.index.db.execute(
+                f"SELECT m.queue_id FROM messages m WHERE {where}", args
+            )
+        }
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Messages past their retention that no hold covers (oldest first)."""
+        now = time.time() if now is None else now
+        rows = self.index.db.execute(
+            "SELECT queue_id FROM messages m WHERE disposed IS NULL AND retain_until <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.queue_id = m.queue_id) "
+            "ORDER BY retain_until",
+            (now,),
+        ).fetchall()
+        held: set[str] = set()
+        for (query,) in self.index.db.execute("SELECT query FROM cases WHERE query IS NOT NULL"):
+            held |= self._matching(Query.from_dict(json.loads(query)))
+        return [q for (q,) in rows if q not in held]
+
+    def purge(
+        self, queue_ids: list[str], reason: str, actor: str, now: float | None = None
+    ) -> list[str]:
+        """Remove the content of expired, unheld messages (and the changed copies
+        sent for them); each removal is a disposition record in the log, so `verify`
+        tells a lawful purge from a removal behind its back.  Returns the messages
+        purged."""
+        allowed = set(self.expired(now))
+        purged = []
+        db = self.index.db
+        for queue_id in queue_ids:
+            if queue_id not in allowed:
+                continue
+            row = db.execute(
+                "SELECT record_id, sha256, retain_until FROM messages WHERE queue_id=?",
+                (queue_id,),
+            ).fetchone()
+            copies = [
+                c
+                for (c,) in db.execute("SELECT record_id FROM copies WHERE queue_id=?", (queue_id,))
+            ]
+            with self._transaction():
+                disposition = self.journal_event(
+                    queue_id,
+                    "disposition",
+                    {
+                        "record_id": row[0],
+                        "copies": copies,
+                        "content_sha256": row[1],
+                        "retain_until": _iso(row[2]),
+                        "reason": reason,
+                        "actor": actor,
+                    },
+                )
+                db.execute(
+                    "UPDATE messages SET disposed=? WHERE record_id=?", (disposition, row[0])
+                )
+                if self.index.subjects:
+                    db.execute("DELETE FROM subjects WHERE queue_id=?", (queue_id,))
+            for name in (row[0], *copies):
+                self.blobs.delete(name)
+            purged.append(queue_id)
+        return purged
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Extend the in-memory frontier by the leaves appended since (by any
+        process)."""
+        for (leaf,) in self.index.db.execute(
+            "SELECT hash FROM leaves WHERE idx > ? ORDER BY idx", (self._frontier.size,)
+        ):
+            self._frontier.append(bytes(leaf))
+
+    def size(self) -> int:
+        return int(self.index.db.execute("SELECT coalesce(max(idx), 0) FROM leaves").fetchone()[0])
+
     def checkpoint(self) -> str:
         """Sign the log as it stands; the note is kept and returned (publish it)."""
-        leaves = self._leaves()
-        cp = Checkpoint(self.origin, len(leaves), merkle.root(leaves))
-        note = sign(cp, self.key_name, self.signing_key)
         with self._transaction():
+            self._catch_up()
+            cp = Checkpoint(self.origin, self._frontier.size, self._frontier.root())
+            note = sign(cp, self.key_name, self.signing_key)
             self.index.db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
                 (cp.size, cp.root, note, time.time()),
             )
         return note
 
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        row = self.index.db.execute(
+            "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
     # -- reading ------------------------------------------------------------------------
 
-    def _leaves(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self.index.db.execute("SELECT hash FROM leaves ORDER BY idx")]
+    def _leaves(self, size: int | None = None) -> list[bytes]:
+        sql = "SELECT hash FROM leaves ORDER BY idx"
+        if size is not None:
+            sql += f" LIMIT {int(size)}"
+        return [bytes(r[0]) for r in self.index.db.execute(sql)]
 
     def message(self, queue_id: str) -> tuple[dict[str, Any], bytes]:
-        record_id = f"msg-{queue_id}"
+        """The envelope and the bytes received (KeyError: not archived, or purged)."""
+        record = self.record(f"msg-{queue_id}")
+        head, _, data = record.partition(b"\n")
+        return json.loads(head), data
+
+    def record(self, record_id: str) -> bytes:
+        """A message or copy record as committed to the log (opened)."""
         blob = self.blobs.get(record_id)
         if blob is None:
             raise KeyError(record_id)
-        record = open_sealed(blob, record_id, self.keys)
-        head, _, data = record.partition(b"\n")
-        return json.loads(head), data
+        return open_sealed(blob, record_id, self.keys)
+
+    def search(self, query: Query, limit: int = 1000) -> list[dict[str, Any]]:
+        """Messages matching ``query``, newest first: metadata and per-recipient
+        mode, rule and state (no content)."""
+        where, args = query.sql(self.index.subjects)
+        db = self.index.db
+        rows = db.execute(
+            "SELECT m.queue_id, m.received, m.mail_from, m.message_id, m.size, m.sha256, "
+            "m.retain_until, m.disposed, m.client_ip, m.leaf FROM messages m "
+            f"WHERE {where} ORDER BY m.received DESC LIMIT ?",
+            [*args, limit],
+        ).fetchall()
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        recipients: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for queue_id, idx, address, mode, rule, state, status, attempts in db.execute(
+            "SELECT queue_id, idx, address, mode, rule, state, status, attempts FROM recipients "
+            f"WHERE queue_id IN ({marks}) ORDER BY queue_id, idx",
+            ids,
+        ):
+            recipients[queue_id].append(
+                {
+                    "idx": idx,
+                    "address": address,
+                    "mode": mode,
+                    "rule": rule,
+                    "state": state,
+                    "status": status,
+                    "attempts": attempts,
+                }
+            )
+        held = {
+            q for (q,) in db.execute(f"SELECT queue_id FROM holds WHERE queue_id IN ({marks})", ids)
+        }
+        return [
+            {
+                "queue_id": q,
+                "received": _iso(received),
+                "mail_from": mail_from,
+                "message_id": message_id,
+                "size": size,
+                "sha256": sha,
+                "retain_until": _iso(retain_until),
+                "disposed": disposed is not None,
+                "held": q in held,
+                "client_ip": client_ip,
+                "leaf": leaf,
+                "recipients": recipients[q],
+            }
+            for (
+                q,
+                received,
+                mail_from,
+                message_id,
+                size,
+                sha,
+                retain_until,
+                disposed,
+                client_ip,
+                leaf,
+            ) in rows
+        ]
+
+    def events(self, queue_id: str, kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        rows = self.index.db.execute(
+            "SELECT record_id, kind, body, leaf FROM events WHERE queue_id=? ORDER BY leaf",
+            (queue_id,),
+        ).fetchall()
+        return [
+            {"record_id": r, "kind": k, "leaf": leaf, "body": json.loads(b)}
+            for r, k, b, leaf in rows
+            if not kinds or k in kinds
+        ]
+
+    def copies(self, queue_id: str) -> list[dict[str, Any]]:
+        rows = self.index.db.execute(
+            "SELECT record_id, sha256, size, leaf FROM copies WHERE queue_id=? ORDER BY leaf",
+            (queue_id,),
+        ).fetchall()
+        return [{"record_id": r, "sha256": s, "size": n, "leaf": leaf} for r, s, n, leaf in rows]
+
+    def access_log(self, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self.index.db.execute(
+            "SELECT record_id, body FROM events WHERE kind='access' AND at >= ? "
+            "ORDER BY leaf DESC LIMIT ?",
+            (since, limit),
+        ).fetchall()
+        return [{"record_id": r, **json.loads(b)} for r, b in rows]
+
+    def proofs(self, record_ids: list[str], size: int) -> dict[str, dict[str, Any]]:
+        """Inclusion proofs of these records in the tree of the first ``size`` leaves
+        (a checkpoint's): leaf index and the hashes, hex."""
+        tree = merkle.levels(self._leaves(size))
+        marks = ",".join("?" * len(record_ids))
+        found = self.index.db.execute(
+            f"SELECT record_id, idx FROM leaves WHERE record_id IN ({marks}) AND idx <= ?",
+            [*record_ids, size],
+        ).fetchall()
+        out = {}
+        for record_id, idx in found:
+            path = merkle.inclusion_proof_at(idx - 1, tree)
+            out[record_id] = {
+                "leaf_index": idx - 1,
+                "tree_size": size,
+                "path": [p.hex() for p in path],
+            }
+        return out
 
     # -- verification --------------------------------------------------------------------
 
     def verify(self, public: ed25519.Ed25519PublicKey | None = None) -> Report:
         """Check every record against its leaf, the leaves against every stored
-        checkpoint (signature, then consistency with the log), and that nothing is
-        in the store or index that the log does not know."""
+        checkpoint (its signature, and the root of the log at its size), and that
+        nothing is in the store or index that the log does not know.  Reads one
+        snapshot of the index (writers go on meanwhile)."""
         public = public or self.signing_key.public_key()
         db = self.index.db
-        rows = db.execute("SELECT idx, hash, kind, record_id FROM leaves ORDER BY idx").fetchall()
-        report = Report(leaves=len(rows))
-        leaves = [bytes(r[1]) for r in rows]
-        seen: set[str] = set()
+        own = not db.in_transaction
+        if own:
+            db.execute("BEGIN")
+        try:
+            return self._verify(public)
+        finally:
+            if own:
+                db.execute("COMMIT")
+
+    def _verify(self, public: ed25519.Ed25519PublicKey) -> Report:
+        db = self.index.db
+        report = Report()
         messages = {
             r[0]: r for r in db.execute("SELECT record_id, leaf, sha256, disposed FROM messages")
         }
-        disposals = {
-            json.loads(body)["record_id"]: record_id
-            for record_id, body in db.execute(
-                "SELECT record_id, body FROM events WHERE kind='disposition'"
-            )
-        }
+        copies = {r[0]: r for r in db.execute("SELECT record_id, leaf, sha256 FROM copies")}
+        disposed: set[str] = set()
+        for (body,) in db.execute("SELECT body FROM events WHERE kind='disposition'"):
+            record = json.loads(body)
+            disposed.add(record["record_id"])
+            disposed.update(record.get("copies", ()))
         events = {r[0]: r for r in db.execute("SELECT record_id, leaf, body FROM events")}
-        for position, (idx, leaf, kind, record_id) in enumerate(rows):
+        checkpoints = db.execute(
+            "SELECT size, root, note FROM checkpoints ORDER BY size"
+        ).fetchall()
+        wanted = {int(size): (bytes(root_hash), note) for size, root_hash, note in checkpoints}
+        frontier = merkle.Frontier()
+        seen: set[str] = set()
+        for idx, leaf, kind, record_id in db.execute(
+            "SELECT idx, hash, kind, record_id FROM leaves ORDER BY idx"
+        ):
+            position = frontier.size
             if idx - 1 != position:
                 report.problems.append(Problem(record_id, position, "a leaf is missing before it"))
+                while frontier.size < idx - 1:  # keep positions, so later checks name the gap
+                    frontier.append(b"")
+            leaf = bytes(leaf)
+            frontier.append(leaf)
+            if frontier.size in wanted:
+                self._check_checkpoint(frontier, wanted.pop(frontier.size), public, report)
             seen.add(record_id)
             if kind == "message":
+                report.messages += 1
                 row = messages.get(record_id)
-                if row is not None and row[3] is not None and record_id in disposals:
+                if row is not None and row[3] is not None and record_id in disposed:
+                    report.disposed += 1
                     if self.blobs.get(record_id) is not None:
                         what = "disposed of, but its content is still stored"
                         report.problems.append(Problem(record_id, position, what))
                     continue  # purged under retention, and the log says so
-                self._check_message(record_id, position, bytes(leaf), row, report)
-            else:
-                row = events.get(record_id)
-                if row is None:
-                    report.problems.append(Problem(record_id, position, "its index row is gone"))
+                self._check_message(record_id, position, leaf, row, report)
+            elif kind == "copy":
+                if record_id in disposed:
                     continue
-                digest = hashlib.sha256(row[2].encode()).hexdigest()
-                commitment = canonical({"kind": kind, "id": record_id, "sha256": digest})
-                if merkle.leaf_hash(commitment) != bytes(leaf):
-                    report.problems.append(
-                        Problem(record_id, position, "its index row was altered")
-                    )
-        for record_id in set(messages) | set(events):
+                self._check_copy(record_id, position, leaf, copies.get(record_id), report)
+            else:
+                self._check_event(record_id, kind, position, leaf, events.get(record_id), report)
+        report.leaves = frontier.size
+        for record_id in set(messages) | set(events) | set(copies):
             if record_id not in seen:
                 report.problems.append(Problem(record_id, None, "indexed but not in the log"))
         for name in self.blobs.names():
             if name not in seen:
                 report.problems.append(Problem(name, None, "a stored blob the log does not know"))
-        previous: Checkpoint | None = None
-        for size, root_hash, note in db.execute(
-            "SELECT size, root, note FROM checkpoints ORDER BY size"
-        ):
-            report.checkpoints += 1
-            try:
-                cp = verify(note, self.key_name, public)
-            except CheckpointError as e:
-                report.problems.append(Problem(f"checkpoint-{size}", None, str(e)))
-                continue
-            if cp.size != size or cp.root != bytes(root_hash):
-                report.problems.append(
-                    Problem(f"checkpoint-{size}", None, "does not match its index row")
-                )
-                continue
-            if cp.size > len(leaves):
-                report.problems.append(
-                    Problem(f"checkpoint-{size}", None, "the log is shorter: leaves were removed")
-                )
-                continue
-            if merkle.root(leaves[: cp.size]) != cp.root:
-                report.problems.append(
-                    Problem(f"checkpoint-{size}", None, "the log no longer has this root")
-                )
-            if previous is not None and cp.size > previous.size:
-                proof = merkle.consistency_proof(previous.size, leaves[: cp.size])
-                if not merkle.verify_consistency(
-                    previous.size, cp.size, proof, previous.root, cp.root
-                ):
-                    report.problems.append(
-                        Problem(f"checkpoint-{size}", None, "not consistent with the one before")
-                    )
-            previous = cp
+        report.checkpoints = len(checkpoints)
+        for size in sorted(wanted):
+            report.problems.append(
+                Problem(f"checkpoint-{size}", None, "the log is shorter: leaves were removed")
+            )
         return report
+
+    def _check_checkpoint(
+        self,
+        frontier: merkle.Frontier,
+        stored: tuple[bytes, str],
+        public: ed25519.Ed25519PublicKey,
+        report: Report,
+    ) -> None:
+        size = frontier.size
+        root_hash, note = stored
+        try:
+            cp = verify(note, self.key_name, public)
+        except CheckpointError as e:
+            report.problems.append(Problem(f"checkpoint-{size}", None, str(e)))
+            return
+        if cp.size != size or cp.root != root_hash:
+            report.problems.append(
+                Problem(f"checkpoint-{size}", None, "does not match its index row")
+            )
+        elif frontier.root() != cp.root:
+            report.problems.append(
+                Problem(f"checkpoint-{size}", None, "the log no longer has this root")
+            )
+
+    def _check_event(
+        self, record_id: str, kind: str, position: int, leaf: bytes, row: Any, report: Report
+    ) -> None:
+        if row is None:
+            report.problems.append(Problem(record_id, position, "its index row is gone"))
+            return
+        digest = hashlib.sha256(row[2].encode()).hexdigest()
+        commitment = canonical({"kind": kind, "id": record_id, "sha256": digest})
+        if merkle.leaf_hash(commitment) != leaf:
+            report.problems.append(Problem(record_id, position, "its index row was altered"))
+
+    def _opened(self, record_id: str, position: int, report: Report) -> bytes | None:
+        blob = self.blobs.get(record_id)
+        if blob is None:
+            report.problems.append(Problem(record_id, position, "its stored content is gone"))
+            return None
+        try:
+            return open_sealed(blob, record_id, self.keys)
+        except SealError as e:
+            report.problems.append(Problem(record_id, position, f"its stored content: {e}"))
+            return None
+
+    def _check_copy(
+        self, record_id: str, position: int, leaf: bytes, row: Any, report: Report
+    ) -> None:
+        if row is None:
+            report.problems.append(Problem(record_id, position, "its index row is gone"))
+        record = self._opened(record_id, position, report)
+        if record is None:
+            return
+        digest = hashlib.sha256(record).hexdigest()
+        commitment = canonical({"kind": "copy", "id": record_id, "sha256": digest})
+        if merkle.leaf_hash(commitment) != leaf:
+            report.problems.append(Problem(record_id, position, "does not match its leaf"))
+        elif row is not None and row[2] != digest:
+            report.problems.append(Problem(record_id, position, "its index row was altered"))
 
     def _check_message(
         self, record_id: str, position: int, leaf: bytes, row: Any, report: Report
     ) -> None:
         if row is None:
             report.problems.append(Problem(record_id, position, "its index row is gone"))
-        blob = self.blobs.get(record_id)
-        if blob is None:
-            report.problems.append(Problem(record_id, position, "its stored message is gone"))
-            return
-        try:
-            record = open_sealed(blob, record_id, self.keys)
-        except SealError as e:
-            report.problems.append(Problem(record_id, position, f"its stored message: {e}"))
+        record = self._opened(record_id, position, report)
+        if record is None:
             return
         digest = hashlib.sha256(record).hexdigest()
         commitment = canonical({"kind": "message", "id": record_id, "sha256": digest})
@@ -545,3 +1157,14 @@ class Archive:
             data = record.partition(b"\n")[2]
             if hashlib.sha256(data).hexdigest() != row[2]:
                 report.problems.append(Problem(record_id, position, "its index row was altered"))
+
+
+def _timestamp(value: Any, default: float) -> float:
+    try:
+        return datetime.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return default
+
+
+def _iso(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")

@@ -134,3 +134,56 @@ def verify_consistency(
         fn >>= 1
         sn >>= 1
     return fr == first_root and sr == second_root and sn == 0
+
+
+class Frontier:
+    """The right edge of a growing tree: the roots of its perfect subtrees, largest
+    first.  Appending is O(1) amortised and the root O(log n), so a checkpoint or a
+    verification walks each leaf once instead of rebuilding the tree."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._nodes: list[bytes] = []
+
+    def append(self, leaf: bytes) -> None:
+        node, size = leaf, self.size
+        while size & 1:
+            node = node_hash(self._nodes.pop(), node)
+            size >>= 1
+        self._nodes.append(node)
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._nodes:
+            return EMPTY_ROOT
+        node = self._nodes[-1]
+        for left in reversed(self._nodes[:-1]):
+            node = node_hash(left, node)
+        return node
+
+
+def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree, leaves first.  An RFC 6962 tree is the bottom-up tree
+    in which a level's lone last node is carried up unchanged, so the levels give
+    every inclusion proof without recomputing subtrees (`inclusion_proof_at`)."""
+    out = [list(leaves)]
+    while len(out[-1]) > 1:
+        below = out[-1]
+        level = [node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+        if len(below) & 1:
+            level.append(below[-1])
+        out.append(level)
+    return out
+
+
+def inclusion_proof_at(index: int, tree: list[list[bytes]]) -> list[bytes]:
+    """PATH(m, D[n]) from `levels` (the same hashes as `inclusion_proof`)."""
+    if not 0 <= index < len(tree[0]):
+        raise ValueError(f"leaf {index} is not in a tree of {len(tree[0])}")
+    proof = []
+    for level in tree[:-1]:
+        sibling = index ^ 1
+        if sibling < len(level):
+            proof.append(level[sibling])
+        index >>= 1
+    return proof

@@ -8,9 +8,12 @@ import pytest
 
 from gateway.archive.merkle import (
     EMPTY_ROOT,
+    Frontier,
     consistency_proof,
     inclusion_proof,
+    inclusion_proof_at,
     leaf_hash,
+    levels,
     root,
     verify_consistency,
     verify_inclusion,
@@ -80,3 +83,17 @@ def test_every_consistency_proof_verifies_and_an_altered_history_does_not(n):
         if m < n:
             assert not verify_consistency(m, n, proof, first, root([*tree[:-1], leaf_hash(b"x")]))
             assert not verify_consistency(m, n, [], first, second)
+
+
+def test_the_frontier_and_the_levels_give_the_same_roots_and_proofs_as_the_recursion():
+    leaves = [leaf_hash(bytes([n])) for n in range(70)]
+    frontier = Frontier()
+    for size in range(1, 71):
+        frontier.append(leaves[size - 1])
+        assert frontier.size == size
+        assert frontier.root() == root(leaves[:size])
+        tree = levels(leaves[:size])
+        assert tree[-1] == [root(leaves[:size])]
+        for index in range(size):
+            assert inclusion_proof_at(index, tree) == inclusion_proof(index, leaves[:size])
+    assert Frontier().root() == EMPTY_ROOT
