@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 need=""
-for pkg in gnupg openssl swaks postfix; do
+# swaks needs Net::SSLeay for --tls (only a Recommends of the swaks package)
+for pkg in gnupg openssl swaks libnet-ssleay-perl postfix; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
