@@ -73,7 +73,12 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: flo
 
 class Sealgate:
     def __init__(
-        self, workdir: Path, smtp_extra: str = "", delivery_extra: str = "", policy: str = ""
+        self,
+        workdir: Path,
+        smtp_extra: str = "",
+        delivery_extra: str = "",
+        policy: str = "",
+        extra: str = "",
     ):
         self.smtp_port, self.http_port = free_port(), free_port()
         self.config = workdir / "sealgate.yaml"
@@ -92,6 +97,7 @@ class Sealgate:
             f"delivery:\n{delivery}"
             f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n"
             + policy_line
+            + extra
         )
         self.log = open(workdir / "sealgate.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None

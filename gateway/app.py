@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
@@ -118,6 +119,7 @@ class Gateway:
         self.keydir: KeyDirectory | None = None
         self.keydir_writer: KeyDirectory | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.archive: ArchiveService | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -159,6 +161,9 @@ class Gateway:
                 negative_ttl=cfg.wkd.negative_ttl,
                 metrics=self.metrics,
             )
+        if cfg.archive.enabled:
+            archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
+            self.archive = ArchiveService(archive, cfg, self.spool, self.metrics)
         self.queue = QueueManager(
             cfg,
             self.spool,
@@ -168,8 +173,11 @@ class Gateway:
             self._inject,
             policy,
             keys,
+            self.archive,
         )
         await self.queue.start()
+        if self.archive is not None:
+            self.archive.start()
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
             self.workers = WorkerPool(cfg, self.config_path, self._worker_queued)
@@ -282,6 +290,8 @@ class Gateway:
             await self.smtp.stop(grace)
         if self.queue is not None:
             await self.queue.stop(grace)
+        if self.archive is not None:
+            await self.archive.close()
         for directory in (self.keydir, self.keydir_writer):
             if directory is not None:
                 directory.close()

@@ -59,6 +59,12 @@ class Batcher:
         self._add(job, future)
         return await future
 
+    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``job`` in the next batch; a future of its value (no task made)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._add(job, future)
+        return future
+
     def post(self, job: Job) -> None:
         """Run ``job`` in the next batch; nobody waits for it."""
         self._add(job, None)

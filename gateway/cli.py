@@ -8,6 +8,8 @@
     sealgate queue list [--json]
     sealgate queue show ID [--json]
     sealgate queue retry|hold|release|delete ID...
+    sealgate archive verify|search|proof|show|export|hold|release|holds|purge|access|...
+                                      (see gateway/archive/cli.py)
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.archive import cli as archive_cli
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.errors import ConfigError, SpoolError
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         qa = with_config(qsub.add_parser(action, help=text))
         qa.add_argument("queue_ids", nargs="+", metavar="ID")
+    archive_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "hash-password":
         return _hash_password()
+    if args.command == "archive" and args.archive_command == "token":
+        return archive_cli.token(args.name, args.role)
     config, source = _load(args)
     if args.command == "check-config":
         policy = check_references(config, source)
@@ -145,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _explain(config, args)
     if args.command == "keys":
         return _keys(config, args)
+    if args.command == "archive":
+        return archive_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

@@ -539,6 +539,106 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class MasterKeyConfig:
+    id: str = field(metadata=doc("Key id, recorded with every record sealed under it."))
+    file: Path = field(metadata=doc("32 random bytes (raw, or 64 hex digits), mode 0600."))
+
+
+@dataclass(frozen=True)
+class RetentionRuleConfig:
+    days: int = field(metadata=doc("Keep matching messages this many days."))
+    sender: str | None = field(default=None, metadata=doc("Envelope sender address."))
+    sender_domain: str | None = field(default=None, metadata=doc("Envelope sender domain."))
+    recipient_domain: str | None = field(
+        default=None, metadata=doc("Domain of any envelope recipient.")
+    )
+    mode: str | None = field(
+        default=None, metadata=doc("Delivery mode of any recipient: tls, smime, pgp, portal.")
+    )
+
+
+@dataclass(frozen=True)
+class ApiTokenConfig:
+    name: str = field(metadata=doc("Who holds the token: recorded with every access."))
+    role: Literal["auditor", "investigator", "admin"] = field(metadata=doc("What it may do."))
+    token_sha256: str = field(metadata=doc("SHA-256 (hex) of the token: 'sealgate archive token'."))
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Journal every accepted message (as received, with its envelope including "
+            "Bcc), each recipient's decision and delivery evidence, and the copies the "
+            "gateway changed, encrypted at rest, into a tamper-evident log. A message's "
+            "spool file stays until its archived copy is on disk; at start, whatever the "
+            "spool holds that the archive lacks is journaled."
+        ),
+    )
+    master_keys: tuple[MasterKeyConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "Master keys that wrap each record's data key, as a list of {id, file}: the "
+            "first seals new records, the others stay to read older ones (rotation). "
+            "Empty: one is made in <state_dir>/archive/keys on first start (back it up: "
+            "without it the archive cannot be read)."
+        ),
+    )
+    signing_key_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "Ed25519 private key (PEM, PKCS#8) that signs checkpoints of the log. null: "
+            "made in <state_dir>/archive/keys on first start. Publish its public key "
+            "('sealgate archive verify' prints where it is) to auditors."
+        ),
+    )
+    origin: str | None = field(
+        default=None,
+        metadata=doc("The log's name in its checkpoints. null: '<hostname>/sealgate-archive'."),
+    )
+    checkpoint_interval: Duration = field(
+        default=Duration(300),
+        metadata=doc("Sign a checkpoint of the log this often when it has grown."),
+    )
+    retention_days: int = field(
+        default=2192,
+        metadata=doc("Keep messages this many days (2192: six years) unless a rule says longer."),
+    )
+    retention_floor_days: int = field(
+        default=2192,
+        metadata=doc(
+            "No message is kept less than this. Recorded in the archive: it can be raised "
+            "later, never lowered (the daemon refuses to start)."
+        ),
+    )
+    retention_rules: tuple[RetentionRuleConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "Longer retention for some messages: a list of {days, and any of sender, "
+            "sender_domain, recipient_domain, mode}; every condition given must hold. "
+            "The longest of the default and every matching rule wins."
+        ),
+    )
+    index_subjects: bool = field(
+        default=False,
+        metadata=doc(
+            "Index subjects for 'archive search --subject' (full text). Subjects can carry "
+            "PHI: the index is not encrypted like the archived messages are."
+        ),
+    )
+    api_tokens: tuple[ApiTokenConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "Bearer tokens for the archive API on the ops listener (/archive/...), as a "
+            "list of {name, role, token_sha256}. Roles: 'auditor' (search, metadata, "
+            "evidence, proofs), 'investigator' (also content and exports), 'admin' "
+            "(also holds and purge; no content). Empty: the API answers 404."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata=doc("Lowest level written: debug, info, warning or error.")
@@ -588,6 +688,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     wkd: WkdConfig = field(default_factory=WkdConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -605,6 +706,8 @@ _POSITIVE_INTS = {
     "smtp.max_auth_failures",
     "spool.io_threads",
     "probe.concurrency",
+    "archive.retention_days",
+    "archive.retention_floor_days",
 }
 _DOMAIN = re.compile(
     r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -626,6 +729,10 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError("must be a port number 1-65535")
     if path == "smtp.marker_header" and not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid header field name")
+    if path.startswith("archive.retention_rules[") and path.endswith(".days") and value < 1:
+        raise ValueError("must be at least 1")
+    if path.endswith(".token_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("must be 64 lower-case hex digits (sealgate archive token)")
     if path.startswith("relay.client_certs["):
         if not _CERT_PATTERN.fullmatch(value):
             raise ValueError(

@@ -43,6 +43,12 @@ class Event(enum.StrEnum):
     ENCRYPTION_FAILED = "delivery.encryption-failed"
     DKIM_NOT_SIGNED = "delivery.dkim-not-signed"
     MESSAGE_DONE = "queue.message-done"
+    # archive
+    ARCHIVE_KEY_GENERATED = "archive.key-generated"
+    ARCHIVE_RECOVERED = "archive.recovered"
+    ARCHIVE_ERROR = "archive.error"
+    ARCHIVE_NOT_REMOVED = "archive.spool-file-kept"
+    ARCHIVE_ACCESS = "archive.access"
     # ops http
     HTTP_ERROR = "http.error"
 

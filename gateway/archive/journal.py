@@ -340,7 +340,8 @@ class Query:
         return cls(**d)
 
     def sql(self, subjects: bool) -> tuple[str, list[Any]]:
-        where, args = ["1"], []
+        where: list[str] = ["1"]
+        args: list[Any] = []
         if self.sender:
             s = self.sender.lower()
             if s.startswith("@"):
@@ -967,6 +968,15 @@ class Archive:
             if not kinds or k in kinds
         ]
 
+    def event_text(self, record_id: str) -> str:
+        """An event exactly as committed to the log."""
+        row = self.index.db.execute(
+            "SELECT body FROM events WHERE record_id=?", (record_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(record_id)
+        return str(row[0])
+
     def copies(self, queue_id: str) -> list[dict[str, Any]]:
         rows = self.index.db.execute(
             "SELECT record_id, sha256, size, leaf FROM copies WHERE queue_id=? ORDER BY leaf",
@@ -981,6 +991,13 @@ class Archive:
             (since, limit),
         ).fetchall()
         return [{"record_id": r, **json.loads(b)} for r, b in rows]
+
+    def leaf_hashes(self, record_ids: list[str]) -> dict[str, bytes]:
+        marks = ",".join("?" * len(record_ids))
+        rows = self.index.db.execute(
+            f"SELECT record_id, hash FROM leaves WHERE record_id IN ({marks})", record_ids
+        )
+        return {r: bytes(h) for r, h in rows}
 
     def proofs(self, record_ids: list[str], size: int) -> dict[str, dict[str, Any]]:
         """Inclusion proofs of these records in the tree of the first ``size`` leaves
@@ -1002,6 +1019,22 @@ class Archive:
         return out
 
     # -- verification --------------------------------------------------------------------
+
+    def note_verification(self, report: Report, seconds: float, actor: str) -> None:
+        """Keep a verification's outcome (the daemon's metrics read it) and record
+        who verified in the access record."""
+        summary = {"at": time.time(), "ok": report.ok, "seconds": seconds}
+        with self._transaction():
+            self.index.db.execute(
+                "INSERT OR REPLACE INTO settings VALUES ('last_verify', ?)", (json.dumps(summary),)
+            )
+            self.access(
+                actor,
+                "verify",
+                ok=report.ok,
+                problems=len(report.problems),
+                leaves=report.leaves,
+            )
 
     def verify(self, public: ed25519.Ed25519PublicKey | None = None) -> Report:
         """Check every record against its leaf, the leaves against every stored

@@ -88,6 +88,9 @@ class RecipientResult:
     # Deferred because the TLS level could not be met (the last host's failure): the
     # policy moves the recipient to its next mode.
     tls_failure: TlsFailure | None = None
+    # The digest of the copy sent when it was not the message as received (the
+    # archive keeps that copy under it).
+    copy_sha256: str | None = None
 
 
 @dataclass(frozen=True)

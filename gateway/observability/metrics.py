@@ -196,6 +196,41 @@ class Metrics:
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
         self.spool_messages = Gauge("sealgate_spool_messages", "Messages in the spool", registry=r)
+        self.archive_journaled = Counter(
+            "sealgate_archive_journaled_messages", "Messages journaled to the archive", registry=r
+        )
+        self.archive_journaled_bytes = Counter(
+            "sealgate_archive_journaled_bytes", "Bytes of messages journaled", registry=r
+        )
+        self.archive_errors = Counter(
+            "sealgate_archive_errors",
+            "Archive writes that failed (a message's spool file stays until it is journaled)",
+            registry=r,
+        )
+        self.archive_bytes = Gauge(
+            "sealgate_archive_bytes", "Size of the archive (index and sealed records)", registry=r
+        )
+        self.archive_verify_time = Gauge(
+            "sealgate_archive_last_verify_timestamp_seconds",
+            "When the archive was last verified (sealgate archive verify)",
+            registry=r,
+        )
+        self.archive_verify_ok = Gauge(
+            "sealgate_archive_last_verify_ok",
+            "1 if the last verification found no problem, 0 if it found some",
+            registry=r,
+        )
+        self.archive_verify_seconds = Gauge(
+            "sealgate_archive_last_verify_duration_seconds",
+            "How long the last verification took",
+            registry=r,
+        )
+        self.archive_searches = Counter(
+            "sealgate_archive_searches", "Archive searches (API)", registry=r
+        )
+        self.archive_exports = Counter(
+            "sealgate_archive_exports", "Archive exports (API)", registry=r
+        )
         self.spool_bytes = Gauge(
             "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r
         )

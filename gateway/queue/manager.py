@@ -46,7 +46,9 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
-from gateway.batching import Batcher, run_each
+from gateway.archive.service import ArchiveService
+from gateway.batching import Batcher, Job, run_each
+from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config
 from gateway.config_check import Signer, dkim_key, load_signer
 from gateway.crypto import dkim, smime
@@ -107,8 +109,10 @@ class QueueManager:
         inject: Callable[[str, list[str], bytes], Awaitable[str]],
         policy: Policy | None = None,
         keys: KeyStore | None = None,
+        archive: ArchiveService | None = None,
     ):
         self.spool = spool
+        self.archive = archive
         self.metrics = metrics
         self.redact = redact
         self.hostname = hostname
@@ -134,7 +138,7 @@ class QueueManager:
         # (the SMTP side renames and fsyncs in the same directory): never in the
         # database thread, which every attempt needs.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
-        self._removals = Batcher(self._remover, run_each)
+        self._removals = Batcher(self._remover, self._remove_batch)
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -211,6 +215,13 @@ class QueueManager:
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
 
+    def _remove_batch(self, jobs: list[Job]) -> list[JobOutcome]:
+        """In the removal thread: the archived copies on disk first (one sync for
+        the batch), then the spool files go."""
+        if self.archive is not None:
+            self.archive.make_durable()
+        return run_each(jobs)
+
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
 
@@ -223,7 +234,9 @@ class QueueManager:
         assert self.sts is not None
         await asyncio.to_thread(self.sts.load)
         await self._db(self.store.release_leases)
-        added = await self._db(self._reconcile)
+        # before anything is removed: the archive journals what it lacks
+        keep = await self.archive.recover() if self.archive is not None else set()
+        added = await self._db(self._reconcile, keep)
         unfinished = await self._db(self.store.unfinished)
         for queue_id in unfinished:
             try:
@@ -236,9 +249,10 @@ class QueueManager:
         log.info(Event.QUEUE_STARTED, reconciled=added, finished=len(unfinished))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _reconcile(self) -> int:
+    def _reconcile(self, keep: set[str]) -> int:
         """Add spooled messages the store does not know (a crash before `enqueue`);
-        remove spool files of messages already done (a crash before the removal)."""
+        remove spool files of messages already done (a crash before the removal)
+        unless the archive could not journal them (``keep``)."""
         assert self.store is not None
         known, added = self.store.known(), 0
         for item in self.spool.envelopes():
@@ -247,7 +261,7 @@ class QueueManager:
             done = known.get(item.queue_id)
             if done is None:
                 added += self.store.add(item)
-            elif done:
+            elif done and item.queue_id not in keep:
                 self.spool.remove(item.queue_id, item.size)
         return added
 
@@ -295,6 +309,8 @@ class QueueManager:
             return
         if data is not None:
             self._cache_put(recorded, data)
+        if added and self.archive is not None:
+            self.archive.journal(recorded, data)
         if lease and added:
             now = time.time()
             self._start(
@@ -464,6 +480,22 @@ class QueueManager:
         ]
         store = self.store
         final = await self._commits.run(lambda: store.record(queue_id, records, now))
+        if self.archive is not None:
+            self.archive.attempt(
+                queue_id,
+                [
+                    {
+                        "idx": row.idx,
+                        "address": row.address,
+                        "attempt": row.attempts + 1,
+                        "state": record.state,
+                        "status": record.status,
+                        "diagnostic": record.diagnostic,
+                        "evidence": record.evidence,
+                    }
+                    for row, record in zip(rows, records, strict=True)
+                ],
+            )
         if final is None and any(r.state in ("deferred", "held") for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         for row, record in zip(rows, records, strict=True):
@@ -615,15 +647,20 @@ class QueueManager:
             outcome: Outcome = "bounced" if routed.permanent else "deferred"
             results = [RecipientResult(a, outcome, routed.status, routed.reason) for a in addresses]
         else:
-            if strip_tags:
-                data = strip_subject_tags(data, strip_tags)
-            data = await self._signed(data, changed or bool(strip_tags))
+            body = strip_subject_tags(data, strip_tags) if strip_tags else data
+            body = await self._signed(body, changed or bool(strip_tags))
+            sent = envelope.trace_headers.encode("utf-8", "surrogateescape") + body
+            copy_sha256 = None
+            if (changed or body is not data) and self.archive is not None:
+                # not the message as received: the archive keeps the copy as sent
+                copy_sha256 = hashlib.sha256(sent).hexdigest()
+                self.archive.copy(envelope.queue_id, sent)
             results = await deliver(
                 routed,
                 level,
                 envelope.mail_from,
                 addresses,
-                envelope.trace_headers.encode("utf-8", "surrogateescape") + data,
+                sent,
                 self.settings,
                 self.resolver,
                 smtputf8="SMTPUTF8" in envelope.mail_options,
@@ -631,6 +668,8 @@ class QueueManager:
                 sessions=self.sessions,
                 metrics=self.metrics,
             )
+            if copy_sha256 is not None:
+                results = [dataclasses.replace(r, copy_sha256=copy_sha256) for r in results]
             for result in results:
                 ev = result.evidence
                 tls_version = Metrics.tls_label(ev.tls_version if ev else None)
@@ -694,6 +733,8 @@ class QueueManager:
         }
         if transform is not None:
             evidence["encryption"] = transform
+        if result.copy_sha256 is not None:
+            evidence["copy_sha256"] = result.copy_sha256
         return AttemptRecord(
             row.idx,
             state,
@@ -766,7 +807,11 @@ class QueueManager:
             dsn_sent = True
         if failed or recovering:
             await self._db(self.store.finish, envelope.queue_id, dsn_sent)
-        self._remove(envelope)
+        if self.archive is None or await self.archive.settled(envelope.queue_id):
+            self._remove(envelope)
+        else:  # not in the archive yet: the spool keeps it until it is
+            log.error(Event.ARCHIVE_NOT_REMOVED, queue_id=envelope.queue_id)
+            self.archive.when_journaled(envelope.queue_id, lambda: self._remove(envelope))
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,

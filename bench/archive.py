@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""What the compliance archive costs, and how fast it answers.
+
+    .venv/bin/python bench/archive.py [--messages 3000] [--size 4096] [--rounds 3]
+                                      [--records 1000000]
+
+1. Relay throughput with the archive (the default) against the same gateway with
+   ``archive.enabled: false``, and Postfix as the anchor, in one run: smtp-source
+   (20 sessions) -> relay -> smtp-sink, rounds alternating, medians compared.
+   Target: journaling costs at most 15% (ratio >= 0.85).
+2. Search: an archive index of ``--records`` messages (written straight into the
+   index, two recipients each, 2000 senders over a year), then sender + date-range
+   queries through `Archive.search` and through ``sealgate archive search``.  Target:
+   under 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accept import SEALGATE, Sealgate  # noqa: E402
+from postfix_anchor import postfix_instance, wait_until_delivered  # noqa: E402
+from relay import PLAINTEXT_SINK_POLICY, counting_sink, run_to  # noqa: E402
+
+from gateway.archive.journal import Query  # noqa: E402
+from gateway.archive.service import open_archive  # noqa: E402
+from gateway.config import load_config_text  # noqa: E402
+
+
+def relay(args: argparse.Namespace, workdir: Path) -> None:
+    sinks: list[subprocess.Popen[bytes]] = []
+    try:
+        pf_sink, pf_sink_port, pf_log = counting_sink(workdir)
+        on_sink, on_port, on_log = counting_sink(workdir)
+        off_sink, off_port, off_log = counting_sink(workdir)
+        sinks += [pf_sink, on_sink, off_sink]
+        (workdir / "on").mkdir()
+        (workdir / "off").mkdir()
+        with (
+            postfix_instance(workdir, pf_sink_port) as pf_port,
+            Sealgate(
+                workdir / "on",
+                delivery_extra=f"  smart_host: '127.0.0.1:{on_port}'\n",
+                policy=PLAINTEXT_SINK_POLICY,
+            ) as on,
+            Sealgate(
+                workdir / "off",
+                delivery_extra=f"  smart_host: '127.0.0.1:{off_port}'\n",
+                policy=PLAINTEXT_SINK_POLICY,
+                extra="archive: {enabled: false}\n",
+            ) as off,
+        ):
+            runs: dict[str, list[tuple[float, float]]] = {"postfix": [], "on": [], "off": []}
+
+            def postfix() -> tuple[float, float]:
+                result = run_to(pf_port, args.messages, args.size, pf_log)
+                wait_until_delivered(workdir)
+                return result
+
+            order = [
+                ("postfix", postfix),
+                ("on", lambda: run_to(on.smtp_port, args.messages, args.size, on_log)),
+                ("off", lambda: run_to(off.smtp_port, args.messages, args.size, off_log)),
+            ]
+            for i in range(args.rounds):
+                for name, run in order[i % 3 :] + order[: i % 3]:
+                    runs[name].append(run())
+            rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
+            cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+            print(
+                f"relay {args.size} B x {args.messages}, median of {args.rounds}: "
+                f"archive on {rate['on']:.0f}/s, off {rate['off']:.0f}/s, postfix "
+                f"{rate['postfix']:.0f}/s; on/off {rate['on'] / rate['off']:.2f} (target >= "
+                f"0.85), on/postfix {rate['on'] / rate['postfix']:.2f}, off/postfix "
+                f"{rate['off'] / rate['postfix']:.2f}; machine CPU per message: on "
+                f"{cpu['on']:.2f} ms, off {cpu['off']:.2f} ms, postfix {cpu['postfix']:.2f} ms "
+                f"[on {', '.join(f'{r:.0f}' for r, _ in runs['on'])}; off "
+                f"{', '.join(f'{r:.0f}' for r, _ in runs['off'])}]",
+                flush=True,
+            )
+    finally:
+        for sink in sinks:
+            sink.terminate()
+
+
+def search(args: argparse.Namespace, workdir: Path) -> None:
+    state = workdir / "search-state"
+    config_file = workdir / "search.yaml"
+    config_file.write_text(f"state_dir: {state}\n")
+    config = load_config_text(config_file.read_text())
+    archive = open_archive(config, "bench.sealgate.test")
+    db = archive.index.db
+    rng = random.Random(7)
+    senders = [f"user{n}@clinic{n % 20}.example" for n in range(2000)]
+    start_time = time.time() - 365 * 86400
+    started = time.monotonic()
+    chunk = 50_000
+    for base in range(0, args.records, chunk):
+        messages, recipients, leaves = [], [], []
+        for n in range(base, min(base + chunk, args.records)):
+            q = f"B{n:010d}"
+            sender = senders[rng.randrange(len(senders))]
+            received = start_time + n * (365 * 86400 / args.records)
+            digest = hashlib.sha256(q.encode()).hexdigest()
+            leaves.append(
+                (n + 1, hashlib.sha256(q.encode()).digest(), "message", f"msg-{q}", received)
+            )
+            messages.append(
+                (
+                    f"msg-{q}",
+                    q,
+                    received,
+                    sender,
+                    sender.partition("@")[2],
+                    f"<{q}@x>",
+                    "10.0.0.1",
+                    4096,
+                    digest,
+                    n,
+                    received + 2192 * 86400,
+                )
+            )
+            for i in range(2):
+                address = f"patient{rng.randrange(200000)}@mail{i}.example"
+                recipients.append(
+                    (
+                        q,
+                        i,
+                        address,
+                        address.partition("@")[2],
+                        "tls",
+                        "defaults",
+                        "delivered",
+                        "250",
+                        1,
+                    )
+                )
+        with db:
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
+            db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
+            db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
+            db.execute("COMMIT")
+    db.execute("ANALYZE")
+    print(f"search: built {args.records} records in {time.monotonic() - started:.0f} s", flush=True)
+    timings = []
+    found = 0
+    for _ in range(20):
+        sender = senders[rng.randrange(len(senders))]
+        since = start_time + rng.uniform(0, 300) * 86400
+        t = time.perf_counter()
+        hits = archive.search(Query(sender=sender, since=since, until=since + 30 * 86400))
+        timings.append(time.perf_counter() - t)
+        found += len(hits)
+    timings.sort()
+    print(
+        f"search over {args.records} records, sender + 30-day range (20 queries, {found / 20:.0f} "
+        f"hits each on average): median {1000 * statistics.median(timings):.1f} ms, worst "
+        f"{1000 * timings[-1]:.1f} ms (target < 200 ms)",
+        flush=True,
+    )
+    t = time.perf_counter()
+    hits = archive.search(
+        Query(
+            recipient="@mail1.example",
+            since=start_time + 100 * 86400,
+            until=start_time + 101 * 86400,
+        )
+    )
+    print(
+        f"search by recipient domain + 1-day range: "
+        f"{1000 * (time.perf_counter() - t):.1f} ms, {len(hits)} hits"
+    )
+    archive.index.close()
+    sender = senders[3]
+    t = time.perf_counter()
+    out = subprocess.run(
+        [
+            *SEALGATE,
+            "archive",
+            "search",
+            "--config",
+            str(config_file),
+            "--sender",
+            sender,
+            "--since",
+            time.strftime("%Y-%m-%d", time.gmtime(start_time + 30 * 86400)),
+            "--until",
+            time.strftime("%Y-%m-%d", time.gmtime(start_time + 60 * 86400)),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(
+        f"'sealgate archive search' (a new process, Python start included): "
+        f"{1000 * (time.perf_counter() - t):.0f} ms, {out.stdout.count('queue_id')} hits"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=["relay", "search"])
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="sealgate-archive-"))
+    try:
+        if args.only != "search":
+            if os.geteuid() != 0:
+                print("the relay part needs root (Postfix)", file=sys.stderr)
+                return 2
+            relay(args, workdir)
+        if args.only != "relay":
+            search(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""The archive in the daemon: opening it as configured (keys made on first start),
+and `ArchiveService`, which journals from the mail path without slowing it.
+
+Completeness: the SMTP side answers 250 once the spool file is durable; the archive
+journals the message from there.  Its spool file is removed only after the archived
+copy is on disk (`Archive.make_durable` in the removal batch), and at start whatever
+the spool holds that the archive lacks is journaled first (`recover`).  So a message
+answered 250 is in the archive, or still in the spool and journaled at the next
+start: nothing in between can lose it.
+
+Every write runs on the archive's own thread, many per transaction (a
+`gateway.batching.Batcher` over `Archive.batch`): the event loop hands a job over and
+goes on.  Only the spool-file removal waits for a message's journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.archive.journal import (
+    Archive,
+    ArchiveError,
+    ArchiveIndex,
+    Retention,
+    RetentionRule,
+    SqliteBlobStore,
+)
+from gateway.archive.sealing import MasterKeys
+from gateway.batching import Batcher
+from gateway.config import Config
+from gateway.errors import ConfigError, SpoolError
+from gateway.events import Event
+from gateway.model import Envelope
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
+from gateway.spool import Spool
+
+log = get_logger("gateway.archive")
+
+GENERATED_MASTER_KEY = "local-1"
+
+
+def archive_dir(config: Config) -> Path:
+    return config.state_dir / "archive"
+
+
+def _read_master_key(path: Path, option: str) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(option, f"cannot read {path}: {e.strerror}") from None
+    if len(raw) == 32:
+        return raw
+    text = raw.strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(option, f"{path} is not a 32-byte key (raw, or 64 hex digits)")
+    return key
+
+
+def _private_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def master_keys(config: Config, create: bool) -> MasterKeys:
+    """The configured master keys (the first is current), or the generated one."""
+    ac = config.archive
+    if ac.master_keys:
+        keys: dict[str, bytes] = {}
+        for n, mk in enumerate(ac.master_keys):
+            option = f"archive.master_keys[{n}]"
+            if mk.id in keys:
+                raise ConfigError(option, f"key id {mk.id!r} appears twice")
+            keys[mk.id] = _read_master_key(mk.file, option + ".file")
+        return MasterKeys(ac.master_keys[0].id, keys)
+    path = archive_dir(config) / "keys" / f"master-{GENERATED_MASTER_KEY}.key"
+    if not path.exists():
+        if not create:
+            raise ConfigError("archive.master_keys", f"no master key: {path} does not exist")
+        _private_file(path, secrets.token_bytes(32))
+        log.warning(Event.ARCHIVE_KEY_GENERATED, kind="master", path=str(path))
+    return MasterKeys(GENERATED_MASTER_KEY, {GENERATED_MASTER_KEY: _read_master_key(path, "")})
+
+
+def signing_key(config: Config, create: bool) -> ed25519.Ed25519PrivateKey:
+    path = config.archive.signing_key_file
+    option = "archive.signing_key_file"
+    if path is None:
+        path = archive_dir(config) / "keys" / "checkpoint-signing.pem"
+        if not path.exists() and create:
+            key = ed25519.Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            _private_file(path, pem)
+            public_path(config).write_bytes(public_pem(key.public_key()))
+            log.warning(Event.ARCHIVE_KEY_GENERATED, kind="checkpoint-signing", path=str(path))
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as e:
+        raise ConfigError(option, f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(option, f"{path} is not an unencrypted PEM private key: {e}") from None
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+        raise ConfigError(option, f"{path} is not an Ed25519 key")
+    return loaded
+
+
+def public_path(config: Config) -> Path:
+    return archive_dir(config) / "keys" / "checkpoint-signing.pub.pem"
+
+
+def public_pem(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def origin_of(config: Config, hostname: str) -> str:
+    origin = config.archive.origin or f"{hostname}/sealgate-archive"
+    if any(c.isspace() for c in origin) or "+" in origin:
+        raise ConfigError("archive.origin", f"{origin!r} must not contain spaces or '+'")
+    return origin
+
+
+def retention_of(config: Config) -> Retention:
+    ac = config.archive
+    return Retention(
+        ac.retention_days,
+        ac.retention_floor_days,
+        tuple(
+            RetentionRule(
+                r.days,
+                r.sender.lower() if r.sender else None,
+                r.sender_domain.lower() if r.sender_domain else None,
+                r.recipient_domain.lower() if r.recipient_domain else None,
+                r.mode,
+            )
+            for r in ac.retention_rules
+        ),
+    )
+
+
+def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
+    """The archive at <state_dir>/archive, as configured.  ``create``: make the
+    directory and keys when missing (the daemon); else ConfigError (the CLI)."""
+    directory = archive_dir(config)
+    path = directory / "index.db"
+    if not create and not path.exists():
+        raise ConfigError("archive", f"no archive at {directory} (has the gateway run?)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys = master_keys(config, create)
+    signer = signing_key(config, create)
+    index = ArchiveIndex(path, subjects=config.archive.index_subjects)
+    try:
+        # The log's name is fixed when it is made: checkpoints are signed under it.
+        stored = index.db.execute("SELECT value FROM settings WHERE name='origin'").fetchone()
+        origin = origin_of(config, hostname) if stored is None else str(stored[0])
+        if config.archive.origin is not None and config.archive.origin != origin:
+            raise ConfigError(
+                "archive.origin",
+                f"this archive's log is named {origin!r}; its name cannot change",
+            )
+        if stored is None:
+            index.db.execute("INSERT INTO settings VALUES ('origin', ?)", (origin,))
+        archive = Archive(
+            SqliteBlobStore(index.db), index, keys, origin, signer, origin, retention_of(config)
+        )
+        archive.enforce_floor()
+    except ArchiveError as e:
+        index.close()
+        raise ConfigError("archive.retention_floor_days", str(e)) from None
+    except BaseException:
+        index.close()
+        raise
+    return archive
+
+
+class ArchiveService:
+    """Journals from the mail path on the archive's own thread (see the module)."""
+
+    def __init__(self, archive: Archive, config: Config, spool: Spool, metrics: Metrics):
+        self.archive = archive
+        self.spool = spool
+        self.metrics = metrics
+        self.interval = config.archive.checkpoint_interval
+        self.subjects = config.archive.index_subjects
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
+        self._batcher = Batcher(self._thread, archive.batch)
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._failed: set[str] = set()
+        self._after: dict[str, Callable[[], None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._checkpointed = -1
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def recover(self) -> set[str]:
+        """Journal every spooled message the archive lacks (a crash before its
+        journal committed).  Returns the ones that could not be journaled: their
+        spool files must stay."""
+        failed = set()
+        recovered = 0
+        for item in await self._run(lambda: list(self.spool.envelopes())):
+            if not isinstance(item, Envelope):
+                continue
+            if await self._run(self.archive.has_content, item.queue_id):
+                continue
+            try:
+                await self._batcher.run(self._journal_job(item, None))
+                recovered += 1
+            except (OSError, SpoolError, ValueError) as e:
+                failed.add(item.queue_id)
+                log.error(Event.ARCHIVE_ERROR, queue_id=item.queue_id, error=str(e)[:300])
+        self._failed |= failed
+        log.info(Event.ARCHIVE_RECOVERED, messages=recovered, failed=len(failed))
+        return failed
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._periodic())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._batcher.run(lambda: None)  # what is queued is written
+            await self._checkpoint()
+        self._thread.shutdown(wait=True)
+        self.archive.index.close()
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.interval, 60.0))
+            with contextlib.suppress(Exception):
+                await self.retry_failed()
+            try:
+                if time.monotonic() - self._last_checkpoint >= self.interval:
+                    await self._checkpoint()
+                await self._run(self._update_gauges)
+            except Exception as e:  # the next round tries again
+                log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
+
+    _last_checkpoint = 0.0
+
+    async def _checkpoint(self) -> None:
+        def job() -> int:
+            size = self.archive.size()
+            if size != self._checkpointed:
+                self.archive.checkpoint()
+            return size
+
+        self._checkpointed = await self._batcher.run(job)
+        self._last_checkpoint = time.monotonic()
+
+    def _update_gauges(self) -> None:
+        path = self.archive.index.path
+        size = sum(
+            p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
+        )
+        self.metrics.archive_bytes.set(size)
+        last = self.archive.setting("last_verify")
+        if last:
+            result = json.loads(last)
+            self.metrics.archive_verify_time.set(result["at"])
+            self.metrics.archive_verify_ok.set(1 if result["ok"] else 0)
+            self.metrics.archive_verify_seconds.set(result["seconds"])
+
+    async def retry_failed(self) -> None:
+        for queue_id in list(self._failed):
+            try:
+                envelope, data = await self._run(self.spool.read, queue_id)
+            except SpoolError:
+                self._failed.discard(queue_id)  # gone: nothing to journal
+                continue
+            await self._batcher.run(self._journal_job(envelope, data))
+            self._failed.discard(queue_id)
+            self._journaled(len(data))
+            action = self._after.pop(queue_id, None)
+            if action is not None:
+                action()
+
+    # -- the mail path ----------------------------------------------------------------
+
+    def _journal_job(self, envelope: Envelope, data: bytes | None) -> Any:
+        record = envelope.to_dict()
+        subjects = self.subjects
+
+        def job() -> int:
+            body = data
+            if body is None:  # a large message, not kept in memory: read it here
+                body = self.spool.read(envelope.queue_id)[1]
+            self.archive.journal_message(record, body, subject=subjects)
+            return len(body)
+
+        return job
+
+    def journal(self, envelope: Envelope, data: bytes | None) -> None:
+        """Journal a message that was just spooled (``data``: its bytes when at hand,
+        else they are read from the spool)."""
+        queue_id = envelope.queue_id
+        future = self._batcher.submit(self._journal_job(envelope, data))
+        self._pending[queue_id] = future
+        future.add_done_callback(lambda f: self._settle(queue_id, f))
+
+    def _settle(self, queue_id: str, future: asyncio.Future[Any]) -> None:
+        self._pending.pop(queue_id, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self._failed.add(queue_id)
+            self.metrics.archive_errors.inc()
+            log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(error)[:300])
+        else:
+            self._journaled(future.result())
+
+    def _journaled(self, size: int) -> None:
+        self.metrics.archive_journaled.inc()
+        self.metrics.archive_journaled_bytes.inc(size)
+
+    async def settled(self, queue_id: str) -> bool:
+        """Wait for this message's journal; False when it failed (its spool file must
+        stay: it is journaled again later, or at the next start)."""
+        future = self._pending.get(queue_id)
+        if future is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+        return queue_id not in self._failed
+
+    def when_journaled(self, queue_id: str, action: Callable[[], None]) -> None:
+        """Run ``action`` once a message whose journal failed is journaled after all
+        (its spool file's removal)."""
+        self._after[queue_id] = action
+
+    def attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> None:
+        """One attempt's outcome and evidence for some recipients."""
+        self._post(lambda: self.archive.journal_attempt(queue_id, recipients), queue_id)
+
+    def copy(self, queue_id: str, data: bytes) -> None:
+        """A copy the gateway changed, as sent."""
+        self._post(lambda: self.archive.journal_copy(queue_id, data), queue_id)
+
+    def _post(self, job: Any, queue_id: str) -> None:
+        future = self._batcher.submit(job)
+        future.add_done_callback(lambda f: self._logged(queue_id, f))
+
+    def _logged(self, queue_id: str, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.metrics.archive_errors.inc()
+            log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(future.exception())[:300])
+
+    def make_durable(self) -> None:
+        """Before spool files go (in the removal thread): every committed record on
+        disk."""
+        self.archive.make_durable()

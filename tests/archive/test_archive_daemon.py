@@ -1,0 +1,243 @@
+"""The archive through the daemon: a relayed message is in it byte for byte with
+its envelope (Bcc included) and every recipient's evidence; the compliance officer's
+commands (search, proof, show, verify, export) work on it while the daemon runs, each
+recorded in the access record; the export verifies with standard tools alone; a
+message the archive lacks is journaled from the spool at start."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+
+from gateway.archive.journal import Query
+from tests.conftest import make_message, queued, run_sealgate, smtp_client
+from tests.crypto.smime_pki import mailbox
+from tests.delivery.conftest import wait_until
+from tests.delivery.test_queue_e2e import BODY, SUBJECT, done, send, start
+
+
+async def send_one(gw, rcpts) -> str:
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail("doctor@clinic.test", rcpts, make_message(SUBJECT, BODY))
+    return reply.rsplit(" ", 1)[1]
+
+
+def cli(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_sealgate(
+        "archive", *args, "--config", str(tmp_path / "config.yaml"), "--actor", "auditor@clinic"
+    )
+
+
+async def test_a_relayed_message_is_archived_with_envelope_bcc_evidence_and_the_copy_sent(
+    gateway_factory, world, pki, tmp_path
+):
+    good = await world.mta("mx.good.test", "127.0.0.81")  # verified TLS
+    keyed = await world.mta("mx.keyed.test", "127.0.0.82", cert="self-signed")  # S/MIME
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    world.dns.add("keyed.test", "MX", "10 mx.keyed.test.")
+    gw = await start(gateway_factory, world, pki)
+    bob = mailbox("bob@keyed.test", n=8)
+    cert, _ = bob.write(tmp_path, "bob")
+    imported = await asyncio.to_thread(
+        run_sealgate, "keys", "import", str(cert), "--state-dir", str(gw.config.state_dir)
+    )
+    assert imported.returncode == 0, imported.stderr
+    # the message's To: names one recipient; the other two are envelope-only (Bcc)
+    rcpts = ["a@good.test", "bcc@good.test", "bob@keyed.test"]
+    queue_id = await send(gw, rcpts)
+    await wait_until(lambda: done(gw, queue_id) and not queued(gw), what="delivered, spool empty")
+    original = make_message(SUBJECT, BODY)
+
+    found = await asyncio.to_thread(
+        cli, tmp_path, "search", "--sender", "doctor@clinic.test", "--json"
+    )
+    assert found.returncode == 0, found.stderr
+    (row,) = [json.loads(line) for line in found.stdout.splitlines()]
+    assert row["queue_id"] == queue_id and row["message_id"] == "<m1@clinic.test>"
+    assert [(r["address"], r["state"], r["mode"]) for r in row["recipients"]] == [
+        ("a@good.test", "delivered", "tls"),
+        ("bcc@good.test", "delivered", "tls"),
+        ("bob@keyed.test", "delivered", "smime"),
+    ]
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "archive",
+            "show",
+            queue_id,
+            "--config",
+            str(tmp_path / "config.yaml"),
+        ],
+        capture_output=True,
+    )
+    assert shown.returncode == 0 and shown.stdout == original  # byte for byte
+
+    proof = await asyncio.to_thread(cli, tmp_path, "proof", queue_id, "--json")
+    assert proof.returncode == 0, proof.stderr
+    p = json.loads(proof.stdout)
+    assert p["client"]["ip"] == "127.0.0.1" and p["client"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    by = {r["address"]: r for r in p["recipients"]}
+    (attempt,) = by["bcc@good.test"]["history"]
+    assert attempt["mx"] == "mx.good.test" and attempt["ip"] == "127.0.0.81"
+    assert attempt["verification"] == "pkix" and attempt["reply"].startswith("250")
+    assert attempt["peer_cert_sha256"] == hashlib.sha256(good.cert_der).hexdigest()
+    assert attempt["tls_version"] == good.received[0].tls_version
+    (sealed,) = by["bob@keyed.test"]["history"]
+    assert sealed["mode"] == "smime" and sealed["key_fingerprint"]
+    # the S/MIME copy is archived as sent, under the digest of what bob's server got
+    (copy,) = keyed.received
+    assert sealed["copy_sha256"] == hashlib.sha256(copy.data).hexdigest()
+    assert [c["sha256"] for c in p["copies"]] == [sealed["copy_sha256"]]
+
+    text = await asyncio.to_thread(cli, tmp_path, "proof", queue_id)
+    assert "bcc@good.test: delivered 2.0.0 - mode tls" in text.stdout
+    verified = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert verified.returncode == 0 and "archive OK" in verified.stdout, verified.stdout
+    # the envelope as journaled: every recipient, the Bcc ones included
+    envelope, data = gw.archive.archive.message(queue_id)
+    assert data == original and [r["address"] for r in envelope["recipients"]] == rcpts
+    assert b"Biopsy" not in gw.archive.archive.blobs.get(f"msg-{queue_id}")  # sealed at rest
+
+    access = await asyncio.to_thread(cli, tmp_path, "access", "--json")
+    actions = [(e["actor"], e["action"]) for e in map(json.loads, access.stdout.splitlines())]
+    assert {("auditor@clinic", a) for a in ("search", "proof", "verify")} <= set(actions)
+    assert any(a == "view" for _, a in actions)  # 'show' without --actor: the login name
+    metric = gw.metrics.registry.get_sample_value("sealgate_archive_journaled_messages_total")
+    assert metric == 1
+
+
+async def test_the_export_verifies_with_sha256sum_openssl_and_a_stdlib_script(
+    gateway_factory, world, pki, tmp_path
+):
+    mta = await world.mta("mx.good.test", "127.0.0.83")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    gw = await start(gateway_factory, world, pki)
+    ids = [await send_one(gw, [f"p{n}@good.test", "bcc@good.test"]) for n in range(3)]
+    await wait_until(lambda: all(done(gw, q) for q in ids), what="delivered")
+    await wait_until(lambda: not queued(gw), what="spool empty")
+    out = tmp_path / "case.zip"
+    made = await asyncio.to_thread(cli, tmp_path, "export", ids[0], ids[2], "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(out) as z:
+        z.extractall(unpacked)
+    root = unpacked / "sealgate-export"
+    assert (root / f"messages/{ids[0]}.eml").read_bytes() == make_message(SUBJECT, BODY)
+    assert not (root / f"messages/{ids[1]}.eml").exists()
+    load = (root / "loadfile.csv").read_text().splitlines()
+    assert len(load) == 1 + 4  # two recipients each, Bcc included
+    assert (
+        f"{ids[0]},".split(",")[0] in load[1]
+        and "bcc@good.test" in (root / "loadfile.csv").read_text()
+    )
+    assert "pkix" in load[1] and mta.received[0].tls_version in load[1]
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=30)
+
+    sums = run("sha256sum", "-c", "SHA256SUMS")
+    assert sums.returncode == 0, sums.stdout + sums.stderr
+    signed = run(
+        "openssl",
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-inkey",
+        "checkpoint-key.pem",
+        "-rawin",
+        "-in",
+        "checkpoint.body",
+        "-sigfile",
+        "checkpoint.sig",
+    )
+    assert signed.returncode == 0 and "Signature Verified Successfully" in signed.stdout, signed
+    checked = run("/usr/bin/python3", "-I", "verify.py")  # the system's Python, no Sealgate
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count(": OK") >= 4  # two messages and their attempts
+    assert "FAILED" not in checked.stdout
+
+    # someone alters a message in the export and fixes the manifest: the proof fails
+    eml = root / f"messages/{ids[2]}.eml"
+    eml.write_bytes(eml.read_bytes().replace(b"margins", b"Margins"))
+    manifest = "".join(
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}\n"
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "SHA256SUMS"
+    )
+    (root / "SHA256SUMS").write_text(manifest)
+    assert run("sha256sum", "-c", "SHA256SUMS").returncode == 0
+    checked = run("/usr/bin/python3", "-I", "verify.py")
+    assert checked.returncode == 1 and f"msg-{ids[2]}: FAILED" in checked.stdout
+    # a forged checkpoint: openssl refuses its signature
+    body = root / "checkpoint.body"
+    body.write_text(body.read_text().replace("\n", "\n", 1) + "x")
+    assert (
+        run(
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            "checkpoint-key.pem",
+            "-rawin",
+            "-in",
+            "checkpoint.body",
+            "-sigfile",
+            "checkpoint.sig",
+        ).returncode
+        != 0
+    )
+
+
+async def test_a_message_the_archive_lacks_is_journaled_from_the_spool_at_start(
+    gateway_factory, tmp_path
+):
+    # A gateway that did not archive (as if it crashed before the journal committed)
+    first = await gateway_factory({"archive.enabled": False})
+    async with smtp_client(first) as client:
+        await client.sendmail(
+            "doctor@clinic.test", ["r@nowhere.test", "bcc@nowhere.test"], make_message()
+        )
+    (path,) = queued(first)
+    await first.stop()
+    second = await gateway_factory({})  # the same state directory, archive on
+    archive = second.archive.archive
+    assert archive.has(path.name)
+    envelope, data = archive.message(path.name)
+    assert data == make_message()
+    assert [r["address"] for r in envelope["recipients"]] == ["r@nowhere.test", "bcc@nowhere.test"]
+    assert [m["queue_id"] for m in archive.search(Query(recipient="bcc@nowhere.test"))] == [
+        path.name
+    ]
+
+
+async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
+    gateway_factory, world, pki, monkeypatch
+):
+    mta = await world.mta("mx.good.test", "127.0.0.84")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    gw = await start(gateway_factory, world, pki)
+    archive = gw.archive.archive
+    real = archive.journal_message
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive, "journal_message", broken)
+    queue_id = await send(gw, ["a@good.test"])
+    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
+    await asyncio.sleep(0.3)
+    assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
+    assert not archive.has(queue_id)
+    assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
+    monkeypatch.setattr(archive, "journal_message", real)
+    await gw.archive.retry_failed()
+    await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
+    assert archive.message(queue_id)[1] == make_message(SUBJECT, BODY)
