@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
@@ -120,6 +121,7 @@ class Gateway:
         self.keydir_writer: KeyDirectory | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.archive: ArchiveService | None = None
+        self.archive_api: ArchiveApi | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -191,7 +193,13 @@ class Gateway:
             )
             self.smtp = SmtpServer(ctx)
             await self.smtp.start()
-        self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
+        if self.archive is not None and cfg.archive.api_tokens:
+            # a connection of its own: API reads never wait behind the journal's thread
+            api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
+            self.archive_api = ArchiveApi(api_archive, cfg.archive.api_tokens, self.metrics)
+        self.http = OpsHttpServer(
+            cfg.listen.http, self.render_metrics, self.readiness, self.archive_api
+        )
         await self.http.start()
         log.info(
             Event.READY,
@@ -297,6 +305,8 @@ class Gateway:
                 directory.close()
         if self.http is not None:
             await self.http.stop()
+        if self.archive_api is not None:
+            self.archive_api.close()
         self.spool.close()
         log.info(Event.STOPPED)
 

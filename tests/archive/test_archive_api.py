@@ -1,0 +1,143 @@
+"""The archive API on the ops listener: bearer tokens, roles (an auditor reads
+metadata and evidence, never content, and places no hold), every request recorded
+in the access record, refused ones included."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import urllib.error
+import urllib.request
+import zipfile
+
+from tests.conftest import make_message, smtp_client
+from tests.delivery.conftest import wait_until
+
+TOKENS = {
+    "auditor": "t-auditor-0123456789",
+    "investigator": "t-invest-0123456789",
+    "admin": "t-admin-0123456789",
+}
+
+
+def config() -> dict:
+    return {
+        "archive.api_tokens": [
+            {
+                "name": f"{role}-1",
+                "role": role,
+                "token_sha256": hashlib.sha256(t.encode()).hexdigest(),
+            }
+            for role, t in TOKENS.items()
+        ]
+    }
+
+
+async def call(gw, method, path, role=None, body=None, token=None):
+    listen = gw.config.listen.http
+    request = urllib.request.Request(
+        f"http://{listen.host}:{listen.port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+    )
+    if role or token:
+        request.add_header("Authorization", f"Bearer {token or TOKENS[role]}")
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def journaled(gw, n):
+    name = "sealgate_archive_journaled_messages_total"
+    await wait_until(lambda: gw.metrics.registry.get_sample_value(name) == n, what="journaled")
+
+
+async def test_roles_tokens_and_the_access_record(gateway_factory):
+    gw = await gateway_factory(config())
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail(
+            "doctor@clinic.test", ["p@dest.test", "bcc@dest.test"], make_message("Biopsy")
+        )
+    queue_id = reply.rsplit(" ", 1)[1]
+    await journaled(gw, 1)
+
+    assert (await call(gw, "GET", "/archive/search"))[0] == 401
+    status, headers, _ = await call(gw, "GET", "/archive/search", token="not-a-token")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+
+    # auditor: metadata and evidence, no content, no holds
+    status, _, body = await call(
+        gw, "GET", "/archive/search?sender=doctor@clinic.test&recipient=bcc@dest.test", "auditor"
+    )
+    assert status == 200
+    (found,) = json.loads(body)["messages"]
+    assert found["queue_id"] == queue_id and b"Biopsy" not in body
+    status, _, body = await call(gw, "GET", f"/archive/messages/{queue_id}", "auditor")
+    assert status == 200 and json.loads(body)["recipients"][1]["address"] == "bcc@dest.test"
+    assert (await call(gw, "GET", f"/archive/messages/{queue_id}/content", "auditor"))[0] == 403
+    assert (
+        await call(gw, "POST", "/archive/holds", "auditor", {"case": "c1", "queue_ids": [queue_id]})
+    )[0] == 403
+    assert (await call(gw, "GET", f"/archive/export?queue_id={queue_id}", "auditor"))[0] == 403
+    status, _, body = await call(
+        gw, "GET", "/archive/search?format=csv&sender=@clinic.test", "auditor"
+    )
+    assert status == 200 and body.decode().count("\r\n") == 3  # header + a row per recipient
+
+    # investigator: content and exports, no holds
+    status, headers, body = await call(
+        gw, "GET", f"/archive/messages/{queue_id}/content", "investigator"
+    )
+    assert status == 200 and body == make_message("Biopsy")
+    assert headers["Content-Type"] == "message/rfc822"
+    status, headers, body = await call(
+        gw, "GET", f"/archive/export?queue_id={queue_id}", "investigator"
+    )
+    assert status == 200 and headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        assert z.read(f"sealgate-export/messages/{queue_id}.eml") == make_message("Biopsy")
+    assert (
+        await call(
+            gw, "POST", "/archive/holds", "investigator", {"case": "c1", "queue_ids": [queue_id]}
+        )
+    )[0] == 403
+
+    # admin: holds and purge, no content
+    status, _, body = await call(
+        gw, "POST", "/archive/holds", "admin", {"case": "Roe v. Clinic", "queue_ids": [queue_id]}
+    )
+    assert status == 200 and json.loads(body)["messages"] == 1
+    status, _, body = await call(gw, "GET", "/archive/holds", "auditor")
+    assert [c["case"] for c in json.loads(body)["cases"]] == ["Roe v. Clinic"]
+    assert (await call(gw, "GET", f"/archive/messages/{queue_id}/content", "admin"))[0] == 403
+    status, _, body = await call(gw, "POST", "/archive/purge", "admin", {})
+    assert status == 200 and json.loads(body) == {"dry_run": True, "would_purge": []}
+    status, _, body = await call(gw, "DELETE", "/archive/holds/Roe%20v.%20Clinic", "admin")
+    assert status == 200 and json.loads(body)["released"] == 1
+    status, _, body = await call(gw, "POST", "/archive/verify", "auditor")
+    assert status == 200 and json.loads(body)["ok"] is True
+
+    # every search, view, export and refusal is in the access record, by token name
+    status, _, body = await call(gw, "GET", "/archive/access", "auditor")
+    entries = [(e["actor"].split(" ")[0], e["action"]) for e in json.loads(body)["access"]]
+    assert entries.count(("auditor-1", "search")) == 2
+    assert ("investigator-1", "view") in entries and ("investigator-1", "export") in entries
+    assert entries.count(("auditor-1", "denied")) == 3
+    assert ("admin-1", "denied") in entries and ("auditor-1", "verify") in entries
+    metrics = (await call(gw, "GET", "/metrics"))[2].decode()
+    assert "sealgate_archive_searches_total 2.0" in metrics
+    assert "sealgate_archive_exports_total 1.0" in metrics
+    assert "sealgate_archive_last_verify_ok" in metrics
+
+
+async def test_without_tokens_the_api_is_not_there(gateway_factory):
+    gw = await gateway_factory({})
+    assert (await call(gw, "GET", "/archive/search", token="anything"))[0] == 404
