@@ -1,0 +1,179 @@
+"""The archive's commands on an archive the daemon wrote: verify names each record
+altered, whose index row is gone, or that was removed; purge is a dry run unless
+told, removes only expired unheld content and is not tampering; retention rules and
+the floor from the configuration; master-key rotation keeps old records readable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import yaml
+
+from tests.conftest import make_message, run_sealgate, smtp_client
+from tests.delivery.conftest import wait_until
+
+
+def cli(tmp_path, *args: str):
+    return run_sealgate("archive", *args, "--config", str(tmp_path / "config.yaml"))
+
+
+def show(tmp_path, queue_id: str) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "gateway", "archive", "show", queue_id]
+    return subprocess.run(
+        [*command, "--config", str(tmp_path / "config.yaml")], capture_output=True
+    )
+
+
+async def accept(gw, rcpts, sender="doctor@clinic.test", body="Hello.\r\n") -> str:
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail(sender, rcpts, make_message("Results", body))
+    return reply.rsplit(" ", 1)[1]
+
+
+async def journaled(gw, n):
+    name = "sealgate_archive_journaled_messages_total"
+    await wait_until(lambda: gw.metrics.registry.get_sample_value(name) == n, what="journaled")
+
+
+async def test_verify_names_a_flipped_byte_a_deleted_index_row_and_a_removed_record(
+    gateway_factory, tmp_path
+):
+    gw = await gateway_factory({})
+    ids = [await accept(gw, [f"p{n}@dest.test"]) for n in range(4)]
+    await journaled(gw, 4)
+    await gw.stop()  # the archive is closed, with a final checkpoint
+    ok = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert ok.returncode == 0 and "archive OK" in ok.stdout, ok.stdout
+
+    db = sqlite3.connect(tmp_path / "state/archive/index.db")
+    blob = bytearray(
+        db.execute("SELECT data FROM blobs WHERE name=?", (f"msg-{ids[0]}",)).fetchone()[0]
+    )
+    blob[-5] ^= 0x01  # one bit of one stored message
+    db.execute("UPDATE blobs SET data=? WHERE name=?", (bytes(blob), f"msg-{ids[0]}"))
+    db.execute("DELETE FROM messages WHERE queue_id=?", (ids[1],))  # an index row
+    db.execute("DELETE FROM blobs WHERE name=?", (f"msg-{ids[2]}",))  # a whole record
+    db.commit()
+    db.close()
+    bad = await asyncio.to_thread(cli, tmp_path, "verify", "--json")
+    assert bad.returncode == 1
+    problems = {(p["record_id"], p["what"]) for p in json.loads(bad.stdout)["problems"]}
+    assert problems == {
+        (
+            f"msg-{ids[0]}",
+            f"its stored content: record msg-{ids[0]}: altered, or not this record's",
+        ),
+        (f"msg-{ids[1]}", "its index row is gone"),
+        (f"msg-{ids[2]}", "its stored content is gone"),
+    }
+    text = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert f"PROBLEM msg-{ids[2]} (leaf " in text.stdout and "3 problem(s) found" in text.stdout
+
+
+async def test_purge_is_a_dry_run_unless_told_holds_win_and_a_purge_is_not_tampering(
+    gateway_factory, tmp_path
+):
+    gw = await gateway_factory({})
+    old = [await accept(gw, ["a@dest.test"]) for _ in range(3)]
+    await journaled(gw, 3)
+    await gw.stop()
+    db = sqlite3.connect(tmp_path / "state/archive/index.db")  # as if six years passed
+    db.execute("UPDATE messages SET retain_until=?", (time.time() - 1,))
+    db.commit()
+    db.close()
+    held = await asyncio.to_thread(cli, tmp_path, "hold", "case-7 Roe", old[1])
+    assert held.returncode == 0 and "holds 1 message" in held.stdout
+    dry = await asyncio.to_thread(cli, tmp_path, "purge")
+    assert dry.returncode == 0 and "dry run" in dry.stdout
+    assert sorted(
+        line.split()[-1] for line in dry.stdout.splitlines() if line.startswith("would")
+    ) == sorted([old[0], old[2]])
+    assert (await asyncio.to_thread(cli, tmp_path, "show", old[0])).returncode == 0  # still there
+    done = await asyncio.to_thread(cli, tmp_path, "purge", "--yes")
+    assert "purged 2 message(s)" in done.stdout, done.stdout + done.stderr
+    assert (await asyncio.to_thread(cli, tmp_path, "show", old[0])).returncode == 1
+    assert (await asyncio.to_thread(cli, tmp_path, "show", old[1])).returncode == 0  # held
+    verified = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert verified.returncode == 0, verified.stdout  # a lawful purge, recorded
+    assert "2 purged under retention" in verified.stdout
+    proof = await asyncio.to_thread(cli, tmp_path, "proof", old[0])
+    assert "content purged under retention" in proof.stdout  # the evidence stays
+    holds = await asyncio.to_thread(cli, tmp_path, "holds")
+    assert "case-7 Roe: 1 message(s)" in holds.stdout
+
+
+async def test_retention_rules_and_a_floor_that_can_be_raised_but_not_lowered(
+    gateway_factory, tmp_path
+):
+    gw = await gateway_factory(
+        {
+            "archive.retention_rules": [
+                {"recipient_domain": "partner.test", "days": 3650},
+                {"sender": "cfo@clinic.test", "days": 4000},
+            ]
+        }
+    )
+    plain = await accept(gw, ["a@dest.test"])
+    partner = await accept(gw, ["a@dest.test", "b@partner.test"])
+    cfo = await accept(gw, ["b@partner.test"], sender="cfo@clinic.test")
+    await journaled(gw, 3)
+    await gw.stop()
+    db = sqlite3.connect(tmp_path / "state/archive/index.db")
+    days = {
+        q: round((until - received) / 86400)
+        for q, received, until in db.execute(
+            "SELECT queue_id, received, retain_until FROM messages"
+        )
+    }
+    db.close()
+    assert days == {plain: 2192, partner: 3650, cfo: 4000}  # the longest rule wins
+
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["archive"]["retention_floor_days"] = 2500  # raised: accepted and recorded
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert (await asyncio.to_thread(cli, tmp_path, "search")).returncode == 0
+    config["archive"]["retention_floor_days"] = 2200  # lowered: refused
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = await asyncio.to_thread(cli, tmp_path, "search")
+    assert refused.returncode == 78
+    assert "floor is 2500 days: a floor can be raised, never lowered" in refused.stderr
+
+
+async def test_master_key_rotation_keeps_old_records_readable(gateway_factory, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("2025", "2026"):
+        (keys / name).write_text(os.urandom(32).hex())
+    first = await gateway_factory(
+        {"archive.master_keys": [{"id": "k2025", "file": str(keys / "2025")}]}
+    )
+    old = await accept(first, ["a@dest.test"], body="Sealed under 2025.\r\n")
+    await journaled(first, 1)
+    await first.stop()
+    rotated = [
+        {"id": "k2026", "file": str(keys / "2026")},
+        {"id": "k2025", "file": str(keys / "2025")},
+    ]
+    second = await gateway_factory({"archive.master_keys": rotated})
+    new = await accept(second, ["a@dest.test"], body="Sealed under 2026.\r\n")
+    await journaled(second, 1)
+    archive = second.archive.archive
+    assert archive.blobs.get(f"msg-{old}")[5:10] == b"k2025"
+    assert archive.blobs.get(f"msg-{new}")[5:10] == b"k2026"
+    await second.stop()
+    for queue_id, text in ((old, b"Sealed under 2025."), (new, b"Sealed under 2026.")):
+        shown = await asyncio.to_thread(show, tmp_path, queue_id)
+        assert shown.returncode == 0 and text in shown.stdout
+    assert (await asyncio.to_thread(cli, tmp_path, "verify")).returncode == 0
+    # without the old key its records cannot be read, and verify says which
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["archive"]["master_keys"] = rotated[:1]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    missing = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert missing.returncode == 1 and f"master key 'k2025' is not configured" in missing.stdout
