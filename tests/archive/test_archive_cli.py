@@ -176,4 +176,4 @@ async def test_master_key_rotation_keeps_old_records_readable(gateway_factory, t
     config["archive"]["master_keys"] = rotated[:1]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     missing = await asyncio.to_thread(cli, tmp_path, "verify")
-    assert missing.returncode == 1 and f"master key 'k2025' is not configured" in missing.stdout
+    assert missing.returncode == 1 and "master key 'k2025' is not configured" in missing.stdout
