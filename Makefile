@@ -18,6 +18,7 @@ bench:
 	.venv/bin/python bench/relay.py
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
+	.venv/bin/python bench/archive.py
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench

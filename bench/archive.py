@@ -107,6 +107,7 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
     start_time = time.time() - 365 * 86400
     started = time.monotonic()
     chunk = 50_000
+    offset = archive.size()  # the archive's first records (its retention floor)
     for base in range(0, args.records, chunk):
         messages, recipients, leaves = [], [], []
         for n in range(base, min(base + chunk, args.records)):
@@ -115,7 +116,13 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
             received = start_time + n * (365 * 86400 / args.records)
             digest = hashlib.sha256(q.encode()).hexdigest()
             leaves.append(
-                (n + 1, hashlib.sha256(q.encode()).digest(), "message", f"msg-{q}", received)
+                (
+                    offset + n + 1,
+                    hashlib.sha256(q.encode()).digest(),
+                    "message",
+                    f"msg-{q}",
+                    received,
+                )
             )
             messages.append(
                 (
@@ -128,7 +135,7 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
                     "10.0.0.1",
                     4096,
                     digest,
-                    n,
+                    offset + n,
                     received + 2192 * 86400,
                 )
             )
@@ -147,12 +154,11 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
                         1,
                     )
                 )
-        with db:
-            db.execute("BEGIN")
-            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
-            db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
-            db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
-            db.execute("COMMIT")
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
+        db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
+        db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
+        db.execute("COMMIT")
     db.execute("ANALYZE")
     print(f"search: built {args.records} records in {time.monotonic() - started:.0f} s", flush=True)
     timings = []

@@ -731,6 +731,13 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError(f"{value!r} is not a valid header field name")
     if path.startswith("archive.retention_rules[") and path.endswith(".days") and value < 1:
         raise ValueError("must be at least 1")
+    modes = ("tls", "smime", "pgp", "portal", "hold", "bounce")
+    if (
+        path.startswith("archive.retention_rules[")
+        and path.endswith(".mode")
+        and value not in modes
+    ):
+        raise ValueError(f"{value!r} is not a mode: {', '.join(modes)}")
     if path.endswith(".token_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("must be 64 lower-case hex digits (sealgate archive token)")
     if path.startswith("relay.client_certs["):
@@ -880,6 +887,10 @@ def _build(cls: type, data: dict[str, Any], path: str, where: _Located, source: 
             suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(sub, f"unknown key{suffix}", source, where.line(sub))
         kwargs[key] = _convert_item(hints[key], value, sub, where, source)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            raise ConfigError(path, f"missing key '{name}'", source, where.line(path))
     return cls(**kwargs)
 
 

@@ -118,6 +118,13 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     dkim_key(cfg, source)
     if cfg.pgp.signing_key_file is not None:
         _readable("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
+    if cfg.archive.enabled:
+        from gateway.archive.service import master_keys, signing_key
+
+        if cfg.archive.master_keys:
+            master_keys(cfg, create=False)
+        if cfg.archive.signing_key_file is not None:
+            signing_key(cfg, create=False)
     return load_policy_for(cfg)
 
 

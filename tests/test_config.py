@@ -97,6 +97,22 @@ def test_duplicate_key_is_rejected():
         ),
         ("smtp:\n  max_message_size: 10 potatoes\n", r"smtp.max_message_size: .* is not a size"),
         ("smtp:\n  max_recipients: 0\n", r"smtp.max_recipients: must be at least 1"),
+        (
+            "archive:\n  retention_rules: [{days: 10, mode: fax}]\n",
+            r"archive.retention_rules\[0\].mode: 'fax' is not a mode",
+        ),
+        (
+            "archive:\n  retention_rules: [{mode: tls}]\n",
+            r"archive.retention_rules\[0\]: .*days",
+        ),
+        (
+            "archive:\n  api_tokens: [{name: x, role: auditor, token_sha256: abc}]\n",
+            r"archive.api_tokens\[0\].token_sha256: must be 64 lower-case hex digits",
+        ),
+        (
+            "archive:\n  api_tokens: [{name: x, role: root, token_sha256: abc}]\n",
+            r"archive.api_tokens\[0\].role: 'root' is not one of",
+        ),
         ("smtp:\n  max_recipients: many\n", r"smtp.max_recipients: 'many' is not a whole number"),
         ("smtp:\n  max_line_length: 500\n", r"smtp.max_line_length: must be at least 1000"),
         (

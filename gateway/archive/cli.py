@@ -33,10 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.archive import report
-from gateway.archive.export import export
 from gateway.archive.journal import Archive, Query
 from gateway.config import Config
+
+# The reports, the export and opening the archive are imported when a command runs:
+# 'sealgate --version' and the other commands do not pay for them.
 
 ROLES = ("auditor", "investigator", "admin")
 
@@ -136,10 +137,10 @@ def add_parsers(
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    from gateway.app import smtp_hostname
     from gateway.archive.service import open_archive
 
-    archive = open_archive(config, smtp_hostname(config), create=False)
+    # an existing archive knows its log's name: no host name lookup here
+    archive = open_archive(config, config.smtp.hostname or "localhost", create=False)
     actor = args.actor or f"{getpass.getuser()}@cli"
     try:
         return _COMMANDS[args.archive_command](archive, args, actor)
@@ -177,6 +178,8 @@ def _verify(archive: Archive, args: argparse.Namespace, actor: str) -> int:
 
 
 def _search(archive: Archive, args: argparse.Namespace, actor: str) -> int:
+    from gateway.archive import report
+
     try:
         query = query_of(args)
         results = archive.search(query, limit=args.limit)
@@ -200,6 +203,8 @@ def _search(archive: Archive, args: argparse.Namespace, actor: str) -> int:
 
 
 def _proof(archive: Archive, args: argparse.Namespace, actor: str) -> int:
+    from gateway.archive import report
+
     try:
         proof = report.delivery_proof(archive, args.queue_id)
     except KeyError:
@@ -241,6 +246,8 @@ def _selected(archive: Archive, args: argparse.Namespace) -> tuple[list[str], st
 
 
 def _export(archive: Archive, args: argparse.Namespace, actor: str) -> int:
+    from gateway.archive.export import export
+
     ids, scope = _selected(archive, args)
     if not scope:
         print("sealgate: name messages, a --case or search options", file=sys.stderr)
