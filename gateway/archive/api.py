@@ -203,7 +203,6 @@ class ArchiveApi:
             results = self.archive.search(query, limit=limit)
         except ValueError as e:
             raise ApiError("400 Bad Request", str(e)) from None
-        self.metrics.archive_searches.inc()
         self.archive.access(actor, "search", query=query.to_dict(), results=len(results))
         if request.query.get("format") == "csv":
             csv = report.to_csv(report.with_last_attempts(self.archive, results))
@@ -236,7 +235,6 @@ class ArchiveApi:
             raise ApiError("400 Bad Request", "name a case or search fields")
         scope = (f"case {case}; " if case else "") + json.dumps(query.to_dict(), sort_keys=True)
         data = export_bytes(self.archive, list(dict.fromkeys(ids)), actor, scope)
-        self.metrics.archive_exports.inc()
         name = time.strftime("sealgate-export-%Y%m%d-%H%M%S.zip", time.gmtime())
         return Response(
             "200 OK",

@@ -67,6 +67,14 @@ class BlobStore(Protocol):
     def names(self) -> Iterator[str]: ...
 
 
+def check_name(name: str) -> str:
+    """Blob names are record ids: no path separators, no leading dot (every store
+    refuses the same names, so records move between stores)."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or len(name) > 200:
+        raise ValueError(f"{name!r} is not a blob name")
+    return name
+
+
 class FileBlobStore:
     """One file per blob under ``root``, written to a temporary name, fsynced and
     renamed, then the directory fsynced: a blob is either whole or absent."""
@@ -76,9 +84,7 @@ class FileBlobStore:
         self.root = root
 
     def _path(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"{name!r} is not a blob name")
-        return self.root / name
+        return self.root / check_name(name)
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         """Write the blob; with ``durable=False`` the caller makes it durable later
@@ -140,7 +146,9 @@ class SqliteBlobStore:
         db.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL)")
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
-        self.db.execute("INSERT OR REPLACE INTO blobs(name, data) VALUES (?,?)", (name, data))
+        self.db.execute(
+            "INSERT OR REPLACE INTO blobs(name, data) VALUES (?,?)", (check_name(name), data)
+        )
 
     def make_durable_all(self, names: list[str]) -> None:
         pass  # the write-ahead log sync covers it
@@ -983,6 +991,13 @@ class Archive:
             (queue_id,),
         ).fetchall()
         return [{"record_id": r, "sha256": s, "size": n, "leaf": leaf} for r, s, n, leaf in rows]
+
+    def access_counts(self) -> dict[str, int]:
+        rows = self.index.db.execute(
+            "SELECT json_extract(body, '$.action'), count(*) FROM events "
+            "WHERE kind='access' GROUP BY 1"
+        )
+        return {str(action): int(n) for action, n in rows}
 
     def access_log(self, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
         rows = self.index.db.execute(

@@ -264,7 +264,7 @@ class ArchiveService:
             try:
                 if time.monotonic() - self._last_checkpoint >= self.interval:
                     await self._checkpoint()
-                await self._run(self._update_gauges)
+                await self.refresh_gauges()
             except Exception as e:  # the next round tries again
                 log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
 
@@ -280,6 +280,11 @@ class ArchiveService:
         self._checkpointed = await self._batcher.run(job)
         self._last_checkpoint = time.monotonic()
 
+    async def refresh_gauges(self) -> None:
+        """Archive size, the last verification and the access counts (the command
+        line writes them to the archive: they are read from there)."""
+        await self._run(self._update_gauges)
+
     def _update_gauges(self) -> None:
         path = self.archive.index.path
         size = sum(
@@ -292,6 +297,9 @@ class ArchiveService:
             self.metrics.archive_verify_time.set(result["at"])
             self.metrics.archive_verify_ok.set(1 if result["ok"] else 0)
             self.metrics.archive_verify_seconds.set(result["seconds"])
+        counts = self.archive.access_counts()
+        self.metrics.archive_searches.set(counts.get("search", 0))
+        self.metrics.archive_exports.set(counts.get("export", 0))
 
     async def retry_failed(self) -> None:
         for queue_id in list(self._failed):

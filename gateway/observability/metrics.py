@@ -225,11 +225,15 @@ class Metrics:
             "How long the last verification took",
             registry=r,
         )
-        self.archive_searches = Counter(
-            "sealgate_archive_searches", "Archive searches (API)", registry=r
+        self.archive_searches = Gauge(
+            "sealgate_archive_searches",
+            "Searches in the archive's access record (command line and API)",
+            registry=r,
         )
-        self.archive_exports = Counter(
-            "sealgate_archive_exports", "Archive exports (API)", registry=r
+        self.archive_exports = Gauge(
+            "sealgate_archive_exports",
+            "Exports in the archive's access record (command line and API)",
+            registry=r,
         )
         self.spool_bytes = Gauge(
             "sealgate_spool_bytes", "Bytes of message data in the spool", registry=r

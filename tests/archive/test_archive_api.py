@@ -132,10 +132,12 @@ async def test_roles_tokens_and_the_access_record(gateway_factory):
     assert ("investigator-1", "view") in entries and ("investigator-1", "export") in entries
     assert entries.count(("auditor-1", "denied")) == 3
     assert ("admin-1", "denied") in entries and ("auditor-1", "verify") in entries
+    await gw.archive.refresh_gauges()
     metrics = (await call(gw, "GET", "/metrics"))[2].decode()
-    assert "sealgate_archive_searches_total 2.0" in metrics
-    assert "sealgate_archive_exports_total 1.0" in metrics
-    assert "sealgate_archive_last_verify_ok" in metrics
+    assert "\nsealgate_archive_searches 2.0" in metrics
+    assert "\nsealgate_archive_exports 1.0" in metrics
+    assert "\nsealgate_archive_last_verify_ok 1.0" in metrics
+    assert "\nsealgate_archive_journaled_messages_total 1.0" in metrics
 
 
 async def test_without_tokens_the_api_is_not_there(gateway_factory):
