@@ -56,6 +56,15 @@ def canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def commitment(kind: str, record_id: str, digest: str) -> bytes:
+    """What a leaf commits to: ``canonical({"id", "kind", "sha256"})``, written out
+    (this runs for every record)."""
+    return (
+        f'{{"id":{json.dumps(record_id, ensure_ascii=False)},"kind":{json.dumps(kind)},'
+        f'"sha256":"{digest}"}}'
+    ).encode()
+
+
 # -- storage interfaces ------------------------------------------------------------------
 
 
@@ -488,9 +497,10 @@ class Archive:
         return sqlite_tx.transaction(self.index.db)
 
     def batch(self, jobs: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
-        """Run several writes as one transaction (group commit), each in a savepoint
-        so that one failing is undone alone."""
-        return sqlite_tx.batch(self.index.db, jobs)
+        """Run several writes as one transaction (group commit); one failing is
+        undone alone (`sqlite_tx.batch`, optimistic: savepoints only when a job of
+        the batch failed - every job here can run again)."""
+        return sqlite_tx.batch(self.index.db, jobs, optimistic=True)
 
     def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
@@ -539,7 +549,7 @@ class Archive:
     # -- writing ------------------------------------------------------------------------
 
     def _append(self, kind: str, record_id: str, digest: str, now: float) -> int:
-        leaf = merkle.leaf_hash(canonical({"kind": kind, "id": record_id, "sha256": digest}))
+        leaf = merkle.leaf_hash(commitment(kind, record_id, digest))
         cur = self.index.db.execute(
             "INSERT INTO leaves(hash, kind, record_id, at) VALUES (?,?,?,?)",
             (leaf, kind, record_id, now),
@@ -586,26 +596,26 @@ class Archive:
             retain_until = received + self.retention.days(sender, domains, set()) * DAY
         db = self.index.db
         with self._transaction():
-            if self.has(queue_id):  # journaled again (its blob was lost): a new leaf
+            leaf = self._append("message", record_id, digest, now)
+            row = (
+                record_id,
+                queue_id,
+                received,
+                sender,
+                sender.rpartition("@")[2],
+                message_id_of(data),
+                str((envelope.get("client") or {}).get("ip", "")),
+                len(data),
+                hashlib.sha256(data).hexdigest(),
+                leaf,
+                retain_until,
+            )
+            try:
+                db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
+            except sqlite3.IntegrityError:  # journaled again (its blob was lost): a new leaf
                 db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
                 db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
-            leaf = self._append("message", record_id, digest, now)
-            db.execute(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)",
-                (
-                    record_id,
-                    queue_id,
-                    received,
-                    sender,
-                    sender.rpartition("@")[2],
-                    message_id_of(data),
-                    str((envelope.get("client") or {}).get("ip", "")),
-                    len(data),
-                    hashlib.sha256(data).hexdigest(),
-                    leaf,
-                    retain_until,
-                ),
-            )
+                db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
             db.executemany(
                 "INSERT INTO recipients(queue_id, idx, address, domain, state) "
                 "VALUES (?,?,?,?,'queued')",
@@ -1159,8 +1169,7 @@ class Archive:
             report.problems.append(Problem(record_id, position, "its index row is gone"))
             return
         digest = hashlib.sha256(row[2].encode()).hexdigest()
-        commitment = canonical({"kind": kind, "id": record_id, "sha256": digest})
-        if merkle.leaf_hash(commitment) != leaf:
+        if merkle.leaf_hash(commitment(kind, record_id, digest)) != leaf:
             report.problems.append(Problem(record_id, position, "its index row was altered"))
 
     def _opened(self, record_id: str, position: int, report: Report) -> bytes | None:
@@ -1183,8 +1192,7 @@ class Archive:
         if record is None:
             return
         digest = hashlib.sha256(record).hexdigest()
-        commitment = canonical({"kind": "copy", "id": record_id, "sha256": digest})
-        if merkle.leaf_hash(commitment) != leaf:
+        if merkle.leaf_hash(commitment("copy", record_id, digest)) != leaf:
             report.problems.append(Problem(record_id, position, "does not match its leaf"))
         elif row is not None and row[2] != digest:
             report.problems.append(Problem(record_id, position, "its index row was altered"))
@@ -1198,8 +1206,7 @@ class Archive:
         if record is None:
             return
         digest = hashlib.sha256(record).hexdigest()
-        commitment = canonical({"kind": "message", "id": record_id, "sha256": digest})
-        if merkle.leaf_hash(commitment) != leaf:
+        if merkle.leaf_hash(commitment("message", record_id, digest)) != leaf:
             report.problems.append(Problem(record_id, position, "does not match its leaf"))
         elif row is not None:
             data = record.partition(b"\n")[2]

@@ -75,6 +75,7 @@ def delivery_proof(archive: Archive, queue_id: str) -> dict[str, Any]:
                     "mode": decision.get("mode"),
                     "rule": decision.get("rule"),
                     "tls_level": decision.get("tls_level"),
+                    "reasons": (r.get("decision") or {}).get("reasons", []),
                     "level_source": decision.get("level_source"),
                     "mx": ev.get("mx_host"),
                     "ip": ev.get("ip"),
@@ -167,6 +168,8 @@ def proof_text(p: dict[str, Any]) -> str:
                 else "no TLS"
             )
             lines.append(f"    attempt {a['attempt']}: {a['state']} via {where}; {tls}")
+            for reason in a.get("reasons") or []:
+                lines.append(f"      decided: {reason}")
             if a.get("peer_cert_sha256"):
                 lines.append(f"      server certificate SHA-256 {a['peer_cert_sha256']}")
             if a.get("key_fingerprint"):

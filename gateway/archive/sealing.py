@@ -46,8 +46,18 @@ class MasterKeys:
 def seal(plaintext: bytes, record_id: str, keys: MasterKeys) -> bytes:
     data_key = AESGCM.generate_key(bit_length=256)
     nonce = os.urandom(12)
-    ciphertext = AESGCM(data_key).encrypt(nonce, zlib.compress(plaintext, 6), record_id.encode())
+    ciphertext = AESGCM(data_key).encrypt(nonce, compress(plaintext), record_id.encode())
     return _pack(keys.current, aes_key_wrap(keys.keys[keys.current], data_key), nonce, ciphertext)
+
+
+def compress(data: bytes) -> bytes:
+    """zlib (RFC 1950) at level 6, with a window no larger than the data needs: for
+    a typical message most of zlib's time goes to setting up its 32 KiB window and
+    128 KiB of state (0.08 ms for 7 KB), not to compressing.  The window size is
+    in the zlib header, so `zlib.decompress` reads every size."""
+    wbits = min(15, max(9, (len(data) - 1).bit_length()))
+    c = zlib.compressobj(6, zlib.DEFLATED, wbits, max(1, min(8, wbits - 7)))
+    return c.compress(data) + c.flush()
 
 
 def open_sealed(blob: bytes, record_id: str, keys: MasterKeys) -> bytes:

@@ -318,14 +318,13 @@ class ArchiveService:
     # -- the mail path ----------------------------------------------------------------
 
     def _journal_job(self, envelope: Envelope, data: bytes | None) -> Any:
-        record = envelope.to_dict()
         subjects = self.subjects
 
         def job() -> int:
             body = data
             if body is None:  # a large message, not kept in memory: read it here
                 body = self.spool.read(envelope.queue_id)[1]
-            self.archive.journal_message(record, body, subject=subjects)
+            self.archive.journal_message(envelope.to_dict(), body, subject=subjects)
             return len(body)
 
         return job

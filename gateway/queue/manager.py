@@ -492,6 +492,7 @@ class QueueManager:
                         "status": record.status,
                         "diagnostic": record.diagnostic,
                         "evidence": record.evidence,
+                        "decision": record.decision,  # with its reasons and facts
                     }
                     for row, record in zip(rows, records, strict=True)
                 ],

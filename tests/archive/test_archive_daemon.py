@@ -87,6 +87,7 @@ async def test_a_relayed_message_is_archived_with_envelope_bcc_evidence_and_the_
     (attempt,) = by["bcc@good.test"]["history"]
     assert attempt["mx"] == "mx.good.test" and attempt["ip"] == "127.0.0.81"
     assert attempt["verification"] == "pkix" and attempt["reply"].startswith("250")
+    assert attempt["mode"] == "tls" and attempt["reasons"]  # why the policy chose it
     assert attempt["peer_cert_sha256"] == hashlib.sha256(good.cert_der).hexdigest()
     assert attempt["tls_version"] == good.received[0].tls_version
     (sealed,) = by["bob@keyed.test"]["history"]

@@ -158,3 +158,12 @@ def test_a_message_whose_blob_was_lost_is_not_counted_as_journaled_and_can_be_ag
     assert archive.has_content("Q1")
     archive.make_durable(["Q1"])
     assert archive.verify().ok
+
+
+@pytest.mark.parametrize("record_id", ["msg-18T4R6JMP737ZFP6", "evt-0", 'odd-"id"\\ü'])
+def test_the_written_out_commitment_is_the_canonical_json(record_id):
+    from gateway.archive.journal import canonical, commitment
+
+    digest = "ab" * 32
+    expected = canonical({"kind": "message", "id": record_id, "sha256": digest})
+    assert commitment("message", record_id, digest) == expected
