@@ -34,7 +34,7 @@ from accept import SEALGATE, Sealgate  # noqa: E402
 from postfix_anchor import postfix_instance, wait_until_delivered  # noqa: E402
 from relay import PLAINTEXT_SINK_POLICY, counting_sink, run_to  # noqa: E402
 
-from gateway.archive.journal import Query  # noqa: E402
+from gateway.archive.query import Query  # noqa: E402
 from gateway.archive.service import open_archive  # noqa: E402
 from gateway.config import load_config_text  # noqa: E402
 

@@ -50,7 +50,8 @@ from urllib.parse import unquote
 
 from gateway.archive import report
 from gateway.archive.export import export_bytes
-from gateway.archive.journal import Archive, Query
+from gateway.archive.journal import Archive
+from gateway.archive.query import Query
 from gateway.config import ApiTokenConfig
 from gateway.events import Event
 from gateway.observability.http import Request, Response

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.archive.journal import Archive, Query
+from gateway.archive.journal import Archive
+from gateway.archive.query import Query
 from gateway.config import Config
 
 # The reports, the export and opening the archive are imported when a command runs:

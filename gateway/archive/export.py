@@ -30,7 +30,8 @@ import time
 import zipfile
 from typing import Any, BinaryIO
 
-from gateway.archive.journal import Archive, Query, canonical
+from gateway.archive.journal import Archive, canonical
+from gateway.archive.query import Query
 from gateway.archive.report import to_csv, with_last_attempts
 from gateway.archive.service import public_pem
 

@@ -1,54 +1,43 @@
-"""The journal: every accepted message and every event about it, encrypted at rest,
-each record committed to the Merkle log (`merkle`), the log pinned by signed
-checkpoints (`checkpoint`), and `Archive.verify` able to name any record that was
-altered, removed or added behind the log's back.
+"""The journal: every accepted message and every event about it, encrypted at rest
+(`sealing`), each record committed to the Merkle log (`merkle`), the log pinned by
+signed checkpoints (`checkpoint`), and `Archive.verify` able to name any record that
+was altered, removed or added behind the log's back.
 
-Storage sits behind two small interfaces, so that other backends (PostgreSQL for the
-index, S3-compatible object storage with Object Lock for blobs) can be added without
-touching this module:
+Records: ``msg-<queue id>`` (the envelope as canonical JSON, a newline, the bytes
+received), ``copy-<sha256>`` (a copy the gateway changed, as sent) and ``evt-<n>``
+(an attempt with its decision and evidence, a hold, a disposition, an access, as
+canonical JSON in the index).  Each is a leaf: SHA-256 over
+``{"id","kind","sha256"}`` - commitments only, never an address or a subject, so
+the log, its proofs and checkpoints can be handed to an auditor without
+disclosing PHI.
 
-- `BlobStore`: sealed message records by name (embedded default: `SqliteBlobStore`,
-  rows in the index's database; `FileBlobStore`, a file each, for comparison and
-  for stores that want files);
-- `ArchiveIndex`: the log's leaves, the records' metadata and the checkpoints
-  (embedded default: SQLite in WAL mode).
-
-Leaves hold commitments only - record kind, id and the SHA-256 of the record - never
-an address or a subject, so the log, its proofs and checkpoints can be handed to an
-auditor without disclosing PHI.
-
-Not yet wired into the mail path (issue 6 continues): the queue manager is to journal
-each message when it arrives (and at start whatever the spool holds that the archive
-lacks), each attempt's evidence, and keep a message's spool file until its archived
-copy is on disk (`make_durable`).  A first wiring measured the relay at 0.56-0.75 of
-Postfix: the per-message write path needs batching work first.
+Storage is behind `gateway.archive.store` (blobs and the index); search queries are
+`gateway.archive.query`.  The daemon drives this through
+`gateway.archive.service`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import email.header
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway import sqlite_tx
 from gateway.archive import merkle
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
+from gateway.archive.query import Query, message_id_of, subject_of
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
-
-DEFAULT_RETENTION = 6 * 365.25 * 86400  # HIPAA: six years
+from gateway.archive.store import ArchiveIndex, BlobStore
 
 
 def canonical(value: Any) -> bytes:
@@ -63,220 +52,6 @@ def commitment(kind: str, record_id: str, digest: str) -> bytes:
         f'{{"id":{json.dumps(record_id, ensure_ascii=False)},"kind":{json.dumps(kind)},'
         f'"sha256":"{digest}"}}'
     ).encode()
-
-
-# -- storage interfaces ------------------------------------------------------------------
-
-
-class BlobStore(Protocol):
-    def put(self, name: str, data: bytes, durable: bool = True) -> None: ...
-    def make_durable_all(self, names: list[str]) -> None: ...
-    def get(self, name: str) -> bytes | None: ...
-    def delete(self, name: str) -> bool: ...
-    def names(self) -> Iterator[str]: ...
-
-
-def check_name(name: str) -> str:
-    """Blob names are record ids: no path separators, no leading dot (every store
-    refuses the same names, so records move between stores)."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or len(name) > 200:
-        raise ValueError(f"{name!r} is not a blob name")
-    return name
-
-
-class FileBlobStore:
-    """One file per blob under ``root``, written to a temporary name, fsynced and
-    renamed, then the directory fsynced: a blob is either whole or absent."""
-
-    def __init__(self, root: Path):
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.root = root
-
-    def _path(self, name: str) -> Path:
-        return self.root / check_name(name)
-
-    def put(self, name: str, data: bytes, durable: bool = True) -> None:
-        """Write the blob; with ``durable=False`` the caller makes it durable later
-        (`make_durable_all`), e.g. in a batch, while another durable copy exists."""
-        path = self._path(name)
-        tmp = path.with_name(f".{name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if durable:
-            self._sync_dir()
-
-    def make_durable_all(self, names: list[str]) -> None:
-        for name in names:
-            fd = os.open(self._path(name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    def get(self, name: str) -> bytes | None:
-        try:
-            return self._path(name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name: str) -> bool:
-        try:
-            self._path(name).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def names(self) -> Iterator[str]:
-        return (p.name for p in self.root.iterdir() if not p.name.startswith("."))
-
-
-class SqliteBlobStore:
-    """Blobs as rows of a SQLite table in the index's own database: no file-system
-    operation per message (a file each cost about 0.6 ms of system time per message
-    here), and a blob and its index rows commit together.  Durable when the
-    database's write-ahead log is synced (`Archive.make_durable`)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-        db.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL)")
-
-    def put(self, name: str, data: bytes, durable: bool = True) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO blobs(name, data) VALUES (?,?)", (check_name(name), data)
-        )
-
-    def make_durable_all(self, names: list[str]) -> None:
-        pass  # the write-ahead log sync covers it
-
-    def get(self, name: str) -> bytes | None:
-        row = self.db.execute("SELECT data FROM blobs WHERE name=?", (name,)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def delete(self, name: str) -> bool:
-        return bool(self.db.execute("DELETE FROM blobs WHERE name=?", (name,)).rowcount)
-
-    def names(self) -> Iterator[str]:
-        return (r[0] for r in self.db.execute("SELECT name FROM blobs").fetchall())
-
-
-INDEX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS leaves (
-    idx INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    record_id TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    record_id TEXT PRIMARY KEY,
-    queue_id TEXT NOT NULL UNIQUE,
-    received REAL NOT NULL,
-    mail_from TEXT NOT NULL,
-    sender_domain TEXT NOT NULL,
-    message_id TEXT,
-    client_ip TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    leaf INTEGER NOT NULL,
-    retain_until REAL NOT NULL,
-    disposed TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_by_sender ON messages(mail_from, received);
-CREATE INDEX IF NOT EXISTS messages_by_sender_domain ON messages(sender_domain, received);
-CREATE INDEX IF NOT EXISTS messages_by_time ON messages(received);
-CREATE INDEX IF NOT EXISTS messages_by_message_id ON messages(message_id);
-CREATE INDEX IF NOT EXISTS messages_by_retention ON messages(retain_until) WHERE disposed IS NULL;
-CREATE TABLE IF NOT EXISTS recipients (
-    queue_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    address TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    mode TEXT,
-    rule TEXT,
-    state TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (queue_id, idx)
-);
-CREATE INDEX IF NOT EXISTS recipients_by_address ON recipients(address);
-CREATE INDEX IF NOT EXISTS recipients_by_domain ON recipients(domain);
-CREATE TABLE IF NOT EXISTS copies (
-    record_id TEXT PRIMARY KEY,
-    queue_id TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    leaf INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS copies_by_message ON copies(queue_id);
-CREATE TABLE IF NOT EXISTS cases (
-    case_name TEXT PRIMARY KEY,
-    query TEXT,
-    placed REAL NOT NULL,
-    actor TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS holds (
-    case_name TEXT NOT NULL,
-    queue_id TEXT NOT NULL,
-    PRIMARY KEY (case_name, queue_id)
-);
-CREATE INDEX IF NOT EXISTS holds_by_message ON holds(queue_id);
-CREATE TABLE IF NOT EXISTS events (
-    record_id TEXT PRIMARY KEY,
-    queue_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    at REAL NOT NULL,
-    body TEXT NOT NULL,
-    leaf INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_message ON events(queue_id);
-CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, at);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    size INTEGER PRIMARY KEY,
-    root BLOB NOT NULL,
-    note TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-SUBJECT_SCHEMA = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS subjects USING fts5(subject, queue_id UNINDEXED)"
-)
-
-
-class ArchiveIndex:
-    """The embedded index: SQLite (WAL) at ``path``."""
-
-    def __init__(self, path: Path, subjects: bool = False):
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: commits reach the disk at the latest when `make_durable` syncs the
-        # write-ahead log - which the queue does before a spool file may go
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.path = path
-        self.db.executescript(INDEX_SCHEMA)
-        if subjects:
-            self.db.execute(SUBJECT_SCHEMA)
-        self.subjects = subjects
-
-    def close(self) -> None:
-        self.db.close()
 
 
 # -- retention --------------------------------------------------------------------------
@@ -324,118 +99,6 @@ class Retention:
 
 class ArchiveError(Exception):
     """The archive cannot be opened or written as configured."""
-
-
-# -- search ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Query:
-    """What to look for.  ``sender`` and ``recipient``: an address, or ``@domain``;
-    ``since``/``until``: Unix times (received); recipient conditions (``recipient``,
-    ``mode``, ``status``, ``rule``) must hold for the same recipient."""
-
-    sender: str | None = None
-    recipient: str | None = None
-    since: float | None = None
-    until: float | None = None
-    message_id: str | None = None
-    queue_id: str | None = None
-    mode: str | None = None
-    status: str | None = None
-    rule: str | None = None
-    subject: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Query:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown search field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    def sql(self, subjects: bool) -> tuple[str, list[Any]]:
-        where: list[str] = ["1"]
-        args: list[Any] = []
-        if self.sender:
-            s = self.sender.lower()
-            if s.startswith("@"):
-                where.append("m.sender_domain = ?")
-                args.append(s[1:])
-            else:
-                where.append("m.mail_from = ?")
-                args.append(s)
-        if self.since is not None:
-            where.append("m.received >= ?")
-            args.append(self.since)
-        if self.until is not None:
-            where.append("m.received < ?")
-            args.append(self.until)
-        if self.message_id:
-            mid = self.message_id.strip()
-            where.append("m.message_id = ?")
-            args.append(mid if mid.startswith("<") else f"<{mid}>")
-        if self.queue_id:
-            where.append("m.queue_id = ?")
-            args.append(self.queue_id)
-        if self.subject:
-            if not subjects:
-                raise ValueError("subjects are not indexed (archive.index_subjects: false)")
-            where.append("m.queue_id IN (SELECT queue_id FROM subjects WHERE subjects MATCH ?)")
-            args.append(_fts_phrase(self.subject))
-        inner, inner_args = [], []
-        if self.recipient:
-            r = self.recipient.lower()
-            if r.startswith("@"):
-                inner.append("r.domain = ?")
-                inner_args.append(r[1:])
-            else:
-                inner.append("r.address = ?")
-                inner_args.append(r)
-        for column, value in (("mode", self.mode), ("state", self.status), ("rule", self.rule)):
-            if value:
-                inner.append(f"r.{column} = ?")
-                inner_args.append(value)
-        if inner:
-            where.append(
-                "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "
-                + " AND ".join(inner)
-                + ")"
-            )
-            args.extend(inner_args)
-        return " AND ".join(where), args
-
-
-def _fts_phrase(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
-
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,900}>)", re.I | re.M)
-_SUBJECT = re.compile(rb"^subject:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
-
-
-def _header_part(data: bytes) -> bytes:
-    m = _HEADER_END.search(data, 0, 256 * 1024)
-    return data[: m.start() + 2] if m else data[: 256 * 1024]
-
-
-def message_id_of(data: bytes) -> str | None:
-    m = _MESSAGE_ID.search(_header_part(data))
-    return m.group(1).decode("utf-8", "replace") if m else None
-
-
-def subject_of(data: bytes) -> str:
-    m = _SUBJECT.search(_header_part(data))
-    if not m:
-        return ""
-    raw = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip().decode("utf-8", "replace")
-    try:
-        return str(email.header.make_header(email.header.decode_header(raw)))
-    except (ValueError, LookupError):
-        return raw
 
 
 # -- the archive --------------------------------------------------------------------------

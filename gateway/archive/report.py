@@ -12,7 +12,8 @@ from typing import Any
 
 from gateway.archive import merkle
 from gateway.archive.checkpoint import CheckpointError, verify
-from gateway.archive.journal import Archive, Query
+from gateway.archive.journal import Archive
+from gateway.archive.query import Query
 
 CSV_FIELDS = (
     "queue_id",

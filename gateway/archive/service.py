@@ -29,15 +29,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.archive.journal import (
-    Archive,
-    ArchiveError,
-    ArchiveIndex,
-    Retention,
-    RetentionRule,
-    SqliteBlobStore,
-)
+from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys
+from gateway.archive.store import ArchiveIndex, SqliteBlobStore
 from gateway.batching import Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError

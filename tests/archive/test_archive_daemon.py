@@ -13,7 +13,7 @@ import subprocess
 import sys
 import zipfile
 
-from gateway.archive.journal import Query
+from gateway.archive.query import Query
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.crypto.smime_pki import mailbox
 from tests.delivery.conftest import wait_until

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.archive.journal import ArchiveIndex, FileBlobStore, SqliteBlobStore
+from gateway.archive.store import ArchiveIndex, FileBlobStore, SqliteBlobStore
 
 
 @pytest.fixture(params=["files", "sqlite"])

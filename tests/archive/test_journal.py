@@ -8,8 +8,9 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.archive.journal import Archive, ArchiveIndex, FileBlobStore, SqliteBlobStore
+from gateway.archive.journal import Archive
 from gateway.archive.sealing import MasterKeys
+from gateway.archive.store import ArchiveIndex, FileBlobStore, SqliteBlobStore
 
 ENVELOPE = {
     "queue_id": "Q1",

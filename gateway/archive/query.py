@@ -1,0 +1,119 @@
+"""Searching the archive: `Query` (the fields a compliance officer searches by, as
+SQL over the index) and what the index reads from a message's header (Message-ID,
+and the subject when subjects are indexed)."""
+
+from __future__ import annotations
+
+import email.header
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to look for.  ``sender`` and ``recipient``: an address, or ``@domain``;
+    ``since``/``until``: Unix times (received); recipient conditions (``recipient``,
+    ``mode``, ``status``, ``rule``) must hold for the same recipient."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    since: float | None = None
+    until: float | None = None
+    message_id: str | None = None
+    queue_id: str | None = None
+    mode: str | None = None
+    status: str | None = None
+    rule: str | None = None
+    subject: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Query:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown search field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def sql(self, subjects: bool) -> tuple[str, list[Any]]:
+        where: list[str] = ["1"]
+        args: list[Any] = []
+        if self.sender:
+            s = self.sender.lower()
+            if s.startswith("@"):
+                where.append("m.sender_domain = ?")
+                args.append(s[1:])
+            else:
+                where.append("m.mail_from = ?")
+                args.append(s)
+        if self.since is not None:
+            where.append("m.received >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            where.append("m.received < ?")
+            args.append(self.until)
+        if self.message_id:
+            mid = self.message_id.strip()
+            where.append("m.message_id = ?")
+            args.append(mid if mid.startswith("<") else f"<{mid}>")
+        if self.queue_id:
+            where.append("m.queue_id = ?")
+            args.append(self.queue_id)
+        if self.subject:
+            if not subjects:
+                raise ValueError("subjects are not indexed (archive.index_subjects: false)")
+            where.append("m.queue_id IN (SELECT queue_id FROM subjects WHERE subjects MATCH ?)")
+            args.append(_fts_phrase(self.subject))
+        inner, inner_args = [], []
+        if self.recipient:
+            r = self.recipient.lower()
+            if r.startswith("@"):
+                inner.append("r.domain = ?")
+                inner_args.append(r[1:])
+            else:
+                inner.append("r.address = ?")
+                inner_args.append(r)
+        for column, value in (("mode", self.mode), ("state", self.status), ("rule", self.rule)):
+            if value:
+                inner.append(f"r.{column} = ?")
+                inner_args.append(value)
+        if inner:
+            where.append(
+                "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "
+                + " AND ".join(inner)
+                + ")"
+            )
+            args.extend(inner_args)
+        return " AND ".join(where), args
+
+
+def _fts_phrase(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,900}>)", re.I | re.M)
+_SUBJECT = re.compile(rb"^subject:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def _header_part(data: bytes) -> bytes:
+    m = _HEADER_END.search(data, 0, 256 * 1024)
+    return data[: m.start() + 2] if m else data[: 256 * 1024]
+
+
+def message_id_of(data: bytes) -> str | None:
+    m = _MESSAGE_ID.search(_header_part(data))
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def subject_of(data: bytes) -> str:
+    m = _SUBJECT.search(_header_part(data))
+    if not m:
+        return ""
+    raw = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip().decode("utf-8", "replace")
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except (ValueError, LookupError):
+        return raw
