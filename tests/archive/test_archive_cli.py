@@ -177,3 +177,58 @@ async def test_master_key_rotation_keeps_old_records_readable(gateway_factory, t
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     missing = await asyncio.to_thread(cli, tmp_path, "verify")
     assert missing.returncode == 1 and "master key 'k2025' is not configured" in missing.stdout
+
+
+async def test_subject_search_only_when_subjects_are_indexed(gateway_factory, tmp_path):
+    gw = await gateway_factory({"archive.index_subjects": True})
+    async with smtp_client(gw) as client:
+        await client.sendmail(
+            "doctor@clinic.test",
+            ["a@dest.test"],
+            make_message("=?utf-8?q?Biopsy_r=C3=A9sultat?= for J. Roe", "Hello.\r\n"),
+        )
+        await client.sendmail("doctor@clinic.test", ["a@dest.test"], make_message("Lunch"))
+    await journaled(gw, 2)
+    found = await asyncio.to_thread(cli, tmp_path, "search", "--subject", "résultat", "--json")
+    assert found.returncode == 0, found.stderr
+    assert len(found.stdout.splitlines()) == 1  # the encoded word decoded and indexed
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["archive"]["index_subjects"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = await asyncio.to_thread(cli, tmp_path, "search", "--subject", "Lunch")
+    assert refused.returncode == 1 and "subjects are not indexed" in refused.stderr
+
+
+async def test_a_hold_by_search_covers_messages_that_arrive_later(gateway_factory, tmp_path):
+    gw = await gateway_factory({"archive.checkpoint_interval": "1s"})
+    first = await accept(gw, ["r@partner.test"])
+    await journaled(gw, 1)
+    held = await asyncio.to_thread(
+        cli, tmp_path, "hold", "audit-2026", "--recipient", "@partner.test"
+    )
+    assert held.returncode == 0 and "holds 1 message" in held.stdout, held.stdout + held.stderr
+    later = await accept(gw, ["s@partner.test"])
+    other = await accept(gw, ["t@elsewhere.test"])
+    await journaled(gw, 3)
+    # checkpoints are signed on their own while the gateway runs
+    reader = sqlite3.connect(tmp_path / "state/archive/index.db")
+
+    def checkpointed() -> bool:
+        (leaves,) = reader.execute("SELECT max(idx) FROM leaves").fetchone()
+        (size,) = reader.execute("SELECT coalesce(max(size), 0) FROM checkpoints").fetchone()
+        return size >= leaves
+
+    await wait_until(checkpointed, what="a checkpoint of every record")
+    reader.close()
+    await gw.stop()
+    db = sqlite3.connect(tmp_path / "state/archive/index.db")
+    db.execute("UPDATE messages SET retain_until=?", (time.time() - 1,))
+    db.commit()
+    db.close()
+    dry = await asyncio.to_thread(cli, tmp_path, "purge")
+    would = {line.split()[-1] for line in dry.stdout.splitlines() if line.startswith("would")}
+    assert would == {other}  # first and later are held by the case's search
+    holds = await asyncio.to_thread(cli, tmp_path, "holds", "--json")
+    (case,) = json.loads(holds.stdout)
+    assert case["query"] == {"recipient": "@partner.test"} and case["messages"] == 2
+    assert first != later
