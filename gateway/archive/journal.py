@@ -781,11 +781,13 @@ class Archive:
                         what = "disposed of, but its content is still stored"
                         report.problems.append(Problem(record_id, position, what))
                     continue  # purged under retention, and the log says so
-                self._check_message(record_id, position, leaf, row, report)
+                self._check_content("message", record_id, position, leaf, row, report)
             elif kind == "copy":
                 if record_id in disposed:
                     continue
-                self._check_copy(record_id, position, leaf, copies.get(record_id), report)
+                self._check_content(
+                    "copy", record_id, position, leaf, copies.get(record_id), report
+                )
             else:
                 self._check_event(record_id, kind, position, leaf, events.get(record_id), report)
         report.leaves = frontier.size
@@ -846,35 +848,24 @@ class Archive:
             report.problems.append(Problem(record_id, position, f"its stored content: {e}"))
             return None
 
-    def _check_copy(
-        self, record_id: str, position: int, leaf: bytes, row: Any, report: Report
+    def _check_content(
+        self, kind: str, record_id: str, position: int, leaf: bytes, row: Any, report: Report
     ) -> None:
+        """A message or copy record: its blob opens and matches its leaf, and its index
+        row holds the digest of its content (for a message, of the bytes received)."""
         if row is None:
             report.problems.append(Problem(record_id, position, "its index row is gone"))
         record = self._opened(record_id, position, report)
         if record is None:
             return
         digest = hashlib.sha256(record).hexdigest()
-        if merkle.leaf_hash(commitment("copy", record_id, digest)) != leaf:
+        if merkle.leaf_hash(commitment(kind, record_id, digest)) != leaf:
             report.problems.append(Problem(record_id, position, "does not match its leaf"))
-        elif row is not None and row[2] != digest:
+            return
+        if kind == "message":
+            digest = hashlib.sha256(record.partition(b"\n")[2]).hexdigest()
+        if row is not None and row[2] != digest:
             report.problems.append(Problem(record_id, position, "its index row was altered"))
-
-    def _check_message(
-        self, record_id: str, position: int, leaf: bytes, row: Any, report: Report
-    ) -> None:
-        if row is None:
-            report.problems.append(Problem(record_id, position, "its index row is gone"))
-        record = self._opened(record_id, position, report)
-        if record is None:
-            return
-        digest = hashlib.sha256(record).hexdigest()
-        if merkle.leaf_hash(commitment("message", record_id, digest)) != leaf:
-            report.problems.append(Problem(record_id, position, "does not match its leaf"))
-        elif row is not None:
-            data = record.partition(b"\n")[2]
-            if hashlib.sha256(data).hexdigest() != row[2]:
-                report.problems.append(Problem(record_id, position, "its index row was altered"))
 
 
 def _timestamp(value: Any, default: float) -> float:

@@ -43,6 +43,25 @@ CSV_FIELDS = (
 )
 
 
+def transport(ev: dict[str, Any]) -> dict[str, Any]:
+    """How one attempt's copy travelled, from its evidence: server, TLS, the key it
+    was encrypted to, the digest of a changed copy."""
+    encryption = ev.get("encryption") or {}
+    return {
+        "mx": ev.get("mx_host"),
+        "ip": ev.get("ip"),
+        "tls_version": ev.get("tls_version"),
+        "tls_cipher": ev.get("tls_cipher"),
+        "peer_cert_sha256": ev.get("peer_cert_sha256"),
+        "verification": ev.get("verification"),
+        "mta_sts": ev.get("mta_sts"),
+        "key_fingerprint": encryption.get("key_fingerprint"),
+        "key_source": encryption.get("key_source"),
+        "signed": encryption.get("signed"),
+        "copy_sha256": ev.get("copy_sha256"),
+    }
+
+
 def _envelope_head(archive: Archive, queue_id: str) -> dict[str, Any] | None:
     try:
         return archive.message(queue_id)[0]
@@ -63,7 +82,6 @@ def delivery_proof(archive: Archive, queue_id: str) -> dict[str, Any]:
         for r in event["body"]["recipients"]:
             ev = r.get("evidence") or {}
             decision = ev.get("decision") or {}
-            encryption = ev.get("encryption") or {}
             attempts.setdefault(r["idx"], []).append(
                 {
                     "at": event["body"]["at"],
@@ -78,17 +96,7 @@ def delivery_proof(archive: Archive, queue_id: str) -> dict[str, Any]:
                     "tls_level": decision.get("tls_level"),
                     "reasons": (r.get("decision") or {}).get("reasons", []),
                     "level_source": decision.get("level_source"),
-                    "mx": ev.get("mx_host"),
-                    "ip": ev.get("ip"),
-                    "tls_version": ev.get("tls_version"),
-                    "tls_cipher": ev.get("tls_cipher"),
-                    "peer_cert_sha256": ev.get("peer_cert_sha256"),
-                    "verification": ev.get("verification"),
-                    "mta_sts": ev.get("mta_sts"),
-                    "key_fingerprint": encryption.get("key_fingerprint"),
-                    "key_source": encryption.get("key_source"),
-                    "signed": encryption.get("signed"),
-                    "copy_sha256": ev.get("copy_sha256"),
+                    **transport(ev),
                 }
             )
     recipients = [{**r, "history": attempts.get(r["idx"], [])} for r in summary.pop("recipients")]
@@ -239,17 +247,7 @@ def with_last_attempts(archive: Archive, results: list[dict[str, Any]]) -> list[
         last: dict[int, dict[str, Any]] = {}
         for event in archive.events(m["queue_id"], ("attempt",)):
             for r in event["body"]["recipients"]:
-                ev = r.get("evidence") or {}
-                last[r["idx"]] = {
-                    "mx": ev.get("mx_host"),
-                    "ip": ev.get("ip"),
-                    "tls_version": ev.get("tls_version"),
-                    "tls_cipher": ev.get("tls_cipher"),
-                    "peer_cert_sha256": ev.get("peer_cert_sha256"),
-                    "verification": ev.get("verification"),
-                    "key_fingerprint": (ev.get("encryption") or {}).get("key_fingerprint"),
-                    "copy_sha256": ev.get("copy_sha256"),
-                }
+                last[r["idx"]] = transport(r.get("evidence") or {})
         for r in m["recipients"]:
             r["last"] = last.get(r["idx"], {})
     return results

@@ -26,6 +26,18 @@ async def send_one(gw, rcpts) -> str:
     return reply.rsplit(" ", 1)[1]
 
 
+def openssl_verify(root) -> subprocess.CompletedProcess[str]:
+    """Step 2 of the export's README: the checkpoint's signature, by openssl alone."""
+    return subprocess.run(
+        ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "checkpoint-key.pem", "-rawin"]
+        + ["-in", "checkpoint.body", "-sigfile", "checkpoint.sig"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def cli(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_sealgate(
         "archive", *args, "--config", str(tmp_path / "config.yaml"), "--actor", "auditor@clinic"
@@ -145,19 +157,7 @@ async def test_the_export_verifies_with_sha256sum_openssl_and_a_stdlib_script(
 
     sums = run("sha256sum", "-c", "SHA256SUMS")
     assert sums.returncode == 0, sums.stdout + sums.stderr
-    signed = run(
-        "openssl",
-        "pkeyutl",
-        "-verify",
-        "-pubin",
-        "-inkey",
-        "checkpoint-key.pem",
-        "-rawin",
-        "-in",
-        "checkpoint.body",
-        "-sigfile",
-        "checkpoint.sig",
-    )
+    signed = openssl_verify(root)
     assert signed.returncode == 0 and "Signature Verified Successfully" in signed.stdout, signed
     checked = run("/usr/bin/python3", "-I", "verify.py")  # the system's Python, no Sealgate
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -178,23 +178,8 @@ async def test_the_export_verifies_with_sha256sum_openssl_and_a_stdlib_script(
     assert checked.returncode == 1 and f"msg-{ids[2]}: FAILED" in checked.stdout
     # a forged checkpoint: openssl refuses its signature
     body = root / "checkpoint.body"
-    body.write_text(body.read_text().replace("\n", "\n", 1) + "x")
-    assert (
-        run(
-            "openssl",
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            "checkpoint-key.pem",
-            "-rawin",
-            "-in",
-            "checkpoint.body",
-            "-sigfile",
-            "checkpoint.sig",
-        ).returncode
-        != 0
-    )
+    body.write_text(body.read_text() + "x")
+    assert openssl_verify(root).returncode != 0
 
 
 async def test_a_message_the_archive_lacks_is_journaled_from_the_spool_at_start(
