@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
 from gateway.model import Envelope
-from gateway.observability.logging import get_logger
+from gateway.observability.logging import get_logger, write_private_file
 from gateway.observability.metrics import Metrics
 from gateway.spool import Spool
 
@@ -67,16 +66,6 @@ def _read_master_key(path: Path, option: str) -> bytes:
     return key
 
 
-def _private_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def master_keys(config: Config, create: bool) -> MasterKeys:
     """The configured master keys (the first is current), or the generated one."""
     ac = config.archive
@@ -92,7 +81,7 @@ def master_keys(config: Config, create: bool) -> MasterKeys:
     if not path.exists():
         if not create:
             raise ConfigError("archive.master_keys", f"no master key: {path} does not exist")
-        _private_file(path, secrets.token_bytes(32))
+        write_private_file(path, secrets.token_bytes(32))
         log.warning(Event.ARCHIVE_KEY_GENERATED, kind="master", path=str(path))
     return MasterKeys(GENERATED_MASTER_KEY, {GENERATED_MASTER_KEY: _read_master_key(path, "")})
 
@@ -109,7 +98,7 @@ def signing_key(config: Config, create: bool) -> ed25519.Ed25519PrivateKey:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            _private_file(path, pem)
+            write_private_file(path, pem)
             public_path(config).write_bytes(public_pem(key.public_key()))
             log.warning(Event.ARCHIVE_KEY_GENERATED, kind="checkpoint-signing", path=str(path))
     try:

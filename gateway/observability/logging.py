@@ -53,19 +53,25 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
 
 
+def write_private_file(path: Path, data: bytes) -> None:
+    """A new secret file (mode 0600, its directory 0700), on disk before it is used;
+    never overwrites one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_or_create_key(path: Path) -> bytes:
     """Read a 32-byte secret, creating it (mode 0600) on first use."""
     try:
         key = path.read_bytes()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private_file(path, key)
         return key
     if len(key) < 16:
         raise ValueError(f"{path}: key file is shorter than 16 bytes")
