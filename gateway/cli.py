@@ -482,10 +482,33 @@ def _queue_admin(config: Config, action: str, queue_ids: list[str]) -> int:
             status = 1
             continue
         if action == "delete":
+            _archive_before_delete(config, queue_id, actor)
             with contextlib.suppress(SpoolError):
                 _spool(config).remove(queue_id)
         print(f"{queue_id}: {action} done")
     return status
+
+
+def _archive_before_delete(config: Config, queue_id: str, actor: str) -> None:
+    """A message deleted from the queue stays in the archive: journaled now if the
+    daemon had not yet, and the deletion recorded."""
+    if not config.archive.enabled:
+        return
+    from gateway.archive.service import open_archive
+
+    try:
+        archive = open_archive(config, config.smtp.hostname or "localhost", create=False)
+    except ConfigError:
+        return  # no archive yet (the daemon never ran with it)
+    try:
+        if not archive.has_content(queue_id):
+            with contextlib.suppress(SpoolError):
+                envelope, data = _spool(config).read(queue_id)
+                archive.journal_message(envelope.to_dict(), data)
+        archive.journal_event(queue_id, "queue-delete", {"actor": actor})
+        archive.make_durable([queue_id])
+    finally:
+        archive.index.close()
 
 
 if __name__ == "__main__":

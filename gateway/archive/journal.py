@@ -280,7 +280,7 @@ class Archive:
                 db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
                 db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
             db.executemany(
-                "INSERT INTO recipients(queue_id, idx, address, domain, state) "
+                "INSERT OR REPLACE INTO recipients(queue_id, idx, address, domain, state) "
                 "VALUES (?,?,?,?,'queued')",
                 [(queue_id, i, a, a.rpartition("@")[2]) for i, a in enumerate(addresses)],
             )

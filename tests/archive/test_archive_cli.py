@@ -232,3 +232,26 @@ async def test_a_hold_by_search_covers_messages_that_arrive_later(gateway_factor
     (case,) = json.loads(holds.stdout)
     assert case["query"] == {"recipient": "@partner.test"} and case["messages"] == 2
     assert first != later
+
+
+async def test_a_message_deleted_from_the_queue_stays_in_the_archive(gateway_factory, tmp_path):
+    gw = await gateway_factory({})
+    queue_id = await accept(gw, ["r@nowhere.test"])  # deferred: nothing listens
+    await journaled(gw, 1)
+    spooled = gw.spool.path_of(queue_id)
+    await gw.stop()
+    assert spooled.exists()
+    db = sqlite3.connect(tmp_path / "state/archive/index.db")  # as if not journaled yet
+    db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
+    db.execute("DELETE FROM blobs WHERE name=?", (f"msg-{queue_id}",))
+    db.commit()
+    deleted = await asyncio.to_thread(
+        run_sealgate, "queue", "delete", queue_id, "--config", str(tmp_path / "config.yaml")
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    assert not spooled.exists()
+    shown = await asyncio.to_thread(show, tmp_path, queue_id)
+    assert shown.returncode == 0 and shown.stdout == make_message("Results", "Hello.\r\n")
+    kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE queue_id=?", (queue_id,))]
+    assert kinds[-2:] == ["queue-delete", "access"]  # the deletion, then the view
+    db.close()
