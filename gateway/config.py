@@ -639,6 +639,88 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class PortalConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Recipients decided 'portal' get a notification with a link; the message "
+            "waits here, encrypted, until they prove they own the address with a "
+            "one-time code sent to it. false: such recipients are held."
+        ),
+    )
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 10443),
+        metadata=doc("Where the portal's web server listens (HTTPS unless behind_proxy)."),
+    )
+    base_url: str | None = field(
+        default=None,
+        metadata=doc(
+            "The portal's address as recipients reach it, e.g. 'https://secure.example.org' "
+            "(links in notifications). null: https://<listen>."
+        ),
+    )
+    cert_file: Path | None = field(
+        default=None,
+        metadata=doc("PEM certificate chain for the portal's HTTPS. null: tls.cert_file."),
+    )
+    key_file: Path | None = field(
+        default=None, metadata=doc("Its private key (PEM). null: tls.key_file.")
+    )
+    behind_proxy: bool = field(
+        default=False,
+        metadata=doc(
+            "Serve plain HTTP to a TLS-terminating reverse proxy on loopback, which must "
+            "set X-Forwarded-For (client address, for rate limits and the access record) "
+            "and X-Forwarded-Proto: https."
+        ),
+    )
+    expiry: Duration = field(
+        default=Duration(30 * 86400),
+        metadata=doc("How long a message can be picked up; then it is deleted from the portal."),
+    )
+    organization: str = field(
+        default="Sealgate",
+        metadata=doc("The sender organisation's name, shown in notifications and pages."),
+    )
+    from_address: str | None = field(
+        default=None,
+        metadata=doc(
+            "From and envelope sender of notifications and codes, and From of replies "
+            "(with Reply-To: the recipient). null: no-reply@<smtp hostname>."
+        ),
+    )
+    notification_subject: str = field(
+        default="You have a secure message",
+        metadata=doc("Subject of notifications: never the original subject."),
+    )
+    code_subject: str = field(
+        default="Your access code", metadata=doc("Subject of the one-time code messages.")
+    )
+    code_ttl: Duration = field(
+        default=Duration(600), metadata=doc("A one-time code is valid this long.")
+    )
+    max_code_attempts: int = field(
+        default=5,
+        metadata=doc("Wrong codes allowed for a link before it is locked for 'lockout'."),
+    )
+    lockout: Duration = field(default=Duration(900), metadata=doc("How long a link stays locked."))
+    session_ttl: Duration = field(
+        default=Duration(900), metadata=doc("A recipient's session lasts this long.")
+    )
+    requests_per_minute: int = field(
+        default=60, metadata=doc("Requests allowed per client IP address per minute.")
+    )
+    logo_file: Path | None = field(
+        default=None, metadata=doc("PNG logo shown on the portal's pages. null: none.")
+    )
+    colour: str = field(default="#1f4e79", metadata=doc("The pages' accent colour (#rrggbb)."))
+    max_reply_size: Size = field(
+        default=Size(10 * 1024 * 1024),
+        metadata=doc("Largest reply a recipient may send, attachments included."),
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = field(
         default="info", metadata=doc("Lowest level written: debug, info, warning or error.")
@@ -689,6 +771,7 @@ class Config:
     wkd: WkdConfig = field(default_factory=WkdConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -707,6 +790,8 @@ _POSITIVE_INTS = {
     "spool.io_threads",
     "probe.concurrency",
     "archive.retention_days",
+    "portal.max_code_attempts",
+    "portal.requests_per_minute",
     "archive.retention_floor_days",
 }
 _DOMAIN = re.compile(
@@ -738,6 +823,14 @@ def _check_value(path: str, value: Any) -> None:
         and value not in modes
     ):
         raise ValueError(f"{value!r} is not a mode: {', '.join(modes)}")
+    if path == "portal.colour" and not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+        raise ValueError(f"{value!r} is not a colour (#rrggbb)")
+    if (
+        path == "portal.base_url"
+        and value is not None
+        and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value)
+    ):
+        raise ValueError(f"{value!r} is not an http(s) URL without query")
     if path.endswith(".token_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("must be 64 lower-case hex digits (sealgate archive token)")
     if path.startswith("relay.client_certs["):

@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 
 need=""
 # swaks needs Net::SSLeay for --tls (only a Recommends of the swaks package)
-for pkg in gnupg openssl swaks libnet-ssleay-perl postfix; do
+# chromium and chromium-driver: the portal tests drive a real headless browser
+for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"

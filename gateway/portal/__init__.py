@@ -1,0 +1,1 @@
+"""The secure portal: messages picked up over HTTPS after proving the address."""

@@ -1,0 +1,279 @@
+"""The portal store: messages waiting for their recipients, sealed each with its own
+data key (`gateway.archive.sealing`, the archive's master keys), found by the SHA-256
+of their link's token (the token itself is never stored), with their one-time codes,
+lockouts and sessions.
+
+SQLite at ``<state_dir>/portal/portal.db``; the daemon's portal uses it from one
+thread, ``sealgate portal revoke`` from another process (SQLite serialises them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import sqlite_tx
+from gateway.archive.sealing import MasterKeys, open_sealed, seal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    queue_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    sealed BLOB,
+    revoked REAL,
+    revoked_by TEXT,
+    first_pickup REAL,
+    pickups INTEGER NOT NULL DEFAULT 0,
+    failed_codes INTEGER NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0,
+    codes_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS items_by_queue_id ON items(queue_id);
+CREATE INDEX IF NOT EXISTS items_by_expiry ON items(expires) WHERE sealed IS NOT NULL;
+CREATE TABLE IF NOT EXISTS codes (
+    item_id TEXT NOT NULL,
+    code_sha256 TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    sid_sha256 TEXT PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+CODE_DIGITS = 8  # 10^8: with 5 tries per lockout, a guess succeeds 1 in 20 million
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    queue_id: str
+    recipient: str
+    sender: str
+    created: float
+    expires: float
+    revoked: float | None
+    first_pickup: float | None
+    failed_codes: int
+    locked_until: float
+    gone: bool  # content deleted (expired and swept, or revoked)
+
+    def state(self, now: float) -> str:
+        """'revoked', 'expired', 'locked' or 'open'."""
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires <= now or self.gone:
+            return "expired"
+        if self.locked_until > now:
+            return "locked"
+        return "open"
+
+
+class PortalStore:
+    def __init__(self, path: Path, keys: MasterKeys):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+        self.keys = keys
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return sqlite_tx.transaction(self.db)
+
+    # -- items ----------------------------------------------------------------------
+
+    def deposit(
+        self, queue_id: str, recipient: str, sender: str, data: bytes, expires: float
+    ) -> tuple[Item, str]:
+        """Keep ``data`` for ``recipient`` until ``expires``; returns the item and the
+        token of its link (256 random bits; only its digest is stored)."""
+        item_id = f"p-{secrets.token_hex(12)}"
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO items(id, token_sha256, queue_id, recipient, sender, created, "
+                "expires, sealed) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    item_id,
+                    _sha(token),
+                    queue_id,
+                    recipient,
+                    sender,
+                    now,
+                    expires,
+                    seal(data, item_id, self.keys),
+                ),
+            )
+        item = self.item_by_id(item_id)
+        assert item is not None
+        return item, token
+
+    _COLUMNS = (
+        "SELECT id, queue_id, recipient, sender, created, expires, revoked, first_pickup, "
+        "failed_codes, locked_until, sealed IS NULL FROM items "
+    )
+
+    def _item(self, row: tuple[Any, ...] | None) -> Item | None:
+        if row is None:
+            return None
+        return Item(*row[:10], bool(row[10]))
+
+    def item(self, token: str) -> Item | None:
+        sql = self._COLUMNS + "WHERE token_sha256 = ?"
+        return self._item(self.db.execute(sql, (_sha(token),)).fetchone())
+
+    def item_by_id(self, item_id: str) -> Item | None:
+        return self._item(self.db.execute(self._COLUMNS + "WHERE id = ?", (item_id,)).fetchone())
+
+    def items_of(self, queue_id: str) -> list[Item]:
+        ids = [r[0] for r in self.db.execute("SELECT id FROM items WHERE queue_id=?", (queue_id,))]
+        return [i for i in map(self.item_by_id, ids) if i is not None]
+
+    def content(self, item: Item) -> bytes:
+        row = self.db.execute("SELECT sealed FROM items WHERE id=?", (item.id,)).fetchone()
+        if row is None or row[0] is None:
+            raise KeyError(item.id)
+        return open_sealed(bytes(row[0]), item.id, self.keys)
+
+    def picked_up(self, item: Item, now: float) -> bool:
+        """Count a pickup; True when it is the first."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE items SET pickups = pickups + 1, first_pickup = coalesce(first_pickup, ?) "
+                "WHERE id=?",
+                (now, item.id),
+            )
+        return item.first_pickup is None
+
+    def revoke(self, item_id: str, actor: str) -> bool:
+        """Revoke a link: its content is deleted at once, its sessions end."""
+        with self._tx():
+            changed = self.db.execute(
+                "UPDATE items SET revoked=?, revoked_by=?, sealed=NULL "
+                "WHERE id=? AND revoked IS NULL",
+                (time.time(), actor, item_id),
+            ).rowcount
+            self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
+            self.db.execute("DELETE FROM codes WHERE item_id=?", (item_id,))
+        return bool(changed)
+
+    def sweep(self, now: float) -> list[Item]:
+        """Delete the content of expired items; returns those never picked up."""
+        rows = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT id FROM items WHERE sealed IS NOT NULL AND expires <= ?", (now,)
+            )
+        ]
+        unread = []
+        with self._tx():
+            for item_id in rows:
+                item = self.item_by_id(item_id)
+                if item is not None and item.first_pickup is None:
+                    unread.append(item)
+                self.db.execute("UPDATE items SET sealed=NULL WHERE id=?", (item_id,))
+                self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
+            self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            self.db.execute("DELETE FROM codes WHERE expires <= ?", (now,))
+        return unread
+
+    # -- one-time codes -----------------------------------------------------------------
+
+    def new_code(self, item: Item, ttl: float) -> str:
+        """A fresh code for the item (earlier ones stop working)."""
+        code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
+        with self._tx():
+            self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
+            self.db.execute(
+                "INSERT INTO codes VALUES (?,?,?)",
+                (item.id, _sha(item.id + code), time.time() + ttl),
+            )
+            self.db.execute("UPDATE items SET codes_sent = codes_sent + 1 WHERE id=?", (item.id,))
+        return code
+
+    def check_code(
+        self, item: Item, code: str, max_attempts: int, lockout: float
+    ) -> tuple[bool, bool]:
+        """(right, locked now).  A right code is used up; wrong ones count, and the
+        ``max_attempts``-th locks the link for ``lockout`` (the code is void)."""
+        code = "".join(c for c in code if c.isdigit())
+        now = time.time()
+        with self._tx():
+            row = self.db.execute(
+                "SELECT code_sha256 FROM codes WHERE item_id=? AND expires > ?", (item.id, now)
+            ).fetchone()
+            if row is not None and hmac.compare_digest(row[0], _sha(item.id + code)):
+                self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
+                self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
+                return True, False
+            failed = item.failed_codes + 1
+            locked = failed >= max_attempts
+            self.db.execute(
+                "UPDATE items SET failed_codes=?, locked_until=? WHERE id=?",
+                (0 if locked else failed, now + lockout if locked else item.locked_until, item.id),
+            )
+            if locked:
+                self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
+        return False, locked
+
+    def codes_sent(self, item: Item) -> int:
+        row = self.db.execute("SELECT codes_sent FROM items WHERE id=?", (item.id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def new_session(self, item: Item, ttl: float) -> tuple[str, str]:
+        """(session id for the cookie, CSRF token for its forms)."""
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?)",
+                (_sha(sid), item.id, csrf, time.time() + ttl),
+            )
+        return sid, csrf
+
+    def session(self, sid: str, item: Item) -> str | None:
+        """The session's CSRF token if ``sid`` is a live session for ``item``."""
+        row = self.db.execute(
+            "SELECT csrf FROM sessions WHERE sid_sha256=? AND item_id=? AND expires > ?",
+            (_sha(sid), item.id, time.time()),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def end_session(self, sid: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM sessions WHERE sid_sha256=?", (_sha(sid),))
+
+    def stats(self) -> Iterator[tuple[str, int]]:
+        now = time.time()
+        yield (
+            "waiting",
+            self.db.execute(
+                "SELECT count(*) FROM items "
+                "WHERE sealed IS NOT NULL AND expires > ? AND revoked IS NULL",
+                (now,),
+            ).fetchone()[0],
+        )
