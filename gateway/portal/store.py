@@ -139,7 +139,12 @@ class PortalStore:
     def _item(self, row: tuple[Any, ...] | None) -> Item | None:
         if row is None:
             return None
-        return Item(*row[:10], bool(row[10]))
+        (item_id, queue_id, recipient, sender, created, expires, revoked, first_pickup,
+         failed, locked_until, gone) = row  # fmt: skip
+        return Item(
+            item_id, queue_id, recipient, sender, created, expires, revoked, first_pickup,
+            failed, locked_until, bool(gone),
+        )  # fmt: skip
 
     def item(self, token: str) -> Item | None:
         sql = self._COLUMNS + "WHERE token_sha256 = ?"
