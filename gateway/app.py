@@ -17,8 +17,10 @@ import math
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
@@ -31,6 +33,7 @@ from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import AddressRedactor, get_logger, load_or_create_key
 from gateway.observability.metrics import Metrics
+from gateway.portal.service import Portal
 from gateway.probe.dns import Resolver
 from gateway.probe.keys import KeyStore
 from gateway.probe.wkd import WkdKeyStore
@@ -122,6 +125,7 @@ class Gateway:
         self._background: set[asyncio.Task[None]] = set()
         self.archive: ArchiveService | None = None
         self.archive_api: ArchiveApi | None = None
+        self.portal: Portal | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -177,9 +181,16 @@ class Gateway:
             keys,
             self.archive,
         )
+        if cfg.portal.enabled:
+            self.portal = Portal(
+                cfg, self.hostname, self._inject, self.metrics, make_redactor(cfg), self.archive
+            )
+            self.queue.portal = self.portal
         await self.queue.start()
         if self.archive is not None:
             self.archive.start()
+        if self.portal is not None:
+            await self.portal.start(None if cfg.portal.behind_proxy else self._portal_tls())
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
             self.workers = WorkerPool(cfg, self.config_path, self._worker_queued)
@@ -249,8 +260,16 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _inject(self, sender: str, recipients: list[str], data: bytes) -> str:
-        """Spool a message Sealgate itself writes (a DSN), durably, then queue it."""
+    async def _inject(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Spool a message Sealgate itself writes (a DSN, a portal notification, code
+        or reply), durably, then queue it.  ``extra``: kept in its envelope (e.g. its
+        purpose)."""
         queue_id = new_queue_id()
         writer = self.spool.writer(queue_id)
         await writer.write(data)
@@ -267,10 +286,24 @@ class Gateway:
                 size=size,
                 sha256=sha,
                 trace_headers=f"{self.config.smtp.marker_header}: {self.hostname}\r\n",
+                extra=dict(extra or {}),
             )
         )
         self._enqueue(queue_id, envelope)
         return queue_id
+
+    def _portal_tls(self) -> ssl.SSLContext:
+        """The portal's HTTPS: its own certificate, else the SMTP listener's."""
+        pc, tls = self.config.portal, self.config.tls
+        cert, key = pc.cert_file, pc.key_file
+        if cert is None or key is None:
+            cert, key = tls.cert_file, tls.key_file
+        if cert is None or key is None:
+            cert, key, _ = ensure_self_signed(self.config.state_dir, self.hostname)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(cert), str(key))
+        return context
 
     def render_metrics(self) -> bytes:
         if self.workers is not None:
@@ -296,6 +329,8 @@ class Gateway:
             await self.workers.stop(grace)
         if self.smtp is not None:
             await self.smtp.stop(grace)
+        if self.portal is not None:
+            await self.portal.stop()
         if self.queue is not None:
             await self.queue.stop(grace)
         if self.archive is not None:

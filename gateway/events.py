@@ -49,6 +49,9 @@ class Event(enum.StrEnum):
     ARCHIVE_ERROR = "archive.error"
     ARCHIVE_NOT_REMOVED = "archive.spool-file-kept"
     ARCHIVE_ACCESS = "archive.access"
+    # portal
+    PORTAL_DEPOSITED = "portal.deposited"
+    PORTAL_ACCESS = "portal.access"
     # ops http
     HTTP_ERROR = "http.error"
 

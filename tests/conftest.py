@@ -118,6 +118,7 @@ def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
         "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
         "delivery": {"smart_host": f"127.0.0.1:{free_port()}", "connect_timeout": "2s"},
         "logging": {"addresses": "plain"},
+        "portal": {"listen": f"127.0.0.1:{free_port()}"},
     }
     for dotted, value in overrides.items():
         node = data

@@ -354,6 +354,10 @@ class ArchiveService:
         """One attempt's outcome and evidence for some recipients."""
         self._post(lambda: self.archive.journal_attempt(queue_id, recipients), queue_id)
 
+    def access(self, queue_id: str, actor: str, action: str, **detail: Any) -> None:
+        """An access to a message from outside the archive (e.g. the portal)."""
+        self._post(lambda: self.archive.access(actor, action, queue_id, **detail), queue_id)
+
     def copy(self, queue_id: str, data: bytes) -> None:
         """A copy the gateway changed, as sent."""
         self._post(lambda: self.archive.journal_copy(queue_id, data), queue_id)

@@ -196,6 +196,38 @@ class Metrics:
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
         self.spool_messages = Gauge("sealgate_spool_messages", "Messages in the spool", registry=r)
+        self.portal_notifications = Counter(
+            "sealgate_portal_notifications", "Portal notifications sent", registry=r
+        )
+        self.portal_pickups = Counter(
+            "sealgate_portal_pickups", "Portal messages opened for the first time", registry=r
+        )
+        self.portal_time_to_pickup = Histogram(
+            "sealgate_portal_time_to_first_pickup_seconds",
+            "From deposit to the first opening of a portal message",
+            buckets=(60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400),
+            registry=r,
+        )
+        self.portal_failed_codes = Counter(
+            "sealgate_portal_failed_codes", "Wrong one-time codes entered", registry=r
+        )
+        self.portal_lockouts = Counter(
+            "sealgate_portal_lockouts", "Portal links locked after wrong codes", registry=r
+        )
+        self.portal_expired_unread = Counter(
+            "sealgate_portal_expired_unread",
+            "Portal messages that expired without being opened",
+            registry=r,
+        )
+        self.portal_replies = Counter(
+            "sealgate_portal_replies", "Secure replies sent from the portal", registry=r
+        )
+        self.portal_rate_limited = Counter(
+            "sealgate_portal_rate_limited", "Portal requests refused by the rate limit", registry=r
+        )
+        self.portal_messages = Gauge(
+            "sealgate_portal_messages", "Portal messages by state (waiting)", ["state"], registry=r
+        )
         self.archive_journaled = Counter(
             "sealgate_archive_journaled_messages", "Messages journaled to the archive", registry=r
         )

@@ -13,8 +13,9 @@ applies DANE per MX and reuses idle sessions from `SessionCache`); when the leve
 cannot be met on the connection, probe again, decide again without ``tls`` and take
 the next mode.  ``smime`` / ``pgp`` - the recipient's own copy, encrypted to its key
 (`gateway.crypto`), delivered the same way; a key that cannot be used moves it to the
-next mode.  ``bounce`` - fail the recipient (5.7.10).  ``hold``, and ``portal`` (not
-built yet) - the recipient is ``held``, decided again at each retry.  Every
+next mode.  ``bounce`` - fail the recipient (5.7.10).  ``portal`` - the message is kept in the portal
+(`gateway.portal`) and a notification sent; without the portal, and for ``hold``,
+the recipient is ``held``, decided again at each retry.  Every
 recipient's result, decision and evidence are recorded in one state-store
 transaction.  Deferred
 recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
@@ -69,6 +70,7 @@ from gateway.policy.engine import decide
 from gateway.policy.features import Features, message_features, strip_subject_tags
 from gateway.policy.language import Policy, load_policy_for
 from gateway.policy.model import DELIVERY_MODES, Decision, Mode
+from gateway.portal.service import CONTENT_FREE, Portal
 from gateway.probe.dns import Resolver
 from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
@@ -107,13 +109,14 @@ class QueueManager:
         metrics: Metrics,
         redact: AddressRedactor,
         hostname: str,
-        inject: Callable[[str, list[str], bytes], Awaitable[str]],
+        inject: Callable[..., Awaitable[str]],
         policy: Policy | None = None,
         keys: KeyStore | None = None,
         archive: ArchiveService | None = None,
     ):
         self.spool = spool
         self.archive = archive
+        self.portal: Portal | None = None  # set by the app when the portal runs
         self.metrics = metrics
         self.redact = redact
         self.hostname = hostname
@@ -421,7 +424,11 @@ class QueueManager:
         now = time.time()
         decisions: dict[int, Decision] = {}
         facts_of: dict[int, RecipientFacts] = {}
+        content_free = envelope.extra.get("purpose") in CONTENT_FREE
         for row in rows:
+            if content_free:  # a portal notification or code: nothing to protect
+                decisions[row.idx] = CONTENT_FREE_DECISION
+                continue
             facts_of[row.idx] = facts = await prober.recipient(row.address)
             evaluation = decide(policy, envelope.mail_from, row.address, features, facts, now)
             if _could_use_discovered_key(policy.discovered_keys, evaluation.decision, facts):
@@ -451,6 +458,10 @@ class QueueManager:
                         failed.append((row, sent))
                     else:
                         results[row.idx], transforms[row.idx] = sent
+                elif decision.mode is Mode.PORTAL and self.portal is not None:
+                    results[row.idx], transforms[row.idx] = await self.portal.deposit(
+                        envelope, data, row.address
+                    )
                 else:
                     results[row.idx] = _not_sent(row.address, decision, causes.get(row.idx))
             for (level, tags), group in tls.items():
@@ -828,6 +839,17 @@ class QueueManager:
         )
 
 
+CONTENT_FREE_DECISION = Decision(
+    mode=Mode.TLS,
+    tls_level=TlsLevel.MAY,
+    fallback=Mode.HOLD,
+    rule="portal-message",
+    reasons=("a portal notification or code carries no message content: sent as it is",),
+    level_source="portal",
+    candidates=(Mode.TLS,),
+)
+
+
 def _not_sent(
     address: str, decision: Decision, cause: RecipientResult | None = None
 ) -> RecipientResult:
@@ -845,8 +867,8 @@ def _not_sent(
         why = f"held by {rule}: no allowed mode can be used now ({passed[:300]}){after}"
     else:
         why = (
-            f"held: {rule} decided {decision.mode.value}, which this version cannot "
-            f"deliver yet{after}"
+            f"held: {rule} decided {decision.mode.value}, but the portal is not enabled "
+            f"(portal.enabled){after}"
         )
     return RecipientResult(address, "held", "4.7.10", why, evidence)
 

@@ -10,8 +10,8 @@ commands can use it at the same time; each write is one transaction.  Calls are
 synchronous and short; the daemon makes them from a single dedicated thread.
 
 Recipient states: ``pending`` (never tried), ``deferred`` (will be retried),
-``held`` (the policy decided a mode that cannot be used now - ``hold``, or one this
-version cannot deliver yet; decided again at each retry), ``delivered``, ``bounced``
+``held`` (the policy decided a mode that cannot be used now - ``hold``, or ``portal``
+with the portal disabled; decided again at each retry), ``delivered``, ``bounced``
 (permanent failure), ``expired`` (deferred or held past the queue lifetime).  A message
 may also be on ``hold`` by an administrator (no attempts until released).  Each
 recipient keeps the policy decision of its latest attempt (JSON).

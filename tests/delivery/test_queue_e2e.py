@@ -105,12 +105,13 @@ async def test_a_4xx_is_retried_on_schedule_and_then_delivered(gateway_factory, 
     assert evidence["verification"] == "pkix" and len(evidence["peer_cert_sha256"]) == 64
 
 
-async def test_no_starttls_means_no_plaintext_the_default_policy_holds_it_for_the_portal(
+async def test_no_starttls_means_no_plaintext_the_default_policy_holds_it_without_a_portal(
     gateway_factory, world, pki
 ):
     plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    gw = await start(gateway_factory, world, pki)  # the embedded default policy
+    # the embedded default policy decides the portal; with the portal off, it is held
+    gw = await start(gateway_factory, world, pki, **{"portal.enabled": False})
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(
         lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "held", what="held"
@@ -118,7 +119,7 @@ async def test_no_starttls_means_no_plaintext_the_default_policy_holds_it_for_th
     assert plain.received == [] and plain.attempts == 0
     (row,) = gw.queue.store.recipients(queue_id)
     assert row.status == "4.7.10"
-    assert "decided portal, which this version cannot deliver yet" in row.diagnostic
+    assert "decided portal, but the portal is not enabled (portal.enabled)" in row.diagnostic
     decision = gw.queue.store.decisions(queue_id)[0]
     assert (decision["mode"], decision["rule"]) == ("portal", "defaults")
     assert decision["reasons"][0].startswith("tls: level verify (defaults) not reached")

@@ -1,0 +1,220 @@
+"""The portal in the daemon: deposits for recipients decided ``portal`` (the message
+sealed in the store, a notification through the normal delivery path), one-time
+codes, pickups, replies, expiry, metrics, the access record - and the web server
+(`gateway.portal.web`) on its own listener.
+
+Notifications and codes carry no message content; the queue sends them as they
+are (verified TLS is not required for them: a recipient whose server has no
+STARTTLS is exactly who the portal is for).  Replies are new messages from the
+portal's address to the original sender, decided by the policy and journaled like
+any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from gateway.archive.service import ArchiveService, master_keys
+from gateway.config import Config
+from gateway.delivery.client import RecipientResult
+from gateway.events import Event
+from gateway.model import Envelope
+from gateway.observability.logging import AddressRedactor, get_logger
+from gateway.observability.metrics import Metrics
+from gateway.portal import mail, render
+from gateway.portal.store import Item, PortalStore
+
+log = get_logger("gateway.portal")
+T = TypeVar("T")
+
+# Envelope.extra["purpose"] of the messages the portal sends
+NOTIFICATION, CODE, REPLY = "portal-notification", "portal-code", "portal-reply"
+CONTENT_FREE = (NOTIFICATION, CODE)  # sent as they are, without the policy
+SWEEP_INTERVAL = 60.0
+
+Inject = Callable[[str, list[str], bytes, dict[str, Any]], Awaitable[str]]
+
+
+class Portal:
+    def __init__(
+        self,
+        config: Config,
+        hostname: str,
+        inject: Inject,
+        metrics: Metrics,
+        redact: AddressRedactor,
+        archive: ArchiveService | None,
+    ):
+        self.config = config
+        self.hostname = hostname
+        self.inject = inject
+        self.metrics = metrics
+        self.redact = redact
+        self.archive = archive
+        pc = config.portal
+        self.sender = pc.from_address or f"no-reply@{hostname}"
+        self.base_url = (pc.base_url or f"https://{pc.listen}").rstrip("/")
+        self.store = PortalStore(
+            config.state_dir / "portal" / "portal.db", master_keys(config, True)
+        )
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
+        self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, tls: ssl.SSLContext | None) -> None:
+        from gateway.portal.web import PortalWeb
+
+        self._runner = web.AppRunner(PortalWeb(self).app(), access_log=None)
+        await self._runner.setup()
+        listen = self.config.portal.listen
+        site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=tls)
+        await site.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._thread.shutdown(wait=True)
+        self.store.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                unread = await self.run(self.store.sweep, time.time())
+                for item in unread:
+                    self.metrics.portal_expired_unread.inc()
+                    self._access(item, "portal", "expired-unread")
+                for state, count in await self.run(lambda: list(self.store.stats())):
+                    self.metrics.portal_messages.labels(state).set(count)
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    def _access(self, item: Item, actor: str, action: str, **detail: Any) -> None:
+        if self.archive is not None:
+            self.archive.access(item.queue_id, actor, action, portal_item=item.id, **detail)
+        log.info(Event.PORTAL_ACCESS, queue_id=item.queue_id, item=item.id, action=action)
+
+    # -- the mail path ----------------------------------------------------------------
+
+    async def deposit(
+        self, envelope: Envelope, data: bytes, address: str
+    ) -> tuple[RecipientResult, dict[str, Any]]:
+        """Keep the message for ``address`` and send the notification; the
+        recipient's result (delivered to the portal) and the evidence."""
+        expires = time.time() + self.config.portal.expiry
+        item, token = await self.run(
+            self.store.deposit, envelope.queue_id, address, envelope.mail_from, data, expires
+        )
+        link = f"{self.base_url}/m/{token}"
+        note = mail.notification(
+            self.config.portal, self.sender, address, link, expires, self.hostname
+        )
+        notification_id = await self.inject(
+            self.sender, [address], note, {"purpose": NOTIFICATION, "portal_item": item.id}
+        )
+        self.metrics.portal_notifications.inc()
+        until = datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat(timespec="seconds")
+        log.info(
+            Event.PORTAL_DEPOSITED,
+            queue_id=envelope.queue_id,
+            rcpt=self.redact(address),
+            item=item.id,
+            notification=notification_id,
+        )
+        why = f"kept in the secure portal until {until}; notification queued as {notification_id}"
+        evidence = {
+            "mode": "portal",
+            "portal_item": item.id,
+            "expires": until,
+            "notification": notification_id,
+        }
+        return RecipientResult(address, "delivered", "2.0.0", why), evidence
+
+    # -- the recipient's side --------------------------------------------------------
+
+    async def send_code(self, item: Item, actor: str) -> None:
+        code = await self.run(self.store.new_code, item, self.config.portal.code_ttl)
+        message = mail.code_message(
+            self.config.portal, self.sender, item.recipient, code, self.hostname
+        )
+        await self.inject(
+            self.sender, [item.recipient], message, {"purpose": CODE, "portal_item": item.id}
+        )
+        self._access(item, actor, "code-sent")
+
+    async def check_code(self, item: Item, code: str, actor: str) -> tuple[bool, bool]:
+        pc = self.config.portal
+        right, locked = await self.run(
+            self.store.check_code, item, code, pc.max_code_attempts, pc.lockout
+        )
+        if right:
+            self._access(item, actor, "signed-in")
+        else:
+            self.metrics.portal_failed_codes.inc()
+            self._access(item, actor, "wrong-code")
+        if locked:
+            self.metrics.portal_lockouts.inc()
+            self._access(item, actor, "locked")
+        return right, locked
+
+    async def open(self, item: Item, actor: str) -> bytes:
+        data = await self.run(self.store.content, item)
+        now = time.time()
+        if await self.run(self.store.picked_up, item, now):
+            self.metrics.portal_pickups.inc()
+            self.metrics.portal_time_to_pickup.observe(now - item.created)
+        self._access(item, actor, "view")
+        return data
+
+    async def part(self, item: Item, index: int, actor: str) -> tuple[render.Part, bytes]:
+        data = await self.run(self.store.content, item)
+        info, body = render.part_bytes(data, index)
+        if info.filename is not None:
+            self._access(item, actor, "download", part=index, size=len(body))
+        return info, body
+
+    async def reply(
+        self, item: Item, text: str, files: list[tuple[str, str, bytes]], actor: str
+    ) -> str:
+        original = render.parse(await self.run(self.store.content, item))
+        message = mail.reply(
+            self.config.portal,
+            self.sender,
+            item.recipient,
+            item.sender,
+            str(original.get("Subject", "")),
+            original.get("Message-ID"),
+            text,
+            files,
+            self.hostname,
+        )
+        queue_id = await self.inject(
+            self.sender, [item.sender], message, {"purpose": REPLY, "portal_item": item.id}
+        )
+        self.metrics.portal_replies.inc()
+        self._access(item, actor, "reply", reply_queue_id=queue_id, attachments=len(files))
+        return queue_id
+
+    async def revoke(self, item_id: str, actor: str) -> bool:
+        item = await self.run(self.store.item_by_id, item_id)
+        if item is None or not await self.run(self.store.revoke, item_id, actor):
+            return False
+        self._access(item, actor, "revoked")
+        return True

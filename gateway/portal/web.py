@@ -1,0 +1,435 @@
+"""The portal's pages (aiohttp): the link's landing page, a one-time code to the
+recipient's address, the message, its parts, a secure reply, and clear pages for a
+link that is unknown, expired, revoked or locked.
+
+Security: every response carries a strict Content-Security-Policy (nothing but this
+origin's images and stylesheet; no scripts at all), frame and referrer denial, and
+no caching.  Forms carry a CSRF token (before sign-in a double-submit cookie, after
+it the session's token); cookies are ``__Host-`` prefixed, Secure, HttpOnly,
+SameSite=Strict.  Requests are limited per client address; wrong codes lock the link
+(`PortalStore.check_code`).  Every code sent, failed code, lockout, view, download
+and reply is recorded in the archive's access record for that message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import secrets
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import BodyPartReader, web
+
+from gateway.portal import render
+from gateway.portal.store import Item
+
+if TYPE_CHECKING:
+    from gateway.portal.service import Portal
+
+SESSION = "__Host-sealgate-session"
+PRE_CSRF = "__Host-sealgate-csrf"
+CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+CODE_REQUESTS = 5  # codes a link may ask for per CODE_WINDOW
+CODE_WINDOW = 900.0
+
+CSS = """
+:root { --accent: %(colour)s; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif;
+       color: #1a1a1a; background: #f4f5f7; }
+header { background: var(--accent); color: #fff; padding: .75rem 1rem; }
+header img { max-height: 2.5rem; vertical-align: middle; margin-right: .5rem; }
+header span { font-weight: 600; }
+main { max-width: 46rem; margin: 0 auto; padding: 1rem; }
+.card { background: #fff; border-radius: .5rem; padding: 1rem 1.25rem;
+        box-shadow: 0 1px 3px rgba(0,0,0,.12); margin-bottom: 1rem; overflow-wrap: anywhere; }
+h1 { font-size: 1.35rem; margin: .25rem 0 1rem; }
+button, input[type=submit] { background: var(--accent); color: #fff; border: 0;
+        border-radius: .4rem; padding: .75rem 1.25rem; font-size: 1rem; min-height: 44px; }
+input[type=text], textarea { width: 100%%; font-size: 1.1rem; padding: .6rem;
+        border: 1px solid #888; border-radius: .4rem; }
+label { display: block; font-weight: 600; margin: .75rem 0 .25rem; }
+.meta { color: #444; font-size: .95rem; }
+.meta dt { font-weight: 600; } .meta dd { margin: 0 0 .4rem; }
+.body img { max-width: 100%%; height: auto; }
+.body table { border-collapse: collapse; max-width: 100%%; }
+pre.plain { white-space: pre-wrap; font: inherit; margin: 0; }
+.error { color: #9b1c1c; font-weight: 600; }
+ul.files { padding-left: 1.2rem; } ul.files li { margin: .4rem 0; }
+a { color: var(--accent); }
+"""
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+class RateLimit:
+    """At most ``limit`` events per key in ``window`` seconds (in memory)."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit, self.window = limit, window
+        self._seen: dict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, key: str, now: float) -> bool:
+        seen = self._seen[key]
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if len(seen) >= self.limit:
+            return False
+        seen.append(now)
+        if len(self._seen) > 100_000:  # forget idle keys
+            for k in [k for k, v in self._seen.items() if not v]:
+                del self._seen[k]
+        return True
+
+
+class PortalWeb:
+    def __init__(self, portal: Portal):
+        self.portal = portal
+        self.config = portal.config.portal
+        self.per_ip = RateLimit(self.config.requests_per_minute, 60.0)
+        self.per_link = RateLimit(CODE_REQUESTS, CODE_WINDOW)
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._guard], client_max_size=int(self.config.max_reply_size) + 65536
+        )
+        app.router.add_get("/static/portal.css", self.css)
+        app.router.add_get("/static/logo.png", self.logo)
+        app.router.add_get("/m/{token}", self.landing)
+        app.router.add_post("/m/{token}/code", self.send_code)
+        app.router.add_post("/m/{token}/login", self.login)
+        app.router.add_get("/m/{token}/read", self.read)
+        app.router.add_get("/m/{token}/part/{n:\\d+}", self.part)
+        app.router.add_post("/m/{token}/reply", self.reply)
+        app.router.add_post("/m/{token}/logout", self.logout)
+        return app
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def client(self, request: web.Request) -> str:
+        if self.config.behind_proxy:
+            forwarded = request.headers.get("X-Forwarded-For", "")
+            if forwarded:
+                return forwarded.split(",")[-1].strip()
+        return request.remote or "?"
+
+    @web.middleware
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not self.per_ip.allow(self.client(request), time.monotonic()):
+            self.portal.metrics.portal_rate_limited.inc()
+            response: web.StreamResponse = self.page(
+                "Too many requests", "<p>Please wait a minute and try again.</p>", status=429
+            )
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:
+                if e.status >= 400:
+                    response = self.page("Not found", "<p>This page does not exist.</p>", e.status)
+                else:
+                    raise
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        return response
+
+    def page(self, title: str, body: str, status: int = 200) -> web.Response:
+        logo = '<img src="/static/logo.png" alt="">' if self.config.logo_file else ""
+        text = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)} - {_e(self.config.organization)}</title>"
+            '<link rel="stylesheet" href="/static/portal.css"></head><body>'
+            f"<header>{logo}<span>{_e(self.config.organization)}</span> secure messages</header>"
+            f'<main><div class="card"><h1>{_e(title)}</h1>{body}</div></main></body></html>'
+        )
+        return web.Response(text=text, content_type="text/html", charset="utf-8", status=status)
+
+    async def css(self, request: web.Request) -> web.Response:
+        return web.Response(text=CSS % {"colour": self.config.colour}, content_type="text/css")
+
+    async def logo(self, request: web.Request) -> web.Response:
+        if self.config.logo_file is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.config.logo_file.read_bytes(), content_type="image/png")
+
+    async def _item(self, request: web.Request) -> tuple[str, Item | web.Response]:
+        """The link's item if it can be used now, else the page that says why."""
+        token = request.match_info["token"]
+        item = await self.portal.run(self.portal.store.item, token) if len(token) < 100 else None
+        if item is None:
+            return token, self.page(
+                "This link is not valid",
+                "<p>Please check that you opened the whole link from the message you received.</p>",
+                404,
+            )
+        state = item.state(time.time())
+        if state == "revoked":
+            return token, self.page(
+                "This message was withdrawn",
+                "<p>The sender has withdrawn this message. Please contact them if you "
+                "still need it.</p>",
+                410,
+            )
+        if state == "expired":
+            return token, self.page(
+                "This message has expired",
+                "<p>This message is no longer available. Please contact the sender if you "
+                "still need it.</p>",
+                410,
+            )
+        if state == "locked":
+            until = time.strftime("%H:%M UTC", time.gmtime(item.locked_until))
+            return token, self.page(
+                "This link is locked",
+                f"<p>Too many wrong codes were entered. Please try again after {until}.</p>",
+                423,
+            )
+        return token, item
+
+    async def _signed_in(self, request: web.Request, item: Item) -> str | None:
+        """The session's CSRF token when the request carries a live session."""
+        sid = request.cookies.get(SESSION)
+        if not sid:
+            return None
+        csrf: str | None = await self.portal.run(self.portal.store.session, sid, item)
+        return csrf
+
+    def _actor(self, request: web.Request, item: Item) -> str:
+        return f"recipient {item.recipient} from {self.client(request)}"
+
+    def _masked(self, address: str) -> str:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}{'*' * max(1, len(local) - 1)}@{domain}"
+
+    def _code_form(self, token: str, csrf: str, error: str = "") -> str:
+        err = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+        return (
+            f'{err}<form method=post action="/m/{_e(token)}/login">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            '<label for="code">One-time code</label>'
+            '<input type=text id="code" name=code inputmode=numeric autocomplete="one-time-code" '
+            "required maxlength=20>"
+            "<p><button type=submit>Open the message</button></p></form>"
+            f'<form method=post action="/m/{_e(token)}/code">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            "<p><button type=submit>Send a new code</button></p></form>"
+        )
+
+    def _pre_csrf(self, request: web.Request) -> str:
+        return request.cookies.get(PRE_CSRF) or secrets.token_urlsafe(24)
+
+    def _with_pre_csrf(self, response: web.Response, value: str) -> web.Response:
+        response.set_cookie(
+            PRE_CSRF, value, secure=True, httponly=True, samesite="Strict", path="/"
+        )
+        return response
+
+    async def _form(self, request: web.Request) -> dict[str, Any]:
+        return dict(await request.post())
+
+    def _csrf_ok(self, sent: object, expected: str | None) -> bool:
+        return (
+            isinstance(sent, str)
+            and expected is not None
+            and hmac.compare_digest(sent.encode(), expected.encode())
+        )
+
+    def _forbidden(self) -> web.Response:
+        return self.page(
+            "Please try again",
+            "<p>This form has expired. Go back to the link in your message and try again.</p>",
+            403,
+        )
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def landing(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        if await self._signed_in(request, item):
+            raise web.HTTPSeeOther(f"/m/{token}/read")
+        csrf = self._pre_csrf(request)
+        until = time.strftime("%d %B %Y", time.gmtime(item.expires))
+        body = (
+            f"<p>{_e(self.config.organization)} has sent you a secure message. It can be "
+            f"opened until {_e(until)}.</p>"
+            f"<p>To make sure it is you, we will send a one-time code to "
+            f"<strong>{_e(self._masked(item.recipient))}</strong>.</p>"
+            f'<form method=post action="/m/{_e(token)}/code">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            "<p><button type=submit>Email me a code</button></p></form>"
+        )
+        return self._with_pre_csrf(self.page("You have a secure message", body), csrf)
+
+    async def send_code(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        form = await self._form(request)
+        csrf = request.cookies.get(PRE_CSRF)
+        if not self._csrf_ok(form.get("csrf"), csrf):
+            return self._forbidden()
+        assert csrf is not None
+        if not self.per_link.allow(item.id, time.monotonic()):
+            body = "<p>Several codes were sent already. Please use the latest one.</p>"
+            return self.page("Enter your code", body + self._code_form(token, csrf), 429)
+        await self.portal.send_code(item, self._actor(request, item))
+        body = (
+            f"<p>We sent a one-time code to <strong>{_e(self._masked(item.recipient))}"
+            "</strong>. It may take a minute to arrive.</p>"
+        )
+        return self.page("Enter your code", body + self._code_form(token, csrf))
+
+    async def login(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        form = await self._form(request)
+        csrf = request.cookies.get(PRE_CSRF)
+        if not self._csrf_ok(form.get("csrf"), csrf):
+            return self._forbidden()
+        assert csrf is not None
+        right, locked = await self.portal.check_code(
+            item, str(form.get("code", "")), self._actor(request, item)
+        )
+        if locked:
+            _, page = await self._item(request)  # the locked page
+            assert isinstance(page, web.Response)
+            return page
+        if not right:
+            return self.page(
+                "Enter your code",
+                self._code_form(token, csrf, "That code is not right, or it has expired."),
+                401,
+            )
+        sid = await self.portal.run(self.portal.store.new_session, item, self.config.session_ttl)
+        response = web.HTTPSeeOther(f"/m/{token}/read")
+        response.set_cookie(
+            SESSION,
+            sid[0],
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            max_age=int(self.config.session_ttl),
+        )
+        raise response
+
+    async def read(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        csrf = await self._signed_in(request, item)
+        if csrf is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        data = await self.portal.open(item, self._actor(request, item))
+        shown = render.render(data, f"/m/{token}/part/{{n}}")
+        files = "".join(
+            f'<li><a href="/m/{_e(token)}/part/{p.index}" download>{_e(p.filename or "attachment")}'
+            f"</a> <span class=meta>({_e(p.content_type)}, {p.size:,} bytes)</span></li>"
+            for p in shown.attachments
+        )
+        attachments = f'<h2>Attachments</h2><ul class="files">{files}</ul>' if files else ""
+        body = (
+            '<dl class="meta">'
+            f"<dt>From</dt><dd>{_e(shown.sender)}</dd>"
+            f"<dt>Date</dt><dd>{_e(shown.date)}</dd></dl>"
+            f'<div class="body">{shown.body_html}</div>{attachments}'
+            f"</div><div class=card><h2>Reply securely</h2>"
+            f'<form method=post action="/m/{_e(token)}/reply" enctype="multipart/form-data">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            '<label for="text">Your reply</label>'
+            '<textarea id="text" name=text rows=6 required></textarea>'
+            '<label for="files">Attach files (optional)</label>'
+            '<input type=file id="files" name=files multiple>'
+            "<p><button type=submit>Send reply</button></p></form>"
+            f'<form method=post action="/m/{_e(token)}/logout">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            "<p><button type=submit>Sign out</button></p></form>"
+        )
+        return self.page(shown.subject or "(no subject)", body)
+
+    async def part(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        if await self._signed_in(request, item) is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        index = int(request.match_info["n"])
+        try:
+            info, data = await self.portal.part(item, index, self._actor(request, item))
+        except KeyError:
+            raise web.HTTPNotFound() from None
+        inline = info.content_type.startswith("image/") and info.filename is None
+        name = (info.filename or f"part-{index}").replace('"', "")
+        response = web.Response(body=data, content_type="application/octet-stream")
+        if inline and info.content_type in ("image/png", "image/jpeg", "image/gif"):
+            response.content_type = info.content_type
+        else:
+            response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return response
+
+    async def reply(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        csrf = await self._signed_in(request, item)
+        if csrf is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        text, sent_csrf, files = "", None, []
+        room = int(self.config.max_reply_size)
+        async for field in await request.multipart():
+            if not isinstance(field, BodyPartReader):
+                continue  # a nested multipart: browsers do not send one
+            data = bytearray()
+            while chunk := await field.read_chunk(65536):
+                data += chunk
+                room -= len(chunk)
+                if room < 0:
+                    limit = f"{int(self.config.max_reply_size) // (1024 * 1024)} MB"
+                    return self.page(
+                        "Reply too large",
+                        f"<p>A reply with its files can be at most {limit}.</p>",
+                        413,
+                    )
+            if field.name == "csrf":
+                sent_csrf = data.decode("utf-8", "replace")
+            elif field.name == "text":
+                text = data.decode("utf-8", "replace")
+            elif field.name == "files" and field.filename:
+                ctype = field.headers.get("Content-Type", "application/octet-stream")
+                files.append((field.filename, ctype, bytes(data)))
+        if not self._csrf_ok(sent_csrf, csrf):
+            return self._forbidden()
+        if not text.strip() and not files:
+            raise web.HTTPSeeOther(f"/m/{token}/read")
+        await self.portal.reply(item, text, files, self._actor(request, item))
+        return self.page(
+            "Reply sent",
+            f"<p>Your reply was sent securely to the sender.</p>"
+            f'<p><a href="/m/{_e(token)}/read">Back to the message</a></p>',
+        )
+
+    async def logout(self, request: web.Request) -> web.Response:
+        sid = request.cookies.get(SESSION)
+        if sid:
+            await self.portal.run(self.portal.store.end_session, sid)
+        response = self.page("Signed out", "<p>You have signed out.</p>")
+        response.del_cookie(SESSION, path="/", secure=True, samesite="Strict")
+        return response
