@@ -10,6 +10,7 @@
     sealgate queue retry|hold|release|delete ID...
     sealgate archive verify|search|proof|show|export|hold|release|holds|purge|access|...
                                       (see gateway/archive/cli.py)
+    sealgate portal list [--json] | revoke ID...
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
 
@@ -37,6 +38,7 @@ from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.errors import ConfigError, SpoolError
 from gateway.model import Envelope
+from gateway.portal import cli as portal_cli
 
 EX_CONFIG = 78
 
@@ -102,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         qa = with_config(qsub.add_parser(action, help=text))
         qa.add_argument("queue_ids", nargs="+", metavar="ID")
     archive_cli.add_parsers(sub, with_config)
+    portal_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -153,6 +156,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _keys(config, args)
     if args.command == "archive":
         return archive_cli.run(config, args)
+    if args.command == "portal":
+        return portal_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

@@ -13,12 +13,11 @@ applies DANE per MX and reuses idle sessions from `SessionCache`); when the leve
 cannot be met on the connection, probe again, decide again without ``tls`` and take
 the next mode.  ``smime`` / ``pgp`` - the recipient's own copy, encrypted to its key
 (`gateway.crypto`), delivered the same way; a key that cannot be used moves it to the
-next mode.  ``bounce`` - fail the recipient (5.7.10).  ``portal`` - the message is kept in the portal
-(`gateway.portal`) and a notification sent; without the portal, and for ``hold``,
-the recipient is ``held``, decided again at each retry.  Every
+next mode.  ``bounce`` - fail the recipient (5.7.10).  ``portal`` - the message is
+kept in the portal (`gateway.portal`) and a notification sent; without the portal,
+and for ``hold``, the recipient is ``held``, decided again at each retry.  Every
 recipient's result, decision and evidence are recorded in one state-store
-transaction.  Deferred
-recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
+transaction.  Deferred recipients get their next attempt from ``delivery.retry_schedule`` (with up to 10%
 jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a
 message is final, failed ones are reported to the sender in one DSN (never for a null
 sender), and the spool file is removed.  A crash between the last result and that step is
