@@ -18,9 +18,10 @@ kept in the portal (`gateway.portal`) and a notification sent; without the porta
 and for ``hold``, the recipient is ``held``, decided again at each retry.  Every
 recipient's result, decision and evidence are recorded in one state-store
 transaction.  Deferred recipients get their next attempt from
-``delivery.retry_schedule`` (with up to 10% jitter); past ``delivery.max_queue_lifetime`` they expire.  When every recipient of a
-message is final, failed ones are reported to the sender in one DSN (never for a null
-sender), and the spool file is removed.  A crash between the last result and that step is
+``delivery.retry_schedule`` (with up to 10% jitter); past
+``delivery.max_queue_lifetime`` they expire.  When every recipient of a message is
+final, failed ones are reported to the sender in one DSN (never for a null sender),
+and the spool file is removed.  A crash between the last result and that step is
 repaired at start (`QueueStore.unfinished`).  Finished messages stay in the state
 store for ``delivery.history_retention`` (for ``sealgate queue show``), then go.
 
