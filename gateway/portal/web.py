@@ -316,7 +316,7 @@ class PortalWeb:
             return self.page(
                 "Enter your code",
                 self._code_form(token, csrf, "That code is not right, or it has expired."),
-                401,
+                422,  # not 401: that asks browsers for HTTP authentication
             )
         sid = await self.portal.run(self.portal.store.new_session, item, self.config.session_ttl)
         response = web.HTTPSeeOther(f"/m/{token}/read")
@@ -346,10 +346,10 @@ class PortalWeb:
             for p in shown.attachments
         )
         attachments = f'<h2>Attachments</h2><ul class="files">{files}</ul>' if files else ""
+        date = f"<dt>Date</dt><dd>{_e(shown.date)}</dd>" if shown.date else ""
         body = (
             '<dl class="meta">'
-            f"<dt>From</dt><dd>{_e(shown.sender)}</dd>"
-            f"<dt>Date</dt><dd>{_e(shown.date)}</dd></dl>"
+            f"<dt>From</dt><dd>{_e(shown.sender)}</dd>{date}</dl>"
             f'<div class="body">{shown.body_html}</div>{attachments}'
             f"</div><div class=card><h2>Reply securely</h2>"
             f'<form method=post action="/m/{_e(token)}/reply" enctype="multipart/form-data">'

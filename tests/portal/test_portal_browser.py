@@ -1,0 +1,307 @@
+"""The portal end to end in a real browser: Debian's headless Chromium, driven by
+Selenium through chromium-driver, against the portal on loopback over HTTPS with the
+test CA.  A recipient whose MX has no STARTTLS gets a notification without the
+subject or body; the browser follows the link, the code arrives in a second message,
+is entered, the message and its attachment are shown and downloaded; the reply
+reaches the sender and the archive; wrong codes lock the link; revoked and expired
+links show a clear page and no content.  A screenshot at phone width is kept in
+test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import ssl
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from gateway.archive.query import Query
+from tests.conftest import free_port, run_sealgate, smtp_client
+from tests.delivery.conftest import wait_until
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+SECRET = "The margins are clear"
+
+
+def message() -> bytes:
+    pdf = base64.encodebytes(PDF).replace(b"\n", b"\r\n")
+    png = base64.encodebytes(PNG).replace(b"\n", b"\r\n")
+    return (
+        b"From: Dr Who <doctor@clinic.test>\r\nTo: patient@plain.test\r\n"
+        b"Subject: Biopsy result for J. Roe\r\nMessage-ID: <m1@clinic.test>\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        b'--b1\r\nContent-Type: multipart/related; boundary="b2"\r\n\r\n'
+        b"--b2\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        b'<p><img src="cid:logo@clinic" alt="clinic logo"></p><p>' + SECRET.encode() + b".</p>"
+        b'<script>document.title="pwned"</script><img src="https://tracker.test/p.gif">\r\n'
+        b"--b2\r\nContent-Type: image/png\r\nContent-ID: <logo@clinic>\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + png + b"--b2--\r\n"
+        b"--b1\r\nContent-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="pathology.pdf"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + pdf + b"--b1--\r\n"
+    )
+
+
+def spki_hash(cert_pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+@pytest.fixture
+def portal_cert(pki, tmp_path):
+    leaf = pki.ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    return chain, key, spki_hash(leaf.cert_chain_pems[0].bytes())
+
+
+@pytest.fixture
+def browser(portal_cert, tmp_path):
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",  # only loopback, ever
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        # trust exactly the portal's test certificate (issued by the test CA)
+        f"--ignore-certificate-errors-spki-list={portal_cert[2]}",
+        "--window-size=1200,900",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+async def start_portal(gateway_factory, world, pki, portal_cert, **overrides):
+    port = free_port()
+    chain, key, _ = portal_cert
+    config = world.config(
+        {
+            "delivery.retry_schedule": ["1s"],
+            "portal.listen": f"127.0.0.1:{port}",
+            "portal.base_url": f"https://127.0.0.1:{port}",
+            "portal.cert_file": str(chain),
+            "portal.key_file": str(key),
+            "portal.organization": "Example Clinic",
+            "portal.from_address": "secure@clinic.test",
+            **overrides,
+        }
+    )
+    return await gateway_factory(config)
+
+
+async def send(gw) -> str:
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail("doctor@clinic.test", ["patient@plain.test"], message())
+    return reply.rsplit(" ", 1)[1]
+
+
+def link_in(data: bytes) -> str:
+    found = re.search(rb"https://127\.0\.0\.1:\d+/m/[A-Za-z0-9_-]+", data)
+    assert found, data
+    return found.group(0).decode()
+
+
+def code_in(data: bytes) -> str:
+    found = re.search(rb"\b(\d{8})\b", data.split(b"\r\n\r\n", 1)[1])
+    assert found, data
+    return found.group(1).decode()
+
+
+async def on_page(driver, action) -> None:
+    await asyncio.to_thread(action, driver)
+
+
+async def world_with_plain_recipient(world):
+    plain = await world.mta("mx.plain.test", "127.0.0.91", cert=None)  # no STARTTLS
+    clinic = await world.mta("mx.clinic.test", "127.0.0.92")
+    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    return plain, clinic
+
+
+async def test_pickup_download_reply_in_a_browser(
+    gateway_factory, world, pki, portal_cert, browser, tmp_path
+):
+    plain, clinic = await world_with_plain_recipient(world)
+    gw = await start_portal(gateway_factory, world, pki, portal_cert)
+    queue_id = await send(gw)
+    await wait_until(lambda: plain.received, what="the notification")
+    (note,) = plain.received
+    assert note.rcpt_tos == ["patient@plain.test"] and note.tls_version is None
+    for secret in (b"Biopsy", b"J. Roe", b"margins", b"pathology"):
+        assert secret not in note.data  # neither the subject nor the body
+    assert b"Example Clinic" in note.data and b"You have a secure message" in note.data
+    link = link_in(note.data)
+
+    await on_page(browser, lambda d: d.get(link))
+    assert "secure message" in browser.title.lower()
+    assert SECRET not in browser.page_source
+    await on_page(browser, lambda d: d.find_element(By.TAG_NAME, "button").click())
+    await wait_until(lambda: len(plain.received) == 2, what="the code message")
+    code = code_in(plain.received[1].data)
+    assert b"Biopsy" not in plain.received[1].data
+    assert browser.find_element(By.ID, "code").get_attribute("autocomplete") == "one-time-code"
+
+    def sign_in(d):
+        d.find_element(By.ID, "code").send_keys(code)
+        d.find_element(By.CSS_SELECTOR, "form[action$='/login'] button").click()
+
+    await on_page(browser, sign_in)
+    assert SECRET in browser.find_element(By.CLASS_NAME, "body").text
+    assert browser.title.startswith("Biopsy result for J. Roe")  # the script never ran
+    assert "tracker.test" not in browser.page_source
+    logo = browser.find_element(By.CSS_SELECTOR, ".body img")
+    assert browser.execute_script("return arguments[0].naturalWidth", logo) == 1  # cid: image
+    csp = browser.execute_script(
+        "return performance.getEntriesByType('navigation').length"
+    )  # a page load happened over HTTPS with our headers (checked below by urllib)
+    assert csp == 1
+
+    # the attachment, downloaded with the browser's session: the same bytes
+    href = browser.find_element(By.LINK_TEXT, "pathology.pdf").get_attribute("href")
+    session = browser.get_cookie("__Host-sealgate-session")
+    assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Strict"
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    request = urllib.request.Request(
+        href, headers={"Cookie": f"{session['name']}={session['value']}"}
+    )
+
+    def fetch():
+        with urllib.request.urlopen(request, context=context, timeout=10) as r:  # noqa: S310
+            return r.read(), r.headers
+
+    body, headers = await asyncio.to_thread(fetch)  # the portal runs on this event loop
+    assert body == PDF
+    assert "script-src" not in headers["Content-Security-Policy"]  # no scripts at all
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert headers["Content-Disposition"] == 'attachment; filename="pathology.pdf"'
+
+    # at phone width the page fits and is kept as an artefact
+    await on_page(browser, lambda d: d.set_window_size(390, 844))
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 390
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "portal-message-phone.png"))
+
+    # a secure reply with a file goes to the sender through the gateway
+    upload = tmp_path / "consent.txt"
+    upload.write_bytes(b"I agree to the follow-up.\n")
+
+    def reply(d):
+        d.find_element(By.ID, "text").send_keys("Thank you, see you Tuesday.")
+        d.find_element(By.ID, "files").send_keys(str(upload))
+        d.find_element(By.CSS_SELECTOR, "form[action$='/reply'] button").click()
+        WebDriverWait(d, 15).until(lambda d: "Reply" in d.title)
+
+    await on_page(browser, reply)
+    assert "Reply sent" in browser.title
+    await wait_until(lambda: clinic.received, what="the reply at the sender's server")
+    (answer,) = clinic.received
+    assert answer.rcpt_tos == ["doctor@clinic.test"] and answer.tls_version  # verified TLS
+    assert b"Reply-To: patient@plain.test" in answer.data
+    assert b"Subject: Re: Biopsy result for J. Roe" in answer.data
+    assert b"Thank you, see you Tuesday." in answer.data
+    assert base64.b64encode(b"I agree to the follow-up.\n") in answer.data
+    archive = gw.archive.archive
+    await wait_until(
+        lambda: archive.search(Query(recipient="doctor@clinic.test")), what="reply archived"
+    )
+    # every step is in the access record of the original message
+    await wait_until(
+        lambda: (
+            {"view", "download", "reply"}
+            <= {e["body"]["action"] for e in archive.events(queue_id, ("access",))}
+        ),
+        what="access records",
+    )
+    actions = [e["body"]["action"] for e in archive.events(queue_id, ("access",))]
+    assert actions[:2] == ["code-sent", "signed-in"]
+    registry = gw.metrics.registry
+    assert registry.get_sample_value("sealgate_portal_notifications_total") == 1
+    assert registry.get_sample_value("sealgate_portal_pickups_total") == 1
+    assert registry.get_sample_value("sealgate_portal_replies_total") == 1
+
+
+async def test_wrong_codes_lock_the_link(gateway_factory, world, pki, portal_cert, browser):
+    plain, _ = await world_with_plain_recipient(world)
+    gw = await start_portal(
+        gateway_factory, world, pki, portal_cert, **{"portal.max_code_attempts": 3}
+    )
+    await send(gw)
+    await wait_until(lambda: plain.received, what="the notification")
+    link = link_in(plain.received[0].data)
+    await on_page(browser, lambda d: d.get(link))
+    await on_page(browser, lambda d: d.find_element(By.TAG_NAME, "button").click())
+    await wait_until(lambda: len(plain.received) == 2, what="the code")
+    code = code_in(plain.received[1].data)
+    wrong = str((int(code) + 1) % 10**8).zfill(8)
+
+    def enter(value):
+        def action(d):
+            d.find_element(By.ID, "code").send_keys(value)
+            d.find_element(By.CSS_SELECTOR, "form[action$='/login'] button").click()
+
+        return action
+
+    for _ in range(2):
+        await on_page(browser, enter(wrong))
+        assert "not right" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    await on_page(browser, enter(wrong))
+    assert "This link is locked" in browser.page_source
+    await on_page(browser, lambda d: d.get(link))  # the right code cannot help now
+    assert "This link is locked" in browser.page_source and SECRET not in browser.page_source
+    assert gw.metrics.registry.get_sample_value("sealgate_portal_lockouts_total") == 1
+    assert gw.metrics.registry.get_sample_value("sealgate_portal_failed_codes_total") == 3
+
+
+async def test_revoked_and_expired_links_say_so_and_show_nothing(
+    gateway_factory, world, pki, portal_cert, browser, tmp_path
+):
+    plain, _ = await world_with_plain_recipient(world)
+    gw = await start_portal(gateway_factory, world, pki, portal_cert, **{"portal.expiry": "3s"})
+    revoked_id = await send(gw)
+    await wait_until(lambda: plain.received, what="the first notification")
+    await send(gw)
+    await wait_until(lambda: len(plain.received) == 2, what="the second notification")
+    first, second = (link_in(m.data) for m in plain.received)
+    done = await asyncio.to_thread(
+        run_sealgate, "portal", "revoke", revoked_id, "--config", str(tmp_path / "config.yaml")
+    )
+    assert done.returncode == 0 and "revoked" in done.stdout, done.stderr
+    await on_page(browser, lambda d: d.get(first))
+    assert "This message was withdrawn" in browser.page_source
+    assert SECRET not in browser.page_source and "button" not in browser.page_source
+    await asyncio.sleep(3.2)
+    await on_page(browser, lambda d: d.get(second))
+    assert "This message has expired" in browser.page_source
+    assert SECRET not in browser.page_source
+    await on_page(browser, lambda d: d.get(first.rsplit("/", 1)[0] + "/not-a-token"))
+    assert "This link is not valid" in browser.page_source
