@@ -119,6 +119,9 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
     fb_rule = _first(matched, lambda a: a.fallback)
     fallback = fb_rule.then.fallback if fb_rule and fb_rule.then.fallback else d.fallback
     assert fallback is not None
+    # the shortest stay in the portal any matching rule asks, else the defaults'
+    stays = [r.then.portal_expiry for r in matched if r.then.portal_expiry is not None]
+    portal_expiry = min(stays) if stays else d.portal_expiry
 
     decisive = ""
     candidates: list[Mode] = []
@@ -181,6 +184,7 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
         facts=facts,
         decided_at=now,
         policy=policy.stamp,
+        portal_expiry=portal_expiry,
     )
     return Evaluation(decision, tuple(trace))
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from gateway.config import Config, parse_size
+from gateway.config import Config, parse_duration, parse_size
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import ConfigError
 from gateway.policy.classifiers import DETECTORS, Classifier
@@ -228,6 +228,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
             given.minimum or defaults.minimum,
             given.tls_level if given.tls_level is not None else defaults.tls_level,
             given.fallback or defaults.fallback,
+            given.portal_expiry or defaults.portal_expiry,
         )
         _check_action(r, top["defaults"][1], "defaults", defaults)
     lists = _lists(r, top["lists"][1]) if "lists" in top else {}
@@ -258,8 +259,11 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
 
 
 def _action(r: _Reader, node: yaml.Node, key: str) -> Action:
-    keys = r.mapping(node, key, ("modes", "minimum", "tls_level", "fallback"))
+    keys = r.mapping(node, key, ("modes", "minimum", "tls_level", "fallback", "portal_expiry"))
     modes = minimum = level = fallback = None
+    expiry = None
+    if "portal_expiry" in keys:
+        expiry = float(r.parsed(keys["portal_expiry"][1], f"{key}.portal_expiry", parse_duration))
     if "modes" in keys:
         modes_node = keys["modes"][1]
         found: list[Mode] = []
@@ -276,7 +280,7 @@ def _action(r: _Reader, node: yaml.Node, key: str) -> Action:
     if "fallback" in keys:
         fb = keys["fallback"][1]
         fallback = _choice(r, fb, f"{key}.fallback", r.text(fb, f"{key}.fallback"), FALLBACKS)
-    action = Action(modes, minimum, level, fallback)
+    action = Action(modes, minimum, level, fallback, expiry)
     _check_action(r, node, key, action)
     return action
 

@@ -59,6 +59,7 @@ class Action:
     minimum: Minimum | None = None
     tls_level: TlsLevel | None = None  # the least TLS level the ``tls`` mode accepts
     fallback: Mode | None = None  # portal, hold or bounce: when no mode can be used
+    portal_expiry: float | None = None  # seconds a portal message can be picked up
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Decision:
     facts: dict[str, Any] = field(default_factory=dict)
     decided_at: float = 0.0
     policy: str = ""  # the policy file's version stamp (file name and digest)
+    portal_expiry: float | None = None  # None: portal.expiry from the configuration
 
     @property
     def sends(self) -> bool:
@@ -98,6 +100,7 @@ class Decision:
             "facts": self.facts,
             "decided_at": self.decided_at,
             "policy": self.policy,
+            "portal_expiry": self.portal_expiry,
         }
 
     @classmethod
@@ -116,4 +119,5 @@ class Decision:
             facts=dict(d.get("facts", {})),
             decided_at=float(d.get("decided_at", 0.0)),
             policy=str(d.get("policy", "")),
+            portal_expiry=d.get("portal_expiry"),
         )

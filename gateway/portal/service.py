@@ -98,13 +98,18 @@ class Portal:
     async def _sweep(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                unread = await self.run(self.store.sweep, time.time())
-                for item in unread:
-                    self.metrics.portal_expired_unread.inc()
-                    self._access(item, "portal", "expired-unread")
-                for state, count in await self.run(lambda: list(self.store.stats())):
-                    self.metrics.portal_messages.labels(state).set(count)
+                await self.sweep()
             await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self) -> None:
+        """Delete the content of expired messages (counting those never opened) and
+        update the gauges."""
+        unread = await self.run(self.store.sweep, time.time())
+        for item in unread:
+            self.metrics.portal_expired_unread.inc()
+            self._access(item, "portal", "expired-unread")
+        for state, count in await self.run(lambda: list(self.store.stats())):
+            self.metrics.portal_messages.labels(state).set(count)
 
     def _access(self, item: Item, actor: str, action: str, **detail: Any) -> None:
         if self.archive is not None:
@@ -114,11 +119,12 @@ class Portal:
     # -- the mail path ----------------------------------------------------------------
 
     async def deposit(
-        self, envelope: Envelope, data: bytes, address: str
+        self, envelope: Envelope, data: bytes, address: str, stay: float | None = None
     ) -> tuple[RecipientResult, dict[str, Any]]:
-        """Keep the message for ``address`` and send the notification; the
+        """Keep the message for ``address`` (``stay`` seconds: the policy's
+        portal_expiry, else portal.expiry) and send the notification; the
         recipient's result (delivered to the portal) and the evidence."""
-        expires = time.time() + self.config.portal.expiry
+        expires = time.time() + (stay or self.config.portal.expiry)
         item, token = await self.run(
             self.store.deposit, envelope.queue_id, address, envelope.mail_from, data, expires
         )

@@ -460,7 +460,7 @@ class QueueManager:
                         results[row.idx], transforms[row.idx] = sent
                 elif decision.mode is Mode.PORTAL and self.portal is not None:
                     results[row.idx], transforms[row.idx] = await self.portal.deposit(
-                        envelope, data, row.address
+                        envelope, data, row.address, decision.portal_expiry
                     )
                 else:
                     results[row.idx] = _not_sent(row.address, decision, causes.get(row.idx))

@@ -172,3 +172,30 @@ def test_the_embedded_default_is_the_documented_default_policy():
     assert default_policy_path().read_bytes() == shipped.read_bytes()
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert '"policy/default.yaml"' in pyproject  # in the wheel too
+
+
+def test_portal_expiry_the_shortest_of_the_matching_rules_else_the_defaults():
+    from gateway.policy.engine import decide
+    from gateway.policy.features import Features
+    from tests.policy.facts import UNREACHED, facts
+
+    policy = load_policy_text(
+        "version: 1\ndefaults: {portal_expiry: 14d}\nrules:\n"
+        "  - {name: lab, when: {sender_domain: lab.test}, then: {portal_expiry: 7d}}\n"
+        "  - {name: any, when: {}, then: {portal_expiry: 10d}}\n"
+        "  - {name: bad, when: {sender_domain: never.test}, then: {portal_expiry: 1h}}\n",
+        "p.yaml",
+    )
+    known = facts(UNREACHED, address="r@d.test")
+
+    def stay(sender: str) -> float | None:
+        return decide(policy, sender, "r@d.test", Features(), known, 0.0).decision.portal_expiry
+
+    assert stay("a@lab.test") == 7 * 86400
+    assert stay("a@clinic.test") == 10 * 86400
+    with pytest.raises(
+        PolicyError, match=r"p.yaml:3: rules\[x\].then.portal_expiry: .soon. is not"
+    ):
+        load_policy_text(
+            "version: 1\nrules:\n  - {name: x, when: {}, then: {portal_expiry: soon}}\n", "p.yaml"
+        )

@@ -1,0 +1,133 @@
+"""The portal's HTTP rules without a browser: the policy's portal_expiry, CSRF,
+security headers, the per-address rate limit, short sessions, expiry counted."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port, make_message, smtp_client
+from tests.delivery.conftest import wait_until
+from tests.portal.test_portal_browser import code_in, link_in
+
+
+@pytest.fixture
+async def portal(gateway_factory, world, pki, tmp_path):
+    async def start(policy: str | None = None, **overrides):
+        plain = await world.mta("mx.plain.test", "127.0.0.93", cert=None)
+        world.dns.add("plain.test", "MX", "10 mx.plain.test.")
+        leaf = pki.ca.issue_cert("127.0.0.1")
+        chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        leaf.private_key_pem.write_to_path(str(key))
+        port = free_port()
+        gw = await gateway_factory(
+            world.config(
+                {
+                    "portal.listen": f"127.0.0.1:{port}",
+                    "portal.base_url": f"https://127.0.0.1:{port}",
+                    "portal.cert_file": str(chain),
+                    "portal.key_file": str(key),
+                    **overrides,
+                },
+                policy=policy,
+            )
+        )
+        async with smtp_client(gw) as client:
+            _, reply = await client.sendmail(
+                "doctor@clinic.test", ["patient@plain.test"], make_message("Biopsy")
+            )
+        await wait_until(lambda: plain.received, what="the notification")
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context),
+            cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for an IP address host
+        )
+        return gw, plain, link_in(plain.received[0].data), http, reply.rsplit(" ", 1)[1]
+
+    sessions = []
+
+    async def tracked(*args, **kwargs):
+        found = await start(*args, **kwargs)
+        sessions.append(found[3])
+        return found
+
+    yield tracked
+    for http in sessions:
+        await http.close()
+
+
+def csrf_of(page: str) -> str:
+    return re.search(r'name=csrf value="([^"]+)"', page).group(1)
+
+
+async def test_the_policy_sets_how_long_a_message_waits(portal):
+    policy = "version: 1\ndefaults: {modes: [tls, portal], portal_expiry: 2d}\n"
+    gw, _, _, _, queue_id = await portal(policy)
+    (item,) = gw.portal.store.items_of(queue_id)
+    assert item.expires - item.created == pytest.approx(2 * 86400, abs=5)
+
+
+async def test_headers_csrf_and_no_content_before_sign_in(portal):
+    gw, plain, link, http, _ = await portal()
+    async with http.get(link) as r:
+        page = await r.text()
+        assert r.status == 200
+        assert r.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert "Biopsy" not in page and "p******@plain.test" in page
+    async with http.post(link + "/code", data={"csrf": "forged"}) as r:
+        assert r.status == 403  # the form's token must match the cookie
+    assert len(plain.received) == 1  # no code was sent
+    async with http.post(link + "/code", data={"csrf": csrf_of(page)}) as r:
+        assert r.status == 200
+    await wait_until(lambda: len(plain.received) == 2, what="the code")
+    async with http.get(link + "/read", allow_redirects=False) as r:
+        assert r.status == 303 and r.headers["Location"].endswith(link.rsplit("/", 1)[1])
+    async with http.get(link + "/part/1", allow_redirects=False) as r:
+        assert r.status == 303  # no part without a session
+
+
+async def test_sessions_are_short_and_a_used_code_is_spent(portal):
+    gw, plain, link, http, _ = await portal(**{"portal.session_ttl": "1s"})
+    async with http.get(link) as r:
+        csrf = csrf_of(await r.text())
+    async with http.post(link + "/code", data={"csrf": csrf}):
+        pass
+    await wait_until(lambda: len(plain.received) == 2, what="the code")
+    code = code_in(plain.received[1].data)
+    async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
+        assert "Biopsy" in await r.text()  # signed in, redirected to the message
+    await asyncio.sleep(1.3)
+    async with http.get(link + "/read", allow_redirects=False) as r:
+        assert r.status == 303  # the session is over
+    async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
+        assert r.status == 422  # the code was used up
+
+
+async def test_requests_per_address_are_limited(portal):
+    gw, _, link, http, _ = await portal(**{"portal.requests_per_minute": 4})
+    statuses = []
+    for _ in range(6):
+        async with http.get(link) as r:
+            statuses.append(r.status)
+    assert statuses == [200, 200, 200, 200, 429, 429]
+    assert gw.metrics.registry.get_sample_value("sealgate_portal_rate_limited_total") == 2
+
+
+async def test_expired_unread_messages_are_counted_and_deleted(portal):
+    gw, _, link, http, queue_id = await portal(**{"portal.expiry": "1s"})
+    await asyncio.sleep(1.2)
+    await gw.portal.sweep()
+    assert gw.metrics.registry.get_sample_value("sealgate_portal_expired_unread_total") == 1
+    (item,) = gw.portal.store.items_of(queue_id)
+    assert item.gone and item.expires < time.time()
+    async with http.get(link) as r:
+        assert r.status == 410 and "This message has expired" in await r.text()
