@@ -105,6 +105,7 @@ class PortalWeb:
         app.router.add_get("/static/logo.png", self.logo)
         app.router.add_get("/m/{token}", self.landing)
         app.router.add_post("/m/{token}/code", self.send_code)
+        app.router.add_get("/m/{token}/enter", self.enter)
         app.router.add_post("/m/{token}/login", self.login)
         app.router.add_get("/m/{token}/read", self.read)
         app.router.add_get("/m/{token}/part/{n:\\d+}", self.part)
@@ -287,14 +288,30 @@ class PortalWeb:
             return self._forbidden()
         assert csrf is not None
         if not self.per_link.allow(item.id, time.monotonic()):
-            body = "<p>Several codes were sent already. Please use the latest one.</p>"
-            return self.page("Enter your code", body + self._code_form(token, csrf), 429)
+            raise web.HTTPSeeOther(f"/m/{token}/enter?said=many")
         await self.portal.send_code(item, self._actor(request, item))
-        body = (
-            f"<p>We sent a one-time code to <strong>{_e(self._masked(item.recipient))}"
-            "</strong>. It may take a minute to arrive.</p>"
-        )
-        return self.page("Enter your code", body + self._code_form(token, csrf))
+        raise web.HTTPSeeOther(f"/m/{token}/enter?said=sent")
+
+    async def enter(self, request: web.Request) -> web.Response:
+        """The code form, reached by a redirect after each POST (post/redirect/get:
+        reloading never sends a form twice)."""
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        csrf = self._pre_csrf(request)
+        said = request.query.get("said")
+        body, error = "", ""
+        if said == "sent":
+            body = (
+                f"<p>We sent a one-time code to <strong>{_e(self._masked(item.recipient))}"
+                "</strong>. It may take a minute to arrive.</p>"
+            )
+        elif said == "many":
+            body = "<p>Several codes were sent already. Please use the latest one.</p>"
+        elif said == "wrong":
+            error = "That code is not right, or it has expired."
+        page = self.page("Enter your code", body + self._code_form(token, csrf, error))
+        return self._with_pre_csrf(page, csrf)
 
     async def login(self, request: web.Request) -> web.Response:
         token, item = await self._item(request)
@@ -313,11 +330,7 @@ class PortalWeb:
             assert isinstance(page, web.Response)
             return page
         if not right:
-            return self.page(
-                "Enter your code",
-                self._code_form(token, csrf, "That code is not right, or it has expired."),
-                422,  # not 401: that asks browsers for HTTP authentication
-            )
+            raise web.HTTPSeeOther(f"/m/{token}/enter?said=wrong")
         sid = await self.portal.run(self.portal.store.new_session, item, self.config.session_ttl)
         response = web.HTTPSeeOther(f"/m/{token}/read")
         response.set_cookie(
