@@ -1,6 +1,6 @@
 # Sealgate in a container: non-root, state on a volume, health-checked.
 #   docker build -t sealgate .
-#   docker run -d -p 25:10025 -v sealgate-state:/var/lib/sealgate sealgate
+#   docker run -d -p 25:10025 -p 443:10443 -v sealgate-state:/var/lib/sealgate sealgate
 # Mount your configuration at /etc/sealgate/config.yaml (see config.example.yaml).
 FROM python:3.11-slim-bookworm
 
@@ -25,11 +25,13 @@ RUN mkdir -p /etc/sealgate /var/lib/sealgate \
     'listen:' \
     '  smtp: "0.0.0.0:10025"' \
     '  http: "0.0.0.0:10080"' \
+    'portal:' \
+    '  listen: "0.0.0.0:10443"' \
     > /etc/sealgate/config.yaml
 
 USER sealgate
 VOLUME ["/var/lib/sealgate"]
-EXPOSE 10025 10080
+EXPOSE 10025 10080 10443
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10080/healthz', timeout=3)"]

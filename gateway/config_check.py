@@ -118,6 +118,26 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     dkim_key(cfg, source)
     if cfg.pgp.signing_key_file is not None:
         _readable("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
+    pc = cfg.portal
+    if pc.enabled:
+        if (pc.cert_file is None) != (pc.key_file is None):
+            raise ConfigError(
+                "portal.key_file", "set portal.cert_file and key_file together", source
+            )
+        if pc.cert_file is not None and pc.key_file is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    str(_path_ok("portal.cert_file", pc.cert_file, source)),
+                    str(_path_ok("portal.key_file", pc.key_file, source)),
+                )
+            except ssl.SSLError as e:
+                raise ConfigError(
+                    "portal.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
+                ) from None
+        if pc.logo_file is not None:
+            data = _readable("portal.logo_file", pc.logo_file, source)
+            if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+                raise ConfigError("portal.logo_file", f"{pc.logo_file} is not a PNG image", source)
     if cfg.archive.enabled:
         from gateway.archive.service import master_keys, signing_key
 
@@ -126,6 +146,11 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
         if cfg.archive.signing_key_file is not None:
             signing_key(cfg, create=False)
     return load_policy_for(cfg)
+
+
+def _path_ok(key: str, path: Path, source: str) -> Path:
+    _readable(key, path, source)
+    return path
 
 
 def dkim_key(cfg: Config, source: str = "<config>") -> DkimKey | None:

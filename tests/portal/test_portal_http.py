@@ -4,6 +4,7 @@ security headers, the per-address rate limit, short sessions, expiry counted."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 import time
@@ -11,9 +12,11 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, make_message, smtp_client
+from tests.conftest import free_port, make_message, run_sealgate, smtp_client
 from tests.delivery.conftest import wait_until
 from tests.portal.test_portal_browser import code_in, link_in
+
+PNG_1X1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
 @pytest.fixture
@@ -131,3 +134,42 @@ async def test_expired_unread_messages_are_counted_and_deleted(portal):
     assert item.gone and item.expires < time.time()
     async with http.get(link) as r:
         assert r.status == 410 and "This message has expired" in await r.text()
+
+
+async def test_behind_a_proxy_the_forwarded_address_is_the_client(gateway_factory, world, tmp_path):
+    port = free_port()
+    logo = tmp_path / "logo.png"
+    logo.write_bytes(base64.b64decode(PNG_1X1))
+    await gateway_factory(
+        world.config(
+            {
+                "portal.listen": f"127.0.0.1:{port}",
+                "portal.behind_proxy": True,
+                "portal.requests_per_minute": 2,
+                "portal.logo_file": str(logo),
+                "portal.colour": "#aa0000",
+            }
+        )
+    )
+    statuses = {}
+    async with aiohttp.ClientSession() as http:  # plain HTTP from the proxy
+        for client in ("203.0.113.7", "203.0.113.7", "203.0.113.7", "198.51.100.9"):
+            headers = {"X-Forwarded-For": f"10.9.9.9, {client}", "X-Forwarded-Proto": "https"}
+            async with http.get(f"http://127.0.0.1:{port}/m/unknown", headers=headers) as r:
+                statuses.setdefault(client, []).append(r.status)
+        async with http.get(f"http://127.0.0.1:{port}/static/logo.png") as r:
+            assert r.status == 200 and await r.read() == logo.read_bytes()
+        async with http.get(f"http://127.0.0.1:{port}/static/portal.css") as r:
+            assert "--accent: #aa0000" in await r.text()
+    # the limit counts each forwarded client, not the proxy's own address
+    assert statuses == {"203.0.113.7": [404, 404, 429], "198.51.100.9": [404]}
+
+
+def test_check_config_refuses_a_logo_that_is_not_a_png(tmp_path):
+    logo = tmp_path / "logo.png"
+    logo.write_text("<svg/>")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nportal: {{logo_file: {logo}}}\n")
+    checked = run_sealgate("check-config", "--config", str(config))
+    assert checked.returncode == 78 and "portal.logo_file" in checked.stderr
+    assert "is not a PNG image" in checked.stderr
