@@ -240,9 +240,6 @@ class PortalWeb:
         )
         return response
 
-    async def _form(self, request: web.Request) -> dict[str, Any]:
-        return dict(await request.post())
-
     def _csrf_ok(self, sent: object, expected: str | None) -> bool:
         return (
             isinstance(sent, str)
@@ -278,15 +275,24 @@ class PortalWeb:
         )
         return self._with_pre_csrf(self.page("You have a secure message", body), csrf)
 
-    async def send_code(self, request: web.Request) -> web.Response:
+    async def _posted(
+        self, request: web.Request
+    ) -> tuple[str, Item, dict[str, Any]] | web.Response:
+        """A form sent before sign-in: the link's item and the form's fields, when its
+        CSRF token matches the cookie's; else the page to answer with."""
         token, item = await self._item(request)
         if isinstance(item, web.Response):
             return item
-        form = await self._form(request)
-        csrf = request.cookies.get(PRE_CSRF)
-        if not self._csrf_ok(form.get("csrf"), csrf):
+        form = dict(await request.post())
+        if not self._csrf_ok(form.get("csrf"), request.cookies.get(PRE_CSRF)):
             return self._forbidden()
-        assert csrf is not None
+        return token, item, form
+
+    async def send_code(self, request: web.Request) -> web.Response:
+        posted = await self._posted(request)
+        if isinstance(posted, web.Response):
+            return posted
+        token, item, _ = posted
         if not self.per_link.allow(item.id, time.monotonic()):
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=many")
         await self.portal.send_code(item, self._actor(request, item))
@@ -314,14 +320,10 @@ class PortalWeb:
         return self._with_pre_csrf(page, csrf)
 
     async def login(self, request: web.Request) -> web.Response:
-        token, item = await self._item(request)
-        if isinstance(item, web.Response):
-            return item
-        form = await self._form(request)
-        csrf = request.cookies.get(PRE_CSRF)
-        if not self._csrf_ok(form.get("csrf"), csrf):
-            return self._forbidden()
-        assert csrf is not None
+        posted = await self._posted(request)
+        if isinstance(posted, web.Response):
+            return posted
+        token, item, form = posted
         right, locked = await self.portal.check_code(
             item, str(form.get("code", "")), self._actor(request, item)
         )
