@@ -442,8 +442,14 @@ class PortalWeb:
         )
 
     async def logout(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        csrf = await self._signed_in(request, item)
         sid = request.cookies.get(SESSION)
-        if sid:
+        if csrf is not None and sid:
+            if not self._csrf_ok((await request.post()).get("csrf"), csrf):
+                return self._forbidden()
             await self.portal.run(self.portal.store.end_session, sid)
         response = self.page("Signed out", "<p>You have signed out.</p>")
         response.del_cookie(SESSION, path="/", secure=True, samesite="Strict")

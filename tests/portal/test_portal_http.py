@@ -173,3 +173,24 @@ def test_check_config_refuses_a_logo_that_is_not_a_png(tmp_path):
     checked = run_sealgate("check-config", "--config", str(config))
     assert checked.returncode == 78 and "portal.logo_file" in checked.stderr
     assert "is not a PNG image" in checked.stderr
+
+
+async def test_sign_out_needs_the_session_s_token_and_ends_the_session(portal):
+    gw, plain, link, http, _ = await portal()
+    async with http.get(link) as r:
+        csrf = csrf_of(await r.text())
+    async with http.post(link + "/code", data={"csrf": csrf}):
+        pass
+    await wait_until(lambda: len(plain.received) == 2, what="the code")
+    async with http.post(
+        link + "/login", data={"csrf": csrf, "code": code_in(plain.received[1].data)}
+    ) as r:
+        session_csrf = csrf_of(await r.text())
+    async with http.post(link + "/logout", data={"csrf": "forged"}) as r:
+        assert r.status == 403
+    async with http.get(link + "/read", allow_redirects=False) as r:
+        assert r.status == 200  # still signed in
+    async with http.post(link + "/logout", data={"csrf": session_csrf}) as r:
+        assert r.status == 200 and "signed out" in await r.text()
+    async with http.get(link + "/read", allow_redirects=False) as r:
+        assert r.status == 303
