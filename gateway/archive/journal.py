@@ -743,16 +743,16 @@ class Archive:
     def _verify(self, public: ed25519.Ed25519PublicKey) -> Report:
         db = self.index.db
         report = Report()
-        messages = {
-            r[0]: r for r in db.execute("SELECT record_id, leaf, sha256, disposed FROM messages")
-        }
-        copies = {r[0]: r for r in db.execute("SELECT record_id, leaf, sha256 FROM copies")}
+
+        # rows are read per leaf, not all at once: memory stays flat for millions
+        def row(sql: str, record_id: str) -> Any:
+            return db.execute(sql, (record_id,)).fetchone()
+
         disposed: set[str] = set()
         for (body,) in db.execute("SELECT body FROM events WHERE kind='disposition'"):
             record = json.loads(body)
             disposed.add(record["record_id"])
             disposed.update(record.get("copies", ()))
-        events = {r[0]: r for r in db.execute("SELECT record_id, leaf, body FROM events")}
         checkpoints = db.execute(
             "SELECT size, root, note FROM checkpoints ORDER BY size"
         ).fetchall()
@@ -774,24 +774,32 @@ class Archive:
             seen.add(record_id)
             if kind == "message":
                 report.messages += 1
-                row = messages.get(record_id)
-                if row is not None and row[3] is not None and record_id in disposed:
+                found = row(
+                    "SELECT record_id, leaf, sha256, disposed FROM messages WHERE record_id=?",
+                    record_id,
+                )
+                if found is not None and found[3] is not None and record_id in disposed:
                     report.disposed += 1
                     if self.blobs.get(record_id) is not None:
                         what = "disposed of, but its content is still stored"
                         report.problems.append(Problem(record_id, position, what))
                     continue  # purged under retention, and the log says so
-                self._check_content("message", record_id, position, leaf, row, report)
+                self._check_content("message", record_id, position, leaf, found, report)
             elif kind == "copy":
                 if record_id in disposed:
                     continue
-                self._check_content(
-                    "copy", record_id, position, leaf, copies.get(record_id), report
+                found = row(
+                    "SELECT record_id, leaf, sha256 FROM copies WHERE record_id=?", record_id
                 )
+                self._check_content("copy", record_id, position, leaf, found, report)
             else:
-                self._check_event(record_id, kind, position, leaf, events.get(record_id), report)
+                found = row("SELECT record_id, leaf, body FROM events WHERE record_id=?", record_id)
+                self._check_event(record_id, kind, position, leaf, found, report)
         report.leaves = frontier.size
-        for record_id in set(messages) | set(events) | set(copies):
+        for (record_id,) in db.execute(
+            "SELECT record_id FROM messages UNION ALL SELECT record_id FROM events "
+            "UNION ALL SELECT record_id FROM copies"
+        ):
             if record_id not in seen:
                 report.problems.append(Problem(record_id, None, "indexed but not in the log"))
         for name in self.blobs.names():

@@ -120,7 +120,7 @@ class SqliteBlobStore:
         return bool(self.db.execute("DELETE FROM blobs WHERE name=?", (name,)).rowcount)
 
     def names(self) -> Iterator[str]:
-        return (r[0] for r in self.db.execute("SELECT name FROM blobs").fetchall())
+        return (r[0] for r in self.db.execute("SELECT name FROM blobs"))
 
 
 INDEX_SCHEMA = """
