@@ -132,8 +132,13 @@ class Portal:
         note = mail.notification(
             self.config.portal, self.sender, address, link, expires, self.hostname
         )
+        # The original sender is the notification's envelope sender: if it cannot be
+        # delivered, the sender gets the delivery status notification (no content).
         notification_id = await self.inject(
-            self.sender, [address], note, {"purpose": NOTIFICATION, "portal_item": item.id}
+            envelope.mail_from or self.sender,
+            [address],
+            note,
+            {"purpose": NOTIFICATION, "portal_item": item.id},
         )
         self.metrics.portal_notifications.inc()
         until = datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat(timespec="seconds")

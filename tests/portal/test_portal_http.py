@@ -194,3 +194,26 @@ async def test_sign_out_needs_the_session_s_token_and_ends_the_session(portal):
         assert r.status == 200 and "signed out" in await r.text()
     async with http.get(link + "/read", allow_redirects=False) as r:
         assert r.status == 303
+
+
+async def test_a_notification_that_bounces_is_reported_to_the_original_sender(
+    gateway_factory, world
+):
+    gone = await world.mta(
+        "mx.plain.test",
+        "127.0.0.94",
+        cert=None,
+        rcpt_replies={"gone@plain.test": "550 5.1.1 No such user"},
+    )
+    clinic = await world.mta("mx.clinic.test", "127.0.0.95")
+    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await gateway_factory(world.config({"portal.listen": f"127.0.0.1:{free_port()}"}))
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["gone@plain.test"], make_message("Biopsy"))
+    await wait_until(lambda: clinic.received, what="the DSN at the sender's server")
+    (dsn,) = clinic.received
+    assert dsn.rcpt_tos == ["doctor@clinic.test"] and gone.received == []
+    text = dsn.data.decode()
+    assert "gone@plain.test" in text and "5.1.1" in text
+    assert "Biopsy" not in text  # neither the original nor the notification leaks it
