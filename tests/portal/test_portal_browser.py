@@ -22,10 +22,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
@@ -146,12 +146,16 @@ async def on_page(driver, action):
 
 
 def press(driver, selector: str) -> None:
-    """Click a form's button and wait for the page it leads to (after redirects)."""
-    old = driver.find_element(By.TAG_NAME, "html")
+    """Click a form's button and wait for the page it leads to (after redirects): the
+    old document carries a mark the new one does not.  Errors while the page changes
+    (an element or a script context that just went away) mean "not yet"."""
+    driver.execute_script("window.sealgateOldPage = true")
     driver.find_element(By.CSS_SELECTOR, selector).click()
-    wait = WebDriverWait(driver, 20)
-    wait.until(expected_conditions.staleness_of(old))
-    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return !window.sealgateOldPage && document.readyState === 'complete'"
+        )
+    )
 
 
 async def source(driver) -> str:
