@@ -5,9 +5,10 @@ codes, pickups, replies, expiry, metrics, the access record - and the web server
 
 Notifications and codes carry no message content; the queue sends them as they
 are (verified TLS is not required for them: a recipient whose server has no
-STARTTLS is exactly who the portal is for).  Replies are new messages from the
-portal's address to the original sender, decided by the policy and journaled like
-any other.
+STARTTLS is exactly who the portal is for).  A notification's envelope sender is
+the original sender, so one that cannot be delivered comes back to them as a DSN.
+Replies are new messages from the portal's address to the original sender, decided
+by the policy and journaled like any other.
 """
 
 from __future__ import annotations
