@@ -1010,11 +1010,15 @@ def load_config_text(text: str, source: str = "<config>") -> Config:
 
 
 def _check_pairs(config: Config, where: _Located, source: str) -> None:
-    if (config.tls.cert_file is None) != (config.tls.key_file is None):
-        key = "tls.key_file" if config.tls.key_file is None else "tls.cert_file"
-        raise ConfigError(
-            key, "set tls.cert_file and tls.key_file together", source, where.line(key)
-        )
+    for prefix, section in (("tls", config.tls), ("portal", config.portal)):
+        if (section.cert_file is None) != (section.key_file is None):
+            key = f"{prefix}.key_file" if section.key_file is None else f"{prefix}.cert_file"
+            raise ConfigError(
+                key,
+                f"set {prefix}.cert_file and {prefix}.key_file together",
+                source,
+                where.line(key),
+            )
 
 
 def load_config(path: Path | None) -> Config:

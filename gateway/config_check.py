@@ -60,37 +60,12 @@ def _pem_certs(key: str, data: bytes, path: Path, source: str) -> list[x509.Cert
 def check_references(cfg: Config, source: str = "<config>") -> Policy:
     """Check everything ``cfg`` refers to; returns the policy it names, loaded."""
     _writable_dir("state_dir", cfg.state_dir, source)
-    tls = cfg.tls
-    if tls.cert_file is not None and tls.key_file is not None:
-        _pem_certs(
-            "tls.cert_file",
-            _readable("tls.cert_file", tls.cert_file, source),
-            tls.cert_file,
-            source,
-        )
-        _readable("tls.key_file", tls.key_file, source)
-        try:
-            matches = cert_matches_key(tls.cert_file, tls.key_file)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(
-                "tls.key_file",
-                f"{tls.key_file} is not an unencrypted PEM private key ({e})",
-                source,
-            ) from None
-        if not matches:
-            raise ConfigError(
-                "tls.key_file",
-                f"{tls.key_file} does not match the certificate in {tls.cert_file}",
-                source,
-            )
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(tls.cert_file), str(tls.key_file)
-            )
-        except ssl.SSLError as e:
-            raise ConfigError(
-                "tls.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
-            ) from None
+    for prefix, cert, key in (
+        ("tls", cfg.tls.cert_file, cfg.tls.key_file),
+        ("portal", cfg.portal.cert_file, cfg.portal.key_file),
+    ):
+        if cert is not None and key is not None and (prefix != "portal" or cfg.portal.enabled):
+            _cert_and_key(prefix, cert, key, source)
     relay = cfg.relay
     if relay.client_ca_file is not None:
         _pem_certs(
@@ -118,26 +93,11 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     dkim_key(cfg, source)
     if cfg.pgp.signing_key_file is not None:
         _readable("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
-    pc = cfg.portal
-    if pc.enabled:
-        if (pc.cert_file is None) != (pc.key_file is None):
-            raise ConfigError(
-                "portal.key_file", "set portal.cert_file and key_file together", source
-            )
-        if pc.cert_file is not None and pc.key_file is not None:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    str(_path_ok("portal.cert_file", pc.cert_file, source)),
-                    str(_path_ok("portal.key_file", pc.key_file, source)),
-                )
-            except ssl.SSLError as e:
-                raise ConfigError(
-                    "portal.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
-                ) from None
-        if pc.logo_file is not None:
-            data = _readable("portal.logo_file", pc.logo_file, source)
-            if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-                raise ConfigError("portal.logo_file", f"{pc.logo_file} is not a PNG image", source)
+    logo = cfg.portal.logo_file
+    if cfg.portal.enabled and logo is not None:
+        data = _readable("portal.logo_file", logo, source)
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise ConfigError("portal.logo_file", f"{logo} is not a PNG image", source)
     if cfg.archive.enabled:
         from gateway.archive.service import master_keys, signing_key
 
@@ -148,9 +108,27 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
     return load_policy_for(cfg)
 
 
-def _path_ok(key: str, path: Path, source: str) -> Path:
-    _readable(key, path, source)
-    return path
+def _cert_and_key(prefix: str, cert: Path, key: Path, source: str) -> None:
+    """``<prefix>.cert_file`` holds PEM certificates for the unencrypted PEM key in
+    ``<prefix>.key_file``, and OpenSSL accepts the pair."""
+    _pem_certs(f"{prefix}.cert_file", _readable(f"{prefix}.cert_file", cert, source), cert, source)
+    _readable(f"{prefix}.key_file", key, source)
+    try:
+        matches = cert_matches_key(cert, key)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{prefix}.key_file", f"{key} is not an unencrypted PEM private key ({e})", source
+        ) from None
+    if not matches:
+        raise ConfigError(
+            f"{prefix}.key_file", f"{key} does not match the certificate in {cert}", source
+        )
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"{prefix}.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
+        ) from None
 
 
 def dkim_key(cfg: Config, source: str = "<config>") -> DkimKey | None:
