@@ -300,10 +300,7 @@ class Gateway:
             cert, key = tls.cert_file, tls.key_file
         if cert is None or key is None:
             cert, key, _ = ensure_self_signed(self.config.state_dir, self.hostname)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(cert), str(key))
-        return context
+        return server_context(cert, key)
 
     def render_metrics(self) -> bytes:
         if self.workers is not None:
