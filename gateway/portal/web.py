@@ -210,6 +210,17 @@ class PortalWeb:
         csrf: str | None = await self.portal.run(self.portal.store.session, sid, item)
         return csrf
 
+    async def _session_of(self, request: web.Request) -> tuple[str, Item, str] | web.Response:
+        """A page that needs sign-in: the link's item and the session's CSRF token;
+        without a live session, back to the link's first page."""
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        csrf = await self._signed_in(request, item)
+        if csrf is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        return token, item, csrf
+
     def _actor(self, request: web.Request, item: Item) -> str:
         return f"recipient {item.recipient} from {self.client(request)}"
 
@@ -347,12 +358,10 @@ class PortalWeb:
         raise response
 
     async def read(self, request: web.Request) -> web.Response:
-        token, item = await self._item(request)
-        if isinstance(item, web.Response):
-            return item
-        csrf = await self._signed_in(request, item)
-        if csrf is None:
-            raise web.HTTPSeeOther(f"/m/{token}")
+        signed_in = await self._session_of(request)
+        if isinstance(signed_in, web.Response):
+            return signed_in
+        token, item, csrf = signed_in
         data = await self.portal.open(item, self._actor(request, item))
         shown = render.render(data, f"/m/{token}/part/{{n}}")
         files = "".join(
@@ -381,11 +390,10 @@ class PortalWeb:
         return self.page(shown.subject or "(no subject)", body)
 
     async def part(self, request: web.Request) -> web.Response:
-        token, item = await self._item(request)
-        if isinstance(item, web.Response):
-            return item
-        if await self._signed_in(request, item) is None:
-            raise web.HTTPSeeOther(f"/m/{token}")
+        signed_in = await self._session_of(request)
+        if isinstance(signed_in, web.Response):
+            return signed_in
+        token, item, _ = signed_in
         index = int(request.match_info["n"])
         try:
             info, data = await self.portal.part(item, index, self._actor(request, item))
@@ -401,12 +409,10 @@ class PortalWeb:
         return response
 
     async def reply(self, request: web.Request) -> web.Response:
-        token, item = await self._item(request)
-        if isinstance(item, web.Response):
-            return item
-        csrf = await self._signed_in(request, item)
-        if csrf is None:
-            raise web.HTTPSeeOther(f"/m/{token}")
+        signed_in = await self._session_of(request)
+        if isinstance(signed_in, web.Response):
+            return signed_in
+        token, item, csrf = signed_in
         text, sent_csrf, files = "", None, []
         room = int(self.config.max_reply_size)
         async for field in await request.multipart():
