@@ -14,6 +14,7 @@ and keeping a web framework out of the daemon's core keeps its attack surface sm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -91,14 +92,7 @@ class OpsHttpServer:
                 raise ValueError("body too large")
             if length:
                 body = await asyncio.wait_for(reader.readexactly(length), _TIMEOUT)
-                request = Request(
-                    request.method,
-                    request.path,
-                    request.query,
-                    request.headers,
-                    body,
-                    request.peer,
-                )
+                request = dataclasses.replace(request, body=body)
             if self.api is not None and (
                 request.path == "/archive" or request.path.startswith("/archive/")
             ):
