@@ -197,7 +197,8 @@ class ArchiveService:
         self._failed: set[str] = set()
         self._after: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._checkpointed = -1
+        self._checkpointed = -1  # the log's size at the last checkpoint
+        self._last_checkpoint = 0.0  # when (monotonic)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -250,8 +251,6 @@ class ArchiveService:
                 await self.refresh_gauges()
             except Exception as e:  # the next round tries again
                 log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
-
-    _last_checkpoint = 0.0
 
     async def _checkpoint(self) -> None:
         def job() -> int:
