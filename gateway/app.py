@@ -38,7 +38,7 @@ from gateway.probe.dns import Resolver
 from gateway.probe.keys import KeyStore
 from gateway.probe.wkd import WkdKeyStore
 from gateway.queue.manager import QueueManager
-from gateway.smtp.auth import RelayPolicy, load_users
+from gateway.smtp.auth import AuthThrottle, RelayPolicy, load_users
 from gateway.smtp.server import SmtpContext, SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool, new_queue_id
@@ -92,6 +92,12 @@ def make_smtp_context(
         ask_client_cert=relay.asks_client_cert,
     )
     redact = make_redactor(config)
+    sc = config.smtp
+    throttle = AuthThrottle(
+        math.ceil(sc.max_auth_failures_per_ip / divide_limits_by),
+        math.ceil(sc.max_auth_failures_per_user / divide_limits_by),
+        sc.auth_failure_window,
+    )
     ctx = SmtpContext(
         config,
         smtp_hostname(config),
@@ -102,6 +108,7 @@ def make_smtp_context(
         tls_context,
         max_connections=math.ceil(config.smtp.max_connections / divide_limits_by),
         max_connections_per_ip=math.ceil(config.smtp.max_connections_per_ip / divide_limits_by),
+        auth_throttle=throttle,
     )
     if on_queued is not None:
         ctx.on_queued = on_queued
@@ -315,6 +322,12 @@ class Gateway:
             return "smtp listener not running"
         if not os.access(self.spool.queue_dir, os.W_OK):
             return "spool not writable"
+        try:
+            free = self.spool.free_space()
+        except OSError:
+            return "spool not writable"
+        if free < self.config.spool.min_free_space:
+            return f"spool file system has {free} bytes free (spool.min_free_space)"
         return None
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -307,6 +307,25 @@ class SmtpConfig:
     max_auth_failures: int = field(
         default=3, metadata=doc("Failed AUTH attempts on one connection before it is closed.")
     )
+    max_auth_failures_per_ip: int = field(
+        default=10,
+        metadata=doc(
+            "Failed AUTH attempts from one client address, over all its connections, "
+            "within auth_failure_window; further attempts get 454 4.7.0 before any "
+            "password is checked. Divided among SMTP workers like the connection limits."
+        ),
+    )
+    max_auth_failures_per_user: int = field(
+        default=10,
+        metadata=doc(
+            "Failed AUTH attempts for one user name, from any address, within "
+            "auth_failure_window; then 454 4.7.0 until the window has passed."
+        ),
+    )
+    auth_failure_window: Duration = field(
+        default=Duration(900),
+        metadata=doc("How long a failed AUTH attempt counts against its address and user."),
+    )
     marker_header: str = field(
         default="X-Sealgate-Processed",
         metadata=doc(
@@ -323,6 +342,14 @@ class SpoolConfig:
         metadata=doc(
             "Threads (per SMTP worker) writing and fsyncing spool files. More overlap "
             "fsyncs on slow disks but contend for the interpreter lock."
+        ),
+    )
+    min_free_space: Size = field(
+        default=Size(64 * 1024**2),
+        metadata=doc(
+            "Free space the spool's file system keeps for the queue state and the "
+            "archive: with less (plus the message's SIZE), MAIL gets 452 4.3.1 and "
+            "/readyz answers 503, so a full disk never stops results being recorded."
         ),
     )
 
@@ -787,6 +814,8 @@ _POSITIVE_INTS = {
     "smtp.max_connections_per_ip",
     "smtp.max_received_headers",
     "smtp.max_auth_failures",
+    "smtp.max_auth_failures_per_ip",
+    "smtp.max_auth_failures_per_user",
     "spool.io_threads",
     "probe.concurrency",
     "archive.retention_days",

@@ -31,9 +31,11 @@ class Event(enum.StrEnum):
     RELAY_DENIED = "smtp.relay-denied"
     AUTH_FAILED = "smtp.auth-failed"
     AUTH_SUCCEEDED = "smtp.auth-succeeded"
+    AUTH_THROTTLED = "smtp.auth-throttled"
     TIMEOUT = "smtp.timeout"
     TLS_FAILED = "smtp.tls-failed"
     SESSION_ERROR = "smtp.session-error"
+    CONNECTION_LOST = "smtp.connection-lost"
     # queue and delivery
     QUEUE_STARTED = "queue.started"
     DELIVERY_ATTEMPT = "delivery.attempt"
@@ -43,6 +45,8 @@ class Event(enum.StrEnum):
     ENCRYPTION_FAILED = "delivery.encryption-failed"
     DKIM_NOT_SIGNED = "delivery.dkim-not-signed"
     MESSAGE_DONE = "queue.message-done"
+    MESSAGE_QUARANTINED = "queue.message-quarantined"
+    QUEUE_STORE_FAILED = "queue.store-failed"
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"
@@ -52,6 +56,7 @@ class Event(enum.StrEnum):
     # portal
     PORTAL_DEPOSITED = "portal.deposited"
     PORTAL_ACCESS = "portal.access"
+    PORTAL_SWEEP_FAILED = "portal.sweep-failed"
     # ops http
     HTTP_ERROR = "http.error"
 
@@ -71,6 +76,7 @@ class RejectReason(enum.StrEnum):
     CONNECTION_LIMIT = "connection_limit"
     AUTH_FAILED = "auth_failed"
     TIMEOUT = "timeout"
+    TLS_HANDSHAKE = "tls_handshake_failed"
 
 
 class TlsFailure(enum.StrEnum):

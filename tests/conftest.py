@@ -258,6 +258,12 @@ class RawSmtp:
             if line[3:4] != b"-":
                 return "".join(lines)
 
+    async def starttls(self, cert_chain: Path | None = None) -> None:
+        """STARTTLS, then the TLS handshake on this connection (the reply must be 220)."""
+        reply = await self.command("STARTTLS")
+        assert reply.startswith("220"), reply
+        await self.writer.start_tls(client_tls(cert_chain))
+
     async def command(self, line: str | bytes) -> str:
         self.send(line if isinstance(line, bytes) else line.encode() + b"\r\n")
         return await self.reply()

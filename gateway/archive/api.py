@@ -66,6 +66,7 @@ ALLOWED = {
     "investigator": {READ, CONTENT},
     "admin": {READ, MANAGE},
 }
+MAX_RESULTS = 100_000
 QUERY_FIELDS = (
     "sender",
     "recipient",
@@ -88,6 +89,25 @@ def _json(status: str, value: Any) -> Response:
     return Response(status, "application/json", (json.dumps(value, indent=1) + "\n").encode())
 
 
+def _problem(status: str, detail: str) -> Response:
+    """An error as RFC 9457 problem details (``error`` repeats ``detail``)."""
+    code, _, title = status.partition(" ")
+    body = {"type": "about:blank", "title": title, "status": int(code), "detail": detail}
+    body["error"] = detail
+    return Response(
+        status, "application/problem+json", (json.dumps(body, indent=1) + "\n").encode()
+    )
+
+
+def _limit(value: str | None) -> int:
+    """The ``limit`` parameter: a whole number from 1 to `MAX_RESULTS`."""
+    if value is None:
+        return 1000
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_RESULTS:
+        raise ApiError("400 Bad Request", f"limit: must be a whole number from 1 to {MAX_RESULTS}")
+    return int(value)
+
+
 def _time(value: str | None, name: str) -> float | None:
     if not value:
         return None
@@ -104,8 +124,11 @@ def query_from(params: dict[str, Any]) -> Query:
     unknown = set(params) - {*QUERY_FIELDS, "since", "until", "limit", "format", "case"}
     if unknown:
         raise ApiError("400 Bad Request", f"unknown field(s): {', '.join(sorted(unknown))}")
+    wrong = sorted(k for k, v in params.items() if not isinstance(v, str))
+    if wrong:
+        raise ApiError("400 Bad Request", f"{', '.join(wrong)}: must be a string")
     return Query(
-        **{k: str(params[k]) for k in QUERY_FIELDS if params.get(k)},
+        **{k: params[k] for k in QUERY_FIELDS if params.get(k)},
         since=_time(params.get("since"), "since"),
         until=_time(params.get("until"), "until"),
     )
@@ -148,7 +171,7 @@ class ArchiveApi:
         try:
             return await loop.run_in_executor(self._thread, self._handle, request, who)
         except ApiError as e:
-            return _json(e.status, {"error": str(e)})
+            return _problem(e.status, str(e))
 
     def _route(self, request: Request) -> tuple[str, Callable[..., Response], tuple[str, ...]]:
         parts = [unquote(p) for p in request.path.strip("/").split("/")][1:]
@@ -199,8 +222,8 @@ class ArchiveApi:
 
     def _search(self, request: Request, actor: str) -> Response:
         query = query_from(request.query)
+        limit = _limit(request.query.get("limit"))
         try:
-            limit = min(int(request.query.get("limit", "1000")), 100_000)
             results = self.archive.search(query, limit=limit)
         except ValueError as e:
             raise ApiError("400 Bad Request", str(e)) from None
@@ -231,7 +254,7 @@ class ArchiveApi:
         query = query_from(request.query)
         ids: list[str] = sorted(self.archive.held_by(case)) if case else []
         if query.to_dict():
-            ids += [m["queue_id"] for m in self.archive.search(query, limit=100_000)]
+            ids += [m["queue_id"] for m in self.archive.search(query, limit=MAX_RESULTS)]
         if not case and not query.to_dict():
             raise ApiError("400 Bad Request", "name a case or search fields")
         scope = (f"case {case}; " if case else "") + json.dumps(query.to_dict(), sort_keys=True)
@@ -249,9 +272,17 @@ class ArchiveApi:
 
     def _hold(self, request: Request, actor: str) -> Response:
         body = self._body(request)
-        case = str(body.get("case") or "")
-        ids = [str(q) for q in body.get("queue_ids") or []]
-        query = query_from(body["query"]) if isinstance(body.get("query"), dict) else None
+        unknown = set(body) - {"case", "queue_ids", "query"}
+        if unknown:
+            raise ApiError("400 Bad Request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        case, ids, scope = body.get("case"), body.get("queue_ids", []), body.get("query")
+        if not isinstance(case, str) or not case.strip():
+            raise ApiError("400 Bad Request", "case: must be a non-empty string")
+        if not isinstance(ids, list) or not all(isinstance(q, str) for q in ids):
+            raise ApiError("400 Bad Request", "queue_ids: must be a list of queue id strings")
+        if scope is not None and not isinstance(scope, dict):
+            raise ApiError("400 Bad Request", "query: must be an object of search fields")
+        query = query_from(scope) if scope is not None else None
         try:
             held = self.archive.hold(case, actor, ids, query)
         except ValueError as e:
@@ -277,7 +308,7 @@ class ArchiveApi:
 
     def _access(self, request: Request, actor: str) -> Response:
         since = _time(request.query.get("since"), "since") or 0.0
-        return _json("200 OK", {"access": self.archive.access_log(since, limit=100_000)})
+        return _json("200 OK", {"access": self.archive.access_log(since, limit=MAX_RESULTS)})
 
     def _verify(self, request: Request, actor: str, method: str) -> Response:
         if method == "POST":

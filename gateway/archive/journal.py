@@ -389,6 +389,10 @@ class Archive:
             raise ValueError("a hold needs message ids or a query")
         now = time.time()
         db = self.index.db
+        unknown = [q for q in dict.fromkeys(queue_ids or []) if not self.has(q)]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise ValueError(f"{len(unknown)} id(s) not in the archive: {shown}")
         with self._transaction():
             existing = db.execute(
                 "SELECT query FROM cases WHERE case_name=?", (case_name,)

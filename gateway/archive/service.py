@@ -10,7 +10,9 @@ start: nothing in between can lose it.
 
 Every write runs on the archive's own thread, many per transaction (a
 `gateway.batching.Batcher` over `Archive.batch`): the event loop hands a job over and
-goes on.  Only the spool-file removal waits for a message's journal.
+goes on.  Only the spool-file removal waits: for every record of the message (its
+journal, attempts, copies and accesses), and a record that fails is written again
+every few seconds until it is in (`retry_failed`) - evidence is never dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway.addresses import check_envelope
 from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.store import ArchiveIndex, SqliteBlobStore
@@ -43,6 +47,7 @@ from gateway.spool import Spool
 log = get_logger("gateway.archive")
 
 GENERATED_MASTER_KEY = "local-1"
+RETRY_EVERY = 5.0  # seconds between writes of records that failed
 
 
 def archive_dir(config: Config) -> Path:
@@ -193,8 +198,9 @@ class ArchiveService:
         self.subjects = config.archive.index_subjects
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._batcher = Batcher(self._thread, archive.batch)
-        self._pending: dict[str, asyncio.Future[Any]] = {}
-        self._failed: set[str] = set()
+        # per message: records being written, and records to write again
+        self._pending: dict[str, set[asyncio.Future[Any]]] = {}
+        self._failed: dict[str, list[Any]] = {}
         self._after: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._checkpointed = -1  # the log's size at the last checkpoint
@@ -212,17 +218,18 @@ class ArchiveService:
         failed = set()
         recovered = 0
         for item in await self._run(lambda: list(self.spool.envelopes())):
-            if not isinstance(item, Envelope):
-                continue
+            if not isinstance(item, Envelope) or not check_envelope(item).ok:
+                continue  # a poison message: the queue journals it as it quarantines it
             if await self._run(self.archive.has_content, item.queue_id):
                 continue
+            job = self._journal_job(item, None)
             try:
-                await self._batcher.run(self._journal_job(item, None))
+                await self._batcher.run(job)
                 recovered += 1
-            except (OSError, SpoolError, ValueError) as e:
+            except (OSError, SpoolError, ValueError, sqlite3.Error) as e:
                 failed.add(item.queue_id)
+                self._failed[item.queue_id] = [job]
                 log.error(Event.ARCHIVE_ERROR, queue_id=item.queue_id, error=str(e)[:300])
-        self._failed |= failed
         log.info(Event.ARCHIVE_RECOVERED, messages=recovered, failed=len(failed))
         return failed
 
@@ -234,22 +241,32 @@ class ArchiveService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
+        try:
             await self._batcher.run(lambda: None)  # what is queued is written
+            await self.retry_failed()
             await self._checkpoint()
+        except Exception as e:  # noqa: BLE001 - stopping: what failed stays in the spool
+            log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
+        if self._failed:
+            log.error(Event.ARCHIVE_ERROR, unwritten_messages=len(self._failed))
         self._thread.shutdown(wait=True)
         self.archive.index.close()
 
     async def _periodic(self) -> None:
+        """Records that failed are written again every `RETRY_EVERY` seconds; the
+        checkpoint and the gauges follow ``archive.checkpoint_interval`` (the gauges
+        at least every minute)."""
+        gauges = 0.0
         while True:
-            await asyncio.sleep(min(self.interval, 60.0))
-            with contextlib.suppress(Exception):
-                await self.retry_failed()
+            await asyncio.sleep(RETRY_EVERY)
             try:
+                await self.retry_failed()
                 if time.monotonic() - self._last_checkpoint >= self.interval:
                     await self._checkpoint()
-                await self.refresh_gauges()
-            except Exception as e:  # the next round tries again
+                if time.monotonic() - gauges >= min(self.interval, 60.0):
+                    gauges = time.monotonic()
+                    await self.refresh_gauges()
+            except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
 
     async def _checkpoint(self) -> None:
@@ -284,18 +301,22 @@ class ArchiveService:
         self.metrics.archive_exports.set(counts.get("export", 0))
 
     async def retry_failed(self) -> None:
-        for queue_id in list(self._failed):
-            try:
-                envelope, data = await self._run(self.spool.read, queue_id)
-            except SpoolError:
-                self._failed.discard(queue_id)  # gone: nothing to journal
-                continue
-            await self._batcher.run(self._journal_job(envelope, data))
-            self._failed.discard(queue_id)
-            self._journaled(len(data))
-            action = self._after.pop(queue_id, None)
-            if action is not None:
-                action()
+        """Write again every record that failed (the disk was full, the database
+        refused it), each message's in order; a message whose records are all
+        written may lose its spool file now."""
+        for queue_id, jobs in list(self._failed.items()):
+            while jobs:
+                try:
+                    value = await self._batcher.run(jobs[0])
+                except Exception as e:  # noqa: BLE001 - still failing: the next round
+                    log.warning(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(e)[:300])
+                    break
+                done = jobs.pop(0)
+                if getattr(done, "journals_message", False):
+                    self._journaled(value)
+            if not jobs:
+                del self._failed[queue_id]
+                self._maybe_after(queue_id)
 
     # -- the mail path ----------------------------------------------------------------
 
@@ -309,66 +330,74 @@ class ArchiveService:
             self.archive.journal_message(envelope.to_dict(), body, subject=subjects)
             return len(body)
 
+        job.journals_message = True  # type: ignore[attr-defined]
         return job
 
     def journal(self, envelope: Envelope, data: bytes | None) -> None:
         """Journal a message that was just spooled (``data``: its bytes when at hand,
         else they are read from the spool)."""
-        queue_id = envelope.queue_id
-        future = self._batcher.submit(self._journal_job(envelope, data))
-        self._pending[queue_id] = future
-        future.add_done_callback(lambda f: self._settle(queue_id, f))
+        self._track(envelope.queue_id, self._journal_job(envelope, data))
 
-    def _settle(self, queue_id: str, future: asyncio.Future[Any]) -> None:
-        self._pending.pop(queue_id, None)
+    def attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> None:
+        """One attempt's outcome and evidence for some recipients."""
+        self._track(queue_id, lambda: self.archive.journal_attempt(queue_id, recipients))
+
+    def access(self, queue_id: str, actor: str, action: str, **detail: Any) -> None:
+        """An access to a message from outside the archive (e.g. the portal)."""
+        self._track(queue_id, lambda: self.archive.access(actor, action, queue_id, **detail))
+
+    def copy(self, queue_id: str, data: bytes) -> None:
+        """A copy the gateway changed, as sent."""
+        self._track(queue_id, lambda: self.archive.journal_copy(queue_id, data))
+
+    def _track(self, queue_id: str, job: Any) -> None:
+        """Write ``job``'s record in the next batch; if it fails, keep it to write again
+        (`retry_failed`) - a message's records are never dropped."""
+        future = self._batcher.submit(job)
+        self._pending.setdefault(queue_id, set()).add(future)
+        future.add_done_callback(lambda f: self._settle(queue_id, job, f))
+
+    def _settle(self, queue_id: str, job: Any, future: asyncio.Future[Any]) -> None:
+        pending = self._pending.get(queue_id)
+        if pending is not None:
+            pending.discard(future)
+            if not pending:
+                del self._pending[queue_id]
         if future.cancelled():
             return
         error = future.exception()
         if error is not None:
-            self._failed.add(queue_id)
+            self._failed.setdefault(queue_id, []).append(job)
             self.metrics.archive_errors.inc()
             log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(error)[:300])
-        else:
+            return
+        if getattr(job, "journals_message", False):
             self._journaled(future.result())
+        self._maybe_after(queue_id)
 
     def _journaled(self, size: int) -> None:
         self.metrics.archive_journaled.inc()
         self.metrics.archive_journaled_bytes.inc(size)
 
-    async def settled(self, queue_id: str) -> bool:
-        """Wait for this message's journal; False when it failed (its spool file must
-        stay: it is journaled again later, or at the next start)."""
-        future = self._pending.get(queue_id)
-        if future is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(future)
-        return queue_id not in self._failed
+    def has_failed(self, queue_id: str) -> bool:
+        """Some record of this message could not be written yet (it is retried)."""
+        return queue_id in self._failed
 
-    def when_journaled(self, queue_id: str, action: Callable[[], None]) -> None:
-        """Run ``action`` once a message whose journal failed is journaled after all
-        (its spool file's removal)."""
+    def when_archived(self, queue_id: str, action: Callable[[], None]) -> None:
+        """Run ``action`` (a spool file's removal) once every record of this message
+        issued so far is written: at once if they are, else when the last one is -
+        after retries, if some failed.  Nobody waits meanwhile."""
         self._after[queue_id] = action
+        self._maybe_after(queue_id)
 
-    def attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> None:
-        """One attempt's outcome and evidence for some recipients."""
-        self._post(lambda: self.archive.journal_attempt(queue_id, recipients), queue_id)
-
-    def access(self, queue_id: str, actor: str, action: str, **detail: Any) -> None:
-        """An access to a message from outside the archive (e.g. the portal)."""
-        self._post(lambda: self.archive.access(actor, action, queue_id, **detail), queue_id)
-
-    def copy(self, queue_id: str, data: bytes) -> None:
-        """A copy the gateway changed, as sent."""
-        self._post(lambda: self.archive.journal_copy(queue_id, data), queue_id)
-
-    def _post(self, job: Any, queue_id: str) -> None:
-        future = self._batcher.submit(job)
-        future.add_done_callback(lambda f: self._logged(queue_id, f))
-
-    def _logged(self, queue_id: str, future: asyncio.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self.metrics.archive_errors.inc()
-            log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(future.exception())[:300])
+    def _maybe_after(self, queue_id: str) -> None:
+        if queue_id in self._pending or queue_id in self._failed:
+            if queue_id in self._failed and queue_id in self._after:
+                log.warning(Event.ARCHIVE_NOT_REMOVED, queue_id=queue_id)
+            return
+        action = self._after.pop(queue_id, None)
+        if action is not None:
+            action()
 
     def make_durable(self) -> None:
         """Before spool files go (in the removal thread): every committed record on

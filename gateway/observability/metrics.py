@@ -192,6 +192,17 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.quarantined = Counter(
+            "sealgate_queue_quarantined",
+            "Spooled messages set aside because they could not be processed (archived, "
+            "bounced, kept under spool/quarantine)",
+            registry=r,
+        )
+        self.queue_store_errors = Counter(
+            "sealgate_queue_store_errors",
+            "Failed writes of delivery results to the queue state (retried until written)",
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
         )
@@ -277,7 +288,7 @@ class Metrics:
             self.messages_accepted.labels(version)
         for result in ("accepted", "refused"):
             self.connections.labels(result)
-        for result in ("success", "failure"):
+        for result in ("success", "failure", "throttled"):
             self.auth.labels(result)
         for outcome in _OUTCOMES:
             for level in _TLS_LEVELS:

@@ -67,7 +67,7 @@ def parts(msg: EmailMessage) -> list[tuple[Part, EmailMessage]]:
                 Part(
                     index,
                     part.get_content_type(),
-                    part.get_filename(),
+                    safe_filename(part.get_filename()),
                     cid.strip().strip("<>") if cid else None,
                     len(payload) if isinstance(payload, bytes) else 0,
                 ),
@@ -152,3 +152,18 @@ def part_bytes(data: bytes, index: int) -> tuple[Part, bytes]:
             payload = m.get_payload(decode=True)
             return p, payload if isinstance(payload, bytes) else b""
     raise KeyError(index)
+
+
+_UNSAFE_IN_NAME = re.compile(r'[\x00-\x1f\x7f-\x9f"\\/:*?<>|]')
+
+
+def safe_filename(name: str | None) -> str | None:
+    """A file name a browser can be given (and a reply can carry): its last path
+    component only (never ``../../etc/passwd``), without control characters (a CR
+    or LF would end the header), quotes or characters file systems refuse, without
+    leading dots, at most 150 characters.  None when nothing is left."""
+    if name is None:
+        return None
+    name = re.split(r"[\\/]", name)[-1]
+    name = _UNSAFE_IN_NAME.sub("_", name).strip().lstrip(".").strip()
+    return name[:150] or None

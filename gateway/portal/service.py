@@ -98,8 +98,12 @@ class Portal:
 
     async def _sweep(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.sweep()
+            except Exception as e:  # noqa: BLE001 - the next sweep tries again
+                log.error(
+                    Event.PORTAL_SWEEP_FAILED, error_type=type(e).__name__, error=str(e)[:200]
+                )
             await asyncio.sleep(SWEEP_INTERVAL)
 
     async def sweep(self) -> None:

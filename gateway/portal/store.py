@@ -223,10 +223,20 @@ class PortalStore:
         self, item: Item, code: str, max_attempts: int, lockout: float
     ) -> tuple[bool, bool]:
         """(right, locked now).  A right code is used up; wrong ones count, and the
-        ``max_attempts``-th locks the link for ``lockout`` (the code is void)."""
+        ``max_attempts``-th locks the link for ``lockout`` (the code is void).
+
+        Counted in the database, in one write transaction (BEGIN IMMEDIATE), from
+        the stored count - never from ``item``, which was read before the request
+        body: simultaneous wrong codes cannot get past the limit.  While the link is
+        locked no code is compared, the right one included."""
         code = "".join(c for c in code if c.isdigit())
         now = time.time()
         with self._tx():
+            state = self.db.execute(
+                "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
+            ).fetchone()
+            if state is None or state[1] > now:
+                return False, False
             row = self.db.execute(
                 "SELECT code_sha256 FROM codes WHERE item_id=? AND expires > ?", (item.id, now)
             ).fetchone()
@@ -234,11 +244,11 @@ class PortalStore:
                 self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
                 self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
                 return True, False
-            failed = item.failed_codes + 1
+            failed = int(state[0]) + 1
             locked = failed >= max_attempts
             self.db.execute(
                 "UPDATE items SET failed_codes=?, locked_until=? WHERE id=?",
-                (0 if locked else failed, now + lockout if locked else item.locked_until, item.id),
+                (0 if locked else failed, now + lockout if locked else state[1], item.id),
             )
             if locked:
                 self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))

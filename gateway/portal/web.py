@@ -20,6 +20,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
@@ -400,12 +401,12 @@ class PortalWeb:
         except KeyError:
             raise web.HTTPNotFound() from None
         inline = info.content_type.startswith("image/") and info.filename is None
-        name = (info.filename or f"part-{index}").replace('"', "")
+        name = info.filename or f"part-{index}"  # render.safe_filename made it safe
         response = web.Response(body=data, content_type="application/octet-stream")
         if inline and info.content_type in ("image/png", "image/jpeg", "image/gif"):
             response.content_type = info.content_type
         else:
-            response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+            response.headers["Content-Disposition"] = _attachment(name)
         return response
 
     async def reply(self, request: web.Request) -> web.Response:
@@ -435,7 +436,8 @@ class PortalWeb:
                 text = data.decode("utf-8", "replace")
             elif field.name == "files" and field.filename:
                 ctype = field.headers.get("Content-Type", "application/octet-stream")
-                files.append((field.filename, ctype, bytes(data)))
+                name = render.safe_filename(field.filename) or "attachment"
+                files.append((name, ctype, bytes(data)))
         if not self._csrf_ok(sent_csrf, csrf):
             return self._forbidden()
         if not text.strip() and not files:
@@ -460,3 +462,10 @@ class PortalWeb:
         response = self.page("Signed out", "<p>You have signed out.</p>")
         response.del_cookie(SESSION, path="/", secure=True, samesite="Strict")
         return response
+
+
+def _attachment(name: str) -> str:
+    """Content-Disposition for a download (RFC 6266): an ASCII fallback name, and the
+    name itself in RFC 8187 encoding."""
+    fallback = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"

@@ -39,6 +39,7 @@ import datetime
 import functools
 import hashlib
 import random
+import sqlite3
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
+from gateway.addresses import EnvelopeProblems, check_envelope, printable_envelope
 from gateway.archive.service import ArchiveService
 from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
@@ -99,6 +101,7 @@ CACHE_MESSAGE_MAX = 256 * 1024
 CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
 THREAD_FEATURES_ABOVE = 32 * 1024  # classifying larger messages runs in a thread, not the loop
+RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
 
 
 class QueueManager:
@@ -246,7 +249,9 @@ class QueueManager:
         await self._db(self.store.release_leases)
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
-        added = await self._db(self._reconcile, keep)
+        added, poison = await self._db(self._reconcile, keep)
+        for queue_id, reason in poison.items():
+            await self._quarantine(queue_id, reason)
         unfinished = await self._db(self.store.unfinished)
         for queue_id in unfinished:
             try:
@@ -256,24 +261,44 @@ class QueueManager:
                 continue
             rows = await self._db(self.store.recipients, queue_id)
             await self._finish(envelope, data, rows, recovering=True)
-        log.info(Event.QUEUE_STARTED, reconciled=added, finished=len(unfinished))
+        log.info(
+            Event.QUEUE_STARTED,
+            reconciled=added,
+            finished=len(unfinished),
+            quarantined=len(poison),
+        )
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _reconcile(self, keep: set[str]) -> int:
+    def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str]]:
         """Add spooled messages the store does not know (a crash before `enqueue`);
         remove spool files of messages already done (a crash before the removal)
-        unless the archive could not journal them (``keep``)."""
+        unless the archive could not journal them (``keep``).  Returns how many were
+        added, and the messages that cannot be (to be quarantined, with why): one bad
+        file never keeps the gateway from starting."""
         assert self.store is not None
         known, added = self.store.known(), 0
+        poison: dict[str, str] = {}
         for item in self.spool.envelopes():
             if not isinstance(item, Envelope):
                 continue
             done = known.get(item.queue_id)
             if done is None:
-                added += self.store.add(item)
+                try:
+                    added += self._add_checked(item, lease=False)
+                except Exception as e:  # noqa: BLE001 - whatever it is, that message alone
+                    poison[item.queue_id] = _why(e)
             elif done and item.queue_id not in keep:
                 self.spool.remove(item.queue_id, item.size)
-        return added
+        return added, poison
+
+    def _add_checked(self, envelope: Envelope, lease: bool) -> bool:
+        """In the database thread: record a spooled message, if its envelope passes
+        the listener's checks (`Poison` if not)."""
+        assert self.store is not None
+        problems = check_envelope(envelope)
+        if not problems.ok:
+            raise Poison(problems)
+        return self.store.add(envelope, lease=lease)
 
     async def stop(self, grace: float = 10.0) -> None:
         # A flag, not Task.cancel(): asyncio.wait_for in Python 3.11 can swallow a
@@ -317,6 +342,9 @@ class QueueManager:
         except SpoolError as e:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
             return
+        except Exception as e:  # noqa: BLE001 - a message we cannot take: set aside
+            await self._quarantine(queue_id, _why(e))
+            return
         if data is not None:
             self._cache_put(recorded, data)
         if added and self.archive is not None:
@@ -346,7 +374,7 @@ class QueueManager:
             envelope, data = self.spool.read(queue_id)
         elif envelope is None:
             envelope = read_envelope(self.spool.path_of(queue_id))
-        added = self.store.add(envelope, lease=lease)
+        added = self._add_checked(envelope, lease)
         return envelope, data, added
 
     def _cache_put(self, envelope: Envelope, data: bytes) -> None:
@@ -401,17 +429,14 @@ class QueueManager:
         try:
             async with self._total, self._per_domain[domain]:
                 await self._attempt_locked(queue_id, domain, rows)
-        except Exception as e:  # fail closed: record nothing, try again later
-            assert self.store is not None
-            await self._db(
-                self.store.release_leases, queue_id, [r.idx for r in rows], time.time() + 60
-            )
+        except Exception as e:  # fail closed: nothing sent on this path, deferred
             log.error(
                 Event.DELIVERY_ERROR,
                 queue_id=queue_id,
                 error_type=type(e).__name__,
                 error=str(e)[:300],
             )
+            await self._record_error(queue_id, rows, e)
         finally:
             self._wake.set()  # room for the next claim
 
@@ -496,31 +521,132 @@ class QueueManager:
             )
             for row in rows
         ]
-        store = self.store
-        final = await self._commits.run(lambda: store.record(queue_id, records, now))
-        if self.archive is not None:
-            self.archive.attempt(
-                queue_id,
-                [
-                    {
-                        "idx": row.idx,
-                        "address": row.address,
-                        "attempt": row.attempts + 1,
-                        "state": record.state,
-                        "status": record.status,
-                        "diagnostic": record.diagnostic,
-                        "evidence": record.evidence,
-                        "decision": record.decision,  # with its reasons and facts
-                    }
-                    for row, record in zip(rows, records, strict=True)
-                ],
-            )
-        if final is None and any(r.state in ("deferred", "held") for r in records):
-            self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         for row, record in zip(rows, records, strict=True):
             self._report(envelope, row, results[row.idx], record, decisions[row.idx], now)
+        final = await self._record(queue_id, records, now)
+        self._archive_attempt(queue_id, rows, records)
+        if final is None and any(r.state in ("deferred", "held") for r in records):
+            self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         if final is not None:
             await self._finish(envelope, data, final)
+
+    async def _record(
+        self, queue_id: str, records: list[AttemptRecord], now: float
+    ) -> list[RecipientRow] | None:
+        """Record an attempt's results (`QueueStore.record`).  A write the database
+        refuses (disk full, I/O error) is retried until it succeeds, the results
+        waiting in memory and the recipients still leased: what was delivered is
+        not delivered again because its result could not be written at once."""
+        assert self.store is not None
+        store, delay = self.store, RECORD_RETRY_FIRST
+        while True:
+            try:
+                return await self._commits.run(lambda: store.record(queue_id, records, now))
+            except sqlite3.OperationalError as e:
+                if self._stopping:
+                    raise  # not recorded: the leases end at the next start, tried again
+                self.metrics.queue_store_errors.inc()
+                log.error(
+                    Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200], retry=delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_RETRY_MAX)
+
+    def _archive_attempt(
+        self, queue_id: str, rows: list[RecipientRow], records: list[AttemptRecord]
+    ) -> None:
+        if self.archive is None:
+            return
+        self.archive.attempt(
+            queue_id,
+            [
+                {
+                    "idx": row.idx,
+                    "address": row.address,
+                    "attempt": row.attempts + 1,
+                    "state": record.state,
+                    "status": record.status,
+                    "diagnostic": record.diagnostic,
+                    "evidence": record.evidence,
+                    "decision": record.decision,  # with its reasons and facts
+                }
+                for row, record in zip(rows, records, strict=True)
+            ],
+        )
+
+    async def _record_error(
+        self, queue_id: str, rows: list[RecipientRow], error: Exception
+    ) -> None:
+        """An attempt that failed unexpectedly: its recipients are deferred (4.3.0)
+        like after any temporary failure - retried on the schedule, expired past
+        ``delivery.max_queue_lifetime`` and then reported in a DSN, whatever the
+        error.  Only when even that cannot be written are the leases let go, for a
+        new attempt a minute later."""
+        assert self.store is not None
+        now = time.time()
+        diagnostic = f"internal error during the attempt ({type(error).__name__})"
+        try:
+            message = await self._db(self.store.message, queue_id)
+            arrival = _timestamp(message["received_at"]) if message else now
+            records = [
+                self._scheduled(row, "deferred", "4.3.0", diagnostic, arrival, now, "error")
+                for row in rows
+            ]
+            final = await self._record(queue_id, records, now)
+            self._archive_attempt(queue_id, rows, records)
+            if final is not None:
+                try:
+                    envelope, data = await self._db(self.spool.read, queue_id)
+                except SpoolError:  # nothing left to report from: done
+                    await self._db(self.store.finish, queue_id, False)
+                    return
+                await self._finish(envelope, data, final)
+        except Exception as e:  # noqa: BLE001 - the state store itself is failing
+            log.error(Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200])
+            with contextlib.suppress(Exception):
+                idxs = [r.idx for r in rows]
+                await self._db(self.store.release_leases, queue_id, idxs, now + 60)
+
+    async def _quarantine(self, queue_id: str, reason: str) -> None:
+        """A spooled message the queue cannot take (see `Poison`): archived with a
+        printable envelope, every recipient bounced (5.1.3 for a bad address, 5.1.7
+        when the sender is bad, else 5.3.0), the sender told in a DSN when the
+        sender address is usable, and the file moved to ``spool/quarantine/`` for
+        inspection.  Never raises: the next message, or the start, goes on."""
+        assert self.store is not None
+        try:
+            envelope, data = await self._db(self.spool.read, queue_id)
+        except SpoolError as e:
+            log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e)[:300])
+            return
+        self.metrics.quarantined.inc()
+        log.error(Event.MESSAGE_QUARANTINED, queue_id=queue_id, reason=reason[:300])
+        problems = check_envelope(envelope)
+        clean = printable_envelope(envelope)
+        clean = dataclasses.replace(clean, extra={**clean.extra, "quarantined": reason})
+        if self.archive is not None:
+            self.archive.journal(clean, data)
+        now = time.time()
+        records = []
+        for idx in range(len(clean.recipients)):
+            bad = problems.recipients.get(idx)
+            if bad is not None:
+                status, why = "5.1.3", f"bad recipient address ({bad})"
+            elif problems.sender is not None:
+                status, why = "5.1.7", f"bad sender address ({problems.sender})"
+            else:
+                status, why = "5.3.0", f"message quarantined: {reason}"
+            records.append(AttemptRecord(idx, "bounced", status, why, None, now, "quarantined"))
+        store = self.store
+        try:
+            await self._commits.run(lambda: store.add(clean))
+            final = await self._record(queue_id, records, now)
+        except Exception as e:  # noqa: BLE001 - kept in queue/: quarantined at the next start
+            log.error(Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200])
+            return
+        rows = final if final is not None else await self._db(store.recipients, queue_id)
+        self._archive_attempt(queue_id, rows, records)
+        await self._finish(clean, data, rows, tell_sender=problems.sender is None, quarantined=True)
 
     async def _signed(self, copy: bytes, changed: bool) -> bytes:
         """A changed copy without the original DKIM signature (it would fail), signed
@@ -731,17 +857,15 @@ class QueueManager:
         now: float,
         transform: dict[str, Any] | None = None,
     ) -> AttemptRecord:
-        state: str = result.outcome
-        status, diagnostic = result.status, result.diagnostic
-        next_attempt = now
-        if state in ("deferred", "held"):
-            if now - _arrival(envelope) >= self.config.delivery.max_queue_lifetime:
-                state, status = "expired", "4.4.7"
-                diagnostic = f"delivery time expired; last error: {diagnostic}"
-            else:
-                schedule = self.config.delivery.retry_schedule
-                wait = schedule[min(row.attempts, len(schedule) - 1)]
-                next_attempt = now + wait * self._rng.uniform(0.9, 1.1)
+        scheduled = self._scheduled(
+            row,
+            result.outcome,
+            result.status,
+            result.diagnostic,
+            _timestamp(envelope.received_at),
+            now,
+            result.outcome,
+        )
         evidence = evidence_dict(result.evidence) or {}
         evidence["decision"] = {
             "mode": decision.mode.value,
@@ -754,16 +878,31 @@ class QueueManager:
             evidence["encryption"] = transform
         if result.copy_sha256 is not None:
             evidence["copy_sha256"] = result.copy_sha256
-        return AttemptRecord(
-            row.idx,
-            state,
-            status,
-            diagnostic,
-            evidence,
-            next_attempt,
-            result.outcome,
-            decision.to_dict(),
-        )
+        return dataclasses.replace(scheduled, evidence=evidence, decision=decision.to_dict())
+
+    def _scheduled(
+        self,
+        row: RecipientRow,
+        state: str,
+        status: str,
+        diagnostic: str,
+        arrival: float,
+        now: float,
+        outcome: str,
+    ) -> AttemptRecord:
+        """The state after an attempt: a deferred or held recipient gets its next
+        attempt from ``delivery.retry_schedule``, or expires (4.4.7) past
+        ``delivery.max_queue_lifetime`` - whatever the reason it was not sent."""
+        next_attempt = now
+        if state in ("deferred", "held"):
+            if now - arrival >= self.config.delivery.max_queue_lifetime:
+                state, status = "expired", "4.4.7"
+                diagnostic = f"delivery time expired; last error: {diagnostic}"
+            else:
+                schedule = self.config.delivery.retry_schedule
+                wait = schedule[min(row.attempts, len(schedule) - 1)]
+                next_attempt = now + wait * self._rng.uniform(0.9, 1.1)
+        return AttemptRecord(row.idx, state, status, diagnostic, None, next_attempt, outcome)
 
     def _report(
         self,
@@ -777,7 +916,9 @@ class QueueManager:
         ev = result.evidence
         self.metrics.policy_decisions.labels(decision.mode.value, decision.rule).inc()
         if record.state not in ("deferred", "held"):
-            self.metrics.queue_time.labels(record.state).observe(now - _arrival(envelope))
+            self.metrics.queue_time.labels(record.state).observe(
+                now - _timestamp(envelope.received_at)
+            )
         log.info(
             Event.DELIVERY_ATTEMPT,
             queue_id=row.queue_id,
@@ -800,16 +941,25 @@ class QueueManager:
         self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
 
     async def _finish(
-        self, envelope: Envelope, data: bytes, rows: list[RecipientRow], *, recovering: bool = False
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rows: list[RecipientRow],
+        *,
+        recovering: bool = False,
+        tell_sender: bool = True,
+        quarantined: bool = False,
     ) -> None:
-        """Every recipient is final: report failures to the sender, forget the message.
-        (All delivered: done already, in the transaction of the last result, unless
-        ``recovering`` a message a crash left unfinished.)"""
+        """Every recipient is final: report failures to the sender (unless not to
+        ``tell_sender``: a sender address that is not usable), forget the message, and
+        remove its spool file - or move it to quarantine.  (All delivered: done
+        already, in the transaction of the last result, unless ``recovering`` a
+        message a crash left unfinished.)"""
         assert self.store is not None
         self._forget(envelope.queue_id)
         failed = [r for r in rows if r.state in ("bounced", "expired")]
         dsn_sent = False
-        if failed and envelope.mail_from:
+        if failed and envelope.mail_from and tell_sender:
             report = build_dsn(
                 sender=envelope.mail_from,
                 reporting_mta=self.hostname,
@@ -826,11 +976,16 @@ class QueueManager:
             dsn_sent = True
         if failed or recovering:
             await self._db(self.store.finish, envelope.queue_id, dsn_sent)
-        if self.archive is None or await self.archive.settled(envelope.queue_id):
-            self._remove(envelope)
-        else:  # not in the archive yet: the spool keeps it until it is
-            log.error(Event.ARCHIVE_NOT_REMOVED, queue_id=envelope.queue_id)
-            self.archive.when_journaled(envelope.queue_id, lambda: self._remove(envelope))
+        if quarantined:
+            dispose: Callable[[], None] = lambda: self.spool.quarantine(  # noqa: E731
+                envelope.queue_id, envelope.size
+            )
+        else:
+            dispose = lambda: self._remove(envelope)  # noqa: E731
+        if self.archive is None:
+            dispose()
+        else:  # the spool keeps it until every record of it is in the archive
+            self.archive.when_archived(envelope.queue_id, dispose)
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,
@@ -892,5 +1047,22 @@ def _expired(not_after: str) -> bool:
     return when <= datetime.datetime.now(datetime.UTC)
 
 
-def _arrival(envelope: Envelope) -> float:
-    return datetime.datetime.fromisoformat(envelope.received_at).timestamp()
+def _timestamp(received_at: str) -> float:
+    return datetime.datetime.fromisoformat(received_at).timestamp()
+
+
+class Poison(Exception):  # noqa: N818 - what it is, not an error of ours
+    """A spooled message whose envelope the queue cannot take (it would fail the
+    listener's checks: `gateway.addresses.check_envelope`)."""
+
+    def __init__(self, problems: EnvelopeProblems):
+        super().__init__(problems.summary())
+        self.problems = problems
+
+
+def _why(error: Exception) -> str:
+    """Why a message is quarantined, without its content (the problems found, or the
+    kind of error)."""
+    if isinstance(error, Poison):
+        return str(error)
+    return f"could not be queued ({type(error).__name__})"

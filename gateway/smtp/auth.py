@@ -24,6 +24,8 @@ import hmac
 import ipaddress
 import re
 import secrets
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,50 @@ def check_credentials(users: dict[str, str], user: str, password: bytes) -> bool
     encoded = users.get(user)
     ok = verify_password(password, encoded or _DUMMY_HASH)
     return ok and encoded is not None
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client address and per user name, across connections,
+    in a sliding window.  Asked before a password is hashed: a throttled guess costs
+    the server nothing, and closing a connection after ``smtp.max_auth_failures``
+    does not reset the count.  A success clears the user's count, not the address's.
+
+    Memory is bounded: at most ``max_keys`` addresses and user names are tracked (the
+    longest idle go first)."""
+
+    def __init__(self, per_ip: int, per_user: int, window: float, max_keys: int = 10_000):
+        self.per_ip, self.per_user, self.window = per_ip, per_user, window
+        self.max_keys = max_keys
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, key: str, now: float) -> int:
+        times = self._failures.get(key)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return 0
+        return len(times)
+
+    def allows(self, ip: str, user: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return (
+            self._recent("ip:" + ip, now) < self.per_ip
+            and self._recent("user:" + user, now) < self.per_user
+        )
+
+    def failed(self, ip: str, user: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in ("ip:" + ip, "user:" + user):
+            self._failures.setdefault(key, deque()).append(now)
+            self._failures.move_to_end(key)
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, user: str) -> None:
+        self._failures.pop("user:" + user, None)
 
 
 @dataclass(frozen=True)

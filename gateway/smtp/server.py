@@ -33,9 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, login_always_fail
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Session,
+    TLSSetupException,
+    _AuthMechAttr,
+    _Missing,
+    login_always_fail,
+)
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
+from gateway.addresses import Kind, Problem, check_helo, check_mailbox, check_parameter
 from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.events import Event, RejectReason
@@ -43,7 +53,7 @@ from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.smtp import replies
-from gateway.smtp.auth import RelayPolicy, check_credentials
+from gateway.smtp.auth import AuthThrottle, RelayPolicy, check_credentials
 from gateway.smtp.data import DataProblem, MessageScanner
 from gateway.spool import Spool, new_queue_id
 
@@ -82,17 +92,39 @@ class SmtpContext:
     # this process's share of smtp.max_connections / max_connections_per_ip
     max_connections: int = 0
     max_connections_per_ip: int = 0
+    # failed AUTH attempts across connections (this process's share of the limits)
+    auth_throttle: AuthThrottle | None = None
     handler: Handler = field(init=False)
     hooks: dict[str, Any] = field(init=False)
     connections: Counter[str] = field(default_factory=Counter)
     sessions: set[GatewaySMTP] = field(default_factory=set)
     stopping: bool = False
+    _free: int = 0
+    _free_checked: float = -1e9
+
+    def free_space(self) -> int:
+        """Free bytes on the spool's file system, read at most every second."""
+        now = time.monotonic()
+        if now - self._free_checked >= 1.0:
+            try:
+                self._free = self.spool.free_space()
+            except OSError:
+                self._free = 0  # no spool directory: nothing can be accepted
+            self._free_checked = now
+        return self._free
 
     def __post_init__(self) -> None:
         self.max_connections = self.max_connections or self.config.smtp.max_connections
         self.max_connections_per_ip = (
             self.max_connections_per_ip or self.config.smtp.max_connections_per_ip
         )
+        if self.auth_throttle is None:
+            smtp = self.config.smtp
+            self.auth_throttle = AuthThrottle(
+                smtp.max_auth_failures_per_ip,
+                smtp.max_auth_failures_per_user,
+                smtp.auth_failure_window,
+            )
         self.handler = Handler(self)
         self.hooks = {
             name[7:]: getattr(self.handler, name)
@@ -180,6 +212,9 @@ class GatewaySMTP(SMTP):
         self._in_hello = False  # nor do HELO/EHLO replies (RFC 2034 section 3)
 
     async def push(self, status: str | bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client is gone (or TLS failed under us): nobody to answer
         line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
         if self._greeted and not self._in_hello:
             line = replies.with_enhanced_code(line)
@@ -310,6 +345,83 @@ class GatewaySMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._in_hello = False
+
+    async def handle_exception(self, error: Exception) -> str:
+        """The reply to an exception in a command.  Client-made ends of a session (a
+        failed TLS handshake, a connection gone while we answered) are one line at
+        info, no traceback: any client can cause them.  Anything else is ours: an
+        error with its type, and 451 so that the client tries again."""
+        if isinstance(error, TLSSetupException):
+            self.ctx.metrics.reject(RejectReason.TLS_HANDSHAKE)
+            cause = error.__cause__
+            log.info(
+                Event.TLS_FAILED,
+                client_ip=self._client_ip,
+                error_type=type(cause).__name__,
+                error=str(cause)[:200],
+            )
+            return replies.SHUTTING_DOWN  # never sent: aiosmtpd closes the connection
+        if self.transport is None or self.transport.is_closing():
+            log.info(
+                Event.CONNECTION_LOST, client_ip=self._client_ip, error_type=type(error).__name__
+            )
+            return replies.SHUTTING_DOWN  # never sent: push() has nobody to answer
+        log.error(
+            Event.SESSION_ERROR,
+            client_ip=self._client_ip,
+            error_type=type(error).__name__,
+            error=str(error)[:200],
+        )
+        return replies.INTERNAL_ERROR
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> _Missing | bytes:
+        """aiosmtpd's, with a syntax reply for an over-long or non-ASCII answer
+        (its own raises, and the client got 451)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        line = await self._read_line()
+        if line is None:
+            await self.push(replies.COMMAND_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 4: the client cancels
+            await self.push(replies.AUTH_ABORTED)
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push(replies.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def _read_line(self) -> bytes | None:
+        """One line from the client; None when it was longer than the read limit (it
+        is read to its end and dropped)."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as e:
+            raise ConnectionResetError("connection closed") from e
+        except asyncio.LimitOverrunError as e:
+            consumed = e.consumed
+        while True:
+            await self._reader.read(consumed)
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.IncompleteReadError as e:
+                raise ConnectionResetError("connection closed") from e
+            except asyncio.LimitOverrunError as e:
+                consumed = e.consumed
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:  # RFC 3207 4.2: no second handshake
+            await self.push(replies.TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
 
     # -- DATA ---------------------------------------------------------------------
 
@@ -522,6 +634,10 @@ class Handler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
+        problem = check_helo(hostname)
+        if problem is not None:
+            self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
+            return [replies.BAD_HELO.format(detail=problem.detail)]
         session.host_name = hostname
         server.command_size_limits["MAIL"] = 1024
         tls_active = session.ssl is not None
@@ -539,6 +655,20 @@ class Handler:
             out.append("250-AUTH PLAIN LOGIN")
         out.append("250 HELP")
         return out
+
+    async def handle_HELO(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        hostname: str,
+    ) -> str:
+        problem = check_helo(hostname)
+        if problem is not None:
+            self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
+            return replies.BAD_HELO.format(detail=problem.detail)
+        session.host_name = hostname
+        return f"250 {server.hostname}"
 
     def handle_STARTTLS(
         self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
@@ -564,14 +694,26 @@ class Handler:
         if cfg.relay.require_tls and session.ssl is None:
             self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
             return replies.TLS_REQUIRED
+        if address != "<>":
+            problem = check_mailbox(address, envelope.smtp_utf8)
+            if problem is not None:
+                return self._bad_address(problem, replies.BAD_SENDER)
+        size = 0
         for option in mail_options:
+            if not check_parameter(option):
+                self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
+                return replies.BAD_PARAMETER
             key, _, value = option.partition("=")
             if key.upper() == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     return replies.SYNTAX_SIZE
-                if int(value) > cfg.smtp.max_message_size:
+                size = int(value)
+                if size > cfg.smtp.max_message_size:
                     self.ctx.metrics.reject(RejectReason.MESSAGE_TOO_BIG)
                     return replies.SIZE_EXCEEDED_MAIL.format(limit=cfg.smtp.max_message_size)
+        if self.ctx.free_space() < cfg.spool.min_free_space + size:
+            self.ctx.metrics.reject(RejectReason.SPOOL_ERROR)
+            return replies.INSUFFICIENT_STORAGE
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
@@ -584,9 +726,9 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return "501 5.1.3 Bad recipient address syntax"
+        problem = check_mailbox(address, envelope.smtp_utf8)
+        if problem is not None:
+            return self._bad_address(problem, replies.BAD_RECIPIENT)
         limit = self.ctx.config.smtp.max_recipients
         if len(envelope.rcpt_tos) >= limit:
             self.ctx.metrics.reject(RejectReason.TOO_MANY_RECIPIENTS)
@@ -608,6 +750,12 @@ class Handler:
         envelope.rcpt_option_list.append(list(rcpt_options))
         return replies.RECIPIENT_OK
 
+    def _bad_address(self, problem: Problem, template: str) -> str:
+        self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
+        if problem.kind is Kind.NEEDS_SMTPUTF8:
+            return replies.NEEDS_SMTPUTF8
+        return template.format(detail=problem.detail)
+
     def _authorization(self, session: GatewaySession) -> str | None:
         relay = self.ctx.relay
         if session.authenticated and session.auth_user:
@@ -619,10 +767,6 @@ class Handler:
             return "network"
         return None
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.error(Event.SESSION_ERROR, error_type=type(error).__name__, error=str(error)[:200])
-        return "451 4.3.0 Internal error, try again later"
-
     # -- SMTP AUTH (RFC 4954, 4616); the builtin mechanisms check passwords on the loop
 
     async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
@@ -633,7 +777,7 @@ class Handler:
         else:
             try:
                 blob = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: not ASCII
                 await server.push(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
@@ -648,7 +792,7 @@ class Handler:
         else:
             try:
                 user = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: not ASCII
                 await server.push(replies.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
         if not isinstance(user, bytes):
@@ -661,16 +805,28 @@ class Handler:
     async def _verify(self, server: GatewaySMTP, user_b: bytes, password: bytes) -> AuthResult:
         session = server.gw_session
         user = user_b.decode("utf-8", "replace")
+        peer = session.peer or ("?", 0)
+        throttle = self.ctx.auth_throttle
+        assert throttle is not None
+        if not throttle.allows(str(peer[0]), user):  # before any hashing
+            self.ctx.metrics.auth.labels("throttled").inc()
+            self.ctx.metrics.reject(RejectReason.AUTH_FAILED)
+            log.warning(Event.AUTH_THROTTLED, client_ip=str(peer[0]))
+            await server.push(replies.AUTH_THROTTLED)
+            if server.transport is not None:
+                server.transport.close()
+            return AuthResult(success=False, handled=True)
         ok = await asyncio.get_running_loop().run_in_executor(
             None, check_credentials, self.ctx.relay.users, user, password
         )
-        peer = session.peer or ("?", 0)
         if ok:
+            throttle.succeeded(user)
             session.auth_user = user
             self.ctx.metrics.auth.labels("success").inc()
             log.info(Event.AUTH_SUCCEEDED, client_ip=str(peer[0]), user=user)
             return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
         session.auth_failures += 1
+        throttle.failed(str(peer[0]), user)
         self.ctx.metrics.auth.labels("failure").inc()
         self.ctx.metrics.reject(RejectReason.AUTH_FAILED)
         log.warning(Event.AUTH_FAILED, client_ip=str(peer[0]), failures=session.auth_failures)

@@ -5,6 +5,9 @@ Layout under ``<state_dir>/spool/`` (format: ``FORMAT.md`` beside this file):
     tmp/<id>      being written; never trusted, removed at start
     queue/<id>    complete: message bytes + envelope JSON + fixed-size footer
     corrupt/<id>  a queue file that failed validation, kept for inspection
+    quarantine/<id>  a valid file whose envelope could not be processed (e.g. an
+                  address no version of the SMTP listener should have accepted),
+                  archived, bounced and kept for inspection
 
 Durability: a message is written to ``tmp/``, fsync'd, renamed into ``queue/`` and
 the ``queue/`` directory is fsync'd.  Only then does `SpoolWriter.commit` return, and
@@ -90,6 +93,7 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.queue_dir = root / "queue"
         self.corrupt_dir = root / "corrupt"
+        self.quarantine_dir = root / "quarantine"
         self._io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
         self.messages = 0
@@ -101,7 +105,7 @@ class Spool:
 
     def open(self) -> RecoveryReport:
         """Create the layout, drop unacknowledged leftovers, count what is queued."""
-        for d in (self.root, self.tmp_dir, self.queue_dir, self.corrupt_dir):
+        for d in (self.root, self.tmp_dir, self.queue_dir, self.corrupt_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         removed = 0
         for leftover in self.tmp_dir.iterdir():
@@ -216,6 +220,25 @@ class Spool:
             with self._count_lock:
                 self.messages = max(0, self.messages - 1)
                 self.bytes = max(0, self.bytes - size)
+
+    def quarantine(self, queue_id: str, size: int) -> None:
+        """Move a message that cannot be processed out of the queue, durably (both
+        directories fsynced): it is never read at start again."""
+        self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            os.replace(self.path_of(queue_id), self.quarantine_dir / queue_id)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.queue_dir)
+        with self._count_lock:
+            self.messages = max(0, self.messages - 1)
+            self.bytes = max(0, self.bytes - size)
+
+    def free_space(self) -> int:
+        """Bytes free for us on the spool's file system."""
+        st = os.statvfs(self.queue_dir)
+        return st.f_bavail * st.f_frsize
 
     def note_committed(self, size: int) -> None:
         with self._count_lock:

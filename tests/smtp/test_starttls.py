@@ -166,7 +166,7 @@ async def test_every_reply_after_the_greeting_carries_an_enhanced_status_code(ga
         "MAIL FROM:<s@clinic.test> FOO=BAR": "555 5.5.4 MAIL FROM parameters not recognized",
         "MAIL FROM:<s@clinic.test>": "250 2.1.0 Sender OK",
         "MAIL FROM:<t@clinic.test>": "503 5.5.1 Error: nested MAIL command",
-        "RCPT TO:<postmaster>": "501 5.1.3 Bad recipient address syntax",
+        "RCPT TO:<postmaster>": "553 5.1.3 Bad recipient address syntax",
         "DATA": "503 5.5.1 Need RCPT command",
         "QUIT": "221 2.0.0 Bye",
     }

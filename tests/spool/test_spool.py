@@ -132,16 +132,20 @@ async def test_disk_full_answers_451_leaves_nothing_and_recovers(
     gateway_factory, tmp_path, message_size
 ):
     with small_filesystem(tmp_path / "small", "2m") as mount:
-        gw = await gateway_factory({"state_dir": str(mount / "state")})
+        gw = await gateway_factory(
+            {"state_dir": str(mount / "state"), "spool.min_free_space": "1KiB"}
+        )
         filler = mount / "filler"
-        # fill the file system to the last block
-        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
         body = ("x" * 76 + "\r\n") * (message_size // 78)
         async with smtp_client(gw) as client:
+            await client.mail("s@clinic.test")
+            await client.rcpt("r@example.test")
+            # the disk fills up between MAIL (which saw room) and the end of DATA
+            with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
             with pytest.raises(aiosmtplib.SMTPDataError) as e:
-                await client.sendmail("s@clinic.test", ["r@example.test"], make_message(body=body))
+                await client.data(make_message(body=body))
             assert e.value.code == 451
             assert queued(gw) == [] and list(gw.spool.tmp_dir.iterdir()) == []
             filler.unlink()
