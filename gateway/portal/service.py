@@ -32,7 +32,7 @@ from gateway.model import Envelope
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import mail, render
-from gateway.portal.store import Item, PortalStore
+from gateway.portal.store import CodeCheck, Item, PortalStore
 
 log = get_logger("gateway.portal")
 T = TypeVar("T")
@@ -175,20 +175,22 @@ class Portal:
         )
         self._access(item, actor, "code-sent")
 
-    async def check_code(self, item: Item, code: str, actor: str) -> tuple[bool, bool]:
+    async def check_code(self, item: Item, code: str, actor: str) -> CodeCheck:
         pc = self.config.portal
-        right, locked = await self.run(
+        checked = await self.run(
             self.store.check_code, item, code, pc.max_code_attempts, pc.lockout
         )
-        if right:
+        if checked is CodeCheck.RIGHT:
             self._access(item, actor, "signed-in")
+        elif checked is CodeCheck.REFUSED:
+            self._access(item, actor, "refused-locked")
         else:
             self.metrics.portal_failed_codes.inc()
             self._access(item, actor, "wrong-code")
-        if locked:
+        if checked is CodeCheck.LOCKED:
             self.metrics.portal_lockouts.inc()
             self._access(item, actor, "locked")
-        return right, locked
+        return checked
 
     async def open(self, item: Item, actor: str) -> bytes:
         data = await self.run(self.store.content, item)

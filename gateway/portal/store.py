@@ -10,6 +10,7 @@ thread, ``sealgate portal revoke`` from another process (SQLite serialises them)
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import hmac
 import secrets
@@ -86,6 +87,13 @@ class Item:
         if self.locked_until > now:
             return "locked"
         return "open"
+
+
+class CodeCheck(enum.Enum):
+    RIGHT = "right"
+    WRONG = "wrong"
+    LOCKED = "locked"  # this wrong code locked the link
+    REFUSED = "refused"  # the link was locked: not compared
 
 
 class PortalStore:
@@ -219,11 +227,10 @@ class PortalStore:
             self.db.execute("UPDATE items SET codes_sent = codes_sent + 1 WHERE id=?", (item.id,))
         return code
 
-    def check_code(
-        self, item: Item, code: str, max_attempts: int, lockout: float
-    ) -> tuple[bool, bool]:
-        """(right, locked now).  A right code is used up; wrong ones count, and the
-        ``max_attempts``-th locks the link for ``lockout`` (the code is void).
+    def check_code(self, item: Item, code: str, max_attempts: int, lockout: float) -> CodeCheck:
+        """A right code is used up (RIGHT); wrong ones count (WRONG), and the
+        ``max_attempts``-th locks the link for ``lockout`` (LOCKED; the code is void);
+        while it is locked, nothing is compared (REFUSED).
 
         Counted in the database, in one write transaction (BEGIN IMMEDIATE), from
         the stored count - never from ``item``, which was read before the request
@@ -236,14 +243,14 @@ class PortalStore:
                 "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
             ).fetchone()
             if state is None or state[1] > now:
-                return False, False
+                return CodeCheck.REFUSED
             row = self.db.execute(
                 "SELECT code_sha256 FROM codes WHERE item_id=? AND expires > ?", (item.id, now)
             ).fetchone()
             if row is not None and hmac.compare_digest(row[0], _sha(item.id + code)):
                 self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
                 self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
-                return True, False
+                return CodeCheck.RIGHT
             failed = int(state[0]) + 1
             locked = failed >= max_attempts
             self.db.execute(
@@ -252,7 +259,7 @@ class PortalStore:
             )
             if locked:
                 self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
-        return False, locked
+        return CodeCheck.LOCKED if locked else CodeCheck.WRONG
 
     def codes_sent(self, item: Item) -> int:
         row = self.db.execute("SELECT codes_sent FROM items WHERE id=?", (item.id,)).fetchone()

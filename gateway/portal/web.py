@@ -25,7 +25,7 @@ from urllib.parse import quote
 from aiohttp import BodyPartReader, web
 
 from gateway.portal import render
-from gateway.portal.store import Item
+from gateway.portal.store import CodeCheck, Item
 
 if TYPE_CHECKING:
     from gateway.portal.service import Portal
@@ -336,14 +336,14 @@ class PortalWeb:
         if isinstance(posted, web.Response):
             return posted
         token, item, form = posted
-        right, locked = await self.portal.check_code(
+        checked = await self.portal.check_code(
             item, str(form.get("code", "")), self._actor(request, item)
         )
-        if locked:
+        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
             _, page = await self._item(request)  # the locked page
             assert isinstance(page, web.Response)
             return page
-        if not right:
+        if checked is not CodeCheck.RIGHT:
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=wrong")
         sid = await self.portal.run(self.portal.store.new_session, item, self.config.session_ttl)
         response = web.HTTPSeeOther(f"/m/{token}/read")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.delivery.conftest import tls_only, world  # noqa: F401 - the fixture, shared
+from tests.portal.test_portal_http import portal  # noqa: F401 - the fixture, shared
 
 
 @pytest.fixture
