@@ -1,0 +1,106 @@
+"""Faults under the mail path: a full disk, a queue state or an archive that refuses
+writes.  Nothing that was delivered is forgotten (and delivered again), evidence is
+never dropped, and the gateway says it is not ready before the disk is full."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+
+import aiosmtplib
+from structlog.testing import capture_logs
+
+from gateway.archive.journal import Archive
+from gateway.events import Event
+from gateway.queue.store import QueueStore
+from tests.conftest import make_message, queued, smtp_client
+from tests.delivery.conftest import wait_until
+from tests.observability.test_ops_http import http_get
+from tests.spool.test_spool import small_filesystem
+
+
+async def test_a_result_the_queue_state_cannot_write_is_written_later_not_delivered_twice(
+    relay, monkeypatch
+):
+    real = QueueStore.record
+    failures = {"left": 3}
+
+    def record(self, queue_id, results, now=None):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, queue_id, results, now)
+
+    monkeypatch.setattr(QueueStore, "record", record)
+    gw, dest, _ = await relay()
+    with capture_logs() as logs:
+        async with smtp_client(gw) as client:
+            await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
+        (path,) = queued(gw)
+        await wait_until(
+            lambda: (gw.queue.store.message(path.name) or {}).get("done"),
+            what="the delivery recorded",
+        )
+    assert len(dest.received) == 1  # delivered once, recorded after three refusals
+    (row,) = gw.queue.store.recipients(path.name)
+    assert (row.state, row.attempts) == ("delivered", 1)
+    assert [a["outcome"] for a in gw.queue.store.attempts(path.name)] == ["delivered"]
+    events = [e["event"] for e in logs]
+    assert events.count(Event.QUEUE_STORE_FAILED) == 3
+    assert events.index(Event.DELIVERY_ATTEMPT) < events.index(Event.QUEUE_STORE_FAILED)
+    assert gw.metrics.queue_store_errors._value.get() == 3
+    await gw.stop()  # a restart does not deliver it again
+    assert len(dest.received) == 1
+
+
+async def test_an_attempt_record_the_archive_refuses_is_retried_and_the_spool_file_waits(
+    relay, monkeypatch
+):
+    real = Archive.journal_attempt
+    refusing = {"on": True}
+
+    def journal_attempt(self, queue_id, recipients):
+        if refusing["on"]:
+            raise OSError(28, "No space left on device")
+        return real(self, queue_id, recipients)
+
+    monkeypatch.setattr(Archive, "journal_attempt", journal_attempt)
+    gw, dest, _ = await relay()
+    async with smtp_client(gw) as client:
+        await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
+    (path,) = queued(gw)
+    await wait_until(lambda: dest.received, what="delivered")
+    await wait_until(lambda: gw.archive.has_failed(path.name), what="the record failed")
+    await wait_until(lambda: gw.queue.store.message(path.name)["done"], what="done")
+    assert path.exists()  # kept: the archive lacks the evidence of its delivery
+    refusing["on"] = False
+    await wait_until(lambda: not path.exists(), timeout=20, what="removed once archived")
+    (attempt,) = gw.archive.archive.events(path.name, ("attempt",))
+    (recipient,) = attempt["body"]["recipients"]
+    assert recipient["state"] == "delivered" and recipient["evidence"]["tls_version"]
+
+
+async def test_below_the_free_space_floor_mail_is_refused_and_readyz_says_so(
+    gateway_factory, tmp_path
+):
+    with small_filesystem(tmp_path / "small", "4m") as mount:
+        gw = await gateway_factory(
+            {"state_dir": str(mount / "state"), "spool.min_free_space": "1MiB"}
+        )
+        assert await http_get(gw, "/readyz") == (200, "ready\n")
+        filler = mount / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while gw.spool.free_space() > 512 * 1024:
+                f.write(b"\0" * 65536)
+        status, text = await http_get(gw, "/readyz")
+        assert status == 503 and "spool.min_free_space" in text
+        await wait_until(lambda: gw.smtp.ctx.free_space() < 1024**2, what="free space read again")
+        async with smtp_client(gw) as client:
+            try:
+                await client.mail("s@clinic.test")
+                raise AssertionError("MAIL was accepted")
+            except aiosmtplib.SMTPSenderRefused as e:
+                assert (e.code, e.message[:5]) == (452, "4.3.1")
+        filler.unlink()
+        assert await http_get(gw, "/readyz") == (200, "ready\n")
+        await gw.stop()
