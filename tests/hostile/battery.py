@@ -1,0 +1,468 @@
+"""The hostile battery: seeded, bounded sessions against a running gateway, and the
+check that follows them.  ``tests/hostile/test_battery.py`` runs a slice of it in the
+suite; ``bench/hostile.py`` (``make hostile``) runs the whole of it and prints the
+figures the README's "Robustness" section quotes.
+
+Categories (each case is one SMTP session on loopback, a fresh random stream from the
+seed):
+
+- ``mutation``: a valid transaction whose command stream is mutated - lines dropped,
+  repeated, swapped or truncated, bytes flipped or inserted (NUL, 0xFF, bare CR or
+  LF, surrogate-making bytes), random verbs, the whole stream pipelined at once;
+- ``address``: MAIL, RCPT and EHLO with hostile forms (8-bit, NUL, invalid and
+  overlong UTF-8, C1 controls, quoted local parts, address literals, 1,000
+  characters, IDNA that does not encode), with and without SMTPUTF8;
+- ``mime``: well-formed sessions carrying hostile MIME (nesting 60 deep, 10,000
+  parts, broken base64 and quoted-printable, header fields folded 2,000 times,
+  missing boundaries, 8-bit bytes in headers) through the policy and delivery;
+- ``fault``: connections reset in the middle of DATA, STARTTLS with garbage,
+  clients that stop mid-command, AUTH with non-ASCII or 70 KB answers;
+- ``slow``: clients that send a transaction a byte at a time (tarpits from the
+  client side), while a normal client's transaction time is measured.
+
+`check` then requires: the gateway still answers a normal transaction; every
+message acknowledged with 250 is delivered, bounced (with a DSN when the sender
+can take one) or still waiting with a reason - and in the archive; no recipient
+is past ``delivery.max_queue_lifetime`` without a final state; no error-level log
+event or traceback came from client input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+CATEGORIES = ("mutation", "address", "mime", "fault", "slow")
+
+HOSTILE_ADDRESSES = [
+    b"r\xff\xfe@tls.test",
+    b"r\x00z@tls.test",
+    b"r\xc0\xaf@tls.test",
+    b"r\xed\xa0\x80@tls.test",  # a UTF-16 surrogate written as UTF-8
+    "r\u0085@tls.test".encode(),
+    "dr.müller@tls.test".encode(),
+    "δοκιμή@tls.test".encode(),
+    b'"john doe"@tls.test',
+    b'"a\\"b"@tls.test',
+    b"r@[127.0.0.41]",
+    b"r@tls..test",
+    b"@tls.test",
+    b"r@",
+    b"r@" + b"a" * 1000 + b".test",
+    b"x" * 1000 + b"@tls.test",
+    "r@\u2603.test".encode(),
+    b"r@tls.test\r\nRCPT TO:<s@tls.test>",
+    b"r@tls.test",
+]
+HOSTILE_HELO = [b"a\xffb.test", b"a\x00b", "ä.test".encode(), b"x" * 300, b"", b"client.test"]
+
+
+def message(size: int = 800) -> bytes:
+    body = ("The margins are clear.\r\n" * (size // 24 + 1))[:size]
+    return (
+        "From: doctor@clinic.test\r\nTo: r@tls.test\r\nSubject: Battery\r\n"
+        f"Message-ID: <{random.random()}@clinic.test>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def mime_shape(rng: random.Random) -> bytes:
+    kind = rng.choice(["nested", "many", "base64", "qp", "folded", "noboundary", "8bit"])
+    head = "From: doctor@clinic.test\r\nTo: r@tls.test\r\nSubject: Battery\r\nMIME-Version: 1.0\r\n"
+    if kind == "nested":
+        depth = 60
+        opening = "".join(
+            f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'
+            for i in range(depth)
+        )
+        closing = "".join(f"\r\n--b{i}--\r\n" for i in reversed(range(depth)))
+        return (head + opening + "Content-Type: text/plain\r\n\r\nx" + closing).encode()
+    if kind == "many":
+        parts = "".join("--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(10_000))
+        return (
+            head + 'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + "--b--\r\n"
+        ).encode()
+    if kind == "base64":
+        return (head + "Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                "JVBERi0xLj!!!not base64===\r\nQUJD\r\n").encode()  # fmt: skip
+    if kind == "qp":
+        return (head + "Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable"
+                "\r\n\r\n=ZZ=\r\n=0\r\n=C3=\r\n").encode()  # fmt: skip
+    if kind == "folded":
+        return (head + "X-Long: " + "a\r\n " * 2000 + "z\r\n\r\nbody\r\n").encode()
+    if kind == "noboundary":
+        return (head + "Content-Type: multipart/mixed\r\n\r\n--\r\nx\r\n").encode()
+    return head.encode() + b"X-Bytes: \xff\xfe\x80 caf\xc3\xa9\r\n\r\nbody \xff\r\n"
+
+
+@dataclass
+class Outcome:
+    category: str
+    acknowledged: list[str] = field(default_factory=list)
+    replies: int = 0
+    error: str | None = None  # the client side failing is expected; recorded only
+
+
+@dataclass
+class Report:
+    cases: Counter[str] = field(default_factory=Counter)
+    acknowledged: list[str] = field(default_factory=list)
+    normal_latency: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.normal_latency)
+        return {
+            "cases": dict(self.cases),
+            "total": sum(self.cases.values()),
+            "acknowledged": len(self.acknowledged),
+            **self.counts,
+            "normal_client_ms_p50": round(statistics.median(lat) * 1000, 1) if lat else None,
+            "normal_client_ms_max": round(lat[-1] * 1000, 1) if lat else None,
+            "problems": self.problems,
+        }
+
+
+def _tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Session:
+    """A byte-exact client that never trusts the server to answer."""
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+        self.acknowledged: list[str] = []
+        self.replies = 0
+
+    async def open(self) -> str:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=2**20), self.timeout
+        )
+        return await self.reply()
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            if not line:
+                raise ConnectionError("closed")
+            lines.append(line.decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                break
+        text = "".join(lines)
+        self.replies += 1
+        if text.startswith("250 2.0.0 Ok: queued as "):
+            self.acknowledged.append(text.split()[-1])
+        return text
+
+    async def send(self, data: bytes, replies: int = 1) -> list[str]:
+        self.writer.write(data)
+        await self.writer.drain()
+        return [await self.reply() for _ in range(replies)]
+
+    async def starttls(self) -> None:
+        (reply,) = await self.send(b"STARTTLS\r\n")
+        if reply.startswith("220"):
+            await asyncio.wait_for(self.writer.start_tls(_tls_context()), self.timeout)
+
+    async def hello(self) -> None:
+        await self.send(b"EHLO client.test\r\n")
+        await self.starttls()
+        await self.send(b"EHLO client.test\r\n")
+
+    async def transaction(
+        self, sender: bytes, rcpt: bytes, data: bytes, utf8: bool = False
+    ) -> None:
+        opt = b" SMTPUTF8" if utf8 else b""
+        replies = await self.send(b"MAIL FROM:<" + sender + b">" + opt + b"\r\n")
+        replies += await self.send(b"RCPT TO:<" + rcpt + b">\r\n")
+        replies += await self.send(b"DATA\r\n")
+        if replies[-1].startswith("354"):
+            await self.send(data.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+
+    async def close(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, TimeoutError, ssl.SSLError):
+            pass
+
+
+def _mutate(rng: random.Random, lines: list[bytes]) -> list[bytes]:
+    lines = list(lines)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.choice(["drop", "repeat", "swap", "flip", "insert", "truncate", "verb", "crlf"])
+        i = rng.randrange(len(lines))
+        if op == "drop" and len(lines) > 1:
+            del lines[i]
+        elif op == "repeat":
+            lines.insert(i, lines[i])
+        elif op == "swap":
+            j = rng.randrange(len(lines))
+            lines[i], lines[j] = lines[j], lines[i]
+        elif op == "flip" and lines[i]:
+            b = bytearray(lines[i])
+            b[rng.randrange(len(b))] = rng.choice(
+                [0, 0xFF, 0x80, 0xC0, 0x0D, 0x0A, rng.randrange(256)]
+            )
+            lines[i] = bytes(b)
+        elif op == "insert":
+            at = rng.randrange(len(lines[i]) + 1)
+            junk = bytes(rng.choice([0, 0xFF, 0xED, 0xA0, 0x0D, 0x20, 0x3C]) for _ in range(3))
+            lines[i] = lines[i][:at] + junk + lines[i][at:]
+        elif op == "truncate":
+            lines[i] = lines[i][: rng.randrange(len(lines[i]) + 1)]
+        elif op == "verb":
+            lines.insert(
+                i, rng.choice([b"VRFY r", b"EXPN x", b"HELP", b"XYZZY", b"BDAT 10", b"ETRN x"])
+            )
+        elif op == "crlf":
+            lines[i] = lines[i] + rng.choice([b"\n", b"\r", b"\r\n\r\n"])
+    return lines
+
+
+async def run_case(category: str, rng: random.Random, host: str, port: int) -> Outcome:
+    s = Session(host, port)
+    outcome = Outcome(category)
+    try:
+        await s.open()
+        if category == "mutation":
+            await s.hello()
+            lines = [b"MAIL FROM:<a@clinic.test>", b"RCPT TO:<r@tls.test>", b"DATA"]
+            body = message(rng.randrange(100, 3000)) + b"\r\n."
+            stream = b"\r\n".join(_mutate(rng, lines + body.split(b"\r\n"))) + b"\r\nQUIT\r\n"
+            if rng.random() < 0.3:  # all of it at once (PIPELINING abused)
+                s.writer.write(stream)
+            else:
+                for line in stream.split(b"\r\n"):
+                    s.writer.write(line + b"\r\n")
+                    await asyncio.sleep(0)
+            await s.writer.drain()
+            while True:
+                await s.reply()
+        elif category == "address":
+            helo = rng.choice(HOSTILE_HELO)
+            await s.send(b"EHLO " + helo + b"\r\n")
+            await s.send(b"EHLO client.test\r\n")
+            await s.starttls()
+            await s.send(b"EHLO client.test\r\n")
+            sender = rng.choice([b"a@clinic.test", *HOSTILE_ADDRESSES[:8]])
+            await s.transaction(
+                sender, rng.choice(HOSTILE_ADDRESSES), message(), rng.random() < 0.5
+            )
+        elif category == "mime":
+            await s.hello()
+            await s.transaction(b"a@clinic.test", b"r@tls.test", mime_shape(rng))
+        elif category == "fault":
+            await _fault(rng, s)
+        elif category == "slow":
+            await s.hello()
+            data = b"MAIL FROM:<a@clinic.test>\r\nRCPT TO:<r@tls.test>\r\nDATA\r\n"
+            for i in range(len(data)):
+                s.writer.write(data[i : i + 1])
+                await asyncio.sleep(0.002)
+            for _ in range(3):
+                await s.reply()
+            for chunk in [message(300)[i : i + 7] for i in range(0, 300, 7)]:
+                s.writer.write(chunk)
+                await asyncio.sleep(0.005)
+            await s.send(b"\r\n.\r\n")
+        await s.send(b"QUIT\r\n")
+    except (ConnectionError, TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+        outcome.error = type(e).__name__
+    finally:
+        await s.close()
+    outcome.acknowledged, outcome.replies = s.acknowledged, s.replies
+    return outcome
+
+
+async def _fault(rng: random.Random, s: Session) -> None:
+    kind = rng.choice(["reset-data", "tls-garbage", "stop-mid-command", "auth-8bit", "auth-long"])
+    if kind == "tls-garbage":
+        await s.send(b"EHLO client.test\r\n")
+        await s.send(b"STARTTLS\r\n")
+        s.writer.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+        await s.writer.drain()
+        await s.reply()
+        return
+    await s.hello()
+    if kind == "reset-data":
+        await s.send(b"MAIL FROM:<a@clinic.test>\r\n")
+        await s.send(b"RCPT TO:<r@tls.test>\r\n")
+        await s.send(b"DATA\r\n")
+        s.writer.write(message(5000)[: rng.randrange(1, 5000)])
+        await s.writer.drain()
+        s.writer.transport.abort()
+        raise ConnectionError("reset by the battery")
+    if kind == "stop-mid-command":
+        s.writer.write(b"MAIL FROM:<a@cli")
+        await s.writer.drain()
+        s.writer.transport.abort()
+        raise ConnectionError("reset by the battery")
+    if kind == "auth-8bit":
+        await s.send("AUTH PLAIN dGVzdA==é\r\n".encode())
+    else:
+        await s.send(b"AUTH LOGIN\r\n")
+        await s.send(b"A" * 70_000 + b"\r\n")
+
+
+async def normal_transaction(host: str, port: int) -> float:
+    """A well-behaved client's whole transaction; seconds."""
+    started = time.perf_counter()
+    s = Session(host, port, timeout=10)
+    try:
+        await s.open()
+        await s.hello()
+        await s.transaction(b"a@clinic.test", b"normal@tls.test", message())
+        await s.send(b"QUIT\r\n")
+    finally:
+        await s.close()
+    if not s.acknowledged:
+        raise AssertionError("a normal transaction was not accepted")
+    return time.perf_counter() - started
+
+
+async def run(
+    host: str, port: int, seed: int, per_category: dict[str, int], concurrency: int = 8
+) -> Report:
+    """Every case of ``per_category``, ``concurrency`` at a time, with a normal client's
+    transaction measured every half second meanwhile."""
+    rng = random.Random(seed)
+    plan = [c for c, n in per_category.items() for _ in range(n)]
+    rng.shuffle(plan)
+    report = Report()
+    gate = asyncio.Semaphore(concurrency)
+    done = asyncio.Event()
+
+    async def one(category: str, case_seed: int) -> None:
+        async with gate:
+            outcome = await run_case(category, random.Random(case_seed), host, port)
+        report.cases[category] += 1
+        report.acknowledged += outcome.acknowledged
+
+    async def measure() -> None:
+        while not done.is_set():
+            report.normal_latency.append(await normal_transaction(host, port))
+            await asyncio.sleep(0.5)
+
+    probe = asyncio.create_task(measure())
+    await asyncio.gather(*(one(c, rng.randrange(2**32)) for c in plan))
+    done.set()
+    await probe
+    return report
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def stdlib_errors():  # type: ignore[no-untyped-def]
+    """Errors logged through the standard library meanwhile (asyncio's "exception
+    was never retrieved", a library's traceback): none may come from client input."""
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
+
+
+async def check(
+    gw: Any,
+    report: Report,
+    logs: list[dict[str, Any]],
+    timeout: float,
+    stdlib: list[logging.LogRecord] = (),  # type: ignore[assignment]
+) -> None:
+    """After the cases: the gateway runs; every acknowledged message is final, or
+    waiting with a reason; archived; reported to its sender when it bounced; no
+    error or traceback in the log.  Fills ``report.counts`` and ``report.problems``."""
+    host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
+    store, archive = gw.queue.store, gw.archive.archive
+    up = gw.readiness() is None and not gw.queue._task.done()
+    try:
+        report.normal_latency.append(await normal_transaction(host, port))
+    except Exception as e:  # noqa: BLE001 - that is the finding
+        up = False
+        report.problems.append(f"a normal transaction failed after the battery: {e!r}")
+    deadline = time.monotonic() + timeout
+    ids = list(dict.fromkeys(report.acknowledged))
+
+    def unfinished() -> list[str]:
+        return [q for q in ids if not (store.message(q) or {}).get("done")]
+
+    while unfinished() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    lost = unarchived = waiting = stuck = no_dsn = 0
+    lifetime = gw.config.delivery.max_queue_lifetime
+    for q in ids:
+        message = store.message(q)
+        if message is None:
+            lost += 1
+            report.problems.append(f"{q}: acknowledged, unknown to the queue")
+            continue
+        rows = store.recipients(q)
+        if not message["done"]:
+            if all(r.diagnostic or r.state == "pending" for r in rows):
+                waiting += 1
+            else:
+                lost += 1
+                report.problems.append(f"{q}: not final and no reason")
+            if time.time() - message["arrived"] > lifetime:
+                stuck += 1
+                report.problems.append(f"{q}: past max_queue_lifetime, not final")
+        elif (
+            any(r.state != "delivered" for r in rows)
+            and message["mail_from"]
+            and not message["dsn_sent"]
+        ):
+            quarantined_sender = "\\x" in message["mail_from"]
+            if not quarantined_sender:
+                no_dsn += 1
+                report.problems.append(f"{q}: bounced without a DSN")
+    # the archive writes on its own thread: wait for it, then look
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(not archive.has(q) for q in ids):
+        await asyncio.sleep(0.2)
+    for q in ids:
+        if not archive.has(q):
+            unarchived += 1
+            report.problems.append(f"{q}: not in the archive")
+    errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
+    tracebacks = [e for e in logs if "exc_info" in e or "exception" in e] + list(stdlib)
+    for r in list(stdlib)[:10]:
+        report.problems.append(f"stdlib error: {r.name}: {r.getMessage()[:200]}")
+    for e in errors[:20]:
+        report.problems.append(f"error logged: {e.get('event')} {e.get('error_type', '')}")
+    report.counts = {
+        "crashes": 0 if up else 1,
+        "lost": lost,
+        "unarchived": unarchived,
+        "waiting_with_reason": waiting,
+        "stuck_past_lifetime": stuck,
+        "bounced_without_dsn": no_dsn,
+        "delivered_or_bounced": len(ids) - waiting - lost,
+        "errors_logged": len(errors),
+        "tracebacks": len(tracebacks),
+    }

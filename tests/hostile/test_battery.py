@@ -1,0 +1,32 @@
+"""A bounded slice of the hostile battery (`tests/hostile/battery.py`) in the suite:
+about 170 seeded sessions of every category against one gateway, then the check -
+the gateway answers, nothing acknowledged is lost, stuck or unarchived, nothing
+from client input reached the error log.  The full run is ``make hostile``."""
+
+from __future__ import annotations
+
+from structlog.testing import capture_logs
+
+from tests.hostile import battery
+
+SLICE = {"mutation": 60, "address": 50, "mime": 14, "fault": 30, "slow": 6}
+
+
+async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay):
+    gw, dest, sender = await relay(**{"delivery.max_queue_lifetime": "20s"})
+    host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
+    with capture_logs() as logs, battery.stdlib_errors() as stdlib:
+        report = await battery.run(host, port, seed=13, per_category=SLICE)
+        await battery.check(gw, report, logs, timeout=40, stdlib=stdlib)
+    summary = report.summary()
+    print(summary)
+    assert summary["total"] == sum(SLICE.values())
+    assert summary["acknowledged"] > 20  # the battery does get mail through
+    assert report.problems == []
+    assert {k: summary[k] for k in ("crashes", "lost", "unarchived", "stuck_past_lifetime")} == {
+        "crashes": 0,
+        "lost": 0,
+        "unarchived": 0,
+        "stuck_past_lifetime": 0,
+    }
+    assert summary["errors_logged"] == 0 and summary["tracebacks"] == 0
