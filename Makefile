@@ -1,7 +1,8 @@
 # make run    set up, then run the gateway on its embedded defaults (config.example.yaml)
 # make test   set up, then run the whole test suite
 # make bench  set up, then run the acceptance, end-to-end relay and policy benchmarks
-.PHONY: setup run test bench lint
+# make hostile  set up, then run the full hostile battery (about 2,900 sessions)
+.PHONY: setup run test bench lint hostile
 
 setup:
 	sh scripts/setup.sh
@@ -19,6 +20,9 @@ bench:
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py
+
+hostile: setup
+	.venv/bin/python bench/hostile.py
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench

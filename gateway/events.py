@@ -57,6 +57,8 @@ class Event(enum.StrEnum):
     PORTAL_DEPOSITED = "portal.deposited"
     PORTAL_ACCESS = "portal.access"
     PORTAL_SWEEP_FAILED = "portal.sweep-failed"
+    PORTAL_BAD_REQUEST = "portal.bad-request"
+    PORTAL_ERROR = "portal.error"
     # ops http
     HTTP_ERROR = "http.error"
 

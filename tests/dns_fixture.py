@@ -7,6 +7,7 @@ Records are added as text, the way a zone file writes them::
     dns.fail("broken.test")              # SERVFAIL for every question about it
     dns.secure("example.test")           # answers about it carry the AD bit
     dns.silence("dead.test")             # questions about it (and below) never answered
+    dns.garble("junk.test")              # answered with bytes that are not DNS
 
 A name with records of other types answers NOERROR with no data (NODATA); an unknown
 name answers NXDOMAIN.  Answers longer than 512 octets over UDP are truncated (TC)
@@ -40,6 +41,7 @@ class DnsFixture:
         self.failing: set[dns.name.Name] = set()
         self.secure_names: set[dns.name.Name] = set()
         self.silent: set[dns.name.Name] = set()
+        self.garbled: set[dns.name.Name] = set()
         self.queries: list[tuple[str, str]] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -60,6 +62,9 @@ class DnsFixture:
     def silence(self, name: str) -> None:
         self.silent.add(dns.name.from_text(name))
 
+    def garble(self, name: str) -> None:
+        self.garbled.add(dns.name.from_text(name))
+
     def secure(self, name: str) -> None:
         self.secure_names.add(dns.name.from_text(name))
 
@@ -73,6 +78,9 @@ class DnsFixture:
         query = dns.message.from_wire(wire)
         if any(query.question[0].name.is_subdomain(n) for n in self.silent):
             return None
+        if any(query.question[0].name.is_subdomain(n) for n in self.garbled):
+            # the query's id, then junk: a reply the client must refuse, not crash on
+            return wire[:2] + b"\x81\x80\xff\xff" + bytes(range(40))
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         question = query.question[0]

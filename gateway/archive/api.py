@@ -212,7 +212,7 @@ class ArchiveApi:
     def _body(self, request: Request) -> dict[str, Any]:
         try:
             value = json.loads(request.body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise ApiError("400 Bad Request", "the body is not JSON") from None
         if not isinstance(value, dict):
             raise ApiError("400 Bad Request", "the body must be a JSON object")

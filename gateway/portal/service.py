@@ -77,9 +77,9 @@ class Portal:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
-        from gateway.portal.web import PortalWeb
+        from gateway.portal.web import PortalWeb, ServerLog
 
-        self._runner = web.AppRunner(PortalWeb(self).app(), access_log=None)
+        self._runner = web.AppRunner(PortalWeb(self).app(), access_log=None, logger=ServerLog())
         await self._runner.setup()
         listen = self.config.portal.listen
         site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=tls)

@@ -146,6 +146,7 @@ class QueueManager:
         # database thread, which every attempt needs.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
         self._removals = Batcher(self._remover, self._remove_batch)
+        self._removed_all = False
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -319,6 +320,7 @@ class QueueManager:
         if self._retired:
             await asyncio.wait(self._retired, timeout=5)
         await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts
+        self._removed_all = True  # later ones (the archive catching up) wait for a start
         self._remover.shutdown(wait=True)  # the removals waiting are done first
         self._crypto.shutdown(wait=True)
         if self.store is not None:
@@ -937,8 +939,10 @@ class QueueManager:
     def _remove(self, envelope: Envelope) -> None:
         """Remove a done message's spool file, in the background (one job for all
         that are waiting); if the process dies first, the next start removes it
-        (`_reconcile`)."""
-        self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
+        (`_reconcile`), as it does for a message whose archive records were written
+        only while the gateway stopped."""
+        if not self._removed_all:
+            self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
 
     async def _finish(
         self,

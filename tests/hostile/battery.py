@@ -18,7 +18,14 @@ seed):
 - ``fault``: connections reset in the middle of DATA, STARTTLS with garbage,
   clients that stop mid-command, AUTH with non-ASCII or 70 KB answers;
 - ``slow``: clients that send a transaction a byte at a time (tarpits from the
-  client side), while a normal client's transaction time is measured.
+  client side), while a normal client's transaction time is measured;
+- ``world``: mail for a server that answers 4xx for ever, one that takes seconds
+  to answer, and domains whose DNS is silent, fails or answers garbage: delivered,
+  or retried and expired with a DSN;
+- ``web``: hostile HTTP to the portal (HTTPS) and the archive API: junk and huge
+  tokens and paths, NUL and ``../`` in paths, forged forms, bad lengths, a 100 KB
+  header, JSON of the wrong types, nested 5,000 deep, or not UTF-8 - any answer
+  but a 5xx, and the listener still serves.
 
 `check` then requires: the gateway still answers a normal transaction; every
 message acknowledged with 250 is delivered, bounced (with a DSN when the sender
@@ -40,7 +47,30 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-CATEGORIES = ("mutation", "address", "mime", "fault", "slow")
+CATEGORIES = ("mutation", "address", "mime", "fault", "slow", "world", "web")
+# the "world" category's recipients: a server that answers 4xx for ever, one that
+# takes seconds to answer, a domain whose DNS never answers, one whose DNS answers
+# SERVFAIL, one whose DNS answers with bytes that are not DNS
+WORLD_RECIPIENTS = [
+    b"r@tempfail.test",
+    b"r@tarpit.test",
+    b"r@silent.test",
+    b"r@servfail.test",
+    b"r@junk.test",
+]
+
+
+async def hostile_world(dns: Any, mta: Any) -> None:
+    """Add the "world" category's domains to a DNS fixture; ``mta(name, ip, **kw)``
+    starts a recipient server."""
+    await mta("mx.tempfail.test", "127.0.0.43", data_reply="451 4.3.0 Try again later")
+    dns.add("tempfail.test", "MX", "10 mx.tempfail.test.")
+    await mta("mx.tarpit.test", "127.0.0.44", data_delay=3.0)
+    dns.add("tarpit.test", "MX", "10 mx.tarpit.test.")
+    dns.silence("silent.test")
+    dns.fail("servfail.test")
+    dns.garble("junk.test")
+
 
 HOSTILE_ADDRESSES = [
     b"r\xff\xfe@tls.test",
@@ -100,6 +130,105 @@ def mime_shape(rng: random.Random) -> bytes:
     if kind == "noboundary":
         return (head + "Content-Type: multipart/mixed\r\n\r\n--\r\nx\r\n").encode()
     return head.encode() + b"X-Bytes: \xff\xfe\x80 caf\xc3\xa9\r\n\r\nbody \xff\r\n"
+
+
+@dataclass(frozen=True)
+class WebTargets:
+    """Where the ``web`` category sends its requests."""
+
+    portal: tuple[str, int]  # HTTPS
+    api: tuple[str, int]  # the ops listener (HTTP)
+    token: str  # an archive API bearer token (admin)
+
+
+def _portal_request(rng: random.Random) -> bytes:
+    junk = rng.choice(
+        ["x", "%00", "..%2F..%2Fetc%2Fpasswd", "A" * 5000, "%ff%fe", "😀", "a/../../b", ""]
+    )
+    method, path, body, extra = "GET", f"/m/{junk}", b"", ""
+    kind = rng.randrange(9)
+    if kind == 1:
+        method, path, body = "POST", f"/m/{junk}/code", b"csrf=forged"
+    elif kind == 2:
+        method, path = "POST", f"/m/{junk}/login"
+        body = b"csrf=x&code=" + bytes(rng.randrange(256) for _ in range(40))
+    elif kind == 3:
+        path = f"/m/{junk}/part/99999999999999999999999"
+    elif kind == 4:
+        extra = "X-Big: " + "a" * 100_000 + "\r\n"
+    elif kind == 5:
+        method, path = "POST", f"/m/{junk}/reply"
+        extra = "Content-Type: multipart/form-data; boundary=zz\r\n"
+        body = b'--zz\r\nContent-Disposition: form-data; name="files"; filename="\r\n'
+    elif kind == 6:
+        method, path, body = "POST", f"/m/{junk}/login", b"x" * 10
+        extra = "Content-Length: 99999999\r\n"
+    elif kind == 7:
+        path = "/static/../../../etc/passwd"
+    elif kind == 8:
+        method = rng.choice(["PROPFIND", "TRACE", "CONNECT", "G\x00T"])
+    length = "" if "Content-Length" in extra else f"Content-Length: {len(body)}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: portal.test\r\n{extra}{length}"
+    if method == "POST" and "Content-Type" not in extra:
+        head += "Content-Type: application/x-www-form-urlencoded\r\n"
+    return head.encode("utf-8", "surrogateescape") + b"Connection: close\r\n\r\n" + body
+
+
+def _api_request(rng: random.Random, token: str) -> bytes:
+    nested = "[" * 5000 + "]" * 5000
+    method, path, body = rng.choice(
+        [
+            ("GET", "/archive/search?limit=-1", ""),
+            ("GET", "/archive/search?limit=abc&since=yesterday", ""),
+            ("GET", "/archive/search?sender=%ff%fe&bogus=1", ""),
+            ("POST", "/archive/holds", '{"case":"c","queue_ids":"ABC"}'),
+            ("POST", "/archive/holds", '{"case":{"x":1},"queue_ids":[1,2]}'),
+            ("POST", "/archive/holds", '{"case":"c","query":{"sender":["x"],"since":5}}'),
+            ("POST", "/archive/holds", nested),
+            ("POST", "/archive/holds", "\udcff\udcfe not json"),
+            ("POST", "/archive/purge", '{"confirm":"yes"}'),
+            ("DELETE", "/archive/holds/%ff%fe%00", ""),
+            ("GET", "/archive/messages/..%2F..%2Fetc%2Fpasswd", ""),
+            ("GET", "/archive/messages/" + "B" * 3000, ""),
+            ("GET", "/archive/export?case=%00", ""),
+            ("GET", "/metrics?x=%ff", ""),
+            ("HEAD", "/readyz", ""),
+        ]
+    )
+    auth = rng.choice([f"Bearer {token}", f"Bearer {token}", "Bearer x", "Basic Zm9vOmJhcg=="])
+    raw = body.encode("utf-8", "surrogateescape")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: api.test\r\nAuthorization: {auth}\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + raw
+
+
+async def _web_case(rng: random.Random, targets: WebTargets) -> str | None:
+    """One hostile HTTP request; a problem when it was answered with a 5xx."""
+    portal = rng.random() < 0.5
+    host, port = targets.portal if portal else targets.api
+    request = _portal_request(rng) if portal else _api_request(rng, targets.token)
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=_tls_context() if portal else None), 5
+        )
+        writer.write(request)
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+    except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
+        return None  # refused or cut off: fine, if the listener still serves
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+    parts = status.split()
+    if len(parts) >= 2 and parts[1][:1] == b"5" and parts[1] != b"503":
+        what = request.split(b"\r\n", 1)[0][:80]
+        return f"{'portal' if portal else 'api'} answered {parts[1].decode()} to {what!r}"
+    return None
 
 
 @dataclass
@@ -264,6 +393,9 @@ async def run_case(category: str, rng: random.Random, host: str, port: int) -> O
             await s.transaction(
                 sender, rng.choice(HOSTILE_ADDRESSES), message(), rng.random() < 0.5
             )
+        elif category == "world":
+            await s.hello()
+            await s.transaction(b"a@clinic.test", rng.choice(WORLD_RECIPIENTS), message())
         elif category == "mime":
             await s.hello()
             await s.transaction(b"a@clinic.test", b"r@tls.test", mime_shape(rng))
@@ -337,7 +469,12 @@ async def normal_transaction(host: str, port: int) -> float:
 
 
 async def run(
-    host: str, port: int, seed: int, per_category: dict[str, int], concurrency: int = 8
+    host: str,
+    port: int,
+    seed: int,
+    per_category: dict[str, int],
+    concurrency: int = 8,
+    web: WebTargets | None = None,
 ) -> Report:
     """Every case of ``per_category``, ``concurrency`` at a time, with a normal client's
     transaction measured every half second meanwhile."""
@@ -350,9 +487,15 @@ async def run(
 
     async def one(category: str, case_seed: int) -> None:
         async with gate:
-            outcome = await run_case(category, random.Random(case_seed), host, port)
+            if category == "web":
+                assert web is not None, "the web category needs its targets"
+                problem = await _web_case(random.Random(case_seed), web)
+                if problem is not None:
+                    report.problems.append(problem)
+            else:
+                outcome = await run_case(category, random.Random(case_seed), host, port)
+                report.acknowledged += outcome.acknowledged
         report.cases[category] += 1
-        report.acknowledged += outcome.acknowledged
 
     async def measure() -> None:
         while not done.is_set():
@@ -364,6 +507,21 @@ async def run(
     done.set()
     await probe
     return report
+
+
+async def _http_ok(host: str, port: int, tls: bool) -> bool:
+    """GET /healthz (the portal answers it 404): any status below 500."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=_tls_context() if tls else None), 5
+        )
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+    except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
+        return False
+    parts = status.split()
+    return len(parts) >= 2 and parts[1][:1] in (b"2", b"3", b"4")
 
 
 class _Collect(logging.Handler):
@@ -401,6 +559,13 @@ async def check(
     host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
     store, archive = gw.queue.store, gw.archive.archive
     up = gw.readiness() is None and not gw.queue._task.done()
+    for name, target, tls in (
+        ("ops listener", (gw.config.listen.http.host, gw.config.listen.http.port), False),
+        ("portal", (gw.config.portal.listen.host, gw.config.portal.listen.port), True),
+    ):
+        if not await _http_ok(*target, tls):
+            up = False
+            report.problems.append(f"the {name} does not answer after the battery")
     try:
         report.normal_latency.append(await normal_transaction(host, port))
     except Exception as e:  # noqa: BLE001 - that is the finding

@@ -1,23 +1,37 @@
 """A bounded slice of the hostile battery (`tests/hostile/battery.py`) in the suite:
-about 170 seeded sessions of every category against one gateway, then the check -
+about 210 seeded sessions of every category against one gateway, then the check -
 the gateway answers, nothing acknowledged is lost, stuck or unarchived, nothing
 from client input reached the error log.  The full run is ``make hostile``."""
 
 from __future__ import annotations
 
+from hashlib import sha256
+
 from structlog.testing import capture_logs
 
 from tests.hostile import battery
 
-SLICE = {"mutation": 60, "address": 50, "mime": 14, "fault": 30, "slow": 6}
+SLICE = {"mutation": 60, "address": 50, "mime": 14, "fault": 30, "slow": 6, "world": 10, "web": 40}
+TOKEN = "t-admin-battery-0123456789"
 
 
-async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay):
-    gw, dest, sender = await relay(**{"delivery.max_queue_lifetime": "20s"})
+async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
+    tokens = [
+        {"name": "admin-1", "role": "admin", "token_sha256": sha256(TOKEN.encode()).hexdigest()}
+    ]
+    gw, dest, sender = await relay(
+        **{"delivery.max_queue_lifetime": "15s", "archive.api_tokens": tokens}
+    )
+    await battery.hostile_world(world.dns, world.mta)
     host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
+    web = battery.WebTargets(
+        (gw.config.portal.listen.host, gw.config.portal.listen.port),
+        (gw.config.listen.http.host, gw.config.listen.http.port),
+        TOKEN,
+    )
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:
-        report = await battery.run(host, port, seed=13, per_category=SLICE)
-        await battery.check(gw, report, logs, timeout=40, stdlib=stdlib)
+        report = await battery.run(host, port, seed=13, per_category=SLICE, web=web)
+        await battery.check(gw, report, logs, timeout=45, stdlib=stdlib)
     summary = report.summary()
     print(summary)
     assert summary["total"] == sum(SLICE.values())
@@ -30,3 +44,5 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay):
         "stuck_past_lifetime": 0,
     }
     assert summary["errors_logged"] == 0 and summary["tracebacks"] == 0
+    assert summary["waiting_with_reason"] == 0  # the world's mail expired, with DSNs
+    assert summary["bounced_without_dsn"] == 0
