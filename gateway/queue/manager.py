@@ -147,6 +147,7 @@ class QueueManager:
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="spool-remove")
         self._removals = Batcher(self._remover, self._remove_batch)
         self._removed_all = False
+        self._finishing: set[str] = set()  # messages being finished right now
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -253,22 +254,41 @@ class QueueManager:
         added, poison = await self._db(self._reconcile, keep)
         for queue_id, reason in poison.items():
             await self._quarantine(queue_id, reason)
+        unfinished = await self._finish_unfinished()
+        log.info(
+            Event.QUEUE_STARTED,
+            reconciled=added,
+            finished=unfinished,
+            quarantined=len(poison),
+        )
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _finish_unfinished(self) -> int:
+        """Finish messages whose recipients are all final but which were not finished:
+        a crash came in between (at start), or finishing failed (e.g. the DSN could
+        not be spooled: retried every `PRUNE_INTERVAL`).  Returns how many."""
+        assert self.store is not None
         unfinished = await self._db(self.store.unfinished)
         for queue_id in unfinished:
+            message = await self._db(self.store.message, queue_id)
+            if queue_id in self._finishing or (message or {}).get("done"):
+                continue  # its attempt is finishing it, or has just done so
             try:
                 envelope, data = await self._db(self.spool.read, queue_id)
             except SpoolError:  # removed already: only the state store lagged
                 await self._db(self.store.finish, queue_id, False)
                 continue
             rows = await self._db(self.store.recipients, queue_id)
-            await self._finish(envelope, data, rows, recovering=True)
-        log.info(
-            Event.QUEUE_STARTED,
-            reconciled=added,
-            finished=len(unfinished),
-            quarantined=len(poison),
-        )
-        self._task = asyncio.get_running_loop().create_task(self._run())
+            try:
+                await self._finish(envelope, data, rows, recovering=True)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                log.error(
+                    Event.DELIVERY_ERROR,
+                    queue_id=queue_id,
+                    error_type=type(e).__name__,
+                    error=str(e)[:300],
+                )
+        return len(unfinished)
 
     def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str]]:
         """Add spooled messages the store does not know (a crash before `enqueue`);
@@ -409,6 +429,7 @@ class QueueManager:
                     self.metrics.queue_recipients.labels(state).set(count)
             if now - last_prune >= PRUNE_INTERVAL:
                 last_prune = now
+                await self._finish_unfinished()
                 before = now - self.config.delivery.history_retention
                 await self._db(self.store.prune, before)
             self._wake.clear()
@@ -428,9 +449,13 @@ class QueueManager:
             task.add_done_callback(self._attempts.discard)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
+        recorded = False
         try:
             async with self._total, self._per_domain[domain]:
-                await self._attempt_locked(queue_id, domain, rows)
+                envelope, data, final = await self._attempt_locked(queue_id, domain, rows)
+                recorded = True
+                if final is not None:
+                    await self._finish(envelope, data, final)
         except Exception as e:  # fail closed: nothing sent on this path, deferred
             log.error(
                 Event.DELIVERY_ERROR,
@@ -438,11 +463,16 @@ class QueueManager:
                 error_type=type(e).__name__,
                 error=str(e)[:300],
             )
-            await self._record_error(queue_id, rows, e)
+            if not recorded:  # once recorded, a result stands (finishing is retried)
+                await self._record_error(queue_id, rows, e)
         finally:
             self._wake.set()  # room for the next claim
 
-    async def _attempt_locked(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
+    async def _attempt_locked(
+        self, queue_id: str, domain: str, rows: list[RecipientRow]
+    ) -> tuple[Envelope, bytes, list[RecipientRow] | None]:
+        """Decide, send and record for ``rows``; the message, and every recipient
+        when this made the last of them final (the caller finishes it)."""
         assert self.store is not None
         cached = self._cache.get(queue_id)
         envelope, data = cached if cached is not None else await self._db(self.spool.read, queue_id)
@@ -529,21 +559,31 @@ class QueueManager:
         self._archive_attempt(queue_id, rows, records)
         if final is None and any(r.state in ("deferred", "held") for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
-        if final is not None:
-            await self._finish(envelope, data, final)
+        return envelope, data, final
 
     async def _record(
-        self, queue_id: str, records: list[AttemptRecord], now: float
+        self,
+        queue_id: str,
+        records: list[AttemptRecord],
+        now: float,
+        add: Envelope | None = None,
     ) -> list[RecipientRow] | None:
-        """Record an attempt's results (`QueueStore.record`).  A write the database
-        refuses (disk full, I/O error) is retried until it succeeds, the results
-        waiting in memory and the recipients still leased: what was delivered is
-        not delivered again because its result could not be written at once."""
+        """Record an attempt's results (`QueueStore.record`; ``add``: the message
+        first, in the same transaction).  A write the database refuses (disk full,
+        I/O error) is retried until it succeeds, the results waiting in memory and
+        the recipients still leased: what was delivered is not delivered again
+        because its result could not be written at once."""
         assert self.store is not None
         store, delay = self.store, RECORD_RETRY_FIRST
+
+        def write() -> list[RecipientRow] | None:
+            if add is not None:
+                store.add(add)
+            return store.record(queue_id, records, now)
+
         while True:
             try:
-                return await self._commits.run(lambda: store.record(queue_id, records, now))
+                return await self._commits.run(write)
             except sqlite3.OperationalError as e:
                 if self._stopping:
                     raise  # not recorded: the leases end at the next start, tried again
@@ -639,14 +679,12 @@ class QueueManager:
             else:
                 status, why = "5.3.0", f"message quarantined: {reason}"
             records.append(AttemptRecord(idx, "bounced", status, why, None, now, "quarantined"))
-        store = self.store
-        try:
-            await self._commits.run(lambda: store.add(clean))
-            final = await self._record(queue_id, records, now)
+        try:  # the message and its bounces in one transaction: never half recorded
+            final = await self._record(queue_id, records, now, add=clean)
         except Exception as e:  # noqa: BLE001 - kept in queue/: quarantined at the next start
             log.error(Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200])
             return
-        rows = final if final is not None else await self._db(store.recipients, queue_id)
+        rows = final if final is not None else await self._db(self.store.recipients, queue_id)
         self._archive_attempt(queue_id, rows, records)
         await self._finish(clean, data, rows, tell_sender=problems.sender is None, quarantined=True)
 
@@ -959,6 +997,21 @@ class QueueManager:
         remove its spool file - or move it to quarantine.  (All delivered: done
         already, in the transaction of the last result, unless ``recovering`` a
         message a crash left unfinished.)"""
+        self._finishing.add(envelope.queue_id)
+        try:
+            await self._finish_now(envelope, data, rows, recovering, tell_sender, quarantined)
+        finally:
+            self._finishing.discard(envelope.queue_id)
+
+    async def _finish_now(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rows: list[RecipientRow],
+        recovering: bool,
+        tell_sender: bool,
+        quarantined: bool,
+    ) -> None:
         assert self.store is not None
         self._forget(envelope.queue_id)
         failed = [r for r in rows if r.state in ("bounced", "expired")]

@@ -324,6 +324,8 @@ class Session:
             await self.send(data.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
 
     async def close(self) -> None:
+        if not hasattr(self, "writer"):
+            return  # never connected
         try:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 2)
@@ -509,19 +511,25 @@ async def run(
     return report
 
 
-async def _http_ok(host: str, port: int, tls: bool) -> bool:
-    """GET /healthz (the portal answers it 404): any status below 500."""
+async def http_status(host: str, port: int, path: str, tls: bool = False) -> int | None:
+    """The status of ``GET path``; None when there is no answer."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=_tls_context() if tls else None), 5
         )
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         status = await asyncio.wait_for(reader.readline(), 5)
         writer.close()
     except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
-        return False
+        return None
     parts = status.split()
-    return len(parts) >= 2 and parts[1][:1] in (b"2", b"3", b"4")
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
+
+async def _http_ok(host: str, port: int, tls: bool) -> bool:
+    """The listener answers (the portal answers /healthz 404): any status below 500."""
+    status = await http_status(host, port, "/healthz", tls)
+    return status is not None and status < 500
 
 
 class _Collect(logging.Handler):
@@ -546,28 +554,82 @@ def stdlib_errors():  # type: ignore[no-untyped-def]
         root.removeHandler(handler)
 
 
-async def check(
-    gw: Any,
-    report: Report,
-    logs: list[dict[str, Any]],
-    timeout: float,
-    stdlib: list[logging.LogRecord] = (),  # type: ignore[assignment]
-) -> None:
+class Observed:
+    """What `check` looks at: a gateway's listeners, state and log.  `InProcess`
+    reads a `gateway.app.Gateway` running in this process; the bench reads a daemon
+    through its files (`bench/hostile.py`)."""
+
+    smtp: tuple[str, int]
+    http: tuple[str, int]
+    portal: tuple[str, int]
+    lifetime: float
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def message(self, queue_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def recipients(self, queue_id: str) -> list[Any]:
+        raise NotImplementedError
+
+    def archived(self, queue_id: str) -> bool:
+        raise NotImplementedError
+
+    def errors(self) -> list[str]:
+        """Error-level log events (their names)."""
+        raise NotImplementedError
+
+    def tracebacks(self) -> list[str]:
+        raise NotImplementedError
+
+
+class InProcess(Observed):
+    def __init__(
+        self, gw: Any, logs: list[dict[str, Any]], stdlib: list[logging.LogRecord]
+    ) -> None:
+        cfg = gw.config
+        self.gw, self.logs, self.stdlib = gw, logs, stdlib
+        self.smtp = (cfg.listen.smtp.host, cfg.listen.smtp.port)
+        self.http = (cfg.listen.http.host, cfg.listen.http.port)
+        self.portal = (cfg.portal.listen.host, cfg.portal.listen.port)
+        self.lifetime = cfg.delivery.max_queue_lifetime
+
+    def alive(self) -> bool:
+        return bool(self.gw.readiness() is None and not self.gw.queue._task.done())
+
+    def message(self, queue_id: str) -> dict[str, Any] | None:
+        return self.gw.queue.store.message(queue_id)  # type: ignore[no-any-return]
+
+    def recipients(self, queue_id: str) -> list[Any]:
+        return self.gw.queue.store.recipients(queue_id)  # type: ignore[no-any-return]
+
+    def archived(self, queue_id: str) -> bool:
+        return bool(self.gw.archive.archive.has(queue_id))
+
+    def errors(self) -> list[str]:
+        return [
+            f"{e.get('event')} {e.get('error_type', '')}"
+            for e in self.logs
+            if e.get("log_level") in ("error", "critical")
+        ]
+
+    def tracebacks(self) -> list[str]:
+        found = [str(e.get("event")) for e in self.logs if "exc_info" in e or "exception" in e]
+        return found + [f"{r.name}: {r.getMessage()[:200]}" for r in self.stdlib]
+
+
+async def check(seen: Observed, report: Report, timeout: float) -> None:
     """After the cases: the gateway runs; every acknowledged message is final, or
     waiting with a reason; archived; reported to its sender when it bounced; no
     error or traceback in the log.  Fills ``report.counts`` and ``report.problems``."""
-    host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
-    store, archive = gw.queue.store, gw.archive.archive
-    up = gw.readiness() is None and not gw.queue._task.done()
-    for name, target, tls in (
-        ("ops listener", (gw.config.listen.http.host, gw.config.listen.http.port), False),
-        ("portal", (gw.config.portal.listen.host, gw.config.portal.listen.port), True),
-    ):
+    up = seen.alive()
+    for name, target, tls in (("ops listener", seen.http, False), ("portal", seen.portal, True)):
         if not await _http_ok(*target, tls):
             up = False
             report.problems.append(f"the {name} does not answer after the battery")
     try:
-        report.normal_latency.append(await normal_transaction(host, port))
+        report.normal_latency.append(await normal_transaction(*seen.smtp))
     except Exception as e:  # noqa: BLE001 - that is the finding
         up = False
         report.problems.append(f"a normal transaction failed after the battery: {e!r}")
@@ -575,51 +637,46 @@ async def check(
     ids = list(dict.fromkeys(report.acknowledged))
 
     def unfinished() -> list[str]:
-        return [q for q in ids if not (store.message(q) or {}).get("done")]
+        return [q for q in ids if not (seen.message(q) or {}).get("done")]
 
     while unfinished() and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     lost = unarchived = waiting = stuck = no_dsn = 0
-    lifetime = gw.config.delivery.max_queue_lifetime
     for q in ids:
-        message = store.message(q)
+        message = seen.message(q)
         if message is None:
             lost += 1
             report.problems.append(f"{q}: acknowledged, unknown to the queue")
             continue
-        rows = store.recipients(q)
+        rows = seen.recipients(q)
         if not message["done"]:
             if all(r.diagnostic or r.state == "pending" for r in rows):
                 waiting += 1
             else:
                 lost += 1
                 report.problems.append(f"{q}: not final and no reason")
-            if time.time() - message["arrived"] > lifetime:
+            if time.time() - message["arrived"] > seen.lifetime:
                 stuck += 1
                 report.problems.append(f"{q}: past max_queue_lifetime, not final")
         elif (
             any(r.state != "delivered" for r in rows)
             and message["mail_from"]
             and not message["dsn_sent"]
+            and "\\x" not in message["mail_from"]  # a quarantined bad sender: no DSN
         ):
-            quarantined_sender = "\\x" in message["mail_from"]
-            if not quarantined_sender:
-                no_dsn += 1
-                report.problems.append(f"{q}: bounced without a DSN")
+            no_dsn += 1
+            report.problems.append(f"{q}: bounced without a DSN")
     # the archive writes on its own thread: wait for it, then look
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(not archive.has(q) for q in ids):
+    while time.monotonic() < deadline and any(not seen.archived(q) for q in ids):
         await asyncio.sleep(0.2)
     for q in ids:
-        if not archive.has(q):
+        if not seen.archived(q):
             unarchived += 1
             report.problems.append(f"{q}: not in the archive")
-    errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
-    tracebacks = [e for e in logs if "exc_info" in e or "exception" in e] + list(stdlib)
-    for r in list(stdlib)[:10]:
-        report.problems.append(f"stdlib error: {r.name}: {r.getMessage()[:200]}")
-    for e in errors[:20]:
-        report.problems.append(f"error logged: {e.get('event')} {e.get('error_type', '')}")
+    errors, tracebacks = seen.errors(), seen.tracebacks()
+    report.problems += [f"error logged: {e}" for e in errors[:20]]
+    report.problems += [f"traceback: {t}" for t in tracebacks[:10]]
     report.counts = {
         "crashes": 0 if up else 1,
         "lost": lost,

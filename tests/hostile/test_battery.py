@@ -31,7 +31,7 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
     )
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:
         report = await battery.run(host, port, seed=13, per_category=SLICE, web=web)
-        await battery.check(gw, report, logs, timeout=45, stdlib=stdlib)
+        await battery.check(battery.InProcess(gw, logs, stdlib), report, timeout=45)
     summary = report.summary()
     print(summary)
     assert summary["total"] == sum(SLICE.values())

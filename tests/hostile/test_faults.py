@@ -104,3 +104,30 @@ async def test_below_the_free_space_floor_mail_is_refused_and_readyz_says_so(
         filler.unlink()
         assert await http_get(gw, "/readyz") == (200, "ready\n")
         await gw.stop()
+
+
+async def test_a_dsn_that_cannot_be_spooled_is_sent_at_the_next_round(relay, monkeypatch):
+    import gateway.queue.manager as manager_module
+    from gateway.errors import SpoolError
+
+    monkeypatch.setattr(manager_module, "PRUNE_INTERVAL", 1.0)
+    gw, dest, sender = await relay()
+    dest.rcpt_replies["gone@tls.test"] = "550 5.1.1 No such user"
+    real, refusals = gw._inject, {"left": 1}
+
+    async def inject(*args, **kwargs):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise SpoolError("cannot commit: No space left on device")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(gw.queue, "inject", inject)
+    async with smtp_client(gw) as client:
+        await client.sendmail("a@clinic.test", ["gone@tls.test"], make_message())
+    (path,) = queued(gw)
+    await wait_until(lambda: sender.received, what="the DSN, at the next round")
+    assert len(sender.received) == 1 and "Status: 5.1.1" in sender.received[0].data.decode()
+    message = gw.queue.store.message(path.name)
+    assert message["done"] and message["dsn_sent"]
+    (row,) = gw.queue.store.recipients(path.name)
+    assert (row.state, row.attempts) == ("bounced", 1)  # the result stood
