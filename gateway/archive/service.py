@@ -350,6 +350,24 @@ class ArchiveService:
         """A copy the gateway changed, as sent."""
         self._track(queue_id, lambda: self.archive.journal_copy(queue_id, data))
 
+    async def complete_attempts(self, queue_id: str, history: list[dict[str, Any]]) -> int:
+        """Journal the attempts of ``history`` (from the queue state) that the
+        archive has no record of, as one record; how many."""
+
+        def missing() -> list[dict[str, Any]]:
+            have = {
+                (r.get("idx"), r.get("attempt"))
+                for event in self.archive.events(queue_id, ("attempt",))
+                for r in event["body"].get("recipients", [])
+            }
+            return [h for h in history if (h["idx"], h["attempt"]) not in have]
+
+        lacking = await self._run(missing)
+        if lacking:
+            self.attempt(queue_id, lacking)
+            log.warning(Event.ARCHIVE_RECOVERED, queue_id=queue_id, attempts=len(lacking))
+        return len(lacking)
+
     def _track(self, queue_id: str, job: Any) -> None:
         """Write ``job``'s record in the next batch; if it fails, keep it to write again
         (`retry_failed`) - a message's records are never dropped."""
@@ -378,6 +396,14 @@ class ArchiveService:
     def _journaled(self, size: int) -> None:
         self.metrics.archive_journaled.inc()
         self.metrics.archive_journaled_bytes.inc(size)
+
+    async def written(self, queue_id: str) -> bool:
+        """Wait for the records of this message being written; False when some of
+        them failed (they are retried)."""
+        pending = list(self._pending.get(queue_id, ()))
+        if pending:
+            await asyncio.wait([asyncio.shield(f) for f in pending])
+        return queue_id not in self._failed
 
     def has_failed(self, queue_id: str) -> bool:
         """Some record of this message could not be written yet (it is retried)."""

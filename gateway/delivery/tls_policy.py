@@ -22,8 +22,8 @@ class TlsLevel(enum.IntEnum):
     MAY = 10  # STARTTLS if offered, certificate not checked; plaintext allowed
     ENCRYPT = 20  # STARTTLS required (TLS >= 1.2), certificate not checked
     VERIFY = 30  # + certificate chains to a trusted CA and names the MX host
-    MTA_STS = 40  # + the MX host matches the domain's MTA-STS policy (issue 4)
-    DANE = 50  # + the certificate matches DNSSEC-signed TLSA records (issue 4)
+    MTA_STS = 40  # + the MX host matches the domain's MTA-STS policy (RFC 8461)
+    DANE = 50  # + the certificate matches DNSSEC-signed TLSA records (RFC 7672)
 
     @classmethod
     def parse(cls, text: str) -> TlsLevel:

@@ -251,9 +251,10 @@ class QueueManager:
         await self._db(self.store.release_leases)
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
-        added, poison = await self._db(self._reconcile, keep)
+        added, poison, leftover = await self._db(self._reconcile, keep)
         for queue_id, reason in poison.items():
             await self._quarantine(queue_id, reason)
+        await self._complete_evidence(leftover)
         unfinished = await self._finish_unfinished()
         log.info(
             Event.QUEUE_STARTED,
@@ -290,15 +291,18 @@ class QueueManager:
                 )
         return len(unfinished)
 
-    def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str]]:
-        """Add spooled messages the store does not know (a crash before `enqueue`);
-        remove spool files of messages already done (a crash before the removal)
-        unless the archive could not journal them (``keep``).  Returns how many were
-        added, and the messages that cannot be (to be quarantined, with why): one bad
-        file never keeps the gateway from starting."""
+    def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str], list[Envelope]]:
+        """Add spooled messages the store does not know (a crash before `enqueue`).
+        Returns how many were added; the messages that cannot be (to be quarantined,
+        with why: one bad file never keeps the gateway from starting); and the done
+        messages whose spool file is still here (a stop or crash before the removal,
+        or archive records that were not written): removed once the archive has
+        every record (`_complete_evidence`), unless the archive could not journal
+        the message itself (``keep``)."""
         assert self.store is not None
         known, added = self.store.known(), 0
         poison: dict[str, str] = {}
+        leftover: list[Envelope] = []
         for item in self.spool.envelopes():
             if not isinstance(item, Envelope):
                 continue
@@ -309,8 +313,29 @@ class QueueManager:
                 except Exception as e:  # noqa: BLE001 - whatever it is, that message alone
                     poison[item.queue_id] = _why(e)
             elif done and item.queue_id not in keep:
-                self.spool.remove(item.queue_id, item.size)
-        return added, poison
+                leftover.append(item)
+        return added, poison, leftover
+
+    async def _complete_evidence(self, leftover: list[Envelope]) -> None:
+        """At start, done messages whose spool files outlived them: journal the
+        attempts the archive lacks from the queue state (their records were lost with
+        the process that could not write them), then remove the files - those whose
+        records still cannot be written stay until they are."""
+        assert self.store is not None
+        ready = []
+        for envelope in leftover:
+            queue_id = envelope.queue_id
+            if self.archive is not None:
+                history = await self._db(self.store.attempt_history, queue_id)
+                await self.archive.complete_attempts(queue_id, history)
+                if not await self.archive.written(queue_id):
+                    self.archive.when_archived(queue_id, functools.partial(self._remove, envelope))
+                    continue
+            ready.append(envelope)
+        if ready and self.archive is not None:
+            await asyncio.to_thread(self.archive.make_durable)
+        for envelope in ready:
+            await self._db(self.spool.remove, envelope.queue_id, envelope.size)
 
     def _add_checked(self, envelope: Envelope, lease: bool) -> bool:
         """In the database thread: record a spooled message, if its envelope passes

@@ -383,6 +383,35 @@ class QueueStore:
             for r in rows
         ]
 
+    def attempt_history(self, queue_id: str) -> list[dict[str, Any]]:
+        """Every attempt of a message per recipient, numbered from 1, in the form of
+        the archive's attempt records (the last one of a recipient with its state
+        now: e.g. ``expired`` after a ``deferred`` outcome)."""
+        rows = {r.idx: r for r in self.recipients(queue_id)}
+        count: dict[int, int] = {}
+        history = []
+        for a in self.attempts(queue_id):
+            idx = a["recipient_index"]
+            count[idx] = count.get(idx, 0) + 1
+            history.append(
+                {
+                    "idx": idx,
+                    "address": rows[idx].address if idx in rows else "",
+                    "attempt": count[idx],
+                    "state": a["outcome"],
+                    "status": a["status"],
+                    "diagnostic": a["diagnostic"],
+                    "evidence": a["evidence"],
+                    "decision": None,
+                    "recovered": "from the queue state",
+                }
+            )
+        for entry in history:
+            row = rows.get(entry["idx"])
+            if row is not None and entry["attempt"] == count[entry["idx"]]:
+                entry["state"] = row.state
+        return history
+
     def finish(self, queue_id: str, dsn_sent: bool, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self._tx(

@@ -71,7 +71,7 @@ async def test_an_attempt_record_the_archive_refuses_is_retried_and_the_spool_fi
     (path,) = queued(gw)
     await wait_until(lambda: dest.received, what="delivered")
     await wait_until(lambda: gw.archive.has_failed(path.name), what="the record failed")
-    await wait_until(lambda: gw.queue.store.message(path.name)["done"], what="done")
+    await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
     assert path.exists()  # kept: the archive lacks the evidence of its delivery
     refusing["on"] = False
     await wait_until(lambda: not path.exists(), timeout=20, what="removed once archived")
@@ -131,3 +131,31 @@ async def test_a_dsn_that_cannot_be_spooled_is_sent_at_the_next_round(relay, mon
     assert message["done"] and message["dsn_sent"]
     (row,) = gw.queue.store.recipients(path.name)
     assert (row.state, row.attempts) == ("bounced", 1)  # the result stood
+
+
+async def test_attempt_records_never_written_before_a_stop_are_completed_at_the_next_start(
+    relay, gateway_factory, world, monkeypatch
+):
+    real = Archive.journal_attempt
+
+    def refuse(self, queue_id, recipients):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Archive, "journal_attempt", refuse)
+    gw, dest, _ = await relay()
+    async with smtp_client(gw) as client:
+        await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
+    (path,) = queued(gw)
+    await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
+    await gw.stop()  # the attempt's record was never written: the file stays
+    assert path.exists()
+
+    monkeypatch.setattr(Archive, "journal_attempt", real)
+    again = await gateway_factory(world.config({"relay.networks": ["127.0.0.1/32"]}))
+    await wait_until(lambda: not path.exists(), what="removed once the evidence is in")
+    (attempt,) = again.archive.archive.events(path.name, ("attempt",))
+    (recipient,) = attempt["body"]["recipients"]
+    assert (recipient["attempt"], recipient["state"]) == (1, "delivered")
+    assert recipient["recovered"] == "from the queue state"
+    assert recipient["evidence"]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert len(dest.received) == 1  # not delivered again
