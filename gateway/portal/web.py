@@ -472,8 +472,10 @@ class PortalWeb:
 
 
 def _attachment(name: str) -> str:
-    """Content-Disposition for a download (RFC 6266): an ASCII fallback name, and the
-    name itself in RFC 8187 encoding."""
+    """Content-Disposition for a download (RFC 6266): the name, and for a name that is
+    not ASCII an ASCII fallback with the name itself in RFC 8187 encoding."""
+    if name.isascii():
+        return f'attachment; filename="{name}"'
     fallback = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
