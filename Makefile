@@ -22,7 +22,7 @@ bench:
 	.venv/bin/python bench/archive.py
 
 hostile: setup
-	.venv/bin/python bench/hostile.py
+	.venv/bin/python bench/hostile.py --markdown
 
 lint: setup
 	.venv/bin/ruff format --check gateway tests bench

@@ -302,11 +302,45 @@ async def main(seed: int, scale: float) -> dict[str, Any]:
         return summary
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The figures as the README's Robustness section shows them."""
+    cases = summary["cases"]
+    rows = ["| cases | sessions |", "|---|---:|"]
+    rows += [f"| {name} | {cases[name]:,} |" for name in (*FULL, "slow-client flood")]
+    rows.append(f"| kill -9 under load (senders) | {cases['kill-9 senders']} |")
+    rows.append(f"| **total** | **{summary['total']:,}** |")
+    flood = summary["flood"]
+    outcome = [
+        "",
+        "| outcome | figure |",
+        "|---|---:|",
+        f"| messages acknowledged with 250 | {summary['acknowledged']:,} |",
+        f"| of them acknowledged just before `kill -9` | "
+        f"{summary['kill']['acknowledged_before_kill']} |",
+        f"| delivered or bounced with a DSN | {summary['delivered_or_bounced']:,} |",
+        f"| crashes | {summary['crashes']} |",
+        f"| acknowledged and lost | {summary['lost']} |",
+        f"| acknowledged and not archived | {summary['unarchived']} |",
+        f"| past `delivery.max_queue_lifetime` | {summary['stuck_past_lifetime']} |",
+        f"| error-level log lines / tracebacks | "
+        f"{summary['errors_logged']} / {summary['tracebacks']} |",
+        f"| normal client, whole transaction, p50 at rest | {flood['normal_ms_p50_at_rest']} ms |",
+        f"| the same among {flood['slow_clients']} slow clients: p50 / max | "
+        f"{flood['normal_ms_p50_in_flood']} / {flood['normal_ms_max_in_flood']} ms |",
+        f"| the same during the battery (8 hostile sessions at a time): p50 / max | "
+        f"{summary['normal_client_ms_p50']} / {summary['normal_client_ms_max']} ms |",
+    ]
+    return "\n".join(rows + outcome)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full run")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the README's Robustness figures"
+    )
     args = parser.parse_args()
     # the battery's own clients write after the daemon hung up on them: asyncio warns
     logging.getLogger("asyncio").setLevel(logging.ERROR)
@@ -324,4 +358,6 @@ if __name__ == "__main__":
         print(
             "targets (0 crashes, lost, unarchived, stuck, tracebacks):", "met" if met else "MISSED"
         )
+    if args.markdown:
+        print(markdown(summary))
     sys.exit(0 if met else 1)

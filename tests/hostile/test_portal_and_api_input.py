@@ -12,9 +12,7 @@ from urllib.parse import quote
 from tests.archive.test_archive_api import call, journaled
 from tests.archive.test_archive_api import config as api_config
 from tests.conftest import make_message, smtp_client
-from tests.delivery.conftest import wait_until
-from tests.portal.test_portal_browser import code_in
-from tests.portal.test_portal_http import csrf_of
+from tests.portal.test_portal_http import request_code
 
 PORTAL_ONLY = "version: 1\ndefaults: {modes: [portal], fallback: hold}\n"
 
@@ -23,12 +21,7 @@ async def test_simultaneous_wrong_codes_cannot_overshoot_the_lockout(portal):
     gw, plain, link, http, queue_id = await portal(
         PORTAL_ONLY, **{"portal.requests_per_minute": 1000, "portal.max_code_attempts": 5}
     )
-    async with http.get(link) as r:
-        csrf = csrf_of(await r.text())
-    async with http.post(link + "/code", data={"csrf": csrf}):
-        pass
-    await wait_until(lambda: len(plain.received) == 2, what="the code")
-    right = code_in(plain.received[1].data)
+    csrf, right = await request_code(http, link, plain)
     wrong = str((int(right) + 1) % 10**8).zfill(8)
 
     async def attempt():
@@ -67,14 +60,8 @@ def with_attachments(names: list[str]) -> bytes:
 async def test_hostile_attachment_names_download_with_safe_names(portal):
     names = ["a\r\nSet-Cookie: x=1.pdf", "../../etc/passwd", 'résumé "final".pdf']
     gw, plain, link, http, _ = await portal(PORTAL_ONLY, message=with_attachments(names))
-    async with http.get(link) as r:
-        csrf = csrf_of(await r.text())
-    async with http.post(link + "/code", data={"csrf": csrf}):
-        pass
-    await wait_until(lambda: len(plain.received) == 2, what="the code")
-    async with http.post(
-        link + "/login", data={"csrf": csrf, "code": code_in(plain.received[1].data)}
-    ) as r:
+    csrf, code = await request_code(http, link, plain)
+    async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
         page = await r.text()
     assert "passwd" in page and "etc/passwd" not in page
     dispositions = []

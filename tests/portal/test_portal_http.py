@@ -69,6 +69,16 @@ def csrf_of(page: str) -> str:
     return re.search(r'name=csrf value="([^"]+)"', page).group(1)
 
 
+async def request_code(http, link: str, plain) -> tuple[str, str]:
+    """Open the link and have a code sent, as the recipient does: (form token, code)."""
+    async with http.get(link) as r:
+        csrf = csrf_of(await r.text())
+    async with http.post(link + "/code", data={"csrf": csrf}):
+        pass
+    await wait_until(lambda: len(plain.received) == 2, what="the code")
+    return csrf, code_in(plain.received[1].data)
+
+
 async def test_the_policy_sets_how_long_a_message_waits(portal):
     policy = "version: 1\ndefaults: {modes: [tls, portal], portal_expiry: 2d}\n"
     gw, _, _, _, queue_id = await portal(policy)
@@ -100,12 +110,7 @@ async def test_headers_csrf_and_no_content_before_sign_in(portal):
 
 async def test_sessions_are_short_and_a_used_code_is_spent(portal):
     gw, plain, link, http, _ = await portal(**{"portal.session_ttl": "1s"})
-    async with http.get(link) as r:
-        csrf = csrf_of(await r.text())
-    async with http.post(link + "/code", data={"csrf": csrf}):
-        pass
-    await wait_until(lambda: len(plain.received) == 2, what="the code")
-    code = code_in(plain.received[1].data)
+    csrf, code = await request_code(http, link, plain)
     async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
         assert "Biopsy" in await r.text()  # signed in, redirected to the message
     await asyncio.sleep(1.3)
@@ -177,14 +182,8 @@ def test_check_config_refuses_a_logo_that_is_not_a_png(tmp_path):
 
 async def test_sign_out_needs_the_session_s_token_and_ends_the_session(portal):
     gw, plain, link, http, _ = await portal()
-    async with http.get(link) as r:
-        csrf = csrf_of(await r.text())
-    async with http.post(link + "/code", data={"csrf": csrf}):
-        pass
-    await wait_until(lambda: len(plain.received) == 2, what="the code")
-    async with http.post(
-        link + "/login", data={"csrf": csrf, "code": code_in(plain.received[1].data)}
-    ) as r:
+    csrf, code = await request_code(http, link, plain)
+    async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
         session_csrf = csrf_of(await r.text())
     async with http.post(link + "/logout", data={"csrf": "forged"}) as r:
         assert r.status == 403
