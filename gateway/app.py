@@ -12,107 +12,37 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
-import math
 import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
+from gateway.delivery.attempt import DeliveryAgent
 from gateway.errors import ConfigError
 from gateway.events import Event
-from gateway.model import ClientInfo, Envelope, Recipient
+from gateway.layout import StateLayout
 from gateway.observability.http import OpsHttpServer
-from gateway.observability.logging import AddressRedactor, get_logger, load_or_create_key
+from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal.service import Portal
 from gateway.probe.dns import Resolver
 from gateway.probe.keys import KeyStore
 from gateway.probe.wkd import WkdKeyStore
 from gateway.queue.manager import QueueManager
-from gateway.smtp.auth import AuthThrottle, RelayPolicy, load_users
-from gateway.smtp.server import SmtpContext, SmtpServer
+from gateway.smtp.context import make_redactor, make_smtp_context, smtp_hostname
+from gateway.smtp.server import SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
-from gateway.spool import Spool, new_queue_id
-from gateway.tls import ensure_self_signed, self_signed_paths, server_context
+from gateway.spool import Spool
+from gateway.spool.submit import Submitter
+from gateway.tls import ensure_self_signed, server_context
 
 log = get_logger("gateway.app")
-
-
-def smtp_hostname(config: Config) -> str:
-    return config.smtp.hostname or socket.getfqdn()
-
-
-def keydir_path(state_dir: Path) -> Path:
-    return state_dir / "keydir.db"
-
-
-def address_key_path(state_dir: Path) -> Path:
-    return state_dir / "keys" / "address-hash.key"
-
-
-def make_redactor(config: Config) -> AddressRedactor:
-    lc = config.logging
-    if lc.addresses == "hash":
-        key_file = lc.address_hash_key_file or address_key_path(config.state_dir)
-        return AddressRedactor("hash", load_or_create_key(key_file))
-    return AddressRedactor(lc.addresses)
-
-
-def make_smtp_context(
-    config: Config,
-    spool: Spool,
-    metrics: Metrics,
-    *,
-    divide_limits_by: int = 1,
-    on_queued: Callable[[Envelope], None] | None = None,
-) -> SmtpContext:
-    """Everything an SMTP listener needs; the TLS material must exist already."""
-    cert, key = config.tls.cert_file, config.tls.key_file
-    if cert is None or key is None:
-        cert, key = self_signed_paths(config.state_dir)
-    relay = RelayPolicy(
-        config.relay.networks,
-        config.relay.client_certs,
-        load_users(config.relay.users_file) if config.relay.users_file else {},
-    )
-    tls_context = server_context(
-        cert,
-        key,
-        config.tls.min_version,
-        config.relay.client_ca_file,
-        ask_client_cert=relay.asks_client_cert,
-    )
-    redact = make_redactor(config)
-    sc = config.smtp
-    throttle = AuthThrottle(
-        math.ceil(sc.max_auth_failures_per_ip / divide_limits_by),
-        math.ceil(sc.max_auth_failures_per_user / divide_limits_by),
-        sc.auth_failure_window,
-    )
-    ctx = SmtpContext(
-        config,
-        smtp_hostname(config),
-        relay,
-        spool,
-        metrics,
-        redact,
-        tls_context,
-        max_connections=math.ceil(config.smtp.max_connections / divide_limits_by),
-        max_connections_per_ip=math.ceil(config.smtp.max_connections_per_ip / divide_limits_by),
-        auth_throttle=throttle,
-    )
-    if on_queued is not None:
-        ctx.on_queued = on_queued
-    return ctx
 
 
 class Gateway:
@@ -121,8 +51,14 @@ class Gateway:
         self.source = source
         self.config_path = config_path
         self.metrics = Metrics()
-        self.spool = Spool(config.state_dir / "spool", config.spool.io_threads)
+        self.spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
         self.hostname = smtp_hostname(config)
+        # the one way into the queue; it is told where to hand messages once the
+        # queue exists (SMTP opens after that)
+        self.submitter = Submitter(
+            self.spool, self.hostname, config.smtp.marker_header, lambda envelope, data: None
+        )
+        self.delivery: DeliveryAgent | None = None
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
@@ -157,12 +93,12 @@ class Gateway:
         # Read from the spool at each scrape: never stale after a removal.
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
-        self.keydir = KeyDirectory(keydir_path(cfg.state_dir))
+        self.keydir = KeyDirectory(StateLayout(cfg.state_dir).keydir_db)
         keys: KeyStore = DirectoryKeyStore(self.keydir, metrics=self.metrics)
         if cfg.wkd.enabled:
             # WKD writes through a connection of its own: a connection is never
             # shared by a writing and a reading thread
-            self.keydir_writer = KeyDirectory(keydir_path(cfg.state_dir))
+            self.keydir_writer = KeyDirectory(StateLayout(cfg.state_dir).keydir_db)
             keys = WkdKeyStore(
                 DirectoryKeyStore(self.keydir, metrics=self.metrics),
                 self.keydir_writer,
@@ -177,39 +113,41 @@ class Gateway:
         if cfg.archive.enabled:
             archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
             self.archive = ArchiveService(archive, cfg, self.spool, self.metrics)
+        self.delivery = DeliveryAgent(
+            cfg, self.metrics, make_redactor(cfg), self.hostname, policy, keys, self.archive
+        )
         self.queue = QueueManager(
             cfg,
             self.spool,
             self.metrics,
             make_redactor(cfg),
             self.hostname,
-            self._inject,
-            policy,
-            keys,
+            self.submitter.submit,
+            self.delivery,
             self.archive,
         )
+        self.submitter.on_submitted = self.queue.submitted
         if cfg.portal.enabled:
             self.portal = Portal(
-                cfg, self.hostname, self._inject, self.metrics, make_redactor(cfg), self.archive
+                cfg,
+                self.hostname,
+                self.submitter.submit,
+                self.metrics,
+                make_redactor(cfg),
+                self.archive,
             )
-            self.queue.portal = self.portal
+            self.delivery.portal = self.portal
         await self.queue.start()
         if self.archive is not None:
             self.archive.start()
         if self.portal is not None:
             await self.portal.start(None if cfg.portal.behind_proxy else self._portal_tls())
         if worker_count(cfg) > 1:
-            make_smtp_context(cfg, self.spool, self.metrics)  # fail here, not in a worker
+            make_smtp_context(cfg, self.submitter, self.metrics)  # fail here, not in a worker
             self.workers = WorkerPool(cfg, self.config_path, self._worker_queued)
             await self.workers.start()
         else:
-            ctx = make_smtp_context(
-                cfg,
-                self.spool,
-                self.metrics,
-                on_queued=lambda env: self._enqueue(env.queue_id, env),
-            )
-            self.smtp = SmtpServer(ctx)
+            self.smtp = SmtpServer(make_smtp_context(cfg, self.submitter, self.metrics))
             await self.smtp.start()
         if self.archive is not None and cfg.archive.api_tokens:
             # a connection of its own: API reads never wait behind the journal's thread
@@ -251,53 +189,13 @@ class Gateway:
         log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
 
     def _worker_queued(self, queue_id: str, size: int) -> None:
-        """A worker process spooled a message: count it here, then queue it."""
+        """A worker process spooled a message: count it here, then queue it (read
+        back from the spool: its bytes are in the other process)."""
         self.spool.note_committed(size)
-        self._enqueue(queue_id, size=size)
-
-    def _enqueue(
-        self, queue_id: str, envelope: Envelope | None = None, size: int | None = None
-    ) -> None:
-        """Hand a spooled message to the queue manager (this process's spool writer
-        counted it already when it was written here)."""
         if self.queue is not None:
-            task = asyncio.get_running_loop().create_task(
-                self.queue.enqueue(queue_id, envelope, size)
-            )
+            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id, size=size))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    async def _inject(
-        self,
-        sender: str,
-        recipients: list[str],
-        data: bytes,
-        extra: dict[str, Any] | None = None,
-    ) -> str:
-        """Spool a message Sealgate itself writes (a DSN, a portal notification, code
-        or reply), durably, then queue it.  ``extra``: kept in its envelope (e.g. its
-        purpose)."""
-        queue_id = new_queue_id()
-        writer = self.spool.writer(queue_id)
-        await writer.write(data)
-        now = datetime.datetime.now(datetime.UTC)
-        client = ClientInfo(ip="", port=0, helo=self.hostname, authorized_by="local")
-        envelope = await writer.commit(
-            lambda size, sha: Envelope(
-                queue_id=queue_id,
-                received_at=now.isoformat(timespec="microseconds"),
-                mail_from=sender,
-                mail_options=(),
-                recipients=tuple(Recipient(r) for r in recipients),
-                client=client,
-                size=size,
-                sha256=sha,
-                trace_headers=f"{self.config.smtp.marker_header}: {self.hostname}\r\n",
-                extra=dict(extra or {}),
-            )
-        )
-        self._enqueue(queue_id, envelope)
-        return queue_id
 
     def _portal_tls(self) -> ssl.SSLContext:
         """The portal's HTTPS: its own certificate, else the SMTP listener's."""

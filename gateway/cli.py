@@ -37,6 +37,7 @@ from gateway.archive import cli as archive_cli
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.errors import ConfigError, SpoolError
+from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.portal import cli as portal_cli
 
@@ -168,9 +169,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _explain(config: Config, args: argparse.Namespace) -> int:
-    from gateway.app import smtp_hostname
     from gateway.explain import as_json, as_text, explain
     from gateway.policy.language import load_policy_for
+    from gateway.smtp.context import smtp_hostname
 
     policy = load_policy_for(config)
     message = None
@@ -180,10 +181,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"sealgate: cannot read {args.message}: {e.strerror}", file=sys.stderr)
             return 1
-    from gateway.app import keydir_path
     from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 
-    path = keydir_path(config.state_dir)
+    path = StateLayout(config.state_dir).keydir_db
     directory = KeyDirectory(path) if path.exists() else None  # the keys the daemon would use
     try:
         keys = DirectoryKeyStore(directory) if directory is not None else None
@@ -203,14 +203,13 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
 
 
 def _keys(config: Config, args: argparse.Namespace) -> int:
-    from gateway.app import keydir_path
     from gateway.crypto.keydir import KeyDirectory, StoredKey
 
     def line(k: StoredKey) -> str:
         until = datetime.datetime.fromtimestamp(k.not_after, datetime.UTC).date()
         return f"{k.fingerprint}  {k.kind:<5}  until {until}  {', '.join(k.addresses)}  {k.subject}"
 
-    directory = KeyDirectory(keydir_path(config.state_dir))
+    directory = KeyDirectory(StateLayout(config.state_dir).keydir_db)
     try:
         if args.keys_command == "import":
             try:
@@ -282,10 +281,11 @@ def _hash_password() -> int:
 
 
 def _hash_address(config: Config, address: str) -> int:
-    from gateway.app import address_key_path
     from gateway.observability.logging import hash_address
 
-    key_file = config.logging.address_hash_key_file or address_key_path(config.state_dir)
+    key_file = (
+        config.logging.address_hash_key_file or StateLayout(config.state_dir).address_hash_key
+    )
     try:
         key = key_file.read_bytes()
     except OSError as e:
@@ -298,13 +298,13 @@ def _hash_address(config: Config, address: str) -> int:
 def _spool(config: Config) -> Any:
     from gateway.spool import Spool
 
-    return Spool(config.state_dir / "spool")
+    return Spool(StateLayout(config.state_dir).spool)
 
 
 def _store(config: Config) -> Any:
     from gateway.queue.store import QueueStore
 
-    path = config.state_dir / "queue.db"
+    path = StateLayout(config.state_dir).queue_db
     return QueueStore(path) if path.exists() else None
 
 

@@ -12,29 +12,12 @@ import os
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from gateway.config import Config
-from gateway.crypto.dkim import DkimError, DkimKey, load_key
+from gateway.crypto.signers import dkim_key, load_signer, pem_certs, read_config_file
 from gateway.errors import ConfigError
 from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
 from gateway.tls import cert_matches_key
-
-Signer = tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]
-
-
-def _readable(key: str, path: Path, source: str) -> bytes:
-    if not path.exists():
-        raise ConfigError(key, f"{path} does not exist", source)
-    if not path.is_file():
-        raise ConfigError(key, f"{path} is not a regular file", source)
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(key, f"{path} is not readable: {e.strerror}", source) from None
 
 
 def _writable_dir(key: str, path: Path, source: str) -> None:
@@ -49,14 +32,6 @@ def _writable_dir(key: str, path: Path, source: str) -> None:
         raise ConfigError(key, f"{probe} is not writable", source)
 
 
-def _pem_certs(key: str, data: bytes, path: Path, source: str) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ConfigError(key, f"{path} holds no PEM certificate", source) from None
-    return certs
-
-
 def check_references(cfg: Config, source: str = "<config>") -> Policy:
     """Check everything ``cfg`` refers to; returns the policy it names, loaded."""
     _writable_dir("state_dir", cfg.state_dir, source)
@@ -68,21 +43,21 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
             _cert_and_key(prefix, cert, key, source)
     relay = cfg.relay
     if relay.client_ca_file is not None:
-        _pem_certs(
+        pem_certs(
             "relay.client_ca_file",
-            _readable("relay.client_ca_file", relay.client_ca_file, source),
+            read_config_file("relay.client_ca_file", relay.client_ca_file, source),
             relay.client_ca_file,
             source,
         )
     if relay.users_file is not None:
-        data = _readable("relay.users_file", relay.users_file, source)
+        data = read_config_file("relay.users_file", relay.users_file, source)
         try:
             parse_users(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ConfigError("relay.users_file", f"{relay.users_file}: {e}", source) from None
     key_file = cfg.logging.address_hash_key_file
     if key_file is not None and cfg.logging.addresses == "hash":
-        data = _readable("logging.address_hash_key_file", key_file, source)
+        data = read_config_file("logging.address_hash_key_file", key_file, source)
         if len(data) < 16:
             raise ConfigError(
                 "logging.address_hash_key_file", f"{key_file} holds fewer than 16 bytes", source
@@ -92,10 +67,10 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
         load_signer(sm.signing_cert_file, sm.signing_key_file, source)
     dkim_key(cfg, source)
     if cfg.pgp.signing_key_file is not None:
-        _readable("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
+        read_config_file("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
     logo = cfg.portal.logo_file
     if cfg.portal.enabled and logo is not None:
-        data = _readable("portal.logo_file", logo, source)
+        data = read_config_file("portal.logo_file", logo, source)
         if not data.startswith(b"\x89PNG\r\n\x1a\n"):
             raise ConfigError("portal.logo_file", f"{logo} is not a PNG image", source)
     if cfg.archive.enabled:
@@ -111,8 +86,10 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:
 def _cert_and_key(prefix: str, cert: Path, key: Path, source: str) -> None:
     """``<prefix>.cert_file`` holds PEM certificates for the unencrypted PEM key in
     ``<prefix>.key_file``, and OpenSSL accepts the pair."""
-    _pem_certs(f"{prefix}.cert_file", _readable(f"{prefix}.cert_file", cert, source), cert, source)
-    _readable(f"{prefix}.key_file", key, source)
+    pem_certs(
+        f"{prefix}.cert_file", read_config_file(f"{prefix}.cert_file", cert, source), cert, source
+    )
+    read_config_file(f"{prefix}.key_file", key, source)
     try:
         matches = cert_matches_key(cert, key)
     except (ValueError, TypeError) as e:
@@ -129,46 +106,3 @@ def _cert_and_key(prefix: str, cert: Path, key: Path, source: str) -> None:
         raise ConfigError(
             f"{prefix}.cert_file", f"OpenSSL refuses the pair: {e.reason}", source
         ) from None
-
-
-def dkim_key(cfg: Config, source: str = "<config>") -> DkimKey | None:
-    dk = cfg.dkim
-    if dk.domain is None or dk.selector is None or dk.key_file is None:
-        return None
-    try:
-        return load_key(dk.key_file, dk.domain, dk.selector)
-    except DkimError as e:
-        raise ConfigError("dkim.key_file", str(e), source) from None
-
-
-def load_signer(cert_file: Path, key_file: Path, source: str = "<config>") -> Signer:
-    """The organisation's S/MIME signing certificate and key, checked as a pair."""
-    certs = _pem_certs(
-        "smime.signing_cert_file",
-        _readable("smime.signing_cert_file", cert_file, source),
-        cert_file,
-        source,
-    )
-    data = _readable("smime.signing_key_file", key_file, source)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(
-            "smime.signing_key_file",
-            f"{key_file} is not an unencrypted PEM private key ({e})",
-            source,
-        ) from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError(
-            "smime.signing_key_file", f"{key_file}: an RSA or EC key is needed", source
-        )
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if certs[0].public_key().public_bytes(
-        serialization.Encoding.DER, spki
-    ) != key.public_key().public_bytes(serialization.Encoding.DER, spki):
-        raise ConfigError(
-            "smime.signing_key_file",
-            f"{key_file} does not match the certificate in {cert_file}",
-            source,
-        )
-    return certs[0], key

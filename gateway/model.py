@@ -6,8 +6,25 @@ what goes to disk is JSON we wrote on purpose (never pickle).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class Purpose(enum.StrEnum):
+    """What a message is for: relayed for a client, or one Sealgate writes itself."""
+
+    MESSAGE = "message"  # accepted from a client (SMTP), to deliver under the policy
+    DSN = "dsn"  # a delivery status notification to a sender
+    PORTAL_NOTIFICATION = "portal-notification"  # "a message waits for you"
+    PORTAL_CODE = "portal-code"  # a one-time sign-in code
+    PORTAL_REPLY = "portal-reply"  # a recipient's reply through the portal
+
+    @property
+    def content_free(self) -> bool:
+        """Carries nothing of any message: sent as it is, without the policy (the
+        portal's recipients are exactly those whose servers cannot do TLS)."""
+        return self in (Purpose.PORTAL_NOTIFICATION, Purpose.PORTAL_CODE)
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,8 @@ class Envelope:
     # Trace fields we add in front of the message on delivery (Received, marker);
     # the spool keeps the received bytes themselves untouched.
     trace_headers: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    purpose: Purpose = Purpose.MESSAGE
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the portal item it is about
 
     def to_dict(self) -> dict[str, Any]:
         # Written out by hand: dataclasses.asdict deep-copies, and this runs for
@@ -64,6 +82,7 @@ class Envelope:
             "size": self.size,
             "sha256": self.sha256,
             "trace_headers": self.trace_headers,
+            "purpose": self.purpose.value,
             "extra": dict(self.extra),
         }
 
@@ -81,5 +100,7 @@ class Envelope:
             size=int(d["size"]),
             sha256=str(d["sha256"]),
             trace_headers=str(d.get("trace_headers", "")),
-            extra=dict(d.get("extra", {})),
+            # spool files of earlier versions kept it in "extra"
+            purpose=Purpose(d.get("purpose") or d.get("extra", {}).get("purpose") or "message"),
+            extra={k: v for k, v in d.get("extra", {}).items() if k != "purpose"},
         )

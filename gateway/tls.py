@@ -24,11 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.layout import StateLayout
+
 SELF_SIGNED_DAYS = 825
 
 
 def self_signed_paths(state_dir: Path) -> tuple[Path, Path]:
-    return state_dir / "tls" / "selfsigned.crt", state_dir / "tls" / "selfsigned.key"
+    return StateLayout(state_dir).self_signed
 
 
 def ensure_self_signed(state_dir: Path, hostname: str) -> tuple[Path, Path, bool]:

@@ -39,6 +39,7 @@ from gateway.batching import Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
+from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.observability.logging import get_logger, write_private_file
 from gateway.observability.metrics import Metrics
@@ -51,7 +52,7 @@ RETRY_EVERY = 5.0  # seconds between writes of records that failed
 
 
 def archive_dir(config: Config) -> Path:
-    return config.state_dir / "archive"
+    return StateLayout(config.state_dir).archive
 
 
 def _read_master_key(path: Path, option: str) -> bytes:

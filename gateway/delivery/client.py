@@ -35,10 +35,10 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import aiosmtplib
 
+from gateway.delivery.results import HostFailure, Outcome, RecipientResult, SessionEvidence
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.sessions import Session, SessionCache, SessionKey, quit_session
 from gateway.delivery.tls_policy import TlsLevel
@@ -51,8 +51,6 @@ from gateway.probe.dns import LookupStatus, Resolver
 
 log = get_logger("gateway.delivery")
 
-Outcome = Literal["delivered", "deferred", "bounced", "held"]
-
 
 @dataclass(frozen=True)
 class ClientSettings:
@@ -61,44 +59,6 @@ class ClientSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     dane: bool = False  # the resolver validates DNSSEC: TLSA records are believed
-
-
-@dataclass(frozen=True)
-class SessionEvidence:
-    mx_host: str
-    ip: str
-    port: int
-    level: str
-    tls_version: str | None = None
-    tls_cipher: str | None = None
-    peer_cert_sha256: str | None = None
-    verification: str = "none"  # "pkix" when the chain and name were verified
-    started_at: str = ""  # when the connection was opened
-    reused: int = 0  # transactions this connection carried before this one
-    mta_sts: str = ""  # the recipient domain's MTA-STS policy, when it has one
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    address: str
-    outcome: Outcome
-    status: str  # RFC 3463 enhanced status code
-    diagnostic: str  # the remote reply, or why we did not get one
-    evidence: SessionEvidence | None = None
-    # Deferred because the TLS level could not be met (the last host's failure): the
-    # policy moves the recipient to its next mode.
-    tls_failure: TlsFailure | None = None
-    # The digest of the copy sent when it was not the message as received (the
-    # archive keeps that copy under it).
-    copy_sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class HostFailure:
-    status: str
-    reason: str
-    evidence: SessionEvidence | None = None
-    tls_failure: TlsFailure | None = None
 
 
 class _Stale(enum.Enum):

@@ -29,12 +29,10 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import aiosmtplib
 
-if TYPE_CHECKING:
-    from gateway.delivery.client import SessionEvidence
+from gateway.delivery.results import SessionEvidence
 
 
 @dataclass(frozen=True)

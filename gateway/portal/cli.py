@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.layout import StateLayout
 
 
 def add_parsers(
@@ -44,7 +45,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from gateway.archive.service import master_keys
     from gateway.portal.store import PortalStore
 
-    path = config.state_dir / "portal" / "portal.db"
+    path = StateLayout(config.state_dir).portal_db
     if not path.exists():
         raise ConfigError("portal", f"no portal store at {path} (has the gateway run?)")
     store = PortalStore(path, master_keys(config, create=False))

@@ -18,17 +18,18 @@ import contextlib
 import datetime
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from gateway.archive.service import ArchiveService, master_keys
 from gateway.config import Config
-from gateway.delivery.client import RecipientResult
+from gateway.delivery.results import RecipientResult
 from gateway.events import Event
-from gateway.model import Envelope
+from gateway.layout import StateLayout
+from gateway.model import Envelope, Purpose
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import mail, render
@@ -37,12 +38,20 @@ from gateway.portal.store import CodeCheck, Item, PortalStore
 log = get_logger("gateway.portal")
 T = TypeVar("T")
 
-# Envelope.extra["purpose"] of the messages the portal sends
-NOTIFICATION, CODE, REPLY = "portal-notification", "portal-code", "portal-reply"
-CONTENT_FREE = (NOTIFICATION, CODE)  # sent as they are, without the policy
 SWEEP_INTERVAL = 60.0
 
-Inject = Callable[[str, list[str], bytes, dict[str, Any]], Awaitable[str]]
+
+class Submit(Protocol):
+    """The way into the queue (`gateway.spool.submit.Submitter.submit`)."""
+
+    async def __call__(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        data: bytes,
+        purpose: Purpose,
+        extra: dict[str, Any] | None = None,
+    ) -> str: ...
 
 
 class Portal:
@@ -50,23 +59,21 @@ class Portal:
         self,
         config: Config,
         hostname: str,
-        inject: Inject,
+        submit: Submit,
         metrics: Metrics,
         redact: AddressRedactor,
         archive: ArchiveService | None,
     ):
         self.config = config
         self.hostname = hostname
-        self.inject = inject
+        self.submit = submit
         self.metrics = metrics
         self.redact = redact
         self.archive = archive
         pc = config.portal
         self.sender = pc.from_address or f"no-reply@{hostname}"
         self.base_url = (pc.base_url or f"https://{pc.listen}").rstrip("/")
-        self.store = PortalStore(
-            config.state_dir / "portal" / "portal.db", master_keys(config, True)
-        )
+        self.store = PortalStore(StateLayout(config.state_dir).portal_db, master_keys(config, True))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -139,11 +146,12 @@ class Portal:
         )
         # The original sender is the notification's envelope sender: if it cannot be
         # delivered, the sender gets the delivery status notification (no content).
-        notification_id = await self.inject(
+        notification_id = await self.submit(
             envelope.mail_from or self.sender,
             [address],
             note,
-            {"purpose": NOTIFICATION, "portal_item": item.id},
+            Purpose.PORTAL_NOTIFICATION,
+            {"portal_item": item.id},
         )
         self.metrics.portal_notifications.inc()
         until = datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat(timespec="seconds")
@@ -170,8 +178,8 @@ class Portal:
         message = mail.code_message(
             self.config.portal, self.sender, item.recipient, code, self.hostname
         )
-        await self.inject(
-            self.sender, [item.recipient], message, {"purpose": CODE, "portal_item": item.id}
+        await self.submit(
+            self.sender, [item.recipient], message, Purpose.PORTAL_CODE, {"portal_item": item.id}
         )
         self._access(item, actor, "code-sent")
 
@@ -223,8 +231,8 @@ class Portal:
             files,
             self.hostname,
         )
-        queue_id = await self.inject(
-            self.sender, [item.sender], message, {"purpose": REPLY, "portal_item": item.id}
+        queue_id = await self.submit(
+            self.sender, [item.sender], message, Purpose.PORTAL_REPLY, {"portal_item": item.id}
         )
         self.metrics.portal_replies.inc()
         self._access(item, actor, "reply", reply_queue_id=queue_id, attachments=len(files))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import os
@@ -35,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.delivery.router import Routed, RouteFailure
+from gateway.delivery.tls_policy import TlsLevel
 from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.https import FetchError
@@ -306,3 +309,22 @@ class StsCache:
                 domain, cached.policy, StsSource.CACHED_FALLBACK, cached.policy_id, why
             )
         return StsResult(domain, None, StsSource.NONE, detail=why)
+
+
+def enforce(
+    domain: str, sts: StsResult, routed: Routed, level: TlsLevel
+) -> tuple[Routed | RouteFailure, TlsLevel, str]:
+    """RFC 8461 on a route found by MX records: under an ``enforce`` policy only the
+    policy's MX hosts, at least at the ``mta-sts`` level (verified TLS, never lower);
+    ``testing`` is noted for the evidence and changes nothing.  Returns the route (or
+    a temporary failure, 4.7.5, when no MX host matches), the level and the note."""
+    if sts.policy is None or sts.policy.mode is StsMode.NONE:
+        return routed, level, ""
+    note = f"{sts.policy.mode.value} id={sts.policy_id} ({sts.source.value})"
+    if not sts.enforced:
+        return routed, level, note
+    allowed = tuple(h for h in routed.hops if sts.policy.matches(h.host))
+    if not allowed:
+        reason = f"no MX host of {domain} matches its MTA-STS policy (id={sts.policy_id})"
+        return RouteFailure(False, "4.7.5", reason), level, note
+    return dataclasses.replace(routed, hops=allowed), max(level, TlsLevel.MTA_STS), note

@@ -26,17 +26,12 @@ import datetime
 import email.utils
 import re
 import socket
-import ssl
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import (
     MISSING,
     SMTP,
-    AuthResult,
     Session,
     TLSSetupException,
     _AuthMechAttr,
@@ -45,17 +40,13 @@ from aiosmtpd.smtp import (
 )
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
-from gateway.addresses import Kind, Problem, check_helo, check_mailbox, check_parameter
-from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.events import Event, RejectReason
 from gateway.model import ClientInfo, Envelope, Recipient
-from gateway.observability.logging import AddressRedactor, get_logger
-from gateway.observability.metrics import Metrics
+from gateway.observability.logging import get_logger
 from gateway.smtp import replies
-from gateway.smtp.auth import AuthThrottle, RelayPolicy, check_credentials
+from gateway.smtp.context import SmtpContext
 from gateway.smtp.data import DataProblem, MessageScanner
-from gateway.spool import Spool, new_queue_id
 
 log = get_logger("gateway.smtp")
 
@@ -73,64 +64,6 @@ _PROBLEM_REPLY = {
     DataProblem.BARE_LINE_ENDING: (replies.BARE_LINE_ENDING, RejectReason.BARE_LINE_ENDING),
     DataProblem.MAIL_LOOP: (replies.MAIL_LOOP, RejectReason.MAIL_LOOP),
 }
-
-
-@dataclass
-class SmtpContext:
-    """What every connection shares: configuration, policy, spool, observability."""
-
-    config: Config
-    hostname: str
-    relay: RelayPolicy
-    spool: Spool
-    metrics: Metrics
-    redact: AddressRedactor
-    tls_context: ssl.SSLContext | None
-    # Told of every message made durable (the main process counts the spool and,
-    # later, schedules delivery).
-    on_queued: Callable[[Envelope], None] = lambda envelope: None
-    # this process's share of smtp.max_connections / max_connections_per_ip
-    max_connections: int = 0
-    max_connections_per_ip: int = 0
-    # failed AUTH attempts across connections (this process's share of the limits)
-    auth_throttle: AuthThrottle | None = None
-    handler: Handler = field(init=False)
-    hooks: dict[str, Any] = field(init=False)
-    connections: Counter[str] = field(default_factory=Counter)
-    sessions: set[GatewaySMTP] = field(default_factory=set)
-    stopping: bool = False
-    _free: int = 0
-    _free_checked: float = -1e9
-
-    def free_space(self) -> int:
-        """Free bytes on the spool's file system, read at most every second."""
-        now = time.monotonic()
-        if now - self._free_checked >= 1.0:
-            try:
-                self._free = self.spool.free_space()
-            except OSError:
-                self._free = 0  # no spool directory: nothing can be accepted
-            self._free_checked = now
-        return self._free
-
-    def __post_init__(self) -> None:
-        self.max_connections = self.max_connections or self.config.smtp.max_connections
-        self.max_connections_per_ip = (
-            self.max_connections_per_ip or self.config.smtp.max_connections_per_ip
-        )
-        if self.auth_throttle is None:
-            smtp = self.config.smtp
-            self.auth_throttle = AuthThrottle(
-                smtp.max_auth_failures_per_ip,
-                smtp.max_auth_failures_per_user,
-                smtp.auth_failure_window,
-            )
-        self.handler = Handler(self)
-        self.hooks = {
-            name[7:]: getattr(self.handler, name)
-            for name in dir(Handler)
-            if name.startswith("handle_")
-        }
 
 
 class GatewaySession(Session):
@@ -448,8 +381,8 @@ class GatewaySMTP(SMTP):
 
     async def _receive_message(self) -> str:
         ctx, cfg = self.ctx, self.ctx.config.smtp
-        queue_id = new_queue_id()
-        writer = ctx.spool.writer(queue_id)
+        writer = ctx.submitter.begin()
+        queue_id = writer.queue_id
         scanner = MessageScanner(
             cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
         )
@@ -564,7 +497,6 @@ class GatewaySMTP(SMTP):
         m.accepted_bytes.inc(envelope.size)
         m.message_size.observe(envelope.size)
         m.acceptance_latency.observe(latency)
-        self.ctx.on_queued(envelope)
         redact = self.ctx.redact
         log.info(
             Event.MESSAGE_ACCEPTED,
@@ -618,224 +550,6 @@ def received_header(
         header += f"\r\n\t(using {client.tls_version} with cipher {client.tls_cipher})"
     header += f"\r\n\twith {proto} id {queue_id};\r\n\t{email.utils.format_datetime(when)}\r\n"
     return header
-
-
-class Handler:
-    """aiosmtpd hooks: the per-command policy."""
-
-    def __init__(self, ctx: SmtpContext):
-        self.ctx = ctx
-
-    async def handle_EHLO(
-        self,
-        server: GatewaySMTP,
-        session: GatewaySession,
-        envelope: GatewayEnvelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        problem = check_helo(hostname)
-        if problem is not None:
-            self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
-            return [replies.BAD_HELO.format(detail=problem.detail)]
-        session.host_name = hostname
-        server.command_size_limits["MAIL"] = 1024
-        tls_active = session.ssl is not None
-        out = [
-            responses[0],
-            f"250-SIZE {self.ctx.config.smtp.max_message_size}",
-            "250-8BITMIME",
-            "250-SMTPUTF8",
-            "250-PIPELINING",
-            "250-ENHANCEDSTATUSCODES",
-        ]
-        if server.tls_context is not None and not tls_active:
-            out.append("250-STARTTLS")
-        if tls_active and self.ctx.relay.offers_auth:
-            out.append("250-AUTH PLAIN LOGIN")
-        out.append("250 HELP")
-        return out
-
-    async def handle_HELO(
-        self,
-        server: GatewaySMTP,
-        session: GatewaySession,
-        envelope: GatewayEnvelope,
-        hostname: str,
-    ) -> str:
-        problem = check_helo(hostname)
-        if problem is not None:
-            self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
-            return replies.BAD_HELO.format(detail=problem.detail)
-        session.host_name = hostname
-        return f"250 {server.hostname}"
-
-    def handle_STARTTLS(
-        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
-    ) -> bool:
-        sslobj = session.ssl.get("ssl_object") if session.ssl else None
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        if der:
-            try:
-                session.cert = self.ctx.relay.identify_cert(der)
-            except ValueError:
-                session.cert = None
-        return True
-
-    async def handle_MAIL(
-        self,
-        server: GatewaySMTP,
-        session: GatewaySession,
-        envelope: GatewayEnvelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        cfg = self.ctx.config
-        if cfg.relay.require_tls and session.ssl is None:
-            self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
-            return replies.TLS_REQUIRED
-        if address != "<>":
-            problem = check_mailbox(address, envelope.smtp_utf8)
-            if problem is not None:
-                return self._bad_address(problem, replies.BAD_SENDER)
-        size = 0
-        for option in mail_options:
-            if not check_parameter(option):
-                self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
-                return replies.BAD_PARAMETER
-            key, _, value = option.partition("=")
-            if key.upper() == "SIZE":
-                if not (value.isascii() and value.isdigit()):
-                    return replies.SYNTAX_SIZE
-                size = int(value)
-                if size > cfg.smtp.max_message_size:
-                    self.ctx.metrics.reject(RejectReason.MESSAGE_TOO_BIG)
-                    return replies.SIZE_EXCEEDED_MAIL.format(limit=cfg.smtp.max_message_size)
-        if self.ctx.free_space() < cfg.spool.min_free_space + size:
-            self.ctx.metrics.reject(RejectReason.SPOOL_ERROR)
-            return replies.INSUFFICIENT_STORAGE
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return replies.SENDER_OK
-
-    async def handle_RCPT(
-        self,
-        server: GatewaySMTP,
-        session: GatewaySession,
-        envelope: GatewayEnvelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        problem = check_mailbox(address, envelope.smtp_utf8)
-        if problem is not None:
-            return self._bad_address(problem, replies.BAD_RECIPIENT)
-        limit = self.ctx.config.smtp.max_recipients
-        if len(envelope.rcpt_tos) >= limit:
-            self.ctx.metrics.reject(RejectReason.TOO_MANY_RECIPIENTS)
-            return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
-        authorized_by = self._authorization(session)
-        if authorized_by is None:
-            self.ctx.metrics.reject(RejectReason.RELAY_DENIED)
-            peer = session.peer or ("?", 0)
-            log.warning(
-                Event.RELAY_DENIED,
-                client_ip=str(peer[0]),
-                tls=session.ssl is not None,
-                rcpt=self.ctx.redact(address),
-            )
-            return replies.RELAY_DENIED.format(address=address)
-        envelope.authorized_by = authorized_by
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        envelope.rcpt_option_list.append(list(rcpt_options))
-        return replies.RECIPIENT_OK
-
-    def _bad_address(self, problem: Problem, template: str) -> str:
-        self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
-        if problem.kind is Kind.NEEDS_SMTPUTF8:
-            return replies.NEEDS_SMTPUTF8
-        return template.format(detail=problem.detail)
-
-    def _authorization(self, session: GatewaySession) -> str | None:
-        relay = self.ctx.relay
-        if session.authenticated and session.auth_user:
-            return "smtp-auth"
-        if session.cert is not None and session.cert.matched:
-            return "client-cert"
-        peer = session.peer or ("", 0)
-        if relay.network_allows(str(peer[0])):
-            return "network"
-        return None
-
-    # -- SMTP AUTH (RFC 4954, 4616); the builtin mechanisms check passwords on the loop
-
-    async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):  # ValueError: not ASCII
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            await server.push(replies.AUTH_BAD_BASE64)
-            return AuthResult(success=False, handled=True)
-        return await self._verify(server, parts[1], parts[2])
-
-    async def auth_LOGIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            user = await server.challenge_auth("Username:")
-        else:
-            try:
-                user = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):  # ValueError: not ASCII
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        if not isinstance(user, bytes):
-            return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth("Password:")
-        if not isinstance(password, bytes):
-            return AuthResult(success=False, handled=True)
-        return await self._verify(server, user, password)
-
-    async def _verify(self, server: GatewaySMTP, user_b: bytes, password: bytes) -> AuthResult:
-        session = server.gw_session
-        user = user_b.decode("utf-8", "replace")
-        peer = session.peer or ("?", 0)
-        throttle = self.ctx.auth_throttle
-        assert throttle is not None
-        if not throttle.allows(str(peer[0]), user):  # before any hashing
-            self.ctx.metrics.auth.labels("throttled").inc()
-            self.ctx.metrics.reject(RejectReason.AUTH_FAILED)
-            log.warning(Event.AUTH_THROTTLED, client_ip=str(peer[0]))
-            await server.push(replies.AUTH_THROTTLED)
-            if server.transport is not None:
-                server.transport.close()
-            return AuthResult(success=False, handled=True)
-        ok = await asyncio.get_running_loop().run_in_executor(
-            None, check_credentials, self.ctx.relay.users, user, password
-        )
-        if ok:
-            throttle.succeeded(user)
-            session.auth_user = user
-            self.ctx.metrics.auth.labels("success").inc()
-            log.info(Event.AUTH_SUCCEEDED, client_ip=str(peer[0]), user=user)
-            return AuthResult(success=True, auth_data=user, message=replies.AUTH_OK)
-        session.auth_failures += 1
-        throttle.failed(str(peer[0]), user)
-        self.ctx.metrics.auth.labels("failure").inc()
-        self.ctx.metrics.reject(RejectReason.AUTH_FAILED)
-        log.warning(Event.AUTH_FAILED, client_ip=str(peer[0]), failures=session.auth_failures)
-        if session.auth_failures >= self.ctx.config.smtp.max_auth_failures:
-            await server.push(replies.AUTH_TOO_MANY.format(hostname=server.hostname))
-            if server.transport is not None:
-                server.transport.close()
-            return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
 
 
 class SmtpServer:

@@ -44,6 +44,7 @@ import structlog
 
 from gateway.config import Config, load_config
 from gateway.events import Event
+from gateway.layout import StateLayout
 from gateway.observability.logging import configure_logging, get_logger
 from gateway.observability.metrics import Metrics
 
@@ -198,9 +199,10 @@ def _die_with_parent() -> None:
 
 
 async def _serve(config: Config, listen: socket.socket, control: socket.socket, index: int) -> None:
-    from gateway.app import make_smtp_context
+    from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
     from gateway.spool import Spool
+    from gateway.spool.submit import Submitter
 
     loop = asyncio.get_running_loop()
     _reader, writer = await asyncio.open_connection(sock=control)
@@ -210,15 +212,16 @@ async def _serve(config: Config, listen: socket.socket, control: socket.socket, 
             writer.write(json.dumps(message).encode() + b"\n")
 
     metrics = Metrics()
-    spool = Spool(config.state_dir / "spool", config.spool.io_threads)
+    spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.start_io()
-    ctx = make_smtp_context(
-        config,
+    submitter = Submitter(
         spool,
-        metrics,
-        divide_limits_by=worker_count(config),
-        on_queued=lambda env: send({"type": "queued", "queue_id": env.queue_id, "size": env.size}),
+        smtp_hostname(config),
+        config.smtp.marker_header,
+        # the main process queues it (reading it from the spool)
+        lambda env, data: send({"type": "queued", "queue_id": env.queue_id, "size": env.size}),
     )
+    ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
     stop = asyncio.Event()

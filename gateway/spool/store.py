@@ -259,6 +259,7 @@ class SpoolWriter:
         self._fd: int | None = None  # the tmp/ file, once the message spills to disk
         self._tmp_path = os.path.join(spool.tmp_dir, queue_id)
         self.failed: SpoolError | None = None
+        self.message: bytes | None = None  # after commit: the bytes, unless they spilled
 
     @property
     def size(self) -> int:
@@ -299,9 +300,14 @@ class SpoolWriter:
             )
             + b"\n"
         )
+        # The message itself, when it never spilled to disk: handed on to the queue,
+        # which then need not read back what it was just given.
+        self.message = b"".join(self._buffer) if self._fd is None else None
         # One buffer, one write: each system call in the I/O thread costs a GIL handoff.
-        self._buffer += (meta, _footer(self._size, len(meta)))
-        blob = b"".join(self._buffer)
+        tail = (meta, _footer(self._size, len(meta)))
+        blob = b"".join(
+            (self.message, *tail) if self.message is not None else self._buffer + list(tail)
+        )
         self._buffer = []
         try:
             # Returns after the directory fsync: the rename is on disk too.

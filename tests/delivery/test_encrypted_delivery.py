@@ -148,7 +148,7 @@ async def test_a_key_that_cannot_be_used_moves_the_recipient_on_never_to_plainte
     dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     gw = await start(gateway_factory, world, pki, **{"portal.enabled": False})
-    gw.queue.prober.keys = UnusableCertificate()
+    gw.delivery.prober.keys = UnusableCertificate()
     queue_id = await send(gw, ["bob@dest.test"])
     await wait_until(
         lambda: state(gw, queue_id).get("bob@dest.test", ("",))[0] == "held", what="held"

@@ -22,7 +22,7 @@ async def test_starttls_gone_at_delivery_no_plaintext_and_the_next_mode(
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     # the adaptive default policy; without the portal its last mode holds
     gw = await start(gateway_factory, world, pki, **{"portal.enabled": False})
-    facts = await gw.queue.prober.domain("dest.test")
+    facts = await gw.delivery.prober.domain("dest.test")
     assert facts.mx[0].starttls and facts.mx[0].pkix_valid  # the probe saw verified TLS
     # then the same address answers without STARTTLS (a stripping attacker, or a
     # changed server)
@@ -57,7 +57,7 @@ async def test_a_bounce_fallback_fails_the_recipient_with_5_7_10_and_tells_the_s
         "    then: {fallback: hold}\n"
     )
     gw = await start(gateway_factory, world, pki, tls_only("verify", "bounce", rule))
-    await gw.queue.prober.domain("dest.test")
+    await gw.delivery.prober.domain("dest.test")
     await good.stop()
     plain = await world.mta("mx.dest.test", "127.0.0.61", cert=None)
     queue_id = await send(gw, ["r@dest.test"])

@@ -113,7 +113,7 @@ async def test_a_dsn_that_cannot_be_spooled_is_sent_at_the_next_round(relay, mon
     monkeypatch.setattr(manager_module, "PRUNE_INTERVAL", 1.0)
     gw, dest, sender = await relay()
     dest.rcpt_replies["gone@tls.test"] = "550 5.1.1 No such user"
-    real, refusals = gw._inject, {"left": 1}
+    real, refusals = gw.queue.submit, {"left": 1}
 
     async def inject(*args, **kwargs):
         if refusals["left"]:
@@ -121,7 +121,7 @@ async def test_a_dsn_that_cannot_be_spooled_is_sent_at_the_next_round(relay, mon
             raise SpoolError("cannot commit: No space left on device")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(gw.queue, "inject", inject)
+    monkeypatch.setattr(gw.queue, "submit", inject)
     async with smtp_client(gw) as client:
         await client.sendmail("a@clinic.test", ["gone@tls.test"], make_message())
     (path,) = queued(gw)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime
 import json
 
-import gateway.queue.manager as manager_module
-from gateway.model import ClientInfo, Envelope, Recipient
+import gateway.delivery.attempt as attempt_module
+from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool import Spool, new_queue_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.delivery.conftest import wait_until
@@ -106,7 +106,9 @@ async def test_a_poison_sender_is_quarantined_without_a_dsn(relay, tmp_path):
 
 async def test_a_poison_message_from_inside_is_quarantined_when_it_is_queued(relay):
     gw, dest, sender = await relay()
-    queue_id = await gw._inject("a@clinic.test", ["r\x00@tls.test"], make_message())
+    queue_id = await gw.submitter.submit(
+        "a@clinic.test", ["r\x00@tls.test"], make_message(), Purpose.MESSAGE
+    )
     await wait_until(lambda: sender.received, what="the DSN")
     assert states(gw, queue_id) == [("r\\x00@tls.test", "bounced", "5.1.3")]
     assert (gw.spool.quarantine_dir / queue_id).exists()
@@ -115,14 +117,14 @@ async def test_a_poison_message_from_inside_is_quarantined_when_it_is_queued(rel
 async def test_an_attempt_that_fails_unexpectedly_is_retried_then_expires_with_a_dsn(
     relay, monkeypatch
 ):
-    real = manager_module.deliver
+    real = attempt_module.deliver
 
     async def failing(routed, level, sender, rcpts, *args, **kwargs):
         if any(r.endswith("@tls.test") for r in rcpts):
             raise RuntimeError("a bug in the delivery path")
         return await real(routed, level, sender, rcpts, *args, **kwargs)
 
-    monkeypatch.setattr(manager_module, "deliver", failing)
+    monkeypatch.setattr(attempt_module, "deliver", failing)
     gw, dest, sender = await relay(**{"delivery.max_queue_lifetime": "3s"})
     async with smtp_client(gw) as client:
         await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())

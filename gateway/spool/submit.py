@@ -1,0 +1,97 @@
+"""submit - the one way into the queue (Postfix's cleanup).
+
+Every new message goes through a `Submitter`: the SMTP listener streams a client's
+message into a `Submission`; the queue's DSNs and the portal's notifications, codes
+and replies (and anything that submits mail later, such as an HTTP API) call
+`Submitter.submit`.  Either way the message is made durable in the spool first
+(`gateway.spool.store`: fsync, rename, fsync of the directory) and only then handed
+on - with its bytes when they are in memory, so the queue need not read back what
+it was just given (the file stays the durable copy).
+
+What a message is for is its envelope's `Purpose`; nothing else tells the stages
+after this one how to treat it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gateway.model import ClientInfo, Envelope, Purpose, Recipient
+from gateway.spool.store import Spool, SpoolWriter, new_queue_id
+
+# Told of every message made durable: its envelope, and its bytes when at hand.
+OnSubmitted = Callable[[Envelope, bytes | None], None]
+
+
+class Submission:
+    """One message on its way in: written in pieces, then committed."""
+
+    def __init__(self, writer: SpoolWriter, on_submitted: OnSubmitted):
+        self._writer = writer
+        self._on_submitted = on_submitted
+
+    @property
+    def queue_id(self) -> str:
+        return self._writer.queue_id
+
+    @property
+    def size(self) -> int:
+        return self._writer.size
+
+    async def write(self, data: bytes) -> None:
+        await self._writer.write(data)
+
+    async def commit(self, make_envelope: Callable[[int, str], Envelope]) -> Envelope:
+        """Make the message durable (`SpoolError` if it cannot be), then hand it on;
+        returns only when it will survive a crash."""
+        envelope = await self._writer.commit(make_envelope)
+        self._on_submitted(envelope, self._writer.message)
+        return envelope
+
+    async def abort(self) -> None:
+        await self._writer.abort()
+
+
+class Submitter:
+    def __init__(self, spool: Spool, hostname: str, marker_header: str, on_submitted: OnSubmitted):
+        self.spool = spool
+        self.hostname = hostname
+        self.marker_header = marker_header
+        self.on_submitted = on_submitted
+
+    def begin(self) -> Submission:
+        """A message that arrives in pieces (the SMTP listener's DATA)."""
+        return Submission(self.spool.writer(new_queue_id()), self.on_submitted)
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        data: bytes,
+        purpose: Purpose,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """A message Sealgate writes itself (a DSN, a portal notification, code or
+        reply), made durable and queued; its queue id."""
+        submission = self.begin()
+        await submission.write(data)
+        now = datetime.datetime.now(datetime.UTC)
+        client = ClientInfo(ip="", port=0, helo=self.hostname, authorized_by="local")
+        envelope = await submission.commit(
+            lambda size, sha: Envelope(
+                queue_id=submission.queue_id,
+                received_at=now.isoformat(timespec="microseconds"),
+                mail_from=sender,
+                mail_options=(),
+                recipients=tuple(Recipient(r) for r in recipients),
+                client=client,
+                size=size,
+                sha256=sha,
+                trace_headers=f"{self.marker_header}: {self.hostname}\r\n",
+                purpose=purpose,
+                extra=dict(extra or {}),
+            )
+        )
+        return envelope.queue_id
