@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from gateway.durable import fsync_dir, write_file
+
 
 class BlobStore(Protocol):
     def put(self, name: str, data: bytes, durable: bool = True) -> None: ...
@@ -48,18 +50,8 @@ class FileBlobStore:
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         """Write the blob; with ``durable=False`` the caller makes it durable later
         (`make_durable_all`), e.g. in a batch, while another durable copy exists."""
-        path = self._path(name)
-        tmp = path.with_name(f".{name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if durable:
-            self._sync_dir()
+        # whole or not at all: a full disk never leaves a truncated blob in place
+        write_file(self._path(name), data, 0o600, sync=durable)
 
     def make_durable_all(self, names: list[str]) -> None:
         for name in names:
@@ -68,14 +60,7 @@ class FileBlobStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.root)
 
     def get(self, name: str) -> bytes | None:
         try:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import sys
 from pathlib import Path
 from typing import Literal
 
 import structlog
+
+from gateway.durable import write_file
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -57,12 +58,7 @@ def write_private_file(path: Path, data: bytes) -> None:
     """A new secret file (mode 0600, its directory 0700), on disk before it is used;
     never overwrites one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(path, data, 0o600, replace=False)
 
 
 def load_or_create_key(path: Path) -> bytes:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO
 
 from gateway.batching import run_each, settle
+from gateway.durable import fsync_dir, write_all
 from gateway.errors import SpoolError
 from gateway.model import Envelope
 
@@ -69,14 +70,6 @@ def is_queue_id(text: str) -> bool:
 
 def _footer(message_len: int, json_len: int) -> bytes:
     return MAGIC + b" %020d %020d\n" % (message_len, json_len)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ class Spool:
             leftover.unlink()
             removed += 1
         if removed:
-            _fsync_dir(self.tmp_dir)
+            fsync_dir(self.tmp_dir)
         corrupt: list[str] = []
         count = total = 0
         for path in sorted(self.queue_dir.iterdir()):
@@ -125,8 +118,8 @@ class Spool:
             count += 1
             total += env.size
         if corrupt:
-            _fsync_dir(self.queue_dir)
-            _fsync_dir(self.corrupt_dir)
+            fsync_dir(self.queue_dir)
+            fsync_dir(self.corrupt_dir)
         self.messages, self.bytes = count, total
         self.start_io()
         return RecoveryReport(count, total, removed, tuple(corrupt))
@@ -179,7 +172,7 @@ class Spool:
         if any(error is None for _, error in outcomes):
             try:
                 # Durability: the renames above are on disk before anyone answers 250.
-                _fsync_dir(self.queue_dir)
+                fsync_dir(self.queue_dir)
             except OSError as e:
                 outcomes = [(None, error or e) for _, error in outcomes]
         loop.call_soon_threadsafe(settle, list(zip([f for _, f in batch], outcomes, strict=True)))
@@ -229,8 +222,8 @@ class Spool:
             os.replace(self.path_of(queue_id), self.quarantine_dir / queue_id)
         except FileNotFoundError:
             return
-        _fsync_dir(self.quarantine_dir)
-        _fsync_dir(self.queue_dir)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.queue_dir)
         with self._count_lock:
             self.messages = max(0, self.messages - 1)
             self.bytes = max(0, self.bytes - size)
@@ -287,7 +280,7 @@ class SpoolWriter:
     def _spill(self, chunk: bytes) -> None:
         if self._fd is None:
             self._fd = self._open_tmp()
-        _write_all(self._fd, chunk)
+        write_all(self._fd, chunk)
 
     async def commit(self, make_envelope: Callable[[int, str], Envelope]) -> Envelope:
         """Make the message durable; returns only when it will survive a crash."""
@@ -321,7 +314,7 @@ class SpoolWriter:
     def _commit_sync(self, blob: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open_tmp()
         self._fd = fd
-        _write_all(fd, blob)
+        write_all(fd, blob)
         # Durability: the data must be on disk before the name appears in queue/.
         os.fsync(fd)
         os.close(fd)
@@ -342,13 +335,6 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 # -- the file format ----------------------------------------------------------------

@@ -41,3 +41,29 @@ def test_an_empty_blob_and_a_large_one_come_back_exactly(store):
     store.put("copy-empty", b"")
     store.put("copy-big", big)
     assert store.get("copy-empty") == b"" and store.get("copy-big") == big
+
+
+def test_a_file_blob_that_does_not_fit_leaves_nothing_behind(tmp_path):
+    from gateway.durable import write_file
+    from tests.spool.test_spool import small_filesystem
+
+    with small_filesystem(tmp_path / "tiny", "1m") as mount:
+        blobs = FileBlobStore(mount / "blobs")
+        blobs.put("msg-0123456789ABCDEF", b"kept" * 1000)
+        with pytest.raises(OSError) as e:
+            blobs.put("copy-" + "a" * 64, b"x" * (2 * 1024 * 1024))  # twice the disk
+        assert e.value.errno == 28  # ENOSPC
+        assert blobs.get("copy-" + "a" * 64) is None  # no truncated blob in its place
+        assert sorted(p.name for p in (mount / "blobs").iterdir()) == ["msg-0123456789ABCDEF"]
+        # an existing blob that cannot be replaced keeps its old content
+        with pytest.raises(OSError):
+            blobs.put("msg-0123456789ABCDEF", b"y" * (2 * 1024 * 1024))
+        assert blobs.get("msg-0123456789ABCDEF") == b"kept" * 1000
+        blobs.put("evt-1", b"small")  # and the store goes on
+        assert blobs.get("evt-1") == b"small"
+        # a secret made once is never overwritten
+        write_file(mount / "key", b"first", replace=False)
+        with pytest.raises(FileExistsError):
+            write_file(mount / "key", b"second", replace=False)
+        assert (mount / "key").read_bytes() == b"first"
+        assert not [p for p in mount.iterdir() if p.name.endswith(".tmp")]
