@@ -1,6 +1,7 @@
 # make run    set up, then run the gateway on its embedded defaults (config.example.yaml)
 # make test   set up, then run the whole test suite
-# make bench  set up, then run the acceptance, end-to-end relay and policy benchmarks
+# make bench  set up, then run the benchmarks in bench/ (each against Postfix where it has one)
+# make lint   set up, then run the pinned linters (ruff format, ruff check, mypy --strict)
 # make hostile  set up, then run the full hostile battery (about 3,100 sessions)
 .PHONY: setup run test bench lint hostile
 

@@ -134,7 +134,7 @@ sys.exit(1 if failed or not proofs else 0)
 '''
 
 
-def export(
+def export(  # noqa: PLR0915 - the export package, file by file, in the order its README lists
     archive: Archive, queue_ids: list[str], out: BinaryIO, actor: str, scope: str
 ) -> dict[str, Any]:
     """Write the zip for these messages to ``out`` (a checkpoint is signed first, so

@@ -410,7 +410,7 @@ def _tls_failed(failure: HostFailure, metrics: Metrics | None) -> None:
     )
 
 
-async def _transaction(
+async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as RFC 5321 orders them
     smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence, reused: bool = False
 ) -> HostFailure | _Stale | None:
     options = []

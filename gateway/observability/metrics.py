@@ -55,7 +55,7 @@ _QUEUE_TIME_BUCKETS = (1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400,
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # noqa: C901, PLR0915 - declarations of every metric
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter(
