@@ -1,11 +1,17 @@
-"""The error hierarchy.
+"""The error hierarchy: every error Sealgate raises on purpose is a `SealgateError`.
 
 - `ConfigError`: the configuration (or something it refers to) is wrong; nothing
   starts.  It names the key, the file and, where known, the line.
 - `SpoolError`: the spool could not make a message durable; the client gets a 4xx
   and nothing half-written is left.
-- `TemporaryError` / `PermanentError`: the defer/bounce split that later stages
-  (delivery, policy) build on.
+- each stage's own, defined beside the code that raises them: `FetchError`,
+  `StsError` (probe); `CertificateError`, `SmimeError`, `PgpError`, `DkimError`,
+  `SplitError`, `KeyUnusable`, `EncryptFailed` (crypto); `Poison` (queue);
+  `ArchiveError`, `SealError`, `CheckpointError`, `ApiError` (archive).  Those that
+  describe bad input are `ValueError`s too.
+
+Expected outcomes of delivery (deferred, bounced) are values, not exceptions
+(`gateway.delivery.results`).
 """
 
 from __future__ import annotations
@@ -34,11 +40,3 @@ class ConfigError(SealgateError):
 
 class SpoolError(SealgateError):
     """The spool could not store or read a message."""
-
-
-class TemporaryError(SealgateError):
-    """A failure that may succeed later (defer, 4xx)."""
-
-
-class PermanentError(SealgateError):
-    """A failure that will not succeed on retry (bounce, 5xx)."""

@@ -11,6 +11,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class RecipientState(enum.StrEnum):
+    """Where a recipient stands: the truth a message's progress is read from (it is
+    done when every recipient is final)."""
+
+    PENDING = "pending"  # never tried
+    DEFERRED = "deferred"  # tried, tried again later (retry schedule)
+    HELD = "held"  # the policy decided a mode that cannot be used now: decided again later
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # a permanent failure
+    EXPIRED = "expired"  # deferred or held past delivery.max_queue_lifetime
+    DELETED = "deleted"  # removed by an administrator before it was final (queue delete)
+
+    @property
+    def final(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.EXPIRED)
+
+    @property
+    def waiting(self) -> bool:
+        """Tried, and to be tried again."""
+        return self in (RecipientState.DEFERRED, RecipientState.HELD)
+
+
 class Purpose(enum.StrEnum):
     """What a message is for: relayed for a client, or one Sealgate writes itself."""
 

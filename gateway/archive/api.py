@@ -53,6 +53,7 @@ from gateway.archive.export import export_bytes
 from gateway.archive.journal import Archive
 from gateway.archive.query import Query
 from gateway.config import ApiTokenConfig
+from gateway.errors import SealgateError
 from gateway.events import Event
 from gateway.observability.http import Request, Response
 from gateway.observability.logging import get_logger
@@ -79,7 +80,7 @@ QUERY_FIELDS = (
 )
 
 
-class ApiError(Exception):
+class ApiError(SealgateError):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status

@@ -20,10 +20,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway.errors import SealgateError
+
 _DASH = "\u2014"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SealgateError, ValueError):
     """The note is malformed, or its signature does not verify."""
 
 

@@ -38,6 +38,7 @@ from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.query import Query, message_id_of, subject_of
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore
+from gateway.errors import SealgateError
 
 
 def canonical(value: Any) -> bytes:
@@ -97,7 +98,7 @@ class Retention:
         return days
 
 
-class ArchiveError(Exception):
+class ArchiveError(SealgateError):
     """The archive cannot be opened or written as configured."""
 
 

@@ -21,10 +21,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from gateway.errors import SealgateError
+
 MAGIC = b"SGA1"
 
 
-class SealError(ValueError):
+class SealError(SealgateError, ValueError):
     """A record cannot be opened: altered, another record's, or its key is missing."""
 
 

@@ -28,10 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.errors import SealgateError
+
 MIN_RSA_BITS = 2048
 
 
-class CertificateError(ValueError):
+class CertificateError(SealgateError, ValueError):
     """Why a certificate cannot be used for S/MIME encryption."""
 
 

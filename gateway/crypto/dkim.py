@@ -24,6 +24,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from gateway.errors import SealgateError
+
 SIGNED_FIELDS = (
     "from",
     "to",
@@ -43,7 +45,7 @@ _WSP_RUN = re.compile(rb"[ \t]+")
 _TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
 
 
-class DkimError(ValueError):
+class DkimError(SealgateError, ValueError):
     """The key or the message cannot be used for signing."""
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 
+from gateway.errors import SealgateError
+
 _FIELD = re.compile(rb"[!-9;-~]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
 
 
-class SplitError(ValueError):
+class SplitError(SealgateError, ValueError):
     """The message's header block cannot be read."""
 
 

@@ -33,6 +33,7 @@ import gnupg
 import pysequoia
 
 from gateway.crypto.mime import SplitError, split
+from gateway.errors import SealgateError
 
 GPG_OPTIONS = [
     "--lock-never",
@@ -50,7 +51,7 @@ GPG_TIMEOUT = 120.0  # seconds for one encryption (a 50 MB message takes about 2
 NO_EXPIRY = 253402300799.0  # 9999-12-31: a key without an expiry date
 
 
-class PgpError(Exception):
+class PgpError(SealgateError):
     """A key that cannot be used, or gpg that failed."""
 
 

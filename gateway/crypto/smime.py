@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from gateway.crypto.mime import SplitError, split
+from gateway.errors import SealgateError
 
 
-class SmimeError(Exception):
+class SmimeError(SealgateError):
     """The copy could not be encrypted (or signed)."""
 
 

@@ -32,12 +32,12 @@ import dataclasses
 import hashlib
 import time
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Protocol
 
 from gateway.config import Config
 from gateway.crypto.transform import CopyMaker, EncryptFailed, KeyUnusable
 from gateway.delivery.client import ClientSettings, deliver
-from gateway.delivery.results import Attempted, Outcome, RecipientResult
+from gateway.delivery.results import Attempted, Deposited, Encrypted, Outcome, RecipientResult
 from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
@@ -77,7 +77,7 @@ class Depositor(Protocol):
 
     async def deposit(
         self, envelope: Envelope, data: bytes, address: str, expiry: float | None
-    ) -> tuple[RecipientResult, dict[str, Any]]: ...
+    ) -> tuple[RecipientResult, Deposited]: ...
 
 
 class CopyJournal(Protocol):
@@ -202,12 +202,12 @@ class DeliveryAgent:
                 policy, envelope, row.address, features, now
             )
         results: dict[int, RecipientResult] = {}
-        encryption: dict[int, dict[str, Any]] = {}
+        made: dict[int, Encrypted | Deposited] = {}
         causes: dict[int, RecipientResult] = {}
         pending = rows
         for _ in range(len(DELIVERY_MODES) + 1):  # each round rules out one more mode
             failed = await self._round(
-                envelope, data, domain, pending, decisions, facts_of, causes, results, encryption
+                envelope, data, domain, pending, decisions, facts_of, causes, results, made
             )
             if not failed:
                 break
@@ -228,7 +228,7 @@ class DeliveryAgent:
                 self.metrics.policy_fallbacks.labels(evaluation.decision.mode.value).inc()
             pending = [row for row, _ in failed]
         return [
-            Attempted(row.idx, results[row.idx], decisions[row.idx], encryption.get(row.idx))
+            Attempted(row.idx, results[row.idx], decisions[row.idx], made.get(row.idx))
             for row in rows
         ]
 
@@ -254,7 +254,7 @@ class DeliveryAgent:
         facts_of: dict[int, RecipientFacts],
         causes: dict[int, RecipientResult],
         results: dict[int, RecipientResult],
-        encryption: dict[int, dict[str, Any]],
+        made: dict[int, Encrypted | Deposited],
     ) -> list[tuple[Addressee, RecipientResult]]:
         """Carry out each pending recipient's decision; the ones whose mode failed."""
         failed: list[tuple[Addressee, RecipientResult]] = []
@@ -268,9 +268,9 @@ class DeliveryAgent:
                 if isinstance(sent, RecipientResult):
                     failed.append((row, sent))
                 else:
-                    results[row.idx], encryption[row.idx] = sent
+                    results[row.idx], made[row.idx] = sent
             elif decision.mode is Mode.PORTAL and self.portal is not None:
-                results[row.idx], encryption[row.idx] = await self.portal.deposit(
+                results[row.idx], made[row.idx] = await self.portal.deposit(
                     envelope, data, row.address, decision.portal_expiry
                 )
             else:
@@ -292,7 +292,7 @@ class DeliveryAgent:
         row: Addressee,
         decision: Decision,
         facts_of: dict[int, RecipientFacts],
-    ) -> tuple[RecipientResult, dict[str, Any]] | RecipientResult:
+    ) -> tuple[RecipientResult, Encrypted] | RecipientResult:
         """Encrypt ``row``'s own copy to its key (S/MIME or PGP, as decided) and deliver
         it; the result and the evidence of the encryption, or (a `RecipientResult`
         alone) why it could not be encrypted - then nothing was sent."""
@@ -330,15 +330,14 @@ class DeliveryAgent:
         )
         if result.outcome == "delivered":
             self.metrics.messages_encrypted.labels(mode.value).inc()
-        transform = {
-            "mode": mode.value,
-            "key_fingerprint": info.fingerprint,
-            "key_source": info.source,
-            "signed": self.transform.signs(mode is Mode.SMIME),
-            "sent_sha256": hashlib.sha256(sealed).hexdigest(),
-            "sent_size": len(sealed),
-        }
-        return result, transform
+        return result, Encrypted(
+            mode.value,
+            info.fingerprint,
+            info.source,
+            self.transform.signs(mode is Mode.SMIME),
+            hashlib.sha256(sealed).hexdigest(),
+            len(sealed),
+        )
 
     async def _features_of(self, queue_id: str, policy: Policy, data: bytes) -> Features:
         """What the policy reads from the message, once per message and policy."""

@@ -57,11 +57,68 @@ class HostFailure:
 
 
 @dataclass(frozen=True)
+class Encrypted:
+    """The recipient's own copy, encrypted to its key (S/MIME or PGP/MIME)."""
+
+    mode: str  # "smime" or "pgp"
+    key_fingerprint: str
+    key_source: str
+    signed: bool  # signed by the organisation too
+    sent_sha256: str
+    sent_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class Deposited:
+    """The message kept in the secure portal, the recipient notified."""
+
+    portal_item: str
+    expires: str  # RFC 3339
+    notification: str  # the notification's queue id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": "portal", **vars(self)}
+
+
+@dataclass(frozen=True)
 class Attempted:
     """One recipient's share of an attempt: the result, the decision it was sent
-    (or not) under, and how its copy was encrypted (None: not encrypted)."""
+    (or not) under, and what was made for it (None: the message as received)."""
 
     idx: int
     result: RecipientResult
     decision: Decision
-    encryption: dict[str, Any] | None = None
+    made: Encrypted | Deposited | None = None
+
+
+@dataclass(frozen=True)
+class AttemptEvidence:
+    """What an attempt shows a compliance officer for one recipient: the session
+    (host, IP, TLS, certificate, verification), the decision, the copy made, and the
+    digest of what was sent when it was not the message as received."""
+
+    decision: Decision
+    session: SessionEvidence | None = None
+    made: Encrypted | Deposited | None = None
+    copy_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (queue state, archive): flat session fields, then
+        ``decision``, ``encryption`` and ``copy_sha256``."""
+        out: dict[str, Any] = dict(vars(self.session)) if self.session is not None else {}
+        d = self.decision
+        out["decision"] = {
+            "mode": d.mode.value,
+            "rule": d.rule,
+            "tls_level": d.tls_level.label,
+            "level_source": d.level_source,
+            "policy": d.policy,
+        }
+        if self.made is not None:
+            out["encryption"] = self.made.to_dict()
+        if self.copy_sha256 is not None:
+            out["copy_sha256"] = self.copy_sha256
+        return out

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.archive.service import ArchiveService, master_keys
 from gateway.config import Config
-from gateway.delivery.results import RecipientResult
+from gateway.delivery.results import Deposited, RecipientResult
 from gateway.events import Event
 from gateway.layout import StateLayout
 from gateway.model import Envelope, Purpose
@@ -132,7 +132,7 @@ class Portal:
 
     async def deposit(
         self, envelope: Envelope, data: bytes, address: str, stay: float | None = None
-    ) -> tuple[RecipientResult, dict[str, Any]]:
+    ) -> tuple[RecipientResult, Deposited]:
         """Keep the message for ``address`` (``stay`` seconds: the policy's
         portal_expiry, else portal.expiry) and send the notification; the
         recipient's result (delivered to the portal) and the evidence."""
@@ -163,13 +163,9 @@ class Portal:
             notification=notification_id,
         )
         why = f"kept in the secure portal until {until}; notification queued as {notification_id}"
-        evidence = {
-            "mode": "portal",
-            "portal_item": item.id,
-            "expires": until,
-            "notification": notification_id,
-        }
-        return RecipientResult(address, "delivered", "2.0.0", why), evidence
+        return RecipientResult(address, "delivered", "2.0.0", why), Deposited(
+            item.id, until, notification_id
+        )
 
     # -- the recipient's side --------------------------------------------------------
 

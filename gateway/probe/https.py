@@ -13,10 +13,11 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.errors import SealgateError
 from gateway.probe.dns import LookupStatus, Resolver
 
 
-class FetchError(Exception):
+class FetchError(SealgateError):
     """Why the resource could not be fetched."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from gateway.delivery.router import Routed, RouteFailure
 from gateway.delivery.tls_policy import TlsLevel
+from gateway.errors import SealgateError
 from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.https import FetchError
@@ -74,7 +75,7 @@ class StsPolicy:
         return False
 
 
-class StsError(ValueError):
+class StsError(SealgateError, ValueError):
     """A record or policy that does not follow RFC 8461 (the reason is the text)."""
 
 

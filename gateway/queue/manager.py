@@ -49,11 +49,11 @@ from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config
 from gateway.delivery.dsn import FailedRecipient, build_dsn
-from gateway.delivery.results import Attempted
-from gateway.errors import SpoolError
+from gateway.delivery.results import Attempted, AttemptEvidence
+from gateway.errors import SealgateError, SpoolError
 from gateway.events import Event
 from gateway.layout import StateLayout
-from gateway.model import Envelope, Purpose
+from gateway.model import Envelope, Purpose, RecipientState
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.language import Policy
@@ -63,7 +63,6 @@ from gateway.queue.store import (
     QueueStore,
     RecipientRow,
     domain_of,
-    evidence_dict,
 )
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
@@ -342,7 +341,15 @@ class QueueManager:
             self._start(
                 [
                     RecipientRow(
-                        queue_id, idx, r.address, domain_of(r.address), "pending", 0, now, "", ""
+                        queue_id,
+                        idx,
+                        r.address,
+                        domain_of(r.address),
+                        RecipientState.PENDING,
+                        0,
+                        now,
+                        "",
+                        "",
                     )
                     for idx, r in enumerate(recorded.recipients)
                 ]
@@ -458,7 +465,7 @@ class QueueManager:
             self._report(envelope, row, a, record, now)
         final = await self._record(queue_id, records, now)
         self._archive_attempt(queue_id, rows, records)
-        if final is None and any(r.state in ("deferred", "held") for r in records):
+        if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
 
@@ -510,8 +517,8 @@ class QueueManager:
                     "state": record.state,
                     "status": record.status,
                     "diagnostic": record.diagnostic,
-                    "evidence": record.evidence,
-                    "decision": record.decision,  # with its reasons and facts
+                    "evidence": record.stored_evidence() or None,
+                    "decision": record.stored_decision(),  # with its reasons and facts
                 }
                 for row, record in zip(rows, records, strict=True)
             ],
@@ -532,7 +539,9 @@ class QueueManager:
             message = await self._db(self.store.message, queue_id)
             arrival = _timestamp(message["received_at"]) if message else now
             records = [
-                self._scheduled(row, "deferred", "4.3.0", diagnostic, arrival, now, "error")
+                self._scheduled(
+                    row, RecipientState.DEFERRED, "4.3.0", diagnostic, arrival, now, "error"
+                )
                 for row in rows
             ]
             final = await self._record(queue_id, records, now)
@@ -579,7 +588,9 @@ class QueueManager:
                 status, why = "5.1.7", f"bad sender address ({problems.sender})"
             else:
                 status, why = "5.3.0", f"message quarantined: {reason}"
-            records.append(AttemptRecord(idx, "bounced", status, why, None, now, "quarantined"))
+            records.append(
+                AttemptRecord(idx, RecipientState.BOUNCED, status, why, None, now, "quarantined")
+            )
         try:  # the message and its bounces in one transaction: never half recorded
             final = await self._record(queue_id, records, now, add=clean)
         except Exception as e:  # noqa: BLE001 - kept in queue/: quarantined at the next start
@@ -592,34 +603,25 @@ class QueueManager:
     def _next_state(
         self, envelope: Envelope, row: RecipientRow, attempted: Attempted, now: float
     ) -> AttemptRecord:
-        result, decision = attempted.result, attempted.decision
+        result = attempted.result
         scheduled = self._scheduled(
             row,
-            result.outcome,
+            RecipientState(result.outcome),
             result.status,
             result.diagnostic,
             _timestamp(envelope.received_at),
             now,
             result.outcome,
         )
-        evidence = evidence_dict(result.evidence) or {}
-        evidence["decision"] = {
-            "mode": decision.mode.value,
-            "rule": decision.rule,
-            "tls_level": decision.tls_level.label,
-            "level_source": decision.level_source,
-            "policy": decision.policy,
-        }
-        if attempted.encryption is not None:
-            evidence["encryption"] = attempted.encryption
-        if result.copy_sha256 is not None:
-            evidence["copy_sha256"] = result.copy_sha256
-        return dataclasses.replace(scheduled, evidence=evidence, decision=decision.to_dict())
+        evidence = AttemptEvidence(
+            attempted.decision, result.evidence, attempted.made, result.copy_sha256
+        )
+        return dataclasses.replace(scheduled, evidence=evidence)
 
     def _scheduled(
         self,
         row: RecipientRow,
-        state: str,
+        state: RecipientState,
         status: str,
         diagnostic: str,
         arrival: float,
@@ -630,9 +632,9 @@ class QueueManager:
         attempt from ``delivery.retry_schedule``, or expires (4.4.7) past
         ``delivery.max_queue_lifetime`` - whatever the reason it was not sent."""
         next_attempt = now
-        if state in ("deferred", "held"):
+        if state.waiting:
             if now - arrival >= self.config.delivery.max_queue_lifetime:
-                state, status = "expired", "4.4.7"
+                state, status = RecipientState.EXPIRED, "4.4.7"
                 diagnostic = f"delivery time expired; last error: {diagnostic}"
             else:
                 schedule = self.config.delivery.retry_schedule
@@ -651,7 +653,7 @@ class QueueManager:
         decision = attempted.decision
         ev = attempted.result.evidence
         self.metrics.policy_decisions.labels(decision.mode.value, decision.rule).inc()
-        if record.state not in ("deferred", "held"):
+        if not record.state.waiting:
             self.metrics.queue_time.labels(record.state).observe(
                 now - _timestamp(envelope.received_at)
             )
@@ -710,7 +712,7 @@ class QueueManager:
     ) -> None:
         assert self.store is not None
         self._forget(envelope.queue_id)
-        failed = [r for r in rows if r.state in ("bounced", "expired")]
+        failed = [r for r in rows if r.state in (RecipientState.BOUNCED, RecipientState.EXPIRED)]
         dsn_sent = False
         if failed and envelope.mail_from and tell_sender:
             report = build_dsn(
@@ -742,7 +744,7 @@ class QueueManager:
         log.info(
             Event.MESSAGE_DONE,
             queue_id=envelope.queue_id,
-            delivered=sum(r.state == "delivered" for r in rows),
+            delivered=sum(r.state is RecipientState.DELIVERED for r in rows),
             failed=len(failed),
         )
 
@@ -751,7 +753,7 @@ def _timestamp(received_at: str) -> float:
     return datetime.datetime.fromisoformat(received_at).timestamp()
 
 
-class Poison(Exception):  # noqa: N818 - what it is, not an error of ours
+class Poison(SealgateError):  # noqa: N818 - what it is, not an error of ours
     """A spooled message whose envelope the queue cannot take (it would fail the
     listener's checks: `gateway.addresses.check_envelope`)."""
 

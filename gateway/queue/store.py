@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import sqlite_tx
-from gateway.model import Envelope
+from gateway.delivery.results import AttemptEvidence
+from gateway.model import Envelope, RecipientState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -80,7 +81,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-FINAL_STATES = ("delivered", "bounced", "expired")
+FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,20 @@ class AttemptRecord:
     """What one attempt did for one recipient, and the state that follows."""
 
     idx: int
-    state: str
+    state: RecipientState
     status: str
     diagnostic: str
-    evidence: dict[str, Any] | None
+    evidence: AttemptEvidence | None
     next_attempt: float
-    outcome: str
-    decision: dict[str, Any] | None = None
+    outcome: str  # what the attempt itself came to ("error", "quarantined" beside states)
+
+    def stored_evidence(self) -> dict[str, Any]:
+        """The evidence as the queue state and the archive keep it."""
+        return self.evidence.to_dict() if self.evidence is not None else {}
+
+    def stored_decision(self) -> dict[str, Any] | None:
+        """The decision with its reasons and facts (`Decision.to_dict`)."""
+        return self.evidence.decision.to_dict() if self.evidence is not None else None
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class RecipientRow:
     idx: int
     address: str
     domain: str
-    state: str
+    state: RecipientState
     attempts: int
     next_attempt: float
     status: str
@@ -223,7 +231,7 @@ class QueueStore:
             "diagnostic FROM recipients WHERE queue_id=? ORDER BY idx",
             (queue_id,),
         )
-        return [RecipientRow(*r) for r in rows]
+        return [_row(r) for r in rows]
 
     def due(self, now: float, limit: int = 1000) -> list[RecipientRow]:
         """Recipients whose attempt is due and not already taken by an attempt."""
@@ -234,7 +242,7 @@ class QueueStore:
             "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
             (now, limit),
         )
-        return [RecipientRow(*r) for r in rows]
+        return [_row(r) for r in rows]
 
     def claim(self, now: float, limit: int) -> list[RecipientRow]:
         """Take due recipients for attempts (the lease ends when a result is recorded,
@@ -291,7 +299,7 @@ class QueueStore:
                         r.status,
                         r.diagnostic,
                         now,
-                        json.dumps(r.decision) if r.decision is not None else None,
+                        json.dumps(decision) if (decision := r.stored_decision()) else None,
                         queue_id,
                         r.idx,
                     ),
@@ -308,7 +316,7 @@ class QueueStore:
                         r.outcome,
                         r.status,
                         r.diagnostic,
-                        json.dumps(r.evidence or {}),
+                        json.dumps(r.stored_evidence()),
                     ),
                 )
             )
@@ -451,9 +459,9 @@ class QueueStore:
         elif action == "delete":
             statements.append(
                 (
-                    "UPDATE recipients SET state='deleted' WHERE queue_id=? AND "
+                    "UPDATE recipients SET state=? WHERE queue_id=? AND "
                     "state IN ('pending','deferred','held')",
-                    (queue_id,),
+                    (RecipientState.DELETED.value, queue_id),
                 )
             )
             statements.append(
@@ -471,10 +479,9 @@ class QueueStore:
         return [{"at": r[0], "action": r[1], "actor": r[2]} for r in rows]
 
 
+def _row(r: tuple[Any, ...]) -> RecipientRow:
+    return RecipientRow(r[0], r[1], r[2], r[3], RecipientState(r[4]), *r[5:])
+
+
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-def evidence_dict(evidence: Any) -> dict[str, Any] | None:
-    """A flat evidence dataclass as a dict (vars(): asdict's deep copy is not needed)."""
-    return dict(vars(evidence)) if evidence is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from gateway.model import RecipientState
 from gateway.queue.store import AttemptRecord, QueueStore
 from tests.conftest import load_test_config, make_message, queued, smtp_client, write_config
 from tests.delivery.conftest import wait_until
@@ -63,7 +64,11 @@ async def test_a_crash_after_the_last_result_but_before_the_bounce_is_finished_a
     store = QueueStore(first.config.state_dir / "queue.db")  # what the crash left behind
     store.record(
         queue_id,
-        [AttemptRecord(0, "bounced", "5.1.1", "550 5.1.1 no such user", None, 0, "bounced")],
+        [
+            AttemptRecord(
+                0, RecipientState.BOUNCED, "5.1.1", "550 5.1.1 no such user", None, 0, "bounced"
+            )
+        ],
     )
     store.close()
 
@@ -97,7 +102,8 @@ async def test_a_crash_after_the_last_delivery_but_before_the_spool_removal_is_c
     await first.stop()
     store = QueueStore(first.config.state_dir / "queue.db")  # the delivery was recorded...
     store.record(
-        path.name, [AttemptRecord(0, "delivered", "2.0.0", "250 ok", None, 0, "delivered")]
+        path.name,
+        [AttemptRecord(0, RecipientState.DELIVERED, "2.0.0", "250 ok", None, 0, "delivered")],
     )
     assert store.message(path.name)["done"] == 1
     store.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.model import ClientInfo, Envelope, Recipient
+from gateway.model import ClientInfo, Envelope, Recipient, RecipientState
 from gateway.queue.store import AttemptRecord, QueueStore
 
 
@@ -27,7 +27,9 @@ def test_claimed_recipients_are_not_claimed_twice_until_their_result_or_a_restar
     assert sorted(r.address for r in first) == ["a@x.test", "b@y.test"]
     assert store.claim(now=200, limit=10) == []  # leased
     store.record(
-        "Q1", [AttemptRecord(0, "deferred", "4.4.1", "down", None, 300, "deferred")], now=200
+        "Q1",
+        [AttemptRecord(0, RecipientState.DEFERRED, "4.4.1", "down", None, 300, "deferred")],
+        now=200,
     )
     assert store.claim(now=250, limit=10) == []  # not due before 300
     assert [r.address for r in store.claim(now=300, limit=10)] == ["a@x.test"]
@@ -52,7 +54,7 @@ def test_held_messages_are_not_claimed_and_actions_are_audited(tmp_path):
 
 
 def _final(idx: int, state: str = "delivered") -> AttemptRecord:
-    return AttemptRecord(idx, state, "2.0.0", "250 ok", {"mx_host": "mx"}, 0, state)
+    return AttemptRecord(idx, RecipientState(state), "2.0.0", "250 ok", None, 0, state)
 
 
 def test_the_result_that_makes_the_last_recipient_final_returns_the_message_once(tmp_path):
@@ -74,7 +76,9 @@ def test_depth_counts_recipients_not_yet_final_by_state(tmp_path):
     store.admin("Q5", "hold", "alice")
     store.claim(now=100, limit=1)  # one of Q4's recipients is now under way
     assert store.depth() == {"pending": 2, "deferred": 0, "active": 1, "hold": 1, "held": 0}
-    store.record("Q4", [AttemptRecord(0, "deferred", "4.4.1", "down", None, 500, "deferred")])
+    store.record(
+        "Q4", [AttemptRecord(0, RecipientState.DEFERRED, "4.4.1", "down", None, 500, "deferred")]
+    )
     store.record("Q4", [_final(1), _final(2)])
     assert store.depth() == {"pending": 0, "deferred": 1, "active": 0, "hold": 1, "held": 0}
 
