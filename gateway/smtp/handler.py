@@ -63,7 +63,7 @@ class Handler:
             out.append("250-STARTTLS")
         if tls_active and self.ctx.relay.offers_auth:
             out.append("250-AUTH PLAIN LOGIN")
-        out.append("250 HELP")
+        out.append(replies.EHLO_LAST)
         return out
 
     async def handle_HELO(
@@ -78,7 +78,7 @@ class Handler:
             self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
             return replies.BAD_HELO.format(detail=problem.detail)
         session.host_name = hostname
-        return f"250 {server.hostname}"
+        return replies.HELO_OK.format(hostname=server.hostname)
 
     def handle_STARTTLS(
         self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope

@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 
 OK = "250 2.0.0 OK"
+HELO_OK = "250 {hostname}"  # HELO and EHLO replies carry no enhanced code (RFC 2034 3)
+EHLO_LAST = "250 HELP"
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+SYNTAX_DATA = "501 5.5.4 Syntax: DATA"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 QUEUED = "250 2.0.0 Ok: queued as {queue_id}"

@@ -316,6 +316,7 @@ class GatewaySMTP(SMTP):
         """aiosmtpd's, with a syntax reply for an over-long or non-ASCII answer
         (its own raises, and the client got 451)."""
         raw = challenge.encode() if isinstance(challenge, str) else challenge
+        # the AUTH challenge (RFC 4954 4): "334 " and the base64 text, nothing else
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         line = await self._read_line()
         if line is None:
@@ -365,9 +366,9 @@ class GatewaySMTP(SMTP):
             await self.push(replies.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(replies.SYNTAX_DATA)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.START_DATA)
         self.in_transaction = True
         self._data_timer_armed = self.loop.time()
         self._reset_timeout(self.ctx.config.smtp.data_timeout)
