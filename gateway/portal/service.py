@@ -86,7 +86,8 @@ class Portal:
     async def start(self, tls: ssl.SSLContext | None) -> None:
         from gateway.portal.web import PortalWeb, ServerLog
 
-        self._runner = web.AppRunner(PortalWeb(self).app(), access_log=None, logger=ServerLog())
+        web_app = PortalWeb(self, self.config.portal).app()
+        self._runner = web.AppRunner(web_app, access_log=None, logger=ServerLog())
         await self._runner.setup()
         listen = self.config.portal.listen
         site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=tls)
@@ -168,6 +169,26 @@ class Portal:
         )
 
     # -- the recipient's side --------------------------------------------------------
+
+    # -- what the web layer asks for (gateway.portal.web.PortalService) -------------
+
+    async def item(self, token: str) -> Item | None:
+        """The item a link's token opens (its state says whether it can be used)."""
+        return await self.run(self.store.item, token)
+
+    async def new_session(self, item: Item) -> tuple[str, str]:
+        """A signed-in session for ``portal.session_ttl``: (session id, CSRF token)."""
+        return await self.run(self.store.new_session, item, self.config.portal.session_ttl)
+
+    async def session(self, sid: str, item: Item) -> str | None:
+        """The CSRF token of a live session of this item, or None."""
+        return await self.run(self.store.session, sid, item)
+
+    async def end_session(self, sid: str) -> None:
+        await self.run(self.store.end_session, sid)
+
+    def rate_limited(self) -> None:
+        self.metrics.portal_rate_limited.inc()
 
     async def send_code(self, item: Item, actor: str) -> None:
         code = await self.run(self.store.new_code, item, self.config.portal.code_ttl)

@@ -21,12 +21,13 @@ import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.config import PortalConfig
 from gateway.events import Event
 from gateway.observability.logging import get_logger
 from gateway.portal import render
@@ -34,8 +35,34 @@ from gateway.portal.store import CodeCheck, Item
 
 log = get_logger("gateway.portal.http")
 
-if TYPE_CHECKING:
-    from gateway.portal.service import Portal
+
+class PortalService(Protocol):
+    """What the web layer asks of the portal (`gateway.portal.service.Portal`): items
+    by link, codes, sessions, the message and its parts, replies - each recorded in
+    the archive's access record there, not here."""
+
+    async def item(self, token: str) -> Item | None: ...
+
+    async def send_code(self, item: Item, actor: str) -> None: ...
+
+    async def check_code(self, item: Item, code: str, actor: str) -> CodeCheck: ...
+
+    async def new_session(self, item: Item) -> tuple[str, str]: ...
+
+    async def session(self, sid: str, item: Item) -> str | None: ...
+
+    async def end_session(self, sid: str) -> None: ...
+
+    async def open(self, item: Item, actor: str) -> bytes: ...
+
+    async def part(self, item: Item, index: int, actor: str) -> tuple[render.Part, bytes]: ...
+
+    async def reply(
+        self, item: Item, text: str, files: list[tuple[str, str, bytes]], actor: str
+    ) -> str: ...
+
+    def rate_limited(self) -> None: ...
+
 
 SESSION = "__Host-sealgate-session"
 PRE_CSRF = "__Host-sealgate-csrf"
@@ -99,9 +126,9 @@ class RateLimit:
 
 
 class PortalWeb:
-    def __init__(self, portal: Portal):
+    def __init__(self, portal: PortalService, config: PortalConfig):
         self.portal = portal
-        self.config = portal.config.portal
+        self.config = config
         self.per_ip = RateLimit(self.config.requests_per_minute, 60.0)
         self.per_link = RateLimit(CODE_REQUESTS, CODE_WINDOW)
 
@@ -135,7 +162,7 @@ class PortalWeb:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if not self.per_ip.allow(self.client(request), time.monotonic()):
-            self.portal.metrics.portal_rate_limited.inc()
+            self.portal.rate_limited()
             response: web.StreamResponse = self.page(
                 "Too many requests", "<p>Please wait a minute and try again.</p>", status=429
             )
@@ -179,7 +206,7 @@ class PortalWeb:
     async def _item(self, request: web.Request) -> tuple[str, Item | web.Response]:
         """The link's item if it can be used now, else the page that says why."""
         token = request.match_info["token"]
-        item = await self.portal.run(self.portal.store.item, token) if len(token) < 100 else None
+        item = await self.portal.item(token) if len(token) < 100 else None
         if item is None:
             return token, self.page(
                 "This link is not valid",
@@ -215,8 +242,7 @@ class PortalWeb:
         sid = request.cookies.get(SESSION)
         if not sid:
             return None
-        csrf: str | None = await self.portal.run(self.portal.store.session, sid, item)
-        return csrf
+        return await self.portal.session(sid, item)
 
     async def _session_of(self, request: web.Request) -> tuple[str, Item, str] | web.Response:
         """A page that needs sign-in: the link's item and the session's CSRF token;
@@ -352,7 +378,7 @@ class PortalWeb:
             return page
         if checked is not CodeCheck.RIGHT:
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=wrong")
-        sid = await self.portal.run(self.portal.store.new_session, item, self.config.session_ttl)
+        sid = await self.portal.new_session(item)
         response = web.HTTPSeeOther(f"/m/{token}/read")
         response.set_cookie(
             SESSION,
@@ -465,7 +491,7 @@ class PortalWeb:
         if csrf is not None and sid:
             if not self._csrf_ok((await request.post()).get("csrf"), csrf):
                 return self._forbidden()
-            await self.portal.run(self.portal.store.end_session, sid)
+            await self.portal.end_session(sid)
         response = self.page("Signed out", "<p>You have signed out.</p>")
         response.del_cookie(SESSION, path="/", secure=True, samesite="Strict")
         return response
