@@ -52,9 +52,9 @@ from gateway.archive.service import open_archive  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.queue.store import QueueStore  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.dns_fixture import DnsFixture  # noqa: E402
 from tests.hostile import battery  # noqa: E402
-from tests.mta_fixture import RecipientMta  # noqa: E402
+from tests.support.dns import DnsFixture  # noqa: E402
+from tests.support.mta import RecipientMta  # noqa: E402
 
 FULL = {
     "mutation": 1100,

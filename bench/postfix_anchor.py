@@ -3,7 +3,8 @@
 It runs from its own config and queue directories under a temporary directory, listens
 only on 127.0.0.1, relays everything to an ``smtp-sink`` on loopback, and is stopped
 and removed afterwards.  Needs root (Postfix drops privileges to the ``postfix`` user)
-and the Debian ``postfix`` package (``scripts/setup.sh bench`` installs it).
+and the Debian ``postfix`` package (``scripts/setup.sh`` installs it with everything
+else, as ``make bench`` runs it).
 """
 
 from __future__ import annotations

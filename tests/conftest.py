@@ -29,6 +29,9 @@ from gateway.observability.logging import configure_logging
 
 configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 
+# fixtures every test may use: the delivery world, the portal from a recipient's side
+pytest_plugins = ["tests.support.world", "tests.support.portal"]
+
 
 _handed_out: set[int] = set()
 
@@ -315,6 +318,6 @@ def run_sealgate(
 @pytest.fixture(scope="session")
 def pgp_keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """OpenPGP test keys (see tests/crypto/pgp_keys.py), made once per session."""
-    from tests.crypto.pgp_keys import make_all
+    from tests.support.pgp_keys import make_all
 
     return make_all(tmp_path_factory.mktemp("pgp"))

@@ -25,7 +25,6 @@ programming errors.
 from __future__ import annotations
 
 import _ssl
-import asyncio
 import dataclasses
 import datetime
 import enum
@@ -266,7 +265,7 @@ async def _open(
         secured = await _secure(smtp, hop, level, evidence, settings, tlsa)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         secured = HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled (shutting down), or a bug: never leave the socket
         smtp.close()
         raise
     if isinstance(secured, HostFailure):
@@ -296,7 +295,7 @@ async def _use(
         session.smtp.close()
         host = f"{evidence.mx_host}[{evidence.ip}]"
         return HostFailure("4.4.2", f"session with {host} failed: {e}", evidence)
-    except asyncio.CancelledError:  # shutting down mid-transaction: not recorded, retried
+    except BaseException:  # cancelled mid-transaction (not recorded, retried), or a bug
         session.smtp.close()
         raise
     if outcome is None and sessions is not None:
@@ -421,6 +420,9 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
     if smtp.supports_extension("size"):
         options.append(f"SIZE={len(message.data)}")
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+    message.results.clear()  # what counts is the transaction that completes
+    if encoding == "ascii" and _needs_smtputf8(message, evidence):
+        return None  # nothing this server can take (RFC 6531 3.4): bounced, 5.6.7
     try:
         reply = await smtp.execute_command(
             b"MAIL",
@@ -447,6 +449,8 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
         return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}", evidence)
     accepted = []
     for rcpt in message.recipients:
+        if rcpt in message.results:
+            continue  # bounced already (a non-ASCII address, no SMTPUTF8 here)
         reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
         if reply.code < 400:
             accepted.append(rcpt)
@@ -465,6 +469,17 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
             rcpt, _outcome(code), status, f"{code} {text}", evidence
         )
     return None
+
+
+def _needs_smtputf8(message: _Message, evidence: SessionEvidence) -> bool:
+    """For a server without SMTPUTF8: bounce (5.6.7) the recipients whose address is
+    not ASCII - every one when the sender's is not.  True when none is left."""
+    why = f"{evidence.mx_host} does not support SMTPUTF8 (RFC 6531), needed for "
+    for rcpt in message.recipients:
+        if not message.sender.isascii() or not rcpt.isascii():
+            whose = "the sender's address" if not message.sender.isascii() else "this address"
+            message.results[rcpt] = RecipientResult(rcpt, "bounced", "5.6.7", why + whose, evidence)
+    return all(r in message.results for r in message.recipients)
 
 
 async def _data(smtp: aiosmtplib.SMTP, wire: bytes) -> tuple[int, str]:

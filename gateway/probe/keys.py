@@ -1,9 +1,9 @@
 """Key stores: where the probe learns of a recipient's S/MIME certificate or PGP key.
 
-The interface the policy engine's facts come from.  The stores themselves (a key
-directory managed with ``sealgate keys``, WKD discovery) are built with the
-encryption issue; until then the gateway knows no keys (`NoKeys`), so recipients
-are never decided for S/MIME or PGP.
+The interface the policy engine's facts come from.  The stores: the key directory
+managed with ``sealgate keys`` (`gateway.crypto.keydir.DirectoryKeyStore`), with WKD
+discovery in front of it when ``wkd.enabled`` (`gateway.probe.wkd.WkdKeyStore`);
+`NoKeys` knows none (then no recipient is decided for S/MIME or PGP).
 
 A store answers for one address at a time, returns only keys it would encrypt to
 (valid now, suitable for encryption, bound to that address), and never raises for

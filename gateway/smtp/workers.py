@@ -6,7 +6,7 @@ once, clearly), recovers the spool, and starts ``smtp.workers`` children that in
 the socket and accept from it, the way Postfix's smtpd processes share theirs.  A
 worker writes each message to the spool itself and answers 250 only after the fsync;
 then it tells the main process ``queued`` over a control socket, so the main process
-can count the spool (and, later, schedule delivery).  A large message in one worker
+counts the spool and queues the message (reading it from the spool).  A large message in one worker
 cannot stall the sessions of another.
 
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``

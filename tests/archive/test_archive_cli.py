@@ -16,7 +16,7 @@ import time
 import yaml
 
 from tests.conftest import make_message, run_sealgate, smtp_client
-from tests.delivery.conftest import wait_until
+from tests.support.world import wait_until
 
 
 def cli(tmp_path, *args: str):

@@ -15,9 +15,9 @@ import zipfile
 
 from gateway.archive.query import Query
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.crypto.smime_pki import mailbox
-from tests.delivery.conftest import wait_until
-from tests.delivery.test_queue_e2e import BODY, SUBJECT, done, send, start
+from tests.support.delivery import BODY, SUBJECT, done, send, start
+from tests.support.smime_pki import mailbox
+from tests.support.world import wait_until
 
 
 async def send_one(gw, rcpts) -> str:

@@ -45,7 +45,7 @@ def test_an_empty_blob_and_a_large_one_come_back_exactly(store):
 
 def test_a_file_blob_that_does_not_fit_leaves_nothing_behind(tmp_path):
     from gateway.durable import write_file
-    from tests.spool.test_spool import small_filesystem
+    from tests.support.fs import small_filesystem
 
     with small_filesystem(tmp_path / "tiny", "1m") as mount:
         blobs = FileBlobStore(mount / "blobs")

@@ -3,14 +3,13 @@ the structures a clinic sends; a changed copy loses the original signature."""
 
 from __future__ import annotations
 
-import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from gateway.crypto.dkim import DkimError, DkimKey, load_key, sign, without_signatures
-from tests.crypto.smime_pki import rsa_key
-from tests.crypto.test_smime import MESSAGES
+from tests.support.messages import MESSAGES, verify
+from tests.support.smime_pki import rsa_key
 
 
 def keys() -> dict[str, DkimKey]:
@@ -18,16 +17,6 @@ def keys() -> dict[str, DkimKey]:
         "rsa": DkimKey("clinic.test", "sg2026", rsa_key(2048, 20)),
         "ed25519": DkimKey("clinic.test", "sg2026e", ed25519.Ed25519PrivateKey.generate()),
     }
-
-
-def verify(message: bytes, key: DkimKey) -> bool:
-    record = key.public_record().encode()
-
-    def dnsfunc(name, timeout=5):
-        assert name == f"{key.selector}._domainkey.{key.domain}.".encode()
-        return record
-
-    return bool(dkim.verify(message, dnsfunc=dnsfunc))
 
 
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])

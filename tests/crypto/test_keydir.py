@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
-from tests.crypto.smime_pki import ca, mailbox, rsa_key
+from tests.support.smime_pki import ca, mailbox, rsa_key
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import run_sealgate
-from tests.crypto.smime_pki import mailbox
+from tests.support.smime_pki import mailbox
 
 
 def keys(tmp_path, *args):

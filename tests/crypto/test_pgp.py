@@ -12,8 +12,8 @@ import pytest
 from gateway.crypto.keydir import KeyDirectory
 from gateway.crypto.mime import split
 from gateway.crypto.pgp import PgpEncryptor, PgpError
-from tests.crypto.pgp_keys import gpg
-from tests.crypto.test_smime import MESSAGES
+from tests.support.messages import MESSAGES
+from tests.support.pgp_keys import gpg
 
 
 @pytest.fixture

@@ -6,14 +6,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.delivery.client import ClientSettings, deliver
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.tls_policy import TlsLevel
-from tests.delivery.conftest import MESSAGE, tls_only, wait_until
-from tests.delivery.test_queue_e2e import send
+from tests.support.delivery import publish, send, spki_sha256
+from tests.support.world import MESSAGE, tls_only, wait_until
 
 
 async def dane_send(world, hosts, *, secure_mx: bool = True, dane: bool = True):
@@ -24,12 +22,6 @@ async def dane_send(world, hosts, *, secure_mx: bool = True, dane: bool = True):
     return await deliver(
         routed, TlsLevel.MAY, "s@clinic.test", ["r@dest.test"], MESSAGE, settings, world.resolver
     )
-
-
-def publish(world, host: str, record: str) -> None:
-    name = f"_{world.port}._tcp.{host}"
-    world.dns.add(name, "TLSA", record)
-    world.dns.secure(name)
 
 
 async def test_a_self_signed_mx_with_a_matching_dane_ee_record_is_authenticated(world):
@@ -112,12 +104,3 @@ async def test_through_the_daemon_dane_outranks_the_policy_level(gateway_factory
         "dane-ee",
     )
     assert attempt["evidence"]["decision"]["level_source"] == "dane"
-
-
-def spki_sha256(cert_der: bytes) -> str:
-    spki = (
-        x509.load_der_x509_certificate(cert_der)
-        .public_key()
-        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    )
-    return hashlib.sha256(spki).hexdigest()

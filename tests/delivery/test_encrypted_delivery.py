@@ -15,10 +15,10 @@ import pytest
 from gateway.crypto.smime import split
 from gateway.probe.facts import KeyInfo, KnownKeys
 from tests.conftest import make_message, run_sealgate
-from tests.crypto.pgp_keys import gpg
-from tests.crypto.smime_pki import ca, mailbox
-from tests.delivery.conftest import wait_until
-from tests.delivery.test_queue_e2e import send, start, state
+from tests.support.delivery import send, start, state
+from tests.support.pgp_keys import gpg
+from tests.support.smime_pki import ca, mailbox
+from tests.support.world import wait_until
 
 BOB = mailbox("bob@dest.test", n=5)
 ORG = mailbox("noreply@clinic.test", n=6)
@@ -170,7 +170,7 @@ async def test_changed_copies_are_dkim_signed_unchanged_ones_stay_byte_identical
 
     from gateway.crypto.dkim import load_key
     from tests.conftest import smtp_client
-    from tests.crypto.test_dkim import verify
+    from tests.support.messages import verify
 
     dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
     good = await world.mta("mx.good.test", "127.0.0.72")
@@ -222,7 +222,7 @@ async def test_a_key_found_by_wkd_is_used_only_where_the_policy_allows(
     gateway_factory, world, pki, tmp_path, pgp_keys, allowed
 ):
     from tests.conftest import free_port
-    from tests.https_fixture import PolicyServer
+    from tests.support.https import PolicyServer
 
     dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")

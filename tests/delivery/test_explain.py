@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import run_sealgate, write_config
-from tests.delivery.test_dane_delivery import publish, spki_sha256
+from tests.support.delivery import publish, spki_sha256
 
 POLICIES = Path(__file__).parents[2] / "policies"
 
@@ -135,7 +135,7 @@ async def test_explain_reports_a_bad_policy_with_file_and_line(tmp_path):
 
 
 async def test_explain_uses_the_key_directory(world, tmp_path):
-    from tests.crypto.smime_pki import mailbox
+    from tests.support.smime_pki import mailbox
 
     await world.mta("mx.plain.test", "127.0.0.92", cert=None)
     world.dns.add("plain.test", "MX", "10 mx.plain.test.")

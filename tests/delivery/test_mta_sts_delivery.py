@@ -8,9 +8,9 @@ import json
 import pytest
 
 from tests.conftest import free_port, run_sealgate
-from tests.delivery.conftest import tls_only, wait_until
-from tests.delivery.test_queue_e2e import send, state
-from tests.https_fixture import PolicyServer
+from tests.support.delivery import send, state
+from tests.support.https import PolicyServer
+from tests.support.world import tls_only, wait_until
 
 
 @pytest.fixture

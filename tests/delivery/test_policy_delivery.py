@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 from tests.conftest import smtp_client
-from tests.delivery.conftest import tls_only, wait_until
-from tests.delivery.test_queue_e2e import send, start, state
+from tests.support.delivery import send, start, state
+from tests.support.world import tls_only, wait_until
 
 
 def sample(gw, name: str, **labels) -> float:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tests.conftest import make_message, smtp_client
-from tests.delivery.conftest import wait_until
+from tests.support.world import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from postfix_anchor import postfix_instance  # noqa: E402

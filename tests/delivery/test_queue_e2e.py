@@ -10,37 +10,9 @@ from __future__ import annotations
 import json
 
 from gateway.delivery.dsn import original_message_id
-from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.delivery.conftest import tls_only, wait_until
-
-SUBJECT = "Biopsy result for J. Roe"
-BODY = "The margins are clear.\r\n"
-
-
-async def start(gateway_factory, world, pki, policy=None, **overrides):
-    return await gateway_factory(
-        world.config({"delivery.retry_schedule": ["1s"], **overrides}, policy=policy)
-    )
-
-
-async def send(gw, rcpts, sender="doctor@clinic.test"):
-    async with smtp_client(gw) as client:
-        await client.sendmail(sender, rcpts, make_message(SUBJECT, BODY))
-    (path,) = queued(gw)
-    return path.name
-
-
-def done(gw, queue_id) -> bool:
-    message = gw.queue.store.message(queue_id)
-    return bool(message and message["done"])
-
-
-def depth(gw, state: str) -> float:
-    return gw.metrics.registry.get_sample_value("sealgate_queue_recipients", {"state": state})
-
-
-def state(gw, queue_id):
-    return {r.address: (r.state, r.status) for r in gw.queue.store.recipients(queue_id)}
+from tests.conftest import make_message, queued, run_sealgate
+from tests.support.delivery import BODY, SUBJECT, depth, done, send, start, state
+from tests.support.world import tls_only, wait_until
 
 
 async def test_mixed_domains_each_get_their_copy_and_a_5xx_bounces_without_content(

@@ -10,7 +10,7 @@ import pytest
 from gateway.config import HostPort, parse_nameserver
 from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.probe.dns import Resolver
-from tests.dns_fixture import DnsFixture
+from tests.support.dns import DnsFixture
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.observability.metrics import Metrics
-from tests.delivery.conftest import wait_until
+from tests.support.world import wait_until
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.delivery.conftest import tls_only, world  # noqa: F401 - the fixture, shared
-from tests.portal.test_portal_http import portal  # noqa: F401 - the fixture, shared
+from tests.support.world import tls_only
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from gateway.events import Event
 from tests.conftest import RawSmtp, make_message, queued
-from tests.delivery.conftest import wait_until
+from tests.support.world import wait_until
 
 UTF8_MAIL = "MAIL FROM:<a@clinic.test> SMTPUTF8"
 PLAIN_MAIL = "MAIL FROM:<a@clinic.test>"
@@ -180,3 +180,15 @@ async def test_malformed_auth_answers_get_syntax_replies(relay, tmp_path):
         assert (await s.command("NOOP")).startswith("250")
     await s.close()
     assert not [e for e in logs if e["event"] == Event.SESSION_ERROR]
+
+
+async def test_a_utf8_address_for_a_server_without_smtputf8_bounces_with_5_6_7(relay, world):
+    gw, dest, sender = await relay()
+    old = await world.mta("mx.old.test", "127.0.0.45", utf8=False)  # no SMTPUTF8
+    world.dns.add("old.test", "MX", "10 mx.old.test.")
+    s = await tls_session(gw)
+    await send_ok(s, "δοκιμή@old.test", "MAIL FROM:<a@clinic.test> SMTPUTF8")
+    await s.close()
+    await wait_until(lambda: sender.received, what="the DSN")
+    assert old.received == []
+    assert "Status: 5.6.7" in sender.received[0].data.decode()

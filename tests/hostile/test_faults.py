@@ -14,9 +14,9 @@ from gateway.archive.journal import Archive
 from gateway.events import Event
 from gateway.queue.store import QueueStore
 from tests.conftest import make_message, queued, smtp_client
-from tests.delivery.conftest import wait_until
-from tests.observability.test_ops_http import http_get
-from tests.spool.test_spool import small_filesystem
+from tests.support.fs import small_filesystem
+from tests.support.http import http_get
+from tests.support.world import wait_until
 
 
 async def test_a_result_the_queue_state_cannot_write_is_written_later_not_delivered_twice(

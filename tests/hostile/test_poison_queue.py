@@ -14,7 +14,7 @@ import gateway.delivery.attempt as attempt_module
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool import Spool, new_queue_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.delivery.conftest import wait_until
+from tests.support.world import wait_until
 
 
 async def spool_legacy(state_dir, sender: str, rcpts: list[str], helo: str = "client.test"):

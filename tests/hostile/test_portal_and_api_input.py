@@ -9,10 +9,10 @@ import json
 import time
 from urllib.parse import quote
 
-from tests.archive.test_archive_api import call, journaled
-from tests.archive.test_archive_api import config as api_config
 from tests.conftest import make_message, smtp_client
-from tests.portal.test_portal_http import request_code
+from tests.support.archive_api import call, journaled
+from tests.support.archive_api import config as api_config
+from tests.support.portal import request_code
 
 PORTAL_ONLY = "version: 1\ndefaults: {modes: [portal], fallback: hold}\n"
 

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from tests.conftest import make_message, smtp_client
-
-
-async def http_get(gw, path: str, method: str = "GET") -> tuple[int, str]:
-    listen = gw.config.listen.http
-    reader, writer = await asyncio.open_connection(listen.host, listen.port)
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = raw.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
+from tests.support.http import http_get
 
 
 async def test_healthz_and_readyz_answer_200_when_running(gateway_factory):

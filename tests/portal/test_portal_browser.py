@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import re
 import ssl
 import subprocess
 import urllib.request
@@ -30,7 +29,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
 from tests.conftest import free_port, run_sealgate, smtp_client
-from tests.delivery.conftest import wait_until
+from tests.support.portal import code_in, link_in
+from tests.support.world import wait_until
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
@@ -125,18 +125,6 @@ async def send(gw) -> str:
     async with smtp_client(gw) as client:
         _, reply = await client.sendmail("doctor@clinic.test", ["patient@plain.test"], message())
     return reply.rsplit(" ", 1)[1]
-
-
-def link_in(data: bytes) -> str:
-    found = re.search(rb"https://127\.0\.0\.1:\d+/m/[A-Za-z0-9_-]+", data)
-    assert found, data
-    return found.group(0).decode()
-
-
-def code_in(data: bytes) -> str:
-    found = re.search(rb"\b(\d{8})\b", data.split(b"\r\n\r\n", 1)[1])
-    assert found, data
-    return found.group(1).decode()
 
 
 async def on_page(driver, action):

@@ -5,78 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
-import ssl
 import time
 
 import aiohttp
 import pytest
 
 from tests.conftest import free_port, make_message, run_sealgate, smtp_client
-from tests.delivery.conftest import wait_until
-from tests.portal.test_portal_browser import code_in, link_in
+from tests.support.portal import csrf_of, request_code
+from tests.support.world import wait_until
 
 PNG_1X1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-
-
-@pytest.fixture
-async def portal(gateway_factory, world, pki, tmp_path):
-    async def start(policy: str | None = None, message: bytes | None = None, **overrides):
-        plain = await world.mta("mx.plain.test", "127.0.0.93", cert=None)
-        world.dns.add("plain.test", "MX", "10 mx.plain.test.")
-        leaf = pki.ca.issue_cert("127.0.0.1")
-        chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
-        port = free_port()
-        gw = await gateway_factory(
-            world.config(
-                {
-                    "portal.listen": f"127.0.0.1:{port}",
-                    "portal.base_url": f"https://127.0.0.1:{port}",
-                    "portal.cert_file": str(chain),
-                    "portal.key_file": str(key),
-                    **overrides,
-                },
-                policy=policy,
-            )
-        )
-        async with smtp_client(gw) as client:
-            _, reply = await client.sendmail(
-                "doctor@clinic.test", ["patient@plain.test"], message or make_message("Biopsy")
-            )
-        await wait_until(lambda: plain.received, what="the notification")
-        context = ssl.create_default_context(cafile=str(pki.ca_file))
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context),
-            cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for an IP address host
-        )
-        return gw, plain, link_in(plain.received[0].data), http, reply.rsplit(" ", 1)[1]
-
-    sessions = []
-
-    async def tracked(*args, **kwargs):
-        found = await start(*args, **kwargs)
-        sessions.append(found[3])
-        return found
-
-    yield tracked
-    for http in sessions:
-        await http.close()
-
-
-def csrf_of(page: str) -> str:
-    return re.search(r'name=csrf value="([^"]+)"', page).group(1)
-
-
-async def request_code(http, link: str, plain) -> tuple[str, str]:
-    """Open the link and have a code sent, as the recipient does: (form token, code)."""
-    async with http.get(link) as r:
-        csrf = csrf_of(await r.text())
-    async with http.post(link + "/code", data={"csrf": csrf}):
-        pass
-    await wait_until(lambda: len(plain.received) == 2, what="the code")
-    return csrf, code_in(plain.received[1].data)
 
 
 async def test_the_policy_sets_how_long_a_message_waits(portal):

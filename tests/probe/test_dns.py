@@ -7,7 +7,7 @@ import pytest
 
 from gateway.config import parse_nameserver
 from gateway.probe.dns import LookupStatus, Resolver
-from tests.dns_fixture import DnsFixture
+from tests.support.dns import DnsFixture
 
 
 @pytest.fixture

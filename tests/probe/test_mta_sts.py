@@ -18,8 +18,8 @@ from gateway.probe.mta_sts import (
     parse_record,
 )
 from tests.conftest import free_port
-from tests.dns_fixture import DnsFixture
-from tests.https_fixture import PolicyServer
+from tests.support.dns import DnsFixture
+from tests.support.https import PolicyServer
 
 ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx1.good.test\r\nmx: *.b.good.test\r\nmax_age: 86400\r\n"
 

@@ -21,7 +21,7 @@ from gateway.probe.facts import TlsaState, level_of
 from gateway.probe.mta_sts import StsCache
 from gateway.probe.prober import Prober, ProbeSettings
 from tests.conftest import free_port
-from tests.https_fixture import PolicyServer
+from tests.support.https import PolicyServer
 
 
 class Clock:
@@ -300,7 +300,7 @@ async def test_a_malformed_mta_sts_policy_gives_no_policy_fact(world, make_probe
 async def test_dane_ta_matches_a_ca_the_server_presents(world, make_prober, tmp_path):
     import trustme
 
-    from tests.mta_fixture import RecipientMta
+    from tests.support.mta import RecipientMta
 
     root = trustme.CA()
     intermediate = root.create_child_ca()

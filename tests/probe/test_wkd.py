@@ -11,7 +11,7 @@ from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.observability.metrics import Metrics
 from gateway.probe.wkd import WkdKeyStore, fetch_key, local_hash, locations
 from tests.conftest import free_port
-from tests.https_fixture import PolicyServer
+from tests.support.https import PolicyServer
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.queue.groupcommit import GroupCommit
 from gateway.queue.store import QueueStore
-from tests.queue.test_store import _envelope
+from tests.support.envelopes import envelope as _envelope
 
 
 @pytest.fixture

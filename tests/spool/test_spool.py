@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import aiosmtplib
@@ -17,6 +16,7 @@ from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.spool import Spool, new_queue_id
 from gateway.spool.store import FOOTER_LEN, MAGIC, SPILL_THRESHOLD, is_queue_id
 from tests.conftest import make_message, queued, smtp_client
+from tests.support.fs import small_filesystem
 
 
 def _envelope(queue_id: str, size: int, sha: str) -> Envelope:
@@ -113,18 +113,6 @@ async def test_a_spool_that_cannot_write_answers_451_and_keeps_nothing(gateway_f
     assert e.value.message.startswith("4.3.0")
     assert queued(gw) == []
     assert gw.metrics.messages_rejected.labels("spool_error")._value.get() == 1
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str):
-    path.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True
-    )
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 @pytest.mark.parametrize("message_size", [20_000, SPILL_THRESHOLD * 4])

@@ -38,6 +38,7 @@ class RecipientMta:
     attempts: int = 0
     data_delay: float = 0.0  # seconds before answering DATA
     close_after_data: bool = False  # drop the connection after each message, no reply
+    utf8: bool = True  # offers SMTPUTF8
     connections: int = 0
     quits: int = 0
     _server: asyncio.AbstractServer | None = None
@@ -87,7 +88,7 @@ class RecipientMta:
 
         def connection() -> SMTP:
             self.connections += 1
-            smtp = SMTP(self, tls_context=ctx, enable_SMTPUTF8=True, hostname=self.host)
+            smtp = SMTP(self, tls_context=ctx, enable_SMTPUTF8=self.utf8, hostname=self.host)
             smtp.connection_number = self.connections  # type: ignore[attr-defined]
             return smtp
 

@@ -7,8 +7,8 @@ import asyncio
 from gateway.model import RecipientState
 from gateway.queue.store import AttemptRecord, QueueStore
 from tests.conftest import load_test_config, make_message, queued, smtp_client, write_config
-from tests.delivery.conftest import wait_until
 from tests.e2e.daemon import Daemon
+from tests.support.world import wait_until
 
 
 async def test_kill_9_during_delivery_then_restart_delivers_every_recipient(tmp_path, world, pki):

@@ -16,8 +16,8 @@ from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.probe.dns import Resolver
 from tests.conftest import free_port
-from tests.dns_fixture import DnsFixture
-from tests.mta_fixture import RecipientMta
+from tests.support.dns import DnsFixture
+from tests.support.mta import RecipientMta
 
 MESSAGE = b"From: s@clinic.test\r\nTo: r@dest.test\r\nSubject: t\r\n\r\nbody\r\n"
 

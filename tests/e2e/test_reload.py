@@ -10,8 +10,8 @@ import aiosmtplib
 import yaml
 
 from tests.conftest import client_tls, load_test_config, make_message, run_sealgate, write_config
-from tests.delivery.conftest import tls_only, wait_until
 from tests.e2e.daemon import Daemon
+from tests.support.world import tls_only, wait_until
 
 
 async def _send(daemon: Daemon, rcpt: str) -> None:

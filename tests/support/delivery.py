@@ -1,0 +1,57 @@
+"""Helpers of the whole-gateway delivery tests: start a gateway in the delivery world,
+send a message, read its recipients' states; publish DANE records."""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.conftest import make_message, queued, smtp_client
+
+SUBJECT = "Biopsy result for J. Roe"
+
+
+BODY = "The margins are clear.\r\n"
+
+
+async def start(gateway_factory, world, pki, policy=None, **overrides):
+    return await gateway_factory(
+        world.config({"delivery.retry_schedule": ["1s"], **overrides}, policy=policy)
+    )
+
+
+async def send(gw, rcpts, sender="doctor@clinic.test"):
+    async with smtp_client(gw) as client:
+        await client.sendmail(sender, rcpts, make_message(SUBJECT, BODY))
+    (path,) = queued(gw)
+    return path.name
+
+
+def done(gw, queue_id) -> bool:
+    message = gw.queue.store.message(queue_id)
+    return bool(message and message["done"])
+
+
+def depth(gw, state: str) -> float:
+    return gw.metrics.registry.get_sample_value("sealgate_queue_recipients", {"state": state})
+
+
+def state(gw, queue_id):
+    return {r.address: (r.state, r.status) for r in gw.queue.store.recipients(queue_id)}
+
+
+def publish(world, host: str, record: str) -> None:
+    name = f"_{world.port}._tcp.{host}"
+    world.dns.add(name, "TLSA", record)
+    world.dns.secure(name)
+
+
+def spki_sha256(cert_der: bytes) -> str:
+    spki = (
+        x509.load_der_x509_certificate(cert_der)
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    )
+    return hashlib.sha256(spki).hexdigest()
