@@ -16,7 +16,7 @@ import hmac
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,12 +97,13 @@ class CodeCheck(enum.Enum):
 
 
 class PortalStore:
-    def __init__(self, path: Path, keys: MasterKeys):
+    def __init__(self, path: Path, keys: MasterKeys, clock: Callable[[], float] = time.time):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
         self.keys = keys
+        self.clock = clock  # every expiry, lockout and session is measured by it
 
     def close(self) -> None:
         self.db.close()
@@ -119,7 +120,7 @@ class PortalStore:
         token of its link (256 random bits; only its digest is stored)."""
         item_id = f"p-{secrets.token_hex(12)}"
         token = secrets.token_urlsafe(32)
-        now = time.time()
+        now = self.clock()
         with self._tx():
             self.db.execute(
                 "INSERT INTO items(id, token_sha256, queue_id, recipient, sender, created, "
@@ -187,7 +188,7 @@ class PortalStore:
             changed = self.db.execute(
                 "UPDATE items SET revoked=?, revoked_by=?, sealed=NULL "
                 "WHERE id=? AND revoked IS NULL",
-                (time.time(), actor, item_id),
+                (self.clock(), actor, item_id),
             ).rowcount
             self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
             self.db.execute("DELETE FROM codes WHERE item_id=?", (item_id,))
@@ -222,7 +223,7 @@ class PortalStore:
             self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
             self.db.execute(
                 "INSERT INTO codes VALUES (?,?,?)",
-                (item.id, _sha(item.id + code), time.time() + ttl),
+                (item.id, _sha(item.id + code), self.clock() + ttl),
             )
             self.db.execute("UPDATE items SET codes_sent = codes_sent + 1 WHERE id=?", (item.id,))
         return code
@@ -237,7 +238,7 @@ class PortalStore:
         body: simultaneous wrong codes cannot get past the limit.  While the link is
         locked no code is compared, the right one included."""
         code = "".join(c for c in code if c.isdigit())
-        now = time.time()
+        now = self.clock()
         with self._tx():
             state = self.db.execute(
                 "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
@@ -273,7 +274,7 @@ class PortalStore:
         with self._tx():
             self.db.execute(
                 "INSERT INTO sessions VALUES (?,?,?,?)",
-                (_sha(sid), item.id, csrf, time.time() + ttl),
+                (_sha(sid), item.id, csrf, self.clock() + ttl),
             )
         return sid, csrf
 
@@ -281,7 +282,7 @@ class PortalStore:
         """The session's CSRF token if ``sid`` is a live session for ``item``."""
         row = self.db.execute(
             "SELECT csrf FROM sessions WHERE sid_sha256=? AND item_id=? AND expires > ?",
-            (_sha(sid), item.id, time.time()),
+            (_sha(sid), item.id, self.clock()),
         ).fetchone()
         return None if row is None else str(row[0])
 
@@ -290,7 +291,7 @@ class PortalStore:
             self.db.execute("DELETE FROM sessions WHERE sid_sha256=?", (_sha(sid),))
 
     def stats(self) -> Iterator[tuple[str, int]]:
-        now = time.time()
+        now = self.clock()
         yield (
             "waiting",
             self.db.execute(

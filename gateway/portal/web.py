@@ -63,6 +63,8 @@ class PortalService(Protocol):
 
     def rate_limited(self) -> None: ...
 
+    def now(self) -> float: ...
+
 
 SESSION = "__Host-sealgate-session"
 PRE_CSRF = "__Host-sealgate-csrf"
@@ -213,7 +215,7 @@ class PortalWeb:
                 "<p>Please check that you opened the whole link from the message you received.</p>",
                 404,
             )
-        state = item.state(time.time())
+        state = item.state(self.portal.now())
         if state == "revoked":
             return token, self.page(
                 "This message was withdrawn",

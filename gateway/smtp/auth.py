@@ -26,6 +26,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,16 @@ class AuthThrottle:
     Memory is bounded: at most ``max_keys`` addresses and user names are tracked (the
     longest idle go first)."""
 
-    def __init__(self, per_ip: int, per_user: int, window: float, max_keys: int = 10_000):
+    def __init__(
+        self,
+        per_ip: int,
+        per_user: int,
+        window: float,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.per_ip, self.per_user, self.window = per_ip, per_user, window
+        self.clock = clock
         self.max_keys = max_keys
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
@@ -142,14 +151,14 @@ class AuthThrottle:
         return len(times)
 
     def allows(self, ip: str, user: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         return (
             self._recent("ip:" + ip, now) < self.per_ip
             and self._recent("user:" + user, now) < self.per_user
         )
 
     def failed(self, ip: str, user: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         for key in ("ip:" + ip, "user:" + user):
             self._failures.setdefault(key, deque()).append(now)
             self._failures.move_to_end(key)

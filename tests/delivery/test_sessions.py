@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.observability.metrics import Metrics
@@ -63,10 +61,10 @@ async def test_a_session_the_server_closed_meanwhile_is_replaced_and_nothing_is_
     mx = await world.mta("mx1.dest.test", "127.0.0.21", close_after_data=True)
     cache = SessionCache(ReuseLimits(), per_key=4)
     outcomes = []
-    for _ in range(3):
+    for n in range(3):
         (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY, sessions=cache)
         outcomes.append((result.outcome, result.evidence.reused))
-        await asyncio.sleep(0.2)  # the server has closed it by now
+        await wait_until(lambda n=n: mx.hung_up == n + 1, what="the server hung up")
     assert outcomes == [("delivered", 0)] * 3
     assert [m.connection for m in mx.received] == [1, 2, 3]
     await cache.close()

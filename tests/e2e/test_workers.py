@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -109,10 +108,16 @@ async def test_a_worker_that_dies_is_restarted_and_counters_do_not_go_back(daemo
 async def test_sigterm_stops_the_workers_and_the_main_process_cleanly(daemon):
     workers = _worker_pids(daemon)
     assert daemon.terminate() == 0
-    await asyncio.sleep(0.2)
-    for pid in workers:  # gone, or a zombie waiting for its (exited) parent's reaper
+
+    def gone(pid: int) -> bool:  # or a zombie waiting for its (exited) parent's reaper
         stat = Path(f"/proc/{pid}/stat")
-        assert not stat.exists() or stat.read_text().split()[2] == "Z"
+        try:
+            return stat.read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    _wait_for(lambda: all(gone(pid) for pid in workers))
+    assert all(gone(pid) for pid in workers)
 
 
 def test_workers_run_at_the_configured_lower_priority(tmp_path):

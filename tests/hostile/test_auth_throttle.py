@@ -5,13 +5,12 @@ included."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aiosmtplib
 import pytest
 
 from gateway.smtp.auth import hash_password
 from tests.conftest import smtp_client
+from tests.support.clock import Clock
 
 
 @pytest.fixture
@@ -79,6 +78,7 @@ async def test_the_count_forgets_failures_after_the_window(gateway_factory, user
             "smtp.auth_failure_window": "1s",
         }
     )
+    clock = Clock.install(gw.smtp.ctx.auth_throttle)
     assert [await guess(gw, "127.0.0.2", "m365", "wrong") for _ in range(3)] == [535, 535, 454]
-    await asyncio.sleep(1.2)
+    clock.advance(1.2)
     assert await guess(gw, "127.0.0.2", "m365", "correct horse") == 235

@@ -29,6 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
 from tests.conftest import free_port, run_sealgate, smtp_client
+from tests.support.clock import Clock
 from tests.support.portal import code_in, link_in
 from tests.support.world import wait_until
 
@@ -327,7 +328,7 @@ async def test_revoked_and_expired_links_say_so_and_show_nothing(
     page = await source(browser)
     assert "This message was withdrawn" in page
     assert SECRET not in page and "button" not in page
-    await asyncio.sleep(3.2)
+    Clock.install(gw.portal.store).advance(3.2)  # the second one's expiry has passed
     await on_page(browser, lambda d: d.get(second))
     page = await source(browser)
     assert "This message has expired" in page and SECRET not in page

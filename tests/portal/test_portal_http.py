@@ -3,14 +3,13 @@ security headers, the per-address rate limit, short sessions, expiry counted."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 
 import aiohttp
 import pytest
 
 from tests.conftest import free_port, make_message, run_sealgate, smtp_client
+from tests.support.clock import Clock
 from tests.support.portal import csrf_of, request_code
 from tests.support.world import wait_until
 
@@ -48,10 +47,11 @@ async def test_headers_csrf_and_no_content_before_sign_in(portal):
 
 async def test_sessions_are_short_and_a_used_code_is_spent(portal):
     gw, plain, link, http, _ = await portal(**{"portal.session_ttl": "1s"})
+    clock = Clock.install(gw.portal.store)
     csrf, code = await request_code(http, link, plain)
     async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
         assert "Biopsy" in await r.text()  # signed in, redirected to the message
-    await asyncio.sleep(1.3)
+    clock.advance(1.3)
     async with http.get(link + "/read", allow_redirects=False) as r:
         assert r.status == 303  # the session is over
     async with http.post(link + "/login", data={"csrf": csrf, "code": code}) as r:
@@ -70,11 +70,11 @@ async def test_requests_per_address_are_limited(portal):
 
 async def test_expired_unread_messages_are_counted_and_deleted(portal):
     gw, _, link, http, queue_id = await portal(**{"portal.expiry": "1s"})
-    await asyncio.sleep(1.2)
+    Clock.install(gw.portal.store).advance(1.2)
     await gw.portal.sweep()
     assert gw.metrics.registry.get_sample_value("sealgate_portal_expired_unread_total") == 1
     (item,) = gw.portal.store.items_of(queue_id)
-    assert item.gone and item.expires < time.time()
+    assert item.gone and item.expires < gw.portal.now()
     async with http.get(link) as r:
         assert r.status == 410 and "This message has expired" in await r.text()
 

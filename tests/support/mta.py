@@ -39,6 +39,7 @@ class RecipientMta:
     data_delay: float = 0.0  # seconds before answering DATA
     close_after_data: bool = False  # drop the connection after each message, no reply
     utf8: bool = True  # offers SMTPUTF8
+    hung_up: int = 0  # connections it closed after a message (close_after_data)
     connections: int = 0
     quits: int = 0
     _server: asyncio.AbstractServer | None = None
@@ -76,7 +77,11 @@ class RecipientMta:
         if self.close_after_data:
             # like a server whose idle timeout is shorter than the client's: the
             # reply arrives, then the connection is gone
-            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            def hang_up() -> None:
+                server.transport.close()
+                self.hung_up += 1
+
+            asyncio.get_running_loop().call_later(0.05, hang_up)
         return reply or "250 2.0.0 Ok: queued"
 
     async def start(self) -> RecipientMta:
