@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import datetime
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -33,24 +33,12 @@ from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import mail, render
 from gateway.portal.store import CodeCheck, Item, PortalStore
+from gateway.spool.submit import Submit
 
 log = get_logger("gateway.portal")
 T = TypeVar("T")
 
 SWEEP_INTERVAL = 60.0
-
-
-class Submit(Protocol):
-    """The way into the queue (`gateway.spool.submit.Submitter.submit`)."""
-
-    async def __call__(
-        self,
-        sender: str,
-        recipients: Iterable[str],
-        data: bytes,
-        purpose: Purpose,
-        extra: dict[str, Any] | None = None,
-    ) -> str: ...
 
 
 class Portal:

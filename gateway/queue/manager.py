@@ -39,7 +39,7 @@ import random
 import sqlite3
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -66,6 +66,7 @@ from gateway.queue.store import (
 )
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
+from gateway.spool.submit import Submit
 
 log = get_logger("gateway.queue")
 T = TypeVar("T")
@@ -96,10 +97,6 @@ class Agent(Protocol):
     async def attempt(
         self, envelope: Envelope, data: bytes, domain: str, rows: list[Any]
     ) -> list[Attempted]: ...
-
-
-# `gateway.spool.submit.Submitter.submit`: (sender, recipients, bytes, purpose) -> id
-Submit = Callable[[str, Iterable[str], bytes, Purpose], Awaitable[str]]
 
 
 class QueueManager:

@@ -16,13 +16,27 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool.store import Spool, SpoolWriter, new_queue_id
 
 # Told of every message made durable: its envelope, and its bytes when at hand.
 OnSubmitted = Callable[[Envelope, bytes | None], None]
+
+
+class Submit(Protocol):
+    """`Submitter.submit`, as the stages that write mail of their own use it (the
+    queue's DSNs, the portal's notifications, codes and replies)."""
+
+    async def __call__(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        data: bytes,
+        purpose: Purpose,
+        extra: dict[str, Any] | None = None,
+    ) -> str: ...
 
 
 class Submission:
