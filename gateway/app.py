@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
-from gateway.config import Config, load_config
+from gateway.config import Config, HostPort, load_config
 from gateway.config_check import check_references
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.delivery.attempt import DeliveryAgent
@@ -59,6 +59,7 @@ class Gateway:
             self.spool, self.hostname, config.smtp.marker_header, lambda envelope, data: None
         )
         self.delivery: DeliveryAgent | None = None
+        self.smtp_address = (config.listen.smtp.host, config.listen.smtp.port)  # at start: taken
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
@@ -149,6 +150,7 @@ class Gateway:
         else:
             self.smtp = SmtpServer(make_smtp_context(cfg, self.submitter, self.metrics))
             await self.smtp.start()
+        self.smtp_address = self._listening_at()
         if self.archive is not None and cfg.archive.api_tokens:
             # a connection of its own: API reads never wait behind the journal's thread
             api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
@@ -159,11 +161,22 @@ class Gateway:
         await self.http.start()
         log.info(
             Event.READY,
-            smtp=str(cfg.listen.smtp),
-            http=str(cfg.listen.http),
+            smtp=str(HostPort(*self.smtp_address)),
+            http=str(HostPort(*self.http.address)),
+            portal=str(HostPort(*self.portal.address)) if self.portal is not None else None,
             hostname=self.hostname,
             workers=worker_count(cfg),
         )
+
+    def _listening_at(self) -> tuple[str, int]:
+        """Where the SMTP listener listens (the port taken, when it names port 0)."""
+        if self.workers is not None:
+            assert self.workers.sock is not None
+            host, port = self.workers.sock.getsockname()[:2]
+        else:
+            assert self.smtp is not None
+            host, port = self.smtp.sockets[0].getsockname()[:2]
+        return host, port
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and apply what can change live.

@@ -120,7 +120,9 @@ def parse_size(value: Any) -> Size:
     return Size(size)
 
 
-def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
+def parse_hostport(value: Any, default_port: int | None = None, listen: bool = False) -> HostPort:
+    """``host:port``; ``listen``: an address to listen on, where port 0 means any free
+    port (the one taken is logged at start, ``app.ready``)."""
     text = str(value).strip()
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?", text) or re.fullmatch(
         r"([^:\[\]\s]+)(?::(\d+))?", text
@@ -134,7 +136,7 @@ def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
         port = default_port
     else:
         port = int(port_text)
-    if not 0 < port < 65536:
+    if not (0 if listen else 1) <= port < 65536:
         raise ValueError(f"port {port} is out of range 1-65535")
     return HostPort(host, port)
 
@@ -179,7 +181,10 @@ def parse_network(value: Any) -> IPNetwork:
 class ListenConfig:
     smtp: HostPort = field(
         default=HostPort("127.0.0.1", 10025),
-        metadata=doc("Address and port of the SMTP listener (STARTTLS on the same port)."),
+        metadata=doc(
+            "Address and port of the SMTP listener (STARTTLS on the same port). Port 0 on "
+            "any listener: a free port, named in the app.ready log line."
+        ),
     )
     http: HostPort = field(
         default=HostPort("127.0.0.1", 10080),
@@ -972,7 +977,7 @@ def _convert_scalar(tp: Any, value: Any) -> Any:  # noqa: C901 - one branch per 
     if tp is NextHopAddress:
         return parse_next_hop(value)
     if tp is HostPort:
-        return parse_hostport(value)
+        return parse_hostport(value, listen=True)
     if tp is Duration:
         return parse_duration(value)
     if tp is Size:

@@ -111,17 +111,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
-    """A config file with free ports and a private state_dir, plus ``overrides``."""
+    """A config file with a private state_dir, plus ``overrides``.  The listeners take
+    any free port (port 0: read back from the running gateway, `smtp_addr`,
+    ``gw.http.address``, ``gw.portal.address``, or from the daemon's app.ready line)."""
     data: dict[str, Any] = {
         "state_dir": str(directory / "state"),
-        "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
+        "listen": {"smtp": "127.0.0.1:0", "http": "127.0.0.1:0"},
         "smtp": {"hostname": "gw.sealgate.test", "workers": 1},
         # Never the machine's resolver or the internet: accepted mail waits for a
         # next hop on loopback where nothing listens (tests of delivery override these).
         "dns": {"nameservers": [f"127.0.0.1:{free_port()}"]},
         "delivery": {"smart_host": f"127.0.0.1:{free_port()}", "connect_timeout": "2s"},
         "logging": {"addresses": "plain"},
-        "portal": {"listen": f"127.0.0.1:{free_port()}"},
+        "portal": {"listen": "127.0.0.1:0"},
     }
     for dotted, value in overrides.items():
         node = data
@@ -167,8 +169,7 @@ def client_tls(cert_chain: Path | None = None) -> ssl.SSLContext:
 
 
 def smtp_addr(gw: Gateway) -> tuple[str, int]:
-    listen = gw.config.listen.smtp
-    return listen.host, listen.port
+    return gw.smtp_address
 
 
 @contextlib.asynccontextmanager

@@ -65,6 +65,7 @@ class OpsHttpServer:
         self.render_metrics = render_metrics
         self.readiness = readiness  # returns None when ready, else the reason
         self._server: asyncio.AbstractServer | None = None
+        self.address: tuple[str, int] = (listen.host, listen.port)  # at start: the port taken
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -74,6 +75,10 @@ class OpsHttpServer:
             reuse_address=True,
             limit=_MAX_HEAD,
         )
+        assert isinstance(self._server, asyncio.Server)
+        # where it listens: the port taken, when ``listen.http`` names port 0
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = (host, port)
 
     async def stop(self) -> None:
         if self._server is not None:

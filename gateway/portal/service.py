@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.archive.service import ArchiveService, master_keys
-from gateway.config import Config
+from gateway.config import Config, HostPort
 from gateway.delivery.results import Deposited, RecipientResult
 from gateway.events import Event
 from gateway.layout import StateLayout
@@ -63,6 +63,7 @@ class Portal:
         self.store = PortalStore(StateLayout(config.state_dir).portal_db, master_keys(config, True))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] = (pc.listen.host, pc.listen.port)  # at start: taken
         self._sweeper: asyncio.Task[None] | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -79,6 +80,10 @@ class Portal:
         listen = self.config.portal.listen
         site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=tls)
         await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.address = (host, port)
+        if self.config.portal.base_url is None:  # the links name the port taken
+            self.base_url = f"https://{HostPort(host, port)}"
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def stop(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +12,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 
-from gateway.config import Config
+from gateway.config import Config, HostPort, parse_hostport
 
 
 class Daemon:
@@ -22,8 +25,12 @@ class Daemon:
         self.config = config
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.smtp = self.http = HostPort("127.0.0.1", 0)  # known once it runs
 
     def start(self, timeout: float = 20) -> None:
+        """Start it and wait until it is ready; its listeners' addresses (port 0 in the
+        configuration: any free port) are read from its ``app.ready`` log line."""
+        seen = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
@@ -32,28 +39,37 @@ class Daemon:
         )
         log.close()
         deadline = time.monotonic() + timeout
-        url = f"http://{self.config.listen.http}/readyz"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            ready = self._ready_line(seen)
+            if ready is not None:
+                self.smtp = parse_hostport(ready["smtp"])
+                self.http = parse_hostport(ready["http"])
+                with urllib.request.urlopen(f"http://{self.http}/readyz", timeout=5) as r:  # noqa: S310
+                    assert r.status == 200
+                return
             time.sleep(0.05)
         self.kill()
         raise RuntimeError("daemon did not become ready")
+
+    def _ready_line(self, offset: int) -> dict[str, Any] | None:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            for raw in f.read().splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(raw)
+                    if event.get("event") == "app.ready":
+                        return dict(event)
+        return None
 
     def smtp_client(self) -> aiosmtplib.SMTP:
         """A client for the daemon's listener, STARTTLS on (self-signed certificate)."""
         from tests.conftest import client_tls
 
-        listen = self.config.listen.smtp
         return aiosmtplib.SMTP(
-            hostname=listen.host,
-            port=listen.port,
+            hostname=self.smtp.host,
+            port=self.smtp.port,
             start_tls=True,
             tls_context=client_tls(),
             timeout=10,

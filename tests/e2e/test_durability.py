@@ -40,7 +40,7 @@ def _message(i: int, rng: random.Random) -> bytes:
 async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[int, bytes]]:
     acked: dict[str, tuple[int, bytes]] = {}
     queue = list(enumerate(messages))
-    listen = daemon.config.listen.smtp
+    listen = daemon.smtp
 
     async def worker() -> None:
         client = aiosmtplib.SMTP(

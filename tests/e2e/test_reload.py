@@ -34,8 +34,8 @@ async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world,
     await asyncio.to_thread(daemon.start)
     try:
         async with aiosmtplib.SMTP(
-            hostname=daemon.config.listen.smtp.host,
-            port=daemon.config.listen.smtp.port,
+            hostname=daemon.smtp.host,
+            port=daemon.smtp.port,
             start_tls=True,
             tls_context=client_tls(),
             timeout=10,

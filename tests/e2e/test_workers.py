@@ -27,7 +27,7 @@ def daemon(tmp_path):
 
 def _get(d: Daemon, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://{d.config.listen.http}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{d.http}{path}", timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()

@@ -590,9 +590,9 @@ class InProcess(Observed):
     ) -> None:
         cfg = gw.config
         self.gw, self.logs, self.stdlib = gw, logs, stdlib
-        self.smtp = (cfg.listen.smtp.host, cfg.listen.smtp.port)
-        self.http = (cfg.listen.http.host, cfg.listen.http.port)
-        self.portal = (cfg.portal.listen.host, cfg.portal.listen.port)
+        self.smtp = gw.smtp_address
+        self.http = gw.http.address
+        self.portal = gw.portal.address
         self.lifetime = cfg.delivery.max_queue_lifetime
 
     def alive(self) -> bool:

@@ -23,10 +23,10 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
         **{"delivery.max_queue_lifetime": "15s", "archive.api_tokens": tokens}
     )
     await battery.hostile_world(world.dns, world.mta)
-    host, port = gw.config.listen.smtp.host, gw.config.listen.smtp.port
+    host, port = gw.smtp_address
     web = battery.WebTargets(
-        (gw.config.portal.listen.host, gw.config.portal.listen.port),
-        (gw.config.listen.http.host, gw.config.listen.http.port),
+        gw.portal.address,
+        gw.http.address,
         TOKEN,
     )
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:

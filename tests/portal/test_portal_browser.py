@@ -28,7 +28,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
-from tests.conftest import free_port, run_sealgate, smtp_client
+from tests.conftest import run_sealgate, smtp_client
 from tests.support.clock import Clock
 from tests.support.portal import code_in, link_in
 from tests.support.world import wait_until
@@ -105,13 +105,10 @@ def browser(portal_cert, tmp_path):
 
 
 async def start_portal(gateway_factory, world, pki, portal_cert, **overrides):
-    port = free_port()
     chain, key, _ = portal_cert
     config = world.config(
         {
             "delivery.retry_schedule": ["1s"],
-            "portal.listen": f"127.0.0.1:{port}",
-            "portal.base_url": f"https://127.0.0.1:{port}",
             "portal.cert_file": str(chain),
             "portal.key_file": str(key),
             "portal.organization": "Example Clinic",

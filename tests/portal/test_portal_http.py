@@ -8,7 +8,7 @@ import base64
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, make_message, run_sealgate, smtp_client
+from tests.conftest import make_message, run_sealgate, smtp_client
 from tests.support.clock import Clock
 from tests.support.portal import csrf_of, request_code
 from tests.support.world import wait_until
@@ -80,13 +80,11 @@ async def test_expired_unread_messages_are_counted_and_deleted(portal):
 
 
 async def test_behind_a_proxy_the_forwarded_address_is_the_client(gateway_factory, world, tmp_path):
-    port = free_port()
     logo = tmp_path / "logo.png"
     logo.write_bytes(base64.b64decode(PNG_1X1))
-    await gateway_factory(
+    gw = await gateway_factory(
         world.config(
             {
-                "portal.listen": f"127.0.0.1:{port}",
                 "portal.behind_proxy": True,
                 "portal.requests_per_minute": 2,
                 "portal.logo_file": str(logo),
@@ -94,6 +92,7 @@ async def test_behind_a_proxy_the_forwarded_address_is_the_client(gateway_factor
             }
         )
     )
+    port = gw.portal.address[1]
     statuses = {}
     async with aiohttp.ClientSession() as http:  # plain HTTP from the proxy
         for client in ("203.0.113.7", "203.0.113.7", "203.0.113.7", "198.51.100.9"):
@@ -145,7 +144,7 @@ async def test_a_notification_that_bounces_is_reported_to_the_original_sender(
     clinic = await world.mta("mx.clinic.test", "127.0.0.95")
     world.dns.add("plain.test", "MX", "10 mx.plain.test.")
     world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
-    gw = await gateway_factory(world.config({"portal.listen": f"127.0.0.1:{free_port()}"}))
+    gw = await gateway_factory(world.config())
     async with smtp_client(gw) as client:
         await client.sendmail("doctor@clinic.test", ["gone@plain.test"], make_message("Biopsy"))
     await wait_until(lambda: clinic.received, what="the DSN at the sender's server")

@@ -8,6 +8,7 @@ import json
 import urllib.error
 import urllib.request
 
+from gateway.config import HostPort
 from tests.support.world import wait_until
 
 TOKENS = {
@@ -31,7 +32,7 @@ def config() -> dict:
 
 
 async def call(gw, method, path, role=None, body=None, token=None):
-    listen = gw.config.listen.http
+    listen = HostPort(*gw.http.address)
     request = urllib.request.Request(
         f"http://{listen.host}:{listen.port}{path}",
         method=method,

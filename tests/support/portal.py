@@ -9,7 +9,7 @@ import ssl
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, make_message, smtp_client
+from tests.conftest import make_message, smtp_client
 from tests.support.world import wait_until
 
 
@@ -34,12 +34,9 @@ async def portal(gateway_factory, world, pki, tmp_path):
         chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
         leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
         leaf.private_key_pem.write_to_path(str(key))
-        port = free_port()
         gw = await gateway_factory(
             world.config(
                 {
-                    "portal.listen": f"127.0.0.1:{port}",
-                    "portal.base_url": f"https://127.0.0.1:{port}",
                     "portal.cert_file": str(chain),
                     "portal.key_file": str(key),
                     **overrides,
