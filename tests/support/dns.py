@@ -121,15 +121,13 @@ class DnsFixture:
                     if out is not None:
                         self.transport.sendto(out, addr)  # type: ignore[attr-defined]
 
-        from tests.conftest import free_port
-
-        for _ in range(20):  # UDP and TCP on one port number, outside the ephemeral range
-            port = free_port(self.host)
+        for _ in range(20):  # UDP on a port the system picks, then TCP on the same one
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((self.host, 0))
+            port = sock.getsockname()[1]
             try:
-                sock.bind((self.host, port))
                 self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
-            except OSError:
+            except OSError:  # taken for TCP: another port
                 sock.close()
                 continue
             self.port = port

@@ -43,6 +43,10 @@ async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") 
 async def world(tmp_path, pki):
     """DNS on loopback and a factory of recipient MTAs on 127.0.0.x, one port."""
     dns = await DnsFixture().start()
+    # One port number for every recipient MTA, on its own address, as port 25 is in
+    # the world: the gateway's delivery.port must be known before any MTA starts, so
+    # it is chosen (below the ephemeral range, where no outgoing connection takes it)
+    # rather than read back from a bind to port 0.
     port = free_port()
     mtas: list[RecipientMta] = []
 
