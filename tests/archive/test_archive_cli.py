@@ -16,6 +16,7 @@ import time
 import yaml
 
 from tests.conftest import make_message, run_sealgate, smtp_client
+from tests.support.archive import archive_of
 from tests.support.world import wait_until
 
 
@@ -163,9 +164,9 @@ async def test_master_key_rotation_keeps_old_records_readable(gateway_factory, t
     second = await gateway_factory({"archive.master_keys": rotated})
     new = await accept(second, ["a@dest.test"], body="Sealed under 2026.\r\n")
     await journaled(second, 1)
-    archive = second.archive.archive
-    assert archive.blobs.get(f"msg-{old}")[5:10] == b"k2025"
-    assert archive.blobs.get(f"msg-{new}")[5:10] == b"k2026"
+    with archive_of(second) as archive:
+        assert archive.blobs.get(f"msg-{old}")[5:10] == b"k2025"
+        assert archive.blobs.get(f"msg-{new}")[5:10] == b"k2026"
     await second.stop()
     for queue_id, text in ((old, b"Sealed under 2025."), (new, b"Sealed under 2026.")):
         shown = await asyncio.to_thread(show, tmp_path, queue_id)

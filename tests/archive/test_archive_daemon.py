@@ -15,6 +15,7 @@ import zipfile
 
 from gateway.archive.query import Query
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
+from tests.support.archive import archive_of
 from tests.support.delivery import BODY, SUBJECT, done, send, start
 from tests.support.smime_pki import mailbox
 from tests.support.world import wait_until
@@ -114,9 +115,10 @@ async def test_a_relayed_message_is_archived_with_envelope_bcc_evidence_and_the_
     verified = await asyncio.to_thread(cli, tmp_path, "verify")
     assert verified.returncode == 0 and "archive OK" in verified.stdout, verified.stdout
     # the envelope as journaled: every recipient, the Bcc ones included
-    envelope, data = gw.archive.archive.message(queue_id)
-    assert data == original and [r["address"] for r in envelope["recipients"]] == rcpts
-    assert b"Biopsy" not in gw.archive.archive.blobs.get(f"msg-{queue_id}")  # sealed at rest
+    with archive_of(gw) as archive:
+        envelope, data = archive.message(queue_id)
+        assert data == original and [r["address"] for r in envelope["recipients"]] == rcpts
+        assert b"Biopsy" not in archive.blobs.get(f"msg-{queue_id}")  # sealed at rest
 
     access = await asyncio.to_thread(cli, tmp_path, "access", "--json")
     actions = [(e["actor"], e["action"]) for e in map(json.loads, access.stdout.splitlines())]
@@ -194,14 +196,14 @@ async def test_a_message_the_archive_lacks_is_journaled_from_the_spool_at_start(
     (path,) = queued(first)
     await first.stop()
     second = await gateway_factory({})  # the same state directory, archive on
-    archive = second.archive.archive
-    assert archive.has(path.name)
-    envelope, data = archive.message(path.name)
-    assert data == make_message()
-    assert [r["address"] for r in envelope["recipients"]] == ["r@nowhere.test", "bcc@nowhere.test"]
-    assert [m["queue_id"] for m in archive.search(Query(recipient="bcc@nowhere.test"))] == [
-        path.name
-    ]
+    with archive_of(second) as archive:
+        assert archive.has(path.name)
+        envelope, data = archive.message(path.name)
+        assert data == make_message()
+        addresses = [r["address"] for r in envelope["recipients"]]
+        assert addresses == ["r@nowhere.test", "bcc@nowhere.test"]
+        found = archive.search(Query(recipient="bcc@nowhere.test"))
+        assert [m["queue_id"] for m in found] == [path.name]
 
 
 async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
@@ -221,9 +223,11 @@ async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
     await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
     await asyncio.sleep(0.3)
     assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
-    assert not archive.has(queue_id)
+    with archive_of(gw) as reader:
+        assert not reader.has(queue_id)
     assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
     monkeypatch.setattr(archive, "journal_message", real)
     await gw.archive.retry_failed()
     await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
-    assert archive.message(queue_id)[1] == make_message(SUBJECT, BODY)
+    with archive_of(gw) as reader:
+        assert reader.message(queue_id)[1] == make_message(SUBJECT, BODY)

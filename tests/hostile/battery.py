@@ -47,6 +47,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support.archive import archive_of
+
 CATEGORIES = ("mutation", "address", "mime", "fault", "slow", "world", "web")
 # the "world" category's recipients: a server that answers 4xx for ever, one that
 # takes seconds to answer, a domain whose DNS never answers, one whose DNS answers
@@ -594,6 +596,8 @@ class InProcess(Observed):
         self.http = gw.http.address
         self.portal = gw.portal.address
         self.lifetime = cfg.delivery.max_queue_lifetime
+        self._stack = contextlib.ExitStack()
+        self._archive: Any = None
 
     def alive(self) -> bool:
         return bool(self.gw.readiness() is None and not self.gw.queue._task.done())
@@ -605,7 +609,12 @@ class InProcess(Observed):
         return self.gw.queue.store.recipients(queue_id)  # type: ignore[no-any-return]
 
     def archived(self, queue_id: str) -> bool:
-        return bool(self.gw.archive.archive.has(queue_id))
+        if self._archive is None:  # a connection of its own, as the CLI reads it
+            self._archive = self._stack.enter_context(archive_of(self.gw))
+        return bool(self._archive.has(queue_id))
+
+    def close(self) -> None:
+        self._stack.close()
 
     def errors(self) -> list[str]:
         return [

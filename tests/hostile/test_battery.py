@@ -31,7 +31,11 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
     )
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:
         report = await battery.run(host, port, seed=13, per_category=SLICE, web=web)
-        await battery.check(battery.InProcess(gw, logs, stdlib), report, timeout=45)
+        seen = battery.InProcess(gw, logs, stdlib)
+        try:
+            await battery.check(seen, report, timeout=45)
+        finally:
+            seen.close()
     summary = report.summary()
     print(summary)
     assert summary["total"] == sum(SLICE.values())

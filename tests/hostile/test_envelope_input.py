@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from gateway.events import Event
 from tests.conftest import RawSmtp, make_message, queued
+from tests.support.archive import archive_of
 from tests.support.world import wait_until
 
 UTF8_MAIL = "MAIL FROM:<a@clinic.test> SMTPUTF8"
@@ -128,7 +129,8 @@ async def test_invalid_utf8_in_ehlo_is_refused_and_the_next_message_is_archived(
     await s.close()
     await wait_until(lambda: dest.received, what="delivered")
     await wait_until(lambda: not queued(gw), what="the spool file removed once archived")
-    envelope, _ = gw.archive.archive.message(queue_id)
+    with archive_of(gw) as archive:
+        envelope, _ = archive.message(queue_id)
     assert envelope["client"]["helo"] == "client.test"
 
 

@@ -14,6 +14,7 @@ from gateway.archive.journal import Archive
 from gateway.events import Event
 from gateway.queue.store import QueueStore
 from tests.conftest import make_message, queued, smtp_client
+from tests.support.archive import archive_of
 from tests.support.fs import small_filesystem
 from tests.support.http import http_get
 from tests.support.world import wait_until
@@ -75,7 +76,8 @@ async def test_an_attempt_record_the_archive_refuses_is_retried_and_the_spool_fi
     assert path.exists()  # kept: the archive lacks the evidence of its delivery
     refusing["on"] = False
     await wait_until(lambda: not path.exists(), timeout=20, what="removed once archived")
-    (attempt,) = gw.archive.archive.events(path.name, ("attempt",))
+    with archive_of(gw) as archive:
+        (attempt,) = archive.events(path.name, ("attempt",))
     (recipient,) = attempt["body"]["recipients"]
     assert recipient["state"] == "delivered" and recipient["evidence"]["tls_version"]
 
@@ -153,7 +155,8 @@ async def test_attempt_records_never_written_before_a_stop_are_completed_at_the_
     monkeypatch.setattr(Archive, "journal_attempt", real)
     again = await gateway_factory(world.config({"relay.networks": ["127.0.0.1/32"]}))
     await wait_until(lambda: not path.exists(), what="removed once the evidence is in")
-    (attempt,) = again.archive.archive.events(path.name, ("attempt",))
+    with archive_of(again) as archive:
+        (attempt,) = archive.events(path.name, ("attempt",))
     (recipient,) = attempt["body"]["recipients"]
     assert (recipient["attempt"], recipient["state"]) == (1, "delivered")
     assert recipient["recovered"] == "from the queue state"

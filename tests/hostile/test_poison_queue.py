@@ -14,6 +14,7 @@ import gateway.delivery.attempt as attempt_module
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool import Spool, new_queue_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
+from tests.support.archive import archive_of
 from tests.support.world import wait_until
 
 
@@ -72,7 +73,8 @@ async def test_a_poison_spool_file_is_quarantined_at_start_and_the_gateway_runs(
         lambda: (gw.spool.quarantine_dir / poison).exists(), what="the file in quarantine/"
     )
     assert poison not in [p.name for p in queued(gw)]
-    envelope, data = gw.archive.archive.message(poison)
+    with archive_of(gw) as archive:
+        envelope, data = archive.message(poison)
     assert envelope["client"]["helo"] == "a\\xffb.test"
     assert envelope["extra"]["quarantined"].startswith("recipient 1: not valid UTF-8")
     assert data == make_message()

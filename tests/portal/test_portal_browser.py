@@ -29,6 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
 from tests.conftest import run_sealgate, smtp_client
+from tests.support.archive import archive_of
 from tests.support.clock import Clock
 from tests.support.portal import code_in, link_in
 from tests.support.world import wait_until
@@ -251,19 +252,19 @@ async def test_pickup_download_reply_in_a_browser(
     assert b"Subject: Re: Biopsy result for J. Roe" in answer.data
     assert b"Thank you, see you Tuesday." in answer.data
     assert base64.b64encode(b"I agree to the follow-up.\n") in answer.data
-    archive = gw.archive.archive
-    await wait_until(
-        lambda: archive.search(Query(recipient="doctor@clinic.test")), what="reply archived"
-    )
-    # every step is in the access record of the original message
-    await wait_until(
-        lambda: (
-            {"view", "download", "reply"}
-            <= {e["body"]["action"] for e in archive.events(queue_id, ("access",))}
-        ),
-        what="access records",
-    )
-    actions = [e["body"]["action"] for e in archive.events(queue_id, ("access",))]
+    with archive_of(gw) as archive:
+        await wait_until(
+            lambda: archive.search(Query(recipient="doctor@clinic.test")), what="reply archived"
+        )
+        # every step is in the access record of the original message
+        await wait_until(
+            lambda: (
+                {"view", "download", "reply"}
+                <= {e["body"]["action"] for e in archive.events(queue_id, ("access",))}
+            ),
+            what="access records",
+        )
+        actions = [e["body"]["action"] for e in archive.events(queue_id, ("access",))]
     assert actions[:2] == ["code-sent", "signed-in"]
     registry = gw.metrics.registry
     assert registry.get_sample_value("sealgate_portal_notifications_total") == 1
