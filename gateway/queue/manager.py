@@ -194,11 +194,12 @@ class QueueManager:
         a crash came in between (at start), or finishing failed (e.g. the DSN could
         not be spooled: retried every `PRUNE_INTERVAL`).  Returns how many."""
         assert self.store is not None
-        unfinished = await self._db(self.store.unfinished)
-        for queue_id in unfinished:
+        finished = 0
+        for queue_id in await self._db(self.store.unfinished):
             message = await self._db(self.store.message, queue_id)
             if queue_id in self._finishing or (message or {}).get("done"):
                 continue  # its attempt is finishing it, or has just done so
+            finished += 1
             try:
                 envelope, data = await self._db(self.spool.read, queue_id)
             except SpoolError:  # removed already: only the state store lagged
@@ -214,7 +215,7 @@ class QueueManager:
                     error_type=type(e).__name__,
                     error=str(e)[:300],
                 )
-        return len(unfinished)
+        return finished
 
     def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str], list[Envelope]]:
         """Add spooled messages the store does not know (a crash before `enqueue`).
