@@ -515,8 +515,8 @@ class QueueManager:
                     "state": record.state,
                     "status": record.status,
                     "diagnostic": record.diagnostic,
-                    "evidence": record.stored_evidence() or None,
-                    "decision": record.stored_decision(),  # with its reasons and facts
+                    "evidence": record.stored_evidence or None,
+                    "decision": record.stored_decision,  # with its reasons and facts
                 }
                 for row, record in zip(rows, records, strict=True)
             ],

@@ -20,6 +20,7 @@ recipient keeps the policy decision of its latest attempt (JSON).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -96,10 +97,13 @@ class AttemptRecord:
     next_attempt: float
     outcome: str  # what the attempt itself came to ("error", "quarantined" beside states)
 
+    # made once, read by the queue state's write and the archive's record alike
+    @functools.cached_property
     def stored_evidence(self) -> dict[str, Any]:
         """The evidence as the queue state and the archive keep it."""
         return self.evidence.to_dict() if self.evidence is not None else {}
 
+    @functools.cached_property
     def stored_decision(self) -> dict[str, Any] | None:
         """The decision with its reasons and facts (`Decision.to_dict`)."""
         return self.evidence.decision.to_dict() if self.evidence is not None else None
@@ -299,7 +303,7 @@ class QueueStore:
                         r.status,
                         r.diagnostic,
                         now,
-                        json.dumps(decision) if (decision := r.stored_decision()) else None,
+                        json.dumps(decision) if (decision := r.stored_decision) else None,
                         queue_id,
                         r.idx,
                     ),
@@ -316,7 +320,7 @@ class QueueStore:
                         r.outcome,
                         r.status,
                         r.diagnostic,
-                        json.dumps(r.stored_evidence()),
+                        json.dumps(r.stored_evidence),
                     ),
                 )
             )
