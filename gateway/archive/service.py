@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +314,7 @@ class ArchiveService:
                     log.warning(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(e)[:300])
                     break
                 done = jobs.pop(0)
-                if getattr(done, "journals_message", False):
+                if isinstance(done, _Journal):
                     self._journaled(value)
             if not jobs:
                 del self._failed[queue_id]
@@ -321,18 +322,8 @@ class ArchiveService:
 
     # -- the mail path ----------------------------------------------------------------
 
-    def _journal_job(self, envelope: Envelope, data: bytes | None) -> Any:
-        subjects = self.subjects
-
-        def job() -> int:
-            body = data
-            if body is None:  # a large message, not kept in memory: read it here
-                body = self.spool.read(envelope.queue_id)[1]
-            self.archive.journal_message(envelope.to_dict(), body, subject=subjects)
-            return len(body)
-
-        job.journals_message = True  # type: ignore[attr-defined]
-        return job
+    def _journal_job(self, envelope: Envelope, data: bytes | None) -> _Journal:
+        return _Journal(self.archive, self.spool, envelope, data, self.subjects)
 
     def journal(self, envelope: Envelope, data: bytes | None) -> None:
         """Journal a message that was just spooled (``data``: its bytes when at hand,
@@ -390,7 +381,7 @@ class ArchiveService:
             self.metrics.archive_errors.inc()
             log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(error)[:300])
             return
-        if getattr(job, "journals_message", False):
+        if isinstance(job, _Journal):
             self._journaled(future.result())
         self._maybe_after(queue_id)
 
@@ -430,3 +421,22 @@ class ArchiveService:
         """Before spool files go (in the removal thread): every committed record on
         disk."""
         self.archive.make_durable()
+
+
+@dataclass(frozen=True)
+class _Journal:
+    """The job that journals one message (its success is what the journaled-message
+    metrics count); run on the archive's thread, again after a failure."""
+
+    archive: Archive
+    spool: Spool
+    envelope: Envelope
+    data: bytes | None  # None: a large message, not kept in memory: read when run
+    subjects: bool
+
+    def __call__(self) -> int:
+        body = self.data
+        if body is None:
+            body = self.spool.read(self.envelope.queue_id)[1]
+        self.archive.journal_message(self.envelope.to_dict(), body, subject=self.subjects)
+        return len(body)

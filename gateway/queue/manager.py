@@ -368,12 +368,11 @@ class QueueManager:
         attempt)."""
         assert self.store is not None
         size = envelope.size if envelope is not None else size
-        if data is not None and envelope is not None:
-            pass  # handed over: the spool file is the durable copy, not read back
-        elif size is not None and size <= CACHE_MESSAGE_MAX:
-            envelope, data = self.spool.read(queue_id)
-        elif envelope is None:
-            envelope = read_envelope(self.spool.path_of(queue_id))
+        if data is None or envelope is None:  # not all handed over: read the rest
+            if size is not None and size <= CACHE_MESSAGE_MAX:
+                envelope, data = self.spool.read(queue_id)
+            elif envelope is None:
+                envelope = read_envelope(self.spool.path_of(queue_id))
         added = self._add_checked(envelope, lease)
         return envelope, data, added
 
