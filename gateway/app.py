@@ -22,6 +22,7 @@ from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, HostPort, load_config
 from gateway.config_check import check_references
+from gateway.config_check import warnings as config_warnings
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.delivery.attempt import DeliveryAgent
 from gateway.errors import ConfigError
@@ -76,6 +77,8 @@ class Gateway:
         cfg = self.config
         policy = check_references(cfg, self.source)
         log.info(Event.STARTING, config=self.source, state_dir=str(cfg.state_dir))
+        for warning in config_warnings(cfg):
+            log.warning(Event.CONFIG_WARNING, warning=warning)
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         if cfg.tls.cert_file is None:
             cert, _key, generated = ensure_self_signed(cfg.state_dir, self.hostname)

@@ -36,6 +36,7 @@ from gateway import __version__
 from gateway.archive import cli as archive_cli
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
+from gateway.config_check import warnings as config_warnings
 from gateway.errors import ConfigError, SpoolError
 from gateway.layout import StateLayout
 from gateway.model import Envelope
@@ -138,6 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
     config, source = _load(args)
     if args.command == "check-config":
         policy = check_references(config, source)
+        for warning in config_warnings(config):
+            print(f"{source}: warning: {warning}", file=sys.stderr)
         print(f"{source}: configuration OK")
         print(f"{policy.source}: policy OK ({len(policy.rules)} rules, {policy.stamp})")
         return 0

@@ -23,6 +23,7 @@ import ipaddress
 import re
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +73,25 @@ class Duration(float):
 
 class Size(int):
     """Bytes; written as a number or with a unit: ``512KiB``, ``25MiB``, ``10MB``."""
+
+
+class DomainPattern(str):
+    """A domain (``example.org``: that domain only) or, with a leading dot
+    (``.example.org``), every subdomain of it; lower case, A-labels."""
+
+    __slots__ = ()
+
+    def matches(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if self.startswith("."):
+            return domain.endswith(self) and len(domain) > len(self)
+        return domain == self
+
+
+class TenantId(str):
+    """A Microsoft 365 tenant id: a GUID, lower case."""
+
+    __slots__ = ()
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -167,6 +187,29 @@ def parse_next_hop(value: Any) -> NextHopAddress:
     return NextHopAddress(hp.host, hp.port)
 
 
+def parse_domain_pattern(value: Any) -> DomainPattern:
+    text = str(value).strip().rstrip(".")
+    dot, name = (".", text[1:]) if text.startswith(".") else ("", text)
+    try:
+        name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        name = ""
+    if not name or not _DOMAIN.fullmatch(name) or "." not in name:
+        raise ValueError(
+            f"{value!r} is not a domain ('example.org', or '.example.org' for its subdomains)"
+        )
+    return DomainPattern(dot + name)
+
+
+def parse_tenant_id(value: Any) -> TenantId:
+    try:
+        return TenantId(str(uuid.UUID(str(value).strip())))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a tenant id (a GUID such as 72f988bf-86f1-41af-91ab-2d7cd011db47)"
+        ) from None
+
+
 def parse_network(value: Any) -> IPNetwork:
     try:
         return ipaddress.ip_network(str(value).strip(), strict=True)
@@ -246,12 +289,47 @@ class RelayConfig:
         default=None,
         metadata=doc(
             "SMTP AUTH users: one 'user:hash' per line, hashes made by "
-            "'sealgate hash-password'. AUTH is offered only after STARTTLS. null: no AUTH."
+            "'sealgate hash-password', optionally ':senders' - a comma-separated list of "
+            "the envelope senders the user may use (alice@example.org, example.org, "
+            ".example.org for subdomains); others get 550 5.7.1 at MAIL. AUTH is offered "
+            "only after STARTTLS. null: no AUTH."
         ),
     )
     require_tls: bool = field(
         default=True,
         metadata=doc("Refuse MAIL before STARTTLS with 530 5.7.0."),
+    )
+    sender_domains: tuple[DomainPattern, ...] = field(
+        default=(),
+        metadata=doc(
+            "Your own sender domains. When set, a relayed message's envelope sender must "
+            "be at one of them ('.example.org' for its subdomains; the domain itself is "
+            "listed separately), else 550 5.7.1 at MAIL. The null sender <> passes only "
+            "when dkim_domains binds the message. Empty: any sender."
+        ),
+    )
+    dkim_domains: tuple[DomainPattern, ...] = field(
+        default=(),
+        metadata=doc(
+            "Binds relaying to your tenant when it is authorized by a shared client "
+            "certificate or shared networks (Microsoft 365, Google Workspace): the message "
+            "must carry a valid DKIM signature whose d= is exactly one of these domains "
+            "(your own and your <tenant>.onmicrosoft.com) and equals the From domain "
+            "('.example.org': From at a subdomain of a d=example.org signature). Every "
+            "signature is checked; From must be signed; l= is refused; rsa-sha1 and keys "
+            "under 1024 bits are refused. Else 550 5.7.1 after DATA, nothing kept; no "
+            "answer from DNS for the key: 451 4.4.3. Empty: not checked."
+        ),
+    )
+    m365_tenant_ids: tuple[TenantId, ...] = field(
+        default=(),
+        metadata=doc(
+            "Your Microsoft 365 tenant id(s) (GUID). When set, a message relayed by a "
+            "client certificate or relay.networks must carry at least one "
+            "X-MS-Exchange-CrossTenant-Id header and every one must be among these, else "
+            "550 5.7.1 after DATA. Exchange Online stamps it but does not document it as "
+            "guaranteed: a second check beside dkim_domains, not instead of it."
+        ),
     )
 
 
@@ -974,6 +1052,10 @@ def _convert_scalar(tp: Any, value: Any) -> Any:  # noqa: C901 - one branch per 
         return text
     if tp is NameServer:
         return parse_nameserver(value)
+    if tp is DomainPattern:
+        return parse_domain_pattern(value)
+    if tp is TenantId:
+        return parse_tenant_id(value)
     if tp is NextHopAddress:
         return parse_next_hop(value)
     if tp is HostPort:

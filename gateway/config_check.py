@@ -83,6 +83,24 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
     return load_policy_for(cfg)
 
 
+def warnings(cfg: Config) -> list[str]:
+    """What is valid but probably not what the administrator wants; ``check-config``
+    prints these and ``run`` logs them."""
+    out = []
+    relay = cfg.relay
+    shared = [f"relay.client_certs ({p})" for p in relay.client_certs]
+    shared += [f"relay.networks ({n})" for n in relay.networks if n.is_global]
+    bound = relay.sender_domains or relay.dkim_domains or relay.m365_tenant_ids
+    if shared and not bound:
+        out.append(
+            f"relaying is authorized by {', '.join(shared)} with no tenant binding: if these "
+            "are Microsoft 365 or Google Workspace certificates or ranges, every tenant of "
+            "those clouds can relay through this gateway. Set relay.dkim_domains (and "
+            "relay.sender_domains, relay.m365_tenant_ids) to your own."
+        )
+    return out
+
+
 def _cert_and_key(prefix: str, cert: Path, key: Path, source: str) -> None:
     """``<prefix>.cert_file`` holds PEM certificates for the unencrypted PEM key in
     ``<prefix>.key_file``, and OpenSSL accepts the pair."""

@@ -17,6 +17,7 @@ class Event(enum.StrEnum):
     STOPPED = "app.stopped"
     RELOADED = "app.reloaded"
     RELOAD_FAILED = "app.reload-failed"
+    CONFIG_WARNING = "app.config-warning"
     CERT_GENERATED = "tls.self-signed-generated"
     WORKER_EXITED = "smtp.worker-exited"
     # spool
@@ -29,6 +30,8 @@ class Event(enum.StrEnum):
     MESSAGE_ACCEPTED = "smtp.message-accepted"
     MESSAGE_REJECTED = "smtp.message-rejected"
     RELAY_DENIED = "smtp.relay-denied"
+    SENDER_REFUSED = "smtp.sender-refused"
+    BINDING_REFUSED = "smtp.binding-refused"
     AUTH_FAILED = "smtp.auth-failed"
     AUTH_SUCCEEDED = "smtp.auth-succeeded"
     AUTH_THROTTLED = "smtp.auth-throttled"
@@ -68,6 +71,12 @@ class RejectReason(enum.StrEnum):
 
     TLS_REQUIRED = "tls_required"
     RELAY_DENIED = "relay_denied"
+    # the tenant and sender binding (gateway.smtp.binding)
+    SENDER_DOMAIN = "sender_domain"
+    SENDER_NOT_OWNED = "sender_not_owned"
+    TENANT_ID = "tenant_id"
+    DKIM_UNBOUND = "dkim_unbound"
+    DKIM_TEMPFAIL = "dkim_tempfail"
     TOO_MANY_RECIPIENTS = "too_many_recipients"
     MESSAGE_TOO_BIG = "message_too_big"
     LINE_TOO_LONG = "line_too_long"

@@ -125,6 +125,18 @@ def test_duplicate_key_is_rejected():
             r"dns.nameservers\[0\]: 'ns1.example' is not an IP",
         ),
         (
+            "relay:\n  sender_domains: [clinic.test, 'not a domain']\n",
+            r"gw.yaml:2: relay.sender_domains\[1\]: 'not a domain' is not a domain",
+        ),
+        (
+            "relay:\n  dkim_domains: [localhost]\n",
+            r"relay.dkim_domains\[0\]: 'localhost' is not a domain",
+        ),
+        (
+            "relay:\n  m365_tenant_ids: [contoso]\n",
+            r"relay.m365_tenant_ids\[0\]: 'contoso' is not a tenant id \(a GUID",
+        ),
+        (
             "relay:\n  client_certs: ['CN=foo']\n",
             r"relay.client_certs\[0\]: 'CN=foo' is not a certificate pattern",
         ),
@@ -235,6 +247,28 @@ def test_check_config_accepts_the_example():
     result = run_sealgate("check-config", "--config", str(EXAMPLE), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
+
+
+def test_check_config_warns_when_a_shared_certificate_relays_with_no_binding(tmp_path):
+    config = tmp_path / "exo.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path}/s\nrelay:\n  client_certs: ['cn:mail.protection.outlook.com']\n"
+    )
+    result = run_sealgate("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: relaying is authorized by relay.client_certs" in result.stderr
+    assert "every tenant" in result.stderr and "relay.dkim_domains" in result.stderr
+    config.write_text(config.read_text() + "  dkim_domains: [clinic.test]\n")
+    result = run_sealgate("check-config", "--config", str(config))
+    assert result.returncode == 0 and "warning" not in result.stderr
+    # shared address ranges too; the organisation's own private ranges are not shared
+    config.write_text(f"state_dir: {tmp_path}/s\nrelay:\n  networks: [40.92.0.0/15]\n")
+    assert (
+        "relay.networks (40.92.0.0/15)"
+        in run_sealgate("check-config", "--config", str(config)).stderr
+    )
+    config.write_text(f"state_dir: {tmp_path}/s\nrelay:\n  networks: [10.0.0.0/8]\n")
+    assert "warning" not in run_sealgate("check-config", "--config", str(config)).stderr
 
 
 def test_check_config_exits_78_naming_the_key_and_line(tmp_path):

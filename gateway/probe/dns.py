@@ -43,6 +43,7 @@ class Lookup:
     records: tuple[dns.rdata.Rdata, ...] = ()
     secure: bool = False
     error: str = ""
+    ttl: int = 0  # of the answer's records
 
 
 class Resolver:
@@ -76,4 +77,6 @@ class Resolver:
         secure = bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
             return Lookup(name, rdtype, LookupStatus.NODATA, secure=secure)
-        return Lookup(name, rdtype, LookupStatus.OK, tuple(answer.rrset), secure)
+        return Lookup(
+            name, rdtype, LookupStatus.OK, tuple(answer.rrset), secure, ttl=answer.rrset.ttl
+        )

@@ -10,8 +10,10 @@ A client may relay when any one of these holds (checked at RCPT):
 
 Everything else is refused with 554 5.7.1: Sealgate is never an open relay.
 
-Users file: one ``user:hash`` per line; ``#`` starts a comment.  Hashes are scrypt in
-PHC string form, ``$scrypt$ln=14,r=8,p=1$<salt>$<hash>`` (base64 without padding), as
+Users file: one ``user:hash`` per line, or ``user:hash:senders`` to limit the user to
+its own envelope senders (comma-separated: ``alice@example.org``, ``example.org``,
+``.example.org`` for subdomains); ``#`` starts a comment.  Hashes are scrypt in PHC
+string form, ``$scrypt$ln=14,r=8,p=1$<salt>$<hash>`` (base64 without padding), as
 printed by ``sealgate hash-password``.  Verification runs in a worker thread; the
 comparison is constant-time.
 """
@@ -33,7 +35,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.config import IPNetwork
+from gateway.addresses import check_mailbox
+from gateway.config import DomainPattern, IPNetwork, parse_domain_pattern
 
 _PHC = re.compile(r"\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 _USER = re.compile(r"[^\s:#]+")
@@ -74,16 +77,54 @@ def verify_password(password: bytes, encoded: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-def parse_users(text: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class User:
+    hash: str
+    # the envelope senders this user may use; empty: any (relay.sender_domains aside)
+    senders: tuple[str, ...] = ()
+
+    def may_send_as(self, address: str) -> bool:
+        if not self.senders:
+            return True
+        address = address.lower()
+        domain = address.rpartition("@")[2]
+        for allowed in self.senders:
+            if "@" in allowed:
+                if address == allowed:
+                    return True
+            elif DomainPattern(allowed).matches(domain):
+                return True
+        return False
+
+
+def _parse_senders(text: str, number: int) -> tuple[str, ...]:
+    senders = []
+    for item in text.split(","):
+        item = item.strip()
+        if "@" in item:
+            local, _, domain = item.rpartition("@")
+            if not local or check_mailbox(item, utf8=True) is not None:
+                raise ValueError(f"line {number}: {item!r} is not a sender address")
+            senders.append(f"{local}@{parse_domain_pattern(domain)}".lower())
+        else:
+            try:
+                senders.append(parse_domain_pattern(item))
+            except ValueError as e:
+                raise ValueError(f"line {number}: {e}") from None
+    return tuple(senders)
+
+
+def parse_users(text: str) -> dict[str, User]:
     """Parse a users file; ValueError names the line that is wrong."""
-    users: dict[str, str] = {}
+    users: dict[str, User] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        user, sep, encoded = line.partition(":")
+        user, sep, rest = line.partition(":")
+        encoded, has_senders, sender_text = rest.partition(":")
         if not sep or not _USER.fullmatch(user):
-            raise ValueError(f"line {number}: expected 'user:hash'")
+            raise ValueError(f"line {number}: expected 'user:hash' or 'user:hash:senders'")
         m = _PHC.fullmatch(encoded)
         if not m:
             raise ValueError(
@@ -98,11 +139,12 @@ def parse_users(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: scrypt parameters out of range")
         if user in users:
             raise ValueError(f"line {number}: user {user!r} appears twice")
-        users[user] = encoded
+        senders = _parse_senders(sender_text, number) if has_senders else ()
+        users[user] = User(encoded, senders)
     return users
 
 
-def load_users(path: Path) -> dict[str, str]:
+def load_users(path: Path) -> dict[str, User]:
     return parse_users(path.read_text(encoding="utf-8"))
 
 
@@ -111,10 +153,10 @@ def load_users(path: Path) -> dict[str, str]:
 _DUMMY_HASH = "$scrypt$ln=14,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$" + _b64(bytes(32))
 
 
-def check_credentials(users: dict[str, str], user: str, password: bytes) -> bool:
-    encoded = users.get(user)
-    ok = verify_password(password, encoded or _DUMMY_HASH)
-    return ok and encoded is not None
+def check_credentials(users: dict[str, User], user: str, password: bytes) -> bool:
+    entry = users.get(user)
+    ok = verify_password(password, entry.hash if entry else _DUMMY_HASH)
+    return ok and entry is not None
 
 
 class AuthThrottle:
@@ -216,7 +258,10 @@ class CertIdentity:
 
 class RelayPolicy:
     def __init__(
-        self, networks: tuple[IPNetwork, ...], cert_patterns: tuple[str, ...], users: dict[str, str]
+        self,
+        networks: tuple[IPNetwork, ...],
+        cert_patterns: tuple[str, ...],
+        users: dict[str, User],
     ):
         self.networks = networks
         self.cert_patterns = tuple(CertPattern.parse(p) for p in cert_patterns)

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
+from gateway.crypto.dkim_verify import KeyCache
 from gateway.layout import StateLayout
 from gateway.observability.logging import AddressRedactor, load_or_create_key
 from gateway.observability.metrics import Metrics
+from gateway.probe.dns import Resolver
 from gateway.smtp.auth import AuthThrottle, RelayPolicy, load_users
+from gateway.smtp.binding import Binding, dns_key_fetch
 from gateway.smtp.handler import Handler
 from gateway.spool.submit import Submitter
 from gateway.tls import self_signed_paths, server_context
@@ -33,6 +36,7 @@ class SmtpContext:
     config: Config
     hostname: str
     relay: RelayPolicy
+    binding: Binding
     submitter: Submitter
     metrics: Metrics
     redact: AddressRedactor
@@ -93,6 +97,13 @@ def make_redactor(config: Config) -> AddressRedactor:
     return AddressRedactor(lc.addresses)
 
 
+def make_binding(config: Config) -> Binding:
+    keys = None
+    if config.relay.dkim_domains:
+        keys = KeyCache(dns_key_fetch(Resolver(config.dns.nameservers, timeout=5.0)))
+    return Binding(config.relay, keys)
+
+
 def make_smtp_context(
     config: Config,
     submitter: Submitter,
@@ -109,6 +120,7 @@ def make_smtp_context(
         config.relay.client_certs,
         load_users(config.relay.users_file) if config.relay.users_file else {},
     )
+    binding = make_binding(config)
     tls_context = server_context(
         cert,
         key,
@@ -127,6 +139,7 @@ def make_smtp_context(
         config,
         smtp_hostname(config),
         relay,
+        binding,
         submitter,
         metrics,
         redact,

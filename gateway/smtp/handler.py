@@ -1,8 +1,8 @@
 """handler - the per-command policy of the SMTP listener (aiosmtpd's ``handle_*``
 hooks): HELO/EHLO names and what EHLO offers, STARTTLS client certificates, the
-envelope checks at MAIL and RCPT (`gateway.addresses`), SIZE, free space, relay
-authorization and recipient limits, SMTP AUTH (PLAIN, LOGIN; RFC 4954, 4616) with
-throttling across connections.
+envelope checks at MAIL and RCPT (`gateway.addresses`), the sender binding at MAIL
+(`gateway.smtp.binding`), SIZE, free space, relay authorization and recipient
+limits, SMTP AUTH (PLAIN, LOGIN; RFC 4954, 4616) with throttling across connections.
 
 Every reply comes from `gateway.smtp.replies`.  Passwords are checked in a thread,
 never on the event loop, and only when `AuthThrottle` allows the attempt.
@@ -21,7 +21,7 @@ from gateway.addresses import Kind, Problem, check_helo, check_mailbox, check_pa
 from gateway.events import Event, RejectReason
 from gateway.observability.logging import get_logger
 from gateway.smtp import replies
-from gateway.smtp.auth import check_credentials
+from gateway.smtp.auth import User, check_credentials
 
 if TYPE_CHECKING:
     from gateway.smtp.context import SmtpContext
@@ -121,6 +121,17 @@ class Handler:
                 if size > cfg.smtp.max_message_size:
                     self.ctx.metrics.reject(RejectReason.MESSAGE_TOO_BIG)
                     return replies.SIZE_EXCEEDED_MAIL.format(limit=cfg.smtp.max_message_size)
+        refusal = self.ctx.binding.check_sender(address, self._user(session))
+        if refusal is not None:
+            self.ctx.metrics.reject(refusal.reason)
+            peer = session.peer or ("?", 0)
+            log.warning(
+                Event.SENDER_REFUSED,
+                client_ip=str(peer[0]),
+                reason=refusal.reason.value,
+                mail_from=self.ctx.redact(address) if address != "<>" else "<>",
+            )
+            return refusal.reply
         if self.ctx.free_space() < cfg.spool.min_free_space + size:
             self.ctx.metrics.reject(RejectReason.SPOOL_ERROR)
             return replies.INSUFFICIENT_STORAGE
@@ -165,6 +176,11 @@ class Handler:
         if problem.kind is Kind.NEEDS_SMTPUTF8:
             return replies.NEEDS_SMTPUTF8
         return template.format(detail=problem.detail)
+
+    def _user(self, session: GatewaySession) -> User | None:
+        if session.authenticated and session.auth_user:
+            return self.ctx.relay.users.get(session.auth_user)
+        return None
 
     def _authorization(self, session: GatewaySession) -> str | None:
         relay = self.ctx.relay

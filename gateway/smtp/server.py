@@ -40,11 +40,13 @@ from aiosmtpd.smtp import (
 )
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
+from gateway.crypto.dkim_verify import MessageDigest
 from gateway.errors import SpoolError
 from gateway.events import Event, RejectReason
 from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.logging import get_logger
 from gateway.smtp import replies
+from gateway.smtp.binding import Refusal
 from gateway.smtp.context import SmtpContext
 from gateway.smtp.data import DataProblem, MessageScanner
 
@@ -387,8 +389,9 @@ class GatewaySMTP(SMTP):
         scanner = MessageScanner(
             cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
         )
+        digest = ctx.binding.digest_for(self.gw_envelope.authorized_by)
         try:
-            await self._read_data(scanner, writer)
+            await self._read_data(scanner, writer, digest)
         except BaseException:
             # The client went away mid-message: nothing was promised, nothing is kept.
             asyncio.get_running_loop().create_task(writer.abort())
@@ -407,6 +410,11 @@ class GatewaySMTP(SMTP):
                 template.format(limit=limit, count=scanner.received_headers),
                 scanner.wire_size,
             )
+        if digest is not None:
+            refusal = await ctx.binding.check_message(digest)
+            if refusal is not None:
+                await writer.abort()
+                return self._not_bound(refusal, writer.size)
         started = time.perf_counter()
         try:
             envelope = await writer.commit(
@@ -419,8 +427,11 @@ class GatewaySMTP(SMTP):
         self._accepted(envelope, latency)
         return replies.QUEUED.format(queue_id=queue_id)
 
-    async def _read_data(self, scanner: MessageScanner, writer: Any) -> None:
-        """Read up to and excluding CRLF "." CRLF, feeding the scanner chunk by chunk."""
+    async def _read_data(
+        self, scanner: MessageScanner, writer: Any, digest: MessageDigest | None
+    ) -> None:
+        """Read up to and excluding CRLF "." CRLF, feeding the scanner chunk by chunk
+        (and the binding's digest, when the message is to be checked)."""
         reader = self._reader
         last2 = b"\r\n"  # the CRLF that ended the DATA command line
         while True:
@@ -433,10 +444,13 @@ class GatewaySMTP(SMTP):
             except asyncio.IncompleteReadError as e:
                 raise ConnectionResetError("connection closed during DATA") from e
             before = piece[-5:-3] if len(piece) >= 5 else (last2 + piece[:-3])[-2:]
-            if found and before == b"\r\n":
-                await writer.write(scanner.feed(piece[:-3]))
+            final = found and before == b"\r\n"
+            data = scanner.feed(piece[:-3] if final else piece)
+            if digest is not None:
+                digest.feed(data)
+            await writer.write(data)
+            if final:
                 return
-            await writer.write(scanner.feed(piece))
             last2 = (last2 + piece)[-2:]
 
     # -- outcomes -----------------------------------------------------------------
@@ -514,6 +528,19 @@ class GatewaySMTP(SMTP):
             else None,
             latency_ms=round(latency * 1000, 2),
         )
+
+    def _not_bound(self, refusal: Refusal, size: int) -> str:
+        """A message the tenant and sender binding does not allow."""
+        client = self._client_info()
+        log.warning(
+            Event.BINDING_REFUSED,
+            reason=refusal.reason.value,
+            client_ip=client.ip,
+            authorized_by=client.authorized_by,
+            dkim=list(refusal.signers) or None,
+            reply=refusal.reply[:9],
+        )
+        return self._rejected(refusal.reason, refusal.reply, size)
 
     def _rejected(self, reason: RejectReason, reply: str, size: int) -> str:
         self.ctx.metrics.reject(reason)
