@@ -266,7 +266,7 @@ class RelayConfig:
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
         metadata=doc(
             "Client networks (CIDR) allowed to relay. Microsoft 365 and Google Workspace "
-            "addresses are shared by all tenants: prefer client_certs or SMTP AUTH for them."
+            "addresses are shared by all tenants: bind them with dkim_domains."
         ),
     )
     client_certs: tuple[str, ...] = field(
