@@ -41,7 +41,9 @@ SIGNED_FIELDS = (
     "content-transfer-encoding",
 )
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
-_WSP_RUN = re.compile(rb"[ \t]+")
+# WSP that relaxed canonicalization changes: a tab, or a space followed by more WSP
+# (a lone space stays, and most are lone: far fewer matches than [ \t]+)
+_WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
 _TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
 
 
@@ -86,11 +88,14 @@ def load_key(path: Path, domain: str, selector: str) -> DkimKey:
     return DkimKey(domain.lower(), selector, key)
 
 
+def relaxed_lines(lines: bytes) -> bytes:
+    """RFC 6376 §3.4.4 a and b on whole lines: WSP runs to one space, none at the end."""
+    return _TRAILING_WSP.sub(b"\r\n", _WSP_RUN.sub(b" ", lines))
+
+
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4."""
-    body = _WSP_RUN.sub(b" ", body)
-    body = _TRAILING_WSP.sub(b"\r\n", body)
-    body = body.rstrip(b"\r\n")
+    body = relaxed_lines(body).rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
 
 

@@ -29,13 +29,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from gateway.crypto.dkim import relaxed_header
+from gateway.crypto.dkim import relaxed_header, relaxed_lines
 
 MAX_HEADER_BYTES = 256 * 1024  # a header section beyond this is not checked (refused)
 MAX_SIGNATURES = 10  # signatures verified per message; more are ignored
 _FIELD = re.compile(rb"([!-9;-~]+)([ \t]*):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
-_WSP_RUN = re.compile(rb"[ \t]+")
-_TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
 _FWS = re.compile(r"[ \t\r\n]+")
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # The value of the b= tag, which is hashed as empty (RFC 6376 3.7)
@@ -78,7 +76,7 @@ class BodyHash:
 
     def _lines(self, block: bytes) -> None:
         if self.relaxed:
-            block = _TRAILING_WSP.sub(b"\r\n", _WSP_RUN.sub(b" ", block))
+            block = relaxed_lines(block)
         text_end = len(block.rstrip(b"\r\n"))
         if text_end == 0:
             self._empty += len(block) // 2
@@ -109,6 +107,7 @@ class MessageDigest:
         self.header: bytes | None = None  # once the blank line has been seen
         self.too_big = False
         self._bodies: dict[bool, BodyHash] = {}
+        self._fields: list[tuple[bytes, bytes, bytes]] | None = None
 
     def feed(self, data: bytes) -> None:
         if self.header is None:
@@ -143,19 +142,21 @@ class MessageDigest:
 
     def _start_bodies(self) -> None:
         for name, value in self.fields():
-            if name.lower() == b"dkim-signature":
+            if name == b"dkim-signature":
                 body = _canonicalization(value)[1]
                 if body is not None and body not in self._bodies:
                     self._bodies[body] = BodyHash(relaxed=body)
 
     def fields(self) -> list[tuple[bytes, bytes]]:
-        """The header fields as (name, value), top to bottom."""
-        return [(m.group(1), m.group(3)) for m in _FIELD.finditer(self.header or b"")]
+        """The header fields as (lower-case name, value), top to bottom."""
+        return [(lower, value) for lower, value, _ in self.raw_fields()]
 
     def raw_fields(self) -> list[tuple[bytes, bytes, bytes]]:
         """(lower-case name, value, the field's exact bytes) top to bottom."""
-        fields = _FIELD.finditer(self.header or b"")
-        return [(m.group(1).lower(), m.group(3), m.group(0)) for m in fields]
+        if self._fields is None:
+            found = _FIELD.finditer(self.header or b"")
+            self._fields = [(m.group(1).lower(), m.group(3), m.group(0)) for m in found]
+        return self._fields
 
     def body_hash(self, relaxed: bool) -> bytes | None:
         body = self._bodies.get(relaxed)
