@@ -563,12 +563,25 @@ class PgpConfig:
 
 
 @dataclass(frozen=True)
+class DkimDomainKeyConfig:
+    selector: str = field(
+        metadata=doc(
+            "Selector (s=): the public key is the TXT record <selector>._domainkey.<domain>."
+        )
+    )
+    key_file: Path = field(
+        metadata=doc("Unencrypted PEM private key: RSA (2048 bits or more advised) or Ed25519.")
+    )
+
+
+@dataclass(frozen=True)
 class DkimConfig:
     domain: str | None = field(
         default=None,
         metadata=doc(
-            "Signing domain (d=), aligned with your From domain for DMARC. null: "
-            "copies are not signed (a changed copy still loses the original signature)."
+            "Signing domain (d=) of the one key for every From domain (see keys for one "
+            "key per domain). null: only keys applies; with neither, copies are not "
+            "signed (a changed copy still loses the original signature)."
         ),
     )
     selector: str | None = field(
@@ -580,6 +593,17 @@ class DkimConfig:
     key_file: Path | None = field(
         default=None,
         metadata=doc("Unencrypted PEM private key: RSA (2048 bits or more advised) or Ed25519."),
+    )
+    keys: dict[str, DkimDomainKeyConfig] = field(
+        default_factory=dict,
+        metadata=doc(
+            "Signing keys per From domain, '<domain>: {selector, key_file}'. A changed copy "
+            "is signed with the key of its From domain, or of the nearest parent domain "
+            "listed (DMARC's relaxed alignment accepts it); a From domain with neither "
+            "uses domain/selector/key_file above when set (a signature not aligned with "
+            "From) or goes unsigned - counted in sealgate_dkim_copies_total and logged; "
+            "the policy's fact dkim_key is false for such a message."
+        ),
     )
     sign: Literal["changed", "all"] = field(
         default="changed",

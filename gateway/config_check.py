@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 
 from gateway.config import Config
-from gateway.crypto.signers import dkim_key, load_signer, pem_certs, read_config_file
+from gateway.crypto.signers import dkim_keys, load_signer, pem_certs, read_config_file
 from gateway.errors import ConfigError
 from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
@@ -65,7 +65,7 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
     sm = cfg.smime
     if sm.signing_cert_file is not None and sm.signing_key_file is not None:
         load_signer(sm.signing_cert_file, sm.signing_key_file, source)
-    dkim_key(cfg, source)
+    dkim_keys(cfg, source)
     if cfg.pgp.signing_key_file is not None:
         read_config_file("pgp.signing_key_file", cfg.pgp.signing_key_file, source)
     logo = cfg.portal.logo_file

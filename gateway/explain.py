@@ -10,11 +10,14 @@ after EHLO/STARTTLS; the MTA-STS cache is not written).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Config
+from gateway.crypto.dkim import author_domain
+from gateway.crypto.signers import dkim_keys
 from gateway.delivery.router import Router
 from gateway.policy.engine import Evaluation, decide
 from gateway.policy.features import Features, message_features
@@ -55,6 +58,8 @@ async def explain(
     prober = Prober(router, resolver, settings, sts, keys or NoKeys())
     data = message if message is not None else f"From: <{sender}>\r\n\r\n".encode()
     features = message_features(policy, data)
+    signing = dkim_keys(config).aligned(author_domain(data))
+    features = dataclasses.replace(features, dkim_key=signing is not None)
     out = []
     for rcpt in recipients:
         facts = await prober.recipient(rcpt)

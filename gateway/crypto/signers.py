@@ -40,14 +40,45 @@ def pem_certs(key: str, data: bytes, path: Path, source: str) -> list[x509.Certi
     return certs
 
 
-def dkim_key(cfg: Config, source: str = "<config>") -> DkimKey | None:
-    dk = cfg.dkim
-    if dk.domain is None or dk.selector is None or dk.key_file is None:
+class DkimKeys:
+    """The DKIM signing keys: one per From domain (``dkim.keys``) and the one for
+    every other domain (``dkim.domain``/``selector``/``key_file``), if set."""
+
+    def __init__(self, by_domain: dict[str, DkimKey], fallback: DkimKey | None):
+        self.by_domain, self.fallback = by_domain, fallback
+
+    def __bool__(self) -> bool:
+        return bool(self.by_domain) or self.fallback is not None
+
+    def aligned(self, domain: str | None) -> DkimKey | None:
+        """The key of ``domain`` or of its nearest parent listed in ``dkim.keys``."""
+        while domain:
+            key = self.by_domain.get(domain)
+            if key is not None:
+                return key
+            domain = domain.partition(".")[2]
         return None
-    try:
-        return load_key(dk.key_file, dk.domain, dk.selector)
-    except DkimError as e:
-        raise ConfigError("dkim.key_file", str(e), source) from None
+
+    def for_author(self, domain: str | None) -> DkimKey | None:
+        return self.aligned(domain) or self.fallback
+
+
+def dkim_keys(cfg: Config, source: str = "<config>") -> DkimKeys:
+    """Every configured DKIM key, loaded; `ConfigError` names the one that is wrong."""
+    dk = cfg.dkim
+    fallback = None
+    if dk.domain is not None and dk.selector is not None and dk.key_file is not None:
+        try:
+            fallback = load_key(dk.key_file, dk.domain, dk.selector)
+        except DkimError as e:
+            raise ConfigError("dkim.key_file", str(e), source) from None
+    by_domain = {}
+    for domain, entry in dk.keys.items():
+        try:
+            by_domain[domain] = load_key(entry.key_file, domain, entry.selector)
+        except DkimError as e:
+            raise ConfigError(f"dkim.keys.{domain}.key_file", str(e), source) from None
+    return DkimKeys(by_domain, fallback)
 
 
 def load_signer(cert_file: Path, key_file: Path, source: str = "<config>") -> Signer:

@@ -7,15 +7,16 @@ policy's decision and the SMTP client.
   copy for one recipient's key, signed with the organisation's key when configured
   (``smime.signing_*``, ``pgp.signing_key_file``);
 - ``signed``: a changed copy loses the original DKIM signature (it would fail) and is
-  signed with ``dkim.*`` when set; an unchanged one goes as it is (or signed too
-  under ``dkim.sign: all``);
+  signed with the key of its From domain (``dkim.keys``, else ``dkim.domain``'s);
+  an unchanged one goes as it is (or signed too under ``dkim.sign: all``);
 - tag removal (the policy's ``strip_tags``) is `gateway.policy.features`'s, applied
   by the caller before either.
 
 How it fails: ``encrypt`` raises `KeyUnusable` (the key cannot be used now: expired,
 refused by the checks) or `EncryptFailed` (the encryption itself failed); nothing is
 sent then, and the caller moves the recipient to its next mode.  A copy that cannot
-be DKIM-signed (no From field) goes out unsigned, logged.  Large copies, signing and
+be DKIM-signed (no From field, no key for its domain) goes out unsigned, logged and
+counted.  Large copies, signing and
 gpg subprocesses run in this step's own threads, never on the event loop.
 """
 
@@ -34,13 +35,13 @@ from cryptography import x509
 from gateway.config import Config
 from gateway.crypto import dkim, smime
 from gateway.crypto.certs import CertificateError, check
-from gateway.crypto.dkim import DkimKey
 from gateway.crypto.pgp import PgpEncryptor, PgpError, PgpSigner
-from gateway.crypto.signers import Signer, dkim_key, load_signer
+from gateway.crypto.signers import DkimKeys, Signer, dkim_keys, load_signer
 from gateway.errors import ConfigError, SealgateError
 from gateway.events import Event
 from gateway.layout import StateLayout
 from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 from gateway.probe.facts import KeyInfo
 
 log = get_logger("gateway.crypto")
@@ -59,7 +60,7 @@ class EncryptFailed(SealgateError):
 
 
 class CopyMaker:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, metrics: Metrics | None = None):
         # three at once: a gpg subprocess waits on its pipes
         self._threads = ThreadPoolExecutor(3, thread_name_prefix="crypto")
         self._pgp = PgpEncryptor(StateLayout(state_dir).pgp_home)
@@ -68,8 +69,9 @@ class CopyMaker:
         self._smime_signer: Signer | None = None
         self._smime_subject: str | None = None
         self._pgp_signer: PgpSigner | None = None
-        self._dkim: DkimKey | None = None
+        self._dkim = DkimKeys({}, None)
         self._dkim_all = False
+        self._metrics = metrics
 
     def configure(self, config: Config) -> None:
         """Take the signing keys from ``config`` (start, SIGHUP); a key that does not
@@ -85,7 +87,7 @@ class CopyMaker:
         signer = None
         if sm.signing_cert_file is not None and sm.signing_key_file is not None:
             signer = load_signer(sm.signing_cert_file, sm.signing_key_file)
-        dkim_signing = dkim_key(config)
+        dkim_signing = dkim_keys(config)
         # everything that can fail has been read: from here on, nothing raises
         self._pgp_signer, self._dkim, self._dkim_all = (
             pgp_signer,
@@ -140,14 +142,26 @@ class CopyMaker:
         except (PgpError, OSError) as e:
             raise EncryptFailed(str(e)) from None
 
+    def has_aligned_key(self, message: bytes) -> bool:
+        """Whether a changed copy of ``message`` would be signed by its From domain."""
+        return self._dkim.aligned(dkim.author_domain(message)) is not None
+
     async def signed(self, copy: bytes, changed: bool) -> bytes:
         """A changed copy without the original DKIM signature (it would fail), signed
-        with ours when ``dkim.*`` is set; an unchanged one as it is (or signed too
-        under ``dkim.sign: all``)."""
+        with the key of its From domain (or ``dkim.domain``'s) when there is one; an
+        unchanged one as it is (or signed too under ``dkim.sign: all``)."""
         if changed:
             copy = dkim.without_signatures(copy)
-        key = self._dkim
-        if key is None or not (changed or self._dkim_all):
+        if not self._dkim or not (changed or self._dkim_all):
+            return copy
+        author = dkim.author_domain(copy)
+        key = self._dkim.aligned(author)
+        result = "aligned"
+        if key is None:
+            key, result = self._dkim.fallback, "fallback"
+        if key is None:
+            self._count("no_key")
+            log.warning(Event.DKIM_NOT_SIGNED, reason="no key for the From domain", domain=author)
             return copy
         try:
             if len(copy) > IN_THREAD_ABOVE:
@@ -155,9 +169,15 @@ class CopyMaker:
             else:
                 signature = dkim.sign(copy, key)
         except dkim.DkimError as e:  # e.g. no From field: it goes out unsigned
-            log.warning(Event.DKIM_NOT_SIGNED, error=str(e)[:300])
+            self._count("error")
+            log.warning(Event.DKIM_NOT_SIGNED, reason=str(e)[:300], domain=author)
             return copy
+        self._count(result)
         return signature + copy
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.dkim_copies.labels(result).inc()
 
     def _certificate(self, der: bytes) -> x509.Certificate:
         """The certificate, parsed and checked once; its validity period checked at

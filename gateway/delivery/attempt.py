@@ -114,7 +114,7 @@ class DeliveryAgent:
         self.keys: KeyStore = keys or NoKeys()
         self.sessions: SessionCache | None = None
         self.sts: StsCache | None = None  # outlives reloads: cached policies stay
-        self.transform = CopyMaker(config.state_dir)
+        self.transform = CopyMaker(config.state_dir, metrics)
         self._retired: set[asyncio.Task[None]] = set()
         self._features: dict[str, tuple[str, Features]] = {}
         self.apply(config, policy)
@@ -348,6 +348,7 @@ class DeliveryAgent:
             features = await asyncio.to_thread(message_features, policy, data)
         else:
             features = message_features(policy, data)
+        features = dataclasses.replace(features, dkim_key=self.transform.has_aligned_key(data))
         if len(self._features) >= FEATURES_MAX:
             self._features.clear()
         self._features[queue_id] = (policy.stamp, features)

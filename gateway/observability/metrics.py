@@ -135,6 +135,14 @@ class Metrics:
             ["mode", "rule"],
             registry=r,
         )
+        self.dkim_copies = Counter(
+            "sealgate_dkim_copies",
+            "Copies the gateway DKIM-signs or would sign, by result: aligned (the From "
+            "domain's key, dkim.keys), fallback (dkim.domain's key, not aligned with From), "
+            "no_key (no key for the From domain: unsigned), error (no From: unsigned)",
+            ["result"],
+            registry=r,
+        )
         self.policy_fallbacks = Counter(
             "sealgate_policy_fallbacks",
             "Recipients moved to another mode because the decided one failed at delivery, "

@@ -348,15 +348,17 @@ def _condition(cond: Condition, ctx: _Context) -> tuple[bool, str]:  # noqa: C90
     # facts
     notes = []
     for name, expected in values:
-        actual = _fact(name, ctx.facts)
+        actual = _fact(name, ctx)
         if actual != expected:
             return False, f"fact {name} is {actual}, not {expected}"
         notes.append(f"{name}={actual}")
     return True, "facts " + ", ".join(notes)
 
 
-def _fact(name: str, facts: RecipientFacts) -> object:
-    domain = facts.domain
+def _fact(name: str, ctx: _Context) -> object:
+    facts, domain = ctx.facts, ctx.facts.domain
+    if name == "dkim_key":
+        return ctx.features.dkim_key
     if name == "dane":
         return any(m.tlsa is TlsaState.USABLE and bool(m.dane_match) for m in domain.mx)
     if name == "mta_sts":

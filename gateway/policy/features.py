@@ -23,6 +23,9 @@ class Features:
     subject: str = ""
     content: dict[str, ClassifierResult] = field(default_factory=dict)
     error: str = ""  # the header block could not be read
+    # a changed copy would be DKIM-signed by its From domain's key (dkim.keys);
+    # None: not known (nobody asked the signing keys)
+    dkim_key: bool | None = None
 
 
 def message_features(policy: Policy, data: bytes) -> Features:

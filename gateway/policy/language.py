@@ -43,6 +43,7 @@ FACTS = {
     "pkix": bool,  # some server has a certificate valid for its name
     "smime_key": bool,
     "pgp_key": bool,
+    "dkim_key": bool,  # the gateway holds a DKIM key of the message's From domain
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DOMAIN = re.compile(

@@ -23,10 +23,10 @@ reason in ``sealgate_smtp_rejected_total``.
 
 from __future__ import annotations
 
-import email.policy
 from dataclasses import dataclass
 
 from gateway.config import DomainPattern, RelayConfig
+from gateway.crypto.dkim import author_domain_of, domain_a_label
 from gateway.crypto.dkim_verify import (
     Fetch,
     KeyAnswer,
@@ -102,7 +102,7 @@ class Binding:
             # no domain to check: only a DKIM binding can hold a bounce to the tenant
             if self.dkim_domains and user is None:
                 return None
-        elif _within(_domain_of(address), self.sender_domains):
+        elif _within(domain_a_label(address.rpartition("@")[2]), self.sender_domains):
             return None
         return Refusal(
             RejectReason.SENDER_DOMAIN, replies.SENDER_NOT_ALLOWED.format(address=address)
@@ -132,7 +132,7 @@ class Binding:
         ids = [
             value.decode("ascii", "replace").strip(" \t\r\n").lower()
             for name, value in digest.fields()
-            if name.lower() == TENANT_HEADER
+            if name == TENANT_HEADER
         ]
         if not ids:
             return self._refused(RejectReason.TENANT_ID, "no Microsoft 365 tenant id")
@@ -144,7 +144,7 @@ class Binding:
 
     async def _check_dkim(self, digest: MessageDigest) -> Refusal | None:
         assert self.keys is not None
-        from_domain = _from_domain(digest)
+        from_domain = author_domain_of([v for name, v in digest.fields() if name == b"from"])
         if from_domain is None:
             return self._refused(RejectReason.DKIM_UNBOUND, "From must be exactly one address")
         results = await verify(digest, self.keys)
@@ -176,32 +176,5 @@ class Binding:
         return Refusal(reason, replies.NOT_BOUND.format(detail=detail), signers)
 
 
-def _domain_of(address: str) -> str:
-    domain = address.rpartition("@")[2].rstrip(".").lower()
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
-
-
 def _within(domain: str, patterns: tuple[DomainPattern, ...]) -> bool:
     return any(p.matches(domain) for p in patterns)
-
-
-def _from_domain(digest: MessageDigest) -> str | None:
-    """The domain of the one From address (RFC 5322 3.6.2; DMARC refuses a message
-    with several), or None."""
-    values = [v for name, v in digest.fields() if name.lower() == b"from"]
-    if len(values) != 1:
-        return None
-    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
-    try:
-        # the standard library's full RFC 5322 parser, which reports what it had to
-        # guess: any guess (a defect) is a refusal, never a domain picked by chance
-        header = email.policy.default.header_factory("from", text)
-    except (ValueError, IndexError):
-        return None
-    addresses = header.addresses
-    if header.defects or len(addresses) != 1 or not addresses[0].domain:
-        return None
-    return _domain_of("@" + addresses[0].domain)
