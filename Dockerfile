@@ -27,11 +27,13 @@ RUN mkdir -p /etc/sealgate /var/lib/sealgate \
     '  http: "0.0.0.0:10080"' \
     'portal:' \
     '  listen: "0.0.0.0:10443"' \
+    'api:' \
+    '  listen: "0.0.0.0:10444"' \
     > /etc/sealgate/config.yaml
 
 USER sealgate
 VOLUME ["/var/lib/sealgate"]
-EXPOSE 10025 10080 10443
+EXPOSE 10025 10080 10443 10444
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10080/healthz', timeout=3)"]

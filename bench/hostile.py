@@ -81,6 +81,7 @@ class Daemon(battery.Observed):
         self.smtp = (c.listen.smtp.host, c.listen.smtp.port)
         self.http = (c.listen.http.host, c.listen.http.port)
         self.portal = (c.portal.listen.host, c.portal.listen.port)
+        self.api = (c.api.listen.host, c.api.listen.port)
         self.lifetime = c.delivery.max_queue_lifetime
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -262,6 +263,7 @@ async def main(seed: int, scale: float) -> dict[str, Any]:
                 "state_dir": str(root / "state"),
                 "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
                 "portal": {"listen": f"127.0.0.1:{free_port()}"},
+                "api": {"listen": f"127.0.0.1:{free_port()}"},
                 "smtp": {"hostname": "gw.sealgate.test"},
                 "relay": {"networks": ["127.0.0.0/8"]},
                 "dns": {"nameservers": [dns.nameserver]},
@@ -283,7 +285,7 @@ async def main(seed: int, scale: float) -> dict[str, Any]:
         try:
             await daemon.start()
             started = time.monotonic()
-            web = battery.WebTargets(daemon.portal, daemon.http, TOKEN)
+            web = battery.WebTargets(daemon.portal, daemon.api, TOKEN)
             report = await battery.run(*daemon.smtp, seed, per_category, web=web)
             summary["battery_seconds"] = round(time.monotonic() - started, 1)
             summary["flood"] = await flood(daemon)

@@ -18,6 +18,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from gateway.api.server import ApiServer
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, HostPort, load_config
@@ -64,6 +65,7 @@ class Gateway:
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
         self.http: OpsHttpServer | None = None
+        self.api: ApiServer | None = None
         self.queue: QueueManager | None = None
         self.keydir: KeyDirectory | None = None
         self.keydir_writer: KeyDirectory | None = None
@@ -154,22 +156,31 @@ class Gateway:
             self.smtp = SmtpServer(make_smtp_context(cfg, self.submitter, self.metrics))
             await self.smtp.start()
         self.smtp_address = self._listening_at()
-        if self.archive is not None and cfg.archive.api_tokens:
-            # a connection of its own: API reads never wait behind the journal's thread
-            api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
-            self.archive_api = ArchiveApi(api_archive, cfg.archive.api_tokens, self.metrics)
-        self.http = OpsHttpServer(
-            cfg.listen.http, self.render_metrics, self.readiness, self.archive_api
-        )
-        await self.http.start()
+        await self._start_http()
+        assert self.http is not None
         log.info(
             Event.READY,
             smtp=str(HostPort(*self.smtp_address)),
             http=str(HostPort(*self.http.address)),
+            api=str(HostPort(*self.api.address)) if self.api is not None else None,
             portal=str(HostPort(*self.portal.address)) if self.portal is not None else None,
             hostname=self.hostname,
             workers=worker_count(cfg),
         )
+
+    async def _start_http(self) -> None:
+        """The HTTPS API listener (with the archive API when tokens are set) and the
+        ops listener."""
+        cfg = self.config
+        if self.archive is not None and cfg.archive.api_tokens:
+            # a connection of its own: API reads never wait behind the journal's thread
+            api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
+            self.archive_api = ArchiveApi(api_archive, cfg.archive.api_tokens, self.metrics)
+        if cfg.api.enabled:
+            self.api = ApiServer(cfg.api.listen, self._api_tls(), self.archive_api)
+            await self.api.start()
+        self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
+        await self.http.start()
 
     def _listening_at(self) -> tuple[str, int]:
         """Where the SMTP listener listens (the port taken, when it names port 0)."""
@@ -215,8 +226,14 @@ class Gateway:
 
     def _portal_tls(self) -> ssl.SSLContext:
         """The portal's HTTPS: its own certificate, else the SMTP listener's."""
-        pc, tls = self.config.portal, self.config.tls
-        cert, key = pc.cert_file, pc.key_file
+        return self._https(self.config.portal.cert_file, self.config.portal.key_file)
+
+    def _api_tls(self) -> ssl.SSLContext:
+        """The API's HTTPS: its own certificate, else the SMTP listener's."""
+        return self._https(self.config.api.cert_file, self.config.api.key_file)
+
+    def _https(self, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+        tls = self.config.tls
         if cert is None or key is None:
             cert, key = tls.cert_file, tls.key_file
         if cert is None or key is None:
@@ -255,6 +272,8 @@ class Gateway:
             await self.smtp.stop(grace)
         if self.portal is not None:
             await self.portal.stop()
+        if self.api is not None:
+            await self.api.stop()
         if self.queue is not None:
             await self.queue.stop(grace)
         if self.archive is not None:

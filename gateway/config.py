@@ -764,11 +764,37 @@ class ArchiveConfig:
     api_tokens: tuple[ApiTokenConfig, ...] = field(
         default=(),
         metadata=doc(
-            "Bearer tokens for the archive API on the ops listener (/archive/...), as a "
-            "list of {name, role, token_sha256}. Roles: 'auditor' (search, metadata, "
-            "evidence, proofs), 'investigator' (also content and exports), 'admin' "
-            "(also holds and purge; no content). Empty: the API answers 404."
+            "Bearer tokens for the archive API on the HTTPS API listener (api.listen, "
+            "/archive/...), as a list of {name, role, token_sha256}. Roles: 'auditor' "
+            "(search, metadata, evidence, proofs), 'investigator' (also content and "
+            "exports), 'admin' (also holds and purge; no content). Empty: the API "
+            "answers 404."
         ),
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Run the HTTPS API listener, which serves the archive API (archive.api_tokens). "
+            "false: no API at all."
+        ),
+    )
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 10444),
+        metadata=doc(
+            "Where the API listens, HTTPS only (a plaintext request gets no HTTP answer). "
+            "Keep it on loopback or a management network."
+        ),
+    )
+    cert_file: Path | None = field(
+        default=None,
+        metadata=doc("PEM certificate chain for the API's HTTPS. null: tls.cert_file."),
+    )
+    key_file: Path | None = field(
+        default=None, metadata=doc("Its private key (PEM). null: tls.key_file.")
     )
 
 
@@ -906,6 +932,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -1150,7 +1177,7 @@ def load_config_text(text: str, source: str = "<config>") -> Config:
 
 
 def _check_pairs(config: Config, where: _Located, source: str) -> None:
-    for prefix, section in (("tls", config.tls), ("portal", config.portal)):
+    for prefix, section in (("tls", config.tls), ("portal", config.portal), ("api", config.api)):
         if (section.cert_file is None) != (section.key_file is None):
             key = f"{prefix}.key_file" if section.key_file is None else f"{prefix}.cert_file"
             raise ConfigError(

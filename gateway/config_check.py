@@ -38,8 +38,10 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
     for prefix, cert, key in (
         ("tls", cfg.tls.cert_file, cfg.tls.key_file),
         ("portal", cfg.portal.cert_file, cfg.portal.key_file),
+        ("api", cfg.api.cert_file, cfg.api.key_file),
     ):
-        if cert is not None and key is not None and (prefix != "portal" or cfg.portal.enabled):
+        enabled = {"portal": cfg.portal.enabled, "api": cfg.api.enabled}.get(prefix, True)
+        if cert is not None and key is not None and enabled:
             _cert_and_key(prefix, cert, key, source)
     relay = cfg.relay
     if relay.client_ca_file is not None:

@@ -64,6 +64,9 @@ class Event(enum.StrEnum):
     PORTAL_ERROR = "portal.error"
     # ops http
     HTTP_ERROR = "http.error"
+    # the HTTPS API listener
+    API_BAD_REQUEST = "api.bad-request"
+    API_ERROR = "api.error"
 
 
 class RejectReason(enum.StrEnum):

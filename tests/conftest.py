@@ -113,7 +113,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
     """A config file with a private state_dir, plus ``overrides``.  The listeners take
     any free port (port 0: read back from the running gateway, `smtp_addr`,
-    ``gw.http.address``, ``gw.portal.address``, or from the daemon's app.ready line)."""
+    ``gw.http.address``, ``gw.api.address``, ``gw.portal.address``, or from the daemon's app.ready line)."""
     data: dict[str, Any] = {
         "state_dir": str(directory / "state"),
         "listen": {"smtp": "127.0.0.1:0", "http": "127.0.0.1:0"},
@@ -124,6 +124,7 @@ def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
         "delivery": {"smart_host": f"127.0.0.1:{free_port()}", "connect_timeout": "2s"},
         "logging": {"addresses": "plain"},
         "portal": {"listen": "127.0.0.1:0"},
+        "api": {"listen": "127.0.0.1:0"},
     }
     for dotted, value in overrides.items():
         node = data

@@ -1,4 +1,5 @@
-"""The archive API on the ops listener, for compliance tools and dashboards.
+"""The archive API on the HTTPS API listener (``api.listen``), for compliance tools
+and dashboards.
 
 Bearer tokens from ``archive.api_tokens`` (only their SHA-256 is configured), each
 with a role:
@@ -31,8 +32,7 @@ Endpoints (JSON unless said otherwise):
 - ``GET /archive/verify``: the last verification; ``POST /archive/verify`` runs one.
 
 Every request that reaches a handler - refused ones too - is recorded in the access
-record with the token's name.  The listener is plain HTTP: keep it on loopback or
-behind a TLS proxy.
+record with the token's name.  It is served over HTTPS only (`gateway.api.server`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
+from gateway.api.server import Request, Response
 from gateway.archive import report
 from gateway.archive.export import export_bytes
 from gateway.archive.journal import Archive
@@ -55,7 +56,6 @@ from gateway.archive.query import Query
 from gateway.config import ApiTokenConfig
 from gateway.errors import SealgateError
 from gateway.events import Event
-from gateway.observability.http import Request, Response
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 

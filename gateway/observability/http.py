@@ -8,16 +8,16 @@ and keeping a web framework out of the daemon's core keeps its attack surface sm
 - ``/readyz``: 200 when the SMTP listener is up and the spool is writable, else 503
   with the reason.
 - ``/metrics``: Prometheus text format.
-- ``/archive/...``: the archive API (`gateway.archive.api`), when tokens are set.
+
+Nothing else: what serves message content or evidence is on the HTTPS API listener
+(`gateway.api.server`), never here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from gateway.config import HostPort
 from gateway.events import Event
@@ -26,30 +26,7 @@ from gateway.observability.logging import get_logger
 log = get_logger("gateway.http")
 
 _MAX_HEAD = 8192
-_MAX_BODY = 256 * 1024
 _TIMEOUT = 5.0
-_HANDLER_TIMEOUT = 300.0  # an export of many messages takes a while
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-    peer: str
-
-
-@dataclass(frozen=True)
-class Response:
-    status: str
-    content_type: str
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class OpsHttpServer:
@@ -58,9 +35,7 @@ class OpsHttpServer:
         listen: HostPort,
         render_metrics: Callable[[], bytes],
         readiness: Callable[[], str | None],
-        api: Handler | None = None,
     ):
-        self.api = api  # serves /archive/...
         self.listen = listen
         self.render_metrics = render_metrics
         self.readiness = readiness  # returns None when ready, else the reason
@@ -87,24 +62,10 @@ class OpsHttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = "GET"
-        extra: dict[str, str] = {}
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
-            request = self._parse(head, writer)
-            method = request.method
-            length = int(request.headers.get("content-length", "0"))
-            if not 0 <= length <= _MAX_BODY:
-                raise ValueError("body too large")
-            if length:
-                body = await asyncio.wait_for(reader.readexactly(length), _TIMEOUT)
-                request = dataclasses.replace(request, body=body)
-            if self.api is not None and (
-                request.path == "/archive" or request.path.startswith("/archive/")
-            ):
-                r = await asyncio.wait_for(self.api(request), _HANDLER_TIMEOUT)
-                status, ctype, body, extra = r.status, r.content_type, r.body, r.headers
-            else:
-                status, ctype, body = self._route(request)
+            method, path = self._parse(head)
+            status, ctype, body = self._route(method, path)
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
         except Exception as e:  # never let one request take the listener down
@@ -113,9 +74,7 @@ class OpsHttpServer:
         headers = (
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-            + "\r\n"
+            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n"
         ).encode()
         try:
             writer.write(headers + (body if method != "HEAD" else b""))
@@ -126,29 +85,16 @@ class OpsHttpServer:
             writer.close()
 
     @staticmethod
-    def _parse(head: bytes, writer: asyncio.StreamWriter) -> Request:
+    def _parse(head: bytes) -> tuple[str, str]:
+        """(method, path) of the request line; ValueError when malformed."""
         lines = head.decode("latin-1").split("\r\n")
         method, target, _version = lines[0].split(" ", 2)
-        headers = {}
         for line in lines[1:]:
-            if line:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise ValueError("malformed header")
-                headers[name.strip().lower()] = value.strip()
-        url = urlsplit(target)
-        peer = writer.get_extra_info("peername")
-        return Request(
-            method,
-            url.path,
-            dict(parse_qsl(url.query)),
-            headers,
-            b"",
-            str(peer[0]) if peer else "",
-        )
+            if line and ":" not in line:
+                raise ValueError("malformed header")
+        return method, urlsplit(target).path
 
-    def _route(self, request: Request) -> tuple[str, str, bytes]:
-        method, path = request.method, request.path
+    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
         if path == "/metrics":

@@ -72,10 +72,12 @@ class Portal:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
-        from gateway.portal.web import PortalWeb, ServerLog
+        from gateway.api.server import ServerLog
+        from gateway.portal.web import PortalWeb
 
         web_app = PortalWeb(self, self.config.portal).app()
-        self._runner = web.AppRunner(web_app, access_log=None, logger=ServerLog())
+        server_log = ServerLog("gateway.portal.http", Event.PORTAL_BAD_REQUEST, Event.PORTAL_ERROR)
+        self._runner = web.AppRunner(web_app, access_log=None, logger=server_log)
         await self._runner.setup()
         listen = self.config.portal.listen
         site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=tls)

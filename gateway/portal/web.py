@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hmac
 import html
-import logging
 import secrets
-import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
@@ -25,10 +23,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import PortalConfig
-from gateway.events import Event
 from gateway.observability.logging import get_logger
 from gateway.portal import render
 from gateway.portal.store import CodeCheck, Item
@@ -506,27 +502,3 @@ def _attachment(name: str) -> str:
         return f'attachment; filename="{name}"'
     fallback = name.encode("ascii", "replace").decode("ascii").replace("?", "_")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-class ServerLog(logging.Logger):
-    """The logger aiohttp's request handler reports errors to.  A request the parser
-    refuses (a 4xx: a header too long, a bad method, a broken body) is the client's
-    doing: one info line (``portal.bad-request``), no traceback - any client could
-    fill the error log otherwise.  Anything else is ours: an error with its type."""
-
-    def __init__(self) -> None:
-        super().__init__("gateway.portal.http")
-
-    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
-        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 500) < 500:
-            log.info(Event.PORTAL_BAD_REQUEST, status=error.code, error_type=type(error).__name__)
-            return
-        log.error(
-            Event.PORTAL_ERROR,
-            error_type=type(error).__name__ if error else None,
-            error=str(error)[:200] if error else str(msg)[:200],
-        )
-
-    def debug(self, msg: object, *args: object, **kw: Any) -> None:
-        pass  # aiohttp's debug lines (non-HTTP on the port) are not ours to keep

@@ -18,7 +18,7 @@ certificate or by ``relay.networks``; an SMTP AUTH user is bound by the password
 its senders.  A refusal is 550 5.7.1 and nothing is kept; a DKIM key that DNS cannot
 give now is 451 4.4.3 (the client tries again).  Refusals are logged without PHI (the
 reason and the signing domains, never addresses, subjects or content) and counted by
-reason in ``sealgate_smtp_rejected_total``.
+reason in ``sealgate_messages_rejected_total``.
 """
 
 from __future__ import annotations

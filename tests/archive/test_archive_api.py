@@ -1,15 +1,18 @@
-"""The archive API on the ops listener: bearer tokens, roles (an auditor reads
+"""The archive API on the HTTPS API listener: bearer tokens, roles (an auditor reads
 metadata and evidence, never content, and places no hold), every request recorded
-in the access record, refused ones included."""
+in the access record, refused ones included; never in plaintext, never on the ops
+listener."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import zipfile
 
 from tests.conftest import make_message, smtp_client
-from tests.support.archive_api import call, config, journaled
+from tests.support.archive_api import TOKENS, call, config, journaled
+from tests.support.http import http_get
 
 
 async def test_roles_tokens_and_the_access_record(gateway_factory):
@@ -85,7 +88,7 @@ async def test_roles_tokens_and_the_access_record(gateway_factory):
     assert entries.count(("auditor-1", "denied")) == 3
     assert ("admin-1", "denied") in entries and ("auditor-1", "verify") in entries
     await gw.archive.refresh_gauges()
-    metrics = (await call(gw, "GET", "/metrics"))[2].decode()
+    metrics = (await http_get(gw, "/metrics"))[1]
     assert "\nsealgate_archive_searches 2.0" in metrics
     assert "\nsealgate_archive_exports 1.0" in metrics
     assert "\nsealgate_archive_last_verify_ok 1.0" in metrics
@@ -95,3 +98,30 @@ async def test_roles_tokens_and_the_access_record(gateway_factory):
 async def test_without_tokens_the_api_is_not_there(gateway_factory):
     gw = await gateway_factory({})
     assert (await call(gw, "GET", "/archive/search", token="anything"))[0] == 404
+
+
+async def test_the_api_refuses_plaintext_and_the_ops_listener_does_not_route_it(gateway_factory):
+    gw = await gateway_factory(config())
+    host, port = gw.api.address
+    # plain HTTP to the API's port: no HTTP answer, the TLS handshake fails first
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET /archive/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['admin']}"
+        "\r\nConnection: close\r\n\r\n".encode()
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert not answer.startswith(b"HTTP/")
+    assert b"messages" not in answer
+    # the ops listener serves /metrics, /healthz, /readyz and nothing of the archive
+    for path in ("/archive/search", "/archive/access", "/archive/messages/X/content"):
+        assert (await http_get(gw, path))[0] == 404
+    assert (await http_get(gw, "/readyz"))[0] == 200
+    # over HTTPS, with the same token, the API answers
+    status, headers, _ = await call(gw, "GET", "/archive/search", "admin")
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+
+
+async def test_the_api_can_be_turned_off(gateway_factory):
+    gw = await gateway_factory({**config(), "api.enabled": False})
+    assert gw.api is None

@@ -22,7 +22,7 @@ seed):
 - ``world``: mail for a server that answers 4xx for ever, one that takes seconds
   to answer, and domains whose DNS is silent, fails or answers garbage: delivered,
   or retried and expired with a DSN;
-- ``web``: hostile HTTP to the portal (HTTPS) and the archive API: junk and huge
+- ``web``: hostile HTTPS to the portal and the archive API (api.listen): junk and huge
   tokens and paths, NUL and ``../`` in paths, forged forms, bad lengths, a 100 KB
   header, JSON of the wrong types, nested 5,000 deep, or not UTF-8 - any answer
   but a 5xx, and the listener still serves.
@@ -139,7 +139,7 @@ class WebTargets:
     """Where the ``web`` category sends its requests."""
 
     portal: tuple[str, int]  # HTTPS
-    api: tuple[str, int]  # the ops listener (HTTP)
+    api: tuple[str, int]  # the HTTPS API listener
     token: str  # an archive API bearer token (admin)
 
 
@@ -214,7 +214,7 @@ async def _web_case(rng: random.Random, targets: WebTargets) -> str | None:
     writer = None
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=_tls_context() if portal else None), 5
+            asyncio.open_connection(host, port, ssl=_tls_context()), 5
         )
         writer.write(request)
         await writer.drain()

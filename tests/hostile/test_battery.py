@@ -26,7 +26,7 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
     host, port = gw.smtp_address
     web = battery.WebTargets(
         gw.portal.address,
-        gw.http.address,
+        gw.api.address,
         TOKEN,
     )
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:

@@ -1,0 +1,134 @@
+"""server - the HTTPS API listener (``api.listen``, aiohttp over TLS).
+
+APIs that hand out message content, evidence or the access record are served here
+and nowhere else: never in plaintext, never beside ``/metrics`` (the ops listener
+keeps ``/metrics``, ``/healthz`` and ``/readyz`` only).  A client that speaks plain
+HTTP to this port gets no HTTP answer at all - the TLS handshake fails first.
+
+- ``/archive/...``: the archive API (`gateway.archive.api`), when
+  ``archive.api_tokens`` are set; 404 otherwise.
+
+Limits: request bodies up to 256 KiB, handlers up to 300 s (an export of many
+messages takes a while).  A request aiohttp's parser refuses is one info line
+(``api.bad-request``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.config import HostPort
+from gateway.events import Event
+from gateway.observability.logging import get_logger
+
+log = get_logger("gateway.api")
+
+MAX_BODY = 256 * 1024
+HANDLER_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # as sent: percent-encoded, without the query
+    query: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    peer: str
+
+
+@dataclass(frozen=True)
+class Response:
+    status: str  # "200 OK"
+    content_type: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ServerLog(logging.Logger):
+    """The logger aiohttp's request handler reports errors to.  A request the parser
+    refuses (a 4xx: a header too long, a bad method, a broken body) is the client's
+    doing: one info line, no traceback - any client could fill the error log
+    otherwise.  Anything else is ours: an error with its type."""
+
+    def __init__(self, name: str, bad_request: Event, error: Event) -> None:
+        super().__init__(name)
+        self._bad_request, self._error = bad_request, error
+        self._events = get_logger(name)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 500) < 500:
+            self._events.info(self._bad_request, status=error.code, error_type=type(error).__name__)
+            return
+        self._events.error(
+            self._error,
+            error_type=type(error).__name__ if error else None,
+            error=str(error)[:200] if error else str(msg)[:200],
+        )
+
+    def debug(self, msg: object, *args: object, **kw: Any) -> None:
+        pass  # aiohttp's debug lines (non-HTTP on the port) are not ours to keep
+
+
+class ApiServer:
+    def __init__(self, listen: HostPort, tls: ssl.SSLContext, archive: Handler | None):
+        self.listen, self.tls = listen, tls
+        self.archive = archive
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] = (listen.host, listen.port)  # at start: the port taken
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/archive", self._archive)
+        app.router.add_route("*", "/archive/{tail:.*}", self._archive)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            logger=ServerLog("gateway.api.http", Event.API_BAD_REQUEST, Event.API_ERROR),
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.listen.host, self.listen.port, ssl_context=self.tls)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.address = (host, port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _archive(self, request: web.Request) -> web.StreamResponse:
+        if self.archive is None:
+            return web.json_response({"error": "the archive API is not configured"}, status=404)
+        body = await request.read()
+        ours = Request(
+            request.method,
+            request.rel_url.raw_path,
+            dict(request.query.items()),
+            {k.lower(): v for k, v in request.headers.items()},
+            body,
+            request.remote or "",
+        )
+        answer = await asyncio.wait_for(self.archive(ours), HANDLER_TIMEOUT)
+        headers = {
+            "Content-Type": answer.content_type,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            **answer.headers,
+        }
+        return web.Response(status=int(answer.status[:3]), body=answer.body, headers=headers)
