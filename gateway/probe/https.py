@@ -1,17 +1,22 @@
-"""A minimal HTTPS GET for the gateway's own lookups (MTA-STS policies, WKD keys):
-names resolved through the gateway's resolver (``dns.nameservers``), WebPKI
-verification (system CAs plus ``tls.ca_file``, SNI), HTTP/1.1 with ``Connection:
-close``, no redirects followed, a size limit, chunked or sized bodies.  The caller
+"""An HTTPS GET for the gateway's own lookups (MTA-STS policies, WKD keys), on
+aiohttp's client: names resolved through the gateway's resolver
+(``dns.nameservers``, never the system's), WebPKI verification (system CAs plus
+``tls.ca_file``, SNI), no redirects followed (RFC 8461 3.3), no content decoding, a
+size limit checked as the body arrives, one connection per request.  The caller
 bounds the time.  Failures are `FetchError`s with a reason for logs and evidence.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from gateway.errors import SealgateError
 from gateway.probe.dns import LookupStatus, Resolver
@@ -51,6 +56,37 @@ async def addresses(host: str, resolver: Resolver) -> list[str]:
     return found
 
 
+class _GatewayResolver(AbstractResolver):
+    """aiohttp's name resolution through the gateway's own resolvers."""
+
+    def __init__(self, resolver: Resolver):
+        self._resolver = resolver
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            ips = await addresses(host, self._resolver)
+        except FetchError as e:
+            raise OSError(str(e)) from None
+        if not ips:
+            raise OSError(f"{host} has no address")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=ip,
+                port=port,
+                family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for ip in ips
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
 async def get(
     host: str,
     path: str,
@@ -61,77 +97,33 @@ async def get(
     accept: str = "*/*",
 ) -> Response:
     """GET ``https://host:port/path``; the body is read only for status 200."""
-    ips = await addresses(host, resolver)
-    if not ips:
+    if not await addresses(host, resolver):
         raise FetchError(f"{host} has no address")
-    last: Exception = FetchError(f"{host}: no address answered")
-    for ip in ips:
-        try:
-            reader, writer = await asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host)
-        except ssl.SSLError as e:  # a certificate failure: no other address is tried
-            raise FetchError(f"TLS with {host} failed: {e}") from None
-        except OSError as e:
-            last = e
-            continue
-        try:
-            request = (
-                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sealgate\r\n"
-                f"Accept: {accept}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(request.encode("ascii"))
-            await writer.drain()
-            return await _read_response(reader, host, max_bytes)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as e:
-            raise FetchError(f"cannot fetch from {host}: {e}") from None
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-    raise FetchError(f"cannot fetch from {host}: {last}")
+    connector = aiohttp.TCPConnector(
+        resolver=_GatewayResolver(resolver), ssl=ctx, use_dns_cache=False, force_close=True
+    )
+    url = URL(f"https://{host}:{port}{path}", encoded=True)  # path and query as given
+    headers = {"User-Agent": "sealgate", "Accept": accept, "Accept-Encoding": "identity"}
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+            session.get(url, headers=headers, allow_redirects=False) as r,
+        ):
+            if r.status != 200:
+                return Response(r.status, _lower(r.headers), b"")
+            if r.content_length is not None and r.content_length > max_bytes:
+                raise FetchError(f"{host}: larger than {max_bytes} bytes")
+            body = bytearray()
+            async for chunk in r.content.iter_chunked(16384):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FetchError(f"{host}: larger than {max_bytes} bytes")
+            return Response(r.status, _lower(r.headers), bytes(body))
+    except aiohttp.ClientSSLError as e:  # a certificate failure: no other address is tried
+        raise FetchError(f"TLS with {host} failed: {e}") from None
+    except (aiohttp.ClientError, OSError) as e:
+        raise FetchError(f"cannot fetch from {host}: {e}") from None
 
 
-async def _read_response(reader: asyncio.StreamReader, host: str, max_bytes: int) -> Response:
-    status_line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise FetchError(f"{host} did not answer HTTP: {status_line[:80]!r}")
-    status = int(parts[1])
-    headers: dict[str, str] = {}
-    for _ in range(100):
-        line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-        if not line:
-            break
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise FetchError(f"{host} sent too many header lines")
-    if status != 200:
-        return Response(status, headers, b"")
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = await _read_chunked(reader, host, max_bytes)
-    elif "content-length" in headers:
-        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
-        if not 0 <= length <= max_bytes:
-            raise FetchError(f"{host}: larger than {max_bytes} bytes")
-        body = await reader.readexactly(length)
-    else:
-        body = await reader.read(max_bytes + 1)
-    if len(body) > max_bytes:
-        raise FetchError(f"{host}: larger than {max_bytes} bytes")
-    return Response(status, headers, body)
-
-
-async def _read_chunked(reader: asyncio.StreamReader, host: str, max_bytes: int) -> bytes:
-    body = bytearray()
-    while True:
-        size_line = (await reader.readline()).split(b";")[0].strip()
-        try:
-            size = int(size_line, 16)
-        except ValueError:
-            raise FetchError(f"{host}: malformed chunked encoding") from None
-        if size == 0:
-            return bytes(body)
-        if len(body) + size > max_bytes:
-            raise FetchError(f"{host}: larger than {max_bytes} bytes")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
