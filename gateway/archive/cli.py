@@ -16,14 +16,14 @@
     sealgate archive token NAME ROLE            a new API token and its config entry
 
 Every search, view, export, hold and purge is recorded in the archive's access record
-with who did it (``--actor``, default: the login name).
+with who did it: the operating-system user, and under sudo who ran sudo
+(`gateway.actor`); ``--actor`` adds a note beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import getpass
 import hashlib
 import json
 import secrets
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.actor import cli_actor
 from gateway.archive.journal import Archive
 from gateway.archive.query import Query
 from gateway.config import Config
@@ -96,7 +97,12 @@ def add_parsers(
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         p = with_config(asub.add_parser(name, help=text))
-        p.add_argument("--actor", default=None, help="who is acting (default: login name)")
+        p.add_argument(
+            "--actor",
+            default=None,
+            metavar="NOTE",
+            help="a note recorded beside the operating-system user (e.g. a case number)",
+        )
         return p
 
     v = command("verify", "check every record against the log and its signed checkpoints")
@@ -142,7 +148,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     # an existing archive knows its log's name: no host name lookup here
     archive = open_archive(config, config.smtp.hostname or "localhost", create=False)
-    actor = args.actor or f"{getpass.getuser()}@cli"
+    actor = cli_actor(args.actor)
     try:
         return _COMMANDS[args.archive_command](archive, args, actor)
     finally:

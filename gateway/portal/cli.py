@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import getpass
 import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.actor import cli_actor
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.layout import StateLayout
@@ -32,7 +32,12 @@ def add_parsers(
     pl.add_argument("--json", action="store_true")
     pr = with_config(psub.add_parser("revoke", help="withdraw links (content deleted at once)"))
     pr.add_argument("ids", nargs="+", metavar="ID", help="portal item id or queue id")
-    pr.add_argument("--actor", default=None, help="who is acting (default: login name)")
+    pr.add_argument(
+        "--actor",
+        default=None,
+        metavar="NOTE",
+        help="a note recorded beside the operating-system user (e.g. a ticket)",
+    )
 
 
 def _iso(when: float | None) -> str | None:
@@ -52,7 +57,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.portal_command == "list":
             return _list(store, args.json)
-        return _revoke(config, store, args.ids, args.actor or f"{getpass.getuser()}@cli")
+        return _revoke(config, store, args.ids, cli_actor(args.actor))
     finally:
         store.close()
 

@@ -256,3 +256,48 @@ async def test_a_message_deleted_from_the_queue_stays_in_the_archive(gateway_fac
     kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE queue_id=?", (queue_id,))]
     assert kinds[-2:] == ["queue-delete", "access"]  # the deletion, then the view
     db.close()
+
+
+async def test_the_access_record_names_the_operating_system_user_not_a_free_string(
+    gateway_factory, tmp_path
+):
+    import pwd
+
+    gw = await gateway_factory({})
+    await accept(gw, ["p@dest.test"])
+    await journaled(gw, 1)
+    me = pwd.getpwuid(os.getuid()).pw_name
+    # $USER and $LOGNAME are anyone's to set: they are not who ran the command
+    env = {
+        **os.environ,
+        "USER": "mallory",
+        "LOGNAME": "mallory",
+        "SUDO_USER": "alice",
+        "SUDO_UID": "1000",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "archive",
+        "search",
+        "--sender",
+        "doctor@clinic.test",
+    ]
+    config = ["--config", str(tmp_path / "config.yaml")]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*command, *config, "--actor", "case 12\x1b[2J"],
+        env=env,
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("SUDO_")}
+    await asyncio.to_thread(subprocess.run, [*command, *config], env=plain, capture_output=True)
+    access = cli(tmp_path, "access")
+    assert access.returncode == 0, access.stderr
+    lines = [line for line in access.stdout.splitlines() if "search" in line]
+    assert len(lines) == 2
+    assert any(f"  {me}@cli (sudo: alice) (note: case 12?[2J)  search" in line for line in lines)
+    assert any(f"  {me}@cli  search" in line for line in lines)
+    assert "mallory" not in access.stdout
