@@ -37,12 +37,18 @@ from gateway.probe.dns import Resolver
 from gateway.probe.keys import KeyStore
 from gateway.probe.wkd import WkdKeyStore
 from gateway.queue.manager import QueueManager
-from gateway.smtp.context import make_redactor, make_smtp_context, smtp_hostname
+from gateway.smtp.context import (
+    apply_edge,
+    make_edge,
+    make_redactor,
+    make_smtp_context,
+    smtp_hostname,
+)
 from gateway.smtp.server import SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
 from gateway.spool.submit import Submitter
-from gateway.tls import ensure_self_signed, server_context
+from gateway.tls import ensure_self_signed, not_after, server_context
 
 log = get_logger("gateway.app")
 
@@ -157,6 +163,7 @@ class Gateway:
             await self.smtp.start()
         self.smtp_address = self._listening_at()
         await self._start_http()
+        self._note_certificates()
         assert self.http is not None
         log.info(
             Event.READY,
@@ -172,8 +179,9 @@ class Gateway:
         """The HTTPS API listener (with the archive API when tokens are set) and the
         ops listener."""
         cfg = self.config
-        if self.archive is not None and cfg.archive.api_tokens:
-            # a connection of its own: API reads never wait behind the journal's thread
+        if self.archive is not None and cfg.api.enabled:
+            # a connection of its own: API reads never wait behind the journal's thread;
+            # without tokens it answers 404 (SIGHUP can add them)
             api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
             self.archive_api = ArchiveApi(api_archive, cfg.archive.api_tokens, self.metrics)
         if cfg.api.enabled:
@@ -195,11 +203,14 @@ class Gateway:
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and apply what can change live.
 
-        The policy file and the delivery settings (routes, smart host, CA file,
-        resolvers, timeouts) apply to every attempt that starts afterwards; no
-        connection is dropped.  Listener, state directory and worker settings need a
-        restart.  A bad configuration or policy file is reported (file, line, key) and
-        changes nothing: the old policy stays in force.
+        Applied to what starts afterwards, no connection dropped: the policy file and
+        the delivery settings (routes, smart host, CA file, resolvers, timeouts), the
+        DKIM and S/MIME/PGP signing keys, the TLS certificates and keys of the SMTP
+        listener, the portal and the API (renewals), the relay rules and the tenant
+        binding (in every SMTP worker too), the archive API's tokens.  Listener
+        addresses, the state directory and worker counts need a restart.  A bad file
+        is reported (file, line, key or the file that fails) and changes nothing: the
+        old settings stay in force.
         """
         if self.config_path is None:
             log.info(Event.RELOADED, changed=False, reason="running on embedded defaults")
@@ -208,12 +219,58 @@ class Gateway:
             new = load_config(self.config_path)
             new = dataclasses.replace(new, state_dir=self.config.state_dir)
             policy = check_references(new, str(self.config_path))
+            edge = make_edge(new) if self.smtp is not None else None
+            https = self._https_renewals(new)
             if self.queue is not None:
-                self.queue.apply(new, policy)
-        except ConfigError as e:
-            log.error(Event.RELOAD_FAILED, error=str(e))
+                self.queue.apply(new, policy)  # the last step that can fail
+        except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.error(Event.RELOAD_FAILED, error=str(e)[:500])
             return
+        # Everything has been read and checked: from here on nothing raises.
+        self.config = new
+        if self.smtp is not None and edge is not None:
+            apply_edge(self.smtp.ctx, new, edge)
+        if self.workers is not None:
+            self.workers.reload()
+        for live, cert, key in https:
+            live.load_cert_chain(str(cert), str(key))
+        if self.archive_api is not None:
+            self.archive_api.tokens = new.archive.api_tokens
+        self._note_certificates()
         log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
+
+    def _https_renewals(self, new: Config) -> list[tuple[ssl.SSLContext, Path, Path]]:
+        """The portal's and the API's live TLS contexts with the certificate and key
+        ``new`` names, each pair checked on a scratch context first (a live context
+        that failed half-way would serve a certificate without its key)."""
+        out = []
+        for server, section in ((self.portal, new.portal), (self.api, new.api)):
+            live = getattr(server, "tls", None)
+            if live is None:
+                continue
+            cert, key = self._cert_and_key(new, section.cert_file, section.key_file)
+            server_context(cert, key)
+            out.append((live, cert, key))
+        return out
+
+    def _note_certificates(self) -> None:
+        """``sealgate_certificate_expiry_timestamp_seconds`` for each certificate the
+        gateway presents or signs with."""
+        cfg = self.config
+        smtp, _ = self._cert_and_key(cfg, None, None)
+        uses: dict[str, Path | None] = {"smtp": smtp}
+        if self.portal is not None and not cfg.portal.behind_proxy:
+            uses["portal"] = self._cert_and_key(cfg, cfg.portal.cert_file, cfg.portal.key_file)[0]
+        if self.api is not None:
+            uses["api"] = self._cert_and_key(cfg, cfg.api.cert_file, cfg.api.key_file)[0]
+        uses["smime_signing"] = cfg.smime.signing_cert_file
+        for use, path in uses.items():
+            if path is None:
+                continue
+            try:
+                self.metrics.certificate_expiry.labels(use).set(not_after(path))
+            except (OSError, ValueError, IndexError):
+                self.metrics.certificate_expiry.remove(use)
 
     def _worker_queued(self, queue_id: str, size: int) -> None:
         """A worker process spooled a message: count it here, then queue it (read
@@ -226,19 +283,23 @@ class Gateway:
 
     def _portal_tls(self) -> ssl.SSLContext:
         """The portal's HTTPS: its own certificate, else the SMTP listener's."""
-        return self._https(self.config.portal.cert_file, self.config.portal.key_file)
+        pc = self.config.portal
+        return server_context(*self._cert_and_key(self.config, pc.cert_file, pc.key_file))
 
     def _api_tls(self) -> ssl.SSLContext:
         """The API's HTTPS: its own certificate, else the SMTP listener's."""
-        return self._https(self.config.api.cert_file, self.config.api.key_file)
+        ac = self.config.api
+        return server_context(*self._cert_and_key(self.config, ac.cert_file, ac.key_file))
 
-    def _https(self, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-        tls = self.config.tls
+    def _cert_and_key(
+        self, config: Config, cert: Path | None, key: Path | None
+    ) -> tuple[Path, Path]:
+        """A listener's own pair, else the SMTP listener's, else the self-signed one."""
         if cert is None or key is None:
-            cert, key = tls.cert_file, tls.key_file
+            cert, key = config.tls.cert_file, config.tls.key_file
         if cert is None or key is None:
-            cert, key, _ = ensure_self_signed(self.config.state_dir, self.hostname)
-        return server_context(cert, key)
+            cert, key, _ = ensure_self_signed(config.state_dir, self.hostname)
+        return cert, key
 
     def render_metrics(self) -> bytes:
         if self.workers is not None:

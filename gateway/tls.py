@@ -102,3 +102,10 @@ def cert_matches_key(cert_file: Path, key_file: Path) -> bool:
 
 def sha256_fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
+
+
+def not_after(cert_file: Path) -> float:
+    """When the first certificate in a PEM file expires (Unix time); OSError or
+    ValueError when the file cannot be read as PEM."""
+    cert = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+    return cert.not_valid_after_utc.timestamp()

@@ -131,6 +131,7 @@ class DeliveryAgent:
         new_policy = policy or load_policy_for(config)
         self.transform.configure(config)  # raises before anything changes
         self.policy, self.config = new_policy, config
+        self._features.clear()  # they say whether a DKIM key signs: the keys may be new
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
         self.router = Router(self.resolver, dc.port, config.routes, dc.smart_host, dc.max_mx_hosts)

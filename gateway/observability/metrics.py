@@ -7,6 +7,7 @@ versions from the ssl module); never from addresses, hosts or message data.  Eac
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 from prometheus_client import (
@@ -18,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway import __version__
 from gateway.events import EncryptionFailure, RejectReason, TlsFailure
 
 # "_created" series double the exposition for no use on our counters.
@@ -105,6 +107,25 @@ class Metrics:
             buckets=_QUEUE_TIME_BUCKETS,
             registry=r,
         )
+        self.queue_oldest_age = Gauge(
+            "sealgate_queue_oldest_message_age_seconds",
+            "Age of the oldest message not yet finished (0: the queue is empty)",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "sealgate_certificate_expiry_timestamp_seconds",
+            "When a certificate the gateway presents expires (Unix time), by use: smtp "
+            "(the STARTTLS listener), portal, api, smime_signing",
+            ["use"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "sealgate_build_info",
+            "Always 1; the labels say which Sealgate and Python run",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.queue_recipients = Gauge(
             "sealgate_queue_recipients",
             "Recipients not yet final, by state (active: an attempt is under way)",
@@ -335,11 +356,13 @@ class Metrics:
         return version if version in _TLS_VERSIONS else "none"
 
     def snapshot(self) -> dict[str, float]:
-        """Every sample as ``name{labels}`` -> value, to ship to another process."""
+        """Every sample as ``name{labels}`` -> value, to ship to another process
+        (not ``sealgate_build_info``: every process has it, the sum would say N)."""
         return {
             _sample_key(s.name, s.labels): s.value
             for family in self.registry.collect()
             for s in family.samples
+            if s.name != "sealgate_build_info"
         }
 
     def render(self, *others: dict[str, float]) -> bytes:

@@ -63,6 +63,7 @@ class Portal:
         self.store = PortalStore(StateLayout(config.state_dir).portal_db, master_keys(config, True))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
+        self.tls: ssl.SSLContext | None = None
         self.address: tuple[str, int] = (pc.listen.host, pc.listen.port)  # at start: taken
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -72,6 +73,7 @@ class Portal:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
+        self.tls = tls  # kept: SIGHUP loads a renewed certificate into it
         from gateway.api.server import ServerLog
         from gateway.portal.web import PortalWeb
 

@@ -128,6 +128,10 @@ class QueueManager:
         self._removals = Batcher(self._remover, self._remove_batch)
         self._removed_all = False
         self._finishing: set[str] = set()  # messages being finished right now
+        self._oldest: float | None = None  # arrival of the oldest unfinished message
+        metrics.queue_oldest_age.set_function(
+            lambda: 0.0 if self._oldest is None else max(0.0, time.time() - self._oldest)
+        )
         self.store: QueueStore | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
@@ -404,6 +408,7 @@ class QueueManager:
                 last_depth = now
                 for state, count in (await self._db(self.store.depth)).items():
                     self.metrics.queue_recipients.labels(state).set(count)
+                self._oldest = await self._db(self.store.oldest_open)
             if now - last_prune >= PRUNE_INTERVAL:
                 last_prune = now
                 await self._finish_unfinished()

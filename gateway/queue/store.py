@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_by_message ON attempts(queue_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished);
+CREATE INDEX IF NOT EXISTS messages_open ON messages(done, arrived);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -348,6 +349,11 @@ class QueueStore:
             "('delivered','bounced','expired'))"
         )
         return [r[0] for r in rows]
+
+    def oldest_open(self) -> float | None:
+        """When the oldest message not yet finished arrived (None: none)."""
+        row = self._db.execute("SELECT min(arrived) FROM messages WHERE done=0").fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     def depth(self) -> dict[str, int]:
         """Recipients not yet final: pending, deferred, held (by the policy), active

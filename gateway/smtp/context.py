@@ -104,14 +104,18 @@ def make_binding(config: Config) -> Binding:
     return Binding(config.relay, keys)
 
 
-def make_smtp_context(
-    config: Config,
-    submitter: Submitter,
-    metrics: Metrics,
-    *,
-    divide_limits_by: int = 1,
-) -> SmtpContext:
-    """Everything an SMTP listener needs; the TLS material must exist already."""
+@dataclass(frozen=True)
+class Edge:
+    """What decides who may send and how they are met - read again on SIGHUP."""
+
+    relay: RelayPolicy
+    binding: Binding
+    tls_context: ssl.SSLContext
+
+
+def make_edge(config: Config) -> Edge:
+    """The relay rules, the binding and the TLS context of ``config``; raises (an
+    `OSError`, `ssl.SSLError` or `ValueError`) when a file they name cannot be used."""
     cert, key = config.tls.cert_file, config.tls.key_file
     if cert is None or key is None:
         cert, key = self_signed_paths(config.state_dir)
@@ -120,7 +124,6 @@ def make_smtp_context(
         config.relay.client_certs,
         load_users(config.relay.users_file) if config.relay.users_file else {},
     )
-    binding = make_binding(config)
     tls_context = server_context(
         cert,
         key,
@@ -128,6 +131,30 @@ def make_smtp_context(
         config.relay.client_ca_file,
         ask_client_cert=relay.asks_client_cert,
     )
+    return Edge(relay, make_binding(config), tls_context)
+
+
+def apply_edge(ctx: SmtpContext, config: Config, edge: Edge) -> None:
+    """SIGHUP: connections from now on use the new certificate, relay rules and
+    binding; those already open keep what they started with.  Limits divided among
+    workers stay until a restart."""
+    ctx.config, ctx.relay, ctx.binding, ctx.tls_context = (
+        config,
+        edge.relay,
+        edge.binding,
+        edge.tls_context,
+    )
+
+
+def make_smtp_context(
+    config: Config,
+    submitter: Submitter,
+    metrics: Metrics,
+    *,
+    divide_limits_by: int = 1,
+) -> SmtpContext:
+    """Everything an SMTP listener needs; the TLS material must exist already."""
+    edge = make_edge(config)
     redact = make_redactor(config)
     sc = config.smtp
     throttle = AuthThrottle(
@@ -138,12 +165,12 @@ def make_smtp_context(
     ctx = SmtpContext(
         config,
         smtp_hostname(config),
-        relay,
-        binding,
+        edge.relay,
+        edge.binding,
         submitter,
         metrics,
         redact,
-        tls_context,
+        edge.tls_context,
         max_connections=math.ceil(config.smtp.max_connections / divide_limits_by),
         max_connections_per_ip=math.ceil(config.smtp.max_connections_per_ip / divide_limits_by),
         auth_throttle=throttle,

@@ -12,6 +12,8 @@ cannot stall the sessions of another.
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
 with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
 (every second and on exit).  The main process adds the snapshots to its own metrics.
+Main -> child: ``reload`` (SIGHUP, after the main process checked the file): the
+worker reads the configuration again for its certificate, relay rules and binding.
 
 Workers can run at a lower scheduling priority (``smtp.worker_nice``) than the main
 process, which delivers: under CPU saturation senders then wait longer for 250
@@ -43,6 +45,7 @@ from typing import Any
 import structlog
 
 from gateway.config import Config, load_config
+from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.layout import StateLayout
 from gateway.observability.logging import configure_logging, get_logger
@@ -166,6 +169,13 @@ class WorkerPool:
         if not self.stopping:
             await self._spawn(worker.index)
 
+    def reload(self) -> None:
+        """SIGHUP, once the main process has checked the file: each worker reads the
+        configuration again and applies its certificate, relay rules and binding."""
+        for w in self.workers.values():
+            if w.control is not None and not w.control.is_closing():
+                w.control.write(b'{"type": "reload"}\n')
+
     async def stop(self, grace: float = 10.0) -> None:
         self.stopping = True
         for w in self.workers.values():
@@ -198,8 +208,14 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
-async def _serve(config: Config, listen: socket.socket, control: socket.socket, index: int) -> None:
-    from gateway.smtp.context import make_smtp_context, smtp_hostname
+async def _serve(
+    config: Config,
+    config_path: Path | None,
+    listen: socket.socket,
+    control: socket.socket,
+    index: int,
+) -> None:
+    from gateway.smtp.context import apply_edge, make_edge, make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
     from gateway.spool import Spool
     from gateway.spool.submit import Submitter
@@ -237,8 +253,24 @@ async def _serve(config: Config, listen: socket.socket, control: socket.socket, 
             send({"type": "metrics", "samples": metrics.snapshot()})
             await asyncio.sleep(METRICS_INTERVAL)
 
+    def reload() -> None:
+        """The main process checked the configuration file and says to read it again."""
+        if config_path is None:
+            return
+        try:
+            new = dataclasses.replace(load_config(config_path), state_dir=config.state_dir)
+            apply_edge(ctx, new, make_edge(new))
+        except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
+            return
+        log.info(Event.RELOADED, worker=index, changed=True)
+
     async def parent_gone() -> None:
-        await _reader.read()  # EOF: the main process went away
+        # Lines from the main process (reload), until EOF: the main process went away.
+        while line := await _reader.readline():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("type") == "reload":
+                    reload()
         stop.set()
 
     tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
@@ -269,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
-    asyncio.run(_serve(config, listen, control, args.index))
+    asyncio.run(_serve(config, args.config, listen, control, args.index))
     return 0
 
 

@@ -26,6 +26,8 @@ class Daemon:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.smtp = self.http = HostPort("127.0.0.1", 0)  # known once it runs
+        self.api: HostPort | None = None
+        self.portal: HostPort | None = None
 
     def start(self, timeout: float = 20) -> None:
         """Start it and wait until it is ready; its listeners' addresses (port 0 in the
@@ -46,6 +48,8 @@ class Daemon:
             if ready is not None:
                 self.smtp = parse_hostport(ready["smtp"])
                 self.http = parse_hostport(ready["http"])
+                self.api = parse_hostport(ready["api"]) if ready.get("api") else None
+                self.portal = parse_hostport(ready["portal"]) if ready.get("portal") else None
                 with urllib.request.urlopen(f"http://{self.http}/readyz", timeout=5) as r:  # noqa: S310
                     assert r.status == 200
                 return
