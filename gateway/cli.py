@@ -14,7 +14,8 @@
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
 
-Without ``--config`` the embedded defaults apply.  Exit status: 0 success, 1 a
+Without ``--config``: ``$SEALGATE_CONFIG``, else ``/etc/sealgate/config.yaml`` when
+it exists, else the embedded defaults - standard error says which.  Exit status: 0 success, 1 a
 failed operation (e.g. unknown queue id), 78 (EX_CONFIG) a configuration error,
 whose message names the file, line and key.
 """
@@ -28,7 +29,9 @@ import dataclasses
 import datetime
 import getpass
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from gateway.model import Envelope
 from gateway.portal import cli as portal_cli
 
 EX_CONFIG = 78
+SYSTEM_CONFIG = Path("/etc/sealgate/config.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", type=Path, help="YAML configuration (default: embedded)")
+        sp.add_argument(
+            "--config",
+            type=Path,
+            help=f"YAML configuration (default: $SEALGATE_CONFIG, else {SYSTEM_CONFIG} when "
+            "it exists, else the embedded defaults)",
+        )
         sp.add_argument("--state-dir", type=Path, help="override state_dir")
         return sp
 
@@ -113,11 +122,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_path(given: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The configuration a command uses, as Postfix's tools find ``main.cf``:
+    ``--config``, else ``$SEALGATE_CONFIG``, else `SYSTEM_CONFIG` when it exists, else
+    None (the embedded defaults)."""
+    if given is not None:
+        return given
+    env = os.environ if environ is None else environ
+    if env.get("SEALGATE_CONFIG"):
+        return Path(env["SEALGATE_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
 def _load(args: argparse.Namespace) -> tuple[Config, str]:
-    config = load_config(args.config)
+    """The command's configuration; unless ``--config`` named it, standard error says
+    which one applies."""
+    path = config_path(args.config)
+    if args.config is None:
+        found = "the embedded defaults" if path is None else str(path)
+        print(f"sealgate: configuration: {found}", file=sys.stderr)
+    args.config = path  # `run` hands it to the workers and to SIGHUP
+    config = load_config(path)
     if args.state_dir is not None:
         config = dataclasses.replace(config, state_dir=args.state_dir)
-    return config, str(args.config) if args.config else "<defaults>"
+    return config, str(path) if path else "<defaults>"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from gateway.smtp.auth import verify_password
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
@@ -69,3 +71,39 @@ async def test_hash_address_matches_what_the_logs_show(gateway_factory):
     assert result.returncode == 0, result.stderr
     assert accepted["rcpt"] == [result.stdout.strip()]
     assert "example.test" not in json.dumps(accepted)
+
+
+def test_commands_find_the_configuration_as_postfix_tools_find_main_cf(tmp_path, monkeypatch, capsys):
+    import os
+
+    from gateway import cli
+
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"state_dir: {tmp_path}/from-env\n")
+    env = {**os.environ, "SEALGATE_CONFIG": str(config)}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"sealgate: configuration: {config}" in done.stderr
+    assert f"{config}: configuration OK" in done.stdout
+    # --config wins, and then nothing is said about where it came from
+    other = tmp_path / "other.yaml"
+    other.write_text(f"state_dir: {tmp_path}/other\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(other)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert f"{other}: configuration OK" in done.stdout and "configuration:" not in done.stderr
+    # no variable: the system file when it exists, else the embedded defaults
+    monkeypatch.delenv("SEALGATE_CONFIG", raising=False)
+    system = tmp_path / "etc-sealgate.yaml"
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", system)
+    assert cli.main(["check-config"]) == 0
+    assert "sealgate: configuration: the embedded defaults" in capsys.readouterr().err
+    system.write_text(f"state_dir: {tmp_path}/system\n")
+    assert cli.main(["check-config"]) == 0
+    out = capsys.readouterr()
+    assert f"sealgate: configuration: {system}" in out.err and f"{system}: configuration OK" in out.out

@@ -43,3 +43,25 @@ async def test_metrics_count_connections_messages_bytes_and_latency(gateway_fact
     assert "sealgate_spool_messages 1.0" in lines
     assert f"sealgate_spool_bytes {float(len(message))}" in lines
     assert "example.test" not in text and "clinic.test" not in text  # labels are enums
+
+
+async def test_the_oldest_queued_message_and_the_build_are_visible(gateway_factory):
+    import gateway
+    from tests.support.world import wait_until
+
+    gw = await gateway_factory()  # the next hop is a dead port: mail waits
+    assert "\nsealgate_queue_oldest_message_age_seconds 0.0" in (await http_get(gw, "/metrics"))[1]
+    async with smtp_client(gw) as client:
+        await client.sendmail("s@clinic.test", ["r@example.test"], make_message())
+
+    def age() -> float:
+        return gw.metrics.registry.get_sample_value("sealgate_queue_oldest_message_age_seconds")
+
+    await wait_until(lambda: age() > 0, what="an age")
+    assert age() < 60
+    text = (await http_get(gw, "/metrics"))[1]
+    assert 'sealgate_build_info{python="' in text and f'version="{gateway.__version__}"}} 1.0' in text
+    expiry = gw.metrics.registry.get_sample_value(
+        "sealgate_certificate_expiry_timestamp_seconds", {"use": "smtp"}
+    )
+    assert expiry is not None and expiry > __import__("time").time()  # the self-signed one
