@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import pwd
 import subprocess
 import sys
 import zipfile
@@ -122,8 +124,10 @@ async def test_a_relayed_message_is_archived_with_envelope_bcc_evidence_and_the_
 
     access = await asyncio.to_thread(cli, tmp_path, "access", "--json")
     actions = [(e["actor"], e["action"]) for e in map(json.loads, access.stdout.splitlines())]
-    assert {("auditor@clinic", a) for a in ("search", "proof", "verify")} <= set(actions)
-    assert any(a == "view" for _, a in actions)  # 'show' without --actor: the login name
+    me = f"{pwd.getpwuid(os.getuid()).pw_name}@cli"  # who ran it; --actor is a note beside it
+    noted = f"{me} (note: auditor@clinic)"
+    assert {(noted, a) for a in ("search", "proof", "verify")} <= set(actions)
+    assert (me, "view") in actions  # 'show' without --actor
     metric = gw.metrics.registry.get_sample_value("sealgate_archive_journaled_messages_total")
     assert metric == 1
 
