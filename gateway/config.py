@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -878,6 +879,57 @@ class PortalConfig:
         default=Size(10 * 1024 * 1024),
         metadata=doc("Largest reply a recipient may send, attachments included."),
     )
+    auth: Literal["code", "password", "passphrase", "oidc"] = field(
+        default="code",
+        metadata=doc(
+            "How a recipient signs in (a policy rule's portal_auth can ask for more; the "
+            "strongest wins). 'code': a one-time code mailed to the recipient - the "
+            "weakest: it stops a forwarded link, not someone who reads the recipient's "
+            "mail path, which the link travels too. 'password': the first message is "
+            "opened with a code and the recipient sets a password (Argon2id); later "
+            "messages need it; a reset needs a code and is recorded and limited. "
+            "'passphrase': the sender sets one per message in the passphrase_header "
+            "and tells the recipient another way. 'oidc': the recipient signs in with "
+            "one of oidc_providers, whose verified email must be the recipient address."
+        ),
+    )
+    passphrase_header: str = field(
+        default="X-Sealgate-Passphrase",
+        metadata=doc(
+            "Header in which a sender sets a message's passphrase. The gateway removes it "
+            "on acceptance, before anything else sees the message, and keeps only an "
+            "Argon2id hash for the portal; the notification says nothing of it."
+        ),
+    )
+    oidc_providers: tuple[OidcProviderConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "OpenID Connect providers recipients may sign in with (auth: oidc), each "
+            "{name, issuer, client_id, client_secret_file, label, domains}. The redirect "
+            "URI to register is <base_url>/oidc/callback. A token's email counts only "
+            "when email_verified is true and, if domains is set, within them."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class OidcProviderConfig:
+    name: str = field(metadata=doc("Short name used in the portal's URLs (letters, digits, -)."))
+    issuer: str = field(metadata=doc("The issuer URL exactly as the provider names it (HTTPS)."))
+    client_id: str = field(metadata=doc("The portal's client id at the provider."))
+    client_secret_file: Path | None = field(
+        default=None, metadata=doc("File holding the client secret. null: a public client.")
+    )
+    label: str | None = field(
+        default=None, metadata=doc("Button text, e.g. 'Microsoft'. null: the name.")
+    )
+    domains: tuple[DomainPattern, ...] = field(
+        default=(),
+        metadata=doc(
+            "Recipient domains this provider may vouch for ('.example.org' for "
+            "subdomains). Empty: any address it has verified."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -996,6 +1048,10 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
         raise ValueError(f"{value!r} is not an http(s) URL without query")
     if path.endswith(".token_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("must be 64 lower-case hex digits (sealgate archive token)")
+    if path.startswith("portal.oidc_providers["):
+        _check_oidc(path.rpartition(".")[2], value)
+    if path == "portal.passphrase_header" and not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid header field name")
     if path.startswith("relay.client_certs["):
         if not _CERT_PATTERN.fullmatch(value):
             raise ValueError(
@@ -1003,6 +1059,16 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
             )
         if value.startswith("sha256:") and len(value[7:].replace(":", "")) != 64:
             raise ValueError("a sha256 fingerprint has 64 hex digits")
+
+
+def _check_oidc(key: str, value: Any) -> None:
+    if key == "name" and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
+        raise ValueError(f"{value!r}: lower-case letters, digits and - (at most 32)")
+    if key == "issuer":
+        host = urlsplit(value).hostname or ""
+        loopback = host in ("127.0.0.1", "::1", "localhost")
+        if not (value.startswith("https://") or (value.startswith("http://") and loopback)):
+            raise ValueError(f"{value!r} is not an https:// issuer URL")
 
 
 # --- loading -------------------------------------------------------------------------

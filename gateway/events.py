@@ -62,6 +62,7 @@ class Event(enum.StrEnum):
     PORTAL_SWEEP_FAILED = "portal.sweep-failed"
     PORTAL_BAD_REQUEST = "portal.bad-request"
     PORTAL_ERROR = "portal.error"
+    PORTAL_OIDC_FAILED = "portal.oidc-failed"
     # ops http
     HTTP_ERROR = "http.error"
     # the HTTPS API listener

@@ -33,6 +33,23 @@ class RecipientState(enum.StrEnum):
         return self in (RecipientState.DEFERRED, RecipientState.HELD)
 
 
+class PortalAuth(enum.StrEnum):
+    """How a portal recipient signs in, weakest first (`gateway.portal.credentials`)."""
+
+    CODE = "code"
+    PASSWORD = "password"  # noqa: S105 - the name of a sign-in method, not a secret
+    PASSPHRASE = "passphrase"  # noqa: S105 - the name of a sign-in method
+    OIDC = "oidc"
+
+    @property
+    def strength(self) -> int:
+        return list(PortalAuth).index(self)
+
+
+def strongest_auth(*modes: PortalAuth) -> PortalAuth:
+    return max(modes, key=lambda m: m.strength)
+
+
 class Purpose(enum.StrEnum):
     """What a message is for: relayed for a client, or one Sealgate writes itself."""
 
@@ -88,6 +105,9 @@ class Envelope:
     trace_headers: str = ""
     purpose: Purpose = Purpose.MESSAGE
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the portal item it is about
+    # the Argon2id hash of the passphrase the sender set for the portal (its header is
+    # removed on acceptance); "" when none
+    portal_passphrase: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         # Written out by hand: dataclasses.asdict deep-copies, and this runs for
@@ -106,6 +126,7 @@ class Envelope:
             "trace_headers": self.trace_headers,
             "purpose": self.purpose.value,
             "extra": dict(self.extra),
+            **({"portal_passphrase": self.portal_passphrase} if self.portal_passphrase else {}),
         }
 
     @classmethod
@@ -125,4 +146,5 @@ class Envelope:
             # spool files of earlier versions kept it in "extra"
             purpose=Purpose(d.get("purpose") or d.get("extra", {}).get("purpose") or "message"),
             extra={k: v for k, v in d.get("extra", {}).items() if k != "purpose"},
+            portal_passphrase=str(d.get("portal_passphrase", "")),
         )

@@ -14,6 +14,9 @@ for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driv
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
+# Node runs the OpenID Connect provider the portal tests sign in with (oidc-provider)
+command -v node >/dev/null 2>&1 || need="$need nodejs"
+command -v npm >/dev/null 2>&1 || need="$need npm"
 if [ -n "$need" ]; then
     echo "setup: installing Debian packages:$need"
     export DEBIAN_FRONTEND=noninteractive
@@ -29,4 +32,10 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch .venv/.installed
+fi
+# the test OpenID Connect provider's packages, exactly as locked
+if [ ! -d tests/support/oidc/node_modules ] \
+    || [ tests/support/oidc/package-lock.json -nt tests/support/oidc/node_modules ]; then
+    npm ci --prefix tests/support/oidc --no-audit --no-fund --loglevel=error
+    touch tests/support/oidc/node_modules
 fi

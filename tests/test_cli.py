@@ -73,7 +73,9 @@ async def test_hash_address_matches_what_the_logs_show(gateway_factory):
     assert "example.test" not in json.dumps(accepted)
 
 
-def test_commands_find_the_configuration_as_postfix_tools_find_main_cf(tmp_path, monkeypatch, capsys):
+def test_commands_find_the_configuration_as_postfix_tools_find_main_cf(
+    tmp_path, monkeypatch, capsys
+):
     import os
 
     from gateway import cli
@@ -106,4 +108,6 @@ def test_commands_find_the_configuration_as_postfix_tools_find_main_cf(tmp_path,
     system.write_text(f"state_dir: {tmp_path}/system\n")
     assert cli.main(["check-config"]) == 0
     out = capsys.readouterr()
-    assert f"sealgate: configuration: {system}" in out.err and f"{system}: configuration OK" in out.out
+    assert (
+        f"sealgate: configuration: {system}" in out.err and f"{system}: configuration OK" in out.out
+    )

@@ -43,7 +43,7 @@ from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.events import EncryptionFailure, Event
 from gateway.layout import StateLayout
-from gateway.model import Envelope
+from gateway.model import Envelope, PortalAuth
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.engine import decide
@@ -76,8 +76,13 @@ class Depositor(Protocol):
     """Where a recipient decided ``portal`` gets its message (`gateway.portal`)."""
 
     async def deposit(
-        self, envelope: Envelope, data: bytes, address: str, expiry: float | None
-    ) -> tuple[RecipientResult, Deposited]: ...
+        self,
+        envelope: Envelope,
+        data: bytes,
+        address: str,
+        expiry: float | None,
+        auth: PortalAuth | None,
+    ) -> tuple[RecipientResult, Deposited | None]: ...
 
 
 class CopyJournal(Protocol):
@@ -271,9 +276,11 @@ class DeliveryAgent:
                 else:
                     results[row.idx], made[row.idx] = sent
             elif decision.mode is Mode.PORTAL and self.portal is not None:
-                results[row.idx], made[row.idx] = await self.portal.deposit(
-                    envelope, data, row.address, decision.portal_expiry
+                results[row.idx], deposited = await self.portal.deposit(
+                    envelope, data, row.address, decision.portal_expiry, decision.portal_auth
                 )
+                if deposited is not None:
+                    made[row.idx] = deposited
             else:
                 results[row.idx] = _not_sent(row.address, decision, causes.get(row.idx))
         for (level, tags), group in tls.items():

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway.delivery.tls_policy import TlsLevel
+from gateway.model import strongest_auth
 from gateway.policy.features import Features, has_tag
 from gateway.policy.language import Condition, Policy, Rule
 from gateway.policy.model import STRENGTH, Action, Decision, Mode
@@ -122,6 +123,9 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
     # the shortest stay in the portal any matching rule asks, else the defaults'
     stays = [r.then.portal_expiry for r in matched if r.then.portal_expiry is not None]
     portal_expiry = min(stays) if stays else d.portal_expiry
+    # the strongest sign-in any matching rule (or the defaults) asks
+    auths = [a for a in (d.portal_auth, *(r.then.portal_auth for r in matched)) if a]
+    portal_auth = strongest_auth(*auths) if auths else None
 
     decisive = ""
     candidates: list[Mode] = []
@@ -185,6 +189,7 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
         decided_at=now,
         policy=policy.stamp,
         portal_expiry=portal_expiry,
+        portal_auth=portal_auth,
     )
     return Evaluation(decision, tuple(trace))
 

@@ -24,6 +24,7 @@ import yaml
 from gateway.config import Config, parse_duration, parse_size
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import ConfigError
+from gateway.model import PortalAuth
 from gateway.policy.classifiers import DETECTORS, Classifier
 from gateway.policy.model import DELIVERY_MODES, FALLBACKS, STRENGTH, Action, Minimum, Mode
 
@@ -230,6 +231,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
             given.tls_level if given.tls_level is not None else defaults.tls_level,
             given.fallback or defaults.fallback,
             given.portal_expiry or defaults.portal_expiry,
+            given.portal_auth or defaults.portal_auth,
         )
         _check_action(r, top["defaults"][1], "defaults", defaults)
     lists = _lists(r, top["lists"][1]) if "lists" in top else {}
@@ -260,9 +262,19 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
 
 
 def _action(r: _Reader, node: yaml.Node, key: str) -> Action:
-    keys = r.mapping(node, key, ("modes", "minimum", "tls_level", "fallback", "portal_expiry"))
+    keys = r.mapping(
+        node, key, ("modes", "minimum", "tls_level", "fallback", "portal_expiry", "portal_auth")
+    )
     modes = minimum = level = fallback = None
     expiry = None
+    auth = None
+    if "portal_auth" in keys:
+        auth_node = keys["portal_auth"][1]
+        value = r.text(auth_node, f"{key}.portal_auth").strip().lower()
+        if value not in set(PortalAuth):
+            choices = ", ".join(PortalAuth)
+            raise r.error(auth_node, f"{key}.portal_auth", f"{value!r} is not one of: {choices}")
+        auth = PortalAuth(value)
     if "portal_expiry" in keys:
         expiry = float(r.parsed(keys["portal_expiry"][1], f"{key}.portal_expiry", parse_duration))
     if "modes" in keys:
@@ -281,7 +293,7 @@ def _action(r: _Reader, node: yaml.Node, key: str) -> Action:
     if "fallback" in keys:
         fb = keys["fallback"][1]
         fallback = _choice(r, fb, f"{key}.fallback", r.text(fb, f"{key}.fallback"), FALLBACKS)
-    action = Action(modes, minimum, level, fallback, expiry)
+    action = Action(modes, minimum, level, fallback, expiry, auth)
     _check_action(r, node, key, action)
     return action
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.delivery.tls_policy import TlsLevel
+from gateway.model import PortalAuth
 
 
 class Mode(enum.StrEnum):
@@ -60,6 +61,7 @@ class Action:
     tls_level: TlsLevel | None = None  # the least TLS level the ``tls`` mode accepts
     fallback: Mode | None = None  # portal, hold or bounce: when no mode can be used
     portal_expiry: float | None = None  # seconds a portal message can be picked up
+    portal_auth: PortalAuth | None = None  # how its recipient signs in (at least)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Decision:
     decided_at: float = 0.0
     policy: str = ""  # the policy file's version stamp (file name and digest)
     portal_expiry: float | None = None  # None: portal.expiry from the configuration
+    portal_auth: PortalAuth | None = None  # None: portal.auth from the configuration
 
     @property
     def sends(self) -> bool:
@@ -101,6 +104,7 @@ class Decision:
             "decided_at": self.decided_at,
             "policy": self.policy,
             "portal_expiry": self.portal_expiry,
+            "portal_auth": self.portal_auth.value if self.portal_auth else None,
         }
 
     @classmethod
@@ -120,4 +124,5 @@ class Decision:
             decided_at=float(d.get("decided_at", 0.0)),
             policy=str(d.get("policy", "")),
             portal_expiry=d.get("portal_expiry"),
+            portal_auth=PortalAuth(d["portal_auth"]) if d.get("portal_auth") else None,
         )

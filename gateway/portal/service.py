@@ -28,11 +28,18 @@ from gateway.config import Config, HostPort
 from gateway.delivery.results import Deposited, RecipientResult
 from gateway.events import Event
 from gateway.layout import StateLayout
-from gateway.model import Envelope, Purpose
+from gateway.model import Envelope, PortalAuth, Purpose, strongest_auth
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import mail, render
-from gateway.portal.store import CodeCheck, Item, PortalStore
+from gateway.portal.credentials import (
+    RESETS_PER_DAY,
+    hash_secret,
+    password_problem,
+    verify_secret,
+)
+from gateway.portal.oidc import OidcClient, OidcError
+from gateway.portal.store import OPEN, CodeCheck, Item, PortalStore
 from gateway.spool.submit import Submit
 
 log = get_logger("gateway.portal")
@@ -63,6 +70,9 @@ class Portal:
         self.store = PortalStore(StateLayout(config.state_dir).portal_db, master_keys(config, True))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
+        self._hasher = ThreadPoolExecutor(2, thread_name_prefix="portal-hash")
+        self._checking: dict[str, asyncio.Lock] = {}
+        self._oidc = self._oidc_clients(config)
         self.tls: ssl.SSLContext | None = None
         self.address: tuple[str, int] = (pc.listen.host, pc.listen.port)  # at start: taken
         self._sweeper: asyncio.Task[None] | None = None
@@ -71,6 +81,12 @@ class Portal:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     # -- lifecycle ------------------------------------------------------------------
+
+    def _oidc_clients(self, config: Config) -> dict[str, OidcClient]:
+        ctx = ssl.create_default_context()
+        if config.tls.ca_file is not None:
+            ctx.load_verify_locations(cafile=str(config.tls.ca_file))
+        return {p.name: OidcClient(p, ctx) for p in config.portal.oidc_providers}
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
         self.tls = tls  # kept: SIGHUP loads a renewed certificate into it
@@ -98,6 +114,7 @@ class Portal:
         if self._runner is not None:
             await self._runner.cleanup()
         self._thread.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
         self.store.close()
 
     async def _sweep(self) -> None:
@@ -127,15 +144,46 @@ class Portal:
 
     # -- the mail path ----------------------------------------------------------------
 
+    def auth_for(self, envelope: Envelope, asked: PortalAuth | None) -> PortalAuth:
+        """How the recipient signs in: the strongest of ``portal.auth``, the policy's
+        ``portal_auth`` and - when the sender set one - the passphrase."""
+        modes = [PortalAuth(self.config.portal.auth)]
+        if asked is not None:
+            modes.append(asked)
+        if envelope.portal_passphrase:
+            modes.append(PortalAuth.PASSPHRASE)
+        return strongest_auth(*modes)
+
     async def deposit(
-        self, envelope: Envelope, data: bytes, address: str, stay: float | None = None
-    ) -> tuple[RecipientResult, Deposited]:
+        self,
+        envelope: Envelope,
+        data: bytes,
+        address: str,
+        stay: float | None = None,
+        auth: PortalAuth | None = None,
+    ) -> tuple[RecipientResult, Deposited | None]:
         """Keep the message for ``address`` (``stay`` seconds: the policy's
-        portal_expiry, else portal.expiry) and send the notification; the
-        recipient's result (delivered to the portal) and the evidence."""
+        portal_expiry, else portal.expiry), opened by the sign-in `auth_for` says, and
+        send the notification; the recipient's result (delivered to the portal) and
+        the evidence.  A message that needs a passphrase the sender did not set is
+        refused (5.7.0): nobody could open it."""
+        how = self.auth_for(envelope, auth)
+        if how is PortalAuth.PASSPHRASE and not envelope.portal_passphrase:
+            header = self.config.portal.passphrase_header
+            why = (
+                f"the secure portal needs a passphrase for this message and none was set ({header})"
+            )
+            return RecipientResult(address, "bounced", "5.7.0", why), None
         expires = self.now() + (stay or self.config.portal.expiry)
         item, token = await self.run(
-            self.store.deposit, envelope.queue_id, address, envelope.mail_from, data, expires
+            self.store.deposit,
+            envelope.queue_id,
+            address,
+            envelope.mail_from,
+            data,
+            expires,
+            how,
+            envelope.portal_passphrase or None,
         )
         link = f"{self.base_url}/m/{token}"
         note = mail.notification(
@@ -159,7 +207,10 @@ class Portal:
             item=item.id,
             notification=notification_id,
         )
-        why = f"kept in the secure portal until {until}; notification queued as {notification_id}"
+        why = (
+            f"kept in the secure portal until {until} (sign-in: {how.value}); notification "
+            f"queued as {notification_id}"
+        )
         return RecipientResult(address, "delivered", "2.0.0", why), Deposited(
             item.id, until, notification_id
         )
@@ -172,13 +223,155 @@ class Portal:
         """The item a link's token opens (its state says whether it can be used)."""
         return await self.run(self.store.item, token)
 
-    async def new_session(self, item: Item) -> tuple[str, str]:
-        """A signed-in session for ``portal.session_ttl``: (session id, CSRF token)."""
-        return await self.run(self.store.new_session, item, self.config.portal.session_ttl)
+    async def new_session(self, item: Item, stage: str = OPEN) -> tuple[str, str]:
+        """A signed-in session for ``portal.session_ttl``: (session id, CSRF token).
+        ``stage``: OPEN, or SET_PASSWORD (it must set a password before it may read)."""
+        return await self.run(self.store.new_session, item, self.config.portal.session_ttl, stage)
 
-    async def session(self, sid: str, item: Item) -> str | None:
-        """The CSRF token of a live session of this item, or None."""
-        return await self.run(self.store.session, sid, item)
+    async def session(self, sid: str, item: Item, stage: str = OPEN) -> str | None:
+        """The CSRF token of a live session of this item at ``stage``, or None."""
+        return await self.run(self.store.session, sid, item, stage)
+
+    async def promote(self, sid: str) -> None:
+        await self.run(self.store.promote, sid)
+
+    # -- passwords and passphrases (hashing in threads of its own: it is slow) ------
+
+    async def _hashing(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._hasher, fn, *args)
+
+    def _one_at_a_time(self, key: str) -> asyncio.Lock:
+        """Checks of one secret run one after the other: simultaneous guesses cannot
+        all be compared before the first failure is counted."""
+        lock = self._checking.get(key)
+        if lock is None:
+            if len(self._checking) > 10_000:
+                self._checking = {k: v for k, v in self._checking.items() if v.locked()}
+            lock = self._checking[key] = asyncio.Lock()
+        return lock
+
+    async def has_password(self, item: Item) -> bool:
+        return await self.run(self.store.password_of, item.recipient) is not None
+
+    async def password_locked_until(self, item: Item) -> float:
+        return await self.run(self.store.account_locked, item.recipient)
+
+    async def check_password(self, item: Item, password: str, actor: str) -> CodeCheck:
+        pc = self.config.portal
+        async with self._one_at_a_time("password:" + item.recipient.casefold()):
+            if await self.run(self.store.account_locked, item.recipient):
+                checked = CodeCheck.REFUSED
+            else:
+                encoded = await self.run(self.store.password_of, item.recipient)
+                right = encoded is not None and await self._hashing(
+                    verify_secret, encoded, password
+                )
+                checked = await self.run(
+                    self.store.count_password,
+                    item.recipient,
+                    right,
+                    pc.max_code_attempts,
+                    pc.lockout,
+                )
+        self._count_check(item, actor, checked, "password")
+        return checked
+
+    async def check_passphrase(self, item: Item, passphrase: str, actor: str) -> CodeCheck:
+        pc = self.config.portal
+        async with self._one_at_a_time("item:" + item.id):
+            encoded = await self.run(self.store.passphrase_of, item)
+            right = encoded is not None and await self._hashing(verify_secret, encoded, passphrase)
+            checked = await self.run(
+                self.store.count_attempt, item, right, pc.max_code_attempts, pc.lockout
+            )
+        self._count_check(item, actor, checked, "passphrase")
+        return checked
+
+    def _count_check(self, item: Item, actor: str, checked: CodeCheck, what: str) -> None:
+        if checked is CodeCheck.RIGHT:
+            self._access(item, actor, "signed-in", method=what)
+        elif checked is CodeCheck.REFUSED:
+            self._access(item, actor, "refused-locked", method=what)
+        else:
+            self.metrics.portal_failed_codes.inc()
+            self._access(item, actor, f"wrong-{what}")
+        if checked is CodeCheck.LOCKED:
+            self.metrics.portal_lockouts.inc()
+            self._access(item, actor, "locked", method=what)
+
+    async def may_reset(self, item: Item) -> bool:
+        """Whether a code may be sent to reset the address's password today."""
+        return await self.run(self.store.resets_today, item.recipient) < RESETS_PER_DAY
+
+    async def set_password(self, item: Item, password: str, actor: str) -> str | None:
+        """Set the recipient's password; why it cannot be this one, or None."""
+        problem = password_problem(password, item.recipient)
+        if problem is not None:
+            return problem
+        encoded = await self._hashing(hash_secret, password)
+        replaced = await self.run(self.store.set_password, item.recipient, encoded)
+        if replaced:
+            await self.run(self.store.note_reset, item.recipient)
+        self._access(item, actor, "password-reset" if replaced else "password-set")
+        return None
+
+    # -- OpenID Connect ---------------------------------------------------------------
+
+    def oidc_providers(self) -> list[tuple[str, str]]:
+        """(name, label) of each provider, for the sign-in buttons."""
+        return [(p.name, p.label or p.name) for p in self.config.portal.oidc_providers]
+
+    @property
+    def oidc_redirect(self) -> str:
+        return f"{self.base_url}/oidc/callback"
+
+    async def oidc_start(self, item: Item, provider: str, browser: str) -> str | None:
+        """Where to send the browser to sign in with ``provider``; None when unknown."""
+        client = self._oidc.get(provider)
+        if client is None:
+            return None
+        started = await client.start(self.oidc_redirect, item.recipient)
+        await self.run(
+            self.store.save_oidc,
+            started.state,
+            item,
+            provider,
+            started.nonce,
+            started.verifier,
+            browser,
+        )
+        return started.url
+
+    async def oidc_finish(
+        self, state: str, code: str, browser: str, client_ip: str
+    ) -> tuple[Item | None, str | None]:
+        """(the item, None) when the provider proved the recipient's address; else
+        (the item if known, why not)."""
+        pending = await self.run(self.store.take_oidc, state, browser)
+        if pending is None:
+            return None, "this sign-in was not started here, or it took too long"
+        item_id, provider, nonce, verifier = pending
+        item = await self.run(self.store.item_by_id, item_id)
+        client = self._oidc.get(provider)
+        if item is None or client is None:
+            return None, "unknown message or provider"
+        actor = f"recipient {item.recipient} from {client_ip} via {provider}"
+        try:
+            claims = await client.finish(code, self.oidc_redirect, nonce, verifier)
+        except OidcError as e:
+            self._access(item, actor, "oidc-refused", reason=str(e)[:300])
+            return item, "the sign-in could not be verified"
+        email = client.verified_email(claims)
+        if email is None or email.casefold() != item.recipient.casefold():
+            self._access(item, actor, "oidc-refused", reason="not the recipient's verified address")
+            return (
+                item,
+                "the account you signed in with is not the address this message was sent to",
+            )
+        self._access(
+            item, actor, "signed-in", method="oidc", provider=provider, issuer=client.issuer
+        )
+        return item, None
 
     async def end_session(self, sid: str) -> None:
         await self.run(self.store.end_session, sid)

@@ -23,6 +23,7 @@ from typing import Any
 
 from gateway import sqlite_tx
 from gateway.archive.sealing import MasterKeys, open_sealed, seal
+from gateway.model import PortalAuth
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -55,8 +56,37 @@ CREATE TABLE IF NOT EXISTS sessions (
     csrf TEXT NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS accounts (
+    address TEXT PRIMARY KEY,
+    password TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    failed INTEGER NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS resets (
+    address TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS resets_by_address ON resets(address, at);
+CREATE TABLE IF NOT EXISTS oidc_states (
+    state_sha256 TEXT PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    verifier TEXT NOT NULL,
+    browser_sha256 TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
+# Columns added since the first release: added to an existing database at open.
+MIGRATIONS = (
+    ("items", "auth", "TEXT NOT NULL DEFAULT 'code'"),
+    ("items", "passphrase", "TEXT"),
+    ("sessions", "stage", "TEXT NOT NULL DEFAULT 'open'"),
+)
 
+OPEN, SET_PASSWORD = "open", "set-password"  # session stages
 CODE_DIGITS = 8  # 10^8: with 5 tries per lockout, a guess succeeds 1 in 20 million
 
 
@@ -77,6 +107,7 @@ class Item:
     failed_codes: int
     locked_until: float
     gone: bool  # content deleted (expired and swept, or revoked)
+    auth: PortalAuth = PortalAuth.CODE  # how its recipient signs in
 
     def state(self, now: float) -> str:
         """'revoked', 'expired', 'locked' or 'open'."""
@@ -102,6 +133,10 @@ class PortalStore:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        for table, column, kind in MIGRATIONS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self.keys = keys
         self.clock = clock  # every expiry, lockout and session is measured by it
 
@@ -114,17 +149,25 @@ class PortalStore:
     # -- items ----------------------------------------------------------------------
 
     def deposit(
-        self, queue_id: str, recipient: str, sender: str, data: bytes, expires: float
+        self,
+        queue_id: str,
+        recipient: str,
+        sender: str,
+        data: bytes,
+        expires: float,
+        auth: PortalAuth = PortalAuth.CODE,
+        passphrase: str | None = None,
     ) -> tuple[Item, str]:
-        """Keep ``data`` for ``recipient`` until ``expires``; returns the item and the
-        token of its link (256 random bits; only its digest is stored)."""
+        """Keep ``data`` for ``recipient`` until ``expires``, opened by ``auth``
+        (``passphrase``: its Argon2id hash); returns the item and the token of its
+        link (256 random bits; only its digest is stored)."""
         item_id = f"p-{secrets.token_hex(12)}"
         token = secrets.token_urlsafe(32)
         now = self.clock()
         with self._tx():
             self.db.execute(
                 "INSERT INTO items(id, token_sha256, queue_id, recipient, sender, created, "
-                "expires, sealed) VALUES (?,?,?,?,?,?,?,?)",
+                "expires, sealed, auth, passphrase) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     item_id,
                     _sha(token),
@@ -134,6 +177,8 @@ class PortalStore:
                     now,
                     expires,
                     seal(data, item_id, self.keys),
+                    auth.value,
+                    passphrase,
                 ),
             )
         item = self.item_by_id(item_id)
@@ -142,17 +187,17 @@ class PortalStore:
 
     _COLUMNS = (
         "SELECT id, queue_id, recipient, sender, created, expires, revoked, first_pickup, "
-        "failed_codes, locked_until, sealed IS NULL FROM items "
+        "failed_codes, locked_until, sealed IS NULL, auth FROM items "
     )
 
     def _item(self, row: tuple[Any, ...] | None) -> Item | None:
         if row is None:
             return None
         (item_id, queue_id, recipient, sender, created, expires, revoked, first_pickup,
-         failed, locked_until, gone) = row  # fmt: skip
+         failed, locked_until, gone, auth) = row  # fmt: skip
         return Item(
             item_id, queue_id, recipient, sender, created, expires, revoked, first_pickup,
-            failed, locked_until, bool(gone),
+            failed, locked_until, bool(gone), PortalAuth(auth),
         )  # fmt: skip
 
     def item(self, token: str) -> Item | None:
@@ -228,6 +273,39 @@ class PortalStore:
             self.db.execute("UPDATE items SET codes_sent = codes_sent + 1 WHERE id=?", (item.id,))
         return code
 
+    def passphrase_of(self, item: Item) -> str | None:
+        """The Argon2id hash of the item's passphrase."""
+        row = self.db.execute("SELECT passphrase FROM items WHERE id=?", (item.id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def locked(self, item: Item) -> bool:
+        row = self.db.execute("SELECT locked_until FROM items WHERE id=?", (item.id,)).fetchone()
+        return row is None or row[0] > self.clock()
+
+    def count_attempt(
+        self, item: Item, right: bool, max_attempts: int, lockout: float
+    ) -> CodeCheck:
+        """Record a passphrase attempt checked outside the database (hashing is slow):
+        a right one clears the count, the ``max_attempts``-th wrong one in a row locks
+        the link for ``lockout``."""
+        now = self.clock()
+        with self._tx():
+            state = self.db.execute(
+                "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
+            ).fetchone()
+            if state is None or state[1] > now:
+                return CodeCheck.REFUSED
+            if right:
+                self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
+                return CodeCheck.RIGHT
+            failed = int(state[0]) + 1
+            locked = failed >= max_attempts
+            self.db.execute(
+                "UPDATE items SET failed_codes=?, locked_until=? WHERE id=?",
+                (0 if locked else failed, now + lockout if locked else state[1], item.id),
+            )
+        return CodeCheck.LOCKED if locked else CodeCheck.WRONG
+
     def check_code(self, item: Item, code: str, max_attempts: int, lockout: float) -> CodeCheck:
         """A right code is used up (RIGHT); wrong ones count (WRONG), and the
         ``max_attempts``-th locks the link for ``lockout`` (LOCKED; the code is void);
@@ -268,23 +346,133 @@ class PortalStore:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def new_session(self, item: Item, ttl: float) -> tuple[str, str]:
-        """(session id for the cookie, CSRF token for its forms)."""
+    def new_session(self, item: Item, ttl: float, stage: str = OPEN) -> tuple[str, str]:
+        """(session id for the cookie, CSRF token for its forms).  ``stage``: `OPEN`
+        (the message can be read) or `SET_PASSWORD` (a password must be set first)."""
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
         with self._tx():
             self.db.execute(
-                "INSERT INTO sessions VALUES (?,?,?,?)",
-                (_sha(sid), item.id, csrf, self.clock() + ttl),
+                "INSERT INTO sessions(sid_sha256, item_id, csrf, expires, stage) "
+                "VALUES (?,?,?,?,?)",
+                (_sha(sid), item.id, csrf, self.clock() + ttl, stage),
             )
         return sid, csrf
 
-    def session(self, sid: str, item: Item) -> str | None:
-        """The session's CSRF token if ``sid`` is a live session for ``item``."""
+    def session(self, sid: str, item: Item, stage: str = OPEN) -> str | None:
+        """The session's CSRF token if ``sid`` is a live session for ``item`` at
+        ``stage``."""
         row = self.db.execute(
-            "SELECT csrf FROM sessions WHERE sid_sha256=? AND item_id=? AND expires > ?",
-            (_sha(sid), item.id, self.clock()),
+            "SELECT csrf FROM sessions WHERE sid_sha256=? AND item_id=? AND expires > ? "
+            "AND stage=?",
+            (_sha(sid), item.id, self.clock(), stage),
         ).fetchone()
         return None if row is None else str(row[0])
+
+    def promote(self, sid: str) -> None:
+        """A session that has set its password may read."""
+        with self._tx():
+            self.db.execute("UPDATE sessions SET stage=? WHERE sid_sha256=?", (OPEN, _sha(sid)))
+
+    # -- recipients' passwords --------------------------------------------------------------
+
+    def password_of(self, address: str) -> str | None:
+        row = self.db.execute(
+            "SELECT password FROM accounts WHERE address=?", (address.casefold(),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def account_locked(self, address: str) -> float:
+        """Until when the address's password is locked (0: not)."""
+        row = self.db.execute(
+            "SELECT locked_until FROM accounts WHERE address=?", (address.casefold(),)
+        ).fetchone()
+        until = float(row[0]) if row else 0.0
+        return until if until > self.clock() else 0.0
+
+    def set_password(self, address: str, encoded: str) -> bool:
+        """Set (or replace) the address's password; True when it replaced one."""
+        now, key = self.clock(), address.casefold()
+        with self._tx():
+            replaced = self.db.execute(
+                "UPDATE accounts SET password=?, updated=?, failed=0, locked_until=0 "
+                "WHERE address=?",
+                (encoded, now, key),
+            ).rowcount
+            if not replaced:
+                self.db.execute(
+                    "INSERT INTO accounts(address, password, created, updated) VALUES (?,?,?,?)",
+                    (key, encoded, now, now),
+                )
+        return bool(replaced)
+
+    def count_password(
+        self, address: str, right: bool, max_attempts: int, lockout: float
+    ) -> CodeCheck:
+        """Record a password attempt (checked outside the database): failures count per
+        address across its messages; the ``max_attempts``-th in a row locks it."""
+        now, key = self.clock(), address.casefold()
+        with self._tx():
+            state = self.db.execute(
+                "SELECT failed, locked_until FROM accounts WHERE address=?", (key,)
+            ).fetchone()
+            if state is None or state[1] > now:
+                return CodeCheck.REFUSED
+            if right:
+                self.db.execute("UPDATE accounts SET failed=0 WHERE address=?", (key,))
+                return CodeCheck.RIGHT
+            failed = int(state[0]) + 1
+            locked = failed >= max_attempts
+            self.db.execute(
+                "UPDATE accounts SET failed=?, locked_until=? WHERE address=?",
+                (0 if locked else failed, now + lockout if locked else state[1], key),
+            )
+        return CodeCheck.LOCKED if locked else CodeCheck.WRONG
+
+    def resets_today(self, address: str) -> int:
+        since = self.clock() - 86400
+        row = self.db.execute(
+            "SELECT count(*) FROM resets WHERE address=? AND at > ?", (address.casefold(), since)
+        ).fetchone()
+        return int(row[0])
+
+    def note_reset(self, address: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO resets VALUES (?,?)", (address.casefold(), self.clock()))
+            self.db.execute("DELETE FROM resets WHERE at <= ?", (self.clock() - 86400,))
+
+    # -- OpenID Connect sign-ins under way --------------------------------------------------
+
+    def save_oidc(
+        self, state: str, item: Item, provider: str, nonce: str, verifier: str, browser: str
+    ) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM oidc_states WHERE expires <= ?", (self.clock(),))
+            self.db.execute(
+                "INSERT INTO oidc_states VALUES (?,?,?,?,?,?,?)",
+                (
+                    _sha(state),
+                    item.id,
+                    provider,
+                    nonce,
+                    verifier,
+                    _sha(browser),
+                    self.clock() + 600,
+                ),
+            )
+
+    def take_oidc(self, state: str, browser: str) -> tuple[str, str, str, str] | None:
+        """(item id, provider, nonce, verifier) of a sign-in under way in this browser;
+        used up by this call."""
+        with self._tx():
+            row = self.db.execute(
+                "SELECT item_id, provider, nonce, verifier, browser_sha256 FROM oidc_states "
+                "WHERE state_sha256=? AND expires > ?",
+                (_sha(state), self.clock()),
+            ).fetchone()
+            self.db.execute("DELETE FROM oidc_states WHERE state_sha256=?", (_sha(state),))
+        if row is None or not hmac.compare_digest(str(row[4]), _sha(browser)):
+            return None
+        return str(row[0]), str(row[1]), str(row[2]), str(row[3])
 
     def end_session(self, sid: str) -> None:
         with self._tx():

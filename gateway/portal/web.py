@@ -19,15 +19,19 @@ import secrets
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
 from gateway.config import PortalConfig
+from gateway.events import Event
+from gateway.model import PortalAuth
 from gateway.observability.logging import get_logger
 from gateway.portal import render
-from gateway.portal.store import CodeCheck, Item
+from gateway.portal.credentials import MIN_PASSWORD
+from gateway.portal.oidc import OidcError
+from gateway.portal.store import OPEN, SET_PASSWORD, CodeCheck, Item
 
 log = get_logger("gateway.portal.http")
 
@@ -43,9 +47,31 @@ class PortalService(Protocol):
 
     async def check_code(self, item: Item, code: str, actor: str) -> CodeCheck: ...
 
-    async def new_session(self, item: Item) -> tuple[str, str]: ...
+    async def new_session(self, item: Item, stage: str = OPEN) -> tuple[str, str]: ...
 
-    async def session(self, sid: str, item: Item) -> str | None: ...
+    async def session(self, sid: str, item: Item, stage: str = OPEN) -> str | None: ...
+
+    async def promote(self, sid: str) -> None: ...
+
+    async def has_password(self, item: Item) -> bool: ...
+
+    async def password_locked_until(self, item: Item) -> float: ...
+
+    async def check_password(self, item: Item, password: str, actor: str) -> CodeCheck: ...
+
+    async def check_passphrase(self, item: Item, passphrase: str, actor: str) -> CodeCheck: ...
+
+    async def may_reset(self, item: Item) -> bool: ...
+
+    async def set_password(self, item: Item, password: str, actor: str) -> str | None: ...
+
+    def oidc_providers(self) -> list[tuple[str, str]]: ...
+
+    async def oidc_start(self, item: Item, provider: str, browser: str) -> str | None: ...
+
+    async def oidc_finish(
+        self, state: str, code: str, browser: str, client_ip: str
+    ) -> tuple[Item | None, str | None]: ...
 
     async def end_session(self, sid: str) -> None: ...
 
@@ -63,6 +89,8 @@ class PortalService(Protocol):
 
 
 SESSION = "__Host-sealgate-session"
+OIDC_BROWSER = "__Host-sealgate-oidc"  # binds a sign-in under way to this browser
+OIDC_RETURN = "__Host-sealgate-oidc-link"  # the link it started from
 PRE_CSRF = "__Host-sealgate-csrf"
 CSP = (
     "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
@@ -144,6 +172,12 @@ class PortalWeb:
         app.router.add_get("/m/{token}/part/{n:\\d+}", self.part)
         app.router.add_post("/m/{token}/reply", self.reply)
         app.router.add_post("/m/{token}/logout", self.logout)
+        app.router.add_post("/m/{token}/password", self.password)
+        app.router.add_get("/m/{token}/password/new", self.new_password_form)
+        app.router.add_post("/m/{token}/password/new", self.new_password)
+        app.router.add_post("/m/{token}/passphrase", self.passphrase)
+        app.router.add_get("/m/{token}/oidc/{provider}", self.oidc_start)
+        app.router.add_get("/oidc/callback", self.oidc_callback)
         return app
 
     # -- plumbing -------------------------------------------------------------------
@@ -307,16 +341,62 @@ class PortalWeb:
             raise web.HTTPSeeOther(f"/m/{token}/read")
         csrf = self._pre_csrf(request)
         until = time.strftime("%d %B %Y", time.gmtime(item.expires))
-        body = (
+        intro = (
             f"<p>{_e(self.config.organization)} has sent you a secure message. It can be "
             f"opened until {_e(until)}.</p>"
-            f"<p>To make sure it is you, we will send a one-time code to "
-            f"<strong>{_e(self._masked(item.recipient))}</strong>.</p>"
-            f'<form method=post action="/m/{_e(token)}/code">'
-            f'<input type=hidden name=csrf value="{_e(csrf)}">'
-            "<p><button type=submit>Email me a code</button></p></form>"
         )
+        body = intro + await self._sign_in_form(item, token, csrf)
         return self._with_pre_csrf(self.page("You have a secure message", body), csrf)
+
+    async def _sign_in_form(self, item: Item, token: str, csrf: str, error: str = "") -> str:
+        """How this item's recipient proves who they are (`portal.auth`)."""
+        err = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+        hidden = f'<input type=hidden name=csrf value="{_e(csrf)}">'
+        code_button = (
+            f'<form method=post action="/m/{_e(token)}/code">{hidden}'
+            "<p><button type=submit>{label}</button></p></form>"
+        )
+        if item.auth is PortalAuth.PASSPHRASE:
+            return (
+                f"{err}<p>The sender protected this message with a passphrase, which they "
+                "will have given you another way (by phone, for example).</p>"
+                f'<form method=post action="/m/{_e(token)}/passphrase">{hidden}'
+                '<label for="passphrase">Passphrase</label>'
+                '<input type=password id="passphrase" name=passphrase required '
+                'autocomplete="off" maxlength=256>'
+                "<p><button type=submit>Open the message</button></p></form>"
+            )
+        if item.auth is PortalAuth.OIDC:
+            buttons = "".join(
+                f'<p><a class="button" href="/m/{_e(token)}/oidc/{_e(name)}">'
+                f"Sign in with {_e(label)}</a></p>"
+                for name, label in self.portal.oidc_providers()
+            )
+            return (
+                f"{err}<p>Sign in with the account of "
+                f"<strong>{_e(self._masked(item.recipient))}</strong> to open it.</p>{buttons}"
+            )
+        if item.auth is PortalAuth.PASSWORD and await self.portal.has_password(item):
+            return (
+                f'{err}<form method=post action="/m/{_e(token)}/password">{hidden}'
+                f'<label for="password">Your password for '
+                f"{_e(self._masked(item.recipient))}</label>"
+                '<input type=password id="password" name=password required '
+                'autocomplete="current-password" maxlength=256>'
+                "<p><button type=submit>Open the message</button></p></form>"
+                + code_button.format(label="Forgot your password? Email me a code")
+            )
+        if item.auth is PortalAuth.PASSWORD:
+            return (
+                f"{err}<p>This is your first secure message: we will send a one-time code to "
+                f"<strong>{_e(self._masked(item.recipient))}</strong>, then you choose a "
+                "password for the next ones.</p>" + code_button.format(label="Email me a code")
+            )
+        return (
+            f"{err}<p>To make sure it is you, we will send a one-time code to "
+            f"<strong>{_e(self._masked(item.recipient))}</strong>.</p>"
+            + code_button.format(label="Email me a code")
+        )
 
     async def _posted(
         self, request: web.Request
@@ -336,8 +416,18 @@ class PortalWeb:
         if isinstance(posted, web.Response):
             return posted
         token, item, _ = posted
+        if item.auth not in (PortalAuth.CODE, PortalAuth.PASSWORD):
+            return self._forbidden()  # a code opens nothing here
         if not self.per_link.allow(item.id, time.monotonic()):
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=many")
+        resetting = item.auth is PortalAuth.PASSWORD and await self.portal.has_password(item)
+        if resetting and not await self.portal.may_reset(item):
+            return self.page(
+                "Too many password resets",
+                "<p>The password for this address was reset several times today. Please "
+                "try again tomorrow, or contact the sender.</p>",
+                429,
+            )
         await self.portal.send_code(item, self._actor(request, item))
         raise web.HTTPSeeOther(f"/m/{token}/enter?said=sent")
 
@@ -367,6 +457,8 @@ class PortalWeb:
         if isinstance(posted, web.Response):
             return posted
         token, item, form = posted
+        if item.auth not in (PortalAuth.CODE, PortalAuth.PASSWORD):
+            return self._forbidden()
         checked = await self.portal.check_code(
             item, str(form.get("code", "")), self._actor(request, item)
         )
@@ -376,18 +468,184 @@ class PortalWeb:
             return page
         if checked is not CodeCheck.RIGHT:
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=wrong")
-        sid = await self.portal.new_session(item)
-        response = web.HTTPSeeOther(f"/m/{token}/read")
+        if item.auth is PortalAuth.PASSWORD:  # the code proved the address: now a password
+            await self._sign_in(item, f"/m/{token}/password/new", SET_PASSWORD)
+        await self._sign_in(item, f"/m/{token}/read")
+
+    async def _sign_in(self, item: Item, to: str, stage: str = OPEN) -> NoReturn:
+        """A new session's cookie, and on to ``to``."""
+        sid, _ = await self.portal.new_session(item, stage)
+        response = web.HTTPSeeOther(to)
+        self._set_session(response, sid)
+        raise response
+
+    def _set_session(self, response: web.StreamResponse, sid: str) -> None:
         response.set_cookie(
             SESSION,
-            sid[0],
+            sid,
             secure=True,
             httponly=True,
             samesite="Strict",
             path="/",
             max_age=int(self.config.session_ttl),
         )
+
+    # -- passwords, passphrases, OpenID Connect (portal.auth) ------------------------
+
+    async def password(self, request: web.Request) -> web.Response:
+        posted = await self._posted(request)
+        if isinstance(posted, web.Response):
+            return posted
+        token, item, form = posted
+        if item.auth is not PortalAuth.PASSWORD:
+            return self._forbidden()
+        checked = await self.portal.check_password(
+            item, str(form.get("password", "")), self._actor(request, item)
+        )
+        if checked is CodeCheck.RIGHT:
+            await self._sign_in(item, f"/m/{token}/read")
+        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
+            until = await self.portal.password_locked_until(item)
+            return self.page(
+                "Your password is locked",
+                "<p>Too many wrong passwords were entered. Please try again after "
+                f"{_e(time.strftime('%H:%M UTC', time.gmtime(until)))}, or reset your "
+                "password with a code sent to your address.</p>"
+                + await self._sign_in_form(item, token, self._pre_csrf(request)),
+                423,
+            )
+        csrf = self._pre_csrf(request)
+        body = await self._sign_in_form(item, token, csrf, "That password is not right.")
+        return self._with_pre_csrf(self.page("You have a secure message", body, 401), csrf)
+
+    async def new_password_form(self, request: web.Request, error: str = "") -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        sid = request.cookies.get(SESSION)
+        csrf = await self.portal.session(sid, item, SET_PASSWORD) if sid else None
+        if csrf is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        err = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
+        body = (
+            f"{err}<p>Choose a password for messages to "
+            f"<strong>{_e(self._masked(item.recipient))}</strong>: at least "
+            f"{MIN_PASSWORD} characters - a few words you will remember work well.</p>"
+            f'<form method=post action="/m/{_e(token)}/password/new">'
+            f'<input type=hidden name=csrf value="{_e(csrf)}">'
+            '<label for="new">New password</label>'
+            '<input type=password id="new" name=password required autocomplete="new-password" '
+            f"minlength={MIN_PASSWORD} maxlength=256>"
+            '<label for="again">The same again</label>'
+            '<input type=password id="again" name=again required autocomplete="new-password" '
+            "maxlength=256>"
+            "<p><button type=submit>Save and open the message</button></p></form>"
+        )
+        return self.page("Choose a password", body, 400 if error else 200)
+
+    async def new_password(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        sid = request.cookies.get(SESSION)
+        csrf = await self.portal.session(sid, item, SET_PASSWORD) if sid else None
+        if csrf is None or sid is None:
+            raise web.HTTPSeeOther(f"/m/{token}")
+        form = await request.post()
+        if not self._csrf_ok(form.get("csrf"), csrf):
+            return self._forbidden()
+        password, again = str(form.get("password", "")), str(form.get("again", ""))
+        if password != again:
+            return await self.new_password_form(request, "The two passwords are not the same.")
+        problem = await self.portal.set_password(item, password, self._actor(request, item))
+        if problem is not None:
+            return await self.new_password_form(request, problem)
+        await self.portal.promote(sid)
+        raise web.HTTPSeeOther(f"/m/{token}/read")
+
+    async def passphrase(self, request: web.Request) -> web.Response:
+        posted = await self._posted(request)
+        if isinstance(posted, web.Response):
+            return posted
+        token, item, form = posted
+        if item.auth is not PortalAuth.PASSPHRASE:
+            return self._forbidden()
+        checked = await self.portal.check_passphrase(
+            item, str(form.get("passphrase", "")), self._actor(request, item)
+        )
+        if checked is CodeCheck.RIGHT:
+            await self._sign_in(item, f"/m/{token}/read")
+        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
+            _, page = await self._item(request)  # the locked page
+            assert isinstance(page, web.Response)
+            return page
+        csrf = self._pre_csrf(request)
+        body = await self._sign_in_form(item, token, csrf, "That passphrase is not right.")
+        return self._with_pre_csrf(self.page("You have a secure message", body, 401), csrf)
+
+    async def oidc_start(self, request: web.Request) -> web.Response:
+        token, item = await self._item(request)
+        if isinstance(item, web.Response):
+            return item
+        if item.auth is not PortalAuth.OIDC:
+            return self._forbidden()
+        browser = secrets.token_urlsafe(24)
+        try:
+            url = await self.portal.oidc_start(item, request.match_info["provider"], browser)
+        except OidcError as e:
+            log.warning(Event.PORTAL_OIDC_FAILED, item=item.id, error=str(e)[:300])
+            return self.page(
+                "Sign-in is not available",
+                "<p>The sign-in service cannot be reached just now. Please try again later.</p>",
+                503,
+            )
+        if url is None:
+            raise web.HTTPNotFound()
+        response = web.HTTPSeeOther(url)
+        # Lax: the provider sends the browser back with a cross-site navigation.  The
+        # link's token rides along in the browser that already holds it (the store
+        # keeps only its digest), for the way back to the message.
+        for name, value in ((OIDC_BROWSER, browser), (OIDC_RETURN, token)):
+            response.set_cookie(
+                name, value, secure=True, httponly=True, samesite="Lax", path="/", max_age=600
+            )
         raise response
+
+    async def oidc_callback(self, request: web.Request) -> web.Response:
+        state, code = request.query.get("state", ""), request.query.get("code", "")
+        browser = request.cookies.get(OIDC_BROWSER, "")
+        if not (state and code and browser):
+            return self.page(
+                "Sign-in was not completed",
+                "<p>Please go back to the link in your message and try again.</p>",
+                400,
+            )
+        item, problem = await self.portal.oidc_finish(state, code, browser, self.client(request))
+        if item is None or problem is not None:
+            return self.page(
+                "Sign-in did not open the message",
+                f"<p>{_e((problem or 'unknown message').capitalize())}.</p>"
+                "<p>Please sign in with the account of the address the message was sent "
+                "to, or contact the sender.</p>",
+                403,
+            )
+        token = request.cookies.get(OIDC_RETURN, "")
+        linked = await self.portal.item(token) if 0 < len(token) < 100 else None
+        if linked is None or linked.id != item.id:
+            return self._forbidden()
+        sid, _ = await self.portal.new_session(item)
+        # Strict session cookies are not sent on the navigation the provider began: a
+        # page of our own moves on to the message (a same-site navigation)
+        target = f"/m/{token}/read"
+        response = self.page(
+            "Signed in",
+            f'<p><a href="{_e(target)}">Open the message</a></p>',
+        )
+        response.headers["Refresh"] = f"0; url={target}"
+        self._set_session(response, sid)
+        for name in (OIDC_BROWSER, OIDC_RETURN):
+            response.del_cookie(name, path="/", secure=True, samesite="Lax")
+        return response
 
     async def read(self, request: web.Request) -> web.Response:
         signed_in = await self._session_of(request)

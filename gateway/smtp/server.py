@@ -49,6 +49,7 @@ from gateway.smtp import replies
 from gateway.smtp.binding import Refusal
 from gateway.smtp.context import SmtpContext
 from gateway.smtp.data import DataProblem, MessageScanner
+from gateway.smtp.passphrase import PassphraseFilter
 
 log = get_logger("gateway.smtp")
 
@@ -390,8 +391,10 @@ class GatewaySMTP(SMTP):
             cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
         )
         digest = ctx.binding.digest_for(self.gw_envelope.authorized_by)
+        passphrase = PassphraseFilter(ctx.config.portal.passphrase_header)
         try:
-            await self._read_data(scanner, writer, digest)
+            await self._read_data(scanner, writer, digest, passphrase)
+            await writer.write(passphrase.finish())
         except BaseException:
             # The client went away mid-message: nothing was promised, nothing is kept.
             asyncio.get_running_loop().create_task(writer.abort())
@@ -415,10 +418,17 @@ class GatewaySMTP(SMTP):
             if refusal is not None:
                 await writer.abort()
                 return self._not_bound(refusal, writer.size)
+        hashed = ""
+        if passphrase.value:  # only its hash goes on, to the portal
+            from gateway.portal.credentials import hash_secret
+
+            hashed = await asyncio.get_running_loop().run_in_executor(
+                None, hash_secret, passphrase.value
+            )
         started = time.perf_counter()
         try:
             envelope = await writer.commit(
-                lambda size, sha: self._make_envelope(queue_id, size, sha)
+                lambda size, sha: self._make_envelope(queue_id, size, sha, hashed)
             )
         except SpoolError as e:
             log.error(Event.SPOOL_WRITE_FAILED, queue_id=queue_id, error=str(e))
@@ -428,10 +438,15 @@ class GatewaySMTP(SMTP):
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def _read_data(
-        self, scanner: MessageScanner, writer: Any, digest: MessageDigest | None
+        self,
+        scanner: MessageScanner,
+        writer: Any,
+        digest: MessageDigest | None,
+        passphrase: PassphraseFilter,
     ) -> None:
         """Read up to and excluding CRLF "." CRLF, feeding the scanner chunk by chunk
-        (and the binding's digest, when the message is to be checked)."""
+        (and the binding's digest, when the message is to be checked); the portal
+        passphrase header never reaches the writer."""
         reader = self._reader
         last2 = b"\r\n"  # the CRLF that ended the DATA command line
         while True:
@@ -448,7 +463,7 @@ class GatewaySMTP(SMTP):
             data = scanner.feed(piece[:-3] if final else piece)
             if digest is not None:
                 digest.feed(data)
-            await writer.write(data)
+            await writer.write(passphrase.feed(data))
             if final:
                 return
             last2 = (last2 + piece)[-2:]
@@ -477,7 +492,9 @@ class GatewaySMTP(SMTP):
             auth_user=session.auth_user,
         )
 
-    def _make_envelope(self, queue_id: str, size: int, sha256: str) -> Envelope:
+    def _make_envelope(
+        self, queue_id: str, size: int, sha256: str, passphrase: str = ""
+    ) -> Envelope:
         now = datetime.datetime.now(datetime.UTC)
         client = self._client_info()
         env = self.gw_envelope
@@ -504,6 +521,7 @@ class GatewaySMTP(SMTP):
             size=size,
             sha256=sha256,
             trace_headers=trace,
+            portal_passphrase=passphrase,
         )
 
     def _accepted(self, envelope: Envelope, latency: float) -> None:

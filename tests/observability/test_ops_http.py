@@ -60,7 +60,9 @@ async def test_the_oldest_queued_message_and_the_build_are_visible(gateway_facto
     await wait_until(lambda: age() > 0, what="an age")
     assert age() < 60
     text = (await http_get(gw, "/metrics"))[1]
-    assert 'sealgate_build_info{python="' in text and f'version="{gateway.__version__}"}} 1.0' in text
+    assert (
+        'sealgate_build_info{python="' in text and f'version="{gateway.__version__}"}} 1.0' in text
+    )
     expiry = gw.metrics.registry.get_sample_value(
         "sealgate_certificate_expiry_timestamp_seconds", {"use": "smtp"}
     )
