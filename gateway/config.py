@@ -1243,6 +1243,21 @@ def load_config_text(text: str, source: str = "<config>") -> Config:
 
 
 def _check_pairs(config: Config, where: _Located, source: str) -> None:
+    providers = [p.name for p in config.portal.oidc_providers]
+    if config.portal.auth == "oidc" and not providers:
+        raise ConfigError(
+            "portal.auth",
+            "'oidc' needs at least one entry in portal.oidc_providers",
+            source,
+            where.line("portal.auth"),
+        )
+    if len(set(providers)) != len(providers):
+        raise ConfigError(
+            "portal.oidc_providers",
+            "two providers have the same name",
+            source,
+            where.line("portal.oidc_providers"),
+        )
     for prefix, section in (("tls", config.tls), ("portal", config.portal), ("api", config.api)):
         if (section.cert_file is None) != (section.key_file is None):
             key = f"{prefix}.key_file" if section.key_file is None else f"{prefix}.cert_file"

@@ -15,6 +15,7 @@ from pathlib import Path
 from gateway.config import Config
 from gateway.crypto.signers import dkim_keys, load_signer, pem_certs, read_config_file
 from gateway.errors import ConfigError
+from gateway.model import PortalAuth
 from gateway.policy.language import Policy, load_policy_for
 from gateway.smtp.auth import parse_users
 from gateway.tls import cert_matches_key
@@ -82,7 +83,25 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
             master_keys(cfg, create=False)
         if cfg.archive.signing_key_file is not None:
             signing_key(cfg, create=False)
-    return load_policy_for(cfg)
+    for i, provider in enumerate(cfg.portal.oidc_providers):
+        if provider.client_secret_file is not None:
+            read_config_file(
+                f"portal.oidc_providers[{i}].client_secret_file",
+                provider.client_secret_file,
+                source,
+            )
+    policy = load_policy_for(cfg)
+    asks_oidc = [
+        f"rule {r.name}" for r in policy.rules if r.then.portal_auth is PortalAuth.OIDC
+    ] + (["defaults"] if policy.defaults.portal_auth is PortalAuth.OIDC else [])
+    if asks_oidc and not cfg.portal.oidc_providers:
+        raise ConfigError(
+            "portal.oidc_providers",
+            f"the policy's {', '.join(asks_oidc)} asks for portal_auth: oidc, and no "
+            "provider is configured",
+            source,
+        )
+    return policy
 
 
 def warnings(cfg: Config) -> list[str]:

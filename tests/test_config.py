@@ -136,6 +136,11 @@ def test_duplicate_key_is_rejected():
             "relay:\n  m365_tenant_ids: [contoso]\n",
             r"relay.m365_tenant_ids\[0\]: 'contoso' is not a tenant id \(a GUID",
         ),
+        ("portal:\n  auth: oidc\n", r"portal.auth: 'oidc' needs at least one entry"),
+        (
+            "portal:\n  oidc_providers: [{name: x, issuer: 'http://idp.example', client_id: c}]\n",
+            r"portal.oidc_providers\[0\].issuer: 'http://idp.example' is not an https://",
+        ),
         (
             "relay:\n  client_certs: ['CN=foo']\n",
             r"relay.client_certs\[0\]: 'CN=foo' is not a certificate pattern",

@@ -23,7 +23,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import aiohttp
 from joserfc import jwt
@@ -168,17 +168,19 @@ class OidcClient:
         """Trade the code for tokens and return the ID token's verified claims."""
         meta = await self.metadata()
         secret = self._client_secret()
-        tokens = await self._request(
-            "POST",
-            meta["token_endpoint"],
-            data={
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": redirect_uri,
-                "code_verifier": verifier,
-            },
-            auth=aiohttp.BasicAuth(self.provider.client_id, secret) if secret else None,
-        )
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
+        headers = {}
+        if secret:  # client_secret_basic: each part form-encoded first (RFC 6749 2.3.1)
+            pair = f"{quote_plus(self.provider.client_id)}:{quote_plus(secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        else:
+            form["client_id"] = self.provider.client_id
+        tokens = await self._request("POST", meta["token_endpoint"], data=form, headers=headers)
         id_token = tokens.get("id_token")
         if not isinstance(id_token, str):
             raise OidcError("the provider returned no ID token")

@@ -199,3 +199,29 @@ def test_portal_expiry_the_shortest_of_the_matching_rules_else_the_defaults():
         load_policy_text(
             "version: 1\nrules:\n  - {name: x, when: {}, then: {portal_expiry: soon}}\n", "p.yaml"
         )
+
+
+def test_portal_auth_the_strongest_of_the_matching_rules_and_the_defaults():
+    from gateway.model import PortalAuth
+    from gateway.policy.engine import decide
+    from gateway.policy.features import Features
+    from tests.policy.facts import UNREACHED, facts
+
+    policy = load_policy_text(
+        "version: 1\ndefaults: {portal_auth: password}\nrules:\n"
+        "  - {name: lab, when: {sender_domain: lab.test}, then: {portal_auth: passphrase}}\n"
+        "  - {name: weak, when: {}, then: {portal_auth: code}}\n"
+        "  - {name: idp, when: {sender_domain: never.test}, then: {portal_auth: oidc}}\n",
+        "p.yaml",
+    )
+    known = facts(UNREACHED, address="r@d.test")
+
+    def auth(sender: str) -> PortalAuth | None:
+        return decide(policy, sender, "r@d.test", Features(), known, 0.0).decision.portal_auth
+
+    assert auth("a@lab.test") is PortalAuth.PASSPHRASE
+    assert auth("a@clinic.test") is PortalAuth.PASSWORD  # 'code' cannot lower the defaults
+    with pytest.raises(PolicyError, match=r"p.yaml:3: rules\[x\].then.portal_auth: 'sms' is not"):
+        load_policy_text(
+            "version: 1\nrules:\n  - {name: x, when: {}, then: {portal_auth: sms}}\n", "p.yaml"
+        )

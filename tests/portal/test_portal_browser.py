@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import ssl
-import subprocess
 import urllib.request
 from pathlib import Path
 
-import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.archive.query import Query
 from tests.conftest import run_sealgate, smtp_client
 from tests.support.archive import archive_of
+from tests.support.browser import (
+    on_page,
+    press,
+    source,
+    start_portal,
+    title,
+    world_with_plain_recipient,
+)
 from tests.support.clock import Clock
 from tests.support.portal import code_in, link_in
 from tests.support.world import wait_until
@@ -61,104 +59,10 @@ def message() -> bytes:
     )
 
 
-def spki_hash(cert_pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
-@pytest.fixture
-def portal_cert(pki, tmp_path):
-    leaf = pki.ca.issue_cert("127.0.0.1")
-    chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
-    return chain, key, spki_hash(leaf.cert_chain_pems[0].bytes())
-
-
-@pytest.fixture
-def browser(portal_cert, tmp_path):
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # tests run as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",  # only loopback, ever
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        # trust exactly the portal's test certificate (issued by the test CA)
-        f"--ignore-certificate-errors-spki-list={portal_cert[2]}",
-        "--window-size=1200,900",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-    # a browser that outlived its driver (a failed test) must not linger
-    subprocess.run(["pkill", "-f", str(tmp_path / "chromium-profile")], check=False)
-
-
-async def start_portal(gateway_factory, world, pki, portal_cert, **overrides):
-    chain, key, _ = portal_cert
-    config = world.config(
-        {
-            "delivery.retry_schedule": ["1s"],
-            "portal.cert_file": str(chain),
-            "portal.key_file": str(key),
-            "portal.organization": "Example Clinic",
-            "portal.from_address": "secure@clinic.test",
-            **overrides,
-        }
-    )
-    return await gateway_factory(config)
-
-
 async def send(gw) -> str:
     async with smtp_client(gw) as client:
         _, reply = await client.sendmail("doctor@clinic.test", ["patient@plain.test"], message())
     return reply.rsplit(" ", 1)[1]
-
-
-async def on_page(driver, action):
-    """Every browser call runs in a thread: a call on the event loop, while the
-    browser waits for the portal (on that same loop), would wait for ever."""
-    return await asyncio.to_thread(action, driver)
-
-
-def press(driver, selector: str) -> None:
-    """Click a form's button and wait for the page it leads to (after redirects): the
-    old document carries a mark the new one does not.  Errors while the page changes
-    (an element or a script context that just went away) mean "not yet"."""
-    driver.execute_script("window.sealgateOldPage = true")
-    driver.find_element(By.CSS_SELECTOR, selector).click()
-    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(
-        lambda d: d.execute_script(
-            "return !window.sealgateOldPage && document.readyState === 'complete'"
-        )
-    )
-
-
-async def source(driver) -> str:
-    return await on_page(driver, lambda d: d.page_source)
-
-
-async def title(driver) -> str:
-    return await on_page(driver, lambda d: d.title)
-
-
-async def world_with_plain_recipient(world):
-    plain = await world.mta("mx.plain.test", "127.0.0.91", cert=None)  # no STARTTLS
-    clinic = await world.mta("mx.clinic.test", "127.0.0.92")
-    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
-    return plain, clinic
 
 
 async def test_pickup_download_reply_in_a_browser(

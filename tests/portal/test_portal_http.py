@@ -153,3 +153,91 @@ async def test_a_notification_that_bounces_is_reported_to_the_original_sender(
     text = dsn.data.decode()
     assert "gone@plain.test" in text and "5.1.1" in text
     assert "Biopsy" not in text  # neither the original nor the notification leaks it
+
+
+async def _refused_everywhere_but(http, link: str, csrf: str, allowed: set[str]) -> None:
+    """Every way in but ``allowed`` is refused, and nothing of the message shows."""
+    forms = {
+        "code": ("/code", {"csrf": csrf}),
+        "login": ("/login", {"csrf": csrf, "code": "12345678"}),
+        "password": ("/password", {"csrf": csrf, "password": "x" * 20}),
+        "passphrase": ("/passphrase", {"csrf": csrf, "passphrase": "x" * 20}),
+    }
+    for name, (path, form) in forms.items():
+        if name in allowed:
+            continue
+        async with http.post(link + path, data=form, allow_redirects=False) as r:
+            assert r.status == 403, name
+            assert "Biopsy" not in await r.text()
+    if "oidc" not in allowed:
+        async with http.get(link + "/oidc/test-idp", allow_redirects=False) as r:
+            assert r.status in (403, 404)
+    for path in ("/read", "/part/1", "/password/new"):
+        async with http.get(link + path, allow_redirects=False) as r:
+            assert r.status == 303, path
+
+
+async def test_a_passphrase_message_opens_with_the_passphrase_only(portal):
+    message = make_message("Biopsy", headers="X-Sealgate-Passphrase: tulip radiator\r\n")
+    gw, plain, link, http, _ = await portal(message=message)
+    async with http.get(link) as r:
+        csrf = csrf_of(await r.text())
+    await _refused_everywhere_but(http, link, csrf, {"passphrase"})
+    assert len(plain.received) == 1  # no code could be asked for
+    async with http.post(
+        link + "/passphrase", data={"csrf": csrf, "passphrase": "tulip radiator"}
+    ) as r:
+        assert "Biopsy" in await r.text()
+
+
+async def test_an_oidc_message_cannot_be_opened_with_a_code_or_a_guessed_callback(portal):
+    gw, plain, link, http, _ = await portal(
+        **{
+            "portal.auth": "oidc",
+            "portal.oidc_providers": [
+                {"name": "test-idp", "issuer": "https://127.0.0.1:9", "client_id": "portal"}
+            ],
+        }
+    )
+    async with http.get(link) as r:
+        page = await r.text()
+        assert "Sign in with test-idp" in page
+    await _refused_everywhere_but(http, link, csrf_of_cookie(http), {"oidc"})
+    base = link.split("/m/", 1)[0]
+    async with http.get(base + "/oidc/callback?state=forged&code=x") as r:
+        assert r.status in (400, 403) and "Biopsy" not in await r.text()
+
+
+def csrf_of_cookie(http) -> str:
+    """The double-submit token the landing page set (an OIDC page has no form)."""
+    for cookie in http.cookie_jar:
+        if cookie.key == "__Host-sealgate-csrf":
+            return cookie.value
+    return "none"
+
+
+async def test_in_password_mode_a_code_leads_to_choosing_a_password_not_to_the_message(portal):
+    gw, plain, link, http, _ = await portal(**{"portal.auth": "password"})
+    csrf, code = await request_code(http, link, plain)
+    async with http.post(
+        link + "/login", data={"csrf": csrf, "code": code}, allow_redirects=False
+    ) as r:
+        assert r.status == 303 and r.headers["Location"].endswith("/password/new")
+    for path in ("/read", "/part/1"):
+        async with http.get(link + path, allow_redirects=False) as r:
+            assert r.status == 303 and not r.headers["Location"].endswith("/read")
+    async with http.get(link + "/password/new") as r:
+        page = await r.text()
+        assert "Choose a password" in page and "Biopsy" not in page
+    async with http.post(
+        link + "/password/new",
+        data={"csrf": csrf_of(page), "password": "short", "again": "short"},
+    ) as r:
+        assert "at least 15 characters" in await r.text()
+    good = "seven orange lanterns glowing"
+    async with http.post(
+        link + "/password/new", data={"csrf": csrf_of(page), "password": good, "again": good}
+    ) as r:
+        assert "Biopsy" in await r.text()
+    stored = gw.portal.store.password_of("patient@plain.test")
+    assert stored.startswith("$argon2id$") and good not in stored

@@ -20,6 +20,7 @@ class OidcProvider:
         self.port = port
         self.clients, self.accounts = clients, accounts
         self.process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     @property
     def issuer(self) -> str:
@@ -41,17 +42,35 @@ class OidcProvider:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        assert self.process.stdout is not None
+        stdout = self.process.stdout
+        assert stdout is not None
+        said: list[bytes] = []
+
+        async def until_ready() -> bool:
+            while line := await stdout.readline():
+                said.append(line)
+                if line.strip() == b"ready":
+                    return True
+            return False
+
         try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), 20)
+            ready = await asyncio.wait_for(until_ready(), 20)
         except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
+            ready = False
+        if not ready:
             await self.stop()
-            raise RuntimeError(f"the OIDC provider did not start: {line!r}")
+            raise RuntimeError(f"the OIDC provider did not start: {b''.join(said)[-2000:]!r}")
+        # keep reading what it says (its warnings), so that its pipe never fills
+        self._drain = asyncio.get_running_loop().create_task(self._read_rest(stdout))
         return self
 
+    async def _read_rest(self, stdout: asyncio.StreamReader) -> None:
+        while await stdout.readline():
+            pass
+
     async def stop(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             try:
