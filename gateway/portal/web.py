@@ -111,9 +111,11 @@ main { max-width: 46rem; margin: 0 auto; padding: 1rem; }
 .card { background: #fff; border-radius: .5rem; padding: 1rem 1.25rem;
         box-shadow: 0 1px 3px rgba(0,0,0,.12); margin-bottom: 1rem; overflow-wrap: anywhere; }
 h1 { font-size: 1.35rem; margin: .25rem 0 1rem; }
-button, input[type=submit] { background: var(--accent); color: #fff; border: 0;
+button, input[type=submit], a.button { background: var(--accent); color: #fff; border: 0;
         border-radius: .4rem; padding: .75rem 1.25rem; font-size: 1rem; min-height: 44px; }
-input[type=text], textarea { width: 100%%; font-size: 1.1rem; padding: .6rem;
+a.button { display: inline-block; text-decoration: none; }
+input[type=text], input[type=password], textarea { width: 100%%; font-size: 1.1rem;
+        padding: .6rem;
         border: 1px solid #888; border-radius: .4rem; }
 label { display: block; font-weight: 600; margin: .75rem 0 .25rem; }
 .meta { color: #444; font-size: .95rem; }
