@@ -143,7 +143,10 @@ class CopyMaker:
             raise EncryptFailed(str(e)) from None
 
     def has_aligned_key(self, message: bytes) -> bool:
-        """Whether a changed copy of ``message`` would be signed by its From domain."""
+        """Whether a changed copy of ``message`` would be signed by its From domain
+        (the From field is parsed only when there are keys per domain to match)."""
+        if not self._dkim.by_domain:
+            return False
         return self._dkim.aligned(dkim.author_domain(message)) is not None
 
     async def signed(self, copy: bytes, changed: bool) -> bytes:

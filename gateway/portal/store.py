@@ -87,6 +87,9 @@ MIGRATIONS = (
 )
 
 OPEN, SET_PASSWORD = "open", "set-password"  # session stages
+# where attempts are counted: table, key column, failures column, locked-until column
+_ITEM_COUNTS = ("items", "id", "failed_codes", "locked_until")
+_ACCOUNT_COUNTS = ("accounts", "address", "failed", "locked_until")
 CODE_DIGITS = 8  # 10^8: with 5 tries per lockout, a guess succeeds 1 in 20 million
 
 
@@ -278,32 +281,45 @@ class PortalStore:
         row = self.db.execute("SELECT passphrase FROM items WHERE id=?", (item.id,)).fetchone()
         return None if row is None or row[0] is None else str(row[0])
 
-    def locked(self, item: Item) -> bool:
-        row = self.db.execute("SELECT locked_until FROM items WHERE id=?", (item.id,)).fetchone()
-        return row is None or row[0] > self.clock()
-
     def count_attempt(
         self, item: Item, right: bool, max_attempts: int, lockout: float
     ) -> CodeCheck:
         """Record a passphrase attempt checked outside the database (hashing is slow):
         a right one clears the count, the ``max_attempts``-th wrong one in a row locks
         the link for ``lockout``."""
-        now = self.clock()
         with self._tx():
-            state = self.db.execute(
-                "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
-            ).fetchone()
-            if state is None or state[1] > now:
-                return CodeCheck.REFUSED
-            if right:
-                self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
-                return CodeCheck.RIGHT
-            failed = int(state[0]) + 1
-            locked = failed >= max_attempts
-            self.db.execute(
-                "UPDATE items SET failed_codes=?, locked_until=? WHERE id=?",
-                (0 if locked else failed, now + lockout if locked else state[1], item.id),
-            )
+            return self._counted(_ITEM_COUNTS, item.id, lambda: right, max_attempts, lockout)
+
+    def _counted(
+        self,
+        where: tuple[str, str, str, str],
+        key: str,
+        right: Callable[[], bool],
+        max_attempts: int,
+        lockout: float,
+    ) -> CodeCheck:
+        """Inside a write transaction: while ``key`` is locked nothing is compared
+        (REFUSED); else ``right()`` decides: a right attempt clears the count, a wrong
+        one counts and the ``max_attempts``-th in a row locks for ``lockout``.  Counted
+        from the stored count, never from what was read before the request: attempts
+        made at the same time cannot get past the limit."""
+        table, key_col, failed_col, lock_col = where
+        now = self.clock()
+        state = self.db.execute(
+            f"SELECT {failed_col}, {lock_col} FROM {table} WHERE {key_col}=?",  # noqa: S608 - fixed names
+            (key,),
+        ).fetchone()
+        if state is None or state[1] > now:
+            return CodeCheck.REFUSED
+        if right():
+            self.db.execute(f"UPDATE {table} SET {failed_col}=0 WHERE {key_col}=?", (key,))  # noqa: S608 - fixed names
+            return CodeCheck.RIGHT
+        failed = int(state[0]) + 1
+        locked = failed >= max_attempts
+        self.db.execute(
+            f"UPDATE {table} SET {failed_col}=?, {lock_col}=? WHERE {key_col}=?",  # noqa: S608 - fixed names
+            (0 if locked else failed, now + lockout if locked else state[1], key),
+        )
         return CodeCheck.LOCKED if locked else CodeCheck.WRONG
 
     def check_code(self, item: Item, code: str, max_attempts: int, lockout: float) -> CodeCheck:
@@ -317,28 +333,18 @@ class PortalStore:
         locked no code is compared, the right one included."""
         code = "".join(c for c in code if c.isdigit())
         now = self.clock()
-        with self._tx():
-            state = self.db.execute(
-                "SELECT failed_codes, locked_until FROM items WHERE id=?", (item.id,)
-            ).fetchone()
-            if state is None or state[1] > now:
-                return CodeCheck.REFUSED
+
+        def right() -> bool:
             row = self.db.execute(
                 "SELECT code_sha256 FROM codes WHERE item_id=? AND expires > ?", (item.id, now)
             ).fetchone()
-            if row is not None and hmac.compare_digest(row[0], _sha(item.id + code)):
+            return row is not None and hmac.compare_digest(row[0], _sha(item.id + code))
+
+        with self._tx():
+            checked = self._counted(_ITEM_COUNTS, item.id, right, max_attempts, lockout)
+            if checked in (CodeCheck.RIGHT, CodeCheck.LOCKED):  # used up, or void
                 self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
-                self.db.execute("UPDATE items SET failed_codes=0 WHERE id=?", (item.id,))
-                return CodeCheck.RIGHT
-            failed = int(state[0]) + 1
-            locked = failed >= max_attempts
-            self.db.execute(
-                "UPDATE items SET failed_codes=?, locked_until=? WHERE id=?",
-                (0 if locked else failed, now + lockout if locked else state[1], item.id),
-            )
-            if locked:
-                self.db.execute("DELETE FROM codes WHERE item_id=?", (item.id,))
-        return CodeCheck.LOCKED if locked else CodeCheck.WRONG
+        return checked
 
     def codes_sent(self, item: Item) -> int:
         row = self.db.execute("SELECT codes_sent FROM items WHERE id=?", (item.id,)).fetchone()
@@ -410,23 +416,10 @@ class PortalStore:
     ) -> CodeCheck:
         """Record a password attempt (checked outside the database): failures count per
         address across its messages; the ``max_attempts``-th in a row locks it."""
-        now, key = self.clock(), address.casefold()
         with self._tx():
-            state = self.db.execute(
-                "SELECT failed, locked_until FROM accounts WHERE address=?", (key,)
-            ).fetchone()
-            if state is None or state[1] > now:
-                return CodeCheck.REFUSED
-            if right:
-                self.db.execute("UPDATE accounts SET failed=0 WHERE address=?", (key,))
-                return CodeCheck.RIGHT
-            failed = int(state[0]) + 1
-            locked = failed >= max_attempts
-            self.db.execute(
-                "UPDATE accounts SET failed=?, locked_until=? WHERE address=?",
-                (0 if locked else failed, now + lockout if locked else state[1], key),
+            return self._counted(
+                _ACCOUNT_COUNTS, address.casefold(), lambda: right, max_attempts, lockout
             )
-        return CodeCheck.LOCKED if locked else CodeCheck.WRONG
 
     def resets_today(self, address: str) -> int:
         since = self.clock() - 86400

@@ -495,29 +495,43 @@ class PortalWeb:
     # -- passwords, passphrases, OpenID Connect (portal.auth) ------------------------
 
     async def password(self, request: web.Request) -> web.Response:
+        return await self._secret(request, PortalAuth.PASSWORD, self.portal.check_password)
+
+    async def passphrase(self, request: web.Request) -> web.Response:
+        return await self._secret(request, PortalAuth.PASSPHRASE, self.portal.check_passphrase)
+
+    async def _secret(
+        self,
+        request: web.Request,
+        auth: PortalAuth,
+        check: Callable[[Item, str, str], Awaitable[CodeCheck]],
+    ) -> web.Response:
+        """A password or passphrase form sent: on to the message, or why not."""
         posted = await self._posted(request)
         if isinstance(posted, web.Response):
             return posted
         token, item, form = posted
-        if item.auth is not PortalAuth.PASSWORD:
+        if item.auth is not auth:
             return self._forbidden()
-        checked = await self.portal.check_password(
-            item, str(form.get("password", "")), self._actor(request, item)
-        )
+        checked = await check(item, str(form.get(auth.value, "")), self._actor(request, item))
         if checked is CodeCheck.RIGHT:
             await self._sign_in(item, f"/m/{token}/read")
-        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
+        csrf = self._pre_csrf(request)
+        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED) and auth is PortalAuth.PASSWORD:
             until = await self.portal.password_locked_until(item)
             return self.page(
                 "Your password is locked",
                 "<p>Too many wrong passwords were entered. Please try again after "
                 f"{_e(time.strftime('%H:%M UTC', time.gmtime(until)))}, or reset your "
                 "password with a code sent to your address.</p>"
-                + await self._sign_in_form(item, token, self._pre_csrf(request)),
+                + await self._sign_in_form(item, token, csrf),
                 423,
             )
-        csrf = self._pre_csrf(request)
-        body = await self._sign_in_form(item, token, csrf, "That password is not right.")
+        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
+            _, page = await self._item(request)  # the link's locked page
+            assert isinstance(page, web.Response)
+            return page
+        body = await self._sign_in_form(item, token, csrf, f"That {auth.value} is not right.")
         return self._with_pre_csrf(self.page("You have a secure message", body, 401), csrf)
 
     async def new_password_form(self, request: web.Request, error: str = "") -> web.Response:
@@ -564,26 +578,6 @@ class PortalWeb:
             return await self.new_password_form(request, problem)
         await self.portal.promote(sid)
         raise web.HTTPSeeOther(f"/m/{token}/read")
-
-    async def passphrase(self, request: web.Request) -> web.Response:
-        posted = await self._posted(request)
-        if isinstance(posted, web.Response):
-            return posted
-        token, item, form = posted
-        if item.auth is not PortalAuth.PASSPHRASE:
-            return self._forbidden()
-        checked = await self.portal.check_passphrase(
-            item, str(form.get("passphrase", "")), self._actor(request, item)
-        )
-        if checked is CodeCheck.RIGHT:
-            await self._sign_in(item, f"/m/{token}/read")
-        if checked in (CodeCheck.LOCKED, CodeCheck.REFUSED):
-            _, page = await self._item(request)  # the locked page
-            assert isinstance(page, web.Response)
-            return page
-        csrf = self._pre_csrf(request)
-        body = await self._sign_in_form(item, token, csrf, "That passphrase is not right.")
-        return self._with_pre_csrf(self.page("You have a secure message", body, 401), csrf)
 
     async def oidc_start(self, request: web.Request) -> web.Response:
         token, item = await self._item(request)
