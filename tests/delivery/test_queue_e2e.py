@@ -67,6 +67,8 @@ async def test_a_4xx_is_retried_on_schedule_and_then_delivered(gateway_factory, 
     queue_id = await send(gw, ["r@dest.test"])
     await wait_until(lambda: dest.received, what="delivery on retry")
     assert dest.attempts == 2
+    # the server has the message a moment before the gateway has recorded its reply
+    await wait_until(lambda: len(gw.queue.store.attempts(queue_id)) == 2, what="the record")
     attempts = gw.queue.store.attempts(queue_id)
     assert [(a["outcome"], a["status"]) for a in attempts] == [
         ("deferred", "4.3.0"),
