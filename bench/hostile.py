@@ -101,7 +101,8 @@ class Daemon(battery.Observed):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited ({self.process.returncode})")
+                said = (self.root / f"daemon-{self.starts}.err").read_text()[-2000:]
+                raise RuntimeError(f"the daemon exited ({self.process.returncode}): {said}")
             if await battery.http_status(*self.http, "/readyz") == 200:
                 return
             await asyncio.sleep(0.2)
