@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 need=""
 # swaks needs Net::SSLeay for --tls (only a Recommends of the swaks package)
 # chromium and chromium-driver: the portal tests drive a real headless browser
-for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver; do
+# postgresql: the storage contract suites run against a private server of their own
+for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver postgresql; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"

@@ -30,7 +30,13 @@ from gateway.observability.logging import configure_logging
 configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 
 # fixtures every test may use: the delivery world, the portal from a recipient's side
-pytest_plugins = ["tests.support.world", "tests.support.portal", "tests.support.browser"]
+pytest_plugins = [
+    "tests.support.world",
+    "tests.support.portal",
+    "tests.support.browser",
+    "tests.support.postgres",
+    "tests.support.stores",
+]
 
 
 _handed_out: set[int] = set()

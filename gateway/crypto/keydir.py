@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import getpass
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +24,18 @@ from typing import Any
 from gateway.crypto.certs import CertificateError, check, is_ca, read_certificates
 from gateway.crypto.pgp import PgpError, is_pgp, read_keys
 from gateway.probe.facts import KeyInfo, KnownKeys
-from gateway.sqlite_tx import transaction
+from gateway.storage.database import Database, Dialect, Schema
 
-SCHEMA = """
+SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS keys (
     fingerprint TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     subject TEXT NOT NULL,
-    not_before REAL NOT NULL,
-    not_after REAL NOT NULL,
+    not_before {real} NOT NULL,
+    not_after {real} NOT NULL,
     source TEXT NOT NULL,
-    added REAL NOT NULL,
-    material BLOB NOT NULL
+    added {real} NOT NULL,
+    material {blob} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS addresses (
     address TEXT NOT NULL,
@@ -50,14 +49,16 @@ CREATE TABLE IF NOT EXISTS pins (
     PRIMARY KEY (address, kind)
 );
 CREATE TABLE IF NOT EXISTS log (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
+    id {id},
+    at {real} NOT NULL,
     action TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     address TEXT NOT NULL,
     actor TEXT NOT NULL
 );
-"""
+CREATE TABLE IF NOT EXISTS changes (n BIGINT NOT NULL);
+INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
+""")
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,19 @@ class ImportReport:
 
 
 class KeyDirectory:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+    def __init__(self, where: Path | Database):
+        """``where``: the SQLite file (``<state_dir>/keydir.db``), or an open
+        `Database` (SQLite or PostgreSQL)."""
+        self._db = where if isinstance(where, Database) else Database.sqlite(where)
+        self._db.create(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
     def version(self) -> int:
-        """Changes when another connection (a ``sealgate keys`` command) wrote."""
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        """Changes with every change, from any connection (a ``sealgate keys``
+        command, another node)."""
+        return int(self._db.execute("SELECT n FROM changes").fetchone()[0])
 
     # -- changes -----------------------------------------------------------------------
 
@@ -158,11 +158,15 @@ class KeyDirectory:
     def _save(self, entries: list[tuple[StoredKey, bytes]], actor: str) -> tuple[StoredKey, ...]:
         """Store keys (each with its material) and their addresses, in one transaction."""
         actor = actor or _actor()
-        with transaction(self._db):
+        with self._db.transaction():
             for key, material in entries:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO keys(fingerprint, kind, subject, not_before, "
-                    "not_after, source, added, material) VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT INTO keys(fingerprint, kind, subject, not_before, not_after, "
+                    "source, added, material) VALUES (?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (fingerprint) DO UPDATE SET kind=excluded.kind, "
+                    "subject=excluded.subject, not_before=excluded.not_before, "
+                    "not_after=excluded.not_after, source=excluded.source, "
+                    "added=excluded.added, material=excluded.material",
                     (
                         key.fingerprint,
                         key.kind,
@@ -180,7 +184,7 @@ class KeyDirectory:
 
     def _add_address(self, address: str, fingerprint: str, actor: str) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO addresses(address, fingerprint) VALUES (?,?)",
+            "INSERT INTO addresses(address, fingerprint) VALUES (?,?) ON CONFLICT DO NOTHING",
             (address, fingerprint),
         )
         self._log("import", fingerprint, address, actor)
@@ -230,7 +234,7 @@ class KeyDirectory:
 
     def remove(self, fingerprint: str, actor: str = "") -> bool:
         fingerprint = _normal(fingerprint)
-        with transaction(self._db):
+        with self._db.transaction():
             found = self._db.execute(
                 "DELETE FROM keys WHERE fingerprint=?", (fingerprint,)
             ).rowcount
@@ -242,7 +246,7 @@ class KeyDirectory:
     def forget_discovered(self, address: str) -> int:
         """Remove the keys WKD once served for ``address`` (it serves none now)."""
         address = address.lower()
-        with transaction(self._db):
+        with self._db.transaction():
             rows = self._db.execute(
                 "SELECT fingerprint FROM keys WHERE source='wkd' AND fingerprint IN "
                 "(SELECT fingerprint FROM addresses WHERE address=?)",
@@ -260,26 +264,29 @@ class KeyDirectory:
         key = next((k for k in self.stored(address) if k.fingerprint == fingerprint), None)
         if key is None:
             raise ValueError(f"no key {fingerprint[:16]}... for {address} in the directory")
-        with transaction(self._db):
+        with self._db.transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO pins(address, kind, fingerprint) VALUES (?,?,?)",
+                "INSERT INTO pins(address, kind, fingerprint) VALUES (?,?,?) "
+                "ON CONFLICT (address, kind) DO UPDATE SET fingerprint=excluded.fingerprint",
                 (address, key.kind, fingerprint),
             )
             self._log("pin", fingerprint, address, actor or _actor())
         return key
 
     def _log(self, action: str, fingerprint: str, address: str, actor: str) -> None:
+        """Record a change (inside its transaction); readers see the version move."""
         self._db.execute(
             "INSERT INTO log(at, action, fingerprint, address, actor) VALUES (?,?,?,?,?)",
             (time.time(), action, fingerprint, address, actor),
         )
+        self._db.execute("UPDATE changes SET n = n + 1")
 
     # -- reading ------------------------------------------------------------------------
 
     def stored(self, address: str | None = None) -> list[StoredKey]:
         sql = (
             "SELECT k.fingerprint, k.kind, k.subject, k.not_before, k.not_after, k.source, "
-            "k.added, group_concat(a.address) FROM keys k LEFT JOIN addresses a "
+            f"k.added, {self._joined('a.address')} FROM keys k LEFT JOIN addresses a "
             "USING (fingerprint) "
         )
         args: tuple[Any, ...] = ()
@@ -300,6 +307,12 @@ class KeyDirectory:
             )
             for row in self._db.execute(sql, args)
         ]
+
+    def _joined(self, column: str) -> str:
+        """The engine's aggregate joining a column's values with commas."""
+        if self._db.dialect is Dialect.POSTGRESQL:
+            return f"string_agg({column}, ',')"
+        return f"group_concat({column})"
 
     def pins(self) -> dict[tuple[str, str], str]:
         return {

@@ -1,0 +1,149 @@
+"""database - one SQL connection to a store, whichever engine holds it: SQLite (the
+embedded default: a file per store under ``state_dir``) or PostgreSQL (shared by
+several nodes).
+
+A store writes its statements once, with ``?`` placeholders, and says only what
+differs between the engines in its schema (`Schema`: the column types, an
+identity column).  `Database` turns the placeholders into the engine's, runs
+transactions the same way on both (SQLite: ``BEGIN IMMEDIATE``, so that writers
+queue instead of failing; PostgreSQL: a transaction per block, autocommit outside)
+and raises `StorageError` for what the store cannot do anything about (the server
+went away, authentication failed).  A connection belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import SealgateError
+
+
+class StorageError(SealgateError):
+    """The store cannot be reached or used; the message says why."""
+
+
+class Dialect(enum.StrEnum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A store's tables, written once: ``{real}``, ``{blob}``, ``{id}`` (an integer
+    primary key the database numbers) stand for each engine's types."""
+
+    text: str
+
+    def for_dialect(self, dialect: Dialect) -> str:
+        if dialect is Dialect.POSTGRESQL:
+            # REAL is 4 bytes in PostgreSQL: timestamps need 8
+            types = {"real": "DOUBLE PRECISION", "blob": "BYTEA", "id": "BIGSERIAL PRIMARY KEY"}
+        else:
+            types = {"real": "REAL", "blob": "BLOB", "id": "INTEGER PRIMARY KEY"}
+        return self.text.format(**types)
+
+
+@functools.lru_cache(maxsize=4096)
+def _postgres_sql(sql: str) -> str:
+    """``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Database:
+    def __init__(self, dialect: Dialect, connection: Any, name: str):
+        self.dialect = dialect
+        self.name = name  # for messages: the file, or the server and database
+        self._connection = connection
+        self._depth = 0
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def sqlite(cls, path: Path) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        return cls(Dialect.SQLITE, connection, str(path))
+
+    @classmethod
+    def postgresql(cls, url: str, password: str | None = None) -> Database:
+        """``url`` names the server and database (never the password: it comes from
+        ``password``, else from libpq's ``PGPASSWORD``/``PGPASSFILE``)."""
+        import psycopg
+
+        try:
+            connection = psycopg.connect(
+                url, password=password, autocommit=True, connect_timeout=10
+            )
+        except psycopg.OperationalError as e:
+            raise StorageError(f"{_without_password(url)}: {_first_line(e)}") from None
+        return cls(Dialect.POSTGRESQL, connection, _without_password(url))
+
+    def close(self) -> None:
+        self._connection.close()
+
+    # -- statements --------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """A cursor (``fetchone``, ``fetchall``, ``rowcount``, iteration)."""
+        if self.dialect is Dialect.POSTGRESQL:
+            return self._connection.execute(_postgres_sql(sql), tuple(params))
+        return self._connection.execute(sql, params)
+
+    def executescript(self, script: str) -> None:
+        if self.dialect is Dialect.POSTGRESQL:
+            self._connection.execute(script)  # several statements, no parameters
+        else:
+            self._connection.executescript(script)
+
+    def create(self, schema: Schema) -> None:
+        self.executescript(schema.for_dialect(self.dialect))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction; inside another, part of that one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            if self.dialect is Dialect.POSTGRESQL:
+                with self._connection.transaction():
+                    yield
+            else:
+                self._connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._connection.execute("COMMIT")
+                except BaseException:
+                    if self._connection.in_transaction:
+                        self._connection.execute("ROLLBACK")
+                    raise
+        finally:
+            self._depth = 0
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}@{host}"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
