@@ -64,7 +64,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 def _list(store: Any, as_json: bool) -> int:
     now = time.time()
-    ids = [r[0] for r in store.db.execute("SELECT id FROM items ORDER BY created")]
+    ids = store.ids()
     items = [i for i in map(store.item_by_id, ids) if i is not None]
     rows = [
         {

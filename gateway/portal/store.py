@@ -14,59 +14,61 @@ import enum
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import sqlite_tx
 from gateway.archive.sealing import MasterKeys, open_sealed, seal
 from gateway.model import PortalAuth
+from gateway.storage.database import Database, Schema
 
-SCHEMA = """
+SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL UNIQUE,
     queue_id TEXT NOT NULL,
     recipient TEXT NOT NULL,
     sender TEXT NOT NULL,
-    created REAL NOT NULL,
-    expires REAL NOT NULL,
-    sealed BLOB,
-    revoked REAL,
+    created {real} NOT NULL,
+    expires {real} NOT NULL,
+    sealed {blob},
+    revoked {real},
     revoked_by TEXT,
-    first_pickup REAL,
+    first_pickup {real},
     pickups INTEGER NOT NULL DEFAULT 0,
     failed_codes INTEGER NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0,
-    codes_sent INTEGER NOT NULL DEFAULT 0
+    locked_until {real} NOT NULL DEFAULT 0,
+    codes_sent INTEGER NOT NULL DEFAULT 0,
+    auth TEXT NOT NULL DEFAULT 'code',
+    passphrase TEXT
 );
 CREATE INDEX IF NOT EXISTS items_by_queue_id ON items(queue_id);
 CREATE INDEX IF NOT EXISTS items_by_expiry ON items(expires) WHERE sealed IS NOT NULL;
 CREATE TABLE IF NOT EXISTS codes (
     item_id TEXT NOT NULL,
     code_sha256 TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires {real} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     sid_sha256 TEXT PRIMARY KEY,
     item_id TEXT NOT NULL,
     csrf TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires {real} NOT NULL,
+    stage TEXT NOT NULL DEFAULT 'open'
 );
 CREATE TABLE IF NOT EXISTS accounts (
     address TEXT PRIMARY KEY,
     password TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
+    created {real} NOT NULL,
+    updated {real} NOT NULL,
     failed INTEGER NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0
+    locked_until {real} NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS resets (
     address TEXT NOT NULL,
-    at REAL NOT NULL
+    at {real} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS resets_by_address ON resets(address, at);
 CREATE TABLE IF NOT EXISTS oidc_states (
@@ -76,10 +78,10 @@ CREATE TABLE IF NOT EXISTS oidc_states (
     nonce TEXT NOT NULL,
     verifier TEXT NOT NULL,
     browser_sha256 TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires {real} NOT NULL
 );
-"""
-# Columns added since the first release: added to an existing database at open.
+""")
+# Columns added since the first release: added to an existing (SQLite) database at open.
 MIGRATIONS = (
     ("items", "auth", "TEXT NOT NULL DEFAULT 'code'"),
     ("items", "passphrase", "TEXT"),
@@ -131,15 +133,21 @@ class CodeCheck(enum.Enum):
 
 
 class PortalStore:
-    def __init__(self, path: Path, keys: MasterKeys, clock: Callable[[], float] = time.time):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+    def __init__(
+        self,
+        where: Path | Database,
+        keys: MasterKeys,
+        clock: Callable[[], float] = time.time,
+    ):
+        """``where``: the SQLite file (``<state_dir>/portal/portal.db``), or an open
+        `Database` (SQLite or PostgreSQL)."""
+        if not isinstance(where, Database):
+            where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            where = Database.sqlite(where)
+        self.db = where
+        self.db.create(SCHEMA)
         for table, column, kind in MIGRATIONS:
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self.db.add_column(table, column, kind)
         self.keys = keys
         self.clock = clock  # every expiry, lockout and session is measured by it
 
@@ -147,7 +155,11 @@ class PortalStore:
         self.db.close()
 
     def _tx(self) -> contextlib.AbstractContextManager[None]:
-        return sqlite_tx.transaction(self.db)
+        return self.db.transaction()
+
+    def ids(self) -> list[str]:
+        """Every item's id, oldest first."""
+        return [r[0] for r in self.db.execute("SELECT id FROM items ORDER BY created")]
 
     # -- items ----------------------------------------------------------------------
 
@@ -306,7 +318,8 @@ class PortalStore:
         table, key_col, failed_col, lock_col = where
         now = self.clock()
         state = self.db.execute(
-            f"SELECT {failed_col}, {lock_col} FROM {table} WHERE {key_col}=?",  # noqa: S608 - fixed names
+            f"SELECT {failed_col}, {lock_col} FROM {table} WHERE {key_col}=?"  # noqa: S608 - fixed names
+            + self.db.lock_rows,
             (key,),
         ).fetchone()
         if state is None or state[1] > now:

@@ -109,6 +109,23 @@ class Database:
     def create(self, schema: Schema) -> None:
         self.executescript(schema.for_dialect(self.dialect))
 
+    def add_column(self, table: str, column: str, definition: str) -> None:
+        """Add a column a later version needs, unless the table has it (``table``,
+        ``column`` and ``definition`` are the store's own constants)."""
+        if self.dialect is Dialect.POSTGRESQL:
+            self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+            return
+        have = {r[1] for r in self.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+    @property
+    def lock_rows(self) -> str:
+        """To end a SELECT whose rows the transaction goes on to update: PostgreSQL
+        locks them (two transactions could otherwise both read, then both write);
+        SQLite's BEGIN IMMEDIATE has already made the transaction the only writer."""
+        return " FOR UPDATE" if self.dialect is Dialect.POSTGRESQL else ""
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One transaction; inside another, part of that one."""

@@ -1,0 +1,120 @@
+"""The portal store's contract, on SQLite and on a real PostgreSQL server: items by
+their link's digest, sealed content, revocation and expiry; codes, wrong ones
+counted and locking even when tried at once from several connections (another
+process, another node); sessions and their stages; passwords per address with their
+own lockout; resets counted; OIDC sign-ins under way single-use and bound to the
+browser."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from gateway.archive.sealing import MasterKeys
+from gateway.model import PortalAuth
+from gateway.portal.store import OPEN, SET_PASSWORD, CodeCheck, PortalStore
+from tests.support.clock import Clock
+
+KEYS = MasterKeys("k1", {"k1": os.urandom(32)})
+
+
+def store(connect, at: float = 1_800_000_000.0) -> tuple[PortalStore, Clock]:
+    s = PortalStore(connect(), KEYS, clock=lambda: at)
+    return s, Clock.install(s)
+
+
+def test_items_by_link_sealed_revoked_and_expired(connect):
+    s, clock = store(connect)
+    item, token = s.deposit(
+        "Q1", "p@plain.test", "d@clinic.test", b"secret body", clock() + 100,
+        PortalAuth.PASSPHRASE, "$argon2id$hash",
+    )  # fmt: skip
+    found = s.item(token)
+    assert found == item and found.auth is PortalAuth.PASSPHRASE
+    assert s.item("not-" + token) is None
+    assert s.content(found) == b"secret body"
+    assert s.passphrase_of(found) == "$argon2id$hash"
+    assert found.created == clock() and found.expires == clock() + 100  # full precision
+    assert s.ids() == [item.id] and s.items_of("Q1") == [item]
+    assert s.picked_up(found, clock()) and not s.picked_up(s.item(token), clock())
+    other, _ = s.deposit("Q2", "p@plain.test", "d@clinic.test", b"x", clock() + 10)
+    assert s.revoke(other.id, "admin") and not s.revoke(other.id, "admin")
+    assert s.item_by_id(other.id).state(clock()) == "revoked"
+    clock.advance(101)
+    assert s.sweep(clock()) == []  # picked up: not counted as unread
+    assert s.item(token).state(clock()) == "expired"
+
+
+def test_codes_lock_the_link_even_when_tried_at_once_from_several_connections(connect):
+    first, clock = store(connect)
+    item, _ = first.deposit("Q1", "p@plain.test", "d@clinic.test", b"x", clock() + 1000)
+    code = first.new_code(item, ttl=600)
+    others = [PortalStore(connect(), KEYS, clock=clock) for _ in range(6)]
+    results: list[CodeCheck] = []
+    gate = threading.Barrier(len(others))
+
+    def guess(s: PortalStore) -> None:
+        gate.wait()
+        results.append(s.check_code(item, "00000000" if code != "00000000" else "1", 5, 900))
+
+    threads = [threading.Thread(target=guess, args=(s,)) for s in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r.value for r in results) == sorted(["wrong"] * 4 + ["locked"] + ["refused"])
+    assert first.check_code(item, code, 5, 900) is CodeCheck.REFUSED  # locked: not compared
+    clock.advance(901)
+    assert first.check_code(item, code, 5, 900) is CodeCheck.WRONG  # the lock voided it
+    fresh = first.new_code(item, ttl=600)
+    assert first.check_code(item, fresh, 5, 900) is CodeCheck.RIGHT
+    assert first.check_code(item, fresh, 5, 900) is CodeCheck.WRONG  # used up
+
+
+def test_sessions_and_their_stages(connect):
+    s, clock = store(connect)
+    item, _ = s.deposit("Q1", "p@plain.test", "d@clinic.test", b"x", clock() + 1000)
+    sid, csrf = s.new_session(item, 60, SET_PASSWORD)
+    assert s.session(sid, item) is None and s.session(sid, item, SET_PASSWORD) == csrf
+    s.promote(sid)
+    assert s.session(sid, item, OPEN) == csrf
+    other, _ = s.deposit("Q2", "p@plain.test", "d@clinic.test", b"x", clock() + 1000)
+    assert s.session(sid, other) is None  # one message's session opens no other
+    clock.advance(61)
+    assert s.session(sid, item) is None
+    sid, _ = s.new_session(item, 60)
+    s.end_session(sid)
+    assert s.session(sid, item) is None
+
+
+def test_passwords_per_address_with_their_own_lockout_and_resets(connect):
+    s, clock = store(connect)
+    assert s.password_of("P@Plain.test") is None
+    assert not s.set_password("P@Plain.test", "$argon2id$one")
+    assert s.password_of("p@plain.test") == "$argon2id$one"  # addresses fold case
+    for _ in range(2):
+        assert s.count_password("p@plain.test", False, 3, 600) is CodeCheck.WRONG
+    assert s.count_password("p@plain.test", False, 3, 600) is CodeCheck.LOCKED
+    assert s.account_locked("p@plain.test") == clock() + 600
+    assert s.count_password("p@plain.test", True, 3, 600) is CodeCheck.REFUSED
+    assert s.set_password("p@plain.test", "$argon2id$two")  # a reset replaces and unlocks
+    assert s.account_locked("p@plain.test") == 0.0
+    assert s.count_password("p@plain.test", True, 3, 600) is CodeCheck.RIGHT
+    s.note_reset("p@plain.test")
+    s.note_reset("p@plain.test")
+    assert s.resets_today("P@plain.test") == 2
+    clock.advance(86401)
+    assert s.resets_today("p@plain.test") == 0
+
+
+def test_oidc_sign_ins_under_way_are_single_use_and_bound_to_the_browser(connect):
+    s, clock = store(connect)
+    item, _ = s.deposit("Q1", "p@plain.test", "d@clinic.test", b"x", clock() + 1000)
+    s.save_oidc("state-1", item, "idp", "nonce-1", "verifier-1", "browser-1")
+    assert s.take_oidc("state-1", "another-browser") is None  # and it is used up by that
+    s.save_oidc("state-2", item, "idp", "nonce-2", "verifier-2", "browser-2")
+    assert s.take_oidc("state-2", "browser-2") == (item.id, "idp", "nonce-2", "verifier-2")
+    assert s.take_oidc("state-2", "browser-2") is None
+    s.save_oidc("state-3", item, "idp", "n", "v", "b")
+    clock.advance(601)
+    assert s.take_oidc("state-3", "b") is None  # ten minutes at most
