@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from gateway.delivery.router import Routed, RouteFailure
 from gateway.delivery.tls_policy import TlsLevel
@@ -42,6 +43,7 @@ from gateway.errors import SealgateError
 from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.https import FetchError
+from gateway.storage.database import Database, Schema, StorageError
 
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31557600
@@ -204,12 +206,114 @@ class _Cached:
     expires: float
 
 
+class StsStore(Protocol):
+    """Where fetched policies are kept between restarts (and, in a cluster, shared):
+    a JSON file (`JsonStsStore`) or a table (`SqlStsStore`).  Blocking: called from
+    a thread."""
+
+    def load(self, now: float) -> dict[str, _Cached]: ...
+
+    def save(self, domain: str, cached: _Cached) -> None: ...
+
+
+class JsonStsStore:
+    """One JSON file, written whole and renamed over the old one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._all: dict[str, dict[str, object]] = {}
+
+    def load(self, now: float) -> dict[str, _Cached]:
+        """The policies still valid; a missing or unreadable file is an empty store."""
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            found = {domain: _from_json(item) for domain, item in saved.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        self._all = {d: _to_json(c) for d, c in found.items() if c.expires > now}
+        return {d: c for d, c in found.items() if c.expires > now}
+
+    def save(self, domain: str, cached: _Cached) -> None:
+        self._all[domain] = _to_json(cached)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self._all, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _to_json(c: _Cached) -> dict[str, object]:
+    return {
+        "id": c.policy_id,
+        "mode": c.policy.mode.value,
+        "max_age": c.policy.max_age,
+        "mx": list(c.policy.mx),
+        "expires": c.expires,
+    }
+
+
+def _from_json(item: dict[str, Any]) -> _Cached:
+    policy = StsPolicy(StsMode(item["mode"]), int(item["max_age"]), tuple(item["mx"]))
+    return _Cached(str(item["id"]), policy, float(item["expires"]))
+
+
+STS_SCHEMA = Schema("""
+CREATE TABLE IF NOT EXISTS mta_sts_policies (
+    domain TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    max_age BIGINT NOT NULL,
+    mx TEXT NOT NULL,
+    expires {real} NOT NULL
+);
+""")
+
+
+class SqlStsStore:
+    """A table in the shared database: every node knows every domain's policy."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.db.create(STS_SCHEMA)
+
+    def load(self, now: float) -> dict[str, _Cached]:
+        with self.db.transaction():
+            self.db.execute("DELETE FROM mta_sts_policies WHERE expires <= ?", (now,))
+        rows = self.db.execute(
+            "SELECT domain, policy_id, mode, max_age, mx, expires FROM mta_sts_policies"
+        )
+        found = {}
+        for domain, policy_id, mode, max_age, mx, expires in rows:
+            try:
+                policy = StsPolicy(StsMode(mode), int(max_age), tuple(json.loads(mx)))
+            except (ValueError, TypeError):
+                continue  # a row this version cannot read: as if not cached
+            found[domain] = _Cached(policy_id, policy, float(expires))
+        return found
+
+    def save(self, domain: str, cached: _Cached) -> None:
+        p = cached.policy
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO mta_sts_policies(domain, policy_id, mode, max_age, mx, expires) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (domain) DO UPDATE SET "
+                "policy_id=excluded.policy_id, mode=excluded.mode, max_age=excluded.max_age, "
+                "mx=excluded.mx, expires=excluded.expires",
+                (
+                    domain,
+                    cached.policy_id,
+                    p.mode.value,
+                    p.max_age,
+                    json.dumps(p.mx),
+                    cached.expires,
+                ),
+            )
+
+
 @dataclass
 class StsCache:
     """Policies by domain, and what to do when the live one cannot be had.
 
-    With ``path``, the policies also live in a JSON file (written whole, then renamed
-    over the old one) so that a restart does not forget a domain's ``enforce``: a
+    With a ``store`` (or a ``path``: a `JsonStsStore` there), the policies also
+    outlive a restart, so that a restart does not forget a domain's ``enforce``: a
     freshly started gateway must not be the one an attacker can downgrade."""
 
     resolver: Resolver
@@ -218,48 +322,29 @@ class StsCache:
     timeout: float = 60.0
     clock: Callable[[], float] = time.time
     path: Path | None = None
+    store: StsStore | None = None
     _policies: dict[str, _Cached] = field(default_factory=dict)
     _backoff: dict[tuple[str, str], float] = field(default_factory=dict)
     _saving: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def __post_init__(self) -> None:
+        if self.store is None and self.path is not None:
+            self.store = JsonStsStore(self.path)
+
     def load(self) -> int:
-        """Read the saved policies (blocking: call it from a thread); returns how many
-        are still valid.  A missing or unreadable file means an empty cache."""
-        if self.path is None:
+        """Read the kept policies (blocking: call it from a thread); returns how many
+        are still valid."""
+        if self.store is None:
             return 0
-        try:
-            saved = json.loads(self.path.read_text(encoding="utf-8"))
-            now = self.clock()
-            for domain, item in saved.items():
-                policy = StsPolicy(StsMode(item["mode"]), int(item["max_age"]), tuple(item["mx"]))
-                if item["expires"] > now:
-                    self._policies[domain] = _Cached(item["id"], policy, float(item["expires"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return 0
+        self._policies.update(self.store.load(self.clock()))
         return len(self._policies)
 
-    def _save_sync(self, snapshot: dict[str, dict[str, object]]) -> None:
-        assert self.path is not None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(snapshot, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    async def _save(self) -> None:
-        if self.path is None:
+    async def _save(self, domain: str, cached: _Cached) -> None:
+        if self.store is None:
             return
-        snapshot: dict[str, dict[str, object]] = {
-            domain: {
-                "id": c.policy_id,
-                "mode": c.policy.mode.value,
-                "max_age": c.policy.max_age,
-                "mx": list(c.policy.mx),
-                "expires": c.expires,
-            }
-            for domain, c in self._policies.items()
-        }
-        async with self._saving:  # one writer of the temporary file at a time
-            with contextlib.suppress(OSError):  # the in-memory cache still holds it
-                await asyncio.to_thread(self._save_sync, snapshot)
+        async with self._saving:  # one writer at a time
+            with contextlib.suppress(OSError, StorageError):  # the memory still holds it
+                await asyncio.to_thread(self.store.save, domain, cached)
 
     async def policy(self, domain: str) -> StsResult:
         domain = domain.lower().rstrip(".")
@@ -283,8 +368,8 @@ class StsCache:
         except (FetchError, StsError) as e:
             self._backoff[(domain, record_id)] = now + FETCH_BACKOFF
             return self._fallback(domain, cached, str(e))
-        self._policies[domain] = _Cached(record_id, policy, now + policy.max_age)
-        await self._save()
+        self._policies[domain] = fresh = _Cached(record_id, policy, now + policy.max_age)
+        await self._save(domain, fresh)
         return StsResult(domain, policy, StsSource.FETCHED, record_id)
 
     async def _discover(self, domain: str) -> tuple[str | None, str]:

@@ -9,6 +9,7 @@ import trustme
 from gateway.config import parse_nameserver
 from gateway.probe.dns import Resolver
 from gateway.probe.mta_sts import (
+    JsonStsStore,
     StsCache,
     StsError,
     StsMode,
@@ -269,7 +270,7 @@ async def test_a_saved_policy_survives_a_restart_and_still_resists_a_downgrade(s
     sts.dns.add("_mta-sts.good.test", "TXT", '"v=STSv1; id=one"')
     await sts.serve("good.test", "127.0.0.71")
     path = tmp_path / "mta-sts.json"
-    sts.cache.path = path
+    sts.cache.store = JsonStsStore(path)
     assert (await sts.cache.policy("good.test")).enforced
     # restarted, and meanwhile an attacker strips the TXT record
     sts.dns.records.pop(next(k for k in sts.dns.records if k[0].to_text().startswith("_mta")))

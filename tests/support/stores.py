@@ -5,6 +5,8 @@ directory) and PostgreSQL (a database of its own on the session's private server
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,26 +15,32 @@ from gateway.storage.database import Database
 ENGINES = ["sqlite", "postgresql"]
 
 
-@pytest.fixture(params=ENGINES)
-def connect(request, tmp_path) -> Iterator[Callable[[], Database]]:
-    """Opens connections to one store on the engine of the test's parameter: each
-    call a new connection to the same store (as two processes or nodes would)."""
-    opened: list[Database] = []
-    if request.param == "sqlite":
+def opener(
+    engine: str, request: Any, tmp_path: Path, opened: list[Database]
+) -> Callable[[], Database]:
+    """Opens connections to one store on ``engine``: each call a new connection to the
+    same store (as two processes or nodes would)."""
+    if engine == "sqlite":
 
         def open_one() -> Database:
             opened.append(Database.sqlite(tmp_path / "store.db"))
             return opened[-1]
 
-    else:
-        server = request.getfixturevalue("postgres")
-        url = server.database()
-        password = server.password_file.read_text().strip()
+        return open_one
+    server = request.getfixturevalue("postgres")
+    url = server.database()
+    password = server.password_file.read_text().strip()
 
-        def open_one() -> Database:
-            opened.append(Database.postgresql(url, password))
-            return opened[-1]
+    def open_pg() -> Database:
+        opened.append(Database.postgresql(url, password))
+        return opened[-1]
 
-    yield open_one
+    return open_pg
+
+
+@pytest.fixture(params=ENGINES)
+def connect(request, tmp_path) -> Iterator[Callable[[], Database]]:
+    opened: list[Database] = []
+    yield opener(request.param, request, tmp_path, opened)
     for db in opened:
         db.close()
