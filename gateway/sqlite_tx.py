@@ -28,39 +28,11 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-class _Failed(Exception):
-    pass
-
-
 def batch(
     db: sqlite3.Connection, operations: list[Callable[[], Any]], optimistic: bool = False
 ) -> list[Outcome]:
-    """Several operations in one transaction (group commit): each in a savepoint, so
-    one that fails is undone alone and reports its exception.
+    """`gateway.storage.database.batch` on a bare SQLite connection."""
+    from gateway.storage.database import Database, Dialect
+    from gateway.storage.database import batch as run_batch
 
-    ``optimistic``: first all of them without savepoints (two statements fewer per
-    operation); only if one fails is the transaction rolled back and the batch run
-    again with savepoints.  For operations that may safely run twice."""
-    if optimistic and len(operations) > 1:
-        values: list[Any] = []
-        try:
-            with transaction(db):
-                for operation in operations:
-                    try:
-                        values.append(operation())
-                    except Exception as e:
-                        raise _Failed from e
-            return [(v, None) for v in values]
-        except _Failed:
-            pass  # rolled back: again, each alone
-    results: list[Outcome] = []
-    with transaction(db):
-        for operation in operations:
-            db.execute("SAVEPOINT operation")
-            try:
-                results.append((operation(), None))
-            except Exception as e:  # the caller gets it, the others go on
-                db.execute("ROLLBACK TO operation")
-                results.append((None, e))
-            db.execute("RELEASE operation")
-    return results
+    return run_batch(Database(Dialect.SQLITE, db, "sqlite"), operations, optimistic)

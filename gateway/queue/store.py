@@ -1,4 +1,5 @@
-"""queue state - per-recipient delivery state, attempts and evidence, in SQLite.
+"""queue state - per-recipient delivery state, attempts and evidence (SQLite, or
+PostgreSQL through `gateway.storage.database`).
 
 The spool holds each message's bytes and envelope (immutable); this store holds what
 changes: each recipient's state and next attempt, every attempt with its evidence,
@@ -22,28 +23,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import sqlite_tx
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
+from gateway.storage.database import Database, Schema, batch
 
-SCHEMA = """
+SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS messages (
     queue_id TEXT PRIMARY KEY,
     received_at TEXT NOT NULL,
     mail_from TEXT NOT NULL,
     size INTEGER NOT NULL,
-    arrived REAL NOT NULL,
+    arrived {real} NOT NULL,
     hold INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
     dsn_sent INTEGER NOT NULL DEFAULT 0,
-    finished REAL
+    finished {real}
 );
 CREATE TABLE IF NOT EXISTS recipients (
     queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -52,20 +52,20 @@ CREATE TABLE IF NOT EXISTS recipients (
     domain TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
+    next_attempt {real} NOT NULL,
     status TEXT NOT NULL DEFAULT '',
     diagnostic TEXT NOT NULL DEFAULT '',
-    updated REAL NOT NULL,
+    updated {real} NOT NULL,
     leased INTEGER NOT NULL DEFAULT 0,
     decision TEXT,
     PRIMARY KEY (queue_id, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(leased, state, next_attempt);
 CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY,
+    id {id},
     queue_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
-    at REAL NOT NULL,
+    at {real} NOT NULL,
     outcome TEXT NOT NULL,
     status TEXT NOT NULL,
     diagnostic TEXT NOT NULL,
@@ -75,13 +75,13 @@ CREATE INDEX IF NOT EXISTS attempts_by_message ON attempts(queue_id);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages(finished);
 CREATE INDEX IF NOT EXISTS messages_open ON messages(done, arrived);
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
+    id {id},
+    at {real} NOT NULL,
     queue_id TEXT NOT NULL,
     action TEXT NOT NULL,
     actor TEXT NOT NULL
 );
-"""
+""")
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
@@ -124,18 +124,20 @@ class RecipientRow:
 
 
 class QueueStore:
-    def __init__(self, path: Path):
-        self.path = path
-        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a crash of the process; a power loss can lose the
-        # last few commits.  That is safe here: the spool file is the durable record of
-        # the message, so a lost "delivered" means a repeat delivery (at least once),
-        # and a lost message row is re-added from the spool at start.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+    def __init__(self, where: Path | Database):
+        """``where``: the SQLite file (``<state_dir>/queue.db``), or an open `Database`
+        (SQLite or PostgreSQL)."""
+        self.path = None if isinstance(where, Database) else where
+        if isinstance(where, Database):
+            self._db = where
+        else:
+            # NORMAL in WAL mode survives a crash of the process; a power loss can lose
+            # the last few commits.  That is safe here: the spool file is the durable
+            # record of the message, so a lost "delivered" means a repeat delivery (at
+            # least once), and a lost message row is re-added from the spool at start.
+            self._db = Database.sqlite(where, synchronous="NORMAL")
         self._migrate()
-        self._db.executescript(SCHEMA)
+        self._db.create(SCHEMA)
 
     def _migrate(self) -> None:
         """Bring a store written by an earlier version up to date (columns only added)."""
@@ -144,21 +146,19 @@ class QueueStore:
             ("messages", "finished", "REAL"),
             ("recipients", "decision", "TEXT"),
         ):
-            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if columns and column not in columns:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            self._db.add_column(table, column, decl)
 
     def close(self) -> None:
         self._db.close()
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One transaction; inside another (a `batch`), part of that one."""
-        return sqlite_tx.transaction(self._db)
+        return self._db.transaction()
 
     def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several operations in one transaction (group commit): each in a
         savepoint, so one that fails is undone alone and reports its exception."""
-        return sqlite_tx.batch(self._db, operations)
+        return batch(self._db, operations)
 
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self.transaction():

@@ -17,7 +17,7 @@ import contextlib
 import enum
 import functools
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,16 @@ class Database:
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def sqlite(cls, path: Path) -> Database:
+    def sqlite(cls, path: Path, synchronous: str = "FULL") -> Database:
+        """``synchronous``: SQLite's setting in WAL mode - NORMAL survives a crash of
+        the process but a power loss can lose the last commits (for a store whose
+        durable truth is elsewhere, such as the queue state beside the spool)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             path, timeout=30, isolation_level=None, check_same_thread=False
         )
         connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
         connection.execute("PRAGMA foreign_keys=ON")
         return cls(Dialect.SQLITE, connection, str(path))
 
@@ -100,6 +104,13 @@ class Database:
             return self._connection.execute(_postgres_sql(sql), tuple(params))
         return self._connection.execute(sql, params)
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self.dialect is Dialect.POSTGRESQL:
+            with self._connection.cursor() as cursor:
+                cursor.executemany(_postgres_sql(sql), [tuple(r) for r in rows])
+        else:
+            self._connection.executemany(sql, rows)
+
     def executescript(self, script: str) -> None:
         if self.dialect is Dialect.POSTGRESQL:
             self._connection.execute(script)  # several statements, no parameters
@@ -110,13 +121,15 @@ class Database:
         self.executescript(schema.for_dialect(self.dialect))
 
     def add_column(self, table: str, column: str, definition: str) -> None:
-        """Add a column a later version needs, unless the table has it (``table``,
-        ``column`` and ``definition`` are the store's own constants)."""
+        """Add a column a later version needs to an existing table that lacks it
+        (``table``, ``column`` and ``definition`` are the store's own constants)."""
         if self.dialect is Dialect.POSTGRESQL:
-            self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+            self.execute(
+                f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
+            )
             return
         have = {r[1] for r in self.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
+        if have and column not in have:
             self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @property
@@ -128,8 +141,9 @@ class Database:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """One transaction; inside another, part of that one."""
-        if self._depth:
+        """One transaction; inside another, part of that one (a bare SQLite connection
+        a caller began a transaction on counts too)."""
+        if self._depth or (self.dialect is Dialect.SQLITE and self._connection.in_transaction):
             self._depth += 1
             try:
                 yield
@@ -152,6 +166,47 @@ class Database:
                     raise
         finally:
             self._depth = 0
+
+
+class _Failed(Exception):
+    pass
+
+
+Outcome = tuple[Any, BaseException | None]
+
+
+def batch(
+    db: Database, operations: list[Callable[[], Any]], optimistic: bool = False
+) -> list[Outcome]:
+    """Several operations in one transaction (group commit): each in a savepoint, so
+    one that fails is undone alone and reports its exception.
+
+    ``optimistic``: first all of them without savepoints (two statements fewer per
+    operation); only if one fails is the transaction rolled back and the batch run
+    again with savepoints.  For operations that may safely run twice."""
+    if optimistic and len(operations) > 1:
+        values: list[Any] = []
+        try:
+            with db.transaction():
+                for operation in operations:
+                    try:
+                        values.append(operation())
+                    except Exception as e:
+                        raise _Failed from e
+            return [(v, None) for v in values]
+        except _Failed:
+            pass  # rolled back: again, each alone
+    results: list[Outcome] = []
+    with db.transaction():
+        for operation in operations:
+            db.execute("SAVEPOINT operation")
+            try:
+                results.append((operation(), None))
+            except Exception as e:  # the caller gets it, the others go on
+                db.execute("ROLLBACK TO SAVEPOINT operation")
+                results.append((None, e))
+            db.execute("RELEASE SAVEPOINT operation")
+    return results
 
 
 def _without_password(url: str) -> str:
