@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.addresses import check_envelope
 from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys
-from gateway.archive.store import ArchiveIndex, SqliteBlobStore
+from gateway.archive.store import ArchiveIndex, SqlBlobStore
 from gateway.batching import Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
@@ -177,7 +177,7 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
         if stored is None:
             index.db.execute("INSERT INTO settings VALUES ('origin', ?)", (origin,))
         archive = Archive(
-            SqliteBlobStore(index.db), index, keys, origin, signer, origin, retention_of(config)
+            SqlBlobStore(index.db), index, keys, origin, signer, origin, retention_of(config)
         )
         archive.enforce_floor()
     except ArchiveError as e:

@@ -2,7 +2,7 @@
 PostgreSQL for the index, S3-compatible object storage with Object Lock for blobs -
 can be added without touching the journal or the mail path:
 
-- `BlobStore`: sealed records by name (embedded default `SqliteBlobStore`: rows in
+- `BlobStore`: sealed records by name (embedded default `SqlBlobStore`: rows in
   the index's own database; `FileBlobStore`: a file each).  Contract:
   tests/archive/test_blob_contract.py, which every store must pass.
 - `ArchiveIndex`: the log's leaves, the records' metadata, cases and holds,
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.durable import fsync_dir, write_file
+from gateway.storage.database import Database, Dialect, Schema
 
 
 class BlobStore(Protocol):
@@ -79,19 +80,22 @@ class FileBlobStore:
         return (p.name for p in self.root.iterdir() if not p.name.startswith("."))
 
 
-class SqliteBlobStore:
-    """Blobs as rows of a SQLite table in the index's own database: no file-system
-    operation per message (a file each cost about 0.6 ms of system time per message
-    here), and a blob and its index rows commit together.  Durable when the
-    database's write-ahead log is synced (`Archive.make_durable`)."""
+class SqlBlobStore:
+    """Blobs as rows of a table in the index's own database (SQLite, or PostgreSQL
+    through `gateway.storage.database`): no file-system operation per message (a file
+    each cost about 0.6 ms of system time per message here), and a blob and its
+    index rows commit together.  On SQLite durable when the write-ahead log is synced
+    (`Archive.make_durable`); on PostgreSQL at commit."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-        db.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL)")
+    def __init__(self, db: sqlite3.Connection | Database):
+        self.db = db if isinstance(db, Database) else Database(Dialect.SQLITE, db, "archive")
+        self.db.create(BLOB_SCHEMA)
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO blobs(name, data) VALUES (?,?)", (check_name(name), data)
+            "INSERT INTO blobs(name, data) VALUES (?,?) "
+            "ON CONFLICT (name) DO UPDATE SET data=excluded.data",
+            (check_name(name), data),
         )
 
     def make_durable_all(self, names: list[str]) -> None:
@@ -107,6 +111,10 @@ class SqliteBlobStore:
     def names(self) -> Iterator[str]:
         return (r[0] for r in self.db.execute("SELECT name FROM blobs"))
 
+
+BLOB_SCHEMA = Schema(
+    "CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data {blob} NOT NULL)"
+)
 
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS leaves (

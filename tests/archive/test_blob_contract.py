@@ -1,19 +1,25 @@
-"""The BlobStore contract, run against every store (a new backend - S3 with Object
-Lock, say - is added to STORES and must pass the same tests)."""
+"""The BlobStore contract, run against every store - files, the table on SQLite and
+on a real PostgreSQL server (a new backend - S3 with Object Lock, say - is added to
+the fixture and must pass the same tests)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.archive.store import ArchiveIndex, FileBlobStore, SqliteBlobStore
+from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from tests.support.stores import opener
 
 
-@pytest.fixture(params=["files", "sqlite"])
+@pytest.fixture(params=["files", "sqlite", "postgresql"])
 def store(tmp_path, request):
+    if request.param == "postgresql":
+        opened: list = []
+        yield SqlBlobStore(opener("postgresql", request, tmp_path, opened)())
+        for db in opened:
+            db.close()
+        return
     index = ArchiveIndex(tmp_path / "index.db")
-    yield (
-        FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqliteBlobStore(index.db)
-    )
+    yield FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqlBlobStore(index.db)
     index.close()
 
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.archive.journal import Archive
 from gateway.archive.sealing import MasterKeys
-from gateway.archive.store import ArchiveIndex, FileBlobStore, SqliteBlobStore
+from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
 
 ENVELOPE = {
     "queue_id": "Q1",
@@ -25,7 +25,7 @@ DATA = b"From: dr@clinic.test\r\nSubject: Biopsy\r\n\r\nThe margins are clear.\r
 def archive(tmp_path, request):
     index = ArchiveIndex(tmp_path / "archive.db")
     blobs = (
-        FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqliteBlobStore(index.db)
+        FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqlBlobStore(index.db)
     )
     a = Archive(
         blobs,
