@@ -238,23 +238,26 @@ class QueueStore:
         )
         return [_row(r) for r in rows]
 
-    def due(self, now: float, limit: int = 1000) -> list[RecipientRow]:
-        """Recipients whose attempt is due and not already taken by an attempt."""
+    def due(self, now: float, limit: int = 1000, claiming: bool = False) -> list[RecipientRow]:
+        """Recipients whose attempt is due and not already taken by an attempt
+        (``claiming``: inside the transaction that takes them)."""
         rows = self._db.execute(
-            "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "
+            "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "  # noqa: S608 - the claim clause is fixed
             "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
             "USING (queue_id) WHERE r.leased=0 AND r.state IN ('pending','deferred','held') "
-            "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?",
+            "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?"
+            + (self._db.claim_rows("r") if claiming else ""),
             (now, limit),
         )
         return [_row(r) for r in rows]
 
     def claim(self, now: float, limit: int) -> list[RecipientRow]:
-        """Take due recipients for attempts (the lease ends when a result is recorded,
-        or at the next start: `release_leases`)."""
-        rows = self.due(now, limit)
-        if rows:
-            with self.transaction():
+        """Take due recipients for attempts, in one transaction: a recipient is taken
+        once, whichever process or node asks at the same time (the lease ends when a
+        result is recorded, or at the next start: `release_leases`)."""
+        with self.transaction():
+            rows = self.due(now, limit, claiming=True)
+            if rows:
                 self._db.executemany(
                     "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
                     [(r.queue_id, r.idx) for r in rows],

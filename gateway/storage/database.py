@@ -132,6 +132,14 @@ class Database:
         if have and column not in have:
             self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
+    def claim_rows(self, alias: str) -> str:
+        """To end a SELECT of rows the transaction takes for itself (a work queue):
+        on PostgreSQL they are locked and rows another transaction holds are skipped
+        (two nodes never take the same one); SQLite's single writer does the same."""
+        if self.dialect is Dialect.POSTGRESQL:
+            return f" FOR UPDATE OF {alias} SKIP LOCKED"
+        return ""
+
     @property
     def lock_rows(self) -> str:
         """To end a SELECT whose rows the transaction goes on to update: PostgreSQL

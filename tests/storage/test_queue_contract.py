@@ -116,3 +116,31 @@ def test_a_batch_whose_one_operation_fails_keeps_the_others(connect):
     assert outcomes[0] == (True, None) and outcomes[2] == (7, None)
     assert outcomes[1][1] is not None
     assert QueueStore(connect()).known() == {"Q1": False}  # BAD was undone alone
+
+
+def test_claims_made_at_the_same_time_from_several_connections_never_take_a_recipient_twice(
+    connect,
+):
+    import threading
+
+    setup = QueueStore(connect())
+    for i in range(40):
+        setup.add(envelope(f"Q{i:02d}", "a@x.test", "b@x.test"), now=NOW)
+    stores = [QueueStore(connect()) for _ in range(4)]
+    taken: list[tuple[str, int]] = []
+    gate = threading.Barrier(len(stores))
+    lock = threading.Lock()
+
+    def claim(store: QueueStore) -> None:
+        gate.wait()
+        for _ in range(10):
+            rows = store.claim(NOW + 1, 7)
+            with lock:
+                taken.extend((r.queue_id, r.idx) for r in rows)
+
+    threads = [threading.Thread(target=claim, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(taken) == 80 and len(set(taken)) == 80  # every recipient once
