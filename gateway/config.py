@@ -907,7 +907,8 @@ class PortalConfig:
             "OpenID Connect providers recipients may sign in with (auth: oidc), each "
             "{name, issuer, client_id, client_secret_file, label, domains}. The redirect "
             "URI to register is <base_url>/oidc/callback. A token's email counts only "
-            "when email_verified is true and, if domains is set, within them."
+            "when verified (email_verified; for Microsoft Entra ID the optional claims "
+            "email and xms_edov) and, if domains is set, within them."
         ),
     )
 

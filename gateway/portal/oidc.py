@@ -217,12 +217,20 @@ class OidcClient:
         return claims
 
     def verified_email(self, claims: dict[str, Any]) -> str | None:
-        """The email the provider vouches for: present, ``email_verified`` true, and
-        within the provider's ``domains`` when it lists some."""
+        """The email the provider vouches for: present, verified - ``email_verified``
+        (OIDC Core 5.1, Google), or Microsoft Entra ID's ``xms_edov`` (the domain's
+        owner is verified; Entra sends no ``email_verified``) - and within the
+        provider's ``domains`` when it lists some."""
         email = claims.get("email")
         if not isinstance(email, str) or "@" not in email:
             return None
-        if claims.get("email_verified") not in (True, "true"):
+        verified = claims.get("email_verified") in (True, "true") or claims.get("xms_edov") in (
+            True,
+            "true",
+            1,
+            "1",
+        )
+        if not verified:
             return None
         domain = email.rpartition("@")[2].lower()
         if self.provider.domains and not any(p.matches(domain) for p in self.provider.domains):

@@ -92,3 +92,6 @@ def test_the_email_counts_only_when_verified_and_within_the_domains():
     assert c.verified_email({"email": "p@plain.test", "email_verified": False}) is None
     assert c.verified_email({"email": "p@plain.test"}) is None
     assert c.verified_email({"email": "p@other.test", "email_verified": True}) is None
+    # Microsoft Entra ID says a verified domain owner with xms_edov (the optional claim)
+    assert c.verified_email({"email": "p@plain.test", "xms_edov": True}) == "p@plain.test"
+    assert c.verified_email({"email": "p@plain.test", "xms_edov": False}) is None
