@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     decision TEXT,
     PRIMARY KEY (queue_id, idx)
 );
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(leased, state, next_attempt);
+DROP INDEX IF EXISTS recipients_due;
+CREATE INDEX IF NOT EXISTS recipients_waiting ON recipients(next_attempt)
+    WHERE leased=0 AND state IN ('pending','deferred','held');
 CREATE TABLE IF NOT EXISTS attempts (
     id {id},
     queue_id TEXT NOT NULL,
