@@ -196,16 +196,9 @@ class Handler:
     # -- SMTP AUTH (RFC 4954, 4616); the builtin mechanisms check passwords on the loop
 
     async def auth_PLAIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):  # ValueError: not ASCII
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
+        blob = await self._first_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await server.push(replies.AUTH_BAD_BASE64)
@@ -213,20 +206,27 @@ class Handler:
         return await self._verify(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: GatewaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            user = await server.challenge_auth("Username:")
-        else:
-            try:
-                user = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):  # ValueError: not ASCII
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        if not isinstance(user, bytes):
+        user = await self._first_response(server, args, "Username:")
+        if user is None:
             return AuthResult(success=False, handled=True)
         password = await server.challenge_auth("Password:")
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._verify(server, user, password)
+
+    @staticmethod
+    async def _first_response(server: GatewaySMTP, args: list[str], prompt: str) -> bytes | None:
+        """The client's first response: given with the AUTH command (RFC 4954 4), else
+        asked for with ``prompt``; None when it is missing, aborted or not base64 (the
+        client has been told)."""
+        if len(args) == 1:
+            answer = await server.challenge_auth(prompt)
+            return answer if isinstance(answer, bytes) else None
+        try:
+            return base64.b64decode(args[1], validate=True)
+        except (binascii.Error, ValueError):  # ValueError: not ASCII
+            await server.push(replies.AUTH_BAD_BASE64)
+            return None
 
     async def _verify(self, server: GatewaySMTP, user_b: bytes, password: bytes) -> AuthResult:
         session = server.gw_session
