@@ -41,7 +41,9 @@ SIGNED_FIELDS = (
     "content-type",
     "content-transfer-encoding",
 )
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
+# One header field and its continuation lines: group 1 the name, 2 the value, 0 its
+# exact bytes (signing here, verifying in gateway.crypto.dkim_verify)
+FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
 # WSP that relaxed canonicalization changes: a tab, or a space followed by more WSP
 # (a lone space stays, and most are lone: far fewer matches than [ \t]+)
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
@@ -114,7 +116,7 @@ def sign(message: bytes, key: DkimKey, now: float | None = None) -> bytes:
         head, body = message, b""
     else:
         head, body = message[: end + 2], message[end + 4 :]
-    fields = [(m.group(1), m.group(2)) for m in _FIELD.finditer(head)]
+    fields = [(m.group(1), m.group(2)) for m in FIELD.finditer(head)]
     names = [n.lower().decode("ascii") for n, _ in fields]
     if "from" not in names:
         raise DkimError("the message has no From field to sign")
@@ -178,7 +180,7 @@ def author_domain(message: bytes) -> str | None:
     end = message.find(b"\r\n\r\n")
     head_end = len(message) if end < 0 else end + 2
     values = [
-        m.group(2) for m in _FIELD.finditer(message, 0, head_end) if m.group(1).lower() == b"from"
+        m.group(2) for m in FIELD.finditer(message, 0, head_end) if m.group(1).lower() == b"from"
     ]
     return author_domain_of(values)
 
@@ -189,7 +191,7 @@ def without_signatures(message: bytes) -> bytes:
     end = message.find(b"\r\n\r\n")
     head_end = len(message) if end < 0 else end + 2
     out, pos = [], 0
-    for m in _FIELD.finditer(message, 0, head_end):
+    for m in FIELD.finditer(message, 0, head_end):
         if m.group(1).lower() == b"dkim-signature":
             out.append(message[pos : m.start()])
             pos = m.end()

@@ -29,11 +29,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from gateway.crypto.dkim import relaxed_header, relaxed_lines
+from gateway.crypto.dkim import FIELD, relaxed_header, relaxed_lines
 
 MAX_HEADER_BYTES = 256 * 1024  # a header section beyond this is not checked (refused)
 MAX_SIGNATURES = 10  # signatures verified per message; more are ignored
-_FIELD = re.compile(rb"([!-9;-~]+)([ \t]*):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
 _FWS = re.compile(r"[ \t\r\n]+")
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # The value of the b= tag, which is hashed as empty (RFC 6376 3.7)
@@ -154,8 +153,8 @@ class MessageDigest:
     def raw_fields(self) -> list[tuple[bytes, bytes, bytes]]:
         """(lower-case name, value, the field's exact bytes) top to bottom."""
         if self._fields is None:
-            found = _FIELD.finditer(self.header or b"")
-            self._fields = [(m.group(1).lower(), m.group(3), m.group(0)) for m in found]
+            found = FIELD.finditer(self.header or b"")
+            self._fields = [(m.group(1).lower(), m.group(2), m.group(0)) for m in found]
         return self._fields
 
     def body_hash(self, relaxed: bool) -> bytes | None:
