@@ -271,12 +271,13 @@ class PortalWeb:
             )
         return token, item
 
-    async def _signed_in(self, request: web.Request, item: Item) -> str | None:
-        """The session's CSRF token when the request carries a live session."""
+    async def _signed_in(self, request: web.Request, item: Item, stage: str = OPEN) -> str | None:
+        """The session's CSRF token when the request carries a live session at
+        ``stage``."""
         sid = request.cookies.get(SESSION)
         if not sid:
             return None
-        return await self.portal.session(sid, item)
+        return await self.portal.session(sid, item, stage)
 
     async def _session_of(self, request: web.Request) -> tuple[str, Item, str] | web.Response:
         """A page that needs sign-in: the link's item and the session's CSRF token;
@@ -538,8 +539,7 @@ class PortalWeb:
         token, item = await self._item(request)
         if isinstance(item, web.Response):
             return item
-        sid = request.cookies.get(SESSION)
-        csrf = await self.portal.session(sid, item, SET_PASSWORD) if sid else None
+        csrf = await self._signed_in(request, item, SET_PASSWORD)
         if csrf is None:
             raise web.HTTPSeeOther(f"/m/{token}")
         err = f'<p class="error" role="alert">{_e(error)}</p>' if error else ""
@@ -563,9 +563,8 @@ class PortalWeb:
         token, item = await self._item(request)
         if isinstance(item, web.Response):
             return item
-        sid = request.cookies.get(SESSION)
-        csrf = await self.portal.session(sid, item, SET_PASSWORD) if sid else None
-        if csrf is None or sid is None:
+        csrf = await self._signed_in(request, item, SET_PASSWORD)
+        if csrf is None:
             raise web.HTTPSeeOther(f"/m/{token}")
         form = await request.post()
         if not self._csrf_ok(form.get("csrf"), csrf):
@@ -576,7 +575,7 @@ class PortalWeb:
         problem = await self.portal.set_password(item, password, self._actor(request, item))
         if problem is not None:
             return await self.new_password_form(request, problem)
-        await self.portal.promote(sid)
+        await self.portal.promote(request.cookies[SESSION])  # the session just found
         raise web.HTTPSeeOther(f"/m/{token}/read")
 
     async def oidc_start(self, request: web.Request) -> web.Response:
