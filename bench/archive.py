@@ -154,11 +154,11 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
                         1,
                     )
                 )
-        db.execute("BEGIN")
-        db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
-        db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
-        db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
-        db.execute("COMMIT")
+        with db.transaction():
+            db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
+            db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
+            db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
+            db.execute("UPDATE log_head SET size=?", (offset + n + 1,))
     db.execute("ANALYZE")
     print(f"search: built {args.records} records in {time.monotonic() - started:.0f} s", flush=True)
     timings = []

@@ -22,8 +22,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,13 +30,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway import sqlite_tx
 from gateway.archive import merkle
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.query import Query, message_id_of, subject_of
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore
 from gateway.errors import SealgateError
+from gateway.storage.database import batch
 
 
 def canonical(value: Any) -> bytes:
@@ -158,13 +156,13 @@ class Archive:
         self._frontier = merkle.Frontier()
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        return sqlite_tx.transaction(self.index.db)
+        return self.index.db.transaction()
 
     def batch(self, jobs: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several writes as one transaction (group commit); one failing is
-        undone alone (`sqlite_tx.batch`, optimistic: savepoints only when a job of
-        the batch failed - every job here can run again)."""
-        return sqlite_tx.batch(self.index.db, jobs, optimistic=True)
+        undone alone (`gateway.storage.database.batch`, optimistic: savepoints only
+        when a job of the batch failed - every job here can run again)."""
+        return batch(self.index.db, jobs, optimistic=True)
 
     def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
@@ -172,16 +170,7 @@ class Archive:
         log).  Safe from another thread: files only, no database connection."""
         if queue_ids:
             self.blobs.make_durable_all([f"msg-{q}" for q in queue_ids])
-        wal = self.index.path.with_name(self.index.path.name + "-wal")
-        for path in (wal, self.index.path):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self.index.make_durable()
 
     # -- settings -------------------------------------------------------------------------
 
@@ -202,24 +191,26 @@ class Archive:
             )
         if stored is None or wanted > int(stored):
             with self._transaction():
-                self.index.db.execute(
-                    "INSERT OR REPLACE INTO settings VALUES ('retention_floor_days', ?)",
-                    (str(wanted),),
-                )
+                self.index.put_setting("retention_floor_days", str(wanted))
                 self.journal_event(
                     "", "retention-floor", {"days": wanted, "was": stored, "actor": actor}
                 )
 
     # -- writing ------------------------------------------------------------------------
 
-    def _append(self, kind: str, record_id: str, digest: str, now: float) -> int:
+    def _append(
+        self, kind: str, record_id: str, digest: str, now: float, position: int | None = None
+    ) -> int:
+        """A leaf at the end of the log (``position``: one `ArchiveIndex.next_leaf`
+        took already, in this transaction).  Returns its position, from 0."""
+        if position is None:
+            position = self.index.next_leaf()
         leaf = merkle.leaf_hash(commitment(kind, record_id, digest))
-        cur = self.index.db.execute(
-            "INSERT INTO leaves(hash, kind, record_id, at) VALUES (?,?,?,?)",
-            (leaf, kind, record_id, now),
+        self.index.db.execute(
+            "INSERT INTO leaves(idx, hash, kind, record_id, at) VALUES (?,?,?,?,?)",
+            (position + 1, leaf, kind, record_id, now),  # idx counts from 1
         )
-        assert cur.lastrowid is not None
-        return cur.lastrowid - 1  # leaf indexes from 0
+        return position
 
     def has(self, queue_id: str) -> bool:
         """Journaled (by the index: a blob commits with its index rows, or is made
@@ -274,15 +265,15 @@ class Archive:
                 leaf,
                 retain_until,
             )
-            try:
-                db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
-            except sqlite3.IntegrityError:  # journaled again (its blob was lost): a new leaf
+            if self.has(queue_id):  # journaled again (its blob was lost): a new leaf
                 db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
                 db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
-                db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
+            db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
             db.executemany(
-                "INSERT OR REPLACE INTO recipients(queue_id, idx, address, domain, state) "
-                "VALUES (?,?,?,?,'queued')",
+                "INSERT INTO recipients(queue_id, idx, address, domain, state) "
+                "VALUES (?,?,?,?,'queued') ON CONFLICT (queue_id, idx) DO UPDATE SET "
+                "address=excluded.address, domain=excluded.domain, state='queued', "
+                "mode=NULL, rule=NULL, status='', attempts=0",
                 [(queue_id, i, a, a.rpartition("@")[2]) for i, a in enumerate(addresses)],
             )
             if subject and self.index.subjects:
@@ -358,9 +349,9 @@ class Archive:
         digest = hashlib.sha256(text.encode()).hexdigest()
         db = self.index.db
         with self._transaction():
-            count = db.execute("SELECT coalesce(max(idx), 0) FROM leaves").fetchone()[0]
-            record_id = f"evt-{count}"
-            leaf = self._append("event", record_id, digest, now)
+            position = self.index.next_leaf()
+            record_id = f"evt-{position}"
+            leaf = self._append("event", record_id, digest, now, position)
             db.execute(
                 "INSERT INTO events VALUES (?,?,?,?,?,?)",
                 (record_id, queue_id, kind, now, text, leaf),
@@ -401,7 +392,7 @@ class Archive:
             if existing is not None and existing[0] is not None and query is not None:
                 raise ValueError(f"case {case_name!r} already holds by a query")
             db.execute(
-                "INSERT OR IGNORE INTO cases VALUES (?,?,?,?)",
+                "INSERT INTO cases VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                 (case_name, canonical(query.to_dict()).decode() if query else None, now, actor),
             )
             if query is not None and existing is not None:
@@ -410,7 +401,7 @@ class Archive:
                     (canonical(query.to_dict()).decode(), case_name),
                 )
             db.executemany(
-                "INSERT OR IGNORE INTO holds VALUES (?,?)",
+                "INSERT INTO holds VALUES (?,?) ON CONFLICT DO NOTHING",
                 [(case_name, q) for q in queue_ids or []],
             )
             self.journal_event(
@@ -460,8 +451,11 @@ class Archive:
             self.journal_event("", "hold-release", {"case": case_name, "actor": actor})
         return held
 
+    def _where(self, query: Query) -> tuple[str, list[Any]]:
+        return query.sql(self.index.subject_match if self.index.subjects else None)
+
     def _matching(self, query: Query) -> set[str]:
-        where, args = query.sql(self.index.subjects)
+        where, args = self._where(query)
         return {
             q
             for (q,) in self.index.db.execute(
@@ -538,16 +532,18 @@ class Archive:
             self._frontier.append(bytes(leaf))
 
     def size(self) -> int:
-        return int(self.index.db.execute("SELECT coalesce(max(idx), 0) FROM leaves").fetchone()[0])
+        return self.index.size()
 
     def checkpoint(self) -> str:
         """Sign the log as it stands; the note is kept and returned (publish it)."""
         with self._transaction():
+            self.index.db.exclusive("checkpoint")  # one node signs at a time
             self._catch_up()
             cp = Checkpoint(self.origin, self._frontier.size, self._frontier.root())
             note = sign(cp, self.key_name, self.signing_key)
             self.index.db.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
+                "INSERT INTO checkpoints VALUES (?,?,?,?) ON CONFLICT (size) DO UPDATE "
+                "SET root=excluded.root, note=excluded.note, at=excluded.at",
                 (cp.size, cp.root, note, time.time()),
             )
         return note
@@ -582,7 +578,7 @@ class Archive:
     def search(self, query: Query, limit: int = 1000) -> list[dict[str, Any]]:
         """Messages matching ``query``, newest first: metadata and per-recipient
         mode, rule and state (no content)."""
-        where, args = query.sql(self.index.subjects)
+        where, args = self._where(query)
         db = self.index.db
         rows = db.execute(
             "SELECT m.queue_id, m.received, m.mail_from, m.message_id, m.size, m.sha256, "
@@ -671,8 +667,9 @@ class Archive:
         return [{"record_id": r, "sha256": s, "size": n, "leaf": leaf} for r, s, n, leaf in rows]
 
     def access_counts(self) -> dict[str, int]:
-        rows = self.index.db.execute(
-            "SELECT json_extract(body, '$.action'), count(*) FROM events "
+        db = self.index.db
+        rows = db.execute(
+            f"SELECT {db.json_text('body', 'action')}, count(*) FROM events "
             "WHERE kind='access' GROUP BY 1"
         )
         return {str(action): int(n) for action, n in rows}
@@ -718,9 +715,7 @@ class Archive:
         who verified in the access record."""
         summary = {"at": time.time(), "ok": report.ok, "seconds": seconds}
         with self._transaction():
-            self.index.db.execute(
-                "INSERT OR REPLACE INTO settings VALUES ('last_verify', ?)", (json.dumps(summary),)
-            )
+            self.index.put_setting("last_verify", json.dumps(summary))
             self.access(
                 actor,
                 "verify",
@@ -735,15 +730,8 @@ class Archive:
         nothing is in the store or index that the log does not know.  Reads one
         snapshot of the index (writers go on meanwhile)."""
         public = public or self.signing_key.public_key()
-        db = self.index.db
-        own = not db.in_transaction
-        if own:
-            db.execute("BEGIN")
-        try:
+        with self.index.db.snapshot():
             return self._verify(public)
-        finally:
-            if own:
-                db.execute("COMMIT")
 
     def _verify(self, public: ed25519.Ed25519PublicKey) -> Report:  # noqa: C901 - one walk over the log, checking each kind of record in turn
         db = self.index.db
@@ -764,7 +752,7 @@ class Archive:
         wanted = {int(size): (bytes(root_hash), note) for size, root_hash, note in checkpoints}
         frontier = merkle.Frontier()
         seen: set[str] = set()
-        for idx, leaf, kind, record_id in db.execute(
+        for idx, leaf, kind, record_id in db.stream(
             "SELECT idx, hash, kind, record_id FROM leaves ORDER BY idx"
         ):
             position = frontier.size

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.header
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,12 @@ class Query:
             raise ValueError(f"unknown search field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
 
-    def sql(self, subjects: bool) -> tuple[str, list[Any]]:  # noqa: C901 - one clause per search field, in one place
-        where: list[str] = ["1"]
+    def sql(  # noqa: C901 - one clause per search field, in one place
+        self, subject_match: Callable[[str], tuple[str, list[Any]]] | None
+    ) -> tuple[str, list[Any]]:
+        """A condition on ``messages m`` and its arguments.  ``subject_match``: the
+        index's condition for a subject (None: subjects are not indexed)."""
+        where: list[str] = ["TRUE"]
         args: list[Any] = []
         if self.sender:
             s = self.sender.lower()
@@ -62,10 +67,11 @@ class Query:
             where.append("m.queue_id = ?")
             args.append(self.queue_id)
         if self.subject:
-            if not subjects:
+            if subject_match is None:
                 raise ValueError("subjects are not indexed (archive.index_subjects: false)")
-            where.append("m.queue_id IN (SELECT queue_id FROM subjects WHERE subjects MATCH ?)")
-            args.append(_fts_phrase(self.subject))
+            condition, condition_args = subject_match(self.subject)
+            where.append(condition)
+            args.extend(condition_args)
         inner, inner_args = [], []
         if self.recipient:
             r = self.recipient.lower()
@@ -87,10 +93,6 @@ class Query:
             )
             args.extend(inner_args)
         return " AND ".join(where), args
-
-
-def _fts_phrase(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")

@@ -175,7 +175,7 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
                 f"this archive's log is named {origin!r}; its name cannot change",
             )
         if stored is None:
-            index.db.execute("INSERT INTO settings VALUES ('origin', ?)", (origin,))
+            index.put_setting("origin", origin)
         archive = Archive(
             SqlBlobStore(index.db), index, keys, origin, signer, origin, retention_of(config)
         )
@@ -287,11 +287,7 @@ class ArchiveService:
         await self._run(self._update_gauges)
 
     def _update_gauges(self) -> None:
-        path = self.archive.index.path
-        size = sum(
-            p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
-        )
-        self.metrics.archive_bytes.set(size)
+        self.metrics.archive_bytes.set(self.archive.index.bytes_used())
         last = self.archive.setting("last_verify")
         if last:
             result = json.loads(last)

@@ -6,13 +6,13 @@ can be added without touching the journal or the mail path:
   the index's own database; `FileBlobStore`: a file each).  Contract:
   tests/archive/test_blob_contract.py, which every store must pass.
 - `ArchiveIndex`: the log's leaves, the records' metadata, cases and holds,
-  checkpoints and settings (embedded default: SQLite in WAL mode, ``INDEX_SCHEMA``).
+  checkpoints and settings (``INDEX_SCHEMA``; embedded default SQLite in WAL mode,
+  or PostgreSQL).  Contract: tests/archive/test_journal.py on both.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -87,8 +87,8 @@ class SqlBlobStore:
     index rows commit together.  On SQLite durable when the write-ahead log is synced
     (`Archive.make_durable`); on PostgreSQL at commit."""
 
-    def __init__(self, db: sqlite3.Connection | Database):
-        self.db = db if isinstance(db, Database) else Database(Dialect.SQLITE, db, "archive")
+    def __init__(self, db: Database):
+        self.db = db
         self.db.create(BLOB_SCHEMA)
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
@@ -116,26 +116,33 @@ BLOB_SCHEMA = Schema(
     "CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data {blob} NOT NULL)"
 )
 
-INDEX_SCHEMA = """
+INDEX_SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS leaves (
-    idx INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL,
+    idx {int} PRIMARY KEY,
+    hash {blob} NOT NULL,
     kind TEXT NOT NULL,
     record_id TEXT NOT NULL,
-    at REAL NOT NULL
+    at {real} NOT NULL
 );
+CREATE INDEX IF NOT EXISTS leaves_by_record ON leaves(record_id);
+CREATE TABLE IF NOT EXISTS log_head (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    size {int} NOT NULL
+);
+-- (WHERE TRUE: so that SQLite does not read ON CONFLICT as a join's ON)
+INSERT INTO log_head SELECT 1, coalesce(max(idx), 0) FROM leaves WHERE TRUE ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS messages (
     record_id TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL UNIQUE,
-    received REAL NOT NULL,
+    received {real} NOT NULL,
     mail_from TEXT NOT NULL,
     sender_domain TEXT NOT NULL,
     message_id TEXT,
     client_ip TEXT NOT NULL,
-    size INTEGER NOT NULL,
+    size {int} NOT NULL,
     sha256 TEXT NOT NULL,
-    leaf INTEGER NOT NULL,
-    retain_until REAL NOT NULL,
+    leaf {int} NOT NULL,
+    retain_until {real} NOT NULL,
     disposed TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_sender ON messages(mail_from, received);
@@ -161,14 +168,14 @@ CREATE TABLE IF NOT EXISTS copies (
     record_id TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL,
     sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    leaf INTEGER NOT NULL
+    size {int} NOT NULL,
+    leaf {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS copies_by_message ON copies(queue_id);
 CREATE TABLE IF NOT EXISTS cases (
     case_name TEXT PRIMARY KEY,
     query TEXT,
-    placed REAL NOT NULL,
+    placed {real} NOT NULL,
     actor TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS holds (
@@ -181,42 +188,111 @@ CREATE TABLE IF NOT EXISTS events (
     record_id TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL,
     kind TEXT NOT NULL,
-    at REAL NOT NULL,
+    at {real} NOT NULL,
     body TEXT NOT NULL,
-    leaf INTEGER NOT NULL
+    leaf {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_message ON events(queue_id);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, at);
 CREATE TABLE IF NOT EXISTS checkpoints (
-    size INTEGER PRIMARY KEY,
-    root BLOB NOT NULL,
+    size {int} PRIMARY KEY,
+    root {blob} NOT NULL,
     note TEXT NOT NULL,
-    at REAL NOT NULL
+    at {real} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"""
-SUBJECT_SCHEMA = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS subjects USING fts5(subject, queue_id UNINDEXED)"
-)
+""")
+# Subjects for search: SQLite's full-text index, PostgreSQL's text search (the same
+# matching: words, case folded, a phrase in order).
+SUBJECTS = {
+    Dialect.SQLITE: Schema(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS subjects USING fts5(subject, queue_id UNINDEXED)"
+    ),
+    Dialect.POSTGRESQL: Schema("""
+CREATE TABLE IF NOT EXISTS subjects (subject TEXT NOT NULL, queue_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS subjects_by_message ON subjects(queue_id);
+CREATE INDEX IF NOT EXISTS subjects_words ON subjects USING GIN (to_tsvector('simple', subject));
+"""),
+}
 
 
 class ArchiveIndex:
-    """The embedded index: SQLite (WAL) at ``path``."""
+    """The log's leaves and everything indexed about the records, in a `Database`:
+    SQLite (WAL) at a path - the embedded default - or PostgreSQL, shared by every
+    node of a cluster.
 
-    def __init__(self, path: Path, subjects: bool = False):
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: commits reach the disk at the latest when `make_durable` syncs the
-        # write-ahead log - which the queue does before a spool file may go
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.path = path
-        self.db.executescript(INDEX_SCHEMA)
+    The log is one sequence for all writers: a leaf's position comes from the one
+    row of ``log_head``, which a writer updates inside its transaction - so on
+    PostgreSQL appends from several nodes queue on that row lock and the positions
+    stay gapless (a transaction that rolls back gives its number back)."""
+
+    def __init__(self, where: Path | Database, subjects: bool = False):
+        if isinstance(where, Database):
+            self.db, self.path = where, None
+        else:
+            # NORMAL: commits reach the disk at the latest when `make_durable` syncs
+            # the write-ahead log - which the queue does before a spool file may go
+            self.db, self.path = Database.sqlite(where, synchronous="NORMAL"), where
+        self.db.create(INDEX_SCHEMA)
         if subjects:
-            self.db.execute(SUBJECT_SCHEMA)
+            self.db.create(SUBJECTS[self.db.dialect])
         self.subjects = subjects
 
     def close(self) -> None:
         self.db.close()
+
+    def next_leaf(self) -> int:
+        """The next leaf's position (from 0), taken inside the caller's transaction."""
+        row = self.db.execute("UPDATE log_head SET size = size + 1 RETURNING size").fetchone()
+        return int(row[0]) - 1
+
+    def size(self) -> int:
+        return int(self.db.execute("SELECT size FROM log_head").fetchone()[0])
+
+    def put_setting(self, name: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO settings VALUES (?,?) "
+            "ON CONFLICT (name) DO UPDATE SET value=excluded.value",
+            (name, value),
+        )
+
+    def subject_match(self, text: str) -> tuple[str, list[str]]:
+        """A condition on ``m.queue_id``: the subject holds ``text`` as a phrase."""
+        if self.db.dialect is Dialect.POSTGRESQL:
+            return (
+                "m.queue_id IN (SELECT queue_id FROM subjects WHERE "
+                "to_tsvector('simple', subject) @@ phraseto_tsquery('simple', ?))",
+                [text],
+            )
+        phrase = '"' + text.replace('"', '""') + '"'
+        return "m.queue_id IN (SELECT queue_id FROM subjects WHERE subjects MATCH ?)", [phrase]
+
+    def make_durable(self) -> None:
+        """Every committed row on disk (SQLite: fsync of the write-ahead log and the
+        file; PostgreSQL: already, at commit).  Files only: safe from any thread."""
+        if self.path is None:
+            return
+        for path in (self.path.with_name(self.path.name + "-wal"), self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def bytes_used(self) -> int:
+        """What the index (and blobs kept in it) take on disk."""
+        if self.path is None:
+            row = self.db.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+            ).fetchone()
+            return int(row[0])
+        wal = self.path.with_name(self.path.name + "-wal")
+        return sum(p.stat().st_size for p in (self.path, wal) if p.exists())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,17 +37,23 @@ class Dialect(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Schema:
-    """A store's tables, written once: ``{real}``, ``{blob}``, ``{id}`` (an integer
-    primary key the database numbers) stand for each engine's types."""
+    """A store's tables, written once: ``{real}``, ``{blob}``, ``{int}`` (64 bits),
+    ``{id}`` (an integer primary key the database numbers) stand for each engine's
+    types."""
 
     text: str
 
     def for_dialect(self, dialect: Dialect) -> str:
         if dialect is Dialect.POSTGRESQL:
             # REAL is 4 bytes in PostgreSQL: timestamps need 8
-            types = {"real": "DOUBLE PRECISION", "blob": "BYTEA", "id": "BIGSERIAL PRIMARY KEY"}
+            types = {
+                "real": "DOUBLE PRECISION",
+                "blob": "BYTEA",
+                "int": "BIGINT",
+                "id": "BIGSERIAL PRIMARY KEY",
+            }
         else:
-            types = {"real": "REAL", "blob": "BLOB", "id": "INTEGER PRIMARY KEY"}
+            types = {"real": "REAL", "blob": "BLOB", "int": "INTEGER", "id": "INTEGER PRIMARY KEY"}
         return self.text.format(**types)
 
 
@@ -80,18 +87,30 @@ class Database:
         return cls(Dialect.SQLITE, connection, str(path))
 
     @classmethod
-    def postgresql(cls, url: str, password: str | None = None) -> Database:
+    def postgresql(
+        cls, url: str, password: str | None = None, schema: str | None = None
+    ) -> Database:
         """``url`` names the server and database (never the password: it comes from
-        ``password``, else from libpq's ``PGPASSWORD``/``PGPASSFILE``)."""
+        ``password``, else from libpq's ``PGPASSWORD``/``PGPASSFILE``).  ``schema``:
+        the store's own namespace in the database (made if missing), so that stores
+        sharing one database keep their table names."""
         import psycopg
 
+        options: dict[str, Any] = {}
+        if schema is not None:
+            if not schema.isidentifier():
+                raise ValueError(f"{schema!r} is not a schema name")
+            options["options"] = f"-c search_path={schema}"
         try:
             connection = psycopg.connect(
-                url, password=password, autocommit=True, connect_timeout=10
+                url, password=password, autocommit=True, connect_timeout=10, **options
             )
+            if schema is not None:
+                connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         except psycopg.OperationalError as e:
             raise StorageError(f"{_without_password(url)}: {_first_line(e)}") from None
-        return cls(Dialect.POSTGRESQL, connection, _without_password(url))
+        name = _without_password(url) + (f" (schema {schema})" if schema else "")
+        return cls(Dialect.POSTGRESQL, connection, name)
 
     def close(self) -> None:
         self._connection.close()
@@ -174,6 +193,58 @@ class Database:
                     raise
         finally:
             self._depth = 0
+
+    def exclusive(self, name: str) -> None:
+        """Make this transaction the only one holding ``name`` until it ends (on
+        PostgreSQL an advisory lock: one node at a time does this work; SQLite's
+        BEGIN IMMEDIATE already makes the transaction the only writer)."""
+        if self.dialect is Dialect.POSTGRESQL:
+            self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"sealgate:{name}",))
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see one state of the store while writers go on (a read-only
+        transaction: SQLite's WAL snapshot, PostgreSQL's REPEATABLE READ)."""
+        if self._depth or (self.dialect is Dialect.SQLITE and self._connection.in_transaction):
+            yield
+            return
+        self._depth = 1
+        try:
+            if self.dialect is Dialect.POSTGRESQL:
+                with self._connection.transaction():
+                    self._connection.execute(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                    )
+                    yield
+            else:
+                self._connection.execute("BEGIN")
+                try:
+                    yield
+                finally:
+                    self._connection.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def stream(self, sql: str, params: Sequence[Any] = (), size: int = 2000) -> Iterator[Any]:
+        """The rows of a long result a few at a time (PostgreSQL: a server-side
+        cursor, so millions of rows do not sit in memory; inside `snapshot` or
+        `transaction`)."""
+        if self.dialect is Dialect.SQLITE:
+            yield from self._connection.execute(sql, params)
+            return
+        with self._connection.cursor(name=f"sealgate_stream_{next(_cursors)}") as cursor:
+            cursor.itersize = size
+            cursor.execute(_postgres_sql(sql), tuple(params))
+            yield from cursor
+
+    def json_text(self, column: str, key: str) -> str:
+        """An expression for the text of ``key`` in the JSON object in ``column``."""
+        if self.dialect is Dialect.POSTGRESQL:
+            return f"({column}::jsonb ->> '{key}')"
+        return f"json_extract({column}, '$.{key}')"
+
+
+_cursors = itertools.count()
 
 
 class _Failed(Exception):

@@ -1,5 +1,7 @@
 """The journal: messages and events in, verification names every record that was
-altered or removed, and checkpoints pin the log."""
+altered or removed, and checkpoints pin the log.  This is the archive index's
+contract too: every test runs on SQLite (blobs in files and in the index) and on a
+real PostgreSQL server, where several nodes append to one log."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.archive.journal import Archive
+from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from tests.support.stores import opener
 
 ENVELOPE = {
     "queue_id": "Q1",
@@ -21,26 +25,49 @@ ENVELOPE = {
 DATA = b"From: dr@clinic.test\r\nSubject: Biopsy\r\n\r\nThe margins are clear.\r\n"
 
 
-@pytest.fixture(params=["files", "sqlite"])
-def archive(tmp_path, request):
-    index = ArchiveIndex(tmp_path / "archive.db")
-    blobs = (
-        FileBlobStore(tmp_path / "blobs") if request.param == "files" else SqlBlobStore(index.db)
-    )
-    a = Archive(
-        blobs,
+KEYS = MasterKeys("k1", {"k1": os.urandom(32)})
+SIGNER = ed25519.Ed25519PrivateKey.generate()
+
+
+def node(index: ArchiveIndex, blobs=None) -> Archive:
+    """An archive on ``index`` (blobs in its database unless given): one node's view."""
+    return Archive(
+        blobs or SqlBlobStore(index.db),
         index,
-        MasterKeys("k1", {"k1": os.urandom(32)}),
+        KEYS,
         "archive.clinic.test/sealgate",
-        ed25519.Ed25519PrivateKey.generate(),
+        SIGNER,
         "archive.clinic.test",
     )
+
+
+@pytest.fixture(params=["files", "sqlite", "postgresql"])
+def connect_index(tmp_path, request):
+    """Opens the index as one node would (each call a new connection to the same
+    index): SQLite in the test's directory, or the test's PostgreSQL database."""
+    opened: list[ArchiveIndex] = []
+    engine = "postgresql" if request.param == "postgresql" else "sqlite"
+    connect = opener(engine, request, tmp_path, [])
+
+    def open_index() -> ArchiveIndex:
+        opened.append(ArchiveIndex(connect(), subjects=True))
+        return opened[-1]
+
+    open_index.files = request.param == "files"
+    yield open_index
+    for index in opened:
+        index.close()
+
+
+@pytest.fixture
+def archive(tmp_path, connect_index):
+    index = connect_index()
+    a = node(index, FileBlobStore(tmp_path / "blobs") if connect_index.files else None)
     for n in range(1, 4):
         envelope = {**ENVELOPE, "queue_id": f"Q{n}"}
-        a.journal_message(envelope, DATA.replace(b"Biopsy", f"Biopsy {n}".encode()))
+        a.journal_message(envelope, DATA.replace(b"Biopsy", f"Biopsy {n}".encode()), subject=True)
         a.journal_event(f"Q{n}", "attempt", {"rcpt": "a@dest.test", "outcome": "delivered"})
-    yield a
-    index.close()
+    return a
 
 
 def test_a_message_comes_back_byte_for_byte_with_its_envelope(archive, tmp_path):
@@ -168,3 +195,81 @@ def test_the_written_out_commitment_is_the_canonical_json(record_id):
     digest = "ab" * 32
     expected = canonical({"kind": "message", "id": record_id, "sha256": digest})
     assert commitment("message", record_id, digest) == expected
+
+
+def test_search_by_sender_recipient_bcc_subject_and_decision(archive):
+    archive.journal_attempt(
+        "Q2",
+        [
+            {
+                "idx": 1,
+                "address": "bcc@dest.test",
+                "state": "delivered",
+                "status": "2.0.0",
+                "evidence": {"decision": {"mode": "smime", "rule": "phi-smime"}},
+            }
+        ],
+    )
+
+    def found(**fields):
+        return [m["queue_id"] for m in archive.search(Query(**fields))]
+
+    assert found(sender="DR@clinic.test") == ["Q3", "Q2", "Q1"]  # newest first
+    assert found(sender="@clinic.test", recipient="bcc@dest.test") == ["Q3", "Q2", "Q1"]
+    assert found(recipient="bcc@dest.test", mode="smime") == ["Q2"]
+    assert found(recipient="a@dest.test", mode="smime") == []  # the same recipient
+    assert found(rule="phi-smime", status="delivered") == ["Q2"]
+    assert found(subject="biopsy 3") == ["Q3"]  # words, case folded
+    assert found(subject="3 biopsy") == []  # a phrase, in order
+    assert found(queue_id="Q1", sender="someone@else.test") == []
+    (q2,) = archive.search(Query(queue_id="Q2"))
+    assert [(r["address"], r["mode"], r["attempts"]) for r in q2["recipients"]] == [
+        ("a@dest.test", None, 0),
+        ("bcc@dest.test", "smime", 1),
+    ]
+    assert archive.hold("case-7", "counsel@clinic.test", query=Query(subject="Biopsy 1")) == 1
+
+
+def test_the_access_record_is_counted_by_action(archive):
+    archive.access("auditor@clinic.test", "search", hits=3)
+    archive.access("auditor@clinic.test", "view", "Q1")
+    archive.access("counsel@clinic.test", "view", "Q2")
+    assert archive.access_counts() == {"search": 1, "view": 2}
+    assert [r["actor"] for r in archive.access_log()][0] == "counsel@clinic.test"
+
+
+def test_nodes_appending_at_once_make_one_gapless_log_that_any_node_verifies(
+    archive, connect_index
+):
+    import threading
+
+    files = archive.blobs if connect_index.files else None  # else each node's own connection
+    nodes = [archive, node(connect_index(), files), node(connect_index(), files)]
+    errors: list[BaseException] = []
+
+    def append(n: int, a: Archive) -> None:
+        try:
+            for i in range(25):
+                a.journal_message({**ENVELOPE, "queue_id": f"N{n}-{i}"}, DATA, subject=True)
+                a.journal_event(f"N{n}-{i}", "attempt", {"node": n})
+                if i % 10 == 9:
+                    a.checkpoint()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=append, args=(n, a)) for n, a in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    positions = [i for (i,) in archive.index.db.execute("SELECT idx FROM leaves ORDER BY idx")]
+    assert positions == list(range(1, 6 + 3 * 50 + 1))
+    events = {r for (r,) in archive.index.db.execute("SELECT record_id FROM events")}
+    assert len(events) == 3 + 3 * 25  # no two nodes named an event alike
+    other = node(connect_index(), files)
+    other.checkpoint()
+    report = other.verify()
+    assert report.ok, report.problems  # every node's checkpoints included
+    assert report.leaves == 156 and report.checkpoints >= 2
+    assert [m["queue_id"] for m in other.search(Query(queue_id="N2-24"))] == ["N2-24"]
