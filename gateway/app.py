@@ -48,6 +48,7 @@ from gateway.smtp.server import SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
 from gateway.spool.submit import Submitter
+from gateway.storage.stores import Storage
 from gateway.tls import ensure_self_signed, not_after, server_context
 
 log = get_logger("gateway.app")
@@ -105,12 +106,13 @@ class Gateway:
         # Read from the spool at each scrape: never stale after a removal.
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
-        self.keydir = KeyDirectory(StateLayout(cfg.state_dir).keydir_db)
+        storage = Storage(cfg)
+        self.keydir = KeyDirectory(storage.open("keydir"))
         keys: KeyStore = DirectoryKeyStore(self.keydir, metrics=self.metrics)
         if cfg.wkd.enabled:
             # WKD writes through a connection of its own: a connection is never
             # shared by a writing and a reading thread
-            self.keydir_writer = KeyDirectory(StateLayout(cfg.state_dir).keydir_db)
+            self.keydir_writer = KeyDirectory(storage.open("keydir"))
             keys = WkdKeyStore(
                 DirectoryKeyStore(self.keydir, metrics=self.metrics),
                 self.keydir_writer,

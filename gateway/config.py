@@ -954,6 +954,96 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    endpoint: str | None = field(
+        default=None,
+        metadata=doc(
+            "The object store's URL, e.g. https://s3.eu-central-1.amazonaws.com or a MinIO / "
+            "Ceph gateway. null: AWS's endpoint for storage.s3.region."
+        ),
+    )
+    region: str = field(default="us-east-1", metadata=doc("The bucket's region."))
+    access_key_id: str | None = field(
+        default=None,
+        metadata=doc(
+            "The access key id. null: the standard AWS environment and files "
+            "(AWS_ACCESS_KEY_ID, ~/.aws/credentials, an instance role)."
+        ),
+    )
+    secret_access_key_file: Path | None = field(
+        default=None,
+        metadata=doc("File holding the secret access key (never the key itself in this file)."),
+    )
+    object_lock: Literal["off", "governance", "compliance"] = field(
+        default="off",
+        metadata=doc(
+            "Write every archived record with S3 Object Lock in this retention mode until "
+            "its retention date (the bucket must have Object Lock enabled; 'compliance': "
+            "not even the account's root can delete it early)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    database: str = field(
+        default="sqlite",
+        metadata=doc(
+            "Where the queue state, archive index, portal, key directory and MTA-STS cache "
+            "live: 'sqlite' (files under state_dir; one node) or a "
+            "postgresql://user@host:port/database URL shared by several nodes (no password "
+            "in the URL: storage.password_file or the PG* environment, e.g. PGPASSFILE)."
+        ),
+    )
+    password_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "File holding the PostgreSQL password. null: libpq's own (PGPASSWORD, ~/.pgpass)."
+        ),
+    )
+    blobs: str = field(
+        default="database",
+        metadata=doc(
+            "Where archived content goes: 'database' (in storage.database), 'files' "
+            "(under state_dir/archive/blobs; one node), or s3://bucket/prefix (storage.s3)."
+        ),
+    )
+    s3: S3Config = field(default_factory=S3Config)
+    auto_migrate: bool = field(
+        default=False,
+        metadata=doc(
+            "Bring PostgreSQL's tables up to this version at start. false: a node whose "
+            "schema is older refuses to start until 'sealgate storage migrate' ran. "
+            "(The embedded SQLite files are always brought up to date.)"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    node_id: str | None = field(
+        default=None,
+        metadata=doc("This node's name in the cluster (unique). null: the host name."),
+    )
+    ack: Literal["local", "shared"] = field(
+        default="local",
+        metadata=doc(
+            "When a message is acknowledged (250): 'local', after it is fsynced on this "
+            "node (copied to storage.database just after); 'shared', only once it and its "
+            "envelope are committed in storage.database (a node and its disk can be lost "
+            "without losing an acknowledged message; needs PostgreSQL)."
+        ),
+    )
+    lease_timeout: Duration = field(
+        default=Duration(60),
+        metadata=doc(
+            "A node that has not renewed its leases for this long is taken for dead: the "
+            "other nodes deliver its recipients (it renews every third of this)."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field(
         default=Path("./var"),
@@ -986,6 +1076,8 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -1053,6 +1145,25 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
         _check_oidc(path.rpartition(".")[2], value)
     if path == "portal.passphrase_header" and not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid header field name")
+    if path == "storage.database" and not (
+        value == "sqlite" or re.match(r"postgres(ql)?://", value)
+    ):
+        raise ValueError(f"{value!r}: 'sqlite' or a postgresql:// URL")
+    if path == "storage.database" and re.match(r"postgres(ql)?://[^/@]*:[^/@]*@", value):
+        raise ValueError("no password in the URL: put it in storage.password_file")
+    if path == "storage.blobs" and not (
+        value in ("database", "files")
+        or re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", value)
+    ):
+        raise ValueError(f"{value!r}: 'database', 'files' or s3://bucket/prefix")
+    if (
+        path == "cluster.node_id"
+        and value is not None
+        and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value)
+    ):
+        raise ValueError(f"{value!r}: letters, digits, '.', '_' and '-' (at most 63)")
+    if path == "cluster.lease_timeout" and value < 5:
+        raise ValueError("must be at least 5s")
     if path.startswith("relay.client_certs["):
         if not _CERT_PATTERN.fullmatch(value):
             raise ValueError(
@@ -1258,6 +1369,22 @@ def _check_pairs(config: Config, where: _Located, source: str) -> None:
             "two providers have the same name",
             source,
             where.line("portal.oidc_providers"),
+        )
+    shared = config.storage.database != "sqlite"
+    if config.cluster.ack == "shared" and not shared:
+        raise ConfigError(
+            "cluster.ack",
+            "'shared' needs storage.database to be a postgresql:// URL",
+            source,
+            where.line("cluster.ack"),
+        )
+    if shared and config.storage.blobs == "files":
+        raise ConfigError(
+            "storage.blobs",
+            "'files' keeps archived content on this node only; with a shared database use "
+            "'database' or s3://bucket/prefix",
+            source,
+            where.line("storage.blobs"),
         )
     for prefix, section in (("tls", config.tls), ("portal", config.portal), ("api", config.api)):
         if (section.cert_file is None) != (section.key_file is None):

@@ -36,6 +36,7 @@ pytest_plugins = [
     "tests.support.browser",
     "tests.support.postgres",
     "tests.support.stores",
+    "tests.support.s3",
 ]
 
 

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.addresses import check_envelope
 from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys
-from gateway.archive.store import ArchiveIndex, SqlBlobStore
+from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
 from gateway.batching import Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
@@ -45,6 +45,7 @@ from gateway.model import Envelope
 from gateway.observability.logging import get_logger, write_private_file
 from gateway.observability.metrics import Metrics
 from gateway.spool import Spool
+from gateway.storage.stores import Storage
 
 log = get_logger("gateway.archive")
 
@@ -154,17 +155,29 @@ def retention_of(config: Config) -> Retention:
     )
 
 
+def blob_store(config: Config, index: ArchiveIndex) -> BlobStore:
+    """Where the archive's content goes (storage.blobs)."""
+    where = config.storage.blobs
+    if where == "files":
+        return FileBlobStore(archive_dir(config) / "blobs")
+    if where.startswith("s3://"):
+        from gateway.storage.s3 import S3BlobStore
+
+        return S3BlobStore.from_config(config)
+    return SqlBlobStore(index.db)
+
+
 def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
     """The archive at <state_dir>/archive, as configured.  ``create``: make the
     directory and keys when missing (the daemon); else ConfigError (the CLI)."""
     directory = archive_dir(config)
-    path = directory / "index.db"
-    if not create and not path.exists():
+    storage = Storage(config)
+    if not create and not storage.exists("archive"):
         raise ConfigError("archive", f"no archive at {directory} (has the gateway run?)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys = master_keys(config, create)
     signer = signing_key(config, create)
-    index = ArchiveIndex(path, subjects=config.archive.index_subjects)
+    index = ArchiveIndex(storage.open("archive"), subjects=config.archive.index_subjects)
     try:
         # The log's name is fixed when it is made: checkpoints are signed under it.
         stored = index.db.execute("SELECT value FROM settings WHERE name='origin'").fetchone()
@@ -177,7 +190,7 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
         if stored is None:
             index.put_setting("origin", origin)
         archive = Archive(
-            SqlBlobStore(index.db), index, keys, origin, signer, origin, retention_of(config)
+            blob_store(config, index), index, keys, origin, signer, origin, retention_of(config)
         )
         archive.enforce_floor()
     except ArchiveError as e:

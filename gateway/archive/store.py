@@ -19,6 +19,7 @@ from typing import Protocol
 
 from gateway.durable import fsync_dir, write_file
 from gateway.storage.database import Database, Dialect, Schema
+from gateway.storage.migrations import Versioned, prepare
 
 
 class BlobStore(Protocol):
@@ -89,7 +90,7 @@ class SqlBlobStore:
 
     def __init__(self, db: Database):
         self.db = db
-        self.db.create(BLOB_SCHEMA)
+        prepare(self.db, Versioned("archive_blobs", (BLOB_SCHEMA,)))
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         self.db.execute(
@@ -236,8 +237,8 @@ class ArchiveIndex:
             # NORMAL: commits reach the disk at the latest when `make_durable` syncs
             # the write-ahead log - which the queue does before a spool file may go
             self.db, self.path = Database.sqlite(where, synchronous="NORMAL"), where
-        self.db.create(INDEX_SCHEMA)
-        if subjects:
+        prepare(self.db, Versioned("archive", (INDEX_SCHEMA,)))
+        if subjects:  # the index of subjects is made when it is first asked for
             self.db.create(SUBJECTS[self.db.dialect])
         self.subjects = subjects
 

@@ -25,6 +25,7 @@ from gateway.crypto.certs import CertificateError, check, is_ca, read_certificat
 from gateway.crypto.pgp import PgpError, is_pgp, read_keys
 from gateway.probe.facts import KeyInfo, KnownKeys
 from gateway.storage.database import Database, Dialect, Schema
+from gateway.storage.migrations import Versioned, prepare
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS keys (
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS log (
 CREATE TABLE IF NOT EXISTS changes (n BIGINT NOT NULL);
 INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
 """)
+VERSIONED = Versioned("keydir", (SCHEMA,))
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class KeyDirectory:
         """``where``: the SQLite file (``<state_dir>/keydir.db``), or an open
         `Database` (SQLite or PostgreSQL)."""
         self._db = where if isinstance(where, Database) else Database.sqlite(where)
-        self._db.create(SCHEMA)
+        prepare(self._db, VERSIONED)
 
     def close(self) -> None:
         self._db.close()

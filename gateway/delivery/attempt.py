@@ -42,7 +42,6 @@ from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.events import EncryptionFailure, Event
-from gateway.layout import StateLayout
 from gateway.model import Envelope, PortalAuth
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
@@ -53,8 +52,9 @@ from gateway.policy.model import DELIVERY_MODES, Decision, Mode
 from gateway.probe.dns import Resolver
 from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
-from gateway.probe.mta_sts import StsCache, enforce
+from gateway.probe.mta_sts import SqlStsStore, StsCache, enforce
 from gateway.probe.prober import Prober, ProbeSettings
+from gateway.storage.stores import Storage
 
 log = get_logger("gateway.delivery")
 
@@ -148,7 +148,11 @@ class DeliveryAgent:
             dane=config.dns.dnssec == "trust-ad",
         )
         if self.sts is None:
-            self.sts = StsCache(self.resolver, path=StateLayout(config.state_dir).mta_sts_cache)
+            storage = Storage(config)
+            if storage.shared:  # every node knows every domain's policy
+                self.sts = StsCache(self.resolver, store=SqlStsStore(storage.open("mta_sts")))
+            else:
+                self.sts = StsCache(self.resolver, path=storage.path("mta_sts"))
         self.sts.resolver = self.resolver
         self.sts.port = config.mta_sts.port
         self.sts.ca_file = config.tls.ca_file

@@ -27,7 +27,6 @@ from gateway.archive.service import ArchiveService, master_keys
 from gateway.config import Config, HostPort
 from gateway.delivery.results import Deposited, RecipientResult
 from gateway.events import Event
-from gateway.layout import StateLayout
 from gateway.model import Envelope, PortalAuth, Purpose, strongest_auth
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
@@ -41,6 +40,7 @@ from gateway.portal.credentials import (
 from gateway.portal.oidc import OidcClient, OidcError
 from gateway.portal.store import OPEN, CodeCheck, Item, PortalStore
 from gateway.spool.submit import Submit
+from gateway.storage.stores import Storage
 
 log = get_logger("gateway.portal")
 T = TypeVar("T")
@@ -67,7 +67,7 @@ class Portal:
         pc = config.portal
         self.sender = pc.from_address or f"no-reply@{hostname}"
         self.base_url = (pc.base_url or f"https://{pc.listen}").rstrip("/")
-        self.store = PortalStore(StateLayout(config.state_dir).portal_db, master_keys(config, True))
+        self.store = PortalStore(Storage(config).open("portal"), master_keys(config, True))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
         self._hasher = ThreadPoolExecutor(2, thread_name_prefix="portal-hash")

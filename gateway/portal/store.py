@@ -23,6 +23,7 @@ from typing import Any
 from gateway.archive.sealing import MasterKeys, open_sealed, seal
 from gateway.model import PortalAuth
 from gateway.storage.database import Database, Schema
+from gateway.storage.migrations import Versioned, prepare
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS items (
@@ -88,6 +89,17 @@ MIGRATIONS = (
     ("sessions", "stage", "TEXT NOT NULL DEFAULT 'open'"),
 )
 
+
+def _version_1(db: Database) -> None:
+    """The tables (a file from before versions were recorded gets the columns it
+    lacks)."""
+    db.create(SCHEMA)
+    for table, column, kind in MIGRATIONS:
+        db.add_column(table, column, kind)
+
+
+VERSIONED = Versioned("portal", (_version_1,))
+
 OPEN, SET_PASSWORD = "open", "set-password"  # session stages
 # where attempts are counted: table, key column, failures column, locked-until column
 _ITEM_COUNTS = ("items", "id", "failed_codes", "locked_until")
@@ -145,9 +157,7 @@ class PortalStore:
             where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             where = Database.sqlite(where)
         self.db = where
-        self.db.create(SCHEMA)
-        for table, column, kind in MIGRATIONS:
-            self.db.add_column(table, column, kind)
+        prepare(self.db, VERSIONED)
         self.keys = keys
         self.clock = clock  # every expiry, lockout and session is measured by it
 

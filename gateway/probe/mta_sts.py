@@ -44,6 +44,7 @@ from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.https import FetchError
 from gateway.storage.database import Database, Schema, StorageError
+from gateway.storage.migrations import Versioned, prepare
 
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31557600
@@ -272,7 +273,7 @@ class SqlStsStore:
 
     def __init__(self, db: Database):
         self.db = db
-        self.db.create(STS_SCHEMA)
+        prepare(self.db, Versioned("mta_sts", (STS_SCHEMA,)))
 
     def load(self, now: float) -> dict[str, _Cached]:
         with self.db.transaction():

@@ -52,7 +52,6 @@ from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.results import Attempted, AttemptEvidence
 from gateway.errors import SealgateError, SpoolError
 from gateway.events import Event
-from gateway.layout import StateLayout
 from gateway.model import Envelope, Purpose, RecipientState
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
@@ -67,6 +66,7 @@ from gateway.queue.store import (
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
 from gateway.spool.submit import Submit
+from gateway.storage.stores import Storage
 
 log = get_logger("gateway.queue")
 T = TypeVar("T")
@@ -173,8 +173,8 @@ class QueueManager:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        path = StateLayout(self.config.state_dir).queue_db
-        self.store = await self._db(QueueStore, path)
+        storage = Storage(self.config)
+        self.store = await self._db(lambda: QueueStore(storage.open("queue")))
         self._commits = GroupCommit(self.store, self._db_thread)
         await self.agent.start()
         await self._db(self.store.release_leases)

@@ -32,6 +32,7 @@ from typing import Any
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
 from gateway.storage.database import Database, Schema, batch
+from gateway.storage.migrations import Versioned, prepare
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS messages (
@@ -84,6 +85,21 @@ CREATE TABLE IF NOT EXISTS audit (
     actor TEXT NOT NULL
 );
 """)
+
+
+def _version_1(db: Database) -> None:
+    """The tables (a file from before versions were recorded gets the columns it
+    lacks first: the indexes use them)."""
+    for table, column, decl in (
+        ("recipients", "leased", "INTEGER NOT NULL DEFAULT 0"),
+        ("messages", "finished", "REAL"),
+        ("recipients", "decision", "TEXT"),
+    ):
+        db.add_column(table, column, decl)
+    db.create(SCHEMA)
+
+
+VERSIONED = Versioned("queue", (_version_1,))
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
@@ -138,17 +154,7 @@ class QueueStore:
             # record of the message, so a lost "delivered" means a repeat delivery (at
             # least once), and a lost message row is re-added from the spool at start.
             self._db = Database.sqlite(where, synchronous="NORMAL")
-        self._migrate()
-        self._db.create(SCHEMA)
-
-    def _migrate(self) -> None:
-        """Bring a store written by an earlier version up to date (columns only added)."""
-        for table, column, decl in (
-            ("recipients", "leased", "INTEGER NOT NULL DEFAULT 0"),
-            ("messages", "finished", "REAL"),
-            ("recipients", "decision", "TEXT"),
-        ):
-            self._db.add_column(table, column, decl)
+        prepare(self._db, VERSIONED)
 
     def close(self) -> None:
         self._db.close()

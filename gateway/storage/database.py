@@ -64,9 +64,12 @@ def _postgres_sql(sql: str) -> str:
 
 
 class Database:
-    def __init__(self, dialect: Dialect, connection: Any, name: str):
+    def __init__(self, dialect: Dialect, connection: Any, name: str, auto_migrate: bool = True):
         self.dialect = dialect
         self.name = name  # for messages: the file, or the server and database
+        # whether a store may bring its tables up to date when it opens them
+        # (`gateway.storage.migrations`)
+        self.auto_migrate = auto_migrate
         self._connection = connection
         self._depth = 0
 
@@ -88,7 +91,11 @@ class Database:
 
     @classmethod
     def postgresql(
-        cls, url: str, password: str | None = None, schema: str | None = None
+        cls,
+        url: str,
+        password: str | None = None,
+        schema: str | None = None,
+        auto_migrate: bool = False,
     ) -> Database:
         """``url`` names the server and database (never the password: it comes from
         ``password``, else from libpq's ``PGPASSWORD``/``PGPASSFILE``).  ``schema``:
@@ -110,7 +117,7 @@ class Database:
         except psycopg.OperationalError as e:
             raise StorageError(f"{_without_password(url)}: {_first_line(e)}") from None
         name = _without_password(url) + (f" (schema {schema})" if schema else "")
-        return cls(Dialect.POSTGRESQL, connection, name)
+        return cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
 
     def close(self) -> None:
         self._connection.close()

@@ -1,17 +1,25 @@
 """The BlobStore contract, run against every store - files, the table on SQLite and
-on a real PostgreSQL server (a new backend - S3 with Object Lock, say - is added to
-the fixture and must pass the same tests)."""
+on a real PostgreSQL server, and S3 (moto's emulator in server mode; a new backend
+is added to the fixture and must pass the same tests) - and Object Lock on S3."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from gateway.storage.database import StorageError
+from gateway.storage.s3 import S3BlobStore
 from tests.support.stores import opener
 
 
-@pytest.fixture(params=["files", "sqlite", "postgresql"])
+@pytest.fixture(params=["files", "sqlite", "postgresql", "s3"])
 def store(tmp_path, request):
+    if request.param == "s3":  # moto's emulator of S3 (tests.support.s3)
+        s3 = request.getfixturevalue("s3")
+        yield S3BlobStore(s3.client(), s3.bucket(object_lock=False), "records/", "off", 1)
+        return
     if request.param == "postgresql":
         opened: list = []
         yield SqlBlobStore(opener("postgresql", request, tmp_path, opened)())
@@ -73,3 +81,31 @@ def test_a_file_blob_that_does_not_fit_leaves_nothing_behind(tmp_path):
             write_file(mount / "key", b"second", replace=False)
         assert (mount / "key").read_bytes() == b"first"
         assert not [p for p in mount.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_object_locked_object_cannot_be_deleted_before_its_date(s3):
+    bucket = s3.bucket(object_lock=True)
+    store = S3BlobStore(s3.client(), bucket, "records/", "compliance", 2192)
+    store.check()  # the bucket locks objects
+    store.put("msg-LOCKED", b"sealed")
+    head = s3.client().head_object(Bucket=bucket, Key="records/msg-LOCKED")
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    days = (head["ObjectLockRetainUntilDate"].timestamp() - time.time()) / 86400
+    assert 2190 < days < 2192  # the retention, less a day
+    with pytest.raises(StorageError, match="AccessDenied"):
+        store.delete("msg-LOCKED")
+    assert store.get("msg-LOCKED") == b"sealed"
+    # a plain delete only hides it behind a marker: the content stays, locked
+    s3.client().delete_object(Bucket=bucket, Key="records/msg-LOCKED")
+    assert store.get("msg-LOCKED") is None  # and verify would report it gone
+    versions = s3.client().list_object_versions(Bucket=bucket, Prefix="records/msg-LOCKED")
+    assert len(versions["Versions"]) == 1
+
+
+def test_a_bucket_without_object_lock_or_at_all_is_named(s3):
+    plain = s3.bucket(object_lock=False)
+    with pytest.raises(StorageError, match="Object Lock is not enabled on the bucket"):
+        S3BlobStore(s3.client(), plain, "", "governance", 30).check()
+    S3BlobStore(s3.client(), plain, "", "off", 30).check()
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        S3BlobStore(s3.client(), "no-such-bucket", "", "off", 30).check()

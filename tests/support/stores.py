@@ -32,7 +32,7 @@ def opener(
     password = server.password_file.read_text().strip()
 
     def open_pg() -> Database:
-        opened.append(Database.postgresql(url, password))
+        opened.append(Database.postgresql(url, password, auto_migrate=True))
         return opened[-1]
 
     return open_pg
