@@ -44,7 +44,11 @@ from gateway.errors import ConfigError, SpoolError
 from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.portal import cli as portal_cli
+from gateway.storage import cli as storage_cli
+from gateway.storage.database import StorageError
+from gateway.storage.stores import Storage
 
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 SYSTEM_CONFIG = Path("/etc/sealgate/config.yaml")
 
@@ -116,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         qa.add_argument("queue_ids", nargs="+", metavar="ID")
     archive_cli.add_parsers(sub, with_config)
     portal_cli.add_parsers(sub, with_config)
+    storage_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -155,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sealgate: configuration error: {e}", file=sys.stderr)
         return EX_CONFIG
+    except StorageError as e:
+        # unreachable: systemd tries again (RestartSec); anything else is a setting to
+        # fix, and 78 stops the restarts (RestartPreventExitStatus)
+        print(f"sealgate: storage: {e}", file=sys.stderr)
+        return EX_TEMPFAIL if e.temporary else EX_CONFIG
     except KeyboardInterrupt:
         return 130
 
@@ -169,6 +179,11 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         policy = check_references(config, source)
         for warning in config_warnings(config):
             print(f"{source}: warning: {warning}", file=sys.stderr)
+        problems = storage_cli.check(config)
+        for problem in problems:
+            print(f"{source}: {problem}", file=sys.stderr)
+        if problems:
+            return EX_CONFIG
         print(f"{source}: configuration OK")
         print(f"{policy.source}: policy OK ({len(policy.rules)} rules, {policy.stamp})")
         return 0
@@ -190,6 +205,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return archive_cli.run(config, args)
     if args.command == "portal":
         return portal_cli.run(config, args)
+    if args.command == "storage":
+        return storage_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)
@@ -214,8 +231,9 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
             return 1
     from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 
-    path = StateLayout(config.state_dir).keydir_db
-    directory = KeyDirectory(path) if path.exists() else None  # the keys the daemon would use
+    storage = Storage(config)
+    # the keys the daemon would use
+    directory = KeyDirectory(storage.open("keydir")) if storage.exists("keydir") else None
     try:
         keys = DirectoryKeyStore(directory) if directory is not None else None
         features, explained = asyncio.run(
@@ -240,7 +258,7 @@ def _keys(config: Config, args: argparse.Namespace) -> int:  # noqa: C901 - one 
         until = datetime.datetime.fromtimestamp(k.not_after, datetime.UTC).date()
         return f"{k.fingerprint}  {k.kind:<5}  until {until}  {', '.join(k.addresses)}  {k.subject}"
 
-    directory = KeyDirectory(StateLayout(config.state_dir).keydir_db)
+    directory = KeyDirectory(Storage(config).open("keydir"))
     try:
         if args.keys_command == "import":
             try:
@@ -335,8 +353,8 @@ def _spool(config: Config) -> Any:
 def _store(config: Config) -> Any:
     from gateway.queue.store import QueueStore
 
-    path = StateLayout(config.state_dir).queue_db
-    return QueueStore(path) if path.exists() else None
+    storage = Storage(config)
+    return QueueStore(storage.open("queue")) if storage.exists("queue") else None
 
 
 def _summary(env: Envelope, store: Any) -> dict[str, Any]:

@@ -90,7 +90,7 @@ class SqlBlobStore:
 
     def __init__(self, db: Database):
         self.db = db
-        prepare(self.db, Versioned("archive_blobs", (BLOB_SCHEMA,)))
+        prepare(self.db, BLOB_VERSIONED)
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
         self.db.execute(
@@ -206,6 +206,8 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 """)
+INDEX_VERSIONED = Versioned("archive", (INDEX_SCHEMA,))
+BLOB_VERSIONED = Versioned("archive_blobs", (BLOB_SCHEMA,))
 # Subjects for search: SQLite's full-text index, PostgreSQL's text search (the same
 # matching: words, case folded, a phrase in order).
 SUBJECTS = {
@@ -237,7 +239,7 @@ class ArchiveIndex:
             # NORMAL: commits reach the disk at the latest when `make_durable` syncs
             # the write-ahead log - which the queue does before a spool file may go
             self.db, self.path = Database.sqlite(where, synchronous="NORMAL"), where
-        prepare(self.db, Versioned("archive", (INDEX_SCHEMA,)))
+        prepare(self.db, INDEX_VERSIONED)
         if subjects:  # the index of subjects is made when it is first asked for
             self.db.create(SUBJECTS[self.db.dialect])
         self.subjects = subjects

@@ -187,6 +187,8 @@ class DeliveryAgent:
         if self._retired:
             await asyncio.wait(self._retired, timeout=5)
         self.transform.close()
+        if self.sts is not None and self.sts.store is not None:
+            self.sts.store.close()
 
     def forget(self, queue_id: str) -> None:
         """The message is done or waits minutes for its next attempt."""

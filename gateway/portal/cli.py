@@ -20,7 +20,7 @@ from typing import Any
 from gateway.actor import cli_actor
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.layout import StateLayout
+from gateway.storage.stores import Storage
 
 
 def add_parsers(
@@ -50,10 +50,11 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from gateway.archive.service import master_keys
     from gateway.portal.store import PortalStore
 
-    path = StateLayout(config.state_dir).portal_db
-    if not path.exists():
-        raise ConfigError("portal", f"no portal store at {path} (has the gateway run?)")
-    store = PortalStore(path, master_keys(config, create=False))
+    storage = Storage(config)
+    if not storage.exists("portal"):
+        where = storage.path("portal")
+        raise ConfigError("portal", f"no portal store at {where} (has the gateway run?)")
+    store = PortalStore(storage.open("portal"), master_keys(config, create=False))
     try:
         if args.portal_command == "list":
             return _list(store, args.json)

@@ -216,6 +216,8 @@ class StsStore(Protocol):
 
     def save(self, domain: str, cached: _Cached) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class JsonStsStore:
     """One JSON file, written whole and renamed over the old one."""
@@ -223,6 +225,9 @@ class JsonStsStore:
     def __init__(self, path: Path):
         self.path = path
         self._all: dict[str, dict[str, object]] = {}
+
+    def close(self) -> None:
+        pass  # each save wrote the file whole
 
     def load(self, now: float) -> dict[str, _Cached]:
         """The policies still valid; a missing or unreadable file is an empty store."""
@@ -268,12 +273,18 @@ CREATE TABLE IF NOT EXISTS mta_sts_policies (
 """)
 
 
+STS_VERSIONED = Versioned("mta_sts", (STS_SCHEMA,))
+
+
 class SqlStsStore:
     """A table in the shared database: every node knows every domain's policy."""
 
     def __init__(self, db: Database):
         self.db = db
-        prepare(self.db, Versioned("mta_sts", (STS_SCHEMA,)))
+        prepare(self.db, STS_VERSIONED)
+
+    def close(self) -> None:
+        self.db.close()
 
     def load(self, now: float) -> dict[str, _Cached]:
         with self.db.transaction():

@@ -27,7 +27,13 @@ from gateway.errors import SealgateError
 
 
 class StorageError(SealgateError):
-    """The store cannot be reached or used; the message says why."""
+    """The store cannot be reached or used; the message says why.  ``temporary``: it
+    may work if tried again (the server is unreachable), as opposed to a setting to
+    fix (authentication, a database that does not exist, a schema too new)."""
+
+    def __init__(self, message: str, temporary: bool = False):
+        super().__init__(message)
+        self.temporary = temporary
 
 
 class Dialect(enum.StrEnum):
@@ -115,7 +121,7 @@ class Database:
             if schema is not None:
                 connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         except psycopg.OperationalError as e:
-            raise StorageError(f"{_without_password(url)}: {_first_line(e)}") from None
+            raise connect_error(_without_password(url), e) from None
         name = _without_password(url) + (f" (schema {schema})" if schema else "")
         return cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
 
@@ -293,6 +299,26 @@ def batch(
                 results.append((None, e))
             db.execute("RELEASE SAVEPOINT operation")
     return results
+
+
+# what libpq says when the server is there but refuses us (a setting to fix)
+_REFUSED = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "password",
+    "SSL",
+)
+
+
+def connect_error(where: str, error: BaseException) -> StorageError:
+    """A failed connection, said plainly: refused (fix a setting) or unreachable (try
+    again later)."""
+    reason = _first_line(error)
+    if any(r in reason for r in _REFUSED):
+        return StorageError(f"{where}: refused: {reason}")
+    return StorageError(f"{where}: unreachable: {reason}", temporary=True)
 
 
 def _without_password(url: str) -> str:

@@ -10,12 +10,14 @@ stores keep their table names and an administrator sees which table is whose.
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.layout import StateLayout
 from gateway.storage.database import Database
+from gateway.storage.migrations import Versioned, migrate, stored_version
 
 STORES = ("queue", "keydir", "portal", "archive", "mta_sts")
 
@@ -79,3 +81,77 @@ class Storage:
             return path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError("storage.password_file", f"cannot read {path}: {e}") from None
+
+
+def schemas(store: str, config: Config) -> list[Versioned]:
+    """The versioned tables kept in ``store``'s database."""
+    from gateway.archive.store import BLOB_VERSIONED, INDEX_VERSIONED
+    from gateway.crypto.keydir import VERSIONED as KEYDIR
+    from gateway.portal.store import VERSIONED as PORTAL
+    from gateway.probe.mta_sts import STS_VERSIONED
+    from gateway.queue.store import VERSIONED as QUEUE
+
+    return {
+        "queue": [QUEUE],
+        "keydir": [KEYDIR],
+        "portal": [PORTAL],
+        "archive": [INDEX_VERSIONED]
+        + ([BLOB_VERSIONED] if config.storage.blobs == "database" else []),
+        "mta_sts": [STS_VERSIONED],
+    }[store]
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    store: str  # the store's connection (queue, archive, ...)
+    schema: str  # the tables' name in sealgate_schema
+    have: int
+    wanted: int
+
+    @property
+    def verdict(self) -> str:
+        if self.have == self.wanted:
+            return "up to date"
+        if self.have > self.wanted:
+            return "newer than this Sealgate knows: upgrade it"
+        return (
+            "needs 'sealgate storage migrate'"
+            if self.have
+            else "empty: needs 'sealgate storage migrate'"
+        )
+
+
+def stores_of(storage: Storage) -> tuple[str, ...]:
+    """The stores this configuration keeps in databases."""
+    return STORES if storage.shared else tuple(s for s in STORES if s != "mta_sts")
+
+
+def status(storage: Storage) -> list[SchemaState]:
+    """Each store's schema versions, without changing anything (StorageError: the
+    database cannot be reached or used)."""
+    found = []
+    for store in stores_of(storage):
+        if not storage.exists(store):
+            continue
+        db = storage.open(store, auto_migrate=False)
+        try:
+            for schema in schemas(store, storage.config):
+                have = stored_version(db, schema.store)
+                found.append(SchemaState(store, schema.store, have, schema.version))
+        finally:
+            db.close()
+    return found
+
+
+def migrate_all(storage: Storage) -> list[tuple[str, int, int]]:
+    """Bring every store's tables up to this version: (schema, before, after) each."""
+    done = []
+    for store in stores_of(storage):
+        db = storage.open(store, auto_migrate=True)
+        try:
+            for schema in schemas(store, storage.config):
+                before, after = migrate(db, schema)
+                done.append((schema.store, before, after))
+        finally:
+            db.close()
+    return done
