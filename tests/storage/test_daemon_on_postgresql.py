@@ -42,9 +42,7 @@ async def test_mail_is_delivered_archived_and_verified_with_the_stores_in_postgr
     gw = await start(gateway_factory, world, pki, **overrides)
     queue_id = await send(gw, ["r@dest.test", "bcc@dest.test"])
     await wait_until(lambda: dest.received, what="delivery")
-    await wait_until(
-        lambda: state(gw, queue_id)["r@dest.test"][0] == "delivered", what="recorded"
-    )
+    await wait_until(lambda: state(gw, queue_id)["r@dest.test"][0] == "delivered", what="recorded")
     assert not (tmp_path / "state" / "queue.db").exists()  # nothing in SQLite
     assert not (tmp_path / "state" / "archive" / "index.db").exists()
     await gw.stop()
