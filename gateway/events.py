@@ -50,6 +50,7 @@ class Event(enum.StrEnum):
     MESSAGE_DONE = "queue.message-done"
     MESSAGE_QUARANTINED = "queue.message-quarantined"
     QUEUE_STORE_FAILED = "queue.store-failed"
+    CLUSTER_TAKEOVER = "cluster.takeover"
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"

@@ -339,6 +339,18 @@ class ArchiveService:
         else they are read from the spool)."""
         self._track(envelope.queue_id, self._journal_job(envelope, data))
 
+    def ensure(self, envelope: Envelope, data: bytes) -> None:
+        """Journal a message another node accepted, if the archive lacks it (that
+        node stopped before its journal committed)."""
+        job = self._journal_job(envelope, data)
+
+        def journal_if_missing() -> Any:
+            if self.archive.has_content(envelope.queue_id):
+                return None
+            return job()
+
+        self._track(envelope.queue_id, journal_if_missing)
+
     def attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> None:
         """One attempt's outcome and evidence for some recipients."""
         self._track(queue_id, lambda: self.archive.journal_attempt(queue_id, recipients))

@@ -234,7 +234,8 @@ class ArchiveIndex:
 
     def __init__(self, where: Path | Database, subjects: bool = False):
         if isinstance(where, Database):
-            self.db, self.path = where, None
+            self.db = where
+            self.path = Path(where.name) if where.dialect is Dialect.SQLITE else None
         else:
             # NORMAL: commits reach the disk at the latest when `make_durable` syncs
             # the write-ahead log - which the queue does before a spool file may go

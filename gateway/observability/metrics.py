@@ -112,6 +112,29 @@ class Metrics:
             "Age of the oldest message not yet finished (0: the queue is empty)",
             registry=r,
         )
+        self.cluster_unshared = Gauge(
+            "sealgate_cluster_unshared_messages",
+            "Messages this node acknowledged whose content is not yet in the shared store "
+            "(cluster.ack: local): lost if this node and its disk are lost now",
+            registry=r,
+        )
+        self.cluster_possible_duplicates = Counter(
+            "sealgate_cluster_possible_duplicates_total",
+            "Recipients taken over from a node that stopped renewing its leases while an "
+            "attempt of its own may have been under way (the remote server may get a second copy)",
+            registry=r,
+        )
+        self.cluster_takeovers = Counter(
+            "sealgate_cluster_takeovers_total",
+            "Leases of silent nodes released by this node for any node to deliver",
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "sealgate_storage_errors_total",
+            "Operations on the shared store that failed because it could not be reached "
+            "(retried; deliveries pause meanwhile)",
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "sealgate_certificate_expiry_timestamp_seconds",
             "When a certificate the gateway presents expires (Unix time), by use: smtp "

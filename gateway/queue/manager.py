@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from gateway import __version__
 from gateway.addresses import EnvelopeProblems, check_envelope, printable_envelope
 from gateway.archive.service import ArchiveService
 from gateway.batching import Batcher, Job, run_each
@@ -66,6 +67,7 @@ from gateway.queue.store import (
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
 from gateway.spool.submit import Submit
+from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
 
 log = get_logger("gateway.queue")
@@ -73,6 +75,7 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 1.0  # also picks up `sealgate queue retry/hold/release/delete`
 PRUNE_INTERVAL = 60.0
+SETTLE = 300.0  # a cluster's unfinished messages: left to the node finishing them this long
 DURABLE_EVERY = 0.05  # seconds between archive syncs before spool files are removed
 # Messages read at arrival wait here for their first attempt (no second read); the
 # spool file stays the durable copy.
@@ -133,6 +136,8 @@ class QueueManager:
             lambda: 0.0 if self._oldest is None else max(0.0, time.time() - self._oldest)
         )
         self.store: QueueStore | None = None
+        # with a shared store (storage.database: PostgreSQL): this node's id
+        self.node: str | None = None
         self._commits: GroupCommit
         self._wake = asyncio.Event()
         self._stopping = False
@@ -143,6 +148,8 @@ class QueueManager:
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
         )
+        # acknowledged here, not recorded yet: the shared store could not be reached
+        self._unrecorded: dict[str, int] = {}  # queue id -> size
         self._cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
         self._cached_bytes = 0
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
@@ -174,10 +181,16 @@ class QueueManager:
 
     async def start(self) -> None:
         storage = Storage(self.config)
-        self.store = await self._db(lambda: QueueStore(storage.open("queue")))
+        self.node = storage.node_id if storage.shared else None
+        self.store = await self._db(lambda: QueueStore(storage.open("queue"), self.node))
         self._commits = GroupCommit(self.store, self._db_thread)
         await self.agent.start()
         await self._db(self.store.release_leases)
+        if self.node is not None:
+            await self._db(self.store.joined)
+            self.metrics.cluster_unshared.set_function(
+                lambda: len(self._enqueues) + len(self._unrecorded)
+            )
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
         added, poison, leftover = await self._db(self._reconcile, keep)
@@ -199,13 +212,16 @@ class QueueManager:
         not be spooled: retried every `PRUNE_INTERVAL`).  Returns how many."""
         assert self.store is not None
         finished = 0
-        for queue_id in await self._db(self.store.unfinished):
+        # with several nodes, only messages settled for a while: the node that made
+        # the last recipient final is finishing it (one DSN, not one per node)
+        settled = time.time() - (SETTLE if self.node is not None else 0)
+        for queue_id in await self._db(self.store.unfinished, settled):
             message = await self._db(self.store.message, queue_id)
             if queue_id in self._finishing or (message or {}).get("done"):
                 continue  # its attempt is finishing it, or has just done so
             finished += 1
             try:
-                envelope, data = await self._db(self.spool.read, queue_id)
+                envelope, data = await self._read(queue_id)
             except SpoolError:  # removed already: only the state store lagged
                 await self._db(self.store.finish, queue_id, False)
                 continue
@@ -267,14 +283,17 @@ class QueueManager:
         for envelope in ready:
             await self._db(self.spool.remove, envelope.queue_id, envelope.size)
 
-    def _add_checked(self, envelope: Envelope, lease: bool) -> bool:
+    def _add_checked(self, envelope: Envelope, lease: bool, data: bytes | None = None) -> bool:
         """In the database thread: record a spooled message, if its envelope passes
-        the listener's checks (`Poison` if not)."""
+        the listener's checks (`Poison` if not); with several nodes, its content too
+        (read from the spool when not given)."""
         assert self.store is not None
         problems = check_envelope(envelope)
         if not problems.ok:
             raise Poison(problems)
-        return self.store.add(envelope, lease=lease)
+        if self.node is not None and data is None:
+            envelope, data = self.spool.read(envelope.queue_id)
+        return self.store.add(envelope, lease=lease, data=data if self.node else None)
 
     async def stop(self, grace: float = 10.0) -> None:
         # A flag, not Task.cancel(): asyncio.wait_for in Python 3.11 can swallow a
@@ -331,6 +350,13 @@ class QueueManager:
         except SpoolError as e:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
             return
+        except StorageError as e:  # the shared store went away: recorded when it is back
+            if not e.temporary:
+                raise
+            self.metrics.storage_errors.inc()
+            self._unrecorded[queue_id] = size if size is not None else 0
+            log.error(Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200])
+            return
         except Exception as e:  # noqa: BLE001 - a message we cannot take: set aside
             await self._quarantine(queue_id, _why(e))
             return
@@ -377,7 +403,9 @@ class QueueManager:
                 envelope, data = self.spool.read(queue_id)
             elif envelope is None:
                 envelope = read_envelope(self.spool.path_of(queue_id))
-        added = self._add_checked(envelope, lease)
+        if self.node is not None and data is None:  # shared: every byte goes to the store
+            envelope, data = self.spool.read(queue_id)
+        added = self._add_checked(envelope, lease, data)
         return envelope, data, added
 
     def _cache_put(self, envelope: Envelope, data: bytes) -> None:
@@ -396,27 +424,81 @@ class QueueManager:
     # -- scheduling -----------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self.store is not None
-        last_depth = last_prune = 0.0
+        """Claim and start attempts, keep the gauges, prune; with several nodes also
+        renew this node's heartbeat and take over silent nodes' leases.  A store that
+        cannot be reached pauses all of it (nothing is guessed) until it is back."""
+        self._last = dict.fromkeys(("depth", "prune", "beat"), 0.0)
         while not self._stopping:
-            now = time.time()
-            # Claim no more than can start soon: the rest stay in the database.
-            room = 2 * self.config.delivery.concurrency - len(self._attempts)
-            due = await self._db(self.store.claim, now, room) if room > 0 else []
-            self._start(due)
-            if now - last_depth >= POLL_INTERVAL:
-                last_depth = now
-                for state, count in (await self._db(self.store.depth)).items():
-                    self.metrics.queue_recipients.labels(state).set(count)
-                self._oldest = await self._db(self.store.oldest_open)
-            if now - last_prune >= PRUNE_INTERVAL:
-                last_prune = now
-                await self._finish_unfinished()
-                before = now - self.config.delivery.history_retention
-                await self._db(self.store.prune, before)
+            try:
+                await self._round()
+            except StorageError as e:
+                if not e.temporary:
+                    raise
+                self.metrics.storage_errors.inc()
+                log.error(Event.QUEUE_STORE_FAILED, error=str(e)[:200], retry=POLL_INTERVAL)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+
+    async def _round(self) -> None:
+        assert self.store is not None
+        last = self._last
+        now = time.time()
+        if self.node is not None and now - last["beat"] >= self.config.cluster.lease_timeout / 3:
+            await self._beat(now)
+            last["beat"] = now
+        if self._unrecorded:
+            await self._record_unrecorded()
+        # Claim no more than can start soon: the rest stay in the database.
+        room = 2 * self.config.delivery.concurrency - len(self._attempts)
+        due = await self._db(self.store.claim, now, room) if room > 0 else []
+        self._start(due)
+        if now - last["depth"] >= POLL_INTERVAL:
+            last["depth"] = now
+            for state, count in (await self._db(self.store.depth)).items():
+                self.metrics.queue_recipients.labels(state).set(count)
+            self._oldest = await self._db(self.store.oldest_open)
+        if now - last["prune"] >= PRUNE_INTERVAL:
+            last["prune"] = now
+            await self._finish_unfinished()
+            before = now - self.config.delivery.history_retention
+            await self._db(self.store.prune, before)
+            if self.node is not None:
+                await self._remove_finished_elsewhere()
+
+    async def _beat(self, now: float) -> None:
+        """This node is alive; nodes silent for ``cluster.lease_timeout`` lose their
+        leases (their recipients are claimed by whichever node asks next: the bytes
+        come from the shared store)."""
+        assert self.store is not None
+        info = {"version": __version__, "attempts": len(self._attempts)}
+        await self._db(self.store.heartbeat, info, now)
+        freed = await self._db(self.store.take_over, self.config.cluster.lease_timeout, now)
+        for node, count in freed.items():
+            self.metrics.cluster_takeovers.inc(count)
+            # it may have been in the middle of an attempt for each of them
+            self.metrics.cluster_possible_duplicates.inc(count)
+            log.warning(Event.CLUSTER_TAKEOVER, node=node, recipients=count)
+        if freed:
+            self._wake.set()
+
+    async def _record_unrecorded(self) -> None:
+        """Messages acknowledged while the shared store was away: recorded now."""
+        for queue_id, size in list(self._unrecorded.items()):
+            del self._unrecorded[queue_id]
+            await self.enqueue(queue_id, size=size)
+            if queue_id in self._unrecorded:
+                return  # still away: the next round tries again
+
+    async def _remove_finished_elsewhere(self) -> None:
+        """Spool files of messages another node finished (once this node's own
+        records of them are in the archive)."""
+        assert self.store is not None
+        local = await self._db(self.spool.queue_ids)
+        for queue_id in await self._db(self.store.done_among, local):
+            if self.archive is not None and not await self.archive.written(queue_id):
+                continue
+            self._removals.post(functools.partial(self.spool.remove, queue_id))
 
     def _start(self, leased: list[RecipientRow]) -> None:
         """An attempt per message and recipient domain, for recipients leased to us."""
@@ -456,8 +538,7 @@ class QueueManager:
         """One attempt for ``rows`` by the delivery agent, its results recorded; the
         message, and every recipient when this made the last of them final (the
         caller finishes it)."""
-        cached = self._cache.get(queue_id)
-        envelope, data = cached if cached is not None else await self._db(self.spool.read, queue_id)
+        envelope, data = await self._read(queue_id)
         attempted = await self.agent.attempt(envelope, data, domain, list(rows))
         now = time.time()
         records = [
@@ -470,6 +551,23 @@ class QueueManager:
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
+
+    async def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """A message's envelope and bytes: kept from its arrival, else from the spool,
+        else (another node accepted it) from the shared store."""
+        cached = self._cache.get(queue_id)
+        if cached is not None:
+            return cached
+        try:
+            return await self._db(self.spool.read, queue_id)
+        except SpoolError:
+            if self.node is None:
+                raise
+            assert self.store is not None
+            found = await self._db(self.store.content, queue_id)
+            if found is None:
+                raise
+            return found
 
     async def _record(
         self,
@@ -494,7 +592,7 @@ class QueueManager:
         while True:
             try:
                 return await self._commits.run(write)
-            except sqlite3.OperationalError as e:
+            except (sqlite3.OperationalError, StorageError) as e:
                 if self._stopping:
                     raise  # not recorded: the leases end at the next start, tried again
                 self.metrics.queue_store_errors.inc()
@@ -550,7 +648,7 @@ class QueueManager:
             self._archive_attempt(queue_id, rows, records)
             if final is not None:
                 try:
-                    envelope, data = await self._db(self.spool.read, queue_id)
+                    envelope, data = await self._read(queue_id)
                 except SpoolError:  # nothing left to report from: done
                     await self._db(self.store.finish, queue_id, False)
                     return
@@ -681,6 +779,8 @@ class QueueManager:
         only while the gateway stopped."""
         if not self._removed_all:
             self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
+        if self.node is not None and self.store is not None:  # and the shared copy
+            self._spawn(self._db(self.store.drop_content, envelope.queue_id))
 
     async def _finish(
         self,
@@ -733,6 +833,12 @@ class QueueManager:
             dsn_sent = True
         if failed or recovering:
             await self._db(self.store.finish, envelope.queue_id, dsn_sent)
+        if (
+            self.node is not None
+            and self.archive is not None
+            and not self.spool.path_of(envelope.queue_id).exists()
+        ):  # accepted by a node that may not have journaled it before it died
+            self.archive.ensure(envelope, data)
         if quarantined:
             dispose: Callable[[], None] = lambda: self.spool.quarantine(  # noqa: E731
                 envelope.queue_id, envelope.size

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,7 +100,32 @@ def _version_1(db: Database) -> None:
     db.create(SCHEMA)
 
 
-VERSIONED = Versioned("queue", (_version_1,))
+def _version_2(db: Database) -> None:
+    """Several nodes: which node accepted a message and whether its content is in
+    the shared store (``contents``: any node can deliver it), which node holds a
+    recipient's lease, and each node's heartbeat."""
+    db.add_column("messages", "node", "TEXT")
+    db.add_column("messages", "shared", "INTEGER NOT NULL DEFAULT 0")
+    db.add_column("recipients", "owner", "TEXT")
+    db.create(CLUSTER_SCHEMA)
+
+
+CLUSTER_SCHEMA = Schema("""
+CREATE TABLE IF NOT EXISTS contents (
+    queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
+    envelope TEXT NOT NULL,
+    data {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    started {real} NOT NULL,
+    heartbeat {real} NOT NULL,
+    info TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_leased ON recipients(owner) WHERE leased=1;
+""")
+
+VERSIONED = Versioned("queue", (_version_1, _version_2))
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
@@ -142,9 +168,12 @@ class RecipientRow:
 
 
 class QueueStore:
-    def __init__(self, where: Path | Database):
+    def __init__(self, where: Path | Database, node: str | None = None):
         """``where``: the SQLite file (``<state_dir>/queue.db``), or an open `Database`
-        (SQLite or PostgreSQL)."""
+        (SQLite or PostgreSQL).  ``node``: this node's id when several nodes share
+        the store - leases are then this node's own, and a message is claimed only
+        when its content is in the store or on this node; None: the only node."""
+        self.node = node
         self.path = None if isinstance(where, Database) else where
         if isinstance(where, Database):
             self._db = where
@@ -175,32 +204,136 @@ class QueueStore:
 
     # -- messages -------------------------------------------------------------------
 
-    def add(self, envelope: Envelope, now: float | None = None, lease: bool = False) -> bool:
+    def add(
+        self,
+        envelope: Envelope,
+        now: float | None = None,
+        lease: bool = False,
+        data: bytes | None = None,
+    ) -> bool:
         """Record a spooled message; False if it is known already (recovery).  With
-        ``lease``, its recipients are taken for an attempt at once (no `claim`)."""
+        ``lease``, its recipients are taken for an attempt at once (no `claim`).
+        With ``data``, the message's content is kept in the store too (shared: any
+        node can deliver it)."""
         now = time.time() if now is None else now
         if self._db.execute(
             "SELECT 1 FROM messages WHERE queue_id=?", (envelope.queue_id,)
         ).fetchone():
             return False
+        e = envelope
         statements: list[tuple[str, tuple[Any, ...]]] = [
             (
-                "INSERT INTO messages(queue_id, received_at, mail_from, size, arrived) "
-                "VALUES (?,?,?,?,?)",
-                (envelope.queue_id, envelope.received_at, envelope.mail_from, envelope.size, now),
+                "INSERT INTO messages(queue_id, received_at, mail_from, size, arrived, node, "
+                "shared) VALUES (?,?,?,?,?,?,?)",
+                (e.queue_id, e.received_at, e.mail_from, e.size, now, self.node, int(bool(data))),
             )
         ]
+        if data is not None:
+            statements.append(
+                (
+                    "INSERT INTO contents VALUES (?,?,?)",
+                    (e.queue_id, json.dumps(e.to_dict(), separators=(",", ":")), data),
+                )
+            )
+        owner = self.node if lease else None
         for idx, rcpt in enumerate(envelope.recipients):
             domain = domain_of(rcpt.address)
             statements.append(
                 (
                     "INSERT INTO recipients(queue_id, idx, address, domain, next_attempt, "
-                    "updated, leased) VALUES (?,?,?,?,?,?,?)",
-                    (envelope.queue_id, idx, rcpt.address, domain, now, now, int(lease)),
+                    "updated, leased, owner) VALUES (?,?,?,?,?,?,?,?)",
+                    (e.queue_id, idx, rcpt.address, domain, now, now, int(lease), owner),
                 )
             )
         self._tx(statements)
         return True
+
+    def content(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        """A message's envelope and bytes from the shared store (None: not there)."""
+        row = self._db.execute(
+            "SELECT envelope, data FROM contents WHERE queue_id=?", (queue_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return Envelope.from_dict(json.loads(row[0])), bytes(row[1])
+
+    def share(self, envelope: Envelope, data: bytes) -> bool:
+        """Put a message recorded already (``ack: local``, before the store was
+        reachable) into the shared store; False if it is there already."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT shared FROM messages WHERE queue_id=?" + self._db.lock_rows,  # noqa: S608 - a fixed clause
+                (envelope.queue_id,),
+            ).fetchone()
+            if row is None or row[0]:
+                return False
+            self._db.execute(
+                "INSERT INTO contents VALUES (?,?,?)",
+                (envelope.queue_id, json.dumps(envelope.to_dict(), separators=(",", ":")), data),
+            )
+            self._db.execute("UPDATE messages SET shared=1 WHERE queue_id=?", (envelope.queue_id,))
+        return True
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def heartbeat(self, info: dict[str, Any], now: float | None = None) -> None:
+        """This node is alive (renewing every lease it holds), with what `nodes`
+        shows of it (version, digests of its configuration and policy, leases)."""
+        assert self.node is not None
+        now = time.time() if now is None else now
+        self._db.execute(
+            "INSERT INTO nodes VALUES (?,?,?,?) ON CONFLICT (node_id) DO UPDATE SET "
+            "heartbeat=excluded.heartbeat, info=excluded.info",
+            (self.node, now, now, json.dumps(info)),
+        )
+
+    def joined(self, now: float | None = None) -> None:
+        """This node (re)started: its start time, and its leases from before are let
+        go (the attempts they were for died with the process)."""
+        now = time.time() if now is None else now
+        self._db.execute(
+            "INSERT INTO nodes VALUES (?,?,?,'{}') ON CONFLICT (node_id) DO UPDATE SET "
+            "started=excluded.started, heartbeat=excluded.heartbeat",
+            (self.node, now, now),
+        )
+
+    def take_over(self, lease_timeout: float, now: float | None = None) -> dict[str, int]:
+        """Release the leases of nodes silent for ``lease_timeout``: their recipients
+        are due for whichever node claims them next.  Returns leases freed per node."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            dead = [
+                n
+                for (n,) in self._db.execute(
+                    "SELECT node_id FROM nodes WHERE heartbeat < ?", (now - lease_timeout,)
+                )
+            ]
+            freed = {}
+            for node in dead:
+                count = self._db.execute(
+                    "UPDATE recipients SET leased=0, owner=NULL WHERE leased=1 AND owner=?",
+                    (node,),
+                ).rowcount
+                if count:
+                    freed[node] = count
+        return freed
+
+    def nodes(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT node_id, started, heartbeat, info, (SELECT count(*) FROM recipients r "
+            "WHERE r.leased=1 AND r.owner=n.node_id) FROM nodes n ORDER BY node_id"
+        )
+        return [
+            {"node": n, "started": s, "heartbeat": h, "leases": int(c), **json.loads(i)}
+            for n, s, h, i, c in rows
+        ]
+
+    def unshared(self) -> int:
+        """This node's messages not finished whose content is only on its disk."""
+        row = self._db.execute(
+            "SELECT count(*) FROM messages WHERE node=? AND shared=0 AND done=0", (self.node,)
+        ).fetchone()
+        return int(row[0])
 
     def known(self) -> dict[str, bool]:
         """Every message in the store -> whether it is done."""
@@ -249,13 +382,19 @@ class QueueStore:
     def due(self, now: float, limit: int = 1000, claiming: bool = False) -> list[RecipientRow]:
         """Recipients whose attempt is due and not already taken by an attempt
         (``claiming``: inside the transaction that takes them)."""
+        # with several nodes: only what this node can read (shared, or its own)
+        reachable, args = (
+            ("", [now])
+            if self.node is None
+            else (" AND (m.shared=1 OR m.node=?)", [now, self.node])
+        )
         rows = self._db.execute(
             "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "  # noqa: S608 - the claim clause is fixed
             "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
             "USING (queue_id) WHERE r.leased=0 AND r.state IN ('pending','deferred','held') "
-            "AND r.next_attempt<=? AND m.hold=0 ORDER BY r.next_attempt LIMIT ?"
+            f"AND r.next_attempt<=? AND m.hold=0{reachable} ORDER BY r.next_attempt LIMIT ?"
             + (self._db.claim_rows("r") if claiming else ""),
-            (now, limit),
+            [*args, limit],
         )
         return [_row(r) for r in rows]
 
@@ -267,8 +406,8 @@ class QueueStore:
             rows = self.due(now, limit, claiming=True)
             if rows:
                 self._db.executemany(
-                    "UPDATE recipients SET leased=1 WHERE queue_id=? AND idx=?",
-                    [(r.queue_id, r.idx) for r in rows],
+                    "UPDATE recipients SET leased=1, owner=? WHERE queue_id=? AND idx=?",
+                    [(self.node, r.queue_id, r.idx) for r in rows],
                 )
         return rows
 
@@ -281,7 +420,17 @@ class QueueStore:
         """At start: attempts cut short by a crash are due again.  After an unexpected
         error: those recipients wait until ``next_attempt``."""
         if queue_id is None:
-            self._tx([("UPDATE recipients SET leased=0 WHERE leased=1", ())])
+            if self.node is None:  # the only node: every lease was ours
+                self._tx([("UPDATE recipients SET leased=0 WHERE leased=1", ())])
+            else:
+                self._tx(
+                    [
+                        (
+                            "UPDATE recipients SET leased=0, owner=NULL WHERE leased=1 AND owner=?",
+                            (self.node,),
+                        )
+                    ]
+                )
             return
         self._tx(
             [
@@ -351,15 +500,32 @@ class QueueStore:
                 )
         return rows if final else None
 
-    def unfinished(self) -> list[str]:
+    def unfinished(self, settled: float | None = None) -> list[str]:
         """Messages whose recipients are all final but which were never finished (a
-        crash came in between): finished at start."""
+        crash came in between): finished at start.  ``settled``: only those whose
+        last recipient was updated before then."""
         rows = self._db.execute(
             "SELECT m.queue_id FROM messages m WHERE m.done=0 AND NOT EXISTS "
-            "(SELECT 1 FROM recipients r WHERE r.queue_id=m.queue_id AND r.state NOT IN "
-            "('delivered','bounced','expired'))"
+            "(SELECT 1 FROM recipients r WHERE r.queue_id=m.queue_id AND (r.state NOT IN "
+            "('delivered','bounced','expired') OR r.updated > ?))",
+            (math.inf if settled is None else settled,),
         )
         return [r[0] for r in rows]
+
+    def done_among(self, queue_ids: list[str]) -> list[str]:
+        """Which of these messages are done (finished, by whichever node)."""
+        done = []
+        for start in range(0, len(queue_ids), 500):
+            chunk = queue_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            done += [
+                q
+                for (q,) in self._db.execute(
+                    f"SELECT queue_id FROM messages WHERE done=1 AND queue_id IN ({marks})",  # noqa: S608 - placeholders only
+                    chunk,
+                )
+            ]
+        return done
 
     def oldest_open(self) -> float | None:
         """When the oldest message not yet finished arrived (None: none)."""
@@ -451,6 +617,10 @@ class QueueStore:
                 )
             ]
         )
+
+    def drop_content(self, queue_id: str) -> None:
+        """The message is done and archived: its shared copy can go."""
+        self._db.execute("DELETE FROM contents WHERE queue_id=?", (queue_id,))
 
     # -- administration (each action is audited) -----------------------------------
 

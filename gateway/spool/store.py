@@ -197,6 +197,12 @@ class Spool:
             except SpoolError as e:
                 yield e
 
+    def queue_ids(self) -> list[str]:
+        """The ids of the queued messages (their file names; nothing is read)."""
+        if not self.queue_dir.is_dir():
+            return []
+        return [p.name for p in self.queue_dir.iterdir() if not p.name.startswith(".")]
+
     def read(self, queue_id: str, verify: bool = True) -> tuple[Envelope, bytes]:
         return read_message(self.path_of(queue_id), verify=verify)
 

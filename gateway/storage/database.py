@@ -78,6 +78,7 @@ class Database:
         self.auto_migrate = auto_migrate
         self._connection = connection
         self._depth = 0
+        self._reconnect: Callable[[], Any] | None = None  # PostgreSQL: a new connection
 
     # -- opening -----------------------------------------------------------------------
 
@@ -119,11 +120,23 @@ class Database:
                 url, password=password, autocommit=True, connect_timeout=10, **options
             )
             if schema is not None:
-                connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                with contextlib.suppress(psycopg.errors.UniqueViolation):  # made at once
+                    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         except psycopg.OperationalError as e:
             raise connect_error(_without_password(url), e) from None
         name = _without_password(url) + (f" (schema {schema})" if schema else "")
-        return cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
+        db = cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
+
+        def reconnect() -> Any:
+            try:
+                return psycopg.connect(
+                    url, password=password, autocommit=True, connect_timeout=10, **options
+                )
+            except psycopg.OperationalError as e:
+                raise connect_error(db.name, e) from None
+
+        db._reconnect = reconnect
+        return db
 
     def close(self) -> None:
         self._connection.close()
@@ -133,19 +146,46 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """A cursor (``fetchone``, ``fetchall``, ``rowcount``, iteration)."""
         if self.dialect is Dialect.POSTGRESQL:
-            return self._connection.execute(_postgres_sql(sql), tuple(params))
+            with self._server():
+                return self._connection.execute(_postgres_sql(sql), tuple(params))
         return self._connection.execute(sql, params)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if self.dialect is Dialect.POSTGRESQL:
-            with self._connection.cursor() as cursor:
+            with self._server(), self._connection.cursor() as cursor:
                 cursor.executemany(_postgres_sql(sql), [tuple(r) for r in rows])
         else:
             self._connection.executemany(sql, rows)
 
+    @contextlib.contextmanager
+    def _server(self) -> Iterator[None]:
+        """PostgreSQL: a connection the server dropped is made again (between
+        transactions: inside one, the transaction is lost and fails), and losing the
+        server is a temporary `StorageError`."""
+        import psycopg
+
+        if self._connection.closed and not self._depth and self._reconnect is not None:
+            self._connection = self._reconnect()
+        try:
+            yield
+        except psycopg.OperationalError as e:
+            raise StorageError(f"{self.name}: {_first_line(e)}", temporary=True) from None
+
     def executescript(self, script: str) -> None:
+        """Several statements, no parameters; inside a transaction, part of it (on
+        SQLite too, whose own executescript would commit first)."""
         if self.dialect is Dialect.POSTGRESQL:
-            self._connection.execute(script)  # several statements, no parameters
+            with self._server():
+                self._connection.execute(script)
+        elif self._depth or self._connection.in_transaction:
+            statement = ""
+            for line in script.splitlines(keepends=True):
+                statement += line
+                if sqlite3.complete_statement(statement):
+                    self._connection.execute(statement)
+                    statement = ""
+            if statement.strip():  # the last one, without its semicolon
+                self._connection.execute(statement)
         else:
             self._connection.executescript(script)
 
@@ -193,7 +233,7 @@ class Database:
         self._depth = 1
         try:
             if self.dialect is Dialect.POSTGRESQL:
-                with self._connection.transaction():
+                with self._begun():
                     yield
             else:
                 self._connection.execute("BEGIN IMMEDIATE")
@@ -206,6 +246,31 @@ class Database:
                     raise
         finally:
             self._depth = 0
+
+    @contextlib.contextmanager
+    def _begun(self) -> Iterator[None]:
+        """A PostgreSQL transaction on a live connection (see `_server`)."""
+
+        depth, self._depth = self._depth, 0
+        with self._server():
+            self._depth = depth
+            with self._connection.transaction():
+                yield
+
+    def has_table(self, name: str) -> bool:
+        if self.dialect is Dialect.POSTGRESQL:
+            row = self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
+            return bool(row[0])
+        row = self.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+        ).fetchone()
+        return row is not None
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self._depth) or (
+            self.dialect is Dialect.SQLITE and self._connection.in_transaction
+        )
 
     def exclusive(self, name: str) -> None:
         """Make this transaction the only one holding ``name`` until it ends (on
@@ -224,7 +289,7 @@ class Database:
         self._depth = 1
         try:
             if self.dialect is Dialect.POSTGRESQL:
-                with self._connection.transaction():
+                with self._begun():
                     self._connection.execute(
                         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
                     )

@@ -3,9 +3,8 @@ it does not know.
 
 A store lists its steps: step ``n`` takes its tables from version ``n`` to ``n + 1``
 (the first one makes them).  Every step is written so that running it twice does
-no harm (``CREATE ... IF NOT EXISTS``, `Database.add_column`): a migration that
-stopped half-way is simply run again, and a SQLite file made before versions were
-recorded (version 0) is brought up by the same steps.
+no harm (``CREATE ... IF NOT EXISTS``, `Database.add_column`), so a SQLite file made
+before versions were recorded (version 0) is brought up by the same steps.
 
 The version is kept in ``sealgate_schema`` beside the store's tables (one row per
 store).  On opening (`prepare`):
@@ -14,8 +13,9 @@ store).  On opening (`prepare`):
 - older: migrated when the database allows it (`Database.auto_migrate`: always
   for the embedded SQLite files, ``storage.auto_migrate`` for PostgreSQL), else
   refused (`NeedsMigration`: run ``sealgate storage migrate``).
-On PostgreSQL a migration runs in one transaction under an advisory lock, so nodes
-starting at once migrate once.
+A migration runs in one transaction (DDL is transactional in both engines: it is
+all done or not at all) that only one process holds at a time (SQLite's single
+writer; an advisory lock on PostgreSQL), so nodes starting at once migrate once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.storage.database import Database, Dialect, Schema, StorageError
+from gateway.storage.database import Database, Schema, StorageError
 
 Step = Schema | Callable[[Database], None]
 
@@ -59,7 +59,8 @@ class Versioned:
 
 def stored_version(db: Database, store: str) -> int:
     """The version recorded for ``store`` (0: none yet)."""
-    db.create(VERSIONS)
+    if not db.has_table("sealgate_schema"):
+        return 0
     row = db.execute("SELECT version FROM sealgate_schema WHERE store=?", (store,)).fetchone()
     return 0 if row is None else int(row[0])
 
@@ -80,23 +81,16 @@ def prepare(db: Database, schema: Versioned) -> None:
 
 
 def migrate(db: Database, schema: Versioned) -> tuple[int, int]:
-    """Apply the steps the store lacks.  Returns (version before, after)."""
-    if db.dialect is Dialect.POSTGRESQL:
-        with db.transaction():
-            db.exclusive(f"migrate:{schema.store}")  # one node migrates, the others wait
-            have = stored_version(db, schema.store)
-            _refuse_newer(db, schema, have)
-            for step in schema.steps[have:]:
-                _apply(db, step)
-            _record(db, schema)
-        return have, schema.version
-    # SQLite: a script commits any open transaction first, so steps run alone (each
-    # can run again) and the version is recorded after them
-    have = stored_version(db, schema.store)
-    _refuse_newer(db, schema, have)
-    for step in schema.steps[have:]:
-        _apply(db, step)
+    """Apply the steps the store lacks, in one transaction.  Returns (version
+    before, after)."""
     with db.transaction():
+        # one migrates, the others wait (SQLite: the transaction is the only writer)
+        db.exclusive("migrate")
+        db.create(VERSIONS)
+        have = stored_version(db, schema.store)
+        _refuse_newer(db, schema, have)
+        for step in schema.steps[have:]:
+            _apply(db, step)
         _record(db, schema)
     return have, schema.version
 

@@ -28,6 +28,7 @@ def test_a_claim_walks_the_waiting_index_without_sorting(tmp_path):
 def test_an_older_queue_loses_its_old_index(tmp_path):
     store = QueueStore(tmp_path / "queue.db")
     store._db.execute("CREATE INDEX recipients_due ON recipients(leased, state, next_attempt)")
+    store._db.execute("DROP TABLE sealgate_schema")  # as a file from before versions
     store.close()
     again = QueueStore(tmp_path / "queue.db")
     names = {r[0] for r in again._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}

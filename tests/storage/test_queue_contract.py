@@ -144,3 +144,38 @@ def test_claims_made_at_the_same_time_from_several_connections_never_take_a_reci
     for t in threads:
         t.join(60)
     assert len(taken) == 80 and len(set(taken)) == 80  # every recipient once
+
+
+def test_nodes_hold_their_own_leases_and_a_silent_nodes_are_taken_over(connect):
+    a, b = QueueStore(connect(), node="a"), QueueStore(connect(), node="b")
+    a.joined(now=NOW)
+    b.joined(now=NOW)
+    a.add(envelope("Q1", "r@x.test", "s@x.test"), now=NOW, lease=True, data=b"one")
+    a.add(envelope("Q2", "t@x.test"), now=NOW)  # its content only on a's disk
+    assert b.claim(NOW + 1, 10) == []  # Q1 is a's lease, Q2 b cannot read
+    assert [(n["node"], n["leases"]) for n in a.nodes()] == [("a", 2), ("b", 0)]
+    b.release_leases()  # b restarting lets go of its own leases only
+    assert b.claim(NOW + 1, 10) == []
+    a.heartbeat({"version": "x"}, now=NOW + 30)
+    b.heartbeat({"version": "x"}, now=NOW + 80)
+    assert b.take_over(60, now=NOW + 85) == {}  # a was heard from 55 s ago
+    assert b.take_over(60, now=NOW + 95) == {"a": 2}  # 65 s: a is taken for dead
+    taken = b.claim(NOW + 95, 10)
+    assert [(r.queue_id, r.address) for r in taken] == [("Q1", "r@x.test"), ("Q1", "s@x.test")]
+    envelope_, data = b.content("Q1")
+    assert envelope_.queue_id == "Q1" and data == b"one"
+    assert b.content("Q2") is None and b.unshared() == 0 and a.unshared() == 1
+    assert a.share(envelope("Q2", "t@x.test"), b"two") and not a.share(envelope("Q2"), b"")
+    assert [r.queue_id for r in b.claim(NOW + 95, 10)] == ["Q2"]  # now b can read it
+    assert b.nodes()[0]["version"] == "x"
+
+
+def test_done_messages_are_found_among_ids_and_their_shared_copy_dropped(connect):
+    store = QueueStore(connect(), node="a")
+    store.add(envelope("Q1", "r@x.test"), now=NOW, lease=True, data=b"one")
+    store.add(envelope("Q2", "r@x.test"), now=NOW, data=b"two")
+    store.record("Q1", [result(0, RecipientState.DELIVERED)], now=NOW)
+    assert store.done_among(["Q1", "Q2", "Q9"]) == ["Q1"]
+    store.drop_content("Q1")
+    assert store.content("Q1") is None and store.content("Q2") is not None
+    assert store.unfinished(settled=NOW - 10) == []
