@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Awaitable
 from pathlib import Path
 
 from gateway.api.server import ApiServer
@@ -274,14 +275,13 @@ class Gateway:
             except (OSError, ValueError, IndexError):
                 self.metrics.certificate_expiry.remove(use)
 
-    def _worker_queued(self, queue_id: str, size: int) -> None:
+    def _worker_queued(self, queue_id: str, size: int) -> Awaitable[None] | None:
         """A worker process spooled a message: count it here, then queue it (read
         back from the spool: its bytes are in the other process)."""
         self.spool.note_committed(size)
         if self.queue is not None:
-            task = asyncio.get_running_loop().create_task(self.queue.enqueue(queue_id, size=size))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            return self.queue.queued(queue_id, size=size)
+        return None
 
     def _portal_tls(self) -> ssl.SSLContext:
         """The portal's HTTPS: its own certificate, else the SMTP listener's."""

@@ -18,6 +18,7 @@ every few seconds until it is in (`retry_failed`) - evidence is never dropped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.addresses import check_envelope
 from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
-from gateway.archive.sealing import MasterKeys
+from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
 from gateway.batching import Batcher
 from gateway.config import Config
@@ -167,6 +168,43 @@ def blob_store(config: Config, index: ArchiveIndex) -> BlobStore:
     return SqlBlobStore(index.db)
 
 
+KEY_CHECK = "key-check"
+
+
+def _check_keys(index: ArchiveIndex, keys: MasterKeys, signer: ed25519.Ed25519PrivateKey) -> None:
+    """Every node of a cluster writes one archive: it needs the archive's master keys
+    and checkpoint signing key, not keys of its own (a node that made its own on
+    first start would write records the others cannot open).  The archive keeps a
+    sealed check value and the signing key's public half; a node whose keys do not
+    match is refused with what to do."""
+    public = public_pem(signer.public_key()).decode()
+    stored_public = index.setting("signing_public_key")
+    if stored_public is None:
+        index.put_setting("signing_public_key", public)
+    elif stored_public != public:
+        raise ConfigError(
+            "archive.signing_key_file",
+            "this archive's checkpoints are signed with another key: give every node the "
+            "same archive.signing_key_file (the key the first node made is in its "
+            "state_dir/archive/keys/)",
+        )
+    check = index.setting(KEY_CHECK)
+    if check is not None:
+        sealed = base64.b64decode(check)
+        try:
+            open_sealed(sealed, KEY_CHECK, keys)
+        except SealError:
+            raise ConfigError(
+                "archive.master_keys",
+                "this archive was written with master keys this node does not have: give "
+                "every node the same archive.master_keys (the key the first node made is in "
+                "its state_dir/archive/keys/)",
+            ) from None
+        if key_of(sealed) == keys.current:
+            return
+    index.put_setting(KEY_CHECK, base64.b64encode(seal(b"sealgate", KEY_CHECK, keys)).decode())
+
+
 def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
     """The archive at <state_dir>/archive, as configured.  ``create``: make the
     directory and keys when missing (the daemon); else ConfigError (the CLI)."""
@@ -189,6 +227,7 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
             )
         if stored is None:
             index.put_setting("origin", origin)
+        _check_keys(index, keys, signer)
         archive = Archive(
             blob_store(config, index), index, keys, origin, signer, origin, retention_of(config)
         )

@@ -256,6 +256,10 @@ class ArchiveIndex:
     def size(self) -> int:
         return int(self.db.execute("SELECT size FROM log_head").fetchone()[0])
 
+    def setting(self, name: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
     def put_setting(self, name: str, value: str) -> None:
         self.db.execute(
             "INSERT INTO settings VALUES (?,?) "

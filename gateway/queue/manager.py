@@ -317,10 +317,29 @@ class QueueManager:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
 
-    def submitted(self, envelope: Envelope, data: bytes | None) -> None:
+    def submitted(self, envelope: Envelope, data: bytes | None) -> Awaitable[None] | None:
         """`gateway.spool.submit` made a message durable in this process: queue it,
-        with its bytes when they were kept in memory (no read back)."""
-        self._spawn(self.enqueue(envelope.queue_id, envelope, data=data))
+        with its bytes when they were kept in memory (no read back).  With
+        ``cluster.ack: shared`` the sender is answered when this is done."""
+        return self.queued(envelope.queue_id, envelope, data=data)
+
+    def queued(
+        self,
+        queue_id: str,
+        envelope: Envelope | None = None,
+        size: int | None = None,
+        data: bytes | None = None,
+    ) -> Awaitable[None] | None:
+        """A message was spooled (here, or by a worker process): queue it in the
+        background - or, with ``cluster.ack: shared``, return what the
+        acknowledgement waits for (it fails if the shared store cannot record it)."""
+        acknowledging = self.config.cluster.ack == "shared"
+        task = asyncio.ensure_future(
+            self.enqueue(queue_id, envelope, size, data, acknowledging=acknowledging)
+        )
+        self._enqueues.add(task)
+        task.add_done_callback(self._enqueues.discard)
+        return task if acknowledging else None
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -333,6 +352,7 @@ class QueueManager:
         envelope: Envelope | None = None,
         size: int | None = None,
         data: bytes | None = None,
+        acknowledging: bool = False,
     ) -> None:
         """A message was spooled: record its recipients and try them now.  Without the
         envelope (a worker process spooled it), it is read back from the spool, and so
@@ -351,8 +371,8 @@ class QueueManager:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
             return
         except StorageError as e:  # the shared store went away: recorded when it is back
-            if not e.temporary:
-                raise
+            if not e.temporary or acknowledging:
+                raise  # (not acknowledged: the sender tries again)
             self.metrics.storage_errors.inc()
             self._unrecorded[queue_id] = size if size is not None else 0
             log.error(Event.QUEUE_STORE_FAILED, queue_id=queue_id, error=str(e)[:200])

@@ -38,16 +38,17 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
 from gateway.layout import StateLayout
+from gateway.model import Envelope
 from gateway.observability.logging import configure_logging, get_logger
 from gateway.observability.metrics import Metrics
 
@@ -87,7 +88,7 @@ class WorkerPool:
         self,
         config: Config,
         config_path: Path | None,
-        on_queued: Callable[[str, int], None],
+        on_queued: Callable[[str, int], Awaitable[None] | None],
     ):
         self.config = config
         self.config_path = config_path
@@ -96,6 +97,7 @@ class WorkerPool:
         self.sock: socket.socket | None = None
         self.workers: dict[int, _Worker] = {}
         self.retired: dict[str, float] = {}  # counters of workers that have exited
+        self._answers: set[asyncio.Task[None]] = set()
         self.stopping = False
 
     async def start(self, timeout: float = 30) -> None:
@@ -152,7 +154,9 @@ class WorkerPool:
                 continue
             kind = message.get("type")
             if kind == "queued":
-                self.on_queued(str(message["queue_id"]), int(message["size"]))
+                handed = self.on_queued(str(message["queue_id"]), int(message["size"]))
+                if handed is not None:  # cluster.ack: shared - the worker waits for this
+                    self._answer(worker, str(message["queue_id"]), handed)
             elif kind == "metrics":
                 worker.snapshot = message["samples"]
             elif kind == "ready":
@@ -168,6 +172,20 @@ class WorkerPool:
         await asyncio.sleep(RESTART_DELAY)
         if not self.stopping:
             await self._spawn(worker.index)
+
+    def _answer(self, worker: _Worker, queue_id: str, handed: Awaitable[None]) -> None:
+        async def answer() -> None:
+            try:
+                await handed
+                reply: dict[str, Any] = {"type": "recorded", "queue_id": queue_id, "ok": True}
+            except Exception as e:  # noqa: BLE001 - told to the worker, which answers 451
+                reply = {"type": "recorded", "queue_id": queue_id, "ok": False, "error": str(e)}
+            if worker.control is not None and not worker.control.is_closing():
+                worker.control.write(json.dumps(reply).encode() + b"\n")
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     def reload(self) -> None:
         """SIGHUP, once the main process has checked the file: each worker reads the
@@ -208,6 +226,54 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
+class _Recording:
+    """A worker's side of ``queued``: with ``cluster.ack: shared`` a message is
+    acknowledged only when the main process says it is in the shared store."""
+
+    def __init__(self, waiting: bool, send: Callable[[dict[str, Any]], None]):
+        self.waiting, self.send = waiting, send
+        self._futures: dict[str, asyncio.Future[None]] = {}
+
+    def queued(self, env: Envelope, data: bytes | None) -> asyncio.Future[None] | None:
+        """The main process queues it (reading it from the spool)."""
+        self.send({"type": "queued", "queue_id": env.queue_id, "size": env.size})
+        if not self.waiting:
+            return None
+        self._futures[env.queue_id] = asyncio.get_running_loop().create_future()
+        return self._futures[env.queue_id]
+
+    def recorded(self, message: dict[str, Any]) -> None:
+        future = self._futures.pop(str(message.get("queue_id")), None)
+        if future is not None and not future.done():
+            if message.get("ok"):
+                future.set_result(None)
+            else:
+                future.set_exception(SpoolError(str(message.get("error", "not recorded"))))
+
+    def fail_all(self) -> None:
+        """The main process went away: nothing more is acknowledged (the senders
+        try again)."""
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(SpoolError("the main process went away"))
+        self._futures.clear()
+
+
+def _reload(ctx: Any, config: Config, config_path: Path | None, index: int) -> None:
+    """The main process checked the configuration file and says to read it again."""
+    from gateway.smtp.context import apply_edge, make_edge
+
+    if config_path is None:
+        return
+    try:
+        new = dataclasses.replace(load_config(config_path), state_dir=config.state_dir)
+        apply_edge(ctx, new, make_edge(new))
+    except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
+        return
+    log.info(Event.RELOADED, worker=index, changed=True)
+
+
 async def _serve(
     config: Config,
     config_path: Path | None,
@@ -215,7 +281,7 @@ async def _serve(
     control: socket.socket,
     index: int,
 ) -> None:
-    from gateway.smtp.context import apply_edge, make_edge, make_smtp_context, smtp_hostname
+    from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
     from gateway.spool import Spool
     from gateway.spool.submit import Submitter
@@ -230,13 +296,8 @@ async def _serve(
     metrics = Metrics()
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.start_io()
-    submitter = Submitter(
-        spool,
-        smtp_hostname(config),
-        config.smtp.marker_header,
-        # the main process queues it (reading it from the spool)
-        lambda env, data: send({"type": "queued", "queue_id": env.queue_id, "size": env.size}),
-    )
+    recording = _Recording(config.cluster.ack == "shared", send)
+    submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
@@ -253,24 +314,16 @@ async def _serve(
             send({"type": "metrics", "samples": metrics.snapshot()})
             await asyncio.sleep(METRICS_INTERVAL)
 
-    def reload() -> None:
-        """The main process checked the configuration file and says to read it again."""
-        if config_path is None:
-            return
-        try:
-            new = dataclasses.replace(load_config(config_path), state_dir=config.state_dir)
-            apply_edge(ctx, new, make_edge(new))
-        except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
-            return
-        log.info(Event.RELOADED, worker=index, changed=True)
-
     async def parent_gone() -> None:
         # Lines from the main process (reload), until EOF: the main process went away.
         while line := await _reader.readline():
             with contextlib.suppress(ValueError):
-                if json.loads(line).get("type") == "reload":
-                    reload()
+                message = json.loads(line)
+                if message.get("type") == "reload":
+                    _reload(ctx, config, config_path, index)
+                elif message.get("type") == "recorded":
+                    recording.recorded(message)
+        recording.fail_all()
         stop.set()
 
     tasks = [loop.create_task(report()), loop.create_task(parent_gone())]

@@ -14,15 +14,20 @@ after this one how to treat it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from gateway.errors import SpoolError
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool.store import Spool, SpoolWriter, new_queue_id
 
-# Told of every message made durable: its envelope, and its bytes when at hand.
-OnSubmitted = Callable[[Envelope, bytes | None], None]
+# Told of every message made durable: its envelope, and its bytes when at hand.  It
+# may return an awaitable: the message is acknowledged only once that completes
+# (``cluster.ack: shared``: once it is in the shared store); if that fails, the
+# message is removed again and the submission fails (`SpoolError`).
+OnSubmitted = Callable[[Envelope, bytes | None], Awaitable[None] | None]
 
 
 class Submit(Protocol):
@@ -42,9 +47,10 @@ class Submit(Protocol):
 class Submission:
     """One message on its way in: written in pieces, then committed."""
 
-    def __init__(self, writer: SpoolWriter, on_submitted: OnSubmitted):
+    def __init__(self, writer: SpoolWriter, on_submitted: OnSubmitted, spool: Spool):
         self._writer = writer
         self._on_submitted = on_submitted
+        self._spool = spool
 
     @property
     def queue_id(self) -> str:
@@ -61,7 +67,15 @@ class Submission:
         """Make the message durable (`SpoolError` if it cannot be), then hand it on;
         returns only when it will survive a crash."""
         envelope = await self._writer.commit(make_envelope)
-        self._on_submitted(envelope, self._writer.message)
+        handed = self._on_submitted(envelope, self._writer.message)
+        if handed is not None:
+            try:
+                await handed
+            except Exception as e:  # not acknowledged: it must not be delivered either
+                await asyncio.to_thread(self._spool.remove, envelope.queue_id, envelope.size)
+                raise SpoolError(
+                    f"{envelope.queue_id} not recorded in the shared store: {e}"
+                ) from e
         return envelope
 
     async def abort(self) -> None:
@@ -77,7 +91,7 @@ class Submitter:
 
     def begin(self) -> Submission:
         """A message that arrives in pieces (the SMTP listener's DATA)."""
-        return Submission(self.spool.writer(new_queue_id()), self.on_submitted)
+        return Submission(self.spool.writer(new_queue_id()), self.on_submitted, self.spool)
 
     async def submit(
         self,

@@ -134,3 +134,20 @@ def test_an_unreachable_server_a_wrong_password_and_a_missing_bucket_are_named(
     write_config(tmp_path, s3.config(s3.bucket(object_lock=False), lock="compliance"))
     unlocked = sealgate(tmp_path, "check-config")
     assert "Object Lock is not enabled on the bucket" in unlocked.stderr
+
+
+async def test_a_node_with_archive_keys_of_its_own_is_refused_with_what_to_do(
+    gateway_factory, postgres, tmp_path
+):
+    from gateway.errors import ConfigError
+    from tests.cluster.support import shared_keys
+
+    settings = pg(postgres, **{"storage.auto_migrate": True})
+    keys = shared_keys(tmp_path / "keys")
+    await gateway_factory({**settings, **keys, "state_dir": str(tmp_path / "a")})
+    own_master = {**keys, "archive.master_keys": []}  # made on first start: not the archive's
+    with pytest.raises(ConfigError, match="master keys this node does not have: give every"):
+        await gateway_factory({**settings, **own_master, "state_dir": str(tmp_path / "b")})
+    own_signing = {**keys, "archive.signing_key_file": None}
+    with pytest.raises(ConfigError, match="checkpoints are signed with another key"):
+        await gateway_factory({**settings, **own_signing, "state_dir": str(tmp_path / "c")})
