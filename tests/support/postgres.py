@@ -62,6 +62,26 @@ class PostgresServer:
     def password_file(self) -> Path:
         return self.root / "password"
 
+    def stop(self) -> None:
+        """Stop the server (fast: clients are disconnected), as an outage would."""
+        done = _as_postgres(
+            _bin("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+
+    def start(self) -> None:
+        """Start it again on the same port, after `stop`."""
+        options = (
+            f"-p {self.port} -k {self.root / 'socket'} -c listen_addresses=127.0.0.1 -c fsync=off"
+        )
+        done = _as_postgres(
+            _bin("pg_ctl"), "-D", str(self.root / "data"), "-o", options,
+            "-l", str(self.root / "log"), "-w", "start",
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+
 
 def start_postgres() -> PostgresServer:
     from tests.conftest import free_port
