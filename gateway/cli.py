@@ -45,6 +45,7 @@ from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.portal import cli as portal_cli
 from gateway.storage import cli as storage_cli
+from gateway.storage import cluster_cli
 from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
 
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     archive_cli.add_parsers(sub, with_config)
     portal_cli.add_parsers(sub, with_config)
     storage_cli.add_parsers(sub, with_config)
+    cluster_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -207,6 +209,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return portal_cli.run(config, args)
     if args.command == "storage":
         return storage_cli.run(config, args)
+    if args.command == "cluster":
+        return cluster_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

@@ -1412,6 +1412,19 @@ def load_config(path: Path | None) -> Config:
     return load_config_text(text, str(path))
 
 
+def config_digest(config: Config) -> str:
+    """A short digest of what a node runs with, the same on nodes configured alike:
+    everything but what is a node's own (its id and state directory)."""
+    import hashlib
+    import json
+
+    mine = dataclasses.replace(
+        config, state_dir=Path("."), cluster=dataclasses.replace(config.cluster, node_id=None)
+    )
+    text = json.dumps(dataclasses.asdict(mine), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def schema_paths(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field[Any]]:
     """Every leaf option as dotted path -> field, in declaration order."""
     out: dict[str, dataclasses.Field[Any]] = {}

@@ -48,7 +48,7 @@ from gateway.addresses import EnvelopeProblems, check_envelope, printable_envelo
 from gateway.archive.service import ArchiveService
 from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
-from gateway.config import Config
+from gateway.config import Config, config_digest
 from gateway.delivery.dsn import FailedRecipient, build_dsn
 from gateway.delivery.results import Attempted, AttemptEvidence
 from gateway.errors import SealgateError, SpoolError
@@ -88,6 +88,8 @@ RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of re
 
 class Agent(Protocol):
     """Carries out one attempt (`gateway.delivery.attempt.DeliveryAgent`)."""
+
+    policy: Policy
 
     def apply(self, config: Config, policy: Policy | None = None) -> None: ...
 
@@ -491,7 +493,13 @@ class QueueManager:
         leases (their recipients are claimed by whichever node asks next: the bytes
         come from the shared store)."""
         assert self.store is not None
-        info = {"version": __version__, "attempts": len(self._attempts)}
+        info = {
+            "version": __version__,
+            "attempts": len(self._attempts),
+            "config": config_digest(self.config),
+            "policy": self.agent.policy.stamp,
+            "unshared": len(self._enqueues) + len(self._unrecorded),
+        }
         await self._db(self.store.heartbeat, info, now)
         freed = await self._db(self.store.take_over, self.config.cluster.lease_timeout, now)
         for node, count in freed.items():

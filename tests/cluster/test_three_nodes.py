@@ -97,9 +97,17 @@ async def test_three_nodes_lose_nothing_when_one_is_killed_and_its_disk_lost(
         counted = sum(metric(n, "sealgate_cluster_possible_duplicates_total") for n in nodes[:2])
         assert duplicates <= counted, (duplicates, counted)
 
+        b = nodes[1].config_path
+        status = await asyncio.to_thread(
+            run_sealgate, "cluster", "status", "--json", "--config", str(b)
+        )
+        assert status.returncode == 0, status.stdout + status.stderr  # configured alike
+        seen = {n["node"]: n for n in json.loads(status.stdout)["nodes"]}
+        assert seen["a"]["alive"] and seen["b"]["alive"] and not seen["c"]["alive"]
+        assert seen["c"]["leases"] == 0  # taken over
+        assert seen["a"]["config"] == seen["b"]["config"] and seen["a"]["policy"]
         for n in nodes[:2]:
             assert n.terminate() == 0
-        b = nodes[1].config_path
         verified = await asyncio.to_thread(run_sealgate, "archive", "verify", "--config", str(b))
         assert verified.returncode == 0 and "archive OK" in verified.stdout, verified.stdout
         (by_a, *_) = [r for r, name in acknowledged.items() if name == "a"]

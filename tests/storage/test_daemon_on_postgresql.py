@@ -151,3 +151,29 @@ async def test_a_node_with_archive_keys_of_its_own_is_refused_with_what_to_do(
     own_signing = {**keys, "archive.signing_key_file": None}
     with pytest.raises(ConfigError, match="checkpoints are signed with another key"):
         await gateway_factory({**settings, **own_signing, "state_dir": str(tmp_path / "c")})
+
+
+async def test_cluster_status_shows_each_node_and_one_configured_differently(
+    gateway_factory, postgres, tmp_path
+):
+    from tests.cluster.support import shared_keys
+
+    settings = pg(postgres, **{"storage.auto_migrate": True, "cluster.lease_timeout": "6s"})
+    settings.update(shared_keys(tmp_path / "keys"))
+    await gateway_factory({**settings, "cluster.node_id": "n1", "state_dir": str(tmp_path / "1")})
+    await gateway_factory(
+        {
+            **settings,
+            "cluster.node_id": "n2",
+            "state_dir": str(tmp_path / "2"),
+            "delivery.max_queue_lifetime": "1d",  # not as the other node
+        }
+    )
+    shown = await asyncio.to_thread(sealgate, tmp_path, "cluster", "status")
+    assert shown.returncode == 1, shown.stdout
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("n1") and "alive" in lines[0] and "DIFFERS: config" in lines[0]
+    assert lines[1].startswith("n2") and "DIFFERS: config" in lines[1]
+    assert lines[2].startswith("backlog: pending 0")
+    one = await asyncio.to_thread(run_sealgate, "cluster", "status", "--state-dir", "/nonexistent")
+    assert one.returncode == 78 and "one node" in one.stderr
