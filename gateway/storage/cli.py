@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gateway.config import Config
@@ -26,11 +28,27 @@ def add_parsers(
             "migrate", help="bring every store's tables up to this version (nodes may be running)"
         )
     )
+    cp = with_config(
+        ssub.add_parser(
+            "copy",
+            help="move this stopped node's state (SQLite) into an empty PostgreSQL database "
+            "(and its archive content into object storage), then verify the archive there",
+        )
+    )
+    cp.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB")
+    cp.add_argument(
+        "--blobs",
+        metavar="s3://BUCKET/PREFIX",
+        help="archive content there (storage.s3.* of this configuration); default: in the database",
+    )
+    cp.add_argument("--password-file", type=Path, help="default: storage.password_file")
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
     storage = Storage(config)
     where = config.storage.database if storage.shared else f"SQLite under {config.state_dir}"
+    if args.storage_command == "copy":
+        return _copy(config, args)
     if args.storage_command == "migrate":
         for schema, before, after in migrate_all(storage):
             change = "up to date" if before == after else f"{before} -> {after}"
@@ -62,6 +80,41 @@ def run(config: Config, args: argparse.Namespace) -> int:
         for s in states:
             print(f"  {s.schema:<14} version {s.have} (this Sealgate: {s.wanted})  {s.verdict}")
     return 0 if all(s.have == s.wanted for s in states) else 1
+
+
+def _copy(config: Config, args: argparse.Namespace) -> int:
+    from gateway.archive.service import open_archive
+    from gateway.config import load_config_text
+    from gateway.storage.copy import copy_state
+
+    # the target's settings checked as if they were in the file
+    probe = {"storage": {"database": args.to, "blobs": args.blobs or "database"}}
+    load_config_text(json.dumps(probe), "--to/--blobs")
+    if args.password_file is not None:
+        storage = dataclasses.replace(config.storage, password_file=args.password_file)
+        config = dataclasses.replace(config, storage=storage)
+    target = copy_state(config, args.to, args.blobs, print)
+    if not config.archive.enabled:
+        return 0
+    archive = open_archive(target, config.smtp.hostname or "localhost", create=False)
+    try:
+        report = archive.verify()
+    finally:
+        archive.index.close()
+    if not report.ok:
+        for p in report.problems[:20]:
+            print(f"  {p.record_id}: {p.what}")
+        print(f"the copied archive does NOT verify ({len(report.problems)} problems)")
+        return 1
+    print(
+        f"copied archive verifies: {report.leaves} records, {report.checkpoints} checkpoints, "
+        f"{report.disposed} purged under retention"
+    )
+    print(
+        f"now set storage.database: {args.to}"
+        + (f" and storage.blobs: {args.blobs}" if args.blobs else "")
+    )
+    return 0
 
 
 def check(config: Config) -> list[str]:
