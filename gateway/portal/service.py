@@ -67,7 +67,9 @@ class Portal:
         pc = config.portal
         self.sender = pc.from_address or f"no-reply@{hostname}"
         self.base_url = (pc.base_url or f"https://{pc.listen}").rstrip("/")
-        self.store = PortalStore(Storage(config).open("portal"), master_keys(config, True))
+        storage = Storage(config)
+        self.store = PortalStore(storage.open("portal"), master_keys(config, True))
+        self._shared = storage.shared  # several nodes: rates counted in the store
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
         self._runner: web.AppRunner | None = None
         self._hasher = ThreadPoolExecutor(2, thread_name_prefix="portal-hash")
@@ -79,6 +81,10 @@ class Portal:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def allow(self, key: str, limit: int, window: float) -> bool:
+        """A request counted against a rate kept in the store (shared by the nodes)."""
+        return await self.run(self.store.hit, key, limit, window)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -93,7 +99,7 @@ class Portal:
         from gateway.api.server import ServerLog
         from gateway.portal.web import PortalWeb
 
-        web_app = PortalWeb(self, self.config.portal).app()
+        web_app = PortalWeb(self, self.config.portal, self._shared).app()
         server_log = ServerLog("gateway.portal.http", Event.PORTAL_BAD_REQUEST, Event.PORTAL_ERROR)
         self._runner = web.AppRunner(web_app, access_log=None, logger=server_log)
         await self._runner.setup()

@@ -98,7 +98,16 @@ def _version_1(db: Database) -> None:
         db.add_column(table, column, kind)
 
 
-VERSIONED = Versioned("portal", (_version_1,))
+RATES = Schema("""
+CREATE TABLE IF NOT EXISTS rates (
+    key TEXT PRIMARY KEY,
+    window_start {real} NOT NULL,
+    hits INTEGER NOT NULL
+);
+""")
+
+# version 2: request rates counted in the store (shared by the nodes of a cluster)
+VERSIONED = Versioned("portal", (_version_1, RATES))
 
 OPEN, SET_PASSWORD = "open", "set-password"  # session stages
 # where attempts are counted: table, key column, failures column, locked-until column
@@ -166,6 +175,20 @@ class PortalStore:
 
     def _tx(self) -> contextlib.AbstractContextManager[None]:
         return self.db.transaction()
+
+    def hit(self, key: str, limit: int, window: float, now: float | None = None) -> bool:
+        """Count one request for ``key`` in its current window of ``window`` seconds;
+        False once there were ``limit`` already (every node counts in the same row)."""
+        now = self.clock() if now is None else now
+        start = now - now % window
+        row = self.db.execute(
+            "INSERT INTO rates VALUES (?,?,1) ON CONFLICT (key) DO UPDATE SET "
+            "hits = CASE WHEN rates.window_start < excluded.window_start THEN 1 "
+            "ELSE rates.hits + 1 END, "
+            "window_start = excluded.window_start RETURNING hits",
+            (key, start),
+        ).fetchone()
+        return int(row[0]) <= limit
 
     def ids(self) -> list[str]:
         """Every item's id, oldest first."""
@@ -265,15 +288,18 @@ class PortalStore:
         return bool(changed)
 
     def sweep(self, now: float) -> list[Item]:
-        """Delete the content of expired items; returns those never picked up."""
-        rows = [
-            r[0]
-            for r in self.db.execute(
-                "SELECT id FROM items WHERE sealed IS NOT NULL AND expires <= ?", (now,)
-            )
-        ]
+        """Delete the content of expired items; returns those never picked up (each
+        once, whichever node sweeps: the rows are taken in the transaction)."""
         unread = []
         with self._tx():
+            rows = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT id FROM items i WHERE sealed IS NOT NULL AND expires <= ?"  # noqa: S608 - a fixed clause
+                    + self.db.claim_rows("i"),
+                    (now,),
+                )
+            ]
             for item_id in rows:
                 item = self.item_by_id(item_id)
                 if item is not None and item.first_pickup is None:
@@ -282,6 +308,7 @@ class PortalStore:
                 self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
             self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
             self.db.execute("DELETE FROM codes WHERE expires <= ?", (now,))
+            self.db.execute("DELETE FROM rates WHERE window_start < ?", (now - 3600,))
         return unread
 
     # -- one-time codes -----------------------------------------------------------------

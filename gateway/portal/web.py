@@ -43,6 +43,8 @@ class PortalService(Protocol):
 
     async def item(self, token: str) -> Item | None: ...
 
+    async def allow(self, key: str, limit: int, window: float) -> bool: ...
+
     async def send_code(self, item: Item, actor: str) -> None: ...
 
     async def check_code(self, item: Item, code: str, actor: str) -> CodeCheck: ...
@@ -134,11 +136,14 @@ def _e(text: object) -> str:
 
 
 class RateLimit:
-    """At most ``limit`` events per key in ``window`` seconds (in memory)."""
+    """At most ``limit`` events per key in ``window`` seconds (in memory: one node)."""
 
     def __init__(self, limit: int, window: float):
         self.limit, self.window = limit, window
         self._seen: dict[str, deque[float]] = defaultdict(deque)
+
+    async def check(self, key: str) -> bool:
+        return self.allow(key, time.monotonic())
 
     def allow(self, key: str, now: float) -> bool:
         seen = self._seen[key]
@@ -153,12 +158,29 @@ class RateLimit:
         return True
 
 
+class SharedRateLimit:
+    """At most ``limit`` events per key in each window of ``window`` seconds, counted
+    in the portal store: every node of a cluster counts together."""
+
+    def __init__(self, portal: PortalService, name: str, limit: int, window: float):
+        self.portal, self.name, self.limit, self.window = portal, name, limit, window
+
+    async def check(self, key: str) -> bool:
+        return await self.portal.allow(f"{self.name}:{key}", self.limit, self.window)
+
+
 class PortalWeb:
-    def __init__(self, portal: PortalService, config: PortalConfig):
+    def __init__(self, portal: PortalService, config: PortalConfig, shared: bool = False):
         self.portal = portal
         self.config = config
-        self.per_ip = RateLimit(self.config.requests_per_minute, 60.0)
-        self.per_link = RateLimit(CODE_REQUESTS, CODE_WINDOW)
+        self.per_ip: RateLimit | SharedRateLimit
+        self.per_link: RateLimit | SharedRateLimit
+        if shared:  # several nodes: one count for all of them
+            self.per_ip = SharedRateLimit(portal, "ip", self.config.requests_per_minute, 60.0)
+            self.per_link = SharedRateLimit(portal, "link", CODE_REQUESTS, CODE_WINDOW)
+        else:
+            self.per_ip = RateLimit(self.config.requests_per_minute, 60.0)
+            self.per_link = RateLimit(CODE_REQUESTS, CODE_WINDOW)
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -195,7 +217,7 @@ class PortalWeb:
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if not self.per_ip.allow(self.client(request), time.monotonic()):
+        if not await self.per_ip.check(self.client(request)):
             self.portal.rate_limited()
             response: web.StreamResponse = self.page(
                 "Too many requests", "<p>Please wait a minute and try again.</p>", status=429
@@ -421,7 +443,7 @@ class PortalWeb:
         token, item, _ = posted
         if item.auth not in (PortalAuth.CODE, PortalAuth.PASSWORD):
             return self._forbidden()  # a code opens nothing here
-        if not self.per_link.allow(item.id, time.monotonic()):
+        if not await self.per_link.check(item.id):
             raise web.HTTPSeeOther(f"/m/{token}/enter?said=many")
         resetting = item.auth is PortalAuth.PASSWORD and await self.portal.has_password(item)
         if resetting and not await self.portal.may_reset(item):

@@ -118,3 +118,16 @@ def test_oidc_sign_ins_under_way_are_single_use_and_bound_to_the_browser(connect
     s.save_oidc("state-3", item, "idp", "n", "v", "b")
     clock.advance(601)
     assert s.take_oidc("state-3", "b") is None  # ten minutes at most
+
+
+def test_request_rates_are_counted_together_by_every_connection(connect):
+    one, two = PortalStore(connect(), KEYS), PortalStore(connect(), KEYS)
+    at = 1_800_000_040.0  # 40 s into a minute
+    assert [one.hit("ip:192.0.2.7", 3, 60, at), two.hit("ip:192.0.2.7", 3, 60, at + 1)] == [
+        True,
+        True,
+    ]
+    assert one.hit("ip:192.0.2.7", 3, 60, at + 2) is True
+    assert two.hit("ip:192.0.2.7", 3, 60, at + 3) is False  # the fourth, from either
+    assert one.hit("ip:198.51.100.1", 3, 60, at + 3) is True  # another address
+    assert two.hit("ip:192.0.2.7", 3, 60, at + 21) is True  # the next minute
