@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import psycopg
 import pytest
@@ -177,3 +178,34 @@ async def test_cluster_status_shows_each_node_and_one_configured_differently(
     assert lines[2].startswith("backlog: pending 0")
     one = await asyncio.to_thread(run_sealgate, "cluster", "status", "--state-dir", "/nonexistent")
     assert one.returncode == 78 and "one node" in one.stderr
+
+
+async def test_a_key_imported_on_one_node_is_used_by_another_within_a_second(
+    gateway_factory, postgres, tmp_path
+):
+    from tests.cluster.support import shared_keys
+    from tests.support.smime_pki import mailbox
+
+    settings = pg(postgres, **{"storage.auto_migrate": True})
+    settings.update(shared_keys(tmp_path / "keys"))
+    await gateway_factory({**settings, "cluster.node_id": "a", "state_dir": str(tmp_path / "a")})
+    config_a = (tmp_path / "config.yaml").read_text()
+    b = await gateway_factory(
+        {**settings, "cluster.node_id": "b", "state_dir": str(tmp_path / "b")}
+    )
+    assert (await b.delivery.keys.lookup("r@dest.test")).smime is None  # B has looked once
+    (tmp_path / "a.yaml").write_text(config_a)
+    (tmp_path / "r.pem").write_bytes(mailbox("r@dest.test").pem)
+    imported = await asyncio.to_thread(
+        run_sealgate,
+        "keys",
+        "import",
+        str(tmp_path / "r.pem"),
+        "--config",
+        str(tmp_path / "a.yaml"),
+    )  # on node A's configuration
+    assert imported.returncode == 0, imported.stderr
+    started = time.monotonic()
+    while (await b.delivery.keys.lookup("r@dest.test")).smime is None:
+        assert time.monotonic() - started < 1.5, "B did not see the key within a second"
+        await asyncio.sleep(0.05)
