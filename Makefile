@@ -21,6 +21,7 @@ bench:
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py
+	.venv/bin/python bench/cluster.py
 
 hostile: setup
 	.venv/bin/python bench/hostile.py --markdown

@@ -11,6 +11,7 @@ SIGINT stop, letting messages in DATA finish) and systemd readiness notification
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -84,6 +85,16 @@ class Gateway:
         self._stopped = False
 
     async def start(self) -> None:
+        """Start every part; if one cannot start, what did is stopped again (its
+        connections and files closed) and the error goes on to the caller."""
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         policy = check_references(cfg, self.source)
         log.info(Event.STARTING, config=self.source, state_dir=str(cfg.state_dir))

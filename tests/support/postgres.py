@@ -39,6 +39,7 @@ def _as_postgres(*command: str) -> subprocess.CompletedProcess[str]:
 class PostgresServer:
     root: Path
     port: int
+    fsync: bool = False
     _count: int = 0
 
     @property
@@ -46,10 +47,11 @@ class PostgresServer:
         """The server's URL without a database and without the password."""
         return f"postgresql://sealgate@127.0.0.1:{self.port}"
 
-    def database(self) -> str:
-        """A new, empty database; its URL (no password: see `password_file`)."""
+    def database(self, name: str | None = None) -> str:
+        """A new, empty database (``name``, else one of its own); its URL (no
+        password: see `password_file`)."""
         self._count += 1
-        name = f"t{os.getpid()}_{self._count}"
+        name = name or f"t{os.getpid()}_{self._count}"
         done = _as_postgres(
             _bin("psql"), "-h", str(self.root / "socket"), "-p", str(self.port), "-U", "postgres",
             "-c", f"CREATE DATABASE {name} OWNER sealgate",
@@ -72,18 +74,23 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start it again on the same port, after `stop`."""
-        options = (
-            f"-p {self.port} -k {self.root / 'socket'} -c listen_addresses=127.0.0.1 -c fsync=off"
-        )
         done = _as_postgres(
-            _bin("pg_ctl"), "-D", str(self.root / "data"), "-o", options,
+            _bin("pg_ctl"), "-D", str(self.root / "data"), "-o", _options(self),
             "-l", str(self.root / "log"), "-w", "start",
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
 
 
-def start_postgres() -> PostgresServer:
+def _options(server: PostgresServer) -> str:
+    return (
+        f"-p {server.port} -k {server.root / 'socket'} -c listen_addresses=127.0.0.1 "
+        f"-c fsync={'on' if server.fsync else 'off'}"
+    )
+
+
+def start_postgres(fsync: bool = False) -> PostgresServer:
+    """``fsync``: as in production (the benchmarks); the tests run without."""
     from tests.conftest import free_port
 
     root = Path(tempfile.mkdtemp(prefix="sealgate-pg-"))
@@ -100,14 +107,14 @@ def start_postgres() -> PostgresServer:
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"initdb failed: {done.stderr}")
-    port = free_port()
-    options = f"-p {port} -k {root / 'socket'} -c listen_addresses=127.0.0.1 -c fsync=off"
+    server = PostgresServer(root, free_port(), fsync)
     done = _as_postgres(
-        _bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"
-    )
+        _bin("pg_ctl"), "-D", str(data), "-o", _options(server), "-l", str(root / "log"),
+        "-w", "start",
+    )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"pg_ctl start failed: {done.stderr}{(root / 'log').read_text()}")
-    server = PostgresServer(root, port)
+    port = server.port
     done = _as_postgres(
         _bin("psql"), "-h", str(root / "socket"), "-p", str(port), "-U", "postgres",
         "-c", f"CREATE ROLE sealgate LOGIN PASSWORD '{PASSWORD}'",

@@ -64,10 +64,11 @@ class S3Server:
         }
 
 
-def start_s3(root: Path) -> S3Server:
+def start_s3(root: Path, port: int | None = None) -> S3Server:
+    """``port``: a port it listened on before (a restart), else a free one."""
     from tests.conftest import free_port
 
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
