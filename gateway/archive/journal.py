@@ -161,8 +161,9 @@ class Archive:
     def batch(self, jobs: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
         """Run several writes as one transaction (group commit); one failing is
         undone alone (`gateway.storage.database.batch`, optimistic: savepoints only
-        when a job of the batch failed - every job here can run again)."""
-        return batch(self.index.db, jobs, optimistic=True)
+        when a job of the batch failed - every job here can run again).  The log
+        positions for the batch are taken a block at a time (`ArchiveIndex.block`)."""
+        return batch(self.index.db, jobs, optimistic=True, around=self.index.block)
 
     def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
@@ -265,10 +266,16 @@ class Archive:
                 leaf,
                 retain_until,
             )
-            if self.has(queue_id):  # journaled again (its blob was lost): a new leaf
-                db.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
-                db.execute("DELETE FROM recipients WHERE queue_id=?", (queue_id,))
-            db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", row)
+            # journaled again (its blob was lost): a new leaf, the row rewritten
+            db.execute(
+                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL) "
+                "ON CONFLICT (record_id) DO UPDATE SET received=excluded.received, "
+                "mail_from=excluded.mail_from, sender_domain=excluded.sender_domain, "
+                "message_id=excluded.message_id, client_ip=excluded.client_ip, "
+                "size=excluded.size, sha256=excluded.sha256, leaf=excluded.leaf, "
+                "retain_until=excluded.retain_until, disposed=NULL",
+                row,
+            )
             db.executemany(
                 "INSERT INTO recipients(queue_id, idx, address, domain, state) "
                 "VALUES (?,?,?,?,'queued') ON CONFLICT (queue_id, idx) DO UPDATE SET "

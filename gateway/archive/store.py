@@ -12,6 +12,8 @@ can be added without touching the journal or the mail path:
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +209,7 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """)
 INDEX_VERSIONED = Versioned("archive", (INDEX_SCHEMA,))
+BLOCK = 32  # log positions a batch takes at once
 BLOB_VERSIONED = Versioned("archive_blobs", (BLOB_SCHEMA,))
 # Subjects for search: SQLite's full-text index, PostgreSQL's text search (the same
 # matching: words, case folded, a phrase in order).
@@ -241,6 +244,7 @@ class ArchiveIndex:
             # the write-ahead log - which the queue does before a spool file may go
             self.db, self.path = Database.sqlite(where, synchronous="NORMAL"), where
         prepare(self.db, INDEX_VERSIONED)
+        self._block: collections.deque[int] | None = None
         if subjects:  # the index of subjects is made when it is first asked for
             self.db.create(SUBJECTS[self.db.dialect])
         self.subjects = subjects
@@ -250,8 +254,29 @@ class ArchiveIndex:
 
     def next_leaf(self) -> int:
         """The next leaf's position (from 0), taken inside the caller's transaction."""
-        row = self.db.execute("UPDATE log_head SET size = size + 1 RETURNING size").fetchone()
-        return int(row[0]) - 1
+        if self._block is None:
+            row = self.db.execute("UPDATE log_head SET size = size + 1 RETURNING size").fetchone()
+            return int(row[0]) - 1
+        if not self._block:  # a block of positions at once: one answer waited for
+            row = self.db.execute(
+                "UPDATE log_head SET size = size + ? RETURNING size", (BLOCK,)
+            ).fetchone()
+            self._block.extend(range(int(row[0]) - BLOCK, int(row[0])))
+        return self._block.popleft()
+
+    @contextlib.contextmanager
+    def block(self) -> Iterator[None]:
+        """Inside one transaction (a batch that is undone whole if anything fails):
+        positions are taken `BLOCK` at a time, and those left over given back
+        before it commits - the row stays locked meanwhile, so nobody else saw
+        them and the log has no gap."""
+        self._block = collections.deque()
+        try:
+            yield
+            if self._block:
+                self.db.execute("UPDATE log_head SET size = size - ?", (len(self._block),))
+        finally:
+            self._block = None
 
     def size(self) -> int:
         return int(self.db.execute("SELECT size FROM log_head").fetchone()[0])

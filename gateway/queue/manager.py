@@ -285,7 +285,9 @@ class QueueManager:
         for envelope in ready:
             await self._db(self.spool.remove, envelope.queue_id, envelope.size)
 
-    def _add_checked(self, envelope: Envelope, lease: bool, data: bytes | None = None) -> bool:
+    def _add_checked(
+        self, envelope: Envelope, lease: bool, data: bytes | None = None, fresh: bool = False
+    ) -> bool:
         """In the database thread: record a spooled message, if its envelope passes
         the listener's checks (`Poison` if not); with several nodes, its content too
         (read from the spool when not given)."""
@@ -295,7 +297,7 @@ class QueueManager:
             raise Poison(problems)
         if self.node is not None and data is None:
             envelope, data = self.spool.read(envelope.queue_id)
-        return self.store.add(envelope, lease=lease, data=data if self.node else None)
+        return self.store.add(envelope, lease=lease, data=data if self.node else None, fresh=fresh)
 
     async def stop(self, grace: float = 10.0) -> None:
         # A flag, not Task.cancel(): asyncio.wait_for in Python 3.11 can swallow a
@@ -355,6 +357,7 @@ class QueueManager:
         size: int | None = None,
         data: bytes | None = None,
         acknowledging: bool = False,
+        fresh: bool = True,
     ) -> None:
         """A message was spooled: record its recipients and try them now.  Without the
         envelope (a worker process spooled it), it is read back from the spool, and so
@@ -367,7 +370,7 @@ class QueueManager:
         lease = not self._stopping and len(self._attempts) < self.config.delivery.concurrency
         try:
             recorded, data, added = await self._commits.run(
-                lambda: self._add(queue_id, envelope, size, data, lease)
+                lambda: self._add(queue_id, envelope, size, data, lease, fresh)
             )
         except SpoolError as e:
             log.error(Event.SPOOL_CORRUPT, queue_id=queue_id, error=str(e))
@@ -414,10 +417,11 @@ class QueueManager:
         size: int | None,
         data: bytes | None,
         lease: bool,
+        fresh: bool = True,
     ) -> tuple[Envelope, bytes | None, bool]:
         """In the database thread: record the message's recipients, reading what was
         not handed over (the bytes only when small enough to be kept for the first
-        attempt)."""
+        attempt).  ``fresh``: the store has never seen it (not a retry)."""
         assert self.store is not None
         size = envelope.size if envelope is not None else size
         if data is None or envelope is None:  # not all handed over: read the rest
@@ -427,7 +431,7 @@ class QueueManager:
                 envelope = read_envelope(self.spool.path_of(queue_id))
         if self.node is not None and data is None:  # shared: every byte goes to the store
             envelope, data = self.spool.read(queue_id)
-        added = self._add_checked(envelope, lease, data)
+        added = self._add_checked(envelope, lease, data, fresh)
         return envelope, data, added
 
     def _cache_put(self, envelope: Envelope, data: bytes) -> None:
@@ -514,7 +518,8 @@ class QueueManager:
         """Messages acknowledged while the shared store was away: recorded now."""
         for queue_id, size in list(self._unrecorded.items()):
             del self._unrecorded[queue_id]
-            await self.enqueue(queue_id, size=size)
+            # perhaps committed before the error was seen: looked up first
+            await self.enqueue(queue_id, size=size, fresh=False)
             if queue_id in self._unrecorded:
                 return  # still away: the next round tries again
 

@@ -193,9 +193,10 @@ class QueueStore:
         return self._db.transaction()
 
     def batch(self, operations: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
-        """Run several operations in one transaction (group commit): each in a
-        savepoint, so one that fails is undone alone and reports its exception."""
-        return batch(self._db, operations)
+        """Run several operations in one transaction (group commit); one that fails
+        is undone alone and reports its exception (`batch`, optimistic: every
+        operation here only writes to the store, so it can run again)."""
+        return batch(self._db, operations, optimistic=True)
 
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self.transaction():
@@ -210,15 +211,20 @@ class QueueStore:
         now: float | None = None,
         lease: bool = False,
         data: bytes | None = None,
+        fresh: bool = False,
     ) -> bool:
         """Record a spooled message; False if it is known already (recovery).  With
         ``lease``, its recipients are taken for an attempt at once (no `claim`).
         With ``data``, the message's content is kept in the store too (shared: any
-        node can deliver it)."""
+        node can deliver it).  ``fresh``: just accepted, so not known - nothing is
+        read first (on PostgreSQL the batch then waits for no answer)."""
         now = time.time() if now is None else now
-        if self._db.execute(
-            "SELECT 1 FROM messages WHERE queue_id=?", (envelope.queue_id,)
-        ).fetchone():
+        if (
+            not fresh
+            and self._db.execute(
+                "SELECT 1 FROM messages WHERE queue_id=?", (envelope.queue_id,)
+            ).fetchone()
+        ):
             return False
         e = envelope
         statements: list[tuple[str, tuple[Any, ...]]] = [

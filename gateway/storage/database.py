@@ -272,6 +272,19 @@ class Database:
             self.dialect is Dialect.SQLITE and self._connection.in_transaction
         )
 
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """PostgreSQL: send the statements without waiting for each answer (psycopg's
+        pipeline mode; a statement whose result is read waits for it) - about half
+        the client's CPU per statement.  An error may then surface at a later
+        statement than the one that caused it: for batches that are re-run one by
+        one when anything fails (`batch`, ``optimistic``)."""
+        if self.dialect is not Dialect.POSTGRESQL or self._depth:
+            yield
+            return
+        with self._server(), self._connection.pipeline():
+            yield
+
     def exclusive(self, name: str) -> None:
         """Make this transaction the only one holding ``name`` until it ends (on
         PostgreSQL an advisory lock: one node at a time does this work; SQLite's
@@ -325,34 +338,46 @@ class Database:
 _cursors = itertools.count()
 
 
-class _Failed(Exception):
-    pass
-
-
 Outcome = tuple[Any, BaseException | None]
 
 
 def batch(
-    db: Database, operations: list[Callable[[], Any]], optimistic: bool = False
+    db: Database,
+    operations: list[Callable[[], Any]],
+    optimistic: bool = False,
+    around: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
 ) -> list[Outcome]:
     """Several operations in one transaction (group commit): each in a savepoint, so
     one that fails is undone alone and reports its exception.
 
     ``optimistic``: first all of them without savepoints (two statements fewer per
-    operation); only if one fails is the transaction rolled back and the batch run
-    again with savepoints.  For operations that may safely run twice."""
-    if optimistic and len(operations) > 1:
-        values: list[Any] = []
+    operation; on PostgreSQL in pipeline mode, `Database.pipelined`); only if one
+    fails is the transaction rolled back and the batch run again with savepoints.
+    For operations that may safely run twice (they only write to this database).
+    ``around``: a context entered inside that first transaction only (it is undone
+    whole if anything fails)."""
+    if len(operations) == 1:  # its own transaction is all the isolation it needs
         try:
             with db.transaction():
+                return [(operations[0](), None)]
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            return [(None, e)]
+    if optimistic:
+        values: list[Any] = []
+        try:
+            with (
+                db.pipelined(),
+                db.transaction(),
+                around() if around is not None else contextlib.nullcontext(),
+            ):
                 for operation in operations:
-                    try:
-                        values.append(operation())
-                    except Exception as e:
-                        raise _Failed from e
+                    values.append(operation())
             return [(v, None) for v in values]
-        except _Failed:
-            pass  # rolled back: again, each alone
+        except StorageError as e:
+            if e.temporary:
+                raise  # the server went away: nothing to try one by one
+        except Exception:  # noqa: BLE001, S110 - rolled back: again, each alone
+            pass
     results: list[Outcome] = []
     with db.transaction():
         for operation in operations:
