@@ -207,7 +207,7 @@ class Archive:
         if position is None:
             position = self.index.next_leaf()
         leaf = merkle.leaf_hash(commitment(kind, record_id, digest))
-        self.index.db.execute(
+        self.index.db.write(
             "INSERT INTO leaves(idx, hash, kind, record_id, at) VALUES (?,?,?,?,?)",
             (position + 1, leaf, kind, record_id, now),  # idx counts from 1
         )
@@ -267,7 +267,7 @@ class Archive:
                 retain_until,
             )
             # journaled again (its blob was lost): a new leaf, the row rewritten
-            db.execute(
+            db.write(
                 "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL) "
                 "ON CONFLICT (record_id) DO UPDATE SET received=excluded.received, "
                 "mail_from=excluded.mail_from, sender_domain=excluded.sender_domain, "
@@ -276,7 +276,7 @@ class Archive:
                 "retain_until=excluded.retain_until, disposed=NULL",
                 row,
             )
-            db.executemany(
+            db.write_many(
                 "INSERT INTO recipients(queue_id, idx, address, domain, state) "
                 "VALUES (?,?,?,?,'queued') ON CONFLICT (queue_id, idx) DO UPDATE SET "
                 "address=excluded.address, domain=excluded.domain, state='queued', "
@@ -284,7 +284,7 @@ class Archive:
                 [(queue_id, i, a, a.rpartition("@")[2]) for i, a in enumerate(addresses)],
             )
             if subject and self.index.subjects:
-                db.execute("INSERT INTO subjects VALUES (?,?)", (subject_of(data), queue_id))
+                db.write("INSERT INTO subjects VALUES (?,?)", (subject_of(data), queue_id))
         return record_id
 
     def journal_copy(self, queue_id: str, data: bytes) -> str:
@@ -318,7 +318,7 @@ class Archive:
                 mode = decision.get("mode")
                 if mode:
                     modes.add(mode)
-                db.execute(
+                db.write(
                     "UPDATE recipients SET mode=coalesce(?, mode), rule=coalesce(?, rule), "
                     "state=?, status=?, attempts=attempts+1 WHERE queue_id=? AND idx=?",
                     (
@@ -359,7 +359,7 @@ class Archive:
             position = self.index.next_leaf()
             record_id = f"evt-{position}"
             leaf = self._append("event", record_id, digest, now, position)
-            db.execute(
+            db.write(
                 "INSERT INTO events VALUES (?,?,?,?,?,?)",
                 (record_id, queue_id, kind, now, text, leaf),
             )

@@ -95,7 +95,7 @@ class SqlBlobStore:
         prepare(self.db, BLOB_VERSIONED)
 
     def put(self, name: str, data: bytes, durable: bool = True) -> None:
-        self.db.execute(
+        self.db.write(
             "INSERT INTO blobs(name, data) VALUES (?,?) "
             "ON CONFLICT (name) DO UPDATE SET data=excluded.data",
             (check_name(name), data),

@@ -201,7 +201,7 @@ class QueueStore:
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self.transaction():
             for sql, args in statements:
-                self._db.execute(sql, args)
+                self._db.write(sql, args)
 
     # -- messages -------------------------------------------------------------------
 
@@ -496,7 +496,7 @@ class QueueStore:
             return None
         with self.transaction():
             for sql, args in statements:
-                self._db.execute(sql, args)
+                self._db.write(sql, args)
             rows = self.recipients(queue_id)
             final = all(r.state in FINAL_STATES for r in rows)
             if final and all(r.state == "delivered" for r in rows):
