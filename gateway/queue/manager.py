@@ -579,7 +579,8 @@ class QueueManager:
         ]
         for row, a, record in zip(rows, attempted, records, strict=True):
             self._report(envelope, row, a, record, now)
-        final = await self._record(queue_id, records, now)
+        whole = list(rows) if len(rows) == len(envelope.recipients) else None
+        final = await self._record(queue_id, records, now, every=whole)
         self._archive_attempt(queue_id, rows, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
@@ -608,9 +609,11 @@ class QueueManager:
         records: list[AttemptRecord],
         now: float,
         add: Envelope | None = None,
+        every: list[RecipientRow] | None = None,
     ) -> list[RecipientRow] | None:
         """Record an attempt's results (`QueueStore.record`; ``add``: the message
-        first, in the same transaction).  A write the database refuses (disk full,
+        first, in the same transaction; ``every``: the attempt's rows when they are
+        all the message's recipients).  A write the database refuses (disk full,
         I/O error) is retried until it succeeds, the results waiting in memory and
         the recipients still leased: what was delivered is not delivered again
         because its result could not be written at once."""
@@ -620,7 +623,7 @@ class QueueManager:
         def write() -> list[RecipientRow] | None:
             if add is not None:
                 store.add(add)
-            return store.record(queue_id, records, now)
+            return store.record(queue_id, records, now, every)
 
         while True:
             try:
@@ -812,8 +815,10 @@ class QueueManager:
         only while the gateway stopped."""
         if not self._removed_all:
             self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
-        if self.node is not None and self.store is not None:  # and the shared copy
-            self._spawn(self._db(self.store.drop_content, envelope.queue_id))
+        store = self.store
+        if self.node is not None and store is not None:  # and the shared copy
+            # in the next group commit (alone, each would be a commit of its own)
+            self._spawn(self._commits.run(lambda: store.drop_content(envelope.queue_id)))
 
     async def _finish(
         self,

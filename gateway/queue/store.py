@@ -21,6 +21,7 @@ recipient keeps the policy decision of its latest attempt (JSON).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -449,13 +450,19 @@ class QueueStore:
         )
 
     def record(
-        self, queue_id: str, results: list[AttemptRecord], now: float | None = None
+        self,
+        queue_id: str,
+        results: list[AttemptRecord],
+        now: float | None = None,
+        every: list[RecipientRow] | None = None,
     ) -> list[RecipientRow] | None:
         """One attempt's results for some recipients of a message, with their new
         states, in one transaction.  Returns every recipient of the message when this
         made the last of them final (the caller then finishes the message: exactly
         one caller does, as calls are serialised), else None.  When every recipient
-        was delivered, the message is marked done in the same transaction."""
+        was delivered, the message is marked done in the same transaction.
+        ``every``: the attempt's rows, when they are all the message's recipients -
+        then nothing is read back (a group commit waits for no answer)."""
         now = time.time() if now is None else now
         statements: list[tuple[str, tuple[Any, ...]]] = []
         for r in results:
@@ -497,11 +504,25 @@ class QueueStore:
         with self.transaction():
             for sql, args in statements:
                 self._db.write(sql, args)
-            rows = self.recipients(queue_id)
+            if every is not None and {r.idx for r in every} == {r.idx for r in results}:
+                now_ = {r.idx: r for r in results}
+                rows = [
+                    dataclasses.replace(
+                        row,
+                        state=now_[row.idx].state,
+                        attempts=row.attempts + 1,
+                        next_attempt=now_[row.idx].next_attempt,
+                        status=now_[row.idx].status,
+                        diagnostic=now_[row.idx].diagnostic,
+                    )
+                    for row in every
+                ]
+            else:
+                rows = self.recipients(queue_id)
             final = all(r.state in FINAL_STATES for r in rows)
             if final and all(r.state == "delivered" for r in rows):
                 # Nothing to report to the sender: the message is done right here.
-                self._db.execute(
+                self._db.write(
                     "UPDATE messages SET done=1, finished=? WHERE queue_id=?", (now, queue_id)
                 )
         return rows if final else None
@@ -626,7 +647,7 @@ class QueueStore:
 
     def drop_content(self, queue_id: str) -> None:
         """The message is done and archived: its shared copy can go."""
-        self._db.execute("DELETE FROM contents WHERE queue_id=?", (queue_id,))
+        self._db.write("DELETE FROM contents WHERE queue_id=?", (queue_id,))
 
     # -- administration (each action is audited) -----------------------------------
 
