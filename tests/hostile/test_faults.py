@@ -26,11 +26,11 @@ async def test_a_result_the_queue_state_cannot_write_is_written_later_not_delive
     real = QueueStore.record
     failures = {"left": 3}
 
-    def record(self, queue_id, results, now=None):
+    def record(self, queue_id, results, now=None, every=None):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise sqlite3.OperationalError("database or disk is full")
-        return real(self, queue_id, results, now)
+        return real(self, queue_id, results, now, every)
 
     monkeypatch.setattr(QueueStore, "record", record)
     gw, dest, _ = await relay()
