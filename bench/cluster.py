@@ -267,7 +267,7 @@ def takeover(workdir: Path, db_url: str, password: Path) -> None:
         silent.close()
 
 
-def growth(db_url: str, password: Path) -> None:
+def growth(db_url: str, password: Path, sizes: str) -> None:
     """Bytes per archived message in each schema (tables with their indexes and
     TOAST), the archive's blobs apart from its index."""
     import psycopg
@@ -280,10 +280,11 @@ def growth(db_url: str, password: Path) -> None:
             "JOIN pg_namespace n ON n.oid = cl.relnamespace "
             "WHERE n.nspname LIKE 'sealgate_%' AND cl.relkind = 'r' GROUP BY 1 ORDER BY 1"
         ).fetchall()
-    sizes = ", ".join(f"{schema} {size / max(messages, 1):.0f} B" for schema, size in rows)
+    shown = ", ".join(f"{schema} {size / max(messages, 1):.0f} B" for schema, size in rows)
+    sizes_ = sizes.replace(",", " and ")
     print(
-        f"PostgreSQL per archived message ({messages} messages of 4 KB and 50 KB, one recipient, "
-        f"smtp-source's text - compresses well): {sizes}"
+        f"PostgreSQL per archived message ({messages} messages of {sizes_} bytes, one recipient, "
+        f"smtp-source's text - compresses well): {shown}"
     )
 
 
@@ -306,7 +307,7 @@ def main() -> int:
             server.database(f"{base.rsplit('/', 1)[1]}_{suffix}")
         if args.only in (None, "relay"):
             relay(args, workdir, base, server.password_file)
-            growth(base, server.password_file)
+            growth(base, server.password_file, args.sizes)
         if args.only in (None, "two"):
             two_nodes(args, workdir, base, server.password_file)
         if args.only in (None, "takeover"):

@@ -17,6 +17,7 @@ import contextlib
 import enum
 import functools
 import itertools
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class Schema:
         else:
             types = {"real": "REAL", "blob": "BLOB", "int": "INTEGER", "id": "INTEGER PRIMARY KEY"}
         return self.text.format(**types)
+
+
+# the one row of values of an INSERT: "VALUES (?,?,...)"
+_VALUES = re.compile(r"\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -187,7 +192,20 @@ class Database:
         deferred, self._deferred = self._deferred, {}
         with self._server(), self._connection.cursor() as cursor:
             for sql, rows in deferred.items():
-                cursor.executemany(_postgres_sql(sql), rows)
+                values = _VALUES.search(sql) if len(rows) > 1 else None
+                if values is None or "ON CONFLICT" in sql:  # one row a statement
+                    cursor.executemany(_postgres_sql(sql), rows)
+                    continue
+                # a plain INSERT: many rows in one statement
+                step = max(1, 30_000 // max(1, len(rows[0])))  # under the parameter limit
+                for start in range(0, len(rows), step):
+                    chunk = rows[start : start + step]
+                    many = (
+                        sql[: values.start(1)]
+                        + ",".join([values.group(1)] * len(chunk))
+                        + sql[values.end(1) :]
+                    )
+                    cursor.execute(_postgres_sql(many), [v for row in chunk for v in row])
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[None]:
