@@ -13,13 +13,10 @@ import time
 
 import pytest
 
-from tests.conftest import make_message, run_sealgate, smtp_client, write_config
+from tests.conftest import make_message, smtp_client, write_config
 from tests.support.smime_pki import mailbox
+from tests.support.stores import sealgate
 from tests.support.world import wait_until
-
-
-def sealgate(tmp_path, *args):
-    return run_sealgate(*args, "--config", str(tmp_path / "config.yaml"))
 
 
 @pytest.mark.parametrize("blobs", ["database", "s3"])

@@ -17,6 +17,7 @@ import pytest
 from gateway.queue.store import VERSIONED as QUEUE
 from tests.conftest import run_sealgate, write_config
 from tests.support.delivery import send, start, state
+from tests.support.stores import sealgate
 from tests.support.world import wait_until
 
 
@@ -26,10 +27,6 @@ def pg(postgres, **more):
         "storage.password_file": str(postgres.password_file),
         **more,
     }
-
-
-def sealgate(tmp_path, *args):
-    return run_sealgate(*args, "--config", str(tmp_path / "config.yaml"))
 
 
 @pytest.mark.parametrize("blobs", ["database", "s3"])

@@ -38,6 +38,13 @@ def opener(
     return open_pg
 
 
+def sealgate(directory: Path, *args: str) -> Any:
+    """The command with the configuration the test wrote in ``directory``."""
+    from tests.conftest import run_sealgate
+
+    return run_sealgate(*args, "--config", str(directory / "config.yaml"))
+
+
 @pytest.fixture(params=ENGINES)
 def connect(request, tmp_path) -> Iterator[Callable[[], Database]]:
     opened: list[Database] = []
