@@ -86,6 +86,7 @@ class Database:
         self._reconnect: Callable[[], Any] | None = None  # PostgreSQL: a new connection
         # PostgreSQL, in a transaction: writes not sent yet, by statement (`write`)
         self._deferred: dict[str, list[tuple[Any, ...]]] = {}
+        self._merging = False  # upserts too go out many rows a statement (`batch`)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -193,7 +194,9 @@ class Database:
         with self._server(), self._connection.cursor() as cursor:
             for sql, rows in deferred.items():
                 values = _VALUES.search(sql) if len(rows) > 1 else None
-                if values is None or "ON CONFLICT" in sql:  # one row a statement
+                if values is None or ("ON CONFLICT" in sql and not self._merging):
+                    # one row a statement: an upsert meeting its own key twice in one
+                    # statement is an error (allowed only where a failure is re-run)
                     cursor.executemany(_postgres_sql(sql), rows)
                     continue
                 # a plain INSERT: many rows in one statement
@@ -340,6 +343,17 @@ class Database:
         with self._server(), self._connection.pipeline():
             yield
 
+    @contextlib.contextmanager
+    def merging(self) -> Iterator[None]:
+        """Kept upserts of one statement go out as one multi-row statement too - for a
+        batch that is re-run operation by operation if anything fails (two rows with
+        the same key in one upsert fail it)."""
+        self._merging = True
+        try:
+            yield
+        finally:
+            self._merging = False
+
     def exclusive(self, name: str) -> None:
         """Make this transaction the only one holding ``name`` until it ends (on
         PostgreSQL an advisory lock: one node at a time does this work; SQLite's
@@ -422,6 +436,7 @@ def batch(
         try:
             with (
                 db.pipelined(),
+                db.merging(),
                 db.transaction(),
                 around() if around is not None else contextlib.nullcontext(),
             ):

@@ -58,3 +58,18 @@ def test_in_a_group_commit_a_failing_operation_fails_alone(connect, optimistic):
     outcomes = batch(db, [insert(2), insert(1), insert(3)], optimistic=optimistic)
     assert [error is None for _, error in outcomes] == [True, False, True]
     assert [r[0] for r in rows(db, "parent")] == [1, 2, 3]
+
+
+def test_a_group_commit_whose_upserts_meet_the_same_key_still_commits_each(connect):
+    db = connect()
+    db.create(SCHEMA)
+
+    def upsert(n, name):
+        return lambda: db.write(
+            "INSERT INTO parent VALUES (?,?) ON CONFLICT (id) DO UPDATE SET name=excluded.name",
+            (n, name),
+        )
+
+    outcomes = batch(db, [upsert(1, "a"), upsert(2, "b"), upsert(1, "c")], optimistic=True)
+    assert all(error is None for _, error in outcomes)
+    assert rows(db, "parent") == [(1, "c"), (2, "b")]  # in the order made
