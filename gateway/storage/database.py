@@ -228,6 +228,7 @@ class Database:
         """Several statements, no parameters; inside a transaction, part of it (on
         SQLite too, whose own executescript would commit first)."""
         if self.dialect is Dialect.POSTGRESQL:
+            self.flush()
             with self._server():
                 self._connection.execute(script)
         elif self._depth or self._connection.in_transaction:
@@ -392,6 +393,7 @@ class Database:
         if self.dialect is Dialect.SQLITE:
             yield from self._connection.execute(sql, params)
             return
+        self.flush()
         with self._connection.cursor(name=f"sealgate_stream_{next(_cursors)}") as cursor:
             cursor.itersize = size
             cursor.execute(_postgres_sql(sql), tuple(params))
