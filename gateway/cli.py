@@ -410,7 +410,12 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
     older = parse_duration(args.older_than) if args.older_than else None
     store = _store(config)
     count = status = 0
-    for item in _spool(config).envelopes():
+    items: list[Envelope | SpoolError] = []
+    if store is not None and Storage(config).shared:  # every node's, from the database
+        items += store.shared_envelopes()
+    shared = {e.queue_id for e in items if isinstance(e, Envelope)}
+    items += [e for e in _spool(config).envelopes() if getattr(e, "queue_id", None) not in shared]
+    for item in items:
         if isinstance(item, SpoolError):
             print(f"sealgate: {item}", file=sys.stderr)
             status = 1
@@ -443,10 +448,13 @@ def _queue_show(config: Config, queue_id: str, as_json: bool) -> int:
     try:
         envelope: Envelope | None = _spool(config).read(queue_id, verify=True)[0]
     except SpoolError as e:
-        if message is None:
+        shared = store.shared_envelope(queue_id) if store and Storage(config).shared else None
+        if shared is None and message is None:
             print(f"sealgate: {e}", file=sys.stderr)
             return 1
-        envelope = None  # done: the spool file is gone, the record stays
+        # another node accepted it (its envelope from the database); or it is done:
+        # the spool file is gone, the record stays
+        envelope = shared
     if envelope is not None:
         d: dict[str, Any] = envelope.to_dict()
     else:

@@ -264,6 +264,21 @@ class QueueStore:
             return None
         return Envelope.from_dict(json.loads(row[0])), bytes(row[1])
 
+    def shared_envelopes(self) -> list[Envelope]:
+        """The envelopes of the unfinished messages in the shared store, oldest first
+        (whichever node accepted them)."""
+        rows = self._db.execute(
+            "SELECT c.envelope FROM contents c JOIN messages m USING (queue_id) "
+            "WHERE m.done=0 ORDER BY m.arrived"
+        )
+        return [Envelope.from_dict(json.loads(text)) for (text,) in rows]
+
+    def shared_envelope(self, queue_id: str) -> Envelope | None:
+        row = self._db.execute(
+            "SELECT envelope FROM contents WHERE queue_id=?", (queue_id,)
+        ).fetchone()
+        return None if row is None else Envelope.from_dict(json.loads(row[0]))
+
     def share(self, envelope: Envelope, data: bytes) -> bool:
         """Put a message recorded already (``ack: local``, before the store was
         reachable) into the shared store; False if it is there already."""

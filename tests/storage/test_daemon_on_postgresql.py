@@ -206,3 +206,25 @@ async def test_a_key_imported_on_one_node_is_used_by_another_within_a_second(
     while (await b.delivery.keys.lookup("r@dest.test")).smime is None:
         assert time.monotonic() - started < 1.5, "B did not see the key within a second"
         await asyncio.sleep(0.05)
+
+
+async def test_queue_list_and_show_on_one_node_see_what_another_accepted(
+    gateway_factory, postgres, tmp_path
+):
+    from tests.cluster.support import shared_keys
+    from tests.conftest import make_message, smtp_client
+
+    settings = pg(postgres, **{"storage.auto_migrate": True})
+    settings.update(shared_keys(tmp_path / "keys"))
+    one = await gateway_factory(
+        {**settings, "cluster.node_id": "n1", "state_dir": str(tmp_path / "1")}
+    )
+    async with smtp_client(one) as client:  # its next hop does not answer: it waits
+        _, reply = await client.sendmail("dr@clinic.test", ["r@dest.test"], make_message())
+    queue_id = reply.rsplit(" ", 1)[1]
+    await gateway_factory({**settings, "cluster.node_id": "n2", "state_dir": str(tmp_path / "2")})
+    listed = await asyncio.to_thread(sealgate, tmp_path, "queue", "list", "--json")  # as n2
+    assert [json.loads(line)["queue_id"] for line in listed.stdout.splitlines()] == [queue_id]
+    shown = await asyncio.to_thread(sealgate, tmp_path, "queue", "show", queue_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["mail_from"] == "dr@clinic.test"
