@@ -26,6 +26,13 @@ At-least-once: a result is recorded only after the remote server answered; a cra
 in between means the recipient is tried again.  A result the state store refuses
 (a full disk) is retried until written.  Concurrency is bounded in total
 (``delivery.concurrency``) and per domain (``delivery.concurrency_per_destination``).
+
+With a shared store (``storage.database``: PostgreSQL) this node records each
+message with its content, reads what another node accepted from the store, renews
+its heartbeat every third of ``cluster.lease_timeout`` and takes over silent nodes'
+leases; with ``cluster.ack: shared`` the sender's 250 waits for the record
+(`queued`).  While the store cannot be reached, claiming and recording pause and
+messages acknowledged meanwhile are recorded when it is back.
 """
 
 from __future__ import annotations

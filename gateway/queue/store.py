@@ -10,6 +10,12 @@ SQLite in WAL mode at ``<state_dir>/queue.db``: the daemon and the ``sealgate qu
 commands can use it at the same time; each write is one transaction.  Calls are
 synchronous and short; the daemon makes them from a single dedicated thread.
 
+Shared by several nodes (PostgreSQL, a ``node`` given): each message also keeps its
+envelope and bytes here (``contents``) so that any node can deliver it; a lease names
+the node holding it; ``nodes`` holds each node's heartbeat, and `take_over` frees
+the leases of a node silent for the lease timeout.  A node claims only what it can
+read (shared, or spooled on its own disk).
+
 Recipient states: ``pending`` (never tried), ``deferred`` (will be retried),
 ``held`` (the policy decided a mode that cannot be used now - ``hold``, or ``portal``
 with the portal disabled; decided again at each retry), ``delivered``, ``bounced``
