@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from accept import Sealgate, smtp_source  # noqa: E402
+from compare import TICK, _children, _ticks  # noqa: E402
 from relay import PLAINTEXT_SINK_POLICY, busy_cpu_seconds, counting_sink, run_to  # noqa: E402
 
 from tests.cluster.support import shared_keys  # noqa: E402
@@ -62,20 +63,7 @@ def yaml_of(settings: dict[str, object]) -> str:
 
 def process_cpu(pids: list[int]) -> float:
     """CPU seconds of these processes and their children so far."""
-    total = 0
-    for pid in pids:
-        for p in [pid, *_children(pid)]:
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        return [int(c) for c in text.split()]
-    return []
+    return sum(_ticks(p) for pid in pids for p in [pid, *_children(pid)]) / TICK
 
 
 def relay(args: argparse.Namespace, workdir: Path, db_url: str, password: Path) -> None:
