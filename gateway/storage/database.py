@@ -123,27 +123,25 @@ class Database:
             if not schema.isidentifier():
                 raise ValueError(f"{schema!r} is not a schema name")
             options["options"] = f"-c search_path={schema}"
-        try:
-            connection = psycopg.connect(
-                url, password=password, autocommit=True, connect_timeout=10, **options
-            )
-            if schema is not None:
-                with contextlib.suppress(psycopg.errors.UniqueViolation):  # made at once
-                    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        except psycopg.OperationalError as e:
-            raise connect_error(_without_password(url), e) from None
         name = _without_password(url) + (f" (schema {schema})" if schema else "")
-        db = cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
 
-        def reconnect() -> Any:
+        def connect() -> Any:  # at first, and again after the server dropped it
             try:
                 return psycopg.connect(
                     url, password=password, autocommit=True, connect_timeout=10, **options
                 )
             except psycopg.OperationalError as e:
-                raise connect_error(db.name, e) from None
+                raise connect_error(name, e) from None
 
-        db._reconnect = reconnect
+        connection = connect()
+        if schema is not None:
+            try:
+                with contextlib.suppress(psycopg.errors.UniqueViolation):  # made at once
+                    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            except psycopg.OperationalError as e:
+                raise connect_error(name, e) from None
+        db = cls(Dialect.POSTGRESQL, connection, name, auto_migrate)
+        db._reconnect = connect
         return db
 
     def close(self) -> None:
@@ -169,10 +167,10 @@ class Database:
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> None:
         """A statement whose result nobody reads.  On PostgreSQL inside a transaction
-        it is kept and sent with the others of the same text as one ``executemany``
-        (a few microseconds a row instead of a statement's tens) before anything
-        else runs on the connection and before the commit - so the order the
-        database sees is the order of the calls.  An error in it surfaces there."""
+        it is kept and sent with the others of the same text together (`flush`: a
+        few microseconds a row instead of a statement's tens) before anything else
+        runs on the connection and before the commit - so the order the database
+        sees is the order of the calls.  An error in it surfaces there."""
         if self.dialect is Dialect.POSTGRESQL and self._depth:
             self._deferred.setdefault(sql, []).append(tuple(params))
         else:
@@ -231,7 +229,7 @@ class Database:
             self.flush()
             with self._server():
                 self._connection.execute(script)
-        elif self._depth or self._connection.in_transaction:
+        elif self.in_transaction:
             statement = ""
             for line in script.splitlines(keepends=True):
                 statement += line
@@ -277,7 +275,7 @@ class Database:
     def transaction(self) -> Iterator[None]:
         """One transaction; inside another, part of that one (a bare SQLite connection
         a caller began a transaction on counts too)."""
-        if self._depth or (self.dialect is Dialect.SQLITE and self._connection.in_transaction):
+        if self.in_transaction:
             self._depth += 1
             try:
                 yield
@@ -366,7 +364,7 @@ class Database:
     def snapshot(self) -> Iterator[None]:
         """Reads that see one state of the store while writers go on (a read-only
         transaction: SQLite's WAL snapshot, PostgreSQL's REPEATABLE READ)."""
-        if self._depth or (self.dialect is Dialect.SQLITE and self._connection.in_transaction):
+        if self.in_transaction:
             yield
             return
         self._depth = 1
