@@ -176,8 +176,7 @@ class Archive:
     # -- settings -------------------------------------------------------------------------
 
     def setting(self, name: str) -> str | None:
-        row = self.index.db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
-        return None if row is None else str(row[0])
+        return self.index.setting(name)
 
     def enforce_floor(self, actor: str = "config") -> None:
         """The retention floor can be raised, never lowered: a configured floor below

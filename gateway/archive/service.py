@@ -218,8 +218,8 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
     index = ArchiveIndex(storage.open("archive"), subjects=config.archive.index_subjects)
     try:
         # The log's name is fixed when it is made: checkpoints are signed under it.
-        stored = index.db.execute("SELECT value FROM settings WHERE name='origin'").fetchone()
-        origin = origin_of(config, hostname) if stored is None else str(stored[0])
+        stored = index.setting("origin")
+        origin = origin_of(config, hostname) if stored is None else stored
         if config.archive.origin is not None and config.archive.origin != origin:
             raise ConfigError(
                 "archive.origin",

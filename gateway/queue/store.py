@@ -245,7 +245,7 @@ class QueueStore:
             statements.append(
                 (
                     "INSERT INTO contents VALUES (?,?,?)",
-                    (e.queue_id, json.dumps(e.to_dict(), separators=(",", ":")), data),
+                    (e.queue_id, _envelope_text(e), data),
                 )
             )
         owner = self.node if lease else None
@@ -268,7 +268,7 @@ class QueueStore:
         ).fetchone()
         if row is None:
             return None
-        return Envelope.from_dict(json.loads(row[0])), bytes(row[1])
+        return _envelope_of(row[0]), bytes(row[1])
 
     def shared_envelopes(self) -> list[Envelope]:
         """The envelopes of the unfinished messages in the shared store, oldest first
@@ -277,13 +277,13 @@ class QueueStore:
             "SELECT c.envelope FROM contents c JOIN messages m USING (queue_id) "
             "WHERE m.done=0 ORDER BY m.arrived"
         )
-        return [Envelope.from_dict(json.loads(text)) for (text,) in rows]
+        return [_envelope_of(text) for (text,) in rows]
 
     def shared_envelope(self, queue_id: str) -> Envelope | None:
         row = self._db.execute(
             "SELECT envelope FROM contents WHERE queue_id=?", (queue_id,)
         ).fetchone()
-        return None if row is None else Envelope.from_dict(json.loads(row[0]))
+        return None if row is None else _envelope_of(row[0])
 
     def share(self, envelope: Envelope, data: bytes) -> bool:
         """Put a message recorded already (``ack: local``, before the store was
@@ -297,7 +297,7 @@ class QueueStore:
                 return False
             self._db.execute(
                 "INSERT INTO contents VALUES (?,?,?)",
-                (envelope.queue_id, json.dumps(envelope.to_dict(), separators=(",", ":")), data),
+                (envelope.queue_id, _envelope_text(envelope), data),
             )
             self._db.execute("UPDATE messages SET shared=1 WHERE queue_id=?", (envelope.queue_id,))
         return True
@@ -716,6 +716,16 @@ class QueueStore:
             "SELECT at, action, actor FROM audit WHERE queue_id=? ORDER BY id", (queue_id,)
         )
         return [{"at": r[0], "action": r[1], "actor": r[2]} for r in rows]
+
+
+def _envelope_text(envelope: Envelope) -> str:
+    """An envelope as the shared store keeps it (ASCII JSON: a name the client sent
+    in bytes that are not UTF-8 stays an escape, which a TEXT column accepts)."""
+    return json.dumps(envelope.to_dict(), separators=(",", ":"))
+
+
+def _envelope_of(text: str) -> Envelope:
+    return Envelope.from_dict(json.loads(text))
 
 
 def _row(r: tuple[Any, ...]) -> RecipientRow:
