@@ -78,7 +78,6 @@ class Gateway:
         self.queue: QueueManager | None = None
         self.keydir: KeyDirectory | None = None
         self.keydir_writer: KeyDirectory | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self.archive: ArchiveService | None = None
         self.archive_api: ArchiveApi | None = None
         self.portal: Portal | None = None

@@ -197,9 +197,7 @@ class QueueManager:
         await self._db(self.store.release_leases)
         if self.node is not None:
             await self._db(self.store.joined)
-            self.metrics.cluster_unshared.set_function(
-                lambda: len(self._enqueues) + len(self._unrecorded)
-            )
+            self.metrics.cluster_unshared.set_function(lambda: self._unshared)
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
         added, poison, leftover = await self._db(self._reconcile, keep)
@@ -427,17 +425,16 @@ class QueueManager:
         fresh: bool = True,
     ) -> tuple[Envelope, bytes | None, bool]:
         """In the database thread: record the message's recipients, reading what was
-        not handed over (the bytes only when small enough to be kept for the first
-        attempt).  ``fresh``: the store has never seen it (not a retry)."""
+        not handed over (the bytes when small enough to be kept for the first attempt,
+        or always with several nodes: every byte goes to the shared store).
+        ``fresh``: the store has never seen it (not a retry)."""
         assert self.store is not None
         size = envelope.size if envelope is not None else size
         if data is None or envelope is None:  # not all handed over: read the rest
-            if size is not None and size <= CACHE_MESSAGE_MAX:
+            if self.node is not None or (size is not None and size <= CACHE_MESSAGE_MAX):
                 envelope, data = self.spool.read(queue_id)
             elif envelope is None:
                 envelope = read_envelope(self.spool.path_of(queue_id))
-        if self.node is not None and data is None:  # shared: every byte goes to the store
-            envelope, data = self.spool.read(queue_id)
         added = self._add_checked(envelope, lease, data, fresh)
         return envelope, data, added
 
@@ -509,7 +506,7 @@ class QueueManager:
             "attempts": len(self._attempts),
             "config": config_digest(self.config),
             "policy": self.agent.policy.stamp,
-            "unshared": len(self._enqueues) + len(self._unrecorded),
+            "unshared": self._unshared,
         }
         await self._db(self.store.heartbeat, info, now)
         freed = await self._db(self.store.take_over, self.config.cluster.lease_timeout, now)
@@ -520,6 +517,12 @@ class QueueManager:
             log.warning(Event.CLUSTER_TAKEOVER, node=node, recipients=count)
         if freed:
             self._wake.set()
+
+    @property
+    def _unshared(self) -> int:
+        """Messages acknowledged here whose record (and content) is not in the shared
+        store yet: being recorded, or waiting for the store to come back."""
+        return len(self._enqueues) + len(self._unrecorded)
 
     async def _record_unrecorded(self) -> None:
         """Messages acknowledged while the shared store was away: recorded now."""

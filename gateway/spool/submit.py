@@ -14,7 +14,6 @@ after this one how to treat it.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -47,10 +46,9 @@ class Submit(Protocol):
 class Submission:
     """One message on its way in: written in pieces, then committed."""
 
-    def __init__(self, writer: SpoolWriter, on_submitted: OnSubmitted, spool: Spool):
+    def __init__(self, writer: SpoolWriter, on_submitted: OnSubmitted):
         self._writer = writer
         self._on_submitted = on_submitted
-        self._spool = spool
 
     @property
     def queue_id(self) -> str:
@@ -72,7 +70,8 @@ class Submission:
             try:
                 await handed
             except Exception as e:  # not acknowledged: it must not be delivered either
-                await asyncio.to_thread(self._spool.remove, envelope.queue_id, envelope.size)
+                spool = self._writer.spool
+                await spool.run_io(spool.remove, envelope.queue_id, envelope.size)
                 raise SpoolError(
                     f"{envelope.queue_id} not recorded in the shared store: {e}"
                 ) from e
@@ -91,7 +90,7 @@ class Submitter:
 
     def begin(self) -> Submission:
         """A message that arrives in pieces (the SMTP listener's DATA)."""
-        return Submission(self.spool.writer(new_queue_id()), self.on_submitted, self.spool)
+        return Submission(self.spool.writer(new_queue_id()), self.on_submitted)
 
     async def submit(
         self,

@@ -92,7 +92,7 @@ def _columns(db: Database, table: str) -> list[str]:
 def _refuse_nonempty(dst: Database, store: str) -> None:
     for table in ("messages", "keys", "items", "leaves"):
         if (
-            table in _tables_of(dst)
+            dst.has_table(table)
             and dst.execute(
                 f"SELECT 1 FROM {table} LIMIT 1"  # noqa: S608 - a fixed name
             ).fetchone()
@@ -101,13 +101,6 @@ def _refuse_nonempty(dst: Database, store: str) -> None:
                 "storage.database",
                 f"{dst.name}: the {store} store is not empty: copy into an empty database",
             )
-
-
-def _tables_of(db: Database) -> set[str]:
-    rows = db.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-    )
-    return {r[0] for r in rows}
 
 
 def _copy_table(src: Database, dst: Database, table: str) -> int:
