@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU per relayed message of two or more versions of Sealgate, in the same run.
 
-    .venv/bin/python bench/compare.py [--rounds 5] [--messages 3000] [--size 4096] A B ...
+    .venv/bin/python bench/compare.py [--rounds 5] [--messages 3000] [--size 4096]
+                                      [--database postgresql] A B ...
 
 Each of A, B, ... is a git revision of this repository (checked out in a temporary
 worktree) or a directory holding a checkout.  Every version runs with the same
@@ -14,7 +15,9 @@ per message, and the machine's.  The versions alternate and the first of each ro
 changes, so neither warm caches nor a noisy neighbour favour one; medians are
 reported with every round, since on a shared two-core machine one round can be 10 %
 off.  This is how a change's cost is checked before and after (issues 14, 15, 17);
-the comparison with Postfix is bench/relay.py's.
+the comparison with Postfix is bench/relay.py's.  ``--database postgresql``: every
+round on a fresh database of one PostgreSQL server on this machine (fsync on, as in
+production; issue 16), ``cluster.ack: local``; the server's CPU is in ``machine``.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ def _machine() -> int:
     return sum(values) - values[3] - values[4]  # all but idle and iowait
 
 
-def one_round(source: Path, workdir: Path, sink_port: int, messages: int, size: int) -> Round:
+def one_round(
+    source: Path, workdir: Path, sink_port: int, messages: int, size: int, storage: str = ""
+) -> Round:
     # Keys every version knows (an older one refuses a key it does not; the API
     # listener keeps its default port: the versions run one at a time)
     state = workdir / "state"
@@ -97,7 +102,7 @@ def one_round(source: Path, workdir: Path, sink_port: int, messages: int, size: 
         f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
         f"delivery: {{smart_host: '127.0.0.1:{sink_port}'}}\n"
         f"policy: {{file: {workdir / 'policy.yaml'}}}\n"
-        "smtp: {max_connections_per_ip: 500, max_connections: 1000}\n"
+        "smtp: {max_connections_per_ip: 500, max_connections: 1000}\n" + storage
     )
     log_path = workdir / "daemon.log"
     with open(log_path, "wb") as log:
@@ -158,7 +163,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
+    server = None
+    if args.database == "postgresql":
+        sys.path.insert(0, str(ROOT))
+        from tests.support.postgres import start_postgres
+
+        server = start_postgres(fsync=True)
     workdir = Path(tempfile.mkdtemp(prefix="sealgate-compare-"))
     sink_port = free_port()
     sink = subprocess.Popen(
@@ -177,7 +189,13 @@ def main() -> int:
             for name, tree in order:
                 run_dir = workdir / f"run-{r}-{args.versions.index(name)}"
                 run_dir.mkdir()
-                result = one_round(tree, run_dir, sink_port, args.messages, args.size)
+                storage = ""
+                if server is not None:  # a database of its own each round
+                    storage = (
+                        f"storage: {{database: '{server.database()}', "
+                        f"password_file: '{server.password_file}', auto_migrate: true}}\n"
+                    )
+                result = one_round(tree, run_dir, sink_port, args.messages, args.size, storage)
                 results[name].append(result)
                 print(
                     f"round {r} {name}: daemon {result.daemon:.3f} ms/msg (main "
@@ -199,6 +217,10 @@ def main() -> int:
             )
     finally:
         sink.kill()
+        if server is not None:
+            from tests.support.postgres import stop_postgres
+
+            stop_postgres(server)
         for tree in trees:
             if tree.parent == workdir:
                 subprocess.run(

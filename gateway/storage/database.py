@@ -256,6 +256,22 @@ class Database:
         if have and column not in have:
             self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
+    def compress_quickly(self, table: str, column: str) -> bool:
+        """Have PostgreSQL compress this column's large values with lz4 instead of
+        its default pglz (several times less of the server's CPU for message-sized
+        text, about the same size) where the server has lz4 (version 14 on, built
+        with it: Debian's and the PGDG packages are); True if it now does.  SQLite
+        stores values as they come."""
+        if self.dialect is not Dialect.POSTGRESQL:
+            return False
+        row = self.execute(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name='default_toast_compression'"
+        ).fetchone()
+        if not (row and row[0]):
+            return False
+        self.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4")
+        return True
+
     def claim_rows(self, alias: str) -> str:
         """To end a SELECT of rows the transaction takes for itself (a work queue):
         on PostgreSQL they are locked and rows another transaction holds are skipped
