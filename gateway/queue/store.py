@@ -440,7 +440,7 @@ class QueueStore:
         with self.transaction():
             rows = self.due(now, limit, claiming=True)
             if rows:
-                self._db.executemany(
+                self._db.write_many(
                     "UPDATE recipients SET leased=1, owner=? WHERE queue_id=? AND idx=?",
                     [(self.node, r.queue_id, r.idx) for r in rows],
                 )

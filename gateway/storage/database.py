@@ -64,8 +64,15 @@ class Schema:
         return self.text.format(**types)
 
 
-# the one row of values of an INSERT: "VALUES (?,?,...)"
-_VALUES = re.compile(r"\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))")
+# the one row of values of an INSERT: "VALUES (?,?,...)", constants allowed beside
+# the placeholders ("NULL", "'queued'"), no parentheses inside
+_VALUES = re.compile(r"\bVALUES\s*(\((?:[^()'?]|'[^']*')*\?(?:[^()']|'[^']*')*\))")
+# a condition that names rows by their key: "a=? AND b=?"
+_KEYED = r"\w+\s*=\s*\?(?:\s+AND\s+\w+\s*=\s*\?)*"
+_UPDATE = re.compile(
+    rf"UPDATE\s+(\w+)\s+SET\s+((?:(?!\bSELECT\b|\bWHERE\b).)+?)\s+WHERE\s+({_KEYED})", re.S
+)
+_DELETE = re.compile(rf"DELETE\s+FROM\s+(\w+)\s+WHERE\s+({_KEYED})", re.S)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -185,28 +192,26 @@ class Database:
 
     def flush(self) -> None:
         """Send the writes kept by `write` (in the order they were first made: a
-        statement's rows after those of the statements before it)."""
+        statement's rows after those of the statements before it).  The rows of one
+        statement go out as few statements as do the same (`_merged`), written with
+        the server's own placeholders (psycopg then has nothing to parse)."""
         if not self._deferred:
             return
+        import psycopg
+
         deferred, self._deferred = self._deferred, {}
-        with self._server(), self._connection.cursor() as cursor:
+        with (
+            self._server(),
+            self._connection.cursor() as cursor,
+            psycopg.RawCursor(self._connection) as raw,
+        ):
             for sql, rows in deferred.items():
-                values = _VALUES.search(sql) if len(rows) > 1 else None
-                if values is None or ("ON CONFLICT" in sql and not self._merging):
-                    # one row a statement: an upsert meeting its own key twice in one
-                    # statement is an error (allowed only where a failure is re-run)
+                merged = _merged(sql, rows, self._merging) if len(rows) > 1 else None
+                if merged is None:
                     cursor.executemany(_postgres_sql(sql), rows)
                     continue
-                # a plain INSERT: many rows in one statement
-                step = max(1, 30_000 // max(1, len(rows[0])))  # under the parameter limit
-                for start in range(0, len(rows), step):
-                    chunk = rows[start : start + step]
-                    many = (
-                        sql[: values.start(1)]
-                        + ",".join([values.group(1)] * len(chunk))
-                        + sql[values.end(1) :]
-                    )
-                    cursor.execute(_postgres_sql(many), [v for row in chunk for v in row])
+                for statement, params in merged:
+                    raw.execute(statement, params)
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[None]:
@@ -418,6 +423,126 @@ class Database:
         if self.dialect is Dialect.POSTGRESQL:
             return f"({column}::jsonb ->> '{key}')"
         return f"json_extract({column}, '$.{key}')"
+
+
+def _merged(
+    sql: str, rows: list[tuple[Any, ...]], upserts: bool
+) -> list[tuple[str, list[Any]]] | None:
+    """Rows of one statement as few PostgreSQL statements (``$n`` placeholders, and
+    their parameters) that do the same, or None where one statement a row stays:
+
+    - an INSERT: many rows in one VALUES list; an upsert (ON CONFLICT) only with
+      ``upserts`` (meeting its own key twice in one statement is an error, allowed
+      only in a batch that is re-run one by one when anything fails);
+    - an UPDATE or DELETE whose rows are named by their key (``WHERE a=? AND b=?``):
+      one statement joined to the rows as a VALUES list - as long as no key comes
+      twice (in one statement only one of its rows would take effect)."""
+    try:
+        types = tuple(_pg_type(row[i] for row in rows) for i in range(len(rows[0])))
+    except TypeError:  # a column of values of different kinds
+        return None
+    shape = _shape(sql, types, upserts)
+    if shape is None:
+        return None
+    if shape.keys and len({row[-shape.keys :] for row in rows}) < len(rows):
+        return None
+    kept = shape.kept
+    step = max(1, 30_000 // max(1, len(kept)))  # under the parameter limit
+    return [
+        (_statement(shape, len(chunk)), [row[i] for row in chunk for i in kept])
+        for chunk in (rows[i : i + step] for i in range(0, len(rows), step))
+    ]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A statement `_merged` can write for many rows: the text before and after its
+    VALUES list, one row of it (the parts between the placeholders; ``first``: the
+    first row's, which may name their types), the parameters sent (``kept``) and
+    how many of the last name a row (``keys``; 0 for an INSERT)."""
+
+    head: str
+    row: tuple[str, ...]
+    first: tuple[str, ...]
+    tail: str
+    kept: tuple[int, ...]
+    keys: int
+
+
+@functools.lru_cache(maxsize=512)
+def _shape(sql: str, types: tuple[str | None, ...], upserts: bool) -> _Shape | None:
+    """How `_merged` writes ``sql`` for rows whose columns have these types.  In an
+    UPDATE or DELETE each ``?`` is the column of a VALUES list of the rows; the first
+    row names the types (parameters alone would all be text there) and a column
+    NULL in every row is the constant NULL."""
+    update, delete = _UPDATE.fullmatch(sql.strip()), _DELETE.fullmatch(sql.strip())
+    if update is None and delete is None:
+        values = _VALUES.search(sql)
+        if values is None or ("ON CONFLICT" in sql and not upserts):
+            return None
+        head, tail = sql[: values.start(1)], sql[values.end(1) :]
+        if "?" in head or "?" in tail:
+            return None
+        row = tuple(values.group(1).split("?"))
+        return _Shape(head, row, row, tail, tuple(range(len(types))), 0)
+    kept = tuple(i for i, t in enumerate(types) if t is not None)
+    numbers = iter(range(len(types)))
+
+    def columns(text: str) -> str:
+        def column(_: re.Match[str]) -> str:
+            i = next(numbers)
+            return "NULL" if types[i] is None else f"sealgate_rows.v{i}"
+
+        return re.sub(r"\?", column, text)
+
+    if update is not None:
+        table, assignments, where = update.groups()
+        # the store's own statement, rewritten: no value in the text
+        head = f"UPDATE {table} SET {columns(assignments)} FROM (VALUES "  # noqa: S608
+    else:
+        table, where = delete.groups()  # type: ignore[union-attr]
+        head = f"DELETE FROM {table} USING (VALUES "  # noqa: S608
+    tail = f") AS sealgate_rows({', '.join(f'v{i}' for i in kept)}) WHERE {columns(where)}"
+    row = ("(", *[","] * (len(kept) - 1), ")")
+    first = ("(", *[f"::{types[i]}," for i in kept[:-1]], f"::{types[kept[-1]]})")
+    return _Shape(head, row, first, tail, kept, where.count("?"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _statement(shape: _Shape, rows: int) -> str:
+    """`_shape`'s statement for this many rows, with ``$n`` placeholders."""
+    numbers = itertools.count(1)
+    listed = []
+    for r in range(rows):
+        parts = shape.first if r == 0 else shape.row
+        listed.append(parts[0] + "".join(f"${next(numbers)}{p}" for p in parts[1:]))
+    return shape.head + ",".join(listed) + shape.tail
+
+
+def _pg_type(values: Iterator[Any]) -> str | None:
+    """The PostgreSQL type for a column of these Python values (None: all NULL);
+    TypeError for values of different kinds."""
+    found = None
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            kind = "boolean"
+        elif isinstance(v, int):
+            kind = "bigint"
+        elif isinstance(v, float):
+            kind = "double precision"
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            kind = "bytea"
+        else:
+            kind = "text"
+        if found is None or found == kind:
+            found = kind
+        elif {found, kind} == {"bigint", "double precision"}:
+            found = "double precision"  # integers beside floats: floats
+        else:
+            raise TypeError(f"{found} and {kind}")
+    return found
 
 
 _cursors = itertools.count()

@@ -73,3 +73,60 @@ def test_a_group_commit_whose_upserts_meet_the_same_key_still_commits_each(conne
     outcomes = batch(db, [upsert(1, "a"), upsert(2, "b"), upsert(1, "c")], optimistic=True)
     assert all(error is None for _, error in outcomes)
     assert rows(db, "parent") == [(1, "c"), (2, "b")]  # in the order made
+
+
+MIXED = Schema("""
+CREATE TABLE IF NOT EXISTS item (
+    a TEXT NOT NULL, b {int} NOT NULL, state TEXT, at {real}, n {int} NOT NULL DEFAULT 0,
+    data {blob}, PRIMARY KEY (a, b)
+);
+""")
+
+
+def items(db):
+    return [tuple(r) for r in db.execute("SELECT a, b, state, at, n, data FROM item ORDER BY a, b")]
+
+
+def test_kept_writes_of_many_rows_do_what_one_statement_a_row_would(connect):
+    """On PostgreSQL the rows of one kept statement go out together (an INSERT's as
+    one VALUES list, an UPDATE's or DELETE's joined to one): every type, a column
+    NULL in every row, constants beside the placeholders - the same rows as one
+    statement a row (SQLite)."""
+    db = connect()
+    db.create(MIXED)
+    with db.transaction():
+        db.write_many(
+            "INSERT INTO item(a, b, state, n) VALUES (?, ?, 'new', 0)",
+            [(f"q{i}", i) for i in range(6)],
+        )
+        db.write_many(  # 'at' NULL in every row
+            "INSERT INTO item(a, b, at, data) VALUES (?, ?, ?, ?)",
+            [("r", 1, None, b"\x00" * 3), ("r", 2, None, None)],
+        )
+    with db.transaction():
+        for i in range(4):  # 'at': an integer in one row, floats in the others
+            db.write(
+                "UPDATE item SET state=coalesce(?, state), at=?, n=n+1, data=? WHERE a=? AND b=?",
+                (None, i if i == 0 else i + 0.5, bytes([i]), f"q{i}", i),
+            )
+        db.write("UPDATE item SET state=?, at=? WHERE a=? AND b=?", ("x", None, "q4", 4))
+        db.write("UPDATE item SET state=?, at=? WHERE a=? AND b=?", ("y", None, "q5", 5))
+        db.write_many("DELETE FROM item WHERE a=?", [("q1",), ("q3",), ("nothing",)])
+    assert items(db) == [
+        ("q0", 0, "new", 0, 1, b"\x00"),
+        ("q2", 2, "new", 2.5, 1, b"\x02"),
+        ("q4", 4, "x", None, 0, None),
+        ("q5", 5, "y", None, 0, None),
+        ("r", 1, None, None, 0, b"\x00\x00\x00"),
+        ("r", 2, None, None, 0, None),
+    ]
+
+
+def test_a_kept_update_meeting_the_same_row_twice_applies_both_in_order(connect):
+    db = connect()
+    db.create(MIXED)
+    db.execute("INSERT INTO item(a, b) VALUES ('q', 1)")
+    with db.transaction():
+        for state in ("first", "second"):
+            db.write("UPDATE item SET state=?, n=n+1 WHERE a=? AND b=?", (state, "q", 1))
+    assert items(db) == [("q", 1, "second", None, 2, None)]
