@@ -358,7 +358,8 @@ class DeliveryAgent:
         known = self._features.get(queue_id)
         if known is not None and known[0] == policy.stamp:
             return known[1]
-        if policy.reads_content and len(data) > THREAD_FEATURES_ABOVE:
+        if policy.reads_content and (len(data) > THREAD_FEATURES_ABOVE or b"application/" in data):
+            # large, or with attachments (a PDF's text takes milliseconds and more)
             features = await asyncio.to_thread(message_features, policy, data)
         else:
             features = message_features(policy, data)

@@ -14,6 +14,11 @@ the threshold.  Built-in detectors (US formats, tuned against false positives):
 - ``dob``: a date right after "DOB" / "date of birth" / "born", or a date within 60
   characters after a labelled name ("Patient: Jane Doe").
 
+Attached documents are read too: PDF, DOCX and XLSX (`gateway.policy.documents`).
+One that cannot be read (a password, damage, too much text, longer than ``scan_time``)
+counts as matching every classifier when the policy says ``unreadable: sensitive``
+(the default), and as no text with ``unreadable: ignore``.
+
 Text is scanned up to ``scan_limit`` characters; a message with more, or one that
 cannot be parsed, counts as matching every classifier (an error means the most secure
 outcome, never "no PHI").
@@ -26,8 +31,14 @@ import email.header
 import email.message
 import email.policy
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from gateway.policy.documents import Unreadable, document_kind, document_text
+
+SENSITIVE, IGNORE = "sensitive", "ignore"  # what an unreadable document counts as
+DEFAULT_SCAN_TIME = 5.0  # seconds to read one message's documents
 
 _MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
 _DATE = (
@@ -116,23 +127,40 @@ class ClassifierResult:
         return bool(self.error) or self.count >= self.threshold
 
 
-def message_texts(data: bytes, limit: int) -> list[str]:
-    """The subject and every text part's decoded content; ValueError when there is
-    more text than ``limit`` characters or the message cannot be read."""
+def message_texts(
+    data: bytes, limit: int, unreadable: str = SENSITIVE, scan_time: float = DEFAULT_SCAN_TIME
+) -> list[str]:
+    """The subject, every text part's decoded content and the text of every attached
+    PDF, DOCX and XLSX; ValueError when there is more text than ``limit`` characters,
+    the message cannot be read, or (``unreadable: sensitive``) a document cannot be
+    read within ``scan_time`` seconds for all of them."""
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     subject = str(message.get("subject", ""))
     if "=?" in subject:
         subject = str(email.header.make_header(email.header.decode_header(subject)))
     texts = [subject]
     size = len(subject)
-    for part in _text_parts(message):
+    deadline = time.monotonic() + scan_time
+    for number, part in enumerate(_leaf_parts(message), 1):
         payload = part.get_payload(decode=True)  # transfer encoding undone, leniently
         if not isinstance(payload, bytes):
             continue
-        try:
-            text = payload.decode(part.get_content_charset() or "us-ascii", "replace")
-        except LookupError:  # a charset Python does not know: read it as UTF-8
-            text = payload.decode("utf-8", "replace")
+        if part.get_content_maintype() == "text":
+            try:
+                text = payload.decode(part.get_content_charset() or "us-ascii", "replace")
+            except LookupError:  # a charset Python does not know: read it as UTF-8
+                text = payload.decode("utf-8", "replace")
+        else:
+            kind = document_kind(part.get_content_type(), part.get_filename(), payload[:8])
+            if kind is None:
+                continue  # images, archives, ...: not read
+            try:
+                text = document_text(kind, payload, limit - size, deadline)
+            except Unreadable as e:
+                if unreadable == IGNORE:
+                    continue
+                # the part's number, never its file name (names can carry PHI)
+                raise ValueError(f"part {number} unreadable: {e}") from None
         size += len(text)
         if size > limit:
             raise ValueError(f"more than {limit} characters of text to scan")
@@ -140,19 +168,23 @@ def message_texts(data: bytes, limit: int) -> list[str]:
     return texts
 
 
-def _text_parts(message: email.message.Message) -> Iterator[email.message.Message]:
+def _leaf_parts(message: email.message.Message) -> Iterator[email.message.Message]:
     for part in message.walk():
-        if not part.is_multipart() and part.get_content_maintype() == "text":
+        if not part.is_multipart():
             yield part
 
 
 def classify(
-    classifiers: dict[str, Classifier], data: bytes, limit: int
+    classifiers: dict[str, Classifier],
+    data: bytes,
+    limit: int,
+    unreadable: str = SENSITIVE,
+    scan_time: float = DEFAULT_SCAN_TIME,
 ) -> dict[str, ClassifierResult]:
     if not classifiers:
         return {}
     try:
-        texts = message_texts(data, limit)
+        texts = message_texts(data, limit, unreadable, scan_time)
     except Exception as e:  # noqa: BLE001 - any failure means "assume PHI"
         why = f"{type(e).__name__}: {str(e)[:200]}"
         return {n: ClassifierResult(0, c.threshold, why) for n, c in classifiers.items()}

@@ -41,7 +41,11 @@ def message_features(policy: Policy, data: bytes) -> Features:
             error = f"{name}: {type(e).__name__}: {str(e)[:200]}"
             continue
         headers.setdefault(name, []).append(value)
-    content = classify(policy.classifiers, data, policy.scan_limit) if policy.reads_content else {}
+    content = (
+        classify(policy.classifiers, data, policy.scan_limit, policy.unreadable, policy.scan_time)
+        if policy.reads_content
+        else {}
+    )
     subject = headers.get("subject", [""])[0]
     return Features({k: tuple(v) for k, v in headers.items()}, subject, content, error)
 

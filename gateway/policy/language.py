@@ -25,7 +25,13 @@ from gateway.config import Config, parse_duration, parse_size
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.errors import ConfigError
 from gateway.model import PortalAuth
-from gateway.policy.classifiers import DETECTORS, Classifier
+from gateway.policy.classifiers import (
+    DEFAULT_SCAN_TIME,
+    DETECTORS,
+    IGNORE,
+    SENSITIVE,
+    Classifier,
+)
 from gateway.policy.model import DELIVERY_MODES, FALLBACKS, STRENGTH, Action, Minimum, Mode
 
 T = TypeVar("T")
@@ -82,6 +88,8 @@ class Policy:
     lists: dict[str, tuple[str, ...]]
     classifiers: dict[str, Classifier]
     scan_limit: int = DEFAULT_SCAN_LIMIT
+    scan_time: float = DEFAULT_SCAN_TIME  # seconds to read a message's documents
+    unreadable: str = SENSITIVE  # what a document that cannot be read counts as
     discovered_keys: bool = False  # keys found by WKD may be used
 
     @functools.cached_property
@@ -202,6 +210,8 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
             "classifiers",
             "rules",
             "scan_limit",
+            "scan_time",
+            "unreadable",
             "discovered_keys",
         ),
     )
@@ -212,13 +222,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
         raise r.error(version_node, "version", "this Sealgate reads policy version 1")
     if "description" in top:
         r.text(top["description"][1], "description")
-    scan_limit = DEFAULT_SCAN_LIMIT
-    if "scan_limit" in top:
-        node = top["scan_limit"][1]
-        try:
-            scan_limit = int(parse_size(r.scalar(node, "scan_limit")))
-        except ValueError as e:
-            raise r.error(node, "scan_limit", str(e)) from None
+    scan_limit, scan_time, unreadable = _scan(r, top)
     discovered = (
         r.flag(top["discovered_keys"][1], "discovered_keys") if "discovered_keys" in top else False
     )
@@ -257,6 +261,8 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
         lists=lists,
         classifiers=classifiers,
         scan_limit=scan_limit,
+        scan_time=scan_time,
+        unreadable=unreadable,
         discovered_keys=discovered,
     )
 
@@ -338,6 +344,36 @@ def _lists(r: _Reader, node: yaml.Node) -> dict[str, tuple[str, ...]]:
         key = f"lists.{name}"
         out[name] = tuple(_entry(r, n, key, v) for v, n in r.texts(value_node, key))
     return out
+
+
+def _scan(r: _Reader, top: dict[str, tuple[yaml.Node, yaml.Node]]) -> tuple[int, float, str]:
+    """How the classifiers read a message: ``scan_limit``, ``scan_time`` (seconds)
+    and what an unreadable document counts as (``unreadable``)."""
+    scan_limit = DEFAULT_SCAN_LIMIT
+    if "scan_limit" in top:
+        node = top["scan_limit"][1]
+        try:
+            scan_limit = int(parse_size(r.scalar(node, "scan_limit")))
+        except ValueError as e:
+            raise r.error(node, "scan_limit", str(e)) from None
+    scan_time = DEFAULT_SCAN_TIME
+    if "scan_time" in top:
+        node = top["scan_time"][1]
+        try:
+            scan_time = float(parse_duration(r.scalar(node, "scan_time")))
+        except ValueError as e:
+            raise r.error(node, "scan_time", str(e)) from None
+        if scan_time > 300:
+            raise r.error(
+                node, "scan_time", "at most 5m (a message's documents are read in one go)"
+            )
+    unreadable = SENSITIVE
+    if "unreadable" in top:
+        node = top["unreadable"][1]
+        unreadable = r.scalar(node, "unreadable")
+        if unreadable not in (SENSITIVE, IGNORE):
+            raise r.error(node, "unreadable", f"must be '{SENSITIVE}' (fail closed) or '{IGNORE}'")
+    return scan_limit, scan_time, unreadable
 
 
 def _classifiers(r: _Reader, node: yaml.Node) -> dict[str, Classifier]:

@@ -89,7 +89,6 @@ DURABLE_EVERY = 0.05  # seconds between archive syncs before spool files are rem
 CACHE_MESSAGE_MAX = 256 * 1024
 CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
-THREAD_FEATURES_ABOVE = 32 * 1024  # classifying larger messages runs in a thread, not the loop
 RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
 
 

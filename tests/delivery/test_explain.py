@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import run_sealgate, write_config
 from tests.support.delivery import publish, spki_sha256
+from tests.support.documents import PDF_TYPE, encrypted_pdf, pdf, with_attachment
 
 POLICIES = Path(__file__).parents[2] / "policies"
 
@@ -149,3 +150,38 @@ async def test_explain_uses_the_key_directory(world, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "decision   SMIME" in out.stdout and "keys       S/MIME " in out.stdout
+
+
+async def test_explain_reads_an_attached_pdf_and_a_locked_one_counts_as_phi(world, tmp_path):
+    """Issue 18: the hipaa-strict example's classifiers find the SSN in a PDF; a PDF
+    locked with a password cannot be read and so counts as PHI (unreadable:
+    sensitive) - both go end to end or via the portal; a clean PDF goes by TLS."""
+    await world.mta("mx.good.test", "127.0.0.91")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    world.dns.add("_mta-sts.good.test", "TXT", "v=STSv1; id=1")
+    policy = POLICIES / "examples" / "hipaa-strict.yaml"
+    path = write_config(tmp_path, world.config({"policy.file": str(policy)}))
+    letter = pdf([["Lab results"], ["Patient SSN 123-45-6789"]])
+    messages = {
+        "ssn": with_attachment(letter, PDF_TYPE),
+        "locked": with_attachment(encrypted_pdf(pdf([["Hello"]]), "s3cret"), PDF_TYPE),
+        "clean": with_attachment(pdf([["Reminder: Tuesday 10:00"]]), PDF_TYPE),
+    }
+    seen = {}
+    for name, data in messages.items():
+        (tmp_path / f"{name}.eml").write_bytes(data)
+        out = await sealgate(
+            "explain", "--config", str(path), "--from", "dr@clinic.test",
+            "--to", "y@good.test", "--message", str(tmp_path / f"{name}.eml"),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        seen[name] = out.stdout
+    assert "content    phi: 1 match(es), threshold 1 -> matches" in seen["ssn"]
+    assert "rule       phi-content: MATCHED" in seen["ssn"]
+    assert (
+        "content    phi: 0 match(es), threshold 1 -> matches, error: ValueError: part 2 "
+        "unreadable: PDF encrypted with a password (counts as matching)"
+    ) in seen["locked"]
+    assert "rule       phi-content: MATCHED" in seen["locked"]
+    assert "content    phi: 0 match(es), threshold 1 -> no match" in seen["clean"]
+    assert "rule       phi-content: no match" in seen["clean"]
