@@ -11,7 +11,9 @@ need=""
 # swaks needs Net::SSLeay for --tls (only a Recommends of the swaks package)
 # chromium and chromium-driver: the portal tests drive a real headless browser
 # postgresql: the storage contract suites run against a private server of their own
-for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver postgresql; do
+# prometheus: its promtool checks and unit-tests contrib/prometheus/alerts.yml
+for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver postgresql \
+    prometheus; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
@@ -25,6 +27,12 @@ if [ -n "$need" ]; then
     # postfix asks debconf questions; "No configuration" leaves the system MTA off.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get install -y -q --no-install-recommends $need
+    case "$need" in *prometheus*)
+        # only promtool is wanted: the package's own server is not left running
+        if command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now prometheus >/dev/null 2>&1 || true
+        fi
+    esac
 fi
 
 if [ ! -x .venv/bin/python ]; then

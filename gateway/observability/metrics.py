@@ -129,6 +129,13 @@ class Metrics:
             "Leases of silent nodes released by this node for any node to deliver",
             registry=r,
         )
+        self.cluster_nodes = Gauge(
+            "sealgate_cluster_nodes",
+            "Nodes of the cluster by state: alive (a heartbeat within cluster.lease_timeout) "
+            "or silent (none since, for up to 7 days; sealgate cluster status lists every one)",
+            ["state"],
+            registry=r,
+        )
         self.storage_errors = Counter(
             "sealgate_storage_errors_total",
             "Operations on the shared store that failed because it could not be reached "

@@ -110,6 +110,10 @@ class Agent(Protocol):
     ) -> list[Attempted]: ...
 
 
+# a node silent this long counts as gone for good (decommissioned), not as missing
+SILENT_FOR = 7 * 86400
+
+
 class QueueManager:
     def __init__(
         self,
@@ -508,7 +512,13 @@ class QueueManager:
             "unshared": self._unshared,
         }
         await self._db(self.store.heartbeat, info, now)
-        freed = await self._db(self.store.take_over, self.config.cluster.lease_timeout, now)
+        timeout = self.config.cluster.lease_timeout
+        beats = await self._db(self.store.heartbeats)
+        self.metrics.cluster_nodes.labels("alive").set(sum(now - b <= timeout for b in beats))
+        self.metrics.cluster_nodes.labels("silent").set(
+            sum(timeout < now - b <= SILENT_FOR for b in beats)
+        )
+        freed = await self._db(self.store.take_over, timeout, now)
         for node, count in freed.items():
             self.metrics.cluster_takeovers.inc(count)
             # it may have been in the middle of an attempt for each of them

@@ -353,6 +353,10 @@ class QueueStore:
                     freed[node] = count
         return freed
 
+    def heartbeats(self) -> list[float]:
+        """Every node's last heartbeat (the nodes of `nodes`, cheaply)."""
+        return [float(h) for (h,) in self._db.execute("SELECT heartbeat FROM nodes")]
+
     def nodes(self) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT node_id, started, heartbeat, info, (SELECT count(*) FROM recipients r "

@@ -44,9 +44,11 @@ def node(root: Path, name: str, settings: dict[str, Any]) -> Daemon:
     return Daemon(path, load_test_config(path), directory / "daemon.log")
 
 
-def metric(daemon: Daemon, name: str) -> float:
-    """A counter or gauge from the node's /metrics (0 when absent)."""
+def metric(daemon: Daemon, name: str, label: str = "") -> float:
+    """A counter or gauge from the node's /metrics, summed over its series - those
+    with ``label`` (``state="silent"``) if given (0 when absent)."""
     with urllib.request.urlopen(f"http://{daemon.http}/metrics", timeout=5) as r:  # noqa: S310
         text = r.read().decode()
-    found = re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    labels = rf"{{[^}}]*{re.escape(label)}[^}}]*}}" if label else r"(?:{[^}]*})?"
+    found = re.findall(rf"^{name}{labels} ([0-9.e+-]+)$", text, re.M)
     return sum(float(v) for v in found)

@@ -106,6 +106,9 @@ async def test_three_nodes_lose_nothing_when_one_is_killed_and_its_disk_lost(
         assert seen["a"]["alive"] and seen["b"]["alive"] and not seen["c"]["alive"]
         assert seen["c"]["leases"] == 0  # taken over
         assert seen["a"]["config"] == seen["b"]["config"] and seen["a"]["policy"]
+        # what the monitoring pack's "node missing" alert reads
+        assert metric(nodes[1], "sealgate_cluster_nodes", 'state="alive"') == 2
+        assert metric(nodes[1], "sealgate_cluster_nodes", 'state="silent"') == 1
         for n in nodes[:2]:
             assert n.terminate() == 0
         verified = await asyncio.to_thread(run_sealgate, "archive", "verify", "--config", str(b))
