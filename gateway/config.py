@@ -491,6 +491,15 @@ class DeliveryConfig:
             "a delivery status notification."
         ),
     )
+    delay_warning: Duration = field(
+        default=Duration(4 * 3600),
+        metadata=doc(
+            "A sender whose message still has recipients waiting after this long is "
+            "told once: a delivery status notification with 'Action: delayed' and no "
+            "content (as Postfix's delay_warning_time). As long as max_queue_lifetime "
+            "or longer: never."
+        ),
+    )
     reuse_idle_time: Duration = field(
         default=Duration(2),
         metadata=doc(

@@ -1,7 +1,9 @@
 """dsn - delivery status notifications (RFC 3464) that carry no message content.
 
 When recipients fail for good, the envelope sender gets one ``multipart/report``
-listing each failed recipient with its status, the remote server and its diagnostic.
+listing each failed recipient with its status, the remote server and its diagnostic;
+when a message has waited ``delivery.delay_warning``, one saying which recipients
+are still being tried and until when (``Action: delayed``).
 It never contains the original subject or any body text (subjects and bodies can
 carry PHI): the only thing taken from the original message is its Message-ID, in a
 ``text/rfc822-headers`` part holding that single header, so that mail clients can
@@ -56,15 +58,29 @@ def build_dsn(
     arrival: str,
     original: bytes,
     now: datetime.datetime | None = None,
+    retry_until: datetime.datetime | None = None,
 ) -> bytes:
+    """The report for these recipients: failed for good, or - with ``retry_until`` -
+    delayed, still tried until then."""
     now = now or datetime.datetime.now(datetime.UTC)
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     message_id = original_message_id(original)
     date = email.utils.format_datetime(now)
+    if retry_until is None:
+        action, subject = "failed", "Undelivered Mail Returned to Sender"
+        said = ["Your message could not be delivered to one or more recipients."]
+    else:
+        action, subject = "delayed", "Delayed Mail (still being retried)"
+        until = email.utils.format_datetime(retry_until)
+        said = [
+            "Your message could not be delivered to one or more recipients yet.",
+            f"It will be tried again until {until}; you do not need to send it again.",
+            "You will be told if it cannot be delivered by then.",
+        ]
     human = [
         f"This is the mail system at host {reporting_mta}.",
         "",
-        "Your message could not be delivered to one or more recipients.",
+        *said,
         "For privacy, its subject and content are not repeated in this report.",
         "",
         f"Original message: {message_id or '(no Message-ID)'}, queue id {queue_id}",
@@ -81,21 +97,24 @@ def build_dsn(
         status_fields += [
             "",
             f"Final-Recipient: {'utf-8' if not f.address.isascii() else 'rfc822'}; {f.address}",
-            "Action: failed",
+            f"Action: {action}",
             f"Status: {f.status}",
         ]
         if f.remote_mta:
             status_fields.append(f"Remote-MTA: dns; {_line(f.remote_mta)}")
-        kind = "smtp" if diagnostic[:3].isdigit() else "x-sealgate"
-        status_fields.append(f"Diagnostic-Code: {kind}; {diagnostic}")
+        if diagnostic:
+            kind = "smtp" if diagnostic[:3].isdigit() else "x-sealgate"
+            status_fields.append(f"Diagnostic-Code: {kind}; {diagnostic}")
         if f.last_attempt is not None:
             status_fields.append(
                 f"Last-Attempt-Date: {email.utils.format_datetime(f.last_attempt)}"
             )
+        if retry_until is not None:
+            status_fields.append(f"Will-Retry-Until: {email.utils.format_datetime(retry_until)}")
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {subject}",
         f"Date: {date}",
         f"Message-ID: <{queue_id}.{secrets.token_hex(4)}.dsn@{reporting_mta}>",
         "Auto-Submitted: auto-replied",

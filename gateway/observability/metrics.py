@@ -263,7 +263,11 @@ class Metrics:
             registry=r,
         )
         self.dsn_sent = Counter(
-            "sealgate_dsn_sent", "Delivery status notifications sent to senders", registry=r
+            "sealgate_dsn_sent",
+            "Delivery status notifications sent to senders, by action: failed (recipients "
+            "failed for good), delayed (delivery.delay_warning)",
+            ["action"],
+            registry=r,
         )
         self.spool_messages = Gauge("sealgate_spool_messages", "Messages in the spool", registry=r)
         self.portal_notifications = Counter(

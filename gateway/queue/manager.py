@@ -112,6 +112,13 @@ class Agent(Protocol):
 
 # a node silent this long counts as gone for good (decommissioned), not as missing
 SILENT_FOR = 7 * 86400
+DELAY_SCAN_INTERVAL = 5.0  # how often messages are looked at for delivery.delay_warning
+
+
+def _delayed_status(status: str) -> str:
+    """A waiting recipient's status for a delay report: its last temporary status
+    (never one of success or failure: RFC 3464 2.3.4), else 4.0.0."""
+    return status if status and status.startswith("4.") else "4.0.0"
 
 
 class QueueManager:
@@ -460,7 +467,7 @@ class QueueManager:
         """Claim and start attempts, keep the gauges, prune; with several nodes also
         renew this node's heartbeat and take over silent nodes' leases.  A store that
         cannot be reached pauses all of it (nothing is guessed) until it is back."""
-        self._last = dict.fromkeys(("depth", "prune", "beat"), 0.0)
+        self._last = dict.fromkeys(("depth", "prune", "beat", "delay"), 0.0)
         while not self._stopping:
             try:
                 await self._round()
@@ -491,6 +498,9 @@ class QueueManager:
             for state, count in (await self._db(self.store.depth)).items():
                 self.metrics.queue_recipients.labels(state).set(count)
             self._oldest = await self._db(self.store.oldest_open)
+        if now - last["delay"] >= DELAY_SCAN_INTERVAL:
+            last["delay"] = now
+            await self._warn_delayed(now)
         if now - last["prune"] >= PRUNE_INTERVAL:
             last["prune"] = now
             await self._finish_unfinished()
@@ -498,6 +508,46 @@ class QueueManager:
             await self._db(self.store.prune, before)
             if self.node is not None:
                 await self._remove_finished_elsewhere()
+
+    async def _warn_delayed(self, now: float) -> None:
+        """Tell the senders of messages waiting ``delivery.delay_warning`` which of
+        their recipients are still being tried and until when - once per message
+        (taken in the store first: with several nodes, one of them sends it; a
+        crash in between loses the warning rather than sending it twice)."""
+        assert self.store is not None
+        delivery = self.config.delivery
+        if delivery.delay_warning >= delivery.max_queue_lifetime:
+            return
+        for queue_id in await self._db(self.store.delayed, now - delivery.delay_warning):
+            if not await self._db(self.store.warn, queue_id):
+                continue
+            try:
+                envelope, data = await self._read(queue_id)
+            except SpoolError:
+                continue  # its content is gone: it will be set aside when next tried
+            if not envelope.mail_from:
+                continue  # no reports to the null sender
+            waiting = [
+                r
+                for r in await self._db(self.store.recipients, queue_id)
+                if not RecipientState(r.state).final
+            ]
+            arrival = datetime.datetime.fromisoformat(envelope.received_at)
+            report = build_dsn(
+                sender=envelope.mail_from,
+                reporting_mta=self.hostname,
+                queue_id=queue_id,
+                arrival=envelope.received_at,
+                original=data,
+                failed=[
+                    FailedRecipient(r.address, _delayed_status(r.status), r.diagnostic)
+                    for r in waiting
+                ],
+                retry_until=arrival + datetime.timedelta(seconds=delivery.max_queue_lifetime),
+            )
+            dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
+            self.metrics.dsn_sent.labels("delayed").inc()
+            log.info(Event.DSN_SENT, queue_id=queue_id, dsn_queue_id=dsn_id, delayed=len(waiting))
 
     async def _beat(self, now: float) -> None:
         """This node is alive; nodes silent for ``cluster.lease_timeout`` lose their
@@ -883,7 +933,7 @@ class QueueManager:
                 failed=[FailedRecipient(r.address, r.status, r.diagnostic) for r in failed],
             )
             dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
-            self.metrics.dsn_sent.inc()
+            self.metrics.dsn_sent.labels("failed").inc()
             log.info(
                 Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=dsn_id, failed=len(failed)
             )

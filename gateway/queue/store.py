@@ -124,6 +124,12 @@ def _version_3(db: Database) -> None:
     db.compress_quickly("contents", "data")
 
 
+def _version_4(db: Database) -> None:
+    """Delay warnings: whether the sender was told its message is still waiting
+    (``delivery.delay_warning``; once per message, whichever node sends it)."""
+    db.add_column("messages", "warned", "INTEGER NOT NULL DEFAULT 0")
+
+
 CLUSTER_SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS contents (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -139,7 +145,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE INDEX IF NOT EXISTS recipients_leased ON recipients(owner) WHERE leased=1;
 """)
 
-VERSIONED = Versioned("queue", (_version_1, _version_2, _version_3))
+VERSIONED = Versioned("queue", (_version_1, _version_2, _version_3, _version_4))
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
@@ -665,6 +671,27 @@ class QueueStore:
             if row is not None and entry["attempt"] == count[entry["idx"]]:
                 entry["state"] = row.state
         return history
+
+    def delayed(self, arrived_before: float, limit: int = 100) -> list[str]:
+        """Messages that arrived before then, still have a recipient waiting and
+        whose sender was not told yet (`warn`)."""
+        rows = self._db.execute(
+            "SELECT m.queue_id FROM messages m WHERE m.done=0 AND m.warned=0 AND m.arrived < ? "
+            "AND EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id=m.queue_id AND r.state "
+            "NOT IN ('delivered','bounced','expired')) ORDER BY m.arrived LIMIT ?",
+            (arrived_before, limit),
+        )
+        return [str(r[0]) for r in rows]
+
+    def warn(self, queue_id: str) -> bool:
+        """Take the delay warning of this message: True for the one caller (node)
+        that is to send it, False if it was taken already."""
+        with self.transaction():
+            return bool(
+                self._db.execute(
+                    "UPDATE messages SET warned=1 WHERE queue_id=? AND warned=0", (queue_id,)
+                ).rowcount
+            )
 
     def finish(self, queue_id: str, dsn_sent: bool, now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -266,3 +266,34 @@ async def test_delete_removes_a_deferred_message_without_a_dsn(gateway_factory, 
     assert state(gw, queue_id)["r@dest.test"][0] == "deleted"
     assert [a["action"] for a in gw.queue.store.audit(queue_id)] == ["delete"]
     assert sender_sink.received == []
+
+
+async def test_a_sender_is_told_once_when_delivery_is_delayed(gateway_factory, world, pki):
+    """delivery.delay_warning: after it, the sender gets one report (RFC 3464 Action:
+    delayed, Will-Retry-Until) naming only the recipients still waiting, without the
+    message's subject or body - and no second one, however long it keeps waiting."""
+    slow = await world.mta("mx.slow.test", "127.0.0.34", data_reply="451 4.4.1 Come back later")
+    fine = await world.mta("mx.fine.test", "127.0.0.35")
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    for domain in ("slow.test", "fine.test", "clinic.test"):
+        world.dns.add(domain, "MX", f"10 mx.{domain}.")
+    gw = await start(gateway_factory, world, pki, **{"delivery.delay_warning": "2s"})
+    queue_id = await send(gw, ["a@slow.test", "b@fine.test"])
+    await wait_until(lambda: sender_sink.received, timeout=20, what="the delay warning")
+    (dsn,) = sender_sink.received
+    assert dsn.mail_from == "" and dsn.rcpt_tos == ["doctor@clinic.test"]
+    text = dsn.data.decode()
+    assert "Subject: Delayed Mail (still being retried)" in text
+    assert "multipart/report; report-type=delivery-status" in text
+    assert "Final-Recipient: rfc822; a@slow.test" in text and "Action: delayed" in text
+    assert "Status: 4.4.1" in text and "451 4.4.1 Come back later" in text
+    assert "Will-Retry-Until: " in text and "b@fine.test" not in text
+    assert SUBJECT not in text and "margins" not in text
+    assert fine.received and slow.attempts >= 1
+    assert (
+        gw.metrics.registry.get_sample_value("sealgate_dsn_sent_total", {"action": "delayed"}) == 1
+    )
+    attempts = slow.attempts
+    await wait_until(lambda: slow.attempts >= attempts + 3, timeout=30, what="more retries")
+    assert len(sender_sink.received) == 1  # once
+    assert state(gw, queue_id)["a@slow.test"][0] == "deferred"

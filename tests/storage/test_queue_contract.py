@@ -179,3 +179,16 @@ def test_done_messages_are_found_among_ids_and_their_shared_copy_dropped(connect
     store.drop_content("Q1")
     assert store.content("Q1") is None and store.content("Q2") is not None
     assert store.unfinished(settled=NOW - 10) == []
+
+
+def test_a_delayed_message_is_found_until_its_warning_is_taken_once(connect):
+    one, two = QueueStore(connect()), QueueStore(connect())  # two nodes, one store
+    one.add(envelope("Q1", "a@x.test", "b@x.test"), now=NOW)
+    one.add(envelope("Q2", "c@x.test"), now=NOW + 100)
+    one.add(envelope("Q3", "d@x.test"), now=NOW)
+    one.record("Q3", [result(0, RecipientState.DELIVERED)], now=NOW + 1)  # nothing waits
+    one.record("Q1", [result(0, RecipientState.DELIVERED)], now=NOW + 1)  # b still waits
+    assert one.delayed(NOW + 50) == ["Q1"]  # Q2 is younger, Q3 done
+    assert sorted(two.delayed(NOW + 200)) == ["Q1", "Q2"]
+    assert [one.warn("Q1"), two.warn("Q1")] == [True, False]  # one of them sends it
+    assert two.delayed(NOW + 200) == ["Q2"]
