@@ -3,7 +3,9 @@
 When recipients fail for good, the envelope sender gets one ``multipart/report``
 listing each failed recipient with its status, the remote server and its diagnostic;
 when a message has waited ``delivery.delay_warning``, one saying which recipients
-are still being tried and until when (``Action: delayed``).
+are still being tried and until when (``Action: delayed``); and, for recipients
+whose sender asked (``NOTIFY=SUCCESS``, RFC 3461), one when they were delivered.
+The sender's ``ENVID`` and each recipient's ``ORCPT`` come back in them.
 It never contains the original subject or any body text (subjects and bodies can
 carry PHI): the only thing taken from the original message is its Message-ID, in a
 ``text/rfc822-headers`` part holding that single header, so that mail clients can
@@ -25,12 +27,19 @@ _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.I | re.M)
 
 
 @dataclass(frozen=True)
-class FailedRecipient:
+class ReportedRecipient:
+    """One recipient in a report.  ``action`` (RFC 3464 2.3.3): failed, delayed,
+    delivered (into the portal: Sealgate was the last stop) or relayed (handed to
+    a server that was not asked to report: the DSN extension was not passed on);
+    ``original``: the ORCPT the sender gave (RFC 3461), as ``type;address``."""
+
     address: str
     status: str
     diagnostic: str
     remote_mta: str | None = None
     last_attempt: datetime.datetime | None = None
+    action: str = "failed"
+    original: str | None = None
 
 
 def original_message_id(message: bytes) -> str | None:
@@ -52,25 +61,35 @@ def _line(text: str) -> str:
 def build_dsn(
     *,
     sender: str,
-    failed: list[FailedRecipient],
+    failed: list[ReportedRecipient],
     reporting_mta: str,
     queue_id: str,
     arrival: str,
     original: bytes,
     now: datetime.datetime | None = None,
     retry_until: datetime.datetime | None = None,
+    envid: str | None = None,
 ) -> bytes:
-    """The report for these recipients: failed for good, or - with ``retry_until`` -
-    delayed, still tried until then."""
+    """The report for these recipients (all of one kind): failed for good, delayed
+    (with ``retry_until``: still tried until then), or delivered / relayed (the
+    sender asked to hear of success).  ``envid``: the sender's ENVID, returned as
+    it was given."""
     now = now or datetime.datetime.now(datetime.UTC)
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     message_id = original_message_id(original)
     date = email.utils.format_datetime(now)
-    if retry_until is None:
-        action, subject = "failed", "Undelivered Mail Returned to Sender"
+    success = all(f.action in ("delivered", "relayed") for f in failed)
+    if success:
+        subject = "Successful Mail Delivery Report"
+        said = [
+            "Your message was delivered to the recipients below, as you asked to be told",
+            '("relayed": handed to their mail server, which was not asked to report).',
+        ]
+    elif retry_until is None:
+        subject = "Undelivered Mail Returned to Sender"
         said = ["Your message could not be delivered to one or more recipients."]
     else:
-        action, subject = "delayed", "Delayed Mail (still being retried)"
+        subject = "Delayed Mail (still being retried)"
         until = email.utils.format_datetime(retry_until)
         said = [
             "Your message could not be delivered to one or more recipients yet.",
@@ -86,7 +105,8 @@ def build_dsn(
         f"Original message: {message_id or '(no Message-ID)'}, queue id {queue_id}",
         "",
     ]
-    status_fields = [
+    status_fields = [f"Original-Envelope-Id: {envid}"] if envid else []
+    status_fields += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Sealgate-Queue-ID: {queue_id}",
         f"Arrival-Date: {email.utils.format_datetime(datetime.datetime.fromisoformat(arrival))}",
@@ -94,10 +114,13 @@ def build_dsn(
     for f in failed:
         diagnostic = _line(f.diagnostic)
         human.append(f"<{f.address}>: {f.status} {diagnostic}")
+        status_fields.append("")
+        if f.original:
+            kind, _, given = f.original.partition(";")
+            status_fields.append(f"Original-Recipient: {kind}; {_line(given)}")
         status_fields += [
-            "",
             f"Final-Recipient: {'utf-8' if not f.address.isascii() else 'rfc822'}; {f.address}",
-            f"Action: {action}",
+            f"Action: {f.action}",
             f"Status: {f.status}",
         ]
         if f.remote_mta:

@@ -265,7 +265,7 @@ class Metrics:
         self.dsn_sent = Counter(
             "sealgate_dsn_sent",
             "Delivery status notifications sent to senders, by action: failed (recipients "
-            "failed for good), delayed (delivery.delay_warning)",
+            "failed for good), delayed (delivery.delay_warning), success (NOTIFY=SUCCESS)",
             ["action"],
             registry=r,
         )

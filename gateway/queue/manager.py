@@ -56,8 +56,8 @@ from gateway.archive.service import ArchiveService
 from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config, config_digest
-from gateway.delivery.dsn import FailedRecipient, build_dsn
-from gateway.delivery.results import Attempted, AttemptEvidence
+from gateway.delivery.dsn import ReportedRecipient, build_dsn
+from gateway.delivery.results import Attempted, AttemptEvidence, Deposited
 from gateway.errors import SealgateError, SpoolError
 from gateway.events import Event
 from gateway.model import Envelope, Purpose, RecipientState
@@ -71,6 +71,7 @@ from gateway.queue.store import (
     RecipientRow,
     domain_of,
 )
+from gateway.smtp import dsn_params
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
 from gateway.spool.submit import Submit
@@ -113,6 +114,32 @@ class Agent(Protocol):
 # a node silent this long counts as gone for good (decommissioned), not as missing
 SILENT_FOR = 7 * 86400
 DELAY_SCAN_INTERVAL = 5.0  # how often messages are looked at for delivery.delay_warning
+
+
+def _wants(envelope: Envelope, row: RecipientRow, event: str) -> bool:
+    """Whether the sender asked to hear of this recipient's ``event`` (RFC 3461
+    NOTIFY; without it, of failures and delays)."""
+    return dsn_params.wants(_options(envelope, row.idx), event)
+
+
+def _options(envelope: Envelope, idx: int) -> tuple[str, ...]:
+    return envelope.recipients[idx].options if idx < len(envelope.recipients) else ()
+
+
+def _reported(
+    envelope: Envelope,
+    row: RecipientRow,
+    action: str,
+    status: str,
+    diagnostic: str,
+    remote: str | None = None,
+) -> ReportedRecipient:
+    """A recipient as a report shows it, with the ORCPT its sender gave."""
+    orcpt = dsn_params.option(_options(envelope, row.idx), "ORCPT")
+    if orcpt is not None:
+        kind, _, address = orcpt.partition(";")
+        orcpt = f"{kind};{dsn_params.xtext_decode(address)}"
+    return ReportedRecipient(row.address, status, diagnostic, remote, action=action, original=orcpt)
 
 
 def _delayed_status(status: str) -> str:
@@ -530,24 +557,21 @@ class QueueManager:
             waiting = [
                 r
                 for r in await self._db(self.store.recipients, queue_id)
-                if not RecipientState(r.state).final
+                if not RecipientState(r.state).final and _wants(envelope, r, "DELAY")
             ]
+            if not waiting:
+                continue  # NOTIFY said not to
             arrival = datetime.datetime.fromisoformat(envelope.received_at)
-            report = build_dsn(
-                sender=envelope.mail_from,
-                reporting_mta=self.hostname,
-                queue_id=queue_id,
-                arrival=envelope.received_at,
-                original=data,
-                failed=[
-                    FailedRecipient(r.address, _delayed_status(r.status), r.diagnostic)
+            await self._send_report(
+                envelope,
+                data,
+                [
+                    _reported(envelope, r, "delayed", _delayed_status(r.status), r.diagnostic)
                     for r in waiting
                 ],
+                "delayed",
                 retry_until=arrival + datetime.timedelta(seconds=delivery.max_queue_lifetime),
             )
-            dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
-            self.metrics.dsn_sent.labels("delayed").inc()
-            log.info(Event.DSN_SENT, queue_id=queue_id, dsn_queue_id=dsn_id, delayed=len(waiting))
 
     async def _beat(self, now: float) -> None:
         """This node is alive; nodes silent for ``cluster.lease_timeout`` lose their
@@ -651,9 +675,67 @@ class QueueManager:
         whole = list(rows) if len(rows) == len(envelope.recipients) else None
         final = await self._record(queue_id, records, now, every=whole)
         self._archive_attempt(queue_id, rows, records)
+        self._tell_success(envelope, data, rows, attempted, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
+
+    def _tell_success(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rows: list[RecipientRow],
+        attempted: list[Attempted],
+        records: list[AttemptRecord],
+    ) -> None:
+        """Report the recipients just delivered whose sender asked to hear of it
+        (NOTIFY=SUCCESS): "delivered" into the portal, "relayed" to a mail server
+        (the request is not passed on, so that server will not report)."""
+        if not envelope.mail_from:
+            return
+        told = [
+            _reported(
+                envelope,
+                row,
+                "delivered" if isinstance(a.made, Deposited) else "relayed",
+                record.status,
+                a.result.diagnostic,
+                a.result.evidence.mx_host if a.result.evidence else None,
+            )
+            for row, a, record in zip(rows, attempted, records, strict=True)
+            if record.state == RecipientState.DELIVERED and _wants(envelope, row, "SUCCESS")
+        ]
+        if told:
+            self._spawn(self._send_report(envelope, data, told, "success"))
+
+    async def _send_report(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        recipients: list[ReportedRecipient],
+        action: str,
+        retry_until: datetime.datetime | None = None,
+    ) -> None:
+        """A delivery status notification to the message's sender (`build_dsn`)."""
+        report = build_dsn(
+            sender=envelope.mail_from,
+            reporting_mta=self.hostname,
+            queue_id=envelope.queue_id,
+            arrival=envelope.received_at,
+            original=data,
+            failed=recipients,
+            retry_until=retry_until,
+            envid=dsn_params.option(envelope.mail_options, "ENVID"),
+        )
+        dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
+        self.metrics.dsn_sent.labels(action).inc()
+        log.info(
+            Event.DSN_SENT,
+            queue_id=envelope.queue_id,
+            dsn_queue_id=dsn_id,
+            action=action,
+            recipients=len(recipients),
+        )
 
     async def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """A message's envelope and bytes: kept from its arrival, else from the spool,
@@ -921,21 +1003,19 @@ class QueueManager:
     ) -> None:
         assert self.store is not None
         self._forget(envelope.queue_id)
-        failed = [r for r in rows if r.state in (RecipientState.BOUNCED, RecipientState.EXPIRED)]
+        failed = [
+            r
+            for r in rows
+            if r.state in (RecipientState.BOUNCED, RecipientState.EXPIRED)
+            and _wants(envelope, r, "FAILURE")
+        ]
         dsn_sent = False
         if failed and envelope.mail_from and tell_sender:
-            report = build_dsn(
-                sender=envelope.mail_from,
-                reporting_mta=self.hostname,
-                queue_id=envelope.queue_id,
-                arrival=envelope.received_at,
-                original=data,
-                failed=[FailedRecipient(r.address, r.status, r.diagnostic) for r in failed],
-            )
-            dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
-            self.metrics.dsn_sent.labels("failed").inc()
-            log.info(
-                Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=dsn_id, failed=len(failed)
+            await self._send_report(
+                envelope,
+                data,
+                [_reported(envelope, r, "failed", r.status, r.diagnostic) for r in failed],
+                "failed",
             )
             dsn_sent = True
         if failed or recovering:

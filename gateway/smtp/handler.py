@@ -58,6 +58,7 @@ class Handler:
             "250-SMTPUTF8",
             "250-PIPELINING",
             "250-ENHANCEDSTATUSCODES",
+            "250-DSN",
         ]
         if server.tls_context is not None and not tls_active:
             out.append("250-STARTTLS")

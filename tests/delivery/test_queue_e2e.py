@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from gateway.delivery.dsn import original_message_id
-from tests.conftest import make_message, queued, run_sealgate
+from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.support.delivery import BODY, SUBJECT, depth, done, send, start, state
 from tests.support.world import tls_only, wait_until
 
@@ -297,3 +297,82 @@ async def test_a_sender_is_told_once_when_delivery_is_delayed(gateway_factory, w
     await wait_until(lambda: slow.attempts >= attempts + 3, timeout=30, what="more retries")
     assert len(sender_sink.received) == 1  # once
     assert state(gw, queue_id)["a@slow.test"][0] == "deferred"
+
+
+async def dsn_send(gw, sender, rcpts: dict[str, list[str]], mail_options=()):
+    """A message with DSN parameters: each recipient with its own options."""
+    async with smtp_client(gw) as client:
+        await client.mail(sender, options=list(mail_options))
+        for rcpt, options in rcpts.items():
+            await client.rcpt(rcpt, options=options)
+        await client.data(make_message(SUBJECT, BODY))
+    (path,) = queued(gw)
+    return path.name
+
+
+async def test_notify_never_silences_a_failure_and_envid_and_orcpt_come_back(
+    gateway_factory, world, pki
+):
+    """RFC 3461 honoured: a bounced recipient with NOTIFY=NEVER is not reported; the
+    other bounced one is, with the sender's ENVID (as given) and its ORCPT."""
+    dest = await world.mta(
+        "mx.dest.test",
+        "127.0.0.31",
+        rcpt_replies={
+            "quiet@dest.test": "550 5.1.1 No such user",
+            "loud@dest.test": "550 5.1.1 No such user",
+        },
+    )
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await dsn_send(
+        gw,
+        "doctor@clinic.test",
+        {
+            "quiet@dest.test": ["NOTIFY=NEVER"],
+            "loud@dest.test": ["NOTIFY=FAILURE", "ORCPT=rfc822;Loud+2BAlias@Dest.test"],
+            "ok@dest.test": ["NOTIFY=FAILURE,DELAY"],
+        },
+        mail_options=["RET=HDRS", "ENVID=Batch-42+2Bx"],
+    )
+    await wait_until(lambda: sender_sink.received, what="the DSN")
+    await wait_until(lambda: done(gw, queue_id), what="the message finished")
+    (dsn,) = sender_sink.received
+    text = dsn.data.decode()
+    assert "Final-Recipient: rfc822; loud@dest.test" in text
+    assert "Original-Recipient: rfc822; Loud+Alias@Dest.test" in text
+    assert "Original-Envelope-Id: Batch-42+2Bx" in text
+    assert "quiet@dest.test" not in text and "ok@dest.test" not in text
+    assert [m.rcpt_tos for m in dest.received] == [["ok@dest.test"]]
+
+
+async def test_notify_success_gets_a_relayed_report_and_never_a_second(gateway_factory, world, pki):
+    dest = await world.mta("mx.dest.test", "127.0.0.31")
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki)
+    await dsn_send(
+        gw,
+        "doctor@clinic.test",
+        {"told@dest.test": ["NOTIFY=SUCCESS"], "untold@dest.test": []},
+        mail_options=["ENVID=run-7"],
+    )
+    await wait_until(lambda: sender_sink.received, what="the success report")
+    (report,) = sender_sink.received
+    assert report.mail_from == "" and report.rcpt_tos == ["doctor@clinic.test"]
+    text = report.data.decode()
+    assert "Subject: Successful Mail Delivery Report" in text
+    assert "Final-Recipient: rfc822; told@dest.test" in text and "Action: relayed" in text
+    assert "Status: 2.0.0" in text and "Remote-MTA: dns; mx.dest.test" in text
+    assert "Original-Envelope-Id: run-7" in text
+    assert "untold@dest.test" not in text and SUBJECT not in text
+    assert (
+        gw.metrics.registry.get_sample_value("sealgate_dsn_sent_total", {"action": "success"}) == 1
+    )
+    assert sorted(r for m in dest.received for r in m.rcpt_tos) == [
+        "told@dest.test",
+        "untold@dest.test",
+    ]
