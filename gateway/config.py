@@ -1053,6 +1053,19 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    sender_on: tuple[Literal["held", "portal"], ...] = field(
+        default=(),
+        metadata=doc(
+            "Tell the sender, in a short notice without the message's subject or body, "
+            "when a recipient is 'held' (the policy's mode cannot be used now: no key, no "
+            "verified TLS, the portal off; once, when it becomes held) or was sent via "
+            "the 'portal'. Empty: never."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field(
         default=Path("./var"),
@@ -1087,6 +1100,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

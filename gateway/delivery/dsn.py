@@ -171,3 +171,41 @@ def build_dsn(
         ]
     parts.append(f"--{boundary}--")
     return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+
+
+def build_notice(
+    *,
+    sender: str,
+    reporting_mta: str,
+    queue_id: str,
+    original: bytes,
+    subject: str,
+    lines: list[str],
+    now: datetime.datetime | None = None,
+) -> bytes:
+    """A short plain-text notice to a sender about its message (``notify.sender_on``):
+    these lines, the message named by its Message-ID and queue id only."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    message_id = original_message_id(original)
+    headers = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{sender}>",
+        f"Subject: {subject}",
+        f"Date: {email.utils.format_datetime(now)}",
+        f"Message-ID: <{queue_id}.{secrets.token_hex(4)}.notice@{reporting_mta}>",
+        "Auto-Submitted: auto-generated",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    if message_id:
+        headers.append(f"In-Reply-To: {message_id}")
+    body = [
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        *(_line(line) for line in lines),
+        "",
+        f"Your message: {message_id or '(no Message-ID)'}, queue id {queue_id}.",
+        "For privacy, its subject and content are not repeated in this notice.",
+    ]
+    return ("\r\n".join(headers) + "\r\n\r\n" + "\r\n".join(body) + "\r\n").encode("utf-8")

@@ -265,7 +265,8 @@ class Metrics:
         self.dsn_sent = Counter(
             "sealgate_dsn_sent",
             "Delivery status notifications sent to senders, by action: failed (recipients "
-            "failed for good), delayed (delivery.delay_warning), success (NOTIFY=SUCCESS)",
+            "failed for good), delayed (delivery.delay_warning), success (NOTIFY=SUCCESS), "
+            "notice (notify.sender_on)",
             ["action"],
             registry=r,
         )

@@ -56,7 +56,7 @@ from gateway.archive.service import ArchiveService
 from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config, config_digest
-from gateway.delivery.dsn import ReportedRecipient, build_dsn
+from gateway.delivery.dsn import ReportedRecipient, build_dsn, build_notice
 from gateway.delivery.results import Attempted, AttemptEvidence, Deposited
 from gateway.errors import SealgateError, SpoolError
 from gateway.events import Event
@@ -676,6 +676,7 @@ class QueueManager:
         final = await self._record(queue_id, records, now, every=whole)
         self._archive_attempt(queue_id, rows, records)
         self._tell_success(envelope, data, rows, attempted, records)
+        self._tell_notices(envelope, data, rows, attempted, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
@@ -707,6 +708,60 @@ class QueueManager:
         ]
         if told:
             self._spawn(self._send_report(envelope, data, told, "success"))
+
+    def _tell_notices(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rows: list[RecipientRow],
+        attempted: list[Attempted],
+        records: list[AttemptRecord],
+    ) -> None:
+        """``notify.sender_on``: a notice to the sender for each recipient that just
+        became held, or was sent via the portal."""
+        events = self.config.notify.sender_on
+        if not events or not envelope.mail_from:
+            return
+        for row, a, record in zip(rows, attempted, records, strict=True):
+            held = record.state == RecipientState.HELD and row.state != RecipientState.HELD
+            if "held" in events and held:
+                why = "; ".join(a.decision.reasons) or record.diagnostic
+                subject = "Held: your message is not sent yet"
+                lines = [
+                    f"Your message to <{row.address}> is held: it cannot be sent as",
+                    "the policy requires for it yet, and is decided again later.",
+                    f"Why: {why}",
+                    f"An administrator sees it with: sealgate queue show {envelope.queue_id}",
+                ]
+            elif (
+                "portal" in events
+                and record.state == RecipientState.DELIVERED
+                and (isinstance(a.made, Deposited))
+            ):
+                subject = "Sent via the secure portal"
+                lines = [
+                    f"Your message to <{row.address}> was placed in the secure portal:",
+                    "the recipient was sent a link to read it there, until",
+                    f"{a.made.expires}.",
+                ]
+            else:
+                continue
+            notice = build_notice(
+                sender=envelope.mail_from,
+                reporting_mta=self.hostname,
+                queue_id=envelope.queue_id,
+                original=data,
+                subject=subject,
+                lines=lines,
+            )
+            self._spawn(self._send_notice(envelope, notice))
+
+    async def _send_notice(self, envelope: Envelope, notice: bytes) -> None:
+        notice_id = await self.submit("", [envelope.mail_from], notice, Purpose.DSN)
+        self.metrics.dsn_sent.labels("notice").inc()
+        log.info(
+            Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=notice_id, action="notice"
+        )
 
     async def _send_report(
         self,

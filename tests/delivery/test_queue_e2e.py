@@ -376,3 +376,47 @@ async def test_notify_success_gets_a_relayed_report_and_never_a_second(gateway_f
         "told@dest.test",
         "untold@dest.test",
     ]
+
+
+async def test_the_sender_is_told_once_when_a_recipient_is_held(gateway_factory, world, pki):
+    """notify.sender_on: [held] - a short notice, without the subject or body, saying
+    which recipient waits and why; not again while it stays held."""
+    await world.mta("mx.dest.test", "127.0.0.31", cert=None)  # no STARTTLS
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(
+        gateway_factory, world, pki, **{"portal.enabled": False, "notify.sender_on": ["held"]}
+    )
+    queue_id = await send(gw, ["r@dest.test"])
+    await wait_until(lambda: sender_sink.received, what="the notice")
+    (notice,) = sender_sink.received
+    assert notice.mail_from == "" and notice.rcpt_tos == ["doctor@clinic.test"]
+    text = notice.data.decode()
+    assert "Subject: Held: your message is not sent yet" in text
+    assert "Your message to <r@dest.test> is held" in text
+    assert "Why: tls: level verify (defaults) not reached" in text
+    assert f"sealgate queue show {queue_id}" in text
+    assert SUBJECT not in text and "margins" not in text
+    rounds = len(gw.queue.store.attempts(queue_id))
+    await wait_until(
+        lambda: len(gw.queue.store.attempts(queue_id)) > rounds, timeout=20, what="decided again"
+    )
+    assert len(sender_sink.received) == 1 and state(gw, queue_id)["r@dest.test"][0] == "held"
+
+
+async def test_the_sender_is_told_when_a_recipient_gets_the_portal(gateway_factory, world, pki):
+    plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki, **{"notify.sender_on": ["portal"]})
+    await send(gw, ["r@dest.test"])
+    await wait_until(lambda: sender_sink.received, what="the notice")
+    await wait_until(lambda: plain.received, what="the portal notification")
+    (notice,) = sender_sink.received
+    text = notice.data.decode()
+    assert "Subject: Sent via the secure portal" in text
+    assert "Your message to <r@dest.test> was placed in the secure portal" in text
+    assert SUBJECT not in text and "margins" not in text
+    assert SUBJECT not in plain.received[0].data.decode()  # the notification neither
