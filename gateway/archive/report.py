@@ -55,6 +55,8 @@ def transport(ev: dict[str, Any]) -> dict[str, Any]:
         "peer_cert_sha256": ev.get("peer_cert_sha256"),
         "verification": ev.get("verification"),
         "mta_sts": ev.get("mta_sts"),
+        "requiretls": bool(ev.get("requiretls")),
+        "tls_required_no": bool(ev.get("tls_required_no")),
         "key_fingerprint": encryption.get("key_fingerprint"),
         "key_source": encryption.get("key_source"),
         "signed": encryption.get("signed"),
@@ -143,6 +145,36 @@ def _log_proof(archive: Archive, queue_id: str) -> dict[str, Any]:
     return {"checkpoint": note, "tree_size": size, "records": status}
 
 
+def _attempt_lines(a: dict[str, Any]) -> list[str]:
+    """One attempt of a recipient in the proof's text."""
+    out: list[str] = []
+    where = f"{a['mx']} [{a['ip']}]" if a.get("mx") else "no connection"
+    tls = (
+        f"{a['tls_version']} {a['tls_cipher']}, certificate {a['verification']}"
+        if a.get("tls_version")
+        else "no TLS"
+    )
+    out.append(f"    attempt {a['attempt']}: {a['state']} via {where}; {tls}")
+    for reason in a.get("reasons") or []:
+        out.append(f"      decided: {reason}")
+    if a.get("peer_cert_sha256"):
+        out.append(f"      server certificate SHA-256 {a['peer_cert_sha256']}")
+    if a.get("key_fingerprint"):
+        out.append(
+            f"      encrypted ({a['mode']}) to key {a['key_fingerprint']} "
+            f"({a['key_source']}){', signed' if a.get('signed') else ''}"
+        )
+    if a.get("copy_sha256"):
+        out.append(f"      copy sent: SHA-256 {a['copy_sha256']}")
+    if a.get("mta_sts"):
+        out.append(f"      MTA-STS {a['mta_sts']}")
+    if a.get("requiretls"):
+        out.append("      REQUIRETLS (RFC 8689): asked by the sender, offered by the server")
+    if a.get("tls_required_no"):
+        out.append("      TLS-Required: No honoured (policy allow_tls_required_no)")
+    return out
+
+
 def proof_text(p: dict[str, Any]) -> str:
     client = p.get("client") or {}
     lines = [
@@ -170,26 +202,7 @@ def proof_text(p: dict[str, Any]) -> str:
             f"(rule {r['rule'] or '-'}), {r['attempts']} attempt(s)"
         )
         for a in r["history"]:
-            where = f"{a['mx']} [{a['ip']}]" if a.get("mx") else "no connection"
-            tls = (
-                f"{a['tls_version']} {a['tls_cipher']}, certificate {a['verification']}"
-                if a.get("tls_version")
-                else "no TLS"
-            )
-            lines.append(f"    attempt {a['attempt']}: {a['state']} via {where}; {tls}")
-            for reason in a.get("reasons") or []:
-                lines.append(f"      decided: {reason}")
-            if a.get("peer_cert_sha256"):
-                lines.append(f"      server certificate SHA-256 {a['peer_cert_sha256']}")
-            if a.get("key_fingerprint"):
-                lines.append(
-                    f"      encrypted ({a['mode']}) to key {a['key_fingerprint']} "
-                    f"({a['key_source']}){', signed' if a.get('signed') else ''}"
-                )
-            if a.get("copy_sha256"):
-                lines.append(f"      copy sent: SHA-256 {a['copy_sha256']}")
-            if a.get("mta_sts"):
-                lines.append(f"      MTA-STS {a['mta_sts']}")
+            lines += _attempt_lines(a)
             lines.append(f"      reply: {a['status']} {a['reply'][:200]}")
     log = p["log"]
     lines.append("")

@@ -45,7 +45,7 @@ from gateway.events import EncryptionFailure, Event
 from gateway.model import Envelope, PortalAuth
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
-from gateway.policy.engine import decide
+from gateway.policy.engine import decide, tls_required_no
 from gateway.policy.features import Features, message_features, strip_subject_tags
 from gateway.policy.language import Policy, load_policy_for
 from gateway.policy.model import DELIVERY_MODES, Decision, Mode
@@ -54,6 +54,7 @@ from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import SqlStsStore, StsCache, enforce
 from gateway.probe.prober import Prober, ProbeSettings
+from gateway.smtp import parameters
 from gateway.storage.stores import Storage
 
 log = get_logger("gateway.delivery")
@@ -383,9 +384,27 @@ class DeliveryAgent:
         the copy is not the message as received (it is signed anew)."""
         routed = await self.router.route(domain)
         note = ""
+        requiretls = parameters.REQUIRETLS in envelope.mail_options
+        policy = self.policy
+        relaxed = (
+            not requiretls
+            and policy.allow_tls_required_no
+            and tls_required_no(await self._features_of(envelope.queue_id, policy, data))
+        )
         if isinstance(routed, Routed):
-            routed, level, note = await self._apply_mta_sts(domain, routed, level)
+            if relaxed:  # RFC 8689 5, allowed by the policy: no MTA-STS, no DANE
+                level = min(level, TlsLevel.MAY)
+            else:
+                routed, level, note = await self._apply_mta_sts(domain, routed, level)
         addresses = [r.address for r in rows]
+        if isinstance(routed, Routed) and requiretls:
+            level = max(level, TlsLevel.VERIFY)  # RFC 8689 4.2.1: a verified certificate
+            if not _authenticated_route(routed, level):
+                why = (
+                    f"Sender requested REQUIRETLS, but the MX hosts of {domain} are "
+                    "authenticated by neither DNSSEC nor MTA-STS"
+                )
+                routed = RouteFailure(True, "5.7.30", why)
         if isinstance(routed, RouteFailure):
             outcome: Outcome = "bounced" if routed.permanent else "deferred"
             results = [RecipientResult(a, outcome, routed.status, routed.reason) for a in addresses]
@@ -408,9 +427,14 @@ class DeliveryAgent:
                 self.resolver,
                 smtputf8="SMTPUTF8" in envelope.mail_options,
                 eightbit="BODY=8BITMIME" in envelope.mail_options,
+                requiretls=requiretls,
                 sessions=self.sessions,
                 metrics=self.metrics,
             )
+            if requiretls:  # no other mode, no second chance at a lower level: it fails
+                results = [_requiretls_failed(r) for r in results]
+            if relaxed:
+                results = [_relaxed(r) for r in results]
             if copy_sha256 is not None:
                 results = [dataclasses.replace(r, copy_sha256=copy_sha256) for r in results]
             for result in results:
@@ -457,6 +481,35 @@ def _not_sent(
             f"(portal.enabled){after}"
         )
     return RecipientResult(address, "held", "4.7.10", why, evidence)
+
+
+def _authenticated_route(routed: Routed, level: TlsLevel) -> bool:
+    """RFC 8689 4.2.1: the next hops come from a DNSSEC-validated MX answer, from the
+    domain's MTA-STS policy (or DANE), or from this gateway's own configuration."""
+    configured = all(hop.via in ("route", "smart-host") for hop in routed.hops)
+    return configured or routed.mx_secure or level >= TlsLevel.MTA_STS
+
+
+def _requiretls_failed(result: RecipientResult) -> RecipientResult:
+    """A REQUIRETLS message that could not be sent at its TLS level fails (5.7.10)
+    instead of moving on to another mode."""
+    if result.tls_failure is None:
+        return result
+    return dataclasses.replace(
+        result,
+        outcome="bounced",
+        status="5.7.10",
+        diagnostic=f"Sender requested REQUIRETLS: {result.diagnostic}",
+        tls_failure=None,
+    )
+
+
+def _relaxed(result: RecipientResult) -> RecipientResult:
+    if result.evidence is None:
+        return result
+    return dataclasses.replace(
+        result, evidence=dataclasses.replace(result.evidence, tls_required_no=True)
+    )
 
 
 def _with_mta_sts(result: RecipientResult, note: str) -> RecipientResult:

@@ -73,6 +73,7 @@ class _Message:
     data: bytes
     smtputf8: bool = False
     eightbit: bool = False
+    requiretls: bool = False  # RFC 8689: only to a verified server that offers it
     results: dict[str, RecipientResult] = field(default_factory=dict)
     wire: bytes = b""  # data as DATA sends it, made once per delivery
 
@@ -157,11 +158,14 @@ async def deliver(
     *,
     smtputf8: bool = False,
     eightbit: bool = False,
+    requiretls: bool = False,
     sessions: SessionCache | None = None,
     metrics: Metrics | None = None,
 ) -> list[RecipientResult]:
-    """Try the hops in order until one session takes the message."""
-    message = _Message(sender, list(recipients), data, smtputf8, eightbit)
+    """Try the hops in order until one session takes the message.  A message sent
+    with REQUIRETLS that no host would take under it (RFC 8689: 5.7.30, 5.7.10,
+    soft per host) fails when the last host was tried."""
+    message = _Message(sender, list(recipients), data, smtputf8, eightbit, requiretls)
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
         tlsa = await _dane(hop, routed, level, settings, resolver)
@@ -192,8 +196,9 @@ async def deliver(
                 return [message.results[r] for r in message.recipients]
             if not isinstance(outcome, _Stale):
                 last = outcome
+    ending: Outcome = "bounced" if last.status.startswith("5.") else "deferred"
     return [
-        RecipientResult(r, "deferred", last.status, last.reason, last.evidence, last.tls_failure)
+        RecipientResult(r, ending, last.status, last.reason, last.evidence, last.tls_failure)
         for r in message.recipients
     ]
 
@@ -419,6 +424,16 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
         options.append("BODY=8BITMIME")
     if smtp.supports_extension("size"):
         options.append(f"SIZE={len(message.data)}")
+    if message.requiretls:
+        host = f"{evidence.mx_host}[{evidence.ip}]"
+        if evidence.verification == "none":
+            why = f"Sender requested REQUIRETLS, but the certificate of {host} was not verified"
+            return HostFailure("5.7.10", why, evidence)
+        if not smtp.supports_extension("requiretls"):
+            why = f"Sender requested REQUIRETLS, but it is not offered by host {host}"
+            return HostFailure("5.7.30", why, evidence)
+        options.append("REQUIRETLS")
+        evidence = dataclasses.replace(evidence, requiretls=True)
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
     message.results.clear()  # what counts is the transaction that completes
     if encoding == "ascii" and _needs_smtputf8(message, evidence):

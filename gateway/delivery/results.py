@@ -31,6 +31,8 @@ class SessionEvidence:
     started_at: str = ""  # when the connection was opened
     reused: int = 0  # transactions this connection carried before this one
     mta_sts: str = ""  # the recipient domain's MTA-STS policy, when it has one
+    requiretls: bool = False  # sent with REQUIRETLS (RFC 8689) to a server offering it
+    tls_required_no: bool = False  # the message's "TLS-Required: No" was honoured
 
 
 @dataclass(frozen=True)

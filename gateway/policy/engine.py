@@ -64,6 +64,11 @@ class _Context:
     policy: Policy
 
 
+def tls_required_no(features: Features) -> bool:
+    """The message says "TLS-Required: No" (RFC 8689 5)."""
+    return any(v.strip().lower() == "no" for v in features.headers.get("tls-required", ()))
+
+
 def decide(
     policy: Policy,
     sender: str,
@@ -142,6 +147,10 @@ def _decide(ctx: _Context, now: float, excluded: tuple[Mode, ...]) -> Evaluation
 
     chosen: Mode | None = None
     floor, floor_source = _transport_floor(ctx.facts)
+    if policy.allow_tls_required_no and tls_required_no(ctx.features):
+        # RFC 8689 5: the sender asks that TLS policies be ignored; allowed here
+        level = floor = TlsLevel.MAY
+        level_source = floor_source = "TLS-Required: No (allow_tls_required_no)"
     for mode in candidates:
         if mode in excluded:
             reasons.append(f"{mode}: failed at delivery")

@@ -90,7 +90,9 @@ class Policy:
     scan_limit: int = DEFAULT_SCAN_LIMIT
     scan_time: float = DEFAULT_SCAN_TIME  # seconds to read a message's documents
     unreadable: str = SENSITIVE  # what a document that cannot be read counts as
-    discovered_keys: bool = False  # keys found by WKD may be used
+    discovered_keys: bool = False
+    # a message's "TLS-Required: No" (RFC 8689 5) lowers its TLS to opportunistic
+    allow_tls_required_no: bool = False  # keys found by WKD may be used
 
     @functools.cached_property
     def reads_content(self) -> bool:
@@ -213,6 +215,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
             "scan_time",
             "unreadable",
             "discovered_keys",
+            "allow_tls_required_no",
         ),
     )
     if "version" not in top:
@@ -225,6 +228,11 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
     scan_limit, scan_time, unreadable = _scan(r, top)
     discovered = (
         r.flag(top["discovered_keys"][1], "discovered_keys") if "discovered_keys" in top else False
+    )
+    relaxed = (
+        r.flag(top["allow_tls_required_no"][1], "allow_tls_required_no")
+        if "allow_tls_required_no" in top
+        else False
     )
     defaults = BUILTIN_DEFAULTS
     if "defaults" in top:
@@ -264,6 +272,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
         scan_time=scan_time,
         unreadable=unreadable,
         discovered_keys=discovered,
+        allow_tls_required_no=relaxed,
     )
 
 

@@ -71,7 +71,7 @@ from gateway.queue.store import (
     RecipientRow,
     domain_of,
 )
-from gateway.smtp import dsn_params
+from gateway.smtp import parameters
 from gateway.spool import Spool
 from gateway.spool.store import read_envelope
 from gateway.spool.submit import Submit
@@ -119,7 +119,7 @@ DELAY_SCAN_INTERVAL = 5.0  # how often messages are looked at for delivery.delay
 def _wants(envelope: Envelope, row: RecipientRow, event: str) -> bool:
     """Whether the sender asked to hear of this recipient's ``event`` (RFC 3461
     NOTIFY; without it, of failures and delays)."""
-    return dsn_params.wants(_options(envelope, row.idx), event)
+    return parameters.wants(_options(envelope, row.idx), event)
 
 
 def _options(envelope: Envelope, idx: int) -> tuple[str, ...]:
@@ -135,10 +135,10 @@ def _reported(
     remote: str | None = None,
 ) -> ReportedRecipient:
     """A recipient as a report shows it, with the ORCPT its sender gave."""
-    orcpt = dsn_params.option(_options(envelope, row.idx), "ORCPT")
+    orcpt = parameters.option(_options(envelope, row.idx), "ORCPT")
     if orcpt is not None:
         kind, _, address = orcpt.partition(";")
-        orcpt = f"{kind};{dsn_params.xtext_decode(address)}"
+        orcpt = f"{kind};{parameters.xtext_decode(address)}"
     return ReportedRecipient(row.address, status, diagnostic, remote, action=action, original=orcpt)
 
 
@@ -780,7 +780,7 @@ class QueueManager:
             original=data,
             failed=recipients,
             retry_until=retry_until,
-            envid=dsn_params.option(envelope.mail_options, "ENVID"),
+            envid=parameters.option(envelope.mail_options, "ENVID"),
         )
         dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
         self.metrics.dsn_sent.labels(action).inc()

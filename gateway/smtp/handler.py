@@ -62,6 +62,8 @@ class Handler:
         ]
         if server.tls_context is not None and not tls_active:
             out.append("250-STARTTLS")
+        if tls_active:
+            out.append("250-REQUIRETLS")  # RFC 8689 4.1: only over TLS
         if tls_active and self.ctx.relay.offers_auth:
             out.append("250-AUTH PLAIN LOGIN")
         out.append(replies.EHLO_LAST)

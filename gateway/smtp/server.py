@@ -12,8 +12,9 @@ says the message is on disk.  Logs carry no subject or body, and addresses only 
 configured (`logging.addresses`).
 
 RFCs: 5321 (SMTP), 3207 (STARTTLS), 4954 (AUTH), 1870 (SIZE), 6152 (8BITMIME),
-6531 (SMTPUTF8), 2034/3463 (enhanced status codes), 2920 (PIPELINING), 3461 (DSN:
-its parameters are taken out before aiosmtpd reads the command), 3848 (Received
+6531 (SMTPUTF8), 2034/3463 (enhanced status codes), 2920 (PIPELINING), 3461 (DSN)
+and 8689 (REQUIRETLS: their parameters are taken out before aiosmtpd reads the
+command), 3848 (Received
 "with" protocol names).
 """
 
@@ -47,7 +48,7 @@ from gateway.errors import SpoolError
 from gateway.events import Event, RejectReason
 from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.observability.logging import get_logger
-from gateway.smtp import dsn_params, replies
+from gateway.smtp import parameters, replies
 from gateway.smtp.binding import Refusal
 from gateway.smtp.context import SmtpContext
 from gateway.smtp.data import DataProblem, MessageScanner
@@ -278,15 +279,16 @@ class GatewaySMTP(SMTP):
             self._in_hello = False
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """MAIL, with the DSN extension's RET and ENVID (RFC 3461) taken out first and
-        kept in the envelope as written (`gateway.smtp.dsn_params`)."""
-        await self._with_dsn(super().smtp_MAIL, arg, dsn_params.MAIL_KEYS)
+        """MAIL, with the DSN extension's RET and ENVID (RFC 3461) and REQUIRETLS (RFC
+        8689, over TLS only) taken out first and kept in the envelope as written
+        (`gateway.smtp.parameters`)."""
+        await self._with_parameters(super().smtp_MAIL, arg, parameters.MAIL_KEYS)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         """RCPT, with NOTIFY and ORCPT taken out first and kept with the recipient."""
-        await self._with_dsn(super().smtp_RCPT, arg, dsn_params.RCPT_KEYS)
+        await self._with_parameters(super().smtp_RCPT, arg, parameters.RCPT_KEYS)
 
-    async def _with_dsn(
+    async def _with_parameters(
         self,
         command: Callable[[str | None], Awaitable[None]],
         arg: str | None,
@@ -296,19 +298,23 @@ class GatewaySMTP(SMTP):
             await command(arg)  # parameters after HELO: aiosmtpd's syntax error
             return
         try:
-            arg, taken = dsn_params.take(arg, keys)
-        except dsn_params.DsnParameterError as e:
+            arg, taken = parameters.take(arg, keys)
+        except parameters.ParameterError as e:
             self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
             await self.push(replies.BAD_DSN_PARAMETER.format(detail=e))
+            return
+        if parameters.REQUIRETLS in taken and self.session.ssl is None:
+            self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
+            await self.push(replies.REQUIRETLS_WITHOUT_TLS)
             return
         envelope = self.gw_envelope
         sender, recipients = envelope.mail_from, len(envelope.rcpt_tos)
         await command(arg)
         if not taken:
             return
-        if keys is dsn_params.MAIL_KEYS and envelope.mail_from and not sender:
+        if keys is parameters.MAIL_KEYS and envelope.mail_from and not sender:
             envelope.mail_options.extend(taken)
-        elif keys is dsn_params.RCPT_KEYS and len(envelope.rcpt_tos) > recipients:
+        elif keys is parameters.RCPT_KEYS and len(envelope.rcpt_tos) > recipients:
             envelope.rcpt_options.extend(taken)
             envelope.rcpt_option_list[-1].extend(taken)
 

@@ -23,6 +23,7 @@ class Received:
     data: bytes
     tls_version: str | None
     connection: int = 0  # which connection (1, 2, ...) carried it
+    requiretls: bool = False  # MAIL FROM carried REQUIRETLS (RFC 8689)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RecipientMta:
     data_delay: float = 0.0  # seconds before answering DATA
     close_after_data: bool = False  # drop the connection after each message, no reply
     utf8: bool = True  # offers SMTPUTF8
+    requiretls: bool = False  # offers REQUIRETLS after STARTTLS (RFC 8689)
     hung_up: int = 0  # connections it closed after a message (close_after_data)
     connections: int = 0
     quits: int = 0
@@ -47,6 +49,14 @@ class RecipientMta:
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         self.quits += 1
         return "221 2.0.0 Bye"
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.requiretls and session.ssl:
+            responses.insert(-1, "250-REQUIRETLS")
+        return responses
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -72,6 +82,7 @@ class RecipientMta:
                     envelope.original_content,
                     sslobj.version() if sslobj else None,
                     server.connection_number,
+                    getattr(envelope, "requiretls", False),
                 )
             )
         if self.close_after_data:
@@ -93,7 +104,7 @@ class RecipientMta:
 
         def connection() -> SMTP:
             self.connections += 1
-            smtp = SMTP(self, tls_context=ctx, enable_SMTPUTF8=self.utf8, hostname=self.host)
+            smtp = _Smtp(self, tls_context=ctx, enable_SMTPUTF8=self.utf8, hostname=self.host)
             smtp.connection_number = self.connections  # type: ignore[attr-defined]
             return smtp
 
@@ -104,3 +115,18 @@ class RecipientMta:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+class _Smtp(SMTP):
+    """aiosmtpd, taking REQUIRETLS off MAIL (it refuses parameters it does not know)
+    when its MTA offers it, and noting it in the envelope."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        flagged = False
+        if arg and self.event_handler.requiretls and self.session and self.session.ssl:
+            words = arg.split()
+            flagged = any(w.upper() == "REQUIRETLS" for w in words[1:])
+            arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from:
+            self.envelope.requiretls = flagged  # type: ignore[attr-defined]

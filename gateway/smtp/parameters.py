@@ -1,14 +1,16 @@
-"""The DSN extension's parameters (RFC 3461): ``RET`` and ``ENVID`` on MAIL,
-``NOTIFY`` and ``ORCPT`` on RCPT - taken out of the command before aiosmtpd reads
-it (it knows none of them, and upper-cases what it keeps: ENVID and ORCPT are
-case-sensitive), checked, and kept in the envelope's options as the client wrote
-them, where delivery passes them on and the reports read them."""
+"""MAIL and RCPT parameters aiosmtpd does not know: the DSN extension's (RFC 3461)
+``RET`` and ``ENVID`` on MAIL, ``NOTIFY`` and ``ORCPT`` on RCPT, and ``REQUIRETLS``
+on MAIL (RFC 8689) - taken out of the command before aiosmtpd reads it (it refuses
+them, and upper-cases what it keeps: ENVID and ORCPT are case-sensitive), checked,
+and kept in the envelope's options as the client wrote them, where delivery and
+the reports read them."""
 
 from __future__ import annotations
 
 import re
 
-MAIL_KEYS = ("RET", "ENVID")
+MAIL_KEYS = ("RET", "ENVID", "REQUIRETLS")
+REQUIRETLS = "REQUIRETLS"  # a keyword without a value
 RCPT_KEYS = ("NOTIFY", "ORCPT")
 NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
 
@@ -17,13 +19,13 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 _ADDRESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 
 
-class DsnParameterError(ValueError):
-    """A DSN parameter the client got wrong; the message is the reply's text."""
+class ParameterError(ValueError):
+    """A parameter the client got wrong; the message is the reply's text."""
 
 
 def take(arg: str, keys: tuple[str, ...]) -> tuple[str, list[str]]:
     """``arg`` (``FROM:<a@b> SIZE=10 RET=HDRS``) without the parameters named by
-    ``keys``, and those parameters as written, each checked (`DsnParameterError`)."""
+    ``keys``, and those parameters as written, each checked (`ParameterError`)."""
     close = arg.rfind(">")
     head, tail = (arg[: close + 1], arg[close + 1 :]) if close >= 0 else (arg, "")
     kept, taken, seen = [], [], set()
@@ -34,34 +36,42 @@ def take(arg: str, keys: tuple[str, ...]) -> tuple[str, list[str]]:
             kept.append(token)
             continue
         if name in seen:
-            raise DsnParameterError(f"{name} given twice")
+            raise ParameterError(f"{name} given twice")
         seen.add(name)
         check(name, value if sep else None)
-        taken.append(f"{name}={value}")
+        taken.append(name if name == REQUIRETLS else f"{name}={value}")
     return " ".join([head, *kept]), taken
 
 
 def check(name: str, value: str | None) -> None:
+    if name == REQUIRETLS:
+        if value is not None:
+            raise ParameterError("REQUIRETLS takes no value")
+        return
     if value is None or value == "":
-        raise DsnParameterError(f"{name} needs a value")
+        raise ParameterError(f"{name} needs a value")
     if name == "RET":
         if value.upper() not in ("FULL", "HDRS"):
-            raise DsnParameterError("RET is FULL or HDRS")
+            raise ParameterError("RET is FULL or HDRS")
     elif name == "ENVID":
         if len(value) > 100 or not _XTEXT.fullmatch(value):
-            raise DsnParameterError("ENVID is xtext of at most 100 characters")
+            raise ParameterError("ENVID is xtext of at most 100 characters")
     elif name == "NOTIFY":
-        values = value.upper().split(",")
-        if values != ["NEVER"] and (
-            not set(values) <= set(NOTIFY_VALUES) or len(set(values)) != len(values)
-        ):
-            raise DsnParameterError("NOTIFY is NEVER, or SUCCESS, FAILURE and DELAY")
+        _check_notify(value)
     elif name == "ORCPT":
         kind, sep, address = value.partition(";")
         if not sep or not _ADDRESS_TYPE.fullmatch(kind) or not _XTEXT.fullmatch(address):
-            raise DsnParameterError("ORCPT is address-type;xtext")
+            raise ParameterError("ORCPT is address-type;xtext")
         if len(value) > 500:
-            raise DsnParameterError("ORCPT is too long")
+            raise ParameterError("ORCPT is too long")
+
+
+def _check_notify(value: str) -> None:
+    values = value.upper().split(",")
+    if values != ["NEVER"] and (
+        not set(values) <= set(NOTIFY_VALUES) or len(set(values)) != len(values)
+    ):
+        raise ParameterError("NOTIFY is NEVER, or SUCCESS, FAILURE and DELAY")
 
 
 def option(options: tuple[str, ...] | list[str], name: str) -> str | None:
