@@ -428,6 +428,17 @@ class DeliveryAgent:
                 smtputf8="SMTPUTF8" in envelope.mail_options,
                 eightbit="BODY=8BITMIME" in envelope.mail_options,
                 requiretls=requiretls,
+                dsn_mail=_dsn_options(envelope.mail_options, parameters.MAIL_DSN_KEYS),
+                dsn_rcpt={
+                    r.address: options
+                    for r in rows
+                    if r.idx < len(envelope.recipients)
+                    and (
+                        options := _dsn_options(
+                            envelope.recipients[r.idx].options, parameters.RCPT_KEYS
+                        )
+                    )
+                },
                 sessions=self.sessions,
                 metrics=self.metrics,
             )
@@ -481,6 +492,11 @@ def _not_sent(
             f"(portal.enabled){after}"
         )
     return RecipientResult(address, "held", "4.7.10", why, evidence)
+
+
+def _dsn_options(options: tuple[str, ...], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The DSN parameters among these options (passed on as the client gave them)."""
+    return tuple(o for o in options if o.split("=", 1)[0].upper() in keys)
 
 
 def _authenticated_route(routed: Routed, level: TlsLevel) -> bool:

@@ -74,6 +74,10 @@ class _Message:
     smtputf8: bool = False
     eightbit: bool = False
     requiretls: bool = False  # RFC 8689: only to a verified server that offers it
+    # RFC 3461 6.2.1: passed on to a server that offers DSN - RET and ENVID on MAIL,
+    # each recipient's NOTIFY and ORCPT on its RCPT
+    dsn_mail: tuple[str, ...] = ()
+    dsn_rcpt: dict[str, tuple[str, ...]] = field(default_factory=dict)
     results: dict[str, RecipientResult] = field(default_factory=dict)
     wire: bytes = b""  # data as DATA sends it, made once per delivery
 
@@ -159,13 +163,17 @@ async def deliver(
     smtputf8: bool = False,
     eightbit: bool = False,
     requiretls: bool = False,
+    dsn_mail: tuple[str, ...] = (),
+    dsn_rcpt: dict[str, tuple[str, ...]] | None = None,
     sessions: SessionCache | None = None,
     metrics: Metrics | None = None,
 ) -> list[RecipientResult]:
     """Try the hops in order until one session takes the message.  A message sent
     with REQUIRETLS that no host would take under it (RFC 8689: 5.7.30, 5.7.10,
     soft per host) fails when the last host was tried."""
-    message = _Message(sender, list(recipients), data, smtputf8, eightbit, requiretls)
+    message = _Message(
+        sender, list(recipients), data, smtputf8, eightbit, requiretls, dsn_mail, dsn_rcpt or {}
+    )
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
         tlsa = await _dane(hop, routed, level, settings, resolver)
@@ -434,6 +442,10 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
             return HostFailure("5.7.30", why, evidence)
         options.append("REQUIRETLS")
         evidence = dataclasses.replace(evidence, requiretls=True)
+    dsn = smtp.supports_extension("dsn") and bool(message.dsn_mail or message.dsn_rcpt)
+    if dsn:
+        options += message.dsn_mail
+        evidence = dataclasses.replace(evidence, dsn_passed_on=True)
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
     message.results.clear()  # what counts is the transaction that completes
     if encoding == "ascii" and _needs_smtputf8(message, evidence):
@@ -466,7 +478,10 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
     for rcpt in message.recipients:
         if rcpt in message.results:
             continue  # bounced already (a non-ASCII address, no SMTPUTF8 here)
-        reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+        passed = message.dsn_rcpt.get(rcpt, ()) if dsn else ()
+        reply = await smtp.execute_command(
+            b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">", *(o.encode() for o in passed)
+        )
         if reply.code < 400:
             accepted.append(rcpt)
         else:

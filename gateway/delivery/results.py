@@ -33,6 +33,8 @@ class SessionEvidence:
     mta_sts: str = ""  # the recipient domain's MTA-STS policy, when it has one
     requiretls: bool = False  # sent with REQUIRETLS (RFC 8689) to a server offering it
     tls_required_no: bool = False  # the message's "TLS-Required: No" was honoured
+    # the sender's DSN request was passed on (RFC 3461): that server reports success
+    dsn_passed_on: bool = False
 
 
 @dataclass(frozen=True)

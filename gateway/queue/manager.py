@@ -691,7 +691,7 @@ class QueueManager:
     ) -> None:
         """Report the recipients just delivered whose sender asked to hear of it
         (NOTIFY=SUCCESS): "delivered" into the portal, "relayed" to a mail server
-        (the request is not passed on, so that server will not report)."""
+        that does not offer DSN (one that does was passed the request: it reports)."""
         if not envelope.mail_from:
             return
         told = [
@@ -704,7 +704,9 @@ class QueueManager:
                 a.result.evidence.mx_host if a.result.evidence else None,
             )
             for row, a, record in zip(rows, attempted, records, strict=True)
-            if record.state == RecipientState.DELIVERED and _wants(envelope, row, "SUCCESS")
+            if record.state == RecipientState.DELIVERED
+            and _wants(envelope, row, "SUCCESS")
+            and not (a.result.evidence and a.result.evidence.dsn_passed_on)
         ]
         if told:
             self._spawn(self._send_report(envelope, data, told, "success"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-MAIL_KEYS = ("RET", "ENVID", "REQUIRETLS")
+MAIL_DSN_KEYS = ("RET", "ENVID")
+MAIL_KEYS = (*MAIL_DSN_KEYS, "REQUIRETLS")
 REQUIRETLS = "REQUIRETLS"  # a keyword without a value
 RCPT_KEYS = ("NOTIFY", "ORCPT")
 NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")

@@ -7,6 +7,7 @@ the delivery status notifications.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from gateway.delivery.dsn import original_message_id
@@ -420,3 +421,34 @@ async def test_the_sender_is_told_when_a_recipient_gets_the_portal(gateway_facto
     assert "Your message to <r@dest.test> was placed in the secure portal" in text
     assert SUBJECT not in text and "margins" not in text
     assert SUBJECT not in plain.received[0].data.decode()  # the notification neither
+
+
+async def test_dsn_parameters_are_passed_on_to_a_server_that_offers_dsn(
+    gateway_factory, world, pki
+):
+    """RFC 3461 6.2.1: relaying to a DSN-capable server, RET and ENVID go on MAIL and
+    each recipient's NOTIFY and ORCPT on its RCPT - and that server, not Sealgate,
+    reports the success it was asked for."""
+    dest = await world.mta("mx.dest.test", "127.0.0.31", dsn=True)
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await dsn_send(
+        gw,
+        "doctor@clinic.test",
+        {"told@dest.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;Told@Dest.test"]},
+        mail_options=["RET=HDRS", "ENVID=run-8"],
+    )
+    await wait_until(lambda: done(gw, queue_id), what="delivered")
+    (received,) = dest.received
+    assert received.dsn == [
+        "RET=HDRS",
+        "ENVID=run-8",
+        "NOTIFY=SUCCESS",
+        "ORCPT=rfc822;Told@Dest.test",
+    ]
+    (attempt,) = gw.queue.store.attempts(queue_id)
+    assert attempt["evidence"]["dsn_passed_on"] is True
+    await asyncio.sleep(1)
+    assert sender_sink.received == []  # dest reports it

@@ -24,6 +24,7 @@ class Received:
     tls_version: str | None
     connection: int = 0  # which connection (1, 2, ...) carried it
     requiretls: bool = False  # MAIL FROM carried REQUIRETLS (RFC 8689)
+    dsn: list[str] = field(default_factory=list)  # DSN parameters of MAIL and RCPTs
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RecipientMta:
     close_after_data: bool = False  # drop the connection after each message, no reply
     utf8: bool = True  # offers SMTPUTF8
     requiretls: bool = False  # offers REQUIRETLS after STARTTLS (RFC 8689)
+    dsn: bool = False  # offers DSN (RFC 3461): records the parameters it is given
     hung_up: int = 0  # connections it closed after a message (close_after_data)
     connections: int = 0
     quits: int = 0
@@ -56,6 +58,8 @@ class RecipientMta:
         session.host_name = hostname
         if self.requiretls and session.ssl:
             responses.insert(-1, "250-REQUIRETLS")
+        if self.dsn:
+            responses.insert(-1, "250-DSN")
         return responses
 
     async def handle_RCPT(
@@ -83,6 +87,7 @@ class RecipientMta:
                     sslobj.version() if sslobj else None,
                     server.connection_number,
                     getattr(envelope, "requiretls", False),
+                    list(getattr(envelope, "dsn", [])),
                 )
             )
         if self.close_after_data:
@@ -118,15 +123,30 @@ class RecipientMta:
 
 
 class _Smtp(SMTP):
-    """aiosmtpd, taking REQUIRETLS off MAIL (it refuses parameters it does not know)
-    when its MTA offers it, and noting it in the envelope."""
+    """aiosmtpd, taking REQUIRETLS and the DSN parameters off MAIL and RCPT (it
+    refuses parameters it does not know) when its MTA offers them, and noting them
+    in the envelope."""
+
+    def _strip(self, arg: str | None, keys: tuple[str, ...]) -> tuple[str | None, list[str]]:
+        if not arg:
+            return arg, []
+        words = arg.split()
+        taken = [w for w in words[1:] if w.split("=")[0].upper() in keys]
+        return " ".join(w for w in words if w not in taken), taken
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        flagged = False
-        if arg and self.event_handler.requiretls and self.session and self.session.ssl:
-            words = arg.split()
-            flagged = any(w.upper() == "REQUIRETLS" for w in words[1:])
-            arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+        mta = self.event_handler
+        keys = ("RET", "ENVID") if mta.dsn else ()
+        if mta.requiretls and self.session and self.session.ssl:
+            keys += ("REQUIRETLS",)
+        arg, taken = self._strip(arg, keys)
         await super().smtp_MAIL(arg)
         if self.envelope is not None and self.envelope.mail_from:
-            self.envelope.requiretls = flagged  # type: ignore[attr-defined]
+            self.envelope.requiretls = "REQUIRETLS" in taken  # type: ignore[attr-defined]
+            self.envelope.dsn = [t for t in taken if t != "REQUIRETLS"]  # type: ignore[attr-defined]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, taken = self._strip(arg, ("NOTIFY", "ORCPT") if self.event_handler.dsn else ())
+        await super().smtp_RCPT(arg)
+        if taken and self.envelope is not None:
+            self.envelope.dsn = [*getattr(self.envelope, "dsn", []), *taken]  # type: ignore[attr-defined]
