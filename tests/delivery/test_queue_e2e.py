@@ -452,3 +452,17 @@ async def test_dsn_parameters_are_passed_on_to_a_server_that_offers_dsn(
     assert attempt["evidence"]["dsn_passed_on"] is True
     await asyncio.sleep(1)
     assert sender_sink.received == []  # dest reports it
+
+
+async def test_notify_success_into_the_portal_is_reported_delivered(gateway_factory, world, pki):
+    await world.mta("mx.dest.test", "127.0.0.31", cert=None)  # no STARTTLS: the portal
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki)
+    await dsn_send(gw, "doctor@clinic.test", {"r@dest.test": ["NOTIFY=SUCCESS"]})
+    await wait_until(lambda: sender_sink.received, what="the success report")
+    (report,) = sender_sink.received
+    text = report.data.decode()
+    assert "Final-Recipient: rfc822; r@dest.test" in text and "Action: delivered" in text
+    assert "Remote-MTA" not in text and SUBJECT not in text
