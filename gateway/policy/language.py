@@ -358,24 +358,11 @@ def _lists(r: _Reader, node: yaml.Node) -> dict[str, tuple[str, ...]]:
 def _scan(r: _Reader, top: dict[str, tuple[yaml.Node, yaml.Node]]) -> tuple[int, float, str]:
     """How the classifiers read a message: ``scan_limit``, ``scan_time`` (seconds)
     and what an unreadable document counts as (``unreadable``)."""
-    scan_limit = DEFAULT_SCAN_LIMIT
-    if "scan_limit" in top:
-        node = top["scan_limit"][1]
-        try:
-            scan_limit = int(parse_size(r.scalar(node, "scan_limit")))
-        except ValueError as e:
-            raise r.error(node, "scan_limit", str(e)) from None
-    scan_time = DEFAULT_SCAN_TIME
-    if "scan_time" in top:
+    scan_limit = int(_parsed(r, top, "scan_limit", parse_size, DEFAULT_SCAN_LIMIT))
+    scan_time = float(_parsed(r, top, "scan_time", parse_duration, DEFAULT_SCAN_TIME))
+    if scan_time > 300:
         node = top["scan_time"][1]
-        try:
-            scan_time = float(parse_duration(r.scalar(node, "scan_time")))
-        except ValueError as e:
-            raise r.error(node, "scan_time", str(e)) from None
-        if scan_time > 300:
-            raise r.error(
-                node, "scan_time", "at most 5m (a message's documents are read in one go)"
-            )
+        raise r.error(node, "scan_time", "at most 5m (a message's documents are read in one go)")
     unreadable = SENSITIVE
     if "unreadable" in top:
         node = top["unreadable"][1]
@@ -383,6 +370,23 @@ def _scan(r: _Reader, top: dict[str, tuple[yaml.Node, yaml.Node]]) -> tuple[int,
         if unreadable not in (SENSITIVE, IGNORE):
             raise r.error(node, "unreadable", f"must be '{SENSITIVE}' (fail closed) or '{IGNORE}'")
     return scan_limit, scan_time, unreadable
+
+
+def _parsed(
+    r: _Reader,
+    top: dict[str, tuple[yaml.Node, yaml.Node]],
+    key: str,
+    parse: Callable[[Any], Any],
+    default: Any,
+) -> Any:
+    """The top-level ``key`` read with ``parse`` (a size, a duration), else ``default``."""
+    if key not in top:
+        return default
+    node = top[key][1]
+    try:
+        return parse(r.scalar(node, key))
+    except ValueError as e:
+        raise r.error(node, key, str(e)) from None
 
 
 def _classifiers(r: _Reader, node: yaml.Node) -> dict[str, Classifier]:

@@ -675,13 +675,12 @@ class QueueManager:
         whole = list(rows) if len(rows) == len(envelope.recipients) else None
         final = await self._record(queue_id, records, now, every=whole)
         self._archive_attempt(queue_id, rows, records)
-        self._tell_success(envelope, data, rows, attempted, records)
-        self._tell_notices(envelope, data, rows, attempted, records)
+        self._tell_sender(envelope, data, rows, attempted, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
 
-    def _tell_success(
+    def _tell_sender(
         self,
         envelope: Envelope,
         data: bytes,
@@ -689,9 +688,11 @@ class QueueManager:
         attempted: list[Attempted],
         records: list[AttemptRecord],
     ) -> None:
-        """Report the recipients just delivered whose sender asked to hear of it
-        (NOTIFY=SUCCESS): "delivered" into the portal, "relayed" to a mail server
-        that does not offer DSN (one that does was passed the request: it reports)."""
+        """What the sender asked to hear of this attempt: the recipients delivered
+        (NOTIFY=SUCCESS: "delivered" into the portal, "relayed" to a mail server that
+        does not offer DSN - one that does was passed the request and reports), and
+        ``notify.sender_on``'s notices for each recipient that just became held or
+        was sent via the portal."""
         if not envelope.mail_from:
             return
         told = [
@@ -710,19 +711,8 @@ class QueueManager:
         ]
         if told:
             self._spawn(self._send_report(envelope, data, told, "success"))
-
-    def _tell_notices(
-        self,
-        envelope: Envelope,
-        data: bytes,
-        rows: list[RecipientRow],
-        attempted: list[Attempted],
-        records: list[AttemptRecord],
-    ) -> None:
-        """``notify.sender_on``: a notice to the sender for each recipient that just
-        became held, or was sent via the portal."""
         events = self.config.notify.sender_on
-        if not events or not envelope.mail_from:
+        if not events:
             return
         for row, a, record in zip(rows, attempted, records, strict=True):
             held = record.state == RecipientState.HELD and row.state != RecipientState.HELD
@@ -756,13 +746,20 @@ class QueueManager:
                 subject=subject,
                 lines=lines,
             )
-            self._spawn(self._send_notice(envelope, notice))
+            self._spawn(self._submit_report(envelope, notice, "notice", 1))
 
-    async def _send_notice(self, envelope: Envelope, notice: bytes) -> None:
-        notice_id = await self.submit("", [envelope.mail_from], notice, Purpose.DSN)
-        self.metrics.dsn_sent.labels("notice").inc()
+    async def _submit_report(
+        self, envelope: Envelope, report: bytes, action: str, recipients: int
+    ) -> None:
+        """Queue a report or notice to the message's sender (from the null sender)."""
+        report_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
+        self.metrics.dsn_sent.labels(action).inc()
         log.info(
-            Event.DSN_SENT, queue_id=envelope.queue_id, dsn_queue_id=notice_id, action="notice"
+            Event.DSN_SENT,
+            queue_id=envelope.queue_id,
+            dsn_queue_id=report_id,
+            action=action,
+            recipients=recipients,
         )
 
     async def _send_report(
@@ -784,15 +781,7 @@ class QueueManager:
             retry_until=retry_until,
             envid=parameters.option(envelope.mail_options, "ENVID"),
         )
-        dsn_id = await self.submit("", [envelope.mail_from], report, Purpose.DSN)
-        self.metrics.dsn_sent.labels(action).inc()
-        log.info(
-            Event.DSN_SENT,
-            queue_id=envelope.queue_id,
-            dsn_queue_id=dsn_id,
-            action=action,
-            recipients=len(recipients),
-        )
+        await self._submit_report(envelope, report, action, len(recipients))
 
     async def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """A message's envelope and bytes: kept from its arrival, else from the spool,

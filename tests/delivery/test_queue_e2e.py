@@ -300,6 +300,15 @@ async def test_a_sender_is_told_once_when_delivery_is_delayed(gateway_factory, w
     assert state(gw, queue_id)["a@slow.test"][0] == "deferred"
 
 
+async def sender_and_dest_routes(world):
+    """The sender's own server (it receives the reports) and MX records for it and
+    for dest.test (whose server the test makes)."""
+    sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    return sink
+
+
 async def dsn_send(gw, sender, rcpts: dict[str, list[str]], mail_options=()):
     """A message with DSN parameters: each recipient with its own options."""
     async with smtp_client(gw) as client:
@@ -324,9 +333,7 @@ async def test_notify_never_silences_a_failure_and_envid_and_orcpt_come_back(
             "loud@dest.test": "550 5.1.1 No such user",
         },
     )
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(gateway_factory, world, pki)
     queue_id = await dsn_send(
         gw,
@@ -351,9 +358,7 @@ async def test_notify_never_silences_a_failure_and_envid_and_orcpt_come_back(
 
 async def test_notify_success_gets_a_relayed_report_and_never_a_second(gateway_factory, world, pki):
     dest = await world.mta("mx.dest.test", "127.0.0.31")
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(gateway_factory, world, pki)
     await dsn_send(
         gw,
@@ -383,9 +388,7 @@ async def test_the_sender_is_told_once_when_a_recipient_is_held(gateway_factory,
     """notify.sender_on: [held] - a short notice, without the subject or body, saying
     which recipient waits and why; not again while it stays held."""
     await world.mta("mx.dest.test", "127.0.0.31", cert=None)  # no STARTTLS
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(
         gateway_factory, world, pki, **{"portal.enabled": False, "notify.sender_on": ["held"]}
     )
@@ -408,9 +411,7 @@ async def test_the_sender_is_told_once_when_a_recipient_is_held(gateway_factory,
 
 async def test_the_sender_is_told_when_a_recipient_gets_the_portal(gateway_factory, world, pki):
     plain = await world.mta("mx.dest.test", "127.0.0.31", cert=None)
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(gateway_factory, world, pki, **{"notify.sender_on": ["portal"]})
     await send(gw, ["r@dest.test"])
     await wait_until(lambda: sender_sink.received, what="the notice")
@@ -430,9 +431,7 @@ async def test_dsn_parameters_are_passed_on_to_a_server_that_offers_dsn(
     each recipient's NOTIFY and ORCPT on its RCPT - and that server, not Sealgate,
     reports the success it was asked for."""
     dest = await world.mta("mx.dest.test", "127.0.0.31", dsn=True)
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(gateway_factory, world, pki)
     queue_id = await dsn_send(
         gw,
@@ -456,9 +455,7 @@ async def test_dsn_parameters_are_passed_on_to_a_server_that_offers_dsn(
 
 async def test_notify_success_into_the_portal_is_reported_delivered(gateway_factory, world, pki):
     await world.mta("mx.dest.test", "127.0.0.31", cert=None)  # no STARTTLS: the portal
-    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    sender_sink = await sender_and_dest_routes(world)
     gw = await start(gateway_factory, world, pki)
     await dsn_send(gw, "doctor@clinic.test", {"r@dest.test": ["NOTIFY=SUCCESS"]})
     await wait_until(lambda: sender_sink.received, what="the success report")
