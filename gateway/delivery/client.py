@@ -204,7 +204,9 @@ async def deliver(
                 return [message.results[r] for r in message.recipients]
             if not isinstance(outcome, _Stale):
                 last = outcome
-    ending: Outcome = "bounced" if last.status.startswith("5.") else "deferred"
+    # REQUIRETLS's 5.7.30 / 5.7.10 are soft per host and final once every host is tried
+    final = requiretls and last.status in ("5.7.30", "5.7.10")
+    ending: Outcome = "bounced" if final else "deferred"
     return [
         RecipientResult(r, ending, last.status, last.reason, last.evidence, last.tls_failure)
         for r in message.recipients

@@ -12,10 +12,9 @@ says the message is on disk.  Logs carry no subject or body, and addresses only 
 configured (`logging.addresses`).
 
 RFCs: 5321 (SMTP), 3207 (STARTTLS), 4954 (AUTH), 1870 (SIZE), 6152 (8BITMIME),
-6531 (SMTPUTF8), 2034/3463 (enhanced status codes), 2920 (PIPELINING), 3461 (DSN)
-and 8689 (REQUIRETLS: their parameters are taken out before aiosmtpd reads the
-command), 3848 (Received
-"with" protocol names).
+6531 (SMTPUTF8), 2034/3463 (enhanced status codes), 2920 (PIPELINING), 3848
+(Received "with" protocol names), 3461 (DSN) and 8689 (REQUIRETLS): the parameters
+of these two are taken out before aiosmtpd reads the command.
 """
 
 from __future__ import annotations
@@ -301,7 +300,7 @@ class GatewaySMTP(SMTP):
             arg, taken = parameters.take(arg, keys)
         except parameters.ParameterError as e:
             self.ctx.metrics.reject(RejectReason.BAD_SYNTAX)
-            await self.push(replies.BAD_DSN_PARAMETER.format(detail=e))
+            await self.push(replies.BAD_EXTENSION_PARAMETER.format(detail=e))
             return
         if parameters.REQUIRETLS in taken and self.session.ssl is None:
             self.ctx.metrics.reject(RejectReason.TLS_REQUIRED)
