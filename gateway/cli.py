@@ -190,12 +190,16 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         print(f"{policy.source}: policy OK ({len(policy.rules)} rules, {policy.stamp})")
         return 0
     if args.command == "run":
+        import uvloop
+
         from gateway.app import Gateway, serve
         from gateway.observability.logging import configure_logging
 
         check_references(config, source)
         configure_logging(config.logging.level)
-        asyncio.run(serve(Gateway(config, source, args.config)))
+        # the main process's loop is libuv's (uvloop): about a tenth less of its
+        # CPU per message than asyncio's own (bench/compare.py)
+        uvloop.run(serve(Gateway(config, source, args.config)))
         return 0
     if args.command == "hash-address":
         return _hash_address(config, args.address)

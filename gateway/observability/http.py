@@ -50,8 +50,8 @@ class OpsHttpServer:
             reuse_address=True,
             limit=_MAX_HEAD,
         )
-        assert isinstance(self._server, asyncio.Server)
-        # where it listens: the port taken, when ``listen.http`` names port 0
+        # where it listens: the port taken, when ``listen.http`` names port 0 (the
+        # server is asyncio's or uvloop's: both have ``sockets``)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = (host, port)
 

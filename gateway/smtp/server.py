@@ -666,7 +666,8 @@ class SmtpServer:
 
     @property
     def sockets(self) -> list[Any]:
-        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []
+        # asyncio's or uvloop's server: both have ``sockets``
+        return list(getattr(self._server, "sockets", None) or [])
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let messages in DATA finish (up to ``grace``), then close."""
