@@ -90,9 +90,9 @@ class Policy:
     scan_limit: int = DEFAULT_SCAN_LIMIT
     scan_time: float = DEFAULT_SCAN_TIME  # seconds to read a message's documents
     unreadable: str = SENSITIVE  # what a document that cannot be read counts as
-    discovered_keys: bool = False
+    discovered_keys: bool = False  # keys found by WKD may be used
     # a message's "TLS-Required: No" (RFC 8689 5) lowers its TLS to opportunistic
-    allow_tls_required_no: bool = False  # keys found by WKD may be used
+    allow_tls_required_no: bool = False
 
     @functools.cached_property
     def reads_content(self) -> bool:
@@ -226,14 +226,8 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:  # noqa: C9
     if "description" in top:
         r.text(top["description"][1], "description")
     scan_limit, scan_time, unreadable = _scan(r, top)
-    discovered = (
-        r.flag(top["discovered_keys"][1], "discovered_keys") if "discovered_keys" in top else False
-    )
-    relaxed = (
-        r.flag(top["allow_tls_required_no"][1], "allow_tls_required_no")
-        if "allow_tls_required_no" in top
-        else False
-    )
+    discovered = _parsed(r, top, "discovered_keys", None, False)
+    relaxed = _parsed(r, top, "allow_tls_required_no", None, False)
     defaults = BUILTIN_DEFAULTS
     if "defaults" in top:
         given = _action(r, top["defaults"][1], "defaults")
@@ -376,13 +370,16 @@ def _parsed(
     r: _Reader,
     top: dict[str, tuple[yaml.Node, yaml.Node]],
     key: str,
-    parse: Callable[[Any], Any],
+    parse: Callable[[Any], Any] | None,
     default: Any,
 ) -> Any:
-    """The top-level ``key`` read with ``parse`` (a size, a duration), else ``default``."""
+    """The top-level ``key`` read with ``parse`` (a size, a duration; None: a true or
+    false flag), else ``default``."""
     if key not in top:
         return default
     node = top[key][1]
+    if parse is None:
+        return r.flag(node, key)
     try:
         return parse(r.scalar(node, key))
     except ValueError as e:

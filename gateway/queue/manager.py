@@ -145,7 +145,7 @@ def _reported(
 def _delayed_status(status: str) -> str:
     """A waiting recipient's status for a delay report: its last temporary status
     (never one of success or failure: RFC 3464 2.3.4), else 4.0.0."""
-    return status if status and status.startswith("4.") else "4.0.0"
+    return status if status.startswith("4.") else "4.0.0"
 
 
 class QueueManager:
@@ -557,7 +557,7 @@ class QueueManager:
             waiting = [
                 r
                 for r in await self._db(self.store.recipients, queue_id)
-                if not RecipientState(r.state).final and _wants(envelope, r, "DELAY")
+                if not r.state.final and _wants(envelope, r, "DELAY")
             ]
             if not waiting:
                 continue  # NOTIFY said not to
@@ -728,7 +728,7 @@ class QueueManager:
             elif (
                 "portal" in events
                 and record.state == RecipientState.DELIVERED
-                and (isinstance(a.made, Deposited))
+                and isinstance(a.made, Deposited)
             ):
                 subject = "Sent via the secure portal"
                 lines = [

@@ -436,16 +436,19 @@ def _merged(
       only in a batch that is re-run one by one when anything fails);
     - an UPDATE or DELETE whose rows are named by their key (``WHERE a=? AND b=?``):
       one statement joined to the rows as a VALUES list - as long as no key comes
-      twice (in one statement only one of its rows would take effect)."""
-    try:
-        types = tuple(_pg_type(row[i] for row in rows) for i in range(len(rows[0])))
-    except TypeError:  # a column of values of different kinds
-        return None
-    shape = _shape(sql, types, upserts)
+      twice (in one statement only one of its rows would take effect).  Only these
+      need the columns' types (an INSERT's placeholders take the table's)."""
+    shape = _insert_shape(sql, len(rows[0]), upserts)
     if shape is None:
-        return None
-    if shape.keys and len({row[-shape.keys :] for row in rows}) < len(rows):
-        return None
+        if _keyed(sql) is None:
+            return None
+        try:
+            types = tuple(_pg_type(row[i] for row in rows) for i in range(len(rows[0])))
+        except TypeError:  # a column of values of different kinds
+            return None
+        shape = _keyed_shape(sql, types)
+        if len({row[-shape.keys :] for row in rows}) < len(rows):
+            return None
     kept = shape.kept
     step = max(1, 30_000 // max(1, len(kept)))  # under the parameter limit
     return [
@@ -470,21 +473,41 @@ class _Shape:
 
 
 @functools.lru_cache(maxsize=512)
-def _shape(sql: str, types: tuple[str | None, ...], upserts: bool) -> _Shape | None:
-    """How `_merged` writes ``sql`` for rows whose columns have these types.  In an
-    UPDATE or DELETE each ``?`` is the column of a VALUES list of the rows; the first
-    row names the types (parameters alone would all be text there) and a column
-    NULL in every row is the constant NULL."""
-    update, delete = _UPDATE.fullmatch(sql.strip()), _DELETE.fullmatch(sql.strip())
-    if update is None and delete is None:
-        values = _VALUES.search(sql)
-        if values is None or ("ON CONFLICT" in sql and not upserts):
-            return None
-        head, tail = sql[: values.start(1)], sql[values.end(1) :]
-        if "?" in head or "?" in tail:
-            return None
-        row = tuple(values.group(1).split("?"))
-        return _Shape(head, row, row, tail, tuple(range(len(types))), 0)
+def _insert_shape(sql: str, columns: int, upserts: bool) -> _Shape | None:
+    """How `_merged` writes an INSERT of a VALUES row for many rows (None: ``sql``
+    is not one, or an upsert outside a re-runnable batch)."""
+    values = _VALUES.search(sql)
+    if values is None or ("ON CONFLICT" in sql and not upserts):
+        return None
+    head, tail = sql[: values.start(1)], sql[values.end(1) :]
+    if "?" in head or "?" in tail:
+        return None
+    row = tuple(values.group(1).split("?"))
+    return _Shape(head, row, row, tail, tuple(range(columns)), 0)
+
+
+@functools.lru_cache(maxsize=512)
+def _keyed(sql: str) -> tuple[str, str, str | None, str] | None:
+    """An UPDATE or DELETE whose rows are named by their key: its verb, table,
+    assignments (None for a DELETE) and condition."""
+    if (update := _UPDATE.fullmatch(sql.strip())) is not None:
+        table, assignments, where = update.groups()
+        return "UPDATE", table, assignments, where
+    if (delete := _DELETE.fullmatch(sql.strip())) is not None:
+        table, where = delete.groups()
+        return "DELETE", table, None, where
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _keyed_shape(sql: str, types: tuple[str | None, ...]) -> _Shape:
+    """How `_merged` writes a `_keyed` statement for rows whose columns have these
+    types: each ``?`` is the column of a VALUES list of the rows; the first row
+    names the types (parameters alone would all be text there) and a column NULL
+    in every row is the constant NULL."""
+    keyed = _keyed(sql)
+    assert keyed is not None
+    verb, table, assignments, where = keyed
     kept = tuple(i for i, t in enumerate(types) if t is not None)
     numbers = iter(range(len(types)))
 
@@ -495,12 +518,10 @@ def _shape(sql: str, types: tuple[str | None, ...], upserts: bool) -> _Shape | N
 
         return re.sub(r"\?", column, text)
 
-    if update is not None:
-        table, assignments, where = update.groups()
+    if assignments is not None:
         # the store's own statement, rewritten: no value in the text
         head = f"UPDATE {table} SET {columns(assignments)} FROM (VALUES "  # noqa: S608
     else:
-        table, where = delete.groups()  # type: ignore[union-attr]
         head = f"DELETE FROM {table} USING (VALUES "  # noqa: S608
     tail = f") AS sealgate_rows({', '.join(f'v{i}' for i in kept)}) WHERE {columns(where)}"
     row = ("(", *[","] * (len(kept) - 1), ")")
