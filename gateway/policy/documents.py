@@ -40,6 +40,8 @@ _DOCX_PARTS = (
     "word/comments.xml",
 )
 _XLSX_PARTS = ("xl/sharedStrings.xml", "xl/worksheets/", "xl/comments")
+# the part every such document has (an XLSX of numbers alone has no shared strings)
+_MAIN_PART = {DOCX: "word/document.xml", XLSX: "xl/workbook.xml"}
 _W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 _S = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 
@@ -111,8 +113,9 @@ def _office(kind: str, data: bytes, limit: int, deadline: float) -> str:
             if size > limit:
                 raise Unreadable(f"{kind.upper()} has more than {limit} characters of text")
             texts.append(text)
-    if not texts and not any(i.filename.startswith(wanted[0]) for i in archive.infolist()):
-        raise Unreadable(f"not a {kind.upper()} (no {wanted[0]})")
+    main = _MAIN_PART[kind]
+    if main not in archive.namelist():
+        raise Unreadable(f"not a {kind.upper()} (no {main})")
     return "\n".join(texts)
 
 

@@ -55,6 +55,17 @@ def test_an_xlsx_is_read_from_its_shared_strings_and_cells():
     assert (found.count, found.error) == (1, "")
     # the cells that point into the shared strings are not text of their own
     assert not phi(with_attachment(xlsx(["Name"], [5]), XLSX_TYPE, "list.xlsx")).matched
+    # no strings at all: no shared strings table (as Excel writes it), still a workbook
+    empty = phi(with_attachment(xlsx([], []), XLSX_TYPE, "n.xlsx"))
+    assert (empty.matched, empty.error) == (False, "")
+
+
+def test_a_zip_without_the_documents_main_part_is_unreadable():
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("readme.txt", "not a workbook")
+    found = phi(with_attachment(out.getvalue(), XLSX_TYPE, "a.xlsx"))
+    assert found.matched and "not a XLSX (no xl/workbook.xml)" in found.error
 
 
 def test_documents_are_found_by_file_name_or_first_bytes_when_the_type_says_nothing():

@@ -109,12 +109,14 @@ def xlsx(strings: list[str], numbers: list[int]) -> bytes:
         '<Override PartName="/xl/workbook.xml" ContentType="application/'
         'vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
     )
-    return _zip({
+    parts = {
         "[Content_Types].xml": _CONTENT_TYPES.format(overrides=override),
         "xl/workbook.xml": f'<workbook xmlns="{_S}"><sheets/></workbook>',
-        "xl/sharedStrings.xml": f'<sst xmlns="{_S}" count="{len(strings)}">{shared}</sst>',
         "xl/worksheets/sheet1.xml": sheet,
-    })  # fmt: skip
+    }
+    if strings:  # Excel writes no shared strings table without strings
+        parts["xl/sharedStrings.xml"] = f'<sst xmlns="{_S}" count="{len(strings)}">{shared}</sst>'
+    return _zip(parts)
 
 
 def _zip(parts: dict[str, str | bytes]) -> bytes:
