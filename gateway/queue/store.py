@@ -128,6 +128,8 @@ def _version_4(db: Database) -> None:
     """Delay warnings: whether the sender was told its message is still waiting
     (``delivery.delay_warning``; once per message, whichever node sends it)."""
     db.add_column("messages", "warned", "INTEGER NOT NULL DEFAULT 0")
+    # what `delayed` looks for every few seconds: not the whole backlog of warned ones
+    db.execute("CREATE INDEX IF NOT EXISTS messages_unwarned ON messages(done, warned, arrived)")
 
 
 CLUSTER_SCHEMA = Schema("""
