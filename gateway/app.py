@@ -52,6 +52,7 @@ from gateway.spool import Spool
 from gateway.spool.submit import Submitter
 from gateway.storage.stores import Storage
 from gateway.tls import ensure_self_signed, not_after, server_context
+from gateway.tlsrpt.service import TlsRptService
 
 log = get_logger("gateway.app")
 
@@ -70,6 +71,7 @@ class Gateway:
             self.spool, self.hostname, config.smtp.marker_header, lambda envelope, data: None
         )
         self.delivery: DeliveryAgent | None = None
+        self.tlsrpt: TlsRptService | None = None
         self.smtp_address = (config.listen.smtp.host, config.listen.smtp.port)  # at start: taken
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
@@ -152,6 +154,8 @@ class Gateway:
             self.archive,
         )
         self.submitter.on_submitted = self.queue.submitted
+        if cfg.tlsrpt.enabled:
+            await self._start_tlsrpt(self.delivery)
         if cfg.portal.enabled:
             self.portal = Portal(
                 cfg,
@@ -188,6 +192,19 @@ class Gateway:
             workers=worker_count(cfg),
         )
 
+    async def _start_tlsrpt(self, delivery: DeliveryAgent) -> None:
+        """TLS-RPT: delivery counts sessions into it; it reports once a day."""
+        self.tlsrpt = TlsRptService(
+            self.config,
+            self.hostname,
+            self.metrics,
+            self.submitter,
+            self.archive,
+            lambda: delivery.resolver,  # the resolvers of the configuration in force
+        )
+        await self.tlsrpt.start()
+        delivery.tlsrpt = self.tlsrpt
+
     async def _start_http(self) -> None:
         """The HTTPS API listener (with the archive API when tokens are set) and the
         ops listener."""
@@ -220,8 +237,9 @@ class Gateway:
         the delivery settings (routes, smart host, CA file, resolvers, timeouts), the
         DKIM and S/MIME/PGP signing keys, the TLS certificates and keys of the SMTP
         listener, the portal and the API (renewals), the relay rules and the tenant
-        binding (in every SMTP worker too), the archive API's tokens.  Listener
-        addresses, the state directory and worker counts need a restart.  A bad file
+        binding (in every SMTP worker too), the archive API's tokens, TLS-RPT's
+        organization and contact.  Listener addresses, the state directory, worker
+        counts and turning TLS-RPT on or off need a restart.  A bad file
         is reported (file, line, key or the file that fails) and changes nothing: the
         old settings stay in force.
         """
@@ -249,6 +267,8 @@ class Gateway:
             live.load_cert_chain(str(cert), str(key))
         if self.archive_api is not None:
             self.archive_api.tokens = new.archive.api_tokens
+        if self.tlsrpt is not None:
+            self.tlsrpt.apply(new)
         self._note_certificates()
         log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
 
@@ -349,17 +369,24 @@ class Gateway:
             await self.api.stop()
         if self.queue is not None:
             await self.queue.stop(grace)
-        if self.archive is not None:
-            await self.archive.close()
-        for directory in (self.keydir, self.keydir_writer):
-            if directory is not None:
-                directory.close()
+        await self._close_stores()
         if self.http is not None:
             await self.http.stop()
         if self.archive_api is not None:
             self.archive_api.close()
         self.spool.close()
         log.info(Event.STOPPED)
+
+    async def _close_stores(self) -> None:
+        """After the queue stopped: the last sessions' TLS-RPT counts are written,
+        the archive's last records, the key directory closed."""
+        if self.tlsrpt is not None:
+            await self.tlsrpt.close()
+        if self.archive is not None:
+            await self.archive.close()
+        for directory in (self.keydir, self.keydir_writer):
+            if directory is not None:
+                directory.close()
 
 
 def _sd_notify(message: str) -> None:

@@ -48,6 +48,7 @@ from gateway.storage import cli as storage_cli
 from gateway.storage import cluster_cli
 from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
+from gateway.tlsrpt import cli as tlsrpt_cli
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -123,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     portal_cli.add_parsers(sub, with_config)
     storage_cli.add_parsers(sub, with_config)
     cluster_cli.add_parsers(sub, with_config)
+    tlsrpt_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -215,6 +217,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return storage_cli.run(config, args)
     if args.command == "cluster":
         return cluster_cli.run(config, args)
+    if args.command == "tlsrpt":
+        return tlsrpt_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

@@ -1066,6 +1066,31 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class TlsRptConfig:
+    enabled: bool = field(
+        default=False,
+        metadata=doc(
+            "Count TLS sessions with the servers of domains that publish MTA-STS or DANE "
+            "and send each domain that asks for it (a _smtp._tls TXT record) a daily "
+            "report (RFC 8460: counts, policies, MX hosts and failure types; no "
+            "addresses, no messages) by mail or HTTPS POST; every report is archived."
+        ),
+    )
+    organization: str | None = field(
+        default=None,
+        metadata=doc("The organization named in reports. null: portal.organization."),
+    )
+    contact: str | None = field(
+        default=None,
+        metadata=doc(
+            "Address for questions about the reports (contact-info; also the From and "
+            "envelope sender of mailed ones; its domain is the report submitter). null: "
+            "postmaster@<smtp hostname>."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field(
         default=Path("./var"),
@@ -1101,6 +1126,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -1187,6 +1213,12 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
         raise ValueError(f"{value!r}: letters, digits, '.', '_' and '-' (at most 63)")
     if path == "cluster.lease_timeout" and value < 5:
         raise ValueError("must be at least 5s")
+    if (
+        path == "tlsrpt.contact"
+        and value is not None
+        and not re.fullmatch(r"[^@\s<>\"]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+", value)
+    ):
+        raise ValueError(f"{value!r} is not a mail address (local@domain)")
     if path.startswith("relay.client_certs["):
         if not _CERT_PATTERN.fullmatch(value):
             raise ValueError(

@@ -51,6 +51,9 @@ class Event(enum.StrEnum):
     MESSAGE_QUARANTINED = "queue.message-quarantined"
     QUEUE_STORE_FAILED = "queue.store-failed"
     CLUSTER_TAKEOVER = "cluster.takeover"
+    TLSRPT_SENT = "tlsrpt.report-sent"
+    TLSRPT_FAILED = "tlsrpt.report-failed"
+    TLSRPT_ERROR = "tlsrpt.error"
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"

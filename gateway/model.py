@@ -58,12 +58,14 @@ class Purpose(enum.StrEnum):
     PORTAL_NOTIFICATION = "portal-notification"  # "a message waits for you"
     PORTAL_CODE = "portal-code"  # a one-time sign-in code
     PORTAL_REPLY = "portal-reply"  # a recipient's reply through the portal
+    TLS_REPORT = "tls-report"  # a TLS-RPT aggregate report (RFC 8460) to a domain
 
     @property
     def content_free(self) -> bool:
         """Carries nothing of any message: sent as it is, without the policy (the
-        portal's recipients are exactly those whose servers cannot do TLS)."""
-        return self in (Purpose.PORTAL_NOTIFICATION, Purpose.PORTAL_CODE)
+        portal's recipients are exactly those whose servers cannot do TLS; a TLS
+        report holds counts of sessions)."""
+        return self in (Purpose.PORTAL_NOTIFICATION, Purpose.PORTAL_CODE, Purpose.TLS_REPORT)
 
 
 @dataclass(frozen=True)

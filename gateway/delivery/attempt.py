@@ -42,7 +42,7 @@ from gateway.delivery.router import Routed, RouteFailure, Router
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.events import EncryptionFailure, Event
-from gateway.model import Envelope, PortalAuth
+from gateway.model import Envelope, PortalAuth, Purpose
 from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.engine import decide, tls_required_no
@@ -52,10 +52,11 @@ from gateway.policy.model import DELIVERY_MODES, Decision, Mode
 from gateway.probe.dns import Resolver
 from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
-from gateway.probe.mta_sts import SqlStsStore, StsCache, enforce
+from gateway.probe.mta_sts import SqlStsStore, StsCache, StsResult, enforce
 from gateway.probe.prober import Prober, ProbeSettings
 from gateway.smtp import parameters
 from gateway.storage.stores import Storage
+from gateway.tlsrpt.model import Failure, Observation, ResultType
 
 log = get_logger("gateway.delivery")
 
@@ -86,6 +87,12 @@ class Depositor(Protocol):
     ) -> tuple[RecipientResult, Deposited | None]: ...
 
 
+class TlsRptCounter(Protocol):
+    """Where sessions are counted for TLS-RPT (`gateway.tlsrpt.service`)."""
+
+    def observe(self, domain: str, sts: StsResult | None) -> Observation | None: ...
+
+
 class CopyJournal(Protocol):
     """Keeps every copy the gateway changed, as sent (`gateway.archive.service`)."""
 
@@ -100,6 +107,14 @@ CONTENT_FREE_DECISION = Decision(
     reasons=("a portal notification or code carries no message content: sent as it is",),
     level_source="portal",
     candidates=(Mode.TLS,),
+)
+TLS_REPORT_DECISION = dataclasses.replace(
+    CONTENT_FREE_DECISION,
+    rule="tls-report",
+    reasons=(
+        "a TLS report (RFC 8460) holds counts of TLS sessions, nothing of any message: "
+        "sent as it is, held to no TLS policy of the domain (RFC 8460 5.3)",
+    ),
 )
 
 
@@ -120,6 +135,7 @@ class DeliveryAgent:
         self.keys: KeyStore = keys or NoKeys()
         self.sessions: SessionCache | None = None
         self.sts: StsCache | None = None  # outlives reloads: cached policies stay
+        self.tlsrpt: TlsRptCounter | None = None  # set by the app when tlsrpt.enabled
         self.transform = CopyMaker(config.state_dir, metrics)
         self._retired: set[asyncio.Task[None]] = set()
         self._features: dict[str, tuple[str, Features]] = {}
@@ -208,8 +224,12 @@ class DeliveryAgent:
         decisions = {}
         facts_of: dict[int, RecipientFacts] = {}
         for row in rows:
-            if envelope.purpose.content_free:  # a portal notification or code
-                decisions[row.idx] = CONTENT_FREE_DECISION
+            if envelope.purpose.content_free:  # a portal notification or code, a report
+                decisions[row.idx] = (
+                    TLS_REPORT_DECISION
+                    if envelope.purpose is Purpose.TLS_REPORT
+                    else CONTENT_FREE_DECISION
+                )
                 continue
             facts_of[row.idx], decisions[row.idx] = await self._decide(
                 policy, envelope, row.address, features, now
@@ -386,16 +406,19 @@ class DeliveryAgent:
         note = ""
         requiretls = parameters.REQUIRETLS in envelope.mail_options
         policy = self.policy
-        relaxed = (
+        # RFC 8689 5, allowed by the policy (a TLS report always: RFC 8460 5.3): no
+        # MTA-STS, no DANE
+        relaxed = envelope.purpose is Purpose.TLS_REPORT or (
             not requiretls
             and policy.allow_tls_required_no
             and tls_required_no(await self._features_of(envelope.queue_id, policy, data))
         )
+        observed = None
         if isinstance(routed, Routed):
-            if relaxed:  # RFC 8689 5, allowed by the policy: no MTA-STS, no DANE
+            if relaxed:
                 level = min(level, TlsLevel.MAY)
             else:
-                routed, level, note = await self._apply_mta_sts(domain, routed, level)
+                routed, level, note, observed = await self._apply_mta_sts(domain, routed, level)
         addresses = [r.address for r in rows]
         if isinstance(routed, Routed) and requiretls:
             level = max(level, TlsLevel.VERIFY)  # RFC 8689 4.2.1: a verified certificate
@@ -441,6 +464,8 @@ class DeliveryAgent:
                 },
                 sessions=self.sessions,
                 metrics=self.metrics,
+                relaxed=relaxed,
+                observed=observed,
             )
             if requiretls:  # no other mode, no second chance at a lower level: it fails
                 results = [_requiretls_failed(r) for r in results]
@@ -460,15 +485,24 @@ class DeliveryAgent:
 
     async def _apply_mta_sts(
         self, domain: str, routed: Routed, level: TlsLevel
-    ) -> tuple[Routed | RouteFailure, TlsLevel, str]:
+    ) -> tuple[Routed | RouteFailure, TlsLevel, str, Observation | None]:
         """MTA-STS for mail routed by MX records (`gateway.probe.mta_sts.enforce`);
-        routes and the smart host are the administrator's choice: no policy lookup."""
+        routes and the smart host are the administrator's choice: no policy lookup
+        (DANE still applies).  With TLS-RPT, what the sessions are counted under."""
+        tlsrpt = self.tlsrpt
         if not self.config.mta_sts.enabled or routed.hops[0].via not in ("mx", "implicit-mx"):
-            return routed, level, ""
+            observed = tlsrpt.observe(domain, None) if tlsrpt else None
+            return routed, level, "", observed
         assert self.sts is not None
         sts = await self.sts.policy(domain)
         self.metrics.mta_sts_lookups.labels(sts.source.value).inc()
-        return enforce(domain, sts, routed, level)
+        result, level, note = enforce(domain, sts, routed, level)
+        observed = tlsrpt.observe(domain, sts) if tlsrpt else None
+        if observed is not None and observed.sts is not None and isinstance(result, RouteFailure):
+            for hop in routed.hops:  # none is in the policy: no session with any
+                failure = Failure(ResultType.VALIDATION_FAILURE, hop.host, "", "mx-not-in-policy")
+                observed.count(observed.sts, failure)
+        return result, level, note, observed
 
 
 def _not_sent(

@@ -47,6 +47,8 @@ from gateway.observability.metrics import Metrics
 from gateway.probe.dane import Tlsa, TlsaStatus, lookup_tlsa
 from gateway.probe.dane import verify as verify_tlsa
 from gateway.probe.dns import LookupStatus, Resolver
+from gateway.tlsrpt.model import Failure, Observation, ResultType, result_type_of, tlsa_policy
+from gateway.tlsrpt.verify import check as would_verify
 
 log = get_logger("gateway.delivery")
 
@@ -167,16 +169,20 @@ async def deliver(
     dsn_rcpt: dict[str, tuple[str, ...]] | None = None,
     sessions: SessionCache | None = None,
     metrics: Metrics | None = None,
+    relaxed: bool = False,
+    observed: Observation | None = None,
 ) -> list[RecipientResult]:
     """Try the hops in order until one session takes the message.  A message sent
     with REQUIRETLS that no host would take under it (RFC 8689: 5.7.30, 5.7.10,
-    soft per host) fails when the last host was tried."""
+    soft per host) fails when the last host was tried.  ``relaxed``: no TLS policy
+    of the domain applies, not even DANE (RFC 8689 5: ``TLS-Required: No``).
+    ``observed``: new sessions are counted for TLS-RPT."""
     message = _Message(
         sender, list(recipients), data, smtputf8, eightbit, requiretls, dsn_mail, dsn_rcpt or {}
     )
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
-        tlsa = await _dane(hop, routed, level, settings, resolver)
+        tlsa = await _dane(hop, routed, level, settings, resolver, relaxed, observed)
         if isinstance(tlsa, HostFailure):
             last = tlsa
             continue
@@ -195,7 +201,7 @@ async def deliver(
             last = addresses
             continue
         for ip in addresses:
-            opened = await _open(hop, ip, hop_level, settings, metrics, records)
+            opened = await _open(hop, ip, hop_level, settings, metrics, records, observed)
             if isinstance(opened, HostFailure):
                 last = opened
                 continue
@@ -214,22 +220,67 @@ async def deliver(
 
 
 async def _dane(
-    hop: NextHop, routed: Routed, level: TlsLevel, settings: ClientSettings, resolver: Resolver
+    hop: NextHop,
+    routed: Routed,
+    level: TlsLevel,
+    settings: ClientSettings,
+    resolver: Resolver,
+    relaxed: bool = False,
+    observed: Observation | None = None,
 ) -> tuple[TlsLevel, tuple[Tlsa, ...]] | HostFailure:
     """The level for this MX host after its TLSA records (RFC 7672 §2.2): usable
     records make it ``dane`` (it outranks MTA-STS); records none of which is usable
-    still require TLS; a failed lookup makes the host unusable.  Only for a
-    DNSSEC-secure MX answer from a resolver trusted to validate."""
-    if not settings.dane or not routed.mx_secure or hop.via != "mx":
+    still require TLS; a failed lookup makes the host unusable (and is counted for
+    TLS-RPT).  Only for a DNSSEC-secure MX answer from a resolver trusted to
+    validate, and not ``relaxed``."""
+    if relaxed or not settings.dane or not routed.mx_secure or hop.via != "mx":
         return level, ()
     found = await lookup_tlsa(resolver, hop.host, hop.port)
     if found.status is TlsaStatus.ERROR:
+        if observed is not None:
+            failure = Failure(ResultType.DNSSEC_INVALID, hop.host, "", "tlsa-lookup-failed")
+            observed.count(tlsa_policy(observed.domain, ()), failure)
         return HostFailure("4.7.5", found.detail)
     if found.status is TlsaStatus.USABLE:
         return TlsLevel.DANE, found.records
     if found.status is TlsaStatus.UNUSABLE:
         return max(level, TlsLevel.ENCRYPT), ()
     return level, ()
+
+
+def _observe(
+    observed: Observation,
+    records: tuple[Tlsa, ...],
+    host: str,
+    ip: str,
+    opened: Session | HostFailure,
+    ca_file: Path | None,
+) -> None:
+    """Count a new session for TLS-RPT under the policy that governed it: the MX
+    host's TLSA records, else the domain's MTA-STS policy (none: not counted).  A
+    connection that failed before TLS is not counted (RFC 8460 reports TLS
+    negotiation); under an MTA-STS ``testing`` policy a session the policy engine let
+    go unverified counts as what ``enforce`` would have found."""
+    policy = tlsa_policy(observed.domain, records) if records else observed.sts
+    if policy is None:
+        return
+    if isinstance(opened, HostFailure):
+        if opened.tls_failure is not None:
+            failed = result_type_of(opened.tls_failure)
+            why = opened.tls_failure.value if failed is ResultType.VALIDATION_FAILURE else ""
+            observed.count(policy, Failure(failed, host, ip, why))
+        return
+    evidence = opened.evidence
+    result: ResultType | None = None
+    if evidence.tls_version is None:
+        result = ResultType.STARTTLS_NOT_SUPPORTED
+    elif evidence.verification == "none" and not records:
+        transport = opened.smtp.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport else None
+        der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        chain = presented_chain(sslobj, der) if sslobj else []
+        result = would_verify(chain, host, ca_file)
+    observed.count(policy, Failure(result, host, ip) if result else None)
 
 
 def _digest(records: tuple[Tlsa, ...]) -> str:
@@ -265,8 +316,10 @@ async def _open(
     settings: ClientSettings,
     metrics: Metrics | None,
     tlsa: tuple[Tlsa, ...] = (),
+    observed: Observation | None = None,
 ) -> Session | HostFailure:
-    """Connect, EHLO and secure the session as ``level`` requires."""
+    """Connect, EHLO and secure the session as ``level`` requires (counted for
+    TLS-RPT when ``observed``)."""
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
     try:
         smtp = await connect(ip, hop.port, settings.helo_name, settings.connect_timeout)
@@ -287,8 +340,10 @@ async def _open(
         if secured.tls_failure is not None:
             _tls_failed(secured, metrics)
         await quit_session(smtp)
-        return secured
-    return Session(smtp, secured)
+    opened = secured if isinstance(secured, HostFailure) else Session(smtp, secured)
+    if observed is not None:
+        _observe(observed, tlsa, hop.host, ip, opened, settings.ca_file)
+    return opened
 
 
 async def _use(

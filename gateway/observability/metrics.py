@@ -262,6 +262,21 @@ class Metrics:
             "Failed writes of delivery results to the queue state (retried until written)",
             registry=r,
         )
+        self.tlsrpt_sessions = Counter(
+            "sealgate_tlsrpt_sessions",
+            "Sessions with recipient servers counted for TLS-RPT (RFC 8460: domains with "
+            "MTA-STS or DANE), by policy type (sts, tlsa) and result (success or the RFC's "
+            "result type, e.g. certificate-expired)",
+            ["policy_type", "result"],
+            registry=r,
+        )
+        self.tlsrpt_reports = Counter(
+            "sealgate_tlsrpt_reports",
+            "Daily TLS-RPT reports, by transport (mailto, https) and outcome (queued, "
+            "posted, failed; a mailed report's delivery is the queue's)",
+            ["transport", "outcome"],
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent",
             "Delivery status notifications sent to senders, by action: failed (recipients "

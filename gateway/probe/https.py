@@ -1,4 +1,5 @@
-"""An HTTPS GET for the gateway's own lookups (MTA-STS policies, WKD keys), on
+"""HTTPS for the gateway's own lookups (MTA-STS policies, WKD keys) and reports
+(TLS-RPT's POST), on
 aiohttp's client: names resolved through the gateway's resolver
 (``dns.nameservers``, never the system's), WebPKI verification (system CAs plus
 ``tls.ca_file``, SNI), no redirects followed (RFC 8461 3.3), no content decoding, a
@@ -23,7 +24,12 @@ from gateway.probe.dns import LookupStatus, Resolver
 
 
 class FetchError(SealgateError):
-    """Why the resource could not be fetched."""
+    """Why the resource could not be fetched; ``certificate``: the server's
+    certificate was refused (a WebPKI failure, not an unreachable server)."""
+
+    def __init__(self, reason: str, certificate: bool = False):
+        super().__init__(reason)
+        self.certificate = certificate
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,34 @@ async def get(
     accept: str = "*/*",
 ) -> Response:
     """GET ``https://host:port/path``; the body is read only for status 200."""
+    return await request("GET", host, path, port, resolver, ctx, max_bytes, accept)
+
+
+async def post(
+    host: str,
+    path: str,
+    port: int,
+    resolver: Resolver,
+    ctx: ssl.SSLContext,
+    body: bytes,
+    content_type: str,
+) -> Response:
+    """POST ``body`` to ``https://host:port/path``; the answer's body is not read."""
+    return await request("POST", host, path, port, resolver, ctx, 0, "*/*", body, content_type)
+
+
+async def request(
+    method: str,
+    host: str,
+    path: str,
+    port: int,
+    resolver: Resolver,
+    ctx: ssl.SSLContext,
+    max_bytes: int,
+    accept: str = "*/*",
+    body: bytes | None = None,
+    content_type: str = "",
+) -> Response:
     if not await addresses(host, resolver):
         raise FetchError(f"{host} has no address")
     connector = aiohttp.TCPConnector(
@@ -104,23 +138,25 @@ async def get(
     )
     url = URL(f"https://{host}:{port}{path}", encoded=True)  # path and query as given
     headers = {"User-Agent": "sealgate", "Accept": accept, "Accept-Encoding": "identity"}
+    if content_type:
+        headers["Content-Type"] = content_type
     try:
         async with (
             aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
-            session.get(url, headers=headers, allow_redirects=False) as r,
+            session.request(method, url, headers=headers, data=body, allow_redirects=False) as r,
         ):
-            if r.status != 200:
+            if r.status != 200 or method != "GET":
                 return Response(r.status, _lower(r.headers), b"")
             if r.content_length is not None and r.content_length > max_bytes:
                 raise FetchError(f"{host}: larger than {max_bytes} bytes")
-            body = bytearray()
+            content = bytearray()
             async for chunk in r.content.iter_chunked(16384):
-                body += chunk
-                if len(body) > max_bytes:
+                content += chunk
+                if len(content) > max_bytes:
                     raise FetchError(f"{host}: larger than {max_bytes} bytes")
-            return Response(r.status, _lower(r.headers), bytes(body))
+            return Response(r.status, _lower(r.headers), bytes(content))
     except aiohttp.ClientSSLError as e:  # a certificate failure: no other address is tried
-        raise FetchError(f"TLS with {host} failed: {e}") from None
+        raise FetchError(f"TLS with {host} failed: {e}", certificate=True) from None
     except (aiohttp.ClientError, OSError) as e:
         raise FetchError(f"cannot fetch from {host}: {e}") from None
 

@@ -194,6 +194,9 @@ class StsResult:
     source: StsSource
     policy_id: str = ""
     detail: str = ""  # why there is no live policy, when there is none
+    # when the domain's policy could not be fetched or read: TLS-RPT's result type
+    # (sts-policy-fetch-error, sts-webpki-invalid, sts-policy-invalid)
+    failure: str = ""
 
     @property
     def enforced(self) -> bool:
@@ -336,7 +339,7 @@ class StsCache:
     path: Path | None = None
     store: StsStore | None = None
     _policies: dict[str, _Cached] = field(default_factory=dict)
-    _backoff: dict[tuple[str, str], float] = field(default_factory=dict)
+    _backoff: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     _saving: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -370,16 +373,22 @@ class StsCache:
             return self._fallback(domain, cached, why)
         if cached is not None and cached.policy_id == record_id:
             return StsResult(domain, cached.policy, StsSource.CACHED, record_id)
-        if self._backoff.get((domain, record_id), 0.0) > now:
-            return self._fallback(domain, cached, "the last fetch failed; waiting to retry")
+        until, failure = self._backoff.get((domain, record_id), (0.0, ""))
+        if until > now:
+            why = "the last fetch failed; waiting to retry"
+            return self._fallback(domain, cached, why, failure)
         try:
             text = await fetch_policy_text(
                 domain, self.resolver, port=self.port, ca_file=self.ca_file, timeout=self.timeout
             )
             policy = parse_policy(text)
         except (FetchError, StsError) as e:
-            self._backoff[(domain, record_id)] = now + FETCH_BACKOFF
-            return self._fallback(domain, cached, str(e))
+            if isinstance(e, StsError):
+                failure = "sts-policy-invalid"
+            else:
+                failure = "sts-webpki-invalid" if e.certificate else "sts-policy-fetch-error"
+            self._backoff[(domain, record_id)] = (now + FETCH_BACKOFF, failure)
+            return self._fallback(domain, cached, str(e), failure)
         self._policies[domain] = fresh = _Cached(record_id, policy, now + policy.max_age)
         await self._save(domain, fresh)
         return StsResult(domain, policy, StsSource.FETCHED, record_id)
@@ -401,12 +410,12 @@ class StsCache:
             return None, f"TXT record: {e}"
 
     @staticmethod
-    def _fallback(domain: str, cached: _Cached | None, why: str) -> StsResult:
+    def _fallback(domain: str, cached: _Cached | None, why: str, failure: str = "") -> StsResult:
         if cached is not None:
             return StsResult(
-                domain, cached.policy, StsSource.CACHED_FALLBACK, cached.policy_id, why
+                domain, cached.policy, StsSource.CACHED_FALLBACK, cached.policy_id, why, failure
             )
-        return StsResult(domain, None, StsSource.NONE, detail=why)
+        return StsResult(domain, None, StsSource.NONE, detail=why, failure=failure)
 
 
 def enforce(

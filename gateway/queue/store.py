@@ -41,6 +41,7 @@ from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
 from gateway.storage.database import Database, Schema, batch
 from gateway.storage.migrations import Versioned, prepare
+from gateway.tlsrpt.store import SCHEMA as TLSRPT_SCHEMA
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS messages (
@@ -132,6 +133,12 @@ def _version_4(db: Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS messages_unwarned ON messages(done, warned, arrived)")
 
 
+def _version_5(db: Database) -> None:
+    """TLS-RPT: sessions counted per domain and day, and the reports sent
+    (`gateway.tlsrpt.store`)."""
+    db.create(TLSRPT_SCHEMA)
+
+
 CLUSTER_SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS contents (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -147,7 +154,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE INDEX IF NOT EXISTS recipients_leased ON recipients(owner) WHERE leased=1;
 """)
 
-VERSIONED = Versioned("queue", (_version_1, _version_2, _version_3, _version_4))
+VERSIONED = Versioned("queue", (_version_1, _version_2, _version_3, _version_4, _version_5))
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 

@@ -24,6 +24,8 @@ from tests.support.https import PolicyServer
 
 ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx1.good.test\r\nmx: *.b.good.test\r\nmax_age: 86400\r\n"
 
+FETCH, INVALID = "sts-policy-fetch-error", "sts-policy-invalid"
+
 # -- parsing (vectors after RFC 8461 §3.1, §3.2 and the postfix-mta-sts-resolver cases) --
 
 
@@ -192,19 +194,27 @@ async def test_a_record_split_into_strings_is_joined_without_spaces(sts):
 
 
 @pytest.mark.parametrize(
-    ("change", "detail"),
+    ("change", "detail", "failure"),
     [
-        ({"status": 404}, "HTTP 404"),
-        ({"status": 301, "headers": {"Location": "https://elsewhere.test/"}}, "HTTP 301"),
-        ({"content_type": "text/html"}, "not text/plain"),
-        ({"body": "garbage"}, "not 'key: value'"),
-        ({"body": "version: STSv1\nmode: enforce\nmax_age: 60\n"}, "needs at least one mx"),
-        ({"body": ENFORCE + "x: " + "y" * 70000 + "\n"}, "larger than 65536"),
-        ({"body": ENFORCE + "x: " + "y" * 70000 + "\n", "chunked": True}, "larger than 65536"),
-        ({"delay": 5}, "within 3 s"),
+        ({"status": 404}, "HTTP 404", FETCH),
+        ({"status": 301, "headers": {"Location": "https://elsewhere.test/"}}, "HTTP 301", FETCH),
+        ({"content_type": "text/html"}, "not text/plain", FETCH),
+        ({"body": "garbage"}, "not 'key: value'", INVALID),
+        (
+            {"body": "version: STSv1\nmode: enforce\nmax_age: 60\n"},
+            "needs at least one mx",
+            INVALID,
+        ),
+        ({"body": ENFORCE + "x: " + "y" * 70000 + "\n"}, "larger than 65536", FETCH),
+        (
+            {"body": ENFORCE + "x: " + "y" * 70000 + "\n", "chunked": True},
+            "larger than 65536",
+            FETCH,
+        ),
+        ({"delay": 5}, "within 3 s", FETCH),
     ],
 )
-async def test_a_failed_fetch_without_a_cached_policy_means_no_policy(sts, change, detail):
+async def test_a_failed_fetch_without_a_cached_policy_means_no_policy(sts, change, detail, failure):
     sts.dns.add("_mta-sts.good.test", "TXT", '"v=STSv1; id=one"')
     server = await sts.serve("good.test", "127.0.0.71")
     for key, value in change.items():
@@ -212,6 +222,9 @@ async def test_a_failed_fetch_without_a_cached_policy_means_no_policy(sts, chang
     result = await sts.cache.policy("good.test")
     assert result.policy is None and result.source is StsSource.NONE
     assert detail in result.detail
+    assert result.failure == failure  # TLS-RPT's result type (RFC 8460 4.3.2.3)
+    again = await sts.cache.policy("good.test")  # waiting to retry: still known why
+    assert again.failure == failure and "waiting to retry" in again.detail
 
 
 async def test_a_chunked_policy_is_read(sts):
@@ -230,6 +243,7 @@ async def test_a_policy_host_without_a_valid_certificate_gives_no_policy(sts, ba
         await sts.serve("good.test", "127.0.0.71", ca=trustme.CA())
     result = await sts.cache.policy("good.test")
     assert result.policy is None and "TLS with mta-sts.good.test failed" in result.detail
+    assert result.failure == "sts-webpki-invalid"
 
 
 async def test_a_cached_policy_survives_a_removed_record_or_a_failed_fetch_until_it_expires(sts):

@@ -26,11 +26,23 @@ def test_a_queue_from_the_previous_release_is_brought_up_to_date_with_its_rows(c
         "VALUES ('Q1', 0, 'r@y.test', 'y.test', 1.0, 1.0)"
     )
     store = QueueStore(db)
-    assert stored_version(db, "queue") == VERSIONED.version == 4
+    assert stored_version(db, "queue") == VERSIONED.version == 5
     assert [r.address for r in store.claim(2.0, 10)] == ["r@y.test"]
     node = QueueStore(connect(), node="node-a")
     node.add(envelope("Q2", "s@y.test"), now=3.0, data=b"bytes")
     assert node.content("Q2")[1] == b"bytes"
+
+
+def test_a_queue_of_version_4_gains_the_tls_report_tables(connect):
+    """Version 5: TLS-RPT's counts and reports, in the queue's database."""
+    from gateway.tlsrpt.store import TlsRptStore
+
+    db = connect()
+    assert migrate(db, Versioned("queue", VERSIONED.steps[:4])) == (0, 4)
+    assert not db.has_table("tlsrpt_sessions")
+    store = TlsRptStore(connect())
+    assert stored_version(db, "queue") == 5 and db.has_table("tlsrpt_reports")
+    assert store.due("2026-12-01") == []
 
 
 def test_shared_content_reads_back_the_same_and_postgresql_compresses_it_with_lz4(connect):

@@ -3,6 +3,7 @@
 server = await PolicyServer("127.0.0.71", port, cert_and_key, body="version: STSv1...")
 server.status, server.content_type, server.chunked = 404, "text/html", True
 server.requests   # how many requests it answered
+server.received   # each request's method, headers and body (a POST's)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class PolicyServer:
     delay: float = 0.0
     requests: int = 0
     paths: list[str] = field(default_factory=list)
+    # every request: (method, headers with lower-case names, body)
+    received: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     _server: asyncio.AbstractServer | None = None
 
     async def start(self) -> PolicyServer:
@@ -43,10 +46,15 @@ class PolicyServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = (await reader.readline()).decode()
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            body_in = await reader.readexactly(length) if length else b""
             self.requests += 1
             self.paths.append(request_line.split(" ")[1] if " " in request_line else "")
+            self.received.append((request_line.split(" ")[0], headers, body_in))
             if self.delay:
                 await asyncio.sleep(self.delay)
             body = self.body.encode() if isinstance(self.body, str) else self.body
@@ -64,7 +72,7 @@ class PolicyServer:
                 payload = body
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
             await writer.drain()
-        except (ConnectionError, ssl.SSLError):
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
