@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 from gateway.api.server import ApiServer
 from gateway.archive.api import ArchiveApi
@@ -53,6 +54,9 @@ from gateway.spool.submit import Submitter
 from gateway.storage.stores import Storage
 from gateway.tls import ensure_self_signed, not_after, server_context
 from gateway.tlsrpt.service import TlsRptService
+from gateway.webhooks.dispatcher import Dispatcher
+from gateway.webhooks.events import Events, endpoints_of
+from gateway.webhooks.outbox import Outbox
 
 log = get_logger("gateway.app")
 
@@ -72,6 +76,8 @@ class Gateway:
         )
         self.delivery: DeliveryAgent | None = None
         self.tlsrpt: TlsRptService | None = None
+        self.webhooks: Dispatcher | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.smtp_address = (config.listen.smtp.host, config.listen.smtp.port)  # at start: taken
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
@@ -154,18 +160,7 @@ class Gateway:
             self.archive,
         )
         self.submitter.on_submitted = self.queue.submitted
-        if cfg.tlsrpt.enabled:
-            await self._start_tlsrpt(self.delivery)
-        if cfg.portal.enabled:
-            self.portal = Portal(
-                cfg,
-                self.hostname,
-                self.submitter.submit,
-                self.metrics,
-                make_redactor(cfg),
-                self.archive,
-            )
-            self.delivery.portal = self.portal
+        await self._start_integrations(self.queue, self.delivery)
         await self.queue.start()
         if self.archive is not None:
             self.archive.start()
@@ -192,6 +187,27 @@ class Gateway:
             workers=worker_count(cfg),
         )
 
+    async def _start_integrations(self, queue: QueueManager, delivery: DeliveryAgent) -> None:
+        """What delivery reports to before the queue starts: TLS-RPT's counts,
+        webhook events, the portal."""
+        cfg = self.config
+        if cfg.tlsrpt.enabled:
+            await self._start_tlsrpt(delivery)
+        if cfg.webhooks.endpoints:
+            await self._start_webhooks(queue, delivery)
+        if cfg.portal.enabled:
+            self.portal = Portal(
+                cfg,
+                self.hostname,
+                self.submitter.submit,
+                self.metrics,
+                make_redactor(cfg),
+                self.archive,
+            )
+            delivery.portal = self.portal
+            if self.webhooks is not None:
+                self.portal.events = self._portal_event
+
     async def _start_tlsrpt(self, delivery: DeliveryAgent) -> None:
         """TLS-RPT: delivery counts sessions into it; it reports once a day."""
         self.tlsrpt = TlsRptService(
@@ -204,6 +220,24 @@ class Gateway:
         )
         await self.tlsrpt.start()
         delivery.tlsrpt = self.tlsrpt
+
+    async def _start_webhooks(self, queue: QueueManager, delivery: DeliveryAgent) -> None:
+        """Webhooks: the queue writes events into the outbox with the states they
+        report; the dispatcher posts them."""
+        storage = Storage(self.config)
+        outbox = await asyncio.to_thread(lambda: Outbox(storage.open("queue")))
+        self.webhooks = Dispatcher(
+            self.config, outbox, storage.node_id, self.metrics, lambda: delivery.resolver
+        )
+        queue.webhooks = Events(tuple(self.webhooks.endpoints.values()))
+        queue.events_written = self.webhooks.wake
+        self.webhooks.start()
+
+    def _portal_event(self, queue_id: str, kind: str, data: dict[str, Any]) -> None:
+        if self.webhooks is not None:
+            task = asyncio.get_running_loop().create_task(self.webhooks.emit(queue_id, kind, data))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _start_http(self) -> None:
         """The HTTPS API listener (with the archive API when tokens are set) and the
@@ -238,8 +272,9 @@ class Gateway:
         DKIM and S/MIME/PGP signing keys, the TLS certificates and keys of the SMTP
         listener, the portal and the API (renewals), the relay rules and the tenant
         binding (in every SMTP worker too), the archive API's tokens, TLS-RPT's
-        organization and contact.  Listener addresses, the state directory, worker
-        counts and turning TLS-RPT on or off need a restart.  A bad file
+        organization and contact, the webhook endpoints and their secrets.  Listener
+        addresses, the state directory, worker counts, turning TLS-RPT on or off
+        and webhooks from none to some need a restart.  A bad file
         is reported (file, line, key or the file that fails) and changes nothing: the
         old settings stay in force.
         """
@@ -252,6 +287,7 @@ class Gateway:
             policy = check_references(new, str(self.config_path))
             edge = make_edge(new) if self.smtp is not None else None
             https = self._https_renewals(new)
+            endpoints = endpoints_of(new) if self.webhooks is not None else ()
             if self.queue is not None:
                 self.queue.apply(new, policy)  # the last step that can fail
         except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
@@ -269,6 +305,9 @@ class Gateway:
             self.archive_api.tokens = new.archive.api_tokens
         if self.tlsrpt is not None:
             self.tlsrpt.apply(new)
+        if self.webhooks is not None and self.queue is not None:
+            self.webhooks.apply(new, endpoints)
+            self.queue.webhooks = Events(endpoints)
         self._note_certificates()
         log.info(Event.RELOADED, changed=True, config=str(self.config_path), policy=policy.stamp)
 
@@ -379,7 +418,12 @@ class Gateway:
 
     async def _close_stores(self) -> None:
         """After the queue stopped: the last sessions' TLS-RPT counts are written,
-        the archive's last records, the key directory closed."""
+        the archive's last records, the key directory closed; events not posted
+        wait in the outbox."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        if self.webhooks is not None:
+            await self.webhooks.close()
         if self.tlsrpt is not None:
             await self.tlsrpt.close()
         if self.archive is not None:

@@ -49,6 +49,7 @@ from gateway.storage import cluster_cli
 from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
 from gateway.tlsrpt import cli as tlsrpt_cli
+from gateway.webhooks import cli as webhooks_cli
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     storage_cli.add_parsers(sub, with_config)
     cluster_cli.add_parsers(sub, with_config)
     tlsrpt_cli.add_parsers(sub, with_config)
+    webhooks_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -178,6 +180,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return _hash_password()
     if args.command == "archive" and args.archive_command == "token":
         return archive_cli.token(args.name, args.role)
+    if args.command == "webhooks" and args.webhooks_command == "secret":
+        return webhooks_cli.secret()
     config, source = _load(args)
     if args.command == "check-config":
         policy = check_references(config, source)
@@ -219,6 +223,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return cluster_cli.run(config, args)
     if args.command == "tlsrpt":
         return tlsrpt_cli.run(config, args)
+    if args.command == "webhooks":
+        return webhooks_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

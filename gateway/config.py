@@ -1065,6 +1065,60 @@ class NotifyConfig:
     )
 
 
+WEBHOOK_EVENTS = (
+    "accepted",
+    "delivered",
+    "deferred",
+    "bounced",
+    "held",
+    "portal.notified",
+    "portal.opened",
+    "portal.replied",
+    "portal.expired",
+    "revoked",
+)
+
+
+@dataclass(frozen=True)
+class WebhookEndpointConfig:
+    name: str = field(metadata=doc("Short name, in metrics and logs (letters, digits, -)."))
+    url: str = field(metadata=doc("Where events are POSTed: an https:// URL."))
+    secret_file: Path = field(
+        metadata=doc(
+            "File holding the endpoint's signing secret, whsec_<base64> (make one with "
+            "'sealgate webhooks secret')."
+        )
+    )
+    events: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(f"The events it wants, of: {', '.join(WEBHOOK_EVENTS)}. Empty: all."),
+    )
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    endpoints: tuple[WebhookEndpointConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "Endpoints told what became of each message, each {name, url, secret_file, "
+            "events}: JSON events signed per the Standard Webhooks scheme (webhook-id, "
+            "webhook-timestamp, webhook-signature: HMAC-SHA256), with ids, recipient, "
+            "status and mode - never the subject or the body. Empty: none."
+        ),
+    )
+    retry_schedule: tuple[Duration, ...] = field(
+        default=tuple(Duration(s) for s in (5, 300, 1800, 7200, 18000, 36000)),
+        metadata=doc(
+            "Waits between attempts to post an event an endpoint did not take (no 2xx); "
+            "the last repeats. A message's later events wait for its earlier ones."
+        ),
+    )
+    max_age: Duration = field(
+        default=Duration(3 * 86400),
+        metadata=doc("An event not taken for this long is dropped (logged and counted)."),
+    )
+
+
 @dataclass(frozen=True)
 class TlsRptConfig:
     enabled: bool = field(
@@ -1127,6 +1181,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -1213,6 +1268,8 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
         raise ValueError(f"{value!r}: letters, digits, '.', '_' and '-' (at most 63)")
     if path == "cluster.lease_timeout" and value < 5:
         raise ValueError("must be at least 5s")
+    if path.startswith("webhooks."):
+        _check_webhooks(path, value)
     if (
         path == "tlsrpt.contact"
         and value is not None
@@ -1226,6 +1283,20 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
             )
         if value.startswith("sha256:") and len(value[7:].replace(":", "")) != 64:
             raise ValueError("a sha256 fingerprint has 64 hex digits")
+
+
+def _check_webhooks(path: str, value: Any) -> None:
+    endpoint = path.startswith("webhooks.endpoints[")
+    if endpoint and path.endswith(".name") and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", value):
+        raise ValueError(f"{value!r}: lower-case letters, digits and - (at most 32)")
+    if endpoint and path.endswith(".url"):
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"{value!r} is not an https:// URL (events never go in plaintext)")
+    if endpoint and ".events[" in path and value not in WEBHOOK_EVENTS:
+        raise ValueError(f"{value!r} is not an event: {', '.join(WEBHOOK_EVENTS)}")
+    if path == "webhooks.retry_schedule" and not value:
+        raise ValueError("needs at least one wait")
 
 
 def _check_oidc(key: str, value: Any) -> None:
@@ -1424,6 +1495,14 @@ def _check_pairs(config: Config, where: _Located, source: str) -> None:
             "two providers have the same name",
             source,
             where.line("portal.oidc_providers"),
+        )
+    hooks = [e.name for e in config.webhooks.endpoints]
+    if len(set(hooks)) != len(hooks):
+        raise ConfigError(
+            "webhooks.endpoints",
+            "two endpoints have the same name",
+            source,
+            where.line("webhooks.endpoints"),
         )
     shared = config.storage.database != "sqlite"
     if config.cluster.ack == "shared" and not shared:

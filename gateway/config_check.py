@@ -90,6 +90,10 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
                 provider.client_secret_file,
                 source,
             )
+    if cfg.webhooks.endpoints:
+        from gateway.webhooks.events import endpoints_of
+
+        endpoints_of(cfg)  # every secret file readable, each a whsec_ secret
     policy = load_policy_for(cfg)
     asks_oidc = [
         f"rule {r.name}" for r in policy.rules if r.then.portal_auth is PortalAuth.OIDC

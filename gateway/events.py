@@ -54,6 +54,8 @@ class Event(enum.StrEnum):
     TLSRPT_SENT = "tlsrpt.report-sent"
     TLSRPT_FAILED = "tlsrpt.report-failed"
     TLSRPT_ERROR = "tlsrpt.error"
+    WEBHOOK_DROPPED = "webhook.dropped"
+    WEBHOOK_ERROR = "webhook.error"
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"

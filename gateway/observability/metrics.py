@@ -277,6 +277,25 @@ class Metrics:
             ["transport", "outcome"],
             registry=r,
         )
+        self.webhook_posts = Counter(
+            "sealgate_webhook_posts",
+            "Webhook events posted, by endpoint and outcome: posted (a 2xx answer), "
+            "failed (tried again later), dropped (not taken within webhooks.max_age)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "sealgate_webhook_outbox_events",
+            "Webhook events waiting in the outbox, by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_oldest = Gauge(
+            "sealgate_webhook_oldest_event_age_seconds",
+            "Age of the oldest webhook event waiting for its endpoint (0: none)",
+            ["endpoint"],
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "sealgate_dsn_sent",
             "Delivery status notifications sent to senders, by action: failed (recipients "

@@ -114,4 +114,26 @@ def _revoke(config: Config, store: Any, ids: list[str], actor: str) -> int:
                 with_archive.access(actor, "portal-revoked", item.queue_id, portal_item=item.id)
         finally:
             with_archive.index.close()
+    if revoked and config.webhooks.endpoints:
+        _tell_webhooks(config, revoked)
     return status
+
+
+def _tell_webhooks(config: Config, revoked: list[Any]) -> None:
+    """A "revoked" event for each item, into the outbox the running gateway posts."""
+    from gateway.webhooks.events import Events, endpoints_of
+    from gateway.webhooks.outbox import Outbox
+
+    events = Events(endpoints_of(config))
+    rows = [
+        row
+        for item in revoked
+        for row in events.rows(
+            item.queue_id, "revoked", {"recipient": item.recipient, "portal_item": item.id}
+        )
+    ]
+    outbox = Outbox(Storage(config).open("queue"))
+    try:
+        outbox.add(rows, time.time())
+    finally:
+        outbox.close()

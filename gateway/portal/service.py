@@ -64,6 +64,8 @@ class Portal:
         self.metrics = metrics
         self.redact = redact
         self.archive = archive
+        # webhook events (queue id, type, data), set by the app when webhooks are on
+        self.events: Callable[[str, str, dict[str, Any]], None] | None = None
         pc = config.portal
         self.sender = pc.from_address or f"no-reply@{hostname}"
         self.base_url = (pc.base_url or f"https://{pc.listen}").rstrip("/")
@@ -140,6 +142,7 @@ class Portal:
         for item in unread:
             self.metrics.portal_expired_unread.inc()
             self._access(item, "portal", "expired-unread")
+            self._event(item, "portal.expired")
         for state, count in await self.run(lambda: list(self.store.stats())):
             self.metrics.portal_messages.labels(state).set(count)
 
@@ -147,6 +150,11 @@ class Portal:
         if self.archive is not None:
             self.archive.access(item.queue_id, actor, action, portal_item=item.id, **detail)
         log.info(Event.PORTAL_ACCESS, queue_id=item.queue_id, item=item.id, action=action)
+
+    def _event(self, item: Item, kind: str) -> None:
+        """A webhook event about the item (`gateway.webhooks`), when they are on."""
+        if self.events is not None:
+            self.events(item.queue_id, kind, {"recipient": item.recipient, "portal_item": item.id})
 
     # -- the mail path ----------------------------------------------------------------
 
@@ -422,6 +430,7 @@ class Portal:
         if await self.run(self.store.picked_up, item, now):
             self.metrics.portal_pickups.inc()
             self.metrics.portal_time_to_pickup.observe(now - item.created)
+            self._event(item, "portal.opened")  # the first time
         self._access(item, actor, "view")
         return data
 
@@ -452,6 +461,7 @@ class Portal:
         )
         self.metrics.portal_replies.inc()
         self._access(item, actor, "reply", reply_queue_id=queue_id, attachments=len(files))
+        self._event(item, "portal.replied")
         return queue_id
 
     async def revoke(self, item_id: str, actor: str) -> bool:
@@ -459,4 +469,5 @@ class Portal:
         if item is None or not await self.run(self.store.revoke, item_id, actor):
             return False
         self._access(item, actor, "revoked")
+        self._event(item, "revoked")
         return True

@@ -722,6 +722,8 @@ class PortalWeb:
         token, item, csrf = signed_in
         text, sent_csrf, files = "", None, []
         room = int(self.config.max_reply_size)
+        if not request.content_type.startswith("multipart/"):  # the form sends multipart
+            return self.page("Bad request", "<p>The reply form was not sent whole.</p>", 400)
         async for field in await request.multipart():
             if not isinstance(field, BodyPartReader):
                 continue  # a nested multipart: browsers do not send one

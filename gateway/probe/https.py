@@ -9,6 +9,8 @@ bounds the time.  Failures are `FetchError`s with a reason for logs and evidence
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import socket
 import ssl
 from collections.abc import Mapping
@@ -52,7 +54,10 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
 
 
 async def addresses(host: str, resolver: Resolver) -> list[str]:
-    """The host's addresses; [] when the name does not exist or has none."""
+    """The host's addresses (an address literal: itself); [] when the name does not
+    exist or has none."""
+    with contextlib.suppress(ValueError):
+        return [str(ipaddress.ip_address(host.strip("[]")))]
     found: list[str] = []
     for rdtype in ("A", "AAAA"):
         lookup = await resolver.lookup(host, rdtype)
@@ -62,7 +67,7 @@ async def addresses(host: str, resolver: Resolver) -> list[str]:
     return found
 
 
-class _GatewayResolver(AbstractResolver):
+class GatewayResolver(AbstractResolver):
     """aiohttp's name resolution through the gateway's own resolvers."""
 
     def __init__(self, resolver: Resolver):
@@ -134,7 +139,7 @@ async def request(
     if not await addresses(host, resolver):
         raise FetchError(f"{host} has no address")
     connector = aiohttp.TCPConnector(
-        resolver=_GatewayResolver(resolver), ssl=ctx, use_dns_cache=False, force_close=True
+        resolver=GatewayResolver(resolver), ssl=ctx, use_dns_cache=False, force_close=True
     )
     url = URL(f"https://{host}:{port}{path}", encoded=True)  # path and query as given
     headers = {"User-Agent": "sealgate", "Accept": accept, "Accept-Encoding": "identity"}

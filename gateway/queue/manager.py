@@ -77,6 +77,7 @@ from gateway.spool.store import read_envelope
 from gateway.spool.submit import Submit
 from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
+from gateway.webhooks.events import Events, Row
 
 log = get_logger("gateway.queue")
 T = TypeVar("T")
@@ -168,6 +169,10 @@ class QueueManager:
         self.hostname = hostname
         self.submit = submit  # the way in for the DSNs it writes (`gateway.spool.submit`)
         self.agent = agent  # carries out attempts (`gateway.delivery.attempt`)
+        # webhook events, written with the states they report (`gateway.webhooks`);
+        # ``events_written`` wakes the dispatcher
+        self.webhooks = Events(())
+        self.events_written: Callable[[], None] = lambda: None
         dc = config.delivery
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
         # Removing a finished message's file can wait behind the file system journal
@@ -339,7 +344,11 @@ class QueueManager:
             raise Poison(problems)
         if self.node is not None and data is None:
             envelope, data = self.spool.read(envelope.queue_id)
-        return self.store.add(envelope, lease=lease, data=data if self.node else None, fresh=fresh)
+        added = self.store.add(envelope, lease=lease, data=data if self.node else None, fresh=fresh)
+        if added and (events := self.webhooks.accepted(envelope)):
+            self.store.add_events(events, time.time())  # in the same transaction
+            self.events_written()
+        return added
 
     async def stop(self, grace: float = 10.0) -> None:
         # A flag, not Task.cancel(): asyncio.wait_for in Python 3.11 can swallow a
@@ -673,12 +682,38 @@ class QueueManager:
         for row, a, record in zip(rows, attempted, records, strict=True):
             self._report(envelope, row, a, record, now)
         whole = list(rows) if len(rows) == len(envelope.recipients) else None
-        final = await self._record(queue_id, records, now, every=whole)
+        events = self._events(envelope, rows, attempted, records)
+        final = await self._record(queue_id, records, now, every=whole, events=events)
         self._archive_attempt(queue_id, rows, records)
         self._tell_sender(envelope, data, rows, attempted, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
+
+    def _events(
+        self,
+        envelope: Envelope,
+        rows: list[RecipientRow],
+        attempted: list[Attempted],
+        records: list[AttemptRecord],
+    ) -> list[Row]:
+        """The webhook events of an attempt's outcomes (none without endpoints)."""
+        if not self.webhooks:
+            return []
+        events: list[Row] = []
+        for row, a, record in zip(rows, attempted, records, strict=True):
+            events += self.webhooks.recipient(
+                envelope,
+                row.address,
+                row.state,
+                record.state,
+                record.status,
+                record.diagnostic,
+                a.decision.mode.value,
+                record.stored_evidence,
+                isinstance(a.made, Deposited),
+            )
+        return events
 
     def _tell_sender(
         self,
@@ -807,6 +842,7 @@ class QueueManager:
         now: float,
         add: Envelope | None = None,
         every: list[RecipientRow] | None = None,
+        events: list[Row] | None = None,
     ) -> list[RecipientRow] | None:
         """Record an attempt's results (`QueueStore.record`; ``add``: the message
         first, in the same transaction; ``every``: the attempt's rows when they are
@@ -820,11 +856,17 @@ class QueueManager:
         def write() -> list[RecipientRow] | None:
             if add is not None:
                 store.add(add)
-            return store.record(queue_id, records, now, every)
+            final = store.record(queue_id, records, now, every)
+            if events:  # webhook events with the states they report
+                store.add_events(events, now)
+            return final
 
         while True:
             try:
-                return await self._commits.run(write)
+                final = await self._commits.run(write)
+                if events:
+                    self.events_written()
+                return final
             except (sqlite3.OperationalError, StorageError) as e:
                 if self._stopping:
                     raise  # not recorded: the leases end at the next start, tried again

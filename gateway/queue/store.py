@@ -42,6 +42,8 @@ from gateway.model import Envelope, RecipientState
 from gateway.storage.database import Database, Schema, batch
 from gateway.storage.migrations import Versioned, prepare
 from gateway.tlsrpt.store import SCHEMA as TLSRPT_SCHEMA
+from gateway.webhooks.outbox import INSERT as WEBHOOK_INSERT
+from gateway.webhooks.outbox import SCHEMA as WEBHOOK_SCHEMA
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS messages (
@@ -139,6 +141,12 @@ def _version_5(db: Database) -> None:
     db.create(TLSRPT_SCHEMA)
 
 
+def _version_6(db: Database) -> None:
+    """Webhooks: the outbox of events not yet taken (`gateway.webhooks.outbox`),
+    written with the states they report."""
+    db.create(WEBHOOK_SCHEMA)
+
+
 CLUSTER_SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS contents (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -154,7 +162,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE INDEX IF NOT EXISTS recipients_leased ON recipients(owner) WHERE leased=1;
 """)
 
-VERSIONED = Versioned("queue", (_version_1, _version_2, _version_3, _version_4, _version_5))
+VERSIONED = Versioned(
+    "queue", (_version_1, _version_2, _version_3, _version_4, _version_5, _version_6)
+)
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
@@ -495,6 +505,11 @@ class QueueStore:
                 for i in idxs or []
             ]
         )
+
+    def add_events(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
+        """Webhook events for the outbox, in the transaction of the state they report
+        (`gateway.webhooks`)."""
+        self._db.write_many(WEBHOOK_INSERT, [(*r, now, now) for r in rows])
 
     def record(
         self,

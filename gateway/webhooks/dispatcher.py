@@ -1,0 +1,227 @@
+"""dispatcher - posts the outbox's events to their endpoints.
+
+Each round takes the due events (`Outbox.due`: a message's oldest pending one per
+endpoint), leases them to this node, posts them - several at once, one connection
+pool, names resolved through ``dns.nameservers``, certificates verified against the
+system's CAs and ``tls.ca_file`` - and settles them: a 2xx answer deletes the event,
+anything else (or no answer within 15 s) sets its next try from
+``webhooks.retry_schedule`` (the last wait repeats), until ``webhooks.max_age``
+has passed: then it is dropped, logged (``webhook.dropped``) and counted.  A round
+that posted something is followed at once by the next (a message's next event is
+due now); otherwise the dispatcher waits for the queue to write events, or a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import aiohttp
+
+from gateway.config import Config
+from gateway.events import Event
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
+from gateway.probe import https
+from gateway.probe.dns import Resolver
+from gateway.storage.database import StorageError
+from gateway.webhooks.events import Endpoint, Events, endpoints_of, signature
+from gateway.webhooks.outbox import Outbox, Pending
+
+log = get_logger("gateway.webhooks")
+T = TypeVar("T")
+
+POST_TIMEOUT = 15.0
+LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
+CONCURRENCY = 16
+IDLE_WAIT = 1.0
+GAUGE_INTERVAL = 15.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        node: str,
+        metrics: Metrics,
+        resolver: Callable[[], Resolver],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.outbox, self.node, self.metrics = outbox, node, metrics
+        self.resolver, self.clock = resolver, clock
+        self.apply(config)
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._gauged = 0.0
+        self._known: set[str] = set()
+        # one thread for the outbox's connection: the dispatcher's and emit's calls
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhooks")
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._loop.run_in_executor(self._thread, fn, *args)
+
+    async def emit(self, queue_id: str, kind: str, data: dict[str, Any]) -> None:
+        """An event from outside the queue (the portal's), written on its own."""
+        rows = Events(tuple(self.endpoints.values())).rows(queue_id, kind, data)
+        if rows:
+            await self._db(self.outbox.add, rows, self.clock())
+            self._wake.set()
+
+    def apply(self, config: Config, endpoints: Sequence[Endpoint] | None = None) -> None:
+        """The endpoints, their secrets and the retry settings (start, SIGHUP;
+        ``endpoints``: read from ``config`` already).  ConfigError before anything
+        changes when a secret cannot be read."""
+        found = endpoints_of(config) if endpoints is None else endpoints
+        self.config, self.endpoints = config, {e.name: e for e in found}
+        self.schedule = config.webhooks.retry_schedule
+        self.max_age = config.webhooks.max_age
+        self._session_ca = config.tls.ca_file
+
+    def wake(self) -> None:
+        """Events were written (from any thread)."""
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+        await self._db(self.outbox.close)
+        self._thread.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                busy = await self.round()
+            except StorageError as e:  # the events wait in the store
+                log.warning(Event.WEBHOOK_ERROR, error=str(e)[:300])
+                busy = False
+            if not busy:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
+
+    async def round(self) -> bool:
+        """Post what is due; whether anything was."""
+        now = self.clock()
+        if now - self._gauged >= GAUGE_INTERVAL:
+            await self._gauge(now)
+        due = await self._db(self.outbox.due, now)
+        if not due:
+            return False
+        taken = await self._db(self.outbox.claim, [e.id for e in due], self.node, now, now + LEASE)
+        mine = [e for e in due if e.id in taken]
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def post(event: Pending) -> str:
+            async with limit:
+                return await self._post(event)
+
+        results = await asyncio.gather(*(post(e) for e in mine))
+        await self._settle(mine, results)
+        return bool(mine)
+
+    async def _settle(self, events: list[Pending], results: list[str]) -> None:
+        now = self.clock()
+        posted, retry, dropped = [], [], []
+        for event, result in zip(events, results, strict=True):
+            if result == "posted":
+                posted.append(event.id)
+                outcome = "posted"
+            else:
+                wait = self.schedule[min(event.tries, len(self.schedule) - 1)]
+                if (
+                    now + wait > event.created + self.max_age
+                    or event.endpoint not in self.endpoints
+                ):
+                    dropped.append((event.id, result[:300]))
+                    outcome = "dropped"
+                    log.warning(
+                        Event.WEBHOOK_DROPPED,
+                        endpoint=event.endpoint,
+                        event_id=event.event_id,
+                        queue_id=event.queue_id,
+                        type=event.type,
+                        tries=event.tries + 1,
+                        error=result[:300],
+                    )
+                else:
+                    retry.append((event.id, now + wait, result[:300]))
+                    outcome = "failed"
+            self.metrics.webhook_posts.labels(event.endpoint, outcome).inc()
+        await self._db(self.outbox.settle, posted, retry, dropped)
+
+    async def _post(self, event: Pending) -> str:
+        """POST one event; "posted", or why not."""
+        endpoint = self.endpoints.get(event.endpoint)
+        if endpoint is None:
+            return f"endpoint {event.endpoint!r} is no longer configured"
+        body = event.payload.encode()
+        stamp = int(self.clock())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "sealgate",
+            "webhook-id": event.event_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": signature(endpoint.key, event.event_id, stamp, body),
+        }
+        try:
+            async with self._client().post(
+                endpoint.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
+            ) as response:
+                if 200 <= response.status < 300:
+                    return "posted"
+                return f"HTTP {response.status}"
+        except TimeoutError:
+            return f"no answer within {POST_TIMEOUT:g} s"
+        except (aiohttp.ClientError, OSError) as e:
+            return f"{type(e).__name__}: {e}"[:300]
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=https.GatewayResolver(self.resolver()),
+                ssl=https.client_context(self._session_ca),
+                limit=CONCURRENCY,
+                use_dns_cache=False,
+            )
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    async def _gauge(self, now: float) -> None:
+        self._gauged = now
+        backlog = await self._db(self.outbox.backlog)
+        for name in self._known | set(backlog) | set(self.endpoints):
+            pending, oldest = backlog.get(name, (0, None))
+            self.metrics.webhook_backlog.labels(name).set(pending)
+            age = max(0.0, now - oldest) if oldest is not None else 0.0
+            self.metrics.webhook_oldest.labels(name).set(age)
+        self._known |= set(backlog) | set(self.endpoints)
+
+
+def describe(event: Pending) -> dict[str, Any]:
+    """An event as ``sealgate webhooks`` lists it (its payload decoded)."""
+    return {
+        "endpoint": event.endpoint,
+        "event_id": event.event_id,
+        "type": event.type,
+        "tries": event.tries,
+        "payload": json.loads(event.payload),
+    }

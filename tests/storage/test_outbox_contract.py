@@ -1,0 +1,60 @@
+"""The webhook outbox's contract on SQLite and on a real PostgreSQL server: only a
+message's oldest pending event per endpoint is due (its events go in order); an event
+claimed by one node is not claimed by another until its lease ends; posted events
+are gone, failed ones come back at their time, dropped ones are kept with their
+error and left out of the backlog."""
+
+from __future__ import annotations
+
+from gateway.webhooks.outbox import Outbox
+
+
+def row(endpoint, queue_id, kind):
+    return (endpoint, f"evt-{endpoint}-{queue_id}-{kind}", queue_id, kind, "{}")
+
+
+def test_only_the_oldest_pending_event_of_a_message_and_endpoint_is_due(connect):
+    outbox = Outbox(connect())
+    outbox.add([row("ehr", "Q1", "accepted"), row("crm", "Q1", "accepted")], 10.0)
+    outbox.add([row("ehr", "Q1", "delivered"), row("ehr", "Q2", "accepted")], 11.0)
+    due = outbox.due(20.0)
+    assert [(e.endpoint, e.queue_id, e.type) for e in due] == [
+        ("ehr", "Q1", "accepted"),
+        ("crm", "Q1", "accepted"),
+        ("ehr", "Q2", "accepted"),
+    ]
+    assert outbox.due(5.0) == []  # none due before it was written
+    first = due[0]
+    outbox.settle([first.id], [], [])
+    assert [(e.endpoint, e.queue_id, e.type) for e in outbox.due(20.0)] == [
+        ("crm", "Q1", "accepted"),
+        ("ehr", "Q1", "delivered"),  # its turn now
+        ("ehr", "Q2", "accepted"),
+    ]
+
+
+def test_a_claimed_event_is_one_nodes_until_its_lease_ends(connect):
+    one, two = Outbox(connect()), Outbox(connect())
+    one.add([row("ehr", "Q1", "accepted")], 10.0)
+    (event,) = one.due(20.0)
+    assert one.claim([event.id], "node-a", 20.0, 140.0) == {event.id}
+    assert two.claim([event.id], "node-b", 21.0, 141.0) == set()
+    assert two.due(21.0) == []  # leased
+    assert [e.id for e in two.due(150.0)] == [event.id]  # node-a went silent
+    assert two.claim([event.id], "node-b", 150.0, 270.0) == {event.id}
+
+
+def test_failed_events_return_at_their_time_and_dropped_ones_are_kept_aside(connect):
+    outbox = Outbox(connect())
+    outbox.add([row("ehr", "Q1", "accepted"), row("ehr", "Q2", "accepted")], 10.0)
+    first, second = outbox.due(20.0)
+    outbox.claim([first.id, second.id], "node-a", 20.0, 140.0)
+    outbox.settle([], [(first.id, 60.0, "HTTP 503")], [(second.id, "HTTP 410")])
+    assert outbox.due(30.0) == []
+    (again,) = Outbox(connect()).due(61.0)
+    assert (again.id, again.tries) == (first.id, 1)
+    assert outbox.backlog() == {"ehr": (1, 10.0)}
+    (dropped,) = outbox.dropped()
+    assert (dropped["queue_id"], dropped["last_error"], dropped["tries"]) == ("Q2", "HTTP 410", 1)
+    outbox.prune(10.0 + 31 * 86400)
+    assert outbox.dropped() == []

@@ -1,0 +1,48 @@
+"""A webhook receiver on loopback: HTTPS with a certificate from the test CA, every
+request kept (headers with lower-case names, body); ``status`` is what it answers.
+Stopped and started again on the same port, it is a receiver that was down."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from standardwebhooks import Webhook
+
+
+@dataclass
+class Receiver:
+    host: str
+    port: int
+    cert: tuple[Path, Path]
+    status: int = 204
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert[0]), str(self.cert[1]))
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.received.append((headers, await request.read()))
+        return web.Response(status=self.status)
+
+    def verified(self, secret: str) -> list[dict]:
+        """Every request's event, each checked with the Standard Webhooks library
+        (raises on a bad signature)."""
+        hook = Webhook(secret)
+        return [hook.verify(body, headers) for headers, body in self.received]

@@ -1,0 +1,187 @@
+"""Webhooks end to end: a receiver on loopback verifies every event's signature with
+the Standard Webhooks library; while it is down the events wait in the outbox and are
+retried; once it is up every event arrives, each message's in order; a tampered
+payload fails verification; the events carry ids, recipients, status and mode, never
+the subject or the body; an endpoint gets only the events it asked for; events
+survive a restart; one never taken is dropped after webhooks.max_age, with a record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from standardwebhooks import WebhookVerificationError
+
+from gateway.webhooks.events import new_secret
+from tests.conftest import free_port, run_sealgate
+from tests.support.delivery import BODY, SUBJECT, send, state
+from tests.support.webhooks import Receiver
+from tests.support.world import wait_until
+
+
+@pytest.fixture
+async def receivers():
+    started: list[Receiver] = []
+    yield started
+    for r in started:
+        await r.stop()
+
+
+def receiver(world, pki, tmp_path, receivers) -> Receiver:
+    leaf = pki.ca.issue_cert("hooks.ehr.test")
+    chain, key = tmp_path / "hooks.pem", tmp_path / "hooks.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
+    r = Receiver("127.0.0.91", free_port(), (chain, key))
+    receivers.append(r)
+    return r
+
+
+def endpoint(tmp_path, r: Receiver, name="ehr", events=None) -> tuple[dict, str]:
+    secret = new_secret()
+    path = tmp_path / f"{name}.secret"
+    path.write_text(secret + "\n")
+    found = {
+        "name": name,
+        "url": f"https://hooks.ehr.test:{r.port}/hooks",
+        "secret_file": str(path),
+    }
+    if events is not None:
+        found["events"] = events
+    return found, secret
+
+
+def posts(gw, outcome, name="ehr"):
+    value = gw.metrics.registry.get_sample_value(
+        "sealgate_webhook_posts_total", {"endpoint": name, "outcome": outcome}
+    )
+    return value or 0
+
+
+async def start(gateway_factory, world, endpoints, **overrides):
+    return await gateway_factory(
+        world.config(
+            {
+                "delivery.retry_schedule": ["1h"],
+                "webhooks.endpoints": endpoints,
+                "webhooks.retry_schedule": ["1s"],
+                **overrides,
+            }
+        )
+    )
+
+
+async def test_events_wait_while_the_receiver_is_down_then_arrive_signed_and_in_order(
+    gateway_factory, world, pki, tmp_path, receivers
+):
+    await world.mta("mx.good.test", "127.0.0.31")
+    await world.mta("mx.slow.test", "127.0.0.32", rcpt_replies={"b@slow.test": "451 4.3.0 later"})
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    r = receiver(world, pki, tmp_path, receivers)  # not started: down
+    ep, secret = endpoint(tmp_path, r)
+    gw = await start(gateway_factory, world, [ep])
+    queue_id = await send(gw, ["a@good.test", "b@slow.test"])
+    await wait_until(lambda: state(gw, queue_id).get("b@slow.test", ("",))[0] == "deferred")
+    await wait_until(lambda: posts(gw, "failed") >= 2, what="posts failing while it is down")
+    assert r.received == []
+    await r.start()
+    await wait_until(lambda: len(r.received) >= 3, what="every event once it is up")
+    events = r.verified(secret)  # each signature checked by the reference library
+    assert [e["type"] for e in events][0] == "accepted"
+    assert sorted(e["type"] for e in events) == ["accepted", "deferred", "delivered"]
+    assert [e["timestamp"] for e in events] == sorted(e["timestamp"] for e in events)
+    by_type = {e["type"]: e["data"] for e in events}
+    assert by_type["accepted"] == {
+        "queue_id": queue_id,
+        "sender": "doctor@clinic.test",
+        "recipients": ["a@good.test", "b@slow.test"],
+        "size": by_type["accepted"]["size"],
+        "received_at": by_type["accepted"]["received_at"],
+    }
+    delivered = by_type["delivered"]
+    assert (delivered["recipient"], delivered["status"], delivered["mode"]) == (
+        "a@good.test",
+        "2.0.0",
+        "tls",
+    )
+    assert delivered["tls"]["version"] == "TLSv1.3" and delivered["tls"]["mx"] == "mx.good.test"
+    assert delivered["tls"]["verification"] == "pkix"
+    deferred = by_type["deferred"]
+    assert (deferred["recipient"], deferred["status"]) == ("b@slow.test", "4.3.0")
+    assert "451" in deferred["reason"]
+    ids = [headers["webhook-id"] for headers, _ in r.received]
+    assert len(set(ids)) == 3
+    for _, body in r.received:  # ids and states only: nothing of the message
+        assert SUBJECT.encode() not in body and BODY.strip().encode() not in body
+    await wait_until(lambda: posts(gw, "posted") == 3, what="settled")
+    shown = run_sealgate("webhooks", "status", "--json", "--config", gw.source)
+    (listed,) = json.loads(shown.stdout)["endpoints"]
+    assert (listed["endpoint"], listed["configured"], listed["pending"]) == ("ehr", True, 0)
+
+
+async def test_a_tampered_payload_or_another_secret_fails_verification(
+    gateway_factory, world, pki, tmp_path, receivers
+):
+    await world.mta("mx.good.test", "127.0.0.31")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    r = await receiver(world, pki, tmp_path, receivers).start()
+    ep, secret = endpoint(tmp_path, r, events=["accepted"])
+    gw = await start(gateway_factory, world, [ep])
+    await send(gw, ["a@good.test"])
+    await wait_until(lambda: r.received, what="the accepted event")
+    (headers, body), *_ = r.received
+    assert r.verified(secret)[0]["type"] == "accepted"
+    tampered = body.replace(b"a@good.test", b"x@good.test")
+    with pytest.raises(WebhookVerificationError):
+        Receiver("", 0, r.cert, received=[(headers, tampered)]).verified(secret)
+    with pytest.raises(WebhookVerificationError):
+        r.verified(new_secret())
+
+
+async def test_an_endpoint_gets_only_its_events_and_a_bounce_says_why(
+    gateway_factory, world, pki, tmp_path, receivers
+):
+    await world.mta("mx.gone.test", "127.0.0.33", rcpt_replies={"c@gone.test": "550 5.1.1 no"})
+    world.dns.add("gone.test", "MX", "10 mx.gone.test.")
+    r = await receiver(world, pki, tmp_path, receivers).start()
+    ep, secret = endpoint(tmp_path, r, events=["bounced"])
+    gw = await start(gateway_factory, world, [ep])
+    await send(gw, ["c@gone.test"])
+    await wait_until(lambda: r.received, what="the bounce event")
+    await wait_until(lambda: posts(gw, "posted") >= 1, what="settled")
+    (event,) = r.verified(secret)
+    assert event["type"] == "bounced"
+    assert (event["data"]["recipient"], event["data"]["status"]) == ("c@gone.test", "5.1.1")
+    assert "550" in event["data"]["reason"]
+
+
+async def test_events_survive_a_restart_and_are_dropped_after_max_age_with_a_record(
+    gateway_factory, world, pki, tmp_path, receivers
+):
+    await world.mta("mx.good.test", "127.0.0.31")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    r = receiver(world, pki, tmp_path, receivers)  # down
+    ep, secret = endpoint(tmp_path, r)
+    gw = await start(gateway_factory, world, [ep])
+    queue_id = await send(gw, ["a@good.test"])
+    await wait_until(lambda: state(gw, queue_id).get("a@good.test", ("",))[0] == "delivered")
+    await wait_until(lambda: posts(gw, "failed") >= 1, what="a failed post")
+    await gw.stop(grace=1.0)
+    await r.start()
+    again = await start(gateway_factory, world, [ep])  # the same state directory
+    await wait_until(lambda: len(r.received) == 2, what="both events after the restart")
+    assert [e["type"] for e in r.verified(secret)] == ["accepted", "delivered"]
+    await again.stop(grace=1.0)
+
+    await r.stop()
+    r.received.clear()
+    late = await start(gateway_factory, world, [ep], **{"webhooks.max_age": "2s"})
+    await send(late, ["a@good.test"])
+    await wait_until(lambda: posts(late, "dropped") >= 2, what="dropped", timeout=20)
+    status = run_sealgate("webhooks", "status", "--json", "--config", late.source)
+    dropped = json.loads(status.stdout)["dropped"]
+    assert sorted(d["type"] for d in dropped) == ["accepted", "delivered"]
+    assert all(d["endpoint"] == "ehr" and d["last_error"] for d in dropped)
+    assert r.received == []
