@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.api.server import ApiServer
+from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, HostPort, load_config
@@ -88,6 +89,7 @@ class Gateway:
         self.keydir_writer: KeyDirectory | None = None
         self.archive: ArchiveService | None = None
         self.archive_api: ArchiveApi | None = None
+        self.messages_api: MessagesApi | None = None
         self.portal: Portal | None = None
         self._stopped = False
 
@@ -239,6 +241,19 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    async def _explain(
+        self, sender: str, recipients: list[str], message: bytes | None
+    ) -> dict[str, Any]:
+        """The message API's explain: as ``sealgate explain --json`` (nothing sent)."""
+        from gateway.explain import as_json, explain
+
+        assert self.delivery is not None
+        policy = self.delivery.policy
+        features, explained = await explain(
+            self.config, policy, sender, recipients, message, self.hostname, self.delivery.keys
+        )
+        return as_json(policy, features, explained)
+
     async def _start_http(self) -> None:
         """The HTTPS API listener (with the archive API when tokens are set) and the
         ops listener."""
@@ -247,9 +262,27 @@ class Gateway:
             # a connection of its own: API reads never wait behind the journal's thread;
             # without tokens it answers 404 (SIGHUP can add them)
             api_archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
-            self.archive_api = ArchiveApi(api_archive, cfg.archive.api_tokens, self.metrics)
+            self.archive_api = ArchiveApi(
+                api_archive, cfg.archive.api_tokens, self.metrics, cfg.api.keys
+            )
         if cfg.api.enabled:
-            self.api = ApiServer(cfg.api.listen, self._api_tls(), self.archive_api)
+            self.messages_api = MessagesApi(
+                cfg,
+                self.hostname,
+                self.submitter,
+                self.spool,
+                self.metrics,
+                self.archive,
+                self._explain,
+            )
+            self.messages_api.portal = self.portal
+            self.api = ApiServer(
+                cfg.api.listen,
+                self._api_tls(),
+                self.archive_api,
+                self.messages_api,
+                cfg.smtp.max_message_size,
+            )
             await self.api.start()
         self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
         await self.http.start()
@@ -302,7 +335,9 @@ class Gateway:
         for live, cert, key in https:
             live.load_cert_chain(str(cert), str(key))
         if self.archive_api is not None:
-            self.archive_api.tokens = new.archive.api_tokens
+            self.archive_api.tokens, self.archive_api.keys = new.archive.api_tokens, new.api.keys
+        if self.messages_api is not None:
+            self.messages_api.apply(new)
         if self.tlsrpt is not None:
             self.tlsrpt.apply(new)
         if self.webhooks is not None and self.queue is not None:
@@ -413,6 +448,8 @@ class Gateway:
             await self.http.stop()
         if self.archive_api is not None:
             self.archive_api.close()
+        if self.messages_api is not None:
+            self.messages_api.close()
         self.spool.close()
         log.info(Event.STOPPED)
 

@@ -11,6 +11,9 @@
     sealgate archive verify|search|proof|show|export|hold|release|holds|purge|access|...
                                       (see gateway/archive/cli.py)
     sealgate portal list [--json] | revoke ID...
+    sealgate api key NAME --scopes SCOPES [--expires YYYY-MM-DD]
+    sealgate webhooks secret | status [--json]
+    sealgate tlsrpt show [--day YYYY-MM-DD] [--domain DOMAIN]
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
 
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.api import cli as api_cli
 from gateway.archive import cli as archive_cli
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
@@ -127,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     cluster_cli.add_parsers(sub, with_config)
     tlsrpt_cli.add_parsers(sub, with_config)
     webhooks_cli.add_parsers(sub, with_config)
+    api_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -182,6 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return archive_cli.token(args.name, args.role)
     if args.command == "webhooks" and args.webhooks_command == "secret":
         return webhooks_cli.secret()
+    if args.command == "api":
+        return api_cli.key(args.name, args.scopes, args.expires)
     config, source = _load(args)
     if args.command == "check-config":
         policy = check_references(config, source)

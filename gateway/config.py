@@ -18,6 +18,7 @@ Failure: `ConfigError` (see `gateway.errors`); nothing is started on a bad confi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import ipaddress
 import re
@@ -783,13 +784,34 @@ class ArchiveConfig:
     )
 
 
+API_SCOPES = (
+    "send",
+    "read-status",
+    "archive:read",
+    "archive:content",
+    "archive:manage",
+    "archive:*",
+    "admin",
+)
+
+
+@dataclass(frozen=True)
+class ApiKeyConfig:
+    name: str = field(metadata=doc("Who holds the key: recorded with every call."))
+    scopes: tuple[str, ...] = field(metadata=doc(f"What it may do, of: {', '.join(API_SCOPES)}."))
+    key_sha256: str = field(metadata=doc("SHA-256 (hex) of the key: 'sealgate api key'."))
+    expires: str | None = field(
+        default=None, metadata=doc("Last day it works (YYYY-MM-DD, UTC). null: never.")
+    )
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     enabled: bool = field(
         default=True,
         metadata=doc(
-            "Run the HTTPS API listener, which serves the archive API (archive.api_tokens). "
-            "false: no API at all."
+            "Run the HTTPS API listener: the message API (/api/v1, api.keys) and the "
+            "archive API (/archive, archive.api_tokens). false: no API at all."
         ),
     )
     listen: HostPort = field(
@@ -805,6 +827,18 @@ class ApiConfig:
     )
     key_file: Path | None = field(
         default=None, metadata=doc("Its private key (PEM). null: tls.key_file.")
+    )
+    keys: tuple[ApiKeyConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "Keys for the message API (/api/v1), each {name, scopes, key_sha256, expires}: "
+            "'send' submits messages and revokes the portal items of its own, "
+            "'read-status' reads a message's state and evidence and explains the policy, "
+            "'admin' also acts on the queue and the key directory; 'archive:read', "
+            "'archive:content', 'archive:manage' (or 'archive:*') open the archive API as "
+            "its auditor, investigator and admin roles do. Make one with 'sealgate api "
+            "key'. Empty: /api/v1 answers 401 to every call."
+        ),
     )
 
 
@@ -1270,6 +1304,8 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
         raise ValueError("must be at least 5s")
     if path.startswith("webhooks."):
         _check_webhooks(path, value)
+    if path.startswith("api.keys["):
+        _check_api_key(path, value)
     if (
         path == "tlsrpt.contact"
         and value is not None
@@ -1283,6 +1319,18 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
             )
         if value.startswith("sha256:") and len(value[7:].replace(":", "")) != 64:
             raise ValueError("a sha256 fingerprint has 64 hex digits")
+
+
+def _check_api_key(path: str, value: Any) -> None:
+    if ".scopes[" in path and value not in API_SCOPES:
+        raise ValueError(f"{value!r} is not a scope: {', '.join(API_SCOPES)}")
+    if path.endswith(".key_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("must be 64 lower-case hex digits (sealgate api key)")
+    if path.endswith(".expires") and value is not None:
+        try:
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _check_webhooks(path: str, value: Any) -> None:
@@ -1434,6 +1482,8 @@ def _convert_scalar(tp: Any, value: Any) -> Any:  # noqa: C901 - one branch per 
             raise ValueError(f"{value!r} is not a whole number")
         return value
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2027-03-01 as a date
+            return value.isoformat()
         if not isinstance(value, str) or not value:
             raise ValueError(f"{value!r} is not a non-empty string")
         return value

@@ -54,6 +54,7 @@ class Event(enum.StrEnum):
     TLSRPT_SENT = "tlsrpt.report-sent"
     TLSRPT_FAILED = "tlsrpt.report-failed"
     TLSRPT_ERROR = "tlsrpt.error"
+    API_REQUEST = "api.request"
     WEBHOOK_DROPPED = "webhook.dropped"
     WEBHOOK_ERROR = "webhook.error"
     # archive

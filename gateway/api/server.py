@@ -6,9 +6,11 @@ keeps ``/metrics``, ``/healthz`` and ``/readyz`` only).  A client that speaks pl
 HTTP to this port gets no HTTP answer at all - the TLS handshake fails first.
 
 - ``/archive/...``: the archive API (`gateway.archive.api`), when
-  ``archive.api_tokens`` are set; 404 otherwise.
+  ``archive.api_tokens`` are set; 404 otherwise;
+- ``/api/...``: the message API (`gateway.api.v1`) and its OpenAPI document.
 
-Limits: request bodies up to 256 KiB, handlers up to 300 s (an export of many
+Limits: request bodies up to 256 KiB (the archive API) or a message's size in
+base64 and 1 MiB more (the message API), handlers up to 300 s (an export of many
 messages takes a while).  A request aiohttp's parser refuses is one info line
 (``api.bad-request``), never a traceback.
 """
@@ -44,6 +46,7 @@ class Request:
     headers: dict[str, str]  # names lower-cased
     body: bytes
     peer: str
+    query_string: str = ""  # as sent (a name given twice: both)
 
 
 @dataclass(frozen=True)
@@ -84,16 +87,27 @@ class ServerLog(logging.Logger):
 
 
 class ApiServer:
-    def __init__(self, listen: HostPort, tls: ssl.SSLContext, archive: Handler | None):
+    def __init__(
+        self,
+        listen: HostPort,
+        tls: ssl.SSLContext,
+        archive: Handler | None,
+        messages: Handler | None = None,
+        max_message: int = 0,
+    ):
         self.listen, self.tls = listen, tls
-        self.archive = archive
+        self.archive, self.messages = archive, messages
+        # a message submitted as JSON: its attachments in base64 (4/3) and the rest
+        self.max_body = max(MAX_BODY, max_message * 4 // 3 + 1024 * 1024)
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] = (listen.host, listen.port)  # at start: the port taken
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/archive", self._archive)
-        app.router.add_route("*", "/archive/{tail:.*}", self._archive)
+        # [\s\S]: any character, a percent-encoded line break in a path too
+        app.router.add_route("*", r"/archive/{tail:[\s\S]*}", self._archive)
+        app.router.add_route("*", r"/api/{tail:[\s\S]*}", self._messages)
         return app
 
     async def start(self) -> None:
@@ -115,6 +129,16 @@ class ApiServer:
     async def _archive(self, request: web.Request) -> web.StreamResponse:
         if self.archive is None:
             return web.json_response({"error": "the archive API is not configured"}, status=404)
+        if (request.content_length or 0) > MAX_BODY:
+            return web.json_response({"error": "the body is too large"}, status=413)
+        return await self._answer(self.archive, request)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        if self.messages is None:
+            return web.json_response({"error": "the message API is not configured"}, status=404)
+        return await self._answer(self.messages, request)
+
+    async def _answer(self, handler: Handler, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         ours = Request(
             request.method,
@@ -123,8 +147,9 @@ class ApiServer:
             {k.lower(): v for k, v in request.headers.items()},
             body,
             request.remote or "",
+            request.rel_url.raw_query_string,
         )
-        answer = await asyncio.wait_for(self.archive(ours), HANDLER_TIMEOUT)
+        answer = await asyncio.wait_for(handler(ours), HANDLER_TIMEOUT)
         headers = {
             "Content-Type": answer.content_type,
             "Cache-Control": "no-store",

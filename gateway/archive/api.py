@@ -2,7 +2,8 @@
 and dashboards.
 
 Bearer tokens from ``archive.api_tokens`` (only their SHA-256 is configured), each
-with a role:
+with a role - or keys from ``api.keys`` with archive scopes (``archive:read``: the
+auditor's, ``archive:manage``: the admin's, ``archive:content``: the investigator's):
 
 =====================  =========  ============  =====
                        auditor    investigator  admin
@@ -48,12 +49,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
+from gateway.api.keys import caller_of
 from gateway.api.server import Request, Response
 from gateway.archive import report
 from gateway.archive.export import export_bytes
 from gateway.archive.journal import Archive
 from gateway.archive.query import Query
-from gateway.config import ApiTokenConfig
+from gateway.config import ApiKeyConfig, ApiTokenConfig
 from gateway.errors import SealgateError
 from gateway.events import Event
 from gateway.observability.logging import get_logger
@@ -136,9 +138,16 @@ def query_from(params: dict[str, Any]) -> Query:
 
 
 class ArchiveApi:
-    def __init__(self, archive: Archive, tokens: tuple[ApiTokenConfig, ...], metrics: Metrics):
+    def __init__(
+        self,
+        archive: Archive,
+        tokens: tuple[ApiTokenConfig, ...],
+        metrics: Metrics,
+        keys: tuple[ApiKeyConfig, ...] = (),
+    ):
         self.archive = archive  # a connection of its own, used from this API's thread
         self.tokens = tokens
+        self.keys = keys  # api.keys: those with archive scopes act as the roles
         self.metrics = metrics
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive-api")
 
@@ -155,10 +164,15 @@ class ArchiveApi:
         for t in self.tokens:
             if hmac.compare_digest(digest, t.token_sha256):
                 return t
+        caller = caller_of(auth, self.keys)
+        role = caller.archive_role if caller is not None else None
+        if caller is not None and role is not None:
+            return ApiTokenConfig(caller.name, role, digest)  # type: ignore[arg-type]
         return None
 
     async def __call__(self, request: Request) -> Response:
-        if not self.tokens:
+        archive_keys = any(s.startswith("archive:") for k in self.keys for s in k.scopes)
+        if not self.tokens and not archive_keys:
             return Response("404 Not Found", "text/plain", b"not found\n")
         who = self._who(request)
         if who is None:

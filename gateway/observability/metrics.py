@@ -277,6 +277,12 @@ class Metrics:
             ["transport", "outcome"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "sealgate_api_requests",
+            "Calls of the message API (/api/v1), by operation and HTTP status",
+            ["operation", "status"],
+            registry=r,
+        )
         self.webhook_posts = Counter(
             "sealgate_webhook_posts",
             "Webhook events posted, by endpoint and outcome: posted (a 2xx answer), "

@@ -464,6 +464,14 @@ class Portal:
         self._event(item, "portal.replied")
         return queue_id
 
+    async def revoke_message(self, queue_id: str, actor: str) -> list[str]:
+        """Withdraw every portal item of a message; the ids revoked now."""
+        done = []
+        for item in await self.run(self.store.items_of, queue_id):
+            if await self.revoke(item.id, actor):
+                done.append(item.id)
+        return done
+
     async def revoke(self, item_id: str, actor: str) -> bool:
         item = await self.run(self.store.item_by_id, item_id)
         if item is None or not await self.run(self.store.revoke, item_id, actor):

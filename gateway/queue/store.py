@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.api.store import SCHEMA as API_SCHEMA
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
 from gateway.storage.database import Database, Schema, batch
@@ -147,6 +148,12 @@ def _version_6(db: Database) -> None:
     db.create(WEBHOOK_SCHEMA)
 
 
+def _version_7(db: Database) -> None:
+    """The message API: which key submitted which message, and Idempotency-Key
+    requests (`gateway.api.store`)."""
+    db.create(API_SCHEMA)
+
+
 CLUSTER_SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS contents (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -163,7 +170,8 @@ CREATE INDEX IF NOT EXISTS recipients_leased ON recipients(owner) WHERE leased=1
 """)
 
 VERSIONED = Versioned(
-    "queue", (_version_1, _version_2, _version_3, _version_4, _version_5, _version_6)
+    "queue",
+    (_version_1, _version_2, _version_3, _version_4, _version_5, _version_6, _version_7),
 )
 
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)

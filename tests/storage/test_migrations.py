@@ -26,7 +26,7 @@ def test_a_queue_from_the_previous_release_is_brought_up_to_date_with_its_rows(c
         "VALUES ('Q1', 0, 'r@y.test', 'y.test', 1.0, 1.0)"
     )
     store = QueueStore(db)
-    assert stored_version(db, "queue") == VERSIONED.version == 6
+    assert stored_version(db, "queue") == VERSIONED.version == 7
     assert [r.address for r in store.claim(2.0, 10)] == ["r@y.test"]
     node = QueueStore(connect(), node="node-a")
     node.add(envelope("Q2", "s@y.test"), now=3.0, data=b"bytes")
@@ -41,7 +41,7 @@ def test_a_queue_of_version_4_gains_the_tls_report_tables(connect):
     assert migrate(db, Versioned("queue", VERSIONED.steps[:4])) == (0, 4)
     assert not db.has_table("tlsrpt_sessions")
     store = TlsRptStore(connect())
-    assert stored_version(db, "queue") == 6 and db.has_table("tlsrpt_reports")
+    assert stored_version(db, "queue") == 7 and db.has_table("tlsrpt_reports")
     assert store.due("2026-12-01") == []
 
 

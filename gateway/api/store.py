@@ -1,0 +1,102 @@
+"""store - the message API's own records, in the queue's database (its schema's
+version 7): which key submitted which message (a ``send`` key may revoke its own),
+and ``Idempotency-Key`` requests for 24 hours.
+
+An idempotent request is recorded *before* its message is spooled, with the queue id
+it will have: a retry that finds the record answers with that id when the message
+exists (in the spool or the queue), so a message is never submitted twice - not even
+when the first request's answer was lost in a crash after the spool's fsync; a retry
+that finds no such message (the crash came before the fsync) submits it again under
+the same record.
+
+Blocking: called from a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.storage.database import Database, Schema
+
+SCHEMA = Schema("""
+CREATE TABLE IF NOT EXISTS api_messages (
+    queue_id TEXT PRIMARY KEY,
+    key_name TEXT NOT NULL,
+    created {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_requests (
+    key_name TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_sha256 TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    created {real} NOT NULL,
+    PRIMARY KEY (key_name, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS api_requests_created ON api_requests(created)
+""")
+
+IDEMPOTENCY_WINDOW = 86400.0
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """An earlier request under the same Idempotency-Key."""
+
+    request_sha256: str
+    queue_id: str
+
+
+class ApiStore:
+    def __init__(self, db: Database):
+        from gateway.queue.store import VERSIONED  # the tables are the queue store's
+        from gateway.storage.migrations import prepare
+
+        self.db = db
+        prepare(db, VERSIONED)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def remember(
+        self, key_name: str, idempotency_key: str, request_sha256: str, queue_id: str, now: float
+    ) -> Earlier | None:
+        """Record a request; the earlier one under the same key (within 24 h) if any,
+        and then nothing is recorded."""
+        with self.db.transaction():
+            self.db.execute(
+                "DELETE FROM api_requests WHERE created < ?", (now - IDEMPOTENCY_WINDOW,)
+            )
+            cursor = self.db.execute(
+                "INSERT INTO api_requests VALUES (?,?,?,?,?) "
+                "ON CONFLICT (key_name, idempotency_key) DO NOTHING",
+                (key_name, idempotency_key, request_sha256, queue_id, now),
+            )
+            if cursor.rowcount == 1:
+                return None
+            row = self.db.execute(
+                "SELECT request_sha256, queue_id FROM api_requests "
+                "WHERE key_name = ? AND idempotency_key = ?",
+                (key_name, idempotency_key),
+            ).fetchone()
+        return Earlier(str(row[0]), str(row[1]))
+
+    def resubmitted(self, key_name: str, idempotency_key: str, queue_id: str) -> None:
+        """The earlier request's message never made it: this one's id instead."""
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE api_requests SET queue_id = ? WHERE key_name = ? AND idempotency_key = ?",
+                (queue_id, key_name, idempotency_key),
+            )
+
+    def submitted(self, queue_id: str, key_name: str, now: float) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO api_messages VALUES (?,?,?) ON CONFLICT (queue_id) DO NOTHING",
+                (queue_id, key_name, now),
+            )
+
+    def submitter(self, queue_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT key_name FROM api_messages WHERE queue_id = ?", (queue_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
