@@ -22,6 +22,7 @@ bench:
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py
 	.venv/bin/python bench/cluster.py
+	.venv/bin/python bench/integrations.py
 
 hostile: setup
 	.venv/bin/python bench/hostile.py --markdown

@@ -295,12 +295,15 @@ class MessagesApi:
         if len(idempotency) > 255:
             raise Problem(400, "Bad Request", "Idempotency-Key: at most 255 characters")
         submission = self.submitter.begin()
-        queue_id = submission.queue_id
-        if idempotency:
-            earlier = await self._earlier(caller, idempotency, request, queue_id)
-            if earlier is not None:
-                await submission.abort()
-                return earlier
+        try:
+            if idempotency:
+                earlier = await self._earlier(caller, idempotency, request, submission.queue_id)
+                if earlier is not None:
+                    await submission.abort()
+                    return earlier
+        except BaseException:
+            await submission.abort()
+            raise
         try:
             return await self._spool(submission, composed, caller, request)
         finally:

@@ -96,14 +96,14 @@ def test_migrations_are_explicit_and_a_newer_schema_is_refused(postgres, tmp_pat
 
     url = settings["storage.database"]  # a node upgraded first moved the schema on
     with psycopg.connect(url, password=postgres.password_file.read_text().strip()) as c:
-        c.execute("UPDATE sealgate_queue.sealgate_schema SET version = 7")
+        c.execute(f"UPDATE sealgate_queue.sealgate_schema SET version = {latest + 1}")
     newer = sealgate(tmp_path, "check-config")
     assert newer.returncode == 78
     assert "queue tables: newer than this Sealgate knows: upgrade it" in newer.stderr
     run = sealgate(tmp_path, "run")
     assert run.returncode == 78, run.stderr
     assert (
-        f"the queue tables are at version 7, newer than this Sealgate knows ({latest})"
+        f"the queue tables are at version {latest + 1}, newer than this Sealgate knows ({latest})"
         in run.stderr
     )
 
