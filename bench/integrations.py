@@ -298,6 +298,7 @@ def main() -> int:
         print("bench/integrations.py needs root and Postfix (run: make bench)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="sealgate-bench-"))
+    workdir.chmod(0o755)  # Postfix's daemons (user postfix) reach their queue below it
     (workdir / "submission").mkdir()
     (workdir / "webhooks").mkdir()
     try:

@@ -1,6 +1,7 @@
 """store - the message API's own records, in the queue's database (its schema's
-version 7): which key submitted which message (a ``send`` key may revoke its own),
-and ``Idempotency-Key`` requests for 24 hours.
+version 7): which key submitted which message (a ``send`` key may revoke its own;
+written by the queue in the transaction that records the message), and
+``Idempotency-Key`` requests for 24 hours.
 
 An idempotent request is recorded *before* its message is spooled, with the queue id
 it will have: a retry that finds the record answers with that id when the message
@@ -36,6 +37,9 @@ CREATE INDEX IF NOT EXISTS api_requests_created ON api_requests(created)
 """)
 
 IDEMPOTENCY_WINDOW = 86400.0
+
+# written by the queue with the message it records (`QueueStore.add`)
+INSERT_MESSAGE = "INSERT INTO api_messages VALUES (?,?,?) ON CONFLICT (queue_id) DO NOTHING"
 
 
 @dataclass(frozen=True)
@@ -86,13 +90,6 @@ class ApiStore:
             self.db.execute(
                 "UPDATE api_requests SET queue_id = ? WHERE key_name = ? AND idempotency_key = ?",
                 (queue_id, key_name, idempotency_key),
-            )
-
-    def submitted(self, queue_id: str, key_name: str, now: float) -> None:
-        with self.db.transaction():
-            self.db.execute(
-                "INSERT INTO api_messages VALUES (?,?,?) ON CONFLICT (queue_id) DO NOTHING",
-                (queue_id, key_name, now),
             )
 
     def submitter(self, queue_id: str) -> str | None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.api.store import INSERT_MESSAGE as API_MESSAGE_INSERT
 from gateway.api.store import SCHEMA as API_SCHEMA
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
@@ -288,6 +289,8 @@ class QueueStore:
                     (e.queue_id, _envelope_text(e), data),
                 )
             )
+        if e.client.authorized_by == "api-key" and e.client.auth_user:  # which key sent it
+            statements.append((API_MESSAGE_INSERT, (e.queue_id, e.client.auth_user, now)))
         owner = self.node if lease else None
         for idx, rcpt in enumerate(envelope.recipients):
             domain = domain_of(rcpt.address)
