@@ -1,14 +1,15 @@
 """dispatcher - posts the outbox's events to their endpoints.
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
-endpoint), leases them to this node, posts them - several at once, one connection
-pool, names resolved through ``dns.nameservers``, certificates verified against the
-system's CAs and ``tls.ca_file`` - and settles them: a 2xx answer deletes the event,
-anything else (or no answer within 15 s) sets its next try from
-``webhooks.retry_schedule`` (the last wait repeats), until ``webhooks.max_age``
-has passed: then it is dropped, logged (``webhook.dropped``) and counted.  A round
-that posted something is followed at once by the next (a message's next event is
-due now); otherwise the dispatcher waits for the queue to write events, or a second.
+endpoint), leases them to this node, posts them - several at once, over kept-alive
+connections per endpoint (`gateway.webhooks.http`), names resolved through
+``dns.nameservers``, certificates verified against the system's CAs and
+``tls.ca_file`` - and settles them: a 2xx answer deletes the event, anything else
+(or no answer within 15 s) sets its next try from ``webhooks.retry_schedule`` (the
+last wait repeats), until ``webhooks.max_age`` has passed: then it is dropped,
+logged (``webhook.dropped``) and counted.  A round that posted something is followed
+at once by the next (a message's next event is due now); otherwise the dispatcher
+waits for the queue to write events, or a second.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import aiohttp
 
 from gateway.config import Config
 from gateway.events import Event
@@ -30,6 +30,7 @@ from gateway.observability.metrics import Metrics
 from gateway.probe import https
 from gateway.probe.dns import Resolver
 from gateway.storage.database import StorageError
+from gateway.webhooks import http
 from gateway.webhooks.events import Endpoint, Events, endpoints_of, signature
 from gateway.webhooks.outbox import Outbox, Pending
 
@@ -41,6 +42,12 @@ LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
 CONCURRENCY = 16
 IDLE_WAIT = 1.0
 GAUGE_INTERVAL = 15.0
+
+
+@dataclass
+class _Pool:
+    url: str
+    endpoint: http.Endpoint
 
 
 class Dispatcher:
@@ -59,7 +66,6 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._gauged = 0.0
         self._known: set[str] = set()
         # one thread for the outbox's connection: the dispatcher's and emit's calls
@@ -83,7 +89,11 @@ class Dispatcher:
         self.config, self.endpoints = config, {e.name: e for e in found}
         self.schedule = config.webhooks.retry_schedule
         self.max_age = config.webhooks.max_age
-        self._session_ca = config.tls.ca_file
+        self._ctx = https.client_context(config.tls.ca_file)
+        old: dict[str, _Pool] = getattr(self, "_pools", {})
+        self._pools: dict[str, _Pool] = {}
+        for pool in old.values():  # made under the old settings (CA file, resolvers)
+            pool.endpoint.close_soon()
 
     def wake(self) -> None:
         """Events were written (from any thread)."""
@@ -97,8 +107,8 @@ class Dispatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            await pool.endpoint.close()
         await self._db(self.outbox.close)
         self._thread.shutdown(wait=True)
 
@@ -178,32 +188,18 @@ class Dispatcher:
             "webhook-timestamp": str(stamp),
             "webhook-signature": signature(endpoint.key, event.event_id, stamp, body),
         }
+        pool = self._pools.get(endpoint.name)
+        if pool is None or pool.url != endpoint.url:
+            pool = self._pools[endpoint.name] = _Pool(
+                endpoint.url, http.Endpoint(endpoint.url, self._ctx, self.resolver())
+            )
         try:
-            async with self._client().post(
-                endpoint.url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
-            ) as response:
-                if 200 <= response.status < 300:
-                    return "posted"
-                return f"HTTP {response.status}"
+            status = await pool.endpoint.post(body, headers, POST_TIMEOUT)
         except TimeoutError:
             return f"no answer within {POST_TIMEOUT:g} s"
-        except (aiohttp.ClientError, OSError) as e:
-            return f"{type(e).__name__}: {e}"[:300]
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                resolver=https.GatewayResolver(self.resolver()),
-                ssl=https.client_context(self._session_ca),
-                limit=CONCURRENCY,
-                use_dns_cache=False,
-            )
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return self._session
+        except http.HttpError as e:
+            return str(e)[:300]
+        return "posted" if 200 <= status < 300 else f"HTTP {status}"
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now

@@ -89,18 +89,19 @@ class Outbox:
         return [Pending(*row) for row in rows]
 
     def claim(self, ids: list[int], owner: str, now: float, until: float) -> set[int]:
-        """The events of ``ids`` this node now holds (another may have taken some)."""
-        taken = set()
+        """The events of ``ids`` this node now holds (another may have taken some):
+        one statement for them all."""
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
         with self.db.transaction():
-            for event in ids:
-                cursor = self.db.execute(
-                    "UPDATE webhook_outbox SET owner = ?, lease_until = ? WHERE id = ? "
-                    "AND state = 'pending' AND (lease_until IS NULL OR lease_until < ?)",
-                    (owner, until, event, now),
-                )
-                if cursor.rowcount == 1:
-                    taken.add(event)
-        return taken
+            rows = self.db.execute(
+                "UPDATE webhook_outbox SET owner = ?, lease_until = ? "  # noqa: S608 - placeholders only
+                f"WHERE id IN ({marks}) AND state = 'pending' "
+                "AND (lease_until IS NULL OR lease_until < ?) RETURNING id",
+                (owner, until, *ids, now),
+            ).fetchall()
+        return {int(r[0]) for r in rows}
 
     def settle(
         self,
@@ -108,11 +109,15 @@ class Outbox:
         retry: list[tuple[int, float, str]],
         dropped: list[tuple[int, str]],
     ) -> None:
-        """Posted events deleted; failed ones tried again at their time (or
-        dropped), with the error."""
+        """Posted events deleted (one statement); failed ones tried again at their
+        time (or dropped), with the error."""
         with self.db.transaction():
-            for event in posted:
-                self.db.execute("DELETE FROM webhook_outbox WHERE id = ?", (event,))
+            if posted:
+                marks = ",".join("?" * len(posted))
+                self.db.execute(
+                    f"DELETE FROM webhook_outbox WHERE id IN ({marks})",  # noqa: S608 - placeholders only
+                    tuple(posted),
+                )
             for event, next_try, error in retry:
                 self.db.execute(
                     "UPDATE webhook_outbox SET tries = tries + 1, next_try = ?, owner = NULL, "
