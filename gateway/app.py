@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Gateway:
         self.tlsrpt: TlsRptService | None = None
         self.webhooks: Dispatcher | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._api_socket: Path | None = None  # the main process's API, for the workers
         self.smtp_address = (config.listen.smtp.host, config.listen.smtp.port)  # at start: taken
         self.smtp: SmtpServer | None = None
         self.workers: WorkerPool | None = None
@@ -170,7 +172,10 @@ class Gateway:
             await self.portal.start(None if cfg.portal.behind_proxy else self._portal_tls())
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.submitter, self.metrics)  # fail here, not in a worker
-            self.workers = WorkerPool(cfg, self.config_path, self._worker_queued)
+            self._api_socket = _internal_socket(cfg) if cfg.api.enabled else None
+            self.workers = WorkerPool(
+                cfg, self.config_path, self._worker_queued, self._worker_access, self._api_socket
+            )
             await self.workers.start()
         else:
             self.smtp = SmtpServer(make_smtp_context(cfg, self.submitter, self.metrics))
@@ -283,7 +288,13 @@ class Gateway:
                 self.messages_api,
                 cfg.smtp.max_message_size,
             )
-            await self.api.start()
+            if self.workers is not None and self.workers.api_sock is not None:
+                # the workers serve the listener; here, what they forward
+                assert self._api_socket is not None
+                await self.api.start(unix=self._api_socket)
+                self.api.address = self.workers.api_sock.getsockname()[:2]
+            else:
+                await self.api.start()
         self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
         await self.http.start()
 
@@ -379,6 +390,17 @@ class Gateway:
             except (OSError, ValueError, IndexError):
                 self.metrics.certificate_expiry.remove(use)
 
+    def _worker_access(self, message: dict[str, Any]) -> None:
+        """A worker answered a message API call: the access record keeps it."""
+        if self.archive is not None:
+            detail = message.get("detail") or {}
+            self.archive.access(
+                str(message.get("queue_id", "")),
+                str(message.get("actor", "")),
+                str(message.get("action", "")),
+                **(detail if isinstance(detail, dict) else {}),
+            )
+
     def _worker_queued(self, queue_id: str, size: int) -> Awaitable[None] | None:
         """A worker process spooled a message: count it here, then queue it (read
         back from the spool: its bytes are in the other process)."""
@@ -468,6 +490,18 @@ class Gateway:
         for directory in (self.keydir, self.keydir_writer):
             if directory is not None:
                 directory.close()
+
+
+def _internal_socket(config: Config) -> Path:
+    """Where the main process serves the API the workers forward to: in the state
+    directory, or - a Unix socket's path is at most 107 bytes - a private temporary
+    directory."""
+    run = config.state_dir.resolve() / "run"
+    if len(str(run / "api.sock")) > 100:
+        return Path(tempfile.mkdtemp(prefix="sealgate-")) / "api.sock"
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run.chmod(0o700)
+    return run / "api.sock"
 
 
 def _sd_notify(message: str) -> None:

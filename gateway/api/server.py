@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.config import HostPort
+from gateway.config import Config, HostPort
 from gateway.events import Event
 from gateway.observability.logging import get_logger
 
 log = get_logger("gateway.api")
 
 MAX_BODY = 256 * 1024
+PEER_HEADER = "x-sealgate-peer"  # the client's address, as a worker forwards a request
 HANDLER_TIMEOUT = 300.0
 
 
@@ -86,6 +89,36 @@ class ServerLog(logging.Logger):
         pass  # aiohttp's debug lines (non-HTTP on the port) are not ours to keep
 
 
+def api_cert_paths(config: Config, hostname: str) -> tuple[Path, Path]:
+    """The API's certificate and key: its own, else the SMTP listener's, else the
+    self-signed one."""
+    from gateway.tls import ensure_self_signed
+
+    cert, key = config.api.cert_file, config.api.key_file
+    if cert is None or key is None:
+        cert, key = config.tls.cert_file, config.tls.key_file
+    if cert is None or key is None:
+        cert, key, _ = ensure_self_signed(config.state_dir, hostname)
+    return cert, key
+
+
+def api_tls(config: Config, hostname: str) -> ssl.SSLContext:
+    from gateway.tls import server_context
+
+    return server_context(*api_cert_paths(config, hostname))
+
+
+def listening_socket(config: Config) -> socket.socket:
+    """The API's listening socket, bound by the main process for the workers."""
+    listen = config.api.listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.create_server(
+        (listen.host, listen.port), family=family, backlog=512, reuse_port=False
+    )
+    sock.setblocking(False)
+    return sock
+
+
 class ApiServer:
     def __init__(
         self,
@@ -101,6 +134,7 @@ class ApiServer:
         self.max_body = max(MAX_BODY, max_message * 4 // 3 + 1024 * 1024)
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] = (listen.host, listen.port)  # at start: the port taken
+        self.internal = False  # on the Unix socket the workers forward to
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
@@ -110,14 +144,29 @@ class ApiServer:
         app.router.add_route("*", r"/api/{tail:[\s\S]*}", self._messages)
         return app
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None, unix: Path | None = None) -> None:
+        """Listen on ``api.listen``, on ``sock`` (bound already: the workers share
+        it), or on the Unix socket ``unix``: the workers' way to the main process,
+        where the peer address comes from the worker (`PEER_HEADER`)."""
         self._runner = web.AppRunner(
             self.app(),
             access_log=None,
             logger=ServerLog("gateway.api.http", Event.API_BAD_REQUEST, Event.API_ERROR),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.listen.host, self.listen.port, ssl_context=self.tls)
+        site: web.BaseSite
+        if unix is not None:
+            self.internal = True
+            site = web.UnixSite(self._runner, str(unix))
+            await site.start()
+            unix.chmod(0o600)
+            return
+        if sock is not None:
+            site = web.SockSite(self._runner, sock, ssl_context=self.tls)
+        else:
+            site = web.TCPSite(
+                self._runner, self.listen.host, self.listen.port, ssl_context=self.tls
+            )
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.address = (host, port)
@@ -140,13 +189,19 @@ class ApiServer:
 
     async def _answer(self, handler: Handler, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        peer = request.remote or ""
+        if self.internal:  # from a worker, which names the client
+            peer = headers.pop(PEER_HEADER, "")
+        else:
+            headers.pop(PEER_HEADER, None)
         ours = Request(
             request.method,
             request.rel_url.raw_path,
             dict(request.query.items()),
-            {k.lower(): v for k, v in request.headers.items()},
+            headers,
             body,
-            request.remote or "",
+            peer,
             request.rel_url.raw_query_string,
         )
         answer = await asyncio.wait_for(handler(ours), HANDLER_TIMEOUT)

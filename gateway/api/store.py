@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS api_requests (
     request_sha256 TEXT NOT NULL,
     queue_id TEXT NOT NULL,
     created {real} NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key_name, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS api_requests_created ON api_requests(created)
@@ -48,6 +49,8 @@ class Earlier:
 
     request_sha256: str
     queue_id: str
+    done: bool  # its message was stored (else: in progress, or it never was)
+    created: float
 
 
 class ApiStore:
@@ -71,25 +74,47 @@ class ApiStore:
                 "DELETE FROM api_requests WHERE created < ?", (now - IDEMPOTENCY_WINDOW,)
             )
             cursor = self.db.execute(
-                "INSERT INTO api_requests VALUES (?,?,?,?,?) "
+                "INSERT INTO api_requests VALUES (?,?,?,?,?,0) "
                 "ON CONFLICT (key_name, idempotency_key) DO NOTHING",
                 (key_name, idempotency_key, request_sha256, queue_id, now),
             )
             if cursor.rowcount == 1:
                 return None
             row = self.db.execute(
-                "SELECT request_sha256, queue_id FROM api_requests "
+                "SELECT request_sha256, queue_id, done, created FROM api_requests "
                 "WHERE key_name = ? AND idempotency_key = ?",
                 (key_name, idempotency_key),
             ).fetchone()
-        return Earlier(str(row[0]), str(row[1]))
+        return Earlier(str(row[0]), str(row[1]), bool(row[2]), float(row[3]))
 
-    def resubmitted(self, key_name: str, idempotency_key: str, queue_id: str) -> None:
-        """The earlier request's message never made it: this one's id instead."""
+    def take_over(
+        self, key_name: str, idempotency_key: str, before: str, queue_id: str, now: float
+    ) -> bool:
+        """The earlier request's message never made it: this request continues under
+        the record with its own id - unless another one took it over first."""
+        with self.db.transaction():
+            cursor = self.db.execute(
+                "UPDATE api_requests SET queue_id = ?, created = ? WHERE key_name = ? "
+                "AND idempotency_key = ? AND queue_id = ? AND done = 0",
+                (queue_id, now, key_name, idempotency_key, before),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def forget(self, key_name: str, idempotency_key: str, queue_id: str) -> None:
+        """The request failed before its message was stored: a retry starts anew."""
         with self.db.transaction():
             self.db.execute(
-                "UPDATE api_requests SET queue_id = ? WHERE key_name = ? AND idempotency_key = ?",
-                (queue_id, key_name, idempotency_key),
+                "DELETE FROM api_requests WHERE key_name = ? AND idempotency_key = ? "
+                "AND queue_id = ? AND done = 0",
+                (key_name, idempotency_key, queue_id),
+            )
+
+    def stored(self, key_name: str, idempotency_key: str) -> None:
+        """The request's message is in the spool: a retry gets its id."""
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE api_requests SET done = 1 WHERE key_name = ? AND idempotency_key = ?",
+                (key_name, idempotency_key),
             )
 
     def submitter(self, queue_id: str) -> str | None:

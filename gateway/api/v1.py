@@ -60,6 +60,9 @@ log = get_logger("gateway.api.v1")
 T = TypeVar("T")
 
 QUEUE_ACTIONS = ("retry", "hold", "release", "delete")
+# an Idempotency-Key request not done within this long is taken for failed (a request
+# takes far less; its handler is cut off at 300 s, the record stays for 24 h)
+IN_PROGRESS = 330.0
 
 
 def openapi_document() -> bytes:
@@ -130,7 +133,6 @@ class MessagesApi:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="api")
         self._store: ApiStore | None = None
         self._queue: QueueStore | None = None
-        self._in_flight: set[tuple[str, str]] = set()
 
     def apply(self, config: Config) -> None:
         """The keys, limits and sender rules of ``config`` (start, SIGHUP)."""
@@ -305,9 +307,16 @@ class MessagesApi:
             await submission.abort()
             raise
         try:
-            return await self._spool(submission, composed, caller, request)
-        finally:
-            self._in_flight.discard((caller.name, idempotency))
+            answer = await self._spool(submission, composed, caller, request)
+        except Problem:
+            if idempotency:  # not stored: a retry may try again at once
+                store, _ = await self._db(self._stores)
+                await self._db(store.forget, caller.name, idempotency, submission.queue_id)
+            raise
+        if idempotency:
+            store, _ = await self._db(self._stores)
+            await self._db(store.stored, caller.name, idempotency)
+        return answer
 
     async def _earlier(
         self, caller: Caller, idempotency: str, request: Request, queue_id: str
@@ -321,25 +330,24 @@ class MessagesApi:
             + b"\0"
             + request.body
         ).hexdigest()
-        flight = (caller.name, idempotency)
-        if flight in self._in_flight:
-            raise Problem(409, "Conflict", "a request with this Idempotency-Key is in progress")
         store, queue = await self._db(self._stores)
-        earlier = await self._db(
-            store.remember, caller.name, idempotency, digest, queue_id, time.time()
-        )
+        now = time.time()
+        earlier = await self._db(store.remember, caller.name, idempotency, digest, queue_id, now)
         if earlier is None:
-            self._in_flight.add(flight)
             return None
         if earlier.request_sha256 != digest:
             raise Problem(
                 422, "Unprocessable Content", "Idempotency-Key was used for another request"
             )
-        if await self._db(self._exists, queue, earlier.queue_id):
+        if earlier.done or await self._db(self._exists, queue, earlier.queue_id):
             return self._accepted(earlier.queue_id, replayed=True)
-        # the first request never spooled its message (it failed, or a crash came first)
-        await self._db(store.resubmitted, caller.name, idempotency, queue_id)
-        self._in_flight.add(flight)
+        if now - earlier.created < IN_PROGRESS:  # in this process or another
+            raise Problem(409, "Conflict", "a request with this Idempotency-Key is in progress")
+        # the first request never stored its message (it failed, or a crash came first)
+        if not await self._db(
+            store.take_over, caller.name, idempotency, earlier.queue_id, queue_id, now
+        ):
+            raise Problem(409, "Conflict", "a request with this Idempotency-Key is in progress")
         return None
 
     def _exists(self, queue: QueueStore, queue_id: str) -> bool:

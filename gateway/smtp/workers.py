@@ -89,12 +89,19 @@ class WorkerPool:
         config: Config,
         config_path: Path | None,
         on_queued: Callable[[str, int], Awaitable[None] | None],
+        on_access: Callable[[dict[str, Any]], None] | None = None,
+        api_socket: Path | None = None,
     ):
         self.config = config
         self.config_path = config_path
         self.on_queued = on_queued
+        self.on_access = on_access  # the message API's access records, from the workers
+        # where the main process serves the API the workers forward to (None: the
+        # workers serve no API)
+        self.api_socket = api_socket
         self.count = worker_count(config)
         self.sock: socket.socket | None = None
+        self.api_sock: socket.socket | None = None
         self.workers: dict[int, _Worker] = {}
         self.retired: dict[str, float] = {}  # counters of workers that have exited
         self._answers: set[asyncio.Task[None]] = set()
@@ -102,6 +109,10 @@ class WorkerPool:
 
     async def start(self, timeout: float = 30) -> None:
         self.sock = listening_socket(self.config)
+        if self.api_socket is not None:
+            from gateway.api.server import listening_socket as api_listening_socket
+
+            self.api_sock = api_listening_socket(self.config)
         for index in range(self.count):
             await self._spawn(index)
         waits = [asyncio.wait_for(w.ready.wait(), timeout) for w in self.workers.values()]
@@ -138,8 +149,12 @@ class WorkerPool:
         ]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
+        fds = [self.sock.fileno(), theirs.fileno()]
+        if self.api_sock is not None and self.api_socket is not None:
+            argv += ["--api-fd", str(self.api_sock.fileno()), "--api-socket", str(self.api_socket)]
+            fds.append(self.api_sock.fileno())
         # Our own interpreter and module, arguments from our own configuration.
-        proc = subprocess.Popen(argv, pass_fds=(self.sock.fileno(), theirs.fileno()))  # noqa: S603
+        proc = subprocess.Popen(argv, pass_fds=fds)  # noqa: S603
         theirs.close()
         worker = _Worker(index, proc)
         self.workers[index] = worker
@@ -159,6 +174,8 @@ class WorkerPool:
                     self._answer(worker, str(message["queue_id"]), handed)
             elif kind == "metrics":
                 worker.snapshot = message["samples"]
+            elif kind == "access" and self.on_access is not None:
+                self.on_access(message)
             elif kind == "ready":
                 worker.ready.set()
         code = await asyncio.get_running_loop().run_in_executor(None, worker.proc.wait)
@@ -210,9 +227,10 @@ class WorkerPool:
         for w in self.workers.values():
             if w.control is not None:
                 w.control.close()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        for sock in (self.sock, self.api_sock):
+            if sock is not None:
+                sock.close()
+        self.sock = self.api_sock = None
 
 
 # -- the worker process -----------------------------------------------------------------
@@ -259,7 +277,9 @@ class _Recording:
         self._futures.clear()
 
 
-def _reload(ctx: Any, config: Config, config_path: Path | None, index: int) -> None:
+def _reload(
+    ctx: Any, config: Config, config_path: Path | None, index: int, api: Any = None
+) -> None:
     """The main process checked the configuration file and says to read it again."""
     from gateway.smtp.context import apply_edge, make_edge
 
@@ -267,11 +287,60 @@ def _reload(ctx: Any, config: Config, config_path: Path | None, index: int) -> N
         return
     try:
         new = dataclasses.replace(load_config(config_path), state_dir=config.state_dir)
-        apply_edge(ctx, new, make_edge(new))
+        edge = make_edge(new)
+        if api is not None:
+            from gateway.api.server import api_cert_paths
+            from gateway.tls import server_context
+
+            cert, key = api_cert_paths(new, ctx.hostname)
+            server_context(cert, key)  # checked before anything changes
+        apply_edge(ctx, new, edge)
+        if api is not None:
+            api.messages.messages.apply(new)
+            api.tls.load_cert_chain(str(cert), str(key))  # for new connections
     except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
         log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
         return
     log.info(Event.RELOADED, worker=index, changed=True)
+
+
+@dataclasses.dataclass
+class _Api:
+    """A worker's share of the HTTPS API listener (`gateway.api.front`)."""
+
+    server: Any  # ApiServer
+    messages: Any  # WorkerApi
+    tls: Any  # its TLS context (a reload loads the renewed certificate into it)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.messages.forward.close()
+        await asyncio.to_thread(self.messages.messages.close)
+
+
+async def _serve_api(
+    config: Config,
+    listen: socket.socket | None,
+    main_socket: Path | None,
+    submitter: Any,
+    spool: Any,
+    metrics: Metrics,
+    send: Callable[[dict[str, Any]], None],
+) -> _Api | None:
+    """Serve the message API's submissions on the shared socket, the rest forwarded."""
+    if listen is None or main_socket is None:
+        return None
+    from gateway.api.front import ControlJournal, Forwarder, WorkerApi
+    from gateway.api.server import ApiServer, api_tls
+    from gateway.api.v1 import MessagesApi
+
+    hostname = submitter.hostname
+    messages = MessagesApi(config, hostname, submitter, spool, metrics, ControlJournal(send))
+    front = WorkerApi(messages, Forwarder(main_socket))
+    tls = api_tls(config, hostname)
+    server = ApiServer(config.api.listen, tls, front, front, config.smtp.max_message_size)
+    await server.start(sock=listen)
+    return _Api(server, front, tls)
 
 
 async def _serve(
@@ -280,6 +349,8 @@ async def _serve(
     listen: socket.socket,
     control: socket.socket,
     index: int,
+    api_listen: socket.socket | None = None,
+    api_socket: Path | None = None,
 ) -> None:
     from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
@@ -301,6 +372,7 @@ async def _serve(
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
+    api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -320,7 +392,7 @@ async def _serve(
             with contextlib.suppress(ValueError):
                 message = json.loads(line)
                 if message.get("type") == "reload":
-                    _reload(ctx, config, config_path, index)
+                    _reload(ctx, config, config_path, index, api)
                 elif message.get("type") == "recorded":
                     recording.recorded(message)
         recording.fail_all()
@@ -328,6 +400,8 @@ async def _serve(
 
     tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
     await stop.wait()
+    if api is not None:
+        await api.stop()
     await server.stop(grace=10)
     for t in tasks:
         t.cancel()
@@ -345,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen-fd", type=int, required=True)
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--index", type=int, default=0)
+    p.add_argument("--api-fd", type=int, default=None)
+    p.add_argument("--api-socket", type=Path, default=None)
     args = p.parse_args(argv)
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
@@ -354,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
-    asyncio.run(_serve(config, args.config, listen, control, args.index))
+    api = socket.socket(fileno=args.api_fd) if args.api_fd is not None else None
+    asyncio.run(_serve(config, args.config, listen, control, args.index, api, args.api_socket))
     return 0
 
 
