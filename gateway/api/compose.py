@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.header
 import email.headerregistry
 import email.message
 import email.policy
 import email.utils
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +123,12 @@ def _from_json(body: Any, hostname: str) -> Composed:  # noqa: C901 - one check 
     subject, text, html = _text(body, "subject"), _text(body, "text"), _text(body, "html")
     if subject is not None and not _one_line(subject):
         raise Invalid("subject: one line of text")
+    headers = _checked_headers(body.get("headers") or {})
+    attachments = body.get("attachments") or []
+    recipients = [a[1] for a in to + cc + bcc]
+    if not attachments and _plain(sender, to, cc, headers):
+        data = _quick(hostname, sender, to, cc, subject or "", text, html, headers)
+        return Composed(sender[1], recipients, data)
     message = email.message.EmailMessage(policy=email.policy.SMTP)
     message["From"] = _mailbox(*sender)
     if to:
@@ -130,7 +138,8 @@ def _from_json(body: Any, hostname: str) -> Composed:  # noqa: C901 - one check 
     message["Subject"] = subject or ""
     message["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = email.utils.make_msgid(domain=hostname)
-    _add_headers(message, body.get("headers") or {})
+    for name, value in headers:
+        message[name] = value
     if html is None:
         message.set_content(text or "")
     elif text is None:
@@ -138,11 +147,11 @@ def _from_json(body: Any, hostname: str) -> Composed:  # noqa: C901 - one check 
     else:
         message.set_content(text)
         message.add_alternative(html, subtype="html")
-    _add_attachments(message, body.get("attachments") or [])
-    return Composed(sender[1], [a[1] for a in to + cc + bcc], message.as_bytes())
+    _add_attachments(message, attachments)
+    return Composed(sender[1], recipients, message.as_bytes())
 
 
-def _add_headers(message: email.message.EmailMessage, headers: Any) -> None:
+def _checked_headers(headers: Any) -> list[tuple[str, str]]:
     if not isinstance(headers, dict):
         raise Invalid("headers: an object of header names and values")
     for name, value in headers.items():
@@ -152,7 +161,91 @@ def _add_headers(message: email.message.EmailMessage, headers: Any) -> None:
             raise Invalid(f"headers: {name} is composed from the other fields")
         if not _one_line(value):
             raise Invalid(f"headers: {name}: one line of text")
-        message[name] = value
+    return list(headers.items())
+
+
+# -- the common case by hand ------------------------------------------------------------
+# No attachments, ASCII addresses and header values: the message is written directly
+# (the email package's header objects cost about ten times as much - the API takes
+# hundreds of these a second).  What needs more (attachments, non-ASCII addresses
+# or header values, very long ones) goes through the email package.
+
+_SHORT = 900  # a header value longer than this is folded by the email package
+
+
+def _plain(
+    sender: tuple[str, str],
+    to: list[tuple[str, str]],
+    cc: list[tuple[str, str]],
+    headers: list[tuple[str, str]],
+) -> bool:
+    addresses = [sender, *to, *cc]
+    return (
+        all(a.isascii() for _, a in addresses)
+        and all(v.isascii() and len(v) <= _SHORT for _, v in headers)
+        and len(", ".join(_mailbox(*a) for a in to)) <= _SHORT
+        and len(", ".join(_mailbox(*a) for a in cc)) <= _SHORT
+    )
+
+
+def _header(name: str, value: str) -> str:
+    """A header field: as it is when ASCII and short, else RFC 2047 encoded words."""
+    if value.isascii() and len(value) <= _SHORT:
+        return f"{name}: {value}\r\n"
+    encoded = email.header.Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {encoded}\r\n"
+
+
+def _part(subtype: str, content: str) -> bytes:
+    """A text part's header and body: 7bit when it can be, else base64 of UTF-8."""
+    lines = content.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if content.isascii() and all(len(line) <= 998 for line in lines):
+        body = "\r\n".join(lines).encode("ascii")
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        cte = "7bit"
+    else:
+        body = base64.encodebytes("\r\n".join(lines).encode("utf-8")).replace(b"\n", b"\r\n")
+        cte = "base64"
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
+    return head.encode("ascii") + b"\r\n" + body
+
+
+def _quick(
+    hostname: str,
+    sender: tuple[str, str],
+    to: list[tuple[str, str]],
+    cc: list[tuple[str, str]],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    headers: list[tuple[str, str]],
+) -> bytes:
+    head = [_header("From", _mailbox(*sender))]
+    if to:
+        head.append(_header("To", ", ".join(_mailbox(*a) for a in to)))
+    if cc:
+        head.append(_header("Cc", ", ".join(_mailbox(*a) for a in cc)))
+    head.append(_header("Subject", subject))
+    head.append(f"Date: {email.utils.formatdate(localtime=False, usegmt=True)}\r\n")
+    head.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}\r\n")
+    head += [_header(name, value) for name, value in headers]
+    head.append("MIME-Version: 1.0\r\n")
+    top = "".join(head).encode("ascii")
+    if html is None:
+        return top + _part("plain", text or "")
+    if text is None:
+        return top + _part("html", html)
+    boundary = f"=_{secrets.token_hex(12)}"
+    return (
+        top
+        + f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode()
+        + f"--{boundary}\r\n".encode()
+        + _part("plain", text)
+        + f"--{boundary}\r\n".encode()
+        + _part("html", html)
+        + f"--{boundary}--\r\n".encode()
+    )
 
 
 def _add_attachments(message: email.message.EmailMessage, attachments: Any) -> None:
