@@ -238,7 +238,15 @@ class Gateway:
         )
         queue.webhooks = Events(tuple(self.webhooks.endpoints.values()))
         queue.events_written = self.webhooks.wake
-        self.webhooks.start()
+        if worker_count(self.config) > 1:
+            # the first SMTP worker posts them; the main process delivers
+            self.webhooks.remote_wake = self._wake_worker_dispatcher
+        else:
+            self.webhooks.start()
+
+    def _wake_worker_dispatcher(self) -> None:
+        if self.workers is not None:
+            self.workers.wake_webhooks()
 
     def _portal_event(self, queue_id: str, kind: str, data: dict[str, Any]) -> None:
         if self.webhooks is not None:

@@ -56,7 +56,12 @@ log = get_logger("gateway.smtp.workers")
 
 METRICS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
-_GAUGES = ("sealgate_smtp_connections_active", "sealgate_spool_")
+_GAUGES = (
+    "sealgate_smtp_connections_active",
+    "sealgate_spool_",
+    "sealgate_webhook_outbox_events",
+    "sealgate_webhook_oldest_event_age_seconds",
+)
 
 
 def worker_count(config: Config) -> int:
@@ -105,6 +110,7 @@ class WorkerPool:
         self.workers: dict[int, _Worker] = {}
         self.retired: dict[str, float] = {}  # counters of workers that have exited
         self._answers: set[asyncio.Task[None]] = set()
+        self._waking = False
         self.stopping = False
 
     async def start(self, timeout: float = 30) -> None:
@@ -150,6 +156,8 @@ class WorkerPool:
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         fds = [self.sock.fileno(), theirs.fileno()]
+        if index == 0 and self.config.webhooks.endpoints:
+            argv += ["--webhooks"]  # the first worker posts the webhook events
         if self.api_sock is not None and self.api_socket is not None:
             argv += ["--api-fd", str(self.api_sock.fileno()), "--api-socket", str(self.api_socket)]
             fds.append(self.api_sock.fileno())
@@ -203,6 +211,21 @@ class WorkerPool:
         task = asyncio.get_running_loop().create_task(answer())
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
+
+    def wake_webhooks(self) -> None:
+        """The main process wrote webhook events: the first worker posts them (one
+        message per event loop turn, however many were written)."""
+        if self._waking:
+            return
+        self._waking = True
+
+        def send() -> None:
+            self._waking = False
+            first = self.workers.get(0)
+            if first is not None and first.control is not None and not first.control.is_closing():
+                first.control.write(b'{"type": "events"}\n')
+
+        asyncio.get_running_loop().call_soon(send)
 
     def reload(self) -> None:
         """SIGHUP, once the main process has checked the file: each worker reads the
@@ -278,7 +301,12 @@ class _Recording:
 
 
 def _reload(
-    ctx: Any, config: Config, config_path: Path | None, index: int, api: Any = None
+    ctx: Any,
+    config: Config,
+    config_path: Path | None,
+    index: int,
+    api: Any = None,
+    hooks: Any = None,
 ) -> None:
     """The main process checked the configuration file and says to read it again."""
     from gateway.smtp.context import apply_edge, make_edge
@@ -295,9 +323,15 @@ def _reload(
             cert, key = api_cert_paths(new, ctx.hostname)
             server_context(cert, key)  # checked before anything changes
         apply_edge(ctx, new, edge)
+        if hooks is not None:
+            from gateway.webhooks.events import endpoints_of
+
+            endpoints = endpoints_of(new)  # the secrets read before anything changes
         if api is not None:
             api.messages.messages.apply(new)
             api.tls.load_cert_chain(str(cert), str(key))  # for new connections
+        if hooks is not None:
+            hooks.apply(new, endpoints)
     except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
         log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
         return
@@ -343,6 +377,36 @@ async def _serve_api(
     return _Api(server, front, tls)
 
 
+@dataclasses.dataclass
+class _Extras:
+    """What a worker may serve beside SMTP: the API listener's share, and (the
+    first worker) the webhook dispatcher."""
+
+    api: _Api | None
+    hooks: Any  # Dispatcher | None
+
+    async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
+        if self.hooks is not None:
+            await self.hooks.close()
+
+
+async def _post_webhooks(config: Config, metrics: Metrics) -> Any:
+    """The webhook dispatcher of the first worker (`gateway.webhooks.dispatcher`)."""
+    from gateway.probe.dns import Resolver
+    from gateway.storage.stores import Storage
+    from gateway.webhooks.dispatcher import Dispatcher
+    from gateway.webhooks.outbox import Outbox
+
+    storage = Storage(config)
+    outbox = await asyncio.to_thread(lambda: Outbox(storage.open("queue")))
+    resolver = Resolver(config.dns.nameservers)
+    dispatcher = Dispatcher(config, outbox, storage.node_id, metrics, lambda: resolver)
+    dispatcher.start()
+    return dispatcher
+
+
 async def _serve(
     config: Config,
     config_path: Path | None,
@@ -351,6 +415,7 @@ async def _serve(
     index: int,
     api_listen: socket.socket | None = None,
     api_socket: Path | None = None,
+    webhooks: bool = False,
 ) -> None:
     from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
@@ -372,7 +437,10 @@ async def _serve(
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
-    api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send)
+    extras = _Extras(
+        await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send),
+        await _post_webhooks(config, metrics) if webhooks else None,
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -392,7 +460,9 @@ async def _serve(
             with contextlib.suppress(ValueError):
                 message = json.loads(line)
                 if message.get("type") == "reload":
-                    _reload(ctx, config, config_path, index, api)
+                    _reload(ctx, config, config_path, index, extras.api, extras.hooks)
+                elif message.get("type") == "events" and extras.hooks is not None:
+                    extras.hooks.wake()
                 elif message.get("type") == "recorded":
                     recording.recorded(message)
         recording.fail_all()
@@ -400,8 +470,7 @@ async def _serve(
 
     tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
     await stop.wait()
-    if api is not None:
-        await api.stop()
+    await extras.stop()
     await server.stop(grace=10)
     for t in tasks:
         t.cancel()
@@ -421,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--api-fd", type=int, default=None)
     p.add_argument("--api-socket", type=Path, default=None)
+    p.add_argument("--webhooks", action="store_true")
     args = p.parse_args(argv)
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
@@ -431,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
     api = socket.socket(fileno=args.api_fd) if args.api_fd is not None else None
-    asyncio.run(_serve(config, args.config, listen, control, args.index, api, args.api_socket))
+    asyncio.run(
+        _serve(
+            config, args.config, listen, control, args.index, api, args.api_socket, args.webhooks
+        )
+    )
     return 0
 
 

@@ -1,4 +1,6 @@
-"""dispatcher - posts the outbox's events to their endpoints.
+"""dispatcher - posts the outbox's events to their endpoints (in the main process,
+or with ``smtp.workers`` above 1 in the first SMTP worker, which the main process
+wakes over the control socket when it wrote events: the main process delivers).
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
 endpoint), leases them to this node, posts them - several at once, over kept-alive
@@ -68,6 +70,9 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._gauged = 0.0
         self._known: set[str] = set()
+        # set when an SMTP worker process posts the events (smtp.workers > 1): this
+        # one then only writes the portal's events and passes wake-ups on
+        self.remote_wake: Callable[[], None] | None = None
         # one thread for the outbox's connection: the dispatcher's and emit's calls
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhooks")
 
@@ -79,7 +84,7 @@ class Dispatcher:
         rows = Events(tuple(self.endpoints.values())).rows(queue_id, kind, data)
         if rows:
             await self._db(self.outbox.add, rows, self.clock())
-            self._wake.set()
+            self.wake()
 
     def apply(self, config: Config, endpoints: Sequence[Endpoint] | None = None) -> None:
         """The endpoints, their secrets and the retry settings (start, SIGHUP;
@@ -97,7 +102,10 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Events were written (from any thread)."""
-        self._loop.call_soon_threadsafe(self._wake.set)
+        if self.remote_wake is not None:  # posted by a worker process: tell it
+            self._loop.call_soon_threadsafe(self.remote_wake)
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def start(self) -> None:
         self._task = self._loop.create_task(self._run())

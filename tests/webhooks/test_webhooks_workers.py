@@ -1,0 +1,56 @@
+"""With SMTP worker processes the first worker posts the webhook events (the main
+process delivers and wakes it when it wrote some): every event still arrives, signed,
+each message's in order - the portal's too, written by the main process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.webhooks.events import new_secret
+from tests.conftest import free_port, load_test_config, write_config
+from tests.e2e.daemon import Daemon
+from tests.support.webhooks import Receiver
+from tests.support.world import wait_until
+
+
+async def test_the_first_worker_posts_every_event(tmp_path, world, pki):
+    mx = await world.mta("mx.dest.test", "127.0.0.41")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    leaf = pki.ca.issue_cert("hooks.ehr.test")
+    chain, key = tmp_path / "hooks.pem", tmp_path / "hooks.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
+    receiver = await Receiver("127.0.0.91", free_port(), (chain, key)).start()
+    secret = new_secret()
+    (tmp_path / "hook.secret").write_text(secret)
+    endpoint = {
+        "name": "ehr",
+        "url": f"https://hooks.ehr.test:{receiver.port}/hooks",
+        "secret_file": str(tmp_path / "hook.secret"),
+    }
+    path = write_config(
+        tmp_path,
+        world.config({"smtp.workers": 2, "webhooks.endpoints": [endpoint]}),
+    )
+    daemon = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
+    await asyncio.to_thread(daemon.start)
+    try:
+        async with daemon.smtp_client() as client:
+            for i in range(5):
+                await client.sendmail(
+                    "s@clinic.test", [f"r{i}@dest.test"], b"Subject: x\r\n\r\nx\r\n"
+                )
+        await wait_until(lambda: len(mx.received) == 5, timeout=20, what="deliveries")
+        await wait_until(lambda: len(receiver.received) == 10, timeout=20, what="ten events")
+        events = receiver.verified(secret)
+        by_message: dict[str, list[str]] = {}
+        for e in events:
+            by_message.setdefault(e["data"]["queue_id"], []).append(e["type"])
+        assert len(by_message) == 5
+        assert all(kinds == ["accepted", "delivered"] for kinds in by_message.values())
+        log = daemon.log_path.read_text()
+        assert '"worker": 0' in log and '"level": "error"' not in log
+    finally:
+        daemon.kill()
+        await receiver.stop()
