@@ -7,7 +7,9 @@ versions from the ssl module); never from addresses, hosts or message data.  Eac
 
 from __future__ import annotations
 
+import json
 import platform
+import re
 from typing import Any
 
 from prometheus_client import (
@@ -18,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.samples import Sample
 
 from gateway import __version__
 from gateway.events import EncryptionFailure, RejectReason, TlsFailure
@@ -441,22 +444,49 @@ class Metrics:
         }
 
     def render(self, *others: dict[str, float]) -> bytes:
-        """Exposition text, adding the samples of other processes' snapshots."""
+        """Exposition text, adding the samples of other processes' snapshots - those
+        only another process has (a label value only a worker used) too."""
         if not others:
             return generate_latest(self.registry)
         families = list(self.registry.collect())
         for family in families:
+            known = {_sample_key(s.name, s.labels) for s in family.samples}
             family.samples = [
                 s._replace(
                     value=s.value + sum(o.get(_sample_key(s.name, s.labels), 0.0) for o in others)
                 )
                 for s in family.samples
             ]
+            names = {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
+            extra: dict[str, float] = {}
+            for other in others:
+                for key, value in other.items():
+                    if key not in known and key.partition("{")[0] in names:
+                        extra[key] = extra.get(key, 0.0) + value
+            for key, value in sorted(extra.items()):
+                name, labels = _parse_key(key)
+                family.samples.append(Sample(name, labels, value))
         return generate_latest(_Families(families))
 
 
+# the samples of each kind of metric (a counter's "_created" is a time: not summed in)
+_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("_count", "_sum", ""),
+}
+_LABEL = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*")')
+
+
 def _sample_key(name: str, labels: dict[str, str]) -> str:
-    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+    """``name{k="v",...}``, the values JSON-quoted (a value may hold ',' or '=')."""
+    return name + "{" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items())) + "}"
+
+
+def _parse_key(key: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = key.partition("{")
+    return name, {k: json.loads(v) for k, v in _LABEL.findall(rest)}
 
 
 class _Families:

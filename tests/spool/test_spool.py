@@ -202,6 +202,23 @@ def test_metrics_from_other_processes_are_added_to_ours():
     assert "sealgate_spool_messages 3.0" in text
 
 
+def test_samples_only_another_process_has_are_shown_too():
+    """A label value only a worker used (the API's submissions, the first worker's
+    webhook posts) is in the main process's /metrics, its value whole."""
+    from gateway.observability.metrics import Metrics
+
+    main, worker = Metrics(), Metrics()
+    worker.api_requests.labels("submit", "202").inc(7)
+    worker.webhook_posts.labels("ehr", "posted").inc(4)
+    worker.webhook_backlog.labels("a,b=c").set(2)  # a value with ',' and '='
+    main.api_requests.labels("status", "200").inc()
+    text = main.render(worker.snapshot()).decode()
+    assert 'sealgate_api_requests_total{operation="submit",status="202"} 7.0' in text
+    assert 'sealgate_api_requests_total{operation="status",status="200"} 1.0' in text
+    assert 'sealgate_webhook_posts_total{endpoint="ehr",outcome="posted"} 4.0' in text
+    assert 'sealgate_webhook_outbox_events{endpoint="a,b=c"} 2.0' in text
+
+
 async def test_a_failing_commit_fails_alone_in_its_batch(spool):
     def boom() -> int:
         raise OSError("disk on fire")
