@@ -12,8 +12,9 @@ need=""
 # chromium and chromium-driver: the portal tests drive a real headless browser
 # postgresql: the storage contract suites run against a private server of their own
 # prometheus: its promtool checks and unit-tests contrib/prometheus/alerts.yml
+# nginx-light: the webhook receiver of bench/integrations.py (its own instance, on loopback)
 for pkg in gnupg openssl swaks libnet-ssleay-perl postfix chromium chromium-driver postgresql \
-    prometheus; do
+    prometheus nginx-light; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need="$need $pkg"
 done
 "$PY" -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"
@@ -27,10 +28,16 @@ if [ -n "$need" ]; then
     # postfix asks debconf questions; "No configuration" leaves the system MTA off.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get install -y -q --no-install-recommends $need
+    # only promtool and the nginx binary are wanted: the packages' own servers are
+    # not left running
     case "$need" in *prometheus*)
-        # only promtool is wanted: the package's own server is not left running
         if command -v systemctl >/dev/null 2>&1; then
             systemctl disable --now prometheus >/dev/null 2>&1 || true
+        fi
+    esac
+    case "$need" in *nginx*)
+        if command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now nginx >/dev/null 2>&1 || true
         fi
     esac
 fi

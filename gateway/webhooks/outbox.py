@@ -88,6 +88,24 @@ class Outbox:
         ).fetchall()
         return [Pending(*row) for row in rows]
 
+    def take(self, owner: str, now: float, until: float, limit: int = 500) -> list[Pending]:
+        """`due` and `claim` in one statement: the due events this node now holds,
+        oldest first.  The outer lease check is evaluated again on the row another
+        node may have updated meanwhile (PostgreSQL): never both."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE webhook_outbox SET owner = ?, lease_until = ? WHERE id IN ("
+                "SELECT o.id FROM webhook_outbox o WHERE o.state = 'pending' "
+                "AND o.next_try <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) "
+                "AND NOT EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.endpoint = o.endpoint "
+                "AND p.queue_id = o.queue_id AND p.state = 'pending' AND p.id < o.id) "
+                "ORDER BY o.id LIMIT ?) AND state = 'pending' "
+                "AND (lease_until IS NULL OR lease_until < ?) "
+                "RETURNING id, endpoint, event_id, queue_id, type, payload, created, tries",
+                (owner, until, now, now, limit, now),
+            ).fetchall()
+        return sorted((Pending(*row) for row in rows), key=lambda e: e.id)
+
     def claim(self, ids: list[int], owner: str, now: float, until: float) -> set[int]:
         """The events of ``ids`` this node now holds (another may have taken some):
         one statement for them all."""

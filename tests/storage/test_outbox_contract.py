@@ -58,3 +58,17 @@ def test_failed_events_return_at_their_time_and_dropped_ones_are_kept_aside(conn
     assert (dropped["queue_id"], dropped["last_error"], dropped["tries"]) == ("Q2", "HTTP 410", 1)
     outbox.prune(10.0 + 31 * 86400)
     assert outbox.dropped() == []
+
+
+def test_take_is_due_and_claim_in_one(connect):
+    one, two = Outbox(connect()), Outbox(connect())
+    one.add([row("ehr", "Q1", "accepted"), row("ehr", "Q1", "delivered")], 10.0)
+    one.add([row("ehr", "Q2", "accepted")], 11.0)
+    taken = one.take("node-a", 20.0, 140.0)
+    assert [(e.queue_id, e.type) for e in taken] == [("Q1", "accepted"), ("Q2", "accepted")]
+    assert two.take("node-b", 21.0, 141.0) == []  # leased, and Q1's next waits its turn
+    one.settle([taken[0].id], [], [])
+    (following,) = two.take("node-b", 22.0, 142.0)
+    assert (following.queue_id, following.type) == ("Q1", "delivered")
+    two.settle([following.id], [], [])
+    assert [e.queue_id for e in two.take("node-b", 150.0, 270.0)] == ["Q2"]  # node-a silent
