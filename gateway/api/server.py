@@ -108,17 +108,6 @@ def api_tls(config: Config, hostname: str) -> ssl.SSLContext:
     return server_context(*api_cert_paths(config, hostname))
 
 
-def listening_socket(config: Config) -> socket.socket:
-    """The API's listening socket, bound by the main process for the workers."""
-    listen = config.api.listen
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.create_server(
-        (listen.host, listen.port), family=family, backlog=512, reuse_port=False
-    )
-    sock.setblocking(False)
-    return sock
-
-
 class ApiServer:
     def __init__(
         self,

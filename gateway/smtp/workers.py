@@ -44,7 +44,7 @@ from typing import Any
 
 import structlog
 
-from gateway.config import Config, load_config
+from gateway.config import Config, HostPort, load_config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
 from gateway.layout import StateLayout
@@ -69,7 +69,11 @@ def worker_count(config: Config) -> int:
 
 
 def listening_socket(config: Config) -> socket.socket:
-    listen = config.listen.smtp
+    return bind(config.listen.smtp)
+
+
+def bind(listen: HostPort) -> socket.socket:
+    """A listening socket the main process binds and its workers inherit."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.create_server(
         (listen.host, listen.port), family=family, backlog=512, reuse_port=False
@@ -116,9 +120,7 @@ class WorkerPool:
     async def start(self, timeout: float = 30) -> None:
         self.sock = listening_socket(self.config)
         if self.api_socket is not None:
-            from gateway.api.server import listening_socket as api_listening_socket
-
-            self.api_sock = api_listening_socket(self.config)
+            self.api_sock = bind(self.config.api.listen)
         for index in range(self.count):
             await self._spawn(index)
         waits = [asyncio.wait_for(w.ready.wait(), timeout) for w in self.workers.values()]
