@@ -45,6 +45,15 @@ class Lookup:
     error: str = ""
     ttl: int = 0  # of the answer's records
 
+    @property
+    def texts(self) -> list[str]:
+        """TXT records, each one's strings joined without spaces (RFC 7208 3.3,
+        RFC 8461 3.1), undecodable bytes replaced."""
+        return [
+            b"".join(r.strings).decode("ascii", "replace")  # type: ignore[attr-defined]
+            for r in self.records
+        ]
+
 
 class Resolver:
     def __init__(self, nameservers: tuple[NameServer, ...] = (), timeout: float = 5.0):

@@ -397,11 +397,7 @@ class StsCache:
         lookup = await self.resolver.lookup(f"_mta-sts.{domain}", "TXT")
         if lookup.status is LookupStatus.ERROR:
             return None, f"TXT lookup failed ({lookup.error})"
-        texts = [
-            b"".join(r.strings).decode("ascii", "replace")  # type: ignore[attr-defined]
-            for r in lookup.records
-        ]
-        records = [t for t in texts if t.startswith("v=STSv1")]
+        records = [t for t in lookup.texts if t.startswith("v=STSv1")]
         if len(records) != 1:
             return None, f"{len(records)} v=STSv1 TXT records"
         try:

@@ -60,11 +60,7 @@ def dns_key_fetch(resolver: Resolver) -> Fetch:
         lookup = await resolver.lookup(name, "TXT")
         if lookup.status is LookupStatus.ERROR:
             return KeyAnswer(KeyStatus.TEMPORARY)
-        records = [
-            b"".join(rd.strings).decode("ascii", "replace")  # type: ignore[attr-defined]
-            for rd in lookup.records
-        ]
-        records = [r for r in records if "p=" in r]
+        records = [r for r in lookup.texts if "p=" in r]
         if not records:
             return KeyAnswer(KeyStatus.NONE)
         return KeyAnswer(KeyStatus.FOUND, records[0], lookup.ttl)

@@ -209,11 +209,7 @@ class TlsRptService:
         lookup = await self.resolver().lookup(f"_smtp._tls.{domain}", "TXT")
         if lookup.status is LookupStatus.ERROR:
             return None
-        texts = [
-            b"".join(r.strings).decode("ascii", "replace")  # type: ignore[attr-defined]
-            for r in lookup.records
-        ]
-        records = [t for t in texts if t.replace(" ", "").startswith("v=TLSRPTv1;")]
+        records = [t for t in lookup.texts if t.replace(" ", "").startswith("v=TLSRPTv1;")]
         if len(records) != 1:
             return f"{len(records)} v=TLSRPTv1 records at _smtp._tls.{domain}"
         try:
