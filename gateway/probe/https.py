@@ -1,5 +1,4 @@
-"""HTTPS for the gateway's own lookups (MTA-STS policies, WKD keys) and reports
-(TLS-RPT's POST), on
+"""An HTTPS GET for the gateway's own lookups (MTA-STS policies, WKD keys), on
 aiohttp's client: names resolved through the gateway's resolver
 (``dns.nameservers``, never the system's), WebPKI verification (system CAs plus
 ``tls.ca_file``, SNI), no redirects followed (RFC 8461 3.3), no content decoding, a
@@ -67,7 +66,7 @@ async def addresses(host: str, resolver: Resolver) -> list[str]:
     return found
 
 
-class GatewayResolver(AbstractResolver):
+class _GatewayResolver(AbstractResolver):
     """aiohttp's name resolution through the gateway's own resolvers."""
 
     def __init__(self, resolver: Resolver):
@@ -108,58 +107,28 @@ async def get(
     accept: str = "*/*",
 ) -> Response:
     """GET ``https://host:port/path``; the body is read only for status 200."""
-    return await request("GET", host, path, port, resolver, ctx, max_bytes, accept)
-
-
-async def post(
-    host: str,
-    path: str,
-    port: int,
-    resolver: Resolver,
-    ctx: ssl.SSLContext,
-    body: bytes,
-    content_type: str,
-) -> Response:
-    """POST ``body`` to ``https://host:port/path``; the answer's body is not read."""
-    return await request("POST", host, path, port, resolver, ctx, 0, "*/*", body, content_type)
-
-
-async def request(
-    method: str,
-    host: str,
-    path: str,
-    port: int,
-    resolver: Resolver,
-    ctx: ssl.SSLContext,
-    max_bytes: int,
-    accept: str = "*/*",
-    body: bytes | None = None,
-    content_type: str = "",
-) -> Response:
     if not await addresses(host, resolver):
         raise FetchError(f"{host} has no address")
     connector = aiohttp.TCPConnector(
-        resolver=GatewayResolver(resolver), ssl=ctx, use_dns_cache=False, force_close=True
+        resolver=_GatewayResolver(resolver), ssl=ctx, use_dns_cache=False, force_close=True
     )
     url = URL(f"https://{host}:{port}{path}", encoded=True)  # path and query as given
     headers = {"User-Agent": "sealgate", "Accept": accept, "Accept-Encoding": "identity"}
-    if content_type:
-        headers["Content-Type"] = content_type
     try:
         async with (
             aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
-            session.request(method, url, headers=headers, data=body, allow_redirects=False) as r,
+            session.get(url, headers=headers, allow_redirects=False) as r,
         ):
-            if r.status != 200 or method != "GET":
+            if r.status != 200:
                 return Response(r.status, _lower(r.headers), b"")
             if r.content_length is not None and r.content_length > max_bytes:
                 raise FetchError(f"{host}: larger than {max_bytes} bytes")
-            content = bytearray()
+            body = bytearray()
             async for chunk in r.content.iter_chunked(16384):
-                content += chunk
-                if len(content) > max_bytes:
+                body += chunk
+                if len(body) > max_bytes:
                     raise FetchError(f"{host}: larger than {max_bytes} bytes")
-            return Response(r.status, _lower(r.headers), bytes(content))
+            return Response(r.status, _lower(r.headers), bytes(body))
     except aiohttp.ClientSSLError as e:  # a certificate failure: no other address is tried
         raise FetchError(f"TLS with {host} failed: {e}", certificate=True) from None
     except (aiohttp.ClientError, OSError) as e:

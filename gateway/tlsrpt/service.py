@@ -54,6 +54,7 @@ from gateway.tlsrpt.model import (
     sts_policy,
 )
 from gateway.tlsrpt.store import KEEP_DAYS, TlsRptStore
+from gateway.webhooks import http
 
 log = get_logger("gateway.tlsrpt")
 
@@ -317,29 +318,24 @@ class TlsRptService:
         return results
 
     async def _post(self, url: str, compressed: bytes) -> str:
-        """POST the report; "posted", or why not."""
-        parts = urllib.parse.urlsplit(url)
-        if not parts.hostname:
-            return "no host in the URL"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        """POST the report (the webhooks' HTTP client, one connection); "posted", or
+        why not."""
         try:
-            async with asyncio.timeout(POST_TIMEOUT):
-                response = await https.post(
-                    parts.hostname,
-                    path,
-                    parts.port or 443,
-                    self.resolver(),
-                    https.client_context(self.config.tls.ca_file),
-                    compressed,
-                    REPORT_MEDIA_TYPE,
-                )
+            endpoint = http.Endpoint(
+                url, https.client_context(self.config.tls.ca_file), self.resolver(), size=0
+            )
+        except ValueError as e:
+            return str(e)
+        headers = {"Content-Type": REPORT_MEDIA_TYPE, "User-Agent": "sealgate"}
+        try:
+            status = await endpoint.post(compressed, headers, POST_TIMEOUT)
         except TimeoutError:
             return f"no answer within {POST_TIMEOUT:g} s"
-        except https.FetchError as e:
+        except http.HttpError as e:
             return str(e)[:300]
-        if 200 <= response.status < 300:
-            return "posted"
-        return f"HTTP {response.status}"
+        finally:
+            await endpoint.close()
+        return "posted" if 200 <= status < 300 else f"HTTP {status}"
 
     def _archive(self, domain: str, day: str, report_id: str, compressed: bytes) -> str | None:
         """Journal a report that goes by HTTPS (a mailed one is journaled by the
