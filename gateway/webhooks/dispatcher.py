@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.config import Config
@@ -45,12 +43,6 @@ CONCURRENCY = 16
 IDLE_WAIT = 1.0
 ROUND_GAP = 0.05
 GAUGE_INTERVAL = 15.0
-
-
-@dataclass
-class _Pool:
-    url: str
-    endpoint: http.Endpoint
 
 
 class Dispatcher:
@@ -96,10 +88,10 @@ class Dispatcher:
         self.schedule = config.webhooks.retry_schedule
         self.max_age = config.webhooks.max_age
         self._ctx = https.client_context(config.tls.ca_file)
-        old: dict[str, _Pool] = getattr(self, "_pools", {})
-        self._pools: dict[str, _Pool] = {}
+        old: dict[str, http.Endpoint] = getattr(self, "_pools", {})
+        self._pools: dict[str, http.Endpoint] = {}
         for pool in old.values():  # made under the old settings (CA file, resolvers)
-            pool.endpoint.close_soon()
+            pool.close_soon()
 
     def wake(self) -> None:
         """Events were written (from any thread)."""
@@ -117,7 +109,7 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for pool in self._pools.values():
-            await pool.endpoint.close()
+            await pool.close()
         await self._db(self.outbox.close)
         self._thread.shutdown(wait=True)
 
@@ -200,11 +192,11 @@ class Dispatcher:
         }
         pool = self._pools.get(endpoint.name)
         if pool is None or pool.url != endpoint.url:
-            pool = self._pools[endpoint.name] = _Pool(
-                endpoint.url, http.Endpoint(endpoint.url, self._ctx, self.resolver())
+            pool = self._pools[endpoint.name] = http.Endpoint(
+                endpoint.url, self._ctx, self.resolver()
             )
         try:
-            status = await pool.endpoint.post(body, headers, POST_TIMEOUT)
+            status = await pool.post(body, headers, POST_TIMEOUT)
         except TimeoutError:
             return f"no answer within {POST_TIMEOUT:g} s"
         except http.HttpError as e:
@@ -220,14 +212,3 @@ class Dispatcher:
             age = max(0.0, now - oldest) if oldest is not None else 0.0
             self.metrics.webhook_oldest.labels(name).set(age)
         self._known |= set(backlog) | set(self.endpoints)
-
-
-def describe(event: Pending) -> dict[str, Any]:
-    """An event as ``sealgate webhooks`` lists it (its payload decoded)."""
-    return {
-        "endpoint": event.endpoint,
-        "event_id": event.event_id,
-        "type": event.type,
-        "tries": event.tries,
-        "payload": json.loads(event.payload),
-    }

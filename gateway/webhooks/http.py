@@ -47,6 +47,7 @@ class Endpoint:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"{url!r} is not an https:// URL")
+        self.url = url
         self.host = parts.hostname
         self.port = parts.port or 443
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -46,6 +46,17 @@ INSERT = (
 
 DROPPED_KEPT = 30 * 86400
 
+_COLUMNS = "id, endpoint, event_id, queue_id, type, payload, created, tries"
+# the ids of the due events: pending, due by now, not leased, the oldest of their
+# message and endpoint (parameters: now, now, limit)
+_DUE = (
+    "SELECT o.id FROM webhook_outbox o WHERE o.state = 'pending' AND o.next_try <= ? "
+    "AND (o.lease_until IS NULL OR o.lease_until < ?) AND NOT EXISTS ("
+    "SELECT 1 FROM webhook_outbox p WHERE p.endpoint = o.endpoint "
+    "AND p.queue_id = o.queue_id AND p.state = 'pending' AND p.id < o.id) "
+    "ORDER BY o.id LIMIT ?"
+)
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -76,50 +87,25 @@ class Outbox:
 
     def due(self, now: float, limit: int = 200) -> list[Pending]:
         """The oldest pending event of each message and endpoint, when due and not
-        leased to a node."""
+        leased to a node (`take` leases them)."""
         rows = self.db.execute(
-            "SELECT id, endpoint, event_id, queue_id, type, payload, created, tries "
-            "FROM webhook_outbox o WHERE state = 'pending' AND next_try <= ? "
-            "AND (lease_until IS NULL OR lease_until < ?) AND NOT EXISTS ("
-            "SELECT 1 FROM webhook_outbox p WHERE p.endpoint = o.endpoint "
-            "AND p.queue_id = o.queue_id AND p.state = 'pending' AND p.id < o.id) "
-            "ORDER BY id LIMIT ?",
+            f"SELECT {_COLUMNS} FROM webhook_outbox WHERE id IN ({_DUE}) ORDER BY id",  # noqa: S608 - constants and placeholders
             (now, now, limit),
         ).fetchall()
         return [Pending(*row) for row in rows]
 
     def take(self, owner: str, now: float, until: float, limit: int = 500) -> list[Pending]:
-        """`due` and `claim` in one statement: the due events this node now holds,
-        oldest first.  The outer lease check is evaluated again on the row another
-        node may have updated meanwhile (PostgreSQL): never both."""
+        """The due events (`due`), leased to this node, in one statement, oldest
+        first.  The outer lease check is evaluated again on the row another node may
+        have updated meanwhile (PostgreSQL): never both."""
         with self.db.transaction():
             rows = self.db.execute(
-                "UPDATE webhook_outbox SET owner = ?, lease_until = ? WHERE id IN ("
-                "SELECT o.id FROM webhook_outbox o WHERE o.state = 'pending' "
-                "AND o.next_try <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) "
-                "AND NOT EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.endpoint = o.endpoint "
-                "AND p.queue_id = o.queue_id AND p.state = 'pending' AND p.id < o.id) "
-                "ORDER BY o.id LIMIT ?) AND state = 'pending' "
-                "AND (lease_until IS NULL OR lease_until < ?) "
-                "RETURNING id, endpoint, event_id, queue_id, type, payload, created, tries",
+                f"UPDATE webhook_outbox SET owner = ?, lease_until = ? WHERE id IN ({_DUE}) "  # noqa: S608 - constants and placeholders
+                "AND state = 'pending' AND (lease_until IS NULL OR lease_until < ?) "
+                f"RETURNING {_COLUMNS}",
                 (owner, until, now, now, limit, now),
             ).fetchall()
         return sorted((Pending(*row) for row in rows), key=lambda e: e.id)
-
-    def claim(self, ids: list[int], owner: str, now: float, until: float) -> set[int]:
-        """The events of ``ids`` this node now holds (another may have taken some):
-        one statement for them all."""
-        if not ids:
-            return set()
-        marks = ",".join("?" * len(ids))
-        with self.db.transaction():
-            rows = self.db.execute(
-                "UPDATE webhook_outbox SET owner = ?, lease_until = ? "  # noqa: S608 - placeholders only
-                f"WHERE id IN ({marks}) AND state = 'pending' "
-                "AND (lease_until IS NULL OR lease_until < ?) RETURNING id",
-                (owner, until, *ids, now),
-            ).fetchall()
-        return {int(r[0]) for r in rows}
 
     def settle(
         self,

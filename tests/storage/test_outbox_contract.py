@@ -37,18 +37,17 @@ def test_a_claimed_event_is_one_nodes_until_its_lease_ends(connect):
     one, two = Outbox(connect()), Outbox(connect())
     one.add([row("ehr", "Q1", "accepted")], 10.0)
     (event,) = one.due(20.0)
-    assert one.claim([event.id], "node-a", 20.0, 140.0) == {event.id}
-    assert two.claim([event.id], "node-b", 21.0, 141.0) == set()
+    assert [e.id for e in one.take("node-a", 20.0, 140.0)] == [event.id]
+    assert two.take("node-b", 21.0, 141.0) == []
     assert two.due(21.0) == []  # leased
     assert [e.id for e in two.due(150.0)] == [event.id]  # node-a went silent
-    assert two.claim([event.id], "node-b", 150.0, 270.0) == {event.id}
+    assert [e.id for e in two.take("node-b", 150.0, 270.0)] == [event.id]
 
 
 def test_failed_events_return_at_their_time_and_dropped_ones_are_kept_aside(connect):
     outbox = Outbox(connect())
     outbox.add([row("ehr", "Q1", "accepted"), row("ehr", "Q2", "accepted")], 10.0)
-    first, second = outbox.due(20.0)
-    outbox.claim([first.id, second.id], "node-a", 20.0, 140.0)
+    first, second = outbox.take("node-a", 20.0, 140.0)
     outbox.settle([], [(first.id, 60.0, "HTTP 503")], [(second.id, "HTTP 410")])
     assert outbox.due(30.0) == []
     (again,) = Outbox(connect()).due(61.0)
