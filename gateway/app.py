@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from gateway.api.server import ApiServer
+from gateway.api.server import ApiServer, api_tls
 from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
@@ -54,7 +54,7 @@ from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
 from gateway.spool.submit import Submitter
 from gateway.storage.stores import Storage
-from gateway.tls import ensure_self_signed, not_after, server_context
+from gateway.tls import ensure_self_signed, listener_pair, not_after, server_context
 from gateway.tlsrpt.service import TlsRptService
 from gateway.webhooks.dispatcher import Dispatcher
 from gateway.webhooks.events import Events, endpoints_of
@@ -291,7 +291,7 @@ class Gateway:
             self.messages_api.portal = self.portal
             self.api = ApiServer(
                 cfg.api.listen,
-                self._api_tls(),
+                api_tls(self.config, self.hostname),
                 self.archive_api,
                 self.messages_api,
                 cfg.smtp.max_message_size,
@@ -422,20 +422,11 @@ class Gateway:
         pc = self.config.portal
         return server_context(*self._cert_and_key(self.config, pc.cert_file, pc.key_file))
 
-    def _api_tls(self) -> ssl.SSLContext:
-        """The API's HTTPS: its own certificate, else the SMTP listener's."""
-        ac = self.config.api
-        return server_context(*self._cert_and_key(self.config, ac.cert_file, ac.key_file))
-
     def _cert_and_key(
         self, config: Config, cert: Path | None, key: Path | None
     ) -> tuple[Path, Path]:
         """A listener's own pair, else the SMTP listener's, else the self-signed one."""
-        if cert is None or key is None:
-            cert, key = config.tls.cert_file, config.tls.key_file
-        if cert is None or key is None:
-            cert, key, _ = ensure_self_signed(config.state_dir, self.hostname)
-        return cert, key
+        return listener_pair(config, self.hostname, cert, key)
 
     def render_metrics(self) -> bytes:
         if self.workers is not None:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.config import Config
 from gateway.durable import write_file
 from gateway.layout import StateLayout
 
@@ -69,6 +70,18 @@ def ensure_self_signed(state_dir: Path, hostname: str) -> tuple[Path, Path, bool
     write_file(key_path, key_pem, 0o600)
     write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path, True
+
+
+def listener_pair(
+    config: Config, hostname: str, cert: Path | None, key: Path | None
+) -> tuple[Path, Path]:
+    """A listener's certificate and key: its own pair, else the SMTP listener's, else
+    the self-signed one (made if missing)."""
+    if cert is None or key is None:
+        cert, key = config.tls.cert_file, config.tls.key_file
+    if cert is None or key is None:
+        cert, key, _ = ensure_self_signed(config.state_dir, hostname)
+    return cert, key
 
 
 def server_context(

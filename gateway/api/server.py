@@ -90,16 +90,10 @@ class ServerLog(logging.Logger):
 
 
 def api_cert_paths(config: Config, hostname: str) -> tuple[Path, Path]:
-    """The API's certificate and key: its own, else the SMTP listener's, else the
-    self-signed one."""
-    from gateway.tls import ensure_self_signed
+    """The API's certificate and key (`gateway.tls.listener_pair`)."""
+    from gateway.tls import listener_pair
 
-    cert, key = config.api.cert_file, config.api.key_file
-    if cert is None or key is None:
-        cert, key = config.tls.cert_file, config.tls.key_file
-    if cert is None or key is None:
-        cert, key, _ = ensure_self_signed(config.state_dir, hostname)
-    return cert, key
+    return listener_pair(config, hostname, config.api.cert_file, config.api.key_file)
 
 
 def api_tls(config: Config, hostname: str) -> ssl.SSLContext:
