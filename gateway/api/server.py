@@ -50,6 +50,8 @@ class Request:
     body: bytes
     peer: str
     query_string: str = ""  # as sent (a name given twice: both)
+    tls_version: str | None = None  # of the connection (not of a forwarded request)
+    tls_cipher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ class ApiServer:
             peer = headers.pop(PEER_HEADER, "")
         else:
             headers.pop(PEER_HEADER, None)
+        sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+        cipher = sslobj.cipher() if sslobj is not None else None
         ours = Request(
             request.method,
             request.rel_url.raw_path,
@@ -186,6 +190,8 @@ class ApiServer:
             body,
             peer,
             request.rel_url.raw_query_string,
+            sslobj.version() if sslobj is not None else None,
+            cipher[0] if cipher else None,
         )
         answer = await asyncio.wait_for(handler(ours), HANDLER_TIMEOUT)
         headers = {

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import email.utils
 import hashlib
 import json
 import time
@@ -51,6 +50,7 @@ from gateway.queue.store import QueueStore
 from gateway.smtp.context import make_binding
 from gateway.smtp.data import DataProblem, MessageScanner
 from gateway.smtp.passphrase import PassphraseFilter
+from gateway.smtp.server import received_header
 from gateway.spool import Spool
 from gateway.spool.store import is_queue_id
 from gateway.spool.submit import Submitter
@@ -376,15 +376,13 @@ class MessagesApi:
             ip=request.peer,
             port=0,
             helo="api",
-            tls_version=request.headers.get("x-sealgate-tls-version") or None,
+            tls_version=request.tls_version,
+            tls_cipher=request.tls_cipher,
             authorized_by="api-key",
             auth_user=caller.name,
         )
-        trace = (
-            f"Received: from api (unknown [{request.peer}])\r\n\tby {self.hostname} (Sealgate)"
-            f"\r\n\twith HTTPS id {queue_id};\r\n\t{_rfc5322_date(now)}\r\n"
-            f"{self.config.smtp.marker_header}: {self.hostname}\r\n"
-        )
+        trace = received_header(client, self.hostname, queue_id, False, False, now, "HTTPS")
+        trace += f"{self.config.smtp.marker_header}: {self.hostname}\r\n"
         started = time.perf_counter()
         try:
             envelope = await submission.commit(
@@ -557,7 +555,3 @@ class MessagesApi:
 
 def _ascii(composed: Composed) -> bool:
     return composed.sender.isascii() and all(r.isascii() for r in composed.recipients)
-
-
-def _rfc5322_date(when: datetime.datetime) -> str:
-    return email.utils.format_datetime(when)

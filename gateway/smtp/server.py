@@ -624,13 +624,16 @@ def received_header(
     esmtp: bool,
     authenticated: bool,
     when: datetime.datetime,
+    protocol: str | None = None,
 ) -> str:
-    """Our Received trace field (RFC 5321 4.4), protocol names per RFC 3848."""
+    """Our Received trace field (RFC 5321 4.4), protocol names per RFC 3848 (or
+    ``protocol``: the message API's HTTPS)."""
     proto = "ESMTP" if esmtp else "SMTP"
     if client.tls_version:
         proto += "S"
     if authenticated:
         proto += "A"
+    proto = protocol or proto
     helo = "".join(c for c in client.helo if 32 < ord(c) < 127 and c not in "()\\")[:255]
     ip = f"IPv6:{client.ip}" if ":" in client.ip else client.ip
     header = f"Received: from {helo or 'unknown'} (unknown [{ip}])\r\n\tby {hostname} (Sealgate)"
