@@ -347,7 +347,6 @@ class QueueManager:
         added = self.store.add(envelope, lease=lease, data=data if self.node else None, fresh=fresh)
         if added and (events := self.webhooks.accepted(envelope)):
             self.store.add_events(events, time.time())  # in the same transaction
-            self.events_written()
         return added
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -438,6 +437,8 @@ class QueueManager:
             return
         if data is not None:
             self._cache_put(recorded, data)
+        if added and self.webhooks:
+            self.events_written()  # committed now: the dispatcher can see them
         if added and self.archive is not None:
             self.archive.journal(recorded, data)
         if lease and added:
