@@ -448,24 +448,25 @@ class Metrics:
         only another process has (a label value only a worker used) too."""
         if not others:
             return generate_latest(self.registry)
+        # the others' samples summed once, by sample name: name -> key -> value
+        totals: dict[str, dict[str, float]] = {}
+        for other in others:
+            for key, value in other.items():
+                by_key = totals.setdefault(key.partition("{")[0], {})
+                by_key[key] = by_key.get(key, 0.0) + value
         families = list(self.registry.collect())
         for family in families:
-            known = {_sample_key(s.name, s.labels) for s in family.samples}
-            family.samples = [
+            samples = [
                 s._replace(
-                    value=s.value + sum(o.get(_sample_key(s.name, s.labels), 0.0) for o in others)
+                    value=s.value + totals.get(s.name, {}).pop(_sample_key(s.name, s.labels), 0.0)
                 )
                 for s in family.samples
             ]
-            names = {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
-            extra: dict[str, float] = {}
-            for other in others:
-                for key, value in other.items():
-                    if key not in known and key.partition("{")[0] in names:
-                        extra[key] = extra.get(key, 0.0) + value
-            for key, value in sorted(extra.items()):
-                name, labels = _parse_key(key)
-                family.samples.append(Sample(name, labels, value))
+            for suffix in _SUFFIXES.get(family.type, ("",)):  # what only the others have
+                name = family.name + suffix
+                for key, value in sorted(totals.pop(name, {}).items()):
+                    samples.append(Sample(name, _parse_key(key)[1], value))
+            family.samples = samples
         return generate_latest(_Families(families))
 
 
