@@ -265,6 +265,7 @@ async def main(seed: int, scale: float) -> dict[str, Any]:
                 "listen": {"smtp": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"},
                 "portal": {"listen": f"127.0.0.1:{free_port()}"},
                 "api": {"listen": f"127.0.0.1:{free_port()}"},
+                "console": {"listen": f"127.0.0.1:{free_port()}"},
                 "smtp": {"hostname": "gw.sealgate.test"},
                 "relay": {"networks": ["127.0.0.0/8"]},
                 "dns": {"nameservers": [dns.nameserver]},

@@ -29,6 +29,7 @@ from gateway.archive.service import ArchiveService, open_archive
 from gateway.config import Config, HostPort, load_config
 from gateway.config_check import check_references
 from gateway.config_check import warnings as config_warnings
+from gateway.console.server import ConsoleServer
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.delivery.attempt import DeliveryAgent
 from gateway.errors import ConfigError
@@ -93,6 +94,7 @@ class Gateway:
         self.archive_api: ArchiveApi | None = None
         self.messages_api: MessagesApi | None = None
         self.portal: Portal | None = None
+        self.console: ConsoleServer | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -182,6 +184,8 @@ class Gateway:
             await self.smtp.start()
         self.smtp_address = self._listening_at()
         await self._start_http()
+        if cfg.console.enabled:
+            await self._start_console()
         self._note_certificates()
         assert self.http is not None
         log.info(
@@ -190,6 +194,7 @@ class Gateway:
             http=str(HostPort(*self.http.address)),
             api=str(HostPort(*self.api.address)) if self.api is not None else None,
             portal=str(HostPort(*self.portal.address)) if self.portal is not None else None,
+            console=str(HostPort(*self.console.address)) if self.console is not None else None,
             hostname=self.hostname,
             workers=worker_count(cfg),
         )
@@ -306,6 +311,20 @@ class Gateway:
         self.http = OpsHttpServer(cfg.listen.http, self.render_metrics, self.readiness)
         await self.http.start()
 
+    async def _start_console(self) -> None:
+        """The compliance console's listener (it reads the archive: none without one)."""
+        cfg = self.config
+        if not cfg.archive.enabled:
+            log.warning(
+                Event.CONFIG_WARNING, warning="console.enabled: there is no archive to show"
+            )
+            return
+        self.console = ConsoleServer(cfg, self.hostname, self._explain)
+        cc = cfg.console
+        await self.console.start(
+            server_context(*self._cert_and_key(cfg, cc.cert_file, cc.key_file))
+        )
+
     def _listening_at(self) -> tuple[str, int]:
         """Where the SMTP listener listens (the port taken, when it names port 0)."""
         if self.workers is not None:
@@ -322,9 +341,10 @@ class Gateway:
         Applied to what starts afterwards, no connection dropped: the policy file and
         the delivery settings (routes, smart host, CA file, resolvers, timeouts), the
         DKIM and S/MIME/PGP signing keys, the TLS certificates and keys of the SMTP
-        listener, the portal and the API (renewals), the relay rules and the tenant
-        binding (in every SMTP worker too), the archive API's tokens, TLS-RPT's
-        organization and contact, the webhook endpoints and their secrets.  Listener
+        listener, the portal, the API and the console (renewals), the relay rules and
+        the tenant binding (in every SMTP worker too), the archive API's tokens, the
+        console's providers, role mapping and timeouts, TLS-RPT's organization and
+        contact, the webhook endpoints and their secrets.  Listener
         addresses, the state directory, worker counts, turning TLS-RPT on or off
         and webhooks from none to some need a restart.  A bad file
         is reported (file, line, key or the file that fails) and changes nothing: the
@@ -359,6 +379,8 @@ class Gateway:
             self.messages_api.apply(new)
         if self.tlsrpt is not None:
             self.tlsrpt.apply(new)
+        if self.console is not None:
+            self.console.apply(new)
         if self.webhooks is not None and self.queue is not None:
             self.webhooks.apply(new, endpoints)
             self.queue.webhooks = Events(endpoints)
@@ -370,7 +392,8 @@ class Gateway:
         ``new`` names, each pair checked on a scratch context first (a live context
         that failed half-way would serve a certificate without its key)."""
         out = []
-        for server, section in ((self.portal, new.portal), (self.api, new.api)):
+        servers = ((self.portal, new.portal), (self.api, new.api), (self.console, new.console))
+        for server, section in servers:
             live = getattr(server, "tls", None)
             if live is None:
                 continue
@@ -389,6 +412,10 @@ class Gateway:
             uses["portal"] = self._cert_and_key(cfg, cfg.portal.cert_file, cfg.portal.key_file)[0]
         if self.api is not None:
             uses["api"] = self._cert_and_key(cfg, cfg.api.cert_file, cfg.api.key_file)[0]
+        if self.console is not None:
+            uses["console"] = self._cert_and_key(cfg, cfg.console.cert_file, cfg.console.key_file)[
+                0
+            ]
         uses["smime_signing"] = cfg.smime.signing_cert_file
         for use, path in uses.items():
             if path is None:
@@ -460,6 +487,8 @@ class Gateway:
             await self.smtp.stop(grace)
         if self.portal is not None:
             await self.portal.stop()
+        if self.console is not None:
+            await self.console.stop()
         if self.api is not None:
             await self.api.stop()
         if self.queue is not None:

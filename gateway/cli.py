@@ -13,6 +13,7 @@
     sealgate portal list [--json] | revoke ID...
     sealgate api key NAME --scopes SCOPES [--expires YYYY-MM-DD]
     sealgate webhooks secret | status [--json]
+    sealgate console user add NAME --role ROLE | reset NAME | disable NAME | list
     sealgate tlsrpt show [--day YYYY-MM-DD] [--domain DOMAIN]
     sealgate hash-password            (reads the password from standard input)
     sealgate hash-address ADDRESS     (the hash that logs show for ADDRESS)
@@ -44,6 +45,7 @@ from gateway.archive import cli as archive_cli
 from gateway.config import Config, load_config
 from gateway.config_check import check_references
 from gateway.config_check import warnings as config_warnings
+from gateway.console import cli as console_cli
 from gateway.errors import ConfigError, SpoolError
 from gateway.layout import StateLayout
 from gateway.model import Envelope
@@ -132,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     tlsrpt_cli.add_parsers(sub, with_config)
     webhooks_cli.add_parsers(sub, with_config)
     api_cli.add_parsers(sub, with_config)
+    console_cli.add_parsers(sub, with_config)
     sub.add_parser("hash-password", help="hash a password for relay.users_file")
     ha = with_config(sub.add_parser("hash-address", help="the log hash of an address"))
     ha.add_argument("address")
@@ -232,6 +235,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - the table of sub
         return tlsrpt_cli.run(config, args)
     if args.command == "webhooks":
         return webhooks_cli.run(config, args)
+    if args.command == "console":
+        return console_cli.run(config, args)
     if args.command == "queue":
         if args.queue_command == "list":
             return _queue_list(config, args)

@@ -976,6 +976,105 @@ class OidcProviderConfig:
     )
 
 
+CONSOLE_ROLES = ("auditor", "investigator", "admin")
+
+
+@dataclass(frozen=True)
+class RoleClaimConfig:
+    claim: str = field(
+        metadata=doc("The ID token claim, e.g. 'roles' (Entra app roles) or 'groups'.")
+    )
+    value: str = field(
+        metadata=doc("The value that grants the role (a claim holding a list: one of them).")
+    )
+    role: Literal["auditor", "investigator", "admin"] = field(
+        metadata=doc("The role it grants: auditor, investigator or admin.")
+    )
+    provider: str | None = field(
+        default=None, metadata=doc("Only for this provider (its name). null: any of them.")
+    )
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=doc(
+            "Run the compliance console: a web application where compliance officers "
+            "search the archive, read a message's decisions and evidence, place holds and "
+            "build exports. Every look is recorded in the archive's access record."
+        ),
+    )
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 10445),
+        metadata=doc(
+            "Where the console listens, HTTPS only. Keep it on loopback or a management network."
+        ),
+    )
+    base_url: str | None = field(
+        default=None,
+        metadata=doc(
+            "The console's address as its users reach it, e.g. "
+            "'https://sealgate-console.example.org' (the OpenID Connect redirect URI is "
+            "<base_url>/oidc/callback). null: https://<listen>."
+        ),
+    )
+    cert_file: Path | None = field(
+        default=None,
+        metadata=doc("PEM certificate chain for the console's HTTPS. null: tls.cert_file."),
+    )
+    key_file: Path | None = field(
+        default=None, metadata=doc("Its private key (PEM). null: tls.key_file.")
+    )
+    idle_timeout: Duration = field(
+        default=Duration(900),
+        metadata=doc("A session ends after this long without a request (HIPAA automatic logoff)."),
+    )
+    session_lifetime: Duration = field(
+        default=Duration(12 * 3600),
+        metadata=doc("A session ends this long after sign-in, however active."),
+    )
+    max_failures: int = field(
+        default=5,
+        metadata=doc(
+            "Failed sign-ins (wrong password or code) in a row before a local account is "
+            "locked for 'lockout'."
+        ),
+    )
+    lockout: Duration = field(
+        default=Duration(900), metadata=doc("How long a locked local account stays locked.")
+    )
+    local_accounts: bool = field(
+        default=True,
+        metadata=doc(
+            "Allow local accounts (Argon2id password and TOTP code; 'sealgate console user "
+            "add'): for small sites and break-glass access when the identity provider is "
+            "down. false: only oidc_providers sign in."
+        ),
+    )
+    oidc_providers: tuple[OidcProviderConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "OpenID Connect providers the organisation's people sign in with, each {name, "
+            "issuer, client_id, client_secret_file, label, domains}: Microsoft Entra ID "
+            "(a single-tenant issuer, https://login.microsoftonline.com/<tenant id>/v2.0), "
+            "Google Workspace, any OIDC issuer. The redirect URI to register is "
+            "<base_url>/oidc/callback. domains, if set: the token must carry a verified "
+            "email within them. The person's roles come from role_claims."
+        ),
+    )
+    role_claims: tuple[RoleClaimConfig, ...] = field(
+        default=(),
+        metadata=doc(
+            "How an ID token's claims grant console roles, as a list of {claim, value, "
+            "role, provider}, e.g. {claim: roles, value: Sealgate.Auditor, role: auditor}. "
+            "Roles: 'auditor' (metadata, evidence, proofs, access record), "
+            "'investigator' (also content and exports), 'admin' (also holds, retention "
+            "and purge preview; no content). A person with no role is refused."
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = field(
@@ -1211,6 +1310,7 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -1239,6 +1339,7 @@ _POSITIVE_INTS = {
     "portal.max_code_attempts",
     "portal.requests_per_minute",
     "archive.retention_floor_days",
+    "console.max_failures",
 }
 _DOMAIN = re.compile(
     r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -1272,14 +1373,14 @@ def _check_value(path: str, value: Any) -> None:  # noqa: C901 - one check per o
     if path == "portal.colour" and not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
         raise ValueError(f"{value!r} is not a colour (#rrggbb)")
     if (
-        path == "portal.base_url"
+        path in ("portal.base_url", "console.base_url")
         and value is not None
         and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value)
     ):
         raise ValueError(f"{value!r} is not an http(s) URL without query")
     if path.endswith(".token_sha256") and not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ValueError("must be 64 lower-case hex digits (sealgate archive token)")
-    if path.startswith("portal.oidc_providers["):
+    if path.startswith(("portal.oidc_providers[", "console.oidc_providers[")):
         _check_oidc(path.rpartition(".")[2], value)
     if path == "portal.passphrase_header" and not _HEADER_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid header field name")
@@ -1546,6 +1647,7 @@ def _check_pairs(config: Config, where: _Located, source: str) -> None:
             source,
             where.line("portal.oidc_providers"),
         )
+    _check_console(config, where, source)
     hooks = [e.name for e in config.webhooks.endpoints]
     if len(set(hooks)) != len(hooks):
         raise ConfigError(
@@ -1570,7 +1672,13 @@ def _check_pairs(config: Config, where: _Located, source: str) -> None:
             source,
             where.line("storage.blobs"),
         )
-    for prefix, section in (("tls", config.tls), ("portal", config.portal), ("api", config.api)):
+    sections = (
+        ("tls", config.tls),
+        ("portal", config.portal),
+        ("api", config.api),
+        ("console", config.console),
+    )
+    for prefix, section in sections:
         if (section.cert_file is None) != (section.key_file is None):
             key = f"{prefix}.key_file" if section.key_file is None else f"{prefix}.cert_file"
             raise ConfigError(
@@ -1579,6 +1687,40 @@ def _check_pairs(config: Config, where: _Located, source: str) -> None:
                 source,
                 where.line(key),
             )
+
+
+def _check_console(config: Config, where: _Located, source: str) -> None:
+    console = config.console
+    names = [p.name for p in console.oidc_providers]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            "console.oidc_providers",
+            "two providers have the same name",
+            source,
+            where.line("console.oidc_providers"),
+        )
+    for i, rule in enumerate(console.role_claims):
+        if rule.provider is not None and rule.provider not in names:
+            key = f"console.role_claims[{i}].provider"
+            raise ConfigError(
+                key, f"{rule.provider!r} is not in console.oidc_providers", source, where.line(key)
+            )
+    if console.enabled and not console.local_accounts and not names:
+        raise ConfigError(
+            "console.local_accounts",
+            "with local accounts off, console.oidc_providers must name a provider "
+            "(else nobody can sign in)",
+            source,
+            where.line("console.local_accounts"),
+        )
+    if names and not console.role_claims:
+        raise ConfigError(
+            "console.role_claims",
+            "console.oidc_providers are set but no role_claims grant a role (nobody "
+            "signing in with them would get one)",
+            source,
+            where.line("console.role_claims"),
+        )
 
 
 def load_config(path: Path | None) -> Config:

@@ -63,6 +63,10 @@ class Event(enum.StrEnum):
     ARCHIVE_ERROR = "archive.error"
     ARCHIVE_NOT_REMOVED = "archive.spool-file-kept"
     ARCHIVE_ACCESS = "archive.access"
+    # compliance console
+    CONSOLE_SIGNIN = "console.signin"
+    CONSOLE_ERROR = "console.error"
+    CONSOLE_USER = "console.user"
     # portal
     PORTAL_DEPOSITED = "portal.deposited"
     PORTAL_ACCESS = "portal.access"

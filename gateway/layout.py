@@ -10,6 +10,7 @@ state directory, so that the daemon, the command line and the tests agree.
     pgp/, pgp-signing/     gpg homes (encryption of large copies, signing)
     archive/               index.db, keys/ (master, checkpoint signing)
     portal/portal.db       messages waiting in the portal
+    console/console.db     the console's local accounts, sessions and sign-ins
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class StateLayout:
     @property
     def portal_db(self) -> Path:
         return self.root / "portal" / "portal.db"
+
+    @property
+    def console_db(self) -> Path:
+        return self.root / "console" / "console.db"

@@ -29,10 +29,12 @@ from gateway.observability.logging import configure_logging
 
 configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 
-# fixtures every test may use: the delivery world, the portal from a recipient's side
+# fixtures every test may use: the delivery world, the portal from a recipient's side,
+# the console from a compliance officer's
 pytest_plugins = [
     "tests.support.world",
     "tests.support.portal",
+    "tests.support.console",
     "tests.support.browser",
     "tests.support.postgres",
     "tests.support.stores",
@@ -120,7 +122,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
     """A config file with a private state_dir, plus ``overrides``.  The listeners take
     any free port (port 0: read back from the running gateway, `smtp_addr`,
-    ``gw.http.address``, ``gw.api.address``, ``gw.portal.address``, or from the daemon's app.ready line)."""
+    ``gw.http.address``, ``gw.api.address``, ``gw.portal.address``, ``gw.console.address``,
+    or from the daemon's app.ready line)."""
     data: dict[str, Any] = {
         "state_dir": str(directory / "state"),
         "listen": {"smtp": "127.0.0.1:0", "http": "127.0.0.1:0"},
@@ -132,6 +135,7 @@ def write_config(directory: Path, overrides: dict[str, Any]) -> Path:
         "logging": {"addresses": "plain"},
         "portal": {"listen": "127.0.0.1:0"},
         "api": {"listen": "127.0.0.1:0"},
+        "console": {"listen": "127.0.0.1:0"},
     }
     for dotted, value in overrides.items():
         node = data

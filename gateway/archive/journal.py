@@ -581,16 +581,16 @@ class Archive:
             raise KeyError(record_id)
         return open_sealed(blob, record_id, self.keys)
 
-    def search(self, query: Query, limit: int = 1000) -> list[dict[str, Any]]:
-        """Messages matching ``query``, newest first: metadata and per-recipient
-        mode, rule and state (no content)."""
+    def search(self, query: Query, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
+        """Messages matching ``query``, newest first (from the ``offset``-th): metadata
+        and per-recipient mode, rule and state (no content)."""
         where, args = self._where(query)
         db = self.index.db
         rows = db.execute(
             "SELECT m.queue_id, m.received, m.mail_from, m.message_id, m.size, m.sha256, "
             "m.retain_until, m.disposed, m.client_ip, m.leaf FROM messages m "
-            f"WHERE {where} ORDER BY m.received DESC LIMIT ?",
-            [*args, limit],
+            f"WHERE {where} ORDER BY m.received DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset],
         ).fetchall()
         if not rows:
             return []

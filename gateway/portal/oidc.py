@@ -137,7 +137,9 @@ class OidcClient:
 
     # -- the flow --------------------------------------------------------------------
 
-    async def start(self, redirect_uri: str, login_hint: str) -> Started:
+    async def start(
+        self, redirect_uri: str, login_hint: str | None = None, scope: str = "openid email"
+    ) -> Started:
         meta = await self.metadata()
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(48)
@@ -148,12 +150,12 @@ class OidcClient:
                 "response_mode": "query",
                 "client_id": self.provider.client_id,
                 "redirect_uri": redirect_uri,
-                "scope": "openid email",
+                "scope": scope,
                 "state": state,
                 "nonce": nonce,
                 "code_challenge": challenge,
                 "code_challenge_method": "S256",
-                "login_hint": login_hint,
+                **({"login_hint": login_hint} if login_hint else {}),
                 "prompt": "login",
             }
         )

@@ -19,7 +19,7 @@ from gateway.layout import StateLayout
 from gateway.storage.database import Database
 from gateway.storage.migrations import Versioned, migrate, stored_version
 
-STORES = ("queue", "keydir", "portal", "archive", "mta_sts")
+STORES = ("queue", "keydir", "portal", "archive", "console", "mta_sts")
 
 
 class Storage:
@@ -42,6 +42,7 @@ class Storage:
             "queue": self.layout.queue_db,
             "keydir": self.layout.keydir_db,
             "portal": self.layout.portal_db,
+            "console": self.layout.console_db,
             "archive": self.layout.archive / "index.db",
             "mta_sts": self.layout.mta_sts_cache,  # JSON (`gateway.probe.mta_sts`)
         }
@@ -86,6 +87,7 @@ class Storage:
 def schemas(store: str, config: Config) -> list[Versioned]:
     """The versioned tables kept in ``store``'s database."""
     from gateway.archive.store import BLOB_VERSIONED, INDEX_VERSIONED
+    from gateway.console.store import VERSIONED as CONSOLE
     from gateway.crypto.keydir import VERSIONED as KEYDIR
     from gateway.portal.store import VERSIONED as PORTAL
     from gateway.probe.mta_sts import STS_VERSIONED
@@ -95,6 +97,7 @@ def schemas(store: str, config: Config) -> list[Versioned]:
         "queue": [QUEUE],
         "keydir": [KEYDIR],
         "portal": [PORTAL],
+        "console": [CONSOLE],
         "archive": [INDEX_VERSIONED]
         + ([BLOB_VERSIONED] if config.storage.blobs == "database" else []),
         "mta_sts": [STS_VERSIONED],

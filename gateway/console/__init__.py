@@ -1,0 +1,1 @@
+"""The compliance console (``console.*``): a web application for compliance officers."""
