@@ -120,10 +120,12 @@ def _when(value: float | str | None) -> str:
         return ""
     if isinstance(value, str):
         try:
-            value = datetime.datetime.fromisoformat(value).timestamp()
+            when = datetime.datetime.fromisoformat(value).timestamp()
         except ValueError:
             return value
-    return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    else:
+        when = value
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class Console:
