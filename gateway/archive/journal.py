@@ -613,9 +613,7 @@ class Archive:
                     "attempts": attempts,
                 }
             )
-        held = {
-            q for (q,) in db.execute(f"SELECT queue_id FROM holds WHERE queue_id IN ({marks})", ids)
-        }
+        held = self._held_among(ids)
         return [
             {
                 "queue_id": q,
@@ -644,6 +642,24 @@ class Archive:
                 leaf,
             ) in rows
         ]
+
+    def _held_among(self, ids: list[str]) -> set[str]:
+        """Which of these messages a hold covers: by id, or by a case's query."""
+        db = self.index.db
+        marks = ",".join("?" * len(ids))
+        held = {
+            q for (q,) in db.execute(f"SELECT queue_id FROM holds WHERE queue_id IN ({marks})", ids)
+        }
+        for (query,) in db.execute("SELECT query FROM cases WHERE query IS NOT NULL").fetchall():
+            where, args = self._where(Query.from_dict(json.loads(query)))
+            held.update(
+                q
+                for (q,) in db.execute(
+                    f"SELECT m.queue_id FROM messages m WHERE {where} AND m.queue_id IN ({marks})",
+                    [*args, *ids],
+                )
+            )
+        return held
 
     def events(self, queue_id: str, kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         rows = self.index.db.execute(

@@ -124,6 +124,10 @@ class ConsoleData:
         return data
 
     def export(self, actor: Actor, ids: list[str], scope: str) -> bytes:
+        """The export zip (ValueError: an id that is not in the archive)."""
+        unknown = [q for q in ids if not self.archive.has(q)]
+        if unknown:
+            raise ValueError(f"not in the archive: {', '.join(unknown[:10])}")
         return export_bytes(self.archive, ids, str(actor), scope)
 
     def case_ids(self, case: str) -> list[str]:

@@ -724,7 +724,10 @@ class Console:
         if not ids:
             raise Refused("nothing to export: select messages, a case or a search that finds some")
         scope = (f"case {case}; " if case else "") + json.dumps(query.to_dict(), sort_keys=True)
-        data = await self.data.run(self.data.export, self.actor(request), ids, scope)
+        try:
+            data = await self.data.run(self.data.export, self.actor(request), ids, scope)
+        except ValueError as e:
+            raise Refused(str(e)) from None
         name = time.strftime("sealgate-export-%Y%m%d-%H%M%S.zip", time.gmtime())
         return web.Response(
             body=data,
