@@ -137,10 +137,17 @@ class ConsoleData:
         return self.archive.cases()
 
     def hold(self, actor: Actor, case: str, ids: list[str], query: Query | None) -> int:
-        return self.archive.hold(case, str(actor), ids, query)
+        held = self.archive.hold(case, str(actor), ids, query)
+        self.archive.access(
+            str(actor), "hold", case=case, queue_ids=len(ids),
+            query=query.to_dict() if query else None, held=held,
+        )  # fmt: skip
+        return held
 
     def release(self, actor: Actor, case: str) -> int:
-        return self.archive.release(case, str(actor))
+        released = self.archive.release(case, str(actor))
+        self.archive.access(str(actor), "hold-release", case=case, released=released)
+        return released
 
     def expired(self, actor: Actor) -> list[str]:
         expired = self.archive.expired()

@@ -670,7 +670,7 @@ class Console:
     async def hold(self, request: web.Request) -> web.Response:
         form = request[FORM_KEY]
         case = str(form.get("case", "")).strip()[:200]
-        ids = [str(v) for v in form.getall("queue_id", [])]
+        ids = [str(v) for v in form.getall("selected", []) if v]
         query = query_of(form) if form.get("by_search") else None
         if not case:
             raise Refused("name the case the hold is for")
@@ -711,7 +711,7 @@ class Console:
     async def export(self, request: web.Request) -> web.Response:
         form = request[FORM_KEY]
         case = str(form.get("export_case", "")).strip()
-        ids = [str(v) for v in form.getall("queue_id", [])]
+        ids = [str(v) for v in form.getall("selected", []) if v]
         query = query_of(form) if form.get("by_search") else Query()
         if case:
             ids += await self.data.run(self.data.case_ids, case)

@@ -92,12 +92,12 @@ async def test_csrf_is_refused_and_changes_nothing(console):
     w = await console()
     admin = await w.signed_in("admin")
     status, body, _ = await admin.post(
-        "/holds", {"case": "Case 1", "queue_id": w.queue_id}, csrf="forged"
+        "/holds", {"case": "Case 1", "selected": w.queue_id}, csrf="forged"
     )
     assert status == 403 and b"too old" in body
     status, page, _ = await admin.get("/holds")
     assert "Case 1" not in page and "No legal holds" in page
-    status, _, r = await admin.post("/holds", {"case": "Case 1", "queue_id": w.queue_id})
+    status, _, r = await admin.post("/holds", {"case": "Case 1", "selected": w.queue_id})
     assert status == 303 and r.headers["Location"] == "/holds"
     status, page, _ = await admin.get("/holds")
     assert "Case 1" in page

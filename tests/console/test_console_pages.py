@@ -79,7 +79,7 @@ async def test_a_hold_by_search_covers_a_message_that_arrives_afterwards(console
     assert "Audit 2026" not in page
     status, page, _ = await admin.get("/access?actor=admin-1")
     assert "view-evidence" in page
-    status, body, _ = await admin.post("/holds", {"case": "", "queue_id": w.queue_id})
+    status, body, _ = await admin.post("/holds", {"case": "", "selected": w.queue_id})
     assert status == 400 and b"name the case" in body
 
 
@@ -101,7 +101,7 @@ async def test_an_export_verifies_with_its_own_verify_py(console, tmp_path):
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "FAILED" not in checked.stdout and ": OK" in checked.stdout
-    status, body, _ = await investigator.post("/exports", {"queue_id": "NOSUCHID"})
+    status, body, _ = await investigator.post("/exports", {"selected": "NOSUCHID"})
     assert status == 400
     status, page, _ = await investigator.get("/access?action=export")
     assert "investigator-1 (local:investigator-1" in page
