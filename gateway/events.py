@@ -66,7 +66,6 @@ class Event(enum.StrEnum):
     # compliance console
     CONSOLE_SIGNIN = "console.signin"
     CONSOLE_ERROR = "console.error"
-    CONSOLE_USER = "console.user"
     # portal
     PORTAL_DEPOSITED = "portal.deposited"
     PORTAL_ACCESS = "portal.access"

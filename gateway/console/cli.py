@@ -35,12 +35,9 @@ from gateway.console.accounts import (
 )
 from gateway.console.store import ConsoleStore
 from gateway.errors import ConfigError
-from gateway.events import Event
-from gateway.observability.logging import get_logger
 from gateway.portal.credentials import hash_secret
 from gateway.storage.stores import Storage
 
-log = get_logger("gateway.console")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -90,7 +87,6 @@ def _password(from_stdin: bool) -> str:
 
 def _record(config: Config, action: str, name: str, **detail: Any) -> None:
     """Into the archive's access record, when there is an archive."""
-    log.info(Event.CONSOLE_USER, action=action, account=name)
     if not config.archive.enabled:
         return
     from gateway.archive.service import open_archive
@@ -98,7 +94,8 @@ def _record(config: Config, action: str, name: str, **detail: Any) -> None:
     try:
         archive = open_archive(config, socket.gethostname(), create=False)
     except ConfigError:
-        return  # no archive yet: the log line above is the record
+        print("sealgate: no archive yet: this change is not in an access record", file=sys.stderr)
+        return
     try:
         archive.access(cli_actor(), action, "", account=name, **detail)
         archive.make_durable()
