@@ -82,6 +82,7 @@ class Sealgate:
         api_extra: str = "",
     ):
         self.smtp_port, self.http_port, self.api_port = free_port(), free_port(), free_port()
+        self.console_port = free_port()
         self.config = workdir / "sealgate.yaml"
         policy_line = ""
         if policy:  # else the embedded default policy
@@ -96,7 +97,7 @@ class Sealgate:
             "relay: {require_tls: false}\n"
             f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
             f"portal: {{listen: '127.0.0.1:{free_port()}'}}\n"
-            f"console: {{listen: '127.0.0.1:{free_port()}'}}\n"
+            f"console: {{listen: '127.0.0.1:{self.console_port}'}}\n"
             f"api: {{listen: '127.0.0.1:{self.api_port}'{api_extra}}}\n"
             f"delivery:\n{delivery}"
             f"smtp: {{{smtp_extra}max_connections_per_ip: 500, max_connections: 1000}}\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -95,25 +97,27 @@ def relay(args: argparse.Namespace, workdir: Path) -> None:
             sink.terminate()
 
 
-def search(args: argparse.Namespace, workdir: Path) -> None:
-    state = workdir / "search-state"
-    config_file = workdir / "search.yaml"
-    config_file.write_text(f"state_dir: {state}\n")
-    config = load_config_text(config_file.read_text())
-    archive = open_archive(config, "bench.sealgate.test")
+MODES = ["tls"] * 70 + ["portal"] * 15 + ["smime"] * 8 + ["pgp"] * 5 + ["hold"] * 2
+
+
+def build_index(archive: Any, records: int, events: bool = False, seed: int = 7) -> list[str]:
+    """``records`` messages written straight into ``archive``'s index (leaves,
+    messages, two recipients each) as the archive writes its rows, 2000 senders over
+    the last 365 days; their content is not stored (searches read only the index).
+    ``events``: recipients' modes varied as a hospital's mail is, and each message's
+    delivery attempt with its evidence, as the journal records it.  The senders."""
     db = archive.index.db
-    rng = random.Random(7)
+    rng = random.Random(seed)
     senders = [f"user{n}@clinic{n % 20}.example" for n in range(2000)]
     start_time = time.time() - 365 * 86400
-    started = time.monotonic()
     chunk = 50_000
     offset = archive.size()  # the archive's first records (its retention floor)
-    for base in range(0, args.records, chunk):
-        messages, recipients, leaves = [], [], []
-        for n in range(base, min(base + chunk, args.records)):
+    for base in range(0, records, chunk):
+        messages, recipients, leaves, attempts = [], [], [], []
+        for n in range(base, min(base + chunk, records)):
             q = f"B{n:010d}"
             sender = senders[rng.randrange(len(senders))]
-            received = start_time + n * (365 * 86400 / args.records)
+            received = start_time + n * (365 * 86400 / records)
             digest = hashlib.sha256(q.encode()).hexdigest()
             leaves.append(
                 (
@@ -139,27 +143,57 @@ def search(args: argparse.Namespace, workdir: Path) -> None:
                     received + 2192 * 86400,
                 )
             )
+            attempt = []
             for i in range(2):
                 address = f"patient{rng.randrange(200000)}@mail{i}.example"
+                mode = MODES[rng.randrange(len(MODES))] if events else "tls"
+                state = "held" if mode == "hold" else "delivered"
                 recipients.append(
-                    (
-                        q,
-                        i,
-                        address,
-                        address.partition("@")[2],
-                        "tls",
-                        "defaults",
-                        "delivered",
-                        "250",
-                        1,
-                    )
+                    (q, i, address, address.partition("@")[2], mode, "defaults", state, "250", 1)
                 )
+                attempt.append(
+                    {
+                        "idx": i,
+                        "address": address,
+                        "state": state,
+                        "status": "2.0.0",
+                        "diagnostic": "250 2.0.0 Ok: queued",
+                        "evidence": {
+                            "mx_host": f"mx.mail{i}.example",
+                            "ip": "192.0.2.10",
+                            "port": 25,
+                            "level": "verify",
+                            "tls_version": "TLSv1.3" if rng.random() < 0.8 else "TLSv1.2",
+                            "tls_cipher": "TLS_AES_256_GCM_SHA384",
+                            "verification": "pkix" if rng.random() < 0.9 else "dane-ee",
+                            "mta_sts": "enforce" if i else "",
+                            "decision": {"mode": mode, "rule": "defaults", "tls_level": "verify"},
+                        },
+                    }
+                )
+            if events:
+                body = json.dumps({"recipients": attempt, "at": received}, sort_keys=True)
+                attempts.append((f"evt-b{n}", q, "attempt", received + 1, body, offset + n))
         with db.transaction():
             db.executemany("INSERT INTO leaves VALUES (?,?,?,?,?)", leaves)
             db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)", messages)
             db.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?)", recipients)
+            db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?)", attempts)
             db.execute("UPDATE log_head SET size=?", (offset + n + 1,))
     db.execute("ANALYZE")
+    return senders
+
+
+def search(args: argparse.Namespace, workdir: Path) -> None:
+    state = workdir / "search-state"
+    config_file = workdir / "search.yaml"
+    config_file.write_text(f"state_dir: {state}\n")
+    config = load_config_text(config_file.read_text())
+    archive = open_archive(config, "bench.sealgate.test")
+    rng = random.Random(7)
+    start_time = time.time() - 365 * 86400
+    started = time.monotonic()
+    senders = build_index(archive, args.records)
     print(f"search: built {args.records} records in {time.monotonic() - started:.0f} s", flush=True)
     timings = []
     found = 0

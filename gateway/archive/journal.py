@@ -56,6 +56,8 @@ def commitment(kind: str, record_id: str, digest: str) -> bytes:
 # -- retention --------------------------------------------------------------------------
 
 DAY = 86400.0
+# a recipient condition matching fewer rows than this finds its messages from them
+FEW_RECIPIENTS = 5000
 
 
 @dataclass(frozen=True)
@@ -457,8 +459,19 @@ class Archive:
             self.journal_event("", "hold-release", {"case": case_name, "actor": actor})
         return held
 
-    def _where(self, query: Query) -> tuple[str, list[Any]]:
-        return query.sql(self.index.subject_match if self.index.subjects else None)
+    def _where(self, query: Query, probe: bool = False) -> tuple[str, list[Any]]:
+        """The query's condition.  ``probe``: first count (up to `FEW_RECIPIENTS`) the
+        recipients its recipient condition matches, to pick the plan (`Query.sql`)."""
+        few = False
+        recipient = query.recipient_sql() if probe else None
+        if recipient is not None:
+            inner, args = recipient
+            (n,) = self.index.db.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM recipients r WHERE {inner} LIMIT ?) t",
+                [*args, FEW_RECIPIENTS],
+            ).fetchone()
+            few = n < FEW_RECIPIENTS
+        return query.sql(self.index.subject_match if self.index.subjects else None, few)
 
     def _matching(self, query: Query) -> set[str]:
         where, args = self._where(query)
@@ -584,7 +597,7 @@ class Archive:
     def search(self, query: Query, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
         """Messages matching ``query``, newest first (from the ``offset``-th): metadata
         and per-recipient mode, rule and state (no content)."""
-        where, args = self._where(query)
+        where, args = self._where(query, probe=True)
         db = self.index.db
         rows = db.execute(
             "SELECT m.queue_id, m.received, m.mail_from, m.message_id, m.size, m.sha256, "

@@ -1,12 +1,14 @@
 """server - the console's HTTPS listener (``console.listen``) in the main process: its
 own connection to the archive and to the console store, its pages
-(`gateway.console.web`), and an hourly sweep of ended sessions."""
+(`gateway.console.web`), an hourly sweep of ended sessions, and the overview's daily
+counts kept ahead of the first look."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ssl
+import time
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +20,7 @@ from gateway.storage.database import StorageError
 
 log = get_logger("gateway.console")
 SWEEP_INTERVAL = 3600.0
+COUNT_INTERVAL = 6 * 3600.0
 
 
 class ConsoleServer:
@@ -27,6 +30,7 @@ class ConsoleServer:
         self.address: tuple[str, int] = (config.console.listen.host, config.console.listen.port)
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._counter: asyncio.Task[None] | None = None
         self.console: Any = None
 
     async def start(self, tls: ssl.SSLContext) -> None:
@@ -54,6 +58,7 @@ class ConsoleServer:
         if cfg.console.base_url is None:  # the redirect URI names the port taken
             self.console.public_url = f"https://{HostPort(host, port)}"
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._counter = asyncio.get_running_loop().create_task(self._keep_days())
 
     def apply(self, config: Config) -> None:
         """SIGHUP: providers, role mapping, timeouts, retention shown."""
@@ -72,11 +77,23 @@ class ConsoleServer:
             except StorageError as e:
                 log.warning(Event.CONSOLE_ERROR, error=str(e)[:300])
 
+    async def _keep_days(self) -> None:
+        """The overview's counts of finished days, counted ahead of the first look (a
+        day at a time: pages are served in between) and again as days finish."""
+        while True:
+            try:
+                for day in await self.data.run(self.data.settled_days_missing, time.time(), 400):
+                    await self.data.run(self.data.keep_day, day)
+            except StorageError as e:
+                log.warning(Event.CONSOLE_ERROR, error=str(e)[:300])
+            await asyncio.sleep(COUNT_INTERVAL)
+
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._counter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._runner is not None:
             await self._runner.cleanup()
         if self.console is not None:

@@ -4,8 +4,9 @@ journal's thread), and every look recorded in the archive's access record with t
 signed-in person as the actor.
 
 The overview's daily counts of days that are over are kept in the console store
-(`ConsoleStore.days`): a year of them is read, not recounted; today (and the days
-since the last count) are counted from the archive's index.
+(`ConsoleStore.days`): a year of them is read, not recounted; the last week's (whose
+recipients may still be retried) are counted from the archive's index, at most every
+`RECENT_TTL`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gateway.console.store import ConsoleStore
 T = TypeVar("T")
 DAY = 86400
 SETTLED_AFTER = 7  # days: a day's counts are kept once it is this old (retries are over)
+RECENT_TTL = 120.0  # seconds a more recent day's counts are shown before a recount
 MAX_EXPORT = 100_000
 
 
@@ -65,6 +67,7 @@ class ConsoleData:
     def __init__(self, archive: Archive, store: ConsoleStore):
         self.archive, self.store = archive, store
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="console")
+        self._recent_counts: dict[datetime.date, tuple[float, dict[str, Any]]] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -219,14 +222,40 @@ class ConsoleData:
         for day in wanted:
             name = day.isoformat()
             counts = kept.get(name)
-            if counts is None:
-                counts = self.count_day(day)
-                if (today - day).days >= SETTLED_AFTER:
-                    settled[name] = counts
+            if counts is None and (today - day).days < SETTLED_AFTER:
+                counts = self._recent(day, now)
+            elif counts is None:
+                counts = settled[name] = self.count_day(day)
             out.append((name, counts))
         if settled:
             self.store.put_days(settled)
         return out
+
+    def _recent(self, day: datetime.date, now: float) -> dict[str, Any]:
+        """A day whose recipients may still change: counted again after
+        `RECENT_TTL` (each look at the overview would recount a week otherwise)."""
+        cached = self._recent_counts.get(day)
+        if cached is None or now - cached[0] > RECENT_TTL:
+            cached = self._recent_counts[day] = (now, self.count_day(day))
+            for old in [d for d in self._recent_counts if d < day - datetime.timedelta(days=8)]:
+                del self._recent_counts[old]
+        return cached[1]
+
+    def settled_days_missing(self, now: float, days: int) -> list[datetime.date]:
+        """The finished days of the last ``days`` whose counts are not kept yet."""
+        today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        wanted = [today - datetime.timedelta(days=n) for n in range(SETTLED_AFTER, days)]
+        if not wanted:
+            return []
+        kept = self.store.days(wanted[-1].isoformat(), wanted[0].isoformat())
+        return [d for d in wanted if d.isoformat() not in kept]
+
+    def keep_day(self, day: datetime.date) -> None:
+        """Count a finished day and keep its counts (the overview then reads them),
+        unless they are kept already."""
+        name = day.isoformat()
+        if not self.store.days(name, name):
+            self.store.put_days({name: self.count_day(day)})
 
     def count_day(self, day: datetime.date) -> dict[str, Any]:
         start = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC).timestamp()
