@@ -23,6 +23,7 @@ bench:
 	.venv/bin/python bench/archive.py
 	.venv/bin/python bench/cluster.py
 	.venv/bin/python bench/integrations.py
+	.venv/bin/python bench/console.py
 
 hostile: setup
 	.venv/bin/python bench/hostile.py --markdown
