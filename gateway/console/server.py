@@ -16,7 +16,6 @@ from aiohttp import web
 from gateway.config import Config, HostPort
 from gateway.events import Event
 from gateway.observability.logging import get_logger
-from gateway.storage.database import StorageError
 
 log = get_logger("gateway.console")
 SWEEP_INTERVAL = 3600.0
@@ -74,19 +73,25 @@ class ConsoleServer:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self.data.run(self.data.store.prune)
-            except StorageError as e:
-                log.warning(Event.CONSOLE_ERROR, error=str(e)[:300])
+            except Exception as e:  # noqa: BLE001 - a full disk, a lost database: next hour
+                log.warning(Event.CONSOLE_ERROR, error_type=type(e).__name__, error=str(e)[:300])
 
     async def _keep_days(self) -> None:
         """The overview's counts of finished days, counted ahead of the first look (a
         day at a time: pages are served in between) and again as days finish."""
         while True:
-            try:
-                for day in await self.data.run(self.data.settled_days_missing, time.time(), 400):
-                    await self.data.run(self.data.keep_day, day)
-            except StorageError as e:
-                log.warning(Event.CONSOLE_ERROR, error=str(e)[:300])
+            await self.keep_days()
             await asyncio.sleep(COUNT_INTERVAL)
+
+    async def keep_days(self) -> None:
+        """One round: every finished day of the last 400 not kept yet.  A full disk or
+        a lost database is logged: the overview counts what it lacks itself, and the
+        next round tries again."""
+        try:
+            for day in await self.data.run(self.data.settled_days_missing, time.time(), 400):
+                await self.data.run(self.data.keep_day, day)
+        except Exception as e:  # noqa: BLE001 - see above: never the daemon's end
+            log.warning(Event.CONSOLE_ERROR, error_type=type(e).__name__, error=str(e)[:300])
 
     async def stop(self) -> None:
         for task in (self._sweeper, self._counter):

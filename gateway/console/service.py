@@ -244,7 +244,12 @@ class ConsoleData:
     def settled_days_missing(self, now: float, days: int) -> list[datetime.date]:
         """The finished days of the last ``days`` whose counts are not kept yet."""
         today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        (first,) = self.archive.index.db.execute("SELECT min(received) FROM messages").fetchone()
+        if first is None:
+            return []  # nothing archived yet: no day to count
+        oldest = datetime.datetime.fromtimestamp(float(first), datetime.UTC).date()
         wanted = [today - datetime.timedelta(days=n) for n in range(SETTLED_AFTER, days)]
+        wanted = [d for d in wanted if d >= oldest]
         if not wanted:
             return []
         kept = self.store.days(wanted[-1].isoformat(), wanted[0].isoformat())

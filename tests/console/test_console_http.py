@@ -178,3 +178,29 @@ async def test_pages_show_what_each_role_may_see(console):
     status, page, _ = await auditor.get(f"/access?queue_id={w.queue_id}")
     assert re.search(r"investigator-1 \(local:investigator-1.*view<", page)
     assert "view-evidence" in page
+
+
+async def test_counting_days_ahead_survives_a_full_disk(console):
+    import datetime
+    import sqlite3
+
+    from structlog.testing import capture_logs
+
+    w = await console()
+    data = w.gw.console.data
+    kept = await data.run(data.settled_days_missing, __import__("time").time(), 400)
+    assert kept == []  # the archive began today: no finished day to count
+
+    def full(day):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    data.settled_days_missing = lambda now, days: [datetime.date(2026, 1, 5)]
+    data.keep_day = full
+    with capture_logs() as logs:
+        await w.gw.console.keep_days()  # logged, not raised
+    assert any(
+        e["event"] == "console.error" and e["error_type"] == "OperationalError" for e in logs
+    )
+    auditor = await w.signed_in("auditor")
+    assert (await auditor.get("/overview"))[0] == 200
+    await w.gw.stop()  # and the daemon stops cleanly
