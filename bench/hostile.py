@@ -82,6 +82,7 @@ class Daemon(battery.Observed):
         self.http = (c.listen.http.host, c.listen.http.port)
         self.portal = (c.portal.listen.host, c.portal.listen.port)
         self.api = (c.api.listen.host, c.api.listen.port)
+        self.console = (c.console.listen.host, c.console.listen.port)
         self.lifetime = c.delivery.max_queue_lifetime
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -287,7 +288,7 @@ async def main(seed: int, scale: float) -> dict[str, Any]:
         try:
             await daemon.start()
             started = time.monotonic()
-            web = battery.WebTargets(daemon.portal, daemon.api, TOKEN)
+            web = battery.WebTargets(daemon.portal, daemon.api, TOKEN, daemon.console)
             report = await battery.run(*daemon.smtp, seed, per_category, web=web)
             summary["battery_seconds"] = round(time.monotonic() - started, 1)
             summary["flood"] = await flood(daemon)

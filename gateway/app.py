@@ -319,7 +319,7 @@ class Gateway:
                 Event.CONFIG_WARNING, warning="console.enabled: there is no archive to show"
             )
             return
-        self.console = ConsoleServer(cfg, self.hostname, self._explain)
+        self.console = ConsoleServer(cfg, self.hostname, self._explain, self.metrics)
         cc = cfg.console
         await self.console.start(
             server_context(*self._cert_and_key(cfg, cc.cert_file, cc.key_file))

@@ -40,8 +40,13 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
         ("tls", cfg.tls.cert_file, cfg.tls.key_file),
         ("portal", cfg.portal.cert_file, cfg.portal.key_file),
         ("api", cfg.api.cert_file, cfg.api.key_file),
+        ("console", cfg.console.cert_file, cfg.console.key_file),
     ):
-        enabled = {"portal": cfg.portal.enabled, "api": cfg.api.enabled}.get(prefix, True)
+        enabled = {
+            "portal": cfg.portal.enabled,
+            "api": cfg.api.enabled,
+            "console": cfg.console.enabled,
+        }.get(prefix, True)
         if cert is not None and key is not None and enabled:
             _cert_and_key(prefix, cert, key, source)
     relay = cfg.relay
@@ -83,13 +88,15 @@ def check_references(cfg: Config, source: str = "<config>") -> Policy:  # noqa: 
             master_keys(cfg, create=False)
         if cfg.archive.signing_key_file is not None:
             signing_key(cfg, create=False)
-    for i, provider in enumerate(cfg.portal.oidc_providers):
-        if provider.client_secret_file is not None:
-            read_config_file(
-                f"portal.oidc_providers[{i}].client_secret_file",
-                provider.client_secret_file,
-                source,
-            )
+    providers = [("portal", cfg.portal.oidc_providers), ("console", cfg.console.oidc_providers)]
+    for section, listed in providers:
+        for i, provider in enumerate(listed):
+            if provider.client_secret_file is not None:
+                read_config_file(
+                    f"{section}.oidc_providers[{i}].client_secret_file",
+                    provider.client_secret_file,
+                    source,
+                )
     if cfg.webhooks.endpoints:
         from gateway.webhooks.events import endpoints_of
 
@@ -122,6 +129,11 @@ def warnings(cfg: Config) -> list[str]:
             "are Microsoft 365 or Google Workspace certificates or ranges, every tenant of "
             "those clouds can relay through this gateway. Set relay.dkim_domains (and "
             "relay.sender_domains, relay.m365_tenant_ids) to your own."
+        )
+    if cfg.console.enabled and not cfg.archive.enabled:
+        out.append(
+            "console.enabled: the console shows the archive, and archive.enabled is false: "
+            "it does not start"
         )
     return out
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.config import Config, HostPort
 from gateway.events import Event
 from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 
 log = get_logger("gateway.console")
 SWEEP_INTERVAL = 3600.0
@@ -23,8 +24,11 @@ COUNT_INTERVAL = 6 * 3600.0
 
 
 class ConsoleServer:
-    def __init__(self, config: Config, hostname: str, explain: Any = None):
+    def __init__(
+        self, config: Config, hostname: str, explain: Any = None, metrics: Metrics | None = None
+    ):
         self.config, self.hostname, self.explain = config, hostname, explain
+        self.metrics = metrics
         self.tls: ssl.SSLContext | None = None
         self.address: tuple[str, int] = (config.console.listen.host, config.console.listen.port)
         self._runner: web.AppRunner | None = None
@@ -46,7 +50,9 @@ class ConsoleServer:
         archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
         store = ConsoleStore(Storage(cfg).open("console"), master_keys(cfg, create=True))
         self.data = ConsoleData(archive, store)
-        self.console = Console(cfg, self.data, self.explain, client_context(cfg.tls.ca_file))
+        self.console = Console(
+            cfg, self.data, self.explain, client_context(cfg.tls.ca_file), metrics=self.metrics
+        )
         server_log = ServerLog("gateway.console.http", Event.CONSOLE_ERROR, Event.CONSOLE_ERROR)
         self._runner = web.AppRunner(self.console.app(), access_log=None, logger=server_log)
         await self._runner.setup()

@@ -38,6 +38,7 @@ from gateway.console.service import Actor, ConsoleData
 from gateway.console.store import Check, Session
 from gateway.events import Event
 from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 from gateway.portal import render
 from gateway.portal.oidc import OidcClient, OidcError
 from gateway.portal.web import RateLimit
@@ -114,6 +115,15 @@ def query_of(params: Any) -> Query:
     )
 
 
+async def _form(request: web.Request) -> MultiDictProxy[Any]:
+    """A POST's fields; a body that is not a form (not UTF-8, a broken multipart) is
+    the client's mistake: 400."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, ValueError) as e:
+        raise web.HTTPBadRequest(reason="the form cannot be read") from e
+
+
 def _when(value: float | str | None) -> str:
     """A time as the pages show it (from a Unix time or an ISO 8601 text)."""
     if not value:
@@ -136,8 +146,10 @@ class Console:
         explain: Explain | None = None,
         client_tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ):
         self.data, self.explainer, self.clock = data, explain, clock
+        self.metrics = metrics
         self.public_url = ""  # the listener's address once it listens (port 0: the one taken)
         self.client_tls = client_tls or ssl.create_default_context()
         self.signins = RateLimit(SIGNINS_PER_MINUTE, 60.0)
@@ -268,7 +280,7 @@ class Console:
                     error="Your role does not allow this page.",
                 )
             if request.method == "POST":
-                form = await request.post()
+                form = await _form(request)
                 sent = form.get("csrf")
                 if not (isinstance(sent, str) and hmac.compare_digest(sent, session.csrf)):
                     return self.page(
@@ -343,7 +355,7 @@ class Console:
         return self._signin_page(request)
 
     async def signin(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await _form(request)
         sent, expected = form.get("csrf"), request.cookies.get(PRE_CSRF, "")
         if not (isinstance(sent, str) and expected and hmac.compare_digest(sent, expected)):
             return self._signin_page(request, "The form expired. Please try again.", 403)
@@ -367,6 +379,7 @@ class Console:
                 outcome=result.value,
             )
             log.warning(Event.CONSOLE_SIGNIN, method="local", outcome=result.value)
+            self._count("local", result.value)
             return self._signin_page(
                 request,
                 "Sign-in failed: the name, password or code is wrong, or the account is "
@@ -401,6 +414,7 @@ class Console:
         actor = Actor(identity, display, roles, self.client(request))
         await self.data.note(actor, "signin", "", method=method)
         log.info(Event.CONSOLE_SIGNIN, method=method, outcome="right")
+        self._count(method.split()[0], "right")
         target = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/overview"
         response: web.Response
         if refresh:
@@ -421,6 +435,10 @@ class Console:
         )
         response.del_cookie(PRE_CSRF, path="/", secure=True, samesite="Strict")
         return response
+
+    def _count(self, method: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.console_signins.labels(method, outcome).inc()
 
     async def oidc_start(self, request: web.Request) -> web.Response:
         name = request.match_info["provider"]
@@ -503,6 +521,7 @@ class Console:
                 reason=refused[:300],
             )
             log.warning(Event.CONSOLE_SIGNIN, method="oidc", provider=name, error=refused[:300])
+            self._count("oidc", "refused")
             return self._signin_page(request, f"Sign-in refused: {refused}.", 403)
         response = await self._start_session(
             request, identity, display, roles, f"oidc {name}", "", refresh=True
@@ -511,7 +530,7 @@ class Console:
         return response
 
     async def signout(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await _form(request)
         sid = request.cookies.get(SESSION, "")
         session = (
             await self.data.run(
@@ -665,7 +684,17 @@ class Console:
 
     async def holds(self, request: web.Request) -> web.Response:
         cases = await self.data.run(self.data.cases)
-        return self.page(request, "holds.html", "Legal holds", cases=cases)
+        shown = request.query.get("case", "")
+        held: list[str] = []
+        if shown:
+            if shown not in {c["case"] for c in cases}:
+                raise web.HTTPNotFound()
+            held = await self.data.run(self.data.case_ids, shown)
+            await self.data.note(self.actor(request), "case-view", "", case=shown)
+        return self.page(
+            request, "holds.html", "Legal holds", cases=cases, shown=shown, held=held[:1000],
+            more=max(0, len(held) - 1000),
+        )  # fmt: skip
 
     async def hold(self, request: web.Request) -> web.Response:
         form = request[FORM_KEY]

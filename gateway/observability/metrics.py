@@ -340,6 +340,13 @@ class Metrics:
         self.portal_replies = Counter(
             "sealgate_portal_replies", "Secure replies sent from the portal", registry=r
         )
+        self.console_signins = Counter(
+            "sealgate_console_signins",
+            "Sign-ins to the compliance console by method (local, oidc) and outcome (right, "
+            "wrong, locked, refused)",
+            ["method", "outcome"],
+            registry=r,
+        )
         self.portal_rate_limited = Counter(
             "sealgate_portal_rate_limited", "Portal requests refused by the rate limit", registry=r
         )

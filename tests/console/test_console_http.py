@@ -97,6 +97,12 @@ async def test_csrf_is_refused_and_changes_nothing(console):
     assert status == 403 and b"too old" in body
     status, page, _ = await admin.get("/holds")
     assert "Case 1" not in page and "No legal holds" in page
+    async with admin.http.post(
+        admin.base + "/signin",
+        data=b"csrf=x&name=\xff\xfe",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as r:
+        assert r.status == 400  # not a form: the client's mistake
     status, _, r = await admin.post("/holds", {"case": "Case 1", "selected": w.queue_id})
     assert status == 303 and r.headers["Location"] == "/holds"
     status, page, _ = await admin.get("/holds")
@@ -124,6 +130,11 @@ async def test_local_sign_in_needs_password_and_code_wrong_ones_lock(console):
     Clock.install(w.gw.console.data.store).advance(901)
     status, page = await ana.sign_in()
     assert status == 200 and 'action="/signout"' in page and "ana" in page
+    value = w.gw.metrics.registry.get_sample_value
+    assert value("sealgate_console_signins_total", {"method": "local", "outcome": "wrong"}) == 3
+    assert value("sealgate_console_signins_total", {"method": "local", "outcome": "locked"}) == 1
+    assert value("sealgate_console_signins_total", {"method": "local", "outcome": "refused"}) == 1
+    assert value("sealgate_console_signins_total", {"method": "local", "outcome": "right"}) == 1
     admin = await w.signed_in("admin")
     status, page, _ = await admin.get("/access?action=signin-failed")
     assert page.count("signin-failed") >= 5 and "nobody (local" in page

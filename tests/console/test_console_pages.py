@@ -73,6 +73,9 @@ async def test_a_hold_by_search_covers_a_message_that_arrives_afterwards(console
     assert f'/messages/{later}">' in page and '<span class="tag">held</span>' in page
     status, page, _ = await admin.get(f"/messages/{later}")
     assert "under legal hold" in page
+    status, page, _ = await admin.get("/holds?case=Audit%202026")
+    assert f'href="/messages/{later}"' in page and f'href="/messages/{w.queue_id}"' in page
+    assert (await admin.get("/holds?case=No%20such%20case"))[0] == 404
     status, _, _ = await admin.post("/holds/release", {"case": "Audit 2026"})
     assert status == 303
     status, page, _ = await admin.get("/holds")

@@ -22,10 +22,12 @@ seed):
 - ``world``: mail for a server that answers 4xx for ever, one that takes seconds
   to answer, and domains whose DNS is silent, fails or answers garbage: delivered,
   or retried and expired with a DSN;
-- ``web``: hostile HTTPS to the portal and the archive API (api.listen): junk and huge
-  tokens and paths, NUL and ``../`` in paths, forged forms, bad lengths, a 100 KB
-  header, JSON of the wrong types, nested 5,000 deep, or not UTF-8 - any answer
-  but a 5xx, and the listener still serves.
+- ``web``: hostile HTTPS to the portal, the archive API (api.listen) and the
+  compliance console (console.listen): junk and huge tokens, cookies and paths, NUL
+  and ``../`` in paths, forged forms and sign-ins, bad lengths, a 100 KB header,
+  search fields and pages that are not what they should be, JSON of the wrong types,
+  nested 5,000 deep, or not UTF-8 - any answer but a 5xx, and the listener still
+  serves.
 
 `check` then requires: the gateway still answers a normal transaction; every
 message acknowledged with 250 is delivered, bounced (with a DSN when the sender
@@ -141,6 +143,7 @@ class WebTargets:
     portal: tuple[str, int]  # HTTPS
     api: tuple[str, int]  # the HTTPS API listener
     token: str  # an archive API bearer token (admin)
+    console: tuple[str, int] | None = None  # the compliance console (HTTPS)
 
 
 def _portal_request(rng: random.Random) -> bytes:
@@ -206,11 +209,51 @@ def _api_request(rng: random.Random, token: str) -> bytes:
     return head.encode() + raw
 
 
+def _console_request(rng: random.Random) -> bytes:
+    junk = rng.choice(
+        ["x", "%00", "..%2F..%2Fetc%2Fpasswd", "A" * 5000, "%ff%fe", "😀", "' OR 1=1 --", ""]
+    )
+    method, path, body = rng.choice(
+        [
+            ("GET", f"/messages/{junk}", b""),
+            ("GET", f"/messages/{junk}/part/99999999999999999999", b""),
+            ("GET", f"/search?sender={junk}&page=-1&since=2026-13-45&mode={junk}", b""),
+            ("GET", f"/search.csv?until={junk}", b""),
+            ("GET", f"/access?since={junk}&actor={junk}", b""),
+            ("GET", f"/signin?next=//evil.test/{junk}", b""),
+            ("GET", f"/oidc/{junk}", b""),
+            ("GET", f"/oidc/callback?state={junk}&code={junk}", b""),
+            ("POST", "/signin", b"csrf=forged&name=admin&password=x&code=000000"),
+            ("POST", "/signin", b"name=" + b"\xff" * 3000 + b"&code=%00"),
+            ("POST", "/holds", b"csrf=x&case=c&by_search=1"),
+            ("POST", "/exports", b"csrf=x&selected=" + junk.encode("utf-8", "replace")),
+            ("POST", "/signout", b"csrf=" + b"A" * 10_000),
+            ("GET", "/static/../../../etc/passwd", b""),
+        ]
+    )
+    cookie = rng.choice(
+        ["", "__Host-sealgate-console=" + junk, "__Host-sealgate-console=" + "x" * 4000]
+    )
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: console.test\r\nCookie: {cookie}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    )
+    if method == "POST":
+        head += "Content-Type: application/x-www-form-urlencoded\r\n"
+    return head.encode("utf-8", "surrogateescape") + b"\r\n" + body
+
+
 async def _web_case(rng: random.Random, targets: WebTargets) -> str | None:
     """One hostile HTTP request; a problem when it was answered with a 5xx."""
-    portal = rng.random() < 0.5
-    host, port = targets.portal if portal else targets.api
-    request = _portal_request(rng) if portal else _api_request(rng, targets.token)
+    listeners = ["portal", "api"] + (["console"] if targets.console else [])
+    name = rng.choice(listeners)
+    portal = name == "portal"
+    if name == "console":
+        assert targets.console is not None
+        (host, port), request = targets.console, _console_request(rng)
+    else:
+        host, port = targets.portal if portal else targets.api
+        request = _portal_request(rng) if portal else _api_request(rng, targets.token)
     writer = None
     try:
         reader, writer = await asyncio.wait_for(
@@ -229,7 +272,7 @@ async def _web_case(rng: random.Random, targets: WebTargets) -> str | None:
     parts = status.split()
     if len(parts) >= 2 and parts[1][:1] == b"5" and parts[1] != b"503":
         what = request.split(b"\r\n", 1)[0][:80]
-        return f"{'portal' if portal else 'api'} answered {parts[1].decode()} to {what!r}"
+        return f"{name} answered {parts[1].decode()} to {what!r}"
     return None
 
 

@@ -24,11 +24,7 @@ async def test_the_battery_slice_loses_nothing_and_logs_no_error(relay, world):
     )
     await battery.hostile_world(world.dns, world.mta)
     host, port = gw.smtp_address
-    web = battery.WebTargets(
-        gw.portal.address,
-        gw.api.address,
-        TOKEN,
-    )
+    web = battery.WebTargets(gw.portal.address, gw.api.address, TOKEN, gw.console.address)
     with capture_logs() as logs, battery.stdlib_errors() as stdlib:
         report = await battery.run(host, port, seed=13, per_category=SLICE, web=web)
         seen = battery.InProcess(gw, logs, stdlib)
