@@ -181,3 +181,22 @@ def test_console_user_commands(tmp_path):
         "console", "user", "add", "a b", "--role", "auditor", "--config", str(config)
     )
     assert bad.returncode == 78
+
+
+async def test_a_case_is_exported_and_subjects_are_searched_when_indexed(console, tmp_path):
+    w = await console(**{"archive.index_subjects": True})
+    admin = await w.signed_in("admin")
+    status, _, _ = await admin.post("/holds", {"case": "Case A", "selected": w.queue_id})
+    assert status == 303
+    investigator = await w.signed_in("investigator")
+    status, page, _ = await investigator.get("/exports")
+    assert '<option value="Case A">Case A (1 messages)</option>' in page
+    status, body, r = await investigator.post("/exports", {"export_case": "Case A"})
+    assert status == 200 and r.headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        names = z.namelist()
+    assert f"sealgate-export/messages/{w.queue_id}.eml" in names
+    status, page, _ = await investigator.get("/search?subject=lab%20results")
+    assert f"/messages/{w.queue_id}" in page
+    status, page, _ = await investigator.get("/search?subject=biopsy")
+    assert "No archived message matches" in page
