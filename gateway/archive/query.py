@@ -41,15 +41,10 @@ class Query:
     def recipient_sql(self) -> tuple[str, list[Any]] | None:
         """The condition on one recipient ``r`` (its address or domain, mode, state,
         rule) and its arguments; None when the query names none of them."""
-        inner, args = [], []
+        inner: list[str] = []
+        args: list[Any] = []
         if self.recipient:
-            r = self.recipient.lower()
-            if r.startswith("@"):
-                inner.append("r.domain = ?")
-                args.append(r[1:])
-            else:
-                inner.append("r.address = ?")
-                args.append(r)
+            _address_or_domain(self.recipient, "r.address", "r.domain", inner, args)
         for column, value in (("mode", self.mode), ("state", self.status), ("rule", self.rule)):
             if value:
                 inner.append(f"r.{column} = ?")
@@ -69,13 +64,7 @@ class Query:
         where: list[str] = ["TRUE"]
         args: list[Any] = []
         if self.sender:
-            s = self.sender.lower()
-            if s.startswith("@"):
-                where.append("m.sender_domain = ?")
-                args.append(s[1:])
-            else:
-                where.append("m.mail_from = ?")
-                args.append(s)
+            _address_or_domain(self.sender, "m.mail_from", "m.sender_domain", where, args)
         if self.since is not None:
             where.append("m.received >= ?")
             args.append(self.since)
@@ -106,6 +95,19 @@ class Query:
                 )
             args.extend(inner_args)
         return " AND ".join(where), args
+
+
+def _address_or_domain(
+    value: str, address: str, domain: str, where: list[str], args: list[Any]
+) -> None:
+    """The condition for an address, or for ``@domain``, case folded."""
+    value = value.lower()
+    if value.startswith("@"):
+        where.append(f"{domain} = ?")
+        args.append(value[1:])
+    else:
+        where.append(f"{address} = ?")
+        args.append(value)
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")

@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -41,17 +41,13 @@ from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import render
 from gateway.portal.oidc import OidcClient, OidcError
-from gateway.portal.web import RateLimit
+from gateway.portal.web import SECURITY_HEADERS, RateLimit
 
 log = get_logger("gateway.console")
 
 SESSION = "__Host-sealgate-console"
 PRE_CSRF = "__Host-sealgate-console-csrf"
 OIDC_BROWSER = "__Host-sealgate-console-oidc"
-CSP = (
-    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
 SESSION_KEY = web.RequestKey("session", Session)  # the signed-in person's, once checked
 FORM_KEY = web.RequestKey("form", MultiDictProxy)  # a POST's fields, once its token is
 PAGE_SIZE = 50
@@ -63,6 +59,7 @@ STATES = ("queued", "deferred", "delivered", "bounced", "expired", "held", "port
 
 Explain = Callable[[str, list[str], bytes | None], Awaitable[dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -231,13 +228,7 @@ class Console:
                 status=e.status,
                 error="This page does not exist." if e.status == 404 else e.reason,
             )
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
-        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     def _signed_in(self, need: str, handler: Handler) -> Handler:
@@ -635,20 +626,23 @@ class Console:
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
-    async def message(self, request: web.Request) -> web.Response:
+    async def _of_message(
+        self, request: web.Request, read: Callable[..., T], *args: Any
+    ) -> tuple[str, T]:
+        """The page's message id and what ``read(actor, queue_id, *args)`` says of
+        it; 404 when the archive does not have it."""
         queue_id = request.match_info["queue_id"]
         try:
-            story = await self.data.run(self.data.story, self.actor(request), queue_id)
+            return queue_id, await self.data.run(read, self.actor(request), queue_id, *args)
         except KeyError:
             raise web.HTTPNotFound() from None
+
+    async def message(self, request: web.Request) -> web.Response:
+        queue_id, story = await self._of_message(request, self.data.story)
         return self.page(request, "message.html", f"Message {queue_id}", m=story)
 
     async def proof(self, request: web.Request) -> web.Response:
-        queue_id = request.match_info["queue_id"]
-        try:
-            proof = await self.data.run(self.data.proof, self.actor(request), queue_id)
-        except KeyError:
-            raise web.HTTPNotFound() from None
+        queue_id, proof = await self._of_message(request, self.data.proof)
         return web.Response(
             text=json.dumps(proof, indent=1, sort_keys=True) + "\n",
             content_type="application/json",
@@ -656,20 +650,16 @@ class Console:
         )
 
     async def content(self, request: web.Request) -> web.Response:
-        queue_id = request.match_info["queue_id"]
-        try:
-            data = await self.data.run(self.data.content, self.actor(request), queue_id)
-        except KeyError:
-            raise web.HTTPNotFound() from None
+        queue_id, data = await self._of_message(request, self.data.content)
         shown = render.render(data, f"/messages/{queue_id}/part/{{n}}")
         return self.page(
             request, "content.html", shown.subject or "(no subject)", queue_id=queue_id, shown=shown
         )
 
     async def part(self, request: web.Request) -> web.Response:
-        queue_id, index = request.match_info["queue_id"], int(request.match_info["n"])
+        index = int(request.match_info["n"])
+        _, data = await self._of_message(request, self.data.part, index)
         try:
-            data = await self.data.run(self.data.part, self.actor(request), queue_id, index)
             info, body = render.part_bytes(data, index)
         except KeyError:
             raise web.HTTPNotFound() from None

@@ -98,6 +98,17 @@ CSP = (
     "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
+# on every response of the portal and the console: no script, no frame, no referrer,
+# nothing cached, HTTPS only
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    "Strict-Transport-Security": "max-age=31536000",
+}
 CODE_REQUESTS = 5  # codes a link may ask for per CODE_WINDOW
 CODE_WINDOW = 900.0
 
@@ -230,13 +241,7 @@ class PortalWeb:
                     response = self.page("Not found", "<p>This page does not exist.</p>", e.status)
                 else:
                     raise
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
-        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     def page(self, title: str, body: str, status: int = 200) -> web.Response:

@@ -28,7 +28,7 @@ from tests.portal.test_portal_browser import PDF
 from tests.portal.test_portal_browser import message as pdf_message
 from tests.support.browser import on_page, press, source
 from tests.support.console import PASSWORD
-from tests.support.oidc_provider import OidcProvider
+from tests.support.oidc_provider import OidcProvider, sign_in_at_provider
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SECRET = "The margins are clear"
@@ -80,15 +80,7 @@ async def sign_in_with_provider(browser, base: str, login: str) -> str:
     await on_page(browser, lambda d: d.get(base + "/signin"))
     await on_page(browser, lambda d: press(d, "a.button"))
 
-    def provider_pages(d):
-        field = d.find_element(By.NAME, "login")
-        field.clear()
-        field.send_keys(login)
-        d.find_element(By.NAME, "password").send_keys("anything")
-        press(d, "button[type=submit]")
-        press(d, "button[type=submit]")  # the consent page
-
-    await on_page(browser, provider_pages)
+    await on_page(browser, lambda d: sign_in_at_provider(d, login))
     for _ in range(50):  # the console's own page moves on (a same-site navigation)
         page = await source(browser)
         if "Sign out" in page or "refused" in page:

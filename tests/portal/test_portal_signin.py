@@ -16,7 +16,7 @@ from selenium.webdriver.common.by import By
 from tests.conftest import free_port, queued, smtp_client
 from tests.support.archive import archive_of
 from tests.support.browser import on_page, press, source, start_portal, world_with_plain_recipient
-from tests.support.oidc_provider import OidcProvider
+from tests.support.oidc_provider import OidcProvider, sign_in_at_provider
 from tests.support.portal import code_in, link_in
 from tests.support.world import wait_until
 
@@ -238,15 +238,7 @@ async def test_sign_in_with_a_real_openid_connect_provider(
             await on_page(browser, lambda d: d.get(link))
             await on_page(browser, lambda d: press(d, "a.button"))
 
-            def provider_pages(d):
-                field = d.find_element(By.NAME, "login")
-                field.clear()
-                field.send_keys(login)
-                d.find_element(By.NAME, "password").send_keys("anything")
-                press(d, "button[type=submit]")
-                press(d, "button[type=submit]")  # the consent page
-
-            await on_page(browser, provider_pages)
+            await on_page(browser, lambda d: sign_in_at_provider(d, login))
             await asyncio.sleep(0.5)  # the portal's refresh on to the message
             return await source(browser)
 

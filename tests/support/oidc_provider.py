@@ -78,3 +78,18 @@ class OidcProvider:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+
+
+def sign_in_at_provider(driver: Any, login: str) -> None:
+    """In the browser, on the provider's development pages: the login form (any
+    password; the login names the account), then the consent page."""
+    from selenium.webdriver.common.by import By
+
+    from tests.support.browser import press
+
+    field = driver.find_element(By.NAME, "login")
+    field.clear()
+    field.send_keys(login)
+    driver.find_element(By.NAME, "password").send_keys("anything")
+    press(driver, "button[type=submit]")
+    press(driver, "button[type=submit]")  # the consent page
