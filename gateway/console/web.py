@@ -235,14 +235,7 @@ class Console:
         """The route behind sign-in and a role; POSTs also behind the CSRF token."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            sid = request.cookies.get(SESSION, "")
-            session = (
-                await self.data.run(
-                    self.data.store.session, sid, float(self.config.console.idle_timeout)
-                )
-                if 0 < len(sid) < 100
-                else None
-            )
+            session = await self._session(request)
             if session is None:
                 if request.method == "GET":
                     raise web.HTTPSeeOther("/signin?" + urlencode({"next": request.path_qs}))
@@ -286,6 +279,14 @@ class Console:
 
         guarded.need = need  # type: ignore[attr-defined]  # what the tests check
         return guarded
+
+    async def _session(self, request: web.Request) -> Session | None:
+        """The live session the request's cookie names (marked as seen), or None."""
+        sid = request.cookies.get(SESSION, "")
+        if not 0 < len(sid) < 100:
+            return None
+        idle = float(self.config.console.idle_timeout)
+        return await self.data.run(self.data.store.session, sid, idle)
 
     def client(self, request: web.Request) -> str:
         return request.remote or "?"
@@ -523,13 +524,7 @@ class Console:
     async def signout(self, request: web.Request) -> web.Response:
         form = await _form(request)
         sid = request.cookies.get(SESSION, "")
-        session = (
-            await self.data.run(
-                self.data.store.session, sid, float(self.config.console.idle_timeout)
-            )
-            if 0 < len(sid) < 100
-            else None
-        )
+        session = await self._session(request)
         sent = form.get("csrf")
         if (
             session is not None
