@@ -31,7 +31,9 @@ T = TypeVar("T")
 DAY = 86400
 SETTLED_AFTER = 7  # days: a day's counts are kept once it is this old (retries are over)
 RECENT_TTL = 120.0  # seconds a more recent day's counts are shown before a recount
-MAX_EXPORT = 100_000
+MAX_CSV = 100_000  # messages in a search's CSV (metadata only)
+MAX_EXPORT = 10_000  # messages the console puts in one export (it is built in memory)
+MAX_EXPORT_BYTES = 512 * 2**20  # and their size
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class ConsoleData:
         return results
 
     def search_csv(self, actor: Actor, query: Query) -> str:
-        results = self.archive.search(query, limit=MAX_EXPORT)
+        results = self.archive.search(query, limit=MAX_CSV)
         self.archive.access(str(actor), "search-csv", query=query.to_dict(), results=len(results))
         return report.to_csv(report.with_last_attempts(self.archive, results))
 
@@ -127,10 +129,32 @@ class ConsoleData:
         return data
 
     def export(self, actor: Actor, ids: list[str], scope: str) -> bytes:
-        """The export zip (ValueError: an id that is not in the archive)."""
+        """The export zip, built in memory (ValueError: an id that is not in the
+        archive, or more than the console builds: `MAX_EXPORT` messages or
+        `MAX_EXPORT_BYTES` - the command line's export has no such limit)."""
+        if len(ids) > MAX_EXPORT:
+            raise ValueError(
+                f"{len(ids):,} messages: the console exports at most {MAX_EXPORT:,} at a time; "
+                "narrow the search, or use 'sealgate archive export' on the command line"
+            )
         unknown = [q for q in ids if not self.archive.has(q)]
         if unknown:
             raise ValueError(f"not in the archive: {', '.join(unknown[:10])}")
+        total = 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            (size,) = self.archive.index.db.execute(
+                f"SELECT coalesce(sum(size), 0) FROM messages WHERE queue_id IN ({marks})",  # noqa: S608 - placeholders only
+                chunk,
+            ).fetchone()
+            total += int(size)
+        if total > MAX_EXPORT_BYTES:
+            raise ValueError(
+                f"{total / 2**20:,.0f} MiB of messages: the console exports at most "
+                f"{MAX_EXPORT_BYTES // 2**20:,} MiB at a time; narrow the search, or use "
+                "'sealgate archive export' on the command line"
+            )
         return export_bytes(self.archive, ids, str(actor), scope)
 
     def case_ids(self, case: str) -> list[str]:

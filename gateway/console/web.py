@@ -34,7 +34,7 @@ from gateway.archive.query import Query
 from gateway.config import Config, OidcProviderConfig
 from gateway.console import charts
 from gateway.console.accounts import matcher
-from gateway.console.service import Actor, ConsoleData
+from gateway.console.service import MAX_EXPORT, Actor, ConsoleData
 from gateway.console.store import Check, Session
 from gateway.events import Event
 from gateway.observability.logging import get_logger
@@ -731,7 +731,7 @@ class Console:
             ids += await self.data.run(self.data.case_ids, case)
         if query.to_dict():
             found = await self.data.run(
-                self.data.search, self.actor(request), query, 100_000, 0, False
+                self.data.search, self.actor(request), query, MAX_EXPORT + 1, 0, False
             )
             ids += [m["queue_id"] for m in found]
         ids = list(dict.fromkeys(ids))

@@ -106,6 +106,14 @@ async def test_an_export_verifies_with_its_own_verify_py(console, tmp_path):
     assert "FAILED" not in checked.stdout and ": OK" in checked.stdout
     status, body, _ = await investigator.post("/exports", {"selected": "NOSUCHID"})
     assert status == 400
+    import gateway.console.service as service
+
+    limit, service.MAX_EXPORT_BYTES = service.MAX_EXPORT_BYTES, 100
+    try:  # built in memory: the console refuses what would not fit, and says where to go
+        status, body, _ = await investigator.post("/exports", {"selected": w.queue_id})
+    finally:
+        service.MAX_EXPORT_BYTES = limit
+    assert status == 400 and b"sealgate archive export" in body
     status, page, _ = await investigator.get("/access?action=export")
     assert "investigator-1 (local:investigator-1" in page
 
