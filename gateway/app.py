@@ -244,7 +244,7 @@ class Gateway:
         queue.webhooks = Events(tuple(self.webhooks.endpoints.values()))
         queue.events_written = self.webhooks.wake
         if worker_count(self.config) > 1:
-            # the first SMTP worker posts them; the main process delivers
+            # a process of their own posts them, after mail when the CPU is busy
             self.webhooks.remote_wake = self._wake_worker_dispatcher
         else:
             self.webhooks.start()

@@ -64,6 +64,10 @@ _GAUGES = (
 )
 
 
+# the webhook process's niceness: notifications yield to mail when the CPU is saturated
+WEBHOOK_NICE = 10
+
+
 def worker_count(config: Config) -> int:
     return config.smtp.workers or os.cpu_count() or 1
 
@@ -123,6 +127,8 @@ class WorkerPool:
             self.api_sock = bind(self.config.api.listen)
         for index in range(self.count):
             await self._spawn(index)
+        if self.config.webhooks.endpoints:
+            await self._spawn(self.hooks_index)  # a process of its own posts the events
         waits = [asyncio.wait_for(w.ready.wait(), timeout) for w in self.workers.values()]
         try:
             await asyncio.gather(*waits)
@@ -135,9 +141,8 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
-        return bool(self.workers) and all(
-            w.ready.is_set() and w.proc.poll() is None for w in self.workers.values()
-        )
+        smtp = [w for w in self.workers.values() if w.index != self.hooks_index]
+        return bool(smtp) and all(w.ready.is_set() and w.proc.poll() is None for w in smtp)
 
     async def _spawn(self, index: int) -> None:
         assert self.sock is not None
@@ -158,9 +163,9 @@ class WorkerPool:
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         fds = [self.sock.fileno(), theirs.fileno()]
-        if index == 0 and self.config.webhooks.endpoints:
-            argv += ["--webhooks"]  # the first worker posts the webhook events
-        if self.api_sock is not None and self.api_socket is not None:
+        if index == self.hooks_index:
+            argv += ["--webhooks-only"]
+        elif self.api_sock is not None and self.api_socket is not None:
             argv += ["--api-fd", str(self.api_sock.fileno()), "--api-socket", str(self.api_socket)]
             fds.append(self.api_sock.fileno())
         # Our own interpreter and module, arguments from our own configuration.
@@ -214,8 +219,13 @@ class WorkerPool:
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 
+    @property
+    def hooks_index(self) -> int:
+        """The webhook process's place among the workers: after the SMTP ones."""
+        return self.count
+
     def wake_webhooks(self) -> None:
-        """The main process wrote webhook events: the first worker posts them (one
+        """The main process wrote webhook events: the webhook process posts them (one
         message per event loop turn, however many were written)."""
         if self._waking:
             return
@@ -223,9 +233,9 @@ class WorkerPool:
 
         def send() -> None:
             self._waking = False
-            first = self.workers.get(0)
-            if first is not None and first.control is not None and not first.control.is_closing():
-                first.control.write(b'{"type": "events"}\n')
+            hooks = self.workers.get(self.hooks_index)
+            if hooks is not None and hooks.control is not None and not hooks.control.is_closing():
+                hooks.control.write(b'{"type": "events"}\n')
 
         asyncio.get_running_loop().call_soon(send)
 
@@ -308,7 +318,6 @@ def _reload(
     config_path: Path | None,
     index: int,
     api: Any = None,
-    hooks: Any = None,
 ) -> None:
     """The main process checked the configuration file and says to read it again."""
     from gateway.smtp.context import apply_edge, make_edge
@@ -325,15 +334,9 @@ def _reload(
             cert, key = api_cert_paths(new, ctx.hostname)
             server_context(cert, key)  # checked before anything changes
         apply_edge(ctx, new, edge)
-        if hooks is not None:
-            from gateway.webhooks.events import endpoints_of
-
-            endpoints = endpoints_of(new)  # the secrets read before anything changes
         if api is not None:
             api.messages.messages.apply(new)
             api.tls.load_cert_chain(str(cert), str(key))  # for new connections
-        if hooks is not None:
-            hooks.apply(new, endpoints)
     except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
         log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
         return
@@ -379,23 +382,8 @@ async def _serve_api(
     return _Api(server, front, tls)
 
 
-@dataclasses.dataclass
-class _Extras:
-    """What a worker may serve beside SMTP: the API listener's share, and (the
-    first worker) the webhook dispatcher."""
-
-    api: _Api | None
-    hooks: Any  # Dispatcher | None
-
-    async def stop(self) -> None:
-        if self.api is not None:
-            await self.api.stop()
-        if self.hooks is not None:
-            await self.hooks.close()
-
-
 async def _post_webhooks(config: Config, metrics: Metrics) -> Any:
-    """The webhook dispatcher of the first worker (`gateway.webhooks.dispatcher`)."""
+    """The webhook process's dispatcher (`gateway.webhooks.dispatcher`)."""
     from gateway.probe.dns import Resolver
     from gateway.storage.stores import Storage
     from gateway.webhooks.dispatcher import Dispatcher
@@ -417,7 +405,6 @@ async def _serve(
     index: int,
     api_listen: socket.socket | None = None,
     api_socket: Path | None = None,
-    webhooks: bool = False,
 ) -> None:
     from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
@@ -439,10 +426,7 @@ async def _serve(
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
-    extras = _Extras(
-        await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send),
-        await _post_webhooks(config, metrics) if webhooks else None,
-    )
+    api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -462,9 +446,7 @@ async def _serve(
             with contextlib.suppress(ValueError):
                 message = json.loads(line)
                 if message.get("type") == "reload":
-                    _reload(ctx, config, config_path, index, extras.api, extras.hooks)
-                elif message.get("type") == "events" and extras.hooks is not None:
-                    extras.hooks.wake()
+                    _reload(ctx, config, config_path, index, api)
                 elif message.get("type") == "recorded":
                     recording.recorded(message)
         recording.fail_all()
@@ -472,7 +454,8 @@ async def _serve(
 
     tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
     await stop.wait()
-    await extras.stop()
+    if api is not None:
+        await api.stop()
     await server.stop(grace=10)
     for t in tasks:
         t.cancel()
@@ -481,6 +464,62 @@ async def _serve(
         await writer.drain()
     writer.close()
     spool.close()
+
+
+async def _serve_webhooks(
+    config: Config, config_path: Path | None, control: socket.socket, index: int
+) -> None:
+    """The webhook process (``--webhooks-only``): posts the outbox's events, at a
+    lower priority than mail (`WEBHOOK_NICE`) - when the CPU is saturated, events
+    wait in the outbox (durable) and mail goes first; they are posted as soon as
+    there is time.  Reloads its endpoints when told; ends with the main process."""
+    from gateway.webhooks.events import endpoints_of
+
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(sock=control)
+
+    def send(message: dict[str, Any]) -> None:
+        if not writer.is_closing():
+            writer.write(json.dumps(message).encode() + b"\n")
+
+    metrics = Metrics()
+    hooks = await _post_webhooks(config, metrics)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    send({"type": "ready", "worker": index})
+
+    async def report() -> None:
+        while True:
+            send({"type": "metrics", "samples": metrics.snapshot()})
+            await asyncio.sleep(METRICS_INTERVAL)
+
+    async def parent_gone() -> None:
+        while line := await reader.readline():
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if message.get("type") == "events":
+                    hooks.wake()
+                elif message.get("type") == "reload" and config_path is not None:
+                    try:
+                        new = dataclasses.replace(
+                            load_config(config_path), state_dir=config.state_dir
+                        )
+                        hooks.apply(new, endpoints_of(new))
+                    except (ConfigError, OSError, ValueError) as e:
+                        log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
+        stop.set()
+
+    tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
+    await stop.wait()
+    await hooks.close()
+    for t in tasks:
+        t.cancel()
+    send({"type": "metrics", "samples": metrics.snapshot()})
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--api-fd", type=int, default=None)
     p.add_argument("--api-socket", type=Path, default=None)
-    p.add_argument("--webhooks", action="store_true")
+    p.add_argument("--webhooks-only", action="store_true", help="post webhook events, no SMTP")
     args = p.parse_args(argv)
     _die_with_parent()
     config = dataclasses.replace(load_config(args.config), state_dir=args.state_dir)
@@ -502,12 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
+    if args.webhooks_only:
+        listen.close()  # it accepts nothing
+        os.nice(WEBHOOK_NICE)
+        asyncio.run(_serve_webhooks(config, args.config, control, args.index))
+        return 0
     api = socket.socket(fileno=args.api_fd) if args.api_fd is not None else None
-    asyncio.run(
-        _serve(
-            config, args.config, listen, control, args.index, api, args.api_socket, args.webhooks
-        )
-    )
+    asyncio.run(_serve(config, args.config, listen, control, args.index, api, args.api_socket))
     return 0
 
 

@@ -1,6 +1,7 @@
 """dispatcher - posts the outbox's events to their endpoints (in the main process,
-or with ``smtp.workers`` above 1 in the first SMTP worker, which the main process
-wakes over the control socket when it wrote events: the main process delivers).
+or with ``smtp.workers`` above 1 in a process of its own at a lower priority than
+mail - `gateway.smtp.workers` ``--webhooks-only`` - which the main process wakes
+over the control socket when it wrote events).
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
 endpoint), leases them to this node, posts them - several at once, over kept-alive

@@ -1,10 +1,13 @@
-"""With SMTP worker processes the first worker posts the webhook events (the main
-process delivers and wakes it when it wrote some): every event still arrives, signed,
-each message's in order - the portal's too, written by the main process."""
+"""With SMTP worker processes a process of its own posts the webhook events, at a
+lower priority than mail (the main process delivers and wakes it when it wrote some):
+every event still arrives, signed, each message's in order - the portal's too,
+written by the main process - and it runs niced, apart from the SMTP workers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 
 from gateway.webhooks.events import new_secret
 from tests.conftest import free_port, load_test_config, write_config
@@ -13,7 +16,7 @@ from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
 
 
-async def test_the_first_worker_posts_every_event(tmp_path, world, pki):
+async def test_the_webhook_process_posts_every_event(tmp_path, world, pki):
     mx = await world.mta("mx.dest.test", "127.0.0.41")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     leaf = pki.ca.issue_cert("hooks.ehr.test")
@@ -50,6 +53,14 @@ async def test_the_first_worker_posts_every_event(tmp_path, world, pki):
         assert len(by_message) == 5
         assert all(kinds == ["accepted", "delivered"] for kinds in by_message.values())
         assert '"level": "error"' not in daemon.log_path.read_text()
+        children = subprocess.run(
+            ["pgrep", "-f", "-a", "gateway.smtp.workers"], capture_output=True, text=True
+        ).stdout.splitlines()
+        ours = [line for line in children if str(tmp_path) in line]
+        hooks = [line for line in ours if "--webhooks-only" in line]
+        assert len(ours) == 3 and len(hooks) == 1  # two SMTP workers and the poster
+        pid = int(hooks[0].split()[0])
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= 10  # mail first
     finally:
         daemon.kill()
         await receiver.stop()
