@@ -55,6 +55,14 @@ MAX_PAGE = 2000  # 100,000 results deep: narrow the search beyond that
 SIGNINS_PER_MINUTE = 20  # per client address
 HERE = Path(__file__).parent
 MODES = ("tls", "smime", "pgp", "portal", "hold", "bounce")
+MODE_LABELS = {
+    "tls": "TLS",
+    "smime": "S/MIME",
+    "pgp": "PGP",
+    "portal": "Secure portal",
+    "hold": "Held",
+    "bounce": "Refused",
+}
 STATES = ("queued", "deferred", "delivered", "bounced", "expired", "held", "portal")
 
 Explain = Callable[[str, list[str], bytes | None], Awaitable[dict[str, Any]]]
@@ -156,6 +164,7 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self.env.filters["when"] = _when
+        self.env.filters["mode"] = lambda m: MODE_LABELS.get(m, m) if m else "-"
         self.env.globals["may"] = may
         self.apply(config)
 
