@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -127,6 +127,21 @@ async def _form(request: web.Request) -> MultiDictProxy[Any]:
         return await request.post()
     except (UnicodeDecodeError, ValueError) as e:
         raise web.HTTPBadRequest(reason="the form cannot be read") from e
+
+
+def _local_path(target: str) -> bool:
+    """Whether a ``next`` address is a path on this console - not another site:
+    ``//host``, and ``/\\host``, which browsers read as ``//host``, are not."""
+    parts = urlsplit(target)
+    return (
+        target.startswith("/")
+        and not parts.scheme
+        and not parts.netloc
+        and not target.startswith("//")
+        and "\\" not in target
+        and target.isprintable()
+        and len(target) < 2000
+    )
 
 
 def _when(value: float | str | None) -> str:
@@ -345,7 +360,7 @@ class Console:
             status=status,
             error=error,
             pre_csrf=pre,
-            next=nxt if nxt.startswith("/") and not nxt.startswith("//") else "",
+            next=nxt if _local_path(nxt) else "",
             local=self.config.console.local_accounts,
             providers=[(p.name, p.label or p.name) for p in self.providers.values()],
         )
@@ -416,7 +431,7 @@ class Console:
         await self.data.note(actor, "signin", "", method=method)
         log.info(Event.CONSOLE_SIGNIN, method=method, outcome="right")
         self._count(method.split()[0], "right")
-        target = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/overview"
+        target = nxt if _local_path(nxt) else "/overview"
         response: web.Response
         if refresh:
             # Strict session cookies are not sent on the navigation the provider began:

@@ -6,6 +6,8 @@ sessions that end when idle, and the access record of it all."""
 from __future__ import annotations
 
 import re
+import time
+import urllib.parse
 
 import pyotp
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from gateway.archive.api import ALLOWED
 from gateway.console.web import may
 from tests.support.clock import Clock
-from tests.support.console import csrf_of
+from tests.support.console import PASSWORD, csrf_of
 
 PUBLIC = {"/static/console.css", "/", "/signin", "/oidc/callback", "/oidc/{provider}", "/signout"}
 
@@ -199,7 +201,7 @@ async def test_counting_days_ahead_survives_a_full_disk(console):
 
     w = await console()
     data = w.gw.console.data
-    kept = await data.run(data.settled_days_missing, __import__("time").time(), 400)
+    kept = await data.run(data.settled_days_missing, time.time(), 400)
     assert kept == []  # the archive began today: no finished day to count
 
     def full(day):
@@ -215,3 +217,25 @@ async def test_counting_days_ahead_survives_a_full_disk(console):
     auditor = await w.signed_in("auditor")
     assert (await auditor.get("/overview"))[0] == 200
     await w.gw.stop()  # and the daemon stops cleanly
+
+
+async def test_sign_in_returns_only_to_a_page_of_the_console(console):
+    w = await console()
+    for target, lands in (
+        ("/search?domain=tls.test", "/search?domain=tls.test"),
+        ("//evil.test/x", "/overview"),
+        ("/\\evil.test/x", "/overview"),
+        ("https://evil.test/", "/overview"),
+        ("/%0d%0aSet-Cookie:x", "/%0d%0aSet-Cookie:x"),  # a path, as written: still here
+    ):
+        person = await w.account(f"p{abs(hash(target)) % 10**6}", ("auditor",))
+        status, page, _ = await person.get("/signin?" + urllib.parse.urlencode({"next": target}))
+        form = {
+            "csrf": csrf_of(page),
+            "name": person.name,
+            "password": PASSWORD,
+            "code": pyotp.TOTP(person.secret).now(),
+            "next": target,
+        }
+        async with person.http.post(person.base + "/signin", data=form, allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == lands, (target, r.headers)
