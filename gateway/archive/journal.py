@@ -58,6 +58,8 @@ def commitment(kind: str, record_id: str, digest: str) -> bytes:
 DAY = 86400.0
 # a recipient condition matching fewer rows than this finds its messages from them
 FEW_RECIPIENTS = 5000
+# inclusion proofs take the log in aligned blocks of 2**PROOF_BLOCK leaves (`proofs`)
+PROOF_BLOCK = 10
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class Archive:
         self.origin, self.signing_key, self.key_name = origin, signing_key, key_name
         self.retention = retention or Retention()
         self._frontier = merkle.Frontier()
+        self._complete_blocks: list[bytes] = []  # roots of full proof blocks (`proofs`)
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return self.index.db.transaction()
@@ -726,22 +729,63 @@ class Archive:
 
     def proofs(self, record_ids: list[str], size: int) -> dict[str, dict[str, Any]]:
         """Inclusion proofs of these records in the tree of the first ``size`` leaves
-        (a checkpoint's): leaf index and the hashes, hex."""
-        tree = merkle.levels(self._leaves(size))
+        (a checkpoint's): leaf index and the hashes, hex.
+
+        The tree is taken in aligned blocks of ``2**PROOF_BLOCK`` leaves: a proof is
+        the path inside its block (hashed from the block's leaves) and then the path
+        among the blocks' roots - the same hashes as over the whole tree (an RFC 6962
+        tree built bottom-up, a lone last node carried up: a block's nodes depend on
+        its leaves only).  The roots of complete blocks never change in an append-only
+        log and are kept, so after the first proof each costs one block, not a walk
+        over every leaf."""
         marks = ",".join("?" * len(record_ids))
         found = self.index.db.execute(
             f"SELECT record_id, idx FROM leaves WHERE record_id IN ({marks}) AND idx <= ?",
             [*record_ids, size],
         ).fetchall()
+        if not found:
+            return {}
+        top = merkle.levels(self._block_roots(size))
         out = {}
         for record_id, idx in found:
-            path = merkle.inclusion_proof_at(idx - 1, tree)
+            index = idx - 1
+            block = index >> PROOF_BLOCK
+            first = block << PROOF_BLOCK
+            leaves = self._leaf_range(first, min(first + (1 << PROOF_BLOCK), size))
+            path = merkle.inclusion_proof_at(index - first, merkle.levels(leaves))
+            path += merkle.inclusion_proof_at(block, top)
             out[record_id] = {
-                "leaf_index": idx - 1,
+                "leaf_index": index,
                 "tree_size": size,
                 "path": [p.hex() for p in path],
             }
         return out
+
+    def _leaf_range(self, first: int, end: int) -> list[bytes]:
+        """The hashes of leaves ``first`` to ``end - 1`` (0-based positions)."""
+        rows = self.index.db.execute(
+            "SELECT hash FROM leaves WHERE idx > ? AND idx <= ? ORDER BY idx", (first, end)
+        )
+        return [bytes(r[0]) for r in rows]
+
+    def _block_roots(self, size: int) -> list[bytes]:
+        """The roots of the blocks of the first ``size`` leaves (the last one partial
+        when ``size`` is not a multiple of the block)."""
+        width = 1 << PROOF_BLOCK
+        complete = size >> PROOF_BLOCK
+        kept = self._complete_blocks
+        step = 64  # blocks read at a time
+        while len(kept) < complete:
+            start = len(kept)
+            stop = min(complete, start + step)
+            leaves = self._leaf_range(start * width, stop * width)
+            for b in range(stop - start):
+                kept.append(merkle.levels(leaves[b * width : (b + 1) * width])[-1][0])
+        roots = kept[:complete]
+        if size % width:
+            partial = self._leaf_range(complete * width, size)
+            roots.append(merkle.levels(partial)[-1][0])
+        return roots
 
     # -- verification --------------------------------------------------------------------
 

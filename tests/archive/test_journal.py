@@ -284,3 +284,25 @@ def test_nodes_appending_at_once_make_one_gapless_log_that_any_node_verifies(
     assert report.ok, report.problems  # every node's checkpoints included
     assert report.leaves == 156 and report.checkpoints >= 2
     assert [m["queue_id"] for m in other.search(Query(queue_id="N2-24"))] == ["N2-24"]
+
+
+@pytest.mark.parametrize("block", [0, 1, 2, 3])
+def test_inclusion_proofs_by_blocks_are_the_whole_trees(archive, monkeypatch, block):
+    """Proofs taken block by block (a kept root per complete block) are exactly the
+    RFC 6962 paths over all the leaves, for trees that end inside a block, on a block
+    boundary, and that grow between two proofs."""
+    from gateway.archive import journal, merkle
+
+    monkeypatch.setattr(journal, "PROOF_BLOCK", block)
+    for n in range(13):
+        archive.journal_event("", "note", {"n": n})
+    for size in (1, 2, 3, 4, 5, 8, 9, 13):
+        leaves = archive._leaves(size)
+        ids = [r for (r,) in archive.index.db.execute(
+            "SELECT record_id FROM leaves WHERE idx <= ? ORDER BY idx", (size,))]  # fmt: skip
+        proofs = archive.proofs(ids, size)
+        assert len(proofs) == size
+        for i, record_id in enumerate(ids):
+            path = [bytes.fromhex(h) for h in proofs[record_id]["path"]]
+            assert path == merkle.inclusion_proof(i, leaves), (size, i)
+            assert merkle.verify_inclusion(leaves[i], i, size, path, merkle.root(leaves))
