@@ -100,9 +100,9 @@ async def measure(base: str, name: str, secret: str, repeat: int, senders: list[
         median, worst, _ = await timed(http, base + "/overview", repeat)
         print(f"overview, 30 days: median {1000 * median:.0f} ms, worst {1000 * worst:.0f} ms")
 
-        for label, queue_id in (("first", "B0000500000"), ("another", "B0000700000")):
+        for label, queue_id in (("the first", "B0000500000"), ("the next", "B0000700000")):
             median, worst, _ = await timed(http, f"{base}/messages/{queue_id}", 1)
-            print(f"a message's page (evidence and log proof), the {label}: {1000 * median:.0f} ms")
+            print(f"a message's page (evidence and log proof), {label}: {1000 * median:.0f} ms")
         median, worst, _ = await timed(http, f"{base}/messages/B0000300000", repeat)
         print(f"a message's page: median {1000 * median:.1f} ms, worst {1000 * worst:.1f} ms")
 
