@@ -266,10 +266,12 @@ def with_last_attempts(archive: Archive, results: list[dict[str, Any]]) -> list[
     return results
 
 
-def to_csv(results: list[dict[str, Any]]) -> str:
+def to_csv(results: list[dict[str, Any]], header: bool = True) -> str:
+    """The load file's rows (``header``: with the line of field names first)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\r\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(csv_rows(results))
     return out.getvalue()
 

@@ -32,6 +32,7 @@ DAY = 86400
 SETTLED_AFTER = 7  # days: a day's counts are kept once it is this old (retries are over)
 RECENT_TTL = 120.0  # seconds a more recent day's counts are shown before a recount
 MAX_CSV = 100_000  # messages in a search's CSV (metadata only)
+CSV_PAGE = 2_000  # messages read for it at a time
 MAX_EXPORT = 10_000  # messages the console puts in one export (it is built in memory)
 MAX_EXPORT_BYTES = 512 * 2**20  # and their size
 
@@ -97,10 +98,12 @@ class ConsoleData:
             )
         return results
 
-    def search_csv(self, actor: Actor, query: Query) -> str:
-        results = self.archive.search(query, limit=MAX_CSV)
-        self.archive.access(str(actor), "search-csv", query=query.to_dict(), results=len(results))
-        return report.to_csv(report.with_last_attempts(self.archive, results))
+    def csv_page(self, query: Query, offset: int, header: bool) -> tuple[str, int]:
+        """One page (`CSV_PAGE` messages from ``offset``) of a search's load file, and
+        how many messages it has: the console streams a CSV page by page, so its
+        memory and its thread are held for one page at a time."""
+        results = self.archive.search(query, limit=CSV_PAGE, offset=offset)
+        return report.to_csv(report.with_last_attempts(self.archive, results), header), len(results)
 
     def story(self, actor: Actor, queue_id: str) -> dict[str, Any]:
         """A message's delivery proof (envelope, decisions, evidence, copies, log

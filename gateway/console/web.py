@@ -34,7 +34,7 @@ from gateway.archive.query import Query
 from gateway.config import Config, OidcProviderConfig
 from gateway.console import charts
 from gateway.console.accounts import matcher
-from gateway.console.service import MAX_EXPORT, Actor, ConsoleData
+from gateway.console.service import CSV_PAGE, MAX_CSV, MAX_EXPORT, Actor, ConsoleData
 from gateway.console.store import Check, Session
 from gateway.events import Event
 from gateway.observability.logging import get_logger
@@ -252,7 +252,8 @@ class Console:
                 status=e.status,
                 error="This page does not exist." if e.status == 404 else e.reason,
             )
-        response.headers.update(SECURITY_HEADERS)
+        if not response.prepared:  # (a streamed answer set them before its first byte)
+            response.headers.update(SECURITY_HEADERS)
         return response
 
     def _signed_in(self, need: str, handler: Handler) -> Handler:
@@ -629,21 +630,34 @@ class Console:
             query_fields=query.to_dict(),
         )
 
-    async def search_csv(self, request: web.Request) -> web.Response:
+    async def search_csv(self, request: web.Request) -> web.StreamResponse:
+        """The search's load file (a row per recipient), up to `MAX_CSV` messages,
+        written as it is read, a page at a time."""
         query = query_of(request.query)
         if not query.to_dict():
             raise Refused("name at least one search field")
         try:
-            text = await self.data.run(self.data.search_csv, self.actor(request), query)
-        except ValueError as e:
+            first, count = await self.data.run(self.data.csv_page, query, 0, True)
+        except ValueError as e:  # subjects not indexed
             raise Refused(str(e)) from None
         name = time.strftime("sealgate-search-%Y%m%d-%H%M%S.csv", time.gmtime())
-        return web.Response(
-            body=text.encode(),
-            content_type="text/csv",
-            charset="utf-8",
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        response = web.StreamResponse(
+            headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )
+        response.content_type, response.charset = "text/csv", "utf-8"
+        response.headers.update(SECURITY_HEADERS)
+        await response.prepare(request)
+        await response.write(first.encode())
+        total = count
+        while count == CSV_PAGE and total < MAX_CSV:
+            text, count = await self.data.run(self.data.csv_page, query, total, False)
+            await response.write(text.encode())
+            total += count
+        await self.data.note(
+            self.actor(request), "search-csv", "", query=query.to_dict(), results=total
+        )
+        await response.write_eof()
+        return response
 
     async def _of_message(
         self, request: web.Request, read: Callable[..., T], *args: Any

@@ -208,3 +208,24 @@ async def test_a_case_is_exported_and_subjects_are_searched_when_indexed(console
     assert f"/messages/{w.queue_id}" in page
     status, page, _ = await investigator.get("/search?subject=biopsy")
     assert "No archived message matches" in page
+
+
+async def test_a_csv_is_streamed_page_by_page_with_one_header(console, monkeypatch):
+    import gateway.console.service as service
+    import gateway.console.web as web
+
+    w = await console()
+    others = [await w.send([f"p{n}@tls.test"]) for n in range(2)]
+    monkeypatch.setattr(service, "CSV_PAGE", 1)
+    monkeypatch.setattr(web, "CSV_PAGE", 1)
+    auditor = await w.signed_in("auditor")
+    status, body, r = await auditor.fetch("/search.csv?domain=tls.test")
+    assert status == 200 and r.headers["Content-Security-Policy"].startswith("default-src")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert body.decode().count("queue_id,received") == 1
+    assert sorted(row["recipient"] for row in rows) == sorted(
+        ["patient@tls.test", "audit@tls.test", "p0@tls.test", "p1@tls.test"]
+    )
+    assert {row["queue_id"] for row in rows} == {w.queue_id, *others}
+    status, page, _ = await auditor.get("/access?action=search-csv")
+    assert "results: 3" in page
