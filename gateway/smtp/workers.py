@@ -397,11 +397,72 @@ async def _post_webhooks(config: Config, metrics: Metrics) -> Any:
     return dispatcher
 
 
+class _Control:
+    """A worker's line to the main process: messages out (`send`), the main
+    process's messages in (each to ``handle``) until it goes away (then ``gone``),
+    metrics reported every `METRICS_INTERVAL`, and SIGTERM/SIGINT to stop.  The
+    line stays open until `close`, so what the worker finishes while stopping is
+    still answered and reported."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> _Control:
+        return cls(*await asyncio.open_connection(sock=sock))
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(json.dumps(message).encode() + b"\n")
+
+    def start(
+        self,
+        index: int,
+        metrics: Metrics,
+        handle: Callable[[dict[str, Any]], None],
+        gone: Callable[[], None] = lambda: None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        # Reloading is the main process's business; a HUP sent to the whole process
+        # group must not end a worker.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        self.send({"type": "ready", "worker": index})
+        self._metrics = metrics
+
+        async def report() -> None:
+            while True:
+                self.send({"type": "metrics", "samples": metrics.snapshot()})
+                await asyncio.sleep(METRICS_INTERVAL)
+
+        async def listen() -> None:
+            # Lines from the main process, until EOF: the main process went away.
+            while line := await self.reader.readline():
+                with contextlib.suppress(ValueError):
+                    handle(json.loads(line))
+            gone()
+            self.stop.set()
+
+        self._tasks = [loop.create_task(report()), loop.create_task(listen())]
+
+    async def close(self) -> None:
+        """The last metrics, then the line closed."""
+        for t in self._tasks:
+            t.cancel()
+        self.send({"type": "metrics", "samples": self._metrics.snapshot()})
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+        self.writer.close()
+
+
 async def _serve(
     config: Config,
     config_path: Path | None,
     listen: socket.socket,
-    control: socket.socket,
+    control_sock: socket.socket,
     index: int,
     api_listen: socket.socket | None = None,
     api_socket: Path | None = None,
@@ -411,63 +472,34 @@ async def _serve(
     from gateway.spool import Spool
     from gateway.spool.submit import Submitter
 
-    loop = asyncio.get_running_loop()
-    _reader, writer = await asyncio.open_connection(sock=control)
-
-    def send(message: dict[str, Any]) -> None:
-        if not writer.is_closing():
-            writer.write(json.dumps(message).encode() + b"\n")
-
+    control = await _Control.open(control_sock)
     metrics = Metrics()
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.start_io()
-    recording = _Recording(config.cluster.ack == "shared", send)
+    recording = _Recording(config.cluster.ack == "shared", control.send)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)
     await server.start(sock=listen)
-    api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, send)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    # Reloading is the main process's business; a HUP sent to the whole process
-    # group must not end a worker.
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    send({"type": "ready", "worker": index})
+    api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, control.send)
 
-    async def report() -> None:
-        while True:
-            send({"type": "metrics", "samples": metrics.snapshot()})
-            await asyncio.sleep(METRICS_INTERVAL)
+    def handle(message: dict[str, Any]) -> None:
+        if message.get("type") == "reload":
+            _reload(ctx, config, config_path, index, api)
+        elif message.get("type") == "recorded":
+            recording.recorded(message)
 
-    async def parent_gone() -> None:
-        # Lines from the main process (reload), until EOF: the main process went away.
-        while line := await _reader.readline():
-            with contextlib.suppress(ValueError):
-                message = json.loads(line)
-                if message.get("type") == "reload":
-                    _reload(ctx, config, config_path, index, api)
-                elif message.get("type") == "recorded":
-                    recording.recorded(message)
-        recording.fail_all()
-        stop.set()
-
-    tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
-    await stop.wait()
+    control.start(index, metrics, handle, gone=recording.fail_all)
+    await control.stop.wait()
     if api is not None:
         await api.stop()
     await server.stop(grace=10)
-    for t in tasks:
-        t.cancel()
-    send({"type": "metrics", "samples": metrics.snapshot()})
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    writer.close()
+    await control.close()
     spool.close()
 
 
 async def _serve_webhooks(
-    config: Config, config_path: Path | None, control: socket.socket, index: int
+    config: Config, config_path: Path | None, control_sock: socket.socket, index: int
 ) -> None:
     """The webhook process (``--webhooks-only``): posts the outbox's events, at a
     lower priority than mail (`WEBHOOK_NICE`) - when the CPU is saturated, events
@@ -475,51 +507,24 @@ async def _serve_webhooks(
     there is time.  Reloads its endpoints when told; ends with the main process."""
     from gateway.webhooks.events import endpoints_of
 
-    loop = asyncio.get_running_loop()
-    reader, writer = await asyncio.open_connection(sock=control)
-
-    def send(message: dict[str, Any]) -> None:
-        if not writer.is_closing():
-            writer.write(json.dumps(message).encode() + b"\n")
-
+    control = await _Control.open(control_sock)
     metrics = Metrics()
     hooks = await _post_webhooks(config, metrics)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    send({"type": "ready", "worker": index})
 
-    async def report() -> None:
-        while True:
-            send({"type": "metrics", "samples": metrics.snapshot()})
-            await asyncio.sleep(METRICS_INTERVAL)
+    def handle(message: dict[str, Any]) -> None:
+        if message.get("type") == "events":
+            hooks.wake()
+        elif message.get("type") == "reload" and config_path is not None:
+            try:
+                new = dataclasses.replace(load_config(config_path), state_dir=config.state_dir)
+                hooks.apply(new, endpoints_of(new))
+            except (ConfigError, OSError, ValueError) as e:
+                log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
 
-    async def parent_gone() -> None:
-        while line := await reader.readline():
-            with contextlib.suppress(ValueError):
-                message = json.loads(line)
-                if message.get("type") == "events":
-                    hooks.wake()
-                elif message.get("type") == "reload" and config_path is not None:
-                    try:
-                        new = dataclasses.replace(
-                            load_config(config_path), state_dir=config.state_dir
-                        )
-                        hooks.apply(new, endpoints_of(new))
-                    except (ConfigError, OSError, ValueError) as e:
-                        log.error(Event.RELOAD_FAILED, worker=index, error=str(e)[:300])
-        stop.set()
-
-    tasks = [loop.create_task(report()), loop.create_task(parent_gone())]
-    await stop.wait()
+    control.start(index, metrics, handle)
+    await control.stop.wait()
     await hooks.close()
-    for t in tasks:
-        t.cancel()
-    send({"type": "metrics", "samples": metrics.snapshot()})
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    writer.close()
+    await control.close()
 
 
 def main(argv: list[str] | None = None) -> int:
