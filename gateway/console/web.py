@@ -41,7 +41,7 @@ from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.portal import render
 from gateway.portal.oidc import OidcClient, OidcError
-from gateway.portal.web import SECURITY_HEADERS, RateLimit
+from gateway.portal.web import SECURITY_HEADERS, RateLimit, set_host_cookie
 
 log = get_logger("gateway.console")
 
@@ -365,7 +365,7 @@ class Console:
             local=self.config.console.local_accounts,
             providers=[(p.name, p.label or p.name) for p in self.providers.values()],
         )
-        response.set_cookie(PRE_CSRF, pre, secure=True, httponly=True, samesite="Strict", path="/")
+        set_host_cookie(response, PRE_CSRF, pre)
         return response
 
     async def signin_form(self, request: web.Request) -> web.Response:
@@ -441,15 +441,7 @@ class Console:
             response.headers["Refresh"] = f"0; url={target}"
         else:
             response = web.Response(status=303, headers={"Location": target})
-        response.set_cookie(
-            SESSION,
-            sid,
-            secure=True,
-            httponly=True,
-            samesite="Strict",
-            path="/",
-            max_age=int(c.session_lifetime),
-        )
+        set_host_cookie(response, SESSION, sid, max_age=int(c.session_lifetime))
         response.del_cookie(PRE_CSRF, path="/", secure=True, samesite="Strict")
         return response
 
@@ -481,15 +473,7 @@ class Console:
             browser,
         )
         response = web.HTTPSeeOther(started.url)
-        response.set_cookie(
-            OIDC_BROWSER,
-            browser,
-            secure=True,
-            httponly=True,
-            samesite="Lax",
-            path="/",
-            max_age=600,
-        )
+        set_host_cookie(response, OIDC_BROWSER, browser, samesite="Lax", max_age=600)
         raise response
 
     async def oidc_callback(self, request: web.Request) -> web.Response:

@@ -109,6 +109,22 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
     "Strict-Transport-Security": "max-age=31536000",
 }
+
+
+def set_host_cookie(
+    response: web.StreamResponse,
+    name: str,
+    value: str,
+    samesite: str = "Strict",
+    max_age: int | None = None,
+) -> None:
+    """A ``__Host-`` cookie of the portal or the console, as the prefix requires it
+    (Secure, Path=/, no Domain) and never readable by script (HttpOnly)."""
+    response.set_cookie(
+        name, value, secure=True, httponly=True, samesite=samesite, path="/", max_age=max_age
+    )
+
+
 CODE_REQUESTS = 5  # codes a link may ask for per CODE_WINDOW
 CODE_WINDOW = 900.0
 
@@ -342,9 +358,7 @@ class PortalWeb:
         return request.cookies.get(PRE_CSRF) or secrets.token_urlsafe(24)
 
     def _with_pre_csrf(self, response: web.Response, value: str) -> web.Response:
-        response.set_cookie(
-            PRE_CSRF, value, secure=True, httponly=True, samesite="Strict", path="/"
-        )
+        set_host_cookie(response, PRE_CSRF, value)
         return response
 
     def _csrf_ok(self, sent: object, expected: str | None) -> bool:
@@ -510,15 +524,7 @@ class PortalWeb:
         raise response
 
     def _set_session(self, response: web.StreamResponse, sid: str) -> None:
-        response.set_cookie(
-            SESSION,
-            sid,
-            secure=True,
-            httponly=True,
-            samesite="Strict",
-            path="/",
-            max_age=int(self.config.session_ttl),
-        )
+        set_host_cookie(response, SESSION, sid, max_age=int(self.config.session_ttl))
 
     # -- passwords, passphrases, OpenID Connect (portal.auth) ------------------------
 
@@ -628,9 +634,7 @@ class PortalWeb:
         # link's token rides along in the browser that already holds it (the store
         # keeps only its digest), for the way back to the message.
         for name, value in ((OIDC_BROWSER, browser), (OIDC_RETURN, token)):
-            response.set_cookie(
-                name, value, secure=True, httponly=True, samesite="Lax", path="/", max_age=600
-            )
+            set_host_cookie(response, name, value, samesite="Lax", max_age=600)
         raise response
 
     async def oidc_callback(self, request: web.Request) -> web.Response:
