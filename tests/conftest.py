@@ -73,6 +73,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
+def leaf_files(leaf: trustme.LeafCert, directory: Path, stem: str) -> tuple[Path, Path]:
+    """A leaf certificate as a server loads it: ``<stem>.pem`` (the key and the chain,
+    leaf first) and ``<stem>.key``, in ``directory``."""
+    chain, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    leaf.private_key_pem.write_to_path(str(key))
+    return chain, key
+
+
 @dataclass
 class Pki:
     ca: trustme.CA

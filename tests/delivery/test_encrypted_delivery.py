@@ -14,7 +14,7 @@ import pytest
 
 from gateway.crypto.smime import split
 from gateway.probe.facts import KeyInfo, KnownKeys
-from tests.conftest import make_message, run_sealgate
+from tests.conftest import leaf_files, make_message, run_sealgate
 from tests.support.delivery import send, start, state
 from tests.support.pgp_keys import gpg
 from tests.support.smime_pki import ca, mailbox
@@ -227,9 +227,7 @@ async def test_a_key_found_by_wkd_is_used_only_where_the_policy_allows(
     dest = await world.mta("mx.dest.test", "127.0.0.71", cert="self-signed")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     leaf = pki.ca.issue_cert("openpgpkey.dest.test")
-    chain, key = tmp_path / "wkd.pem", tmp_path / "wkd.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "wkd")
     world.dns.add("openpgpkey.dest.test", "A", "127.0.0.86")
     port = free_port()
     wkd = await PolicyServer("127.0.0.86", port, (chain, key), body=pgp_keys["dave"].public).start()

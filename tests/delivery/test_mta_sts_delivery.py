@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import free_port, run_sealgate
+from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.delivery import send, state
 from tests.support.https import PolicyServer
 from tests.support.world import tls_only, wait_until
@@ -26,9 +26,7 @@ async def start(
 ):
     port = free_port()
     leaf = pki.ca.issue_cert("mta-sts.dest.test")
-    chain, key = tmp_path / "sts.pem", tmp_path / "sts.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "sts")
     world.dns.add("mta-sts.dest.test", "A", "127.0.0.79")
     world.dns.add("_mta-sts.dest.test", "TXT", '"v=STSv1; id=one"')
     server = await PolicyServer("127.0.0.79", port, (chain, key), body=policy).start()

@@ -18,7 +18,7 @@ from gateway.probe.mta_sts import (
     parse_policy,
     parse_record,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, leaf_files
 from tests.support.dns import DnsFixture
 from tests.support.https import PolicyServer
 
@@ -122,9 +122,7 @@ async def sts(tmp_path, pki):
         domain: str, ip: str, body: str = ENFORCE, cert_for: str | None = None, ca=None
     ):
         leaf = (ca or pki.ca).issue_cert(cert_for or f"mta-sts.{domain}")
-        chain, key = tmp_path / f"{domain}.pem", tmp_path / f"{domain}.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, domain)
         dns.add(f"mta-sts.{domain}", "A", ip)
         server = await PolicyServer(ip, port, (chain, key), body=body).start()
         servers.append(server)

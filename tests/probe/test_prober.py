@@ -20,7 +20,7 @@ from gateway.probe.dns import Resolver
 from gateway.probe.facts import TlsaState, level_of
 from gateway.probe.mta_sts import StsCache
 from gateway.probe.prober import Prober, ProbeSettings
-from tests.conftest import free_port
+from tests.conftest import free_port, leaf_files
 from tests.support.https import PolicyServer
 
 
@@ -207,9 +207,7 @@ async def sts_server(world, pki, tmp_path):
 
     async def start(body: str) -> PolicyServer:
         leaf = pki.ca.issue_cert("mta-sts.dest.test")
-        chain, key = tmp_path / "sts.pem", tmp_path / "sts.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, "sts")
         world.dns.add("mta-sts.dest.test", "A", "127.0.0.79")
         world.dns.add("_mta-sts.dest.test", "TXT", '"v=STSv1; id=one"')
         server = await PolicyServer("127.0.0.79", free_port(), (chain, key), body=body).start()
@@ -305,9 +303,7 @@ async def test_dane_ta_matches_a_ca_the_server_presents(world, make_prober, tmp_
     root = trustme.CA()
     intermediate = root.create_child_ca()
     leaf = intermediate.issue_cert("mx1.dest.test")
-    chain, key = tmp_path / "ta.pem", tmp_path / "ta.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))  # leaf + intermediate
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "ta")  # leaf + intermediate
     world.dns.add("mx1.dest.test", "A", "127.0.0.81")
     server = await RecipientMta("127.0.0.81", world.port, (chain, key)).start()
     try:

@@ -10,7 +10,7 @@ import pytest
 from gateway.crypto.keydir import DirectoryKeyStore, KeyDirectory
 from gateway.observability.metrics import Metrics
 from gateway.probe.wkd import WkdKeyStore, fetch_key, local_hash, locations
-from tests.conftest import free_port
+from tests.conftest import free_port, leaf_files
 from tests.support.https import PolicyServer
 
 
@@ -43,9 +43,7 @@ async def wkd_server(world, pki, tmp_path):
 
     async def start(host: str, ip: str, body: bytes, status: int = 200) -> PolicyServer:
         leaf = pki.ca.issue_cert(host)
-        chain, key = tmp_path / f"{host}.pem", tmp_path / f"{host}.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, host)
         world.dns.add(host, "A", ip)
         server = PolicyServer(ip, world.wkd_port, (chain, key), body=body, status=status)
         server.content_type = "application/octet-stream"

@@ -20,6 +20,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.conftest import leaf_files
+
 
 def spki_hash(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
@@ -32,9 +34,7 @@ def spki_hash(cert_pem: bytes) -> str:
 @pytest.fixture
 def portal_cert(pki, tmp_path):
     leaf = pki.ca.issue_cert("127.0.0.1")
-    chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "portal")
     return chain, key, spki_hash(leaf.cert_chain_pems[0].bytes())
 
 

@@ -19,7 +19,7 @@ import pytest
 from gateway.archive.query import Query
 from gateway.config import HostPort
 from gateway.portal.credentials import hash_secret
-from tests.conftest import make_message, smtp_client
+from tests.conftest import leaf_files, make_message, smtp_client
 from tests.support.archive import archive_of
 from tests.support.world import tls_only, wait_until
 
@@ -144,9 +144,7 @@ async def console(gateway_factory, world, pki, tmp_path):
         mta = await world.mta("mx.tls.test", "127.0.0.61")
         world.dns.add("tls.test", "MX", "10 mx.tls.test.")
         leaf = pki.ca.issue_cert("127.0.0.1")
-        chain, key = tmp_path / "console.pem", tmp_path / "console.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, "console")
         gw = await gateway_factory(
             world.config(
                 {"console.cert_file": str(chain), "console.key_file": str(key), **overrides},

@@ -9,7 +9,7 @@ import ssl
 import aiohttp
 import pytest
 
-from tests.conftest import make_message, smtp_client
+from tests.conftest import leaf_files, make_message, smtp_client
 from tests.support.world import wait_until
 
 
@@ -31,9 +31,7 @@ async def portal(gateway_factory, world, pki, tmp_path):
         plain = await world.mta("mx.plain.test", "127.0.0.93", cert=None)
         world.dns.add("plain.test", "MX", "10 mx.plain.test.")
         leaf = pki.ca.issue_cert("127.0.0.1")
-        chain, key = tmp_path / "portal.pem", tmp_path / "portal.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, "portal")
         gw = await gateway_factory(
             world.config(
                 {

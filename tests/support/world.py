@@ -15,7 +15,7 @@ from gateway.delivery.client import ClientSettings, deliver
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.probe.dns import Resolver
-from tests.conftest import free_port
+from tests.conftest import free_port, leaf_files
 from tests.support.dns import DnsFixture
 from tests.support.mta import RecipientMta
 
@@ -53,9 +53,7 @@ async def world(tmp_path, pki):
     leaves: dict[str, trustme.LeafCert] = {}
 
     def cert_files(name: str, leaf: trustme.LeafCert) -> tuple:
-        chain, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-        leaf.private_key_pem.write_to_path(str(key))
+        chain, key = leaf_files(leaf, tmp_path, name)
         leaves[name] = leaf
         return chain, key
 

@@ -15,7 +15,7 @@ import re
 import pytest
 
 from gateway.tlsrpt.service import SEND_AFTER
-from tests.conftest import free_port, run_sealgate
+from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.delivery import send, state
 from tests.support.https import PolicyServer
 from tests.support.tlsrpt import check_report, read_mailed
@@ -34,9 +34,7 @@ async def servers():
 
 async def https_server(world, pki, tmp_path, servers, name, ip, **kwargs):
     leaf = pki.ca.issue_cert(name)
-    chain, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, name)
     world.dns.add(name, "A", ip)
     server = await PolicyServer(ip, free_port(), (chain, key), **kwargs).start()
     servers.append(server)

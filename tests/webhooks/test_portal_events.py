@@ -9,7 +9,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, run_sealgate
+from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.portal import csrf_of, request_code
 from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
@@ -19,9 +19,7 @@ from tests.webhooks.test_webhooks import endpoint
 @pytest.fixture
 async def hooks(world, pki, tmp_path):
     leaf = pki.ca.issue_cert("hooks.ehr.test")
-    chain, key = tmp_path / "hooks.pem", tmp_path / "hooks.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "hooks")
     world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
     r = await Receiver("127.0.0.91", free_port(), (chain, key)).start()
     yield r

@@ -13,7 +13,7 @@ import pytest
 from standardwebhooks import WebhookVerificationError
 
 from gateway.webhooks.events import new_secret
-from tests.conftest import free_port, run_sealgate
+from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.delivery import BODY, SUBJECT, send, state
 from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
@@ -29,9 +29,7 @@ async def receivers():
 
 def receiver(world, pki, tmp_path, receivers) -> Receiver:
     leaf = pki.ca.issue_cert("hooks.ehr.test")
-    chain, key = tmp_path / "hooks.pem", tmp_path / "hooks.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "hooks")
     world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
     r = Receiver("127.0.0.91", free_port(), (chain, key))
     receivers.append(r)

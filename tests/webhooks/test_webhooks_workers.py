@@ -10,7 +10,7 @@ import os
 import subprocess
 
 from gateway.webhooks.events import new_secret
-from tests.conftest import free_port, load_test_config, write_config
+from tests.conftest import free_port, leaf_files, load_test_config, write_config
 from tests.e2e.daemon import Daemon
 from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
@@ -20,9 +20,7 @@ async def test_the_webhook_process_posts_every_event(tmp_path, world, pki):
     mx = await world.mta("mx.dest.test", "127.0.0.41")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     leaf = pki.ca.issue_cert("hooks.ehr.test")
-    chain, key = tmp_path / "hooks.pem", tmp_path / "hooks.key"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    leaf.private_key_pem.write_to_path(str(key))
+    chain, key = leaf_files(leaf, tmp_path, "hooks")
     world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
     receiver = await Receiver("127.0.0.91", free_port(), (chain, key)).start()
     secret = new_secret()
