@@ -578,12 +578,6 @@ class Archive:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _leaves(self, size: int | None = None) -> list[bytes]:
-        sql = "SELECT hash FROM leaves ORDER BY idx"
-        if size is not None:
-            sql += f" LIMIT {int(size)}"
-        return [bytes(r[0]) for r in self.index.db.execute(sql)]
-
     def message(self, queue_id: str) -> tuple[dict[str, Any], bytes]:
         """The envelope and the bytes received (KeyError: not archived, or purged)."""
         record = self.record(f"msg-{queue_id}")

@@ -297,7 +297,7 @@ def test_inclusion_proofs_by_blocks_are_the_whole_trees(archive, monkeypatch, bl
     for n in range(13):
         archive.journal_event("", "note", {"n": n})
     for size in (1, 2, 3, 4, 5, 8, 9, 13):
-        leaves = archive._leaves(size)
+        leaves = archive._leaf_range(0, size)
         ids = [r for (r,) in archive.index.db.execute(
             "SELECT record_id FROM leaves WHERE idx <= ? ORDER BY idx", (size,))]  # fmt: skip
         proofs = archive.proofs(ids, size)
