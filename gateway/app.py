@@ -26,7 +26,7 @@ from gateway.api.server import ApiServer, api_tls
 from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
-from gateway.config import Config, HostPort, load_config
+from gateway.config import Config, ConsoleConfig, HostPort, PortalConfig, load_config
 from gateway.config_check import check_references
 from gateway.config_check import warnings as config_warnings
 from gateway.console.server import ConsoleServer
@@ -171,7 +171,7 @@ class Gateway:
         if self.archive is not None:
             self.archive.start()
         if self.portal is not None:
-            await self.portal.start(None if cfg.portal.behind_proxy else self._portal_tls())
+            await self.portal.start(None if cfg.portal.behind_proxy else self._tls(cfg.portal))
         if worker_count(cfg) > 1:
             make_smtp_context(cfg, self.submitter, self.metrics)  # fail here, not in a worker
             self._api_socket = _internal_socket(cfg) if cfg.api.enabled else None
@@ -245,11 +245,11 @@ class Gateway:
         queue.events_written = self.webhooks.wake
         if worker_count(self.config) > 1:
             # a process of their own posts them, after mail when the CPU is busy
-            self.webhooks.remote_wake = self._wake_worker_dispatcher
+            self.webhooks.remote_wake = self._wake_webhook_process
         else:
             self.webhooks.start()
 
-    def _wake_worker_dispatcher(self) -> None:
+    def _wake_webhook_process(self) -> None:
         if self.workers is not None:
             self.workers.wake_webhooks()
 
@@ -315,15 +315,9 @@ class Gateway:
         """The compliance console's listener (it reads the archive: none without one)."""
         cfg = self.config
         if not cfg.archive.enabled:
-            log.warning(
-                Event.CONFIG_WARNING, warning="console.enabled: there is no archive to show"
-            )
-            return
+            return  # config_warnings said so at start
         self.console = ConsoleServer(cfg, self.hostname, self._explain, self.metrics)
-        cc = cfg.console
-        await self.console.start(
-            server_context(*self._cert_and_key(cfg, cc.cert_file, cc.key_file))
-        )
+        await self.console.start(self._tls(cfg.console))
 
     def _listening_at(self) -> tuple[str, int]:
         """Where the SMTP listener listens (the port taken, when it names port 0)."""
@@ -444,10 +438,9 @@ class Gateway:
             return self.queue.queued(queue_id, size=size)
         return None
 
-    def _portal_tls(self) -> ssl.SSLContext:
-        """The portal's HTTPS: its own certificate, else the SMTP listener's."""
-        pc = self.config.portal
-        return server_context(*self._cert_and_key(self.config, pc.cert_file, pc.key_file))
+    def _tls(self, section: PortalConfig | ConsoleConfig) -> ssl.SSLContext:
+        """A web listener's HTTPS: its own certificate, else the SMTP listener's."""
+        return server_context(*self._cert_and_key(self.config, section.cert_file, section.key_file))
 
     def _cert_and_key(
         self, config: Config, cert: Path | None, key: Path | None
