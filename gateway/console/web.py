@@ -388,15 +388,8 @@ class Console:
         check = matcher(password, code, store.totp_secret)
         result = await self.data.run(store.check, name, check, c.max_failures, float(c.lockout))
         if result is not Check.RIGHT:
-            await self.data.note(
-                f"{name or '?'} (local; console sign-in, from {client})",
-                "signin-failed",
-                "",
-                method="local",
-                outcome=result.value,
-            )
-            log.warning(Event.CONSOLE_SIGNIN, method="local", outcome=result.value)
-            self._count("local", result.value)
+            who = f"{name or '?'} (local; console sign-in, from {client})"
+            await self._signin_failed(who, "local", result.value)
             return self._signin_page(
                 request,
                 "Sign-in failed: the name, password or code is wrong, or the account is "
@@ -444,6 +437,12 @@ class Console:
         set_host_cookie(response, SESSION, sid, max_age=int(c.session_lifetime))
         response.del_cookie(PRE_CSRF, path="/", secure=True, samesite="Strict")
         return response
+
+    async def _signin_failed(self, who: str, method: str, outcome: str, **detail: Any) -> None:
+        """A refused sign-in, in the access record, the log and the count."""
+        await self.data.note(who, "signin-failed", "", method=method, outcome=outcome, **detail)
+        log.warning(Event.CONSOLE_SIGNIN, method=method, outcome=outcome, **detail)
+        self._count(method, outcome)
 
     def _count(self, method: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -513,16 +512,8 @@ class Console:
             if "groups" in claims.get("_claim_names", {}):
                 refused += "; the groups claim overflowed: map app roles instead"
         if refused:
-            await self.data.note(
-                f"{display or '?'} ({identity}; console sign-in, from {client_ip})",
-                "signin-failed",
-                "",
-                method="oidc",
-                provider=name,
-                reason=refused[:300],
-            )
-            log.warning(Event.CONSOLE_SIGNIN, method="oidc", provider=name, error=refused[:300])
-            self._count("oidc", "refused")
+            who = f"{display or '?'} ({identity}; console sign-in, from {client_ip})"
+            await self._signin_failed(who, "oidc", "refused", provider=name, reason=refused[:300])
             return self._signin_page(request, f"Sign-in refused: {refused}.", 403)
         response = await self._start_session(
             request, identity, display, roles, f"oidc {name}", "", refresh=True
