@@ -387,33 +387,18 @@ def _store(config: Config) -> Any:
     return QueueStore(storage.open("queue")) if storage.exists("queue") else None
 
 
-def _summary(env: Envelope, store: Any) -> dict[str, Any]:
-    received = datetime.datetime.fromisoformat(env.received_at)
-    age = (datetime.datetime.now(datetime.UTC) - received).total_seconds()
-    states = {r.idx: r for r in store.recipients(env.queue_id)} if store else {}
-    decisions = store.decisions(env.queue_id) if store else {}
-    message = store.message(env.queue_id) if store else None
-    recipients = []
-    for idx, r in enumerate(env.recipients):
-        row = states.get(idx)
-        decision = decisions.get(idx)
-        recipients.append(
-            {
-                "address": r.address,
-                "state": row.state if row else "pending",
-                "status": row.status if row else "",
-                "mode": decision["mode"] if decision else "",
-                "rule": decision["rule"] if decision else "",
-            }
-        )
+def _summary(env: Envelope) -> dict[str, Any]:
+    """A spooled message the store has not recorded yet: every recipient pending."""
     return {
         "queue_id": env.queue_id,
         "received_at": env.received_at,
-        "age_seconds": int(age),
-        "size": env.size,
         "mail_from": env.mail_from,
-        "hold": bool(message and message["hold"]),
-        "recipients": recipients,
+        "size": env.size,
+        "hold": False,
+        "recipients": [
+            {"address": r.address, "state": "pending", "status": "", "mode": "", "rule": ""}
+            for r in env.recipients
+        ],
     }
 
 
@@ -432,21 +417,33 @@ def _matches(s: dict[str, Any], state: str | None, domain: str | None, older: fl
 
 def _queue_list(config: Config, args: argparse.Namespace) -> int:
     from gateway.config import parse_duration
+    from gateway.spool.store import read_envelope
 
     older = parse_duration(args.older_than) if args.older_than else None
     store = _store(config)
-    count = status = 0
-    items: list[Envelope | SpoolError] = []
-    if store is not None and Storage(config).shared:  # every node's, from the database
-        items += store.shared_envelopes()
-    shared = {e.queue_id for e in items if isinstance(e, Envelope)}
-    items += [e for e in _spool(config).envelopes() if getattr(e, "queue_id", None) not in shared]
-    for item in items:
-        if isinstance(item, SpoolError):
-            print(f"sealgate: {item}", file=sys.stderr)
-            status = 1
+    status = count = 0
+    # what the store recorded (every node's, with a shared one), then what is only
+    # spooled: accepted a moment ago, or before a crash (recorded at the next start)
+    summaries = store.open_messages() if store is not None else []
+    known = store.known() if store is not None else {}
+    spool = _spool(config)
+    for queue_id in spool.queue_ids():
+        if queue_id in known:
             continue
-        s = _summary(item, store)
+        try:
+            summaries.append(_summary(read_envelope(spool.path_of(queue_id))))
+        except SpoolError as e:
+            print(f"sealgate: {e}", file=sys.stderr)
+            status = 1
+    summaries.sort(key=lambda s: s["queue_id"])
+    now = datetime.datetime.now(datetime.UTC)
+    for s in summaries:
+        age = now - datetime.datetime.fromisoformat(s["received_at"])
+        s = {
+            **{k: s[k] for k in ("queue_id", "received_at")},
+            "age_seconds": int(age.total_seconds()),
+            **{k: s[k] for k in ("size", "mail_from", "hold", "recipients")},
+        }
         if not _matches(s, args.state, args.domain, older):
             continue
         count += 1

@@ -226,9 +226,16 @@ class Archive:
         return found is not None
 
     def has_content(self, queue_id: str) -> bool:
-        """Journaled with its blob there (at start: a crash can lose a file blob
-        written without fsync while the spool still holds the message)."""
-        return self.has(queue_id) and self.blobs.get(f"msg-{queue_id}") is not None
+        return not self.lacking_content([queue_id])
+
+    def lacking_content(self, queue_ids: list[str]) -> list[str]:
+        """Those of ``queue_ids`` not journaled, or journaled without their blob (at
+        start: a crash can lose a file blob written without fsync while the spool
+        still holds the message) - asked for all at once, nothing read."""
+        sql = "SELECT queue_id FROM messages WHERE queue_id IN ({marks})"
+        journaled = [q for (q,) in self.index.db.among(sql, queue_ids)]
+        stored = self.blobs.present([f"msg-{q}" for q in journaled])
+        return [q for q in queue_ids if f"msg-{q}" not in stored]
 
     def journal_message(
         self,

@@ -46,6 +46,7 @@ from gateway.model import Envelope
 from gateway.observability.logging import get_logger, write_private_file
 from gateway.observability.metrics import Metrics
 from gateway.spool import Spool
+from gateway.spool.store import read_envelope
 from gateway.storage.stores import Storage
 
 log = get_logger("gateway.archive")
@@ -271,11 +272,14 @@ class ArchiveService:
         spool files must stay."""
         failed = set()
         recovered = 0
-        for item in await self._run(lambda: list(self.spool.envelopes())):
-            if not isinstance(item, Envelope) or not check_envelope(item).ok:
+        spooled = await self._run(lambda: sorted(self.spool.queue_ids()))
+        for queue_id in await self._run(self.archive.lacking_content, spooled):
+            try:
+                item = await self._run(read_envelope, self.spool.path_of(queue_id))
+            except SpoolError:
+                continue  # gone meanwhile, or unreadable: the queue finds it
+            if not check_envelope(item).ok:
                 continue  # a poison message: the queue journals it as it quarantines it
-            if await self._run(self.archive.has_content, item.queue_id):
-                continue
             job = self._journal_job(item, None)
             try:
                 await self._batcher.run(job)

@@ -28,6 +28,7 @@ class BlobStore(Protocol):
     def put(self, name: str, data: bytes, durable: bool = True) -> None: ...
     def make_durable_all(self, names: list[str]) -> None: ...
     def get(self, name: str) -> bytes | None: ...
+    def present(self, names: list[str]) -> set[str]: ...
     def delete(self, name: str) -> bool: ...
     def names(self) -> Iterator[str]: ...
 
@@ -72,6 +73,10 @@ class FileBlobStore:
         except FileNotFoundError:
             return None
 
+    def present(self, names: list[str]) -> set[str]:
+        """Those of ``names`` that are stored (nothing is read)."""
+        return {name for name in names if self._path(name).exists()}
+
     def delete(self, name: str) -> bool:
         try:
             self._path(name).unlink()
@@ -107,6 +112,11 @@ class SqlBlobStore:
     def get(self, name: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM blobs WHERE name=?", (name,)).fetchone()
         return bytes(row[0]) if row else None
+
+    def present(self, names: list[str]) -> set[str]:
+        """Those of ``names`` that are stored (nothing is read)."""
+        sql = "SELECT name FROM blobs WHERE name IN ({marks})"
+        return {name for (name,) in self.db.among(sql, names)}
 
     def delete(self, name: str) -> bool:
         return bool(self.db.execute("DELETE FROM blobs WHERE name=?", (name,)).rowcount)

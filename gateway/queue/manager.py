@@ -298,10 +298,15 @@ class QueueManager:
         known, added = self.store.known(), 0
         poison: dict[str, str] = {}
         leftover: list[Envelope] = []
-        for item in self.spool.envelopes():
-            if not isinstance(item, Envelope):
+        # only the files the store does not know, or knows as done, are read
+        for queue_id in sorted(self.spool.queue_ids()):
+            done = known.get(queue_id)
+            if done is False:
                 continue
-            done = known.get(item.queue_id)
+            try:
+                item = read_envelope(self.spool.path_of(queue_id))
+            except SpoolError:
+                continue  # a file gone meanwhile, or unreadable: found when it is read
             if done is None:
                 try:
                     added += self._add_checked(item, lease=False)

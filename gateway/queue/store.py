@@ -41,7 +41,7 @@ from gateway.api.store import INSERT_MESSAGE as API_MESSAGE_INSERT
 from gateway.api.store import SCHEMA as API_SCHEMA
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
-from gateway.storage.database import Database, Schema, batch
+from gateway.storage.database import Database, Dialect, Schema, batch
 from gateway.storage.migrations import Versioned, prepare
 from gateway.tlsrpt.store import SCHEMA as TLSRPT_SCHEMA
 from gateway.webhooks.outbox import INSERT as WEBHOOK_INSERT
@@ -321,6 +321,48 @@ class QueueStore:
             "WHERE m.done=0 ORDER BY m.arrived"
         )
         return [_envelope_of(text) for (text,) in rows]
+
+    def open_messages(self) -> list[dict[str, Any]]:
+        """Every unfinished message (by queue id: by arrival), with its recipients'
+        states and latest decisions - in two queries, whatever the size of the queue
+        (`sealgate queue list`)."""
+        messages: dict[str, dict[str, Any]] = {}
+        for queue_id, received_at, mail_from, size, hold in self._db.execute(
+            "SELECT queue_id, received_at, mail_from, size, hold FROM messages "
+            "WHERE done=0 ORDER BY queue_id"
+        ):
+            messages[queue_id] = {
+                "queue_id": queue_id,
+                "received_at": received_at,
+                "mail_from": mail_from,
+                "size": size,
+                "hold": bool(hold),
+                "recipients": [],
+            }
+        # the decision's mode and rule taken out by the database (not a JSON document
+        # parsed here per recipient)
+        mode, rule = (
+            ("r.decision::json->>'mode'", "r.decision::json->>'rule'")
+            if self._db.dialect is Dialect.POSTGRESQL
+            else ("json_extract(r.decision, '$.mode')", "json_extract(r.decision, '$.rule')")
+        )
+        for queue_id, address, state, status, made, by in self._db.execute(
+            f"SELECT r.queue_id, r.address, r.state, r.status, {mode}, {rule} "  # noqa: S608 - constants
+            "FROM recipients r JOIN messages m USING (queue_id) WHERE m.done=0 "
+            "ORDER BY r.queue_id, r.idx"
+        ):
+            message = messages.get(queue_id)
+            if message is not None:  # (not one recorded between the two queries)
+                message["recipients"].append(
+                    {
+                        "address": address,
+                        "state": state,
+                        "status": status,
+                        "mode": made or "",
+                        "rule": by or "",
+                    }
+                )
+        return list(messages.values())
 
     def shared_envelope(self, queue_id: str) -> Envelope | None:
         row = self._db.execute(
@@ -614,18 +656,8 @@ class QueueStore:
 
     def done_among(self, queue_ids: list[str]) -> list[str]:
         """Which of these messages are done (finished, by whichever node)."""
-        done = []
-        for start in range(0, len(queue_ids), 500):
-            chunk = queue_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            done += [
-                q
-                for (q,) in self._db.execute(
-                    f"SELECT queue_id FROM messages WHERE done=1 AND queue_id IN ({marks})",  # noqa: S608 - placeholders only
-                    chunk,
-                )
-            ]
-        return done
+        sql = "SELECT queue_id FROM messages WHERE done=1 AND queue_id IN ({marks})"
+        return [q for (q,) in self._db.among(sql, queue_ids)]
 
     def oldest_open(self) -> float | None:
         """When the oldest message not yet finished arrived (None: none)."""

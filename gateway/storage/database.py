@@ -64,6 +64,9 @@ class Schema:
         return self.text.format(**types)
 
 
+# values in one "IN (...)" list (`Database.among`)
+IN_CHUNK = 500
+
 # the one row of values of an INSERT: "VALUES (?,?,...)", constants allowed beside
 # the placeholders ("NULL", "'queued'"), no parentheses inside
 _VALUES = re.compile(r"\bVALUES\s*(\((?:[^()'?]|'[^']*')*\?(?:[^()']|'[^']*')*\))")
@@ -163,6 +166,14 @@ class Database:
             with self._server():
                 return self._connection.execute(_postgres_sql(sql), tuple(params))
         return self._connection.execute(sql, params)
+
+    def among(self, sql: str, values: Sequence[Any]) -> Iterator[Any]:
+        """The rows of ``sql``, a SELECT whose ``{marks}`` is an ``IN (...)`` list,
+        for ``values`` - asked `IN_CHUNK` at a time (under both engines' limits on
+        parameters)."""
+        for start in range(0, len(values), IN_CHUNK):
+            chunk = list(values[start : start + IN_CHUNK])
+            yield from self.execute(sql.format(marks=",".join("?" * len(chunk))), chunk)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if self.dialect is Dialect.POSTGRESQL:

@@ -82,6 +82,23 @@ class S3BlobStore:
             raise _error("get", name, e) from None
         return bytes(answer["Body"].read())
 
+    def present(self, names: list[str]) -> set[str]:
+        """Those of ``names`` that are stored (HEAD each: nothing is read)."""
+        from botocore.exceptions import ClientError
+
+        found = set()
+        for name in names:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            except ClientError as e:
+                if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                    continue
+                raise _error("head", name, e) from None
+            except Exception as e:  # noqa: BLE001 - the endpoint cannot be reached
+                raise _error("head", name, e) from None
+            found.add(name)
+        return found
+
     def delete(self, name: str) -> bool:
         """Remove every version of the object (a locked one refuses: StorageError)."""
         key = self._key(name)

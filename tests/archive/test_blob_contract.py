@@ -44,6 +44,14 @@ def test_put_get_replace_delete_and_names(store):
     assert store.get("msg-A") is None and list(store.names()) == ["msg-B"]
 
 
+def test_present_names_those_stored_among_many(store):
+    names = [f"msg-{i:05d}" for i in range(510)]  # more than one IN list's worth
+    for name in names[::7]:
+        store.put(name, b"x", durable=False)
+    assert store.present(names) == set(names[::7])
+    assert store.present([]) == set() and store.present(["msg-none"]) == set()
+
+
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a\\b", "x" * 201])
 def test_names_that_are_not_record_ids_are_refused(store, name):
     with pytest.raises(ValueError, match="is not a blob name"):

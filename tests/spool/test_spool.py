@@ -94,6 +94,22 @@ async def test_a_torn_file_is_quarantined_not_deleted(tmp_path, spool):
     assert not path.exists()
 
 
+async def test_a_footer_with_the_magic_but_no_lengths_is_set_aside_at_start(tmp_path, spool):
+    env = await _store(spool, [b"message\r\n"])
+    path = spool.queue_dir / env.queue_id
+    data = path.read_bytes()
+    footer = data[-FOOTER_LEN:]
+    path.write_bytes(
+        data[:-FOOTER_LEN] + footer[: len(MAGIC) + 1] + b"x" * (FOOTER_LEN - len(MAGIC) - 2) + b"\n"
+    )
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    report = again.open()  # not a ValueError that keeps the gateway from starting
+    again.close()
+    assert report.corrupt == (env.queue_id,) and report.recovered == 0
+    assert (again.corrupt_dir / env.queue_id).exists()
+
+
 async def test_altered_message_bytes_fail_verification(spool):
     env = await _store(spool, [b"dose: 5 mg\r\n"])
     path = spool.queue_dir / env.queue_id
