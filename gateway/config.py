@@ -482,7 +482,10 @@ class DeliveryConfig:
         default=tuple(Duration(s) for s in (60, 300, 900, 1800, 3600, 7200, 14400)),
         metadata=doc(
             "Waits between attempts for a deferred recipient; the last repeats. "
-            "Each wait varies by up to 10% so retries do not come in bursts."
+            "Each wait varies by up to 10% so retries do not come in bursts. A "
+            "destination none of whose hosts can be reached waits the same way after "
+            "as many failures in a row, its other recipients deferred without a "
+            "connection each."
         ),
     )
     max_queue_lifetime: Duration = field(

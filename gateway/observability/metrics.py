@@ -110,6 +110,12 @@ class Metrics:
             buckets=_QUEUE_TIME_BUCKETS,
             registry=r,
         )
+        self.destinations_suspended = Gauge(
+            "sealgate_delivery_destinations_suspended",
+            "Recipient domains none of whose hosts could be reached: their mail waits "
+            "without an attempt each until the next try",
+            registry=r,
+        )
         self.queue_oldest_age = Gauge(
             "sealgate_queue_oldest_message_age_seconds",
             "Age of the oldest message not yet finished (0: the queue is empty)",

@@ -92,6 +92,19 @@ CACHE_MESSAGE_MAX = 256 * 1024
 CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
 RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
+UNREACHABLE = "4.4.1"  # no host of the destination could be reached (`deliver`)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Suspension:
+    """A destination none of whose hosts could be reached: its recipients wait until
+    ``until`` without an attempt each, as Postfix's queue manager treats a dead site
+    (`QueueManager._suspend`)."""
+
+    until: float
+    times: int  # waits in a row, less one
+    status: str
+    diagnostic: str
 
 
 class Agent(Protocol):
@@ -198,6 +211,10 @@ class QueueManager:
         self._total = asyncio.Semaphore(dc.concurrency)
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
+        )
+        self._suspended: dict[str, _Suspension] = {}  # recipient domain -> until when
+        metrics.destinations_suspended.set_function(
+            lambda: sum(s.until > time.time() for s in self._suspended.values())
         )
         # acknowledged here, not recorded yet: the shared store could not be reached
         self._unrecorded: dict[str, int] = {}  # queue id -> size
@@ -656,7 +673,11 @@ class QueueManager:
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
         try:
-            async with self._total, self._per_domain[domain]:
+            # the destination's turn first: attempts waiting for a busy (or dead)
+            # destination hold none of the places other destinations need
+            async with self._per_domain[domain], self._total:
+                if await self._postponed(queue_id, domain, rows):
+                    return
                 envelope, data, final = await self._attempt_locked(queue_id, domain, rows)
                 recorded = True
                 if final is not None:
@@ -682,6 +703,11 @@ class QueueManager:
         envelope, data = await self._read(queue_id)
         attempted = await self.agent.attempt(envelope, data, domain, list(rows))
         now = time.time()
+        results = [a.result for a in attempted]
+        if results and all(r.outcome == "deferred" and r.status == UNREACHABLE for r in results):
+            await self._suspend(domain, results[0].diagnostic, now)
+        elif any(r.outcome == "delivered" for r in results):
+            self._suspended.pop(domain, None)
         records = [
             self._next_state(envelope, row, a, now) for row, a in zip(rows, attempted, strict=True)
         ]
@@ -695,6 +721,59 @@ class QueueManager:
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
         return envelope, data, final
+
+    async def _suspend(self, domain: str, diagnostic: str, now: float) -> None:
+        """No host of ``domain`` could be reached: its recipients wait, without an
+        attempt each, as long as one recipient would after as many failures in a
+        row (``delivery.retry_schedule``); an attempt at the end of each wait finds
+        out whether it is back.  Messages past ``delivery.max_queue_lifetime`` are
+        still tried, and expire."""
+        assert self.store is not None
+        known = self._suspended.get(domain)
+        if known is not None and known.until > now:
+            return  # an attempt that began before it was suspended
+        times = known.times + 1 if known is not None else 0
+        schedule = self.config.delivery.retry_schedule
+        until = now + schedule[min(times, len(schedule) - 1)]
+        why = f"delivery temporarily suspended: {diagnostic}"
+        suspension = self._suspended[domain] = _Suspension(until, times, UNREACHABLE, why)
+        arrived_after = now - self.config.delivery.max_queue_lifetime
+        try:  # what is due already waits in the store, not claimed one by one
+            waiting = await self._db(
+                self.store.suspend, domain, until, suspension.status, why, arrived_after
+            )
+        except (sqlite3.Error, StorageError) as e:  # then each waits as it is claimed
+            log.error(Event.QUEUE_STORE_FAILED, error=str(e)[:200])
+            waiting = 0
+        log.warning(
+            Event.DESTINATION_SUSPENDED,
+            domain=domain,
+            seconds=round(until - now),
+            waiting=waiting,
+            error=diagnostic[:300],
+        )
+
+    async def _postponed(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> bool:
+        """Recipients claimed for a destination that is suspended now wait for its
+        end instead (not an attempt: nothing is counted or journaled)."""
+        suspension = self._suspended.get(domain)
+        now = time.time()
+        if suspension is None or suspension.until <= now:
+            return False
+        if any(r.state is RecipientState.HELD for r in rows):
+            return False  # held by the policy: its decision is made again
+        assert self.store is not None
+        store, arrived_after = self.store, now - self.config.delivery.max_queue_lifetime
+        return await self._commits.run(
+            lambda: store.postpone(
+                queue_id,
+                [r.idx for r in rows],
+                suspension.until,
+                suspension.status,
+                suspension.diagnostic,
+                arrived_after,
+            )
+        )
 
     def _events(
         self,

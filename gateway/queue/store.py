@@ -559,6 +559,51 @@ class QueueStore:
             ]
         )
 
+    # -- destinations none of whose hosts answer (`QueueManager._suspend`) ------------
+
+    def suspend(
+        self, domain: str, until: float, status: str, diagnostic: str, arrived_after: float
+    ) -> int:
+        """Every waiting recipient at ``domain`` due before ``until`` is deferred
+        until then with the destination's failure, not attempted meanwhile - except
+        those of messages that arrived before ``arrived_after``: they are tried, and
+        expire.  Returns how many wait."""
+        with self.transaction():
+            return int(
+                self._db.execute(
+                    "UPDATE recipients SET state='deferred', status=?, diagnostic=?, "
+                    "next_attempt=?, updated=? WHERE domain=? AND leased=0 "
+                    "AND state IN ('pending','deferred') AND next_attempt<? "
+                    "AND queue_id IN (SELECT queue_id FROM messages WHERE arrived>?)",
+                    (status, diagnostic, until, time.time(), domain, until, arrived_after),
+                ).rowcount
+            )
+
+    def postpone(
+        self,
+        queue_id: str,
+        idxs: list[int],
+        until: float,
+        status: str,
+        diagnostic: str,
+        arrived_after: float,
+    ) -> bool:
+        """The same for recipients of one message leased for an attempt: deferred
+        until ``until`` and let go, unless the message arrived before
+        ``arrived_after`` (False: nothing changed, the attempt goes ahead)."""
+        row = self._db.execute(
+            "SELECT arrived FROM messages WHERE queue_id=?", (queue_id,)
+        ).fetchone()
+        if row is None or row[0] <= arrived_after:
+            return False
+        now = time.time()
+        self._db.write_many(
+            "UPDATE recipients SET leased=0, state='deferred', status=?, diagnostic=?, "
+            "next_attempt=?, updated=? WHERE queue_id=? AND idx=?",
+            [(status, diagnostic, until, now, queue_id, i) for i in idxs],
+        )
+        return True
+
     def add_events(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
         """Webhook events for the outbox, in the transaction of the state they report
         (`gateway.webhooks`)."""

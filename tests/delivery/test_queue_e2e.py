@@ -269,6 +269,66 @@ async def test_delete_removes_a_deferred_message_without_a_dsn(gateway_factory, 
     assert sender_sink.received == []
 
 
+async def test_a_destination_no_host_of_which_answers_waits_without_an_attempt_per_message(
+    gateway_factory, world, pki
+):
+    """As Postfix's queue manager treats a dead site: after an attempt that reached
+    no host, the destination's other recipients wait for the next try instead of
+    each trying (and holding delivery places others need); when it answers again,
+    they all go."""
+    connections = 0
+
+    def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()  # no greeting: a connection that fails
+
+    dead = await asyncio.start_server(hang_up, "127.0.0.31", world.port)
+    world.dns.add("mx.dest.test", "A", "127.0.0.31")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    await world.mta("mx.other.test", "127.0.0.32")
+    world.dns.add("other.test", "MX", "10 mx.other.test.")
+    gw = await start(gateway_factory, world, pki, **{"delivery.retry_schedule": ["4s"]})
+
+    async def submit(rcpt: str) -> str:
+        async with smtp_client(gw) as client:
+            _, reply = await client.sendmail("doctor@clinic.test", [rcpt], make_message())
+        return reply.rsplit(" ", 1)[1]
+
+    first = await submit("r0@dest.test")
+    await wait_until(
+        lambda: state(gw, first).get("r0@dest.test", ("",))[0] == "deferred", what="deferred"
+    )
+    tried = connections  # the probe's and the attempt's
+    later = [await submit(f"r{i}@dest.test") for i in range(1, 6)]
+    other = await submit("r@other.test")
+    await wait_until(lambda: done(gw, other), what="the other destination's mail")
+    await wait_until(
+        lambda: all(
+            state(gw, q).get(f"r{i}@dest.test", ("",))[0] == "deferred"
+            for i, q in enumerate(later, 1)
+        ),
+        what="the later ones deferred",
+    )
+    assert connections == tried  # not one connection each
+    row = gw.queue.store.recipients(later[0])[0]
+    assert (row.status, row.attempts) == ("4.4.1", 0)
+    assert row.diagnostic.startswith("delivery temporarily suspended: connect to mx.dest.test")
+    assert gw.queue.store.attempts(later[0]) == []  # no attempt recorded
+    assert "sealgate_delivery_destinations_suspended 1.0" in gw.metrics.render().decode()
+    listed = run_sealgate("queue", "list", "--json", "--state-dir", str(gw.config.state_dir))
+    states = [json.loads(line)["recipients"][0]["state"] for line in listed.stdout.splitlines()]
+    assert states == ["deferred"] * 6
+
+    dead.close()
+    await dead.wait_closed()
+    back = await world.mta("mx.dest.test", "127.0.0.31")
+    await wait_until(lambda: len(back.received) == 6, timeout=30, what="every one delivered")
+    await wait_until(lambda: all(done(gw, q) for q in [first, *later]), what="all done")
+    assert connections <= tried + 1  # at most a try that found it still dead
+    assert "sealgate_delivery_destinations_suspended 0.0" in gw.metrics.render().decode()
+
+
 async def test_a_sender_is_told_once_when_delivery_is_delayed(gateway_factory, world, pki):
     """delivery.delay_warning: after it, the sender gets one report (RFC 3464 Action:
     delayed, Will-Retry-Until) naming only the recipients still waiting, without the

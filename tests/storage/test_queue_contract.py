@@ -192,3 +192,32 @@ def test_a_delayed_message_is_found_until_its_warning_is_taken_once(connect):
     assert sorted(two.delayed(NOW + 200)) == ["Q1", "Q2"]
     assert [one.warn("Q1"), two.warn("Q1")] == [True, False]  # one of them sends it
     assert two.delayed(NOW + 200) == ["Q2"]
+
+
+def test_a_suspended_destination_defers_what_waits_for_it_except_what_must_expire(connect):
+    store = QueueStore(connect())
+    store.add(envelope("Q1", "a@dead.test", "b@live.test"), now=NOW)
+    store.add(envelope("Q2", "c@dead.test"), now=NOW + 5)
+    store.add(envelope("Q0", "old@dead.test"), now=NOW - 1000)  # past its lifetime
+    store.add(envelope("Q3", "d@dead.test"), now=NOW + 6, lease=True)  # being attempted
+    until = NOW + 300
+    assert store.suspend("dead.test", until, "4.4.1", "suspended: why", NOW - 500) == 2
+    rows = {(r.queue_id, r.address): r for q in ("Q0", "Q1", "Q2") for r in store.recipients(q)}
+    waiting = rows[("Q1", "a@dead.test")]
+    assert (waiting.state, waiting.status, waiting.diagnostic, waiting.next_attempt) == (
+        RecipientState.DEFERRED,
+        "4.4.1",
+        "suspended: why",
+        until,
+    )
+    assert waiting.attempts == 0 and rows[("Q2", "c@dead.test")].next_attempt == until
+    assert rows[("Q1", "b@live.test")].state is RecipientState.PENDING  # another domain
+    assert rows[("Q0", "old@dead.test")].state is RecipientState.PENDING  # tried: it expires
+    assert [r.address for r in store.due(NOW + 10)] == ["old@dead.test", "b@live.test"]
+    # one already leased for an attempt is let go, deferred the same way
+    assert store.postpone("Q3", [0], until, "4.4.1", "suspended: why", NOW - 500)
+    (row,) = store.recipients("Q3")
+    assert (row.state, row.next_attempt) == (RecipientState.DEFERRED, until)
+    assert [r.address for r in store.due(until)][-1] == "d@dead.test"  # free again
+    assert not store.postpone("Q0", [0], until, "4.4.1", "x", NOW - 500)  # must expire
+    assert store.recipients("Q0")[0].state is RecipientState.PENDING
