@@ -37,6 +37,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from gateway.delivery.pipelining import pipelined
 from gateway.delivery.results import HostFailure, Outcome, RecipientResult, SessionEvidence
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.sessions import Session, SessionCache, SessionKey, quit_session
@@ -482,6 +483,74 @@ def _tls_failed(failure: HostFailure, metrics: Metrics | None) -> None:
 async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as RFC 5321 orders them
     smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence, reused: bool = False
 ) -> HostFailure | _Stale | None:
+    commands = _commands(smtp, message, evidence)
+    if isinstance(commands, HostFailure):
+        return commands
+    mail, rcpts, evidence = commands
+    if not rcpts:
+        return None  # nothing this server can take (RFC 6531 3.4): bounced, 5.6.7
+    # RFC 2920: MAIL, every RCPT and DATA in one write when the server offers it
+    group = smtp.supports_extension("pipelining")
+    try:
+        if group:
+            reply, *answers, data_reply = await pipelined(
+                smtp, [mail, *(c for _, c in rcpts), b"DATA"]
+            )
+        else:
+            reply = await smtp.execute_command(mail)
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+        if reused:
+            smtp.close()
+            return _Stale.STALE
+        raise
+    if reused and reply.code == 421:  # the server timed out the idle session
+        smtp.close()
+        return _Stale.STALE
+    if reply.code >= 400:
+        # The sender was refused: that is about the whole message on this host.
+        if group:
+            await _end_pipelined(smtp, data_reply)
+        status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
+        if reply.code >= 500:
+            for rcpt in message.recipients:
+                message.results[rcpt] = RecipientResult(
+                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence
+                )
+            return None
+        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}", evidence)
+    accepted = []
+    for i, (rcpt, command) in enumerate(rcpts):
+        reply = answers[i] if group else await smtp.execute_command(command)
+        if reply.code < 400:
+            accepted.append(rcpt)
+        else:
+            status = _status_of(reply.code, reply.message, f"{reply.code // 100}.1.0")
+            message.results[rcpt] = RecipientResult(
+                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence
+            )
+    if not accepted:
+        if group:
+            await _end_pipelined(smtp, data_reply)
+        await smtp.rset()
+        return None
+    if group:
+        code, text = await _data(smtp, message.wire, data_reply)
+    else:
+        code, text = await _data(smtp, message.wire)
+    status = _status_of(code, text, f"{code // 100}.0.0")
+    for rcpt in accepted:
+        message.results[rcpt] = RecipientResult(
+            rcpt, _outcome(code), status, f"{code} {text}", evidence
+        )
+    return None
+
+
+def _commands(
+    smtp: aiosmtplib.SMTP, message: _Message, evidence: SessionEvidence
+) -> tuple[bytes, list[tuple[str, bytes]], SessionEvidence] | HostFailure:
+    """MAIL with the parameters this server takes, and an RCPT per recipient it can
+    take (the others are bounced in ``message.results``); the evidence noting
+    REQUIRETLS and DSN parameters passed on."""
     options = []
     if message.smtputf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
@@ -506,56 +575,33 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
     encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
     message.results.clear()  # what counts is the transaction that completes
     if encoding == "ascii" and _needs_smtputf8(message, evidence):
-        return None  # nothing this server can take (RFC 6531 3.4): bounced, 5.6.7
-    try:
-        reply = await smtp.execute_command(
-            b"MAIL",
-            b"FROM:<" + message.sender.encode(encoding) + b">",
-            *(o.encode() for o in options),
+        return b"", [], evidence
+    sender = b"FROM:<" + message.sender.encode(encoding) + b">"
+    mail = b" ".join([b"MAIL", sender, *(o.encode() for o in options)])
+    rcpts = [
+        (
+            rcpt,
+            b" ".join(
+                [
+                    b"RCPT",
+                    b"TO:<" + rcpt.encode(encoding) + b">",
+                    *(o.encode() for o in (message.dsn_rcpt.get(rcpt, ()) if dsn else ())),
+                ]
+            ),
         )
-    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
-        if reused:
-            smtp.close()
-            return _Stale.STALE
-        raise
-    if reused and reply.code == 421:  # the server timed out the idle session
-        smtp.close()
-        return _Stale.STALE
-    if reply.code >= 400:
-        # The sender was refused: that is about the whole message on this host.
-        status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
-        if reply.code >= 500:
-            for rcpt in message.recipients:
-                message.results[rcpt] = RecipientResult(
-                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence
-                )
-            return None
-        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}", evidence)
-    accepted = []
-    for rcpt in message.recipients:
-        if rcpt in message.results:
-            continue  # bounced already (a non-ASCII address, no SMTPUTF8 here)
-        passed = message.dsn_rcpt.get(rcpt, ()) if dsn else ()
-        reply = await smtp.execute_command(
-            b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">", *(o.encode() for o in passed)
-        )
-        if reply.code < 400:
-            accepted.append(rcpt)
-        else:
-            status = _status_of(reply.code, reply.message, f"{reply.code // 100}.1.0")
-            message.results[rcpt] = RecipientResult(
-                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence
-            )
-    if not accepted:
-        await smtp.rset()
-        return None
-    code, text = await _data(smtp, message.wire)
-    status = _status_of(code, text, f"{code // 100}.0.0")
-    for rcpt in accepted:
-        message.results[rcpt] = RecipientResult(
-            rcpt, _outcome(code), status, f"{code} {text}", evidence
-        )
-    return None
+        for rcpt in message.recipients
+        if rcpt not in message.results  # bounced already (non-ASCII, no SMTPUTF8 here)
+    ]
+    return mail, rcpts, evidence
+
+
+async def _end_pipelined(smtp: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPResponse) -> None:
+    """A pipelined DATA the server should have refused (no sender, no recipient)
+    but answered 354: an empty message ends it, and its reply is not a delivery
+    (RFC 2920 3.1)."""
+    if data_reply.code == 354 and smtp.protocol is not None:
+        smtp.protocol.write(b".\r\n")
+        await smtp.protocol.read_response(timeout=smtp.timeout)
 
 
 def _needs_smtputf8(message: _Message, evidence: SessionEvidence) -> bool:
@@ -569,13 +615,17 @@ def _needs_smtputf8(message: _Message, evidence: SessionEvidence) -> bool:
     return all(r in message.results for r in message.recipients)
 
 
-async def _data(smtp: aiosmtplib.SMTP, wire: bytes) -> tuple[int, str]:
-    """DATA, then the message in wire form; the final reply.
+async def _data(
+    smtp: aiosmtplib.SMTP, wire: bytes, reply: aiosmtplib.SMTPResponse | None = None
+) -> tuple[int, str]:
+    """DATA (unless ``reply`` is its reply already: pipelined), then the message in
+    wire form; the final reply.
 
     aiosmtplib's ``SMTP.data`` would normalise line endings and dot-stuff with
     regular expressions at every attempt; the message is in wire form already, so it
     goes to the session's protocol as is."""
-    reply = await smtp.execute_command(b"DATA")
+    if reply is None:
+        reply = await smtp.execute_command(b"DATA")
     if reply.code != 354:
         return reply.code, reply.message
     if smtp.protocol is None:

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from gateway.delivery.client import wire_form
+from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 
 
@@ -105,6 +106,58 @@ async def test_each_recipient_gets_the_servers_own_answer(world):
         "full@dest.test": ("deferred", "4.2.2"),
     }
     assert mx.received[0].rcpt_tos == ["ok@dest.test"]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_mail_rcpt_and_data_go_in_one_write_to_a_server_that_offers_pipelining(
+    world, pipelining
+):
+    """RFC 2920: one round trip for the commands up to DATA; every recipient still
+    gets its own answer, in order, with or without it."""
+    mx = await world.mta(
+        "mx1.dest.test",
+        "127.0.0.21",
+        pipelining=pipelining,
+        rcpt_replies={"gone@dest.test": "550 5.1.1 No such user"},
+    )
+    results = await world.send(
+        ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("a@dest.test", "gone@dest.test", "b@dest.test")
+    )
+    assert [(r.address, r.outcome, r.status) for r in results] == [
+        ("a@dest.test", "delivered", "2.0.0"),
+        ("gone@dest.test", "bounced", "5.1.1"),
+        ("b@dest.test", "delivered", "2.0.0"),
+    ]
+    assert mx.received[0].rcpt_tos == ["a@dest.test", "b@dest.test"]
+    (first, *rest) = mx.groups
+    if pipelining:
+        assert first.startswith(b"MAIL FROM:<s@clinic.test>") and first.endswith(
+            b"RCPT TO:<a@dest.test>\r\nRCPT TO:<gone@dest.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n"
+        )
+    else:
+        assert first.startswith(b"MAIL FROM:<s@clinic.test>") and b"RCPT" not in first
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_every_recipient_refused_sends_no_message_and_keeps_the_session(world, pipelining):
+    mx = await world.mta(
+        "mx1.dest.test",
+        "127.0.0.21",
+        pipelining=pipelining,
+        rcpt_replies={"x@dest.test": "550 5.1.1 No such user", "y@dest.test": "451 4.3.0 Later"},
+    )
+    cache = SessionCache(ReuseLimits(), per_key=4)
+    results = await world.send(
+        ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("x@dest.test", "y@dest.test"), sessions=cache
+    )
+    assert [(r.outcome, r.status) for r in results] == [("bounced", "5.1.1"), ("deferred", "4.3.0")]
+    assert mx.received == [] and mx.attempts == 0  # DATA was refused: no recipient
+    (ok,) = await world.send(
+        ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("z@dest.test",), sessions=cache
+    )
+    assert (ok.outcome, ok.evidence.reused) == ("delivered", 1)  # the same session, reset
+    assert mx.connections == 1
+    await cache.close()
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,9 @@ class RecipientMta:
     utf8: bool = True  # offers SMTPUTF8
     requiretls: bool = False  # offers REQUIRETLS after STARTTLS (RFC 8689)
     dsn: bool = False  # offers DSN (RFC 3461): records the parameters it is given
+    pipelining: bool = True  # offers PIPELINING (RFC 2920), as most servers do
+    # what arrived at once from "MAIL" on (a pipelined group is one piece)
+    groups: list[bytes] = field(default_factory=list)
     hung_up: int = 0  # connections it closed after a message (close_after_data)
     connections: int = 0
     quits: int = 0
@@ -60,6 +63,8 @@ class RecipientMta:
             responses.insert(-1, "250-REQUIRETLS")
         if self.dsn:
             responses.insert(-1, "250-DSN")
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(
@@ -126,6 +131,11 @@ class _Smtp(SMTP):
     """aiosmtpd, taking REQUIRETLS and the DSN parameters off MAIL and RCPT (it
     refuses parameters it does not know) when its MTA offers them, and noting them
     in the envelope."""
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"MAIL "):
+            self.event_handler.groups.append(bytes(data))
+        super().data_received(data)
 
     def _strip(self, arg: str | None, keys: tuple[str, ...]) -> tuple[str | None, list[str]]:
         if not arg:
