@@ -18,6 +18,7 @@ bench:
 	sh scripts/setup.sh
 	.venv/bin/python bench/accept.py
 	.venv/bin/python bench/relay.py
+	.venv/bin/python bench/relay_tls.py
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py

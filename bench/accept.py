@@ -80,6 +80,7 @@ class Sealgate:
         policy: str = "",
         extra: str = "",
         api_extra: str = "",
+        relay: str = "{require_tls: false}",
     ):
         self.smtp_port, self.http_port, self.api_port = free_port(), free_port(), free_port()
         self.console_port = free_port()
@@ -94,7 +95,7 @@ class Sealgate:
         self.config.write_text(
             f"state_dir: {workdir / 'sealgate-state'}\n"
             f"listen: {{smtp: '127.0.0.1:{self.smtp_port}', http: '127.0.0.1:{self.http_port}'}}\n"
-            "relay: {require_tls: false}\n"
+            f"relay: {relay}\n"
             f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
             f"portal: {{listen: '127.0.0.1:{free_port()}'}}\n"
             f"console: {{listen: '127.0.0.1:{self.console_port}'}}\n"

@@ -40,6 +40,7 @@ discard   unix  -       -       n       -       -       discard
 local     unix  -       n       n       -       -       local
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
+tlsproxy  unix  -       -       n       -       0       tlsproxy
 """
 
 MAIN_CF = """\
