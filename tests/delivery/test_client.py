@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 
 import pytest
+import trustme
 
-from gateway.delivery.client import wire_form
+from gateway.delivery.client import tls_context, wire_form
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 
@@ -192,3 +194,17 @@ async def test_lines_starting_with_a_dot_arrive_intact(world):
     (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY, data=data)
     assert result.outcome == "delivered"
     assert mx.received[0].data == data
+
+
+def test_the_client_tls_context_is_made_once_and_again_when_the_ca_file_changes(tmp_path, pki):
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(pki.ca_file.read_bytes())
+    first = tls_context(TlsLevel.VERIFY, ca_file)
+    assert tls_context(TlsLevel.VERIFY, ca_file) is first  # no system CAs loaded again
+    assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    assert tls_context(TlsLevel.MAY, None).verify_mode == ssl.CERT_NONE
+    other = trustme.CA()
+    ca_file.write_bytes(pki.ca_file.read_bytes() + other.cert_pem.bytes())  # replaced
+    again = tls_context(TlsLevel.VERIFY, ca_file)
+    assert again is not first
+    assert len(again.get_ca_certs()) == len(first.get_ca_certs()) + 1
