@@ -19,6 +19,7 @@ bench:
 	.venv/bin/python bench/accept.py
 	.venv/bin/python bench/relay.py
 	.venv/bin/python bench/relay_tls.py
+	.venv/bin/python bench/world.py
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py

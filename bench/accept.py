@@ -81,6 +81,7 @@ class Sealgate:
         extra: str = "",
         api_extra: str = "",
         relay: str = "{require_tls: false}",
+        nameserver: str = "",
     ):
         self.smtp_port, self.http_port, self.api_port = free_port(), free_port(), free_port()
         self.console_port = free_port()
@@ -96,7 +97,7 @@ class Sealgate:
             f"state_dir: {workdir / 'sealgate-state'}\n"
             f"listen: {{smtp: '127.0.0.1:{self.smtp_port}', http: '127.0.0.1:{self.http_port}'}}\n"
             f"relay: {relay}\n"
-            f"dns: {{nameservers: ['127.0.0.1:{free_port()}']}}\n"
+            f"dns: {{nameservers: ['{nameserver or f'127.0.0.1:{free_port()}'}']}}\n"
             f"portal: {{listen: '127.0.0.1:{free_port()}'}}\n"
             f"console: {{listen: '127.0.0.1:{self.console_port}'}}\n"
             f"api: {{listen: '127.0.0.1:{self.api_port}'{api_extra}}}\n"

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import ssl
 import sys
+import time
+from pathlib import Path
 
 import uvloop
 
@@ -43,7 +46,9 @@ async def _reply(reader: asyncio.StreamReader, expect: bytes) -> None:
             return
 
 
-async def _session(port: int, ctx: ssl.SSLContext, count: int, body: bytes) -> None:
+async def _session(
+    port: int, ctx: ssl.SSLContext, messages: list[list[str]], body: bytes, stamp: bool
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await _reply(reader, b"220")
     writer.write(b"EHLO source.bench.test\r\n")
@@ -53,14 +58,16 @@ async def _session(port: int, ctx: ssl.SSLContext, count: int, body: bytes) -> N
     await writer.start_tls(ctx, server_hostname="127.0.0.1")
     writer.write(b"EHLO source.bench.test\r\n")
     await _reply(reader, b"250")
-    for _ in range(count):
+    for rcpts in messages:
         writer.write(b"MAIL FROM:<source@bench.test>\r\n")
         await _reply(reader, b"250")
-        writer.write(b"RCPT TO:<sink@sink.test>\r\n")
-        await _reply(reader, b"250")
+        for rcpt in rcpts:
+            writer.write(b"RCPT TO:<" + rcpt.encode() + b">\r\n")
+            await _reply(reader, b"250")
         writer.write(b"DATA\r\n")
         await _reply(reader, b"354")
-        writer.write(body + b".\r\n")
+        sent = b"X-Bench-Sent: %.6f\r\n" % time.time() if stamp else b""
+        writer.write(sent + body + b".\r\n")
         await _reply(reader, b"250")
     writer.write(b"QUIT\r\n")
     await _reply(reader, b"221")
@@ -68,16 +75,22 @@ async def _session(port: int, ctx: ssl.SSLContext, count: int, body: bytes) -> N
 
 
 async def source(args: argparse.Namespace) -> None:
+    """Every message to sink@sink.test, or (``--plan``: a JSON list of recipient
+    lists) to the plan's recipients, each message stamped with the time it was sent
+    (``X-Bench-Sent``, for `bench/world.py`'s latencies)."""
     ctx = ssl.create_default_context(cafile=args.ca)
     body = message(args.size)
-    left = args.messages
+    plan: list[list[str]] = (
+        json.loads(Path(args.plan).read_text())
+        if args.plan
+        else [["sink@sink.test"]] * args.messages
+    )
+    plan.reverse()  # taken from the end: in order
 
     async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            count = min(args.per_session, left)
-            left -= count
-            await asyncio.wait_for(_session(args.port, ctx, count, body), 120)
+        while plan:
+            group = [plan.pop() for _ in range(min(args.per_session, len(plan)))]
+            await asyncio.wait_for(_session(args.port, ctx, group, body, bool(args.plan)), 300)
 
     await asyncio.gather(*(worker() for _ in range(args.sessions)))
 
@@ -175,6 +188,7 @@ def main() -> int:
     src.add_argument("--sessions", type=int, default=20)
     src.add_argument("--size", type=int, default=4096)
     src.add_argument("--per-session", type=int, default=1)
+    src.add_argument("--plan", help="JSON: a list of recipient lists, one per message")
     snk = sub.add_parser("sink")
     snk.add_argument("--port", type=int, required=True)
     snk.add_argument("--cert", required=True)

@@ -45,8 +45,8 @@ import functools
 import random
 import sqlite3
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -93,6 +93,10 @@ CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
 RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
 UNREACHABLE = "4.4.1"  # no host of the destination could be reached (`deliver`)
+# An attempt that took longer (connecting, TLS, the whole transaction) marks its
+# destination slow until one does not (`QueueManager._places`).
+QUICK = 10.0
+SLOW_PLACES = 2  # at most this many attempts at once to a slow or new destination
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +213,13 @@ class QueueManager:
         self._attempts: set[asyncio.Task[None]] = set()
         self._enqueues: set[asyncio.Future[None]] = set()
         self._total = asyncio.Semaphore(dc.concurrency)
+        # destinations not known to be quick share half the places, two each at most
+        self._slow_share = asyncio.Semaphore(max(1, dc.concurrency // 2))
+        self._slow_each: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(min(SLOW_PLACES, dc.concurrency_per_destination))
+        )
+        self._quick: set[str] = set()  # destinations whose last attempt was quick
+        self._started: Counter[str] = Counter()  # attempts waiting or under way, by domain
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
         )
@@ -439,9 +450,9 @@ class QueueManager:
         When there is room for more attempts, the recipients are leased as they are
         recorded and their attempts start here, without a trip through `_run`."""
         assert self.store is not None
-        lease = not self._stopping and len(self._attempts) < self.config.delivery.concurrency
+        lease = not self._stopping and self._quick_attempts < self.config.delivery.concurrency
         try:
-            recorded, data, added = await self._commits.run(
+            recorded, data, added, lease = await self._commits.run(
                 lambda: self._add(queue_id, envelope, size, data, lease, fresh)
             )
         except SpoolError as e:
@@ -492,10 +503,11 @@ class QueueManager:
         data: bytes | None,
         lease: bool,
         fresh: bool = True,
-    ) -> tuple[Envelope, bytes | None, bool]:
+    ) -> tuple[Envelope, bytes | None, bool, bool]:
         """In the database thread: record the message's recipients, reading what was
         not handed over (the bytes when small enough to be kept for the first attempt,
-        or always with several nodes: every byte goes to the shared store).
+        or always with several nodes: every byte goes to the shared store), leased
+        when ``lease`` and none of their destinations is busy (then returned True).
         ``fresh``: the store has never seen it (not a retry)."""
         assert self.store is not None
         size = envelope.size if envelope is not None else size
@@ -504,8 +516,9 @@ class QueueManager:
                 envelope, data = self.spool.read(queue_id)
             elif envelope is None:
                 envelope = read_envelope(self.spool.path_of(queue_id))
+        lease = lease and not any(self._busy(domain_of(r.address)) for r in envelope.recipients)
         added = self._add_checked(envelope, lease, data, fresh)
-        return envelope, data, added
+        return envelope, data, added, lease
 
     def _cache_put(self, envelope: Envelope, data: bytes) -> None:
         self._cache[envelope.queue_id] = (envelope, data)
@@ -548,9 +561,11 @@ class QueueManager:
             last["beat"] = now
         if self._unrecorded:
             await self._record_unrecorded()
-        # Claim no more than can start soon: the rest stay in the database.
-        room = 2 * self.config.delivery.concurrency - len(self._attempts)
-        due = await self._db(self.store.claim, now, room) if room > 0 else []
+        # Claim no more than can start soon: the rest stay in the database - and
+        # nothing for a destination with attempts enough waiting or under way.
+        room = 2 * self.config.delivery.concurrency - self._quick_attempts
+        busy = [domain for domain in self._started if self._busy(domain)]
+        due = await self._db(self.store.claim, now, room, busy) if room > 0 else []
         self._start(due)
         if now - last["depth"] >= POLL_INTERVAL:
             last["depth"] = now
@@ -668,14 +683,32 @@ class QueueManager:
         for (queue_id, domain), rows in groups.items():
             task = asyncio.get_running_loop().create_task(self._attempt(queue_id, domain, rows))
             self._attempts.add(task)
-            task.add_done_callback(self._attempts.discard)
+            self._started[domain] += 1
+            task.add_done_callback(functools.partial(self._ended, domain))
+
+    def _ended(self, domain: str, task: asyncio.Task[None]) -> None:
+        self._attempts.discard(task)
+        self._started[domain] -= 1
+        if not self._started[domain]:
+            del self._started[domain]
+
+    def _busy(self, domain: str) -> bool:
+        """As many attempts waiting or under way for ``domain`` as it may have at
+        once (`_places`): more would only wait, holding what others could use."""
+        if domain in self._quick:
+            return self._started[domain] >= self.config.delivery.concurrency_per_destination
+        return self._started[domain] >= SLOW_PLACES
+
+    @property
+    def _quick_attempts(self) -> int:
+        """Attempts waiting or under way for quick destinations (those for slow ones
+        are bounded by their destinations' `SLOW_PLACES`)."""
+        return sum(n for domain, n in self._started.items() if domain in self._quick)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
         try:
-            # the destination's turn first: attempts waiting for a busy (or dead)
-            # destination hold none of the places other destinations need
-            async with self._per_domain[domain], self._total:
+            async with self._places(domain):
                 if await self._postponed(queue_id, domain, rows):
                     return
                 envelope, data, final = await self._attempt_locked(queue_id, domain, rows)
@@ -694,6 +727,23 @@ class QueueManager:
         finally:
             self._wake.set()  # room for the next claim
 
+    @contextlib.asynccontextmanager
+    async def _places(self, domain: str) -> AsyncIterator[None]:
+        """A place for an attempt to ``domain``: its destination's first (attempts
+        waiting for a busy or dead destination hold none of the places others
+        need), then one of the total.  A destination whose last attempt took
+        `QUICK` seconds or more - a slow server, a tarpit - or that has not been
+        tried yet gets `SLOW_PLACES` at most, from half of the total: however many
+        of them there are, quick destinations keep the other half (as Postfix starts
+        a new destination at a low concurrency and raises it as mail goes through)."""
+        async with self._per_domain[domain]:
+            if domain in self._quick:
+                async with self._total:
+                    yield
+            else:
+                async with self._slow_each[domain], self._slow_share, self._total:
+                    yield
+
     async def _attempt_locked(
         self, queue_id: str, domain: str, rows: list[RecipientRow]
     ) -> tuple[Envelope, bytes, list[RecipientRow] | None]:
@@ -701,7 +751,17 @@ class QueueManager:
         message, and every recipient when this made the last of them final (the
         caller finishes it)."""
         envelope, data = await self._read(queue_id)
-        attempted = await self.agent.attempt(envelope, data, domain, list(rows))
+        began = time.monotonic()
+        # slow as soon as it takes that long: the next attempts get the slow places
+        overrun = asyncio.get_running_loop().call_later(QUICK, self._quick.discard, domain)
+        try:
+            attempted = await self.agent.attempt(envelope, data, domain, list(rows))
+        finally:
+            overrun.cancel()
+        if time.monotonic() - began < QUICK:
+            self._quick.add(domain)
+        else:
+            self._quick.discard(domain)
         now = time.time()
         results = [a.result for a in attempted]
         if results and all(r.outcome == "deferred" and r.status == UNREACHABLE for r in results):

@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -496,15 +496,23 @@ class QueueStore:
         )
         return [_row(r) for r in rows]
 
-    def due(self, now: float, limit: int = 1000, claiming: bool = False) -> list[RecipientRow]:
+    def due(
+        self,
+        now: float,
+        limit: int = 1000,
+        claiming: bool = False,
+        busy: Sequence[str] = (),
+    ) -> list[RecipientRow]:
         """Recipients whose attempt is due and not already taken by an attempt
-        (``claiming``: inside the transaction that takes them)."""
+        (``claiming``: inside the transaction that takes them), but for those at the
+        ``busy`` domains (attempts enough under way there)."""
         # with several nodes: only what this node can read (shared, or its own)
-        reachable, args = (
-            ("", [now])
-            if self.node is None
-            else (" AND (m.shared=1 OR m.node=?)", [now, self.node])
-        )
+        reachable, args = "", list[Any]([now])
+        if self.node is not None:
+            reachable, args = " AND (m.shared=1 OR m.node=?)", [now, self.node]
+        if busy:
+            reachable += f" AND r.domain NOT IN ({','.join('?' * len(busy))})"
+            args += busy
         rows = self._db.execute(
             "SELECT r.queue_id, r.idx, r.address, r.domain, r.state, r.attempts, "  # noqa: S608 - the claim clause is fixed
             "r.next_attempt, r.status, r.diagnostic FROM recipients r JOIN messages m "
@@ -515,12 +523,12 @@ class QueueStore:
         )
         return [_row(r) for r in rows]
 
-    def claim(self, now: float, limit: int) -> list[RecipientRow]:
+    def claim(self, now: float, limit: int, busy: Sequence[str] = ()) -> list[RecipientRow]:
         """Take due recipients for attempts, in one transaction: a recipient is taken
         once, whichever process or node asks at the same time (the lease ends when a
         result is recorded, or at the next start: `release_leases`)."""
         with self.transaction():
-            rows = self.due(now, limit, claiming=True)
+            rows = self.due(now, limit, claiming=True, busy=busy)
             if rows:
                 self._db.write_many(
                     "UPDATE recipients SET leased=1, owner=? WHERE queue_id=? AND idx=?",
