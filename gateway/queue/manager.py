@@ -693,11 +693,10 @@ class QueueManager:
             del self._started[domain]
 
     def _busy(self, domain: str) -> bool:
-        """As many attempts waiting or under way for ``domain`` as it may have at
-        once (`_places`): more would only wait, holding what others could use."""
-        if domain in self._quick:
-            return self._started[domain] >= self.config.delivery.concurrency_per_destination
-        return self._started[domain] >= SLOW_PLACES
+        """A slow or new destination with as many attempts waiting or under way as
+        it may run at once (`_places`): more would only wait, holding the claim's
+        room.  (A quick one's wait is short: they queue for its places.)"""
+        return domain not in self._quick and self._started[domain] >= SLOW_PLACES
 
     @property
     def _quick_attempts(self) -> int:
