@@ -313,15 +313,6 @@ class QueueStore:
             return None
         return _envelope_of(row[0]), bytes(row[1])
 
-    def shared_envelopes(self) -> list[Envelope]:
-        """The envelopes of the unfinished messages in the shared store, oldest first
-        (whichever node accepted them)."""
-        rows = self._db.execute(
-            "SELECT c.envelope FROM contents c JOIN messages m USING (queue_id) "
-            "WHERE m.done=0 ORDER BY m.arrived"
-        )
-        return [_envelope_of(text) for (text,) in rows]
-
     def open_messages(self) -> list[dict[str, Any]]:
         """Every unfinished message (by queue id: by arrival), with its recipients'
         states and latest decisions - in two queries, whatever the size of the queue

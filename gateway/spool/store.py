@@ -36,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,16 +192,6 @@ class Spool:
         if not is_queue_id(queue_id):
             raise SpoolError(f"{queue_id!r} is not a queue id")
         return self.queue_dir / queue_id
-
-    def envelopes(self) -> Iterator[Envelope | SpoolError]:
-        """Every queued message's envelope, oldest first; unreadable ones as errors."""
-        if not self.queue_dir.is_dir():
-            return
-        for path in sorted(self.queue_dir.iterdir()):
-            try:
-                yield read_envelope(path)
-            except SpoolError as e:
-                yield e
 
     def queue_ids(self) -> list[str]:
         """The ids of the queued messages (their file names; nothing is read)."""
