@@ -107,7 +107,6 @@ class _Suspension:
 
     until: float
     times: int  # waits in a row, less one
-    status: str
     diagnostic: str
 
 
@@ -792,14 +791,13 @@ class QueueManager:
         if known is not None and known.until > now:
             return  # an attempt that began before it was suspended
         times = known.times + 1 if known is not None else 0
-        schedule = self.config.delivery.retry_schedule
-        until = now + schedule[min(times, len(schedule) - 1)]
+        until = now + self._retry_wait(times)
         why = f"delivery temporarily suspended: {diagnostic}"
-        suspension = self._suspended[domain] = _Suspension(until, times, UNREACHABLE, why)
+        self._suspended[domain] = _Suspension(until, times, why)
         arrived_after = now - self.config.delivery.max_queue_lifetime
         try:  # what is due already waits in the store, not claimed one by one
             waiting = await self._db(
-                self.store.suspend, domain, until, suspension.status, why, arrived_after
+                self.store.suspend, domain, until, UNREACHABLE, why, arrived_after
             )
         except (sqlite3.Error, StorageError) as e:  # then each waits as it is claimed
             log.error(Event.QUEUE_STORE_FAILED, error=str(e)[:200])
@@ -828,7 +826,7 @@ class QueueManager:
                 queue_id,
                 [r.idx for r in rows],
                 suspension.until,
-                suspension.status,
+                UNREACHABLE,
                 suspension.diagnostic,
                 arrived_after,
             )
@@ -1156,10 +1154,15 @@ class QueueManager:
                 state, status = RecipientState.EXPIRED, "4.4.7"
                 diagnostic = f"delivery time expired; last error: {diagnostic}"
             else:
-                schedule = self.config.delivery.retry_schedule
-                wait = schedule[min(row.attempts, len(schedule) - 1)]
+                wait = self._retry_wait(row.attempts)
                 next_attempt = now + wait * self._rng.uniform(0.9, 1.1)
         return AttemptRecord(row.idx, state, status, diagnostic, None, next_attempt, outcome)
+
+    def _retry_wait(self, failures: int) -> float:
+        """How long ``delivery.retry_schedule`` waits after that many failures in a
+        row (its last wait repeats) - for a recipient, and for a suspended destination."""
+        schedule = self.config.delivery.retry_schedule
+        return float(schedule[min(failures, len(schedule) - 1)])
 
     def _report(
         self,
