@@ -510,7 +510,9 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
     if not rcpts:
         return None  # nothing this server can take (RFC 6531 3.4): bounced, 5.6.7
     # RFC 2920: MAIL, every RCPT and DATA in one write when the server offers it
+    # (``data_reply`` is then DATA's reply, read already)
     group = smtp.supports_extension("pipelining")
+    data_reply: aiosmtplib.SMTPResponse | None = None
     try:
         if group:
             reply, *answers, data_reply = await pipelined(
@@ -528,8 +530,7 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
         return _Stale.STALE
     if reply.code >= 400:
         # The sender was refused: that is about the whole message on this host.
-        if group:
-            await _end_pipelined(smtp, data_reply)
+        await _end_pipelined(smtp, data_reply)
         status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
         if reply.code >= 500:
             for rcpt in message.recipients:
@@ -549,14 +550,10 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
                 rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence
             )
     if not accepted:
-        if group:
-            await _end_pipelined(smtp, data_reply)
+        await _end_pipelined(smtp, data_reply)
         await smtp.rset()
         return None
-    if group:
-        code, text = await _data(smtp, message.wire, data_reply)
-    else:
-        code, text = await _data(smtp, message.wire)
+    code, text = await _data(smtp, message.wire, data_reply)
     status = _status_of(code, text, f"{code // 100}.0.0")
     for rcpt in accepted:
         message.results[rcpt] = RecipientResult(
@@ -615,11 +612,11 @@ def _commands(
     return mail, rcpts, evidence
 
 
-async def _end_pipelined(smtp: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPResponse) -> None:
+async def _end_pipelined(smtp: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPResponse | None) -> None:
     """A pipelined DATA the server should have refused (no sender, no recipient)
     but answered 354: an empty message ends it, and its reply is not a delivery
-    (RFC 2920 3.1)."""
-    if data_reply.code == 354 and smtp.protocol is not None:
+    (RFC 2920 3.1).  (None: DATA was not sent.)"""
+    if data_reply is not None and data_reply.code == 354 and smtp.protocol is not None:
         smtp.protocol.write(b".\r\n")
         await smtp.protocol.read_response(timeout=smtp.timeout)
 
