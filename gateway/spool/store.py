@@ -345,9 +345,7 @@ class SpoolWriter:
 def _read_layout(f: IO[bytes], path: Path) -> tuple[int, int]:
     try:
         end = f.seek(0, os.SEEK_END)
-        if end < FOOTER_LEN:
-            raise SpoolError(f"{path.name}: too short to be a spool file")
-        f.seek(end - FOOTER_LEN)
+        f.seek(max(0, end - FOOTER_LEN))
         footer = f.read(FOOTER_LEN)
     except OSError as e:
         raise SpoolError(f"{path.name}: {e.strerror}") from e
@@ -366,13 +364,14 @@ def _checked_size(path: str) -> int:
             os.close(fd)
     except OSError as e:
         raise SpoolError(f"{os.path.basename(path)}: {e.strerror}") from e
-    if end < FOOTER_LEN:
-        raise SpoolError(f"{os.path.basename(path)}: too short to be a spool file")
     return _layout(footer, end, Path(path))[0]
 
 
 def _layout(footer: bytes, end: int, path: Path) -> tuple[int, int]:
-    """(message length, envelope length) from a file's footer and size."""
+    """(message length, envelope length) from a file's footer (its last `FOOTER_LEN`
+    bytes, or all of a shorter one) and size."""
+    if end < FOOTER_LEN:
+        raise SpoolError(f"{path.name}: too short to be a spool file")
     parts = footer.rstrip(b"\n").split(b" ")
     if (
         len(parts) != 3
