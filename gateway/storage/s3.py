@@ -26,6 +26,7 @@ from gateway.errors import ConfigError
 from gateway.storage.database import StorageError
 
 DAY = 86400.0
+MISSING = ("NoSuchKey", "404", "NotFound")  # the error codes of an object that is not there
 
 
 class S3BlobStore:
@@ -75,7 +76,7 @@ class S3BlobStore:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as e:
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+            if _code(e) in MISSING:
                 return None
             raise _error("get", name, e) from None
         except Exception as e:  # noqa: BLE001 - the endpoint cannot be reached
@@ -91,7 +92,7 @@ class S3BlobStore:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(name))
             except ClientError as e:
-                if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                if _code(e) in MISSING:
                     continue
                 raise _error("head", name, e) from None
             except Exception as e:  # noqa: BLE001 - the endpoint cannot be reached
