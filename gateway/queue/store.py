@@ -46,6 +46,7 @@ from gateway.storage.migrations import Versioned, prepare
 from gateway.tlsrpt.store import SCHEMA as TLSRPT_SCHEMA
 from gateway.webhooks.outbox import INSERT as WEBHOOK_INSERT
 from gateway.webhooks.outbox import SCHEMA as WEBHOOK_SCHEMA
+from gateway.webhooks.outbox import insert_rows as webhook_rows
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS messages (
@@ -606,7 +607,7 @@ class QueueStore:
     def add_events(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
         """Webhook events for the outbox, in the transaction of the state they report
         (`gateway.webhooks`)."""
-        self._db.write_many(WEBHOOK_INSERT, [(*r, now, now) for r in rows])
+        self._db.write_many(WEBHOOK_INSERT, webhook_rows(rows, now))
 
     def record(
         self,

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -61,6 +63,7 @@ class Dispatcher:
         self.apply(config)
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()  # the event loop's
         self._task: asyncio.Task[None] | None = None
         self._gauged = 0.0
         self._known: set[str] = set()
@@ -95,11 +98,13 @@ class Dispatcher:
             pool.close_soon()
 
     def wake(self) -> None:
-        """Events were written (from any thread)."""
-        if self.remote_wake is not None:  # posted by a worker process: tell it
-            self._loop.call_soon_threadsafe(self.remote_wake)
+        """Events were written (from any thread; from the event loop's own, without
+        a write to its self-pipe)."""
+        wake = self._wake.set if self.remote_wake is None else self.remote_wake
+        if threading.get_ident() == self._thread_id:
+            wake()
         else:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._loop.call_soon_threadsafe(wake)
 
     def start(self) -> None:
         self._task = self._loop.create_task(self._run())
@@ -137,19 +142,23 @@ class Dispatcher:
         mine = await self._db(self.outbox.take, self.node, now, now + LEASE)
         if not mine:
             return False
-        limit = asyncio.Semaphore(CONCURRENCY)
+        # CONCURRENCY posts at a time, each poster taking the next event when its
+        # last is answered
+        results = [""] * len(mine)
+        order = iter(range(len(mine)))
 
-        async def post(event: Pending) -> str:
-            async with limit:
-                return await self._post(event)
+        async def poster() -> None:
+            for i in order:
+                results[i] = await self._post(mine[i])
 
-        results = await asyncio.gather(*(post(e) for e in mine))
+        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(mine)))))
         await self._settle(mine, results)
         return bool(mine)
 
     async def _settle(self, events: list[Pending], results: list[str]) -> None:
         now = self.clock()
         posted, retry, dropped = [], [], []
+        outcomes: Counter[tuple[str, str]] = Counter()
         for event, result in zip(events, results, strict=True):
             if result == "posted":
                 posted.append(event.id)
@@ -174,7 +183,9 @@ class Dispatcher:
                 else:
                     retry.append((event.id, now + wait, result[:300]))
                     outcome = "failed"
-            self.metrics.webhook_posts.labels(event.endpoint, outcome).inc()
+            outcomes[event.endpoint, outcome] += 1
+        for labels, count in outcomes.items():
+            self.metrics.webhook_posts.labels(*labels).inc(count)
         await self._db(self.outbox.settle, posted, retry, dropped)
 
     async def _post(self, event: Pending) -> str:
@@ -206,6 +217,7 @@ class Dispatcher:
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now
+        await self._db(self.outbox.release_stranded)
         backlog = await self._db(self.outbox.backlog)
         for name in self._known | set(backlog) | set(self.endpoints):
             pending, oldest = backlog.get(name, (0, None))

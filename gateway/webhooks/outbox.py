@@ -4,11 +4,15 @@ database (its schema's version 6).
 The queue writes a message's events with the state they report, in one transaction
 (`INSERT`, used by `gateway.queue.store.QueueStore.add_events`); the portal's
 events are written on their own just after its change.  A dispatcher (on every node
-of a cluster) takes the due ones: only the oldest pending event of each message and
-endpoint is due, so a message's events arrive in order; a taken event is leased to
-its node for a while, so that two nodes never post it at once and a dead node's
-events are taken over.  An event posted is deleted; one not taken before
-``webhooks.max_age`` is kept as ``dropped`` for 30 days, with its last error.
+of a cluster) takes the due ones.  A message's events arrive in order: only its
+oldest event per endpoint is ``pending``; one written while another of the same
+message and endpoint waits is ``waiting``, and becomes pending when the one before
+it is posted or dropped - so that finding the due events reads only those (an index
+on state and time, in time order), however many wait behind an endpoint that is
+down.  A taken event is leased to its node for a while (its next try is then the
+lease's end), so that two nodes never post it at once and a dead node's events are
+taken over.  An event posted is deleted; one not taken before ``webhooks.max_age``
+is kept as ``dropped`` for 30 days, with its last error.
 
 Blocking: called from a thread.
 """
@@ -16,8 +20,9 @@ Blocking: called from a thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.storage.database import Database, Schema
+from gateway.storage.database import Database, Dialect, Schema
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -39,23 +44,59 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_try)
 CREATE INDEX IF NOT EXISTS webhook_outbox_order ON webhook_outbox(endpoint, queue_id, id)
 """)
 
+# an event, ``waiting`` when another of its message and endpoint is not posted yet
+# (parameters: `insert_rows`)
 INSERT = (
     "INSERT INTO webhook_outbox(endpoint, event_id, queue_id, type, payload, created, "
-    "next_try) VALUES (?,?,?,?,?,?,?)"
+    "next_try, state) SELECT ?, ?, ?, ?, ?, ?, ?, CASE WHEN EXISTS (SELECT 1 FROM "
+    "webhook_outbox w WHERE w.endpoint = ? AND w.queue_id = ? "
+    "AND w.state IN ('pending', 'waiting')) THEN 'waiting' ELSE 'pending' END"
 )
 
 DROPPED_KEPT = 30 * 86400
 
 _COLUMNS = "id, endpoint, event_id, queue_id, type, payload, created, tries"
-# the ids of the due events: pending, due by now, not leased, the oldest of their
-# message and endpoint (parameters: now, now, limit)
+# the ids of the due events, in the order they became due: pending, due by now, not
+# leased (parameters: now, now, limit).  A pending event with an older pending one
+# of its message and endpoint is not due yet: none is written so, but a database
+# from before ``waiting`` may hold some.
 _DUE = (
     "SELECT o.id FROM webhook_outbox o WHERE o.state = 'pending' AND o.next_try <= ? "
     "AND (o.lease_until IS NULL OR o.lease_until < ?) AND NOT EXISTS ("
     "SELECT 1 FROM webhook_outbox p WHERE p.endpoint = o.endpoint "
     "AND p.queue_id = o.queue_id AND p.state = 'pending' AND p.id < o.id) "
-    "ORDER BY o.id LIMIT ?"
+    "ORDER BY o.next_try LIMIT ?"
 )
+# the due events leased (parameters: owner, until, until, `_DUE`'s, now, now).  The
+# outer checks, evaluated again on a row another node updated meanwhile, are written
+# so that no index can serve them (``|| ''``, ``+ 0``): the rows are found by their
+# ids, not by reading every due one
+_TAKE = (
+    "UPDATE webhook_outbox SET owner = ?, lease_until = ?, next_try = ? "  # noqa: S608 - constants and placeholders
+    f"WHERE id IN ({_DUE}) AND state || '' = 'pending' AND next_try + 0 <= ? "
+    f"AND (lease_until IS NULL OR lease_until < ?) RETURNING {_COLUMNS}"
+)
+# the next waiting event of each message and endpoint whose event ``{marks}`` was
+# posted or dropped becomes pending
+_PROMOTE = (
+    "UPDATE webhook_outbox SET state = 'pending' WHERE id IN (SELECT (SELECT min(w.id) "
+    "FROM webhook_outbox w WHERE w.endpoint = h.endpoint AND w.queue_id = h.queue_id "
+    "AND w.state = 'waiting') FROM webhook_outbox h WHERE h.id IN ({marks}))"
+)
+# waiting events with nothing before them: written while the one before was being
+# posted, by another PostgreSQL transaction that could not see it go
+_STRANDED = (
+    "UPDATE webhook_outbox SET state = 'pending' WHERE state = 'waiting' AND NOT EXISTS ("
+    "SELECT 1 FROM webhook_outbox p WHERE p.endpoint = webhook_outbox.endpoint "
+    "AND p.queue_id = webhook_outbox.queue_id AND p.state IN ('pending', 'waiting') "
+    "AND p.id < webhook_outbox.id)"
+)
+
+
+def insert_rows(rows: list[tuple[str, str, str, str, str]], now: float) -> list[tuple[Any, ...]]:
+    """`INSERT`'s parameters for outbox rows (endpoint, event id, queue id, type,
+    payload) written at ``now``."""
+    return [(*r, now, now, r[0], r[2]) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -83,7 +124,7 @@ class Outbox:
 
     def add(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
         with self.db.transaction():
-            self.db.executemany(INSERT, [(*r, now, now) for r in rows])
+            self.db.executemany(INSERT, insert_rows(rows, now))
 
     def due(self, now: float, limit: int = 200) -> list[Pending]:
         """The oldest pending event of each message and endpoint, when due and not
@@ -95,15 +136,13 @@ class Outbox:
         return [Pending(*row) for row in rows]
 
     def take(self, owner: str, now: float, until: float, limit: int = 500) -> list[Pending]:
-        """The due events (`due`), leased to this node, in one statement, oldest
-        first.  The outer lease check is evaluated again on the row another node may
-        have updated meanwhile (PostgreSQL): never both."""
+        """The due events (`due`), leased to this node until ``until`` (their next
+        try then), in one statement, oldest first.  The outer checks are evaluated
+        again on a row another node may have updated meanwhile (PostgreSQL): never
+        both."""
         with self.db.transaction():
             rows = self.db.execute(
-                f"UPDATE webhook_outbox SET owner = ?, lease_until = ? WHERE id IN ({_DUE}) "  # noqa: S608 - constants and placeholders
-                "AND state = 'pending' AND (lease_until IS NULL OR lease_until < ?) "
-                f"RETURNING {_COLUMNS}",
-                (owner, until, now, now, limit, now),
+                _TAKE, (owner, until, until, now, now, limit, now, now)
             ).fetchall()
         return sorted((Pending(*row) for row in rows), key=lambda e: e.id)
 
@@ -114,8 +153,12 @@ class Outbox:
         dropped: list[tuple[int, str]],
     ) -> None:
         """Posted events deleted (one statement); failed ones tried again at their
-        time (or dropped), with the error."""
+        time (or dropped), with the error; the next event of a message whose event
+        was posted or dropped pending now.  At most a round's events (`take`'s limit)."""
+        gone = posted + [event for event, _ in dropped]
         with self.db.transaction():
+            if gone:  # the events after them are due now
+                self.db.execute(_PROMOTE.format(marks=",".join("?" * len(gone))), gone)
             if posted:
                 marks = ",".join("?" * len(posted))
                 self.db.execute(
@@ -135,11 +178,20 @@ class Outbox:
                     (error, event),
                 )
 
+    def release_stranded(self) -> None:
+        """Waiting events with none before them made pending: on PostgreSQL an event
+        written while the one before it was being posted (by a transaction that
+        could not see it) may be left so; SQLite's writers see each other."""
+        if self.db.dialect is Dialect.POSTGRESQL:
+            with self.db.transaction():
+                self.db.execute(_STRANDED)
+
     def backlog(self) -> dict[str, tuple[int, float | None]]:
-        """Per endpoint: pending events and the oldest one's creation time."""
+        """Per endpoint: events not posted yet (pending or waiting) and the oldest
+        one's creation time."""
         rows = self.db.execute(
             "SELECT endpoint, count(*), min(created) FROM webhook_outbox "
-            "WHERE state = 'pending' GROUP BY endpoint"
+            "WHERE state IN ('pending', 'waiting') GROUP BY endpoint"
         ).fetchall()
         return {str(e): (int(n), float(oldest) if oldest else None) for e, n, oldest in rows}
 

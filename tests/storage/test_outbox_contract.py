@@ -1,12 +1,16 @@
 """The webhook outbox's contract on SQLite and on a real PostgreSQL server: only a
-message's oldest pending event per endpoint is due (its events go in order); an event
-claimed by one node is not claimed by another until its lease ends; posted events
-are gone, failed ones come back at their time, dropped ones are kept with their
-error and left out of the backlog."""
+message's oldest pending event per endpoint is due (its events go in order; the next
+one is due when it is posted or dropped, also when a concurrent transaction wrote
+it); an event claimed by one node is not claimed by another until its lease ends;
+posted events are gone, failed ones come back at their time, dropped ones are kept
+with their error and left out of the backlog; finding the due events reads only
+those."""
 
 from __future__ import annotations
 
-from gateway.webhooks.outbox import Outbox
+from gateway.storage.database import Database
+from gateway.webhooks.outbox import _DUE, _TAKE, INSERT, Outbox, insert_rows
+from tests.support.stores import opener
 
 
 def row(endpoint, queue_id, kind):
@@ -71,3 +75,49 @@ def test_take_is_due_and_claim_in_one(connect):
     assert (following.queue_id, following.type) == ("Q1", "delivered")
     two.settle([following.id], [], [])
     assert [e.queue_id for e in two.take("node-b", 150.0, 270.0)] == ["Q2"]  # node-a silent
+
+
+def test_an_event_after_a_dropped_one_is_due_and_a_taken_one_is_not(connect):
+    outbox = Outbox(connect())
+    outbox.add([row("ehr", "Q1", "accepted"), row("ehr", "Q1", "delivered")], 10.0)
+    (head,) = outbox.take("node-a", 20.0, 140.0)
+    assert outbox.due(20.0) == []  # leased; the delivered event waits behind it
+    assert outbox.backlog() == {"ehr": (2, 10.0)}
+    outbox.settle([], [], [(head.id, "HTTP 410")])
+    (after,) = outbox.due(20.0)
+    assert after.type == "delivered"
+
+
+def test_finding_the_due_events_reads_only_those_in_time_order(tmp_path):
+    """SQLite's plan for the due events walks the index on state and time - no sort
+    of every pending event, none of the events waiting behind an endpoint that is
+    down (they are not pending) - and takes them by their ids."""
+    db = Database.sqlite(tmp_path / "store.db")
+    Outbox(db)
+    plan = " | ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + _DUE, (1.0, 1.0, 10)))
+    assert "USING INDEX webhook_outbox_due (state=? AND next_try<?)" in plan
+    assert "TEMP B-TREE" not in plan
+    # taking them: the rows found by their ids, not every due one read again
+    plan = [r[3] for r in db.execute("EXPLAIN QUERY PLAN " + _TAKE, ("n", 2, 2, 1, 1, 10, 1, 1))]
+    assert plan[0] == "SEARCH webhook_outbox USING INTEGER PRIMARY KEY (rowid=?)"
+    db.close()
+
+
+def test_a_waiting_event_left_by_a_concurrent_post_is_released(request, tmp_path):
+    """PostgreSQL: an event written (as waiting) while the one before it is posted by
+    another transaction that cannot see it is left without one before it;
+    release_stranded makes it due."""
+    opened: list[Database] = []
+    connect = opener("postgresql", request, tmp_path, opened)
+    writer, dispatcher = Outbox(connect()), Outbox(connect())
+    writer.add([row("ehr", "Q1", "accepted")], 10.0)
+    (head,) = dispatcher.take("node-a", 20.0, 140.0)
+    with writer.db.transaction():
+        writer.db.executemany(INSERT, insert_rows([row("ehr", "Q1", "delivered")], 21.0))
+        dispatcher.settle([head.id], [], [])  # posted meanwhile, committed first
+    assert dispatcher.due(30.0) == []  # stranded
+    dispatcher.release_stranded()
+    (after,) = dispatcher.due(30.0)
+    assert after.type == "delivered"
+    for db in opened:
+        db.close()
