@@ -51,6 +51,7 @@ from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.observability.logging import configure_logging, get_logger
 from gateway.observability.metrics import Metrics
+from gateway.webhooks.dispatcher import ROUND_GAP
 
 log = get_logger("gateway.smtp.workers")
 
@@ -64,8 +65,11 @@ _GAUGES = (
 )
 
 
-# the webhook process's niceness: notifications yield to mail when the CPU is saturated
-WEBHOOK_NICE = 10
+# the webhook process's niceness, the lowest: when the CPU is saturated mail goes
+# first and the events wait, durable, in the outbox (posted as soon as there is time)
+WEBHOOK_NICE = 19
+# the shortest time between two wake-ups of the webhook process: its rounds' gap
+WAKE_GAP = ROUND_GAP
 
 
 def worker_count(config: Config) -> int:
@@ -118,7 +122,8 @@ class WorkerPool:
         self.workers: dict[int, _Worker] = {}
         self.retired: dict[str, float] = {}  # counters of workers that have exited
         self._answers: set[asyncio.Task[None]] = set()
-        self._waking = False
+        self._wake_due: float | None = None  # when the next wake-up is sent
+        self._woken = -WAKE_GAP  # when the last one was
         self.stopping = False
 
     async def start(self, timeout: float = 30) -> None:
@@ -225,19 +230,22 @@ class WorkerPool:
         return self.count
 
     def wake_webhooks(self) -> None:
-        """The main process wrote webhook events: the webhook process posts them (one
-        message per event loop turn, however many were written)."""
-        if self._waking:
+        """The main process wrote webhook events: the webhook process posts them.  At
+        most one message per `WAKE_GAP` (a later wake-up within it is sent at its
+        end): the dispatcher waits as long between its rounds anyway, and hundreds
+        of messages a second would cost both processes more than the posts."""
+        if self._wake_due is not None:
             return
-        self._waking = True
+        loop = asyncio.get_running_loop()
+        self._wake_due = max(loop.time(), self._woken + WAKE_GAP)
 
         def send() -> None:
-            self._waking = False
+            self._wake_due, self._woken = None, loop.time()
             hooks = self.workers.get(self.hooks_index)
             if hooks is not None and hooks.control is not None and not hooks.control.is_closing():
                 hooks.control.write(b'{"type": "events"}\n')
 
-        asyncio.get_running_loop().call_soon(send)
+        loop.call_at(self._wake_due, send)
 
     def reload(self) -> None:
         """SIGHUP, once the main process has checked the file: each worker reads the

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import hmac
 import json
 import secrets
@@ -57,7 +56,7 @@ def secret_key(secret: str) -> bytes:
 
 def signature(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{event_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode()
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ connections per endpoint, one request at a time on each.
 Hand-written instead of aiohttp's client: an event is one POST with a few headers
 whose answer is only its status, and aiohttp's general machinery cost about four
 times the CPU per event (bench/integrations.py: the main process's share of each
-event).  What it reads of an answer is bounded: the status line and at most 100
-header lines of 8 KiB, a body of at most 1 MiB (Content-Length or chunked; read and
-dropped, so the connection can be used again) - an answer without a length, or one
-with ``Connection: close``, ends the connection.  Names resolve through the
+event); an answer is parsed from the bytes as they arrive (`_parse`), without a
+stream reader's call per line.  What it reads of an answer is bounded: the status
+line and at most 100 header lines of 8 KiB, a body of at most 1 MiB (Content-Length
+or chunked; read and dropped, so the connection can be used again) - an answer
+without a length, or one with ``Connection: close``, ends the connection.  Names resolve through the
 gateway's resolver (``dns.nameservers``); the certificate is verified as for every
 HTTPS the gateway makes (system CAs plus ``tls.ca_file``, the host name).
 """
@@ -15,8 +16,8 @@ HTTPS the gateway makes (system CAs plus ``tls.ca_file``, the host name).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
+from typing import cast
 from urllib.parse import urlsplit
 
 from gateway.errors import SealgateError
@@ -32,12 +33,72 @@ class HttpError(SealgateError):
     """Why no answer came (connection, TLS, a malformed answer)."""
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
+class _Connection(asyncio.Protocol):
+    """One TLS connection carrying one request at a time; the answer is parsed from
+    what arrived as it arrives (`_parse`), without a reader layer between."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buffer = bytearray()
+        self._answer: asyncio.Future[tuple[int, bool]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's or uvloop's TLS transport (uvloop's is no asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._answer is not None and not self._answer.done():
+            self._settle(eof=False)
+        elif len(self._buffer) > MAX_LINE:  # nothing asked for: not kept for it
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        self.closed = True
+        if self._answer is not None and not self._answer.done():
+            self._settle(eof=True)
+
+    def _settle(self, eof: bool) -> None:
+        assert self._answer is not None
+        try:
+            parsed = _parse(self._buffer, eof)
+        except HttpError as e:
+            self._answer.set_exception(e)
+            return
+        if parsed is not None:
+            status, keep, used = parsed
+            del self._buffer[:used]
+            self._answer.set_result((status, keep and not self.closed))
+        elif eof:
+            self._answer.set_exception(
+                _Stale() if not self._buffer else HttpError("the answer is cut off")
+            )
+
+    async def request(self, data: bytes) -> tuple[int, bool]:
+        """Send ``data``; the answer's status and whether the connection can carry
+        another request.  _Stale: closed before any answer began."""
+        assert self.transport is not None
+        if self.closed or self._buffer:  # closed, or sent what nobody asked for
+            raise _Stale
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        try:
+            return await self._answer
+        finally:
+            self._answer = None
 
     def close(self) -> None:
-        self.writer.close()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Endpoint:
@@ -80,8 +141,11 @@ class Endpoint:
                 try:
                     return await self._exchange(conn, request)
                 except _Stale:
-                    conn.close()  # closed while idle: nothing was taken
-            return await self._exchange(await self._open(), request, fresh=True)
+                    pass  # closed while idle: nothing was taken
+            try:
+                return await self._exchange(await self._open(), request)
+            except _Stale:
+                raise HttpError("the server closed the connection without an answer") from None
 
     async def _open(self) -> _Connection:
         try:
@@ -90,38 +154,24 @@ class Endpoint:
             raise HttpError(str(e)) from None
         if not ips:
             raise HttpError(f"{self.host} has no address")
+        loop = asyncio.get_running_loop()
         last: Exception | None = None
         for ip in ips:
             try:
-                reader, writer = await asyncio.open_connection(
-                    ip, self.port, ssl=self.ctx, server_hostname=self.host, limit=MAX_LINE * 2
+                _, conn = await loop.create_connection(
+                    _Connection, ip, self.port, ssl=self.ctx, server_hostname=self.host
                 )
-                return _Connection(reader, writer)
+                return conn
             except ssl.SSLError as e:
                 raise HttpError(f"TLS with {self.host} failed: {e}") from None
             except OSError as e:
                 last = e
         raise HttpError(f"cannot connect to {self.host}:{self.port}: {last}")
 
-    async def _exchange(self, conn: _Connection, request: bytes, fresh: bool = False) -> int:
+    async def _exchange(self, conn: _Connection, request: bytes) -> int:
         try:
-            conn.writer.write(request)
-            await conn.writer.drain()
-            line = await conn.reader.readline()
-            if not line:
-                if not fresh:
-                    raise _Stale
-                raise HttpError("the server closed the connection without an answer")
-            status, keep = await _answer(conn.reader, line)
-        except (_Stale, HttpError):
-            conn.close()
-            raise
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-            conn.close()
-            if not fresh and isinstance(e, ConnectionError):
-                raise _Stale from None
-            raise HttpError(f"{type(e).__name__}: {e}") from None
-        except BaseException:  # cancelled (the timeout): the connection is in no state
+            status, keep = await conn.request(request)
+        except BaseException:  # also cancelled (the timeout): the connection is in no state
             conn.close()
             raise
         if keep and len(self._idle) < self.size:
@@ -135,51 +185,82 @@ class _Stale(Exception):
     """A kept connection that the server closed: try a new one."""
 
 
-async def _answer(reader: asyncio.StreamReader, line: bytes) -> tuple[int, bool]:
-    """The status of an answer whose status line is ``line``, its body read and
-    dropped; whether the connection can carry another request."""
-    version, _, rest = line.decode("latin-1").strip().partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise HttpError(f"not an HTTP answer: {line[:60]!r}")
-    status = int(code)
+def _parse(buffer: bytearray, eof: bool) -> tuple[int, bool, int] | None:
+    """The answer at the start of ``buffer``: its status, whether the connection can
+    carry another request, and how many bytes it took - or None while it is not all
+    there (``eof``: nothing more will come).  HttpError for what is not an answer or
+    is too large."""
+    pos, status, keep = 0, 0, False
     headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        raw = await reader.readline()
-        if raw in (b"\r\n", b"\n"):
+    for n in range(MAX_HEADERS + 2):
+        end = buffer.find(b"\n", pos, pos + MAX_LINE)
+        if end < 0:
+            _unfinished(buffer, pos)
+            return None
+        line, pos = bytes(buffer[pos : end + 1]), end + 1
+        if n == 0:
+            version, _, rest = line.decode("latin-1").strip().partition(" ")
+            if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+                raise HttpError(f"not an HTTP answer: {line[:60]!r}")
+            status, keep = int(rest[:3]), version == "HTTP/1.1"
+        elif line in (b"\r\n", b"\n"):
             break
-        if not raw or len(raw) > MAX_LINE:
-            raise HttpError("the answer's header is cut off or too long")
-        name, _, value = raw.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+        else:
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
     else:
         raise HttpError("the answer has too many header lines")
-    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    keep = keep and headers.get("connection", "").lower() != "close"
     if status in (204, 304) or 100 <= status < 200:
-        return status, keep
+        return status, keep, pos
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        await _chunks(reader)
-    elif "content-length" in headers:
-        length = int(headers["content-length"])
+        used = _chunks(buffer, pos)
+        return None if used is None else (status, keep, used)
+    if "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            raise HttpError("the answer's Content-Length is not a number") from None
         if not 0 <= length <= MAX_BODY:
             raise HttpError("the answer's body is too large")
-        await reader.readexactly(length)
-    else:  # the body runs to the end of the connection
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await reader.readexactly(MAX_BODY)
-        keep = False
-    return status, keep
+        return (status, keep, pos + length) if len(buffer) >= pos + length else None
+    # the body runs to the end of the connection (read no further than MAX_BODY)
+    if eof or len(buffer) - pos >= MAX_BODY:
+        return status, False, len(buffer)
+    return None
 
 
-async def _chunks(reader: asyncio.StreamReader) -> None:
+def _chunks(buffer: bytearray, pos: int) -> int | None:
+    """Where a chunked body that starts at ``pos`` ends (None: not all there)."""
     total = 0
     while True:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
+        end = buffer.find(b"\n", pos)
+        if end < 0:
+            _unfinished(buffer, pos)
+            return None
+        try:
+            size = int(bytes(buffer[pos:end]).split(b";")[0].strip() or b"x", 16)
+        except ValueError:
+            raise HttpError("the answer's chunk size is not a number") from None
         total += size
-        if total > MAX_BODY:
+        if size < 0 or total > MAX_BODY:
             raise HttpError("the answer's body is too large")
+        pos = end + 1
         if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return
-        await reader.readexactly(size + 2)
+            while True:  # trailers, to the empty line
+                end = buffer.find(b"\n", pos)
+                if end < 0:
+                    _unfinished(buffer, pos)
+                    return None
+                line, pos = bytes(buffer[pos : end + 1]), end + 1
+                if line in (b"\r\n", b"\n"):
+                    return pos
+        if len(buffer) < pos + size + 2:
+            return None
+        pos += size + 2
+
+
+def _unfinished(buffer: bytearray, pos: int) -> None:
+    """A line that has not ended yet: more is to come, unless it is too long."""
+    if len(buffer) - pos >= MAX_LINE:
+        raise HttpError("a line of the answer is cut off or too long")

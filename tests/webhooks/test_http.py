@@ -106,3 +106,64 @@ async def test_a_certificate_the_client_does_not_trust_is_refused(tls):
     with pytest.raises(HttpError, match="TLS with 127.0.0.1 failed"):
         await endpoint.post(b"{}", {}, 5)
     server.close()
+
+
+async def test_an_answer_in_pieces_or_without_a_length_is_read_whole(tls):
+    """The answer is parsed from what has arrived: one that comes a few bytes at a
+    time is waited for; one whose body runs to the end of the connection is read to
+    it, and the connection is not used again."""
+    pieces = [b"HTTP/1.1 200 OK\r\nCont", b"ent-Length: 4\r\n", b"\r\nok", b"!!"]
+    seen = {"connections": 0}
+
+    async def slow(reader, writer):
+        seen["connections"] += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        head = await reader.readuntil(b"\r\n\r\n")  # the next request: no length
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\n\r\nmade")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0, ssl=tls[0])
+    port = server.sockets[0].getsockname()[1]
+    endpoint = Endpoint(f"https://127.0.0.1:{port}/", tls[1], resolver=None)
+    assert await endpoint.post(b"{}", {}, 5) == 200
+    assert len(endpoint._idle) == 1  # kept: the body's four bytes ended the answer
+    assert await endpoint.post(b"{}", {}, 5) == 201
+    assert endpoint._idle == []  # read to the end of the connection: not kept
+    assert seen["connections"] == 1
+    await endpoint.close()
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", "too long"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", "too many header lines"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n", "body is too large"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", "not a number"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "not a number"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "cut off"),
+    ],
+)
+async def test_an_answer_too_large_malformed_or_cut_off_is_an_error(tls, answer, error):
+    async def then_close(reader, writer):  # the answer, then the end of the connection
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+
+    server = await asyncio.start_server(then_close, "127.0.0.1", 0, ssl=tls[0])
+    port = server.sockets[0].getsockname()[1]
+    endpoint = Endpoint(f"https://127.0.0.1:{port}/", tls[1], resolver=None)
+    with pytest.raises(HttpError, match=error):
+        await endpoint.post(b"{}", {}, 5)
+    assert endpoint._idle == []
+    server.close()
