@@ -1174,7 +1174,8 @@ class ClusterConfig:
         default="local",
         metadata=doc(
             "When a message is acknowledged (250): 'local', after it is fsynced on this "
-            "node (copied to storage.database just after); 'shared', only once it and its "
+            "node (recorded in storage.database just after, its content too if it is not "
+            "delivered within 10 s); 'shared', only once it and its "
             "envelope are committed in storage.database (a node and its disk can be lost "
             "without losing an acknowledged message; needs PostgreSQL)."
         ),

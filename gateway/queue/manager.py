@@ -85,6 +85,9 @@ T = TypeVar("T")
 POLL_INTERVAL = 1.0  # also picks up `sealgate queue retry/hold/release/delete`
 PRUNE_INTERVAL = 60.0
 SETTLE = 300.0  # a cluster's unfinished messages: left to the node finishing them this long
+# cluster.ack: local - a message still open this long after it was recorded has its
+# content put into the shared store (one delivered sooner never goes there)
+SHARE_AFTER = 10.0
 DURABLE_EVERY = 0.05  # seconds between archive syncs before spool files are removed
 # Messages read at arrival wait here for their first attempt (no second read); the
 # spool file stays the durable copy.
@@ -205,6 +208,9 @@ class QueueManager:
         self.store: QueueStore | None = None
         # with a shared store (storage.database: PostgreSQL): this node's id
         self.node: str | None = None
+        # cluster.ack: local - messages recorded without their content, and when
+        # (`SHARE_AFTER`); cluster.ack: shared puts it there before the 250
+        self._unshared_since: dict[str, float] = {}
         self._commits: GroupCommit
         self._wake = asyncio.Event()
         self._stopping = False
@@ -267,6 +273,9 @@ class QueueManager:
         if self.node is not None:
             await self._db(self.store.joined)
             self.metrics.cluster_unshared.set_function(lambda: self._unshared)
+            # recorded by an earlier run that stopped before it shared them
+            for queue_id in await self._db(self.store.unshared_here):
+                self._unshared_since[queue_id] = 0.0
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
         added, poison, leftover = await self._db(self._reconcile, keep)
@@ -368,15 +377,17 @@ class QueueManager:
         self, envelope: Envelope, lease: bool, data: bytes | None = None, fresh: bool = False
     ) -> bool:
         """In the database thread: record a spooled message, if its envelope passes
-        the listener's checks (`Poison` if not); with several nodes, its content too
-        (read from the spool when not given)."""
+        the listener's checks (`Poison` if not); with ``cluster.ack: shared`` its
+        content too (read from the spool when not given) - with ``local`` it goes
+        there later (`_share_open`)."""
         assert self.store is not None
         problems = check_envelope(envelope)
         if not problems.ok:
             raise Poison(problems)
-        if self.node is not None and data is None:
+        if self._shares_at_once and data is None:
             envelope, data = self.spool.read(envelope.queue_id)
-        added = self.store.add(envelope, lease=lease, data=data if self.node else None, fresh=fresh)
+        shared = data if self._shares_at_once else None
+        added = self.store.add(envelope, lease=lease, data=shared, fresh=fresh)
         if added and (events := self.webhooks.accepted(envelope)):
             self.store.add_events(events, time.time())  # in the same transaction
         return added
@@ -471,6 +482,8 @@ class QueueManager:
             self._cache_put(recorded, data)
         if added and self.webhooks:
             self.events_written()  # committed now: the dispatcher can see them
+        if added and self.node is not None and not self._shares_at_once:
+            self._unshared_since[queue_id] = time.monotonic()
         if added and self.archive is not None:
             self.archive.journal(recorded, data)
         if lease and added:
@@ -505,13 +518,13 @@ class QueueManager:
     ) -> tuple[Envelope, bytes | None, bool, bool]:
         """In the database thread: record the message's recipients, reading what was
         not handed over (the bytes when small enough to be kept for the first attempt,
-        or always with several nodes: every byte goes to the shared store), leased
+        or always with ``cluster.ack: shared``: they go to the shared store now), leased
         when ``lease`` and none of their destinations is busy (then returned True).
         ``fresh``: the store has never seen it (not a retry)."""
         assert self.store is not None
         size = envelope.size if envelope is not None else size
         if data is None or envelope is None:  # not all handed over: read the rest
-            if self.node is not None or (size is not None and size <= CACHE_MESSAGE_MAX):
+            if self._shares_at_once or (size is not None and size <= CACHE_MESSAGE_MAX):
                 envelope, data = self.spool.read(queue_id)
             elif envelope is None:
                 envelope = read_envelope(self.spool.path_of(queue_id))
@@ -560,6 +573,8 @@ class QueueManager:
             last["beat"] = now
         if self._unrecorded:
             await self._record_unrecorded()
+        if self._unshared_since:
+            await self._share_open(time.monotonic() - SHARE_AFTER)
         # Claim no more than can start soon: the rest stay in the database - and
         # nothing for a destination with attempts enough waiting or under way.
         room = 2 * self.config.delivery.concurrency - self._quick_attempts
@@ -649,9 +664,31 @@ class QueueManager:
 
     @property
     def _unshared(self) -> int:
-        """Messages acknowledged here whose record (and content) is not in the shared
-        store yet: being recorded, or waiting for the store to come back."""
-        return len(self._enqueues) + len(self._unrecorded)
+        """Messages acknowledged here whose record or content is not in the shared
+        store yet: being recorded, waiting for the store to come back, or (``ack:
+        local``) recorded, their content not shared yet (`SHARE_AFTER`)."""
+        return len(self._enqueues) + len(self._unrecorded) + len(self._unshared_since)
+
+    @property
+    def _shares_at_once(self) -> bool:
+        """A message's content goes into the shared store with its record."""
+        return self.node is not None and self.config.cluster.ack == "shared"
+
+    async def _share_open(self, before: float) -> None:
+        """``cluster.ack: local``: the content of messages recorded before ``before``
+        and still open goes into the shared store (any node can deliver them then),
+        in one transaction; those finished meanwhile never go there."""
+        assert self.store is not None
+        due = [q for q, since in self._unshared_since.items() if since <= before]
+        if not due:
+            return
+        found: list[tuple[Envelope, bytes]] = []
+        for queue_id in due:
+            with contextlib.suppress(SpoolError):  # set aside when next tried
+                found.append(await self._read(queue_id))
+        await self._db(self.store.share_many, found)
+        for queue_id in due:
+            self._unshared_since.pop(queue_id, None)
 
     async def _record_unrecorded(self) -> None:
         """Messages acknowledged while the shared store was away: recorded now."""
@@ -1194,16 +1231,18 @@ class QueueManager:
             reused=ev.reused if ev else None,
         )
 
-    def _remove(self, envelope: Envelope) -> None:
+    def _remove(self, envelope: Envelope, shared: bool = True) -> None:
         """Remove a done message's spool file, in the background (one job for all
         that are waiting); if the process dies first, the next start removes it
         (`_reconcile`), as it does for a message whose archive records were written
-        only while the gateway stopped."""
+        only while the gateway stopped.  With several nodes its shared copy goes too
+        (unless it was never ``shared``)."""
         if not self._removed_all:
             self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
         store = self.store
-        if self.node is not None and store is not None:  # and the shared copy
-            # in the next group commit (alone, each would be a commit of its own)
+        if self.node is not None and store is not None and shared:
+            # the shared copy, in the next group commit (alone, each would be a
+            # commit of its own)
             self._spawn(self._commits.run(lambda: store.drop_content(envelope.queue_id)))
 
     async def _finish(
@@ -1238,6 +1277,8 @@ class QueueManager:
     ) -> None:
         assert self.store is not None
         self._forget(envelope.queue_id)
+        # done: shared now or never (ack: local); nothing to drop if never
+        shared = self._unshared_since.pop(envelope.queue_id, None) is None
         failed = [
             r
             for r in rows
@@ -1266,7 +1307,7 @@ class QueueManager:
                 envelope.queue_id, envelope.size
             )
         else:
-            dispose = lambda: self._remove(envelope)  # noqa: E731
+            dispose = lambda: self._remove(envelope, shared)  # noqa: E731
         if self.archive is None:
             dispose()
         else:  # the spool keeps it until every record of it is in the archive

@@ -363,21 +363,44 @@ class QueueStore:
         return None if row is None else _envelope_of(row[0])
 
     def share(self, envelope: Envelope, data: bytes) -> bool:
-        """Put a message recorded already (``ack: local``, before the store was
-        reachable) into the shared store; False if it is there already."""
+        """Put a message recorded already without its content (``ack: local``) into
+        the shared store; False if it is there already or finished."""
+        return self.share_many([(envelope, data)]) == 1
+
+    def share_many(self, messages: Sequence[tuple[Envelope, bytes]]) -> int:
+        """`share` for several messages, in one transaction (a statement for each
+        step, not for each message); how many went in."""
+        by_id = {envelope.queue_id: (envelope, data) for envelope, data in messages}
+        if not by_id:
+            return 0
         with self.transaction():
-            row = self._db.execute(
-                "SELECT shared FROM messages WHERE queue_id=?" + self._db.lock_rows,  # noqa: S608 - a fixed clause
-                (envelope.queue_id,),
-            ).fetchone()
-            if row is None or row[0]:
-                return False
-            self._db.execute(
+            open_ = [
+                str(row[0])
+                for row in self._db.among(
+                    "SELECT queue_id FROM messages WHERE queue_id IN ({marks}) "  # noqa: S608 - a fixed clause
+                    "AND shared=0 AND done=0" + self._db.lock_rows,
+                    list(by_id),
+                )
+            ]
+            if not open_:
+                return 0
+            self._db.write_many(
                 "INSERT INTO contents VALUES (?,?,?)",
-                (envelope.queue_id, _envelope_text(envelope), data),
+                [(q, _envelope_text(by_id[q][0]), by_id[q][1]) for q in open_],
             )
-            self._db.execute("UPDATE messages SET shared=1 WHERE queue_id=?", (envelope.queue_id,))
-        return True
+            self._db.write_many(
+                "UPDATE messages SET shared=1 WHERE queue_id=?", [(q,) for q in open_]
+            )
+        return len(open_)
+
+    def unshared_here(self) -> list[str]:
+        """This node's open messages whose content is only on its disk."""
+        return [
+            str(row[0])
+            for row in self._db.execute(
+                "SELECT queue_id FROM messages WHERE node=? AND shared=0 AND done=0", (self.node,)
+            )
+        ]
 
     # -- nodes ----------------------------------------------------------------------
 

@@ -170,6 +170,22 @@ def test_nodes_hold_their_own_leases_and_a_silent_nodes_are_taken_over(connect):
     assert b.nodes()[0]["version"] == "x"
 
 
+def test_a_message_recorded_without_its_content_is_shared_once_and_only_while_open(connect):
+    """cluster.ack: local records a message first and shares its content later:
+    the node finds its own unshared ones (after a restart too); a finished one is
+    not shared any more."""
+    store = QueueStore(connect(), node="a")
+    store.add(envelope("Q1", "r@x.test"), now=NOW)
+    store.add(envelope("Q2", "t@x.test"), now=NOW)
+    assert sorted(QueueStore(connect(), node="a").unshared_here()) == ["Q1", "Q2"]
+    assert QueueStore(connect(), node="b").unshared_here() == []
+    store.finish("Q2", dsn_sent=False, now=NOW + 1)
+    shared = store.share_many([(envelope("Q1", "r@x.test"), b"one"), (envelope("Q2"), b"two")])
+    assert shared == 1 and store.unshared_here() == []
+    assert store.content("Q1")[1] == b"one" and store.content("Q2") is None
+    assert store.share_many([(envelope("Q1", "r@x.test"), b"one")]) == 0  # there already
+
+
 def test_done_messages_are_found_among_ids_and_their_shared_copy_dropped(connect):
     store = QueueStore(connect(), node="a")
     store.add(envelope("Q1", "r@x.test"), now=NOW, lease=True, data=b"one")
