@@ -65,6 +65,7 @@ from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.language import Policy
 from gateway.queue.groupcommit import GroupCommit
+from gateway.queue.places import NEW_PLACES, NEW_QUICK, QUICK, SLOW_PLACES, Place, Share
 from gateway.queue.store import (
     AttemptRecord,
     QueueStore,
@@ -96,10 +97,6 @@ CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
 RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
 UNREACHABLE = "4.4.1"  # no host of the destination could be reached (`deliver`)
-# An attempt that took longer (connecting, TLS, the whole transaction) marks its
-# destination slow until one does not (`QueueManager._places`).
-QUICK = 10.0
-SLOW_PLACES = 2  # at most this many attempts at once to a slow or new destination
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,12 +215,18 @@ class QueueManager:
         self._attempts: set[asyncio.Task[None]] = set()
         self._enqueues: set[asyncio.Future[None]] = set()
         self._total = asyncio.Semaphore(dc.concurrency)
-        # destinations not known to be quick share half the places, two each at most
-        self._slow_share = asyncio.Semaphore(max(1, dc.concurrency // 2))
+        # slow destinations share a quarter of the places, new ones another
+        # (`gateway.queue.places`): quick ones keep half at least
+        self._slow_share = Share(dc.concurrency // 4)
+        self._new_share = Share(dc.concurrency // 4)
         self._slow_each: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(min(SLOW_PLACES, dc.concurrency_per_destination))
         )
+        self._new_each: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(NEW_PLACES)
+        )
         self._quick: set[str] = set()  # destinations whose last attempt was quick
+        self._slow: set[str] = set()  # destinations whose last attempt was not
         self._started: Counter[str] = Counter()  # attempts waiting or under way, by domain
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
@@ -732,7 +735,9 @@ class QueueManager:
         """A slow or new destination with as many attempts waiting or under way as
         it may run at once (`_places`): more would only wait, holding the claim's
         room.  (A quick one's wait is short: they queue for its places.)"""
-        return domain not in self._quick and self._started[domain] >= SLOW_PLACES
+        if domain in self._quick:
+            return False
+        return self._started[domain] >= (SLOW_PLACES if domain in self._slow else NEW_PLACES)
 
     @property
     def _quick_attempts(self) -> int:
@@ -743,10 +748,10 @@ class QueueManager:
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
         try:
-            async with self._places(domain):
+            async with self._places(domain) as place:
                 if await self._postponed(queue_id, domain, rows):
                     return
-                envelope, data, final = await self._attempt_locked(queue_id, domain, rows)
+                envelope, data, final = await self._attempt_locked(queue_id, domain, rows, place)
                 recorded = True
                 if final is not None:
                     await self._finish(envelope, data, final)
@@ -763,40 +768,60 @@ class QueueManager:
             self._wake.set()  # room for the next claim
 
     @contextlib.asynccontextmanager
-    async def _places(self, domain: str) -> AsyncIterator[None]:
+    async def _places(self, domain: str) -> AsyncIterator[Place]:
         """A place for an attempt to ``domain``: its destination's first (attempts
         waiting for a busy or dead destination hold none of the places others
-        need), then one of the total.  A destination whose last attempt took
-        `QUICK` seconds or more - a slow server, a tarpit - or that has not been
-        tried yet gets `SLOW_PLACES` at most, from half of the total: however many
-        of them there are, quick destinations keep the other half (as Postfix starts
-        a new destination at a low concurrency and raises it as mail goes through)."""
+        need), then - a slow or new destination - `SLOW_PLACES` at most from the
+        slow or the new share (`gateway.queue.places`), then one of the total: how
+        many slow destinations there are, quick ones keep a quarter of the places
+        at least and new ones are tried at once."""
         async with self._per_domain[domain]:
             if domain in self._quick:
                 async with self._total:
-                    yield
-            else:
-                async with self._slow_each[domain], self._slow_share, self._total:
-                    yield
+                    yield Place(None)
+                return
+            slow = domain in self._slow
+            share = self._slow_share if slow else self._new_share
+            async with (self._slow_each if slow else self._new_each)[domain]:
+                await share.acquire()
+                place = Place(share, new=self._new_share, slow=self._slow_share)
+                try:
+                    async with self._total:
+                        yield place
+                finally:
+                    place.release()
+
+    def _overran(self, domain: str, place: Place) -> None:
+        """An attempt to ``domain`` has taken `QUICK` seconds: the destination is slow."""
+        self._quick.discard(domain)
+        self._slow.add(domain)
+        place.overrun()
 
     async def _attempt_locked(
-        self, queue_id: str, domain: str, rows: list[RecipientRow]
+        self, queue_id: str, domain: str, rows: list[RecipientRow], place: Place
     ) -> tuple[Envelope, bytes, list[RecipientRow] | None]:
         """One attempt for ``rows`` by the delivery agent, its results recorded; the
         message, and every recipient when this made the last of them final (the
         caller finishes it)."""
         envelope, data = await self._read(queue_id)
         began = time.monotonic()
-        # slow as soon as it takes that long: the next attempts get the slow places
-        overrun = asyncio.get_running_loop().call_later(QUICK, self._quick.discard, domain)
+        # a first attempt leaves the new share when it takes a while; slow as soon as
+        # it takes that long: this attempt and the next take slow places
+        loop = asyncio.get_running_loop()
+        timers = (
+            loop.call_later(NEW_QUICK, place.overrun),
+            loop.call_later(QUICK, self._overran, domain, place),
+        )
         try:
             attempted = await self.agent.attempt(envelope, data, domain, list(rows))
         finally:
-            overrun.cancel()
+            for timer in timers:
+                timer.cancel()
         if time.monotonic() - began < QUICK:
             self._quick.add(domain)
+            self._slow.discard(domain)
         else:
-            self._quick.discard(domain)
+            self._overran(domain, place)
         now = time.time()
         results = [a.result for a in attempted]
         if results and all(r.outcome == "deferred" and r.status == UNREACHABLE for r in results):
