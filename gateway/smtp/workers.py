@@ -51,7 +51,7 @@ from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.observability.logging import configure_logging, get_logger
 from gateway.observability.metrics import Metrics
-from gateway.webhooks.dispatcher import ROUND_GAP
+from gateway.webhooks import ROUND_GAP
 
 log = get_logger("gateway.smtp.workers")
 

@@ -9,3 +9,7 @@
 - `dispatcher`: posts each endpoint its events, a message's in order, retried on
   ``webhooks.retry_schedule`` until ``webhooks.max_age``, then dropped with a record.
 """
+
+# seconds between the dispatcher's rounds, and the shortest time between two
+# wake-ups of the webhook process (here: the SMTP workers import no more than this)
+ROUND_GAP = 0.05

@@ -33,7 +33,7 @@ from gateway.observability.metrics import Metrics
 from gateway.probe import https
 from gateway.probe.dns import Resolver
 from gateway.storage.database import StorageError
-from gateway.webhooks import http
+from gateway.webhooks import ROUND_GAP, http
 from gateway.webhooks.events import Endpoint, Events, endpoints_of, signature
 from gateway.webhooks.outbox import Outbox, Pending
 
@@ -44,7 +44,6 @@ POST_TIMEOUT = 15.0
 LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
 CONCURRENCY = 16
 IDLE_WAIT = 1.0
-ROUND_GAP = 0.05
 GAUGE_INTERVAL = 15.0
 
 
