@@ -685,11 +685,18 @@ class QueueManager:
         due = [q for q, since in self._unshared_since.items() if since <= before]
         if not due:
             return
-        found: list[tuple[Envelope, bytes]] = []
-        for queue_id in due:
-            with contextlib.suppress(SpoolError):  # set aside when next tried
-                found.append(await self._read(queue_id))
-        await self._db(self.store.share_many, found)
+        kept = [self._cache[q] for q in due if q in self._cache]
+        unread = [q for q in due if q not in self._cache]
+        store, spool = self.store, self.spool
+
+        def share() -> None:  # the rest read from the spool in the same trip
+            found = list(kept)
+            for queue_id in unread:
+                with contextlib.suppress(SpoolError):  # set aside when next tried
+                    found.append(spool.read(queue_id))
+            store.share_many(found)
+
+        await self._db(share)
         for queue_id in due:
             self._unshared_since.pop(queue_id, None)
 
@@ -741,8 +748,8 @@ class QueueManager:
 
     @property
     def _quick_attempts(self) -> int:
-        """Attempts waiting or under way for quick destinations (those for slow ones
-        are bounded by their destinations' `SLOW_PLACES`)."""
+        """Attempts waiting or under way for quick destinations (those for slow and
+        new ones are bounded by `SLOW_PLACES` and `NEW_PLACES` each)."""
         return sum(n for domain, n in self._started.items() if domain in self._quick)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
@@ -771,10 +778,11 @@ class QueueManager:
     async def _places(self, domain: str) -> AsyncIterator[Place]:
         """A place for an attempt to ``domain``: its destination's first (attempts
         waiting for a busy or dead destination hold none of the places others
-        need), then - a slow or new destination - `SLOW_PLACES` at most from the
-        slow or the new share (`gateway.queue.places`), then one of the total: how
-        many slow destinations there are, quick ones keep a quarter of the places
-        at least and new ones are tried at once."""
+        need), then - a slow destination - one of its `SLOW_PLACES` from the slow
+        share, or - a new one - its one place (`NEW_PLACES`) from the new share
+        (`gateway.queue.places`), then one of the total: however many slow
+        destinations there are, quick ones keep half the places at least and new
+        ones are tried at once."""
         async with self._per_domain[domain]:
             if domain in self._quick:
                 async with self._total:
