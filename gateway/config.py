@@ -479,11 +479,16 @@ class DeliveryConfig:
         metadata=doc(
             "Delivery sessions open at once, in total. Destinations whose last attempt "
             "was slow (10 s or more) share a quarter of them, destinations not tried yet "
-            "another quarter; quick ones keep the rest."
+            "another quarter; quick ones keep the rest. A session that has waited a "
+            "minute on its server (a tarpit) gives up its place."
         ),
     )
     concurrency_per_destination: int = field(
-        default=10, metadata=doc("Delivery sessions open at once to one recipient domain.")
+        default=10,
+        metadata=doc(
+            "Delivery sessions open at once to one recipient domain. A slow one (10 s "
+            "or more an attempt) starts at 2, one more for each attempt that delivers."
+        ),
     )
     retry_schedule: tuple[Duration, ...] = field(
         default=tuple(Duration(s) for s in (60, 300, 900, 1800, 3600, 7200, 14400)),

@@ -45,6 +45,7 @@ class Event(enum.StrEnum):
     DELIVERY_ERROR = "delivery.error"
     DELIVERY_TLS_FAILED = "delivery.tls-failed"
     DESTINATION_SUSPENDED = "delivery.destination-suspended"
+    DELIVERY_STALLED = "delivery.attempt-stalled"
     DSN_SENT = "delivery.dsn-sent"
     ENCRYPTION_FAILED = "delivery.encryption-failed"
     DKIM_NOT_SIGNED = "delivery.dkim-not-signed"

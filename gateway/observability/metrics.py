@@ -110,6 +110,12 @@ class Metrics:
             buckets=_QUEUE_TIME_BUCKETS,
             registry=r,
         )
+        self.delivery_stalled = Gauge(
+            "sealgate_delivery_attempts_stalled",
+            "Delivery attempts that have waited on a server for a minute (a tarpit, a "
+            "server that stopped answering): they hold none of the delivery places",
+            registry=r,
+        )
         self.destinations_suspended = Gauge(
             "sealgate_delivery_destinations_suspended",
             "Recipient domains none of whose hosts could be reached: their mail waits "

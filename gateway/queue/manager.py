@@ -57,7 +57,7 @@ from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config, config_digest
 from gateway.delivery.dsn import ReportedRecipient, build_dsn, build_notice
-from gateway.delivery.results import Attempted, AttemptEvidence, Deposited
+from gateway.delivery.results import Attempted, AttemptEvidence, Deposited, RecipientResult
 from gateway.errors import SealgateError, SpoolError
 from gateway.events import Event
 from gateway.model import Envelope, Purpose, RecipientState
@@ -65,7 +65,7 @@ from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.language import Policy
 from gateway.queue.groupcommit import GroupCommit
-from gateway.queue.places import NEW_PLACES, NEW_QUICK, QUICK, SLOW_PLACES, Place, Share
+from gateway.queue.places import NEW_PLACES, NEW_QUICK, QUICK, SLOW_PLACES, STALL, Place, Share
 from gateway.queue.store import (
     AttemptRecord,
     QueueStore,
@@ -214,17 +214,16 @@ class QueueManager:
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
         self._enqueues: set[asyncio.Future[None]] = set()
-        self._total = asyncio.Semaphore(dc.concurrency)
+        self._total = Share(dc.concurrency)
         # slow destinations share a quarter of the places, new ones another
         # (`gateway.queue.places`): quick ones keep half at least
         self._slow_share = Share(dc.concurrency // 4)
         self._new_share = Share(dc.concurrency // 4)
-        self._slow_each: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(min(SLOW_PLACES, dc.concurrency_per_destination))
-        )
-        self._new_each: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(NEW_PLACES)
-        )
+        # a slow destination's window: attempts at once, raised by deliveries
+        self._slow_each: dict[str, Share] = defaultdict(lambda: Share(self._slow_start))
+        self._new_each: dict[str, Share] = defaultdict(lambda: Share(NEW_PLACES))
+        self._stalled = 0  # attempts running past `STALL`, holding no place
+        metrics.delivery_stalled.set_function(lambda: self._stalled)
         self._quick: set[str] = set()  # destinations whose last attempt was quick
         self._slow: set[str] = set()  # destinations whose last attempt was not
         self._started: Counter[str] = Counter()  # attempts waiting or under way, by domain
@@ -744,12 +743,19 @@ class QueueManager:
         room.  (A quick one's wait is short: they queue for its places.)"""
         if domain in self._quick:
             return False
-        return self._started[domain] >= (SLOW_PLACES if domain in self._slow else NEW_PLACES)
+        if domain not in self._slow:
+            return self._started[domain] >= NEW_PLACES
+        window = self._slow_each.get(domain)
+        return self._started[domain] >= (window.limit if window else self._slow_start)
+
+    @property
+    def _slow_start(self) -> int:
+        return min(SLOW_PLACES, self.config.delivery.concurrency_per_destination)
 
     @property
     def _quick_attempts(self) -> int:
         """Attempts waiting or under way for quick destinations (those for slow and
-        new ones are bounded by `SLOW_PLACES` and `NEW_PLACES` each)."""
+        new ones are bounded by their windows and `NEW_PLACES` each)."""
         return sum(n for domain, n in self._started.items() if domain in self._quick)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
@@ -778,32 +784,67 @@ class QueueManager:
     async def _places(self, domain: str) -> AsyncIterator[Place]:
         """A place for an attempt to ``domain``: its destination's first (attempts
         waiting for a busy or dead destination hold none of the places others
-        need), then - a slow destination - one of its `SLOW_PLACES` from the slow
-        share, or - a new one - its one place (`NEW_PLACES`) from the new share
+        need), then - a slow destination - one of its window's from the slow share,
+        or - a new one - its one place (`NEW_PLACES`) from the new share
         (`gateway.queue.places`), then one of the total: however many slow
         destinations there are, quick ones keep half the places at least and new
         ones are tried at once."""
         async with self._per_domain[domain]:
+            place = Place(new=self._new_share, slow=self._slow_share)
             if domain in self._quick:
-                async with self._total:
-                    yield Place(None)
+                try:
+                    await place.take(self._total)
+                    yield place
+                finally:
+                    self._let_go(place)
                 return
             slow = domain in self._slow
-            share = self._slow_share if slow else self._new_share
-            async with (self._slow_each if slow else self._new_each)[domain]:
-                await share.acquire()
-                place = Place(share, new=self._new_share, slow=self._slow_share)
-                try:
-                    async with self._total:
-                        yield place
-                finally:
-                    place.release()
+            each = (self._slow_each if slow else self._new_each)[domain]
+            await each.acquire()
+            try:
+                await place.take(self._total, self._slow_share if slow else self._new_share)
+                yield place
+            finally:
+                self._let_go(place)
+                each.release()
+
+    def _let_go(self, place: Place) -> None:
+        self._stalled -= place.stalled
+        place.release()
 
     def _overran(self, domain: str, place: Place) -> None:
-        """An attempt to ``domain`` has taken `QUICK` seconds: the destination is slow."""
+        """An attempt to ``domain`` has taken `QUICK` seconds: the destination is
+        slow, from the start of its window if it was not."""
         self._quick.discard(domain)
-        self._slow.add(domain)
+        if domain not in self._slow:
+            self._slow.add(domain)
+            self._slow_each[domain].resize(self._slow_start)
         place.overrun()
+
+    def _feedback(
+        self, domain: str, place: Place, took: float, results: list[RecipientResult]
+    ) -> None:
+        """What an attempt that took ``took`` seconds says of its destination: quick,
+        or slow - its window one wider when it delivered, one narrower when not."""
+        if took < QUICK:
+            self._quick.add(domain)
+            self._slow.discard(domain)
+            return
+        self._overran(domain, place)
+        window = self._slow_each[domain]
+        if any(r.outcome == "delivered" for r in results):
+            most = self.config.delivery.concurrency_per_destination
+            window.resize(min(window.limit + 1, most))
+        else:
+            window.resize(window.limit - 1)
+
+    def _stall(self, domain: str, place: Place) -> None:
+        """An attempt to ``domain`` has run `STALL` seconds: it gives up its places
+        and the destination's window falls to one."""
+        if place.stall():
+            self._stalled += 1
+            self._slow_each[domain].resize(1)
+            log.info(Event.DELIVERY_STALLED, domain=domain, seconds=STALL)
 
     async def _attempt_locked(
         self, queue_id: str, domain: str, rows: list[RecipientRow], place: Place
@@ -819,19 +860,16 @@ class QueueManager:
         timers = (
             loop.call_later(NEW_QUICK, place.overrun),
             loop.call_later(QUICK, self._overran, domain, place),
+            loop.call_later(STALL, self._stall, domain, place),
         )
         try:
             attempted = await self.agent.attempt(envelope, data, domain, list(rows))
         finally:
             for timer in timers:
                 timer.cancel()
-        if time.monotonic() - began < QUICK:
-            self._quick.add(domain)
-            self._slow.discard(domain)
-        else:
-            self._overran(domain, place)
-        now = time.time()
         results = [a.result for a in attempted]
+        self._feedback(domain, place, time.monotonic() - began, results)
+        now = time.time()
         if results and all(r.outcome == "deferred" and r.status == UNREACHABLE for r in results):
             await self._suspend(domain, results[0].diagnostic, now)
         elif any(r.outcome == "delivered" for r in results):

@@ -5,16 +5,26 @@ as mail goes through; a destination that stalls keeps few of its processes.  Her
 destination is one of three kinds, by its last attempt (`QueueManager._places`):
 
 - quick (its last attempt took less than `QUICK`): any of the total places;
-- slow (one took `QUICK` or more - a slow server, a tarpit): at most `SLOW_PLACES`
-  at once, from the slow share;
+- slow (one took `QUICK` or more - a slow server, a tarpit): from the slow share,
+  `SLOW_PLACES` attempts at once to begin with; each attempt that delivers raises
+  the destination's window by one (up to `delivery.concurrency_per_destination`),
+  each that delivers nothing lowers it by one (down to one), as Postfix's
+  scheduler does with its destinations' concurrency;
 - new (not tried yet): one attempt at a time (`NEW_PLACES`), from a share of their
   own, so that first attempts never wait behind slow destinations.  A first attempt
   still running after `NEW_QUICK` moves into the slow share there and then
   (`Place.overrun`), leaving its place to the next new destination.
 
+An attempt still running after `STALL` is stalled - a tarpit, a server that has
+stopped answering - and gives up its places there and then (`Place.stall`): it only
+waits for its reply or its timeout, and the places are for attempts that work.  Its
+destination's window falls to one, and the destination's own limit
+(`delivery.concurrency_per_destination`, kept by the attempt) still counts it.
+
 A `Share` counts its places itself (not a semaphore) because a place can be taken
-beyond its limit: an attempt under way that turns out slow joins the slow share at
-once, and the share lets nobody else in until it is back under its limit.
+beyond its limit - an attempt under way that turns out slow joins the slow share at
+once, and the share lets nobody else in until it is back under its limit - and
+because its limit can change (a slow destination's window).
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import collections
 
 QUICK = 10.0  # seconds: an attempt that took longer marks its destination slow
 NEW_QUICK = 3.0  # seconds: a first attempt still running then leaves the new share
-SLOW_PLACES = 2  # at most this many attempts at once to a slow destination
+STALL = 60.0  # seconds: an attempt still running then gives up its places
+SLOW_PLACES = 2  # attempts at once to a destination when it turns slow
 NEW_PLACES = 1  # and to a new one, until its first attempt is over
 
 
@@ -55,8 +66,17 @@ class Share:
     def force(self) -> None:
         self.used += 1
 
+    def resize(self, limit: int) -> None:
+        """A new limit: those waiting get the places it adds; a lower one lets
+        nobody in until the places taken are under it."""
+        self.limit = max(1, limit)
+        self._wake()
+
     def release(self) -> None:
         self.used -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         while self._waiting and self.used < self.limit:
             waiter = self._waiting.popleft()
             if not waiter.done():
@@ -65,12 +85,24 @@ class Share:
 
 
 class Place:
-    """The share place an attempt holds (None: a quick destination's, from the total
-    only), moved to the slow share when a new destination's attempt overruns."""
+    """The places an attempt holds: one of the ``total`` and, for a slow or new
+    destination, one of its share's; moved to the slow share when a new
+    destination's attempt overruns, given up when the attempt stalls."""
 
-    def __init__(self, share: Share | None, new: Share | None = None, slow: Share | None = None):
-        self.share = share
+    def __init__(self, new: Share | None = None, slow: Share | None = None):
+        self.share: Share | None = None
+        self.total: Share | None = None
+        self.stalled = False
         self._new, self._slow = new, slow
+
+    async def take(self, total: Share, share: Share | None = None) -> None:
+        """A place of ``share`` (a quick destination's attempt: None), then one of
+        ``total``; `release` gives back what was taken even if this was cancelled."""
+        if share is not None:
+            await share.acquire()
+            self.share = share
+        await total.acquire()
+        self.total = total
 
     def overrun(self) -> None:
         if self.share is not None and self.share is self._new and self._slow is not None:
@@ -78,7 +110,17 @@ class Place:
             self._slow.force()
             self.share = self._slow
 
+    def stall(self) -> bool:
+        """Give up every place held; False when there was none (it ended, or had
+        stalled already)."""
+        if self.stalled or self.total is None:
+            return False
+        self.release()
+        self.stalled = True
+        return True
+
     def release(self) -> None:
-        if self.share is not None:
-            self.share.release()
-            self.share = None
+        for share in (self.share, self.total):
+            if share is not None:
+                share.release()
+        self.share = self.total = None

@@ -1,8 +1,10 @@
 """Delivery places (`gateway.queue.places`): a share gives its places in the order
 asked and takes one beyond its limit when told to, letting nobody else in until it is
-back under it; through the daemon's queue, a first attempt to a new destination that
-stalls leaves the new destinations' share after `NEW_QUICK`, so the next new
-destination is tried while it still runs."""
+back under it, and its limit can change; through the daemon's queue, a first attempt
+to a new destination that stalls leaves the new destinations' share after
+`NEW_QUICK`, so the next new destination is tried while it still runs; a slow
+destination's window widens as it delivers and narrows as it does not; an attempt
+running past `STALL` gives up its places."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import asyncio
 
 import pytest
 
-from gateway.queue.places import NEW_QUICK, Place, Share
+from gateway.queue.places import NEW_QUICK, SLOW_PLACES, Place, Share
 from tests.conftest import make_message, smtp_client
 from tests.support.world import wait_until
 
@@ -56,15 +58,48 @@ async def test_a_waiter_that_gives_up_leaves_its_place_to_the_next():
     assert share.used == 1
 
 
-def test_an_overrunning_new_place_moves_to_the_slow_share_once():
-    new, slow = Share(1), Share(1)
-    new.used, slow.used = 1, 1
-    place = Place(new, new=new, slow=slow)
+async def test_a_wider_limit_lets_those_waiting_in_and_a_narrower_one_holds_the_next():
+    share = Share(1)
+    await share.acquire()
+    waiting = [asyncio.ensure_future(share.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    share.resize(3)
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiting] == [True, True, False] and share.used == 3
+    share.resize(1)
+    share.release()
+    share.release()
+    await asyncio.sleep(0)
+    assert not waiting[2].done()  # two of three gone, still at the new limit of one
+    share.release()
+    await asyncio.wait_for(waiting[2], 1)
+    assert share.used == 1
+
+
+async def test_an_overrunning_new_place_moves_to_the_slow_share_once():
+    total, new, slow = Share(2), Share(1), Share(1)
+    slow.used = 1
+    place = Place(new=new, slow=slow)
+    await place.take(total, new)
     place.overrun()
     place.overrun()
-    assert (new.used, slow.used) == (0, 2)
+    assert (total.used, new.used, slow.used) == (1, 0, 2)
     place.release()
-    assert (new.used, slow.used) == (0, 1)
+    assert (total.used, new.used, slow.used) == (0, 0, 1)
+
+
+async def test_a_stalled_place_gives_up_its_share_and_total_places_once():
+    total, slow = Share(2), Share(1)
+    place = Place(slow=slow)
+    await place.take(total, slow)
+    assert place.stall() and (total.used, slow.used) == (0, 0)
+    assert not place.stall()
+    place.release()  # the attempt ends: nothing more to give back
+    assert (total.used, slow.used) == (0, 0)
+    ended = Place()
+    await ended.take(total)
+    ended.release()
+    assert not ended.stall() and total.used == 0
 
 
 async def test_a_stalled_first_attempt_does_not_hold_back_the_next_new_destination(
@@ -83,3 +118,62 @@ async def test_a_stalled_first_attempt_does_not_hold_back_the_next_new_destinati
     await wait_until(lambda: len(quick.received) == 1, timeout=NEW_QUICK + 5, what="quick one")
     assert stalled.received == []  # its first attempt is still waiting for its DATA reply
     await wait_until(lambda: len(stalled.received) == 1, timeout=20, what="the stalled one")
+
+
+@pytest.fixture
+def quick_clock(monkeypatch):
+    """The places' thresholds in tenths of seconds instead of seconds."""
+    monkeypatch.setattr("gateway.queue.manager.NEW_QUICK", 0.3)
+    monkeypatch.setattr("gateway.queue.manager.QUICK", 0.5)
+    monkeypatch.setattr("gateway.queue.manager.STALL", 2.0)
+
+
+async def test_a_slow_destination_that_delivers_gets_more_attempts_at_once(
+    gateway_factory, world, quick_clock
+):
+    slow = await world.mta("mx.slow.test", "127.0.0.59", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    gw = await gateway_factory(world.config({"delivery.concurrency_per_destination": 4}))
+    async with smtp_client(gw) as client:
+        for n in range(12):
+            await client.sendmail("doctor@clinic.test", [f"r{n}@slow.test"], make_message())
+    await wait_until(lambda: len(slow.received) == 12, timeout=30, what="all twelve")
+    # one first attempt, then 2 at once (`SLOW_PLACES`), 3, 4: the destination's limit
+    assert slow.most_in_data == 4 > SLOW_PLACES
+
+
+async def test_a_slow_destination_that_delivers_nothing_gets_one_attempt_at_a_time(
+    gateway_factory, world, quick_clock
+):
+    failing = await world.mta(
+        "mx.failing.test", "127.0.0.60", data_delay=0.8, data_reply="451 4.3.0 Try later"
+    )
+    world.dns.add("failing.test", "MX", "10 mx.failing.test.")
+    gw = await gateway_factory(world.config({}))
+    async with smtp_client(gw) as client:
+        for n in range(4):
+            await client.sendmail("doctor@clinic.test", [f"r{n}@failing.test"], make_message())
+    await wait_until(lambda: failing.attempts == 4, timeout=20, what="four attempts")
+    assert failing.most_in_data == 1  # its window fell from SLOW_PLACES to one
+
+
+async def test_a_stalled_attempt_leaves_its_places_to_the_next_slow_destination(
+    gateway_factory, world, quick_clock
+):
+    tarpit = await world.mta("mx.tarpit.test", "127.0.0.61", data_delay=60)
+    world.dns.add("tarpit.test", "MX", "10 mx.tarpit.test.")
+    slow = await world.mta("mx.slow.test", "127.0.0.62", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    # one place each for slow and new destinations, two for quick ones
+    gw = await gateway_factory(world.config({"delivery.concurrency": 4}))
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["r@tarpit.test"], make_message())
+        await wait_until(lambda: tarpit.attempts == 1, timeout=10, what="its DATA under way")
+        await client.sendmail("doctor@clinic.test", ["r1@slow.test"], make_message())
+        await wait_until(lambda: len(slow.received) == 1, timeout=10, what="slow.test's first")
+        # slow.test is slow now: its next attempt needs the slow share's one place,
+        # which the tarpit's attempt holds until it stalls
+        await client.sendmail("doctor@clinic.test", ["r2@slow.test"], make_message())
+    await wait_until(lambda: len(slow.received) == 2, timeout=10, what="slow.test's second")
+    assert tarpit.received == [] and tarpit.in_data == 1  # still waiting for its reply
+    assert "sealgate_delivery_attempts_stalled 1.0" in gw.metrics.render().decode()

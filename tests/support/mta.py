@@ -49,6 +49,8 @@ class RecipientMta:
     hung_up: int = 0  # connections it closed after a message (close_after_data)
     connections: int = 0
     quits: int = 0
+    in_data: int = 0  # DATA commands being answered right now
+    most_in_data: int = 0  # the most at once
     _server: asyncio.AbstractServer | None = None
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
@@ -80,8 +82,13 @@ class RecipientMta:
         sslobj = session.ssl.get("ssl_object") if session.ssl else None
         reply = self.data_replies.pop(0) if self.data_replies else self.data_reply
         self.attempts += 1
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        try:
+            if self.data_delay:
+                await asyncio.sleep(self.data_delay)
+        finally:
+            self.in_data -= 1
         if reply is None or reply.startswith("2"):
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from
             self.received.append(
