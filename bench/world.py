@@ -364,7 +364,7 @@ def main() -> int:
                         functools.partial(
                             Sealgate,
                             gateway_dir,
-                            delivery_extra="  concurrency: 50\n",
+                            delivery_extra="  smart_host: null\n",  # as shipped: routes, then MX
                             extra=f"routes: {{{routes}}}\n{tls}",
                             relay="{}",
                             nameserver=world.nameserver,

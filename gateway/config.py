@@ -478,8 +478,9 @@ class DeliveryConfig:
         default=100,
         metadata=doc(
             "Delivery sessions open at once, in total. Destinations whose last attempt "
-            "was slow (10 s or more) share a quarter of them, destinations not tried yet "
-            "another quarter; quick ones keep the rest. A session that has waited a "
+            "was slow (10 s or more) share a quarter of them (and borrow what the others "
+            "leave idle of the first half), destinations not tried yet another quarter; "
+            "quick ones keep the rest. A session that has waited a "
             "minute on its server (a tarpit) gives up its place."
         ),
     )

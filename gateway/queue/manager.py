@@ -65,7 +65,16 @@ from gateway.observability.logging import AddressRedactor, get_logger
 from gateway.observability.metrics import Metrics
 from gateway.policy.language import Policy
 from gateway.queue.groupcommit import GroupCommit
-from gateway.queue.places import NEW_PLACES, NEW_QUICK, QUICK, SLOW_PLACES, STALL, Place, Share
+from gateway.queue.places import (
+    NEW_PLACES,
+    NEW_QUICK,
+    QUICK,
+    SLOW_PLACES,
+    STALL,
+    Place,
+    Share,
+    Total,
+)
 from gateway.queue.store import (
     AttemptRecord,
     QueueStore,
@@ -214,11 +223,12 @@ class QueueManager:
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
         self._enqueues: set[asyncio.Future[None]] = set()
-        self._total = Share(dc.concurrency)
-        # slow destinations share a quarter of the places, new ones another
+        # slow destinations share a quarter of the places (and borrow what the
+        # others leave idle of the first half), new ones another quarter
         # (`gateway.queue.places`): quick ones keep half at least
         self._slow_share = Share(dc.concurrency // 4)
         self._new_share = Share(dc.concurrency // 4)
+        self._total = Total(dc.concurrency, slow=self._slow_share)
         # a slow destination's window: attempts at once, raised by deliveries
         self._slow_each: dict[str, Share] = defaultdict(lambda: Share(self._slow_start))
         self._new_each: dict[str, Share] = defaultdict(lambda: Share(NEW_PLACES))

@@ -5,11 +5,12 @@ as mail goes through; a destination that stalls keeps few of its processes.  Her
 destination is one of three kinds, by its last attempt (`QueueManager._places`):
 
 - quick (its last attempt took less than `QUICK`): any of the total places;
-- slow (one took `QUICK` or more - a slow server, a tarpit): from the slow share,
-  `SLOW_PLACES` attempts at once to begin with; each attempt that delivers raises
-  the destination's window by one (up to `delivery.concurrency_per_destination`),
-  each that delivers nothing lowers it by one (down to one), as Postfix's
-  scheduler does with its destinations' concurrency;
+- slow (one took `QUICK` or more - a slow server, a tarpit): from the slow share (a
+  quarter of the places, and whatever quick and new destinations leave idle of the
+  first half: `Total`), `SLOW_PLACES` attempts at once to begin with; each attempt
+  that delivers raises the destination's window by one (up to
+  `delivery.concurrency_per_destination`), each that delivers nothing lowers it by
+  one (down to one), as Postfix's scheduler does with its destinations' concurrency;
 - new (not tried yet): one attempt at a time (`NEW_PLACES`), from a share of their
   own, so that first attempts never wait behind slow destinations.  A first attempt
   still running after `NEW_QUICK` moves into the slow share there and then
@@ -24,7 +25,7 @@ destination's window falls to one, and the destination's own limit
 A `Share` counts its places itself (not a semaphore) because a place can be taken
 beyond its limit - an attempt under way that turns out slow joins the slow share at
 once, and the share lets nobody else in until it is back under its limit - and
-because its limit can change (a slow destination's window).
+because its limit can change (a slow destination's window, the slow share's loan).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Share:
     async def acquire(self) -> None:
         if self.used < self.limit and not self._waiting:
             self.used += 1
+            self._changed()
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
@@ -65,6 +67,7 @@ class Share:
 
     def force(self) -> None:
         self.used += 1
+        self._changed()
 
     def resize(self, limit: int) -> None:
         """A new limit: those waiting get the places it adds; a lower one lets
@@ -82,6 +85,27 @@ class Share:
             if not waiter.done():
                 self.used += 1
                 waiter.set_result(None)
+        self._changed()
+
+    def _changed(self) -> None:
+        """``used`` or ``limit`` changed (`Total` lends)."""
+
+
+class Total(Share):
+    """Every place.  Of the first half, what quick and new destinations' attempts do
+    not hold is lent to the ``slow`` share, which never has less than its own limit:
+    slow destinations use the places the others leave idle, and a burst of quick
+    mail still finds half the places free or its own."""
+
+    def __init__(self, limit: int, slow: Share):
+        self._slow, self._own = slow, slow.limit
+        super().__init__(limit)
+        self._changed()
+
+    def _changed(self) -> None:
+        others = self.used - self._slow.used
+        if self._slow.limit != (limit := max(self._own, self.limit // 2 - others)):
+            self._slow.resize(limit)
 
 
 class Place:

@@ -4,7 +4,8 @@ back under it, and its limit can change; through the daemon's queue, a first att
 to a new destination that stalls leaves the new destinations' share after
 `NEW_QUICK`, so the next new destination is tried while it still runs; a slow
 destination's window widens as it delivers and narrows as it does not; an attempt
-running past `STALL` gives up its places."""
+running past `STALL` gives up its places; the slow share borrows what the others
+leave idle of the first half of the places."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncio
 
 import pytest
 
-from gateway.queue.places import NEW_QUICK, SLOW_PLACES, Place, Share
+from gateway.queue.places import NEW_QUICK, SLOW_PLACES, Place, Share, Total
 from tests.conftest import make_message, smtp_client
 from tests.support.world import wait_until
 
@@ -74,6 +75,30 @@ async def test_a_wider_limit_lets_those_waiting_in_and_a_narrower_one_holds_the_
     share.release()
     await asyncio.wait_for(waiting[2], 1)
     assert share.used == 1
+
+
+async def test_the_slow_share_borrows_what_the_others_leave_idle_of_the_first_half():
+    slow = Share(2)
+    total = Total(8, slow=slow)
+    assert slow.limit == 4  # nothing else runs: half the places
+    quick = [Place() for _ in range(3)]
+    await quick[0].take(total)
+    assert slow.limit == 3
+    await quick[1].take(total)
+    await quick[2].take(total)
+    assert slow.limit == 2  # never less than its own
+    slowly = [Place(slow=slow) for _ in range(3)]
+    for place in slowly[:2]:
+        await place.take(total, slow)
+    third = asyncio.ensure_future(slowly[2].take(total, slow))
+    await asyncio.sleep(0)
+    assert not third.done()
+    quick[0].release()
+    await asyncio.sleep(0)
+    assert not third.done()  # 2 quick and 2 slow: the first half is used
+    quick[1].release()
+    await asyncio.sleep(0)
+    assert third.done() and (slow.used, total.used, slow.limit) == (3, 4, 3)  # one lent
 
 
 async def test_an_overrunning_new_place_moves_to_the_slow_share_once():
@@ -160,20 +185,39 @@ async def test_a_slow_destination_that_delivers_nothing_gets_one_attempt_at_a_ti
 async def test_a_stalled_attempt_leaves_its_places_to_the_next_slow_destination(
     gateway_factory, world, quick_clock
 ):
-    tarpit = await world.mta("mx.tarpit.test", "127.0.0.61", data_delay=60)
-    world.dns.add("tarpit.test", "MX", "10 mx.tarpit.test.")
-    slow = await world.mta("mx.slow.test", "127.0.0.62", data_delay=0.8)
+    tarpits = []
+    for n in (1, 2):
+        tarpits.append(await world.mta(f"mx.tarpit{n}.test", f"127.0.0.6{n}", data_delay=60))
+        world.dns.add(f"tarpit{n}.test", "MX", f"10 mx.tarpit{n}.test.")
+    slow = await world.mta("mx.slow.test", "127.0.0.63", data_delay=0.8)
     world.dns.add("slow.test", "MX", "10 mx.slow.test.")
-    # one place each for slow and new destinations, two for quick ones
+    # one place each for slow and new destinations (and one lent to the slow ones
+    # while nothing else runs), two for quick ones
     gw = await gateway_factory(world.config({"delivery.concurrency": 4}))
     async with smtp_client(gw) as client:
-        await client.sendmail("doctor@clinic.test", ["r@tarpit.test"], make_message())
-        await wait_until(lambda: tarpit.attempts == 1, timeout=10, what="its DATA under way")
+        for n, tarpit in enumerate(tarpits, 1):
+            await client.sendmail("doctor@clinic.test", [f"r@tarpit{n}.test"], make_message())
+            await wait_until(lambda t=tarpit: t.attempts == 1, timeout=10, what="its DATA")
         await client.sendmail("doctor@clinic.test", ["r1@slow.test"], make_message())
         await wait_until(lambda: len(slow.received) == 1, timeout=10, what="slow.test's first")
-        # slow.test is slow now: its next attempt needs the slow share's one place,
-        # which the tarpit's attempt holds until it stalls
+        # slow.test is slow now: its next attempt needs a place of the slow share,
+        # whose two the tarpits' attempts hold until they stall
         await client.sendmail("doctor@clinic.test", ["r2@slow.test"], make_message())
     await wait_until(lambda: len(slow.received) == 2, timeout=10, what="slow.test's second")
-    assert tarpit.received == [] and tarpit.in_data == 1  # still waiting for its reply
-    assert "sealgate_delivery_attempts_stalled 1.0" in gw.metrics.render().decode()
+    for tarpit in tarpits:
+        assert tarpit.received == [] and tarpit.in_data == 1  # still waiting for its reply
+    assert "sealgate_delivery_attempts_stalled 2.0" in gw.metrics.render().decode()
+
+
+async def test_a_slow_destination_borrows_places_quick_ones_leave_idle(
+    gateway_factory, world, quick_clock
+):
+    slow = await world.mta("mx.slow.test", "127.0.0.63", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    # a slow share of one place of four - and one more lent while nothing else runs
+    gw = await gateway_factory(world.config({"delivery.concurrency": 4}))
+    async with smtp_client(gw) as client:
+        for n in range(6):
+            await client.sendmail("doctor@clinic.test", [f"r{n}@slow.test"], make_message())
+    await wait_until(lambda: len(slow.received) == 6, timeout=30, what="all six")
+    assert slow.most_in_data == 2
