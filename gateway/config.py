@@ -521,7 +521,8 @@ class DeliveryConfig:
         default=Duration(2),
         metadata=doc(
             "An outbound session is kept open this long after its message, for the "
-            "next message to the same server at the same TLS level."
+            "next message to the same server at the same TLS level - or as long as it "
+            "took to open (a slow server), up to a minute."
         ),
     )
     reuse_max_age: Duration = field(

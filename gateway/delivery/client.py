@@ -34,6 +34,7 @@ import ipaddress
 import os
 import re
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,6 +343,7 @@ async def _open(
     """Connect, EHLO and secure the session as ``level`` requires (counted for
     TLS-RPT when ``observed``)."""
     evidence = SessionEvidence(hop.host, ip, hop.port, level.label, started_at=_now())
+    began = time.monotonic()
     try:
         smtp = await connect(ip, hop.port, settings.helo_name, settings.connect_timeout)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
@@ -361,7 +363,11 @@ async def _open(
         if secured.tls_failure is not None:
             _tls_failed(secured, metrics)
         await quit_session(smtp)
-    opened = secured if isinstance(secured, HostFailure) else Session(smtp, secured)
+    opened = (
+        secured
+        if isinstance(secured, HostFailure)
+        else Session(smtp, secured, setup=time.monotonic() - began)
+    )
     if observed is not None:
         _observe(observed, tlsa, hop.host, ip, opened, settings.ca_file)
     return opened

@@ -5,7 +5,9 @@ QUIT; the next delivery to the same MX host and port *at the same TLS level* tak
 and skips connect, greeting, EHLO and STARTTLS (after Postfix's connection cache,
 ``smtp_connection_cache_on_demand``).  Limits, as in Postfix:
 
-- ``idle_time``: an unused session is closed (QUIT) after this long;
+- ``idle_time``: an unused session is closed (QUIT) after this long - or after as
+  long as it took to open (connect, greeting, EHLO, STARTTLS), up to `KEPT_MAX`: a
+  session with a slow server is worth keeping for what another would cost;
 - ``max_age``: a session is not reused once it is this old
   (``smtp_connection_reuse_time_limit``);
 - ``max_messages``: transactions per session (1 turns reuse off);
@@ -43,6 +45,9 @@ class SessionKey:
     tlsa: str = ""  # digest of the TLSA records a DANE session was verified with
 
 
+KEPT_MAX = 60.0  # seconds: the longest an idle session is kept however slow it was to open
+
+
 @dataclass(frozen=True)
 class ReuseLimits:
     idle_time: float = 2.0
@@ -55,6 +60,7 @@ class Session:
     smtp: aiosmtplib.SMTP
     evidence: SessionEvidence  # of the connection, as established
     opened: float = field(default_factory=time.monotonic)
+    setup: float = 0.0  # seconds it took to open
     transactions: int = 0  # completed on this connection
     _idle: asyncio.TimerHandle | None = None
 
@@ -94,9 +100,8 @@ class SessionCache:
             self._quit(session)
             return
         idle.append(session)
-        session._idle = asyncio.get_running_loop().call_later(
-            self.limits.idle_time, self._expire, key, session
-        )
+        kept = max(self.limits.idle_time, min(session.setup, KEPT_MAX))
+        session._idle = asyncio.get_running_loop().call_later(kept, self._expire, key, session)
 
     def idle_sessions(self) -> int:
         return sum(len(v) for v in self._idle.values())

@@ -1,6 +1,9 @@
-"""Outbound sessions are reused within limits, and never across TLS levels."""
+"""Outbound sessions are reused within limits, and never across TLS levels; one that was
+slow to open is kept idle for as long as opening it took."""
 
 from __future__ import annotations
+
+import asyncio
 
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
@@ -89,6 +92,18 @@ async def test_an_idle_session_is_closed_after_the_idle_time(world):
     assert cache.idle_sessions() == 0
     (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY, sessions=cache)
     assert result.evidence.reused == 0 and mx.connections == 2
+    await cache.close()
+
+
+async def test_a_session_slow_to_open_is_kept_idle_as_long_as_it_took(world):
+    mx = await world.mta("mx1.dest.test", "127.0.0.21", ehlo_delay=0.6)
+    cache = SessionCache(ReuseLimits(idle_time=0.3), per_key=4)
+    await world.send(["mx1.dest.test"], TlsLevel.VERIFY, sessions=cache)  # 2 EHLOs: 1.2 s
+    await asyncio.sleep(0.8)  # past the idle time, not past what opening it took
+    assert cache.idle_sessions() == 1 and mx.quits == 0
+    (result,) = await world.send(["mx1.dest.test"], TlsLevel.VERIFY, sessions=cache)
+    assert result.evidence.reused == 1 and mx.connections == 1
+    await wait_until(lambda: mx.quits == 1, timeout=5, what="QUIT after the longer idle time")
     await cache.close()
 
 

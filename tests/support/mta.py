@@ -39,6 +39,7 @@ class RecipientMta:
     cert_der: bytes = b""
     attempts: int = 0
     data_delay: float = 0.0  # seconds before answering DATA
+    ehlo_delay: float = 0.0  # seconds before answering EHLO (a slow server)
     close_after_data: bool = False  # drop the connection after each message, no reply
     utf8: bool = True  # offers SMTPUTF8
     requiretls: bool = False  # offers REQUIRETLS after STARTTLS (RFC 8689)
@@ -61,6 +62,8 @@ class RecipientMta:
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        if self.ehlo_delay:
+            await asyncio.sleep(self.ehlo_delay)
         if self.requiretls and session.ssl:
             responses.insert(-1, "250-REQUIRETLS")
         if self.dsn:
