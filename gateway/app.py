@@ -54,6 +54,7 @@ from gateway.smtp.server import SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
 from gateway.spool.submit import Submitter
+from gateway.statelock import StateLock
 from gateway.storage.stores import Storage
 from gateway.tls import ensure_self_signed, listener_pair, not_after, server_context
 from gateway.tlsrpt.service import TlsRptService
@@ -71,6 +72,7 @@ class Gateway:
         self.config_path = config_path
         self.metrics = Metrics()
         self.spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
+        self._lock = StateLock(StateLayout(config.state_dir).lock)
         self.hostname = smtp_hostname(config)
         # the one way into the queue; it is told where to hand messages once the
         # queue exists (SMTP opens after that)
@@ -114,6 +116,7 @@ class Gateway:
         for warning in config_warnings(cfg):
             log.warning(Event.CONFIG_WARNING, warning=warning)
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._lock.acquire()  # StateInUse: another gateway runs on this state_dir
         if cfg.tls.cert_file is None:
             cert, _key, generated = ensure_self_signed(cfg.state_dir, self.hostname)
             if generated:
@@ -494,6 +497,7 @@ class Gateway:
         if self.messages_api is not None:
             self.messages_api.close()
         self.spool.close()
+        self._lock.release()
         log.info(Event.STOPPED)
 
     async def _close_stores(self) -> None:

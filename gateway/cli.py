@@ -21,7 +21,8 @@
 Without ``--config``: ``$SEALGATE_CONFIG``, else ``/etc/sealgate/config.yaml`` when
 it exists, else the embedded defaults - standard error says which.  Exit status: 0 success, 1 a
 failed operation (e.g. unknown queue id), 78 (EX_CONFIG) a configuration error,
-whose message names the file, line and key.
+whose message names the file, line and key, 75 (EX_TEMPFAIL) the state directory in
+use by another sealgate or the shared store unreachable.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from gateway.errors import ConfigError, SpoolError
 from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.portal import cli as portal_cli
+from gateway.statelock import StateInUse
 from gateway.storage import cli as storage_cli
 from gateway.storage import cluster_cli
 from gateway.storage.database import StorageError
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         # fix, and 78 stops the restarts (RestartPreventExitStatus)
         print(f"sealgate: storage: {e}", file=sys.stderr)
         return EX_TEMPFAIL if e.temporary else EX_CONFIG
+    except StateInUse as e:  # systemd tries again: the other one may be on its way out
+        print(f"sealgate: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130
 

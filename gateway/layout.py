@@ -11,6 +11,7 @@ state directory, so that the daemon, the command line and the tests agree.
     archive/               index.db, keys/ (master, checkpoint signing)
     portal/portal.db       messages waiting in the portal
     console/console.db     the console's local accounts, sessions and sign-ins
+    sealgate.lock          held by the running daemon (gateway.statelock)
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class StateLayout:
     @property
     def spool(self) -> Path:
         return self.root / "spool"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "sealgate.lock"
 
     @property
     def queue_db(self) -> Path:

@@ -85,6 +85,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
 def _copy(config: Config, args: argparse.Namespace) -> int:
     from gateway.archive.service import open_archive
     from gateway.config import load_config_text
+    from gateway.layout import StateLayout
+    from gateway.statelock import StateLock
     from gateway.storage.copy import copy_state
 
     # the target's settings checked as if they were in the file
@@ -93,7 +95,12 @@ def _copy(config: Config, args: argparse.Namespace) -> int:
     if args.password_file is not None:
         storage = dataclasses.replace(config.storage, password_file=args.password_file)
         config = dataclasses.replace(config, storage=storage)
-    target = copy_state(config, args.to, args.blobs, print)
+    lock = StateLock(StateLayout(config.state_dir).lock)
+    lock.acquire()  # StateInUse: the node runs - it must be stopped to be copied
+    try:
+        target = copy_state(config, args.to, args.blobs, print)
+    finally:
+        lock.release()
     if not config.archive.enabled:
         return 0
     archive = open_archive(target, config.smtp.hostname or "localhost", create=False)
