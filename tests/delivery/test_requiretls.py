@@ -82,7 +82,12 @@ async def test_tls_required_no_lowers_the_level_only_where_the_policy_allows(
     for allow in ("false", "true"):
         policy = Path(tmp_path / f"policy-{allow}.yaml")
         policy.write_text(RELAXED.format(allow=allow))
-        gw = await start(gateway_factory, world, pki, **{"policy.file": str(policy)})
+        gw = await start(  # both stay up for the checks: a state directory each
+            gateway_factory,
+            world,
+            pki,
+            **{"policy.file": str(policy), "state_dir": str(tmp_path / f"state-{allow}")},
+        )
         async with smtp_client(gw) as client:
             await client.sendmail("doctor@clinic.test", ["r@dest.test"], message)
         (path,) = list(gw.spool.queue_dir.iterdir())

@@ -263,7 +263,8 @@ async def test_the_null_sender_passes_only_when_dkim_binds_the_message(
     assert await send(gw, exo_chain, keys["ours"].sign(make_message()), sender="") == (250, "")
     code, _ = await send(gw, exo_chain, make_message(), sender="")
     assert code == 550  # unsigned: refused after DATA
-    gw2 = await gateway_factory(exo_config(pki, dns, sender_domains=["clinic.test"]))
+    second = exo_config(pki, dns, sender_domains=["clinic.test"])
+    gw2 = await gateway_factory({**second, "state_dir": str(gw.config.state_dir) + "-2"})
     code, text = await send(gw2, exo_chain, make_message(), sender="")
     assert (code, text[:5]) == (550, "5.7.1")
     assert rejected(gw2, "sender_domain") == 1
