@@ -812,15 +812,18 @@ class QueueManager:
             each = (self._slow_each if slow else self._new_each)[domain]
             await each.acquire()
             try:
-                await place.take(self._total, self._slow_share if slow else self._new_share)
+                share = self._slow_share if slow else self._new_share
+                await place.take(self._total, share, key=domain)
                 yield place
             finally:
-                self._let_go(place)
+                # a slow destination's next attempt, waiting, gets the place (and
+                # the session just given back) before the other destinations
+                self._let_go(place, domain)
                 each.release()
 
-    def _let_go(self, place: Place) -> None:
+    def _let_go(self, place: Place, domain: str | None = None) -> None:
         self._stalled -= place.stalled
-        place.release()
+        place.release(domain)
 
     def _overran(self, domain: str, place: Place) -> None:
         """An attempt to ``domain`` has taken `QUICK` seconds: the destination is

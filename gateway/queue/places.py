@@ -11,6 +11,9 @@ destination is one of three kinds, by its last attempt (`QueueManager._places`):
   that delivers raises the destination's window by one (up to
   `delivery.concurrency_per_destination`), each that delivers nothing lowers it by
   one (down to one), as Postfix's scheduler does with its destinations' concurrency;
+  a place its attempt gives back goes to its next attempt first, when one waits
+  (`Share.release`: the session it left open is reused), `HANDOFFS` times in a row
+  at most;
 - new (not tried yet): one attempt at a time (`NEW_PLACES`), from a share of their
   own, so that first attempts never wait behind slow destinations.  A first attempt
   still running after `NEW_QUICK` moves into the slow share there and then
@@ -38,31 +41,40 @@ NEW_QUICK = 3.0  # seconds: a first attempt still running then leaves the new sh
 STALL = 60.0  # seconds: an attempt still running then gives up its places
 SLOW_PLACES = 2  # attempts at once to a destination when it turns slow
 NEW_PLACES = 1  # and to a new one, until its first attempt is over
+HANDOFFS = 10  # a place passes to the same destination at most this often in a row
 
 
 class Share:
-    """At most ``limit`` places taken by `acquire`, given in the order asked; `force`
-    takes one beyond it."""
+    """At most ``limit`` places taken by `acquire`, given in the order asked - but
+    for a place given back for a ``key`` someone waits with (`release`); `force`
+    takes one beyond the limit."""
 
     def __init__(self, limit: int):
         self.limit = max(1, limit)
         self.used = 0
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting: collections.deque[tuple[asyncio.Future[int], str | None]] = (
+            collections.deque()
+        )
 
-    async def acquire(self) -> None:
+    async def acquire(self, key: str | None = None) -> int:
+        """A place; how many times in a row it has passed to ``key`` (0: a place
+        given in turn)."""
         if self.used < self.limit and not self._waiting:
             self.used += 1
             self._changed()
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+            return 0
+        entry: tuple[asyncio.Future[int], str | None] = (
+            asyncio.get_running_loop().create_future(),
+            key,
+        )
+        self._waiting.append(entry)
         try:
-            await waiter  # `release` counted the place for us when it woke us
+            return await entry[0]  # `release` counted the place for us when it woke us
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if entry[0].done() and not entry[0].cancelled():
                 self.release()  # given, but we are gone: the next one has it
             else:
-                self._waiting.remove(waiter)
+                self._waiting.remove(entry)
             raise
 
     def force(self) -> None:
@@ -75,16 +87,27 @@ class Share:
         self.limit = max(1, limit)
         self._wake()
 
-    def release(self) -> None:
+    def release(self, key: str | None = None, passed: int = 0) -> None:
+        """Give a place back - straight to the first one waiting with ``key`` (the
+        next attempt to the same destination: its session is still open), ahead
+        of the others, unless the share is over its limit or the place has passed
+        to ``key`` `HANDOFFS` times in a row already (``passed``): then it takes
+        its turn, and no destination keeps places from the others for long."""
+        if key is not None and passed < HANDOFFS and self.used <= self.limit:
+            for entry in self._waiting:
+                if entry[1] == key and not entry[0].done():
+                    self._waiting.remove(entry)
+                    entry[0].set_result(passed + 1)  # the place passes on: as many used
+                    return
         self.used -= 1
         self._wake()
 
     def _wake(self) -> None:
         while self._waiting and self.used < self.limit:
-            waiter = self._waiting.popleft()
+            waiter, _ = self._waiting.popleft()
             if not waiter.done():
                 self.used += 1
-                waiter.set_result(None)
+                waiter.set_result(0)
         self._changed()
 
     def _changed(self) -> None:
@@ -117,13 +140,15 @@ class Place:
         self.share: Share | None = None
         self.total: Share | None = None
         self.stalled = False
+        self.passed = 0  # times in a row the share's place came from the same destination
         self._new, self._slow = new, slow
 
-    async def take(self, total: Share, share: Share | None = None) -> None:
+    async def take(self, total: Share, share: Share | None = None, key: str = "") -> None:
         """A place of ``share`` (a quick destination's attempt: None), then one of
-        ``total``; `release` gives back what was taken even if this was cancelled."""
+        ``total``; `release` gives back what was taken even if this was cancelled.
+        ``key``: the destination, for a place given back by its attempt before."""
         if share is not None:
-            await share.acquire()
+            self.passed = await share.acquire(key or None)
             self.share = share
         await total.acquire()
         self.total = total
@@ -143,8 +168,11 @@ class Place:
         self.stalled = True
         return True
 
-    def release(self) -> None:
-        for share in (self.share, self.total):
-            if share is not None:
-                share.release()
+    def release(self, key: str | None = None) -> None:
+        """Give back what is held; ``key``: the share's place to the next attempt to
+        the same destination first (`Share.release`)."""
+        if self.share is not None:
+            self.share.release(key, self.passed)
+        if self.total is not None:
+            self.total.release()
         self.share = self.total = None
