@@ -171,6 +171,16 @@ def quick_clock(monkeypatch):
     monkeypatch.setattr("gateway.queue.manager.STALL", 2.0)
 
 
+async def destinations(world, name: str, first: int, **kwargs) -> list:
+    """Two recipient domains, <name>1.test and <name>2.test, with their servers on
+    127.0.0.<first> and the next address."""
+    servers = []
+    for n in (1, 2):
+        servers.append(await world.mta(f"mx.{name}{n}.test", f"127.0.0.{first + n - 1}", **kwargs))
+        world.dns.add(f"{name}{n}.test", "MX", f"10 mx.{name}{n}.test.")
+    return servers
+
+
 async def most_at_once(gateway_factory, world, ip: str, count: int, overrides: dict) -> int:
     """The most DATA commands at once that a server slow to answer them (0.8 s) saw
     while ``count`` messages, a recipient each, went to it."""
@@ -212,10 +222,7 @@ async def test_a_slow_destination_that_delivers_nothing_gets_one_attempt_at_a_ti
 async def test_a_stalled_attempt_leaves_its_places_to_the_next_slow_destination(
     gateway_factory, world, quick_clock
 ):
-    tarpits = []
-    for n in (1, 2):
-        tarpits.append(await world.mta(f"mx.tarpit{n}.test", f"127.0.0.6{n}", data_delay=60))
-        world.dns.add(f"tarpit{n}.test", "MX", f"10 mx.tarpit{n}.test.")
+    tarpits = await destinations(world, "tarpit", 61, data_delay=60)
     slow = await world.mta("mx.slow.test", "127.0.0.63", data_delay=0.8)
     world.dns.add("slow.test", "MX", "10 mx.slow.test.")
     # one place each for slow and new destinations (and one lent to the slow ones
@@ -247,10 +254,7 @@ async def test_a_slow_destination_borrows_places_quick_ones_leave_idle(
 async def test_a_slow_destination_keeps_its_place_and_session_for_its_next_message(
     gateway_factory, world, quick_clock
 ):
-    servers = []
-    for n in (1, 2):
-        servers.append(await world.mta(f"mx.slow{n}.test", f"127.0.0.7{n}", data_delay=0.8))
-        world.dns.add(f"slow{n}.test", "MX", f"10 mx.slow{n}.test.")
+    servers = await destinations(world, "slow", 71, data_delay=0.8)
     # one place for slow destinations, taken in turn - but for a handoff; sessions
     # stay idle 0.1 s only
     overrides = {"delivery.concurrency": 2, "delivery.reuse_idle_time": "100ms"}
