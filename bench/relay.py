@@ -9,7 +9,8 @@ smtp-source -> Postfix -> smtp-sink, in the same run.
 ``may`` here; the probe and the policy engine are in the path as always).
 The figure is messages per second from the first connection until the sink has
 received every message.  Postfix and Sealgate alternate (the first to go changes
-every round) and the medians are compared.  Needs root (Postfix).
+every round) and the medians are compared.  Targets (issue 17): 1.3x Postfix's
+rate, and machine CPU per message at most 0.8x Postfix's.  Needs root (Postfix).
 """
 
 from __future__ import annotations
@@ -131,15 +132,18 @@ def main() -> int:
                         runs[name].append(run(size))
                 rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
                 cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+                ratio = rate["sealgate"] / rate["postfix"]
+                cpu_ratio = cpu["sealgate"] / cpu["postfix"]
                 print(
                     f"relay {size} B, {args.messages} messages, 20 sessions, median of "
                     f"{args.rounds}: postfix {rate['postfix']:.0f}/s  sealgate "
-                    f"{rate['sealgate']:.0f}/s  ratio {rate['sealgate'] / rate['postfix']:.2f}"
-                    f"  (target >= 1.00)  [postfix "
+                    f"{rate['sealgate']:.0f}/s  ratio {ratio:.2f}"
+                    f"  (target >= 1.30: {'met' if ratio >= 1.3 else 'NOT met'})  [postfix "
                     f"{', '.join(f'{r:.0f}' for r, _ in runs['postfix'])}; sealgate "
                     f"{', '.join(f'{r:.0f}' for r, _ in runs['sealgate'])}]; machine CPU "
                     f"per message (source and sink included): postfix {cpu['postfix']:.2f} ms"
-                    f"  sealgate {cpu['sealgate']:.2f} ms",
+                    f"  sealgate {cpu['sealgate']:.2f} ms ({cpu_ratio:.2f}x, target <= 0.80: "
+                    f"{'met' if cpu_ratio <= 0.8 else 'NOT met'})",
                     flush=True,
                 )
             rss = peak_rss_mb(gw.pids())
