@@ -755,8 +755,7 @@ class QueueManager:
             return False
         if domain not in self._slow:
             return self._started[domain] >= NEW_PLACES
-        window = self._slow_each.get(domain)
-        return self._started[domain] >= (window.limit if window else self._slow_start)
+        return self._started[domain] >= self._slow_each[domain].limit  # (`_overran` made it)
 
     @property
     def _slow_start(self) -> int:
