@@ -20,6 +20,7 @@ class Receiver:
     status: int = 204
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
+    _transports: set = field(default_factory=set)
 
     async def start(self) -> Receiver:
         app = web.Application()
@@ -35,8 +36,15 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # A TLS connection still in its closing handshake when the test's loop ends
+        # would never close its socket: cut every connection the receiver served.
+        for transport in self._transports:
+            transport.abort()
+        self._transports.clear()
 
     async def _handle(self, request: web.Request) -> web.Response:
+        if request.transport is not None:
+            self._transports.add(request.transport)
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.received.append((headers, await request.read()))
         return web.Response(status=self.status)
