@@ -133,8 +133,9 @@ class Sealgate:
         self.proc.wait(30)
         self.log.close()
 
-    def metrics(self) -> str:
-        time.sleep(1.5)  # worker snapshots arrive every second
+    def metrics(self, wait: bool = True) -> str:
+        if wait:
+            time.sleep(1.5)  # worker snapshots arrive every second
         url = f"http://127.0.0.1:{self.http_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback only
             return str(r.read().decode())
