@@ -106,6 +106,11 @@ CACHE_TOTAL_MAX = 64 * 1024 * 1024
 FEATURES_MAX = 10_000  # messages whose features are kept between their recipients' attempts
 RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.5, 30.0  # seconds between writes of results
 UNREACHABLE = "4.4.1"  # no host of the destination could be reached (`deliver`)
+# what is known of a destination without attempts (quick or slow, its window, a
+# suspension that ended) is forgotten after this long: a gateway that has mailed
+# hundreds of thousands of domains keeps only the recent ones (Postfix's queue manager
+# forgets a destination when its queue empties)
+FORGET_AFTER = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +242,8 @@ class QueueManager:
         self._quick: set[str] = set()  # destinations whose last attempt was quick
         self._slow: set[str] = set()  # destinations whose last attempt was not
         self._started: Counter[str] = Counter()  # attempts waiting or under way, by domain
+        self._idle_since: dict[str, float] = {}  # destinations without attempts, since when
+        self._swept = time.monotonic()
         self._per_domain: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(dc.concurrency_per_destination)
         )
@@ -745,7 +752,32 @@ class QueueManager:
         self._attempts.discard(task)
         self._started[domain] -= 1
         if not self._started[domain]:
+            # no attempt holds or waits for the destination's own places now
             del self._started[domain]
+            self._per_domain.pop(domain, None)
+            self._new_each.pop(domain, None)
+            self._idle_since[domain] = time.monotonic()
+        self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        """Forget the destinations without attempts for `FORGET_AFTER` seconds (looked
+        at once a minute at most), and suspensions that ended that long ago."""
+        now = time.monotonic()
+        if now - self._swept < min(PRUNE_INTERVAL, FORGET_AFTER):
+            return
+        self._swept = now
+        for domain, since in list(self._idle_since.items()):
+            if domain in self._started:  # attempts again
+                del self._idle_since[domain]
+            elif now - since >= FORGET_AFTER:
+                del self._idle_since[domain]
+                self._quick.discard(domain)
+                self._slow.discard(domain)
+                self._slow_each.pop(domain, None)
+        wall = time.time()
+        for domain, suspension in list(self._suspended.items()):
+            if wall - suspension.until >= FORGET_AFTER and domain not in self._started:
+                del self._suspended[domain]
 
     def _busy(self, domain: str) -> bool:
         """A slow or new destination with as many attempts waiting or under way as

@@ -7,7 +7,8 @@ destination's window widens as it delivers and narrows as it does not; an attemp
 running past `STALL` gives up its places; the slow share borrows what the others
 leave idle of the first half of the places; a place given back by a slow
 destination's attempt goes to its next one first (its session still open), a
-`HANDOFFS` times in a row at most."""
+`HANDOFFS` times in a row at most; what is known of a destination without attempts
+is forgotten after `FORGET_AFTER`."""
 
 from __future__ import annotations
 
@@ -271,3 +272,33 @@ async def test_a_slow_destination_keeps_its_place_and_session_for_its_next_messa
     for server in servers:
         used = [m.connection for m in server.received]
         assert len(set(used)) <= 2, used
+
+
+async def test_destinations_without_attempts_are_forgotten_after_a_while(
+    gateway_factory, world, quick_clock, monkeypatch
+):
+    monkeypatch.setattr("gateway.queue.manager.FORGET_AFTER", 1.0)
+    await world.mta("mx.quick.test", "127.0.0.73")
+    world.dns.add("quick.test", "MX", "10 mx.quick.test.")
+    slow = await world.mta("mx.slow.test", "127.0.0.74", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    later = await world.mta("mx.later.test", "127.0.0.75")
+    world.dns.add("later.test", "MX", "10 mx.later.test.")
+    gw = await gateway_factory(world.config({}))
+    queue = gw.queue
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["r@quick.test", "r@slow.test"], make_message())
+        await wait_until(lambda: len(slow.received) == 1, timeout=10, what="both delivered")
+        await wait_until(lambda: not queue._started, timeout=5, what="their attempts ended")
+        # what was learned stays; the places of destinations nobody waits for do not
+        assert "quick.test" in queue._quick and "slow.test" in queue._slow
+        assert "slow.test" in queue._slow_each
+        assert not queue._per_domain and not queue._new_each
+        await asyncio.sleep(1.2)
+        # the next attempt's end looks: both have been idle longer than FORGET_AFTER
+        await client.sendmail("doctor@clinic.test", ["r@later.test"], make_message())
+    await wait_until(lambda: len(later.received) == 1, timeout=10, what="later.test's")
+    await wait_until(lambda: not queue._started, timeout=5, what="its attempt ended")
+    assert queue._quick == {"later.test"}
+    assert not queue._slow and not queue._slow_each
+    assert set(queue._idle_since) == {"later.test"}
