@@ -71,8 +71,9 @@ class Gateway:
         self.source = source
         self.config_path = config_path
         self.metrics = Metrics()
-        self.spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
-        self._lock = StateLock(StateLayout(config.state_dir).lock)
+        layout = StateLayout(config.state_dir)
+        self.spool = Spool(layout.spool, config.spool.io_threads)
+        self._lock = StateLock(layout.lock)
         self.hostname = smtp_hostname(config)
         # the one way into the queue; it is told where to hand messages once the
         # queue exists (SMTP opens after that)
