@@ -113,6 +113,10 @@ class Share:
     def _changed(self) -> None:
         """``used`` or ``limit`` changed (`Total` lends)."""
 
+    def refresh(self) -> None:
+        """A share this one lends to changed what it holds (`Place.overrun`)."""
+        self._changed()
+
 
 class Total(Share):
     """Every place.  Of the first half, what quick and new destinations' attempts do
@@ -158,6 +162,8 @@ class Place:
             self.share.release()
             self._slow.force()
             self.share = self._slow
+            if self.total is not None:  # one place fewer held by the others: lent
+                self.total.refresh()
 
     def stall(self) -> bool:
         """Give up every place held; False when there was none (it ended, or had

@@ -104,6 +104,18 @@ async def test_the_slow_share_borrows_what_the_others_leave_idle_of_the_first_ha
     assert third.done() and (slow.used, total.used, slow.limit) == (3, 4, 3)  # one lent
 
 
+async def test_a_new_place_moving_to_the_slow_share_is_no_longer_counted_as_the_others():
+    slow, new = Share(2), Share(2)
+    total = Total(8, slow=slow)
+    place = Place(new=new, slow=slow)
+    await place.take(total, new)
+    assert slow.limit == 3  # the first half less the new destination's place
+    place.overrun()
+    assert (slow.used, slow.limit) == (1, 4)  # the first half again: it is slow's own now
+    place.release()
+    assert (slow.used, slow.limit, total.used) == (0, 4, 0)
+
+
 async def test_a_place_goes_to_the_next_attempt_to_the_same_destination_a_few_times():
     share = Share(1)
     assert await share.acquire("a.test") == 0
