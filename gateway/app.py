@@ -53,6 +53,7 @@ from gateway.smtp.context import (
 from gateway.smtp.server import SmtpServer
 from gateway.smtp.workers import WorkerPool, worker_count
 from gateway.spool import Spool
+from gateway.spool.store import Recycler, Reuse
 from gateway.spool.submit import Submitter
 from gateway.statelock import StateLock
 from gateway.storage.stores import Storage
@@ -122,16 +123,7 @@ class Gateway:
             cert, _key, generated = ensure_self_signed(cfg.state_dir, self.hostname)
             if generated:
                 log.info(Event.CERT_GENERATED, cert_file=str(cert))
-        report = await asyncio.get_running_loop().run_in_executor(None, self.spool.open)
-        log.info(
-            Event.SPOOL_RECOVERED,
-            messages=report.recovered,
-            bytes=report.recovered_bytes,
-            incomplete_removed=report.incomplete_removed,
-            corrupt=len(report.corrupt),
-        )
-        for name in report.corrupt:
-            log.error(Event.SPOOL_CORRUPT, queue_id=name)
+        await self._open_spool()
         # Read from the spool at each scrape: never stale after a removal.
         self.metrics.spool_messages.set_function(lambda: self.spool.messages)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
@@ -202,6 +194,24 @@ class Gateway:
             hostname=self.hostname,
             workers=worker_count(cfg),
         )
+
+    async def _open_spool(self) -> None:
+        """Recover the spool; done messages' files are recycled for the processes that
+        accept mail to write over (`gateway.spool.store.Recycler`)."""
+        cfg = self.config
+        report = await asyncio.get_running_loop().run_in_executor(None, self.spool.open)
+        log.info(
+            Event.SPOOL_RECOVERED,
+            messages=report.recovered,
+            bytes=report.recovered_bytes,
+            incomplete_removed=report.incomplete_removed,
+            corrupt=len(report.corrupt),
+        )
+        for name in report.corrupt:
+            log.error(Event.SPOOL_CORRUPT, queue_id=name)
+        self.spool.recycler = Recycler(self.spool.free_dir, worker_count(cfg))
+        if worker_count(cfg) <= 1:  # this process accepts the mail (no SMTP workers)
+            self.spool.reuse = Reuse(self.spool.free_dir, 0)
 
     async def _start_integrations(self, queue: QueueManager, delivery: DeliveryAgent) -> None:
         """What delivery reports to before the queue starts: TLS-RPT's counts,

@@ -479,11 +479,13 @@ async def _serve(
     from gateway.smtp.context import make_smtp_context, smtp_hostname
     from gateway.smtp.server import SmtpServer
     from gateway.spool import Spool
+    from gateway.spool.store import Reuse
     from gateway.spool.submit import Submitter
 
     control = await _Control.open(control_sock)
     metrics = Metrics()
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
+    spool.reuse = Reuse(spool.free_dir, index)  # the main process recycles into it
     spool.start_io()
     recording = _Recording(config.cluster.ack == "shared", control.send)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)

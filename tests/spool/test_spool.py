@@ -14,7 +14,15 @@ import pytest
 from gateway.errors import SpoolError
 from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.spool import Spool, new_queue_id
-from gateway.spool.store import FOOTER_LEN, MAGIC, SPILL_THRESHOLD, is_queue_id
+from gateway.spool.store import (
+    FOOTER_LEN,
+    MAGIC,
+    RECYCLE_SIZE,
+    SPILL_THRESHOLD,
+    Recycler,
+    Reuse,
+    is_queue_id,
+)
 from tests.conftest import make_message, queued, smtp_client
 from tests.support.fs import small_filesystem
 
@@ -247,3 +255,67 @@ async def test_a_failing_commit_fails_alone_in_its_batch(spool):
     )
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], OSError) and "disk on fire" in str(results[1])
+
+
+@pytest.fixture
+def recycling(tmp_path, monkeypatch):
+    """A main process's spool recycling for one writer, and that writer's spool
+    (looking for recycled files each time)."""
+    monkeypatch.setattr("gateway.spool.store.RESCAN_AFTER", 0.0)
+    main = Spool(tmp_path / "spool", io_threads=2)
+    main.open()
+    main.recycler = Recycler(main.free_dir, 1)
+    writer = Spool(tmp_path / "spool", io_threads=2)
+    writer.reuse = Reuse(writer.free_dir, 0)
+    writer.start_io()
+    yield main, writer
+    writer.close()
+    main.close()
+
+
+@pytest.mark.parametrize("second", [100, 9000, SPILL_THRESHOLD + 5000])
+async def test_a_done_message_file_is_zeroed_and_the_next_message_written_into_it(
+    recycling, second
+):
+    main, writer = recycling
+    first = os.urandom(5000)
+    env = await _store(writer, [first])
+    inode = os.stat(main.queue_dir / env.queue_id).st_ino
+    main.remove(env.queue_id, env.size)
+    assert not (main.queue_dir / env.queue_id).exists()
+    (kept,) = list((main.free_dir / "0").iterdir())
+    assert kept.stat().st_ino == inode
+    assert set(kept.read_bytes()) == {0}  # nothing of the message is left to read
+    data = os.urandom(second)
+    env2 = await _store(writer, [data[i : i + 65536] for i in range(0, len(data), 65536)])
+    path = main.queue_dir / env2.queue_id
+    assert path.stat().st_ino == inode  # the same file, shorter or longer
+    assert main.read(env2.queue_id) == (env2, data)  # footer, length and digest check out
+    assert list((main.free_dir / "0").iterdir()) == []
+
+
+async def test_large_files_and_files_beyond_the_kept_number_are_removed(recycling, monkeypatch):
+    main, writer = recycling
+    monkeypatch.setattr("gateway.spool.store.RECYCLE_KEEP", 2)
+    envs = [await _store(writer, [b"x" * 100]) for _ in range(3)]
+    big = await _store(writer, [b"y" * (RECYCLE_SIZE + 1)])
+    for env in [*envs, big]:
+        main.remove(env.queue_id, env.size)
+    assert len(list((main.free_dir / "0").iterdir())) == 2
+    assert list(main.queue_dir.iterdir()) == [] and main.messages == 0
+
+
+async def test_recycled_files_are_dealt_to_the_writers_in_turn_and_cleared_at_start(tmp_path):
+    main = Spool(tmp_path / "spool", io_threads=2)
+    main.open()
+    main.recycler = Recycler(main.free_dir, 2)
+    envs = [await _store(main, [b"z" * 50]) for _ in range(4)]
+    for env in envs:
+        main.remove(env.queue_id, env.size)
+    assert [len(list((main.free_dir / str(n)).iterdir())) for n in (0, 1)] == [2, 2]
+    (main.free_dir / "staged-when-it-crashed").write_bytes(b"phi")
+    main.close()
+    again = Spool(tmp_path / "spool", io_threads=2)
+    again.open()
+    assert [p for p in again.free_dir.rglob("*") if p.is_file()] == []
+    again.close()
