@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """All of ``data``: ``os.write`` may write less than it was given."""
     view = memoryview(data)
     while view:

@@ -67,6 +67,7 @@ RECYCLE_SIZE = 256 * 1024  # larger files are removed, not zero-filled for reuse
 RECYCLE_KEEP = 256  # recycled files kept for each writer process at most
 RECOUNT_EVERY = 128  # recycled files between two counts of what a writer left
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
+_ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
 
@@ -495,7 +496,7 @@ class Recycler:
             # leaves it in free/, removed at start.)
             staged = self.root / name
             os.rename(path, staged)
-            write_all(fd, bytes(size))
+            write_all(fd, _ZEROS[:size])
             os.rename(staged, self.dirs[n] / name)
         finally:
             os.close(fd)
