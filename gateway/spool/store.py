@@ -348,7 +348,7 @@ class SpoolWriter:
         fd = self._fd if self._fd is not None else self._open_tmp()
         self._fd = fd
         write_all(fd, blob)
-        if self._reused:  # the zeros of the message before beyond this one's end
+        if self._reused:  # cut what the recycled file held beyond this message (zeros)
             os.ftruncate(fd, self._written + len(blob))
         # Durability: the data must be on disk before the name appears in queue/.
         os.fsync(fd)
