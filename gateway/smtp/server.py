@@ -56,6 +56,7 @@ from gateway.smtp.passphrase import PassphraseFilter
 log = get_logger("gateway.smtp")
 
 _READ_LIMIT = 64 * 1024  # StreamReader limit: command lines and DATA chunk size
+DATA_CHUNK = 64 * 1024  # message data checked and written at a time (at most)
 _COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024}  # RFC 5321 512 plus ESMTP parameters
 _SMTP_VERBS = tuple(name[5:] for name in dir(SMTP) if name.startswith("smtp_"))
 _SIMPLE_PATH = re.compile(
@@ -491,6 +492,10 @@ class GatewaySMTP(SMTP):
         passphrase header never reaches the writer."""
         reader = self._reader
         last2 = b"\r\n"  # the CRLF that ended the DATA command line
+        # Every line that ends in "." ends a read (prose: most sentences); the pieces
+        # are checked and written together, up to DATA_CHUNK bytes at a time.
+        pieces: list[bytes] = []
+        held = 0
         while True:
             try:
                 piece = await reader.readuntil(b".\r\n")
@@ -502,13 +507,17 @@ class GatewaySMTP(SMTP):
                 raise ConnectionResetError("connection closed during DATA") from e
             before = piece[-5:-3] if len(piece) >= 5 else (last2 + piece[:-3])[-2:]
             final = found and before == b"\r\n"
-            data = scanner.feed(piece[:-3] if final else piece)
-            if digest is not None:
-                digest.feed(data)
-            await writer.write(passphrase.feed(data))
+            pieces.append(piece[:-3] if final else piece)
+            held += len(piece)
+            if final or held >= DATA_CHUNK:
+                data = scanner.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                pieces, held = [], 0
+                if digest is not None:
+                    digest.feed(data)
+                await writer.write(passphrase.feed(data))
             if final:
                 return
-            last2 = (last2 + piece)[-2:]
+            last2 = piece[-2:] if len(piece) >= 2 else (last2 + piece)[-2:]
 
     # -- outcomes -----------------------------------------------------------------
 

@@ -107,3 +107,32 @@ async def test_end_marker_split_across_packets_is_still_found(gateway_factory):
     await s.close()
     (path,) = queued(gw)
     assert gw.spool.read(path.name)[1] == b"Subject: split\r\n\r\nbody\r\n"
+
+
+async def test_prose_whose_lines_end_in_a_dot_is_kept_whole_across_chunks(gateway_factory):
+    # every line ends in "." (each ends a read of the listener's) and the message is
+    # several times DATA_CHUNK: the pieces are gathered, checked and written in order
+    lines = [b"Sentence number %d ends here." % n for n in range(12_000)]
+    lines[5000] = b".a line that began with a dot."
+    body = b"Subject: prose\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    gw = await gateway_factory(PLAINTEXT)
+    s = await RawSmtp.start_data(gw)
+    s.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\nNOOP\r\n")
+    reply = await s.reply()
+    assert reply.startswith("250 2.0.0 Ok: queued as"), reply
+    assert (await s.reply()).startswith("250")  # the pipelined NOOP is a command
+    await s.close()
+    (path,) = queued(gw)
+    assert gw.spool.read(path.name)[1] == body
+
+
+async def test_a_bare_lf_far_into_prose_is_still_found(gateway_factory):
+    lines = [b"Sentence number %d ends here." % n for n in range(6_000)]
+    gw = await gateway_factory(PLAINTEXT)
+    s = await RawSmtp.start_data(gw)
+    s.send(
+        b"\r\n".join(lines[:4000]) + b"\nsmuggled.\r\n" + b"\r\n".join(lines[4000:]) + b"\r\n.\r\n"
+    )
+    assert (await s.reply()).startswith("554 5.5.2")
+    await s.close()
+    assert queued(gw) == []
