@@ -510,7 +510,7 @@ class GatewaySMTP(SMTP):
             pieces.append(piece[:-3] if final else piece)
             held += len(piece)
             if final or held >= DATA_CHUNK:
-                data = scanner.feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                data = scanner.feed(b"".join(pieces))  # one piece: itself, not a copy
                 pieces, held = [], 0
                 if digest is not None:
                     digest.feed(data)

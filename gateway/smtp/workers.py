@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import uvloop
 
 from gateway.config import Config, HostPort, load_config
 from gateway.errors import ConfigError, SpoolError
@@ -561,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         listen.close()  # it accepts nothing
         os.nice(WEBHOOK_NICE)
         # libuv's loop and its TLS in C: a quarter less CPU per post than asyncio's
-        # (bench/integrations.py's receiver, 6 alternating rounds)
+        # (bench/integrations.py's receiver, 6 alternating rounds); the SMTP workers
+        # gained nothing from it and do not import it
+        import uvloop
+
         uvloop.run(_serve_webhooks(config, args.config, control, args.index))
         return 0
     api = socket.socket(fileno=args.api_fd) if args.api_fd is not None else None
