@@ -832,25 +832,31 @@ class QueueManager:
         ones are tried at once."""
         async with self._per_domain[domain]:
             place = Place(new=self._new_share, slow=self._slow_share)
-            if domain in self._quick:
-                try:
-                    await place.take(self._total)
-                    yield place
-                finally:
-                    self._let_go(place)
-                return
-            slow = domain in self._slow
-            each = (self._slow_each if slow else self._new_each)[domain]
-            await each.acquire()
+            each, share = await self._own_place(domain)
             try:
-                share = self._slow_share if slow else self._new_share
                 await place.take(self._total, share, key=domain)
                 yield place
             finally:
                 # a slow destination's next attempt, waiting, gets the place (and
                 # the session just given back) before the other destinations
                 self._let_go(place, domain)
-                each.release()
+                if each is not None:
+                    each.release()
+
+    async def _own_place(self, domain: str) -> tuple[Share | None, Share | None]:
+        """The destination's own place by what it is now, and the share to take a
+        place from next: a slow one's window and the slow share, a new one's place
+        and the new share, nothing for a quick one.  An attempt that waited as a
+        new destination's while the first attempt found it slow (or quick) waits
+        again as what it is: a slow destination's attempts take slow places only."""
+        while domain not in self._quick:
+            slow = domain in self._slow
+            each = (self._slow_each if slow else self._new_each)[domain]
+            await each.acquire()
+            if slow == (domain in self._slow) and domain not in self._quick:
+                return each, self._slow_share if slow else self._new_share
+            each.release()
+        return None, None
 
     def _let_go(self, place: Place, domain: str | None = None) -> None:
         self._stalled -= place.stalled

@@ -2,7 +2,9 @@
 asked and takes one beyond its limit when told to, letting nobody else in until it is
 back under it, and its limit can change; through the daemon's queue, a first attempt
 to a new destination that stalls leaves the new destinations' share after
-`NEW_QUICK`, so the next new destination is tried while it still runs; a slow
+`NEW_QUICK`, so the next new destination is tried while it still runs, and an
+attempt that waited as a new destination's takes a slow place once the
+destination is found slow; a slow
 destination's window widens as it delivers and narrows as it does not; an attempt
 running past `STALL` gives up its places; the slow share borrows what the others
 leave idle of the first half of the places; a place given back by a slow
@@ -262,6 +264,45 @@ async def test_a_slow_destination_borrows_places_quick_ones_leave_idle(
     # a slow share of one place of four - and one more lent while nothing else runs
     most = await most_at_once(gateway_factory, world, "127.0.0.63", 6, {"delivery.concurrency": 4})
     assert most == 2
+
+
+async def test_an_attempt_that_waited_as_new_takes_a_slow_place_once_its_destination_is_slow(
+    gateway_factory, world
+):
+    # two attempts started while the destination was new (two messages leased
+    # before the first attempt began); the first one finds it slow
+    gw = await gateway_factory(world.config({"delivery.concurrency": 4}))
+    queue, holding = gw.queue, []
+    ends: dict[str, asyncio.Event] = {}
+
+    async def attempt(name: str) -> None:
+        ends[name] = asyncio.Event()
+        async with queue._places("d.test") as place:
+            holding.append((name, place))
+            await ends[name].wait()
+            holding.remove((name, place))
+
+    first = asyncio.ensure_future(attempt("first"))
+    await wait_until(lambda: len(holding) == 1, timeout=2, what="the first attempt's places")
+    waited = asyncio.ensure_future(attempt("waited as new"))
+    await asyncio.sleep(0.05)
+    queue._overran("d.test", holding[0][1])  # slow: the first moves to the slow share
+    # two attempts to the slow destination: its window (SLOW_PLACES), the slow
+    # share's own place and the one lent while nothing else runs
+    slow = [asyncio.ensure_future(attempt(f"slow {n}")) for n in range(SLOW_PLACES)]
+    await asyncio.sleep(0.05)
+    assert [name for name, _ in holding] == ["first", "slow 0"]
+    ends["first"].set()
+    await first
+    await asyncio.sleep(0.05)
+    # the one that waited as new waits again, for the window: still two at once,
+    # both from the slow share
+    assert sorted(name for name, _ in holding) == ["slow 0", "slow 1"]
+    assert {place.share for _, place in holding} == {queue._slow_share}
+    for end in ends.values():
+        end.set()
+    await asyncio.wait_for(asyncio.gather(waited, *slow), 5)
+    assert not holding
 
 
 async def test_a_slow_destination_keeps_its_place_and_session_for_its_next_message(
