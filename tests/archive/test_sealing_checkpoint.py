@@ -25,6 +25,22 @@ def test_a_record_round_trips_compressed_and_each_has_its_own_key():
     assert open_sealed(one, "msg-1", keys) == MESSAGE
 
 
+def test_records_sealed_at_zlibs_default_level_open_as_the_fast_level_ones(monkeypatch):
+    # records written before the archive compressed at `LEVEL` (zlib's level 6)
+    import gateway.archive.sealing as sealing
+
+    keys = MasterKeys("a", {"a": K1})
+    prose = b"".join(
+        b"Line %d of the discharge summary, dose %d mg.\r\n" % (n, n % 9) for n in range(900)
+    )
+    monkeypatch.setattr(sealing, "LEVEL", 6)
+    old = seal(prose, "msg-1", keys)
+    monkeypatch.undo()
+    new = seal(prose, "msg-1", keys)
+    assert len(new) != len(old)  # another level: another deflate stream
+    assert open_sealed(old, "msg-1", keys) == prose == open_sealed(new, "msg-1", keys)
+
+
 def test_altered_swapped_or_truncated_records_are_refused():
     keys = MasterKeys("a", {"a": K1})
     blob = seal(MESSAGE, "msg-1", keys)
