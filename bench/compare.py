@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from postfix_anchor import free_port, wait_for_port  # noqa: E402
+from postfix_anchor import LogCount, free_port, wait_for_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -77,27 +77,6 @@ def _ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(st[11]) + int(st[12])
-
-
-class _Count:
-    """How often ``word`` is in the log so far, reading only what was added since
-    the last call: counting the whole log every 50 ms cost this script a tenth of
-    a core by the end of a long run - CPU counted in the machine's figure."""
-
-    def __init__(self, path: Path, word: bytes):
-        self.path, self.word = path, word
-        self.count, self.offset, self.tail = 0, 0, b""
-
-    def __call__(self) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            new = f.read()
-        self.offset += len(new)
-        text = self.tail + new
-        self.count += text.count(self.word)
-        # a word cut at the end is counted when the rest arrives
-        self.tail = text[-(len(self.word) - 1) :] if len(self.word) > 1 else b""
-        return self.count
 
 
 def _machine() -> int:
@@ -150,7 +129,7 @@ def one_round(
             timeout=600,
         )
         deadline = time.monotonic() + 300
-        done = _Count(log_path, b"queue.message-done")
+        done = LogCount(log_path, b"queue.message-done")
         while done() < messages:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{source}: not every message was finished")

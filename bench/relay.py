@@ -27,7 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accept import Sealgate, peak_rss_mb, smtp_source  # noqa: E402
-from postfix_anchor import free_port, postfix_instance, wait_for_port, wait_until_delivered  # noqa: E402
+from postfix_anchor import (  # noqa: E402
+    LogCount,
+    free_port,
+    postfix_instance,
+    wait_for_port,
+    wait_until_delivered,
+)
 
 # smtp-sink has no STARTTLS: the one policy under which it may receive mail.
 PLAINTEXT_SINK_POLICY = "version: 1\ndefaults: {modes: [tls], tls_level: may, fallback: hold}\n"
@@ -48,26 +54,12 @@ def counting_sink(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     return proc, port, log
 
 
-class DeliveryCounter:
-    """Counts messages in the sink's verbose log, reading only what was appended (a
-    full re-read every poll would cost the later run more CPU than the earlier)."""
+class DeliveryCounter(LogCount):
+    """Counts messages in the sink's verbose log: the end of a message shows as a
+    line holding a dot (older smtp-sink: ": .")."""
 
     def __init__(self, log: Path):
-        self.log = log
-        self.offset = 0
-        self.count = 0
-        self.tail = b""
-
-    def __call__(self) -> int:
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        self.offset += len(chunk)
-        text = self.tail + chunk
-        # the end of a message shows as a line holding a dot (older smtp-sink: ": .")
-        self.count += text.count(b"\n.\n") + text.count(b": .\n")
-        self.tail = text[-3:]
-        return self.count
+        super().__init__(log, b"\n.\n", b": .\n")
 
 
 def busy_cpu_seconds() -> float:
