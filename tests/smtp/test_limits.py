@@ -3,6 +3,9 @@ and mail loops."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import aiosmtplib
 import pytest
 
@@ -116,6 +119,20 @@ async def test_an_idle_client_gets_421_after_the_command_timeout(gateway_factory
     s = await RawSmtp.open(gw)
     reply = await s.reply(timeout=5)
     assert reply.startswith("421 4.4.2")
+    await s.close()
+
+
+async def test_the_command_timeout_counts_from_the_last_command_not_the_first(gateway_factory):
+    # the idle timer moves lazily (re-armed when it fires early): commands for
+    # three timeouts keep the session; then idle, it ends a timeout after the last
+    gw = await gateway_factory({"smtp.command_timeout": "400ms"})
+    s = await RawSmtp.open(gw)  # greeted
+    for _ in range(8):
+        await asyncio.sleep(0.15)
+        assert (await s.command("NOOP")).startswith("250")
+    last = time.monotonic()
+    assert (await s.reply(timeout=5)).startswith("421 4.4.2")
+    assert time.monotonic() - last >= 0.35
     await s.close()
 
 
