@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from gateway import heap
 from gateway.api.server import ApiServer, api_tls
 from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
@@ -560,6 +561,7 @@ async def serve(gateway: Gateway) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     await gateway.start()
+    heap.settle()  # the daemon's own process only: not a test's that starts a Gateway
     _sd_notify("READY=1")
     try:
         await stop.wait()

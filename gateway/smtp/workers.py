@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from gateway import heap
 from gateway.config import Config, HostPort, load_config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
@@ -438,6 +439,7 @@ class _Control:
         # Reloading is the main process's business; a HUP sent to the whole process
         # group must not end a worker.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        heap.settle()
         self.send({"type": "ready", "worker": index})
         self._metrics = metrics
 
