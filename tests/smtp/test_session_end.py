@@ -1,0 +1,44 @@
+"""A finished SMTP session's objects are freed when it ends, not by the garbage
+collector's passes (gateway.smtp.server.GatewaySMTP._unlink)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from tests.conftest import RawSmtp
+from tests.support.world import wait_until
+
+
+@pytest.mark.parametrize(
+    "ending", ["QUIT", "QUIT after a message", "the client hangs up", "QUIT over TLS"]
+)
+async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory, ending):
+    gw = await gateway_factory({"relay.require_tls": False})
+    s = await RawSmtp.open(gw)
+    (protocol,) = gw.smtp.ctx.sessions
+    session = weakref.ref(protocol)
+    del protocol
+    gc.collect()
+    gc.disable()  # nothing but reference counting frees it now
+    try:
+        assert (await s.command("EHLO client.test")).startswith("250")
+        if ending == "QUIT over TLS":
+            await s.starttls()
+            assert (await s.command("EHLO client.test")).startswith("250")
+        if ending == "QUIT after a message":
+            for line, code in (
+                ("MAIL FROM:<s@clinic.test>", "250"),
+                ("RCPT TO:<r@example.test>", "250"),
+                ("DATA", "354"),
+                ("Subject: x\r\n\r\nbody\r\n.", "250"),
+            ):
+                assert (await s.command(line)).startswith(code)
+        if ending.startswith("QUIT"):
+            assert (await s.command("QUIT")).startswith("221")
+        await s.close()
+        await wait_until(lambda: session() is None, timeout=5, what="the session freed")
+    finally:
+        gc.enable()
