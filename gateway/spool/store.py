@@ -485,7 +485,8 @@ class Recycler:
 
     def take(self, path: Path, name: str) -> bool:
         """Recycle the file at ``path``; False when it is not (too large, enough kept):
-        the caller removes it."""
+        the caller removes it.  True once the file has left ``queue/``, even when
+        overwriting it failed (it is removed then)."""
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
@@ -495,12 +496,21 @@ class Recycler:
             # writer never takes a file still being overwritten.  (A crash meanwhile
             # leaves it in free/, removed at start.)
             staged = self.root / name
-            os.rename(path, staged)
-            write_all(fd, _ZEROS[:size])
-            os.rename(staged, self.dirs[n] / name)
+            os.rename(path, staged)  # out of queue/ from here on: gone, whatever follows
+            try:
+                write_all(fd, _ZEROS[:size])
+                os.rename(staged, self.dirs[n] / name)
+            except OSError:  # (an I/O error) not recycled: removed instead
+                self._give_back(n)
+                with contextlib.suppress(OSError):  # else removed at the next start
+                    os.unlink(staged)
         finally:
             os.close(fd)
         return True
+
+    def _give_back(self, n: int) -> None:
+        with self._lock:
+            self._held[n] = max(0, self._held[n] - 1)
 
     def _room(self) -> int | None:
         """The next writer's turn, if it has room for another file."""

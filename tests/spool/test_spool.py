@@ -305,6 +305,22 @@ async def test_large_files_and_files_beyond_the_kept_number_are_removed(recyclin
     assert list(main.queue_dir.iterdir()) == [] and main.messages == 0
 
 
+async def test_a_file_that_cannot_be_overwritten_is_removed_and_counted_out(recycling, monkeypatch):
+    main, _ = recycling
+    env = await _store(main, [b"x" * 100])
+    assert (main.messages, main.bytes) == (1, 100)
+
+    def failing(fd, data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("gateway.spool.store.write_all", failing)
+    main.remove(env.queue_id, env.size)
+    assert list(main.queue_dir.iterdir()) == []
+    assert [p for p in main.free_dir.rglob("*") if p.is_file()] == []  # not handed out
+    assert (main.messages, main.bytes) == (0, 0)
+    assert main.recycler._held == [0]  # its place in the pool given back
+
+
 async def test_recycled_files_are_dealt_to_the_writers_in_turn_and_cleared_at_start(tmp_path):
     main = Spool(tmp_path / "spool", io_threads=2)
     main.open()
