@@ -210,7 +210,9 @@ class Gateway:
         )
         for name in report.corrupt:
             log.error(Event.SPOOL_CORRUPT, queue_id=name)
-        self.spool.recycler = Recycler(self.spool.free_dir, worker_count(cfg))
+        self.spool.recycler = Recycler(
+            self.spool.free_dir, worker_count(cfg), cfg.spool.min_free_space
+        )
         if worker_count(cfg) <= 1:  # this process accepts the mail (no SMTP workers)
             self.spool.reuse = Reuse(self.spool.free_dir, 0)
 

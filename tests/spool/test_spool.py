@@ -321,6 +321,48 @@ async def test_a_file_that_cannot_be_overwritten_is_removed_and_counted_out(recy
     assert main.recycler._held == [0]  # its place in the pool given back
 
 
+async def test_a_full_pool_that_its_writer_emptied_is_filled_again(recycling, monkeypatch):
+    main, writer = recycling
+    monkeypatch.setattr("gateway.spool.store.RECYCLE_KEEP", 2)
+    monkeypatch.setattr("gateway.spool.store.RECOUNT_EVERY", 3)
+    pool = main.free_dir / "0"
+    done = [await _store(writer, [b"x" * 100]) for _ in range(4)]
+    for env in done:  # two kept, two removed: the pool is full
+        main.remove(env.queue_id, env.size)
+    assert len(list(pool.iterdir())) == 2
+    taken = [await _store(writer, [b"y" * 100]) for _ in range(2)]  # the writer takes both
+    assert list(pool.iterdir()) == []
+    more = [await _store(writer, [b"z" * 100]) for _ in range(4)]
+    for env in taken + more:
+        main.remove(env.queue_id, env.size)
+    # counted again after at most RECOUNT_EVERY turns, then filled
+    assert len(list(pool.iterdir())) == 2
+    assert list(main.queue_dir.iterdir()) == [] and main.messages == 0
+
+
+async def test_a_pool_holds_no_more_bytes_than_its_bound(recycling, monkeypatch):
+    main, writer = recycling
+    envs = [await _store(writer, [b"x" * 100]) for _ in range(3)]
+    file_size = (main.queue_dir / envs[0].queue_id).stat().st_size  # with envelope, footer
+    monkeypatch.setattr("gateway.spool.store.RECYCLE_BYTES", file_size * 5 // 2)
+    for env in envs:
+        main.remove(env.queue_id, env.size)
+    kept = list((main.free_dir / "0").iterdir())
+    assert len(kept) == 2 and sum(p.stat().st_size for p in kept) == 2 * file_size
+    assert list(main.queue_dir.iterdir()) == []
+
+
+async def test_no_file_is_kept_while_the_disk_is_short_of_space(tmp_path):
+    main = Spool(tmp_path / "spool", io_threads=2)
+    main.open()
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    main.recycler = Recycler(main.free_dir, 1, keep_free=free)  # half of it must stay free
+    env = await _store(main, [b"x" * 100])
+    main.remove(env.queue_id, env.size)
+    assert list(main.queue_dir.iterdir()) == [] and list((main.free_dir / "0").iterdir()) == []
+    main.close()
+
+
 async def test_recycled_files_are_dealt_to_the_writers_in_turn_and_cleared_at_start(tmp_path):
     main = Spool(tmp_path / "spool", io_threads=2)
     main.open()
