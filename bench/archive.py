@@ -7,7 +7,8 @@
 1. Relay throughput with the archive (the default) against the same gateway with
    ``archive.enabled: false``, and Postfix as the anchor, in one run: smtp-source
    (20 sessions) -> relay -> smtp-sink, rounds alternating, medians compared.
-   Target: journaling costs at most 15% (ratio >= 0.85).
+   Target (issue 17): journaling costs at most 10% (ratio >= 0.9; an earlier issue
+   asked 0.85).
 2. Search: an archive index of ``--records`` messages (written straight into the
    index, two recipients each, 2000 senders over a year), then sender + date-range
    queries through `Archive.search` and through ``sealgate archive search``.  Target:
@@ -81,11 +82,13 @@ def relay(args: argparse.Namespace, workdir: Path) -> None:
                     runs[name].append(run())
             rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
             cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+            ratio = rate["on"] / rate["off"]
             print(
                 f"relay {args.size} B x {args.messages}, median of {args.rounds}: "
                 f"archive on {rate['on']:.0f}/s, off {rate['off']:.0f}/s, postfix "
-                f"{rate['postfix']:.0f}/s; on/off {rate['on'] / rate['off']:.2f} (target >= "
-                f"0.85), on/postfix {rate['on'] / rate['postfix']:.2f}, off/postfix "
+                f"{rate['postfix']:.0f}/s; on/off {ratio:.2f} (target >= {TARGET:.2f}: "
+                f"{'met' if ratio >= TARGET else 'NOT met'}), on/postfix "
+                f"{rate['on'] / rate['postfix']:.2f}, off/postfix "
                 f"{rate['off'] / rate['postfix']:.2f}; machine CPU per message: on "
                 f"{cpu['on']:.2f} ms, off {cpu['off']:.2f} ms, postfix {cpu['postfix']:.2f} ms "
                 f"[on {', '.join(f'{r:.0f}' for r, _ in runs['on'])}; off "
@@ -97,6 +100,7 @@ def relay(args: argparse.Namespace, workdir: Path) -> None:
             sink.terminate()
 
 
+TARGET = 0.9  # archive on / off (issue 17)
 MODES = ["tls"] * 70 + ["portal"] * 15 + ["smime"] * 8 + ["pgp"] * 5 + ["hold"] * 2
 
 
