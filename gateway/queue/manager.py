@@ -113,6 +113,14 @@ UNREACHABLE = "4.4.1"  # no host of the destination could be reached (`deliver`)
 FORGET_AFTER = 600.0
 
 
+@dataclasses.dataclass
+class _Open:
+    """A message read for the attempts under way, and how many of them use it."""
+
+    read: asyncio.Future[tuple[Envelope, bytes]]
+    users: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class _Suspension:
     """A destination none of whose hosts could be reached: its recipients wait until
@@ -255,6 +263,7 @@ class QueueManager:
         self._unrecorded: dict[str, int] = {}  # queue id -> size
         self._cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
         self._cached_bytes = 0
+        self._open: dict[str, _Open] = {}  # messages read for the attempts under way
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
 
     def apply(self, config: Config, policy: Policy | None = None) -> None:
@@ -805,10 +814,11 @@ class QueueManager:
             async with self._places(domain) as place:
                 if await self._postponed(queue_id, domain, rows):
                     return
-                envelope, data, final = await self._attempt_locked(queue_id, domain, rows, place)
-                recorded = True
-                if final is not None:
-                    await self._finish(envelope, data, final)
+                async with self._opened(queue_id) as (envelope, data):
+                    final = await self._attempt_locked(envelope, data, domain, rows, place)
+                    recorded = True
+                    if final is not None:
+                        await self._finish(envelope, data, final)
         except Exception as e:  # fail closed: nothing sent on this path, deferred
             log.error(
                 Event.DELIVERY_ERROR,
@@ -896,13 +906,41 @@ class QueueManager:
             self._slow_each[domain].resize(1)
             log.info(Event.DELIVERY_STALLED, domain=domain, seconds=STALL)
 
+    @contextlib.asynccontextmanager
+    async def _opened(self, queue_id: str) -> AsyncIterator[tuple[Envelope, bytes]]:
+        """A message for an attempt: kept from its arrival (`_cache`), else read once
+        for all the attempts under way at the same time and let go when the last of
+        them ends.  (Read for each, one 20 MB message to 20 destinations held ~1 GB
+        in this process at once.)"""
+        cached = self._cache.get(queue_id)
+        if cached is not None:
+            yield cached
+            return
+        opened = self._open.get(queue_id)
+        if opened is None:
+            read = asyncio.ensure_future(self._read(queue_id))
+            read.add_done_callback(lambda f: f.cancelled() or f.exception())  # (seen)
+            opened = self._open[queue_id] = _Open(read)
+        opened.users += 1
+        try:
+            yield await asyncio.shield(opened.read)
+        finally:
+            opened.users -= 1
+            if opened.users == 0 and self._open.get(queue_id) is opened:
+                del self._open[queue_id]
+
     async def _attempt_locked(
-        self, queue_id: str, domain: str, rows: list[RecipientRow], place: Place
-    ) -> tuple[Envelope, bytes, list[RecipientRow] | None]:
-        """One attempt for ``rows`` by the delivery agent, its results recorded; the
-        message, and every recipient when this made the last of them final (the
-        caller finishes it)."""
-        envelope, data = await self._read(queue_id)
+        self,
+        envelope: Envelope,
+        data: bytes,
+        domain: str,
+        rows: list[RecipientRow],
+        place: Place,
+    ) -> list[RecipientRow] | None:
+        """One attempt for ``rows`` by the delivery agent, its results recorded;
+        every recipient when this made the last of them final (the caller finishes
+        the message)."""
+        queue_id = envelope.queue_id
         began = time.monotonic()
         # a first attempt leaves the new share when it takes a while; slow as soon as
         # it takes that long: this attempt and the next take slow places
@@ -936,7 +974,7 @@ class QueueManager:
         self._tell_sender(envelope, data, rows, attempted, records)
         if final is None and any(r.state.waiting for r in records):
             self._forget(queue_id)  # a retry is minutes away: it reads the spool again
-        return envelope, data, final
+        return final
 
     async def _suspend(self, domain: str, diagnostic: str, now: float) -> None:
         """No host of ``domain`` could be reached: its recipients wait, without an

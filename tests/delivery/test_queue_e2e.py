@@ -11,6 +11,7 @@ import asyncio
 import json
 
 from gateway.delivery.dsn import original_message_id
+from gateway.spool.store import SPILL_THRESHOLD
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.support.delivery import BODY, SUBJECT, depth, done, send, start, state
 from tests.support.world import tls_only, wait_until
@@ -523,3 +524,32 @@ async def test_notify_success_into_the_portal_is_reported_delivered(gateway_fact
     text = report.data.decode()
     assert "Final-Recipient: rfc822; r@dest.test" in text and "Action: delivered" in text
     assert "Remote-MTA" not in text and SUBJECT not in text
+
+
+async def test_attempts_under_way_for_one_large_message_share_one_reading_of_it(
+    gateway_factory, world, pki, monkeypatch
+):
+    servers = []
+    for n in range(4):
+        servers.append(await world.mta(f"mx.d{n}.test", f"127.0.0.{40 + n}", data_delay=0.5))
+        world.dns.add(f"d{n}.test", "MX", f"10 mx.d{n}.test.")
+    gw = await start(gateway_factory, world, pki)
+    reads: list[str] = []
+    read = gw.spool.read
+
+    def counted(queue_id, verify=True):
+        reads.append(queue_id)
+        return read(queue_id, verify)
+
+    monkeypatch.setattr(gw.spool, "read", counted)
+    # larger than a message kept in memory from its arrival: read from the spool
+    body = ("x" * 76 + "\r\n") * (SPILL_THRESHOLD // 78 + 100)
+    async with smtp_client(gw) as client:
+        await client.sendmail(
+            "doctor@clinic.test", [f"r@d{n}.test" for n in range(4)], make_message(SUBJECT, body)
+        )
+    (path,) = queued(gw)
+    await wait_until(lambda: all(s.received for s in servers), what="four deliveries")
+    # the archive's journal reads it once; the four attempts at once, once between them
+    assert reads == [path.name] * 2
+    assert all(s.received[0].data.endswith(make_message(SUBJECT, body)) for s in servers)
