@@ -85,30 +85,39 @@ class _Message:
     dsn_mail: tuple[str, ...] = ()
     dsn_rcpt: dict[str, tuple[str, ...]] = field(default_factory=dict)
     results: dict[str, RecipientResult] = field(default_factory=dict)
-    wire: bytes = b""  # data as DATA sends it, made once per delivery
+    head: bytes = b""  # header lines of ours before the message (trace headers)
+    wire: tuple[bytes, ...] = ()  # head and data as DATA sends them, made once per delivery
 
     def __post_init__(self) -> None:
-        self.wire = wire_form(self.data)
+        self.wire = wire_form(self.data, self.head)
 
 
+_END = b".\r\n"  # after the message's last CRLF
 _BARE_LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
-def wire_form(data: bytes) -> bytes:
-    """The message as sent after DATA (RFC 5321 4.5.2): CRLF line endings, a dot
-    doubled where a line starts with one, and the end marker CRLF "." CRLF.
+def wire_form(data: bytes, head: bytes = b"") -> tuple[bytes, ...]:
+    """``head`` and the message ``data`` as sent after DATA (RFC 5321 4.5.2): CRLF
+    line endings, a dot doubled where a line starts with one, and the end marker
+    CRLF "." CRLF - in pieces, sent one after the other.  A piece is the very
+    object it came from when it needs no change (no line starts with a dot), so a
+    large message is not copied for every attempt to send it.
 
     Accepted mail has CRLF line endings only (bare CR and LF are refused at
-    acceptance), so the common case is two C-speed scans and one replace."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-        data = _BARE_LINE_ENDING.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
+    acceptance), so the common case is three C-speed scans."""
+    if head and not head.endswith(b"\r\n"):
+        data, head = head + data, b""  # (ours end their last line: never)
+    pieces = [piece for piece in (_stuffed(head), _stuffed(data)) if piece]
+    ends_line = bool(pieces) and pieces[-1].endswith(b"\r\n")
+    return (*pieces, _END if ends_line else b"\r\n" + _END)
+
+
+def _stuffed(text: bytes) -> bytes:
+    crlf = text.count(b"\r\n")
+    if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
+        text = _BARE_LINE_ENDING.sub(b"\r\n", text)
+    stuffed = text.replace(b"\r\n.", b"\r\n..")  # (the same object when none is)
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
@@ -189,6 +198,7 @@ async def deliver(
     requiretls: bool = False,
     dsn_mail: tuple[str, ...] = (),
     dsn_rcpt: dict[str, tuple[str, ...]] | None = None,
+    head: bytes = b"",
     sessions: SessionCache | None = None,
     metrics: Metrics | None = None,
     relaxed: bool = False,
@@ -198,9 +208,18 @@ async def deliver(
     with REQUIRETLS that no host would take under it (RFC 8689: 5.7.30, 5.7.10,
     soft per host) fails when the last host was tried.  ``relaxed``: no TLS policy
     of the domain applies, not even DANE (RFC 8689 5: ``TLS-Required: No``).
-    ``observed``: new sessions are counted for TLS-RPT."""
+    ``observed``: new sessions are counted for TLS-RPT.  ``head``: header lines sent
+    before ``data`` (the trace headers: not joined to a copy of the message)."""
     message = _Message(
-        sender, list(recipients), data, smtputf8, eightbit, requiretls, dsn_mail, dsn_rcpt or {}
+        sender,
+        list(recipients),
+        data,
+        smtputf8,
+        eightbit,
+        requiretls,
+        dsn_mail,
+        dsn_rcpt or {},
+        head=head,
     )
     last = HostFailure("4.4.1", "no host could be reached")
     for hop in routed.hops:
@@ -580,7 +599,7 @@ def _commands(
     if message.eightbit and smtp.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
     if smtp.supports_extension("size"):
-        options.append(f"SIZE={len(message.data)}")
+        options.append(f"SIZE={len(message.head) + len(message.data)}")
     if message.requiretls:
         host = f"{evidence.mx_host}[{evidence.ip}]"
         if evidence.verification == "none":
@@ -638,8 +657,11 @@ def _needs_smtputf8(message: _Message, evidence: SessionEvidence) -> bool:
     return all(r in message.results for r in message.recipients)
 
 
+_JOIN_BELOW = 256 * 1024  # a message's wire form up to this size goes in one write
+
+
 async def _data(
-    smtp: aiosmtplib.SMTP, wire: bytes, reply: aiosmtplib.SMTPResponse | None = None
+    smtp: aiosmtplib.SMTP, wire: tuple[bytes, ...], reply: aiosmtplib.SMTPResponse | None = None
 ) -> tuple[int, str]:
     """DATA (unless ``reply`` is its reply already: pipelined), then the message in
     wire form; the final reply.
@@ -653,6 +675,10 @@ async def _data(
         return reply.code, reply.message
     if smtp.protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
-    smtp.protocol.write(wire)
+    if sum(map(len, wire)) <= _JOIN_BELOW:
+        smtp.protocol.write(b"".join(wire))  # one send
+    else:  # no copy of a large message
+        for piece in wire:
+            smtp.protocol.write(piece)
     reply = await smtp.protocol.read_response(timeout=smtp.timeout)
     return reply.code, reply.message

@@ -185,7 +185,27 @@ async def test_the_data_reply_decides_for_every_accepted_recipient(world, reply,
     ],
 )
 def test_the_wire_form_dot_stuffs_and_ends_with_the_end_marker(data, wire):
-    assert wire_form(data) == wire
+    assert b"".join(wire_form(data)) == wire
+
+
+def test_a_message_that_needs_no_change_is_sent_as_it_is_not_copied():
+    data = b"Subject: x\r\n\r\n" + b"line\r\n" * 100_000
+    head = b"Received: from a by b; Thu, 3 Dec 2026 18:00:00 +0000\r\n"
+    pieces = wire_form(data, head)
+    assert pieces[1] is data and pieces == (head, data, b".\r\n")
+
+
+@pytest.mark.parametrize(
+    ("head", "data", "wire"),
+    [
+        (b"R: x\r\n", b".hidden\r\nb\r\n", b"R: x\r\n..hidden\r\nb\r\n.\r\n"),
+        (b"R: x\r\n", b"", b"R: x\r\n.\r\n"),  # the head ended its line already
+        (b"R: x\r\n", b"body", b"R: x\r\nbody\r\n.\r\n"),
+        (b"R: x", b"\r\n.b", b"R: x\r\n..b\r\n.\r\n"),  # a head without its CRLF
+    ],
+)
+def test_a_head_goes_before_the_message_as_if_joined_to_it(head, data, wire):
+    assert b"".join(wire_form(data, head)) == wire == b"".join(wire_form(head + data))
 
 
 async def test_lines_starting_with_a_dot_arrive_intact(world):
