@@ -42,8 +42,8 @@ class ConsoleServer:
         from gateway.console.service import ConsoleData
         from gateway.console.store import ConsoleStore
         from gateway.console.web import Console
-        from gateway.probe.https import client_context
         from gateway.storage.stores import Storage
+        from gateway.tls import client_context
 
         self.tls = tls  # kept: SIGHUP loads a renewed certificate into it
         cfg = self.config

@@ -28,10 +28,8 @@ import _ssl
 import dataclasses
 import datetime
 import enum
-import functools
 import hashlib
 import ipaddress
-import os
 import re
 import ssl
 import time
@@ -51,6 +49,7 @@ from gateway.observability.metrics import Metrics
 from gateway.probe.dane import Tlsa, TlsaStatus, lookup_tlsa
 from gateway.probe.dane import verify as verify_tlsa
 from gateway.probe.dns import LookupStatus, Resolver
+from gateway.tls import client_context
 from gateway.tlsrpt.model import Failure, Observation, ResultType, result_type_of, tlsa_policy
 from gateway.tlsrpt.verify import check as would_verify
 
@@ -123,32 +122,8 @@ def _stuffed(text: bytes) -> bytes:
 def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
     """The client context for ``level``: verifying against the system's CAs and
     ``ca_file`` (PKIX levels), or not (opportunistic, and DANE, which checks the
-    chain itself).  Made once and shared by every connection: loading the system's
-    CAs takes ~10 ms, which once per connection was most of the CPU of delivering to
-    many destinations (bench/world.py).  A ``ca_file`` that changes gets a new one."""
-    verify = level.verifies_certificate and not level.uses_dane
-    if not verify or ca_file is None:
-        return _context(verify, None, None)
-    try:
-        st = os.stat(ca_file)
-        stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = None  # loading it fails as it did before
-    return _context(verify, str(ca_file), stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _context(verify: bool, ca_file: str | None, stamp: tuple[int, int] | None) -> ssl.SSLContext:
-    if verify:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if ca_file is not None:
-            ctx.load_verify_locations(cafile=ca_file)
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    chain itself); one shared by every connection (`gateway.tls.client_context`)."""
+    return client_context(ca_file, verify=level.verifies_certificate and not level.uses_dane)
 
 
 def _now() -> str:

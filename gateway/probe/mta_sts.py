@@ -45,6 +45,7 @@ from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.https import FetchError
 from gateway.storage.database import Database, Schema, StorageError
 from gateway.storage.migrations import Versioned, prepare
+from gateway.tls import client_context
 
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31557600
@@ -160,7 +161,7 @@ async def fetch_policy_text(
                 "/.well-known/mta-sts.txt",
                 port,
                 resolver,
-                https.client_context(ca_file),
+                client_context(ca_file),
                 MAX_POLICY_BYTES,
                 "text/plain",
             )

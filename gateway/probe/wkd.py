@@ -33,6 +33,7 @@ from gateway.observability.metrics import Metrics
 from gateway.probe import https
 from gateway.probe.dns import Resolver
 from gateway.probe.facts import KeyInfo, KnownKeys
+from gateway.tls import client_context
 
 MAX_KEY_BYTES = 256 * 1024
 _ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
@@ -70,7 +71,7 @@ async def fetch_key(
     """The key data WKD serves for ``address``; None when it serves none (404);
     FetchError when it cannot be asked."""
     (adv_host, adv_path), (direct_host, direct_path) = locations(address)
-    ctx = https.client_context(ca_file)
+    ctx = client_context(ca_file)
     async with asyncio.timeout(timeout):
         if await https.addresses(adv_host, resolver):
             host, path = adv_host, adv_path

@@ -32,12 +32,12 @@ from gateway.events import Event
 from gateway.model import ClientInfo, Envelope, Purpose
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.probe import https
 from gateway.probe.dns import LookupStatus, Resolver
 from gateway.probe.mta_sts import StsMode, StsResult
 from gateway.spool.store import new_queue_id
 from gateway.storage.database import StorageError
 from gateway.storage.stores import Storage
+from gateway.tls import client_context
 from gateway.tlsrpt.model import (
     REPORT_MEDIA_TYPE,
     Failure,
@@ -322,7 +322,7 @@ class TlsRptService:
         why not."""
         try:
             endpoint = http.Endpoint(
-                url, https.client_context(self.config.tls.ca_file), self.resolver(), size=0
+                url, client_context(self.config.tls.ca_file), self.resolver(), size=0
             )
         except ValueError as e:
             return str(e)

@@ -30,9 +30,9 @@ from gateway.config import Config
 from gateway.events import Event
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.probe import https
 from gateway.probe.dns import Resolver
 from gateway.storage.database import StorageError
+from gateway.tls import client_context
 from gateway.webhooks import ROUND_GAP, http
 from gateway.webhooks.events import Endpoint, Events, endpoints_of, signature
 from gateway.webhooks.outbox import Outbox, Pending
@@ -90,7 +90,7 @@ class Dispatcher:
         self.config, self.endpoints = config, {e.name: e for e in found}
         self.schedule = config.webhooks.retry_schedule
         self.max_age = config.webhooks.max_age
-        self._ctx = https.client_context(config.tls.ca_file)
+        self._ctx = client_context(config.tls.ca_file)
         old: dict[str, http.Endpoint] = getattr(self, "_pools", {})
         self._pools: dict[str, http.Endpoint] = {}
         for pool in old.values():  # made under the old settings (CA file, resolvers)

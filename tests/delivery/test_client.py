@@ -11,6 +11,7 @@ import trustme
 from gateway.delivery.client import tls_context, wire_form
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
+from gateway.tls import client_context
 
 
 async def test_verify_delivers_and_records_tls_evidence(world):
@@ -221,6 +222,8 @@ def test_the_client_tls_context_is_made_once_and_again_when_the_ca_file_changes(
     ca_file.write_bytes(pki.ca_file.read_bytes())
     first = tls_context(TlsLevel.VERIFY, ca_file)
     assert tls_context(TlsLevel.VERIFY, ca_file) is first  # no system CAs loaded again
+    assert client_context(ca_file) is first  # the HTTPS fetches (MTA-STS, WKD) share it
+    assert first.minimum_version == ssl.TLSVersion.TLSv1_2
     assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
     assert tls_context(TlsLevel.MAY, None).verify_mode == ssl.CERT_NONE
     other = trustme.CA()
