@@ -531,6 +531,14 @@ class DeliveryConfig:
     reuse_max_messages: int = field(
         default=100, metadata=doc("Messages sent over one outbound session; 1: no reuse.")
     )
+    copy_memory: Size = field(
+        default=Size(512 * 1024**2),
+        metadata=doc(
+            "Memory the recipients' own copies (S/MIME, PGP) being made and sent may "
+            "hold at once, each counted as seven times the message; an attempt whose "
+            "copy does not fit waits its turn, and one larger than this goes alone."
+        ),
+    )
     history_retention: Duration = field(
         default=Duration(7 * 86400),
         metadata=doc(

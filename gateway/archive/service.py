@@ -402,9 +402,10 @@ class ArchiveService:
         """An access to a message from outside the archive (e.g. the portal)."""
         self._track(queue_id, lambda: self.archive.access(actor, action, queue_id, **detail))
 
-    def copy(self, queue_id: str, data: bytes) -> None:
-        """A copy the gateway changed, as sent."""
-        self._track(queue_id, lambda: self.archive.journal_copy(queue_id, data))
+    def copy(self, queue_id: str, data: bytes) -> asyncio.Future[Any]:
+        """A copy the gateway changed, as sent; done when it is written (or has
+        failed, to be written again later)."""
+        return self._track(queue_id, lambda: self.archive.journal_copy(queue_id, data))
 
     async def complete_attempts(self, queue_id: str, history: list[dict[str, Any]]) -> int:
         """Journal the attempts of ``history`` (from the queue state) that the
@@ -424,12 +425,13 @@ class ArchiveService:
             log.warning(Event.ARCHIVE_RECOVERED, queue_id=queue_id, attempts=len(lacking))
         return len(lacking)
 
-    def _track(self, queue_id: str, job: Any) -> None:
+    def _track(self, queue_id: str, job: Any) -> asyncio.Future[Any]:
         """Write ``job``'s record in the next batch; if it fails, keep it to write again
         (`retry_failed`) - a message's records are never dropped."""
         future = self._batcher.submit(job)
         self._pending.setdefault(queue_id, set()).add(future)
         future.add_done_callback(lambda f: self._settle(queue_id, job, f))
+        return future
 
     def _settle(self, queue_id: str, job: Any, future: asyncio.Future[Any]) -> None:
         pending = self._pending.get(queue_id)

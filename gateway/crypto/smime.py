@@ -57,9 +57,11 @@ def sign(
     return _crlf(signed)
 
 
-def envelope(entity: bytes, recipient: x509.Certificate) -> bytes:
+def envelope(entity: bytes, recipient: x509.Certificate) -> list[bytes]:
     """The ``application/pkcs7-mime`` entity carrying ``entity`` encrypted to
-    ``recipient`` (AES-256-CBC, RSA key transport)."""
+    ``recipient`` (AES-256-CBC, RSA key transport): its header and its body, as
+    pieces for the caller's one join (each whole copy of a large message made on the
+    way is memory held while others are made)."""
     try:
         der = (
             pkcs7.PKCS7EnvelopeBuilder()
@@ -70,14 +72,16 @@ def envelope(entity: bytes, recipient: x509.Certificate) -> bytes:
         )
     except (ValueError, TypeError) as e:
         raise SmimeError(f"encryption failed: {e}") from e
-    encoded = base64.encodebytes(der).replace(b"\n", b"\r\n")
-    return (
+    encoded = base64.encodebytes(der)
+    del der
+    return [
         b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
         b"Content-Description: S/MIME encrypted message\r\n"
-        b"\r\n" + encoded
-    )
+        b"\r\n",
+        encoded.replace(b"\n", b"\r\n"),
+    ]
 
 
 def encrypt(
@@ -99,7 +103,9 @@ def encrypt(
         outer = [f for f in outer if not f.lower().startswith(b"subject:")]
         encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode("\r\n")
         outer.append(f"Subject: {encoded}\r\n".encode("ascii"))
-    return b"".join(outer) + b"MIME-Version: 1.0\r\n" + envelope(entity, recipient)
+    sealed = envelope(entity, recipient)
+    del entity
+    return b"".join([*outer, b"MIME-Version: 1.0\r\n", *sealed])
 
 
 def _crlf(data: bytes) -> bytes:

@@ -32,10 +32,12 @@ import dataclasses
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from typing import Protocol
 
 from gateway.config import Config
 from gateway.crypto.transform import CopyMaker, EncryptFailed, KeyUnusable
+from gateway.delivery.budget import ByteBudget, copy_cost
 from gateway.delivery.client import ClientSettings, deliver
 from gateway.delivery.results import Attempted, Deposited, Encrypted, Outcome, RecipientResult
 from gateway.delivery.router import Routed, RouteFailure, Router
@@ -50,7 +52,7 @@ from gateway.policy.features import Features, message_features, strip_subject_ta
 from gateway.policy.language import Policy, load_policy_for
 from gateway.policy.model import DELIVERY_MODES, Decision, Mode
 from gateway.probe.dns import Resolver
-from gateway.probe.facts import RecipientFacts
+from gateway.probe.facts import KeyInfo, RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import SqlStsStore, StsCache, StsResult, enforce
 from gateway.probe.prober import Prober, ProbeSettings
@@ -93,10 +95,15 @@ class TlsRptCounter(Protocol):
     def observe(self, domain: str, sts: StsResult | None) -> Observation | None: ...
 
 
+# an archived copy at least this large is waited for before its attempt ends
+WAIT_FOR_ARCHIVED_COPY = 1024 * 1024
+
+
 class CopyJournal(Protocol):
     """Keeps every copy the gateway changed, as sent (`gateway.archive.service`)."""
 
-    def copy(self, queue_id: str, data: bytes) -> None: ...
+    def copy(self, queue_id: str, data: bytes) -> Awaitable[object]:
+        """Done when the copy is written (or has failed, to be written later)."""
 
 
 CONTENT_FREE_DECISION = Decision(
@@ -137,6 +144,9 @@ class DeliveryAgent:
         self.sts: StsCache | None = None  # outlives reloads: cached policies stay
         self.tlsrpt: TlsRptCounter | None = None  # set by the app when tlsrpt.enabled
         self.transform = CopyMaker(config.state_dir, metrics)
+        self.copy_budget = ByteBudget(config.delivery.copy_memory)
+        metrics.copy_memory.set_function(lambda: self.copy_budget.held)
+        metrics.copies_waiting.set_function(lambda: self.copy_budget.waiting)
         self._retired: set[asyncio.Task[None]] = set()
         self._features: dict[str, tuple[str, Features]] = {}
         self.apply(config, policy)
@@ -153,6 +163,7 @@ class DeliveryAgent:
         new_policy = policy or load_policy_for(config)
         self.transform.configure(config)  # raises before anything changes
         self.policy, self.config = new_policy, config
+        self.copy_budget.resize(config.delivery.copy_memory)
         self._features.clear()  # they say whether a DKIM key signs: the keys may be new
         dc = config.delivery
         self.resolver = Resolver(config.dns.nameservers)
@@ -330,10 +341,25 @@ class DeliveryAgent:
     ) -> tuple[RecipientResult, Encrypted] | RecipientResult:
         """Encrypt ``row``'s own copy to its key (S/MIME or PGP, as decided) and deliver
         it; the result and the evidence of the encryption, or (a `RecipientResult`
-        alone) why it could not be encrypted - then nothing was sent."""
+        alone) why it could not be encrypted - then nothing was sent.  The copy is
+        counted in ``delivery.copy_memory`` from before it is made until it is sent
+        (waiting its turn when the others hold too much)."""
         mode = decision.mode
         keys = facts_of[row.idx].keys
         info = keys.smime if mode is Mode.SMIME else keys.pgp
+        async with self.copy_budget.hold(copy_cost(len(data))):  # made, then sent
+            return await self._encrypt_and_send(envelope, data, domain, row, decision, info)
+
+    async def _encrypt_and_send(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        domain: str,
+        row: Addressee,
+        decision: Decision,
+        info: KeyInfo | None,
+    ) -> tuple[RecipientResult, Encrypted] | RecipientResult:
+        mode = decision.mode
         plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
         sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no key"
         material = await self.prober.keys.material(info) if info is not None else None
@@ -437,12 +463,10 @@ class DeliveryAgent:
             # sent before the message, not joined to a copy of it (of 20 MB, for each
             # of 20 destinations)
             trace = envelope.trace_headers.encode("utf-8", "surrogateescape")
-            copy_sha256 = None
+            kept = None
             if (changed or body is not data) and self.copies is not None:
                 # not the message as received: the archive keeps the copy as sent
-                sent = trace + body
-                copy_sha256 = hashlib.sha256(sent).hexdigest()
-                self.copies.copy(envelope.queue_id, sent)
+                kept = self._keep_copy(self.copies, envelope.queue_id, trace + body)
             results = await deliver(
                 routed,
                 level,
@@ -475,8 +499,8 @@ class DeliveryAgent:
                 results = [_requiretls_failed(r) for r in results]
             if relaxed:
                 results = [_relaxed(r) for r in results]
-            if copy_sha256 is not None:
-                results = [dataclasses.replace(r, copy_sha256=copy_sha256) for r in results]
+            if kept is not None:
+                results = await self._copy_kept(results, *kept)
             for result in results:
                 ev = result.evidence
                 tls_version = Metrics.tls_label(ev.tls_version if ev else None)
@@ -486,6 +510,29 @@ class DeliveryAgent:
         if note:
             results = [_with_mta_sts(r, note) for r in results]
         return results
+
+    @staticmethod
+    def _keep_copy(
+        copies: CopyJournal, queue_id: str, sent: bytes
+    ) -> tuple[str, Awaitable[object] | None]:
+        """Hand a changed copy to the archive: its digest, and for a large one what
+        to wait for before the attempt ends."""
+        archived = copies.copy(queue_id, sent)
+        return hashlib.sha256(sent).hexdigest(), (
+            archived if len(sent) >= WAIT_FOR_ARCHIVED_COPY else None
+        )
+
+    @staticmethod
+    async def _copy_kept(
+        results: list[RecipientResult], digest: str, archived: Awaitable[object] | None
+    ) -> list[RecipientResult]:
+        """``results`` naming the copy the archive keeps.  A large copy stays counted
+        in ``delivery.copy_memory`` until the archive has sealed and written it (a
+        hundred of them queued for the archive's thread held as much memory as a
+        hundred being sent)."""
+        if archived is not None:
+            await asyncio.wait([asyncio.ensure_future(archived)])
+        return [dataclasses.replace(r, copy_sha256=digest) for r in results]
 
     async def _apply_mta_sts(
         self, domain: str, routed: Routed, level: TlsLevel

@@ -116,6 +116,17 @@ class Metrics:
             "server that stopped answering): they hold none of the delivery places",
             registry=r,
         )
+        self.copy_memory = Gauge(
+            "sealgate_delivery_copy_memory_bytes",
+            "Bytes counted for recipients' own copies (S/MIME, PGP) being made and sent "
+            "(delivery.copy_memory bounds them)",
+            registry=r,
+        )
+        self.copies_waiting = Gauge(
+            "sealgate_delivery_copies_waiting",
+            "Attempts waiting for memory to make a recipient's own copy",
+            registry=r,
+        )
         self.destinations_suspended = Gauge(
             "sealgate_delivery_destinations_suspended",
             "Recipient domains none of whose hosts could be reached: their mail waits "
