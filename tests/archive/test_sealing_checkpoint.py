@@ -41,6 +41,27 @@ def test_records_sealed_at_zlibs_default_level_open_as_the_fast_level_ones(monke
     assert open_sealed(old, "msg-1", keys) == prose == open_sealed(new, "msg-1", keys)
 
 
+def test_dense_data_is_huffman_coded_alone_and_prose_still_at_the_fast_level():
+    import zlib
+
+    from gateway.archive.sealing import LEVEL, compress
+
+    def deflated(data: bytes, strategy: int) -> bytes:
+        c = zlib.compressobj(LEVEL, zlib.DEFLATED, 15, 8, strategy)
+        return c.compress(data) + c.flush()
+
+    keys = MasterKeys("a", {"a": K1})
+    prose = b"".join(b"Line %d of the discharge summary.\r\n" % n for n in range(30_000))
+    attachment = base64.encodebytes(os.urandom(800_000)).replace(b"\n", b"\r\n")  # a PDF's
+    mail = prose[:20_000] + attachment
+    assert compress(mail) == deflated(mail, zlib.Z_HUFFMAN_ONLY)
+    assert len(compress(mail)) < 0.78 * len(mail)  # base64's quarter is still saved
+    assert compress(prose) == deflated(prose, zlib.Z_DEFAULT_STRATEGY)
+    assert len(compress(prose)) < 0.1 * len(prose)
+    for data in (mail, prose):
+        assert open_sealed(seal(data, "msg-1", keys), "msg-1", keys) == data
+
+
 def test_altered_swapped_or_truncated_records_are_refused():
     keys = MasterKeys("a", {"a": K1})
     blob = seal(MESSAGE, "msg-1", keys)
