@@ -95,8 +95,9 @@ class TlsRptCounter(Protocol):
     def observe(self, domain: str, sts: StsResult | None) -> Observation | None: ...
 
 
-# an archived copy at least this large is waited for before its attempt ends
-WAIT_FOR_ARCHIVED_COPY = 1024 * 1024
+# an archived copy at least this large stays counted in delivery.copy_memory until
+# the archive has written it (`DeliveryAgent._keep_copy`)
+COUNTED_UNTIL_ARCHIVED = 1024 * 1024
 
 
 class CopyJournal(Protocol):
@@ -347,8 +348,19 @@ class DeliveryAgent:
         mode = decision.mode
         keys = facts_of[row.idx].keys
         info = keys.smime if mode is Mode.SMIME else keys.pgp
-        async with self.copy_budget.hold(copy_cost(len(data))):  # made, then sent
-            return await self._encrypt_and_send(envelope, data, domain, row, decision, info)
+        budget, cost = self.copy_budget, copy_cost(len(data))
+        await budget.take(cost)
+        archived: list[Awaitable[object]] = []
+        try:
+            return await self._encrypt_and_send(
+                envelope, data, domain, row, decision, info, archived
+            )
+        finally:
+            if archived:  # still counted until the archive has written it
+                written = asyncio.ensure_future(archived[0])
+                written.add_done_callback(lambda _: budget.give(cost))
+            else:
+                budget.give(cost)
 
     async def _encrypt_and_send(
         self,
@@ -358,6 +370,7 @@ class DeliveryAgent:
         row: Addressee,
         decision: Decision,
         info: KeyInfo | None,
+        archived: list[Awaitable[object]],
     ) -> tuple[RecipientResult, Encrypted] | RecipientResult:
         mode = decision.mode
         plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
@@ -387,7 +400,7 @@ class DeliveryAgent:
             why = f"{name}: {reason.value.replace('_', ' ')}: {detail[:200]}"
             return RecipientResult(row.address, "deferred", "4.7.10", why)
         (result,) = await self._send(
-            envelope, sealed, domain, [row], decision.tls_level, (), changed=True
+            envelope, sealed, domain, [row], decision.tls_level, (), changed=True, archived=archived
         )
         if result.outcome == "delivered":
             self.metrics.messages_encrypted.labels(mode.value).inc()
@@ -425,6 +438,7 @@ class DeliveryAgent:
         level: TlsLevel,
         strip_tags: tuple[str, ...],
         changed: bool = False,
+        archived: list[Awaitable[object]] | None = None,
     ) -> list[RecipientResult]:
         """Deliver one copy to ``rows`` over TLS at ``level`` (at least); ``changed``:
         the copy is not the message as received (it is signed anew)."""
@@ -466,7 +480,7 @@ class DeliveryAgent:
             kept = None
             if (changed or body is not data) and self.copies is not None:
                 # not the message as received: the archive keeps the copy as sent
-                kept = self._keep_copy(self.copies, envelope.queue_id, trace + body)
+                kept = self._keep_copy(self.copies, envelope.queue_id, trace + body, archived)
             results = await deliver(
                 routed,
                 level,
@@ -500,7 +514,7 @@ class DeliveryAgent:
             if relaxed:
                 results = [_relaxed(r) for r in results]
             if kept is not None:
-                results = await self._copy_kept(results, *kept)
+                results = [dataclasses.replace(r, copy_sha256=kept) for r in results]
             for result in results:
                 ev = result.evidence
                 tls_version = Metrics.tls_label(ev.tls_version if ev else None)
@@ -513,26 +527,19 @@ class DeliveryAgent:
 
     @staticmethod
     def _keep_copy(
-        copies: CopyJournal, queue_id: str, sent: bytes
-    ) -> tuple[str, Awaitable[object] | None]:
-        """Hand a changed copy to the archive: its digest, and for a large one what
-        to wait for before the attempt ends."""
-        archived = copies.copy(queue_id, sent)
-        return hashlib.sha256(sent).hexdigest(), (
-            archived if len(sent) >= WAIT_FOR_ARCHIVED_COPY else None
-        )
-
-    @staticmethod
-    async def _copy_kept(
-        results: list[RecipientResult], digest: str, archived: Awaitable[object] | None
-    ) -> list[RecipientResult]:
-        """``results`` naming the copy the archive keeps.  A large copy stays counted
-        in ``delivery.copy_memory`` until the archive has sealed and written it (a
-        hundred of them queued for the archive's thread held as much memory as a
+        copies: CopyJournal,
+        queue_id: str,
+        sent: bytes,
+        archived: list[Awaitable[object]] | None,
+    ) -> str:
+        """Hand a changed copy to the archive; its digest.  ``archived``: where to put
+        what a large copy's memory stays counted until (the archive has it written:
+        a hundred copies queued for the archive's thread hold as much memory as a
         hundred being sent)."""
-        if archived is not None:
-            await asyncio.wait([asyncio.ensure_future(archived)])
-        return [dataclasses.replace(r, copy_sha256=digest) for r in results]
+        written = copies.copy(queue_id, sent)
+        if archived is not None and len(sent) >= COUNTED_UNTIL_ARCHIVED:
+            archived.append(written)
+        return hashlib.sha256(sent).hexdigest()
 
     async def _apply_mta_sts(
         self, domain: str, routed: Routed, level: TlsLevel

@@ -47,16 +47,17 @@ class ByteBudget:
     async def hold(self, size: int) -> AsyncIterator[None]:
         """``size`` bytes of the budget for the time of the block (waiting for them
         first when they are not free)."""
-        await self._take(size)
+        await self.take(size)
         try:
             yield
         finally:
-            self._give(size)
+            self.give(size)
 
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
 
-    async def _take(self, size: int) -> None:
+    async def take(self, size: int) -> None:
+        """``size`` bytes of the budget, once they are free; `give` them back."""
         if not self._waiting and self._fits(size):
             self.held += size
             return
@@ -67,14 +68,14 @@ class ByteBudget:
             await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
-                self._give(size)  # given, then cancelled before it was used
+                self.give(size)  # given, then cancelled before it was used
             else:
                 with contextlib.suppress(ValueError):  # (`_wake` may have dropped it)
                     self._waiting.remove(entry)
                 self._wake()  # it may have been the one the others waited behind
             raise
 
-    def _give(self, size: int) -> None:
+    def give(self, size: int) -> None:
         self.held -= size
         self._wake()
 
