@@ -28,11 +28,12 @@ the queue's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Protocol
 
 from gateway.config import Config
@@ -52,7 +53,7 @@ from gateway.policy.features import Features, message_features, strip_subject_ta
 from gateway.policy.language import Policy, load_policy_for
 from gateway.policy.model import DELIVERY_MODES, Decision, Mode
 from gateway.probe.dns import Resolver
-from gateway.probe.facts import KeyInfo, RecipientFacts
+from gateway.probe.facts import RecipientFacts
 from gateway.probe.keys import KeyStore, NoKeys
 from gateway.probe.mta_sts import SqlStsStore, StsCache, StsResult, enforce
 from gateway.probe.prober import Prober, ProbeSettings
@@ -348,70 +349,70 @@ class DeliveryAgent:
         mode = decision.mode
         keys = facts_of[row.idx].keys
         info = keys.smime if mode is Mode.SMIME else keys.pgp
-        budget, cost = self.copy_budget, copy_cost(len(data))
+        async with self._counted_copy(len(data)) as archived:
+            plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
+            sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no key"
+            material = await self.prober.keys.material(info) if info is not None else None
+            if info is not None and material is not None:
+                try:
+                    if mode is Mode.SMIME:
+                        sealed = await self.transform.encrypt_smime(plain, material)
+                    else:
+                        sealed = await self.transform.encrypt_pgp(plain, info, material)
+                except KeyUnusable as e:
+                    reason, detail = EncryptionFailure.KEY_INVALID, str(e)
+                except EncryptFailed as e:
+                    reason, detail = EncryptionFailure.ENCRYPT_FAILED, str(e)
+            if sealed is None or info is None:
+                self.metrics.encryption_errors.labels(mode.value, reason.value).inc()
+                log.warning(
+                    Event.ENCRYPTION_FAILED,
+                    queue_id=envelope.queue_id,
+                    rcpt=self.redact(row.address),
+                    mode=mode.value,
+                    reason=reason.value,
+                    error=detail[:300],
+                )
+                name = "S/MIME" if mode is Mode.SMIME else "PGP"
+                why = f"{name}: {reason.value.replace('_', ' ')}: {detail[:200]}"
+                return RecipientResult(row.address, "deferred", "4.7.10", why)
+            (result,) = await self._send(
+                envelope,
+                sealed,
+                domain,
+                [row],
+                decision.tls_level,
+                (),
+                changed=True,
+                archived=archived,
+            )
+            if result.outcome == "delivered":
+                self.metrics.messages_encrypted.labels(mode.value).inc()
+            return result, Encrypted(
+                mode.value,
+                info.fingerprint,
+                info.source,
+                self.transform.signs(mode is Mode.SMIME),
+                hashlib.sha256(sealed).hexdigest(),
+                len(sealed),
+            )
+
+    @contextlib.asynccontextmanager
+    async def _counted_copy(self, size: int) -> AsyncIterator[list[Awaitable[object]]]:
+        """A copy of a ``size``-byte message's place in ``delivery.copy_memory``, given
+        back at the end - or, when the copy goes into the list yielded, once the
+        archive has written it (`_keep_copy`)."""
+        budget, cost = self.copy_budget, copy_cost(size)
         await budget.take(cost)
         archived: list[Awaitable[object]] = []
         try:
-            return await self._encrypt_and_send(
-                envelope, data, domain, row, decision, info, archived
-            )
+            yield archived
         finally:
             if archived:  # still counted until the archive has written it
                 written = asyncio.ensure_future(archived[0])
                 written.add_done_callback(lambda _: budget.give(cost))
             else:
                 budget.give(cost)
-
-    async def _encrypt_and_send(
-        self,
-        envelope: Envelope,
-        data: bytes,
-        domain: str,
-        row: Addressee,
-        decision: Decision,
-        info: KeyInfo | None,
-        archived: list[Awaitable[object]],
-    ) -> tuple[RecipientResult, Encrypted] | RecipientResult:
-        mode = decision.mode
-        plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
-        sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no key"
-        material = await self.prober.keys.material(info) if info is not None else None
-        if info is not None and material is not None:
-            try:
-                if mode is Mode.SMIME:
-                    sealed = await self.transform.encrypt_smime(plain, material)
-                else:
-                    sealed = await self.transform.encrypt_pgp(plain, info, material)
-            except KeyUnusable as e:
-                reason, detail = EncryptionFailure.KEY_INVALID, str(e)
-            except EncryptFailed as e:
-                reason, detail = EncryptionFailure.ENCRYPT_FAILED, str(e)
-        if sealed is None or info is None:
-            self.metrics.encryption_errors.labels(mode.value, reason.value).inc()
-            log.warning(
-                Event.ENCRYPTION_FAILED,
-                queue_id=envelope.queue_id,
-                rcpt=self.redact(row.address),
-                mode=mode.value,
-                reason=reason.value,
-                error=detail[:300],
-            )
-            name = "S/MIME" if mode is Mode.SMIME else "PGP"
-            why = f"{name}: {reason.value.replace('_', ' ')}: {detail[:200]}"
-            return RecipientResult(row.address, "deferred", "4.7.10", why)
-        (result,) = await self._send(
-            envelope, sealed, domain, [row], decision.tls_level, (), changed=True, archived=archived
-        )
-        if result.outcome == "delivered":
-            self.metrics.messages_encrypted.labels(mode.value).inc()
-        return result, Encrypted(
-            mode.value,
-            info.fingerprint,
-            info.source,
-            self.transform.signs(mode is Mode.SMIME),
-            hashlib.sha256(sealed).hexdigest(),
-            len(sealed),
-        )
 
     async def _features_of(self, queue_id: str, policy: Policy, data: bytes) -> Features:
         """What the policy reads from the message, once per message and policy."""
