@@ -62,6 +62,7 @@ class Event(enum.StrEnum):
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"
+    ARCHIVE_ADOPTED = "archive.adopted"
     ARCHIVE_ERROR = "archive.error"
     ARCHIVE_NOT_REMOVED = "archive.spool-file-kept"
     ARCHIVE_ACCESS = "archive.access"

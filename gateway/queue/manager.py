@@ -689,6 +689,8 @@ class QueueManager:
             log.warning(Event.CLUSTER_TAKEOVER, node=node, recipients=count)
         if freed:
             self._wake.set()
+        if self.archive is not None:
+            await self._archive_adopted()
 
     @property
     def _unshared(self) -> int:
@@ -743,6 +745,30 @@ class QueueManager:
             if self.archive is not None and not await self.archive.written(queue_id):
                 continue
             self._removals.post(functools.partial(self.spool.remove, queue_id))
+
+    async def _archive_adopted(self) -> None:
+        """Messages a node finished but had not archived when it stopped (killed, its
+        disk lost with their spool files): their shared copy is dropped only once they
+        are archived, so it is still there.  This node takes them over, journals them
+        and the attempts the queue's history holds, then lets the copy go."""
+        assert self.store is not None and self.archive is not None
+        store, archive = self.store, self.archive
+        silent = self.config.cluster.lease_timeout
+        for envelope, data, node in await self._db(store.adopt_unarchived, silent):
+            queue_id = envelope.queue_id
+            log.warning(Event.ARCHIVE_ADOPTED, queue_id=queue_id, node=node)
+            archive.ensure(envelope, data)
+            await archive.complete_attempts(
+                queue_id, await self._db(store.attempt_history, queue_id)
+            )
+            archive.when_archived(queue_id, functools.partial(self._drop_shared, queue_id))
+
+    def _drop_shared(self, queue_id: str) -> None:
+        """A done and archived message's shared copy goes, in the next group commit
+        (alone, each would be a commit of its own)."""
+        store = self.store
+        assert store is not None
+        self._spawn(self._commits.run(lambda: store.drop_content(queue_id)))
 
     def _start(self, leased: list[RecipientRow]) -> None:
         """An attempt per message and recipient domain, for recipients leased to us."""
@@ -1398,11 +1424,8 @@ class QueueManager:
         (unless it was never ``shared``)."""
         if not self._removed_all:
             self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
-        store = self.store
-        if self.node is not None and store is not None and shared:
-            # the shared copy, in the next group commit (alone, each would be a
-            # commit of its own)
-            self._spawn(self._commits.run(lambda: store.drop_content(envelope.queue_id)))
+        if self.node is not None and self.store is not None and shared:
+            self._drop_shared(envelope.queue_id)
 
     async def _finish(
         self,

@@ -839,6 +839,35 @@ class QueueStore:
             ]
         )
 
+    def adopt_unarchived(
+        self, silent_for: float, now: float | None = None, limit: int = 100
+    ) -> list[tuple[Envelope, bytes, str]]:
+        """Done messages whose shared copy is still here although the node that
+        accepted them has been silent for ``silent_for`` seconds - and was for as
+        long after it finished them: it stopped before it had archived them (the
+        copy goes only once a message is archived).  They become this node's (one
+        node takes each) and are returned with the node they were taken from."""
+        now = time.time() if now is None else now
+        adopted = []
+        with self.transaction():
+            found = list(
+                self._db.execute(
+                    "SELECT m.queue_id, m.node FROM contents c JOIN messages m USING (queue_id) "
+                    "JOIN nodes n ON n.node_id=m.node WHERE m.done=1 AND m.finished<? "
+                    "AND n.heartbeat<? AND m.node<>? ORDER BY m.queue_id LIMIT ?",
+                    (now - silent_for, now - silent_for, self.node, limit),
+                )
+            )
+            for queue_id, node in found:
+                taken = self._db.execute(
+                    "UPDATE messages SET node=? WHERE queue_id=? AND node=?",
+                    (self.node, queue_id, node),
+                ).rowcount
+                content = self.content(queue_id) if taken else None
+                if content is not None:
+                    adopted.append((*content, node))
+        return adopted
+
     def drop_content(self, queue_id: str) -> None:
         """The message is done and archived: its shared copy can go."""
         self._db.write("DELETE FROM contents WHERE queue_id=?", (queue_id,))

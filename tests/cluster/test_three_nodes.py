@@ -2,7 +2,8 @@
 moto's emulator), ``cluster.ack: shared``: mail sent to all three; one is killed
 with SIGKILL in the middle of the load and its state directory deleted; every
 message any node acknowledged reaches the recipient server (a message twice only
-within the counted window), the archive verifies on another node, and a search on
+within the counted window), what it finished but had not archived is archived by
+another node, the archive verifies on another node, and a search on
 one node finds what another accepted, Bcc included."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import time
 
+import psycopg
 import pytest
 
 from tests.cluster.support import metric, node, shared_keys
@@ -109,6 +111,17 @@ async def test_three_nodes_lose_nothing_when_one_is_killed_and_its_disk_lost(
         # what the monitoring pack's "node missing" alert reads
         assert metric(nodes[1], "sealgate_cluster_nodes", 'state="alive"') == 2
         assert metric(nodes[1], "sealgate_cluster_nodes", 'state="silent"') == 1
+
+        def unarchived() -> int:  # done messages whose shared copy waits for the archive
+            password = postgres.password_file.read_text().strip()
+            with psycopg.connect(settings["storage.database"], password=password) as db:
+                return db.execute(
+                    "SELECT count(*) FROM sealgate_queue.contents "
+                    "JOIN sealgate_queue.messages USING (queue_id) WHERE done=1"
+                ).fetchone()[0]
+
+        # what c finished but had not archived when it was killed: another node's
+        await wait_until(lambda: unarchived() == 0, timeout=60, what="every message archived")
         for n in nodes[:2]:
             assert n.terminate() == 0
         verified = await asyncio.to_thread(run_sealgate, "archive", "verify", "--config", str(b))

@@ -197,6 +197,28 @@ def test_done_messages_are_found_among_ids_and_their_shared_copy_dropped(connect
     assert store.unfinished(settled=NOW - 10) == []
 
 
+def test_what_a_silent_node_finished_but_had_not_archived_is_adopted_once(connect):
+    """Its shared copy outlives it (dropped only once archived): another node takes
+    the message over - one node, once - to archive it."""
+    c, a, b = (QueueStore(connect(), node=n) for n in "cab")
+    for store in (c, a, b):
+        store.joined(now=NOW)
+    c.add(envelope("Q1", "r@x.test"), now=NOW, lease=True, data=b"one")
+    c.add(envelope("Q2", "r@x.test"), now=NOW, lease=True, data=b"two")
+    c.add(envelope("Q3", "r@x.test"), now=NOW, lease=True, data=b"three")
+    c.record("Q1", [result(0, RecipientState.DELIVERED)], now=NOW + 1)  # done, unarchived
+    c.record("Q2", [result(0, RecipientState.DELIVERED)], now=NOW + 1)
+    c.drop_content("Q2")  # done and archived
+    # Q3 still open: a lease, taken over as usual
+    c.heartbeat({}, now=NOW + 2)
+    a.heartbeat({}, now=NOW + 50)
+    assert a.adopt_unarchived(60, now=NOW + 50) == []  # c heard from 48 s ago
+    adopted = a.adopt_unarchived(60, now=NOW + 70)
+    assert [(e.queue_id, data, node) for e, data, node in adopted] == [("Q1", b"one", "c")]
+    assert b.adopt_unarchived(60, now=NOW + 70) == []  # a has it: not twice
+    assert a.adopt_unarchived(60, now=NOW + 200) == []  # its own now
+
+
 def test_a_delayed_message_is_found_until_its_warning_is_taken_once(connect):
     one, two = QueueStore(connect()), QueueStore(connect())  # two nodes, one store
     one.add(envelope("Q1", "a@x.test", "b@x.test"), now=NOW)
