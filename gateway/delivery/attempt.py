@@ -28,12 +28,11 @@ the queue's state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Protocol
 
 from gateway.config import Config
@@ -349,7 +348,7 @@ class DeliveryAgent:
         mode = decision.mode
         keys = facts_of[row.idx].keys
         info = keys.smime if mode is Mode.SMIME else keys.pgp
-        async with self._counted_copy(len(data)) as archived:
+        async with self.copy_budget.hold(copy_cost(len(data))) as archived:
             plain = strip_subject_tags(data, decision.strip_tags) if decision.strip_tags else data
             sealed, reason, detail = None, EncryptionFailure.KEY_MISSING, "no key"
             material = await self.prober.keys.material(info) if info is not None else None
@@ -396,23 +395,6 @@ class DeliveryAgent:
                 hashlib.sha256(sealed).hexdigest(),
                 len(sealed),
             )
-
-    @contextlib.asynccontextmanager
-    async def _counted_copy(self, size: int) -> AsyncIterator[list[Awaitable[object]]]:
-        """A copy of a ``size``-byte message's place in ``delivery.copy_memory``, given
-        back at the end - or, when the copy goes into the list yielded, once the
-        archive has written it (`_keep_copy`)."""
-        budget, cost = self.copy_budget, copy_cost(size)
-        await budget.take(cost)
-        archived: list[Awaitable[object]] = []
-        try:
-            yield archived
-        finally:
-            if archived:  # still counted until the archive has written it
-                written = asyncio.ensure_future(archived[0])
-                written.add_done_callback(lambda _: budget.give(cost))
-            else:
-                budget.give(cost)
 
     async def _features_of(self, queue_id: str, policy: Policy, data: bytes) -> Features:
         """What the policy reads from the message, once per message and policy."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 # what making, sending and archiving a copy of ``n`` bytes holds at most: the copy
 # (base64: 4/3 of the message), the archive's copy as sent (the same again) and its
@@ -44,14 +44,21 @@ class ByteBudget:
         return len(self._waiting)
 
     @contextlib.asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
+    async def hold(self, size: int) -> AsyncIterator[list[Awaitable[object]]]:
         """``size`` bytes of the budget for the time of the block (waiting for them
-        first when they are not free)."""
+        first when they are not free) - or, when the block put something to wait for
+        in the list it is given (the archive writing a large copy), until that is
+        done too."""
         await self.take(size)
+        after: list[Awaitable[object]] = []
         try:
-            yield
+            yield after
         finally:
-            self.give(size)
+            if after:  # (a failed one too: it is written again later, apart)
+                waited = asyncio.gather(*after, return_exceptions=True)
+                waited.add_done_callback(lambda _: self.give(size))
+            else:
+                self.give(size)
 
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit

@@ -41,6 +41,7 @@ from gateway.portal.oidc import OidcClient, OidcError
 from gateway.portal.store import OPEN, CodeCheck, Item, PortalStore
 from gateway.spool.submit import Submit
 from gateway.storage.stores import Storage
+from gateway.tls import client_context
 
 log = get_logger("gateway.portal")
 T = TypeVar("T")
@@ -91,9 +92,7 @@ class Portal:
     # -- lifecycle ------------------------------------------------------------------
 
     def _oidc_clients(self, config: Config) -> dict[str, OidcClient]:
-        ctx = ssl.create_default_context()
-        if config.tls.ca_file is not None:
-            ctx.load_verify_locations(cafile=str(config.tls.ca_file))
+        ctx = client_context(config.tls.ca_file)
         return {p.name: OidcClient(p, ctx) for p in config.portal.oidc_providers}
 
     async def start(self, tls: ssl.SSLContext | None) -> None:

@@ -137,5 +137,17 @@ async def test_a_larger_budget_after_a_reload_lets_the_waiting_in():
     assert budget.held == 0
 
 
+async def test_a_copy_handed_to_the_archive_stays_counted_until_it_is_written():
+    budget = ByteBudget(100)
+    written = asyncio.get_running_loop().create_future()
+    async with budget.hold(60) as after:
+        after.append(written)
+    assert budget.held == 60  # sent, not yet archived
+    written.set_exception(OSError("disk full"))  # failed: written again later, apart
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert budget.held == 0
+
+
 def test_a_copy_is_counted_as_seven_times_the_message():
     assert copy_cost(1_000_000) == 7_000_000 + 64 * 1024
