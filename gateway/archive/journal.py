@@ -100,6 +100,13 @@ class Retention:
         return days
 
 
+# `Archive.verify`: how long the log may go without taking in any of the blobs its
+# snapshot did not know before they count as unknown (a batch's blobs are stored
+# before its rows commit), and how long it waits at most
+SETTLE_QUIET = 3.0
+SETTLE_MOST = 60.0
+
+
 class ArchiveError(SealgateError):
     """The archive cannot be opened or written as configured."""
 
@@ -808,12 +815,60 @@ class Archive:
         """Check every record against its leaf, the leaves against every stored
         checkpoint (its signature, and the root of the log at its size), and that
         nothing is in the store or index that the log does not know.  Reads one
-        snapshot of the index (writers go on meanwhile)."""
+        snapshot of the index (writers go on meanwhile: what they add is for the next
+        run, `_settle`)."""
         public = public or self.signing_key.public_key()
         with self.index.db.snapshot():
-            return self._verify(public)
+            report, seen = self._verify(public)
+        self._settle(report, seen)
+        return report
 
-    def _verify(self, public: ed25519.Ed25519PublicKey) -> Report:  # noqa: C901 - one walk over the log, checking each kind of record in turn
+    def _settle(self, report: Report, seen: set[str]) -> None:
+        """What the snapshot cannot judge alone, as the store is now: a blob store
+        outside the index (files, a bucket) is read live, so content stored after
+        the snapshot began - journaled by this or another node meanwhile, or by a
+        batch whose blobs are stored and whose rows are about to commit - is newer
+        than the snapshot, not unknown; content purged meanwhile is gone under a
+        disposition the snapshot did not hold yet.  A blob still unknown once the
+        log has stopped taking in the unknown ones for `SETTLE_QUIET` seconds is a
+        problem (`SETTLE_MOST` at most)."""
+        db = self.index.db
+        gone = [p for p in report.problems if p.what == "its stored content is gone"]
+        if gone:
+            disposed = self._disposed_now([p.record_id for p in gone])
+            report.problems = [
+                p for p in report.problems if not (p in gone and p.record_id in disposed)
+            ]
+        unknown = {name for name in self.blobs.names() if name not in seen}
+        sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
+        start = quiet = time.monotonic()
+        while unknown:
+            logged = {r for (r,) in db.among(sql, sorted(unknown))}
+            now = time.monotonic()
+            if logged:
+                unknown -= logged
+                quiet = now
+            if not unknown or now - quiet >= SETTLE_QUIET or now - start >= SETTLE_MOST:
+                break
+            time.sleep(0.1)
+        for name in sorted(unknown):
+            report.problems.append(Problem(name, None, "a stored blob the log does not know"))
+
+    def _disposed_now(self, record_ids: list[str]) -> set[str]:
+        """Those of ``record_ids`` (messages, copies) that a disposition record covers
+        now (the next verification checks that record against the log)."""
+        db = self.index.db
+        disposed = (
+            "FROM messages m JOIN events e ON e.record_id = m.disposed AND e.kind = 'disposition'"
+        )
+        messages = f"SELECT m.record_id {disposed} WHERE m.record_id IN ({{marks}})"
+        copies = (
+            f"SELECT c.record_id {disposed} JOIN copies c ON c.queue_id = m.queue_id "
+            "WHERE c.record_id IN ({marks})"
+        )
+        return {r for sql in (messages, copies) for (r,) in db.among(sql, record_ids)}
+
+    def _verify(self, public: ed25519.Ed25519PublicKey) -> tuple[Report, set[str]]:  # noqa: C901 - one walk over the log, checking each kind of record in turn
         db = self.index.db
         report = Report()
 
@@ -875,15 +930,12 @@ class Archive:
         ):
             if record_id not in seen:
                 report.problems.append(Problem(record_id, None, "indexed but not in the log"))
-        for name in self.blobs.names():
-            if name not in seen:
-                report.problems.append(Problem(name, None, "a stored blob the log does not know"))
         report.checkpoints = len(checkpoints)
         for size in sorted(wanted):
             report.problems.append(
                 Problem(f"checkpoint-{size}", None, "the log is shorter: leaves were removed")
             )
-        return report
+        return report, seen
 
     def _check_checkpoint(
         self,

@@ -6,6 +6,7 @@ real PostgreSQL server, where several nodes append to one log."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -163,6 +164,55 @@ def test_a_purge_under_retention_is_not_tampering_and_a_held_message_is_not_purg
     archive.blobs.delete("msg-Q3")
     problems = {(p.record_id, p.what) for p in archive.verify().problems}
     assert problems == {("msg-Q3", "its stored content is gone")}
+
+
+def test_what_is_written_or_purged_while_verify_runs_is_not_a_problem(
+    archive, connect_index, monkeypatch
+):
+    """Verify reads one snapshot of the index, while the blob store (files, a
+    bucket) is read live: what another node journals or purges meanwhile - and a
+    batch whose blobs are stored but whose rows are not committed yet - is newer
+    than the snapshot, not tampering."""
+    import threading
+
+    other = node(connect_index(), archive.blobs if connect_index.files else None)
+    now = archive.index.db.execute("SELECT max(retain_until) FROM messages").fetchone()[0] + 1
+    real_get, real_names = archive.blobs.get, archive.blobs.names
+    stored = threading.Event()
+
+    def get_after_others_wrote(name):  # the walk has begun: its snapshot is taken
+        if not stored.is_set() and name == "msg-Q1":
+            other.journal_message({**ENVELOPE, "queue_id": "Q5"}, DATA)
+            assert other.purge(["Q1"], "retention: 6 years", "records@clinic.test", now) == ["Q1"]
+        return real_get(name)
+
+    def in_flight():  # a batch: Q6's blob is stored, then its rows commit 0.5 s later
+        other.batch(
+            [
+                lambda: other.journal_message({**ENVELOPE, "queue_id": "Q6"}, DATA),
+                lambda: (stored.set(), time.sleep(0.5)),
+            ]
+        )
+
+    def names_while_a_batch_is_in_flight():
+        writer.start()
+        assert stored.wait(10)
+        return real_names()
+
+    writer = threading.Thread(target=in_flight)
+    monkeypatch.setattr(archive.blobs, "get", get_after_others_wrote)
+    monkeypatch.setattr(archive.blobs, "names", names_while_a_batch_is_in_flight)
+    report = archive.verify()
+    writer.join(10)
+    assert report.ok, report.problems
+    assert report.leaves == 6  # the snapshot's log: what came later is for the next run
+    assert archive.blobs.get("msg-Q1") is None and archive.blobs.get("msg-Q6") is not None
+    monkeypatch.undo()
+    assert archive.verify().ok  # and the next run sees it all
+    archive.blobs.put("msg-Q7", archive.blobs.get("msg-Q6"))  # stored behind the log's back
+    assert [(p.record_id, p.what) for p in archive.verify().problems] == [
+        ("msg-Q7", "a stored blob the log does not know")
+    ]
 
 
 def test_a_batch_is_one_transaction_and_a_failing_job_is_undone_alone(archive):
