@@ -63,6 +63,7 @@ class Event(enum.StrEnum):
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"
     ARCHIVE_ADOPTED = "archive.adopted"
+    ARCHIVE_UNFINISHED = "archive.unfinished-removed"
     ARCHIVE_ERROR = "archive.error"
     ARCHIVE_NOT_REMOVED = "archive.spool-file-kept"
     ARCHIVE_ACCESS = "archive.access"

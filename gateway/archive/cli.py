@@ -177,6 +177,11 @@ def _verify(archive: Archive, args: argparse.Namespace, actor: str) -> int:
             f"{result.disposed} purged under retention), {result.checkpoints} signed "
             f"checkpoints, checked in {seconds:.1f} s"
         )
+        if result.unfinished:
+            print(
+                f"{result.unfinished} stored content(s) whose record was not committed: being "
+                "written as it ran, or left by a node that stopped (removed by the gateway)"
+            )
         for p in result.problems:
             where = f" (leaf {p.leaf})" if p.leaf is not None else ""
             print(f"PROBLEM {p.record_id}{where}: {p.what}")

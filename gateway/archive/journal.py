@@ -34,9 +34,9 @@ from gateway.archive import merkle
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.query import Query, message_id_of, subject_of
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
-from gateway.archive.store import ArchiveIndex, BlobStore
+from gateway.archive.store import ArchiveIndex, BlobStore, SqlBlobStore
 from gateway.errors import SealgateError
-from gateway.storage.database import batch
+from gateway.storage.database import StorageError, batch
 
 
 def canonical(value: Any) -> bytes:
@@ -129,6 +129,7 @@ class Report:
     checkpoints: int = 0
     messages: int = 0
     disposed: int = 0
+    unfinished: int = 0  # stored content whose record was not committed (yet): not a problem
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -142,6 +143,7 @@ class Report:
             "checkpoints": self.checkpoints,
             "messages": self.messages,
             "disposed": self.disposed,
+            "unfinished": self.unfinished,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -164,6 +166,10 @@ class Archive:
         self.blobs, self.index, self.keys = blobs, index, keys
         self.origin, self.signing_key, self.key_name = origin, signing_key, key_name
         self.retention = retention or Retention()
+        self.node = ""  # which node writes (`unfinished` rows name it)
+        # content outside the index's own database: written before its record commits
+        self._outside = not isinstance(blobs, SqlBlobStore)
+        self._registered: set[str] = set()  # names `register_writes` committed
         self._frontier = merkle.Frontier()
         self._complete_blocks: list[bytes] = []  # roots of full proof blocks (`proofs`)
 
@@ -174,8 +180,76 @@ class Archive:
         """Run several writes as one transaction (group commit); one failing is
         undone alone (`gateway.storage.database.batch`, optimistic: savepoints only
         when a job of the batch failed - every job here can run again).  The log
-        positions for the batch are taken a block at a time (`ArchiveIndex.block`)."""
+        positions for the batch are taken a block at a time (`ArchiveIndex.block`).
+        The content a job will store (its ``blob_names()``, if it says) is
+        registered first (`register_writes`)."""
+        if self._outside:
+            self.register_writes([n for job in jobs for n in getattr(job, "blob_names", tuple)()])
         return batch(self.index.db, jobs, optimistic=True, around=self.index.block)
+
+    # -- content outside the index ----------------------------------------------------------
+
+    def register_writes(self, names: list[str]) -> None:
+        """Before content goes to a blob store outside the index (files, a bucket),
+        where it is stored before its record commits: its names, committed (the
+        record's transaction removes each).  Content that a writer stopped between
+        the two left behind is then known for what it is: an unfinished write, which
+        `verify` does not report and `sweep_unfinished` removes."""
+        if not self._outside or not names:
+            return
+        now = time.time()
+        with self._transaction():
+            self.index.db.write_many(
+                "INSERT INTO unfinished(name, node, since) VALUES (?,?,?) ON CONFLICT (name) "
+                "DO UPDATE SET node=excluded.node, since=excluded.since",
+                [(n, self.node, now) for n in names],
+            )
+        self._registered.update(names)
+
+    def _store(self, name: str, data: bytes, durable: bool = True) -> None:
+        """Store a record's content, in the transaction that commits its record (the
+        index's own database: both commit together; a file or an object is written
+        at once, and was registered before that transaction began)."""
+        self.blobs.put(name, data, durable)
+        if self._outside:
+            self.index.db.write("DELETE FROM unfinished WHERE name=?", (name,))
+            self._registered.discard(name)
+
+    def _register(self, name: str) -> None:
+        """Before the transaction that commits ``name``'s record: content going
+        outside the index is registered (a batch has registered its jobs' already;
+        inside a transaction a caller began it cannot be)."""
+        if self._outside and name not in self._registered and not self.index.db.in_transaction:
+            self.register_writes([name])
+
+    def sweep_unfinished(self, older_than: float, node: str | None = None) -> tuple[int, int]:
+        """Remove content whose write did not finish: registered more than
+        ``older_than`` seconds ago (``node``: only that node's, at any age - a node
+        at start, for what it left when it stopped), and still not in the log.
+        Content that cannot be removed (under Object Lock) stays registered: `verify`
+        goes on knowing it for an unfinished write.  Returns how many were removed,
+        and how many kept."""
+        db = self.index.db
+        if node is None:
+            rows = db.execute(
+                "SELECT name FROM unfinished WHERE since < ?", (time.time() - older_than,)
+            ).fetchall()
+        else:
+            rows = db.execute("SELECT name FROM unfinished WHERE node=?", (node,)).fetchall()
+        names = [name for (name,) in rows]
+        sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
+        logged = {r for (r,) in db.among(sql, names)}
+        removed = kept = 0
+        for name in names:
+            if name not in logged:
+                try:
+                    self.blobs.delete(name)
+                except (StorageError, OSError):  # locked, or unreachable: it stays registered
+                    kept += 1
+                    continue
+                removed += 1
+            db.execute("DELETE FROM unfinished WHERE name=?", (name,))
+        return removed, kept
 
     def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
@@ -260,7 +334,8 @@ class Archive:
         record_id = f"msg-{queue_id}"
         record = canonical(envelope) + b"\n" + data
         digest = hashlib.sha256(record).hexdigest()
-        self.blobs.put(record_id, seal(record, record_id, self.keys), durable)
+        sealed = seal(record, record_id, self.keys)
+        self._register(record_id)
         now = time.time()
         sender = str(envelope.get("mail_from", "")).lower()
         addresses = [str(r["address"]).lower() for r in envelope.get("recipients", [])]
@@ -270,6 +345,7 @@ class Archive:
             retain_until = received + self.retention.days(sender, domains, set()) * DAY
         db = self.index.db
         with self._transaction():
+            self._store(record_id, sealed, durable)
             leaf = self._append("message", record_id, digest, now)
             row = (
                 record_id,
@@ -308,13 +384,15 @@ class Archive:
     def journal_copy(self, queue_id: str, data: bytes) -> str:
         """A copy the gateway changed before sending it (encrypted, re-signed, tag
         removed), as sent: by its digest, once however many recipients got it."""
-        digest = hashlib.sha256(data).hexdigest()
-        record_id = f"copy-{digest}"
+        record_id = copy_name(data)
+        digest = record_id.removeprefix("copy-")
         db = self.index.db
         if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
             return record_id
-        self.blobs.put(record_id, seal(data, record_id, self.keys))
+        sealed = seal(data, record_id, self.keys)
+        self._register(record_id)
         with self._transaction():
+            self._store(record_id, sealed)
             leaf = self._append("copy", record_id, digest, time.time())
             db.execute(
                 "INSERT INTO copies VALUES (?,?,?,?,?)",
@@ -829,7 +907,8 @@ class Archive:
         the snapshot began - journaled by this or another node meanwhile, or by a
         batch whose blobs are stored and whose rows are about to commit - is newer
         than the snapshot, not unknown; content purged meanwhile is gone under a
-        disposition the snapshot did not hold yet.  A blob still unknown once the
+        disposition the snapshot did not hold yet; content registered as being written
+        (`register_writes`) is an unfinished write.  A blob still unknown once the
         log has stopped taking in the unknown ones for `SETTLE_QUIET` seconds is a
         problem (`SETTLE_MOST` at most)."""
         db = self.index.db
@@ -840,13 +919,16 @@ class Archive:
                 p for p in report.problems if not (p in gone and p.record_id in disposed)
             ]
         unknown = {name for name in self.blobs.names() if name not in seen}
-        sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
+        logged_sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
+        unfinished_sql = "SELECT name FROM unfinished WHERE name IN ({marks})"
         start = quiet = time.monotonic()
         while unknown:
-            logged = {r for (r,) in db.among(sql, sorted(unknown))}
+            logged = {r for (r,) in db.among(logged_sql, sorted(unknown))}
+            unfinished = {n for (n,) in db.among(unfinished_sql, sorted(unknown - logged))}
+            report.unfinished += len(unfinished)  # written as it ran, or left by a stopped writer
             now = time.monotonic()
-            if logged:
-                unknown -= logged
+            if logged or unfinished:
+                unknown -= logged | unfinished
                 quiet = now
             if not unknown or now - quiet >= SETTLE_QUIET or now - start >= SETTLE_MOST:
                 break
@@ -999,6 +1081,12 @@ class Archive:
             digest = hashlib.sha256(record.partition(b"\n")[2]).hexdigest()
         if row is not None and row[2] != digest:
             report.problems.append(Problem(record_id, position, "its index row was altered"))
+
+
+def copy_name(data: bytes) -> str:
+    """A changed copy's record id: by its digest (one record however many recipients
+    got the same bytes)."""
+    return f"copy-{hashlib.sha256(data).hexdigest()}"
 
 
 def _timestamp(value: Any, default: float) -> float:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.addresses import check_envelope
-from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule
+from gateway.archive.journal import Archive, ArchiveError, Retention, RetentionRule, copy_name
 from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
 from gateway.batching import Batcher
@@ -53,6 +53,9 @@ log = get_logger("gateway.archive")
 
 GENERATED_MASTER_KEY = "local-1"
 RETRY_EVERY = 5.0  # seconds between writes of records that failed
+# content registered as being written this long ago and still not in the log was
+# left by a writer that stopped (a batch takes seconds; a retry registers anew)
+UNFINISHED_AFTER = 3600.0
 
 
 def archive_dir(config: Config) -> Path:
@@ -247,6 +250,7 @@ class ArchiveService:
 
     def __init__(self, archive: Archive, config: Config, spool: Spool, metrics: Metrics):
         self.archive = archive
+        archive.node = Storage(config).node_id  # the daemon's writes (the CLI's: "")
         self.spool = spool
         self.metrics = metrics
         self.interval = config.archive.checkpoint_interval
@@ -267,9 +271,10 @@ class ArchiveService:
     # -- lifecycle ------------------------------------------------------------------
 
     async def recover(self) -> set[str]:
-        """Journal every spooled message the archive lacks (a crash before its
-        journal committed).  Returns the ones that could not be journaled: their
-        spool files must stay."""
+        """Remove what this node left unfinished when it stopped, and journal every
+        spooled message the archive lacks (a crash before its journal committed).
+        Returns the ones that could not be journaled: their spool files must stay."""
+        await self.sweep_unfinished(at_start=True)
         failed = set()
         recovered = 0
         spooled = await self._run(lambda: sorted(self.spool.queue_ids()))
@@ -293,6 +298,15 @@ class ArchiveService:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._periodic())
+
+    async def sweep_unfinished(self, at_start: bool = False) -> None:
+        """Remove content whose write a stopped writer left unfinished (its record
+        never committed): at start this node's own from before, then any node's
+        registered more than `UNFINISHED_AFTER` ago."""
+        node = self.archive.node if at_start else None
+        removed, kept = await self._run(self.archive.sweep_unfinished, UNFINISHED_AFTER, node)
+        if removed or kept:
+            log.warning(Event.ARCHIVE_UNFINISHED, removed=removed, kept=kept)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -324,6 +338,7 @@ class ArchiveService:
                 if time.monotonic() - gauges >= min(self.interval, 60.0):
                     gauges = time.monotonic()
                     await self.refresh_gauges()
+                    await self.sweep_unfinished()
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
 
@@ -405,7 +420,7 @@ class ArchiveService:
     def copy(self, queue_id: str, data: bytes) -> asyncio.Future[Any]:
         """A copy the gateway changed, as sent; done when it is written (or has
         failed, to be written again later)."""
-        return self._track(queue_id, lambda: self.archive.journal_copy(queue_id, data))
+        return self._track(queue_id, _Copy(self.archive, queue_id, data))
 
     async def complete_attempts(self, queue_id: str, history: list[dict[str, Any]]) -> int:
         """Journal the attempts of ``history`` (from the queue state) that the
@@ -500,6 +515,9 @@ class _Journal:
     data: bytes | None  # None: a large message, not kept in memory: read when run
     subjects: bool
 
+    def blob_names(self) -> tuple[str, ...]:
+        return (f"msg-{self.envelope.queue_id}",)
+
     def __call__(self) -> int:
         body = self.data
         if body is None:
@@ -510,3 +528,18 @@ class _Journal:
         envelope.pop("portal_passphrase", None)
         self.archive.journal_message(envelope, body, subject=self.subjects)
         return len(body)
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """The job that journals a copy the gateway changed, as sent."""
+
+    archive: Archive
+    queue_id: str
+    data: bytes
+
+    def blob_names(self) -> tuple[str, ...]:
+        return (copy_name(self.data),)
+
+    def __call__(self) -> str:
+        return self.archive.journal_copy(self.queue_id, self.data)

@@ -218,7 +218,18 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 """)
-INDEX_VERSIONED = Versioned("archive", (INDEX_SCHEMA,))
+# Content being written to a blob store outside the index (files, a bucket): its
+# name, committed before the content is stored and removed in the transaction that
+# commits its record - what a writer that stopped in between left behind is known
+# for what it is (`Archive.sweep_unfinished`), not taken for content the log lost.
+UNFINISHED_SCHEMA = Schema("""
+CREATE TABLE IF NOT EXISTS unfinished (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    since {real} NOT NULL
+)
+""")
+INDEX_VERSIONED = Versioned("archive", (INDEX_SCHEMA, UNFINISHED_SCHEMA))
 BLOCK = 32  # log positions a batch takes at once
 BLOB_VERSIONED = Versioned("archive_blobs", (BLOB_SCHEMA,))
 # Subjects for search: SQLite's full-text index, PostgreSQL's text search (the same

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+from gateway.archive.journal import copy_name
 from gateway.archive.query import Query
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.support.archive import archive_of
@@ -235,3 +236,40 @@ async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
     await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
     with archive_of(gw) as reader:
         assert reader.message(queue_id)[1] == make_message(SUBJECT, BODY)
+
+
+async def test_content_a_node_stored_before_it_died_without_its_record_goes_at_restart(
+    gateway_factory, tmp_path, monkeypatch
+):
+    """With content in files (or a bucket), a copy is stored before its record
+    commits: a node killed in between left content the log never knew, which would
+    have been 'a stored blob the log does not know' to every verification after."""
+    settings = {"storage.blobs": "files", "cluster.node_id": "gw-1"}
+    first = await gateway_factory(settings)
+    archive = first.archive.archive
+    copy = b"-----BEGIN PGP MESSAGE-----\r\nfor a@dest.test\r\n"
+
+    def killed(*args):
+        raise RuntimeError("kill -9")  # the content is stored, its record not committed
+
+    def journal_and_die() -> None:
+        monkeypatch.setattr(archive, "_append", killed)
+        try:
+            archive.journal_copy("Q1", copy)
+        except RuntimeError:
+            pass
+        monkeypatch.undo()
+
+    await first.archive._run(journal_and_die)
+    await first.stop()
+    blob = first.config.state_dir / "archive" / "blobs" / copy_name(copy)
+    assert blob.exists()
+    with archive_of(first) as reader:
+        report = reader.verify()
+        assert report.ok and report.unfinished == 1, report.problems
+
+    second = await gateway_factory(settings)  # the node again, on the same state
+    assert not blob.exists()
+    with archive_of(second) as reader:
+        report = reader.verify()
+        assert report.ok and report.unfinished == 0, report.problems

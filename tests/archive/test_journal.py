@@ -11,10 +11,11 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.archive.journal import Archive
+from gateway.archive.journal import Archive, copy_name
 from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from gateway.storage.database import StorageError
 from tests.support.stores import opener
 
 ENVELOPE = {
@@ -213,6 +214,46 @@ def test_what_is_written_or_purged_while_verify_runs_is_not_a_problem(
     assert [(p.record_id, p.what) for p in archive.verify().problems] == [
         ("msg-Q7", "a stored blob the log does not know")
     ]
+
+
+def test_content_a_stopped_writer_left_without_its_record_is_unfinished_and_swept(
+    archive, monkeypatch
+):
+    """Files and buckets take content before its record commits: a node that dies in
+    between leaves content the log never knew.  It was registered first, so verify
+    knows it for an unfinished write, and the sweep removes it (unless locked)."""
+    copy = b"-----BEGIN PKCS7-----\r\nencrypted for a@dest.test\r\n"
+    name = copy_name(copy)
+
+    def killed(*args):
+        raise RuntimeError("kill -9")  # after the content was stored, before the commit
+
+    monkeypatch.setattr(archive, "_append", killed)
+    with pytest.raises(RuntimeError):
+        archive.journal_copy("Q1", copy)
+    monkeypatch.undo()
+    outside = not isinstance(archive.blobs, SqlBlobStore)
+    # in the index's database, content commits with its record: nothing is left
+    assert (archive.blobs.get(name) is not None) == outside
+    report = archive.verify()
+    assert report.ok, report.problems
+    assert report.unfinished == (1 if outside else 0)
+
+    assert archive.sweep_unfinished(3600) == (0, 0)  # a write of a moment ago: in flight
+    monkeypatch.setattr(
+        archive.blobs,
+        "delete",
+        lambda n: (_ for _ in ()).throw(StorageError("s3://archive: AccessDenied: object locked")),
+    )
+    assert archive.sweep_unfinished(0) == (0, 1 if outside else 0)  # under Object Lock
+    monkeypatch.undo()
+    assert archive.verify().unfinished == (1 if outside else 0)  # still known for what it is
+    archive.journal_copy("Q1", b"another copy")  # a live write of this node is not touched
+    assert archive.sweep_unfinished(3600, node=archive.node) == (1 if outside else 0, 0)
+    assert archive.blobs.get(name) is None
+    assert archive.blobs.get(copy_name(b"another copy")) is not None
+    report = archive.verify()
+    assert report.ok and report.unfinished == 0, report.problems
 
 
 def test_a_batch_is_one_transaction_and_a_failing_job_is_undone_alone(archive):
