@@ -1,7 +1,9 @@
 """The portal store: messages waiting for their recipients, sealed each with its own
 data key (`gateway.archive.sealing`, the archive's master keys), found by the SHA-256
 of their link's token (the token itself is never stored), with their one-time codes,
-lockouts and sessions.
+lockouts and sessions.  A message's content is kept once however many of its
+recipients it waits for (``contents``); each recipient's item holds a sealed pointer
+to it, and the last item revoked or expired removes it.
 
 SQLite at ``<state_dir>/portal/portal.db``; the daemon's portal uses it from one
 thread, ``sealgate portal revoke`` from another process (SQLite serialises them).
@@ -106,8 +108,26 @@ CREATE TABLE IF NOT EXISTS rates (
 );
 """)
 
+
 # version 2: request rates counted in the store (shared by the nodes of a cluster)
-VERSIONED = Versioned("portal", (_version_1, RATES))
+# version 3: a message's content kept once for all its recipients (``contents``): an
+# item's ``sealed`` is then its sealed pointer to it (``content``), still NULL once
+# the item is revoked or expired - the last such item takes the content with it.
+# Items from before keep the content in ``sealed`` itself.
+def _version_3(db: Database) -> None:
+    db.create(
+        Schema("""
+CREATE TABLE IF NOT EXISTS contents (
+    id TEXT PRIMARY KEY,
+    sealed {blob} NOT NULL
+)
+""")
+    )
+    db.add_column("items", "content", "TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS items_by_content ON items(content)")
+
+
+VERSIONED = Versioned("portal", (_version_1, RATES, _version_3))
 
 OPEN, SET_PASSWORD = "open", "set-password"  # session stages
 # where attempts are counted: table, key column, failures column, locked-until column
@@ -212,10 +232,24 @@ class PortalStore:
         item_id = f"p-{secrets.token_hex(12)}"
         token = secrets.token_urlsafe(32)
         now = self.clock()
+        # one content for every recipient of the message (by its bytes: a copy
+        # changed for one recipient is another content)
+        content_id = f"pc-{queue_id}-{hashlib.sha256(data).hexdigest()[:32]}"
         with self._tx():
+            # the row is locked until this commits: a revocation or sweep that would
+            # remove the content as unused waits, then sees this item
+            found = self.db.execute(
+                "UPDATE contents SET id=id WHERE id=? RETURNING id", (content_id,)
+            ).fetchone()
+            if found is None:
+                self.db.execute(
+                    "INSERT INTO contents(id, sealed) VALUES (?,?) ON CONFLICT (id) "
+                    "DO UPDATE SET id=excluded.id",
+                    (content_id, seal(data, content_id, self.keys)),
+                )
             self.db.execute(
                 "INSERT INTO items(id, token_sha256, queue_id, recipient, sender, created, "
-                "expires, sealed, auth, passphrase) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "expires, sealed, auth, passphrase, content) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     item_id,
                     _sha(token),
@@ -224,9 +258,10 @@ class PortalStore:
                     sender,
                     now,
                     expires,
-                    seal(data, item_id, self.keys),
+                    seal(content_id.encode(), item_id, self.keys),
                     auth.value,
                     passphrase,
+                    content_id,
                 ),
             )
         item = self.item_by_id(item_id)
@@ -260,10 +295,39 @@ class PortalStore:
         return [i for i in map(self.item_by_id, ids) if i is not None]
 
     def content(self, item: Item) -> bytes:
-        row = self.db.execute("SELECT sealed FROM items WHERE id=?", (item.id,)).fetchone()
+        row = self.db.execute(
+            "SELECT i.sealed, i.content, c.sealed FROM items i "
+            "LEFT JOIN contents c ON c.id = i.content WHERE i.id=?",
+            (item.id,),
+        ).fetchone()
         if row is None or row[0] is None:
             raise KeyError(item.id)
-        return open_sealed(bytes(row[0]), item.id, self.keys)
+        sealed, content_id, content = row
+        opened = open_sealed(bytes(sealed), item.id, self.keys)
+        if content_id is None:
+            return opened  # an item from before version 3: the content itself
+        if opened != content_id.encode() or content is None:
+            raise KeyError(item.id)  # its pointer altered, or the content gone
+        return open_sealed(bytes(content), content_id, self.keys)
+
+    def _drop_unused(self, item_ids: list[str]) -> None:
+        """In a transaction that ended these items: their content, if no other item
+        still uses it (the row locked first, so a deposit under way either commits
+        its item before this looks, or makes the content again after)."""
+        if not item_ids:
+            return
+        sql = "SELECT DISTINCT content FROM items WHERE content IS NOT NULL AND id IN ({marks})"
+        for (content_id,) in list(self.db.among(sql, item_ids)):
+            locked = self.db.execute(
+                "SELECT id FROM contents WHERE id=?" + self.db.lock_rows,  # noqa: S608 - a fixed clause
+                (content_id,),
+            ).fetchone()
+            used = self.db.execute(
+                "SELECT 1 FROM items WHERE content=? AND sealed IS NOT NULL LIMIT 1",
+                (content_id,),
+            ).fetchone()
+            if locked is not None and used is None:
+                self.db.execute("DELETE FROM contents WHERE id=?", (content_id,))
 
     def picked_up(self, item: Item, now: float) -> bool:
         """Count a pickup; True when it is the first."""
@@ -285,6 +349,7 @@ class PortalStore:
             ).rowcount
             self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
             self.db.execute("DELETE FROM codes WHERE item_id=?", (item_id,))
+            self._drop_unused([item_id])
         return bool(changed)
 
     def sweep(self, now: float) -> list[Item]:
@@ -306,6 +371,7 @@ class PortalStore:
                     unread.append(item)
                 self.db.execute("UPDATE items SET sealed=NULL WHERE id=?", (item_id,))
                 self.db.execute("DELETE FROM sessions WHERE item_id=?", (item_id,))
+            self._drop_unused(rows)
             self.db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
             self.db.execute("DELETE FROM codes WHERE expires <= ?", (now,))
             self.db.execute("DELETE FROM rates WHERE window_start < ?", (now - 3600,))

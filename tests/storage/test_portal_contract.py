@@ -45,6 +45,73 @@ def test_items_by_link_sealed_revoked_and_expired(connect):
     assert s.item(token).state(clock()) == "expired"
 
 
+def test_a_message_for_several_recipients_is_kept_once_until_its_last_item_ends(connect):
+    s, clock = store(connect)
+    body = b"lab results " * 1000
+    items = [
+        s.deposit("Q1", f"{n}@plain.test", "d@clinic.test", body, clock() + 100 + n)[0]
+        for n in range(3)
+    ]
+    changed, _ = s.deposit("Q1", "x@other.test", "d@clinic.test", b"re-signed", clock() + 50)
+    contents = lambda: s.db.execute("SELECT count(*) FROM contents").fetchone()[0]  # noqa: E731
+    assert contents() == 2  # three recipients, one content; another copy, another
+    assert [s.content(i) for i in items] == [body] * 3 and s.content(changed) == b"re-signed"
+    assert s.revoke(items[0].id, "admin") and contents() == 2  # the others still read it
+    assert s.content(items[1]) == body
+    clock.advance(51)
+    s.sweep(clock())  # the changed copy's only item expired: its content goes
+    assert contents() == 1
+    clock.advance(50)
+    s.sweep(clock())  # items[1] expired, items[2] (expires a second later) still open
+    assert contents() == 1 and s.content(s.item_by_id(items[2].id)) == body
+    assert s.revoke(items[2].id, "admin") and contents() == 0  # the last one: gone at once
+    # an item's pointer is sealed to it: pointing it at another message's content fails
+    a, _ = s.deposit("Q2", "a@plain.test", "d@clinic.test", b"for a", clock() + 100)
+    b, _ = s.deposit("Q3", "b@plain.test", "d@clinic.test", b"for b", clock() + 100)
+    target = s.db.execute("SELECT content FROM items WHERE id=?", (b.id,)).fetchone()[0]
+    s.db.execute("UPDATE items SET content=? WHERE id=?", (target, a.id))
+    try:
+        s.content(a)
+        raise AssertionError("opened another message's content")
+    except KeyError:
+        pass
+
+
+def test_an_item_stored_before_contents_were_shared_still_opens(connect):
+    from gateway.archive.sealing import seal
+
+    s, clock = store(connect)
+    s.db.execute(
+        "INSERT INTO items(id, token_sha256, queue_id, recipient, sender, created, expires, "
+        "sealed, auth) VALUES (?,?,?,?,?,?,?,?,?)",
+        ("p-old", "0" * 64, "Q0", "o@plain.test", "d@clinic.test", clock(), clock() + 10,
+         seal(b"old body", "p-old", KEYS), "code"),
+    )  # fmt: skip
+    old = s.item_by_id("p-old")
+    assert s.content(old) == b"old body"
+    assert s.revoke("p-old", "admin") and s.item_by_id("p-old").gone
+
+
+def test_a_deposit_and_the_revocation_of_the_other_item_at_once_lose_nothing(connect):
+    """Two connections (nodes): one revokes the message's only item while the other
+    deposits it for another recipient - whichever goes first, the new item opens."""
+    s, clock = store(connect)
+    other, _ = store(connect)
+    body = b"discharge summary " * 500
+    for n in range(20):
+        first, _ = s.deposit(f"R{n}", "a@plain.test", "d@clinic.test", body, clock() + 100)
+        made: list = []
+        t = threading.Thread(
+            target=lambda n=n, made=made: made.append(
+                other.deposit(f"R{n}", "b@plain.test", "d@clinic.test", body, clock() + 100)[0]
+            )
+        )
+        t.start()
+        s.revoke(first.id, "admin")
+        t.join(10)
+        assert other.content(made[0]) == body
+
+
 def test_codes_lock_the_link_even_when_tried_at_once_from_several_connections(connect):
     first, clock = store(connect)
     item, _ = first.deposit("Q1", "p@plain.test", "d@clinic.test", b"x", clock() + 1000)
