@@ -266,6 +266,10 @@ async def test_content_a_node_stored_before_it_died_without_its_record_goes_at_r
     with archive_of(first) as reader:
         report = reader.verify()
         assert report.ok and report.unfinished == 1, report.problems
+    verified = await asyncio.to_thread(cli, tmp_path, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "1 stored content(s) whose record was not committed" in verified.stdout
+    assert verified.stdout.rstrip().endswith("archive OK")
 
     second = await gateway_factory(settings)  # the node again, on the same state
     assert not blob.exists()
