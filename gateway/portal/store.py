@@ -232,9 +232,7 @@ class PortalStore:
         item_id = f"p-{secrets.token_hex(12)}"
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        # one content for every recipient of the message (by its bytes: a copy
-        # changed for one recipient is another content)
-        content_id = f"pc-{queue_id}-{hashlib.sha256(data).hexdigest()[:32]}"
+        content_id = self._content_id(queue_id, data)
         with self._tx():
             # the row is locked until this commits: a revocation or sweep that would
             # remove the content as unused waits, then sees this item
@@ -267,6 +265,15 @@ class PortalStore:
         item = self.item_by_id(item_id)
         assert item is not None
         return item, token
+
+    def _content_id(self, queue_id: str, data: bytes) -> str:
+        """One content for every recipient of the message, by its bytes (a copy
+        changed for one recipient is another content) - through a keyed digest, so
+        that the store does not tell a reader who guesses a message's bytes whether
+        they were sent (a key of its own, derived from the current master key)."""
+        master = self.keys.keys[self.keys.current]
+        key = hmac.new(master, b"sealgate portal content id", hashlib.sha256).digest()
+        return f"pc-{queue_id}-{hmac.new(key, data, hashlib.sha256).hexdigest()[:32]}"
 
     _COLUMNS = (
         "SELECT id, queue_id, recipient, sender, created, expires, revoked, first_pickup, "

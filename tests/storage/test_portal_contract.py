@@ -7,6 +7,7 @@ browser."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 
@@ -55,6 +56,10 @@ def test_a_message_for_several_recipients_is_kept_once_until_its_last_item_ends(
     changed, _ = s.deposit("Q1", "x@other.test", "d@clinic.test", b"re-signed", clock() + 50)
     contents = lambda: s.db.execute("SELECT count(*) FROM contents").fetchone()[0]  # noqa: E731
     assert contents() == 2  # three recipients, one content; another copy, another
+    (content_id,) = {
+        r[0] for r in s.db.execute("SELECT content FROM items WHERE queue_id='Q1'")
+    } - {s.db.execute("SELECT content FROM items WHERE id=?", (changed.id,)).fetchone()[0]}
+    assert hashlib.sha256(body).hexdigest()[:32] not in content_id  # a keyed digest
     assert [s.content(i) for i in items] == [body] * 3 and s.content(changed) == b"re-signed"
     assert s.revoke(items[0].id, "admin") and contents() == 2  # the others still read it
     assert s.content(items[1]) == body
