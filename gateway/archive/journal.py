@@ -237,8 +237,7 @@ class Archive:
         else:
             rows = db.execute("SELECT name FROM unfinished WHERE node=?", (node,)).fetchall()
         names = [name for (name,) in rows]
-        sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
-        logged = {r for (r,) in db.among(sql, names)}
+        logged = self._in_log(names)
         removed = kept = 0
         for name in names:
             if name not in logged:
@@ -250,6 +249,11 @@ class Archive:
                 removed += 1
             db.execute("DELETE FROM unfinished WHERE name=?", (name,))
         return removed, kept
+
+    def _in_log(self, record_ids: list[str]) -> set[str]:
+        """Those of ``record_ids`` that have a leaf in the log (as the index is now)."""
+        sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
+        return {r for (r,) in self.index.db.among(sql, record_ids)}
 
     def make_durable(self, queue_ids: list[str] | None = None) -> None:
         """Put these messages' archived copies, and every committed index record, on
@@ -381,10 +385,11 @@ class Archive:
                 db.write("INSERT INTO subjects VALUES (?,?)", (subject_of(data), queue_id))
         return record_id
 
-    def journal_copy(self, queue_id: str, data: bytes) -> str:
+    def journal_copy(self, queue_id: str, data: bytes, record_id: str | None = None) -> str:
         """A copy the gateway changed before sending it (encrypted, re-signed, tag
-        removed), as sent: by its digest, once however many recipients got it."""
-        record_id = copy_name(data)
+        removed), as sent: by its digest, once however many recipients got it
+        (``record_id``: its `copy_name`, when the caller has it already)."""
+        record_id = record_id or copy_name(data)
         digest = record_id.removeprefix("copy-")
         db = self.index.db
         if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
@@ -919,11 +924,10 @@ class Archive:
                 p for p in report.problems if not (p in gone and p.record_id in disposed)
             ]
         unknown = {name for name in self.blobs.names() if name not in seen}
-        logged_sql = "SELECT record_id FROM leaves WHERE record_id IN ({marks})"
         unfinished_sql = "SELECT name FROM unfinished WHERE name IN ({marks})"
         start = quiet = time.monotonic()
         while unknown:
-            logged = {r for (r,) in db.among(logged_sql, sorted(unknown))}
+            logged = self._in_log(sorted(unknown))
             unfinished = {n for (n,) in db.among(unfinished_sql, sorted(unknown - logged))}
             report.unfinished += len(unfinished)  # written as it ran, or left by a stopped writer
             now = time.monotonic()

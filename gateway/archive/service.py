@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import secrets
 import sqlite3
@@ -538,8 +539,12 @@ class _Copy:
     queue_id: str
     data: bytes
 
+    @functools.cached_property
+    def name(self) -> str:  # its digest, taken once (on the archive's thread)
+        return copy_name(self.data)
+
     def blob_names(self) -> tuple[str, ...]:
-        return (copy_name(self.data),)
+        return (self.name,)
 
     def __call__(self) -> str:
-        return self.archive.journal_copy(self.queue_id, self.data)
+        return self.archive.journal_copy(self.queue_id, self.data, self.name)
