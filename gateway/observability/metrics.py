@@ -312,7 +312,9 @@ class Metrics:
         self.webhook_posts = Counter(
             "sealgate_webhook_posts",
             "Webhook events posted, by endpoint and outcome: posted (a 2xx answer), "
-            "failed (tried again later), dropped (not taken within webhooks.max_age)",
+            "failed (tried again later), not-tried (the endpoint did not answer another "
+            "event of the round: tried again later), dropped (not taken within "
+            "webhooks.max_age)",
             ["endpoint", "outcome"],
             registry=r,
         )

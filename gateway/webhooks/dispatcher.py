@@ -4,15 +4,20 @@ mail - `gateway.smtp.workers` ``--webhooks-only`` - which the main process wakes
 over the control socket when it wrote events).
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
-endpoint), leases them to this node, posts them - several at once, over kept-alive
-connections per endpoint (`gateway.webhooks.http`), names resolved through
-``dns.nameservers``, certificates verified against the system's CAs and
-``tls.ca_file`` - and settles them: a 2xx answer deletes the event, anything else
-(or no answer within 15 s) sets its next try from ``webhooks.retry_schedule`` (the
-last wait repeats), until ``webhooks.max_age`` has passed: then it is dropped,
-logged (``webhook.dropped``) and counted.  A round that posted something is followed
-50 ms later by the next (a message's next event is due now); otherwise the
-dispatcher waits for the queue to write events, or a second.
+endpoint), leases them to this node, posts them - several at once per endpoint, the
+endpoints side by side, over kept-alive connections per endpoint
+(`gateway.webhooks.http`), names resolved through ``dns.nameservers``, certificates
+verified against the system's CAs and ``tls.ca_file`` - and settles them: a 2xx
+answer deletes the event, anything else (or no answer within 15 s) sets its next
+try from ``webhooks.retry_schedule`` (the last wait repeats), until
+``webhooks.max_age`` has passed: then it is dropped, logged (``webhook.dropped``)
+and counted.  An endpoint that does not answer at all (no connection, TLS refused,
+silence, garbage) is not sent the rest of its events in that round: they wait for
+the same next try, their tries not counted - so a round lasts at most about one
+timeout, and an endpoint that is down does not hold up the others' events.  A
+round that posted something is followed 50 ms later by the next (a message's next
+event is due now); otherwise the dispatcher waits for the queue to write events, or
+a second.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
 CONCURRENCY = 16
 IDLE_WAIT = 1.0
 GAUGE_INTERVAL = 15.0
+_NOT_TRIED = ""  # an event of the round not posted: its endpoint did not answer
 
 
 class Dispatcher:
@@ -141,29 +147,52 @@ class Dispatcher:
         mine = await self._db(self.outbox.take, self.node, now, now + LEASE)
         if not mine:
             return False
-        # CONCURRENCY posts at a time, each poster taking the next event when its
-        # last is answered
-        results = [""] * len(mine)
-        order = iter(range(len(mine)))
-
-        async def poster() -> None:
-            for i in order:
-                results[i] = await self._post(mine[i])
-
-        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(mine)))))
+        results = [_NOT_TRIED] * len(mine)
+        by_endpoint: dict[str, list[int]] = {}
+        for i, event in enumerate(mine):
+            by_endpoint.setdefault(event.endpoint, []).append(i)
+        await asyncio.gather(*(self._post_all(mine, at, results) for at in by_endpoint.values()))
         await self._settle(mine, results)
         return bool(mine)
+
+    async def _post_all(self, events: list[Pending], at: list[int], results: list[str]) -> None:
+        """One endpoint's events of a round: CONCURRENCY posts at a time, each poster
+        taking the next event when its last is answered - none more once the
+        endpoint did not answer at all (the rest keep `_NOT_TRIED`)."""
+        order = iter(at)
+        unreachable = False
+
+        async def poster() -> None:
+            nonlocal unreachable
+            for i in order:
+                if unreachable:
+                    return
+                results[i], answered = await self._post(events[i])
+                unreachable = unreachable or not answered
+
+        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(at)))))
 
     async def _settle(self, events: list[Pending], results: list[str]) -> None:
         now = self.clock()
         posted, retry, dropped = [], [], []
         outcomes: Counter[tuple[str, str]] = Counter()
+        # why an endpoint's first failure of the round failed: its events not tried
+        # wait as long and carry that error
+        failures = {
+            e.endpoint: (r, e.tries)
+            for e, r in zip(events, results, strict=True)
+            if r not in ("posted", _NOT_TRIED)
+        }
         for event, result in zip(events, results, strict=True):
+            tried = result != _NOT_TRIED
             if result == "posted":
                 posted.append(event.id)
                 outcome = "posted"
             else:
-                wait = self.schedule[min(event.tries, len(self.schedule) - 1)]
+                if not tried:
+                    result, tries = failures[event.endpoint]
+                    result = f"not tried: {result}"
+                wait = self.schedule[min(event.tries if tried else tries, len(self.schedule) - 1)]
                 if (
                     now + wait > event.created + self.max_age
                     or event.endpoint not in self.endpoints
@@ -180,18 +209,19 @@ class Dispatcher:
                         error=result[:300],
                     )
                 else:
-                    retry.append((event.id, now + wait, result[:300]))
-                    outcome = "failed"
+                    retry.append((event.id, now + wait, result[:300], tried))
+                    outcome = "failed" if tried else "not-tried"
             outcomes[event.endpoint, outcome] += 1
         for labels, count in outcomes.items():
             self.metrics.webhook_posts.labels(*labels).inc(count)
         await self._db(self.outbox.settle, posted, retry, dropped)
 
-    async def _post(self, event: Pending) -> str:
-        """POST one event; "posted", or why not."""
+    async def _post(self, event: Pending) -> tuple[str, bool]:
+        """POST one event; "posted", or why not - and whether the endpoint answered
+        (an HTTP status, whatever it was)."""
         endpoint = self.endpoints.get(event.endpoint)
         if endpoint is None:
-            return f"endpoint {event.endpoint!r} is no longer configured"
+            return f"endpoint {event.endpoint!r} is no longer configured", True
         body = event.payload.encode()
         stamp = int(self.clock())
         headers = {
@@ -209,10 +239,10 @@ class Dispatcher:
         try:
             status = await pool.post(body, headers, POST_TIMEOUT)
         except TimeoutError:
-            return f"no answer within {POST_TIMEOUT:g} s"
+            return f"no answer within {POST_TIMEOUT:g} s", False
         except http.HttpError as e:
-            return str(e)[:300]
-        return "posted" if 200 <= status < 300 else f"HTTP {status}"
+            return str(e)[:300], False
+        return ("posted" if 200 <= status < 300 else f"HTTP {status}"), True
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now

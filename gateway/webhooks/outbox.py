@@ -149,12 +149,13 @@ class Outbox:
     def settle(
         self,
         posted: list[int],
-        retry: list[tuple[int, float, str]],
+        retry: list[tuple[int, float, str, bool]],
         dropped: list[tuple[int, str]],
     ) -> None:
         """Posted events deleted (one statement); failed ones tried again at their
-        time (or dropped), with the error; the next event of a message whose event
-        was posted or dropped pending now.  At most a round's events (`take`'s limit)."""
+        time (or dropped), with the error - their tries counted when they were
+        tried; the next event of a message whose event was posted or dropped pending
+        now.  At most a round's events (`take`'s limit)."""
         gone = posted + [event for event, _ in dropped]
         with self.db.transaction():
             if gone:  # the events after them are due now
@@ -165,11 +166,11 @@ class Outbox:
                     f"DELETE FROM webhook_outbox WHERE id IN ({marks})",  # noqa: S608 - placeholders only
                     tuple(posted),
                 )
-            for event, next_try, error in retry:
+            for event, next_try, error, tried in retry:
                 self.db.execute(
-                    "UPDATE webhook_outbox SET tries = tries + 1, next_try = ?, owner = NULL, "
+                    "UPDATE webhook_outbox SET tries = tries + ?, next_try = ?, owner = NULL, "
                     "lease_until = NULL, last_error = ? WHERE id = ?",
-                    (next_try, error, event),
+                    (int(tried), next_try, error, event),
                 )
             for event, error in dropped:
                 self.db.execute(

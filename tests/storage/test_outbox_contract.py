@@ -51,12 +51,18 @@ def test_a_claimed_event_is_one_nodes_until_its_lease_ends(connect):
 def test_failed_events_return_at_their_time_and_dropped_ones_are_kept_aside(connect):
     outbox = Outbox(connect())
     outbox.add([row("ehr", "Q1", "accepted"), row("ehr", "Q2", "accepted")], 10.0)
-    first, second = outbox.take("node-a", 20.0, 140.0)
-    outbox.settle([], [(first.id, 60.0, "HTTP 503")], [(second.id, "HTTP 410")])
+    outbox.add([row("ehr", "Q3", "accepted")], 10.0)
+    first, second, third = outbox.take("node-a", 20.0, 140.0)
+    outbox.settle(
+        [],
+        [(first.id, 60.0, "HTTP 503", True), (third.id, 60.0, "not tried: HTTP 503", False)],
+        [(second.id, "HTTP 410")],
+    )
     assert outbox.due(30.0) == []
-    (again,) = Outbox(connect()).due(61.0)
+    again, untried = Outbox(connect()).due(61.0)
     assert (again.id, again.tries) == (first.id, 1)
-    assert outbox.backlog() == {"ehr": (1, 10.0)}
+    assert (untried.id, untried.tries) == (third.id, 0)  # not tried: not counted
+    assert outbox.backlog() == {"ehr": (2, 10.0)}
     (dropped,) = outbox.dropped()
     assert (dropped["queue_id"], dropped["last_error"], dropped["tries"]) == ("Q2", "HTTP 410", 1)
     outbox.prune(10.0 + 31 * 86400)

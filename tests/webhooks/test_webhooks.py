@@ -2,18 +2,26 @@
 the Standard Webhooks library; while it is down the events wait in the outbox and are
 retried; once it is up every event arrives, each message's in order; a tampered
 payload fails verification; the events carry ids, recipients, status and mode, never
-the subject or the body; an endpoint gets only the events it asked for; events
-survive a restart; one never taken is dropped after webhooks.max_age, with a record."""
+the subject or the body; an endpoint gets only the events it asked for, and one that
+does not answer does not hold up the others; events survive a restart; one never
+taken is dropped after webhooks.max_age, with a record."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 from standardwebhooks import WebhookVerificationError
 
+from gateway.observability.metrics import Metrics
+from gateway.probe.dns import Resolver
+from gateway.storage.database import Database
+from gateway.webhooks import dispatcher as module
 from gateway.webhooks.events import new_secret
-from tests.conftest import free_port, leaf_files, run_sealgate
+from gateway.webhooks.outbox import Outbox
+from tests.conftest import free_port, leaf_files, load_test_config, run_sealgate, write_config
 from tests.support.delivery import BODY, SUBJECT, send, state
 from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
@@ -183,3 +191,76 @@ async def test_events_survive_a_restart_and_are_dropped_after_max_age_with_a_rec
     assert sorted(d["type"] for d in dropped) == ["accepted", "delivered"]
     assert all(d["endpoint"] == "ehr" and d["last_error"] for d in dropped)
     assert r.received == []
+
+
+async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
+    world, pki, tmp_path, receivers, monkeypatch
+):
+    """One round of the dispatcher with twenty events due at each of two endpoints,
+    one of which takes connections and never says a word: the other gets all of
+    its events; the silent one is tried with as many posts as run at once (each
+    waiting out the timeout), its other events wait for the next try without
+    counting as tries - not twenty timeouts, one after another."""
+    monkeypatch.setattr(module, "POST_TIMEOUT", 1.0)
+    good = await receiver(world, pki, tmp_path, receivers).start()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the client gives up
+
+    silent_port = free_port()
+    silent = await asyncio.start_server(never_answer, "127.0.0.92", silent_port)
+    world.dns.add("hooks.silent.test", "A", "127.0.0.92")
+    ep, secret = endpoint(tmp_path, good)
+    mute, _ = endpoint(tmp_path, good, name="silent")
+    mute["url"] = f"https://hooks.silent.test:{silent_port}/hooks"
+    config = load_test_config(
+        write_config(
+            tmp_path,
+            world.config({"webhooks.endpoints": [ep, mute], "webhooks.retry_schedule": ["1h"]}),
+        )
+    )
+    outbox = Outbox(Database.sqlite(tmp_path / "outbox.db"))
+    events = 20
+    now = time.time()
+    for n in range(events):
+        payload = json.dumps({"type": "accepted", "timestamp": now, "data": {"n": n}})
+        outbox.add(
+            [(name, f"evt-{name}-{n}", f"Q{n}", "accepted", payload) for name in ("ehr", "silent")],
+            now,
+        )
+    metrics = Metrics()
+    d = module.Dispatcher(
+        config, outbox, "node-1", metrics, lambda: Resolver(config.dns.nameservers)
+    )
+    try:
+        assert await d.round() is True
+    finally:
+        await d.close()
+        silent.close()
+        for w in held:
+            w.close()
+        await silent.wait_closed()
+
+    def outcome(name: str, what: str) -> float:
+        labels = {"endpoint": name, "outcome": what}
+        return metrics.registry.get_sample_value("sealgate_webhook_posts_total", labels) or 0
+
+    assert sorted(e["data"]["n"] for e in good.verified(secret)) == list(range(events))
+    assert outcome("ehr", "posted") == events
+    assert outcome("silent", "failed") == module.CONCURRENCY
+    assert outcome("silent", "not-tried") == events - module.CONCURRENCY
+    db = Database.sqlite(tmp_path / "outbox.db")
+    try:
+        tries = db.execute(
+            "SELECT tries, count(*), min(last_error) FROM webhook_outbox "
+            "WHERE endpoint='silent' GROUP BY tries ORDER BY tries"
+        ).fetchall()
+    finally:
+        db.close()
+    assert [(t, n) for t, n, _ in tries] == [
+        (0, events - module.CONCURRENCY),
+        (1, module.CONCURRENCY),
+    ]
+    assert tries[0][2].startswith("not tried: no answer within")
