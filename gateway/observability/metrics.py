@@ -313,8 +313,8 @@ class Metrics:
             "sealgate_webhook_posts",
             "Webhook events posted, by endpoint and outcome: posted (a 2xx answer), "
             "failed (tried again later), not-tried (the endpoint did not answer another "
-            "event of the round: tried again later), dropped (not taken within "
-            "webhooks.max_age)",
+            "event of the round, or answered 429 or 503: tried again later), dropped "
+            "(not taken within webhooks.max_age)",
             ["endpoint", "outcome"],
             registry=r,
         )

@@ -12,9 +12,10 @@ answer deletes the event, anything else (or no answer within 15 s) sets its next
 try from ``webhooks.retry_schedule`` (the last wait repeats), until
 ``webhooks.max_age`` has passed: then it is dropped, logged (``webhook.dropped``)
 and counted.  An endpoint that does not answer at all (no connection, TLS refused,
-silence, garbage) is not sent the rest of its events in that round: they wait for
-the same next try, their tries not counted - so a round lasts at most about one
-timeout, and an endpoint that is down does not hold up the others' events.  A
+silence, garbage) or says it takes nothing now (429, 503) is not sent the rest of
+its events in that round: they wait for the same next try, their tries not counted
+- so a round lasts at most about one timeout, an endpoint that is down does not
+hold up the others' events, and one that is overloaded is not pressed further.  A
 round that posted something is followed 50 ms later by the next (a message's next
 event is due now); otherwise the dispatcher waits for the queue to write events, or
 a second.
@@ -50,7 +51,9 @@ LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
 CONCURRENCY = 16
 IDLE_WAIT = 1.0
 GAUGE_INTERVAL = 15.0
-_NOT_TRIED = ""  # an event of the round not posted: its endpoint did not answer
+_NOT_TRIED = ""  # an event of the round not posted: its endpoint was not taking events
+# answers about the endpoint, not the event: the round's other events wait too
+ENDPOINT_BUSY = frozenset({429, 503})
 
 
 class Dispatcher:
@@ -158,17 +161,17 @@ class Dispatcher:
     async def _post_all(self, events: list[Pending], at: list[int], results: list[str]) -> None:
         """One endpoint's events of a round: CONCURRENCY posts at a time, each poster
         taking the next event when its last is answered - none more once the
-        endpoint did not answer at all (the rest keep `_NOT_TRIED`)."""
+        endpoint is not taking events (the rest keep `_NOT_TRIED`)."""
         order = iter(at)
-        unreachable = False
+        refusing = False
 
         async def poster() -> None:
-            nonlocal unreachable
+            nonlocal refusing
             for i in order:
-                if unreachable:
+                if refusing:
                     return
-                results[i], answered = await self._post(events[i])
-                unreachable = unreachable or not answered
+                results[i], taking = await self._post(events[i])
+                refusing = refusing or not taking
 
         await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(at)))))
 
@@ -217,8 +220,9 @@ class Dispatcher:
         await self._db(self.outbox.settle, posted, retry, dropped)
 
     async def _post(self, event: Pending) -> tuple[str, bool]:
-        """POST one event; "posted", or why not - and whether the endpoint answered
-        (an HTTP status, whatever it was)."""
+        """POST one event; "posted", or why not - and whether the endpoint is taking
+        events: False when it did not answer, or answered for itself rather than
+        for the event (`ENDPOINT_BUSY`: too many requests, unavailable)."""
         endpoint = self.endpoints.get(event.endpoint)
         if endpoint is None:
             return f"endpoint {event.endpoint!r} is no longer configured", True
@@ -242,7 +246,7 @@ class Dispatcher:
             return f"no answer within {POST_TIMEOUT:g} s", False
         except http.HttpError as e:
             return str(e)[:300], False
-        return ("posted" if 200 <= status < 300 else f"HTTP {status}"), True
+        return ("posted" if 200 <= status < 300 else f"HTTP {status}"), status not in ENDPOINT_BUSY
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now

@@ -193,14 +193,18 @@ async def test_events_survive_a_restart_and_are_dropped_after_max_age_with_a_rec
     assert r.received == []
 
 
-async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
-    world, pki, tmp_path, receivers, monkeypatch
+@pytest.mark.parametrize(
+    ("refusal", "error"), [("silence", "no answer within"), ("503", "HTTP 503")]
+)
+async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
+    world, pki, tmp_path, receivers, monkeypatch, refusal, error
 ):
     """One round of the dispatcher with twenty events due at each of two endpoints,
-    one of which takes connections and never says a word: the other gets all of
-    its events; the silent one is tried with as many posts as run at once (each
-    waiting out the timeout), its other events wait for the next try without
-    counting as tries - not twenty timeouts, one after another."""
+    one of which takes connections and never says a word (or answers 503): the
+    other gets all of its events; the refusing one is tried with as many posts as
+    run at once (each waiting out the timeout), its other events wait for the next
+    try without counting as tries - not twenty timeouts one after another, nor
+    twenty posts to an endpoint that said it is unavailable."""
     monkeypatch.setattr(module, "POST_TIMEOUT", 1.0)
     good = await receiver(world, pki, tmp_path, receivers).start()
     held: list[asyncio.StreamWriter] = []
@@ -209,16 +213,23 @@ async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
         held.append(writer)
         await reader.read()  # until the client gives up
 
-    silent_port = free_port()
-    silent = await asyncio.start_server(never_answer, "127.0.0.92", silent_port)
-    world.dns.add("hooks.silent.test", "A", "127.0.0.92")
+    refusing_port = free_port()
+    if refusal == "silence":
+        silent = await asyncio.start_server(never_answer, "127.0.0.92", refusing_port)
+    else:
+        leaf = pki.ca.issue_cert("hooks.refusing.test")
+        chain, key = leaf_files(leaf, tmp_path, "refusing")
+        busy = Receiver("127.0.0.92", refusing_port, (chain, key), status=503)
+        receivers.append(busy)
+        await busy.start()
+    world.dns.add("hooks.refusing.test", "A", "127.0.0.92")
     ep, secret = endpoint(tmp_path, good)
-    mute, _ = endpoint(tmp_path, good, name="silent")
-    mute["url"] = f"https://hooks.silent.test:{silent_port}/hooks"
+    refusing, _ = endpoint(tmp_path, good, name="refusing")
+    refusing["url"] = f"https://hooks.refusing.test:{refusing_port}/hooks"
     config = load_test_config(
         write_config(
             tmp_path,
-            world.config({"webhooks.endpoints": [ep, mute], "webhooks.retry_schedule": ["1h"]}),
+            world.config({"webhooks.endpoints": [ep, refusing], "webhooks.retry_schedule": ["1h"]}),
         )
     )
     outbox = Outbox(Database.sqlite(tmp_path / "outbox.db"))
@@ -227,7 +238,10 @@ async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
     for n in range(events):
         payload = json.dumps({"type": "accepted", "timestamp": now, "data": {"n": n}})
         outbox.add(
-            [(name, f"evt-{name}-{n}", f"Q{n}", "accepted", payload) for name in ("ehr", "silent")],
+            [
+                (name, f"evt-{name}-{n}", f"Q{n}", "accepted", payload)
+                for name in ("ehr", "refusing")
+            ],
             now,
         )
     metrics = Metrics()
@@ -238,10 +252,11 @@ async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
         assert await d.round() is True
     finally:
         await d.close()
-        silent.close()
-        for w in held:
-            w.close()
-        await silent.wait_closed()
+        if refusal == "silence":
+            silent.close()
+            for w in held:
+                w.close()
+            await silent.wait_closed()
 
     def outcome(name: str, what: str) -> float:
         labels = {"endpoint": name, "outcome": what}
@@ -249,13 +264,13 @@ async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
 
     assert sorted(e["data"]["n"] for e in good.verified(secret)) == list(range(events))
     assert outcome("ehr", "posted") == events
-    assert outcome("silent", "failed") == module.CONCURRENCY
-    assert outcome("silent", "not-tried") == events - module.CONCURRENCY
+    assert outcome("refusing", "failed") == module.CONCURRENCY
+    assert outcome("refusing", "not-tried") == events - module.CONCURRENCY
     db = Database.sqlite(tmp_path / "outbox.db")
     try:
         tries = db.execute(
             "SELECT tries, count(*), min(last_error) FROM webhook_outbox "
-            "WHERE endpoint='silent' GROUP BY tries ORDER BY tries"
+            "WHERE endpoint='refusing' GROUP BY tries ORDER BY tries"
         ).fetchall()
     finally:
         db.close()
@@ -263,4 +278,4 @@ async def test_an_endpoint_that_does_not_answer_does_not_hold_up_the_others(
         (0, events - module.CONCURRENCY),
         (1, module.CONCURRENCY),
     ]
-    assert tries[0][2].startswith("not tried: no answer within")
+    assert tries[0][2].startswith(f"not tried: {error}")
