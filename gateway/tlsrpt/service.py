@@ -328,7 +328,7 @@ class TlsRptService:
             return str(e)
         headers = {"Content-Type": REPORT_MEDIA_TYPE, "User-Agent": "sealgate"}
         try:
-            status = await endpoint.post(compressed, headers, POST_TIMEOUT)
+            status = (await endpoint.post(compressed, headers, POST_TIMEOUT)).status
         except TimeoutError:
             return f"no answer within {POST_TIMEOUT:g} s"
         except http.HttpError as e:

@@ -13,9 +13,10 @@ try from ``webhooks.retry_schedule`` (the last wait repeats), until
 ``webhooks.max_age`` has passed: then it is dropped, logged (``webhook.dropped``)
 and counted.  An endpoint that does not answer at all (no connection, TLS refused,
 silence, garbage) or says it takes nothing now (429, 503) is not sent the rest of
-its events in that round: they wait for the same next try, their tries not counted
-- so a round lasts at most about one timeout, an endpoint that is down does not
-hold up the others' events, and one that is overloaded is not pressed further.  A
+its events in that round: they wait for the same next try (longer if its
+Retry-After asks, up to an hour), their tries not counted - so a round lasts at
+most about one timeout, an endpoint that is down does not hold up the others'
+events, and one that is overloaded is not pressed further.  A
 round that posted something is followed 50 ms later by the next (a message's next
 event is due now); otherwise the dispatcher waits for the queue to write events, or
 a second.
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from gateway.config import Config
 from gateway.events import Event
@@ -51,9 +52,18 @@ LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
 CONCURRENCY = 16
 IDLE_WAIT = 1.0
 GAUGE_INTERVAL = 15.0
-_NOT_TRIED = ""  # an event of the round not posted: its endpoint was not taking events
-# answers about the endpoint, not the event: the round's other events wait too
+# answers about the endpoint, not the event: the round's other events wait too - as
+# long as its Retry-After says, if longer than the retry schedule's wait (to a limit)
 ENDPOINT_BUSY = frozenset({429, 503})
+RETRY_AFTER_MOST = 3600.0
+
+
+class _Posted(NamedTuple):
+    """What came of posting one event."""
+
+    text: str  # "posted", or why not
+    taking: bool = True  # False: the endpoint did not answer, or said it takes nothing
+    retry_after: float | None = None  # the wait it asked for
 
 
 class Dispatcher:
@@ -150,7 +160,7 @@ class Dispatcher:
         mine = await self._db(self.outbox.take, self.node, now, now + LEASE)
         if not mine:
             return False
-        results = [_NOT_TRIED] * len(mine)
+        results: list[_Posted | None] = [None] * len(mine)  # None: not tried
         by_endpoint: dict[str, list[int]] = {}
         for i, event in enumerate(mine):
             by_endpoint.setdefault(event.endpoint, []).append(i)
@@ -158,10 +168,12 @@ class Dispatcher:
         await self._settle(mine, results)
         return bool(mine)
 
-    async def _post_all(self, events: list[Pending], at: list[int], results: list[str]) -> None:
+    async def _post_all(
+        self, events: list[Pending], at: list[int], results: list[_Posted | None]
+    ) -> None:
         """One endpoint's events of a round: CONCURRENCY posts at a time, each poster
         taking the next event when its last is answered - none more once the
-        endpoint is not taking events (the rest keep `_NOT_TRIED`)."""
+        endpoint is not taking events (the rest stay None)."""
         order = iter(at)
         refusing = False
 
@@ -170,32 +182,36 @@ class Dispatcher:
             for i in order:
                 if refusing:
                     return
-                results[i], taking = await self._post(events[i])
-                refusing = refusing or not taking
+                results[i] = posted = await self._post(events[i])
+                refusing = refusing or not posted.taking
 
         await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(at)))))
 
-    async def _settle(self, events: list[Pending], results: list[str]) -> None:
+    async def _settle(self, events: list[Pending], results: list[_Posted | None]) -> None:
         now = self.clock()
         posted, retry, dropped = [], [], []
         outcomes: Counter[tuple[str, str]] = Counter()
-        # why an endpoint's first failure of the round failed: its events not tried
-        # wait as long and carry that error
-        failures = {
+        # why an endpoint stopped taking events: its events not tried wait as long
+        # as the one it refused, and carry its error
+        refusals = {
             e.endpoint: (r, e.tries)
             for e, r in zip(events, results, strict=True)
-            if r not in ("posted", _NOT_TRIED)
+            if r is not None and not r.taking
         }
-        for event, result in zip(events, results, strict=True):
-            tried = result != _NOT_TRIED
-            if result == "posted":
+        for event, found in zip(events, results, strict=True):
+            tried = found is not None
+            if found is not None and found.text == "posted":
                 posted.append(event.id)
                 outcome = "posted"
             else:
-                if not tried:
-                    result, tries = failures[event.endpoint]
-                    result = f"not tried: {result}"
-                wait = self.schedule[min(event.tries if tried else tries, len(self.schedule) - 1)]
+                tries = event.tries
+                if found is None:
+                    refused, tries = refusals[event.endpoint]
+                    found = refused._replace(text=f"not tried: {refused.text}")
+                result = found.text
+                wait = float(self.schedule[min(tries, len(self.schedule) - 1)])
+                if found.retry_after is not None:  # the endpoint asked for a pause
+                    wait = max(wait, min(found.retry_after, RETRY_AFTER_MOST))
                 if (
                     now + wait > event.created + self.max_age
                     or event.endpoint not in self.endpoints
@@ -219,13 +235,11 @@ class Dispatcher:
             self.metrics.webhook_posts.labels(*labels).inc(count)
         await self._db(self.outbox.settle, posted, retry, dropped)
 
-    async def _post(self, event: Pending) -> tuple[str, bool]:
-        """POST one event; "posted", or why not - and whether the endpoint is taking
-        events: False when it did not answer, or answered for itself rather than
-        for the event (`ENDPOINT_BUSY`: too many requests, unavailable)."""
+    async def _post(self, event: Pending) -> _Posted:
+        """POST one event: "posted", or why not."""
         endpoint = self.endpoints.get(event.endpoint)
         if endpoint is None:
-            return f"endpoint {event.endpoint!r} is no longer configured", True
+            return _Posted(f"endpoint {event.endpoint!r} is no longer configured")
         body = event.payload.encode()
         stamp = int(self.clock())
         headers = {
@@ -241,12 +255,15 @@ class Dispatcher:
                 endpoint.url, self._ctx, self.resolver()
             )
         try:
-            status = await pool.post(body, headers, POST_TIMEOUT)
+            answer = await pool.post(body, headers, POST_TIMEOUT)
         except TimeoutError:
-            return f"no answer within {POST_TIMEOUT:g} s", False
+            return _Posted(f"no answer within {POST_TIMEOUT:g} s", taking=False)
         except http.HttpError as e:
-            return str(e)[:300], False
-        return ("posted" if 200 <= status < 300 else f"HTTP {status}"), status not in ENDPOINT_BUSY
+            return _Posted(str(e)[:300], taking=False)
+        if 200 <= answer.status < 300:
+            return _Posted("posted")
+        busy = answer.status in ENDPOINT_BUSY
+        return _Posted(f"HTTP {answer.status}", not busy, answer.retry_after if busy else None)
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now

@@ -8,16 +8,20 @@ event); an answer is parsed from the bytes as they arrive (`_parse`), without a
 stream reader's call per line.  What it reads of an answer is bounded: the status
 line and at most 100 header lines of 8 KiB, a body of at most 1 MiB (Content-Length
 or chunked; read and dropped, so the connection can be used again) - an answer
-without a length, or one with ``Connection: close``, ends the connection.  Names resolve through the
-gateway's resolver (``dns.nameservers``); the certificate is verified as for every
-HTTPS the gateway makes (system CAs plus ``tls.ca_file``, the host name).
+without a length, or one with ``Connection: close``, ends the connection.  Of the
+headers only ``Retry-After`` is handed on (in seconds, or as an HTTP date).  Names
+resolve through the gateway's resolver (``dns.nameservers``); the certificate is
+verified as for every HTTPS the gateway makes (system CAs plus ``tls.ca_file``, the
+host name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ssl
-from typing import cast
+import time
+from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
 from gateway.errors import SealgateError
@@ -33,6 +37,11 @@ class HttpError(SealgateError):
     """Why no answer came (connection, TLS, a malformed answer)."""
 
 
+class Answer(NamedTuple):
+    status: int
+    retry_after: float | None = None  # seconds the server asked the client to wait
+
+
 class _Connection(asyncio.Protocol):
     """One TLS connection carrying one request at a time; the answer is parsed from
     what arrived as it arrives (`_parse`), without a reader layer between."""
@@ -41,7 +50,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buffer = bytearray()
-        self._answer: asyncio.Future[tuple[int, bool]] | None = None
+        self._answer: asyncio.Future[tuple[Answer, bool]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's or uvloop's TLS transport (uvloop's is no asyncio.Transport)
@@ -74,17 +83,17 @@ class _Connection(asyncio.Protocol):
             self._answer.set_exception(e)
             return
         if parsed is not None:
-            status, keep, used = parsed
+            answer, keep, used = parsed
             del self._buffer[:used]
-            self._answer.set_result((status, keep and not self.closed))
+            self._answer.set_result((answer, keep and not self.closed))
         elif eof:
             self._answer.set_exception(
                 _Stale() if not self._buffer else HttpError("the answer is cut off")
             )
 
-    async def request(self, data: bytes) -> tuple[int, bool]:
-        """Send ``data``; the answer's status and whether the connection can carry
-        another request.  _Stale: closed before any answer began."""
+    async def request(self, data: bytes) -> tuple[Answer, bool]:
+        """Send ``data``; the answer and whether the connection can carry another
+        request.  _Stale: closed before any answer began."""
         assert self.transport is not None
         if self.closed or self._buffer:  # closed, or sent what nobody asked for
             raise _Stale
@@ -125,9 +134,9 @@ class Endpoint:
         for conn in idle:
             conn.close()
 
-    async def post(self, body: bytes, headers: dict[str, str], timeout: float) -> int:
-        """POST ``body``; the answer's status.  HttpError when none came; a kept
-        connection the server had closed meanwhile is replaced once."""
+    async def post(self, body: bytes, headers: dict[str, str], timeout: float) -> Answer:
+        """POST ``body``; the answer.  HttpError when none came; a kept connection
+        the server had closed meanwhile is replaced once."""
         head = [
             f"POST {self.path} HTTP/1.1",
             f"Host: {self.authority}",
@@ -168,9 +177,9 @@ class Endpoint:
                 last = e
         raise HttpError(f"cannot connect to {self.host}:{self.port}: {last}")
 
-    async def _exchange(self, conn: _Connection, request: bytes) -> int:
+    async def _exchange(self, conn: _Connection, request: bytes) -> Answer:
         try:
-            status, keep = await conn.request(request)
+            answer, keep = await conn.request(request)
         except BaseException:  # also cancelled (the timeout): the connection is in no state
             conn.close()
             raise
@@ -178,18 +187,18 @@ class Endpoint:
             self._idle.append(conn)
         else:
             conn.close()
-        return status
+        return answer
 
 
 class _Stale(Exception):
     """A kept connection that the server closed: try a new one."""
 
 
-def _parse(buffer: bytearray, eof: bool) -> tuple[int, bool, int] | None:
-    """The answer at the start of ``buffer``: its status, whether the connection can
-    carry another request, and how many bytes it took - or None while it is not all
-    there (``eof``: nothing more will come).  HttpError for what is not an answer or
-    is too large."""
+def _parse(buffer: bytearray, eof: bool) -> tuple[Answer, bool, int] | None:
+    """The answer at the start of ``buffer``, whether the connection can carry
+    another request, and how many bytes it took - or None while it is not all there
+    (``eof``: nothing more will come).  HttpError for what is not an answer or is
+    too large."""
     pos, status, keep = 0, 0, False
     headers: dict[str, str] = {}
     for n in range(MAX_HEADERS + 2):
@@ -211,11 +220,12 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[int, bool, int] | None:
     else:
         raise HttpError("the answer has too many header lines")
     keep = keep and headers.get("connection", "").lower() != "close"
+    answer = Answer(status, _seconds(headers.get("retry-after")))
     if status in (204, 304) or 100 <= status < 200:
-        return status, keep, pos
+        return answer, keep, pos
     if "chunked" in headers.get("transfer-encoding", "").lower():
         used = _chunks(buffer, pos)
-        return None if used is None else (status, keep, used)
+        return None if used is None else (answer, keep, used)
     if "content-length" in headers:
         try:
             length = int(headers["content-length"])
@@ -223,11 +233,27 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[int, bool, int] | None:
             raise HttpError("the answer's Content-Length is not a number") from None
         if not 0 <= length <= MAX_BODY:
             raise HttpError("the answer's body is too large")
-        return (status, keep, pos + length) if len(buffer) >= pos + length else None
+        return (answer, keep, pos + length) if len(buffer) >= pos + length else None
     # the body runs to the end of the connection (read no further than MAX_BODY)
     if eof or len(buffer) - pos >= MAX_BODY:
-        return status, False, len(buffer)
+        return answer, False, len(buffer)
     return None
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A Retry-After value (RFC 9110 10.2.3: seconds, or an HTTP date) as seconds
+    from now; None when there is none or it makes no sense."""
+    if not retry_after:
+        return None
+    if retry_after.isdigit():
+        return float(retry_after)
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _chunks(buffer: bytearray, pos: int) -> int | None:

@@ -1,5 +1,6 @@
 """A webhook receiver on loopback: HTTPS with a certificate from the test CA, every
-request kept (headers with lower-case names, body); ``status`` is what it answers.
+request kept (headers with lower-case names, body); ``status`` is what it answers
+(with ``answer_headers``).
 Stopped and started again on the same port, it is a receiver that was down."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class Receiver:
     port: int
     cert: tuple[Path, Path]
     status: int = 204
+    answer_headers: dict[str, str] = field(default_factory=dict)
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _transports: set = field(default_factory=set)
@@ -47,7 +49,7 @@ class Receiver:
             self._transports.add(request.transport)
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.received.append((headers, await request.read()))
-        return web.Response(status=self.status)
+        return web.Response(status=self.status, headers=self.answer_headers)
 
     def verified(self, secret: str) -> list[dict]:
         """Every request's event, each checked with the Standard Webhooks library

@@ -6,11 +6,14 @@ garbage, or not at all in time, is an error, not a hang."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ssl
+from email.utils import format_datetime
 
 import pytest
 import trustme
 
+from gateway.webhooks import http
 from gateway.webhooks.http import Endpoint, HttpError
 
 
@@ -61,7 +64,9 @@ async def test_connections_are_kept_and_every_kind_of_body_is_read(tls):
     ]
     server, port, seen = await serve(tls[0], answers)
     endpoint = Endpoint(f"https://127.0.0.1:{port}/hooks?x=1", tls[1], resolver=None)
-    statuses = [await endpoint.post(b'{"n": %d}' % i, {"webhook-id": f"e{i}"}, 5) for i in range(5)]
+    statuses = [
+        (await endpoint.post(b'{"n": %d}' % i, {"webhook-id": f"e{i}"}, 5)).status for i in range(5)
+    ]
     assert statuses == [204, 200, 202, 503, 200]
     assert seen["connections"] == 1  # one kept connection for all five
     assert seen["requests"][0].startswith(b"POST /hooks?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
@@ -76,8 +81,8 @@ async def test_a_connection_closed_while_idle_is_replaced_once(tls):
     answers = [b"HTTP/1.1 204 No Content\r\n\r\n", None, b"HTTP/1.1 204 No Content\r\n\r\n"]
     server, port, seen = await serve(tls[0], answers)
     endpoint = Endpoint(f"https://127.0.0.1:{port}/", tls[1], resolver=None)
-    assert await endpoint.post(b"{}", {}, 5) == 204
-    assert await endpoint.post(b"{}", {}, 5) == 204  # the kept one was closed: a new one
+    assert (await endpoint.post(b"{}", {}, 5)).status == 204
+    assert (await endpoint.post(b"{}", {}, 5)).status == 204  # the kept one was closed: a new one
     assert seen["connections"] == 2
     await endpoint.close()
     server.close()
@@ -131,9 +136,9 @@ async def test_an_answer_in_pieces_or_without_a_length_is_read_whole(tls):
     server = await asyncio.start_server(slow, "127.0.0.1", 0, ssl=tls[0])
     port = server.sockets[0].getsockname()[1]
     endpoint = Endpoint(f"https://127.0.0.1:{port}/", tls[1], resolver=None)
-    assert await endpoint.post(b"{}", {}, 5) == 200
+    assert (await endpoint.post(b"{}", {}, 5)).status == 200
     assert len(endpoint._idle) == 1  # kept: the body's four bytes ended the answer
-    assert await endpoint.post(b"{}", {}, 5) == 201
+    assert (await endpoint.post(b"{}", {}, 5)).status == 201
     assert endpoint._idle == []  # read to the end of the connection: not kept
     assert seen["connections"] == 1
     await endpoint.close()
@@ -167,3 +172,13 @@ async def test_an_answer_too_large_malformed_or_cut_off_is_an_error(tls, answer,
         await endpoint.post(b"{}", {}, 5)
     assert endpoint._idle == []
     server.close()
+
+
+def test_retry_after_is_read_in_seconds_or_as_a_date():
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90)
+    assert http._seconds("120") == 120.0
+    assert 85 <= (http._seconds(format_datetime(later, usegmt=True)) or 0) <= 90
+    assert http._seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # past: no wait
+    assert http._seconds("soon") is None
+    assert http._seconds("") is None
+    assert http._seconds(None) is None

@@ -194,17 +194,20 @@ async def test_events_survive_a_restart_and_are_dropped_after_max_age_with_a_rec
 
 
 @pytest.mark.parametrize(
-    ("refusal", "error"), [("silence", "no answer within"), ("503", "HTTP 503")]
+    ("refusal", "error", "pause"),
+    [("silence", "no answer within", 1), ("503", "HTTP 503", 1), ("429", "HTTP 429", 120)],
 )
 async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
-    world, pki, tmp_path, receivers, monkeypatch, refusal, error
+    world, pki, tmp_path, receivers, monkeypatch, refusal, error, pause
 ):
     """One round of the dispatcher with twenty events due at each of two endpoints,
-    one of which takes connections and never says a word (or answers 503): the
-    other gets all of its events; the refusing one is tried with as many posts as
-    run at once (each waiting out the timeout), its other events wait for the next
-    try without counting as tries - not twenty timeouts one after another, nor
-    twenty posts to an endpoint that said it is unavailable."""
+    one of which takes connections and never says a word (or answers 503, or 429
+    with ``Retry-After: 120``): the other gets all of its events; the refusing one
+    is tried with as many posts as run at once (each waiting out the timeout), its
+    other events wait for the next try without counting as tries - not twenty
+    timeouts one after another, nor twenty posts to an endpoint that said it is
+    unavailable - and the next try is when the endpoint asked, if later than the
+    retry schedule's."""
     monkeypatch.setattr(module, "POST_TIMEOUT", 1.0)
     good = await receiver(world, pki, tmp_path, receivers).start()
     held: list[asyncio.StreamWriter] = []
@@ -219,7 +222,8 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
     else:
         leaf = pki.ca.issue_cert("hooks.refusing.test")
         chain, key = leaf_files(leaf, tmp_path, "refusing")
-        busy = Receiver("127.0.0.92", refusing_port, (chain, key), status=503)
+        asks = {"Retry-After": str(pause)} if refusal == "429" else {}
+        busy = Receiver("127.0.0.92", refusing_port, (chain, key), int(refusal), asks)
         receivers.append(busy)
         await busy.start()
     world.dns.add("hooks.refusing.test", "A", "127.0.0.92")
@@ -229,7 +233,7 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
     config = load_test_config(
         write_config(
             tmp_path,
-            world.config({"webhooks.endpoints": [ep, refusing], "webhooks.retry_schedule": ["1h"]}),
+            world.config({"webhooks.endpoints": [ep, refusing], "webhooks.retry_schedule": ["1s"]}),
         )
     )
     outbox = Outbox(Database.sqlite(tmp_path / "outbox.db"))
@@ -269,13 +273,16 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
     db = Database.sqlite(tmp_path / "outbox.db")
     try:
         tries = db.execute(
-            "SELECT tries, count(*), min(last_error) FROM webhook_outbox "
-            "WHERE endpoint='refusing' GROUP BY tries ORDER BY tries"
+            "SELECT tries, count(*), min(last_error), min(next_try), max(next_try) "
+            "FROM webhook_outbox WHERE endpoint='refusing' GROUP BY tries ORDER BY tries"
         ).fetchall()
     finally:
         db.close()
-    assert [(t, n) for t, n, _ in tries] == [
+    assert [(t, n) for t, n, *_ in tries] == [
         (0, events - module.CONCURRENCY),
         (1, module.CONCURRENCY),
     ]
     assert tries[0][2].startswith(f"not tried: {error}")
+    settled = time.time()
+    for *_, first, last in tries:  # tried or not, the endpoint's events wait alike
+        assert now + pause <= first <= last <= settled + pause
