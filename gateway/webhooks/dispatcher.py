@@ -16,10 +16,9 @@ silence, garbage) or says it takes nothing now (429, 503) is not sent the rest o
 its events in that round: they wait for the same next try (longer if its
 Retry-After asks, up to an hour), their tries not counted - so a round lasts at
 most about one timeout, an endpoint that is down does not hold up the others'
-events, and one that is overloaded is not pressed further.  A
-round that posted something is followed 50 ms later by the next (a message's next
-event is due now); otherwise the dispatcher waits for the queue to write events, or
-a second.
+events, and one that is overloaded is not pressed further.  A round that posted
+something is followed 50 ms later by the next (a message's next event is due now);
+otherwise the dispatcher waits for the queue to write events, or a second.
 """
 
 from __future__ import annotations
