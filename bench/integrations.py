@@ -19,7 +19,8 @@ relay path.
    alternating, medians.  Target: webhooks cost at most 5% (ratio >= 0.95).  The
    webhook process runs at nice 19 (mail first): the time from the end of the mail
    until every event was posted is waited for before the next run, and reported,
-   with the ratio that counts it.
+   with the ratio that counts it; so is each gateway's CPU per message by process
+   (main, SMTP workers, webhook process), the posting after the mail included.
 
 Everything listens on 127.0.0.1.  Needs root (Postfix) for part 2.
 """
@@ -296,10 +297,24 @@ def webhooks(args: argparse.Namespace, workdir: Path) -> None:
                 ("on", with_hooks),
                 ("off", lambda: run_to(off.smtp_port, args.messages, args.size, off_log)),
             ]
+            # CPU per message of each gateway's processes (main, SMTP workers, the
+            # webhook process), including the posting after the mail: where the
+            # webhooks' cost lies
+            shares: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
             for i in range(args.rounds):
                 for name, run in order[i % 3 :] + order[: i % 3]:
+                    gw = on if name == "on" else off
+                    before = _by_role(gw) if name != "postfix" else {}
                     runs[name].append(run())
                     time.sleep(2)  # webhook posts of the last messages finish
+                    if name != "postfix":
+                        after = _by_role(gw)
+                        shares[name].append(
+                            {
+                                k: 1000 * (after[k] - before.get(k, 0.0)) / args.messages
+                                for k in after
+                            }
+                        )
                 print(
                     f"  round {i + 1}: "
                     + "  ".join(f"{n} {runs[n][-1][0]:6.0f}/s" for n, _ in order)
@@ -334,11 +349,37 @@ def webhooks(args: argparse.Namespace, workdir: Path) -> None:
         f"{'webhook events posted':30} {posted:.0f}; the receiver's CPU "
         f"{receiver_ms:.3f} ms per event"
     )
+    for name, taken in shares.items():
+        roles = sorted({role for d in taken for role in d})
+        print(
+            f"{'CPU per message, ' + name:30} "
+            + "  ".join(
+                f"{role} {statistics.median(d.get(role, 0.0) for d in taken):.2f} ms"
+                for role in roles
+            )
+        )
     print(
         f"{'webhooks on / off':30} {rate['on'] / rate['off']:.2f}  (target >= 0.95); "
         f"CPU +{cpu['on'] - cpu['off']:.2f} ms/msg; on / postfix "
         f"{rate['on'] / rate['postfix']:.2f}"
     )
+
+
+def _by_role(gw: Sealgate) -> dict[str, float]:
+    """CPU seconds so far of a gateway's processes: the main process, the SMTP workers
+    together, the webhook process."""
+    roles: dict[str, float] = {}
+    main, *children = gw.pids()
+    for pid in (main, *children):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        role = "main" if pid == main else "workers"
+        if b"--webhooks-only" in cmdline:
+            role = "webhooks"
+        roles[role] = roles.get(role, 0.0) + process_cpu([pid])
+    return roles
 
 
 def _posted(metrics: str) -> float:
