@@ -417,7 +417,7 @@ class QueueManager:
         shared = data if self._shares_at_once else None
         added = self.store.add(envelope, lease=lease, data=shared, fresh=fresh)
         if added and (events := self.webhooks.accepted(envelope)):
-            self.store.add_events(events, time.time())  # in the same transaction
+            self.store.add_events(events, time.time(), first=True)  # in the same transaction
         return added
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -45,7 +45,9 @@ from gateway.storage.database import Database, Dialect, Schema, batch
 from gateway.storage.migrations import Versioned, prepare
 from gateway.tlsrpt.store import SCHEMA as TLSRPT_SCHEMA
 from gateway.webhooks.outbox import INSERT as WEBHOOK_INSERT
+from gateway.webhooks.outbox import INSERT_FIRST as WEBHOOK_INSERT_FIRST
 from gateway.webhooks.outbox import SCHEMA as WEBHOOK_SCHEMA
+from gateway.webhooks.outbox import first_rows as first_webhook_rows
 from gateway.webhooks.outbox import insert_rows as webhook_rows
 
 SCHEMA = Schema("""
@@ -627,10 +629,16 @@ class QueueStore:
         )
         return True
 
-    def add_events(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
+    def add_events(
+        self, rows: list[tuple[str, str, str, str, str]], now: float, first: bool = False
+    ) -> None:
         """Webhook events for the outbox, in the transaction of the state they report
-        (`gateway.webhooks`)."""
-        self._db.write_many(WEBHOOK_INSERT, webhook_rows(rows, now))
+        (`gateway.webhooks`); ``first``: the events of messages this transaction
+        records (nothing of theirs can be waiting before them)."""
+        if first:
+            self._db.write_many(WEBHOOK_INSERT_FIRST, first_webhook_rows(rows, now))
+        else:
+            self._db.write_many(WEBHOOK_INSERT, webhook_rows(rows, now))
 
     def record(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hmac
+import itertools
 import json
 import secrets
 from collections.abc import Sequence
@@ -83,6 +84,17 @@ def endpoints_of(config: Config) -> tuple[Endpoint, ...]:
     return tuple(found)
 
 
+# Event ids (the Standard Webhooks ``webhook-id``, by which a receiver drops a
+# delivery it has seen): this process's random prefix and a count - unique, and no
+# system call per event as a random id would be
+_PREFIX = secrets.token_hex(8)
+_COUNT = itertools.count()
+
+
+def _event_id() -> str:
+    return f"evt_{_PREFIX}{next(_COUNT):08x}"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
@@ -108,7 +120,7 @@ class Events:
             {"type": kind, "timestamp": _now(), "data": {"queue_id": queue_id, **data}},
             separators=(",", ":"),
         )
-        return [(e.name, f"evt_{secrets.token_hex(12)}", queue_id, kind, payload) for e in wanting]
+        return [(e.name, _event_id(), queue_id, kind, payload) for e in wanting]
 
     def accepted(self, envelope: Envelope) -> list[Row]:
         """A message accepted from a client (Sealgate's own mail has no events)."""

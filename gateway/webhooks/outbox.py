@@ -2,7 +2,8 @@
 database (its schema's version 6).
 
 The queue writes a message's events with the state they report, in one transaction
-(`INSERT`, used by `gateway.queue.store.QueueStore.add_events`); the portal's
+(`INSERT`, or `INSERT_FIRST` for the event of a message just recorded, used by
+`gateway.queue.store.QueueStore.add_events`); the portal's
 events are written on their own just after its change.  A dispatcher (on every node
 of a cluster) takes the due ones.  A message's events arrive in order: only its
 oldest event per endpoint is ``pending``; one written while another of the same
@@ -53,6 +54,13 @@ INSERT = (
     "AND w.state IN ('pending', 'waiting')) THEN 'waiting' ELSE 'pending' END"
 )
 
+# a message's first event (``accepted``, as its message is recorded): nothing of it
+# can be pending before it (parameters: `first_rows`)
+INSERT_FIRST = (
+    "INSERT INTO webhook_outbox(endpoint, event_id, queue_id, type, payload, created, "
+    "next_try, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')"
+)
+
 DROPPED_KEPT = 30 * 86400
 
 _COLUMNS = "id, endpoint, event_id, queue_id, type, payload, created, tries"
@@ -97,6 +105,11 @@ def insert_rows(rows: list[tuple[str, str, str, str, str]], now: float) -> list[
     """`INSERT`'s parameters for outbox rows (endpoint, event id, queue id, type,
     payload) written at ``now``."""
     return [(*r, now, now, r[0], r[2]) for r in rows]
+
+
+def first_rows(rows: list[tuple[str, str, str, str, str]], now: float) -> list[tuple[Any, ...]]:
+    """`INSERT_FIRST`'s parameters."""
+    return [(*r, now, now) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ those."""
 from __future__ import annotations
 
 from gateway.storage.database import Database
-from gateway.webhooks.outbox import _DUE, _TAKE, INSERT, Outbox, insert_rows
+from gateway.webhooks.outbox import (
+    _DUE,
+    _TAKE,
+    INSERT,
+    INSERT_FIRST,
+    Outbox,
+    first_rows,
+    insert_rows,
+)
 from tests.support.stores import opener
 
 
@@ -35,6 +43,20 @@ def test_only_the_oldest_pending_event_of_a_message_and_endpoint_is_due(connect)
         ("ehr", "Q1", "delivered"),  # its turn now
         ("ehr", "Q2", "accepted"),
     ]
+
+
+def test_a_message_s_first_event_is_due_and_the_next_waits_for_it(connect):
+    """The event of a message just recorded goes in without looking for earlier ones
+    (`INSERT_FIRST`); what follows it still waits its turn."""
+    db = connect()
+    outbox = Outbox(db)
+    with db.transaction():
+        db.executemany(INSERT_FIRST, first_rows([row("ehr", "Q1", "accepted")], 10.0))
+    outbox.add([row("ehr", "Q1", "delivered")], 11.0)
+    (first,) = outbox.due(20.0)
+    assert (first.type, first.tries) == ("accepted", 0)
+    outbox.settle([first.id], [], [])
+    assert [e.type for e in outbox.due(20.0)] == ["delivered"]
 
 
 def test_a_claimed_event_is_one_nodes_until_its_lease_ends(connect):
