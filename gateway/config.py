@@ -1269,7 +1269,9 @@ class WebhooksConfig:
         default=tuple(Duration(s) for s in (5, 300, 1800, 7200, 18000, 36000)),
         metadata=doc(
             "Waits between attempts to post an event an endpoint did not take (no 2xx); "
-            "the last repeats. A message's later events wait for its earlier ones."
+            "the last repeats. A message's later events wait for its earlier ones. An "
+            "endpoint that does not answer, or answers 429 or 503, is sent none of its "
+            "other events until its next try (later if its Retry-After asks, up to an hour)."
         ),
     )
     max_age: Duration = field(
