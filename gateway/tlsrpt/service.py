@@ -13,6 +13,9 @@ delivered over TLS when offered but held to no TLS policy: RFC 8460 5.3);
 ``https:`` ones are POSTed (``application/tlsrpt+gzip``), archived as sent with
 each POST's result, and retried for a day.  A domain whose record cannot be looked
 up now is tried again at the next round; one without a record is recorded as such.
+Domains are reported `SEND_AT_ONCE` at a time: one whose DNS is slow or whose
+receiver hangs (up to `POST_TIMEOUT`) does not hold up the others.  The report
+store is used from one thread of its own, one call after the other.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import datetime
 import hashlib
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.config import Config
 from gateway.events import Event
@@ -56,12 +60,14 @@ from gateway.tlsrpt.model import (
 from gateway.tlsrpt.store import KEEP_DAYS, TlsRptStore
 from gateway.webhooks import http
 
+T = TypeVar("T")
 log = get_logger("gateway.tlsrpt")
 
 FLUSH_INTERVAL = 60.0
 SEND_AFTER = 300.0  # seconds into the UTC day: every node has flushed the last one
 HTTPS_RETRIES = (300.0, 1800.0, 7200.0, 21600.0, 43200.0)  # then given up (a day)
 POST_TIMEOUT = 60.0
+SEND_AT_ONCE = 8  # domains whose reports are sent side by side
 
 
 class Queue(Protocol):
@@ -126,6 +132,11 @@ class TlsRptService:
         self.store: TlsRptStore | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one round at a time
+        # the store's connection is used by one thread, one call at a time
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tlsrpt")
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def apply(self, config: Config) -> None:
         """SIGHUP: the organization, contact and CA file of later reports."""
@@ -154,7 +165,7 @@ class TlsRptService:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.store = await asyncio.to_thread(lambda: TlsRptStore(self.storage.open("queue")))
+        self.store = await self._db(lambda: TlsRptStore(self.storage.open("queue")))
         self._task = asyncio.get_running_loop().create_task(self._periodic())
 
     async def close(self) -> None:
@@ -165,7 +176,8 @@ class TlsRptService:
         with contextlib.suppress(StorageError):
             await self.flush()
         if self.store is not None:
-            await asyncio.to_thread(self.store.close)
+            await self._db(self.store.close)
+        self._thread.shutdown(wait=True)
 
     async def _periodic(self) -> None:
         while True:
@@ -181,7 +193,7 @@ class TlsRptService:
             return
         rows = self.tally.drain()
         try:
-            await asyncio.to_thread(self.store.add, rows)
+            await self._db(self.store.add, rows)
         except StorageError:
             self.tally.restore(rows)  # kept for the next flush
             raise
@@ -194,13 +206,11 @@ class TlsRptService:
             now = self.clock()
             today = day_of(now)
             until = today if now - _day_start(today) >= SEND_AFTER else day_of(now - 86400)
-            sent = [
-                await self._send(day, domain, now)
-                for day, domain in await asyncio.to_thread(self.store.due, until)
-            ]
+            due = await self._db(self.store.due, until)
+            sent = await _side_by_side([self._send(day, domain, now) for day, domain in due])
             sent += await self._retry(now)
             oldest = day_of(now - KEEP_DAYS * 86400)
-            await asyncio.to_thread(self.store.prune, oldest)
+            await self._db(self.store.prune, oldest)
             return [s for s in sent if s is not None]
 
     # -- sending ----------------------------------------------------------------------
@@ -226,12 +236,12 @@ class TlsRptService:
             return None  # the lookup failed: the next round asks again
         report_id = new_report_id(day, domain, self.reporter.submitter)
         node = self.storage.node_id
-        if not await asyncio.to_thread(store.claim, day, domain, node, report_id, now):
+        if not await self._db(store.claim, day, domain, node, report_id, now):
             return None  # another node sends it
         if isinstance(rua, str):
-            await asyncio.to_thread(store.settle, day, domain, "no-rua", {"why": rua})
+            await self._db(store.settle, day, domain, "no-rua", {"why": rua})
             return Sent(domain, day, "no-rua", {"why": rua})
-        counts = (await asyncio.to_thread(store.counts, day, domain)).get(domain, {})
+        counts = (await self._db(store.counts, day, domain)).get(domain, {})
         compressed = gzipped(report_json(self.reporter, day, report_id, counts))
         mailto = [_address_of(u) for u in rua if u.lower().startswith("mailto:")]
         posts = [u for u in rua if u.lower().startswith("https://")]
@@ -254,7 +264,7 @@ class TlsRptService:
             if any(v != "posted" for v in posted.values()):
                 state = "retry"
                 detail["next_try"] = now + HTTPS_RETRIES[0]
-        await asyncio.to_thread(store.settle, day, domain, state, detail)
+        await self._db(store.settle, day, domain, state, detail)
         log.info(
             Event.TLSRPT_SENT,
             domain=domain,
@@ -268,29 +278,38 @@ class TlsRptService:
 
     async def _retry(self, now: float) -> list[Sent | None]:
         assert self.store is not None
-        done: list[Sent | None] = []
-        for day, domain, detail in await asyncio.to_thread(self.store.retrying):
-            if detail.get("next_try", 0) > now:
-                continue
-            counts = (await asyncio.to_thread(self.store.counts, day, domain)).get(domain, {})
-            report_id = detail["report_id"]
-            compressed = gzipped(report_json(self.reporter, day, report_id, counts))
-            failed = [u for u, v in detail["posts"].items() if v != "posted"]
-            posted = await self._post_all(failed, compressed, detail.get("archived"))
-            detail["posts"].update(posted)
-            tries = detail["tries"] = int(detail.get("tries", 1)) + 1
-            state = "sent"
-            if any(v != "posted" for v in detail["posts"].values()):
-                if tries > len(HTTPS_RETRIES):
-                    state = "failed"
-                else:
-                    state = "retry"
-                    detail["next_try"] = now + HTTPS_RETRIES[tries - 1]
-            await asyncio.to_thread(self.store.settle, day, domain, state, detail)
-            if state == "failed":
-                log.warning(Event.TLSRPT_FAILED, domain=domain, day=day, tries=tries)
-            done.append(Sent(domain, day, state, detail))
-        return done
+        retrying = await self._db(self.store.retrying)
+        return await _side_by_side(
+            [
+                self._post_again(day, domain, detail, now)
+                for day, domain, detail in retrying
+                if detail.get("next_try", 0) <= now
+            ]
+        )
+
+    async def _post_again(
+        self, day: str, domain: str, detail: dict[str, Any], now: float
+    ) -> Sent | None:
+        """A report whose POSTs failed: to the receivers that did not take it, again."""
+        assert self.store is not None
+        counts = (await self._db(self.store.counts, day, domain)).get(domain, {})
+        report_id = detail["report_id"]
+        compressed = gzipped(report_json(self.reporter, day, report_id, counts))
+        failed = [u for u, v in detail["posts"].items() if v != "posted"]
+        posted = await self._post_all(failed, compressed, detail.get("archived"))
+        detail["posts"].update(posted)
+        tries = detail["tries"] = int(detail.get("tries", 1)) + 1
+        state = "sent"
+        if any(v != "posted" for v in detail["posts"].values()):
+            if tries > len(HTTPS_RETRIES):
+                state = "failed"
+            else:
+                state = "retry"
+                detail["next_try"] = now + HTTPS_RETRIES[tries - 1]
+        await self._db(self.store.settle, day, domain, state, detail)
+        if state == "failed":
+            log.warning(Event.TLSRPT_FAILED, domain=domain, day=day, tries=tries)
+        return Sent(domain, day, state, detail)
 
     async def _post_all(
         self, urls: list[str], compressed: bytes, archived: str | None
@@ -366,3 +385,22 @@ class TlsRptService:
 def _address_of(uri: str) -> str:
     """The address of a ``mailto:`` URI (RFC 6068: percent-encoded, headers after ?)."""
     return urllib.parse.unquote(uri[len("mailto:") :].split("?", 1)[0]).strip()
+
+
+async def _side_by_side(sends: list[Awaitable[Sent | None]]) -> list[Sent | None]:
+    """Run the sends `SEND_AT_ONCE` at a time; their results in order.  One that
+    fails (the store went away) ends the others and its error is raised."""
+    gate = asyncio.Semaphore(SEND_AT_ONCE)
+
+    async def gated(send: Awaitable[Sent | None]) -> Sent | None:
+        async with gate:
+            return await send
+
+    tasks = [asyncio.ensure_future(gated(s)) for s in sends]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

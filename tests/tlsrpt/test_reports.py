@@ -7,13 +7,17 @@ every report is archived."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import gzip
 import json
 import re
+import time
 
 import pytest
 
+from gateway.tlsrpt import service
+from gateway.tlsrpt.model import ReportPolicy
 from gateway.tlsrpt.service import SEND_AFTER
 from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.delivery import send, state
@@ -204,3 +208,54 @@ async def test_no_record_means_no_report(gateway_factory, world, pki, tmp_path, 
     tomorrow(gw)
     (sent,) = await gw.tlsrpt.run_once()
     assert sent.state == "no-rua" and "0 v=TLSRPTv1 records" in sent.detail["why"]
+
+
+async def test_a_receiver_that_hangs_does_not_hold_up_other_domains_reports(
+    gateway_factory, world, pki, tmp_path, servers, monkeypatch
+):
+    """Two domains' reports are due; the first one's https receiver takes the
+    connection and never answers: the second one's report is posted while the first
+    still waits, and the first is retried later."""
+    monkeypatch.setattr(service, "POST_TIMEOUT", 3.0)
+    held: list[asyncio.StreamWriter] = []
+    gave_up: list[float] = []  # when the gateway closed a connection it waited on
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()
+        gave_up.append(time.monotonic())
+
+    silent_port = free_port()
+    silent = await asyncio.start_server(never_answer, "127.0.0.85", silent_port)
+    world.dns.add("rua.slow.test", "A", "127.0.0.85")
+    quick = await https_server(world, pki, tmp_path, servers, "rua.quick.test", "127.0.0.84")
+    slow_rua = f"https://rua.slow.test:{silent_port}/"
+    world.dns.add("_smtp._tls.a-slow.test", "TXT", f'"v=TLSRPTv1; rua={slow_rua}"')
+    world.dns.add(
+        "_smtp._tls.b-quick.test", "TXT", f'"v=TLSRPTv1; rua=https://rua.quick.test:{quick.port}/"'
+    )
+    gw = await gateway_factory(
+        world.config(
+            {
+                "tlsrpt.enabled": True,
+                "tlsrpt.organization": "Clinic Example",
+                "tlsrpt.contact": "tls-admin@clinic.test",
+            }
+        )
+    )
+    for domain in ("a-slow.test", "b-quick.test"):
+        gw.tlsrpt.count(ReportPolicy(domain, "sts"), None)
+    tomorrow(gw)
+    try:
+        round_ = asyncio.ensure_future(gw.tlsrpt.run_once())
+        await wait_until(lambda: len(quick.received) == 1, what="the quick domain's report")
+        assert held and not gave_up  # posted while the slow one still waited for its answer
+        sent = {s.domain: s for s in await round_}
+    finally:
+        silent.close()
+        for w in held:
+            w.close()
+        await silent.wait_closed()
+    assert sent["b-quick.test"].state == "sent"
+    assert sent["a-slow.test"].state == "retry"
+    assert sent["a-slow.test"].detail["posts"] == {slow_rua: "no answer within 3 s"}
