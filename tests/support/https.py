@@ -4,6 +4,9 @@ server = await PolicyServer("127.0.0.71", port, cert_and_key, body="version: STS
 server.status, server.content_type, server.chunked = 404, "text/html", True
 server.requests   # how many requests it answered
 server.received   # each request's method, headers and body (a POST's)
+
+silent = await SilentServer("127.0.0.85", port).start()   # takes connections, never
+silent.held, silent.gave_up                                # answers; when clients left
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,3 +82,32 @@ class PolicyServer:
             writer.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
+
+
+@dataclass
+class SilentServer:
+    """Takes connections and never says a word (no TLS handshake either): a receiver
+    that hangs.  ``held``: the connections taken; ``gave_up``: when each client
+    closed one it had waited on."""
+
+    host: str
+    port: int
+    held: list[asyncio.StreamWriter] = field(default_factory=list)
+    gave_up: list[float] = field(default_factory=list)
+    _server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> SilentServer:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self.held:
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.held.append(writer)
+        await reader.read()  # until the client gives up
+        self.gave_up.append(time.monotonic())

@@ -12,7 +12,6 @@ import datetime
 import gzip
 import json
 import re
-import time
 
 import pytest
 
@@ -21,7 +20,7 @@ from gateway.tlsrpt.model import ReportPolicy
 from gateway.tlsrpt.service import SEND_AFTER
 from tests.conftest import free_port, leaf_files, run_sealgate
 from tests.support.delivery import send, state
-from tests.support.https import PolicyServer
+from tests.support.https import PolicyServer, SilentServer
 from tests.support.tlsrpt import check_report, read_mailed
 from tests.support.world import wait_until
 
@@ -217,16 +216,8 @@ async def test_a_receiver_that_hangs_does_not_hold_up_other_domains_reports(
     connection and never answers: the second one's report is posted while the first
     still waits, and the first is retried later."""
     monkeypatch.setattr(service, "POST_TIMEOUT", 3.0)
-    held: list[asyncio.StreamWriter] = []
-    gave_up: list[float] = []  # when the gateway closed a connection it waited on
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        await reader.read()
-        gave_up.append(time.monotonic())
-
     silent_port = free_port()
-    silent = await asyncio.start_server(never_answer, "127.0.0.85", silent_port)
+    silent = await SilentServer("127.0.0.85", silent_port).start()
     world.dns.add("rua.slow.test", "A", "127.0.0.85")
     quick = await https_server(world, pki, tmp_path, servers, "rua.quick.test", "127.0.0.84")
     slow_rua = f"https://rua.slow.test:{silent_port}/"
@@ -249,13 +240,11 @@ async def test_a_receiver_that_hangs_does_not_hold_up_other_domains_reports(
     try:
         round_ = asyncio.ensure_future(gw.tlsrpt.run_once())
         await wait_until(lambda: len(quick.received) == 1, what="the quick domain's report")
-        assert held and not gave_up  # posted while the slow one still waited for its answer
+        # posted while the slow one still waited for its answer
+        assert silent.held and not silent.gave_up
         sent = {s.domain: s for s in await round_}
     finally:
-        silent.close()
-        for w in held:
-            w.close()
-        await silent.wait_closed()
+        await silent.stop()
     assert sent["b-quick.test"].state == "sent"
     assert sent["a-slow.test"].state == "retry"
     assert sent["a-slow.test"].detail["posts"] == {slow_rua: "no answer within 3 s"}

@@ -8,7 +8,6 @@ taken is dropped after webhooks.max_age, with a record."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -23,6 +22,7 @@ from gateway.webhooks.events import new_secret
 from gateway.webhooks.outbox import Outbox
 from tests.conftest import free_port, leaf_files, load_test_config, run_sealgate, write_config
 from tests.support.delivery import BODY, SUBJECT, send, state
+from tests.support.https import SilentServer
 from tests.support.webhooks import Receiver
 from tests.support.world import wait_until
 
@@ -210,15 +210,10 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
     retry schedule's."""
     monkeypatch.setattr(module, "POST_TIMEOUT", 1.0)
     good = await receiver(world, pki, tmp_path, receivers).start()
-    held: list[asyncio.StreamWriter] = []
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        await reader.read()  # until the client gives up
-
     refusing_port = free_port()
+    silent = SilentServer("127.0.0.92", refusing_port)
     if refusal == "silence":
-        silent = await asyncio.start_server(never_answer, "127.0.0.92", refusing_port)
+        await silent.start()
     else:
         leaf = pki.ca.issue_cert("hooks.refusing.test")
         chain, key = leaf_files(leaf, tmp_path, "refusing")
@@ -256,11 +251,7 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
         assert await d.round() is True
     finally:
         await d.close()
-        if refusal == "silence":
-            silent.close()
-            for w in held:
-                w.close()
-            await silent.wait_closed()
+        await silent.stop()
 
     def outcome(name: str, what: str) -> float:
         labels = {"endpoint": name, "outcome": what}
