@@ -32,6 +32,7 @@ configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 # fixtures every test may use: the delivery world, the portal from a recipient's side,
 # the console from a compliance officer's
 pytest_plugins = [
+    "tests.support.leaks",  # names where an unclosed transport was made
     "tests.support.world",
     "tests.support.portal",
     "tests.support.console",
