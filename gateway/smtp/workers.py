@@ -6,12 +6,16 @@ once, clearly), recovers the spool, and starts ``smtp.workers`` children that in
 the socket and accept from it, the way Postfix's smtpd processes share theirs.  A
 worker writes each message to the spool itself and answers 250 only after the fsync;
 then it tells the main process ``queued`` over a control socket, so the main process
-counts the spool and queues the message (reading it from the spool).  A large message in one worker
-cannot stall the sessions of another.
+counts the spool and queues the message - with its envelope and bytes when they are
+at hand (up to `HAND_OVER_MAX`), so that the main process need not read back what
+this one has in memory; else it reads them from the spool.  A large message in one
+worker cannot stall the sessions of another.
 
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
-with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
-(every second and on exit).  The main process adds the snapshots to its own metrics.
+with ``queue_id`` and ``size``, and when handed over ``data`` and ``envelope``: the
+lengths of the message and of the envelope's JSON line as spooled, whose bytes follow
+the line, in that order; ``metrics`` with a snapshot of the worker's samples (every second and on
+exit).  The main process adds the snapshots to its own metrics.
 Main -> child: ``reload`` (SIGHUP, after the main process checked the file): the
 worker reads the configuration again for its certificate, relay rules and binding.
 
@@ -58,6 +62,9 @@ log = get_logger("gateway.smtp.workers")
 
 METRICS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
+# Messages up to this size go to the main process with ``queued`` (it keeps those of
+# up to `gateway.queue.manager.CACHE_MESSAGE_MAX` for their first attempt anyway).
+HAND_OVER_MAX = 256 * 1024
 _GAUGES = (
     "sealgate_smtp_connections_active",
     "sealgate_spool_",
@@ -106,7 +113,7 @@ class WorkerPool:
         self,
         config: Config,
         config_path: Path | None,
-        on_queued: Callable[[str, int], Awaitable[None] | None],
+        on_queued: Callable[[str, int, Envelope | None, bytes | None], Awaitable[None] | None],
         on_access: Callable[[dict[str, Any]], None] | None = None,
         api_socket: Path | None = None,
     ):
@@ -190,7 +197,13 @@ class WorkerPool:
                 continue
             kind = message.get("type")
             if kind == "queued":
-                handed = self.on_queued(str(message["queue_id"]), int(message["size"]))
+                try:
+                    envelope, data = await _handed_over(message, reader)
+                except asyncio.IncompleteReadError:
+                    break  # the worker died mid-message (the spool has it)
+                handed = self.on_queued(
+                    str(message["queue_id"]), int(message["size"]), envelope, data
+                )
                 if handed is not None:  # cluster.ack: shared - the worker waits for this
                     self._answer(worker, str(message["queue_id"]), handed)
             elif kind == "metrics":
@@ -199,6 +212,11 @@ class WorkerPool:
                 self.on_access(message)
             elif kind == "ready":
                 worker.ready.set()
+        await self._exited(worker)
+
+    async def _exited(self, worker: _Worker) -> None:
+        """A worker's control socket closed: keep its counters, and start another
+        unless the gateway is stopping."""
         code = await asyncio.get_running_loop().run_in_executor(None, worker.proc.wait)
         for key, value in worker.snapshot.items():
             if not key.startswith(_GAUGES):
@@ -288,17 +306,34 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
+async def _handed_over(
+    message: dict[str, Any], reader: asyncio.StreamReader
+) -> tuple[Envelope | None, bytes | None]:
+    """The envelope and bytes that follow a ``queued`` line, if it announces them."""
+    if "data" not in message:
+        return None, None
+    data = await reader.readexactly(int(message["data"]))
+    line = await reader.readexactly(int(message["envelope"]))
+    return Envelope.from_dict(json.loads(line.decode("utf-8", "surrogateescape"))), data
+
+
 class _Recording:
     """A worker's side of ``queued``: with ``cluster.ack: shared`` a message is
     acknowledged only when the main process says it is in the shared store."""
 
-    def __init__(self, waiting: bool, send: Callable[[dict[str, Any]], None]):
+    def __init__(self, waiting: bool, send: Callable[..., None]):
         self.waiting, self.send = waiting, send
         self._futures: dict[str, asyncio.Future[None]] = {}
 
-    def queued(self, env: Envelope, data: bytes | None) -> asyncio.Future[None] | None:
-        """The main process queues it (reading it from the spool)."""
-        self.send({"type": "queued", "queue_id": env.queue_id, "size": env.size})
+    def queued(self, env: Envelope, data: bytes | None, line: bytes) -> asyncio.Future[None] | None:
+        """The main process queues it: handed its bytes and envelope (``line``, as
+        spooled) when they are at hand and not large, else reading them from the
+        spool."""
+        message: dict[str, Any] = {"type": "queued", "queue_id": env.queue_id, "size": env.size}
+        if data is not None and len(data) <= HAND_OVER_MAX:
+            self.send(message | {"data": len(data), "envelope": len(line)}, data, line)
+        else:
+            self.send(message)
         if not self.waiting:
             return None
         self._futures[env.queue_id] = asyncio.get_running_loop().create_future()
@@ -422,9 +457,10 @@ class _Control:
     async def open(cls, sock: socket.socket) -> _Control:
         return cls(*await asyncio.open_connection(sock=sock))
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], *after: bytes) -> None:
+        """One line, and ``after`` it the bytes it announces."""
         if not self.writer.is_closing():
-            self.writer.write(json.dumps(message).encode() + b"\n")
+            self.writer.writelines([json.dumps(message).encode() + b"\n", *after])
 
     def start(
         self,

@@ -1,0 +1,52 @@
+"""The control line from an SMTP worker to the main process: ``queued`` hands over the
+bytes and envelope of a message that is not large, so the main process need not read
+back from the spool what the worker had in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from gateway.model import Purpose
+from gateway.smtp.workers import HAND_OVER_MAX, _Control, _handed_over, _Recording
+from gateway.spool import Spool
+from gateway.spool.store import SPILL_THRESHOLD, read_message
+from gateway.spool.submit import Submitter
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool", io_threads=2)
+    s.open()
+    s.start_io()
+    yield s
+    s.close()
+
+
+async def test_queued_hands_over_what_the_spool_holds_and_announces_large_ones(spool):
+    worker_end, main_end = socket.socketpair()
+    control = await _Control.open(worker_end)
+    reader, writer = await asyncio.open_connection(sock=main_end)
+    submitter = Submitter(spool, "gw.test", "X-Sealgate", _Recording(False, control.send).queued)
+    # a non-UTF-8 local part (as a client without SMTPUTF8 may send it): byte for byte
+    recipients = ["b\udce9@example.net", "c@example.net"]
+    small = b"Subject: x\r\n\r\n" + b".line\r\n{not json}\r\n" * 1000
+    large = b"Subject: y\r\n\r\n" + b"z" * (max(HAND_OVER_MAX, SPILL_THRESHOLD) + 1)
+    try:
+        ids = [
+            await submitter.submit("s@clinic.test", recipients, data, Purpose.MESSAGE)
+            for data in (small, large)
+        ]
+        first = json.loads(await reader.readline())
+        assert (first["type"], first["queue_id"]) == ("queued", ids[0])
+        assert await _handed_over(first, reader) == read_message(spool.path_of(ids[0]))
+        # announced alone: the main process reads it from the spool
+        second = json.loads(await reader.readline())
+        assert second == {"type": "queued", "queue_id": ids[1], "size": len(large)}
+        assert await _handed_over(second, reader) == (None, None)
+    finally:
+        writer.close()
+        control.writer.close()
