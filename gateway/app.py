@@ -174,7 +174,12 @@ class Gateway:
             make_smtp_context(cfg, self.submitter, self.metrics)  # fail here, not in a worker
             self._api_socket = _internal_socket(cfg) if cfg.api.enabled else None
             self.workers = WorkerPool(
-                cfg, self.config_path, self._worker_queued, self._worker_access, self._api_socket
+                cfg,
+                self.config_path,
+                self._worker_queued,
+                self._worker_access,
+                self._api_socket,
+                on_exited=self.queue.adopt_strays_soon if self.queue is not None else None,
             )
             await self.workers.start()
         else:

@@ -41,6 +41,7 @@ class Event(enum.StrEnum):
     CONNECTION_LOST = "smtp.connection-lost"
     # queue and delivery
     QUEUE_STARTED = "queue.started"
+    QUEUE_STRAYS_ADOPTED = "queue.strays-adopted"
     DELIVERY_ATTEMPT = "delivery.attempt"
     DELIVERY_ERROR = "delivery.error"
     DELIVERY_TLS_FAILED = "delivery.tls-failed"

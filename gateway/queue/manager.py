@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import os
 import random
 import sqlite3
 import time
@@ -98,6 +99,10 @@ SETTLE = 300.0  # a cluster's unfinished messages: left to the node finishing th
 # cluster.ack: local - a message still open this long after it was recorded has its
 # content put into the shared store (one delivered sooner never goes there)
 SHARE_AFTER = 10.0
+# After an SMTP worker died: its messages spooled before then but never announced
+# (`adopt_strays`) are looked for this long after, once the other workers' lines of
+# that moment have surely arrived.
+STRAY_GRACE = 2.0
 DURABLE_EVERY = 0.05  # seconds between archive syncs before spool files are removed
 # Messages read at arrival wait here for their first attempt (no second read); the
 # spool file stays the durable copy.
@@ -236,6 +241,8 @@ class QueueManager:
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
         self._enqueues: set[asyncio.Future[None]] = set()
+        self._enqueuing: set[str] = set()  # queue ids being recorded just now
+        self._adopted: set[str] = set()  # strays recorded by `adopt_strays`
         # slow destinations share a quarter of the places (and borrow what the
         # others leave idle of the first half), new ones another quarter
         # (`gateway.queue.places`): quick ones keep half at least
@@ -491,6 +498,9 @@ class QueueManager:
         recorded and their attempts start here, without a trip through `_run`."""
         assert self.store is not None
         lease = not self._stopping and self._quick_attempts < self.config.delivery.concurrency
+        # a worker's late line about a message adopted meanwhile: looked up, not added
+        fresh = fresh and queue_id not in self._adopted
+        self._enqueuing.add(queue_id)
         try:
             recorded, data, added, lease = await self._commits.run(
                 lambda: self._add(queue_id, envelope, size, data, lease, fresh)
@@ -508,6 +518,8 @@ class QueueManager:
         except Exception as e:  # noqa: BLE001 - a message we cannot take: set aside
             await self._quarantine(queue_id, _why(e))
             return
+        finally:
+            self._enqueuing.discard(queue_id)
         if data is not None:
             self._cache_put(recorded, data)
         if added and self.webhooks:
@@ -728,6 +740,57 @@ class QueueManager:
         await self._db(share)
         for queue_id in due:
             self._unshared_since.pop(queue_id, None)
+
+    def adopt_strays_soon(self) -> None:
+        """An SMTP worker died: what it spooled before then but could not announce
+        (`adopt_strays`), once the other workers' lines of this moment are in."""
+        cutoff = time.time()
+
+        async def later() -> None:
+            await asyncio.sleep(STRAY_GRACE)
+            await self.adopt_strays(cutoff)
+
+        if not self._stopping:
+            self._spawn(later())
+
+    async def adopt_strays(self, cutoff: float) -> int:
+        """Record the spooled messages the store does not know, written before
+        ``cutoff`` and not being recorded now: acknowledged by an SMTP worker that died
+        before its ``queued`` line reached this process (else they waited for the
+        next start).  Returns how many."""
+        assert self.store is not None
+
+        def strays() -> list[tuple[str, int]]:
+            assert self.store is not None
+            known = self.store.known()
+            found = []
+            for queue_id in sorted(self.spool.queue_ids()):
+                path = self.spool.path_of(queue_id)
+                if queue_id in known or not _written_before(path, cutoff):
+                    continue
+                try:
+                    size = read_envelope(path).size
+                except SpoolError:
+                    size = 0  # set aside as corrupt when it is recorded
+                found.append((queue_id, size))
+            return found
+
+        found = [
+            (q, size)
+            for q, size in await self._db(strays)
+            if q not in self._enqueuing and q not in self._unrecorded
+        ]
+        for queue_id, size in found:
+            self._adopted.add(queue_id)
+            self.spool.note_committed(size)  # (counted when a worker says `queued`)
+            await self.enqueue(queue_id, fresh=False)
+        if found:
+            log.warning(
+                Event.QUEUE_STRAYS_ADOPTED,
+                messages=len(found),
+                queue_ids=[q for q, _ in found[:20]],
+            )
+        return len(found)
 
     async def _record_unrecorded(self) -> None:
         """Messages acknowledged while the shared store was away: recorded now."""
@@ -1523,3 +1586,10 @@ def _why(error: Exception) -> str:
     if isinstance(error, Poison):
         return str(error)
     return f"could not be queued ({type(error).__name__})"
+
+
+def _written_before(path: os.PathLike[str], cutoff: float) -> bool:
+    try:
+        return os.stat(path).st_mtime <= cutoff
+    except OSError:  # gone meanwhile
+        return False

@@ -26,7 +26,9 @@ default: it costs acceptance latency, and on the benchmark it did not pay for th
 
 Lifecycle: SIGTERM to a worker stops it gracefully (stop accepting, let DATA finish).
 A worker dies with the main process (PR_SET_PDEATHSIG) or when the control socket
-closes.  A worker that dies unexpectedly is logged and restarted after a pause.
+closes.  A worker that dies unexpectedly is logged and restarted after a pause, and
+the main process looks in the spool for what it acknowledged but could not announce
+(``on_exited``: `gateway.queue.manager.QueueManager.adopt_strays`).
 """
 
 from __future__ import annotations
@@ -116,10 +118,13 @@ class WorkerPool:
         on_queued: Callable[[str, int, Envelope | None, bytes | None], Awaitable[None] | None],
         on_access: Callable[[dict[str, Any]], None] | None = None,
         api_socket: Path | None = None,
+        on_exited: Callable[[], None] | None = None,
     ):
         self.config = config
         self.config_path = config_path
         self.on_queued = on_queued
+        # a worker died: what it spooled but could not announce is looked for
+        self.on_exited = on_exited
         self.on_access = on_access  # the message API's access records, from the workers
         # where the main process serves the API the workers forward to (None: the
         # workers serve no API)
@@ -199,8 +204,8 @@ class WorkerPool:
             if kind == "queued":
                 try:
                     envelope, data = await _handed_over(message, reader)
-                except asyncio.IncompleteReadError:
-                    break  # the worker died mid-message (the spool has it)
+                except asyncio.IncompleteReadError:  # died while handing it over:
+                    envelope, data = None, None  # the spool has it
                 handed = self.on_queued(
                     str(message["queue_id"]), int(message["size"]), envelope, data
                 )
@@ -225,6 +230,8 @@ class WorkerPool:
         if self.stopping:
             return
         log.error(Event.WORKER_EXITED, worker=worker.index, exit_code=code)
+        if self.on_exited is not None and worker.index != self.hooks_index:
+            self.on_exited()
         await asyncio.sleep(RESTART_DELAY)
         if not self.stopping:
             await self._spawn(worker.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_test_config, make_message, write_config
+from gateway.layout import StateLayout
+from gateway.model import Purpose
+from gateway.spool import Spool
+from gateway.spool.submit import Submitter
+from tests.conftest import load_test_config, make_message, run_sealgate, write_config
 from tests.e2e.daemon import Daemon
+from tests.support.world import wait_until
 
 
 @pytest.fixture
@@ -139,3 +145,41 @@ def test_workers_run_at_the_main_process_priority_by_default(daemon):
     main = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
     workers = _worker_pids(daemon)
     assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers] == [main, main]
+
+
+async def test_what_a_dead_worker_spooled_but_never_announced_is_delivered(tmp_path, world, pki):
+    """A worker acknowledged a message (its spool file is durable), then died before
+    its ``queued`` line reached the main process: the main process finds the file
+    when the worker is gone, instead of leaving it until the next start."""
+    mta = await world.mta("mx.dest.test", "127.0.0.44")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    path = write_config(tmp_path, world.config({"smtp.workers": 2}))
+    d = Daemon(path, load_test_config(path), tmp_path / "daemon.log")
+    await asyncio.to_thread(d.start)
+    spool = Spool(StateLayout(d.config.state_dir).spool)
+    spool.start_io()  # as a worker's: writes into the queue, announces nothing
+    try:
+        stray = await Submitter(spool, "gw.test", "X-Sealgate", lambda *_: None).submit(
+            "s@clinic.test", ["r@dest.test"], make_message(), Purpose.MESSAGE
+        )
+        await asyncio.sleep(1.0)
+        assert mta.received == []  # nobody knows of it
+        victim = _worker_pids(d)[0]
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: mta.received, timeout=20, what="the stray delivered")
+        assert [m.rcpt_tos for m in mta.received] == [["r@dest.test"]]
+        adopted = [
+            json.loads(line)
+            for line in d.log_path.read_text().splitlines()
+            if '"queue.strays-adopted"' in line
+        ]
+        assert [(a["messages"], a["queue_ids"]) for a in adopted] == [(1, [stray])]
+        # and it is done, as any message: its file gone, the archive has it
+        await wait_until(lambda: not spool.path_of(stray).exists(), what="spool file removed")
+        out = run_sealgate(
+            "archive", "search", "--json", "--queue-id", stray, "--config", str(path)
+        )
+        assert [json.loads(line)["queue_id"] for line in out.stdout.splitlines()] == [stray]
+    finally:
+        spool.close()
+        d.kill()

@@ -7,11 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 
 import pytest
 
+from gateway.config import load_config_text
 from gateway.model import Purpose
-from gateway.smtp.workers import HAND_OVER_MAX, _Control, _handed_over, _Recording
+from gateway.smtp.workers import (
+    HAND_OVER_MAX,
+    WorkerPool,
+    _Control,
+    _handed_over,
+    _Recording,
+    _Worker,
+)
 from gateway.spool import Spool
 from gateway.spool.store import SPILL_THRESHOLD, read_message
 from gateway.spool.submit import Submitter
@@ -50,3 +59,22 @@ async def test_queued_hands_over_what_the_spool_holds_and_announces_large_ones(s
     finally:
         writer.close()
         control.writer.close()
+
+
+async def test_a_worker_dying_while_it_hands_a_message_over_leaves_it_to_the_spool(tmp_path):
+    """The line arrived, the bytes did not all: the message is queued all the same
+    (read from the spool, where it is durable)."""
+    announced = []
+    pool = WorkerPool(
+        load_config_text(f"state_dir: {tmp_path}\n"),
+        None,
+        lambda *args: announced.append(args),
+    )
+    pool.stopping = True  # no restart after the end of the line
+    reader = asyncio.StreamReader()
+    reader.feed_data(b'{"type":"queued","queue_id":"18T8GGR081BDYBFN","size":4096,')
+    reader.feed_data(b'"data":4096,"envelope":300}\n' + b"x" * 1000)
+    reader.feed_eof()
+    gone = subprocess.Popen(["true"])  # the worker's process, exited
+    await pool._listen(_Worker(0, gone), reader)
+    assert announced == [("18T8GGR081BDYBFN", 4096, None, None)]
