@@ -270,6 +270,7 @@ class QueueManager:
         self._unrecorded: dict[str, int] = {}  # queue id -> size
         self._cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
         self._cached_bytes = 0
+        self._handed_bytes = 0  # bytes handed over with messages not recorded yet
         self._open: dict[str, _Open] = {}  # messages read for the attempts under way
         self._rng = random.Random()  # noqa: S311 - retry jitter, not security
 
@@ -468,12 +469,28 @@ class QueueManager:
         background - or, with ``cluster.ack: shared``, return what the
         acknowledgement waits for (it fails if the shared store cannot record it)."""
         acknowledging = self.config.cluster.ack == "shared"
+        if data is not None and self._handed_bytes + len(data) > CACHE_TOTAL_MAX:
+            data = None  # falling behind: not held in memory meanwhile, read when recorded
+        held = len(data) if data is not None else 0
+        self._handed_bytes += held
         task = asyncio.ensure_future(
             self.enqueue(queue_id, envelope, size, data, acknowledging=acknowledging)
         )
         self._enqueues.add(task)
         task.add_done_callback(self._enqueues.discard)
+        if held:
+
+            def release(_: object) -> None:
+                self._handed_bytes -= held
+
+            task.add_done_callback(release)
         return task if acknowledging else None
+
+    @property
+    def handed_bytes(self) -> int:
+        """The bytes of messages handed over with them and not recorded yet: held in
+        memory, at most `CACHE_TOTAL_MAX` (beyond it they are read when recorded)."""
+        return self._handed_bytes
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
