@@ -65,8 +65,10 @@ log = get_logger("gateway.smtp.workers")
 METRICS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
 # Messages up to this size go to the main process with ``queued`` (it keeps those of
-# up to `gateway.queue.manager.CACHE_MESSAGE_MAX` for their first attempt anyway).
+# up to `gateway.queue.manager.CACHE_MESSAGE_MAX` for their first attempt anyway),
+# unless this much waits unsent already (the main process is not reading).
 HAND_OVER_MAX = 256 * 1024
+HAND_OVER_BACKLOG = 16 * 1024 * 1024
 _GAUGES = (
     "sealgate_smtp_connections_active",
     "sealgate_spool_",
@@ -328,8 +330,10 @@ class _Recording:
     """A worker's side of ``queued``: with ``cluster.ack: shared`` a message is
     acknowledged only when the main process says it is in the shared store."""
 
-    def __init__(self, waiting: bool, send: Callable[..., None]):
-        self.waiting, self.send = waiting, send
+    def __init__(
+        self, waiting: bool, send: Callable[..., None], unsent: Callable[[], int] = lambda: 0
+    ):
+        self.waiting, self.send, self.unsent = waiting, send, unsent
         self._futures: dict[str, asyncio.Future[None]] = {}
 
     def queued(self, env: Envelope, data: bytes | None, line: bytes) -> asyncio.Future[None] | None:
@@ -337,7 +341,7 @@ class _Recording:
         spooled) when they are at hand and not large, else reading them from the
         spool."""
         message: dict[str, Any] = {"type": "queued", "queue_id": env.queue_id, "size": env.size}
-        if data is not None and len(data) <= HAND_OVER_MAX:
+        if data is not None and len(data) <= HAND_OVER_MAX and self.unsent() < HAND_OVER_BACKLOG:
             self.send(message | {"data": len(data), "envelope": len(line)}, data, line)
         else:
             self.send(message)
@@ -464,6 +468,10 @@ class _Control:
     async def open(cls, sock: socket.socket) -> _Control:
         return cls(*await asyncio.open_connection(sock=sock))
 
+    def unsent(self) -> int:
+        """Bytes written and not taken by the main process yet."""
+        return self.writer.transport.get_write_buffer_size()
+
     def send(self, message: dict[str, Any], *after: bytes) -> None:
         """One line, and ``after`` it the bytes it announces."""
         if not self.writer.is_closing():
@@ -531,7 +539,7 @@ async def _serve(
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.reuse = Reuse(spool.free_dir, index)  # the main process recycles into it
     spool.start_io()
-    recording = _Recording(config.cluster.ack == "shared", control.send)
+    recording = _Recording(config.cluster.ack == "shared", control.send, control.unsent)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)

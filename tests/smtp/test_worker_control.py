@@ -78,3 +78,28 @@ async def test_a_worker_dying_while_it_hands_a_message_over_leaves_it_to_the_spo
     gone = subprocess.Popen(["true"])  # the worker's process, exited
     await pool._listen(_Worker(0, gone), reader)
     assert announced == [("18T8GGR081BDYBFN", 4096, None, None)]
+
+
+async def test_while_the_main_process_does_not_read_messages_are_announced_alone(
+    spool, monkeypatch
+):
+    monkeypatch.setattr("gateway.smtp.workers.HAND_OVER_BACKLOG", 600_000)
+    worker_end, main_end = socket.socketpair()
+    control = await _Control.open(worker_end)
+    reader, writer = await asyncio.open_connection(sock=main_end)
+    submitter = Submitter(
+        spool, "gw.test", "X-Sealgate", _Recording(False, control.send, control.unsent).queued
+    )
+    data = b"Subject: x\r\n\r\n" + b"y" * 200_000
+    try:
+        for _ in range(8):  # nobody reads meanwhile
+            await submitter.submit("s@clinic.test", ["r@example.net"], data, Purpose.MESSAGE)
+        assert control.unsent() < 600_000 + 300_000  # what waits unsent stays bounded
+        handed = []
+        for _ in range(8):
+            line = json.loads(await reader.readline())
+            handed.append((await _handed_over(line, reader))[1] is not None)
+        assert handed[0] and not handed[-1]
+    finally:
+        writer.close()
+        control.writer.close()
