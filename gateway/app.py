@@ -36,7 +36,6 @@ from gateway.delivery.attempt import DeliveryAgent
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.layout import StateLayout
-from gateway.model import Envelope
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -81,7 +80,7 @@ class Gateway:
         # the one way into the queue; it is told where to hand messages once the
         # queue exists (SMTP opens after that)
         self.submitter = Submitter(
-            self.spool, self.hostname, config.smtp.marker_header, lambda envelope, data, line: None
+            self.spool, self.hostname, config.smtp.marker_header, lambda envelope, data: None
         )
         self.delivery: DeliveryAgent | None = None
         self.tlsrpt: TlsRptService | None = None
@@ -453,14 +452,12 @@ class Gateway:
                 **(detail if isinstance(detail, dict) else {}),
             )
 
-    def _worker_queued(
-        self, queue_id: str, size: int, envelope: Envelope | None, data: bytes | None
-    ) -> Awaitable[None] | None:
-        """A worker process spooled a message: count it here, then queue it (with the
-        envelope and bytes it handed over, else read back from the spool)."""
+    def _worker_queued(self, queue_id: str, size: int) -> Awaitable[None] | None:
+        """A worker process spooled a message: count it here, then queue it (read
+        back from the spool: its bytes are in the other process)."""
         self.spool.note_committed(size)
         if self.queue is not None:
-            return self.queue.queued(queue_id, envelope, size, data)
+            return self.queue.queued(queue_id, size=size)
         return None
 
     def _tls(self, section: PortalConfig | ConsoleConfig) -> ssl.SSLContext:

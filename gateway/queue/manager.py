@@ -450,9 +450,7 @@ class QueueManager:
             await self._db(self.store.close)
         self._db_thread.shutdown(wait=True)
 
-    def submitted(
-        self, envelope: Envelope, data: bytes | None, _line: bytes = b""
-    ) -> Awaitable[None] | None:
+    def submitted(self, envelope: Envelope, data: bytes | None) -> Awaitable[None] | None:
         """`gateway.spool.submit` made a message durable in this process: queue it,
         with its bytes when they were kept in memory (no read back).  With
         ``cluster.ack: shared`` the sender is answered when this is done."""

@@ -6,16 +6,12 @@ once, clearly), recovers the spool, and starts ``smtp.workers`` children that in
 the socket and accept from it, the way Postfix's smtpd processes share theirs.  A
 worker writes each message to the spool itself and answers 250 only after the fsync;
 then it tells the main process ``queued`` over a control socket, so the main process
-counts the spool and queues the message - with its envelope and bytes when they are
-at hand (up to `HAND_OVER_MAX`), so that the main process need not read back what
-this one has in memory; else it reads them from the spool.  A large message in one
-worker cannot stall the sessions of another.
+counts the spool and queues the message (reading it from the spool).  A large message in one worker
+cannot stall the sessions of another.
 
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
-with ``queue_id`` and ``size``, and when handed over ``data`` and ``envelope``: the
-lengths of the message and of the envelope's JSON line as spooled, whose bytes follow
-the line, in that order; ``metrics`` with a snapshot of the worker's samples (every second and on
-exit).  The main process adds the snapshots to its own metrics.
+with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
+(every second and on exit).  The main process adds the snapshots to its own metrics.
 Main -> child: ``reload`` (SIGHUP, after the main process checked the file): the
 worker reads the configuration again for its certificate, relay rules and binding.
 
@@ -64,11 +60,6 @@ log = get_logger("gateway.smtp.workers")
 
 METRICS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
-# Messages up to this size go to the main process with ``queued`` (it keeps those of
-# up to `gateway.queue.manager.CACHE_MESSAGE_MAX` for their first attempt anyway),
-# unless this much waits unsent already (the main process is not reading).
-HAND_OVER_MAX = 256 * 1024
-HAND_OVER_BACKLOG = 16 * 1024 * 1024
 _GAUGES = (
     "sealgate_smtp_connections_active",
     "sealgate_spool_",
@@ -117,7 +108,7 @@ class WorkerPool:
         self,
         config: Config,
         config_path: Path | None,
-        on_queued: Callable[[str, int, Envelope | None, bytes | None], Awaitable[None] | None],
+        on_queued: Callable[[str, int], Awaitable[None] | None],
         on_access: Callable[[dict[str, Any]], None] | None = None,
         api_socket: Path | None = None,
         on_exited: Callable[[], None] | None = None,
@@ -204,13 +195,7 @@ class WorkerPool:
                 continue
             kind = message.get("type")
             if kind == "queued":
-                try:
-                    envelope, data = await _handed_over(message, reader)
-                except asyncio.IncompleteReadError:  # died while handing it over:
-                    envelope, data = None, None  # the spool has it
-                handed = self.on_queued(
-                    str(message["queue_id"]), int(message["size"]), envelope, data
-                )
+                handed = self.on_queued(str(message["queue_id"]), int(message["size"]))
                 if handed is not None:  # cluster.ack: shared - the worker waits for this
                     self._answer(worker, str(message["queue_id"]), handed)
             elif kind == "metrics":
@@ -315,36 +300,17 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
-async def _handed_over(
-    message: dict[str, Any], reader: asyncio.StreamReader
-) -> tuple[Envelope | None, bytes | None]:
-    """The envelope and bytes that follow a ``queued`` line, if it announces them."""
-    if "data" not in message:
-        return None, None
-    data = await reader.readexactly(int(message["data"]))
-    line = await reader.readexactly(int(message["envelope"]))
-    return Envelope.from_dict(json.loads(line.decode("utf-8", "surrogateescape"))), data
-
-
 class _Recording:
     """A worker's side of ``queued``: with ``cluster.ack: shared`` a message is
     acknowledged only when the main process says it is in the shared store."""
 
-    def __init__(
-        self, waiting: bool, send: Callable[..., None], unsent: Callable[[], int] = lambda: 0
-    ):
-        self.waiting, self.send, self.unsent = waiting, send, unsent
+    def __init__(self, waiting: bool, send: Callable[[dict[str, Any]], None]):
+        self.waiting, self.send = waiting, send
         self._futures: dict[str, asyncio.Future[None]] = {}
 
-    def queued(self, env: Envelope, data: bytes | None, line: bytes) -> asyncio.Future[None] | None:
-        """The main process queues it: handed its bytes and envelope (``line``, as
-        spooled) when they are at hand and not large, else reading them from the
-        spool."""
-        message: dict[str, Any] = {"type": "queued", "queue_id": env.queue_id, "size": env.size}
-        if data is not None and len(data) <= HAND_OVER_MAX and self.unsent() < HAND_OVER_BACKLOG:
-            self.send(message | {"data": len(data), "envelope": len(line)}, data, line)
-        else:
-            self.send(message)
+    def queued(self, env: Envelope, data: bytes | None) -> asyncio.Future[None] | None:
+        """The main process queues it (reading it from the spool)."""
+        self.send({"type": "queued", "queue_id": env.queue_id, "size": env.size})
         if not self.waiting:
             return None
         self._futures[env.queue_id] = asyncio.get_running_loop().create_future()
@@ -468,14 +434,9 @@ class _Control:
     async def open(cls, sock: socket.socket) -> _Control:
         return cls(*await asyncio.open_connection(sock=sock))
 
-    def unsent(self) -> int:
-        """Bytes written and not taken by the main process yet."""
-        return self.writer.transport.get_write_buffer_size()
-
-    def send(self, message: dict[str, Any], *after: bytes) -> None:
-        """One line, and ``after`` it the bytes it announces."""
+    def send(self, message: dict[str, Any]) -> None:
         if not self.writer.is_closing():
-            self.writer.writelines([json.dumps(message).encode() + b"\n", *after])
+            self.writer.write(json.dumps(message).encode() + b"\n")
 
     def start(
         self,
@@ -539,7 +500,7 @@ async def _serve(
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.reuse = Reuse(spool.free_dir, index)  # the main process recycles into it
     spool.start_io()
-    recording = _Recording(config.cluster.ack == "shared", control.send, control.unsent)
+    recording = _Recording(config.cluster.ack == "shared", control.send)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     server = SmtpServer(ctx)

@@ -289,7 +289,6 @@ class SpoolWriter:
         self._tmp_path = os.path.join(spool.tmp_dir, queue_id)
         self.failed: SpoolError | None = None
         self.message: bytes | None = None  # after commit: the bytes, unless they spilled
-        self.envelope_line = b""  # after commit: the envelope as written (JSON, newline)
 
     @property
     def size(self) -> int:
@@ -335,7 +334,6 @@ class SpoolWriter:
             )
             + b"\n"
         )
-        self.envelope_line = meta
         # The message itself, when it never spilled to disk: handed on to the queue,
         # which then need not read back what it was just given.
         self.message = b"".join(self._buffer) if self._fd is None else None

@@ -22,13 +22,11 @@ from gateway.errors import SpoolError
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool.store import Spool, SpoolWriter, new_queue_id
 
-# Told of every message made durable: its envelope, its bytes when at hand, and the
-# envelope as the spool file holds it (JSON, UTF-8 with surrogateescape, a newline at
-# the end: the SMTP workers hand it to the main process as it is).  It may return an
-# awaitable: the message is acknowledged only once that completes
+# Told of every message made durable: its envelope, and its bytes when at hand.  It
+# may return an awaitable: the message is acknowledged only once that completes
 # (``cluster.ack: shared``: once it is in the shared store); if that fails, the
 # message is removed again and the submission fails (`SpoolError`).
-OnSubmitted = Callable[[Envelope, bytes | None, bytes], Awaitable[None] | None]
+OnSubmitted = Callable[[Envelope, bytes | None], Awaitable[None] | None]
 
 
 class Submit(Protocol):
@@ -67,7 +65,7 @@ class Submission:
         """Make the message durable (`SpoolError` if it cannot be), then hand it on;
         returns only when it will survive a crash."""
         envelope = await self._writer.commit(make_envelope)
-        handed = self._on_submitted(envelope, self._writer.message, self._writer.envelope_line)
+        handed = self._on_submitted(envelope, self._writer.message)
         if handed is not None:
             try:
                 await handed

@@ -1,5 +1,5 @@
-"""Messages handed to the queue with their bytes (by the SMTP listener, or an SMTP
-worker's ``queued`` line) are not read back from the spool; while the queue's
+"""Messages handed to the queue with their bytes (by the SMTP listener in the main
+process, DSNs, the portal) are not read back from the spool; while the queue's
 database falls behind, the bytes it holds for them stay bounded."""
 
 from __future__ import annotations
