@@ -756,23 +756,24 @@ class QueueManager:
         for queue_id in due:
             self._unshared_since.pop(queue_id, None)
 
-    def adopt_strays_soon(self) -> None:
-        """An SMTP worker died: what it spooled before then but could not announce
-        (`adopt_strays`), once the other workers' lines of this moment are in."""
+    def adopt_strays_soon(self, since: float) -> None:
+        """An SMTP worker that had started at ``since`` died: what it spooled meanwhile
+        but could not announce (`adopt_strays`), once the other workers' lines of this
+        moment are in."""
         cutoff = time.time()
 
         async def later() -> None:
             await asyncio.sleep(STRAY_GRACE)
-            await self.adopt_strays(cutoff)
+            await self.adopt_strays(since, cutoff)
 
         if not self._stopping:
             self._spawn(later())
 
-    async def adopt_strays(self, cutoff: float) -> int:
-        """Record the spooled messages the store does not know, written before
-        ``cutoff`` and not being recorded now: acknowledged by an SMTP worker that died
-        before its ``queued`` line reached this process (else they waited for the
-        next start).  Returns how many."""
+    async def adopt_strays(self, since: float, cutoff: float) -> int:
+        """Record the spooled messages the store does not know, written between
+        ``since`` and ``cutoff`` and not being recorded now: acknowledged by an SMTP
+        worker that died before its ``queued`` line reached this process (else they
+        waited for the next start).  Returns how many."""
         assert self.store is not None
 
         def strays() -> list[tuple[str, int]]:
@@ -781,7 +782,7 @@ class QueueManager:
             found = []
             for queue_id in sorted(self.spool.queue_ids()):
                 path = self.spool.path_of(queue_id)
-                if queue_id in known or not _written_before(path, cutoff):
+                if queue_id in known or not _written_between(path, since, cutoff):
                     continue
                 try:
                     size = read_envelope(path).size
@@ -1603,8 +1604,8 @@ def _why(error: Exception) -> str:
     return f"could not be queued ({type(error).__name__})"
 
 
-def _written_before(path: os.PathLike[str], cutoff: float) -> bool:
+def _written_between(path: os.PathLike[str], since: float, cutoff: float) -> bool:
     try:
-        return os.stat(path).st_mtime <= cutoff
+        return since <= os.stat(path).st_mtime <= cutoff
     except OSError:  # gone meanwhile
         return False

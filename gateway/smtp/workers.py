@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class _Worker:
     control: asyncio.StreamWriter | None = None  # held: dropping it closes the socket
     snapshot: dict[str, float] = dataclasses.field(default_factory=dict)
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    started: float = dataclasses.field(default_factory=time.time)
 
 
 class WorkerPool:
@@ -111,12 +113,13 @@ class WorkerPool:
         on_queued: Callable[[str, int], Awaitable[None] | None],
         on_access: Callable[[dict[str, Any]], None] | None = None,
         api_socket: Path | None = None,
-        on_exited: Callable[[], None] | None = None,
+        on_exited: Callable[[float], None] | None = None,
     ):
         self.config = config
         self.config_path = config_path
         self.on_queued = on_queued
-        # a worker died: what it spooled but could not announce is looked for
+        # a worker died (it had started at the time given): what it spooled but could
+        # not announce is looked for
         self.on_exited = on_exited
         self.on_access = on_access  # the message API's access records, from the workers
         # where the main process serves the API the workers forward to (None: the
@@ -218,7 +221,7 @@ class WorkerPool:
             return
         log.error(Event.WORKER_EXITED, worker=worker.index, exit_code=code)
         if self.on_exited is not None and worker.index != self.hooks_index:
-            self.on_exited()
+            self.on_exited(worker.started)
         await asyncio.sleep(RESTART_DELAY)
         if not self.stopping:
             await self._spawn(worker.index)
