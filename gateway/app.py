@@ -178,7 +178,7 @@ class Gateway:
                 self._worker_queued,
                 self._worker_access,
                 self._api_socket,
-                on_exited=self.queue.adopt_strays_soon if self.queue is not None else None,
+                on_exited=self._worker_exited,
             )
             await self.workers.start()
         else:
@@ -451,6 +451,13 @@ class Gateway:
                 str(message.get("action", "")),
                 **(detail if isinstance(detail, dict) else {}),
             )
+
+    def _worker_exited(self, started: float) -> None:
+        """An SMTP worker died (it is started again): counted, and what it spooled
+        but could not announce is looked for."""
+        self.metrics.worker_exits.inc()
+        if self.queue is not None:
+            self.queue.adopt_strays_soon(started)
 
     def _worker_queued(self, queue_id: str, size: int) -> Awaitable[None] | None:
         """A worker process spooled a message: count it here, then queue it (read

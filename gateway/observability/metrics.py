@@ -283,6 +283,17 @@ class Metrics:
             "bounced, kept under spool/quarantine)",
             registry=r,
         )
+        self.worker_exits = Counter(
+            "sealgate_smtp_worker_exits",
+            "SMTP worker processes that exited unexpectedly (each is started again)",
+            registry=r,
+        )
+        self.strays_adopted = Counter(
+            "sealgate_queue_strays_adopted",
+            "Messages an SMTP worker acknowledged but could not announce before it died, "
+            "found in the spool and queued",
+            registry=r,
+        )
         self.queue_store_errors = Counter(
             "sealgate_queue_store_errors",
             "Failed writes of delivery results to the queue state (retried until written)",

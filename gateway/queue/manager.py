@@ -801,6 +801,7 @@ class QueueManager:
             self.spool.note_committed(size)  # (counted when a worker says `queued`)
             await self.enqueue(queue_id, fresh=False)
         if found:
+            self.metrics.strays_adopted.inc(len(found))
             log.warning(
                 Event.QUEUE_STRAYS_ADOPTED,
                 messages=len(found),

@@ -174,6 +174,9 @@ async def test_what_a_dead_worker_spooled_but_never_announced_is_delivered(tmp_p
             if '"queue.strays-adopted"' in line
         ]
         assert [(a["messages"], a["queue_ids"]) for a in adopted] == [(1, [stray])]
+        metrics = _get(d, "/metrics")[1]
+        assert _sample(metrics, "sealgate_smtp_worker_exits_total") == 1
+        assert _sample(metrics, "sealgate_queue_strays_adopted_total") == 1
         # and it is done, as any message: its file gone, the archive has it
         await wait_until(lambda: not spool.path_of(stray).exists(), what="spool file removed")
         out = run_sealgate(
