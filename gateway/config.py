@@ -543,7 +543,8 @@ class DeliveryConfig:
         default=Duration(7 * 86400),
         metadata=doc(
             "Finished messages' recipient states, attempts and evidence stay in the queue "
-            "database ('sealgate queue show') this long after the last recipient is final."
+            "database ('sealgate queue show') this long after the last recipient is final "
+            "(longer while a message's spool file waits for the archive to take it)."
         ),
     )
 

@@ -42,6 +42,7 @@ class Event(enum.StrEnum):
     # queue and delivery
     QUEUE_STARTED = "queue.started"
     QUEUE_STRAYS_ADOPTED = "queue.strays-adopted"
+    QUEUE_FORGOTTEN_SET_ASIDE = "queue.forgotten-set-aside"
     DELIVERY_ATTEMPT = "delivery.attempt"
     DELIVERY_ERROR = "delivery.error"
     DELIVERY_TLS_FAILED = "delivery.tls-failed"

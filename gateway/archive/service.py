@@ -479,6 +479,11 @@ class ArchiveService:
             await asyncio.wait([asyncio.shield(f) for f in pending])
         return queue_id not in self._failed
 
+    async def attempted(self, queue_id: str) -> bool:
+        """Whether the archive holds a record of a delivery attempt of this message
+        (then a queue recorded it once)."""
+        return bool(await self._run(self.archive.events, queue_id, ("attempt",)))
+
     def has_failed(self, queue_id: str) -> bool:
         """Some record of this message could not be written yet (it is retried)."""
         return queue_id in self._failed

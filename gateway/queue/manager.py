@@ -20,7 +20,11 @@ every record of the message.  A crash between the last result and that step is
 repaired at start, and finishing that failed is retried every minute
 (`QueueStore.unfinished`).  A spooled message whose envelope cannot be taken
 (`Poison`) is quarantined.  Finished messages stay in the state store for
-``delivery.history_retention`` (for ``sealgate queue show``), then go.
+``delivery.history_retention`` (for ``sealgate queue show``), then go - not while
+their spool file is still here (their archive records not all written: forgotten,
+the file would be taken for a new message at the next start).  A spool file the
+store does not know, received longer ago than any message may wait, is never
+delivered (`_set_aside_forgotten`).
 
 At-least-once: a result is recorded only after the remote server answered; a crash
 in between means the recipient is tried again.  A result the state store refuses
@@ -314,7 +318,8 @@ class QueueManager:
                 self._unshared_since[queue_id] = 0.0
         # before anything is removed: the archive journals what it lacks
         keep = await self.archive.recover() if self.archive is not None else set()
-        added, poison, leftover = await self._db(self._reconcile, keep)
+        added, poison, leftover, forgotten = await self._db(self._reconcile, keep)
+        poison.update(await self._set_aside_forgotten(forgotten))
         for queue_id, reason in poison.items():
             await self._quarantine(queue_id, reason)
         await self._complete_evidence(leftover)
@@ -358,18 +363,24 @@ class QueueManager:
                 )
         return finished
 
-    def _reconcile(self, keep: set[str]) -> tuple[int, dict[str, str], list[Envelope]]:
+    def _reconcile(
+        self, keep: set[str]
+    ) -> tuple[int, dict[str, str], list[Envelope], list[Envelope]]:
         """Add spooled messages the store does not know (a crash before `enqueue`).
         Returns how many were added; the messages that cannot be (to be quarantined,
-        with why: one bad file never keeps the gateway from starting); and the done
+        with why: one bad file never keeps the gateway from starting); the done
         messages whose spool file is still here (a stop or crash before the removal,
         or archive records that were not written): removed once the archive has
         every record (`_complete_evidence`), unless the archive could not journal
-        the message itself (``keep``)."""
+        the message itself (``keep``); and the unknown ones received longer ago than
+        a message can wait (`_set_aside_forgotten`)."""
         assert self.store is not None
         known, added = self.store.known(), 0
         poison: dict[str, str] = {}
         leftover: list[Envelope] = []
+        forgotten: list[Envelope] = []
+        delivery = self.config.delivery
+        too_old = time.time() - max(delivery.max_queue_lifetime, delivery.history_retention)
         # only the files the store does not know, or knows as done, are read
         for queue_id in sorted(self.spool.queue_ids()):
             done = known.get(queue_id)
@@ -379,14 +390,48 @@ class QueueManager:
                 item = read_envelope(self.spool.path_of(queue_id))
             except SpoolError:
                 continue  # a file gone meanwhile, or unreadable: found when it is read
-            if done is None:
+            if done is None and _received_before(item, too_old):
+                forgotten.append(item)
+            elif done is None:
                 try:
                     added += self._add_checked(item, lease=False)
                 except Exception as e:  # noqa: BLE001 - whatever it is, that message alone
                     poison[item.queue_id] = _why(e)
             elif done and item.queue_id not in keep:
                 leftover.append(item)
-        return added, poison, leftover
+        return added, poison, leftover, forgotten
+
+    async def _set_aside_forgotten(self, forgotten: list[Envelope]) -> dict[str, str]:
+        """Spool files the store does not know, of messages received longer ago than
+        ``delivery.max_queue_lifetime`` and ``delivery.history_retention``: none of
+        them can be waiting still.  One the archive has attempt records of was
+        finished, and its history forgotten since (its file outlived it: another
+        node finished it while this one was down, or its removal failed) - moved
+        to ``spool/quarantine/``, never delivered again, without a bounce.  The
+        others were never recorded (a crash before `enqueue`, found this late):
+        returned as poison, to be bounced as expired."""
+        expired: dict[str, str] = {}
+        for envelope in forgotten:
+            queue_id = envelope.queue_id
+            if self.archive is None or not await self.archive.attempted(queue_id):
+                expired[queue_id] = (
+                    "found at start long after it was received (past "
+                    "delivery.max_queue_lifetime) and never recorded: not delivered"
+                )
+                continue
+            try:
+                await self._db(self.spool.quarantine, queue_id, envelope.size)
+            except OSError as e:
+                log.error(Event.SPOOL_WRITE_FAILED, queue_id=queue_id, error=str(e)[:300])
+                continue
+            self.metrics.quarantined.inc()
+            log.warning(
+                Event.QUEUE_FORGOTTEN_SET_ASIDE,
+                queue_id=queue_id,
+                received_at=envelope.received_at,
+                reason="finished long ago, its queue history forgotten: not delivered again",
+            )
+        return expired
 
     async def _complete_evidence(self, leftover: list[Envelope]) -> None:
         """At start, done messages whose spool files outlived them: journal the
@@ -650,7 +695,9 @@ class QueueManager:
             last["prune"] = now
             await self._finish_unfinished()
             before = now - self.config.delivery.history_retention
-            await self._db(self.store.prune, before)
+            # a message whose file is still here (its archive records not all
+            # written) is kept: forgotten, the next start would deliver it again
+            await self._db(self.store.prune, before, self.spool.held)
             if self.node is not None:
                 await self._remove_finished_elsewhere()
 
@@ -1586,6 +1633,13 @@ class QueueManager:
 
 def _timestamp(received_at: str) -> float:
     return datetime.datetime.fromisoformat(received_at).timestamp()
+
+
+def _received_before(envelope: Envelope, when: float) -> bool:
+    try:
+        return _timestamp(envelope.received_at) < when
+    except (TypeError, ValueError):  # the envelope checks judge a bad date
+        return False
 
 
 class Poison(SealgateError):  # noqa: N818 - what it is, not an error of ours

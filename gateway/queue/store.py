@@ -178,6 +178,10 @@ VERSIONED = Versioned(
     (_version_1, _version_2, _version_3, _version_4, _version_5, _version_6, _version_7),
 )
 
+# `QueueStore.prune`: messages forgotten per call, and pages of that many looked at
+PRUNE_BATCH = 5000
+PRUNE_PAGES = 10
+
 FINAL_STATES = tuple(s.value for s in RecipientState if s.final)
 
 
@@ -753,15 +757,28 @@ class QueueStore:
             counts["active" if leased else "hold" if hold else state] += n
         return counts
 
-    def prune(self, before: float) -> int:
+    def prune(self, before: float, keep: Callable[[list[str]], set[str]] | None = None) -> int:
         """Forget messages finished before ``before``, with their recipients, attempts
-        and audit trail; returns how many."""
-        ids = [
-            (r[0],)
-            for r in self._db.execute(
-                "SELECT queue_id FROM messages WHERE done=1 AND finished<? LIMIT 5000", (before,)
-            )
-        ]
+        and audit trail; returns how many.  ``keep``: of a page of them, those to
+        keep for now - this node's spool still holds their file (their archive
+        records are not all written): forgotten, the file would be taken for a new
+        message at the next start and delivered again.  At most `PRUNE_BATCH` go
+        per call, found among at most `PRUNE_PAGES` pages of that many."""
+        ids: list[tuple[str]] = []
+        after: tuple[float, str] = (-math.inf, "")
+        for _ in range(PRUNE_PAGES):
+            page = self._db.execute(
+                "SELECT finished, queue_id FROM messages WHERE done=1 AND finished<? "
+                "AND (finished>? OR (finished=? AND queue_id>?)) "
+                "ORDER BY finished, queue_id LIMIT ?",
+                (before, after[0], *after, PRUNE_BATCH),
+            ).fetchall()
+            kept = keep([q for _, q in page]) if keep is not None and page else set()
+            ids += [(q,) for _, q in page if q not in kept]
+            if len(page) < PRUNE_BATCH or len(ids) >= PRUNE_BATCH:
+                break
+            after = (page[-1][0], page[-1][1])
+        ids = ids[:PRUNE_BATCH]
         if ids:
             with self.transaction():
                 for table in ("attempts", "audit", "recipients", "messages"):

@@ -229,6 +229,10 @@ class Spool:
             return []
         return [p.name for p in self.queue_dir.iterdir() if not p.name.startswith(".")]
 
+    def held(self, queue_ids: list[str]) -> set[str]:
+        """Those of ``queue_ids`` whose file is in the queue directory."""
+        return {q for q in queue_ids if os.path.exists(self.path_of(q))}
+
     def read(self, queue_id: str, verify: bool = True) -> tuple[Envelope, bytes]:
         return read_message(self.path_of(queue_id), verify=verify)
 

@@ -14,6 +14,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 import zipfile
 
 from gateway.archive.journal import copy_name
@@ -237,6 +238,52 @@ async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
     await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
     with archive_of(gw) as reader:
         assert reader.message(queue_id)[1] == make_message(SUBJECT, BODY)
+
+
+async def test_a_message_whose_file_waits_for_the_archive_keeps_its_queue_history(
+    gateway_factory, world, pki, monkeypatch
+):
+    """Its queue history outlives ``delivery.history_retention`` while its spool file
+    does: forgotten, the next start would take the file for a new message and deliver
+    it again."""
+    import gateway.queue.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "PRUNE_INTERVAL", 0.2)
+    mta = await world.mta("mx.good.test", "127.0.0.86")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    settings = {"delivery.history_retention": "1s"}
+    gw = await start(gateway_factory, world, pki, **settings)
+    first = await send(gw, ["a@good.test"])
+    await wait_until(lambda: done(gw, first) and not queued(gw), what="the first one done")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gw.archive.archive, "journal_message", broken)
+    second = await send(gw, ["b@good.test"])
+    await wait_until(lambda: done(gw, second) and len(mta.received) == 2, what="delivered")
+    finished = time.time()
+    store, prunes = gw.queue.store, []
+    real_prune = store.prune
+
+    def prune(before, *args):
+        pruned = real_prune(before, *args)
+        prunes.append(before)
+        return pruned
+
+    monkeypatch.setattr(store, "prune", prune)
+    await wait_until(lambda: prunes and prunes[-1] > finished + 1, what="a prune after")
+    assert store.message(first) is None  # the prune works: a message done and gone
+    assert store.message(second) is not None  # kept: its file waits for the archive
+    assert [p.name for p in queued(gw)] == [second]
+    await gw.stop()
+
+    again = await start(gateway_factory, world, pki, **settings)  # the archive works
+    await wait_until(lambda: not queued(again), what="the file removed once archived")
+    with archive_of(again) as reader:
+        assert reader.has(second)
+    await asyncio.sleep(1.5)  # a retry round: nothing goes out
+    assert sorted(m.rcpt_tos[0] for m in mta.received) == ["a@good.test", "b@good.test"]
 
 
 async def test_content_a_node_stored_before_it_died_without_its_record_goes_at_restart(

@@ -7,30 +7,40 @@ like any other."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import time
 
 import gateway.delivery.attempt as attempt_module
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
+from gateway.queue.store import QueueStore
 from gateway.spool import Spool, new_queue_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.support.archive import archive_of
-from tests.support.world import wait_until
+from tests.support.world import tls_only, wait_until
 
 
-async def spool_legacy(state_dir, sender: str, rcpts: list[str], helo: str = "client.test"):
+async def spool_legacy(
+    state_dir,
+    sender: str,
+    rcpts: list[str],
+    helo: str = "client.test",
+    days_ago: float = 0,
+    queue_id: str | None = None,
+):
     """Spool a message as a version without envelope checks did: addresses exactly as
-    the client sent them (non-UTF-8 bytes as surrogate escapes)."""
+    the client sent them (non-UTF-8 bytes as surrogate escapes); received ``days_ago``."""
     spool = Spool(state_dir / "spool")
     spool.open()
-    queue_id = new_queue_id()
+    queue_id = queue_id or new_queue_id()
     writer = spool.writer(queue_id)
     await writer.write(make_message())
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+    received = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_ago)
     await writer.commit(
         lambda size, sha: Envelope(
             queue_id=queue_id,
-            received_at=now,
+            received_at=received.isoformat(timespec="microseconds"),
             mail_from=sender,
             mail_options=("SMTPUTF8",),
             recipients=tuple(Recipient(r) for r in rcpts),
@@ -140,3 +150,49 @@ async def test_an_attempt_that_fails_unexpectedly_is_retried_then_expires_with_a
     attempts = gw.queue.store.attempts(path.name)
     assert {a["outcome"] for a in attempts} == {"error"}
     assert json.dumps(attempts)  # recorded like any attempt
+
+
+async def test_a_spool_file_found_long_after_it_was_received_is_bounced_not_delivered(
+    relay, tmp_path
+):
+    """Unknown to the queue and received longer ago than any message may wait
+    (``delivery.max_queue_lifetime``, ``delivery.history_retention``), with no
+    attempt in the archive: never recorded, and expired - bounced, not sent."""
+    late = await spool_legacy(tmp_path / "state", "a@clinic.test", ["late@tls.test"], days_ago=10)
+    gw, dest, sender = await relay()
+    await wait_until(lambda: sender.received, what="the DSN for the expired message")
+    assert dest.received == []
+    assert states(gw, late) == [("late@tls.test", "bounced", "5.3.0")]
+    (dsn,) = sender.received
+    assert "never recorded" in dsn.data.decode()
+    assert (gw.spool.quarantine_dir / late).exists()
+    assert gw.metrics.quarantined._value.get() == 1
+
+
+async def test_a_finished_message_whose_file_outlived_its_history_is_not_sent_again(
+    relay, gateway_factory, world, tmp_path
+):
+    """A message delivered, archived and forgotten by the queue, whose spool file is
+    back (another node finished it while this one was down with the file): set aside
+    at start - not delivered a second time, no bounce."""
+    gw, dest, sender = await relay()
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail("a@clinic.test", ["once@tls.test"], make_message())
+    queue_id = reply.rsplit(" ", 1)[1]
+    await wait_until(lambda: dest.received and not queued(gw), what="delivered and done")
+    await gw.stop()
+    forgotten = QueueStore(gw.config.state_dir / "queue.db")
+    assert forgotten.prune(before=time.time() + 1) == 1  # its history retention is over
+    forgotten.close()
+    await spool_legacy(
+        tmp_path / "state", "a@clinic.test", ["once@tls.test"], days_ago=10, queue_id=queue_id
+    )
+
+    settings = {"relay.networks": ["127.0.0.1/32"], "delivery.retry_schedule": ["1s"]}
+    again = await gateway_factory(world.config(settings, tls_only("may")))
+    assert (again.spool.quarantine_dir / queue_id).exists()
+    assert queue_id not in [p.name for p in queued(again)]
+    assert again.queue.store.message(queue_id) is None
+    assert again.metrics.quarantined._value.get() == 1
+    await asyncio.sleep(1.5)  # a retry round: nothing goes out
+    assert len(dest.received) == 1 and sender.received == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gateway.queue.store as store_module
 from gateway.model import RecipientState
 from gateway.queue.store import AttemptRecord, QueueStore
 from tests.support.envelopes import envelope as _envelope
@@ -85,3 +86,30 @@ def test_prune_forgets_only_messages_finished_before_the_cutoff(tmp_path):
     assert store.audit("Q6") == [] and store.recipients("Q6") == []
     assert store.message("Q7") is not None and len(store.attempts("Q7")) == 1
     assert store.message("Q8") is not None  # not finished: never pruned
+
+
+def test_prune_keeps_what_it_is_told_to_and_finds_the_rest_past_them(tmp_path, monkeypatch):
+    """Messages whose spool file is still here keep their history; the pages of
+    candidates (here of 3) go past them, ties of finishing time included."""
+    monkeypatch.setattr(store_module, "PRUNE_BATCH", 3)
+    store = QueueStore(tmp_path / "queue.db")
+    ids = [f"Q{n:02}" for n in range(10)]
+    for queue_id in ids:
+        store.add(_envelope(queue_id, "a@x.test"), now=100)
+        store.record(queue_id, [_final(0)], now=200)
+        store.finish(queue_id, dsn_sent=False, now=200)  # all at the same time
+    held = set(ids[:7])
+    asked: list[list[str]] = []
+
+    def keep(page: list[str]) -> set[str]:
+        asked.append(page)
+        return held & set(page)
+
+    assert store.prune(before=500, keep=keep) == 3
+    assert [q for page in asked for q in page] == ids  # each looked at once, in order
+    assert [q for q in ids if store.message(q) is not None] == ids[:7]
+    held.clear()
+    assert store.prune(before=500, keep=keep) == 3  # at most a batch per call
+    assert store.prune(before=500, keep=keep) == 3
+    assert store.prune(before=500, keep=keep) == 1
+    assert store.prune(before=500, keep=keep) == 0
