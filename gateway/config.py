@@ -425,8 +425,10 @@ class SpoolConfig:
     io_threads: int = field(
         default=2,
         metadata=doc(
-            "Threads (per SMTP worker) writing and fsyncing spool files. More overlap "
-            "fsyncs on slow disks but contend for the interpreter lock."
+            "Threads (per SMTP worker) writing and fsyncing spool files: large messages, "
+            "and small ones while the disk is slow (small ones are otherwise fsynced on "
+            "the worker's event loop). More overlap fsyncs on slow disks but contend for "
+            "the interpreter lock."
         ),
     )
     min_free_space: Size = field(

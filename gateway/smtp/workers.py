@@ -502,6 +502,7 @@ async def _serve(
     metrics = Metrics()
     spool = Spool(StateLayout(config.state_dir).spool, config.spool.io_threads)
     spool.reuse = Reuse(spool.free_dir, index)  # the main process recycles into it
+    spool.inline_commits = True  # small messages fsynced on the event loop
     spool.start_io()
     recording = _Recording(config.cluster.ack == "shared", control.send)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)

@@ -21,9 +21,17 @@ directory fsync (group commit, `Spool.commit_io`).
 A file in ``queue/`` is self-validating (magic footer, lengths, SHA-256 of the
 message), so a torn or truncated file is never mistaken for a complete one.
 
-File I/O runs in a dedicated thread pool, never on the event loop.  Small messages
-stay in memory until commit (one write, one fsync); large ones spill to the ``tmp/``
-file as they arrive, so memory per session stays bounded.
+File I/O runs in a dedicated thread pool.  Small messages stay in memory until
+commit (one write, one fsync); large ones spill to the ``tmp/`` file as they arrive,
+so memory per session stays bounded.  An SMTP worker commits small messages on its
+event loop instead (`Spool.inline_commits`): a batch of them costs a few fsyncs
+of a few KB each, less than handing it to a thread and back on a busy machine -
+measured on the 2-core benchmark machine, acceptance p50 / p99 at 20 sessions
+7.6 / 27.7 ms with the thread, 3.9 / 13.3 ms without, and 0.15 ms less CPU per
+message.  A batch holding a spilled (large) message goes to a thread, and so does
+every batch for `INLINE_BACKOFF` seconds after one took longer than
+`INLINE_STALL` on the event loop (a slow disk): the other sessions are not held
+up behind it.
 
 Recycled files: a file's inode and blocks are reused instead of freed and allocated
 again for the next message - as PostgreSQL recycles its WAL segments.  On this
@@ -70,6 +78,10 @@ from gateway.model import Envelope
 MAGIC = b"SEALGATE-SPOOL/1"
 FOOTER_LEN = len(MAGIC) + 1 + 20 + 1 + 20 + 1
 SPILL_THRESHOLD = 256 * 1024
+# `Spool.inline_commits`: a batch that held the event loop longer than this sends the
+# batches of the next `INLINE_BACKOFF` seconds to a thread
+INLINE_STALL = 0.02
+INLINE_BACKOFF = 10.0
 RECYCLE_SIZE = 256 * 1024  # larger files are removed, not zero-filled for reuse
 RECYCLE_KEEP = 4096  # recycled files kept for each writer process at most
 RECYCLE_BYTES = 64 * 1024**2  # and their bytes
@@ -122,6 +134,10 @@ class Spool:
         self.bytes = 0
         self._count_lock = threading.Lock()  # removals may run in another thread
         self._batch: list[tuple[Callable[[], object], asyncio.Future[object]]] = []
+        # an SMTP worker's: batches of small commits run on the event loop
+        self.inline_commits = False
+        self._batch_inline = True  # every commit of the batch being formed is small
+        self._threaded_until = 0.0
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -176,9 +192,10 @@ class Spool:
             raise SpoolError("spool is not open")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def commit_io(self, fn: Callable[[], object]) -> object:
-        """Run a commit step (write, fsync, rename into queue/) in an I/O thread and
-        return once the queue directory has been fsynced after it.
+    async def commit_io(self, fn: Callable[[], object], small: bool = False) -> object:
+        """Run a commit step (write, fsync, rename into queue/) in an I/O thread -
+        or, ``small`` (nothing spilled, one write) with `inline_commits`, on the
+        event loop - and return once the queue directory has been fsynced after it.
 
         Group commit: the commits of one turn of the event loop run together in one
         I/O job, one after the other, followed by one fsync of the directory for all
@@ -190,20 +207,30 @@ class Spool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         self._batch.append((fn, future))
+        self._batch_inline = self._batch_inline and small
         if len(self._batch) == 1:
             loop.call_soon(self._submit_batch, loop)
         return await future
 
     def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._batch = self._batch, []
+        inline, self._batch_inline = self._batch_inline, True
         assert self._pool is not None
-        self._pool.submit(self._run_batch, batch, loop)
+        if not (self.inline_commits and inline and time.monotonic() >= self._threaded_until):
+            self._pool.submit(self._run_batch, batch, loop)
+            return
+        started = time.monotonic()
+        self._run_batch(batch, None)
+        if (ended := time.monotonic()) - started > INLINE_STALL:
+            self._threaded_until = ended + INLINE_BACKOFF
 
     def _run_batch(
         self,
         batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> None:
+        """The batch's commits and the directory fsync; its callers are told on
+        ``loop`` (None: run on the event loop, told at once)."""
         outcomes = run_each([fn for fn, _ in batch])
         if any(error is None for _, error in outcomes):
             try:
@@ -211,7 +238,11 @@ class Spool:
                 fsync_dir(self.queue_dir)
             except OSError as e:
                 outcomes = [(None, error or e) for _, error in outcomes]
-        loop.call_soon_threadsafe(settle, list(zip([f for _, f in batch], outcomes, strict=True)))
+        settled = list(zip([f for _, f in batch], outcomes, strict=True))
+        if loop is None:
+            settle(settled)
+        else:
+            loop.call_soon_threadsafe(settle, settled)
 
     def writer(self, queue_id: str) -> SpoolWriter:
         return SpoolWriter(self, queue_id)
@@ -349,7 +380,9 @@ class SpoolWriter:
         self._buffer = []
         try:
             # Returns after the directory fsync: the rename is on disk too.
-            await self.spool.commit_io(lambda: self._commit_sync(blob))
+            await self.spool.commit_io(
+                lambda: self._commit_sync(blob), small=self.message is not None
+            )
         except OSError as e:
             await self.abort()
             raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e

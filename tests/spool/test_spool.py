@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import aiosmtplib
@@ -47,9 +48,12 @@ async def _store(spool: Spool, chunks: list[bytes]) -> Envelope:
     return await writer.commit(lambda size, sha: _envelope(writer.queue_id, size, sha))
 
 
-@pytest.fixture
-def spool(tmp_path):
+@pytest.fixture(params=["threaded", "inline"])
+def spool(tmp_path, request):
+    """A spool committing in its I/O threads (the main process's) or small messages
+    on the event loop (an SMTP worker's): the same guarantees either way."""
     s = Spool(tmp_path / "spool", io_threads=2)
+    s.inline_commits = request.param == "inline"
     s.open()
     yield s
     s.close()
@@ -255,6 +259,52 @@ async def test_a_failing_commit_fails_alone_in_its_batch(spool):
     )
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], OSError) and "disk on fire" in str(results[1])
+
+
+async def test_a_worker_commits_small_messages_on_its_event_loop_and_large_ones_in_a_thread(
+    tmp_path, monkeypatch
+):
+    """Inline commits: a batch of small messages runs on the event loop's thread; a
+    spilled message's commit goes to an I/O thread, and so does every batch for a
+    while after one held the event loop too long (a slow disk)."""
+    import gateway.spool.store as store
+
+    spool = Spool(tmp_path / "spool", io_threads=2)
+    spool.inline_commits = True
+    spool.open()
+    threads: list[str] = []
+    real = store.SpoolWriter._commit_sync
+
+    def commit_sync(self, blob):
+        threads.append(threading.current_thread().name)
+        real(self, blob)
+
+    monkeypatch.setattr(store.SpoolWriter, "_commit_sync", commit_sync)
+    loop_thread = threading.current_thread().name
+    try:
+        await asyncio.gather(*(_store(spool, [b"small %d\r\n" % i]) for i in range(3)))
+        assert threads == [loop_thread] * 3
+        threads.clear()
+        big = os.urandom(SPILL_THRESHOLD + 10)
+        await _store(spool, [big])
+        assert len(threads) == 1 and threads[0].startswith("spool-io")
+        threads.clear()
+
+        def where() -> None:
+            threads.append(threading.current_thread().name)
+
+        # a batch with one commit that is not small goes to a thread as a whole
+        await asyncio.gather(spool.commit_io(where, small=True), spool.commit_io(where))
+        assert len(threads) == 2 and all(t.startswith("spool-io") for t in threads)
+        threads.clear()
+        monkeypatch.setattr(store, "INLINE_STALL", 0.0)  # any batch is too long now
+        await _store(spool, [b"held the loop\r\n"])
+        await _store(spool, [b"the next one\r\n"])
+        assert threads[0] == loop_thread and threads[1].startswith("spool-io")
+        assert spool.read(spool.queue_ids()[0])[1]  # all durable and readable
+        assert len(spool.queue_ids()) == 6
+    finally:
+        spool.close()
 
 
 @pytest.fixture
