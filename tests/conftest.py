@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,3 +348,18 @@ def pgp_keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.support.pgp_keys import make_all
 
     return make_all(tmp_path_factory.mktemp("pgp"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_gpg_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """gpg starts an agent for a home with secret keys (the test keys', a signer's)
+    and leaves it running: after the session, those under its temporary directory
+    are stopped."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    listed = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=30)
+    for line in listed.stdout.splitlines():
+        pid, *args = line.split()
+        if args[:2] == ["gpg-agent", "--homedir"] and args[2].startswith(base):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
