@@ -25,10 +25,10 @@ File I/O runs in a dedicated thread pool.  Small messages stay in memory until
 commit (one write, one fsync); large ones spill to the ``tmp/`` file as they arrive,
 so memory per session stays bounded.  An SMTP worker commits small messages on its
 event loop instead (`Spool.inline_commits`): a batch of them costs a few fsyncs
-of a few KB each, less than handing it to a thread and back on a busy machine -
-measured on the 2-core benchmark machine, acceptance p50 / p99 at 20 sessions
-7.6 / 27.7 ms with the thread, 3.9 / 13.3 ms without, and 0.15 ms less CPU per
-message.  A batch holding a spilled (large) message goes to a thread, and so does
+of a few KB each, less than handing it to a thread and back on a busy machine (on
+the 2-core benchmark machine: about half the acceptance latency at 20 sessions, and
+0.15-0.27 ms less of the workers' CPU per message; figures in the README).  A batch
+holding a spilled (large) message goes to a thread, and so does
 every batch for `INLINE_BACKOFF` seconds after one took longer than
 `INLINE_STALL` on the event loop (a slow disk): the other sessions are not held
 up behind it.
