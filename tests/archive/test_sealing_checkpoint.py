@@ -25,41 +25,54 @@ def test_a_record_round_trips_compressed_and_each_has_its_own_key():
     assert open_sealed(one, "msg-1", keys) == MESSAGE
 
 
-def test_records_sealed_at_zlibs_default_level_open_as_the_fast_level_ones(monkeypatch):
-    # records written before the archive compressed at `LEVEL` (zlib's level 6)
+def test_records_sealed_with_zlib_before_open_as_the_zstandard_ones(monkeypatch):
+    """Records written before the archive compressed with Zstandard - zlib at its
+    default level 6 first, then level 1, dense data by Huffman coding alone - open
+    as they did."""
+    import zlib
+
     import gateway.archive.sealing as sealing
 
     keys = MasterKeys("a", {"a": K1})
     prose = b"".join(
         b"Line %d of the discharge summary, dose %d mg.\r\n" % (n, n % 9) for n in range(900)
     )
-    monkeypatch.setattr(sealing, "LEVEL", 6)
-    old = seal(prose, "msg-1", keys)
+    dense = base64.encodebytes(os.urandom(90_000)).replace(b"\n", b"\r\n")
+    old = []
+    for level, strategy, data in (
+        (6, zlib.Z_DEFAULT_STRATEGY, prose),
+        (1, zlib.Z_DEFAULT_STRATEGY, prose),
+        (1, zlib.Z_HUFFMAN_ONLY, dense),
+    ):
+        for wbits in (15, 9):  # the whole window, and one fitted to a small record
+
+            def deflated(data: bytes, level=level, strategy=strategy, wbits=wbits) -> bytes:
+                c = zlib.compressobj(level, zlib.DEFLATED, wbits, 8, strategy)
+                return c.compress(data) + c.flush()
+
+            monkeypatch.setattr(sealing, "compress", deflated)
+            old.append((seal(data, "msg-1", keys), data))
     monkeypatch.undo()
     new = seal(prose, "msg-1", keys)
-    assert len(new) != len(old)  # another level: another deflate stream
-    assert open_sealed(old, "msg-1", keys) == prose == open_sealed(new, "msg-1", keys)
+    for blob, data in old:
+        assert open_sealed(blob, "msg-1", keys) == data
+    assert open_sealed(new, "msg-1", keys) == prose
 
 
-def test_dense_data_is_huffman_coded_alone_and_prose_still_at_the_fast_level():
-    import zlib
-
-    from gateway.archive.sealing import LEVEL, compress
-
-    def deflated(data: bytes, strategy: int) -> bytes:
-        c = zlib.compressobj(LEVEL, zlib.DEFLATED, 15, 8, strategy)
-        return c.compress(data) + c.flush()
+def test_records_are_zstandard_frames_that_save_what_there_is_to_save():
+    from gateway.archive.sealing import ZSTD_MAGIC, compress
 
     keys = MasterKeys("a", {"a": K1})
     prose = b"".join(b"Line %d of the discharge summary.\r\n" % n for n in range(30_000))
     attachment = base64.encodebytes(os.urandom(800_000)).replace(b"\n", b"\r\n")  # a PDF's
     mail = prose[:20_000] + attachment
-    assert compress(mail) == deflated(mail, zlib.Z_HUFFMAN_ONLY)
-    assert len(compress(mail)) < 0.78 * len(mail)  # base64's quarter is still saved
-    assert compress(prose) == deflated(prose, zlib.Z_DEFAULT_STRATEGY)
-    assert len(compress(prose)) < 0.1 * len(prose)
-    for data in (mail, prose):
+    random = os.urandom(100_000)  # an encrypted copy, say: nothing to save
+    for data in (mail, prose, random, b""):
+        assert compress(data).startswith(ZSTD_MAGIC)
         assert open_sealed(seal(data, "msg-1", keys), "msg-1", keys) == data
+    assert len(compress(mail)) < 0.78 * len(mail)  # base64's quarter is saved
+    assert len(compress(prose)) < 0.1 * len(prose)
+    assert len(compress(random)) < len(random) + 64  # stored, hardly grown
 
 
 def test_altered_swapped_or_truncated_records_are_refused():
