@@ -133,10 +133,10 @@ class Spool:
         self.messages = 0
         self.bytes = 0
         self._count_lock = threading.Lock()  # removals may run in another thread
-        self._batch: list[tuple[Callable[[], object], asyncio.Future[object]]] = []
+        # the batch being formed: each commit, its caller's future, whether it is small
+        self._batch: list[tuple[Callable[[], object], asyncio.Future[object], bool]] = []
         # an SMTP worker's: batches of small commits run on the event loop
         self.inline_commits = False
-        self._batch_inline = True  # every commit of the batch being formed is small
         self._threaded_until = 0.0
 
     # -- lifecycle ----------------------------------------------------------------
@@ -206,17 +206,16 @@ class Spool:
             raise SpoolError("spool is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
-        self._batch.append((fn, future))
-        self._batch_inline = self._batch_inline and small
+        self._batch.append((fn, future, small))
         if len(self._batch) == 1:
             loop.call_soon(self._submit_batch, loop)
         return await future
 
     def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._batch = self._batch, []
-        inline, self._batch_inline = self._batch_inline, True
         assert self._pool is not None
-        if not (self.inline_commits and inline and time.monotonic() >= self._threaded_until):
+        inline = self.inline_commits and all(small for _, _, small in batch)
+        if not (inline and time.monotonic() >= self._threaded_until):
             self._pool.submit(self._run_batch, batch, loop)
             return
         started = time.monotonic()
@@ -226,19 +225,19 @@ class Spool:
 
     def _run_batch(
         self,
-        batch: list[tuple[Callable[[], object], asyncio.Future[object]]],
+        batch: list[tuple[Callable[[], object], asyncio.Future[object], bool]],
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         """The batch's commits and the directory fsync; its callers are told on
         ``loop`` (None: run on the event loop, told at once)."""
-        outcomes = run_each([fn for fn, _ in batch])
+        outcomes = run_each([fn for fn, _, _ in batch])
         if any(error is None for _, error in outcomes):
             try:
                 # Durability: the renames above are on disk before anyone answers 250.
                 fsync_dir(self.queue_dir)
             except OSError as e:
                 outcomes = [(None, error or e) for _, error in outcomes]
-        settled = list(zip([f for _, f in batch], outcomes, strict=True))
+        settled = list(zip([f for _, f, _ in batch], outcomes, strict=True))
         if loop is None:
             settle(settled)
         else:
