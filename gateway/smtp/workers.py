@@ -4,9 +4,10 @@ One Python event loop accepts a few hundred messages a second; a gateway has mor
 cores than that.  The main process binds the listener (so a port conflict is reported
 once, clearly), recovers the spool, and starts ``smtp.workers`` children that inherit
 the socket and accept from it, the way Postfix's smtpd processes share theirs.  A
-worker writes each message to the spool itself and answers 250 only after the fsync;
-then it tells the main process ``queued`` over a control socket, so the main process
-counts the spool and queues the message (reading it from the spool).  A large message in one worker
+worker writes each message to the spool itself (a small one on its event loop, see
+`gateway.spool.store`) and answers 250 only after the fsync; then it tells the main
+process ``queued`` over a control socket, so the main process counts the spool and
+queues the message (reading it from the spool).  A large message in one worker
 cannot stall the sessions of another.
 
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
