@@ -8,9 +8,11 @@ the spool holds that the archive lacks is journaled first (`recover`).  So a mes
 answered 250 is in the archive, or still in the spool and journaled at the next
 start: nothing in between can lose it.
 
-Every write runs on the archive's own thread, many per transaction (a
-`gateway.batching.Batcher` over `Archive.batch`): the event loop hands a job over and
-goes on.  Only the spool-file removal waits: for every record of the message (its
+Every write runs on one thread, many per transaction (a `gateway.batching.Batcher`
+over `Archive.batch`): the event loop hands a job over and goes on.  With the
+embedded stores (SQLite) that thread also writes the queue state, in turn (the
+daemon's ``stores`` thread: `gateway.app`); with a database server, the archive has
+its own.  Only the spool-file removal waits: for every record of the message (its
 journal, attempts, copies and accesses), and a record that fails is written again
 every few seconds until it is in (`retry_failed`) - evidence is never dropped.
 """
@@ -247,16 +249,26 @@ def open_archive(config: Config, hostname: str, create: bool = True) -> Archive:
 
 
 class ArchiveService:
-    """Journals from the mail path on the archive's own thread (see the module)."""
+    """Journals from the mail path on its thread (see the module)."""
 
-    def __init__(self, archive: Archive, config: Config, spool: Spool, metrics: Metrics):
+    def __init__(
+        self,
+        archive: Archive,
+        config: Config,
+        spool: Spool,
+        metrics: Metrics,
+        thread: ThreadPoolExecutor | None = None,
+    ):
+        """``thread``: the one thread to write on, when the caller shares it with the
+        node's other local store (the queue state: `gateway.app`); else its own."""
         self.archive = archive
         archive.node = Storage(config).node_id  # the daemon's writes (the CLI's: "")
         self.spool = spool
         self.metrics = metrics
         self.interval = config.archive.checkpoint_interval
         self.subjects = config.archive.index_subjects
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="archive")
+        self._own_thread = thread is None
+        self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._batcher = Batcher(self._thread, archive.batch)
         # per message: records being written, and records to write again
         self._pending: dict[str, set[asyncio.Future[Any]]] = {}
@@ -322,7 +334,8 @@ class ArchiveService:
             log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
         if self._failed:
             log.error(Event.ARCHIVE_ERROR, unwritten_messages=len(self._failed))
-        self._thread.shutdown(wait=True)
+        if self._own_thread:
+            self._thread.shutdown(wait=True)
         self.archive.index.close()
 
     async def _periodic(self) -> None:

@@ -207,7 +207,10 @@ class QueueManager:
         submit: Submit,
         agent: Agent,
         archive: ArchiveService | None = None,
+        thread: ThreadPoolExecutor | None = None,
     ):
+        # thread: the one thread to use the queue state from, when the caller shares
+        # it with the node's other local store (the archive: `gateway.app`)
         self.config = config
         self.spool = spool
         self.archive = archive
@@ -221,7 +224,11 @@ class QueueManager:
         self.webhooks = Events(())
         self.events_written: Callable[[], None] = lambda: None
         dc = config.delivery
-        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-db")
+        # (a thread given is shut down by its owner)
+        self._db_thread, self._own_thread = (
+            thread or ThreadPoolExecutor(1, thread_name_prefix="queue-db"),
+            thread is None,
+        )
         # Removing a finished message's file can wait behind the file system journal
         # (the SMTP side renames and fsyncs in the same directory): never in the
         # database thread, which every attempt needs.
@@ -493,7 +500,8 @@ class QueueManager:
         self._remover.shutdown(wait=True)  # the removals waiting are done first
         if self.store is not None:
             await self._db(self.store.close)
-        self._db_thread.shutdown(wait=True)
+        if self._own_thread:
+            self._db_thread.shutdown(wait=True)
 
     def submitted(self, envelope: Envelope, data: bytes | None) -> Awaitable[None] | None:
         """`gateway.spool.submit` made a message durable in this process: queue it,

@@ -14,6 +14,7 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -323,3 +324,27 @@ async def test_content_a_node_stored_before_it_died_without_its_record_goes_at_r
     with archive_of(second) as reader:
         report = reader.verify()
         assert report.ok and report.unfinished == 0, report.problems
+
+
+async def test_the_queue_state_and_the_archive_index_are_written_on_one_thread(
+    gateway_factory, world, pki
+):
+    """On SQLite one thread writes both (two threads beside the event loop, each
+    waiting for the interpreter lock at every statement, cost more); the archive's
+    last records are written at stop, after the queue stopped, and the thread ends
+    with the daemon."""
+    mta = await world.mta("mx.good.test", "127.0.0.85")
+    world.dns.add("good.test", "MX", "10 mx.good.test.")
+    gw = await start(gateway_factory, world, pki)
+    stores = await gw.queue._db(threading.current_thread)
+    assert await gw.archive._run(threading.current_thread) is stores
+    assert stores is not threading.current_thread()
+    queue_id = await send(gw, ["a@good.test"])
+    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
+    await gw.stop()
+    assert not stores.is_alive()
+    with archive_of(gw) as reader:
+        assert reader.has(queue_id)
+        assert [
+            e["body"]["recipients"][0]["state"] for e in reader.events(queue_id, ("attempt",))
+        ] == ["delivered"]

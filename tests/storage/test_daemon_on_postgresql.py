@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import psycopg
@@ -40,6 +41,9 @@ async def test_mail_is_delivered_archived_and_verified_with_the_stores_in_postgr
     if blobs == "s3":
         overrides.update(s3.config(s3.bucket(object_lock=True)))
     gw = await start(gateway_factory, world, pki, **overrides)
+    # a server's stores keep a thread each (a round trip a statement: not in turn)
+    queue_thread = await gw.queue._db(threading.current_thread)
+    assert await gw.archive._run(threading.current_thread) is not queue_thread
     queue_id = await send(gw, ["r@dest.test", "bcc@dest.test"])
     await wait_until(lambda: dest.received, what="delivery")
     await wait_until(lambda: state(gw, queue_id)["r@dest.test"][0] == "delivered", what="recorded")
