@@ -78,6 +78,17 @@ _UPDATE = re.compile(
 _DELETE = re.compile(rf"DELETE\s+FROM\s+(\w+)\s+WHERE\s+({_KEYED})", re.S)
 
 
+_WRITTEN_TABLE = re.compile(r"\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.I)
+
+
+@functools.lru_cache(maxsize=1024)
+def _table_of(sql: str) -> str | None:
+    """The table a write statement writes to (None: not a plain INSERT, UPDATE or
+    DELETE - kept in order with everything)."""
+    found = _WRITTEN_TABLE.match(sql)
+    return found.group(1).lower() if found else None
+
+
 @functools.lru_cache(maxsize=4096)
 def _postgres_sql(sql: str) -> str:
     """``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
@@ -95,7 +106,7 @@ class Database:
         self._depth = 0
         self._reconnect: Callable[[], Any] | None = None  # PostgreSQL: a new connection
         # PostgreSQL, in a transaction: writes not sent yet, by statement (`write`)
-        self._deferred: dict[str, list[tuple[Any, ...]]] = {}
+        self._deferred: list[tuple[str, list[tuple[Any, ...]]]] = []
         self._merging = False  # upserts too go out many rows a statement (`batch`)
 
     # -- opening -----------------------------------------------------------------------
@@ -187,36 +198,52 @@ class Database:
         """A statement whose result nobody reads.  On PostgreSQL inside a transaction
         it is kept and sent with the others of the same text together (`flush`: a
         few microseconds a row instead of a statement's tens) before anything else
-        runs on the connection and before the commit - so the order the database
-        sees is the order of the calls.  An error in it surfaces there."""
+        runs on the connection and before the commit.  Each table sees its writes
+        in the order of the calls (`_keep`).  An error in it surfaces there."""
         if self.dialect is Dialect.POSTGRESQL and self._depth:
-            self._deferred.setdefault(sql, []).append(tuple(params))
+            self._keep(sql, [tuple(params)])
         else:
             self.execute(sql, params)
 
     def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """`executemany`, kept like `write`."""
         if self.dialect is Dialect.POSTGRESQL and self._depth:
-            self._deferred.setdefault(sql, []).extend(tuple(r) for r in rows)
+            self._keep(sql, [tuple(r) for r in rows])
         else:
             self.executemany(sql, rows)
 
+    def _keep(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Keep rows of ``sql`` for `flush`: with the rows of the same statement kept
+        before - unless another statement on the same table was kept after those
+        (then the rows start a group of their own at the end).  Writes to one table
+        thus reach it in the order they were made (an attempt's UPDATE of a row never
+        goes before the INSERT of that row another job of the batch made), while
+        those to different tables are sent a table's group at a time."""
+        table = _table_of(sql)
+        for kept_sql, kept_rows in reversed(self._deferred):
+            if kept_sql == sql:
+                kept_rows.extend(rows)
+                return
+            if table is None or _table_of(kept_sql) in (table, None):
+                break
+        self._deferred.append((sql, rows))
+
     def flush(self) -> None:
-        """Send the writes kept by `write` (in the order they were first made: a
-        statement's rows after those of the statements before it).  The rows of one
-        statement go out as few statements as do the same (`_merged`), written with
-        the server's own placeholders (psycopg then has nothing to parse)."""
+        """Send the writes kept by `write` (in the order their groups were made:
+        `_keep`).  The rows of one group go out as few statements as do the same
+        (`_merged`), written with the server's own placeholders (psycopg then has
+        nothing to parse)."""
         if not self._deferred:
             return
         import psycopg
 
-        deferred, self._deferred = self._deferred, {}
+        deferred, self._deferred = self._deferred, []
         with (
             self._server(),
             self._connection.cursor() as cursor,
             psycopg.RawCursor(self._connection) as raw,
         ):
-            for sql, rows in deferred.items():
+            for sql, rows in deferred:
                 merged = _merged(sql, rows, self._merging) if len(rows) > 1 else None
                 if merged is None:
                     cursor.executemany(_postgres_sql(sql), rows)
@@ -336,7 +363,7 @@ class Database:
         """A PostgreSQL transaction on a live connection (see `_server`); the kept
         writes are sent before it commits, and dropped if it does not."""
         depth, self._depth = self._depth, 0
-        self._deferred = {}
+        self._deferred = []
         with self._server():
             self._depth = depth
             try:
@@ -344,7 +371,7 @@ class Database:
                     yield
                     self.flush()
             finally:
-                self._deferred = {}
+                self._deferred = []
 
     def has_table(self, name: str) -> bool:
         if self.dialect is Dialect.POSTGRESQL:

@@ -397,3 +397,36 @@ def test_inclusion_proofs_by_blocks_are_the_whole_trees(archive, monkeypatch, bl
             path = [bytes.fromhex(h) for h in proofs[record_id]["path"]]
             assert path == merkle.inclusion_proof(i, leaves), (size, i)
             assert merkle.verify_inclusion(leaves[i], i, size, path, merkle.root(leaves))
+
+
+def test_an_attempt_in_the_batch_that_journals_its_message_updates_its_recipient(
+    connect_index,
+):
+    """Under load one batch holds an attempt of a message journaled before, then a
+    new message and its own attempt: every recipient shows how it went (on
+    PostgreSQL the batch's updates of recipients once went before the new rows)."""
+    a = node(connect_index())
+    a.journal_message({**ENVELOPE, "queue_id": "W"}, DATA)
+
+    def delivered() -> list[dict[str, object]]:
+        evidence = {"decision": {"mode": "tls", "rule": "tls-everywhere"}}
+        return [{"idx": 0, "address": "a@dest.test", "state": "delivered", "evidence": evidence}]
+
+    results = a.batch(
+        [
+            lambda: a.journal_attempt("W", delivered()),
+            lambda: a.journal_message({**ENVELOPE, "queue_id": "X"}, DATA),
+            lambda: a.journal_attempt("X", delivered()),
+        ]
+    )
+    assert [error for _, error in results] == [None, None, None]
+    rows = a.index.db.execute(
+        "SELECT queue_id, idx, state, mode, rule FROM recipients ORDER BY queue_id, idx"
+    ).fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("W", 0, "delivered", "tls", "tls-everywhere"),
+        ("W", 1, "queued", None, None),
+        ("X", 0, "delivered", "tls", "tls-everywhere"),
+        ("X", 1, "queued", None, None),
+    ]
+    assert [m["queue_id"] for m in a.search(Query(mode="tls"))] == ["W", "X"]

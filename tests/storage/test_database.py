@@ -130,3 +130,25 @@ def test_a_kept_update_meeting_the_same_row_twice_applies_both_in_order(connect)
         for state in ("first", "second"):
             db.write("UPDATE item SET state=?, n=n+1 WHERE a=? AND b=?", (state, "q", 1))
     assert items(db) == [("q", 1, "second", None, 2, None)]
+
+
+def test_a_kept_update_of_a_row_inserted_after_an_earlier_update_finds_it(connect):
+    # A group commit: one job updates an old row; the next inserts a row and the
+    # one after updates it.  Sent a statement's rows at a time in the order the
+    # statements were first made, both updates went before the insert - and the
+    # new row's update found nothing (the archive's recipients stayed "queued").
+    db = connect()
+    db.create(MIXED)
+    db.create(SCHEMA)
+    db.execute("INSERT INTO item(a, b) VALUES ('old', 1)")
+    with db.transaction():
+        db.write("UPDATE item SET state=? WHERE a=? AND b=?", ("sent", "old", 1))
+        db.write("INSERT INTO item(a, b) VALUES (?,?)", ("new", 2))
+        db.write("UPDATE item SET state=? WHERE a=? AND b=?", ("sent", "new", 2))
+        db.write("INSERT INTO parent VALUES (?,?)", (1, "elsewhere"))
+        db.write("INSERT INTO item(a, b) VALUES (?,?)", ("newer", 3))
+    assert [(a, b, state) for a, b, state, *_ in items(db)] == [
+        ("new", 2, "sent"),
+        ("newer", 3, None),
+        ("old", 1, "sent"),
+    ]
