@@ -118,7 +118,11 @@ class Database:
         durable truth is elsewhere, such as the queue state beside the spool)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
-            path, timeout=30, isolation_level=None, check_same_thread=False
+            path,
+            timeout=30,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,  # (multi-row INSERTs of a few sizes each: `write`)
         )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
@@ -176,6 +180,8 @@ class Database:
             self.flush()
             with self._server():
                 return self._connection.execute(_postgres_sql(sql), tuple(params))
+        if self._deferred:
+            self._flush_sqlite()
         return self._connection.execute(sql, params)
 
     def among(self, sql: str, values: Sequence[Any]) -> Iterator[Any]:
@@ -192,25 +198,34 @@ class Database:
             with self._server(), self._connection.cursor() as cursor:
                 cursor.executemany(_postgres_sql(sql), [tuple(r) for r in rows])
         else:
+            if self._deferred:
+                self._flush_sqlite()
             self._connection.executemany(sql, rows)
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """A statement whose result nobody reads.  On PostgreSQL inside a transaction
-        it is kept and sent with the others of the same text together (`flush`: a
-        few microseconds a row instead of a statement's tens) before anything else
-        runs on the connection and before the commit.  Each table sees its writes
-        in the order of the calls (`_keep`).  An error in it surfaces there."""
-        if self.dialect is Dialect.POSTGRESQL and self._depth:
+        """A statement whose result nobody reads.  Inside a transaction it is kept
+        and sent with the others of the same text together (`flush`) before anything
+        else runs on the connection and before the commit: on PostgreSQL a few
+        microseconds a row instead of a statement's tens; on SQLite an INSERT's rows
+        go as one multi-row statement - one step of the engine, and one hand-back of
+        the interpreter lock, instead of one a row.  Each table sees its writes in
+        the order of the calls (`_keep`).  An error in it surfaces there."""
+        if self._depth:
             self._keep(sql, [tuple(params)])
         else:
             self.execute(sql, params)
 
     def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """`executemany`, kept like `write`."""
-        if self.dialect is Dialect.POSTGRESQL and self._depth:
+        if self._depth:
             self._keep(sql, [tuple(r) for r in rows])
         else:
             self.executemany(sql, rows)
+
+    def forget_kept(self) -> None:
+        """Drop the writes kept and not sent (an operation that failed made them: its
+        savepoint is rolled back next, `batch`)."""
+        self._deferred = []
 
     def _keep(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Keep rows of ``sql`` for `flush`: with the rows of the same statement kept
@@ -231,9 +246,12 @@ class Database:
     def flush(self) -> None:
         """Send the writes kept by `write` (in the order their groups were made:
         `_keep`).  The rows of one group go out as few statements as do the same
-        (`_merged`), written with the server's own placeholders (psycopg then has
-        nothing to parse)."""
+        (`_merged`; on SQLite `_sqlite_rows`), on PostgreSQL written with the
+        server's own placeholders (psycopg then has nothing to parse)."""
         if not self._deferred:
+            return
+        if self.dialect is Dialect.SQLITE:
+            self._flush_sqlite()
             return
         import psycopg
 
@@ -250,6 +268,15 @@ class Database:
                     continue
                 for statement, params in merged:
                     raw.execute(statement, params)
+
+    def _flush_sqlite(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for sql, rows in deferred:
+            merged = _sqlite_rows(sql, rows)
+            if not merged:
+                self._connection.executemany(sql, rows)
+            for statement, params in merged:
+                self._connection.execute(statement, params)
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[None]:
@@ -273,6 +300,7 @@ class Database:
             with self._server():
                 self._connection.execute(script)
         elif self.in_transaction:
+            self.flush()
             statement = ""
             for line in script.splitlines(keepends=True):
                 statement += line
@@ -350,8 +378,10 @@ class Database:
                 self._connection.execute("BEGIN IMMEDIATE")
                 try:
                     yield
+                    self.flush()
                     self._connection.execute("COMMIT")
                 except BaseException:
+                    self._deferred = []
                     if self._connection.in_transaction:
                         self._connection.execute("ROLLBACK")
                     raise
@@ -493,6 +523,37 @@ def _merged(
         (_statement(shape, len(chunk)), [row[i] for row in chunk for i in kept])
         for chunk in (rows[i : i + step] for i in range(0, len(rows), step))
     ]
+
+
+# rows of one SQLite multi-row INSERT at most (a few sizes only: each is a statement
+# the connection prepares once and keeps)
+SQLITE_ROWS = (64, 32, 16, 8, 4, 2)
+
+
+def _sqlite_rows(sql: str, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+    """The kept rows of ``sql`` as SQLite statements that do the same, each with its
+    parameters: an INSERT's (upserts too: SQLite applies a multi-row statement's rows
+    one after the other, as it would separate statements) in multi-row statements of
+    `SQLITE_ROWS` rows, the last one alone; nothing for other statements (their rows
+    go to ``executemany`` as they are)."""
+    shape = _insert_shape(sql, len(rows[0]), True) if len(rows) > 1 else None
+    if shape is None:
+        return []
+    out: list[tuple[str, list[Any]]] = []
+    start = 0
+    for size in SQLITE_ROWS:
+        while len(rows) - start >= size:
+            chunk = rows[start : start + size]
+            out.append((_sqlite_statement(shape, size), [v for row in chunk for v in row]))
+            start += size
+    if start < len(rows):
+        out.append((sql, list(rows[start])))
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _sqlite_statement(shape: _Shape, rows: int) -> str:
+    return shape.head + ",".join(["?".join(shape.row)] * rows) + shape.tail
 
 
 @dataclass(frozen=True)
@@ -657,6 +718,7 @@ def batch(
                 db.flush()  # its kept writes fail here, if at all: its own error
                 results.append((value, None))
             except Exception as e:  # the caller gets it, the others go on
+                db.forget_kept()  # (its own: the operations before it were sent)
                 db.execute("ROLLBACK TO SAVEPOINT operation")
                 results.append((None, e))
             db.execute("RELEASE SAVEPOINT operation")

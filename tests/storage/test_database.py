@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.storage.database import Schema, batch
+from gateway.storage.database import Database, Schema, batch
 
 SCHEMA = Schema("""
 CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
@@ -152,3 +152,28 @@ def test_a_kept_update_of_a_row_inserted_after_an_earlier_update_finds_it(connec
         ("newer", 3, None),
         ("old", 1, "sent"),
     ]
+
+
+def test_on_sqlite_kept_inserts_go_as_a_few_multi_row_statements(tmp_path):
+    # One engine step for many rows (a statement a row handed the interpreter lock
+    # back and forth at each): 13 rows as 8 + 4 + 1, upserts included, same rows.
+    db = Database.sqlite(tmp_path / "store.db")
+    db.create(MIXED)
+    run: list[str] = []
+    db._connection.set_trace_callback(run.append)
+    with db.transaction():
+        for n in range(13):
+            db.write("INSERT INTO item(a, b, n) VALUES (?,?,?)", ("q", n, n))
+        db.write_many(
+            "INSERT INTO item(a, b, state) VALUES (?,?,'new') ON CONFLICT (a, b) "
+            "DO UPDATE SET state='again'",
+            [("q", 0), ("r", 0), ("r", 0)],  # the same key twice: applied in turn
+        )
+    inserts = [s for s in run if s.startswith("INSERT")]
+    assert [s.count("),(") + 1 for s in inserts] == [8, 4, 1, 2, 1]
+    assert [(a, b, state, n) for a, b, state, _, n, _ in items(db)] == [
+        *[("q", 0, "again", 0)],
+        *[("q", n, None, n) for n in range(1, 13)],
+        ("r", 0, "again", 0),
+    ]
+    db.close()
