@@ -105,7 +105,7 @@ class Database:
         self._connection = connection
         self._depth = 0
         self._reconnect: Callable[[], Any] | None = None  # PostgreSQL: a new connection
-        # PostgreSQL, in a transaction: writes not sent yet, by statement (`write`)
+        # in a transaction: writes not sent yet, in groups (`write`, `_keep`)
         self._deferred: list[tuple[str, list[tuple[Any, ...]]]] = []
         self._merging = False  # upserts too go out many rows a statement (`batch`)
 
@@ -468,7 +468,9 @@ class Database:
                 self._connection.execute("BEGIN")
                 try:
                     yield
+                    self.flush()  # (reads only, as a rule: then nothing)
                 finally:
+                    self._deferred = []
                     self._connection.execute("COMMIT")
         finally:
             self._depth = 0
@@ -478,7 +480,7 @@ class Database:
         cursor, so millions of rows do not sit in memory; inside `snapshot` or
         `transaction`)."""
         if self.dialect is Dialect.SQLITE:
-            yield from self._connection.execute(sql, params)
+            yield from self.execute(sql, params)
             return
         self.flush()
         with self._connection.cursor(name=f"sealgate_stream_{next(_cursors)}") as cursor:

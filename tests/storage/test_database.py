@@ -177,3 +177,18 @@ def test_on_sqlite_kept_inserts_go_as_a_few_multi_row_statements(tmp_path):
         ("r", 0, "again", 0),
     ]
     db.close()
+
+
+def test_on_sqlite_a_write_kept_inside_a_snapshot_reaches_the_database(tmp_path):
+    # A snapshot is for reads (on PostgreSQL read only); a write made in one on
+    # SQLite is kept like any other in a transaction: it must be sent when the
+    # snapshot ends, and before a read of it.
+    db, other = Database.sqlite(tmp_path / "store.db"), Database.sqlite(tmp_path / "store.db")
+    db.create(SCHEMA)
+    with db.snapshot():
+        db.write("INSERT INTO parent VALUES (?,?)", (1, "a"))
+        assert list(db.stream("SELECT name FROM parent")) == [("a",)]
+        db.write("INSERT INTO parent VALUES (?,?)", (2, "b"))
+    assert rows(other, "parent") == [(1, "a"), (2, "b")]
+    db.close()
+    other.close()
