@@ -176,12 +176,10 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """A cursor (``fetchone``, ``fetchall``, ``rowcount``, iteration)."""
+        self.flush()
         if self.dialect is Dialect.POSTGRESQL:
-            self.flush()
             with self._server():
                 return self._connection.execute(_postgres_sql(sql), tuple(params))
-        if self._deferred:
-            self._flush_sqlite()
         return self._connection.execute(sql, params)
 
     def among(self, sql: str, values: Sequence[Any]) -> Iterator[Any]:
@@ -193,13 +191,11 @@ class Database:
             yield from self.execute(sql.format(marks=",".join("?" * len(chunk))), chunk)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.flush()
         if self.dialect is Dialect.POSTGRESQL:
-            self.flush()
             with self._server(), self._connection.cursor() as cursor:
                 cursor.executemany(_postgres_sql(sql), [tuple(r) for r in rows])
         else:
-            if self._deferred:
-                self._flush_sqlite()
             self._connection.executemany(sql, rows)
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> None:
