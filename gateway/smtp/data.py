@@ -19,6 +19,7 @@ long, and nothing but the current chunk is kept in memory here.
 from __future__ import annotations
 
 import enum
+import itertools
 
 
 class DataProblem(enum.Enum):
@@ -55,17 +56,22 @@ class MessageScanner:
             return self._fail(DataProblem.LINE_TOO_LONG)
         if not complete:
             return b""
-        crlf = complete.count(b"\r\n")
+        # The lines as sent (the last item: the nothing after the final CRLF); one
+        # split serves every check below (a 50 KB chunk: about half the time of a
+        # count and a split each, and a third split for the headers)
+        lines = complete.split(b"\r\n")
+        crlf = len(lines) - 1
         if complete.count(b"\n") != crlf or complete.count(b"\r") != crlf:
             return self._fail(DataProblem.BARE_LINE_ENDING)
-        if max(map(len, complete.split(b"\n"))) + 1 > self.max_wire_line:
+        if max(map(len, lines)) + 2 > self.max_wire_line:
             return self._fail(DataProblem.LINE_TOO_LONG)
+        if self._in_headers:
+            self._scan_headers(lines)
+            if self.problem is not None:
+                return b""
         # Every chunk of complete lines starts at the beginning of a line.
         out = complete[1:] if complete.startswith(b".") else complete
-        out = out.replace(b"\r\n.", b"\r\n")
-        if self._in_headers:
-            self._scan_headers(out)
-        return out
+        return out.replace(b"\r\n.", b"\r\n")
 
     def finish(self) -> bytes:
         """Called at the end of data; the data ended with CRLF, so nothing is pending."""
@@ -75,8 +81,12 @@ class MessageScanner:
             self._fail(DataProblem.BARE_LINE_ENDING)
         return b""
 
-    def _scan_headers(self, chunk: bytes) -> None:
-        for line in chunk.split(b"\r\n")[:-1]:
+    def _scan_headers(self, lines: list[bytes]) -> None:
+        """Count the Received fields among ``lines`` (as sent: a leading dot is the
+        client's) up to the first empty line, the end of the header."""
+        for line in itertools.islice(lines, len(lines) - 1):
+            if line[:1] == b".":
+                line = line[1:]
             if not line:
                 self._in_headers = False
                 break

@@ -55,6 +55,28 @@ def test_scanner_counts_received_headers_only_in_the_header_section():
     assert out.endswith(b"Received: body\r\n")
 
 
+def test_scanner_counts_received_headers_across_chunks_and_under_a_clients_dot():
+    """The header section read in pieces, a Received field among them dot-stuffed by
+    the client (stored without the dot: a Received field like the others): one over
+    the limit is a mail loop; the body's are not counted."""
+    scanner = MessageScanner(10**6, 1000, 2)
+    out = scanner.feed(b"Received: a\r\n.Received: b\r\n")
+    assert (scanner.received_headers, scanner.problem) == (2, None)
+    assert out == b"Received: a\r\nReceived: b\r\n"
+    assert scanner.feed(b"Subject: x\r\n..Received: not one\r\n") == (
+        b"Subject: x\r\n.Received: not one\r\n"
+    )
+    assert scanner.received_headers == 2
+    scanner.feed(b"received: c\r\n\r\nReceived: body\r\n")
+    assert scanner.received_headers == 3
+    assert scanner.problem is DataProblem.MAIL_LOOP
+
+    below = MessageScanner(10**6, 1000, 2)
+    below.feed(b"Received: a\r\n")
+    below.feed(b"\r\nReceived: body\r\nReceived: body\r\n")
+    assert (below.received_headers, below.problem) == (1, None)
+
+
 def test_scanner_reports_a_line_that_grows_past_the_limit_without_waiting_for_its_end():
     scanner = MessageScanner(10**6, 1000, 50)
     scanner.feed(b"x" * 1500)
