@@ -110,6 +110,10 @@ class Envelope:
     # the Argon2id hash of the passphrase the sender set for the portal (its header is
     # removed on acceptance); "" when none
     portal_passphrase: str = ""
+    # the bytes are their own DATA wire form: CRLF line endings only and no line
+    # beginning with a dot, as the SMTP listener saw every line arrive; delivery then
+    # sends them without looking at them again
+    data_is_wire: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         # Written out by hand: dataclasses.asdict deep-copies, and this runs for
@@ -129,6 +133,7 @@ class Envelope:
             "purpose": self.purpose.value,
             "extra": dict(self.extra),
             **({"portal_passphrase": self.portal_passphrase} if self.portal_passphrase else {}),
+            **({"data_is_wire": True} if self.data_is_wire else {}),
         }
 
     @classmethod
@@ -149,4 +154,5 @@ class Envelope:
             purpose=Purpose(d.get("purpose") or d.get("extra", {}).get("purpose") or "message"),
             extra={k: v for k, v in d.get("extra", {}).items() if k != "purpose"},
             portal_passphrase=str(d.get("portal_passphrase", "")),
+            data_is_wire=d.get("data_is_wire") is True,
         )

@@ -491,6 +491,8 @@ class DeliveryAgent:
                 metrics=self.metrics,
                 relaxed=relaxed,
                 observed=observed,
+                # the message as received, whose lines the SMTP listener checked
+                data_is_wire=envelope.data_is_wire and not changed and body is data,
             )
             if requiretls:  # no other mode, no second chance at a lower level: it fails
                 results = [_requiretls_failed(r) for r in results]

@@ -42,6 +42,7 @@ class MessageScanner:
         self.problem: DataProblem | None = None
         self._carry = b""
         self._in_headers = True
+        self._dotted = False  # a line began with a dot on the wire
 
     def feed(self, data: bytes) -> bytes:
         self.wire_size += len(data)
@@ -71,7 +72,17 @@ class MessageScanner:
                 return b""
         # Every chunk of complete lines starts at the beginning of a line.
         out = complete[1:] if complete.startswith(b".") else complete
-        return out.replace(b"\r\n.", b"\r\n")
+        unstuffed = out.replace(b"\r\n.", b"\r\n")
+        if len(unstuffed) != len(complete):
+            self._dotted = True
+        return unstuffed
+
+    @property
+    def data_is_wire(self) -> bool:
+        """What `feed` returned is its own wire form (CRLF line endings only: any
+        other is a problem; and no line began with a dot, so none of the stored
+        lines does): delivery may send it as it is."""
+        return self.problem is None and not self._dotted
 
     def finish(self) -> bytes:
         """Called at the end of data; the data ended with CRLF, so nothing is pending."""

@@ -491,7 +491,9 @@ class GatewaySMTP(SMTP):
         started = time.perf_counter()
         try:
             envelope = await writer.commit(
-                lambda size, sha: self._make_envelope(queue_id, size, sha, hashed)
+                lambda size, sha: self._make_envelope(
+                    queue_id, size, sha, hashed, scanner.data_is_wire
+                )
             )
         except SpoolError as e:
             log.error(Event.SPOOL_WRITE_FAILED, queue_id=queue_id, error=str(e))
@@ -564,7 +566,12 @@ class GatewaySMTP(SMTP):
         )
 
     def _make_envelope(
-        self, queue_id: str, size: int, sha256: str, passphrase: str = ""
+        self,
+        queue_id: str,
+        size: int,
+        sha256: str,
+        passphrase: str = "",
+        data_is_wire: bool = False,
     ) -> Envelope:
         now = datetime.datetime.now(datetime.UTC)
         client = self._client_info()
@@ -593,6 +600,7 @@ class GatewaySMTP(SMTP):
             sha256=sha256,
             trace_headers=trace,
             portal_passphrase=passphrase,
+            data_is_wire=data_is_wire,
         )
 
     def _accepted(self, envelope: Envelope, latency: float) -> None:

@@ -196,6 +196,18 @@ def test_a_message_that_needs_no_change_is_sent_as_it_is_not_copied():
     assert pieces[1] is data and pieces == (head, data, b".\r\n")
 
 
+def test_a_message_marked_as_its_own_wire_form_is_sent_unread():
+    data = b"Subject: x\r\n\r\n" + b"line\r\n" * 1000
+    head = b"Received: from a by b\r\n"
+    assert wire_form(data, head, data_is_wire=True) == (head, data, b".\r\n")
+    # its last line not ended after all: looked at, and ended
+    assert wire_form(b"a\r\n.b", head, data_is_wire=True) == (head, b"a\r\n..b", b"\r\n.\r\n")
+    # a head without its CRLF is joined to it: the two are looked at
+    assert b"".join(wire_form(b"\r\n.x\r\n", b"R: x", data_is_wire=True)) == (
+        b"R: x\r\n..x\r\n.\r\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("head", "data", "wire"),
     [

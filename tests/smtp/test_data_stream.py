@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from gateway.smtp.data import DataProblem, MessageScanner
 from tests.conftest import RawSmtp, queued
 
@@ -75,6 +77,22 @@ def test_scanner_counts_received_headers_across_chunks_and_under_a_clients_dot()
     below.feed(b"Received: a\r\n")
     below.feed(b"\r\nReceived: body\r\nReceived: body\r\n")
     assert (below.received_headers, below.problem) == (1, None)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "as_wire"),
+    [
+        ([b"Subject: x\r\n\r\nbody.\r\n", b"more\r\n"], True),
+        ([b"Subject: x\r\n\r\n", b".starts with a dot\r\n"], False),  # chunk's first line
+        ([b"Subject: x\r\n\r\na\r\n..\r\n"], False),  # a later line: "." stored
+        ([b"Subject: x\r\n\r\na\r\nb\nc\r\n"], False),  # bare LF: rejected anyway
+    ],
+)
+def test_scanner_says_whether_what_it_returned_is_its_own_wire_form(chunks, as_wire):
+    scanner = MessageScanner(10**6, 1000, 50)
+    for chunk in chunks:
+        scanner.feed(chunk)
+    assert scanner.data_is_wire is as_wire
 
 
 def test_scanner_reports_a_line_that_grows_past_the_limit_without_waiting_for_its_end():

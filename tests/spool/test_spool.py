@@ -81,6 +81,18 @@ async def test_committed_file_is_message_then_envelope_then_footer(spool, size):
     assert list(spool.tmp_dir.iterdir()) == []
 
 
+def test_an_envelope_says_its_data_is_its_own_wire_form_only_when_it_was_seen_so():
+    import dataclasses
+    import json
+
+    plain = _envelope(new_queue_id(), 10, "0" * 64)
+    assert "data_is_wire" not in plain.to_dict()  # files of earlier versions alike
+    assert Envelope.from_dict(plain.to_dict()).data_is_wire is False
+    seen = dataclasses.replace(plain, data_is_wire=True)
+    assert Envelope.from_dict(json.loads(json.dumps(seen.to_dict()))) == seen
+    assert Envelope.from_dict({**plain.to_dict(), "data_is_wire": "yes"}).data_is_wire is False
+
+
 async def test_open_removes_unacknowledged_leftovers_and_counts_the_queue(tmp_path, spool):
     await _store(spool, [b"one\r\n"])
     await _store(spool, [b"two\r\n"])
