@@ -53,29 +53,33 @@ async def test_bare_lf_inside_a_message_is_rejected(gateway_factory):
     assert queued(gw) == []
 
 
-async def test_dot_stuffed_lines_are_unstuffed_and_kept(gateway_factory):
+@pytest.mark.parametrize(
+    ("sent", "stored", "as_wire"),
+    [
+        (
+            b"Subject: dots\r\n\r\n..\r\n...two\r\n.x\r\nend.\r\n",
+            b"Subject: dots\r\n\r\n.\r\n..two\r\nx\r\nend.\r\n",
+            False,  # delivery must stuff its dots again
+        ),
+        (  # no line begins with a dot: the stored bytes are their own wire form
+            b"Subject: plain\r\n\r\nno dot.\r\nstarts a line\r\n",
+            b"Subject: plain\r\n\r\nno dot.\r\nstarts a line\r\n",
+            True,
+        ),
+    ],
+    ids=["dotted", "plain"],
+)
+async def test_dot_stuffed_lines_are_unstuffed_and_kept(gateway_factory, sent, stored, as_wire):
     gw = await gateway_factory(PLAINTEXT)
     s = await RawSmtp.start_data(gw)
-    s.send(b"Subject: dots\r\n\r\n..\r\n...two\r\n.x\r\nend.\r\n.\r\n")
+    s.send(sent + b".\r\n")
     reply = await s.reply()
     assert reply.startswith("250 2.0.0 Ok: queued as"), reply
     await s.close()
     (path,) = queued(gw)
     envelope, data = gw.spool.read(path.name)
-    assert data == b"Subject: dots\r\n\r\n.\r\n..two\r\nx\r\nend.\r\n"
-    assert envelope.data_is_wire is False  # delivery must stuff its dots again
-
-
-async def test_a_message_without_dotted_lines_is_marked_as_its_own_wire_form(gateway_factory):
-    gw = await gateway_factory(PLAINTEXT)
-    s = await RawSmtp.start_data(gw)
-    s.send(b"Subject: plain\r\n\r\nno dot.\r\nstarts a line\r\n.\r\n")
-    assert (await s.reply()).startswith("250 2.0.0 Ok: queued as")
-    await s.close()
-    (path,) = queued(gw)
-    envelope, data = gw.spool.read(path.name)
-    assert data == b"Subject: plain\r\n\r\nno dot.\r\nstarts a line\r\n"
-    assert envelope.data_is_wire is True
+    assert data == stored
+    assert envelope.data_is_wire is as_wire
 
 
 async def test_an_empty_message_ends_at_the_first_dot_line(gateway_factory):
