@@ -27,7 +27,8 @@ MAX_PENDING = 64 * 1024  # bytes of a reply not yet complete
 async def pipelined(smtp: aiosmtplib.SMTP, commands: list[bytes]) -> list[aiosmtplib.SMTPResponse]:
     """Send ``commands`` (without their CRLF) in one write; their replies, in order.
     Raises `aiosmtplib.SMTPServerDisconnected` if the connection ends first,
-    `TimeoutError` after ``smtp.timeout`` without the next reply."""
+    `aiosmtplib.SMTPReadTimeoutError` (a `TimeoutError`) after ``smtp.timeout``
+    without the next reply."""
     for command in commands:
         if b"\r" in command or b"\n" in command:
             raise ValueError("an SMTP command with a line break")
@@ -82,10 +83,18 @@ class _Replies(asyncio.Protocol):
         self.session.connection_lost(exc)
 
     async def next(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
-        async with asyncio.timeout(timeout):
-            while not self.replies:
-                if self.failed is not None:
-                    raise self.failed
-                self.changed.clear()
-                await self.changed.wait()
+        # A group's replies mostly arrive in one piece: the ones in already are
+        # taken without a timer (of MAIL, RCPT, DATA: two timers fewer a message).
+        if not self.replies:
+            try:
+                async with asyncio.timeout(timeout):
+                    while not self.replies:
+                        if self.failed is not None:
+                            raise self.failed
+                        self.changed.clear()
+                        await self.changed.wait()
+            except TimeoutError:  # said as aiosmtplib says it of the replies it reads
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from None
         return self.replies.popleft()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ssl
+import time
 
 import pytest
 import trustme
 
-from gateway.delivery.client import tls_context, wire_form
+from gateway.delivery.client import deliver, tls_context, wire_form
+from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.sessions import ReuseLimits, SessionCache
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.tls import client_context
@@ -173,6 +176,35 @@ async def test_the_data_reply_decides_for_every_accepted_recipient(world, reply,
         ["mx1.dest.test"], TlsLevel.VERIFY, rcpts=("a@dest.test", "b@dest.test")
     )
     assert {(r.outcome, r.status) for r in results} == {(outcome, reply.split()[1])}
+
+
+@pytest.mark.parametrize(
+    ("pipelining", "slow"),
+    [(True, "rcpt_delay"), (False, "rcpt_delay"), (True, "data_delay"), (False, "data_delay")],
+)
+async def test_a_server_that_stops_answering_defers_the_message_after_the_timeout(
+    world, pipelining, slow
+):
+    """Whether the reply that never comes is one of a pipelined group (read by our
+    own reader), a command's or the message's (read by aiosmtplib's): deferred
+    after ``command_timeout``, saying so, the same way."""
+    mx = await world.mta("mx1.dest.test", "127.0.0.21", pipelining=pipelining, **{slow: 30})
+    settings = dataclasses.replace(world.settings, command_timeout=0.5)
+    routed = Routed((NextHop("mx1.dest.test", world.port, 0),))
+    started = time.monotonic()
+    (result,) = await deliver(
+        routed,
+        TlsLevel.VERIFY,
+        "s@clinic.test",
+        ["r@dest.test"],
+        b"Subject: x\r\n\r\nbody\r\n",
+        settings,
+        world.resolver,
+    )
+    assert time.monotonic() - started < 10
+    assert (result.outcome, result.status) == ("deferred", "4.4.2")
+    assert result.diagnostic.endswith("failed: Timed out waiting for server response")
+    assert mx.received == []
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ class RecipientMta:
     attempts: int = 0
     data_delay: float = 0.0  # seconds before answering DATA
     ehlo_delay: float = 0.0  # seconds before answering EHLO (a slow server)
+    rcpt_delay: float = 0.0  # seconds before answering RCPT
     close_after_data: bool = False  # drop the connection after each message, no reply
     utf8: bool = True  # offers SMTPUTF8
     requiretls: bool = False  # offers REQUIRETLS after STARTTLS (RFC 8689)
@@ -76,6 +77,8 @@ class RecipientMta:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
         reply = self.rcpt_replies.get(address)
         if reply is not None:
             return reply
