@@ -20,9 +20,11 @@ from gateway.spool.store import (
     MAGIC,
     RECYCLE_SIZE,
     SPILL_THRESHOLD,
+    WHOLE_READ,
     Recycler,
     Reuse,
     is_queue_id,
+    read_envelope,
 )
 from tests.conftest import make_message, queued, smtp_client
 from tests.support.fs import small_filesystem
@@ -66,7 +68,8 @@ def test_queue_ids_are_unique_and_sort_by_arrival():
     assert ids == sorted(ids)
 
 
-@pytest.mark.parametrize("size", [0, 10, SPILL_THRESHOLD * 3 + 17])
+# a file of more than WHOLE_READ bytes is read in three pieces, not in one
+@pytest.mark.parametrize("size", [0, 10, SPILL_THRESHOLD * 3 + 17, WHOLE_READ + 1])
 async def test_committed_file_is_message_then_envelope_then_footer(spool, size):
     data = os.urandom(size)
     env = await _store(spool, [data[i : i + 65536] for i in range(0, len(data), 65536)])
@@ -77,6 +80,7 @@ async def test_committed_file_is_message_then_envelope_then_footer(spool, size):
     assert int(footer.split()[1]) == size
     read_env, read_data = spool.read(env.queue_id)
     assert read_data == data and read_env == env
+    assert read_envelope(spool.queue_dir / env.queue_id) == env
     assert env.sha256 == hashlib.sha256(data).hexdigest()
     assert list(spool.tmp_dir.iterdir()) == []
 
