@@ -219,8 +219,8 @@ class Database:
             self.executemany(sql, rows)
 
     def forget_kept(self) -> None:
-        """Drop the writes kept and not sent (an operation that failed made them: its
-        savepoint is rolled back next, `batch`)."""
+        """Drop the writes kept and not sent (a transaction that ends without them, or
+        an operation that failed: its savepoint is rolled back next, `batch`)."""
         self._deferred = []
 
     def _keep(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
@@ -377,7 +377,7 @@ class Database:
                     self.flush()
                     self._connection.execute("COMMIT")
                 except BaseException:
-                    self._deferred = []
+                    self.forget_kept()
                     if self._connection.in_transaction:
                         self._connection.execute("ROLLBACK")
                     raise
@@ -389,7 +389,7 @@ class Database:
         """A PostgreSQL transaction on a live connection (see `_server`); the kept
         writes are sent before it commits, and dropped if it does not."""
         depth, self._depth = self._depth, 0
-        self._deferred = []
+        self.forget_kept()
         with self._server():
             self._depth = depth
             try:
@@ -397,7 +397,7 @@ class Database:
                     yield
                     self.flush()
             finally:
-                self._deferred = []
+                self.forget_kept()
 
     def has_table(self, name: str) -> bool:
         if self.dialect is Dialect.POSTGRESQL:
@@ -466,7 +466,7 @@ class Database:
                     yield
                     self.flush()  # (reads only, as a rule: then nothing)
                 finally:
-                    self._deferred = []
+                    self.forget_kept()
                     self._connection.execute("COMMIT")
         finally:
             self._depth = 0
