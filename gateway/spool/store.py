@@ -425,13 +425,16 @@ def _checked_size(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            end = os.fstat(fd).st_size
-            footer = os.pread(fd, FOOTER_LEN, max(0, end - FOOTER_LEN))
+            return _footer_layout(fd, os.fstat(fd).st_size, Path(path))[0]
         finally:
             os.close(fd)
     except OSError as e:
         raise SpoolError(f"{os.path.basename(path)}: {e.strerror}") from e
-    return _layout(footer, end, Path(path))[0]
+
+
+def _footer_layout(fd: int, end: int, path: Path) -> tuple[int, int]:
+    """`_layout` of the open file ``fd`` of ``end`` bytes, its footer read."""
+    return _layout(os.pread(fd, FOOTER_LEN, max(0, end - FOOTER_LEN)), end, path)
 
 
 def _layout(footer: bytes, end: int, path: Path) -> tuple[int, int]:
@@ -490,8 +493,7 @@ def _read(path: Path, with_data: bool) -> tuple[Envelope, bytes]:
             data = whole[:message_len]
             raw = whole[message_len : message_len + json_len]
         else:
-            footer = _pread_exact(fd, min(end, FOOTER_LEN), max(0, end - FOOTER_LEN), path)
-            message_len, json_len = _layout(footer, end, path)
+            message_len, json_len = _footer_layout(fd, end, path)
             data = _pread_exact(fd, message_len, 0, path) if with_data else b""
             raw = _pread_exact(fd, json_len, message_len, path)
     except OSError as e:
