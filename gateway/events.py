@@ -61,6 +61,7 @@ class Event(enum.StrEnum):
     API_REQUEST = "api.request"
     WEBHOOK_DROPPED = "webhook.dropped"
     WEBHOOK_ERROR = "webhook.error"
+    WEBHOOK_PIPELINING_OFF = "webhook.pipelining-off"
     # archive
     ARCHIVE_KEY_GENERATED = "archive.key-generated"
     ARCHIVE_RECOVERED = "archive.recovered"

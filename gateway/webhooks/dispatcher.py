@@ -4,10 +4,12 @@ mail - `gateway.smtp.workers` ``--webhooks-only`` - which the main process wakes
 over the control socket when it wrote events).
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
-endpoint), leases them to this node, posts them - several at once per endpoint, the
-endpoints side by side, over kept-alive connections per endpoint
-(`gateway.webhooks.http`), names resolved through ``dns.nameservers``, certificates
-verified against the system's CAs and ``tls.ca_file`` - and settles them: a 2xx
+endpoint), leases them to this node, posts them - the endpoints side by side, each
+endpoint's events spread over up to 16 kept-alive connections (`gateway.webhooks.
+http`), at first one request at a time on each, then, while the endpoint takes all
+it is sent, twice as many back to back each time, up to 16 (one again after a
+refusal; names resolved through ``dns.nameservers``, certificates verified against
+the system's CAs and ``tls.ca_file``) - and settles them: a 2xx
 answer deletes the event, anything else (or no answer within 15 s) sets its next
 try from ``webhooks.retry_schedule`` (the last wait repeats), until
 ``webhooks.max_age`` has passed: then it is dropped, logged (``webhook.dropped``)
@@ -16,7 +18,8 @@ silence, garbage) or says it takes nothing now (429, 503) is not sent the rest o
 its events in that round: they wait for the same next try (longer if its
 Retry-After asks, up to an hour), their tries not counted - so a round lasts at
 most about one timeout, an endpoint that is down does not hold up the others'
-events, and one that is overloaded is not pressed further.  A round that posted
+events, and one that is overloaded is not pressed further (what was already sent
+behind the refused request is answered, and counted as tried).  A round that posted
 something is followed 50 ms later by the next (a message's next event is due now);
 otherwise the dispatcher waits for the queue to write events, or a second.
 """
@@ -48,7 +51,8 @@ T = TypeVar("T")
 
 POST_TIMEOUT = 15.0
 LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
-CONCURRENCY = 16
+CONCURRENCY = 16  # connections per endpoint
+DEPTH = 16  # requests sent back to back on one, at most
 IDLE_WAIT = 1.0
 GAUGE_INTERVAL = 15.0
 # answers about the endpoint, not the event: the round's other events wait too - as
@@ -113,6 +117,8 @@ class Dispatcher:
         self._pools: dict[str, http.Endpoint] = {}
         for pool in old.values():  # made under the old settings (CA file, resolvers)
             pool.close_soon()
+        self._depth: dict[str, int] = {}  # per endpoint: requests back to back now
+        self._one_at_a_time: set[str] = set()  # endpoints whose server takes no more
 
     def wake(self) -> None:
         """Events were written (from any thread; from the event loop's own, without
@@ -170,21 +176,34 @@ class Dispatcher:
     async def _post_all(
         self, events: list[Pending], at: list[int], results: list[_Posted | None]
     ) -> None:
-        """One endpoint's events of a round: CONCURRENCY posts at a time, each poster
-        taking the next event when its last is answered - none more once the
-        endpoint is not taking events (the rest stay None)."""
-        order = iter(at)
+        """One endpoint's events of a round, spread over up to CONCURRENCY
+        connections in groups sent back to back (at most `http.Endpoint.depth`
+        each), each poster taking the next group when its last is answered - none
+        more once the endpoint is not taking events (the rest stay None)."""
+        name = events[at[0]].endpoint
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            for i in at:
+                results[i] = _Posted(f"endpoint {name!r} is no longer configured")
+            return
+        pool = self._pools.get(name)
+        if pool is None or pool.url != endpoint.url:
+            pool = self._pools[name] = http.Endpoint(endpoint.url, self._ctx, self.resolver())
+        size = max(1, min(self._depth.get(name, 1), -(-len(at) // CONCURRENCY)))
+        groups = iter([at[k : k + size] for k in range(0, len(at), size)])
         refusing = False
 
         async def poster() -> None:
             nonlocal refusing
-            for i in order:
+            for group in groups:
                 if refusing:
                     return
-                results[i] = posted = await self._post(events[i])
-                refusing = refusing or not posted.taking
+                posted = await self._post(endpoint, pool, [events[i] for i in group])
+                for i, result in zip(group, posted, strict=True):
+                    results[i] = result
+                    refusing = refusing or (result is not None and not result.taking)
 
-        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(at)))))
+        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, -(-len(at) // size)))))
 
     async def _settle(self, events: list[Pending], results: list[_Posted | None]) -> None:
         now = self.clock()
@@ -234,35 +253,50 @@ class Dispatcher:
             self.metrics.webhook_posts.labels(*labels).inc(count)
         await self._db(self.outbox.settle, posted, retry, dropped)
 
-    async def _post(self, event: Pending) -> _Posted:
-        """POST one event: "posted", or why not."""
-        endpoint = self.endpoints.get(event.endpoint)
-        if endpoint is None:
-            return _Posted(f"endpoint {event.endpoint!r} is no longer configured")
-        body = event.payload.encode()
+    async def _post(
+        self, endpoint: Endpoint, pool: http.Endpoint, events: list[Pending]
+    ) -> list[_Posted | None]:
+        """POST ``events`` back to back: what came of each - "posted", or why not;
+        after one the endpoint did not answer, None (not tried)."""
         stamp = int(self.clock())
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "sealgate",
-            "webhook-id": event.event_id,
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": signature(endpoint.key, event.event_id, stamp, body),
-        }
-        pool = self._pools.get(endpoint.name)
-        if pool is None or pool.url != endpoint.url:
-            pool = self._pools[endpoint.name] = http.Endpoint(
-                endpoint.url, self._ctx, self.resolver()
+        requests = []
+        for event in events:
+            body = event.payload.encode()
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "sealgate",
+                "webhook-id": event.event_id,
+                "webhook-timestamp": str(stamp),
+                "webhook-signature": signature(endpoint.mac, event.event_id, stamp, body),
+            }
+            requests.append(pool.request(body, headers))
+        answers, error = await pool.post_all(requests, POST_TIMEOUT)
+        if not pool.pipelining and endpoint.name not in self._one_at_a_time:
+            self._one_at_a_time.add(endpoint.name)  # said once
+            log.warning(Event.WEBHOOK_PIPELINING_OFF, endpoint=endpoint.name)
+        found: list[_Posted | None] = []
+        for answer in answers:
+            if 200 <= answer.status < 300:
+                found.append(_Posted("posted"))
+            else:
+                busy = answer.status in ENDPOINT_BUSY
+                found.append(
+                    _Posted(f"HTTP {answer.status}", not busy, answer.retry_after if busy else None)
+                )
+        if error is not None:
+            if isinstance(error, TimeoutError):
+                found.append(_Posted(f"no answer within {POST_TIMEOUT:g} s", taking=False))
+            else:
+                found.append(_Posted(str(error)[:300], taking=False))
+            found += [None] * (len(events) - len(found))
+        # more back to back while all are taken (to DEPTH), one again after a refusal
+        if all(f is not None and f.text == "posted" for f in found):
+            self._depth[endpoint.name] = min(
+                2 * self._depth.get(endpoint.name, 1), DEPTH if pool.pipelining else 1
             )
-        try:
-            answer = await pool.post(body, headers, POST_TIMEOUT)
-        except TimeoutError:
-            return _Posted(f"no answer within {POST_TIMEOUT:g} s", taking=False)
-        except http.HttpError as e:
-            return _Posted(str(e)[:300], taking=False)
-        if 200 <= answer.status < 300:
-            return _Posted("posted")
-        busy = answer.status in ENDPOINT_BUSY
-        return _Posted(f"HTTP {answer.status}", not busy, answer.retry_after if busy else None)
+        else:
+            self._depth[endpoint.name] = 1
+        return found
 
     async def _gauge(self, now: float) -> None:
         self._gauged = now

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hmac
 import itertools
 import json
@@ -55,9 +56,13 @@ def secret_key(secret: str) -> bytes:
     return key
 
 
-def signature(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
-    signed = f"{event_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode()
+def signature(key: bytes | hmac.HMAC, event_id: str, timestamp: int, body: bytes) -> str:
+    """``key``: the endpoint's, or an HMAC-SHA256 of it with nothing signed yet
+    (`Endpoint.mac`: copied, not made again for every event)."""
+    mac = hmac.new(key, digestmod="sha256") if isinstance(key, bytes) else key.copy()
+    mac.update(f"{event_id}.{timestamp}.".encode())
+    mac.update(body)
+    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,11 @@ class Endpoint:
     url: str
     key: bytes
     events: frozenset[str]
+
+    @functools.cached_property
+    def mac(self) -> hmac.HMAC:
+        """An HMAC-SHA256 of the key with nothing signed yet (`signature`)."""
+        return hmac.new(self.key, digestmod="sha256")
 
 
 def endpoints_of(config: Config) -> tuple[Endpoint, ...]:

@@ -1,18 +1,26 @@
 """http - a small HTTP/1.1 client for posting webhook events: kept-alive TLS
-connections per endpoint, one request at a time on each.
+connections per endpoint, each carrying requests back to back (`Endpoint.post_all`:
+pipelining, RFC 9112 9.3.2 - one write for several events, their answers read
+together: a third of the CPU per event of one request at a time, for the client and
+for the server).
 
 Hand-written instead of aiohttp's client: an event is one POST with a few headers
 whose answer is only its status, and aiohttp's general machinery cost about four
 times the CPU per event (bench/integrations.py: the main process's share of each
-event); an answer is parsed from the bytes as they arrive (`_parse`), without a
-stream reader's call per line.  What it reads of an answer is bounded: the status
-line and at most 100 header lines of 8 KiB, a body of at most 1 MiB (Content-Length
-or chunked; read and dropped, so the connection can be used again) - an answer
-without a length, or one with ``Connection: close``, ends the connection.  Of the
-headers only ``Retry-After`` is handed on (in seconds, or as an HTTP date).  Names
-resolve through the gateway's resolver (``dns.nameservers``); the certificate is
-verified as for every HTTPS the gateway makes (system CAs plus ``tls.ca_file``, the
-host name).
+event); answers are parsed from the bytes as they arrive (`_parse`), without a
+stream reader's call per line, in order, an interim (1xx) one passed over.  What a
+server did not take because it closed the connection after an answer
+(``Connection: close``, or the end of the connection) is sent again on a new one
+(an event carries its ``webhook-id``: a receiver that got one twice knows it); one
+that answers the first of the requests sent back to back but not those behind it
+in time is sent one at a time from then on (`Endpoint.pipelining`).  What it reads
+of an answer is bounded: a head of at most 64 KiB, 100 header lines of 8 KiB, a
+body of at most 1 MiB (Content-Length or chunked; read and dropped, so the
+connection can be used again) - an answer without a length, or one with
+``Connection: close``, ends the connection.  Of the headers only ``Retry-After`` is
+handed on (in seconds, or as an HTTP date).  Names resolve through the gateway's
+resolver (``dns.nameservers``); the certificate is verified as for every HTTPS the
+gateway makes (system CAs plus ``tls.ca_file``, the host name).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import asyncio
 import email.utils
 import ssl
 import time
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -30,6 +39,7 @@ from gateway.probe.https import addresses
 
 MAX_LINE = 8192
 MAX_HEADERS = 100
+MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
 
 
@@ -43,14 +53,18 @@ class Answer(NamedTuple):
 
 
 class _Connection(asyncio.Protocol):
-    """One TLS connection carrying one request at a time; the answer is parsed from
-    what arrived as it arrives (`_parse`), without a reader layer between."""
+    """One TLS connection carrying requests back to back (pipelined: RFC 9112 9.3.2),
+    whose answers are parsed in order from what arrived as it arrives (`_parse`),
+    without a reader layer between."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buffer = bytearray()
-        self._answer: asyncio.Future[tuple[Answer, bool]] | None = None
+        self._expected = 0  # answers still to come for the requests sent
+        self._answers: list[Answer] = []  # those come, not yet handed on
+        self._error: Exception | None = None  # why no more will come
+        self._changed: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's or uvloop's TLS transport (uvloop's is no asyncio.Transport)
@@ -58,8 +72,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._answer is not None and not self._answer.done():
-            self._settle(eof=False)
+        if self._expected:
+            self._take(eof=False)
         elif len(self._buffer) > MAX_LINE:  # nothing asked for: not kept for it
             self.close()
 
@@ -72,37 +86,69 @@ class _Connection(asyncio.Protocol):
 
     def _end(self) -> None:
         self.closed = True
-        if self._answer is not None and not self._answer.done():
-            self._settle(eof=True)
+        if self._expected:
+            self._take(eof=True)
 
-    def _settle(self, eof: bool) -> None:
-        assert self._answer is not None
+    def _take(self, eof: bool) -> None:
+        """The answers that are all there, in order; an interim (1xx) one is passed
+        over.  After one that ends the connection (or at its end) no more come."""
         try:
-            parsed = _parse(self._buffer, eof)
+            while self._expected and self._error is None:
+                parsed = _parse(self._buffer, eof)
+                if parsed is None:
+                    if eof:
+                        self._error = (
+                            HttpError("the answer is cut off") if self._buffer else _Stale()
+                        )
+                    break
+                answer, keep, used = parsed
+                del self._buffer[:used]
+                if 100 <= answer.status < 200:
+                    continue
+                self._answers.append(answer)
+                self._expected -= 1
+                if not keep:
+                    self.close()
+                    self._error = _Stale()  # the rest were not taken (RFC 9112 9.6)
         except HttpError as e:
-            self._answer.set_exception(e)
-            return
-        if parsed is not None:
-            answer, keep, used = parsed
-            del self._buffer[:used]
-            self._answer.set_result((answer, keep and not self.closed))
-        elif eof:
-            self._answer.set_exception(
-                _Stale() if not self._buffer else HttpError("the answer is cut off")
-            )
+            self._error = e
+        if self._error is not None:
+            self._expected = 0
+        changed = self._changed
+        if changed is not None and not changed.done() and (self._answers or self._error):
+            changed.set_result(None)
 
-    async def request(self, data: bytes) -> tuple[Answer, bool]:
-        """Send ``data``; the answer and whether the connection can carry another
-        request.  _Stale: closed before any answer began."""
+    async def exchange(
+        self, requests: Sequence[bytes], timeout: float
+    ) -> tuple[list[Answer], Exception | None]:
+        """Send ``requests`` back to back; the answers that came, in order, and why
+        the rest got none (None: all answered).  _Stale: the connection ended (or
+        said it would) before their answers began; TimeoutError: none came within
+        ``timeout`` of the last one (or of sending)."""
         assert self.transport is not None
         if self.closed or self._buffer:  # closed, or sent what nobody asked for
-            raise _Stale
-        self._answer = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
+            return [], _Stale()
+        loop = asyncio.get_running_loop()
+        self._expected, self._answers, self._error = len(requests), [], None
+        self.transport.write(b"".join(requests))
+        got: list[Answer] = []
         try:
-            return await self._answer
+            async with asyncio.timeout(timeout) as deadline:
+                while self._expected or self._answers:
+                    if not self._answers and self._error is None:
+                        self._changed = loop.create_future()
+                        await self._changed
+                    got += self._answers
+                    self._answers = []
+                    deadline.reschedule(loop.time() + timeout)
+                    if self._error is not None:
+                        return got, self._error
+        except TimeoutError as e:
+            self.close()  # answers still owed: the connection is in no state
+            return got, e
         finally:
-            self._answer = None
+            self._changed = None
+        return got, None
 
     def close(self) -> None:
         self.closed = True
@@ -123,6 +169,9 @@ class Endpoint:
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.authority = parts.netloc.rpartition("@")[2]
         self.ctx, self.resolver, self.size = ctx, resolver, size
+        # whether the server takes requests sent back to back (`post_all`): not when
+        # it answered the first of them and not those behind it in time
+        self.pipelining = True
         self._idle: list[_Connection] = []
 
     async def close(self) -> None:
@@ -134,27 +183,55 @@ class Endpoint:
         for conn in idle:
             conn.close()
 
-    async def post(self, body: bytes, headers: dict[str, str], timeout: float) -> Answer:
-        """POST ``body``; the answer.  HttpError when none came; a kept connection
-        the server had closed meanwhile is replaced once."""
+    def request(self, body: bytes, headers: Mapping[str, str]) -> bytes:
+        """A POST of ``body`` to the URL, as sent."""
         head = [
             f"POST {self.path} HTTP/1.1",
             f"Host: {self.authority}",
             f"Content-Length: {len(body)}",
             *(f"{k}: {v}" for k, v in headers.items()),
         ]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        async with asyncio.timeout(timeout):
-            while self._idle:
-                conn = self._idle.pop()
-                try:
-                    return await self._exchange(conn, request)
-                except _Stale:
-                    pass  # closed while idle: nothing was taken
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    async def post(self, body: bytes, headers: Mapping[str, str], timeout: float) -> Answer:
+        """POST ``body``; the answer.  HttpError or TimeoutError when none came."""
+        answers, error = await self.post_all([self.request(body, headers)], timeout)
+        if error is not None:
+            raise error
+        return answers[0]
+
+    async def post_all(
+        self, requests: Sequence[bytes], timeout: float
+    ) -> tuple[list[Answer], Exception | None]:
+        """Send ``requests`` (`request`) back to back on one connection; the answers
+        that came, in order, and why the rest got none (HttpError, TimeoutError;
+        None: all answered).  A kept connection the server had closed meanwhile is
+        replaced; what a server did not take because it closed the connection after
+        an answer (``Connection: close``) is sent again on a new one."""
+        got: list[Answer] = []
+        while len(got) < len(requests):
+            reused = bool(self._idle)
             try:
-                return await self._exchange(await self._open(), request)
-            except _Stale:
-                raise HttpError("the server closed the connection without an answer") from None
+                async with asyncio.timeout(timeout):
+                    conn = self._idle.pop() if reused else await self._open()
+            except (HttpError, TimeoutError) as e:
+                return got, e
+            sent = requests[len(got) :]
+            answers, error = await conn.exchange(sent, timeout)
+            got += answers
+            if isinstance(error, TimeoutError) and answers and len(sent) > 1:
+                self.pipelining = False
+            if error is None and not conn.closed and len(self._idle) < self.size:
+                self._idle.append(conn)
+            else:
+                conn.close()
+            if isinstance(error, _Stale) and (answers or reused):
+                continue  # nothing of the rest was taken: on another connection
+            if isinstance(error, _Stale):
+                return got, HttpError("the server closed the connection without an answer")
+            if error is not None:
+                return got, error
+        return got, None
 
     async def _open(self) -> _Connection:
         try:
@@ -177,18 +254,6 @@ class Endpoint:
                 last = e
         raise HttpError(f"cannot connect to {self.host}:{self.port}: {last}")
 
-    async def _exchange(self, conn: _Connection, request: bytes) -> Answer:
-        try:
-            answer, keep = await conn.request(request)
-        except BaseException:  # also cancelled (the timeout): the connection is in no state
-            conn.close()
-            raise
-        if keep and len(self._idle) < self.size:
-            self._idle.append(conn)
-        else:
-            conn.close()
-        return answer
-
 
 class _Stale(Exception):
     """A kept connection that the server closed: try a new one."""
@@ -199,26 +264,10 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[Answer, bool, int] | None:
     another request, and how many bytes it took - or None while it is not all there
     (``eof``: nothing more will come).  HttpError for what is not an answer or is
     too large."""
-    pos, status, keep = 0, 0, False
-    headers: dict[str, str] = {}
-    for n in range(MAX_HEADERS + 2):
-        end = buffer.find(b"\n", pos, pos + MAX_LINE)
-        if end < 0:
-            _unfinished(buffer, pos)
-            return None
-        line, pos = bytes(buffer[pos : end + 1]), end + 1
-        if n == 0:
-            version, _, rest = line.decode("latin-1").strip().partition(" ")
-            if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-                raise HttpError(f"not an HTTP answer: {line[:60]!r}")
-            status, keep = int(rest[:3]), version == "HTTP/1.1"
-        elif line in (b"\r\n", b"\n"):
-            break
-        else:
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-    else:
-        raise HttpError("the answer has too many header lines")
+    head = _head(buffer)
+    if head is None:
+        return None
+    status, keep, headers, pos = head
     keep = keep and headers.get("connection", "").lower() != "close"
     answer = Answer(status, _seconds(headers.get("retry-after")))
     if status in (204, 304) or 100 <= status < 200:
@@ -238,6 +287,48 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[Answer, bool, int] | None:
     if eof or len(buffer) - pos >= MAX_BODY:
         return answer, False, len(buffer)
     return None
+
+
+def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
+    """The head of the answer at the start of ``buffer``: its status, whether it is
+    HTTP/1.1, its header fields (names in lower case) and where it ends - None while
+    it is not all there (what is, is checked)."""
+    end = _head_end(buffer)
+    if end < 0:
+        first_end = buffer.find(b"\n", 0, MAX_LINE)
+        if first_end >= 0:
+            _status(bytes(buffer[:first_end]))
+        if first_end < 0 and len(buffer) >= MAX_LINE:
+            raise HttpError("a line of the answer is cut off or too long")
+        if len(buffer) >= MAX_HEAD:
+            raise HttpError("the answer's head is too long")
+        return None
+    first, *fields = bytes(buffer[:end]).split(b"\n")
+    if len(fields) > MAX_HEADERS:
+        raise HttpError("the answer has too many header lines")
+    if any(len(line) >= MAX_LINE for line in (first, *fields)):
+        raise HttpError("a line of the answer is cut off or too long")
+    status, http11 = _status(first)
+    headers: dict[str, str] = {}
+    for field in fields:
+        name, _, value = field.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, http11, headers, end + (3 if buffer[end + 1] == 13 else 2)  # "\n\r\n"
+
+
+def _head_end(buffer: bytearray) -> int:
+    """Where the last line of the head at the start of ``buffer`` ends (its
+    newline), the empty line after it; -1 while there is none."""
+    crlf, lf = buffer.find(b"\n\r\n"), buffer.find(b"\n\n")
+    return lf if crlf < 0 or 0 <= lf < crlf else crlf
+
+
+def _status(line: bytes) -> tuple[int, bool]:
+    """The status of an answer's first line, and whether it is HTTP/1.1."""
+    version, _, rest = line.decode("latin-1").strip().partition(" ")
+    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+        raise HttpError(f"not an HTTP answer: {line[:60]!r}")
+    return int(rest[:3]), version == "HTTP/1.1"
 
 
 def _seconds(retry_after: str | None) -> float | None:

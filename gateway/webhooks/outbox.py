@@ -20,8 +20,7 @@ Blocking: called from a thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.storage.database import Database, Dialect, Schema
 
@@ -112,8 +111,7 @@ def first_rows(rows: list[tuple[str, str, str, str, str]], now: float) -> list[t
     return [(*r, now, now) for r in rows]
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(NamedTuple):  # (a tuple: made from a row at little cost)
     id: int
     endpoint: str
     event_id: str

@@ -1,7 +1,10 @@
 """The webhook client's HTTP/1.1 against real servers on loopback: kept-alive
-connections are used again; answers with a chunked, sized or unsized body are read
-whole; a connection the server closed while idle is replaced; a server that answers
-garbage, or not at all in time, is an error, not a hang."""
+connections are used again; requests are sent back to back and their answers taken
+in order; what a server did not take before it closed the connection is sent again,
+and one that answers only the first of requests sent back to back is no longer sent
+them so; answers with a chunked, sized or unsized body are read whole; a connection
+the server closed while idle is replaced; a server that answers garbage, or not at
+all in time, is an error, not a hang."""
 
 from __future__ import annotations
 
@@ -74,6 +77,99 @@ async def test_connections_are_kept_and_every_kind_of_body_is_read(tls):
         b'{"n": 0}'
     )
     await endpoint.close()
+    server.close()
+
+
+async def read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await reader.readexactly(length)
+
+
+async def test_requests_sent_back_to_back_are_answered_in_order_on_one_connection(tls):
+    """The server reads all four requests before it answers any (so they were sent
+    without waiting for answers), then answers them in one piece - an interim 100
+    before one of them, which is not taken for its answer."""
+    seen = {"connections": 0, "requests": []}
+
+    async def handle(reader, writer):
+        seen["connections"] += 1
+        for _ in range(4):
+            seen["requests"].append(await read_request(reader))
+        writer.write(
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 429 Slow down\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls[0])
+    endpoint = Endpoint(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/h", tls[1], None)
+    requests = [endpoint.request(b'{"n": %d}' % i, {"webhook-id": f"e{i}"}) for i in range(4)]
+    answers, error = await endpoint.post_all(requests, 5)
+    assert error is None
+    assert [(a.status, a.retry_after) for a in answers] == [
+        (204, None),
+        (200, None),
+        (429, 30.0),
+        (202, None),
+    ]
+    assert seen["connections"] == 1
+    assert [r.split(b"\r\n\r\n")[1] for r in seen["requests"]] == [
+        b'{"n": %d}' % i for i in range(4)
+    ]
+    assert len(endpoint._idle) == 1 and endpoint.pipelining
+    await endpoint.close()
+    server.close()
+
+
+async def test_what_a_server_did_not_take_before_closing_is_sent_again(tls):
+    """A server that answers one request a connection with ``Connection: close``
+    (RFC 9112 9.6: it takes nothing after it): each of the rest goes again on a new
+    connection, until all are answered."""
+    seen = {"connections": 0, "bodies": []}
+
+    async def handle(reader, writer):
+        seen["connections"] += 1
+        seen["bodies"].append((await read_request(reader)).split(b"\r\n\r\n")[1])
+        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls[0])
+    endpoint = Endpoint(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/", tls[1], None)
+    requests = [endpoint.request(b"%d" % i, {}) for i in range(3)]
+    answers, error = await endpoint.post_all(requests, 5)
+    assert error is None and [a.status for a in answers] == [204, 204, 204]
+    assert seen["connections"] == 3 and seen["bodies"] == [b"0", b"1", b"2"]
+    assert endpoint._idle == []
+    server.close()
+
+
+async def test_a_server_answering_only_the_first_of_requests_back_to_back(tls):
+    """A server that reads one request, answers it and drops what came behind it:
+    the rest get no answer within the timeout (the first's answer is kept), and the
+    endpoint is marked as not taking requests back to back."""
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        reader._buffer.clear()  # what it had not asked for: dropped
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls[0])
+    endpoint = Endpoint(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/", tls[1], None)
+    answers, error = await endpoint.post_all([endpoint.request(b"{}", {})] * 3, 0.5)
+    assert [a.status for a in answers] == [204]
+    assert isinstance(error, TimeoutError)
+    assert not endpoint.pipelining
+    assert endpoint._idle == []  # answers were owed on it: closed
     server.close()
 
 
@@ -150,6 +246,7 @@ async def test_an_answer_in_pieces_or_without_a_length_is_read_whole(tls):
     [
         (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", "too long"),
         (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", "too many header lines"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 9000, "head is too long"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n", "body is too large"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", "not a number"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "not a number"),

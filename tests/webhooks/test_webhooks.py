@@ -8,11 +8,14 @@ taken is dropped after webhooks.max_age, with a record."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 import time
 
 import pytest
-from standardwebhooks import WebhookVerificationError
+from standardwebhooks import Webhook, WebhookVerificationError
+from structlog.testing import capture_logs
 
 from gateway.observability.metrics import Metrics
 from gateway.probe.dns import Resolver
@@ -277,3 +280,109 @@ async def test_an_endpoint_not_taking_events_does_not_hold_up_the_others(
     settled = time.time()
     for *_, first, last in tries:  # tried or not, the endpoint's events wait alike
         assert now + pause <= first <= last <= settled + pause
+
+
+async def test_an_endpoint_taking_its_events_is_sent_them_back_to_back(
+    world, pki, tmp_path, monkeypatch
+):
+    """Rounds of 200 events to an endpoint that takes them: at first one request at
+    a time on each connection; once it has taken a few, several sent back to back
+    on one connection (the server finds the next request there before it answers),
+    on no more connections than before - every event arriving once, signed.  An
+    endpoint whose server answers only the first of requests sent so is sent one at
+    a time from then on, and the log says so."""
+    leaf = pki.ca.issue_cert("hooks.ehr.test")
+    chain, key = leaf_files(leaf, tmp_path, "hooks")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(chain, key)
+    world.dns.add("hooks.ehr.test", "A", "127.0.0.91")
+    seen = {"connections": 0, "behind": 0, "bodies": [], "drop_behind": False}
+
+    async def handle(reader, writer):
+        seen["connections"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                seen["bodies"].append((head, await reader.readexactly(length)))
+                seen["behind"] += bool(reader._buffer)  # the next one came with it
+                if seen["drop_behind"]:
+                    reader._buffer.clear()
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.91", port, ssl=ctx)
+    secret_path = tmp_path / "ehr.secret"
+    secret = new_secret()
+    secret_path.write_text(secret)
+    ep = {
+        "name": "ehr",
+        "url": f"https://hooks.ehr.test:{port}/hooks",
+        "secret_file": str(secret_path),
+    }
+    config = load_test_config(
+        write_config(
+            tmp_path,
+            world.config({"webhooks.endpoints": [ep], "webhooks.retry_schedule": ["1s"]}),
+        )
+    )
+    outbox = Outbox(Database.sqlite(tmp_path / "outbox.db"))
+    d = module.Dispatcher(
+        config, outbox, "node-1", Metrics(), lambda: Resolver(config.dns.nameservers)
+    )
+
+    def add(first: int) -> None:
+        now = time.time()
+        outbox.add(
+            [
+                ("ehr", f"evt-{n}", f"Q{n}", "accepted", json.dumps({"data": {"n": n}}))
+                for n in range(first, first + 200)
+            ],
+            now,
+        )
+
+    try:
+        add(0)
+        assert await d.round() is True
+        assert seen["behind"] == 0  # one at a time: nothing known of the endpoint yet
+        first_connections = seen["connections"]
+        assert first_connections <= module.CONCURRENCY
+        add(200)
+        assert await d.round() is True
+        assert seen["behind"] >= 100  # most went behind another on its connection
+        assert seen["connections"] == first_connections  # the same connections
+        hook = Webhook(secret)
+        bodies = [
+            hook.verify(body, {k.lower(): v for k, v in _fields(head).items()})
+            for head, body in seen["bodies"]
+        ]
+        assert sorted(b["data"]["n"] for b in bodies) == list(range(400))
+        # a server that drops what came behind the request it read
+        seen["drop_behind"] = True
+        monkeypatch.setattr(module, "POST_TIMEOUT", 0.5)
+        add(400)
+        with capture_logs() as logs:
+            assert await d.round() is True
+        assert [e["endpoint"] for e in logs if e["event"] == "webhook.pipelining-off"] == ["ehr"]
+        seen["behind"] = 0
+        for _ in range(10):  # the rest, at their next try (1 s), one at a time
+            await asyncio.sleep(1.1)
+            await d.round()
+            if len(seen["bodies"]) >= 600:
+                break
+        assert seen["behind"] == 0
+        assert {b["data"]["n"] for b in (json.loads(body) for _, body in seen["bodies"])} == set(
+            range(600)
+        )
+    finally:
+        await d.close()
+        server.close()
+
+
+def _fields(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in lines if line)
