@@ -5,8 +5,14 @@ operation alone); a batch's operations commit together."""
 
 from __future__ import annotations
 
+import sqlite3
+import statistics
+import threading
+import time
+
 import pytest
 
+from gateway.storage import database
 from gateway.storage.database import Database, Schema, batch
 
 SCHEMA = Schema("""
@@ -192,3 +198,75 @@ def test_on_sqlite_a_write_kept_inside_a_snapshot_reaches_the_database(tmp_path)
     assert rows(other, "parent") == [(1, "a"), (2, "b")]
     db.close()
     other.close()
+
+
+def _holding(db: Database, held: threading.Event, release: threading.Event, out: list) -> None:
+    """Hold ``db``'s write lock from ``held`` until ``release``; when it let go in
+    ``out``."""
+    with db.transaction():
+        db.execute("INSERT INTO t(v) VALUES ('held')")
+        held.set()
+        release.wait(10)
+    out.append(time.monotonic())
+
+
+def _table(path):
+    setup = Database.sqlite(path)
+    setup.execute("CREATE TABLE t(v TEXT)")
+    setup.close()
+
+
+def test_on_sqlite_a_writer_gets_the_lock_soon_after_another_lets_it_go(tmp_path):
+    """Another connection holds the write lock for 20 ms after a writer began waiting
+    for it: the writer has it within a few milliseconds of its release (SQLite's own
+    wait, sleeping 1, 2, 5, 10, 15 ms in turn, would look again 13 ms after it) - the
+    median of five tries, against the machine's own hiccups."""
+    path = tmp_path / "q.db"
+    _table(path)
+    gaps = []
+    for _ in range(5):
+        holder, writer = Database.sqlite(path), Database.sqlite(path)
+        held, release, released = threading.Event(), threading.Event(), []
+        thread = threading.Thread(target=_holding, args=(holder, held, release, released))
+        thread.start()
+        assert held.wait(5)
+        threading.Timer(0.02, release.set).start()
+        with writer.transaction():
+            got = time.monotonic()
+            writer.execute("INSERT INTO t(v) VALUES ('writer')")
+        thread.join()
+        gaps.append(got - released[0])
+        holder.close()
+        writer.close()
+    assert statistics.median(gaps) < 0.008, gaps
+    db = Database.sqlite(path)
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 10
+
+
+def test_on_sqlite_a_writer_waits_for_the_lock_no_longer_than_the_timeout(tmp_path, monkeypatch):
+    """A lock held longer than the timeout: "database is locked", no transaction left
+    open, and the connection's own wait for locks (reads) is as it was."""
+    monkeypatch.setattr(database, "LOCK_TIMEOUT", 0.3)
+    path = tmp_path / "q.db"
+    _table(path)
+    holder, writer = Database.sqlite(path), Database.sqlite(path)
+    held, release, released = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=_holding, args=(holder, held, release, released))
+    thread.start()
+    assert held.wait(5)
+    began = time.monotonic()
+    try:
+        with (
+            pytest.raises(sqlite3.OperationalError, match="database is locked"),
+            writer.transaction(),
+        ):
+            pass
+        assert 0.3 <= time.monotonic() - began < 5
+        assert not writer.in_transaction
+        assert writer.execute("PRAGMA busy_timeout").fetchone()[0] == 300
+    finally:
+        release.set()
+        thread.join()
+    with writer.transaction():  # free now
+        writer.execute("INSERT INTO t(v) VALUES ('writer')")
+    assert [r[0] for r in writer.execute("SELECT v FROM t")] == ["held", "writer"]
