@@ -5,6 +5,7 @@ Stopped and started again on the same port, it is a receiver that was down."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,3 +57,11 @@ class Receiver:
         (raises on a bad signature)."""
         hook = Webhook(secret)
         return [hook.verify(body, headers) for headers, body in self.received]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP request from a raw server's stream: its head and its body (by its
+    Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head, await reader.readexactly(length)

@@ -18,6 +18,7 @@ import trustme
 
 from gateway.webhooks import http
 from gateway.webhooks.http import Endpoint, HttpError
+from tests.support.webhooks import read_request
 
 
 @pytest.fixture
@@ -39,9 +40,7 @@ async def serve(ctx, answers):
         seen["connections"] += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                seen["requests"].append(head + await reader.readexactly(length))
+                seen["requests"].append(b"".join(await read_request(reader)))
                 answer = answers.pop(0)
                 if answer is None:
                     break
@@ -80,12 +79,6 @@ async def test_connections_are_kept_and_every_kind_of_body_is_read(tls):
     server.close()
 
 
-async def read_request(reader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    return head + await reader.readexactly(length)
-
-
 async def test_requests_sent_back_to_back_are_answered_in_order_on_one_connection(tls):
     """The server reads all four requests before it answers any (so they were sent
     without waiting for answers), then answers them in one piece - an interim 100
@@ -95,7 +88,7 @@ async def test_requests_sent_back_to_back_are_answered_in_order_on_one_connectio
     async def handle(reader, writer):
         seen["connections"] += 1
         for _ in range(4):
-            seen["requests"].append(await read_request(reader))
+            seen["requests"].append(b"".join(await read_request(reader)))
         writer.write(
             b"HTTP/1.1 204 No Content\r\n\r\n"
             b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -135,7 +128,7 @@ async def test_what_a_server_did_not_take_before_closing_is_sent_again(tls):
 
     async def handle(reader, writer):
         seen["connections"] += 1
-        seen["bodies"].append((await read_request(reader)).split(b"\r\n\r\n")[1])
+        seen["bodies"].append((await read_request(reader))[1])
         writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
         await writer.drain()
         writer.close()
@@ -218,13 +211,12 @@ async def test_an_answer_in_pieces_or_without_a_length_is_read_whole(tls):
 
     async def slow(reader, writer):
         seen["connections"] += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+        await read_request(reader)
         for piece in pieces:
             writer.write(piece)
             await writer.drain()
             await asyncio.sleep(0.05)
-        head = await reader.readuntil(b"\r\n\r\n")  # the next request: no length
+        await read_request(reader)  # the next request, answered without a length
         writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\n\r\nmade")
         await writer.drain()
         writer.close()
@@ -255,8 +247,7 @@ async def test_an_answer_in_pieces_or_without_a_length_is_read_whole(tls):
 )
 async def test_an_answer_too_large_malformed_or_cut_off_is_an_error(tls, answer, error):
     async def then_close(reader, writer):  # the answer, then the end of the connection
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r")[0]))
+        await read_request(reader)
         writer.write(answer)
         await writer.drain()
         await asyncio.sleep(0.1)

@@ -26,7 +26,7 @@ from gateway.webhooks.outbox import Outbox
 from tests.conftest import free_port, leaf_files, load_test_config, run_sealgate, write_config
 from tests.support.delivery import BODY, SUBJECT, send, state
 from tests.support.https import SilentServer
-from tests.support.webhooks import Receiver
+from tests.support.webhooks import Receiver, read_request
 from tests.support.world import wait_until
 
 
@@ -302,9 +302,7 @@ async def test_an_endpoint_taking_its_events_is_sent_them_back_to_back(
         seen["connections"] += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                seen["bodies"].append((head, await reader.readexactly(length)))
+                seen["bodies"].append(await read_request(reader))
                 seen["behind"] += bool(reader._buffer)  # the next one came with it
                 if seen["drop_behind"]:
                     reader._buffer.clear()
