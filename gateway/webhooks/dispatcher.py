@@ -186,9 +186,10 @@ class Dispatcher:
         self, events: list[Pending], at: list[int], results: list[_Posted | None]
     ) -> None:
         """One endpoint's events of a round, spread over up to CONCURRENCY
-        connections in groups sent back to back (at most `http.Endpoint.depth`
-        each), each poster taking the next group when its last is answered - none
-        more once the endpoint is not taking events (the rest stay None)."""
+        connections in groups sent back to back (as many as the endpoint is taking
+        now, at most DEPTH: `_post`), each poster taking the next group when its
+        last is answered - none more once the endpoint is not taking events (the
+        rest stay None)."""
         name = events[at[0]].endpoint
         endpoint = self.endpoints.get(name)
         if endpoint is None:
