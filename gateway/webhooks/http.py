@@ -146,6 +146,9 @@ class _Connection(asyncio.Protocol):
         except TimeoutError as e:
             self.close()  # answers still owed: the connection is in no state
             return got, e
+        except BaseException:  # cancelled: the same
+            self.close()
+            raise
         finally:
             self._changed = None
         return got, None

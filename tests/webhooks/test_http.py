@@ -166,6 +166,28 @@ async def test_a_server_answering_only_the_first_of_requests_back_to_back(tls):
     server.close()
 
 
+async def test_a_post_cancelled_while_answers_are_owed_closes_its_connection(tls):
+    """The dispatcher stopping in the middle of a round: the connection that still
+    owes answers is closed (the server sees its end), not left open or kept."""
+    ended = asyncio.Event()
+
+    async def handle(reader, writer):
+        await read_request(reader)
+        await reader.read()  # no answer; until the client closes
+        ended.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls[0])
+    endpoint = Endpoint(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/", tls[1], None)
+    task = asyncio.ensure_future(endpoint.post_all([endpoint.request(b"{}", {})], 30))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(ended.wait(), 5)
+    assert endpoint._idle == []
+    server.close()
+
+
 async def test_a_connection_closed_while_idle_is_replaced_once(tls):
     answers = [b"HTTP/1.1 204 No Content\r\n\r\n", None, b"HTTP/1.1 204 No Content\r\n\r\n"]
     server, port, seen = await serve(tls[0], answers)
