@@ -301,8 +301,8 @@ def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
         first_end = buffer.find(b"\n", 0, MAX_LINE)
         if first_end >= 0:
             _status(bytes(buffer[:first_end]))
-        if first_end < 0 and len(buffer) >= MAX_LINE:
-            raise HttpError("a line of the answer is cut off or too long")
+        else:
+            _unfinished(buffer, 0)
         if len(buffer) >= MAX_HEAD:
             raise HttpError("the answer's head is too long")
         return None
@@ -322,8 +322,9 @@ def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
 def _head_end(buffer: bytearray) -> int:
     """Where the last line of the head at the start of ``buffer`` ends (its
     newline), the empty line after it; -1 while there is none."""
-    crlf, lf = buffer.find(b"\n\r\n"), buffer.find(b"\n\n")
-    return lf if crlf < 0 or 0 <= lf < crlf else crlf
+    crlf = buffer.find(b"\n\r\n")
+    lf = buffer.find(b"\n\n", 0, len(buffer) if crlf < 0 else crlf + 1)  # not past it
+    return lf if lf >= 0 else crlf
 
 
 def _status(line: bytes) -> tuple[int, bool]:
