@@ -200,12 +200,13 @@ class Dispatcher:
         if pool is None or pool.url != endpoint.url:
             pool = self._pools[name] = http.Endpoint(endpoint.url, self._ctx, self.resolver())
         size = max(1, min(self._depth.get(name, 1), -(-len(at) // CONCURRENCY)))
-        groups = iter([at[k : k + size] for k in range(0, len(at), size)])
+        groups = [at[k : k + size] for k in range(0, len(at), size)]
+        order = iter(groups)
         refusing = False
 
         async def poster() -> None:
             nonlocal refusing
-            for group in groups:
+            for group in order:
                 if refusing:
                     return
                 posted = await self._post(endpoint, pool, [events[i] for i in group])
@@ -213,7 +214,7 @@ class Dispatcher:
                     results[i] = result
                     refusing = refusing or (result is not None and not result.taking)
 
-        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, -(-len(at) // size)))))
+        await asyncio.gather(*(poster() for _ in range(min(CONCURRENCY, len(groups)))))
 
     async def _settle(self, events: list[Pending], results: list[_Posted | None]) -> None:
         now = self.clock()
