@@ -39,6 +39,7 @@ from aiosmtpd.smtp import (
     _AuthMechAttr,
     _Missing,
     login_always_fail,
+    syntax,
 )
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
@@ -59,6 +60,7 @@ _READ_LIMIT = 64 * 1024  # StreamReader limit: command lines and DATA chunk size
 DATA_CHUNK = 64 * 1024  # message data checked and written at a time (at most)
 _COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024}  # RFC 5321 512 plus ESMTP parameters
 _SMTP_VERBS = tuple(name[5:] for name in dir(SMTP) if name.startswith("smtp_"))
+_VERB_SET = frozenset(_SMTP_VERBS)
 _SIMPLE_PATH = re.compile(
     r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)",
@@ -85,6 +87,25 @@ class GatewayEnvelope(AioEnvelope):
         super().__init__()
         self.authorized_by = ""
         self.rcpt_option_list: list[list[str]] = []
+
+
+class _Verbs:
+    """aiosmtpd's table of a session's ``smtp_*`` methods (``get``, ``items``), each
+    bound when the session asks for it: a session uses five or six of the twenty,
+    and binding them all took a twentieth of a short session's work."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: SMTP | None):
+        self._protocol = protocol
+
+    def get(self, verb: str) -> Any:
+        if self._protocol is None or verb not in _VERB_SET:
+            return None
+        return getattr(self._protocol, "smtp_" + verb)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(verb, self.get(verb)) for verb in _SMTP_VERBS]
 
 
 class GatewaySMTP(SMTP):
@@ -141,7 +162,7 @@ class GatewaySMTP(SMTP):
         )
         self._handle_hooks = ctx.hooks
         self._ehlo_hook_ver = "new"
-        self._smtp_methods = {verb: getattr(self, "smtp_" + verb) for verb in _SMTP_VERBS}
+        self._smtp_methods = _Verbs(self)  # type: ignore[assignment]
         self._enforce_call_limit = False
         self._client_ip: str | None = None
         self._refused = False
@@ -263,7 +284,7 @@ class GatewaySMTP(SMTP):
         the TLS layer - so that they are freed by reference counting at once, not
         by the garbage collector's passes (~50 objects a session)."""
         self._handler_coroutine = None
-        self._smtp_methods = {}
+        self._smtp_methods = _Verbs(None)  # type: ignore[assignment]
         self._client_connected_cb = None
         self._stream_writer = None
         self._writer = None  # type: ignore[assignment]
@@ -308,6 +329,8 @@ class GatewaySMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    # HELP lists (and explains) only the commands with a syntax note, ours as well
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_hello = True
         try:
@@ -315,12 +338,14 @@ class GatewaySMTP(SMTP):
         finally:
             self._in_hello = False
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL, with the DSN extension's RET and ENVID (RFC 3461) and REQUIRETLS (RFC
         8689, over TLS only) taken out first and kept in the envelope as written
         (`gateway.smtp.parameters`)."""
         await self._with_parameters(super().smtp_MAIL, arg, parameters.MAIL_KEYS)
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """RCPT, with NOTIFY and ORCPT taken out first and kept with the recipient."""
         await self._with_parameters(super().smtp_RCPT, arg, parameters.RCPT_KEYS)
@@ -355,6 +380,7 @@ class GatewaySMTP(SMTP):
             envelope.rcpt_options.extend(taken)
             envelope.rcpt_option_list[-1].extend(taken)
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         self._in_hello = True
         try:
@@ -434,6 +460,7 @@ class GatewaySMTP(SMTP):
             except asyncio.LimitOverrunError as e:
                 consumed = e.consumed
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:  # RFC 3207 4.2: no second handshake
             await self.push(replies.TLS_ACTIVE)
@@ -442,6 +469,7 @@ class GatewaySMTP(SMTP):
 
     # -- DATA ---------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
