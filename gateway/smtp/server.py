@@ -140,6 +140,7 @@ class GatewaySMTP(SMTP):
         self._timeout_duration = ctx.config.smtp.command_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # loop time the session times out at (`_reset_timeout`)
+        self._lost = False  # connection_lost has run
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -262,6 +263,7 @@ class GatewaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        self._lost = True
         if self._client_ip is not None:
             self.ctx.connections[self._client_ip] -= 1
             if self.ctx.connections[self._client_ip] <= 0:
@@ -296,10 +298,16 @@ class GatewaySMTP(SMTP):
         unless something moves it again.  aiosmtpd cancels and schedules a timer for
         every command; here one timer stays armed while it would fire no later than
         the deadline, and `_on_timer` re-arms it for the deadline if it fires early -
-        a reset is a subtraction, not a heap operation (~9 a session)."""
+        a reset is a subtraction, not a heap operation (~9 a session).  Once the
+        connection is lost (a command being handled is cancelled, and its cleanup
+        resets the timer) nothing is armed: a timer would fire on the dead session."""
+        handle = self._timeout_handle
+        if self._lost:  # the connection is gone (a reset mid-DATA): no timer
+            if handle is not None:
+                handle.cancel()
+            return
         deadline = self.loop.time() + (duration or self._timeout_duration)
         self._deadline = deadline
-        handle = self._timeout_handle
         if handle is not None:
             if handle.when() <= deadline and not handle.cancelled():
                 return

@@ -4,12 +4,14 @@ and mail loops."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiosmtplib
 import pytest
 
 from tests.conftest import RawSmtp, make_message, queued, smtp_client
+from tests.smtp.test_session_end import reset
 from tests.support.world import wait_until
 
 PLAINTEXT = {"relay.require_tls": False}
@@ -182,3 +184,19 @@ async def test_accepted_message_carries_our_received_and_marker_headers(gateway_
     assert f"(using {env.client.tls_version} with cipher {env.client.tls_cipher})" in trace
     assert "X-Clinic-Gateway: gw.sealgate.test\r\n" in trace
     assert "r@example.test" not in trace  # no "for <rcpt>": Bcc recipients stay hidden
+
+
+async def test_a_reset_mid_data_is_not_timed_out_later(gateway_factory, caplog):
+    # the DATA handler's cleanup runs after connection_lost: it once armed the idle
+    # timer again, which fired on the dead session - a timeout counted and logged
+    # that no client saw, and an AssertionError in the loop's callback
+    gw = await gateway_factory({**PLAINTEXT, "smtp.command_timeout": "300ms"})
+    s = await RawSmtp.start_data(gw)
+    s.send(b"Subject: half\r\n\r\nhalf a mess")
+    await asyncio.sleep(0.1)
+    reset(s)
+    await wait_until(lambda: not gw.smtp.ctx.sessions, what="the session gone")
+    await asyncio.sleep(0.8)  # past the command timeout
+    assert gw.metrics.messages_rejected.labels("timeout")._value.get() == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert queued(gw) == []

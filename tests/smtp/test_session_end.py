@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import struct
 import weakref
 
 import pytest
@@ -14,7 +16,14 @@ from tests.support.world import wait_until
 
 
 @pytest.mark.parametrize(
-    "ending", ["QUIT", "QUIT after a message", "the client hangs up", "QUIT over TLS"]
+    "ending",
+    [
+        "QUIT",
+        "QUIT after a message",
+        "the client hangs up",
+        "QUIT over TLS",
+        "the client resets the connection mid-DATA",
+    ],
 )
 async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory, ending):
     gw = await gateway_factory({"relay.require_tls": False})
@@ -37,6 +46,14 @@ async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory
                 ("Subject: x\r\n\r\nbody\r\n.", "250"),
             ):
                 assert (await s.command(line)).startswith(code)
+        if ending.endswith("mid-DATA"):
+            # the command loop is cancelled after connection_lost; the DATA handler's
+            # cleanup must not arm a timer that holds the session (and fires on it)
+            for line in ("MAIL FROM:<s@clinic.test>", "RCPT TO:<r@example.test>", "DATA"):
+                await s.command(line)
+            s.send(b"Subject: x\r\n\r\nhalf a mess")
+            await asyncio.sleep(0.1)
+            reset(s)
         if ending.startswith("QUIT"):
             assert (await s.command("QUIT")).startswith("221")
             # the server hangs up first: nothing of the client's TLS is left closing
@@ -46,3 +63,10 @@ async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory
         await wait_until(lambda: session() is None, timeout=5, what="the session freed")
     finally:
         gc.enable()
+
+
+def reset(s: RawSmtp) -> None:
+    """Hang up with a TCP reset (SO_LINGER 0), as a crashed client's host does."""
+    sock = s.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.writer.transport.abort()
