@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.support.archive import archive_of
+from tests.support.net import reset
 
 CATEGORIES = ("mutation", "address", "mime", "fault", "slow", "world", "web")
 # the "world" category's recipients: a server that answers 4xx for ever, one that
@@ -485,12 +486,12 @@ async def _fault(rng: random.Random, s: Session) -> None:
         await s.send(b"DATA\r\n")
         s.writer.write(message(5000)[: rng.randrange(1, 5000)])
         await s.writer.drain()
-        s.writer.transport.abort()
+        reset(s.writer)
         raise ConnectionError("reset by the battery")
     if kind == "stop-mid-command":
         s.writer.write(b"MAIL FROM:<a@cli")
         await s.writer.drain()
-        s.writer.transport.abort()
+        reset(s.writer)
         raise ConnectionError("reset by the battery")
     if kind == "auth-8bit":
         await s.send("AUTH PLAIN dGVzdA==é\r\n".encode())

@@ -11,7 +11,7 @@ import aiosmtplib
 import pytest
 
 from tests.conftest import RawSmtp, make_message, queued, smtp_client
-from tests.smtp.test_session_end import reset
+from tests.support.net import reset
 from tests.support.world import wait_until
 
 PLAINTEXT = {"relay.require_tls": False}
@@ -194,7 +194,7 @@ async def test_a_reset_mid_data_is_not_timed_out_later(gateway_factory, caplog):
     s = await RawSmtp.start_data(gw)
     s.send(b"Subject: half\r\n\r\nhalf a mess")
     await asyncio.sleep(0.1)
-    reset(s)
+    reset(s.writer)
     await wait_until(lambda: not gw.smtp.ctx.sessions, what="the session gone")
     await asyncio.sleep(0.8)  # past the command timeout
     assert gw.metrics.messages_rejected.labels("timeout")._value.get() == 0

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
-import struct
 import weakref
 
 import pytest
 
 from tests.conftest import RawSmtp
+from tests.support.net import reset
 from tests.support.world import wait_until
 
 
@@ -53,7 +52,7 @@ async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory
                 await s.command(line)
             s.send(b"Subject: x\r\n\r\nhalf a mess")
             await asyncio.sleep(0.1)
-            reset(s)
+            reset(s.writer)
         if ending.startswith("QUIT"):
             assert (await s.command("QUIT")).startswith("221")
             # the server hangs up first: nothing of the client's TLS is left closing
@@ -63,10 +62,3 @@ async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory
         await wait_until(lambda: session() is None, timeout=5, what="the session freed")
     finally:
         gc.enable()
-
-
-def reset(s: RawSmtp) -> None:
-    """Hang up with a TCP reset (SO_LINGER 0), as a crashed client's host does."""
-    sock = s.writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.writer.transport.abort()
