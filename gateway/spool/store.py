@@ -64,7 +64,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +88,7 @@ RECOUNT_EVERY = 128  # turns of a writer (a file recycled or refused) between co
 WHOLE_READ = 1024 * 1024  # a spool file up to this size is read in one system call
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
 _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
+_ABANDONED: set[asyncio.Task[object]] = set()  # removals of abandoned commits, until done
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
 
@@ -192,10 +193,11 @@ class Spool:
             raise SpoolError("spool is not open")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def commit_io(self, fn: Callable[[], object], small: bool = False) -> object:
+    def commit_io(self, fn: Callable[[], object], small: bool = False) -> asyncio.Future[object]:
         """Run a commit step (write, fsync, rename into queue/) in an I/O thread -
         or, ``small`` (nothing spilled, one write) with `inline_commits`, on the
-        event loop - and return once the queue directory has been fsynced after it.
+        event loop; the future is done once the queue directory has been fsynced
+        after it.  The step runs even if the future is cancelled meanwhile.
 
         Group commit: the commits of one turn of the event loop run together in one
         I/O job, one after the other, followed by one fsync of the directory for all
@@ -209,7 +211,7 @@ class Spool:
         self._batch.append((fn, future, small))
         if len(self._batch) == 1:
             loop.call_soon(self._submit_batch, loop)
-        return await future
+        return future
 
     def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._batch = self._batch, []
@@ -377,16 +379,33 @@ class SpoolWriter:
             (self.message, *tail) if self.message is not None else self._buffer + list(tail)
         )
         self._buffer = []
+        # Returns after the directory fsync: the rename is on disk too.
+        step = self.spool.commit_io(lambda: self._commit_sync(blob), small=self.message is not None)
         try:
-            # Returns after the directory fsync: the rename is on disk too.
-            await self.spool.commit_io(
-                lambda: self._commit_sync(blob), small=self.message is not None
-            )
+            await asyncio.shield(step)
+        except asyncio.CancelledError:
+            # The caller is gone before its answer (a connection reset while the
+            # commit ran): never acknowledged, so not kept - else it would wait in
+            # queue/, announced to no one, until the next start delivered it.
+            step.add_done_callback(self._abandoned)
+            raise
         except OSError as e:
             await self.abort()
             raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e
         self.spool.note_committed(self._size)
         return envelope
+
+    def _abandoned(self, step: asyncio.Future[object]) -> None:
+        """A commit whose caller was cancelled is through: its file goes again."""
+        removal: Coroutine[object, None, object]
+        if step.cancelled() or step.exception() is not None:
+            removal = self.abort()
+        else:
+            self.spool.note_committed(self._size)
+            removal = self.spool.run_io(self.spool.remove, self.queue_id, self._size)
+        task = asyncio.get_running_loop().create_task(removal)
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
 
     def _commit_sync(self, blob: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open_tmp()

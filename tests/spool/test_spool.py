@@ -28,6 +28,7 @@ from gateway.spool.store import (
 )
 from tests.conftest import make_message, queued, smtp_client
 from tests.support.fs import small_filesystem
+from tests.support.world import wait_until
 
 
 def _envelope(queue_id: str, size: int, sha: str) -> Envelope:
@@ -275,6 +276,66 @@ async def test_a_failing_commit_fails_alone_in_its_batch(spool):
     )
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], OSError) and "disk on fire" in str(results[1])
+
+
+@pytest.mark.parametrize(
+    ("commits", "when"),
+    [
+        ("threaded", "before its step runs"),
+        ("inline", "before its step runs"),
+        ("threaded", "while its step runs"),  # (an inline step holds the event loop)
+    ],
+)
+async def test_a_commit_whose_caller_is_cancelled_keeps_nothing(
+    tmp_path, monkeypatch, commits, when
+):
+    """A session reset while its message is being committed never got its 250: the
+    message is not kept (else it waited in queue/, announced to no one, until the
+    next start delivered it) - removed once the commit is through."""
+    import gateway.spool.store as store
+
+    spool = Spool(tmp_path / "spool", io_threads=2)
+    spool.inline_commits = commits == "inline"
+    spool.open()
+    running, go_on, done = threading.Event(), threading.Event(), threading.Event()
+    real = store.SpoolWriter._commit_sync
+
+    def commit_sync(self, blob):
+        running.set()
+        go_on.wait(5)
+        real(self, blob)
+        done.set()
+
+    monkeypatch.setattr(store.SpoolWriter, "_commit_sync", commit_sync)
+    writer = spool.writer(new_queue_id())
+    await writer.write(b"Subject: never answered\r\n\r\nbody\r\n")
+    task = asyncio.ensure_future(
+        writer.commit(lambda size, sha: _envelope(writer.queue_id, size, sha))
+    )
+    if when == "before its step runs":
+        await asyncio.sleep(0)  # the commit is queued; the batch has not run
+        task.cancel()
+        go_on.set()
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        go_on.set()  # the step completes after its caller is gone
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(
+            lambda: (
+                done.is_set()
+                and spool.queue_ids() == []
+                and (spool.messages, spool.bytes) == (0, 0)
+            ),
+            timeout=5,
+            what="the abandoned commit undone",
+        )
+        assert list(spool.tmp_dir.iterdir()) == []
+    finally:
+        spool.close()
 
 
 async def test_a_worker_commits_small_messages_on_its_event_loop_and_large_ones_in_a_thread(
