@@ -61,6 +61,7 @@ DATA_CHUNK = 64 * 1024  # message data checked and written at a time (at most)
 _COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024}  # RFC 5321 512 plus ESMTP parameters
 _SMTP_VERBS = tuple(name[5:] for name in dir(SMTP) if name.startswith("smtp_"))
 _VERB_SET = frozenset(_SMTP_VERBS)
+_ABORTING: set[asyncio.Task[None]] = set()  # messages given up mid-way, being removed
 _SIMPLE_PATH = re.compile(
     r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)",
@@ -499,47 +500,26 @@ class GatewaySMTP(SMTP):
         await self.push(reply)
 
     async def _receive_message(self) -> str:
-        ctx, cfg = self.ctx, self.ctx.config.smtp
+        ctx = self.ctx
         writer = ctx.submitter.begin()
         queue_id = writer.queue_id
         scanner = MessageScanner(
-            cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
+            ctx.config.smtp.max_message_size,
+            ctx.config.smtp.max_line_length,
+            ctx.config.smtp.max_received_headers,
         )
-        digest = ctx.binding.digest_for(self.gw_envelope.authorized_by)
-        passphrase = PassphraseFilter(ctx.config.portal.passphrase_header)
         try:
-            await self._read_data(scanner, writer, digest, passphrase)
-            await writer.write(passphrase.finish())
+            refusal, hashed = await self._take_message(scanner, writer)
         except BaseException:
-            # The client went away mid-message: nothing was promised, nothing is kept.
-            asyncio.get_running_loop().create_task(writer.abort())
+            # The client went away before the message was whole and checked (mid-DATA,
+            # or while its DKIM key was looked up): nothing was promised, nothing is
+            # kept.  (Once its commit has begun, the spool undoes it itself.)
+            task = asyncio.get_running_loop().create_task(writer.abort())
+            _ABORTING.add(task)
+            task.add_done_callback(_ABORTING.discard)
             raise
-        scanner.finish()
-        if scanner.problem is not None:
-            await writer.abort()
-            template, reason = _PROBLEM_REPLY[scanner.problem]
-            limit = (
-                cfg.max_message_size
-                if scanner.problem is DataProblem.TOO_BIG
-                else cfg.max_line_length
-            )
-            return self._rejected(
-                reason,
-                template.format(limit=limit, count=scanner.received_headers),
-                scanner.wire_size,
-            )
-        if digest is not None:
-            refusal = await ctx.binding.check_message(digest)
-            if refusal is not None:
-                await writer.abort()
-                return self._not_bound(refusal, writer.size)
-        hashed = ""
-        if passphrase.value:  # only its hash goes on, to the portal
-            from gateway.portal.credentials import hash_secret
-
-            hashed = await asyncio.get_running_loop().run_in_executor(
-                None, hash_secret, passphrase.value
-            )
+        if refusal is not None:
+            return refusal
         started = time.perf_counter()
         try:
             envelope = await writer.commit(
@@ -553,6 +533,42 @@ class GatewaySMTP(SMTP):
         latency = time.perf_counter() - started
         self._accepted(envelope, latency)
         return replies.QUEUED.format(queue_id=queue_id)
+
+    async def _take_message(self, scanner: MessageScanner, writer: Any) -> tuple[str | None, str]:
+        """Read the message into ``writer`` and check it: (the refusal, if it is
+        refused - and then nothing of it is kept; the hash of its portal passphrase)."""
+        ctx, cfg = self.ctx, self.ctx.config.smtp
+        digest = ctx.binding.digest_for(self.gw_envelope.authorized_by)
+        passphrase = PassphraseFilter(ctx.config.portal.passphrase_header)
+        await self._read_data(scanner, writer, digest, passphrase)
+        await writer.write(passphrase.finish())
+        scanner.finish()
+        if scanner.problem is not None:
+            await writer.abort()
+            template, reason = _PROBLEM_REPLY[scanner.problem]
+            limit = (
+                cfg.max_message_size
+                if scanner.problem is DataProblem.TOO_BIG
+                else cfg.max_line_length
+            )
+            return self._rejected(
+                reason,
+                template.format(limit=limit, count=scanner.received_headers),
+                scanner.wire_size,
+            ), ""
+        if digest is not None:
+            refusal = await ctx.binding.check_message(digest)
+            if refusal is not None:
+                await writer.abort()
+                return self._not_bound(refusal, writer.size), ""
+        hashed = ""
+        if passphrase.value:  # only its hash goes on, to the portal
+            from gateway.portal.credentials import hash_secret
+
+            hashed = await asyncio.get_running_loop().run_in_executor(
+                None, hash_secret, passphrase.value
+            )
+        return None, hashed
 
     async def _read_data(
         self,

@@ -7,14 +7,18 @@ with nothing spooled and counted by reason; a key DNS does not give now is 451."
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosmtplib
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.smtp.auth import hash_password
-from tests.conftest import make_message, queued, smtp_client
+from tests.conftest import RawSmtp, make_message, queued, smtp_client
 from tests.support.dkim_keys import rsa_signing_key
 from tests.support.dns import DnsFixture
+from tests.support.net import reset
+from tests.support.world import wait_until
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 OTHER_TENANT = "0d8c6f4e-2b1a-4c3d-9e8f-123456789abc"
@@ -268,3 +272,32 @@ async def test_the_null_sender_passes_only_when_dkim_binds_the_message(
     code, text = await send(gw2, exo_chain, make_message(), sender="")
     assert (code, text[:5]) == (550, "5.7.1")
     assert rejected(gw2, "sender_domain") == 1
+
+
+async def test_a_reset_while_the_key_is_looked_up_keeps_nothing(
+    gateway_factory, pki, dns, exo_chain, keys
+):
+    # the message is whole (spilled to tmp/: over 256 KiB) and waits for its DKIM
+    # key; the client resets: its tmp/ file and descriptor go, as for a reset mid-DATA
+    dns.silence("selector1._domainkey.clinic.test")
+    gw = await gateway_factory(dkim_config(pki, dns))
+    body = "".join(f"line {i:06d} of a long result\r\n" for i in range(12_000))
+    signed = keys["ours"].sign(make_message(body=body))
+    s = await RawSmtp.open(gw, source="127.0.0.2")
+    assert (await s.command("EHLO client.test")).startswith("250")
+    await s.starttls(exo_chain)
+    for line, code in (
+        ("EHLO client.test", "250"),
+        ("MAIL FROM:<sender@clinic.test>", "250"),
+        ("RCPT TO:<patient@example.test>", "250"),
+        ("DATA", "354"),
+    ):
+        assert (await s.command(line)).startswith(code)
+    s.send(signed + b".\r\n")
+    await wait_until(lambda: list(gw.spool.tmp_dir.iterdir()), what="the message spilled")
+    await asyncio.sleep(0.3)  # all of it in (loopback); the key's lookup waits 5 s
+    assert gw.smtp.ctx.sessions and list(gw.spool.tmp_dir.iterdir())
+    reset(s.writer)
+    await wait_until(lambda: not gw.smtp.ctx.sessions, what="the session gone")
+    await wait_until(lambda: not list(gw.spool.tmp_dir.iterdir()), what="tmp/ emptied")
+    assert queued(gw) == []
