@@ -7,10 +7,14 @@ never names the file."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import time
 import zipfile
 
 import pytest
 
+from gateway.policy import documents
 from gateway.policy.classifiers import Classifier, classify
 from gateway.policy.language import PolicyError
 from gateway.policy.language import load_policy_text as parse_policy
@@ -21,6 +25,7 @@ from tests.support.documents import (
     docx,
     encrypted_pdf,
     pdf,
+    slow_pdf,
     with_attachment,
     xlsx,
 )
@@ -122,6 +127,36 @@ def test_a_document_longer_to_read_than_scan_time_is_unreadable():
     found = phi(many, scan_time=1e-9)
     assert found.matched and "took longer to read than the scan allows" in found.error
     assert not phi(many, scan_time=30).matched
+
+
+def test_a_page_that_outlasts_scan_time_is_given_up_then_not_when_it_ends():
+    # pypdf spends seconds on this one page (nothing between pages can cut it short):
+    # its reader process is killed at the end of scan_time, and the document counts
+    # as PHI; read in the daemon's own process it would have held the interpreter
+    # lock for all that time and then been read as clean
+    assert not phi(with_attachment(pdf(CLEAN), PDF_TYPE)).matched  # readers running
+    started = time.monotonic()
+    found = phi(with_attachment(slow_pdf(), PDF_TYPE), scan_time=1.0)
+    took = time.monotonic() - started
+    assert found.matched and "took longer to read than the scan allows" in found.error
+    assert took < 1.0 + documents.GRACE + 1.5  # (read whole: 4-7 s on the test machine)
+    assert not phi(with_attachment(pdf(CLEAN), PDF_TYPE)).matched  # a reader again
+    assert not phi(with_attachment(slow_pdf(), PDF_TYPE), scan_time=60).matched  # in time
+
+
+def test_a_reader_that_dies_is_started_again_and_its_document_is_unreadable():
+    assert not phi(with_attachment(pdf(CLEAN), PDF_TYPE)).matched
+    readers = [documents._free.get() for _ in range(documents.READERS)]
+    try:
+        for reader in readers:
+            if reader._child is not None:
+                os.kill(reader._child.pid, signal.SIGKILL)
+                reader._child.wait()
+    finally:
+        for reader in readers:
+            documents._free.put(reader)
+    found = phi(with_attachment(pdf(LETTER), PDF_TYPE))  # started again: read
+    assert (found.count, found.error) == (2, "")
 
 
 def test_document_text_counts_toward_scan_limit():

@@ -12,8 +12,9 @@ import zlib
 from email.message import EmailMessage
 
 
-def pdf(pages: list[list[str]], compress: bool = True) -> bytes:
-    """A PDF with these pages, each of these lines of text (Helvetica)."""
+def pdf(pages: list[list[str]], compress: bool = True, drawing: bytes = b"") -> bytes:
+    """A PDF with these pages, each of these lines of text (Helvetica), after
+    ``drawing`` (content-stream operators) on each."""
     objects: list[bytes] = []
     kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(len(pages)))
     font = 3 + 2 * len(pages)
@@ -21,7 +22,7 @@ def pdf(pages: list[list[str]], compress: bool = True) -> bytes:
     objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
     for i, lines in enumerate(pages):
         shown = " T* ".join(f"({_escape(line)}) Tj" for line in lines)
-        content = f"BT /F1 11 Tf 72 760 Td 14 TL {shown} ET".encode()
+        content = drawing + f"BT /F1 11 Tf 72 760 Td 14 TL {shown} ET".encode()
         objects.append(
             f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R "
             f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode()
@@ -143,3 +144,9 @@ def with_attachment(
     message.set_content("Please find the document attached.")
     message.add_attachment(data, maintype=kind[0], subtype=kind[1], filename=filename)
     return message.as_bytes()
+
+
+def slow_pdf() -> bytes:
+    """A one-page PDF of 7 KB that pypdf takes seconds to read: its content stream
+    is 3.5 MB (compressed) of operators that draw nothing before its line of text."""
+    return pdf([["Appointment reminder"]], drawing=b"1 0 0 1 0 0 cm " * 233_000)
