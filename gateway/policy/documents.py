@@ -132,12 +132,13 @@ class _Reader:
             return self._child
         self.stop()  # (it died: its pipes closed)
         root = str(Path(__file__).resolve().parents[2])  # where `gateway` is
+        path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
         self._child = subprocess.Popen(  # noqa: S603 - this interpreter, this module
             [sys.executable, "-m", "gateway.policy.documents"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # pypdf's warnings about what it read
-            env={**os.environ, "PYTHONPATH": root},
+            env={**os.environ, "PYTHONPATH": path},
         )
         return self._child
 
