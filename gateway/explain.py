@@ -10,6 +10,7 @@ after EHLO/STARTTLS; the MTA-STS cache is not written).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ async def explain(
     settings = ProbeSettings.from_config(config, hostname)
     prober = Prober(router, resolver, settings, sts, keys or NoKeys())
     data = message if message is not None else f"From: <{sender}>\r\n\r\n".encode()
-    features = message_features(policy, data)
+    # in a thread: a message's documents can take the policy's scan_time to read,
+    # and the daemon's event loop (the message API's explain) goes on meanwhile
+    features = await asyncio.to_thread(message_features, policy, data)
     signing = dkim_keys(config).aligned(author_domain(data))
     features = dataclasses.replace(features, dkim_key=signing is not None)
     out = []

@@ -7,12 +7,19 @@ on the queue and the key directory; every call is in the archive's access record
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
+from pathlib import Path
 
 from tests.conftest import make_message, smtp_client
 from tests.support import api
 from tests.support.delivery import state
+from tests.support.documents import PDF_TYPE, slow_pdf, with_attachment
+from tests.support.http import http_get
 from tests.support.world import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MESSAGE = {
     "from": "doctor@clinic.test",
@@ -258,3 +265,28 @@ async def test_a_send_key_revokes_only_the_portal_items_of_its_own_messages(gate
     assert status == 409  # nothing left to revoke
     status, _, _ = await api.call(gw, "POST", "/api/v1/messages/NOSUCHID/revoke", "ops")
     assert status == 404
+
+
+async def test_explaining_a_message_whose_document_is_slow_to_read_holds_nothing_else(
+    gateway_factory, world
+):
+    # its PDF takes seconds to read (the policy's scan_time, then its reader is
+    # killed): meanwhile the daemon answers - it once read it on its event loop
+    await world.mta("mx.dest.test", "127.0.0.31")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    strict = (ROOT / "policies" / "examples" / "hipaa-strict.yaml").read_text()
+    gw = await gateway_factory(world.config(api.config(), policy=strict))
+    message = with_attachment(slow_pdf(), PDF_TYPE).decode()
+    body = {"sender": "doctor@clinic.test", "recipients": ["a@dest.test"], "message": message}
+    explaining = asyncio.ensure_future(api.call(gw, "POST", "/api/v1/explain", "status", body))
+    waits = []
+    while not explaining.done():
+        started = time.monotonic()
+        assert await http_get(gw, "/healthz") == (200, "ok\n")
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(0.2)
+    status, _, explained = await explaining
+    assert status == 200, explained
+    phi = explained["message"]["content"]["phi"]  # unreadable: counted as PHI
+    assert "took longer to read than the scan allows" in phi["error"]
+    assert len(waits) >= 5 and max(waits) < 1.0, waits
