@@ -270,11 +270,12 @@ async def test_a_send_key_revokes_only_the_portal_items_of_its_own_messages(gate
 async def test_explaining_a_message_whose_document_is_slow_to_read_holds_nothing_else(
     gateway_factory, world
 ):
-    # its PDF takes seconds to read (the policy's scan_time, then its reader is
-    # killed): meanwhile the daemon answers - it once read it on its event loop
+    # its PDF takes seconds to read (past the policy's scan_time: its reader is
+    # killed then): meanwhile the daemon answers - it once read it on its event loop
     await world.mta("mx.dest.test", "127.0.0.31")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     strict = (ROOT / "policies" / "examples" / "hipaa-strict.yaml").read_text()
+    strict = strict.replace("scan_time: 5s", "scan_time: 1s")  # it takes 4-7 s
     gw = await gateway_factory(world.config(api.config(), policy=strict))
     message = with_attachment(slow_pdf(), PDF_TYPE).decode()
     body = {"sender": "doctor@clinic.test", "recipients": ["a@dest.test"], "message": message}
@@ -289,4 +290,4 @@ async def test_explaining_a_message_whose_document_is_slow_to_read_holds_nothing
     assert status == 200, explained
     phi = explained["message"]["content"]["phi"]  # unreadable: counted as PHI
     assert "took longer to read than the scan allows" in phi["error"]
-    assert len(waits) >= 5 and max(waits) < 1.0, waits
+    assert len(waits) >= 3 and max(waits) < 1.0, waits
