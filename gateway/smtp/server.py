@@ -61,7 +61,6 @@ DATA_CHUNK = 64 * 1024  # message data checked and written at a time (at most)
 _COMMAND_LIMITS = {"MAIL": 1024, "RCPT": 1024}  # RFC 5321 512 plus ESMTP parameters
 _SMTP_VERBS = tuple(name[5:] for name in dir(SMTP) if name.startswith("smtp_"))
 _VERB_SET = frozenset(_SMTP_VERBS)
-_ABORTING: set[asyncio.Task[None]] = set()  # messages given up mid-way, being removed
 _SIMPLE_PATH = re.compile(
     r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?)>(.*)",
@@ -500,13 +499,11 @@ class GatewaySMTP(SMTP):
         await self.push(reply)
 
     async def _receive_message(self) -> str:
-        ctx = self.ctx
+        ctx, cfg = self.ctx, self.ctx.config.smtp
         writer = ctx.submitter.begin()
         queue_id = writer.queue_id
         scanner = MessageScanner(
-            ctx.config.smtp.max_message_size,
-            ctx.config.smtp.max_line_length,
-            ctx.config.smtp.max_received_headers,
+            cfg.max_message_size, cfg.max_line_length, cfg.max_received_headers
         )
         try:
             refusal, hashed = await self._take_message(scanner, writer)
@@ -514,9 +511,7 @@ class GatewaySMTP(SMTP):
             # The client went away before the message was whole and checked (mid-DATA,
             # or while its DKIM key was looked up): nothing was promised, nothing is
             # kept.  (Once its commit has begun, the spool undoes it itself.)
-            task = asyncio.get_running_loop().create_task(writer.abort())
-            _ABORTING.add(task)
-            task.add_done_callback(_ABORTING.discard)
+            writer.abort_soon()
             raise
         if refusal is not None:
             return refusal

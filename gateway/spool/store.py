@@ -88,7 +88,7 @@ RECOUNT_EVERY = 128  # turns of a writer (a file recycled or refused) between co
 WHOLE_READ = 1024 * 1024  # a spool file up to this size is read in one system call
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
 _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
-_ABANDONED: set[asyncio.Task[object]] = set()  # removals of abandoned commits, until done
+_UNDOING: set[asyncio.Task[object]] = set()  # removals of messages given up (`_undo`)
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
 
@@ -397,15 +397,15 @@ class SpoolWriter:
 
     def _abandoned(self, step: asyncio.Future[object]) -> None:
         """A commit whose caller was cancelled is through: its file goes again."""
-        removal: Coroutine[object, None, object]
         if step.cancelled() or step.exception() is not None:
-            removal = self.abort()
+            self.abort_soon()
         else:
             self.spool.note_committed(self._size)
-            removal = self.spool.run_io(self.spool.remove, self.queue_id, self._size)
-        task = asyncio.get_running_loop().create_task(removal)
-        _ABANDONED.add(task)
-        task.add_done_callback(_ABANDONED.discard)
+            _undo(self.spool.run_io(self.spool.remove, self.queue_id, self._size))
+
+    def abort_soon(self) -> None:
+        """`abort` from a caller that cannot wait for it (being cancelled itself)."""
+        _undo(self.abort())
 
     def _commit_sync(self, blob: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open_tmp()
@@ -433,6 +433,14 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
+
+
+def _undo(removal: Coroutine[object, None, object]) -> None:
+    """Run ``removal`` in the background, held until done (the loop keeps only a
+    weak reference to a task)."""
+    task = asyncio.get_running_loop().create_task(removal)
+    _UNDOING.add(task)
+    task.add_done_callback(_UNDOING.discard)
 
 
 # -- the file format ----------------------------------------------------------------

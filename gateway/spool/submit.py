@@ -80,6 +80,10 @@ class Submission:
     async def abort(self) -> None:
         await self._writer.abort()
 
+    def abort_soon(self) -> None:
+        """`abort`, not waited for: from a caller being cancelled."""
+        self._writer.abort_soon()
+
 
 class Submitter:
     def __init__(self, spool: Spool, hostname: str, marker_header: str, on_submitted: OnSubmitted):
