@@ -70,6 +70,10 @@ class Unreadable(Exception):
     """The document's text cannot be had; the message says why (never its content)."""
 
 
+def _too_long(kind: str) -> Unreadable:
+    return Unreadable(f"{kind.upper()} took longer to read than the scan allows")
+
+
 def document_kind(content_type: str, filename: str | None, head: bytes) -> str | None:
     """Which of the documents read here an attachment is - by its declared type, its
     file name, or (for ``application/octet-stream`` and the like) its first bytes -
@@ -90,7 +94,7 @@ def document_text(kind: str, data: bytes, limit: int, deadline: float) -> str:
     try:
         reader = _free.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
-        raise Unreadable(f"{kind.upper()} took longer to read than the scan allows") from None
+        raise _too_long(kind) from None
     try:
         return reader.read(kind, data, limit, deadline)
     finally:
@@ -105,10 +109,9 @@ class _Reader:
         self._child: subprocess.Popen[bytes] | None = None
 
     def read(self, kind: str, data: bytes, limit: int, deadline: float) -> str:
-        late = Unreadable(f"{kind.upper()} took longer to read than the scan allows")
         left = deadline - time.monotonic()
         if left <= 0:
-            raise late
+            raise _too_long(kind)
         try:
             child = self._started()
             assert child.stdin is not None and child.stdout is not None
@@ -119,7 +122,7 @@ class _Reader:
             answer = _read(child.stdout, size, deadline + GRACE).decode("utf-8", "replace")
         except TimeoutError:
             self.stop()
-            raise late from None
+            raise _too_long(kind) from None
         except (OSError, EOFError, struct.error):
             self.stop()
             raise Unreadable(f"damaged {kind.upper()} (its reader stopped)") from None
@@ -212,7 +215,7 @@ def _pdf(data: bytes, limit: int, deadline: float) -> str:
     pages, size = [], 0
     for page in reader.pages:
         if time.monotonic() > deadline:
-            raise Unreadable("PDF took longer to read than the scan allows")
+            raise _too_long(PDF)
         text = page.extract_text() or ""
         size += len(text)
         if size > limit:
@@ -234,7 +237,7 @@ def _office(kind: str, data: bytes, limit: int, deadline: float) -> str:
             continue
         for text in _xml_text(archive, info, kind, 4 * limit):
             if time.monotonic() > deadline:
-                raise Unreadable(f"{kind.upper()} took longer to read than the scan allows")
+                raise _too_long(kind)
             size += len(text) + 1
             if size > limit:
                 raise Unreadable(f"{kind.upper()} has more than {limit} characters of text")
