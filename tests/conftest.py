@@ -268,15 +268,21 @@ class RawSmtp:
     ) -> RawSmtp:
         """A session that has just been told 354: what it sends next is message data."""
         s = await cls.open(gw)
+        reply = await s.command("EHLO client.test")
+        assert reply.startswith("250"), f"EHLO: {reply}"
+        await s.begin_data(sender, rcpt)
+        return s
+
+    async def begin_data(self, sender: str = "s@clinic.test", rcpt: str = "r@example.test") -> None:
+        """MAIL, RCPT and DATA on this greeted session, each answered as it should be:
+        what it sends next is message data."""
         for command, code in (
-            ("EHLO client.test", "250"),
             (f"MAIL FROM:<{sender}>", "250"),
             (f"RCPT TO:<{rcpt}>", "250"),
             ("DATA", "354"),
         ):
-            reply = await s.command(command)
+            reply = await self.command(command)
             assert reply.startswith(code), f"{command}: {reply}"
-        return s
 
     async def reply(self, timeout: float = 10) -> str:
         lines = []

@@ -38,18 +38,12 @@ async def test_a_finished_session_is_freed_by_reference_counting(gateway_factory
             await s.starttls()
             assert (await s.command("EHLO client.test")).startswith("250")
         if ending == "QUIT after a message":
-            for line, code in (
-                ("MAIL FROM:<s@clinic.test>", "250"),
-                ("RCPT TO:<r@example.test>", "250"),
-                ("DATA", "354"),
-                ("Subject: x\r\n\r\nbody\r\n.", "250"),
-            ):
-                assert (await s.command(line)).startswith(code)
+            await s.begin_data()
+            assert (await s.command("Subject: x\r\n\r\nbody\r\n.")).startswith("250")
         if ending.endswith("mid-DATA"):
             # the command loop is cancelled after connection_lost; the DATA handler's
             # cleanup must not arm a timer that holds the session (and fires on it)
-            for line in ("MAIL FROM:<s@clinic.test>", "RCPT TO:<r@example.test>", "DATA"):
-                await s.command(line)
+            await s.begin_data()
             s.send(b"Subject: x\r\n\r\nhalf a mess")
             await asyncio.sleep(0.1)
             reset(s.writer)
