@@ -116,15 +116,26 @@ def main() -> int:
     lines = listed.stdout.count(b"\n")
     print(f"backlog of {n} x 4 KB for a dead destination (20 sessions)")
     print(f"  accepted at {rate:.0f}/s; every message deferred after {queued_in:.0f} s")
-    print(f"  peak RSS {sum(rss):.0f} MB ({', '.join(f'{r:.0f}' for r in rss)})  target <= 500")
-    print(f"  queue list --json: {list_seconds:.1f} s ({lines} lines)  target <= 3")
+    print(
+        f"  peak RSS {sum(rss):.0f} MB ({', '.join(f'{r:.0f}' for r in rss)})  "
+        f"target <= 500: {_met(sum(rss) <= 500)}"
+    )
+    print(
+        f"  queue list --json: {list_seconds:.1f} s ({lines} lines)  "
+        f"target <= 3: {_met(list_seconds <= 3)}"
+    )
     print(
         f"  a new message to a live destination delivered in {live_seconds:.2f} s"
-        "  target: not slowed (about a second)"
+        f"  target: not slowed (about a second): {_met(live_seconds <= 1.5)}"
     )
     shown = f"{ready_seconds:.1f} s" if ready_seconds is not None else "not within 120 s"
-    print(f"  restart until ready: {shown}  target <= 10")
+    ready = ready_seconds is not None and ready_seconds <= 10
+    print(f"  restart until ready: {shown}  target <= 10: {_met(ready)}")
     return 0
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 if __name__ == "__main__":

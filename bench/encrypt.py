@@ -121,9 +121,11 @@ def main() -> int:
                     f"{args.rounds}: {rate[mode]:.0f}/s [{each}]; machine CPU "
                     f"{cpu[mode]:.2f} ms/message"
                 )
+            smime = rate["smime"] / rate["tls"]
             print(
-                f"S/MIME / TLS ratio {rate['smime'] / rate['tls']:.2f} (target >= 0.80); "
-                f"PGP {rate['pgp']:.0f}/s (target >= 200/s)"
+                f"S/MIME / TLS ratio {smime:.2f} (target >= 0.80: "
+                f"{'met' if smime >= 0.8 else 'NOT met'}); PGP {rate['pgp']:.0f}/s "
+                f"(target >= 200/s: {'met' if rate['pgp'] >= 200 else 'NOT met'})"
             )
     finally:
         for sink in sinks:

@@ -164,9 +164,10 @@ def submission(args: argparse.Namespace, workdir: Path) -> None:
             f"{'submission, ' + n:30} {med[n]:7.0f}/s  gateway CPU {cpu[n]:5.2f} ms/msg  "
             f"runs {', '.join(f'{r:.0f}' for r, _ in rates[n])}"
         )
+    raw, as_json = med["api"] / med["smtp"], med["api-json"] / med["smtp"]
     print(
-        f"{'API / SMTP':30} raw {med['api'] / med['smtp']:.2f}x, JSON "
-        f"{med['api-json'] / med['smtp']:.2f}x  (target >= 0.80)"
+        f"{'API / SMTP':30} raw {raw:.2f}x, JSON {as_json:.2f}x  (target >= 0.80: "
+        f"{'met' if min(raw, as_json) >= 0.8 else 'NOT met'})"
     )
 
 
@@ -358,8 +359,10 @@ def webhooks(args: argparse.Namespace, workdir: Path) -> None:
                 for role in roles
             )
         )
+    ratio = rate["on"] / rate["off"]
     print(
-        f"{'webhooks on / off':30} {rate['on'] / rate['off']:.2f}  (target >= 0.95); "
+        f"{'webhooks on / off':30} {ratio:.3f}  (target >= 0.95: "
+        f"{'met' if ratio >= 0.95 else 'NOT met'}); "
         f"CPU +{cpu['on'] - cpu['off']:.2f} ms/msg; on / postfix "
         f"{rate['on'] / rate['postfix']:.2f}"
     )
