@@ -28,6 +28,7 @@ from gateway.api.server import ApiServer, api_tls
 from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
+from gateway.background import Background
 from gateway.config import Config, ConsoleConfig, HostPort, PortalConfig, load_config
 from gateway.config_check import check_references
 from gateway.config_check import warnings as config_warnings
@@ -86,7 +87,7 @@ class Gateway:
         self.delivery: DeliveryAgent | None = None
         self.tlsrpt: TlsRptService | None = None
         self.webhooks: Dispatcher | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()  # portal events on their way to the webhooks
         self._api_socket: Path | None = None  # the main process's API, for the workers
         self.smtp_address = (config.listen.smtp.host, config.listen.smtp.port)  # at start: taken
         self.smtp: SmtpServer | None = None
@@ -291,9 +292,7 @@ class Gateway:
 
     def _portal_event(self, queue_id: str, kind: str, data: dict[str, Any]) -> None:
         if self.webhooks is not None:
-            task = asyncio.get_running_loop().create_task(self.webhooks.emit(queue_id, kind, data))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.run(self.webhooks.emit(queue_id, kind, data))
 
     async def _explain(
         self, sender: str, recipients: list[str], message: bytes | None
@@ -546,8 +545,7 @@ class Gateway:
         """After the queue stopped: the last sessions' TLS-RPT counts are written,
         the archive's last records, the key directory closed; events not posted
         wait in the outbox."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=5)
+        await self._background.settle(5)
         if self.webhooks is not None:
             await self.webhooks.close()
         if self.tlsrpt is not None:

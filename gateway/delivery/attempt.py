@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Protocol
 
+from gateway.background import Background
 from gateway.config import Config
 from gateway.crypto.transform import CopyMaker, EncryptFailed, KeyUnusable
 from gateway.delivery.budget import ByteBudget, copy_cost
@@ -148,7 +149,7 @@ class DeliveryAgent:
         self.copy_budget = ByteBudget(config.delivery.copy_memory)
         metrics.copy_memory.set_function(lambda: self.copy_budget.held)
         metrics.copies_waiting.set_function(lambda: self.copy_budget.waiting)
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired = Background()  # session caches replaced by a reload, closing
         self._features: dict[str, tuple[str, Features]] = {}
         self.apply(config, policy)
 
@@ -202,9 +203,7 @@ class DeliveryAgent:
             ),
         )
         if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close())
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
+            self._retired.run(old.close())
 
     async def start(self) -> None:
         assert self.sts is not None
@@ -213,8 +212,7 @@ class DeliveryAgent:
     async def close(self) -> None:
         if self.sessions is not None:
             await self.sessions.close()
-        if self._retired:
-            await asyncio.wait(self._retired, timeout=5)
+        await self._retired.settle(5)
         self.transform.close()
         if self.sts is not None and self.sts.store is not None:
             self.sts.store.close()

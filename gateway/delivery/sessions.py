@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from gateway.background import Background
 from gateway.delivery.results import SessionEvidence
 
 
@@ -70,7 +71,7 @@ class SessionCache:
         self.limits = limits
         self.per_key = per_key
         self._idle: dict[SessionKey, list[Session]] = defaultdict(list)
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = Background()  # QUITs under way
         self.closed = False
 
     def take(self, key: SessionKey) -> Session | None:
@@ -115,8 +116,7 @@ class SessionCache:
                     session._idle.cancel()
                 self._quit(session)
         self._idle.clear()
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=5)
+        await self._closing.settle(5)
 
     def _too_old(self, session: Session) -> bool:
         return time.monotonic() - session.opened >= self.limits.max_age
@@ -131,9 +131,7 @@ class SessionCache:
         self._quit(session)
 
     def _quit(self, session: Session) -> None:
-        task = asyncio.get_running_loop().create_task(quit_session(session.smtp))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.run(quit_session(session.smtp))
 
 
 async def quit_session(smtp: aiosmtplib.SMTP) -> None:

@@ -58,6 +58,7 @@ from typing import Any, Protocol, TypeVar
 from gateway import __version__
 from gateway.addresses import EnvelopeProblems, check_envelope, printable_envelope
 from gateway.archive.service import ArchiveService
+from gateway.background import Background
 from gateway.batching import Batcher, Job, run_each
 from gateway.batching import Outcome as JobOutcome
 from gateway.config import Config, config_digest
@@ -251,7 +252,7 @@ class QueueManager:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
-        self._enqueues: set[asyncio.Future[None]] = set()
+        self._enqueues = Background()  # enqueues, reports and drops under way
         self._enqueuing: set[str] = set()  # queue ids being recorded just now
         self._adopted: set[str] = set()  # strays recorded by `adopt_strays`
         # slow destinations share a quarter of the places (and borrow what the
@@ -524,11 +525,9 @@ class QueueManager:
             data = None  # falling behind: not held in memory meanwhile, read when recorded
         held = len(data) if data is not None else 0
         self._handed_bytes += held
-        task = asyncio.ensure_future(
+        task = self._enqueues.run(
             self.enqueue(queue_id, envelope, size, data, acknowledging=acknowledging)
         )
-        self._enqueues.add(task)
-        task.add_done_callback(self._enqueues.discard)
         if held:
 
             def release(_: object) -> None:
@@ -544,9 +543,7 @@ class QueueManager:
         return self._handed_bytes
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._enqueues.add(task)
-        task.add_done_callback(self._enqueues.discard)
+        self._enqueues.run(work)
 
     async def enqueue(
         self,

@@ -49,6 +49,7 @@ from typing import Any
 import structlog
 
 from gateway import heap
+from gateway.background import Background
 from gateway.config import Config, HostPort, load_config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
@@ -131,7 +132,7 @@ class WorkerPool:
         self.api_sock: socket.socket | None = None
         self.workers: dict[int, _Worker] = {}
         self.retired: dict[str, float] = {}  # counters of workers that have exited
-        self._answers: set[asyncio.Task[None]] = set()
+        self._answers = Background()  # replies to the workers' requests, being made
         self._wake_due: float | None = None  # when the next wake-up is sent
         self._woken = -WAKE_GAP  # when the last one was
         self.stopping = False
@@ -237,9 +238,7 @@ class WorkerPool:
             if worker.control is not None and not worker.control.is_closing():
                 worker.control.write(json.dumps(reply).encode() + b"\n")
 
-        task = asyncio.get_running_loop().create_task(answer())
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
+        self._answers.run(answer())
 
     @property
     def hooks_index(self) -> int:

@@ -69,6 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.background import Background
 from gateway.batching import run_each, settle
 from gateway.durable import fsync_dir, write_all
 from gateway.errors import SpoolError
@@ -88,7 +89,7 @@ RECOUNT_EVERY = 128  # turns of a writer (a file recycled or refused) between co
 WHOLE_READ = 1024 * 1024  # a spool file up to this size is read in one system call
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
 _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
-_UNDOING: set[asyncio.Task[object]] = set()  # removals of messages given up (`_undo`)
+_UNDOING = Background()  # removals of messages given up (`_undo`)
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
 
@@ -436,11 +437,8 @@ class SpoolWriter:
 
 
 def _undo(removal: Coroutine[object, None, object]) -> None:
-    """Run ``removal`` in the background, held until done (the loop keeps only a
-    weak reference to a task)."""
-    task = asyncio.get_running_loop().create_task(removal)
-    _UNDOING.add(task)
-    task.add_done_callback(_UNDOING.discard)
+    """Run ``removal`` in the background, held until done."""
+    _UNDOING.run(removal)
 
 
 # -- the file format ----------------------------------------------------------------
