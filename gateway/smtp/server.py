@@ -210,9 +210,11 @@ class GatewaySMTP(SMTP):
         return self.envelope
 
     def _write_raw(self, reply: str) -> None:
-        """Write a reply outside the command loop (timeouts, shutdown)."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        """Write a reply outside the command loop (timeouts, shutdown).  By what the
+        transport can do, not its class: uvloop's (the SMTP workers' loop) is no
+        `asyncio.WriteTransport`."""
+        transport: Any = self.transport
+        if transport is not None and not transport.is_closing():
             transport.write(reply.encode() + b"\r\n")
 
     def _create_session(self) -> GatewaySession:
