@@ -574,18 +574,20 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(worker=args.index)
     listen = socket.socket(fileno=args.listen_fd)
     control = socket.socket(fileno=args.control_fd)
+    # libuv's loop (uvloop), as in the main process: the webhook process's posts cost
+    # a quarter less CPU than on asyncio's (its TLS in C); an SMTP worker's connection
+    # - accept, greeting, HELO, QUIT, close - a fifth to a quarter less (0.19-0.21
+    # against 0.23-0.30 ms, four alternating pairs), a relayed message about 5 %
+    # less of the workers' CPU (bench/compare.py, 6 rounds)
+    import uvloop
+
     if args.webhooks_only:
         listen.close()  # it accepts nothing
         os.nice(WEBHOOK_NICE)
-        # libuv's loop and its TLS in C: a quarter less CPU per post than asyncio's
-        # (bench/integrations.py's receiver, 6 alternating rounds); the SMTP workers
-        # gained nothing from it and do not import it
-        import uvloop
-
         uvloop.run(_serve_webhooks(config, args.config, control, args.index))
         return 0
     api = socket.socket(fileno=args.api_fd) if args.api_fd is not None else None
-    asyncio.run(_serve(config, args.config, listen, control, args.index, api, args.api_socket))
+    uvloop.run(_serve(config, args.config, listen, control, args.index, api, args.api_socket))
     return 0
 
 
