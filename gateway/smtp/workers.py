@@ -577,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     # libuv's loop (uvloop), as in the main process: the webhook process's posts cost
     # a quarter less CPU than on asyncio's (its TLS in C); an SMTP worker's connection
     # - accept, greeting, HELO, QUIT, close - a fifth to a quarter less (0.19-0.21
-    # against 0.23-0.30 ms, four alternating pairs), a relayed message about 5 %
-    # less of the workers' CPU (bench/compare.py, 6 rounds)
+    # against 0.23-0.30 ms, four alternating pairs); whole relayed messages: within
+    # the noise (bench/compare.py, two runs of 6 rounds: -5 % and 0 %)
     import uvloop
 
     if args.webhooks_only:
