@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     print()
     print(
         f"{'throughput, median':34} postfix {pf:7.0f}/s  sealgate {sg:7.0f}/s  "
-        f"ratio {sg / pf:.2f}  (target >= 1.00)"
+        f"ratio {sg / pf:.2f}  (target >= 1.00: {'met' if sg >= pf else 'NOT met'})"
     )
     # Issue 17's targets: p99 <= 25 ms at saturation (all sessions), <= 10 ms at
     # Postfix's rate (the lighter load whose rate is nearest Postfix's)
