@@ -64,7 +64,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +89,7 @@ RECOUNT_EVERY = 128  # turns of a writer (a file recycled or refused) between co
 WHOLE_READ = 1024 * 1024  # a spool file up to this size is read in one system call
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
 _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
-_UNDOING = Background()  # removals of messages given up (`_undo`)
+_UNDOING = Background()  # removals of messages given up, held until done
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
 
@@ -402,11 +402,11 @@ class SpoolWriter:
             self.abort_soon()
         else:
             self.spool.note_committed(self._size)
-            _undo(self.spool.run_io(self.spool.remove, self.queue_id, self._size))
+            _UNDOING.run(self.spool.run_io(self.spool.remove, self.queue_id, self._size))
 
     def abort_soon(self) -> None:
         """`abort` from a caller that cannot wait for it (being cancelled itself)."""
-        _undo(self.abort())
+        _UNDOING.run(self.abort())
 
     def _commit_sync(self, blob: bytes) -> None:
         fd = self._fd if self._fd is not None else self._open_tmp()
@@ -434,11 +434,6 @@ class SpoolWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp_path)
-
-
-def _undo(removal: Coroutine[object, None, object]) -> None:
-    """Run ``removal`` in the background, held until done."""
-    _UNDOING.run(removal)
 
 
 # -- the file format ----------------------------------------------------------------
