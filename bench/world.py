@@ -416,6 +416,13 @@ def main() -> int:
         if ours and pf and ours[0] and pf[0]:
             met = "met" if ours[0] <= pf[0] else "NOT met"
             print(f"  drain time sealgate / postfix: {ours[0] / pf[0]:.2f} (target <= 1.0: {met})")
+        elif ours and pf and (ours[0] or pf[0]):
+            # one of them did not drain within --timeout: its drain time is longer
+            if ours[0]:
+                verdict = f"sealgate {ours[0]:.0f} s, postfix more than {args.timeout:.0f} s: met"
+            else:
+                verdict = f"postfix {pf[0]:.0f} s, sealgate more than {args.timeout:.0f} s: NOT met"
+            print(f"  drain time (target: sealgate's <= postfix's): {verdict}")
     finally:
         if args.keep:
             print(f"  kept: {workdir}")
