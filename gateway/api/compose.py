@@ -27,6 +27,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.crypto.mime import base64_body
 from gateway.errors import SealgateError
 
 COMPOSED = {
@@ -205,7 +206,7 @@ def _part(subtype: str, content: str) -> bytes:
             body += b"\r\n"
         cte = "7bit"
     else:
-        body = base64.encodebytes("\r\n".join(lines).encode("utf-8")).replace(b"\n", b"\r\n")
+        body = base64_body("\r\n".join(lines).encode("utf-8"))
         cte = "base64"
     head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
     return head.encode("ascii") + b"\r\n" + body

@@ -17,7 +17,6 @@ original instead.
 
 from __future__ import annotations
 
-import base64
 import email.header
 import functools
 import re
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from gateway.crypto.mime import SplitError, split
+from gateway.crypto.mime import SplitError, base64_body, split
 from gateway.errors import SealgateError
 
 
@@ -73,7 +72,7 @@ def envelope(entity: bytes, recipient: x509.Certificate) -> list[bytes]:
         )
     except (ValueError, TypeError) as e:
         raise SmimeError(f"encryption failed: {e}") from e
-    encoded = base64.encodebytes(der)
+    encoded = base64_body(der)
     del der
     return [
         b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
@@ -81,7 +80,7 @@ def envelope(entity: bytes, recipient: x509.Certificate) -> list[bytes]:
         b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
         b"Content-Description: S/MIME encrypted message\r\n"
         b"\r\n",
-        encoded.replace(b"\n", b"\r\n"),
+        encoded,
     ]
 
 

@@ -10,7 +10,6 @@ reused one was counted when it was made), as in Postfix's TLSRPT support.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import email.utils
 import enum
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.crypto.mime import base64_body
 from gateway.events import TlsFailure
 from gateway.probe.dane import Tlsa
 from gateway.probe.mta_sts import StsPolicy
@@ -270,7 +270,7 @@ def report_mail(
     about a broken TLS setup must get through it."""
     boundary = f"=_tlsrpt_{secrets.token_hex(12)}"
     name = filename(reporter, domain, day, report_id)
-    encoded = base64.encodebytes(compressed).decode().replace("\n", "\r\n")
+    encoded = base64_body(compressed).decode()
     head = [
         f"From: {reporter.contact}",
         *([f"To: {', '.join(to)}"] if to else []),
