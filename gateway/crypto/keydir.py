@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import getpass
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS changes (n BIGINT NOT NULL);
 INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
 """)
 VERSIONED = Versioned("keydir", (SCHEMA,))
+CHOSEN_MAX = 10_000  # addresses whose chosen keys the daemon keeps (then starts again)
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,9 @@ class DirectoryKeyStore:
         self._by_address: dict[str, list[StoredKey]] = {}
         self._pins: dict[tuple[str, str], str] = {}
         self._material: dict[str, bytes] = {}  # by fingerprint, for this snapshot
+        # by address, for this snapshot: the keys chosen, and until when the choice
+        # holds (the next start or end of one of the address's keys)
+        self._chosen: dict[str, tuple[KnownKeys, float]] = {}
         self._lock = asyncio.Lock()  # one reader of the directory at a time
 
     async def lookup(self, address: str) -> KnownKeys:
@@ -376,14 +381,30 @@ class DirectoryKeyStore:
         if now - self._checked >= self.CHECK_INTERVAL:
             async with self._lock:
                 if now - self._checked >= self.CHECK_INTERVAL:
-                    await asyncio.to_thread(self._refresh)
+                    snapshot = await asyncio.to_thread(self._read_if_changed)
+                    if snapshot is not None:  # replaced here, between two lookups
+                        self._version, self._by_address, self._pins = snapshot
+                        self._material, self._chosen = {}, {}
                     self._checked = now
-        return choose(self._by_address.get(address, []), self._pins, address, now)
+        chosen = self._chosen.get(address)
+        if chosen is not None and now < chosen[1]:
+            return chosen[0]
+        keys = self._by_address.get(address, [])
+        known = choose(keys, self._pins, address, now)
+        changes = [t for k in keys for t in (k.not_before, k.not_after) if t > now]
+        if len(self._chosen) >= CHOSEN_MAX:
+            self._chosen.clear()
+        self._chosen[address] = (known, min(changes, default=math.inf))
+        return known
 
-    def _refresh(self) -> None:
+    def _read_if_changed(
+        self,
+    ) -> tuple[int, dict[str, list[StoredKey]], dict[tuple[str, str], str]] | None:
+        """The directory's version, keys by address and pins, if it changed since the
+        snapshot (and the key gauges)."""
         version = self.directory.version()
         if version == self._version:
-            return
+            return None
         by_address: dict[str, list[StoredKey]] = {}
         counts: dict[tuple[str, str], int] = {}
         for key in self.directory.stored():
@@ -395,9 +416,7 @@ class DirectoryKeyStore:
             for kind in ("smime", "pgp"):
                 for source in ("import", "wkd"):
                     self.metrics.keys.labels(kind, source).set(counts.get((kind, source), 0))
-        self._by_address, self._pins = by_address, self.directory.pins()
-        self._material = {}
-        self._version = version
+        return version, by_address, self.directory.pins()
 
     async def discover(self, address: str) -> KnownKeys:
         return await self.lookup(address)

@@ -106,6 +106,24 @@ async def test_the_daemon_sees_imports_pins_and_removals_within_a_second(tmp_pat
     reader.close()
 
 
+async def test_the_chosen_key_follows_the_clock_between_directory_changes(tmp_path):
+    """The daemon keeps each address's choice until one of its keys starts or ends:
+    a key that becomes valid is chosen from then on, one that expires is dropped."""
+    writer = KeyDirectory(tmp_path / "keydir.db")
+    reader = KeyDirectory(tmp_path / "keydir.db")
+    bob = mailbox("bob@dest.test", days=10, n=1)  # valid from a day ago for 10 days
+    (key,) = writer.import_smime(bob.pem).imported
+    now = [key.not_before - 3600.0]  # an hour before it starts
+    store = DirectoryKeyStore(reader, clock=lambda: now[0])
+    assert (await store.lookup("bob@dest.test")).smime is None
+    now[0] = key.not_before + 0.5  # within the same snapshot (no second gone by)
+    assert (await store.lookup("bob@dest.test")).smime.fingerprint == key.fingerprint
+    now[0] = key.not_after + 0.5
+    assert (await store.lookup("bob@dest.test")).smime is None
+    writer.close()
+    reader.close()
+
+
 def test_pin_needs_a_key_of_that_address(keydir):
     (key,) = keydir.import_smime(mailbox("bob@dest.test").pem).imported
     with pytest.raises(ValueError, match="no key"):
