@@ -390,7 +390,7 @@ class Archive:
         removed), as sent: by its digest, once however many recipients got it
         (``record_id``: its `copy_name`, when the caller has it already)."""
         record_id = record_id or copy_name(data)
-        digest = record_id.removeprefix("copy-")
+        digest = record_id.removeprefix(COPY_PREFIX)
         db = self.index.db
         if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
             return record_id
@@ -1087,10 +1087,13 @@ class Archive:
             report.problems.append(Problem(record_id, position, "its index row was altered"))
 
 
+COPY_PREFIX = "copy-"
+
+
 def copy_name(data: bytes) -> str:
     """A changed copy's record id: by its digest (one record however many recipients
     got the same bytes)."""
-    return f"copy-{hashlib.sha256(data).hexdigest()}"
+    return COPY_PREFIX + hashlib.sha256(data).hexdigest()
 
 
 def _timestamp(value: Any, default: float) -> float:

@@ -104,8 +104,9 @@ COUNTED_UNTIL_ARCHIVED = 1024 * 1024
 class CopyJournal(Protocol):
     """Keeps every copy the gateway changed, as sent (`gateway.archive.service`)."""
 
-    def copy(self, queue_id: str, data: bytes) -> Awaitable[object]:
-        """Done when the copy is written (or has failed, to be written later)."""
+    def copy(self, queue_id: str, data: bytes, digest: str) -> Awaitable[object]:
+        """Done when the copy is written (or has failed, to be written later);
+        ``digest``: its SHA-256, in hex."""
 
 
 CONTENT_FREE_DECISION = Decision(
@@ -519,10 +520,11 @@ class DeliveryAgent:
         what a large copy's memory stays counted until (the archive has it written:
         a hundred copies queued for the archive's thread hold as much memory as a
         hundred being sent)."""
-        written = copies.copy(queue_id, sent)
+        digest = hashlib.sha256(sent).hexdigest()
+        written = copies.copy(queue_id, sent, digest)
         if archived is not None and len(sent) >= COUNTED_UNTIL_ARCHIVED:
             archived.append(written)
-        return hashlib.sha256(sent).hexdigest()
+        return digest
 
     async def _apply_mta_sts(
         self, domain: str, routed: Routed, level: TlsLevel
