@@ -62,6 +62,7 @@ KINDS = (
     ("plain", 0.10),
 )
 DELIVERABLE = ("fast", "slow", "plain")
+PROGRESS_EVERY = 300.0  # seconds between two lines of a run's progress
 
 
 def address(n: int) -> str:
@@ -252,11 +253,19 @@ def run(
         timeout=timeout,
     )
     drained = None
+    told = started
     while time.monotonic() - started < timeout:
         got = {line[1] for line in world.lines()}
         if deliverable <= got:
             drained = time.monotonic() - started
             break
+        if time.monotonic() - told >= PROGRESS_EVERY:  # a run can take an hour
+            told = time.monotonic()
+            print(
+                f"    {name}: {told - started:.0f} s, {len(got & deliverable)} of "
+                f"{len(deliverable)} deliverable recipients delivered",
+                flush=True,
+            )
         time.sleep(0.5)
     lines = world.lines()
     fast = sorted(float(line[2]) for line in lines if line[0] == "fast" and line[2] != "-")
@@ -306,7 +315,13 @@ def main() -> int:
     srv.add_argument("--certs", help="a directory of <n>.pem and <n>.key, one per domain")
     ap.add_argument("--domains", type=int, default=300)
     ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=3000,
+        help="seconds each relay is given to drain (one that has not drained by then took "
+        "longer; at 20,000 messages Sealgate drains in about 2,200 s)",
+    )
     ap.add_argument("--only", choices=("sealgate", "postfix"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()
