@@ -11,8 +11,9 @@ import pytest
 
 from gateway.crypto.mime import base64_body
 
-# 311,296 encoded characters are cut from a table; the last case is cut line by line
-SIZES = [0, 1, 2, 3, 56, 57, 58, 113, 114, 115, 4096, 233_472, 233_473, 400_000]
+# up to 77,824 encoded characters (58,368 bytes) are cut from a table; beyond, line
+# by line
+SIZES = [0, 1, 2, 3, 56, 57, 58, 113, 114, 115, 4096, 58_368, 58_369, 400_000]
 
 
 @pytest.mark.parametrize("size", SIZES)
