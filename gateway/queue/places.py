@@ -73,7 +73,7 @@ class Share:
         except asyncio.CancelledError:
             if entry[0].done() and not entry[0].cancelled():
                 self.release()  # given, but we are gone: the next one has it
-            else:
+            elif entry in self._waiting:  # (`_wake` drops a cancelled one it meets)
                 self._waiting.remove(entry)
             raise
 

@@ -82,6 +82,19 @@ async def test_a_wider_limit_lets_those_waiting_in_and_a_narrower_one_holds_the_
     assert share.used == 1
 
 
+async def test_a_waiter_cancelled_before_a_place_comes_free_leaves_nothing_taken():
+    share = Share(1)
+    await share.acquire()
+    waiter = asyncio.ensure_future(share.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    share.release()  # the place comes free before the cancelled waiter has run again
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert share.used == 0
+    assert await asyncio.wait_for(share.acquire(), 1) == 0
+
+
 async def test_the_slow_share_borrows_what_the_others_leave_idle_of_the_first_half():
     slow = Share(2)
     total = Total(8, slow=slow)
