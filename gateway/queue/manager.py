@@ -256,8 +256,8 @@ class QueueManager:
         self._enqueuing: set[str] = set()  # queue ids being recorded just now
         self._adopted: set[str] = set()  # strays recorded by `adopt_strays`
         # slow destinations share a quarter of the places (and borrow what the
-        # others leave idle of the first three quarters), new ones another quarter
-        # (`gateway.queue.places`): quick ones keep a quarter at least
+        # others leave idle of the first half), new ones another quarter
+        # (`gateway.queue.places`): quick ones keep half at least
         self._slow_share = Share(dc.concurrency // 4)
         self._new_share = Share(dc.concurrency // 4)
         self._total = Total(dc.concurrency, slow=self._slow_share)
@@ -998,8 +998,8 @@ class QueueManager:
         need), then - a slow destination - one of its window's from the slow share,
         or - a new one - its one place (`NEW_PLACES`) from the new share
         (`gateway.queue.places`), then one of the total: however many slow
-        destinations there are, quick ones keep a quarter of the places at least and
-        new ones are tried at once."""
+        destinations there are, quick ones keep half the places at least and new
+        ones are tried at once."""
         async with self._per_domain[domain]:
             place = Place(new=self._new_share, slow=self._slow_share)
             each, share = await self._own_place(domain)

@@ -7,7 +7,7 @@ destination is one of three kinds, by its last attempt (`QueueManager._places`):
 - quick (its last attempt took less than `QUICK`): any of the total places;
 - slow (one took `QUICK` or more - a slow server, a tarpit): from the slow share (a
   quarter of the places, and whatever quick and new destinations leave idle of the
-  first three quarters: `Total`), `SLOW_PLACES` attempts at once to begin with; each attempt
+  first half: `Total`), `SLOW_PLACES` attempts at once to begin with; each attempt
   that delivers raises the destination's window by one (up to
   `delivery.concurrency_per_destination`), each that delivers nothing lowers it by
   one (down to one), as Postfix's scheduler does with its destinations' concurrency;
@@ -42,13 +42,6 @@ STALL = 60.0  # seconds: an attempt still running then gives up its places
 SLOW_PLACES = 2  # attempts at once to a destination when it turns slow
 NEW_PLACES = 1  # and to a new one, until its first attempt is over
 HANDOFFS = 10  # a place passes to the same destination at most this often in a row
-# what quick and new destinations leave idle of this many quarters of the places is
-# lent to slow ones.  With half, 20,000 messages to a world of slow servers took 2,214
-# s to drain against Postfix's 1,911 (which let slow servers take every process):
-# once the quick mail had gone, half the places stood idle while 6,000 recipients
-# waited on slow servers.  A burst of quick mail still finds a quarter free at once,
-# and the lent places as the slow attempts holding them end.
-LENT_QUARTERS = 3
 
 
 class Share:
@@ -126,10 +119,10 @@ class Share:
 
 
 class Total(Share):
-    """Every place.  Of the first `LENT_QUARTERS` quarters, what quick and new
-    destinations' attempts do not hold is lent to the ``slow`` share, which never has
-    less than its own limit: slow destinations use the places the others leave idle,
-    and a burst of quick mail still finds a quarter of the places free or its own."""
+    """Every place.  Of the first half, what quick and new destinations' attempts do
+    not hold is lent to the ``slow`` share, which never has less than its own limit:
+    slow destinations use the places the others leave idle, and a burst of quick
+    mail still finds half the places free or its own."""
 
     def __init__(self, limit: int, slow: Share):
         self._slow, self._own = slow, slow.limit
@@ -138,8 +131,7 @@ class Total(Share):
 
     def _changed(self) -> None:
         others = self.used - self._slow.used
-        lendable = self.limit * LENT_QUARTERS // 4
-        if self._slow.limit != (limit := max(self._own, lendable - others)):
+        if self._slow.limit != (limit := max(self._own, self.limit // 2 - others)):
             self._slow.resize(limit)
 
 
