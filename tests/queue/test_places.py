@@ -7,7 +7,8 @@ attempt that waited as a new destination's takes a slow place once the
 destination is found slow; a slow
 destination's window widens as it delivers and narrows as it does not; an attempt
 running past `STALL` gives up its places; the slow share borrows what the others
-leave idle of the first half of the places; a place given back by a slow
+leave idle of the first three quarters of the places - of the first half while one
+of theirs waits for a place; a place given back by a slow
 destination's attempt goes to its next one first (its session still open), a
 `HANDOFFS` times in a row at most; what is known of a destination without attempts
 is forgotten after `FORGET_AFTER`."""
@@ -95,28 +96,61 @@ async def test_a_waiter_cancelled_before_a_place_comes_free_leaves_nothing_taken
     assert await asyncio.wait_for(share.acquire(), 1) == 0
 
 
-async def test_the_slow_share_borrows_what_the_others_leave_idle_of_the_first_half():
+async def test_the_slow_share_borrows_what_the_others_leave_idle_of_three_quarters():
     slow = Share(2)
     total = Total(8, slow=slow)
-    assert slow.limit == 4  # nothing else runs: half the places
-    quick = [Place() for _ in range(3)]
+    assert slow.limit == 6  # nothing else runs: three quarters of the places
+    quick = [Place() for _ in range(4)]
     await quick[0].take(total)
-    assert slow.limit == 3
-    await quick[1].take(total)
-    await quick[2].take(total)
+    assert slow.limit == 5
+    for place in quick[1:]:
+        await place.take(total)
     assert slow.limit == 2  # never less than its own
     slowly = [Place(slow=slow) for _ in range(3)]
     for place in slowly[:2]:
         await place.take(total, slow)
     third = asyncio.ensure_future(slowly[2].take(total, slow))
     await asyncio.sleep(0)
-    assert not third.done()
+    assert not third.done()  # 4 quick and 2 slow: three quarters are used
     quick[0].release()
     await asyncio.sleep(0)
-    assert not third.done()  # 2 quick and 2 slow: the first half is used
-    quick[1].release()
+    assert third.done() and (slow.used, total.used, slow.limit) == (3, 6, 3)  # one lent
+    for place in quick[1:]:
+        place.release()
+    more = [Place(slow=slow) for _ in range(3)]
+    for place in more:
+        await place.take(total, slow)
+    assert (slow.used, total.used, slow.limit) == (6, 6, 6)  # all the three quarters
+    last = asyncio.ensure_future(Place(slow=slow).take(total, slow))
+    burst = [Place() for _ in range(2)]
+    for place in burst:  # quick mail finds the last quarter free at once
+        await asyncio.wait_for(place.take(total), 1)
     await asyncio.sleep(0)
-    assert third.done() and (slow.used, total.used, slow.limit) == (3, 4, 3)  # one lent
+    assert not last.done() and total.used == 8
+    last.cancel()
+
+
+async def test_the_loan_falls_back_to_half_while_quick_mail_waits_for_a_place():
+    slow = Share(2)
+    total = Total(8, slow=slow)
+    slowly = [Place(slow=slow) for _ in range(6)]
+    for place in slowly:
+        await place.take(total, slow)
+    quick = [Place() for _ in range(2)]
+    for place in quick:
+        await place.take(total)
+    assert (slow.used, slow.limit, total.used) == (6, 4, 8)  # quick came later: over
+    waiting = asyncio.ensure_future(Place().take(total))
+    await asyncio.sleep(0)
+    assert slow.limit == 2  # half less the two quick ones held: the slow share's own
+    slowly[0].release()
+    await asyncio.sleep(0)
+    assert waiting.done()  # the place a slow attempt gave back went to the quick one
+    late = asyncio.ensure_future(Place(slow=slow).take(total, slow))
+    await asyncio.sleep(0)
+    assert not late.done() and slow.used == 5  # over the loan: no slow attempt enters
+    assert slow.limit == 3  # three quarters again, less the three quick ones held
+    late.cancel()
 
 
 async def test_a_new_place_moving_to_the_slow_share_is_no_longer_counted_as_the_others():
@@ -124,11 +158,11 @@ async def test_a_new_place_moving_to_the_slow_share_is_no_longer_counted_as_the_
     total = Total(8, slow=slow)
     place = Place(new=new, slow=slow)
     await place.take(total, new)
-    assert slow.limit == 3  # the first half less the new destination's place
+    assert slow.limit == 5  # three quarters less the new destination's place
     place.overrun()
-    assert (slow.used, slow.limit) == (1, 4)  # the first half again: it is slow's own now
+    assert (slow.used, slow.limit) == (1, 6)  # three quarters again: it is slow's own now
     place.release()
-    assert (slow.used, slow.limit, total.used) == (0, 4, 0)
+    assert (slow.used, slow.limit, total.used) == (0, 6, 0)
 
 
 async def test_a_place_goes_to_the_next_attempt_to_the_same_destination_a_few_times():
@@ -251,9 +285,11 @@ async def test_a_stalled_attempt_leaves_its_places_to_the_next_slow_destination(
     gateway_factory, world, quick_clock
 ):
     tarpits = await destinations(world, "tarpit", 61, data_delay=60)
+    tarpits.append(await world.mta("mx.tarpit3.test", "127.0.0.65", data_delay=60))
+    world.dns.add("tarpit3.test", "MX", "10 mx.tarpit3.test.")
     slow = await world.mta("mx.slow.test", "127.0.0.63", data_delay=0.8)
     world.dns.add("slow.test", "MX", "10 mx.slow.test.")
-    # one place each for slow and new destinations (and one lent to the slow ones
+    # one place each for slow and new destinations (and two lent to the slow ones
     # while nothing else runs), two for quick ones
     gw = await gateway_factory(world.config({"delivery.concurrency": 4}))
     async with smtp_client(gw) as client:
@@ -263,20 +299,20 @@ async def test_a_stalled_attempt_leaves_its_places_to_the_next_slow_destination(
         await client.sendmail("doctor@clinic.test", ["r1@slow.test"], make_message())
         await wait_until(lambda: len(slow.received) == 1, timeout=10, what="slow.test's first")
         # slow.test is slow now: its next attempt needs a place of the slow share,
-        # whose two the tarpits' attempts hold until they stall
+        # whose three the tarpits' attempts hold until they stall
         await client.sendmail("doctor@clinic.test", ["r2@slow.test"], make_message())
     await wait_until(lambda: len(slow.received) == 2, timeout=10, what="slow.test's second")
     for tarpit in tarpits:
         assert tarpit.received == [] and tarpit.in_data == 1  # still waiting for its reply
-    assert "sealgate_delivery_attempts_stalled 2.0" in gw.metrics.render().decode()
+    assert "sealgate_delivery_attempts_stalled 3.0" in gw.metrics.render().decode()
 
 
 async def test_a_slow_destination_borrows_places_quick_ones_leave_idle(
     gateway_factory, world, quick_clock
 ):
-    # a slow share of one place of four - and one more lent while nothing else runs
+    # a slow share of one place of four - and two more lent while nothing else runs
     most = await most_at_once(gateway_factory, world, "127.0.0.63", 6, {"delivery.concurrency": 4})
-    assert most == 2
+    assert most == 3
 
 
 async def test_an_attempt_that_waited_as_new_takes_a_slow_place_once_its_destination_is_slow(
@@ -300,11 +336,11 @@ async def test_an_attempt_that_waited_as_new_takes_a_slow_place_once_its_destina
     waited = asyncio.ensure_future(attempt("waited as new"))
     await asyncio.sleep(0.05)
     queue._overran("d.test", holding[0][1])  # slow: the first moves to the slow share
-    # two attempts to the slow destination: its window (SLOW_PLACES), the slow
-    # share's own place and the one lent while nothing else runs
+    # two attempts to the slow destination take its window (SLOW_PLACES): the slow
+    # share's own place and the two lent while nothing else runs hold the first too
     slow = [asyncio.ensure_future(attempt(f"slow {n}")) for n in range(SLOW_PLACES)]
     await asyncio.sleep(0.05)
-    assert [name for name, _ in holding] == ["first", "slow 0"]
+    assert [name for name, _ in holding] == ["first", "slow 0", "slow 1"]
     ends["first"].set()
     await first
     await asyncio.sleep(0.05)
