@@ -36,14 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.addresses import check_envelope
-from gateway.archive.journal import (
-    COPY_PREFIX,
-    Archive,
-    ArchiveError,
-    Retention,
-    RetentionRule,
-    copy_name,
-)
+from gateway.archive.journal import COPY_PREFIX, Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
 from gateway.batching import Batcher
@@ -437,12 +430,11 @@ class ArchiveService:
         """An access to a message from outside the archive (e.g. the portal)."""
         self._track(queue_id, lambda: self.archive.access(actor, action, queue_id, **detail))
 
-    def copy(self, queue_id: str, data: bytes, digest: str | None = None) -> asyncio.Future[Any]:
+    def copy(self, queue_id: str, data: bytes, digest: str) -> asyncio.Future[Any]:
         """A copy the gateway changed, as sent; done when it is written (or has
-        failed, to be written again later).  ``digest``: its SHA-256 in hex, when the
-        caller took it already."""
-        name = copy_name(data) if digest is None else COPY_PREFIX + digest
-        return self._track(queue_id, _Copy(self.archive, queue_id, data, name))
+        failed, to be written again later).  ``digest``: its SHA-256 in hex (the
+        caller took it for the copy's evidence)."""
+        return self._track(queue_id, _Copy(self.archive, queue_id, data, COPY_PREFIX + digest))
 
     async def complete_attempts(self, queue_id: str, history: list[dict[str, Any]]) -> int:
         """Journal the attempts of ``history`` (from the queue state) that the
