@@ -59,7 +59,7 @@ class Share:
     async def acquire(self, key: str | None = None, slow: bool = False) -> int:
         """A place; how many times in a row it has passed to ``key`` (0: a place
         given in turn).  ``slow``: for a slow destination's attempt (`Total` counts
-        the others')."""
+        them apart from the others')."""
         if self.used < self.limit and not self._waiting:
             self.used += 1
             self._changed()
@@ -88,12 +88,13 @@ class Share:
         self.limit = max(1, limit)
         self._wake()
 
-    def release(self, key: str | None = None, passed: int = 0) -> None:
+    def release(self, key: str | None = None, passed: int = 0, slow: bool = False) -> None:
         """Give a place back - straight to the first one waiting with ``key`` (the
         next attempt to the same destination: its session is still open), ahead
         of the others, unless the share is over its limit or the place has passed
         to ``key`` `HANDOFFS` times in a row already (``passed``): then it takes
-        its turn, and no destination keeps places from the others for long."""
+        its turn, and no destination keeps places from the others for long.
+        ``slow``: as given to `acquire`."""
         if key is not None and passed < HANDOFFS and self.used <= self.limit:
             for entry in self._waiting:
                 if entry[1] == key and not entry[0].done():
@@ -114,9 +115,9 @@ class Share:
     def _changed(self) -> None:
         """``used`` or ``limit`` changed (`Total` lends)."""
 
-    def refresh(self) -> None:
-        """A share this one lends to changed what it holds (`Place.overrun`)."""
-        self._changed()
+    def turned_slow(self) -> None:
+        """A place taken for a new destination's attempt is now a slow one's
+        (`Place.overrun`; `Total` counts them)."""
 
 
 class Total(Share):
@@ -134,12 +135,20 @@ class Total(Share):
     def __init__(self, limit: int, slow: Share):
         self._slow, self._own = slow, slow.limit
         self._others_asking = 0  # quick and new destinations' attempts in `acquire`
+        # Places of the total held by slow destinations' attempts.  Not the slow
+        # share's ``used``: it also counts attempts let into the share and still
+        # waiting for a place here - taken for held, they made the others' places
+        # seem fewer (below none), the loan grew with each one let in, and slow
+        # attempts took every place while quick mail waited.
+        self.slow_held = 0
         super().__init__(limit)
         self._changed()
 
     async def acquire(self, key: str | None = None, slow: bool = False) -> int:
         if slow:
-            return await super().acquire(key)
+            passed = await super().acquire(key)
+            self.turned_slow()
+            return passed
         self._others_asking += 1
         self._changed()  # the loan shrinks back to the first half at once
         try:
@@ -148,8 +157,16 @@ class Total(Share):
             self._others_asking -= 1
             self._changed()
 
+    def release(self, key: str | None = None, passed: int = 0, slow: bool = False) -> None:
+        self.slow_held -= slow
+        super().release(key, passed)
+
+    def turned_slow(self) -> None:
+        self.slow_held += 1
+        self._changed()
+
     def _changed(self) -> None:
-        others = self.used - self._slow.used
+        others = self.used - self.slow_held
         lendable = self.limit * (2 if self._others_asking else 3) // 4
         if self._slow.limit != (limit := max(self._own, lendable - others)):
             self._slow.resize(limit)
@@ -165,6 +182,7 @@ class Place:
         self.total: Share | None = None
         self.stalled = False
         self.passed = 0  # times in a row the share's place came from the same destination
+        self.slow = False  # the place of the total is a slow destination's
         self._new, self._slow = new, slow
 
     async def take(self, total: Share, share: Share | None = None, key: str = "") -> None:
@@ -174,8 +192,9 @@ class Place:
         if share is not None:
             self.passed = await share.acquire(key or None)
             self.share = share
-        await total.acquire(slow=share is not None and share is self._slow)
-        self.total = total
+        slow = share is not None and share is self._slow
+        await total.acquire(slow=slow)
+        self.total, self.slow = total, slow
 
     def overrun(self) -> None:
         if self.share is not None and self.share is self._new and self._slow is not None:
@@ -183,7 +202,8 @@ class Place:
             self._slow.force()
             self.share = self._slow
             if self.total is not None:  # one place fewer held by the others: lent
-                self.total.refresh()
+                self.total.turned_slow()
+                self.slow = True
 
     def stall(self) -> bool:
         """Give up every place held; False when there was none (it ended, or had
@@ -200,5 +220,6 @@ class Place:
         if self.share is not None:
             self.share.release(key, self.passed)
         if self.total is not None:
-            self.total.release()
+            self.total.release(slow=self.slow)
         self.share = self.total = None
+        self.slow = False

@@ -8,7 +8,8 @@ destination is found slow; a slow
 destination's window widens as it delivers and narrows as it does not; an attempt
 running past `STALL` gives up its places; the slow share borrows what the others
 leave idle of the first three quarters of the places - of the first half while one
-of theirs waits for a place; a place given back by a slow
+of theirs waits for a place - counting the places its attempts hold, not those let
+in and still waiting; a place given back by a slow
 destination's attempt goes to its next one first (its session still open), a
 `HANDOFFS` times in a row at most; what is known of a destination without attempts
 is forgotten after `FORGET_AFTER`."""
@@ -151,6 +152,32 @@ async def test_the_loan_falls_back_to_half_while_quick_mail_waits_for_a_place():
     assert not late.done() and slow.used == 5  # over the loan: no slow attempt enters
     assert slow.limit == 3  # three quarters again, less the three quick ones held
     late.cancel()
+
+
+async def test_slow_attempts_let_in_but_not_yet_holding_a_place_do_not_widen_the_loan():
+    slow = Share(2)
+    total = Total(8, slow=slow)
+    quick = [Place() for _ in range(6)]
+    for place in quick[:4]:
+        await place.take(total)
+    slowly = [Place(slow=slow) for _ in range(8)]
+    for place in slowly[:2]:
+        await place.take(total, slow)
+    for place in quick[4:]:
+        await place.take(total)
+    waiting = [asyncio.ensure_future(place.take(total, slow)) for place in slowly[2:]]
+    await asyncio.sleep(0)
+    assert slow.used == 2 and not any(w.done() for w in waiting)
+    for place in quick[:4]:  # given back one by one, as attempts end
+        place.release()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # two quick places held: the slow share's loan is three quarters less those two,
+    # however many of its attempts were let in before they took a place of the total
+    assert (total.slow_held, slow.used, total.used) == (4, 4, 6)
+    assert sum(w.done() for w in waiting) == 2
+    for w in waiting:
+        w.cancel()
 
 
 async def test_a_new_place_moving_to_the_slow_share_is_no_longer_counted_as_the_others():
