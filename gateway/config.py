@@ -480,7 +480,8 @@ class DeliveryConfig:
         default=100,
         metadata=doc(
             "Delivery sessions open at once, in total. Destinations whose last attempt "
-            "was slow (10 s or more) share a quarter of them (and borrow what the others "
+            "was slow (10 s or more; quick again after one under 2.5 s) share a quarter "
+            "of them (and borrow what the others "
             "leave idle of the first half - of three quarters while none of theirs waits "
             "for a place), destinations not tried yet another quarter; quick ones keep "
             "the rest. A session that has waited a minute on its server (a tarpit) gives "

@@ -75,6 +75,7 @@ from gateway.queue.places import (
     NEW_PLACES,
     NEW_QUICK,
     QUICK,
+    QUICK_AGAIN,
     SLOW_PLACES,
     STALL,
     Place,
@@ -951,10 +952,10 @@ class QueueManager:
 
     def _busy(self, domain: str) -> bool:
         """A slow or new destination with as many attempts waiting or under way as
-        it may run at once (`_places`): more would only wait, holding the claim's
-        room.  (A quick one's wait is short: they queue for its places.)"""
+        it may run at once (`_places`), a quick one with twice as many: more would
+        only wait, and leased, could not be tried by another node."""
         if domain in self._quick:
-            return False
+            return self._started[domain] >= 2 * self.config.delivery.concurrency_per_destination
         if domain not in self._slow:
             return self._started[domain] >= NEW_PLACES
         return self._started[domain] >= self._slow_each[domain].limit  # (`_overran` made it)
@@ -965,9 +966,13 @@ class QueueManager:
 
     @property
     def _quick_attempts(self) -> int:
-        """Attempts waiting or under way for quick destinations (those for slow and
-        new ones are bounded by their windows and `NEW_PLACES` each)."""
-        return sum(n for domain, n in self._started.items() if domain in self._quick)
+        """Attempts for quick destinations under way or about to be: as many as each
+        may run at once, at most (those for slow and new ones are bounded by their
+        windows and `NEW_PLACES` each).  The claims' room: counted whole, the
+        attempts queued behind one destination's limit stopped the claims for all
+        the others (a slow destination taken for quick had hundreds)."""
+        most = self.config.delivery.concurrency_per_destination
+        return sum(min(n, most) for domain, n in self._started.items() if domain in self._quick)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
@@ -1047,7 +1052,7 @@ class QueueManager:
     ) -> None:
         """What an attempt that took ``took`` seconds says of its destination: quick,
         or slow - its window one wider when it delivered, one narrower when not."""
-        if took < QUICK:
+        if took < (QUICK_AGAIN if domain in self._slow else QUICK):
             self._quick.add(domain)
             self._slow.discard(domain)
             return

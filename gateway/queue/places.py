@@ -4,8 +4,10 @@ Postfix's queue manager starts a new destination at a low concurrency and raises
 as mail goes through; a destination that stalls keeps few of its processes.  Here a
 destination is one of three kinds, by its last attempt (`QueueManager._places`):
 
-- quick (its last attempt took less than `QUICK`): any of the total places;
-- slow (one took `QUICK` or more - a slow server, a tarpit): from the slow share (a
+- quick (its last attempt took less than `QUICK` - less than `QUICK_AGAIN` once it
+  was slow): any of the total places;
+- slow (one took `QUICK` or more - a slow server, a tarpit - and none since less
+  than `QUICK_AGAIN`): from the slow share (a
   quarter of the places, and whatever quick and new destinations leave idle of the
   first half - of three quarters while none of theirs waits: `Total`),
   `SLOW_PLACES` attempts at once to begin with; each attempt that delivers raises
@@ -37,6 +39,10 @@ import asyncio
 import collections
 
 QUICK = 10.0  # seconds: an attempt that took longer marks its destination slow
+# and one that took less than this marks a slow one quick again: a server that
+# answers each command in 1-5 s, on a session kept open, can take less than `QUICK`
+# for one message - quick, its hundreds of attempts waiting took every place
+QUICK_AGAIN = 2.5
 NEW_QUICK = 3.0  # seconds: a first attempt still running then leaves the new share
 STALL = 60.0  # seconds: an attempt still running then gives up its places
 SLOW_PLACES = 2  # attempts at once to a destination when it turns slow

@@ -5,7 +5,10 @@ to a new destination that stalls leaves the new destinations' share after
 `NEW_QUICK`, so the next new destination is tried while it still runs, and an
 attempt that waited as a new destination's takes a slow place once the
 destination is found slow; a slow
-destination's window widens as it delivers and narrows as it does not; an attempt
+destination's window widens as it delivers and narrows as it does not, and it is
+quick again only after an attempt much quicker than the one that made it slow; the
+attempts queued behind one quick destination's limit leave the claims room for the
+others; an attempt
 running past `STALL` gives up its places; the slow share borrows what the others
 leave idle of the first three quarters of the places - of the first half while one
 of theirs waits for a place - counting the places its attempts hold, not those let
@@ -257,6 +260,7 @@ def quick_clock(monkeypatch):
     """The places' thresholds in tenths of seconds instead of seconds."""
     monkeypatch.setattr("gateway.queue.manager.NEW_QUICK", 0.3)
     monkeypatch.setattr("gateway.queue.manager.QUICK", 0.5)
+    monkeypatch.setattr("gateway.queue.manager.QUICK_AGAIN", 0.125)
     monkeypatch.setattr("gateway.queue.manager.STALL", 2.0)
 
 
@@ -431,3 +435,44 @@ async def test_destinations_without_attempts_are_forgotten_after_a_while(
     assert queue._quick == {"later.test"}
     assert not queue._slow and not queue._slow_each
     assert set(queue._idle_since) == {"later.test"}
+
+
+async def test_a_slow_destination_is_quick_again_only_after_a_much_quicker_attempt(
+    gateway_factory, world, quick_clock
+):
+    server = await world.mta("mx.slow.test", "127.0.0.76", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    gw = await gateway_factory(world.config({}))
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["r@slow.test"], make_message())
+        await wait_until(lambda: len(server.received) == 1, timeout=10, what="the first")
+        # a little quicker now: under QUICK (0.5 s), not under QUICK_AGAIN
+        server.data_delay, server.most_in_data = 0.3, 0
+        for n in range(12):
+            await client.sendmail("doctor@clinic.test", [f"r{n}@slow.test"], make_message())
+    await wait_until(lambda: len(server.received) == 13, timeout=30, what="all twelve")
+    # still slow: its window - three after the first delivery - widened by one for
+    # each attempt that delivered, so n running means n - 3 done: seven at most of
+    # twelve; taken for quick after its first three, the other nine went at once
+    assert server.most_in_data <= 7
+
+
+async def test_attempts_queued_behind_one_quick_destination_do_not_hold_back_the_others(
+    gateway_factory, world
+):
+    busy = await world.mta("mx.busy.test", "127.0.0.77", data_delay=0.5)
+    world.dns.add("busy.test", "MX", "10 mx.busy.test.")
+    other = await world.mta("mx.other.test", "127.0.0.78")
+    world.dns.add("other.test", "MX", "10 mx.other.test.")
+    overrides = {"delivery.concurrency": 4, "delivery.concurrency_per_destination": 2}
+    gw = await gateway_factory(world.config(overrides))
+    async with smtp_client(gw) as client:
+        await client.sendmail("doctor@clinic.test", ["r@busy.test"], make_message())
+        await wait_until(lambda: len(busy.received) == 1, timeout=10, what="busy.test quick")
+        for n in range(20):  # two at a time, half a second each: five seconds' worth
+            await client.sendmail("doctor@clinic.test", [f"r{n}@busy.test"], make_message())
+        await client.sendmail("doctor@clinic.test", ["r@other.test"], make_message())
+    await wait_until(lambda: len(other.received) == 1, timeout=10, what="other.test's")
+    # other.test's attempt started at once: not after busy.test's claimed attempts
+    # (counted whole, eight of them, twice the places, left the claims no room)
+    assert len(busy.received) <= 1 + 6
