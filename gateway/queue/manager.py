@@ -688,7 +688,7 @@ class QueueManager:
         # nothing for a destination with attempts enough waiting or under way.
         room = 2 * self.config.delivery.concurrency - self._quick_attempts
         busy = [domain for domain in self._started if self._busy(domain)]
-        due = await self._db(self.store.claim, now, room, busy) if room > 0 else []
+        due = await self._db(self.store.claim, now, room, busy, self._room_for) if room > 0 else []
         self._start(due)
         if now - last["depth"] >= POLL_INTERVAL:
             last["depth"] = now
@@ -951,14 +951,21 @@ class QueueManager:
                 del self._suspended[domain]
 
     def _busy(self, domain: str) -> bool:
-        """A slow or new destination with as many attempts waiting or under way as
-        it may run at once (`_places`), a quick one with twice as many: more would
-        only wait, and leased, could not be tried by another node."""
+        return self._room_for(domain) <= 0
+
+    def _room_for(self, domain: str) -> int:
+        """How many more attempts to ``domain`` are worth starting: a slow or new
+        destination's up to as many as it may run at once (`_places`), a quick
+        one's up to twice as many - more would only wait, and leased, could not
+        be tried by another node.  (Also read from the database thread during a
+        claim: it changes nothing.)"""
+        started = self._started.get(domain, 0)
         if domain in self._quick:
-            return self._started[domain] >= 2 * self.config.delivery.concurrency_per_destination
+            return 2 * self.config.delivery.concurrency_per_destination - started
         if domain not in self._slow:
-            return self._started[domain] >= NEW_PLACES
-        return self._started[domain] >= self._slow_each[domain].limit  # (`_overran` made it)
+            return NEW_PLACES - started
+        window = self._slow_each.get(domain)  # (`_overran` made it)
+        return (window.limit if window is not None else self._slow_start) - started
 
     @property
     def _slow_start(self) -> int:

@@ -544,12 +544,22 @@ class QueueStore:
         )
         return [_row(r) for r in rows]
 
-    def claim(self, now: float, limit: int, busy: Sequence[str] = ()) -> list[RecipientRow]:
+    def claim(
+        self,
+        now: float,
+        limit: int,
+        busy: Sequence[str] = (),
+        room: Callable[[str], int] | None = None,
+    ) -> list[RecipientRow]:
         """Take due recipients for attempts, in one transaction: a recipient is taken
         once, whichever process or node asks at the same time (the lease ends when a
-        result is recorded, or at the next start: `release_leases`)."""
+        result is recorded, or at the next start: `release_leases`).  ``room``: how
+        many attempts (messages) a domain can start now - the rest of its due
+        recipients stay for a later claim, or another node."""
         with self.transaction():
             rows = self.due(now, limit, claiming=True, busy=busy)
+            if room is not None:
+                rows = _within(rows, room)
             if rows:
                 self._db.write_many(
                     "UPDATE recipients SET leased=1, owner=? WHERE queue_id=? AND idx=?",
@@ -953,6 +963,21 @@ def _envelope_text(envelope: Envelope) -> str:
 
 def _envelope_of(text: str) -> Envelope:
     return Envelope.from_dict(json.loads(text))
+
+
+def _within(rows: list[RecipientRow], room: Callable[[str], int]) -> list[RecipientRow]:
+    """``rows`` but for the messages beyond each domain's ``room`` (a message's
+    recipients at a domain are one attempt: taken together or not at all)."""
+    taken: dict[str, set[str]] = {}
+    kept = []
+    for row in rows:
+        messages = taken.get(row.domain)
+        if messages is None:
+            messages = taken[row.domain] = set()
+        if row.queue_id in messages or len(messages) < room(row.domain):
+            messages.add(row.queue_id)
+            kept.append(row)
+    return kept
 
 
 def _row(r: tuple[Any, ...]) -> RecipientRow:

@@ -476,3 +476,33 @@ async def test_attempts_queued_behind_one_quick_destination_do_not_hold_back_the
     # other.test's attempt started at once: not after busy.test's claimed attempts
     # (counted whole, eight of them, twice the places, left the claims no room)
     assert len(busy.received) <= 1 + 6
+
+
+async def test_a_slow_destination_has_no_more_recipients_claimed_than_its_window(
+    gateway_factory, world, quick_clock
+):
+    server = await world.mta("mx.slow.test", "127.0.0.79", data_delay=0.8)
+    world.dns.add("slow.test", "MX", "10 mx.slow.test.")
+    gw = await gateway_factory(world.config({"delivery.concurrency_per_destination": 3}))
+    started = gw.queue._started
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, started.get("slow.test", 0))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with smtp_client(gw) as client:
+            await client.sendmail("doctor@clinic.test", ["r@slow.test"], make_message())
+            await wait_until(lambda: len(server.received) == 1, timeout=10, what="the first")
+            for n in range(12):
+                await client.sendmail("doctor@clinic.test", [f"r{n}@slow.test"], make_message())
+        await wait_until(lambda: len(server.received) == 13, timeout=30, what="all twelve")
+    finally:
+        watcher.cancel()
+    # its window is three at most: the other recipients stayed unclaimed in the
+    # store (for this node's next claim, or another node's), not leased to wait here
+    assert most <= 3

@@ -1,6 +1,7 @@
 """The queue state's contract, on SQLite and on a real PostgreSQL server: messages and
 their recipients; due recipients claimed once (another connection - another process
-or node - does not take them again) and released; results recorded with their
+or node - does not take them again), no more messages a domain than it has room for,
+and released; results recorded with their
 evidence, the message done when every recipient is delivered; depth by state;
 administrative actions audited; unfinished messages found; old ones pruned; a batch
 whose one operation fails keeps the others."""
@@ -44,6 +45,18 @@ def test_due_recipients_are_claimed_once_and_released(connect):
     assert one.depth()["active"] == 3
     one.release_leases()
     assert len(two.due(NOW + 10)) == 3
+
+
+def test_a_claim_takes_no_more_messages_for_a_domain_than_its_room(connect):
+    one, two = QueueStore(connect()), QueueStore(connect())
+    one.add(envelope("Q1", "a@x.test", "b@x.test", "c@y.test"), now=NOW)
+    one.add(envelope("Q2", "d@x.test"), now=NOW + 1)
+    one.add(envelope("Q3", "e@y.test"), now=NOW + 2)
+    room = {"x.test": 1, "y.test": 2}.__getitem__
+    taken = one.claim(NOW + 10, 10, room=room)
+    # Q1's two recipients at x.test are one attempt; Q2's would be a second
+    assert [r.address for r in taken] == ["a@x.test", "b@x.test", "c@y.test", "e@y.test"]
+    assert [r.address for r in two.claim(NOW + 10, 10)] == ["d@x.test"]  # left unleased
 
 
 def test_results_with_evidence_and_a_message_done_when_all_are_delivered(connect):
