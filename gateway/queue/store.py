@@ -971,9 +971,7 @@ def _within(rows: list[RecipientRow], room: Callable[[str], int]) -> list[Recipi
     taken: dict[str, set[str]] = {}
     kept = []
     for row in rows:
-        messages = taken.get(row.domain)
-        if messages is None:
-            messages = taken[row.domain] = set()
+        messages = taken.setdefault(row.domain, set())
         if row.queue_id in messages or len(messages) < room(row.domain):
             messages.add(row.queue_id)
             kept.append(row)
