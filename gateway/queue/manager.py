@@ -564,7 +564,7 @@ class QueueManager:
         When there is room for more attempts, the recipients are leased as they are
         recorded and their attempts start here, without a trip through `_run`."""
         assert self.store is not None
-        lease = not self._stopping and self._quick_attempts < self.config.delivery.concurrency
+        lease = not self._stopping and self._quick_started < self.config.delivery.concurrency
         # a worker's late line about a message adopted meanwhile: looked up, not added
         fresh = fresh and queue_id not in self._adopted
         self._enqueuing.add(queue_id)
@@ -637,7 +637,13 @@ class QueueManager:
                 envelope, data = self.spool.read(queue_id)
             elif envelope is None:
                 envelope = read_envelope(self.spool.path_of(queue_id))
-        lease = lease and not any(self._busy(domain_of(r.address)) for r in envelope.recipients)
+        # (a quick destination's attempts queue for its places here: bounded by the
+        # quick ones' total above, they cost no claim - the relay's path)
+        lease = lease and not any(
+            self._busy(domain)
+            for r in envelope.recipients
+            if (domain := domain_of(r.address)) not in self._quick
+        )
         added = self._add_checked(envelope, lease, data, fresh)
         return envelope, data, added, lease
 
@@ -980,6 +986,11 @@ class QueueManager:
         the others (a slow destination taken for quick had hundreds)."""
         most = self.config.delivery.concurrency_per_destination
         return sum(min(n, most) for domain, n in self._started.items() if domain in self._quick)
+
+    @property
+    def _quick_started(self) -> int:
+        """Every attempt waiting or under way for quick destinations."""
+        return sum(n for domain, n in self._started.items() if domain in self._quick)
 
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
