@@ -41,7 +41,8 @@ import collections
 QUICK = 10.0  # seconds: an attempt that took longer marks its destination slow
 # and one that took less than this marks a slow one quick again: a server that
 # answers each command in 1-5 s, on a session kept open, can take less than `QUICK`
-# for one message - quick, its hundreds of attempts waiting took every place
+# for one message - taken for quick, its hundreds of attempts waiting filled the
+# claims' room (`QueueManager._quick_attempts`)
 QUICK_AGAIN = 2.5
 NEW_QUICK = 3.0  # seconds: a first attempt still running then leaves the new share
 STALL = 60.0  # seconds: an attempt still running then gives up its places
