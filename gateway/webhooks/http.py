@@ -41,6 +41,8 @@ MAX_LINE = 8192
 MAX_HEADERS = 100
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
+# the header fields an answer is read for (`_parse`); the others are passed over
+_READ = frozenset({b"connection", b"content-length", b"transfer-encoding", b"retry-after"})
 
 
 class HttpError(SealgateError):
@@ -294,7 +296,7 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[Answer, bool, int] | None:
 
 def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
     """The head of the answer at the start of ``buffer``: its status, whether it is
-    HTTP/1.1, its header fields (names in lower case) and where it ends - None while
+    HTTP/1.1, the header fields read (`_READ`, names in lower case) and where it ends - None while
     it is not all there (what is, is checked)."""
     end = _head_end(buffer)
     if end < 0:
@@ -306,16 +308,19 @@ def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
         if len(buffer) >= MAX_HEAD:
             raise HttpError("the answer's head is too long")
         return None
-    first, *fields = bytes(buffer[:end]).split(b"\n")
+    head = bytes(buffer[:end])
+    first, *fields = head.split(b"\n")
     if len(fields) > MAX_HEADERS:
         raise HttpError("the answer has too many header lines")
-    if any(len(line) >= MAX_LINE for line in (first, *fields)):
+    if len(head) >= MAX_LINE and any(len(line) >= MAX_LINE for line in (first, *fields)):
         raise HttpError("a line of the answer is cut off or too long")
     status, http11 = _status(first)
     headers: dict[str, str] = {}
     for field in fields:
-        name, _, value = field.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+        name, _, value = field.partition(b":")
+        name = name.strip().lower()
+        if name in _READ:
+            headers[name.decode()] = value.strip().decode("latin-1")
     return status, http11, headers, end + (3 if buffer[end + 1] == 13 else 2)  # "\n\r\n"
 
 
