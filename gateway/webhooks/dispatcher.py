@@ -4,7 +4,10 @@ mail - `gateway.smtp.workers` ``--webhooks-only`` - which the main process wakes
 over the control socket when it wrote events).
 
 Each round takes the due events (`Outbox.due`: a message's oldest pending one per
-endpoint), leases them to this node, posts them - the endpoints side by side, each
+endpoint, 500 at most) - on PostgreSQL leasing them to this node (`Outbox.take`:
+nodes side by side), on SQLite only reading them (one node, whose one dispatcher
+runs a round at a time: a write transaction fewer beside the queue's each round) -
+posts them - the endpoints side by side, each
 endpoint's events spread over up to 16 kept-alive connections (`gateway.webhooks.
 http`), at first one request at a time on each, then, while the endpoint takes all
 it is sent, twice as many back to back each time, up to 16 (one again after a
@@ -52,6 +55,7 @@ T = TypeVar("T")
 
 POST_TIMEOUT = 15.0
 LEASE = 120.0  # an event taken by a node is its own this long (then any node's)
+TAKE = 500  # events a round, at most
 CONCURRENCY = 16  # connections per endpoint
 DEPTH = 16  # requests sent back to back on one, at most
 IDLE_WAIT = 1.0
@@ -98,8 +102,11 @@ class Dispatcher:
         # set when an SMTP worker process posts the events (smtp.workers > 1): this
         # one then only writes the portal's events and passes wake-ups on
         self.remote_wake: Callable[[], None] | None = None
-        # one thread for the outbox's connection: the dispatcher's and emit's calls
+        # one thread for the outbox's connection: the dispatcher's and emit's calls -
+        # made now, with the priority of the thread making the dispatcher (the webhook
+        # process lowers its event loop's after: `gateway.smtp.workers._post_webhooks`)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="webhooks")
+        self._thread.submit(lambda: None).result()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._loop.run_in_executor(self._thread, fn, *args)
@@ -170,7 +177,10 @@ class Dispatcher:
         now = self.clock()
         if now - self._gauged >= GAUGE_INTERVAL:
             await self._gauge(now)
-        mine = await self._db(self.outbox.take, self.node, now, now + LEASE)
+        if self.outbox.shared:  # nodes side by side: each leases what it posts
+            mine = await self._db(self.outbox.take, self.node, now, now + LEASE, TAKE)
+        else:  # the only dispatcher of its database, a round at a time: nothing to lease
+            mine = await self._db(self.outbox.due, now, TAKE)
         self._taken = len(mine)
         if not mine:
             return False

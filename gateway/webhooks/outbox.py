@@ -10,10 +10,11 @@ oldest event per endpoint is ``pending``; one written while another of the same
 message and endpoint waits is ``waiting``, and becomes pending when the one before
 it is posted or dropped - so that finding the due events reads only those (an index
 on state and time, in time order), however many wait behind an endpoint that is
-down.  A taken event is leased to its node for a while (its next try is then the
-lease's end), so that two nodes never post it at once and a dead node's events are
-taken over.  An event posted is deleted; one not taken before ``webhooks.max_age``
-is kept as ``dropped`` for 30 days, with its last error.
+down.  On PostgreSQL (`shared`) a taken event is leased to its node for a while (its
+next try is then the lease's end), so that two nodes never post it at once and a
+dead node's events are taken over; a SQLite outbox has one dispatcher, which reads
+the due events without leasing them.  An event posted is deleted; one not taken
+before ``webhooks.max_age`` is kept as ``dropped`` for 30 days, with its last error.
 
 Blocking: called from a thread.
 """
@@ -129,6 +130,13 @@ class Outbox:
 
         self.db = db
         prepare(db, VERSIONED)
+
+    @property
+    def shared(self) -> bool:
+        """Whether several nodes may post from this outbox (PostgreSQL): then an
+        event is leased (`take`) before it is posted.  A SQLite one has one
+        dispatcher."""
+        return self.db.dialect is Dialect.POSTGRESQL
 
     def close(self) -> None:
         self.db.close()

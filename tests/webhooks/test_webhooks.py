@@ -384,3 +384,59 @@ async def test_an_endpoint_taking_its_events_is_sent_them_back_to_back(
 def _fields(head: bytes) -> dict[str, str]:
     lines = head.decode("latin-1").split("\r\n")[1:]
     return dict(line.split(": ", 1) for line in lines if line)
+
+
+async def test_a_round_leases_its_events_only_where_nodes_share_the_outbox(
+    world, tmp_path, connect, monkeypatch
+):
+    """While a round posts (to an endpoint that takes the connection and never
+    answers), its events are leased to the node where nodes share the outbox
+    (PostgreSQL) - another node finds none due - and only read where one dispatcher
+    runs a round at a time (SQLite): no write transaction beside the queue's writer,
+    and another reader still finds them due.  After the round they wait for their
+    next try alike."""
+    monkeypatch.setattr(module, "POST_TIMEOUT", 1.0)
+    port = free_port()
+    silent = await SilentServer("127.0.0.93", port).start()
+    world.dns.add("hooks.silent.test", "A", "127.0.0.93")
+    secret = tmp_path / "silent.secret"
+    secret.write_text(new_secret() + "\n")
+    ep = {"name": "silent", "url": f"https://hooks.silent.test:{port}/hooks"}
+    config = load_test_config(
+        write_config(
+            tmp_path,
+            world.config(
+                {
+                    "webhooks.endpoints": [{**ep, "secret_file": str(secret)}],
+                    "webhooks.retry_schedule": ["1h"],
+                }
+            ),
+        )
+    )
+    outbox, other = Outbox(connect()), Outbox(connect())
+    now = time.time()
+    outbox.add([("silent", f"evt-{n}", f"Q{n}", "accepted", "{}") for n in range(3)], now)
+    d = module.Dispatcher(
+        config, outbox, "node-1", Metrics(), lambda: Resolver(config.dns.nameservers)
+    )
+    try:
+        posting = asyncio.create_task(d.round())
+        await wait_until(lambda: silent.held, timeout=5, what="the round's connection")
+        seen = await asyncio.to_thread(other.due, time.time())
+        leases = await asyncio.to_thread(
+            other.db.execute, "SELECT owner, lease_until FROM webhook_outbox ORDER BY id"
+        )
+        leases = leases.fetchall()
+        assert await posting is True
+    finally:
+        await d.close()
+        await silent.stop()
+    if outbox.shared:
+        assert seen == []  # another node does not post them meanwhile
+        assert {owner for owner, _ in leases} == {"node-1"}
+    else:
+        assert [e.event_id for e in seen] == ["evt-0", "evt-1", "evt-2"]
+        assert leases == [(None, None)] * 3
+    after = other.db.execute("SELECT tries, next_try FROM webhook_outbox").fetchall()
+    assert len(after) == 3 and all(next_try >= now + 3000 for _, next_try in after)
+    other.close()
