@@ -7,14 +7,14 @@ Each round takes the due events (`Outbox.due`: a message's oldest pending one pe
 endpoint, 500 at most) - on PostgreSQL leasing them to this node (`Outbox.take`:
 nodes side by side), on SQLite only reading them (one node, whose one dispatcher
 runs a round at a time: a write transaction fewer beside the queue's each round) -
-posts them - the endpoints side by side, each
-endpoint's events spread over up to 16 kept-alive connections (`gateway.webhooks.
-http`), at first one request at a time on each, then, while the endpoint takes all
-it is sent, twice as many back to back each time, up to 16 (one again after a
-refusal; names resolved through ``dns.nameservers``, certificates verified against
-the system's CAs and ``tls.ca_file``) - and settles them: a 2xx
-answer deletes the event, anything else (or no answer within 15 s) sets its next
-try from ``webhooks.retry_schedule`` (the last wait repeats), until
+and posts them: the endpoints side by side, each endpoint's events spread over up
+to 16 kept-alive connections (`gateway.webhooks.http`), at first one request at a
+time on each, then, while the endpoint takes all it is sent, twice as many back to
+back each time, up to 16 (one again after a refusal; names resolved through
+``dns.nameservers``, certificates verified against the system's CAs and
+``tls.ca_file``) - and settles them: a 2xx answer deletes the event, anything else
+(or no answer within 15 s) sets its next try from ``webhooks.retry_schedule`` (the
+last wait repeats), until
 ``webhooks.max_age`` has passed: then it is dropped, logged (``webhook.dropped``)
 and counted.  An endpoint that does not answer at all (no connection, TLS refused,
 silence, garbage) or says it takes nothing now (429, 503) is not sent the rest of

@@ -296,8 +296,8 @@ def _parse(buffer: bytearray, eof: bool) -> tuple[Answer, bool, int] | None:
 
 def _head(buffer: bytearray) -> tuple[int, bool, dict[str, str], int] | None:
     """The head of the answer at the start of ``buffer``: its status, whether it is
-    HTTP/1.1, the header fields read (`_READ`, names in lower case) and where it ends - None while
-    it is not all there (what is, is checked)."""
+    HTTP/1.1, the header fields read (`_READ`, names in lower case) and where it
+    ends - None while it is not all there (what is, is checked)."""
     end = _head_end(buffer)
     if end < 0:
         first_end = buffer.find(b"\n", 0, MAX_LINE)
