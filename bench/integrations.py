@@ -2,7 +2,7 @@
 """What the integrations cost: the message API against SMTP, and webhooks on the
 relay path.
 
-    .venv/bin/python bench/integrations.py [--messages 3000] [--size 4096] [--rounds 3]
+    .venv/bin/python bench/integrations.py [--messages 3000] [--size 4096] [--rounds 5]
 
 1. Submission: the same 4 KB message through the message API (HTTPS, 20 clients on
    kept-alive connections, ``message/rfc822``; and as JSON) and through SMTP
@@ -397,7 +397,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", choices=("submission", "webhooks"), default=None)
     ap.add_argument(
         "--receiver",
