@@ -967,12 +967,16 @@ def _envelope_of(text: str) -> Envelope:
 
 def _within(rows: list[RecipientRow], room: Callable[[str], int]) -> list[RecipientRow]:
     """``rows`` but for the messages beyond each domain's ``room`` (a message's
-    recipients at a domain are one attempt: taken together or not at all)."""
+    recipients at a domain are one attempt: taken together or not at all), each
+    domain's room asked once."""
     taken: dict[str, set[str]] = {}
+    limits: dict[str, int] = {}
     kept = []
     for row in rows:
         messages = taken.setdefault(row.domain, set())
-        if row.queue_id in messages or len(messages) < room(row.domain):
+        if row.domain not in limits:
+            limits[row.domain] = room(row.domain)
+        if row.queue_id in messages or len(messages) < limits[row.domain]:
             messages.add(row.queue_id)
             kept.append(row)
     return kept
