@@ -78,7 +78,16 @@ class Batcher:
             # At the end of this turn of the event loop: jobs issued in the same turn
             # share the batch, and the thread is woken once for them.
             loop = asyncio.get_running_loop()
-            loop.call_soon(lambda: loop.run_in_executor(self.executor, self._drain, loop))
+            loop.call_soon(self._hand_over, loop)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_in_executor(self.executor, self._drain, loop)
+        except RuntimeError as e:  # the executor was shut down (its owner stopping)
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._draining = False
+            settle((future, (None, e)) for _, future in batch)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """In the executor: run batches until nothing is pending."""

@@ -493,6 +493,9 @@ class QueueManager:
                 await asyncio.wait_for(asyncio.shield(self._task), 5)
             except TimeoutError:
                 self._task.cancel()
+        # messages being recorded finish (their attempts do not start now): none
+        # writes to a store or journals to the archive once those are closed
+        await self._enqueues.settle(grace)
         if self._attempts:
             _, pending = await asyncio.wait(self._attempts, timeout=grace)
             for t in pending:

@@ -177,6 +177,9 @@ class Database:
         return db
 
     def close(self) -> None:
+        """Closed for good: a statement after it fails (`StorageError`) - a late job of
+        a stopping component must not open a new connection nobody will close."""
+        self._reconnect = None
         self._connection.close()
 
     # -- statements --------------------------------------------------------------------
@@ -288,7 +291,9 @@ class Database:
         server is a temporary `StorageError`."""
         import psycopg
 
-        if self._connection.closed and not self._depth and self._reconnect is not None:
+        if self._connection.closed and not self._depth:
+            if self._reconnect is None:
+                raise StorageError(f"{self.name}: the connection was closed", temporary=True)
             self._connection = self._reconnect()
         try:
             yield

@@ -270,3 +270,32 @@ def test_on_sqlite_a_writer_waits_for_the_lock_no_longer_than_the_timeout(tmp_pa
     with writer.transaction():  # free now
         writer.execute("INSERT INTO t(v) VALUES ('writer')")
     assert [r[0] for r in writer.execute("SELECT v FROM t")] == ["held", "writer"]
+
+
+def test_on_postgresql_a_dropped_connection_is_made_again_but_a_closed_one_is_not(postgres):
+    """The server dropping a connection (an outage, a restart) is survived between
+    transactions; a Database its owner closed stays closed: a late statement fails
+    instead of opening a connection nobody would close."""
+    url = postgres.database()
+    password = postgres.password_file.read_text().strip()
+    admin = Database.postgresql(url, password)
+    db = Database.postgresql(url, password)
+
+    def connections() -> int:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        return admin.execute(sql).fetchone()[0]
+
+    try:
+        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        admin.execute("SELECT pg_terminate_backend(?)", (pid,))
+        with pytest.raises(database.StorageError):  # noticed by the statement under way
+            db.execute("SELECT 1")
+        assert db.execute("SELECT 1").fetchone()[0] == 1  # the next one reconnects
+        assert connections() == 2
+        db.close()
+        with pytest.raises(database.StorageError, match="closed"):
+            db.execute("SELECT 1")
+        assert connections() == 1
+    finally:
+        db.close()
+        admin.close()

@@ -1,0 +1,52 @@
+"""The batcher behind the queue's removals and the archive's writes: jobs issued in
+one turn of the event loop run as one batch; a failing job fails alone; once its
+executor is shut down (its owner stopping) a job fails at once with the reason -
+never a caller left waiting, never an error loose in the event loop."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gateway.batching import Batcher, run_each
+
+
+async def test_jobs_of_one_turn_share_a_batch_and_a_failing_one_fails_alone() -> None:
+    sizes: list[int] = []
+
+    def run_batch(jobs):
+        sizes.append(len(jobs))
+        return run_each(jobs)
+
+    def boom() -> int:
+        raise ValueError("this one")
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(executor, run_batch)
+        results = await asyncio.gather(
+            batcher.run(lambda: 1), batcher.run(boom), batcher.run(lambda: 3),
+            return_exceptions=True,
+        )  # fmt: skip
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ValueError)
+    assert sizes == [3]
+
+
+async def test_after_its_executor_shut_down_a_job_fails_at_once_and_nothing_is_loose() -> None:
+    loose: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: loose.append(context))
+    try:
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(executor, run_each)
+        assert await batcher.run(lambda: "before") == "before"
+        executor.shutdown(wait=True)
+        batcher.post(lambda: None)  # nobody waits: dropped with the rest
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.wait_for(batcher.run(lambda: "after"), 2)
+        with pytest.raises(RuntimeError, match="shutdown"):  # and again: not stuck
+            await asyncio.wait_for(batcher.run(lambda: "later"), 2)
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert loose == []
