@@ -493,6 +493,7 @@ class QueueManager:
                 await asyncio.wait_for(asyncio.shield(self._task), 5)
             except TimeoutError:
                 self._task.cancel()
+                await asyncio.wait([self._task], timeout=grace)
         # messages being recorded finish (their attempts do not start now): none
         # writes to a store or journals to the archive once those are closed
         await self._enqueues.settle(grace)
@@ -500,6 +501,8 @@ class QueueManager:
             _, pending = await asyncio.wait(self._attempts, timeout=grace)
             for t in pending:
                 t.cancel()  # not recorded: tried again after restart
+            if pending:  # they unwind (their sessions let go) before the agent closes
+                await asyncio.wait(pending, timeout=grace)
         await self.agent.close()
         await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts
         self._removed_all = True  # later ones (the archive catching up) wait for a start
