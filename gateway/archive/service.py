@@ -497,6 +497,12 @@ class ArchiveService:
         (then a queue recorded it once)."""
         return bool(await self._run(self.archive.events, queue_id, ("attempt",)))
 
+    async def settle(self) -> None:
+        """Wait for the records issued so far being written (and what waited for
+        them run: `when_archived`) - a stopping queue, before it closes its store."""
+        with contextlib.suppress(Exception):  # a failed write is kept and retried
+            await self._batcher.run(lambda: None)
+
     def has_failed(self, queue_id: str) -> bool:
         """Some record of this message could not be written yet (it is retried)."""
         return queue_id in self._failed

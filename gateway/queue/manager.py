@@ -463,6 +463,8 @@ class QueueManager:
             await asyncio.to_thread(self.archive.make_durable)
         for envelope in ready:
             await self._db(self.spool.remove, envelope.queue_id, envelope.size)
+            if self.node is not None:  # its shared copy too, if it was left
+                self._drop_shared(envelope.queue_id)
 
     def _add_checked(
         self, envelope: Envelope, lease: bool, data: bytes | None = None, fresh: bool = False
@@ -494,15 +496,20 @@ class QueueManager:
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.wait([self._task], timeout=grace)
-        # messages being recorded finish (their attempts do not start now): none
-        # writes to a store or journals to the archive once those are closed
-        await self._enqueues.settle(grace)
         if self._attempts:
             _, pending = await asyncio.wait(self._attempts, timeout=grace)
             for t in pending:
                 t.cancel()  # not recorded: tried again after restart
             if pending:  # they unwind (their sessions let go) before the agent closes
                 await asyncio.wait(pending, timeout=grace)
+        # what is under way in the background finishes - messages being recorded
+        # (their attempts do not start now), the archive's records of those done and
+        # then their spool files and shared copies, reports: none writes to a store
+        # or the archive after it closed
+        await self._enqueues.settle(grace)
+        if self.archive is not None:
+            await self.archive.settle()
+            await self._enqueues.settle(grace)
         await self.agent.close()
         await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts
         self._removed_all = True  # later ones (the archive catching up) wait for a start
@@ -1586,8 +1593,9 @@ class QueueManager:
         (`_reconcile`), as it does for a message whose archive records were written
         only while the gateway stopped.  With several nodes its shared copy goes too
         (unless it was never ``shared``)."""
-        if not self._removed_all:
-            self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
+        if self._removed_all:  # stopped: the next start does both (`_complete_evidence`)
+            return
+        self._removals.post(lambda: self.spool.remove(envelope.queue_id, envelope.size))
         if self.node is not None and self.store is not None and shared:
             self._drop_shared(envelope.queue_id)
 

@@ -1,0 +1,66 @@
+"""A node stopping while the archive is still writing the records of mail it has
+delivered (here: held up by a lock on the archive's log) leaves nothing behind: the
+queue waits for those records, then removes the spool files and drops the shared
+copies, and only then closes its store - no connection to the database left open, no
+error loose in the event loop, and no shared copy of finished mail left."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import psycopg
+
+from gateway.storage.database import Database
+from tests.cluster.support import shared_keys
+from tests.conftest import make_message, smtp_client
+from tests.support.world import wait_until
+
+
+def count(url: str, password: str, sql: str) -> int:
+    db = Database.postgresql(url, password)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    finally:
+        db.close()
+
+
+async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves_no_copy(
+    gateway_factory, world, postgres, tmp_path, caplog
+):
+    mta = await world.mta("mx.dest.test", "127.0.0.52")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    url, password = postgres.database(), postgres.password_file.read_text().strip()
+    settings = world.config(
+        {
+            "storage.database": url,
+            "storage.password_file": str(postgres.password_file),
+            "storage.auto_migrate": True,
+            "cluster.ack": "shared",  # the content is shared as it is accepted
+            "cluster.node_id": "a",
+            **shared_keys(tmp_path / "keys"),
+        }
+    )
+    gw = await gateway_factory(settings)
+    locker = psycopg.connect(url, password=password)  # a transaction: the lock is held
+    locker.execute("LOCK TABLE sealgate_archive.leaves IN EXCLUSIVE MODE")
+    try:
+        async with smtp_client(gw) as client:
+            for i in range(5):
+                await client.sendmail("doctor@clinic.test", [f"m{i}@dest.test"], make_message())
+        await wait_until(lambda: len(mta.received) == 5, what="all five at the MTA")
+        threading.Timer(1.0, locker.rollback).start()  # the archive can write again
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            await gw.stop(grace=5)
+    finally:
+        locker.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert not list(gw.spool.queue_ids())  # removed once their records were written
+
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    others += "AND pid <> pg_backend_pid()"
+    assert await asyncio.to_thread(count, url, password, others) == 0
+
+    contents = "SELECT count(*) FROM sealgate_queue.contents"
+    assert await asyncio.to_thread(count, url, password, contents) == 0
