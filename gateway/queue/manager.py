@@ -507,8 +507,8 @@ class QueueManager:
         # then their spool files and shared copies, reports: none writes to a store
         # or the archive after it closed
         await self._enqueues.settle(grace)
-        if self.archive is not None:
-            await self.archive.settle()
+        if self.archive is not None:  # (not stuck behind an archive that hangs)
+            await asyncio.wait([asyncio.ensure_future(self.archive.settle())], timeout=grace)
             await self._enqueues.settle(grace)
         await self.agent.close()
         await asyncio.sleep(0)  # a removal scheduled for the end of the turn starts

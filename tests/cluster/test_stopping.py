@@ -64,3 +64,47 @@ async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves
 
     contents = "SELECT count(*) FROM sealgate_queue.contents"
     assert await asyncio.to_thread(count, url, password, contents) == 0
+
+
+async def test_what_a_stopping_node_could_not_finish_in_time_the_next_start_does(
+    gateway_factory, world, postgres, tmp_path, caplog
+):
+    """The archive held up longer than the stop's grace: the queue stops anyway; the
+    spool files and shared copies it could not let go are let go at the next start."""
+    mta = await world.mta("mx.dest.test", "127.0.0.52")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    url, password = postgres.database(), postgres.password_file.read_text().strip()
+    settings = world.config(
+        {
+            "storage.database": url,
+            "storage.password_file": str(postgres.password_file),
+            "storage.auto_migrate": True,
+            "cluster.ack": "shared",
+            "cluster.node_id": "a",
+            **shared_keys(tmp_path / "keys"),
+        }
+    )
+    gw = await gateway_factory(settings)
+    locker = psycopg.connect(url, password=password)
+    locker.execute("LOCK TABLE sealgate_archive.leaves IN EXCLUSIVE MODE")
+    try:
+        async with smtp_client(gw) as client:
+            for i in range(3):
+                await client.sendmail("doctor@clinic.test", [f"m{i}@dest.test"], make_message())
+        await wait_until(lambda: len(mta.received) == 3, what="all three at the MTA")
+        threading.Timer(2.5, locker.rollback).start()  # after the queue's grace
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            await gw.stop(grace=1.0)
+    finally:
+        locker.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    contents = "SELECT count(*) FROM sealgate_queue.contents"
+    assert len(list(gw.spool.queue_ids())) == 3  # kept: the queue had stopped
+    assert await asyncio.to_thread(count, url, password, contents) == 3
+
+    again = await gateway_factory(settings)
+    await wait_until(
+        lambda: count(url, password, contents) == 0 and not list(again.spool.queue_ids()),
+        what="the spool files and the shared copies let go at start",
+    )
+    assert len(mta.received) == 3  # nothing delivered twice
