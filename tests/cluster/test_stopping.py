@@ -26,9 +26,8 @@ def count(url: str, password: str, sql: str) -> int:
         db.close()
 
 
-async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves_no_copy(
-    gateway_factory, world, postgres, tmp_path, caplog
-):
+async def node_a(world, postgres, tmp_path):
+    """An MTA for dest.test; node a's database URL, password and settings."""
     mta = await world.mta("mx.dest.test", "127.0.0.52")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     url, password = postgres.database(), postgres.password_file.read_text().strip()
@@ -42,20 +41,35 @@ async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves
             **shared_keys(tmp_path / "keys"),
         }
     )
-    gw = await gateway_factory(settings)
+    return mta, url, password, settings
+
+
+async def deliver_then_stop(gw, mta, url, password, n, held, grace, caplog) -> None:
+    """Send ``n`` messages while the archive's log is locked (its records wait), stop
+    the gateway once the MTA has them all, the lock let go ``held`` seconds into the
+    stop; nothing may go wrong loose in the event loop meanwhile."""
     locker = psycopg.connect(url, password=password)  # a transaction: the lock is held
     locker.execute("LOCK TABLE sealgate_archive.leaves IN EXCLUSIVE MODE")
     try:
         async with smtp_client(gw) as client:
-            for i in range(5):
+            for i in range(n):
                 await client.sendmail("doctor@clinic.test", [f"m{i}@dest.test"], make_message())
-        await wait_until(lambda: len(mta.received) == 5, what="all five at the MTA")
-        threading.Timer(1.0, locker.rollback).start()  # the archive can write again
+        await wait_until(lambda: len(mta.received) == n, what="all of them at the MTA")
+        threading.Timer(held, locker.rollback).start()
         with caplog.at_level(logging.ERROR, logger="asyncio"):
-            await gw.stop(grace=5)
+            await gw.stop(grace=grace)
     finally:
         locker.close()
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves_no_copy(
+    gateway_factory, world, postgres, tmp_path, caplog
+):
+    mta, url, password, settings = await node_a(world, postgres, tmp_path)
+    gw = await gateway_factory(settings)
+    # released a second into the stop, within its grace
+    await deliver_then_stop(gw, mta, url, password, 5, held=1.0, grace=5, caplog=caplog)
     assert not list(gw.spool.queue_ids())  # removed once their records were written
 
     others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -71,33 +85,10 @@ async def test_what_a_stopping_node_could_not_finish_in_time_the_next_start_does
 ):
     """The archive held up longer than the stop's grace: the queue stops anyway; the
     spool files and shared copies it could not let go are let go at the next start."""
-    mta = await world.mta("mx.dest.test", "127.0.0.52")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    url, password = postgres.database(), postgres.password_file.read_text().strip()
-    settings = world.config(
-        {
-            "storage.database": url,
-            "storage.password_file": str(postgres.password_file),
-            "storage.auto_migrate": True,
-            "cluster.ack": "shared",
-            "cluster.node_id": "a",
-            **shared_keys(tmp_path / "keys"),
-        }
-    )
+    mta, url, password, settings = await node_a(world, postgres, tmp_path)
     gw = await gateway_factory(settings)
-    locker = psycopg.connect(url, password=password)
-    locker.execute("LOCK TABLE sealgate_archive.leaves IN EXCLUSIVE MODE")
-    try:
-        async with smtp_client(gw) as client:
-            for i in range(3):
-                await client.sendmail("doctor@clinic.test", [f"m{i}@dest.test"], make_message())
-        await wait_until(lambda: len(mta.received) == 3, what="all three at the MTA")
-        threading.Timer(2.5, locker.rollback).start()  # after the queue's grace
-        with caplog.at_level(logging.ERROR, logger="asyncio"):
-            await gw.stop(grace=1.0)
-    finally:
-        locker.close()
-    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    # released after the queue's grace
+    await deliver_then_stop(gw, mta, url, password, 3, held=2.5, grace=1.0, caplog=caplog)
     contents = "SELECT count(*) FROM sealgate_queue.contents"
     assert len(list(gw.spool.queue_ids())) == 3  # kept: the queue had stopped
     assert await asyncio.to_thread(count, url, password, contents) == 3
