@@ -333,6 +333,8 @@ class QueueManager:
         for queue_id, reason in poison.items():
             await self._quarantine(queue_id, reason)
         await self._complete_evidence(leftover)
+        if self.node is not None and self.archive is not None:
+            await self._archive_left_copies()
         unfinished = await self._finish_unfinished()
         log.info(
             Event.QUEUE_STARTED,
@@ -906,17 +908,35 @@ class QueueManager:
         disk lost with their spool files): their shared copy is dropped only once they
         are archived, so it is still there.  This node takes them over, journals them
         and the attempts the queue's history holds, then lets the copy go."""
-        assert self.store is not None and self.archive is not None
-        store, archive = self.store, self.archive
+        assert self.store is not None
         silent = self.config.cluster.lease_timeout
-        for envelope, data, node in await self._db(store.adopt_unarchived, silent):
-            queue_id = envelope.queue_id
-            log.warning(Event.ARCHIVE_ADOPTED, queue_id=queue_id, node=node)
-            archive.ensure(envelope, data)
-            await archive.complete_attempts(
-                queue_id, await self._db(store.attempt_history, queue_id)
-            )
-            archive.when_archived(queue_id, functools.partial(self._drop_shared, queue_id))
+        for envelope, data, node in await self._db(self.store.adopt_unarchived, silent):
+            log.warning(Event.ARCHIVE_ADOPTED, queue_id=envelope.queue_id, node=node)
+            await self._archive_then_drop(envelope, data)
+
+    async def _archive_left_copies(self) -> None:
+        """At start: this node's finished messages whose shared copy a stop left
+        (their archive records were still being written) and whose spool file is
+        not here to bring them in (`_complete_evidence` did those): journaled from
+        the copy where the archive lacks them, then the copy goes."""
+        assert self.store is not None
+        here = set(await self._db(self.spool.queue_ids))
+        for queue_id in await self._db(self.store.done_with_content_here):
+            content = None if queue_id in here else await self._db(self.store.content, queue_id)
+            if content is not None:
+                await self._archive_then_drop(*content)
+
+    async def _archive_then_drop(self, envelope: Envelope, data: bytes) -> None:
+        """A finished message known from its shared copy: the archive gets what it
+        lacks of it (the message, the attempts the queue's history holds), then the
+        copy goes."""
+        assert self.store is not None and self.archive is not None
+        queue_id = envelope.queue_id
+        self.archive.ensure(envelope, data)
+        await self.archive.complete_attempts(
+            queue_id, await self._db(self.store.attempt_history, queue_id)
+        )
+        self.archive.when_archived(queue_id, functools.partial(self._drop_shared, queue_id))
 
     def _drop_shared(self, queue_id: str) -> None:
         """A done and archived message's shared copy goes, in the next group commit

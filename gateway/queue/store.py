@@ -408,6 +408,18 @@ class QueueStore:
             )
         ]
 
+    def done_with_content_here(self) -> list[str]:
+        """This node's finished messages whose shared copy is still here (it stopped
+        before their archive records were written, which the copy waits for)."""
+        return [
+            str(row[0])
+            for row in self._db.execute(
+                "SELECT m.queue_id FROM contents c JOIN messages m USING (queue_id) "
+                "WHERE m.node=? AND m.done=1",
+                (self.node,),
+            )
+        ]
+
     # -- nodes ----------------------------------------------------------------------
 
     def heartbeat(self, info: dict[str, Any], now: float | None = None) -> None:

@@ -99,3 +99,26 @@ async def test_what_a_stopping_node_could_not_finish_in_time_the_next_start_does
         what="the spool files and the shared copies let go at start",
     )
     assert len(mta.received) == 3  # nothing delivered twice
+
+
+async def test_shared_copies_a_stop_left_go_at_start_even_without_the_spool_files(
+    gateway_factory, world, postgres, tmp_path, caplog
+):
+    """As above, and the node comes back without its spool (a disk replaced): the
+    copies it left are brought into the archive where it lacks them (each message and
+    attempt recorded once) and then go."""
+    mta, url, password, settings = await node_a(world, postgres, tmp_path)
+    gw = await gateway_factory(settings)
+    await deliver_then_stop(gw, mta, url, password, 3, held=2.5, grace=1.0, caplog=caplog)
+    for path in gw.spool.queue_dir.iterdir():
+        path.unlink()
+    contents = "SELECT count(*) FROM sealgate_queue.contents"
+    assert await asyncio.to_thread(count, url, password, contents) == 3
+
+    await gateway_factory(settings)
+    await wait_until(lambda: count(url, password, contents) == 0, what="the copies let go")
+    messages = "SELECT count(*) FROM sealgate_archive.leaves WHERE kind='message'"
+    attempts = "SELECT count(*) FROM sealgate_archive.events WHERE kind='attempt'"
+    for sql in (messages, attempts):  # a record each, none written twice
+        assert await asyncio.to_thread(count, url, password, sql) == 3, sql
+    assert len(mta.received) == 3
