@@ -920,9 +920,10 @@ class QueueManager:
         not here to bring them in (`_complete_evidence` did those): journaled from
         the copy where the archive lacks them, then the copy goes."""
         assert self.store is not None
-        here = set(await self._db(self.spool.queue_ids))
         for queue_id in await self._db(self.store.done_with_content_here):
-            content = None if queue_id in here else await self._db(self.store.content, queue_id)
+            if self.spool.path_of(queue_id).exists():
+                continue
+            content = await self._db(self.store.content, queue_id)
             if content is not None:
                 await self._archive_then_drop(*content)
 
