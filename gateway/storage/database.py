@@ -115,6 +115,7 @@ class Database:
         # in a transaction: writes not sent yet, in groups (`write`, `_keep`)
         self._deferred: list[tuple[str, list[tuple[Any, ...]]]] = []
         self._merging = False  # upserts too go out many rows a statement (`batch`)
+        self._pipelining = False  # PostgreSQL: inside `pipelined`
 
     # -- opening -----------------------------------------------------------------------
 
@@ -291,6 +292,8 @@ class Database:
         server is a temporary `StorageError`."""
         import psycopg
 
+        if not self._depth and not self._pipelining and _left_mid_exchange(self._connection):
+            self._connection.close()  # (made again just below)
         if self._connection.closed and not self._depth:
             if self._reconnect is None:
                 raise StorageError(f"{self.name}: the connection was closed", temporary=True)
@@ -460,7 +463,11 @@ class Database:
             yield
             return
         with self._server(), self._connection.pipeline():
-            yield
+            self._pipelining = True
+            try:
+                yield
+            finally:
+                self._pipelining = False
 
     @contextlib.contextmanager
     def merging(self) -> Iterator[None]:
@@ -524,6 +531,27 @@ class Database:
         if self.dialect is Dialect.POSTGRESQL:
             return f"({column}::jsonb ->> '{key}')"
         return f"json_extract({column}, '$.{key}')"
+
+
+def _left_mid_exchange(connection: Any) -> bool:
+    """Whether a PostgreSQL connection that should be between statements (no
+    transaction or pipeline of ours open) is still in the middle of one: a failure
+    psycopg could not unwind left it so.  The case seen: the server stopped while a
+    pipeline's results were on their way - its "terminating connection" arrived
+    before the end of the stream, psycopg could not leave pipeline mode ("cannot
+    exit pipeline mode while busy") and let libpq stay in it.  libpq then refuses
+    every plain statement ("PQsendQuery not allowed in pipeline mode") without
+    touching the socket, so the connection is never seen to be broken, and the
+    store fails until it is made again."""
+    from psycopg import pq
+
+    if connection.closed:
+        return False
+    pgconn = connection.pgconn
+    return bool(
+        pgconn.pipeline_status != pq.PipelineStatus.OFF
+        or pgconn.transaction_status != pq.TransactionStatus.IDLE
+    )
 
 
 def _merged(
