@@ -463,11 +463,11 @@ class Database:
             yield
             return
         with self._server(), self._connection.pipeline():
-            self._pipelining = True
+            outer, self._pipelining = self._pipelining, True
             try:
                 yield
             finally:
-                self._pipelining = False
+                self._pipelining = outer
 
     @contextlib.contextmanager
     def merging(self) -> Iterator[None]:

@@ -299,6 +299,23 @@ def test_on_postgresql_a_connection_a_failure_left_mid_exchange_is_made_again(po
         db.close()
 
 
+def test_on_postgresql_a_pipeline_is_not_taken_for_one_left_over(postgres):
+    """The check above leaves a pipeline of ours alone - a nested one too, after the
+    inner one has ended."""
+    db = Database.postgresql(postgres.database(), postgres.password_file.read_text().strip())
+    try:
+        db.execute("CREATE TABLE t (v INTEGER)")
+        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with db.pipelined():
+            with db.pipelined():
+                db.execute("INSERT INTO t VALUES (1)")
+            db.execute("INSERT INTO t VALUES (2)")
+            assert db.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 2]
+    finally:
+        db.close()
+
+
 def test_on_postgresql_a_dropped_connection_is_made_again_but_a_closed_one_is_not(postgres):
     """The server dropping a connection (an outage, a restart) is survived between
     transactions; a Database its owner closed stays closed: a late statement fails
