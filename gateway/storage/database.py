@@ -536,13 +536,14 @@ class Database:
 def _left_mid_exchange(connection: Any) -> bool:
     """Whether a PostgreSQL connection that should be between statements (no
     transaction or pipeline of ours open) is still in the middle of one: a failure
-    psycopg could not unwind left it so.  The case seen: the server stopped while a
-    pipeline's results were on their way - its "terminating connection" arrived
-    before the end of the stream, psycopg could not leave pipeline mode ("cannot
-    exit pipeline mode while busy") and let libpq stay in it.  libpq then refuses
-    every plain statement ("PQsendQuery not allowed in pipeline mode") without
-    touching the socket, so the connection is never seen to be broken, and the
-    store fails until it is made again."""
+    psycopg could not unwind left it so.  The case seen: the server stopped under a
+    pipelined batch; rolling its transaction back failed ("cannot exit pipeline mode
+    while busy", logged by psycopg as "error ignored in rollback") and libpq stayed
+    in pipeline mode, the pipeline aborted, a statement under way.  libpq then
+    refuses every plain statement ("PQsendQuery not allowed in pipeline mode")
+    without touching the socket, so the connection is never seen to be broken, and
+    the store fails until it is made again (only a later pipelined batch, which
+    reads the socket, used to find it dead)."""
     from psycopg import pq
 
     if connection.closed:
