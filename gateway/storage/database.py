@@ -287,7 +287,8 @@ class Database:
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[None]:
-        """PostgreSQL: a connection the server dropped is made again (between
+        """PostgreSQL: a connection the server dropped, or one a failure left in the
+        middle of an exchange (`_left_mid_exchange`), is made again (between
         transactions: inside one, the transaction is lost and fails), and losing the
         server is a temporary `StorageError`."""
         import psycopg
