@@ -40,6 +40,7 @@ async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world,
             tls_context=client_tls(),
             timeout=10,
         ) as open_session:
+            connection = open_session.transport.get_extra_info("socket")
             await _send(daemon, "a@partner.test")
             await wait_until(lambda: old.received, what="delivery on the old route")
 
@@ -67,6 +68,8 @@ async def test_sighup_applies_new_routes_and_rejects_a_bad_file(tmp_path, world,
             await wait_until(lambda: len(new.received) == 2, what="delivery after bad reload")
             # a session opened before the reloads is still usable
             assert (await open_session.noop()).code == 250
+        # its TLS shutdown ends after the block: done before the test's loop closes
+        await wait_until(lambda: connection.fileno() == -1, what="the session's socket closed")
         failed = [
             json.loads(line)
             for line in daemon.log_path.read_text().splitlines()
