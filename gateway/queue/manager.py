@@ -332,9 +332,9 @@ class QueueManager:
         poison.update(await self._set_aside_forgotten(forgotten))
         for queue_id, reason in poison.items():
             await self._quarantine(queue_id, reason)
-        await self._complete_evidence(leftover)
         if self.node is not None and self.archive is not None:
-            await self._archive_left_copies()
+            await self._archive_left_copies()  # (before the leftovers' files go)
+        await self._complete_evidence(leftover)
         unfinished = await self._finish_unfinished()
         log.info(
             Event.QUEUE_STARTED,
@@ -448,10 +448,10 @@ class QueueManager:
     async def _complete_evidence(self, leftover: list[Envelope]) -> None:
         """At start, done messages whose spool files outlived them: journal the
         attempts the archive lacks from the queue state (their records were lost with
-        the process that could not write them), then remove the files - those whose
-        records still cannot be written stay until they are."""
+        the process that could not write them), then remove the files and any shared
+        copy left (`_remove`) - those whose records still cannot be written stay until
+        they are."""
         assert self.store is not None
-        ready = []
         for envelope in leftover:
             queue_id = envelope.queue_id
             if self.archive is not None:
@@ -460,13 +460,7 @@ class QueueManager:
                 if not await self.archive.written(queue_id):
                     self.archive.when_archived(queue_id, functools.partial(self._remove, envelope))
                     continue
-            ready.append(envelope)
-        if ready and self.archive is not None:
-            await asyncio.to_thread(self.archive.make_durable)
-        for envelope in ready:
-            await self._db(self.spool.remove, envelope.queue_id, envelope.size)
-            if self.node is not None:  # its shared copy too, if it was left
-                self._drop_shared(envelope.queue_id)
+            self._remove(envelope)
 
     def _add_checked(
         self, envelope: Envelope, lease: bool, data: bytes | None = None, fresh: bool = False
@@ -917,7 +911,7 @@ class QueueManager:
     async def _archive_left_copies(self) -> None:
         """At start: this node's finished messages whose shared copy a stop left
         (their archive records were still being written) and whose spool file is
-        not here to bring them in (`_complete_evidence` did those): journaled from
+        not here to bring them in (`_complete_evidence` does those): journaled from
         the copy where the archive lacks them, then the copy goes."""
         assert self.store is not None
         for queue_id in await self._db(self.store.done_with_content_here):
