@@ -17,6 +17,8 @@ from tests.cluster.support import shared_keys
 from tests.conftest import make_message, smtp_client
 from tests.support.world import wait_until
 
+CONTENTS = "SELECT count(*) FROM sealgate_queue.contents"  # the shared copies
+
 
 def count(url: str, password: str, sql: str) -> int:
     db = Database.postgresql(url, password)
@@ -76,8 +78,7 @@ async def test_a_node_stopped_as_it_finishes_mail_holds_no_connection_and_leaves
     others += "AND pid <> pg_backend_pid()"
     assert await asyncio.to_thread(count, url, password, others) == 0
 
-    contents = "SELECT count(*) FROM sealgate_queue.contents"
-    assert await asyncio.to_thread(count, url, password, contents) == 0
+    assert await asyncio.to_thread(count, url, password, CONTENTS) == 0
 
 
 async def test_what_a_stopping_node_could_not_finish_in_time_the_next_start_does(
@@ -89,13 +90,12 @@ async def test_what_a_stopping_node_could_not_finish_in_time_the_next_start_does
     gw = await gateway_factory(settings)
     # released after the queue's grace
     await deliver_then_stop(gw, mta, url, password, 3, held=2.5, grace=1.0, caplog=caplog)
-    contents = "SELECT count(*) FROM sealgate_queue.contents"
     assert len(list(gw.spool.queue_ids())) == 3  # kept: the queue had stopped
-    assert await asyncio.to_thread(count, url, password, contents) == 3
+    assert await asyncio.to_thread(count, url, password, CONTENTS) == 3
 
     again = await gateway_factory(settings)
     await wait_until(
-        lambda: count(url, password, contents) == 0 and not list(again.spool.queue_ids()),
+        lambda: count(url, password, CONTENTS) == 0 and not list(again.spool.queue_ids()),
         what="the spool files and the shared copies let go at start",
     )
     assert len(mta.received) == 3  # nothing delivered twice
@@ -112,11 +112,10 @@ async def test_shared_copies_a_stop_left_go_at_start_even_without_the_spool_file
     await deliver_then_stop(gw, mta, url, password, 3, held=2.5, grace=1.0, caplog=caplog)
     for path in gw.spool.queue_dir.iterdir():
         path.unlink()
-    contents = "SELECT count(*) FROM sealgate_queue.contents"
-    assert await asyncio.to_thread(count, url, password, contents) == 3
+    assert await asyncio.to_thread(count, url, password, CONTENTS) == 3
 
     await gateway_factory(settings)
-    await wait_until(lambda: count(url, password, contents) == 0, what="the copies let go")
+    await wait_until(lambda: count(url, password, CONTENTS) == 0, what="the copies let go")
     messages = "SELECT count(*) FROM sealgate_archive.leaves WHERE kind='message'"
     attempts = "SELECT count(*) FROM sealgate_archive.events WHERE kind='attempt'"
     for sql in (messages, attempts):  # a record each, none written twice

@@ -272,74 +272,66 @@ def test_on_sqlite_a_writer_waits_for_the_lock_no_longer_than_the_timeout(tmp_pa
     assert [r[0] for r in writer.execute("SELECT v FROM t")] == ["held", "writer"]
 
 
+# the `connect` fixture (tests.support.stores) on its PostgreSQL engine alone
+ON_POSTGRESQL = pytest.mark.parametrize("connect", ["postgresql"], indirect=True)
+
+
+@ON_POSTGRESQL
 @pytest.mark.parametrize("left", ["in pipeline mode", "with a statement under way"])
-def test_on_postgresql_a_connection_a_failure_left_mid_exchange_is_made_again(postgres, left):
+def test_on_postgresql_a_connection_a_failure_left_mid_exchange_is_made_again(connect, left):
     """psycopg cannot always unwind a failure.  The server stopping while a
     pipelined batch's results were on their way left libpq in pipeline mode behind
     psycopg's back: every later plain statement was refused without touching the
     socket ("PQsendQuery not allowed in pipeline mode"), the connection never looked
     broken, and the shared store failed for good (a cluster node answered 451 after
     the database was back).  Such a connection is made again before it is used."""
-    url = postgres.database()
-    password = postgres.password_file.read_text().strip()
-    db = Database.postgresql(url, password)
-    try:
-        db.execute("CREATE TABLE t (v INTEGER)")
-        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
-        pgconn = db._connection.pgconn  # the state psycopg left, made by hand
-        if left == "in pipeline mode":
-            pgconn.enter_pipeline_mode()
-        else:
-            pgconn.send_query(b"SELECT 1")  # its result never read
-        [(_, error)] = batch(db, [lambda: db.write("INSERT INTO t VALUES (?)", (1,))])
-        assert error is None
-        assert db.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
-        assert [r[0] for r in db.execute("SELECT v FROM t")] == [1]
-    finally:
-        db.close()
+    db = connect()
+    db.execute("CREATE TABLE t (v INTEGER)")
+    pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    pgconn = db._connection.pgconn  # the state psycopg left, made by hand
+    if left == "in pipeline mode":
+        pgconn.enter_pipeline_mode()
+    else:
+        pgconn.send_query(b"SELECT 1")  # its result never read
+    [(_, error)] = batch(db, [lambda: db.write("INSERT INTO t VALUES (?)", (1,))])
+    assert error is None
+    assert db.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert [r[0] for r in db.execute("SELECT v FROM t")] == [1]
 
 
-def test_on_postgresql_a_pipeline_is_not_taken_for_one_left_over(postgres):
+@ON_POSTGRESQL
+def test_on_postgresql_a_pipeline_is_not_taken_for_one_left_over(connect):
     """The check above leaves a pipeline of ours alone - a nested one too, after the
     inner one has ended."""
-    db = Database.postgresql(postgres.database(), postgres.password_file.read_text().strip())
-    try:
-        db.execute("CREATE TABLE t (v INTEGER)")
-        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    db = connect()
+    db.execute("CREATE TABLE t (v INTEGER)")
+    pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with db.pipelined():
         with db.pipelined():
-            with db.pipelined():
-                db.execute("INSERT INTO t VALUES (1)")
-            db.execute("INSERT INTO t VALUES (2)")
-            assert db.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
-        assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 2]
-    finally:
-        db.close()
+            db.execute("INSERT INTO t VALUES (1)")
+        db.execute("INSERT INTO t VALUES (2)")
+        assert db.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    assert sorted(r[0] for r in db.execute("SELECT v FROM t")) == [1, 2]
 
 
-def test_on_postgresql_a_dropped_connection_is_made_again_but_a_closed_one_is_not(postgres):
+@ON_POSTGRESQL
+def test_on_postgresql_a_dropped_connection_is_made_again_but_a_closed_one_is_not(connect):
     """The server dropping a connection (an outage, a restart) is survived between
     transactions; a Database its owner closed stays closed: a late statement fails
     instead of opening a connection nobody would close."""
-    url = postgres.database()
-    password = postgres.password_file.read_text().strip()
-    admin = Database.postgresql(url, password)
-    db = Database.postgresql(url, password)
+    admin, db = connect(), connect()
 
     def connections() -> int:
         sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         return admin.execute(sql).fetchone()[0]
 
-    try:
-        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
-        admin.execute("SELECT pg_terminate_backend(?)", (pid,))
-        with pytest.raises(database.StorageError):  # noticed by the statement under way
-            db.execute("SELECT 1")
-        assert db.execute("SELECT 1").fetchone()[0] == 1  # the next one reconnects
-        assert connections() == 2
-        db.close()
-        with pytest.raises(database.StorageError, match="closed"):
-            db.execute("SELECT 1")
-        assert connections() == 1
-    finally:
-        db.close()
-        admin.close()
+    pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
+    admin.execute("SELECT pg_terminate_backend(?)", (pid,))
+    with pytest.raises(database.StorageError):  # noticed by the statement under way
+        db.execute("SELECT 1")
+    assert db.execute("SELECT 1").fetchone()[0] == 1  # the next one reconnects
+    assert connections() == 2
+    db.close()
+    with pytest.raises(database.StorageError, match="closed"):
+        db.execute("SELECT 1")
+    assert connections() == 1
