@@ -17,6 +17,7 @@ from typing import Any
 import aiosmtplib
 
 from gateway.config import Config, HostPort, parse_hostport
+from tests.support.closing import ClosingSMTP
 
 
 class Daemon:
@@ -68,10 +69,11 @@ class Daemon:
         return None
 
     def smtp_client(self) -> aiosmtplib.SMTP:
-        """A client for the daemon's listener, STARTTLS on (self-signed certificate)."""
+        """A client for the daemon's listener, STARTTLS on (self-signed certificate);
+        its ``async with`` ends once its socket has closed."""
         from tests.conftest import client_tls
 
-        return aiosmtplib.SMTP(
+        return ClosingSMTP(
             hostname=self.smtp.host,
             port=self.smtp.port,
             start_tls=True,

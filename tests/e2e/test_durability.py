@@ -8,11 +8,11 @@ import random
 import subprocess
 import sys
 
-import aiosmtplib
 import pytest
 
 from tests.conftest import client_tls, load_test_config, write_config
 from tests.e2e.daemon import Daemon
+from tests.support.closing import ClosingSMTP
 
 N_MESSAGES = 120
 CONNECTIONS = 6
@@ -43,7 +43,7 @@ async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[in
     listen = daemon.smtp
 
     async def worker() -> None:
-        client = aiosmtplib.SMTP(
+        client = ClosingSMTP(
             hostname=listen.host,
             port=listen.port,
             start_tls=True,

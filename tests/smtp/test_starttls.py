@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 
 from tests.conftest import client_tls, make_message, queued, smtp_addr, smtp_client, swaks
+from tests.support.closing import ClosingSMTP, socket_of
 
 
 async def test_ehlo_advertises_the_extensions_relays_rely_on(gateway_factory):
@@ -173,3 +174,19 @@ async def test_every_reply_after_the_greeting_carries_an_enhanced_status_code(ga
     for command, expected in replies.items():
         assert (await s.command(command)).rstrip("\r\n").startswith(expected), command
     await s.close()
+
+
+async def test_a_tls_session_the_test_helpers_close_has_its_socket_closed(gateway_factory):
+    # (the suite's own clients: a TLS shutdown that outlived its test was collected in
+    # the next one as an unclosed transport, failing it)
+    gw = await gateway_factory()
+    host, port = smtp_addr(gw)
+    async with ClosingSMTP(
+        hostname=host, port=port, start_tls=True, tls_context=client_tls(), timeout=10
+    ) as client:
+        assert (await client.noop()).code == 250
+        sock = socket_of(client)
+    assert sock is not None and sock.fileno() == -1
+    async with smtp_client(gw) as client:
+        sock = socket_of(client)
+    assert sock is not None and sock.fileno() == -1
