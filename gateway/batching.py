@@ -7,12 +7,22 @@ hands them to its executor together; ``run_batch`` runs them and returns one
 ``(value, error)`` per job, in order.  Callers of `Batcher.run` get their own value
 or exception, and only once the whole batch is done (a group commit: nobody acts
 on a write that the batch has not completed).
+
+Under load a batcher can ``linger``: when its last batch ended less than that long
+ago, the next one waits until it is that old, so that the jobs of the next turns of
+the event loop share it - one hand-over to the thread, one wake-up of the loop and
+one commit for more of them.  After a quiet spell a job goes at once, as without.
+Measured on the relay (bench/compare.py, 4,000 x 4 KB, medians of 9 rounds), 5 ms
+for the queue's and the archive's writes: the main process 0.883 against 0.930 ms
+of CPU a message, the machine 1.935 against 1.992 (the batches' own work the same:
+their thread's CPU per message did not change with twice the jobs per batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -20,6 +30,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 Job = Callable[[], Any]
 Outcome = tuple[Any, BaseException | None]
+
+LINGER = 0.005  # seconds: the state store's and the archive's batchers (see above)
 
 
 def run_each(jobs: list[Job]) -> list[Outcome]:
@@ -45,13 +57,28 @@ def settle(pairs: Iterable[tuple[asyncio.Future[Any] | None, Outcome]]) -> None:
 
 
 class Batcher:
-    def __init__(self, executor: Executor, run_batch: Callable[[list[Job]], list[Outcome]]):
+    def __init__(
+        self,
+        executor: Executor,
+        run_batch: Callable[[list[Job]], list[Outcome]],
+        linger: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.executor = executor
         self.run_batch = run_batch
+        self.linger = linger
+        self._clock = clock
         self._lock = threading.Lock()
         self._pending: list[tuple[Job, asyncio.Future[Any] | None]] = []
         self._draining = False
+        self._ended = float("-inf")  # when the thread last ran out of jobs (``clock``)
         self.batches = 0  # batches run (for tests and curiosity)
+
+    @property
+    def busy(self) -> bool:
+        """A batch is waiting for its thread, or running."""
+        with self._lock:
+            return self._draining
 
     async def run(self, job: Callable[[], T]) -> T:
         """Run ``job`` in the next batch; its value, once the batch is done."""
@@ -74,11 +101,16 @@ class Batcher:
             self._pending.append((job, future))
             start = not self._draining
             self._draining = True
+            wait = self._ended + self.linger - self._clock()
         if start:
             # At the end of this turn of the event loop: jobs issued in the same turn
-            # share the batch, and the thread is woken once for them.
+            # share the batch, and the thread is woken once for them - under load,
+            # at the end of the turn ``linger`` after the last batch ended.
             loop = asyncio.get_running_loop()
-            loop.call_soon(self._hand_over, loop)
+            if wait > 0:
+                loop.call_later(wait, self._hand_over, loop)
+            else:
+                loop.call_soon(self._hand_over, loop)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -96,6 +128,7 @@ class Batcher:
                 batch, self._pending = self._pending, []
                 if not batch:
                     self._draining = False
+                    self._ended = self._clock()
                     return
             try:
                 outcomes = self.run_batch([job for job, _ in batch])

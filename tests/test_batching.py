@@ -1,7 +1,8 @@
-"""The batcher behind the queue's removals and the archive's writes: jobs issued in
-one turn of the event loop run as one batch; a failing job fails alone; once its
-executor is shut down (its owner stopping) a job fails at once with the reason -
-never a caller left waiting, never an error loose in the event loop."""
+"""The batcher behind the queue's writes and removals and the archive's writes: jobs
+issued in one turn of the event loop run as one batch, and under load (``linger``)
+those of the next turns too; a failing job fails alone; once its executor is shut
+down (its owner stopping) a job fails at once with the reason - never a caller left
+waiting, never an error loose in the event loop."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -50,3 +51,41 @@ async def test_after_its_executor_shut_down_a_job_fails_at_once_and_nothing_is_l
     finally:
         loop.set_exception_handler(None)
     assert loose == []
+
+
+async def test_under_load_a_batch_lingers_for_the_jobs_of_the_next_turns() -> None:
+    sizes: list[int] = []
+
+    def run_batch(jobs):
+        sizes.append(len(jobs))
+        return run_each(jobs)
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(executor, run_batch, linger=0.5)
+        assert await batcher.run(lambda: 0) == 0
+        await _idle(batcher)  # its batch has just ended
+        first = batcher.submit(lambda: 1)
+        await asyncio.sleep(0.05)  # turns of the loop later
+        second = batcher.submit(lambda: 2)
+        assert await asyncio.gather(first, second) == [1, 2]
+    assert sizes == [1, 2]
+
+
+async def test_after_a_quiet_spell_a_job_goes_at_once() -> None:
+    now = [0.0]
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(executor, run_each, linger=60, clock=lambda: now[0])
+        assert await batcher.run(lambda: 1) == 1
+        await _idle(batcher)
+        now[0] = 61.0  # a quiet minute since that batch
+        assert await asyncio.wait_for(batcher.run(lambda: 2), 5) == 2  # not 60 s later
+
+
+async def _idle(batcher: Batcher) -> None:
+    """Until the batcher's thread has run out of jobs (it looks once more after the
+    callers of its last batch were answered)."""
+    for _ in range(500):
+        if not batcher.busy:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the batcher stayed busy")

@@ -39,7 +39,7 @@ from gateway.addresses import check_envelope
 from gateway.archive.journal import COPY_PREFIX, Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
-from gateway.batching import Batcher
+from gateway.batching import LINGER, Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
 from gateway.events import Event
@@ -268,7 +268,7 @@ class ArchiveService:
         self.subjects = config.archive.index_subjects
         self._own_thread = thread is None
         self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="archive")
-        self._batcher = Batcher(self._thread, archive.batch)
+        self._batcher = Batcher(self._thread, archive.batch, linger=LINGER)  # (under load)
         # per message: records being written, and records to write again
         self._pending: dict[str, set[asyncio.Future[Any]]] = {}
         self._failed: dict[str, list[Any]] = {}
