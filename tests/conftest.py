@@ -28,7 +28,6 @@ import yaml
 from gateway.app import Gateway
 from gateway.config import Config, load_config_text
 from gateway.observability.logging import configure_logging
-from tests.support.closing import socket_closed, socket_of
 
 configure_logging("debug", cache_loggers=False)  # capture_logs needs it
 
@@ -224,14 +223,12 @@ async def smtp_client(
     if tls:
         await client.starttls(tls_context=client_tls(cert_chain))
         await client.ehlo()
-    sock = socket_of(client)
     try:
         yield client
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
         client.close()
-        await socket_closed(sock)
 
 
 def make_message(subject: str = "Test", body: str = "Hello.\r\n", headers: str = "") -> bytes:
