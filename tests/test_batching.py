@@ -62,23 +62,32 @@ async def test_under_load_a_batch_lingers_for_the_jobs_of_the_next_turns() -> No
 
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(executor, run_batch, linger=0.5)
-        assert await batcher.run(lambda: 0) == 0
-        await _idle(batcher)  # its batch has just ended
+        assert await asyncio.gather(batcher.run(lambda: 0), batcher.run(lambda: 0)) == [0, 0]
+        await _idle(batcher)  # a batch of two has just ended: under load
         first = batcher.submit(lambda: 1)
         await asyncio.sleep(0.05)  # turns of the loop later
         second = batcher.submit(lambda: 2)
         assert await asyncio.gather(first, second) == [1, 2]
-    assert sizes == [1, 2]
+    assert sizes == [2, 2]
 
 
 async def test_after_a_quiet_spell_a_job_goes_at_once() -> None:
     now = [0.0]
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(executor, run_each, linger=60, clock=lambda: now[0])
-        assert await batcher.run(lambda: 1) == 1
+        assert await asyncio.gather(batcher.run(lambda: 1), batcher.run(lambda: 1)) == [1, 1]
         await _idle(batcher)
         now[0] = 61.0  # a quiet minute since that batch
         assert await asyncio.wait_for(batcher.run(lambda: 2), 5) == 2  # not 60 s later
+
+
+async def test_a_lone_job_after_a_lone_job_goes_at_once() -> None:
+    # (a quiet gateway's message: its recipients recorded, then its attempt's result)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(executor, run_each, linger=60, clock=lambda: 0.0)
+        assert await batcher.run(lambda: 1) == 1
+        await _idle(batcher)
+        assert await asyncio.wait_for(batcher.run(lambda: 2), 5) == 2
 
 
 async def _idle(batcher: Batcher) -> None:
