@@ -14,9 +14,10 @@ jobs of the next turns of the event loop share it - one hand-over to the thread,
 wake-up of the loop and one commit for more of them.  Otherwise - after a quiet
 spell, or a lone message's next write - a job goes at once, as without.
 Measured on the relay (bench/compare.py, 4,000 x 4 KB, medians of 9 rounds), 5 ms
-for the queue's and the archive's writes: the main process 0.883 against 0.930 ms
-of CPU a message, the machine 1.935 against 1.992 (the batches' own work the same:
-their thread's CPU per message did not change with twice the jobs per batch).
+for the queue's and the archive's writes: the main process 0.900 against 0.940 ms
+of CPU a message, the machine 1.968 against 2.015 (the batches' own work the same:
+their thread's CPU per message did not change with twice the jobs per batch; what
+is saved is the hand-overs around them).
 """
 
 from __future__ import annotations
