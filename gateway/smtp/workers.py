@@ -518,6 +518,7 @@ async def _serve(
     recording = _Recording(config.cluster.ack == "shared", control.send)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
+    spool.siblings = lambda: len(ctx.sessions) - 1  # (whose commits may share a batch)
     server = SmtpServer(ctx)
     await server.start(sock=listen)
     api = await _serve_api(config, api_listen, api_socket, submitter, spool, metrics, control.send)

@@ -82,6 +82,11 @@ SPILL_THRESHOLD = 256 * 1024
 # batches of the next `INLINE_BACKOFF` seconds to a thread
 INLINE_STALL = 0.02
 INLINE_BACKOFF = 10.0
+# While other sessions of the process may commit soon (`Spool.siblings`), a commit
+# within this long of the last batch's end waits until then, so that more share a
+# batch and its directory fsync (PostgreSQL's commit_delay, with commit_siblings): a
+# busy listener's 250s come up to this much later, a lone session's never wait.
+COMMIT_LINGER = 0.002
 RECYCLE_SIZE = 256 * 1024  # larger files are removed, not zero-filled for reuse
 RECYCLE_KEEP = 4096  # recycled files kept for each writer process at most
 RECYCLE_BYTES = 64 * 1024**2  # and their bytes
@@ -140,6 +145,10 @@ class Spool:
         # an SMTP worker's: batches of small commits run on the event loop
         self.inline_commits = False
         self._threaded_until = 0.0
+        self._batch_ended = float("-inf")  # when the last batch of commits ended
+        # how many others may commit soon (an SMTP worker: its other sessions); none:
+        # commits never wait (`COMMIT_LINGER`)
+        self.siblings: Callable[[], int] = lambda: 0
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -211,7 +220,11 @@ class Spool:
         future: asyncio.Future[object] = loop.create_future()
         self._batch.append((fn, future, small))
         if len(self._batch) == 1:
-            loop.call_soon(self._submit_batch, loop)
+            wait = self._batch_ended + COMMIT_LINGER - time.monotonic()
+            if wait > 0 and self.siblings() > 0:
+                loop.call_later(wait, self._submit_batch, loop)
+            else:
+                loop.call_soon(self._submit_batch, loop)
         return future
 
     def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -240,6 +253,7 @@ class Spool:
                 fsync_dir(self.queue_dir)
             except OSError as e:
                 outcomes = [(None, error or e) for _, error in outcomes]
+        self._batch_ended = time.monotonic()
         settled = list(zip([f for _, f, _ in batch], outcomes, strict=True))
         if loop is None:
             settle(settled)

@@ -15,6 +15,7 @@ import pytest
 from gateway.errors import SpoolError
 from gateway.model import ClientInfo, Envelope, Recipient
 from gateway.spool import Spool, new_queue_id
+from gateway.spool import store as store_module
 from gateway.spool.store import (
     FOOTER_LEN,
     MAGIC,
@@ -504,3 +505,27 @@ async def test_recycled_files_are_dealt_to_the_writers_in_turn_and_cleared_at_st
     again.open()
     assert [p for p in again.free_dir.rglob("*") if p.is_file()] == []
     again.close()
+
+
+async def test_while_other_sessions_are_open_a_commit_soon_after_a_batch_joins_the_next(
+    spool, monkeypatch
+):
+    # (an SMTP worker's commits: one directory fsync for those of several sessions)
+    monkeypatch.setattr("gateway.spool.store.COMMIT_LINGER", 0.5)
+    fsyncs: list[str] = []
+    real = store_module.fsync_dir
+    monkeypatch.setattr(store_module, "fsync_dir", lambda d: (fsyncs.append(str(d)), real(d)))
+    spool.siblings = lambda: 3
+    assert await spool.commit_io(lambda: 0) == 0
+    first = spool.commit_io(lambda: 1)
+    await asyncio.sleep(0.05)  # turns of the loop later: without waiting, its own batch
+    second = spool.commit_io(lambda: 2)
+    assert await asyncio.gather(first, second) == [1, 2]
+    assert len(fsyncs) == 2
+
+
+async def test_a_lone_sessions_commit_never_waits(spool, monkeypatch):
+    monkeypatch.setattr("gateway.spool.store.COMMIT_LINGER", 60.0)
+    assert spool.siblings() == 0  # (the main process's, and a worker's lone session)
+    assert await spool.commit_io(lambda: 0) == 0
+    assert await asyncio.wait_for(spool.commit_io(lambda: 1), 5) == 1  # not 60 s later
