@@ -68,7 +68,7 @@ class Daemon:
                         return dict(event)
         return None
 
-    def smtp_client(self) -> aiosmtplib.SMTP:
+    def smtp_client(self, timeout: float = 10) -> aiosmtplib.SMTP:
         """A client for the daemon's listener, STARTTLS on (self-signed certificate);
         its ``async with`` ends once its socket has closed."""
         from tests.conftest import client_tls
@@ -78,7 +78,7 @@ class Daemon:
             port=self.smtp.port,
             start_tls=True,
             tls_context=client_tls(),
-            timeout=10,
+            timeout=timeout,
         )
 
     def kill(self) -> None:

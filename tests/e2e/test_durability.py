@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import client_tls, load_test_config, write_config
+from tests.conftest import load_test_config, write_config
 from tests.e2e.daemon import Daemon
-from tests.support.closing import ClosingSMTP
 
 N_MESSAGES = 120
 CONNECTIONS = 6
@@ -40,16 +39,9 @@ def _message(i: int, rng: random.Random) -> bytes:
 async def _send_all(daemon: Daemon, messages: list[bytes]) -> dict[str, tuple[int, bytes]]:
     acked: dict[str, tuple[int, bytes]] = {}
     queue = list(enumerate(messages))
-    listen = daemon.smtp
 
     async def worker() -> None:
-        client = ClosingSMTP(
-            hostname=listen.host,
-            port=listen.port,
-            start_tls=True,
-            tls_context=client_tls(),
-            timeout=20,
-        )
+        client = daemon.smtp_client(timeout=20)
         async with client:
             while queue:
                 i, message = queue.pop(0)
