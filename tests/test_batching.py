@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gateway.batching import Batcher, run_each
+from tests.support.world import wait_until
 
 
 async def test_jobs_of_one_turn_share_a_batch_and_a_failing_one_fails_alone() -> None:
@@ -93,8 +94,4 @@ async def test_a_lone_job_after_a_lone_job_goes_at_once() -> None:
 async def _idle(batcher: Batcher) -> None:
     """Until the batcher's thread has run out of jobs (it looks once more after the
     callers of its last batch were answered)."""
-    for _ in range(500):
-        if not batcher.busy:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the batcher stayed busy")
+    await wait_until(lambda: not batcher.busy, timeout=5, what="the batcher idle")
