@@ -28,7 +28,6 @@ from gateway.api.server import ApiServer, api_tls
 from gateway.api.v1 import MessagesApi
 from gateway.archive.api import ArchiveApi
 from gateway.archive.service import ArchiveService, open_archive
-from gateway.archive.writer import ProcessWriter
 from gateway.background import Background
 from gateway.config import Config, ConsoleConfig, HostPort, PortalConfig, load_config
 from gateway.config_check import check_references
@@ -153,7 +152,17 @@ class Gateway:
                 metrics=self.metrics,
             )
         if cfg.archive.enabled:
-            await self._open_archive()
+            archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
+            if not Storage(cfg).shared:
+                # Two threads writing beside the event loop, each waiting for the
+                # interpreter lock at every statement, cost more than one doing both
+                # in turn (measured: 12 % of the main process's CPU per message and
+                # 13 % of the relay rate); a server's stores keep a thread each (a
+                # round trip each statement: waiting in turn would add up).
+                self._stores_thread = ThreadPoolExecutor(1, thread_name_prefix="stores")
+            self.archive = ArchiveService(
+                archive, cfg, self.spool, self.metrics, thread=self._stores_thread
+            )
         self.delivery = DeliveryAgent(
             cfg, self.metrics, make_redactor(cfg), self.hostname, policy, keys, self.archive
         )
@@ -206,26 +215,6 @@ class Gateway:
             hostname=self.hostname,
             workers=worker_count(cfg),
         )
-
-    async def _open_archive(self) -> None:
-        """The archive, and who writes it (``archive.writer``)."""
-        cfg = self.config
-        archive = await asyncio.to_thread(open_archive, cfg, self.hostname)
-        writer = ProcessWriter(cfg, self.hostname) if cfg.archive.writer == "process" else None
-        if writer is None and not Storage(cfg).shared:
-            # Two threads writing beside the event loop, each waiting for the
-            # interpreter lock at every statement, cost more than one doing both
-            # in turn (measured: 12 % of the main process's CPU per message and
-            # 13 % of the relay rate); a server's stores keep a thread each (a
-            # round trip each statement: waiting in turn would add up).  With a
-            # writer process the archive's thread only waits for it: a thread of
-            # its own, not to hold up the queue's writes.
-            self._stores_thread = ThreadPoolExecutor(1, thread_name_prefix="stores")
-        self.archive = ArchiveService(
-            archive, cfg, self.spool, self.metrics, self._stores_thread, writer
-        )
-        if writer is not None:
-            await asyncio.to_thread(writer.start)  # fails here, clearly, not at a record
 
     async def _open_spool(self) -> None:
         """Recover the spool; done messages' files are recycled for the processes that

@@ -27,10 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 Job = Callable[[], Any]
-J = TypeVar("J")  # a batcher's jobs: callables (`run_each`), or what its ``run_batch`` takes
 Outcome = tuple[Any, BaseException | None]
 
 LINGER = 0.005  # seconds: the state store's and the archive's batchers (see above)
@@ -58,11 +58,11 @@ def settle(pairs: Iterable[tuple[asyncio.Future[Any] | None, Outcome]]) -> None:
             future.set_result(value)
 
 
-class Batcher(Generic[J]):
+class Batcher:
     def __init__(
         self,
         executor: Executor,
-        run_batch: Callable[[list[J]], list[Outcome]],
+        run_batch: Callable[[list[Job]], list[Outcome]],
         linger: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -71,7 +71,7 @@ class Batcher(Generic[J]):
         self.linger = linger
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending: list[tuple[J, asyncio.Future[Any] | None]] = []
+        self._pending: list[tuple[Job, asyncio.Future[Any] | None]] = []
         self._draining = False
         self._ended = float("-inf")  # when the thread last ran out of jobs (``clock``)
         self._last = 0  # jobs in the last batch it ran
@@ -83,23 +83,23 @@ class Batcher(Generic[J]):
         with self._lock:
             return self._draining
 
-    async def run(self, job: J) -> Any:
+    async def run(self, job: Callable[[], T]) -> T:
         """Run ``job`` in the next batch; its value, once the batch is done."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._add(job, future)
         return await future
 
-    def submit(self, job: J) -> asyncio.Future[Any]:
+    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``job`` in the next batch; a future of its value (no task made)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._add(job, future)
         return future
 
-    def post(self, job: J) -> None:
+    def post(self, job: Job) -> None:
         """Run ``job`` in the next batch; nobody waits for it."""
         self._add(job, None)
 
-    def _add(self, job: J, future: asyncio.Future[Any] | None) -> None:
+    def _add(self, job: Job, future: asyncio.Future[Any] | None) -> None:
         with self._lock:
             self._pending.append((job, future))
             start = not self._draining

@@ -802,15 +802,6 @@ class ArchiveConfig:
             "PHI: the index is not encrypted like the archived messages are."
         ),
     )
-    writer: Literal["process", "thread"] = field(
-        default="process",
-        metadata=doc(
-            "Who writes the archive: 'process', a process of its own (sealing and "
-            "indexing then take nothing from the delivering event loop's interpreter "
-            "lock: the faster relay); 'thread', a thread of the main process (one "
-            "process fewer)."
-        ),
-    )
     api_tokens: tuple[ApiTokenConfig, ...] = field(
         default=(),
         metadata=doc(

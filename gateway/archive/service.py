@@ -28,6 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,6 @@ from gateway.addresses import check_envelope
 from gateway.archive.journal import COPY_PREFIX, Archive, ArchiveError, Retention, RetentionRule
 from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, FileBlobStore, SqlBlobStore
-from gateway.archive.writer import (
-    Access,
-    Attempt,
-    Checkpoint,
-    Copy,
-    Journal,
-    LocalWriter,
-    Nothing,
-    Operation,
-    Sweep,
-    Writer,
-)
 from gateway.batching import LINGER, Batcher
 from gateway.config import Config
 from gateway.errors import ConfigError, SpoolError
@@ -268,13 +257,9 @@ class ArchiveService:
         spool: Spool,
         metrics: Metrics,
         thread: ThreadPoolExecutor | None = None,
-        writer: Writer | None = None,
     ):
-        """``writer``: who runs the records' batches (`gateway.archive.writer`;
-        default: this process, on the thread).  ``thread``: the one thread to write
-        on, when the caller shares it with the node's other local store (the queue
-        state: `gateway.app`); else its own.  ``archive`` is this process's: reads,
-        and the writes of a `LocalWriter`."""
+        """``thread``: the one thread to write on, when the caller shares it with the
+        node's other local store (the queue state: `gateway.app`); else its own."""
         self.archive = archive
         archive.node = Storage(config).node_id  # the daemon's writes (the CLI's: "")
         self.spool = spool
@@ -283,12 +268,10 @@ class ArchiveService:
         self.subjects = config.archive.index_subjects
         self._own_thread = thread is None
         self._thread = thread or ThreadPoolExecutor(1, thread_name_prefix="archive")
-        self.writer: Writer = writer or LocalWriter(archive)
-        # (lingering under load)
-        self._batcher: Batcher[Operation] = Batcher(self._thread, self.writer.run_batch, LINGER)
+        self._batcher = Batcher(self._thread, archive.batch, linger=LINGER)  # (under load)
         # per message: records being written, and records to write again
         self._pending: dict[str, set[asyncio.Future[Any]]] = {}
-        self._failed: dict[str, list[Operation]] = {}
+        self._failed: dict[str, list[Any]] = {}
         self._after: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._checkpointed = -1  # the log's size at the last checkpoint
@@ -333,7 +316,7 @@ class ArchiveService:
         never committed): at start this node's own from before, then any node's
         registered more than `UNFINISHED_AFTER` ago."""
         node = self.archive.node if at_start else None
-        removed, kept = await self._batcher.run(Sweep(UNFINISHED_AFTER, node))
+        removed, kept = await self._run(self.archive.sweep_unfinished, UNFINISHED_AFTER, node)
         if removed or kept:
             log.warning(Event.ARCHIVE_UNFINISHED, removed=removed, kept=kept)
 
@@ -343,14 +326,13 @@ class ArchiveService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         try:
-            await self._batcher.run(Nothing())  # what is queued is written
+            await self._batcher.run(lambda: None)  # what is queued is written
             await self.retry_failed()
             await self._checkpoint()
         except Exception as e:  # noqa: BLE001 - stopping: what failed stays in the spool
             log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
         if self._failed:
             log.error(Event.ARCHIVE_ERROR, unwritten_messages=len(self._failed))
-        await self._run(self.writer.close)
         if self._own_thread:
             self._thread.shutdown(wait=True)
         self.archive.index.close()
@@ -374,7 +356,13 @@ class ArchiveService:
                 log.error(Event.ARCHIVE_ERROR, error=str(e)[:300])
 
     async def _checkpoint(self) -> None:
-        self._checkpointed = await self._batcher.run(Checkpoint(self._checkpointed))
+        def job() -> int:
+            size = self.archive.size()
+            if size != self._checkpointed:
+                self.archive.checkpoint()
+            return size
+
+        self._checkpointed = await self._batcher.run(job)
         self._last_checkpoint = time.monotonic()
 
     async def refresh_gauges(self) -> None:
@@ -406,7 +394,7 @@ class ArchiveService:
                     log.warning(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(e)[:300])
                     break
                 done = jobs.pop(0)
-                if isinstance(done, Journal) and value is not None:
+                if isinstance(done, _Journal):
                     self._journaled(value)
             if not jobs:
                 del self._failed[queue_id]
@@ -414,11 +402,8 @@ class ArchiveService:
 
     # -- the mail path ----------------------------------------------------------------
 
-    def _journal_job(
-        self, envelope: Envelope, data: bytes | None, if_missing: bool = False
-    ) -> Journal:
-        path = str(self.spool.path_of(envelope.queue_id))
-        return Journal(envelope, data, path, self.subjects, if_missing)
+    def _journal_job(self, envelope: Envelope, data: bytes | None) -> _Journal:
+        return _Journal(self.archive, self.spool, envelope, data, self.subjects)
 
     def journal(self, envelope: Envelope, data: bytes | None) -> None:
         """Journal a message that was just spooled (``data``: its bytes when at hand,
@@ -428,21 +413,28 @@ class ArchiveService:
     def ensure(self, envelope: Envelope, data: bytes) -> None:
         """Journal a message another node accepted, if the archive lacks it (that
         node stopped before its journal committed)."""
-        self._track(envelope.queue_id, self._journal_job(envelope, data, if_missing=True))
+        job = self._journal_job(envelope, data)
+
+        def journal_if_missing() -> Any:
+            if self.archive.has_content(envelope.queue_id):
+                return None
+            return job()
+
+        self._track(envelope.queue_id, journal_if_missing)
 
     def attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> None:
         """One attempt's outcome and evidence for some recipients."""
-        self._track(queue_id, Attempt(queue_id, recipients))
+        self._track(queue_id, lambda: self.archive.journal_attempt(queue_id, recipients))
 
     def access(self, queue_id: str, actor: str, action: str, **detail: Any) -> None:
         """An access to a message from outside the archive (e.g. the portal)."""
-        self._track(queue_id, Access(queue_id, actor, action, detail))
+        self._track(queue_id, lambda: self.archive.access(actor, action, queue_id, **detail))
 
     def copy(self, queue_id: str, data: bytes, digest: str) -> asyncio.Future[Any]:
         """A copy the gateway changed, as sent; done when it is written (or has
         failed, to be written again later).  ``digest``: its SHA-256 in hex (the
         caller took it for the copy's evidence)."""
-        return self._track(queue_id, Copy(queue_id, data, COPY_PREFIX + digest))
+        return self._track(queue_id, _Copy(self.archive, queue_id, data, COPY_PREFIX + digest))
 
     async def complete_attempts(self, queue_id: str, history: list[dict[str, Any]]) -> int:
         """Journal the attempts of ``history`` (from the queue state) that the
@@ -462,7 +454,7 @@ class ArchiveService:
             log.warning(Event.ARCHIVE_RECOVERED, queue_id=queue_id, attempts=len(lacking))
         return len(lacking)
 
-    def _track(self, queue_id: str, job: Operation) -> asyncio.Future[Any]:
+    def _track(self, queue_id: str, job: Any) -> asyncio.Future[Any]:
         """Write ``job``'s record in the next batch; if it fails, keep it to write again
         (`retry_failed`) - a message's records are never dropped."""
         future = self._batcher.submit(job)
@@ -470,7 +462,7 @@ class ArchiveService:
         future.add_done_callback(lambda f: self._settle(queue_id, job, f))
         return future
 
-    def _settle(self, queue_id: str, job: Operation, future: asyncio.Future[Any]) -> None:
+    def _settle(self, queue_id: str, job: Any, future: asyncio.Future[Any]) -> None:
         pending = self._pending.get(queue_id)
         if pending is not None:
             pending.discard(future)
@@ -484,7 +476,7 @@ class ArchiveService:
             self.metrics.archive_errors.inc()
             log.error(Event.ARCHIVE_ERROR, queue_id=queue_id, error=str(error)[:300])
             return
-        if isinstance(job, Journal) and future.result() is not None:
+        if isinstance(job, _Journal):
             self._journaled(future.result())
         self._maybe_after(queue_id)
 
@@ -509,7 +501,7 @@ class ArchiveService:
         """Wait for the records issued so far being written (and what waited for
         them run: `when_archived`) - a stopping queue, before it closes its store."""
         with contextlib.suppress(Exception):  # a failed write is kept and retried
-            await self._batcher.run(Nothing())
+            await self._batcher.run(lambda: None)
 
     def has_failed(self, queue_id: str) -> bool:
         """Some record of this message could not be written yet (it is retried)."""
@@ -535,3 +527,45 @@ class ArchiveService:
         """Before spool files go (in the removal thread): every committed record on
         disk."""
         self.archive.make_durable()
+
+
+@dataclass(frozen=True)
+class _Journal:
+    """The job that journals one message (its success is what the journaled-message
+    metrics count); run on the archive's thread, again after a failure."""
+
+    archive: Archive
+    spool: Spool
+    envelope: Envelope
+    data: bytes | None  # None: a large message, not kept in memory: read when run
+    subjects: bool
+
+    def blob_names(self) -> tuple[str, ...]:
+        return (f"msg-{self.envelope.queue_id}",)
+
+    def __call__(self) -> int:
+        body = self.data
+        if body is None:
+            body = self.spool.read(self.envelope.queue_id)[1]
+        envelope = self.envelope.to_dict()
+        # the passphrase's hash opens the portal copy: the archive needs it no more
+        # than the notification does
+        envelope.pop("portal_passphrase", None)
+        self.archive.journal_message(envelope, body, subject=self.subjects)
+        return len(body)
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """The job that journals a copy the gateway changed, as sent."""
+
+    archive: Archive
+    queue_id: str
+    data: bytes
+    name: str  # `copy_name`: its digest, taken once
+
+    def blob_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def __call__(self) -> str:
+        return self.archive.journal_copy(self.queue_id, self.data, self.name)

@@ -14,23 +14,14 @@ caller in the batch gets that error.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TypeVar
 
-from gateway.batching import LINGER, Batcher, Job
+from gateway.batching import LINGER, Batcher
 from gateway.queue.store import QueueStore
 
-T = TypeVar("T")
 
-
-class GroupCommit(Batcher[Job]):
+class GroupCommit(Batcher):
     def __init__(self, store: QueueStore, executor: Executor):
         # executor: the one thread using the store
         super().__init__(executor, store.batch, linger=LINGER)
         self.store = store
-
-    async def run(self, job: Callable[[], T]) -> T:
-        """Run ``job`` in the next transaction; its value, once that has committed."""
-        value: T = await super().run(job)
-        return value

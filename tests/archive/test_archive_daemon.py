@@ -17,15 +17,11 @@ import sys
 import threading
 import time
 import zipfile
-from pathlib import Path
-
-import pytest
 
 from gateway.archive.journal import copy_name
 from gateway.archive.query import Query
-from gateway.archive.writer import ProcessWriter
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.support.archive import archive_of, refusing
+from tests.support.archive import archive_of
 from tests.support.delivery import BODY, SUBJECT, done, send, start
 from tests.support.smime_pki import mailbox
 from tests.support.world import wait_until
@@ -218,22 +214,27 @@ async def test_a_message_the_archive_lacks_is_journaled_from_the_spool_at_start(
         assert [m["queue_id"] for m in found] == [path.name]
 
 
-@pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
-    gateway_factory, world, pki, writer
+    gateway_factory, world, pki, monkeypatch
 ):
     mta = await world.mta("mx.good.test", "127.0.0.84")
     world.dns.add("good.test", "MX", "10 mx.good.test.")
-    gw = await start(gateway_factory, world, pki, **{"archive.writer": writer})
-    with refusing(gw, "messages"):
-        queue_id = await send(gw, ["a@good.test"])
-        await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
-        await wait_until(lambda: gw.archive.has_failed(queue_id), what="the journal failed")
-        await asyncio.sleep(0.3)
-        assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
-        with archive_of(gw) as reader:
-            assert not reader.has(queue_id)
-        assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
+    gw = await start(gateway_factory, world, pki)
+    archive = gw.archive.archive
+    real = archive.journal_message
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive, "journal_message", broken)
+    queue_id = await send(gw, ["a@good.test"])
+    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
+    await asyncio.sleep(0.3)
+    assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
+    with archive_of(gw) as reader:
+        assert not reader.has(queue_id)
+    assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
+    monkeypatch.setattr(archive, "journal_message", real)
     await gw.archive.retry_failed()
     await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
     with archive_of(gw) as reader:
@@ -256,24 +257,27 @@ async def test_a_message_whose_file_waits_for_the_archive_keeps_its_queue_histor
     first = await send(gw, ["a@good.test"])
     await wait_until(lambda: done(gw, first) and not queued(gw), what="the first one done")
 
-    with refusing(gw, "messages"):
-        second = await send(gw, ["b@good.test"])
-        await wait_until(lambda: done(gw, second) and len(mta.received) == 2, what="delivered")
-        finished = time.time()
-        store, prunes = gw.queue.store, []
-        real_prune = store.prune
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
 
-        def prune(before, *args):
-            pruned = real_prune(before, *args)
-            prunes.append(before)
-            return pruned
+    monkeypatch.setattr(gw.archive.archive, "journal_message", broken)
+    second = await send(gw, ["b@good.test"])
+    await wait_until(lambda: done(gw, second) and len(mta.received) == 2, what="delivered")
+    finished = time.time()
+    store, prunes = gw.queue.store, []
+    real_prune = store.prune
 
-        monkeypatch.setattr(store, "prune", prune)
-        await wait_until(lambda: prunes and prunes[-1] > finished + 1, what="a prune after")
-        assert store.message(first) is None  # the prune works: a message done and gone
-        assert store.message(second) is not None  # kept: its file waits for the archive
-        assert [p.name for p in queued(gw)] == [second]
-        await gw.stop()
+    def prune(before, *args):
+        pruned = real_prune(before, *args)
+        prunes.append(before)
+        return pruned
+
+    monkeypatch.setattr(store, "prune", prune)
+    await wait_until(lambda: prunes and prunes[-1] > finished + 1, what="a prune after")
+    assert store.message(first) is None  # the prune works: a message done and gone
+    assert store.message(second) is not None  # kept: its file waits for the archive
+    assert [p.name for p in queued(gw)] == [second]
+    await gw.stop()
 
     again = await start(gateway_factory, world, pki, **settings)  # the archive works
     await wait_until(lambda: not queued(again), what="the file removed once archived")
@@ -325,13 +329,13 @@ async def test_content_a_node_stored_before_it_died_without_its_record_goes_at_r
 async def test_the_queue_state_and_the_archive_index_are_written_on_one_thread(
     gateway_factory, world, pki
 ):
-    """With ``archive.writer: thread``, on SQLite one thread writes both (two threads
-    beside the event loop, each waiting for the interpreter lock at every statement,
-    cost more); the archive's last records are written at stop, after the queue
-    stopped, and the thread ends with the daemon."""
+    """On SQLite one thread writes both (two threads beside the event loop, each
+    waiting for the interpreter lock at every statement, cost more); the archive's
+    last records are written at stop, after the queue stopped, and the thread ends
+    with the daemon."""
     mta = await world.mta("mx.good.test", "127.0.0.85")
     world.dns.add("good.test", "MX", "10 mx.good.test.")
-    gw = await start(gateway_factory, world, pki, **{"archive.writer": "thread"})
+    gw = await start(gateway_factory, world, pki)
     stores = await gw.queue._db(threading.current_thread)
     assert await gw.archive._run(threading.current_thread) is stores
     assert stores is not threading.current_thread()
@@ -344,51 +348,3 @@ async def test_the_queue_state_and_the_archive_index_are_written_on_one_thread(
         assert [
             e["body"]["recipients"][0]["state"] for e in reader.events(queue_id, ("attempt",))
         ] == ["delivered"]
-
-
-async def test_the_archive_is_written_by_a_process_of_its_own_that_ends_with_the_daemon(
-    gateway_factory, world, pki
-):
-    """``archive.writer: process`` (the default): the records are written by the
-    writer process, the archive's thread in the main process only waits for it (so
-    not on the queue's thread); the last records are written at stop, and then the
-    process exits."""
-    mta = await world.mta("mx.good.test", "127.0.0.85")
-    world.dns.add("good.test", "MX", "10 mx.good.test.")
-    gw = await start(gateway_factory, world, pki)
-    writer = gw.archive.writer
-    assert isinstance(writer, ProcessWriter)
-    proc = writer.proc
-    assert proc is not None and proc.poll() is None
-    assert b"gateway.archive.writer" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-    queue_thread = await gw.queue._db(threading.current_thread)
-    assert await gw.archive._run(threading.current_thread) is not queue_thread
-    queue_id = await send(gw, ["a@good.test"])
-    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
-    await gw.stop()
-    assert proc.poll() == 0  # it ended, reaped, when the main process closed its socket
-    with archive_of(gw) as reader:
-        assert reader.has(queue_id)
-        assert [
-            e["body"]["recipients"][0]["state"] for e in reader.events(queue_id, ("attempt",))
-        ] == ["delivered"]
-
-
-async def test_a_writer_process_that_dies_is_replaced_and_no_record_is_lost(
-    gateway_factory, world, pki
-):
-    mta = await world.mta("mx.good.test", "127.0.0.85")
-    world.dns.add("good.test", "MX", "10 mx.good.test.")
-    gw = await start(gateway_factory, world, pki)
-    writer = gw.archive.writer
-    first = writer.proc
-    first.kill()
-    first.wait()
-    queue_id = await send(gw, ["a@good.test"])
-    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
-    await wait_until(lambda: not queued(gw), timeout=20, what="the spool file removed")
-    assert writer.started == 2 and writer.proc is not first and writer.proc.poll() is None
-    with archive_of(gw) as reader:
-        assert reader.message(queue_id)[1] == make_message(SUBJECT, BODY)
-        (attempt,) = reader.events(queue_id, ("attempt",))
-    assert attempt["body"]["recipients"][0]["state"] == "delivered"

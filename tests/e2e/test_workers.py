@@ -47,12 +47,7 @@ def _sample(text: str, name: str) -> float:
 
 
 def _worker_pids(d: Daemon) -> list[int]:
-    """The daemon's SMTP workers (not its archive writer)."""
-    out = subprocess.run(
-        ["pgrep", "-P", str(d.proc.pid), "-f", "gateway.smtp.workers"],
-        capture_output=True,
-        text=True,
-    )
+    out = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True)
     return sorted(map(int, out.stdout.split()))
 
 
