@@ -21,7 +21,7 @@ import zipfile
 from gateway.archive.journal import copy_name
 from gateway.archive.query import Query
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
-from tests.support.archive import archive_of
+from tests.support.archive import archive_of, refusing
 from tests.support.delivery import BODY, SUBJECT, done, send, start
 from tests.support.smime_pki import mailbox
 from tests.support.world import wait_until
@@ -215,26 +215,20 @@ async def test_a_message_the_archive_lacks_is_journaled_from_the_spool_at_start(
 
 
 async def test_a_failed_journal_keeps_the_spool_file_until_it_is_journaled(
-    gateway_factory, world, pki, monkeypatch
+    gateway_factory, world, pki
 ):
     mta = await world.mta("mx.good.test", "127.0.0.84")
     world.dns.add("good.test", "MX", "10 mx.good.test.")
     gw = await start(gateway_factory, world, pki)
-    archive = gw.archive.archive
-    real = archive.journal_message
-
-    def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(archive, "journal_message", broken)
-    queue_id = await send(gw, ["a@good.test"])
-    await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
-    await asyncio.sleep(0.3)
-    assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
-    with archive_of(gw) as reader:
-        assert not reader.has(queue_id)
-    assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
-    monkeypatch.setattr(archive, "journal_message", real)
+    with refusing(gw, "messages"):
+        queue_id = await send(gw, ["a@good.test"])
+        await wait_until(lambda: done(gw, queue_id) and mta.received, what="delivered")
+        await wait_until(lambda: gw.archive.has_failed(queue_id), what="the journal failed")
+        await asyncio.sleep(0.3)
+        assert [p.name for p in queued(gw)] == [queue_id]  # kept: not archived yet
+        with archive_of(gw) as reader:
+            assert not reader.has(queue_id)
+        assert gw.metrics.registry.get_sample_value("sealgate_archive_errors_total") == 1
     await gw.archive.retry_failed()
     await wait_until(lambda: not queued(gw), what="the spool file removed once journaled")
     with archive_of(gw) as reader:
@@ -257,27 +251,24 @@ async def test_a_message_whose_file_waits_for_the_archive_keeps_its_queue_histor
     first = await send(gw, ["a@good.test"])
     await wait_until(lambda: done(gw, first) and not queued(gw), what="the first one done")
 
-    def broken(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    with refusing(gw, "messages"):
+        second = await send(gw, ["b@good.test"])
+        await wait_until(lambda: done(gw, second) and len(mta.received) == 2, what="delivered")
+        finished = time.time()
+        store, prunes = gw.queue.store, []
+        real_prune = store.prune
 
-    monkeypatch.setattr(gw.archive.archive, "journal_message", broken)
-    second = await send(gw, ["b@good.test"])
-    await wait_until(lambda: done(gw, second) and len(mta.received) == 2, what="delivered")
-    finished = time.time()
-    store, prunes = gw.queue.store, []
-    real_prune = store.prune
+        def prune(before, *args):
+            pruned = real_prune(before, *args)
+            prunes.append(before)
+            return pruned
 
-    def prune(before, *args):
-        pruned = real_prune(before, *args)
-        prunes.append(before)
-        return pruned
-
-    monkeypatch.setattr(store, "prune", prune)
-    await wait_until(lambda: prunes and prunes[-1] > finished + 1, what="a prune after")
-    assert store.message(first) is None  # the prune works: a message done and gone
-    assert store.message(second) is not None  # kept: its file waits for the archive
-    assert [p.name for p in queued(gw)] == [second]
-    await gw.stop()
+        monkeypatch.setattr(store, "prune", prune)
+        await wait_until(lambda: prunes and prunes[-1] > finished + 1, what="a prune after")
+        assert store.message(first) is None  # the prune works: a message done and gone
+        assert store.message(second) is not None  # kept: its file waits for the archive
+        assert [p.name for p in queued(gw)] == [second]
+        await gw.stop()
 
     again = await start(gateway_factory, world, pki, **settings)  # the archive works
     await wait_until(lambda: not queued(again), what="the file removed once archived")

@@ -10,11 +10,10 @@ import sqlite3
 import aiosmtplib
 from structlog.testing import capture_logs
 
-from gateway.archive.journal import Archive
 from gateway.events import Event
 from gateway.queue.store import QueueStore
 from tests.conftest import make_message, queued, smtp_client
-from tests.support.archive import archive_of
+from tests.support.archive import archive_of, refusing
 from tests.support.fs import small_filesystem
 from tests.support.http import http_get
 from tests.support.world import wait_until
@@ -54,27 +53,16 @@ async def test_a_result_the_queue_state_cannot_write_is_written_later_not_delive
     assert len(dest.received) == 1
 
 
-async def test_an_attempt_record_the_archive_refuses_is_retried_and_the_spool_file_waits(
-    relay, monkeypatch
-):
-    real = Archive.journal_attempt
-    refusing = {"on": True}
-
-    def journal_attempt(self, queue_id, recipients):
-        if refusing["on"]:
-            raise OSError(28, "No space left on device")
-        return real(self, queue_id, recipients)
-
-    monkeypatch.setattr(Archive, "journal_attempt", journal_attempt)
+async def test_an_attempt_record_the_archive_refuses_is_retried_and_the_spool_file_waits(relay):
     gw, dest, _ = await relay()
-    async with smtp_client(gw) as client:
-        await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
-    (path,) = queued(gw)
-    await wait_until(lambda: dest.received, what="delivered")
-    await wait_until(lambda: gw.archive.has_failed(path.name), what="the record failed")
-    await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
-    assert path.exists()  # kept: the archive lacks the evidence of its delivery
-    refusing["on"] = False
+    with refusing(gw, "events", "NEW.kind = 'attempt'"):
+        async with smtp_client(gw) as client:
+            await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
+        (path,) = queued(gw)
+        await wait_until(lambda: dest.received, what="delivered")
+        await wait_until(lambda: gw.archive.has_failed(path.name), what="the record failed")
+        await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
+        assert path.exists()  # kept: the archive lacks the evidence of its delivery
     await wait_until(lambda: not path.exists(), timeout=20, what="removed once archived")
     with archive_of(gw) as archive:
         (attempt,) = archive.events(path.name, ("attempt",))
@@ -136,23 +124,17 @@ async def test_a_dsn_that_cannot_be_spooled_is_sent_at_the_next_round(relay, mon
 
 
 async def test_attempt_records_never_written_before_a_stop_are_completed_at_the_next_start(
-    relay, gateway_factory, world, monkeypatch
+    relay, gateway_factory, world
 ):
-    real = Archive.journal_attempt
-
-    def refuse(self, queue_id, recipients):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Archive, "journal_attempt", refuse)
     gw, dest, _ = await relay()
-    async with smtp_client(gw) as client:
-        await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
-    (path,) = queued(gw)
-    await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
-    await gw.stop()  # the attempt's record was never written: the file stays
-    assert path.exists()
+    with refusing(gw, "events", "NEW.kind = 'attempt'"):
+        async with smtp_client(gw) as client:
+            await client.sendmail("a@clinic.test", ["r@tls.test"], make_message())
+        (path,) = queued(gw)
+        await wait_until(lambda: (gw.queue.store.message(path.name) or {}).get("done"), what="done")
+        await gw.stop()  # the attempt's record was never written: the file stays
+        assert path.exists()
 
-    monkeypatch.setattr(Archive, "journal_attempt", real)
     again = await gateway_factory(world.config({"relay.networks": ["127.0.0.1/32"]}))
     await wait_until(lambda: not path.exists(), what="removed once the evidence is in")
     with archive_of(again) as archive:
