@@ -47,7 +47,13 @@ def _sample(text: str, name: str) -> float:
 
 
 def _worker_pids(d: Daemon) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True)
+    """The daemon's SMTP workers: its children running `gateway.smtp.workers` (not
+    another child it may have for a moment, such as a gpg it runs to encrypt)."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(d.proc.pid), "-f", "gateway.smtp.workers"],
+        capture_output=True,
+        text=True,
+    )
     return sorted(map(int, out.stdout.split()))
 
 
