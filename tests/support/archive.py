@@ -29,9 +29,8 @@ def archive_of(gw: Any) -> Iterator[Archive]:
 def refusing(gw: Any, table: str, when: str = "TRUE") -> Iterator[None]:
     """Until the block ends, inserting a row into ``table`` of the archive's index
     (SQLite) fails - those for which ``when`` holds (SQL over ``NEW``): a trigger
-    that aborts the statement, as a full disk would."""
-    with archive_of(gw) as archive:
-        path = archive.index.path
+    that aborts the statement, as a full disk would.  ``gw``: a running gateway."""
+    path = gw.archive.archive.index.path
     assert path is not None, "an archive on SQLite"
     name = f"test_refuses_{table}"
 
