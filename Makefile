@@ -26,6 +26,8 @@ bench:
 	.venv/bin/python bench/cluster.py
 	.venv/bin/python bench/integrations.py
 	.venv/bin/python bench/console.py
+	.venv/bin/python bench/binding.py
+	.venv/bin/python bench/backlog.py
 
 hostile: setup
 	.venv/bin/python bench/hostile.py --markdown
