@@ -1023,11 +1023,14 @@ class QueueManager:
     async def _attempt(self, queue_id: str, domain: str, rows: list[RecipientRow]) -> None:
         recorded = False
         try:
-            async with self._places(domain) as place:
+            async with contextlib.AsyncExitStack() as holding:
+                place = await holding.enter_async_context(self._places(domain))
                 if await self._postponed(queue_id, domain, rows):
                     return
                 async with self._opened(queue_id) as (envelope, data):
-                    final = await self._attempt_locked(envelope, data, domain, rows, place)
+                    final = await self._attempt_locked(
+                        envelope, data, domain, rows, place, holding.aclose
+                    )
                     recorded = True
                     if final is not None:
                         await self._finish(envelope, data, final)
@@ -1148,6 +1151,7 @@ class QueueManager:
         domain: str,
         rows: list[RecipientRow],
         place: Place,
+        let_go: Callable[[], Awaitable[None]],
     ) -> list[RecipientRow] | None:
         """One attempt for ``rows`` by the delivery agent, its results recorded;
         every recipient when this made the last of them final (the caller finishes
@@ -1169,6 +1173,7 @@ class QueueManager:
                 timer.cancel()
         results = [a.result for a in attempted]
         self._feedback(domain, place, time.monotonic() - began, results)
+        await let_go()
         now = time.time()
         if results and all(r.outcome == "deferred" and r.status == UNREACHABLE for r in results):
             await self._suspend(domain, results[0].diagnostic, now)

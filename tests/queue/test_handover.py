@@ -1,6 +1,7 @@
 """Messages handed to the queue with their bytes (by the SMTP listener in the main
 process, DSNs, the portal) are not read back from the spool; while the queue's
-database falls behind, the bytes it holds for them stay bounded."""
+database falls behind, the bytes it holds for them stay bounded, and a destination's
+session place does not wait for it."""
 
 from __future__ import annotations
 
@@ -33,3 +34,43 @@ async def test_bytes_held_for_messages_not_recorded_yet_are_bounded(
     await wait_until(lambda: len(mta.received) == 8, what="every message delivered")
     await asyncio.sleep(0)
     assert gw.queue.handed_bytes == 0
+
+
+async def test_a_destination_s_place_is_free_while_an_attempt_s_results_are_written(
+    gateway_factory, world, monkeypatch
+):
+    """The session place is given back once the attempt is over, before its results are
+    committed: a destination limited to one session at a time delivers the next message
+    while the first one's results still wait for the queue's database (on PostgreSQL a
+    commit can take milliseconds: held, the places capped the relay)."""
+    from gateway.queue.manager import QueueManager
+
+    mta = await world.mta("mx.one.test", "127.0.0.46")
+    world.dns.add("one.test", "MX", "10 mx.one.test.")
+    gw = await gateway_factory(world.config({"delivery.concurrency_per_destination": 1}))
+    original = QueueManager._record
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_record(self, queue_id, records, now, **kw):  # type: ignore[no-untyped-def]
+        if not writing.is_set():  # the first message's results wait
+            writing.set()
+            await release.wait()
+        return await original(self, queue_id, records, now, **kw)
+
+    monkeypatch.setattr(QueueManager, "_record", slow_record)
+    try:
+        async with smtp_client(gw) as client:
+            await client.sendmail("s@clinic.test", ["a@one.test"], make_message())
+            await asyncio.wait_for(writing.wait(), 10)  # delivered; its results held
+            await client.sendmail("s@clinic.test", ["b@one.test"], make_message())
+        await wait_until(lambda: len(mta.received) == 2, timeout=10, what="the second message")
+        assert not release.is_set()  # the first one's results were still being written
+    finally:
+        release.set()
+    store = gw.queue.store
+    assert store is not None
+    for _ in range(100):  # both recorded as delivered, nothing left to try
+        if not any((await gw.queue._db(store.depth)).values()):
+            break
+        await asyncio.sleep(0.1)
+    assert not any((await gw.queue._db(store.depth)).values())
