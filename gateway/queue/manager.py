@@ -677,6 +677,11 @@ class QueueManager:
         cannot be reached pauses all of it (nothing is guessed) until it is back."""
         self._last = dict.fromkeys(("depth", "prune", "beat", "delay"), 0.0)
         while not self._stopping:
+            # cleared before the round, not after it: an attempt that ends while the
+            # round waits for the store (its claims, its gauges) wakes the next one
+            # at once - cleared after, that wake-up was lost and the recipients left
+            # for claims went 20 (one destination's room) a POLL_INTERVAL
+            self._wake.clear()
             try:
                 await self._round()
             except StorageError as e:
@@ -684,7 +689,6 @@ class QueueManager:
                     raise
                 self.metrics.storage_errors.inc()
                 log.error(Event.QUEUE_STORE_FAILED, error=str(e)[:200], retry=POLL_INTERVAL)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
 

@@ -74,3 +74,31 @@ async def test_a_destination_s_place_is_free_while_an_attempt_s_results_are_writ
             break
         await asyncio.sleep(0.1)
     assert not any((await gw.queue._db(store.depth)).values())
+
+
+async def test_an_attempt_ending_while_a_round_runs_wakes_the_next_round(
+    gateway_factory, world, monkeypatch
+):
+    """The claims' loop wakes when an attempt ends (room for the next claim) - also
+    when it ends while a round is still under way (waiting for the store): that
+    wake-up was lost, and recipients left for claims went one destination's room
+    (20) a `POLL_INTERVAL` (on PostgreSQL, seconds of 20 messages a second at the end
+    of a relay)."""
+    monkeypatch.setattr("gateway.queue.manager.POLL_INTERVAL", 60.0)
+    gw = await gateway_factory(world.config())
+    queue = gw.queue
+    rounds: list[int] = []
+    second = asyncio.Event()
+
+    async def a_round() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            queue._wake.set()  # an attempt ended meanwhile
+        else:
+            second.set()
+        await asyncio.sleep(0.05)  # the store's answers
+
+    monkeypatch.setattr(queue, "_round", a_round)
+    queue._wake.set()  # the loop, waiting, runs the next round: ours
+    await asyncio.wait_for(second.wait(), 10)  # not a POLL_INTERVAL later
+    assert rounds[:2] == [0, 1]
