@@ -1159,7 +1159,9 @@ class QueueManager:
     ) -> list[RecipientRow] | None:
         """One attempt for ``rows`` by the delivery agent, its results recorded;
         every recipient when this made the last of them final (the caller finishes
-        the message)."""
+        the message).  The destination's places go back (``let_go``) once the
+        delivery is over, before its results are written: the recipients stay
+        leased until then, and the next attempt need not wait for this one's commit."""
         queue_id = envelope.queue_id
         began = time.monotonic()
         # a first attempt leaves the new share when it takes a while; slow as soon as

@@ -656,7 +656,6 @@ def _insert_shape(sql: str, columns: int, upserts: bool) -> _Shape | None:
 
 
 @functools.lru_cache(maxsize=512)
-@functools.lru_cache(maxsize=512)
 def _keyed(sql: str) -> tuple[str, str, str | None, str] | None:
     """An UPDATE or DELETE whose rows are named by their key: its verb, table,
     assignments (None for a DELETE) and condition."""
