@@ -158,13 +158,15 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
+            # cleared before the round: events written while it reads the outbox (and
+            # finds nothing) wake the next one - cleared after, they waited IDLE_WAIT
+            self._wake.clear()
             try:
                 busy = await self.round()
             except StorageError as e:  # the events wait in the store
                 log.warning(Event.WEBHOOK_ERROR, error=str(e)[:300])
                 busy = False
             if not busy:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), IDLE_WAIT)
             # the events of the next few milliseconds go in one round: fewer, larger

@@ -440,3 +440,36 @@ async def test_a_round_leases_its_events_only_where_nodes_share_the_outbox(
     after = other.db.execute("SELECT tries, next_try FROM webhook_outbox").fetchall()
     assert len(after) == 3 and all(next_try >= now + 3000 for _, next_try in after)
     other.close()
+
+
+async def test_events_written_while_an_idle_round_reads_the_outbox_wake_the_next_round(
+    tmp_path, world, monkeypatch
+):
+    """A wake-up that comes while a round is reading the outbox (events written just
+    after it looked) is not lost: the next round follows at once instead of
+    `IDLE_WAIT` later."""
+    monkeypatch.setattr(module, "IDLE_WAIT", 60.0)
+    config = load_test_config(write_config(tmp_path, world.config()))
+    outbox = Outbox(Database.sqlite(tmp_path / "outbox.db"))
+    d = module.Dispatcher(
+        config, outbox, "node-1", Metrics(), lambda: Resolver(config.dns.nameservers)
+    )
+    rounds: list[float] = []
+    second = asyncio.Event()
+
+    async def a_round() -> bool:
+        rounds.append(time.monotonic())
+        if len(rounds) == 1:
+            await asyncio.sleep(0.05)  # reading the outbox: nothing yet
+            d.wake()  # the queue wrote events meanwhile
+        else:
+            second.set()
+        return False  # nothing was due
+
+    monkeypatch.setattr(d, "round", a_round)
+    d.start()
+    try:
+        await asyncio.wait_for(second.wait(), 10)  # not IDLE_WAIT later
+        assert len(rounds) >= 2
+    finally:
+        await d.close()
