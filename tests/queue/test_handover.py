@@ -69,11 +69,11 @@ async def test_a_destination_s_place_is_free_while_an_attempt_s_results_are_writ
         release.set()
     store = gw.queue.store
     assert store is not None
-    for _ in range(100):  # both recorded as delivered, nothing left to try
-        if not any((await gw.queue._db(store.depth)).values()):
-            break
-        await asyncio.sleep(0.1)
-    assert not any((await gw.queue._db(store.depth)).values())
+
+    async def settled() -> bool:  # both recorded as delivered, nothing left to try
+        return not any((await gw.queue._db(store.depth)).values())
+
+    await wait_until(settled, timeout=10, what="both results recorded")
 
 
 async def test_an_attempt_ending_while_a_round_runs_wakes_the_next_round(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import ssl
 import time
 
@@ -31,9 +32,13 @@ def tls_only(level: str, fallback: str = "hold", rules: str = "") -> str:
 
 
 async def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Until ``predicate()`` is true (a coroutine function's answer is awaited)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
+        done = predicate()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} not met within {timeout} s")
