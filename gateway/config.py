@@ -481,11 +481,10 @@ class DeliveryConfig:
         metadata=doc(
             "Delivery sessions open at once, in total. Destinations whose last attempt "
             "was slow (10 s or more; quick again after one under 2.5 s) share a quarter "
-            "of them (and borrow what the others "
-            "leave idle of the first half - of three quarters while none of theirs waits "
-            "for a place), destinations not tried yet another quarter; quick ones keep "
-            "the rest. A session that has waited a minute on its server (a tarpit) gives "
-            "up its place."
+            "of them (and borrow what the others leave idle of three quarters once none "
+            "of theirs has waited for a place for 30 s), destinations not tried yet "
+            "another quarter; quick ones keep the rest. A session that has waited a "
+            "minute on its server (a tarpit) gives up its place."
         ),
     )
     concurrency_per_destination: int = field(

@@ -257,9 +257,9 @@ class QueueManager:
         self._enqueuing: set[str] = set()  # queue ids being recorded just now
         self._adopted: set[str] = set()  # strays recorded by `adopt_strays`
         # slow destinations share a quarter of the places (and borrow what the
-        # others leave idle of the first half - of three quarters while none of
-        # theirs waits), new ones another quarter (`gateway.queue.places`): quick
-        # ones keep half at least while they wait
+        # others leave idle of three quarters once none of theirs has waited for
+        # a place for `LEND_AFTER`), new ones another quarter
+        # (`gateway.queue.places`): quick ones keep half at least
         self._slow_share = Share(dc.concurrency // 4)
         self._new_share = Share(dc.concurrency // 4)
         self._total = Total(dc.concurrency, slow=self._slow_share)

@@ -8,8 +8,9 @@ destination is one of three kinds, by its last attempt (`QueueManager._places`):
   was slow): any of the total places;
 - slow (one took `QUICK` or more - a slow server, a tarpit - and none since less
   than `QUICK_AGAIN`): from the slow share (a
-  quarter of the places, and whatever quick and new destinations leave idle of the
-  first half - of three quarters while none of theirs waits: `Total`),
+  quarter of the places, and whatever quick and new destinations leave idle of
+  three quarters once none of theirs has waited for a place for `LEND_AFTER`:
+  `Total`),
   `SLOW_PLACES` attempts at once to begin with; each attempt that delivers raises
   the destination's window by one (up to `delivery.concurrency_per_destination`),
   each that delivers nothing lowers it by one (down to one), as Postfix's
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 
 QUICK = 10.0  # seconds: an attempt that took longer marks its destination slow
 # and one that took less than this marks a slow one quick again: a server that
@@ -48,6 +51,10 @@ NEW_QUICK = 3.0  # seconds: a first attempt still running then leaves the new sh
 STALL = 60.0  # seconds: an attempt still running then gives up its places
 SLOW_PLACES = 2  # attempts at once to a destination when it turns slow
 NEW_PLACES = 1  # and to a new one, until its first attempt is over
+# seconds without a quick or new destination's attempt waiting for a place before
+# the slow share borrows their idle places (`Total`): longer than a slow attempt
+# keeps one (QUICK and more)
+LEND_AFTER = 30.0
 HANDOFFS = 10  # a place passes to the same destination at most this often in a row
 
 
@@ -128,19 +135,22 @@ class Share:
 
 
 class Total(Share):
-    """Every place.  Of the first half, what quick and new destinations' attempts do
-    not hold is lent to the ``slow`` share, which never has less than its own limit:
-    slow destinations use the places the others leave idle, and a burst of quick
-    mail still finds half the places free or its own.  While no attempt of theirs
-    waits for a place, the loan reaches into the third quarter too: once the quick
-    mail has gone, slow servers get three quarters of the places, not half (20,000
-    messages into a world of slow servers drained in 2,214 s with half, Postfix's
-    in 1,911).  Lent that far only then: lent always, the slow attempts took the
-    third quarter in the middle of a burst of quick mail and held it for their
-    12-25 s each (the quick domains' p95 2.8 times what it was without slow ones)."""
+    """Every place.  What quick and new destinations' attempts do not hold of the
+    first three quarters is lent to the ``slow`` share, which never has less than
+    its own limit - but only once none of their attempts has waited for a place
+    for `LEND_AFTER`: until then the slow share has its own quarter and no more.
+    Once the quick mail has gone, slow servers get three quarters of the places,
+    not half (20,000 messages into a world of slow servers drained in 2,214 s with
+    half, Postfix's in 1,911).  Not lent in a burst of quick mail: a slow attempt
+    keeps a place 10-60 s, and the quick mail, claimed a round at a time, leaves
+    places idle for a moment between rounds.  Lent whenever none of its attempts
+    waited at that moment, the slow share grew to three quarters in every such
+    gap and kept them (the quick domains with 25 places and their p95 latency
+    1.9 times what it was without slow ones); lent half then, it kept half."""
 
-    def __init__(self, limit: int, slow: Share):
+    def __init__(self, limit: int, slow: Share, clock: Callable[[], float] = time.monotonic):
         self._slow, self._own = slow, slow.limit
+        self._clock = clock
         self._others_asking = 0  # quick and new destinations' attempts in `acquire`
         # Places of the total held by slow destinations' attempts.  Not the slow
         # share's ``used``: it also counts attempts let into the share and still
@@ -148,6 +158,7 @@ class Total(Share):
         # seem fewer (below none), the loan grew with each one let in, and slow
         # attempts took every place while quick mail waited.
         self.slow_held = 0
+        self._waited = -LEND_AFTER  # when an attempt of the others last had to wait
         super().__init__(limit)
         self._changed()
 
@@ -157,7 +168,9 @@ class Total(Share):
             self.turned_slow()
             return passed
         self._others_asking += 1
-        self._changed()  # the loan shrinks back to the first half at once
+        if self.used >= self.limit or self._waiting:
+            self._waited = self._clock()
+        self._changed()  # the loan shrinks back to the slow share's own at once
         try:
             return await super().acquire(key)
         finally:
@@ -174,7 +187,8 @@ class Total(Share):
 
     def _changed(self) -> None:
         others = self.used - self.slow_held
-        lendable = self.limit * (2 if self._others_asking else 3) // 4
+        asked = self._others_asking or self._clock() - self._waited < LEND_AFTER
+        lendable = self.limit * (1 if asked else 3) // 4
         if self._slow.limit != (limit := max(self._own, lendable - others)):
             self._slow.resize(limit)
 

@@ -10,9 +10,9 @@ quick again only after an attempt much quicker than the one that made it slow; t
 attempts queued behind one quick destination's limit leave the claims room for the
 others; an attempt
 running past `STALL` gives up its places; the slow share borrows what the others
-leave idle of the first three quarters of the places - of the first half while one
-of theirs waits for a place - counting the places its attempts hold, not those let
-in and still waiting; a place given back by a slow
+leave idle of the first three quarters of the places once none of theirs has waited
+for a place for `LEND_AFTER` (its own quarter only until then) - counting the places
+its attempts hold, not those let in and still waiting; a place given back by a slow
 destination's attempt goes to its next one first (its session still open), a
 `HANDOFFS` times in a row at most; what is known of a destination without attempts
 is forgotten after `FORGET_AFTER`."""
@@ -23,7 +23,15 @@ import asyncio
 
 import pytest
 
-from gateway.queue.places import HANDOFFS, NEW_QUICK, SLOW_PLACES, Place, Share, Total
+from gateway.queue.places import (
+    HANDOFFS,
+    LEND_AFTER,
+    NEW_QUICK,
+    SLOW_PLACES,
+    Place,
+    Share,
+    Total,
+)
 from tests.conftest import make_message, smtp_client
 from tests.support.world import wait_until
 
@@ -134,9 +142,10 @@ async def test_the_slow_share_borrows_what_the_others_leave_idle_of_three_quarte
     last.cancel()
 
 
-async def test_the_loan_falls_back_to_half_while_quick_mail_waits_for_a_place():
+async def test_the_loan_stops_while_quick_mail_waits_and_comes_back_after_lend_after():
+    now = [1000.0]
     slow = Share(2)
-    total = Total(8, slow=slow)
+    total = Total(8, slow=slow, clock=lambda: now[0])
     slowly = [Place(slow=slow) for _ in range(6)]
     for place in slowly:
         await place.take(total, slow)
@@ -146,15 +155,25 @@ async def test_the_loan_falls_back_to_half_while_quick_mail_waits_for_a_place():
     assert (slow.used, slow.limit, total.used) == (6, 4, 8)  # quick came later: over
     waiting = asyncio.ensure_future(Place().take(total))
     await asyncio.sleep(0)
-    assert slow.limit == 2  # half less the two quick ones held: the slow share's own
+    assert slow.limit == 2  # a quick attempt waits: the slow share's own, no loan
     slowly[0].release()
     await asyncio.sleep(0)
     assert waiting.done()  # the place a slow attempt gave back went to the quick one
     late = asyncio.ensure_future(Place(slow=slow).take(total, slow))
+    for place in quick:  # the quick mail is done, for a moment (between two claims)
+        place.release()
     await asyncio.sleep(0)
-    assert not late.done() and slow.used == 5  # over the loan: no slow attempt enters
-    assert slow.limit == 3  # three quarters again, less the three quick ones held
-    late.cancel()
+    # nobody waits now, but one did a moment ago: nothing lent, a slow attempt
+    # would keep the place for tens of seconds and the next round needs it
+    assert not late.done() and (slow.used, slow.limit, total.used) == (5, 2, 6)
+    now[0] += LEND_AFTER - 1
+    slowly[1].release()
+    await asyncio.sleep(0)
+    assert not late.done() and slow.limit == 2
+    now[0] += 1  # LEND_AFTER without a quick attempt waiting: three quarters lent
+    slowly[2].release()
+    await asyncio.sleep(0)
+    assert late.done() and (slow.used, total.used, slow.limit) == (4, 5, 5)
 
 
 async def test_slow_attempts_let_in_but_not_yet_holding_a_place_do_not_widen_the_loan():
