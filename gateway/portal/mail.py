@@ -4,10 +4,14 @@ reply to the original sender."""
 
 from __future__ import annotations
 
+import binascii
 import datetime
 import email.policy
 import email.utils
+import functools
 import html
+import secrets
+from email.headerregistry import Address
 from email.message import EmailMessage
 
 from gateway.config import PortalConfig
@@ -17,7 +21,10 @@ POLICY = email.policy.SMTP  # CRLF line ends, as sent
 
 def _base(config: PortalConfig, sender: str, to: str, subject: str, domain: str) -> EmailMessage:
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = email.utils.formataddr((config.organization, sender))
+    # an Address, not formataddr's string: a name with specials that is not ASCII
+    # came out of that as an encoded word the header registry decoded and then
+    # folded unquoted ("... <Nachsorge>" took the place of the sender's address)
+    msg["From"] = Address(config.organization, addr_spec=sender)
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(usegmt=True)
@@ -29,10 +36,13 @@ def _base(config: PortalConfig, sender: str, to: str, subject: str, domain: str)
 def notification(
     config: PortalConfig, sender: str, recipient: str, link: str, expires: float, domain: str
 ) -> bytes:
+    """The notification, composed here rather than through `EmailMessage` (which
+    took 1.1 ms of the event loop's time for each one - in a burst of portal
+    mail, as much as a delivery): the same headers, a multipart/alternative of a
+    text and an HTML part, each quoted-printable (`_qp`)."""
     until = datetime.datetime.fromtimestamp(expires, datetime.UTC).strftime("%d %B %Y")
     org = config.organization
-    msg = _base(config, sender, recipient, config.notification_subject, domain)
-    msg.set_content(
+    text = (
         f"{org} has sent you a secure message.\n\n"
         f"Open it here:\n{link}\n\n"
         "To open it you will be asked for a one-time code, which we send to this "
@@ -41,17 +51,61 @@ def notification(
         "If you were not expecting a message from us, you can ignore this one.\n"
     )
     e = html.escape
-    msg.add_alternative(
+    page = (
         f'<!doctype html><html><body style="font-family:sans-serif">'
         f"<p>{e(org)} has sent you a secure message.</p>"
         f'<p><a href="{e(link)}">Open the secure message</a></p>'
         f"<p>To open it you will be asked for a one-time code, which we send to this "
         f"address. The message can be opened until {e(until)}.</p>"
         f"<p>If you were not expecting a message from us, you can ignore this one.</p>"
-        f"</body></html>",
-        subtype="html",
+        f"</body></html>\n"
     )
-    return msg.as_bytes()
+    # "=_" cannot occur in a quoted-printable body: the boundary never does
+    boundary = f"=_sealgate_{secrets.token_hex(16)}"
+    head = (
+        _from(org, sender)
+        + _header("To", recipient)
+        + _subject(config.notification_subject)
+        + f"Date: {email.utils.format_datetime(datetime.datetime.now(datetime.UTC))}\r\n"
+        + f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n"
+        + "Auto-Submitted: auto-generated\r\n"  # RFC 3834: no auto-replies to it
+        + "MIME-Version: 1.0\r\n"
+        + f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n'
+    )
+    part = 'Content-Type: text/{}; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable'
+    return b"".join(
+        (
+            head.encode("ascii"),
+            f"--{boundary}\r\n{part.format('plain')}\r\n\r\n".encode(),
+            _qp(text),
+            f"\r\n--{boundary}\r\n{part.format('html')}\r\n\r\n".encode(),
+            _qp(page),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+
+
+def _header(name: str, value: str | Address) -> str:
+    """``name: value`` and its line end, encoded (RFC 2047) and folded as
+    `EmailMessage` does when it needs to be."""
+    if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) <= 70:
+        return f"{name}: {value}\r\n"  # as it is: nothing to encode or fold
+    return str(POLICY.header_factory(name, value).fold(policy=POLICY))
+
+
+@functools.lru_cache(maxsize=64)
+def _from(organization: str, sender: str) -> str:  # the same each time: folded once
+    return _header("From", Address(organization, addr_spec=sender))
+
+
+@functools.lru_cache(maxsize=64)
+def _subject(subject: str) -> str:
+    return _header("Subject", subject)
+
+
+def _qp(text: str) -> bytes:
+    """Quoted-printable (RFC 2045 6.7) with CRLF line ends, lines of 76 at most."""
+    return binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
 
 
 def code_message(
@@ -82,9 +136,7 @@ def reply(
     """From the portal's address on the recipient's behalf (their own domain's SPF and
     DMARC would fail from here), Reply-To the recipient, to the original sender."""
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = email.utils.formataddr(
-        (f"{recipient} via {config.organization} secure portal", sender)
-    )
+    msg["From"] = Address(f"{recipient} via {config.organization} secure portal", addr_spec=sender)
     msg["Reply-To"] = recipient
     msg["To"] = original_sender
     msg["Subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
