@@ -52,8 +52,8 @@ STALL = 60.0  # seconds: an attempt still running then gives up its places
 SLOW_PLACES = 2  # attempts at once to a destination when it turns slow
 NEW_PLACES = 1  # and to a new one, until its first attempt is over
 # seconds without a quick or new destination's attempt waiting for a place before
-# the slow share borrows their idle places (`Total`): longer than a slow attempt
-# keeps one (QUICK and more)
+# the slow share borrows their idle places (`Total`): about as long as a slow
+# attempt keeps a place (`QUICK` to `STALL`)
 LEND_AFTER = 30.0
 HANDOFFS = 10  # a place passes to the same destination at most this often in a row
 
