@@ -3,6 +3,7 @@
 Postfix with the same routing.
 
     .venv/bin/python bench/world.py [--domains 300] [--messages 20000] [--only sealgate]
+                                    [--until-fast] [--keep]
 
 ``--domains`` recipient domains ``d<N>.test``, each with a server of its own on a
 loopback address (127.1.x.y, one port), served by one process (``world.py serve``):
@@ -28,7 +29,10 @@ latency (sent to received); and for Sealgate the same with every domain fast.
 The world's process also answers the relays' DNS questions (NXDOMAIN: no keys, no
 policies) at once, as a resolver would.
 Targets: the fast domains' p95 within 1.5x of the run without the others, and the
-drain time no longer than Postfix's.  Needs root (Postfix).  Loopback only.
+drain time no longer than Postfix's.  ``--until-fast`` stops each run once every
+fast domain's recipient is delivered: the p95 ratio in about 4 minutes for
+Sealgate instead of 21, without the drain time (for trying a change to the
+queue).  Needs root (Postfix).  Loopback only.
 """
 
 from __future__ import annotations
@@ -235,8 +239,10 @@ def run(
     workdir: Path,
     ca: Path,
     timeout: float,
+    until_fast: bool = False,
 ) -> tuple[float | None, float, int, int]:
-    """(drain seconds or None, fast p95 seconds, delivered, deliverable)."""
+    """(drain seconds or None, fast p95 seconds, delivered, deliverable); with
+    ``until_fast``, over once every fast domain's recipient is delivered."""
     plan_file = workdir / "plan.json"
     plan_file.write_text(json.dumps(recipients))
     deliverable = {
@@ -244,6 +250,12 @@ def run(
         for rcpts in recipients
         for r in rcpts
         if kind_of[int(r.split("@d")[1].split(".")[0])] in DELIVERABLE
+    }
+    fast_ones = {
+        r
+        for rcpts in recipients
+        for r in rcpts
+        if kind_of[int(r.split("@d")[1].split(".")[0])] == "fast"
     }
     started = time.monotonic()
     subprocess.run(
@@ -259,6 +271,8 @@ def run(
         if deliverable <= got:
             drained = time.monotonic() - started
             break
+        if until_fast and fast_ones <= got:
+            break
         if time.monotonic() - told >= PROGRESS_EVERY:  # a run can take an hour
             told = time.monotonic()
             print(
@@ -271,10 +285,12 @@ def run(
     fast = sorted(float(line[2]) for line in lines if line[0] == "fast" and line[2] != "-")
     p95 = fast[int(0.95 * (len(fast) - 1))] if fast else float("nan")
     got = len({line[1] for line in lines} & deliverable)
-    took = f"in {drained:.0f} s" if drained else "NOT within the timeout"
+    took = "drained " + (f"in {drained:.0f} s" if drained else "NOT within the timeout")
+    if until_fast and not drained:
+        took = "stopped once every fast domain's recipient was delivered"
     p50 = statistics.median(fast) if fast else float("nan")
     print(
-        f"  {name}: drained {took} ({got} of {len(deliverable)} deliverable recipients);"
+        f"  {name}: {took} ({got} of {len(deliverable)} deliverable recipients);"
         f" fast domains p50 {p50:.2f} s  p95 {p95:.2f} s",
         flush=True,
     )
@@ -324,6 +340,12 @@ def main() -> int:
     )
     ap.add_argument("--only", choices=("sealgate", "postfix"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument(
+        "--until-fast",
+        action="store_true",
+        help="stop each run once every fast domain's recipient is delivered: the p95 "
+        "ratio in minutes, no drain time",
+    )
     args = ap.parse_args()
     if args.role == "serve":
         import uvloop
@@ -396,6 +418,7 @@ def main() -> int:
                             workdir,
                             ca_file,
                             args.timeout,
+                            args.until_fast,
                         )
                 finally:
                     world.stop()
@@ -415,7 +438,15 @@ def main() -> int:
                 world = World(workdir, args, False, chain, key)
                 try:
                     results["postfix"] = run(
-                        "postfix", pf_port, world, recipients, mixed, workdir, ca_file, args.timeout
+                        "postfix",
+                        pf_port,
+                        world,
+                        recipients,
+                        mixed,
+                        workdir,
+                        ca_file,
+                        args.timeout,
+                        args.until_fast,
                     )
                 finally:
                     world.stop()
@@ -428,7 +459,9 @@ def main() -> int:
                 f"  fast domains' p95 beside the others / alone: {ratio:.2f} (target <= 1.5: {met})"
             )
         pf = results.get("postfix")
-        if ours and pf and ours[0] and pf[0]:
+        if args.until_fast:
+            print("  drain time: not measured (--until-fast)")
+        elif ours and pf and ours[0] and pf[0]:
             met = "met" if ours[0] <= pf[0] else "NOT met"
             print(f"  drain time sealgate / postfix: {ours[0] / pf[0]:.2f} (target <= 1.0: {met})")
         elif ours and pf and (ours[0] or pf[0]):
