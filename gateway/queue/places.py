@@ -74,7 +74,7 @@ class Share:
         """A place; how many times in a row it has passed to ``key`` (0: a place
         given in turn).  ``slow``: for a slow destination's attempt (`Total` counts
         them apart from the others')."""
-        if self.used < self.limit and not self._waiting:
+        if not self.full:
             self.used += 1
             self._changed()
             return 0
@@ -91,6 +91,11 @@ class Share:
             elif entry in self._waiting:  # (`_wake` drops a cancelled one it meets)
                 self._waiting.remove(entry)
             raise
+
+    @property
+    def full(self) -> bool:
+        """An `acquire` now would wait."""
+        return self.used >= self.limit or bool(self._waiting)
 
     def force(self) -> None:
         self.used += 1
@@ -168,7 +173,7 @@ class Total(Share):
             self.turned_slow()
             return passed
         self._others_asking += 1
-        if self.used >= self.limit or self._waiting:
+        if self.full:
             self._waited = self._clock()
         self._changed()  # the loan shrinks back to the slow share's own at once
         try:
