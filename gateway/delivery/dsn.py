@@ -134,6 +134,12 @@ def build_dsn(
             )
         if retry_until is not None:
             status_fields.append(f"Will-Retry-Until: {email.utils.format_datetime(retry_until)}")
+    # a field holding UTF-8 (an address of type utf-8, a remote reply) makes the
+    # report a message/global-delivery-status (RFC 6533 6.2), and so the
+    # multipart/report's report-type (RFC 6522)
+    report = (
+        "delivery-status" if all(f.isascii() for f in status_fields) else "global-delivery-status"
+    )
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -142,7 +148,7 @@ def build_dsn(
         f"Message-ID: <{queue_id}.{secrets.token_hex(4)}.dsn@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        "Content-Type: multipart/report; report-type=delivery-status;",
+        f"Content-Type: multipart/report; report-type={report};",
         f'\tboundary="{boundary}"',
     ]
     if message_id:
@@ -156,7 +162,7 @@ def build_dsn(
         "",
         "\r\n".join(human),
         f"--{boundary}",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{report}",
         "",
         "\r\n".join(status_fields),
         "",

@@ -17,10 +17,18 @@ from email.message import EmailMessage
 from gateway.config import PortalConfig
 
 POLICY = email.policy.SMTP  # CRLF line ends, as sent
+# for a message to or from an address that is not ASCII: such an address goes into
+# the headers as UTF-8 (RFC 6532) - an encoded word may not stand in an address
+# (RFC 2047 5) - and the message is sent with SMTPUTF8 (`mail_options_for`)
+POLICY_UTF8 = email.policy.SMTPUTF8
+
+
+def _policy(*addresses: str) -> email.policy.Policy:
+    return POLICY if all(a.isascii() for a in addresses) else POLICY_UTF8
 
 
 def _base(config: PortalConfig, sender: str, to: str, subject: str, domain: str) -> EmailMessage:
-    msg = EmailMessage(policy=POLICY)
+    msg = EmailMessage(policy=_policy(sender, to))
     # an Address, not formataddr's string: a name with specials that is not ASCII
     # came out of that as an encoded word the header registry decoded and then
     # folded unquoted ("... <Nachsorge>" took the place of the sender's address)
@@ -64,7 +72,7 @@ def notification(
     boundary = f"=_sealgate_{secrets.token_hex(16)}"
     head = (
         _from(org, sender)
-        + _header("To", recipient)
+        + (_header("To", recipient) if recipient.isascii() else f"To: {recipient}\r\n")
         + _subject(config.notification_subject)
         + f"Date: {email.utils.format_datetime(datetime.datetime.now(datetime.UTC))}\r\n"
         + f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n"
@@ -75,7 +83,7 @@ def notification(
     part = 'Content-Type: text/{}; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable'
     return b"".join(
         (
-            head.encode("ascii"),
+            head.encode(),  # (ASCII but for an address that is not: RFC 6532)
             f"--{boundary}\r\n{part.format('plain')}\r\n\r\n".encode(),
             _qp(text),
             f"\r\n--{boundary}\r\n{part.format('html')}\r\n\r\n".encode(),
@@ -135,7 +143,7 @@ def reply(
 ) -> bytes:
     """From the portal's address on the recipient's behalf (their own domain's SPF and
     DMARC would fail from here), Reply-To the recipient, to the original sender."""
-    msg = EmailMessage(policy=POLICY)
+    msg = EmailMessage(policy=_policy(sender, recipient, original_sender))
     msg["From"] = Address(f"{recipient} via {config.organization} secure portal", addr_spec=sender)
     msg["Reply-To"] = recipient
     msg["To"] = original_sender

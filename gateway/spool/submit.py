@@ -105,7 +105,9 @@ class Submitter:
         extra: dict[str, Any] | None = None,
     ) -> str:
         """A message Sealgate writes itself (a DSN, a portal notification, code or
-        reply), made durable and queued; its queue id."""
+        reply), made durable and queued; its queue id.  Its MAIL parameters are
+        what its addresses and bytes need (`mail_options_for`)."""
+        recipients = tuple(recipients)
         submission = self.begin()
         await submission.write(data)
         now = datetime.datetime.now(datetime.UTC)
@@ -115,7 +117,7 @@ class Submitter:
                 queue_id=submission.queue_id,
                 received_at=now.isoformat(timespec="microseconds"),
                 mail_from=sender,
-                mail_options=(),
+                mail_options=mail_options_for(sender, recipients, data),
                 recipients=tuple(Recipient(r) for r in recipients),
                 client=client,
                 size=size,
@@ -126,3 +128,16 @@ class Submitter:
             )
         )
         return envelope.queue_id
+
+
+def mail_options_for(sender: str, recipients: Iterable[str], data: bytes) -> tuple[str, ...]:
+    """The MAIL parameters a message of Sealgate's own needs: SMTPUTF8 when an address
+    is not ASCII (RFC 6531 - its headers then carry the address as UTF-8, RFC 6532;
+    without it the queue would set the message aside as the listener refuses such
+    an envelope), BODY=8BITMIME when its bytes are not all ASCII (RFC 6152)."""
+    options: tuple[str, ...] = ()
+    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+        options += ("SMTPUTF8",)
+    if not data.isascii():
+        options += ("BODY=8BITMIME",)
+    return options

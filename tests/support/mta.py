@@ -25,6 +25,7 @@ class Received:
     connection: int = 0  # which connection (1, 2, ...) carried it
     requiretls: bool = False  # MAIL FROM carried REQUIRETLS (RFC 8689)
     dsn: list[str] = field(default_factory=list)  # DSN parameters of MAIL and RCPTs
+    mail_options: list[str] = field(default_factory=list)  # MAIL's parameters
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RecipientMta:
                     server.connection_number,
                     getattr(envelope, "requiretls", False),
                     list(getattr(envelope, "dsn", [])),
+                    list(envelope.mail_options),
                 )
             )
         if self.close_after_data:

@@ -27,7 +27,12 @@ def code_in(data: bytes) -> str:
 
 @pytest.fixture
 async def portal(gateway_factory, world, pki, tmp_path):
-    async def start(policy: str | None = None, message: bytes | None = None, **overrides):
+    async def start(
+        policy: str | None = None,
+        message: bytes | None = None,
+        recipient: str = "patient@plain.test",
+        **overrides,
+    ):
         plain = await world.mta("mx.plain.test", "127.0.0.93", cert=None)
         world.dns.add("plain.test", "MX", "10 mx.plain.test.")
         leaf = pki.ca.issue_cert("127.0.0.1")
@@ -44,7 +49,10 @@ async def portal(gateway_factory, world, pki, tmp_path):
         )
         async with smtp_client(gw) as client:
             _, reply = await client.sendmail(
-                "doctor@clinic.test", ["patient@plain.test"], message or make_message("Biopsy")
+                "doctor@clinic.test",
+                [recipient],
+                message or make_message("Biopsy"),
+                mail_options=[] if recipient.isascii() else ["SMTPUTF8"],
             )
         await wait_until(lambda: plain.received, what="the notification")
         context = ssl.create_default_context(cafile=str(pki.ca_file))
