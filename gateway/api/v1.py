@@ -53,7 +53,7 @@ from gateway.smtp.passphrase import PassphraseFilter
 from gateway.smtp.server import received_header
 from gateway.spool import Spool
 from gateway.spool.store import is_queue_id
-from gateway.spool.submit import Submitter
+from gateway.spool.submit import Submitter, mail_options_for
 from gateway.storage.stores import Storage
 
 log = get_logger("gateway.api.v1")
@@ -390,7 +390,9 @@ class MessagesApi:
                     queue_id=queue_id,
                     received_at=now.isoformat(timespec="microseconds"),
                     mail_from=composed.sender,
-                    mail_options=("SMTPUTF8",) if not _ascii(composed) else (),
+                    mail_options=mail_options_for(
+                        composed.sender, composed.recipients, composed.data
+                    ),
                     recipients=tuple(Recipient(r) for r in composed.recipients),
                     client=client,
                     size=size,
@@ -549,7 +551,3 @@ class MessagesApi:
         except ValueError as e:
             raise Problem(422, "Unprocessable Content", str(e)[:300]) from None
         return _json("200 OK", found)
-
-
-def _ascii(composed: Composed) -> bool:
-    return composed.sender.isascii() and all(r.isascii() for r in composed.recipients)

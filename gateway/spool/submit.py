@@ -131,9 +131,10 @@ class Submitter:
 
 
 def mail_options_for(sender: str, recipients: Iterable[str], data: bytes) -> tuple[str, ...]:
-    """The MAIL parameters a message of Sealgate's own needs: SMTPUTF8 when an address
-    is not ASCII (RFC 6531 - its headers then carry the address as UTF-8, RFC 6532;
-    without it the queue would set the message aside as the listener refuses such
+    """The MAIL parameters a message that came without a MAIL command needs
+    (Sealgate's own, or one submitted through the API): SMTPUTF8 when an address is
+    not ASCII (RFC 6531; its headers may then name it in UTF-8, RFC 6532 - and
+    without it the queue would set the message aside, as the listener refuses such
     an envelope), BODY=8BITMIME when its bytes are not all ASCII (RFC 6152)."""
     options: tuple[str, ...] = ()
     if not (sender.isascii() and all(r.isascii() for r in recipients)):

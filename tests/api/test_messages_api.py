@@ -291,3 +291,19 @@ async def test_explaining_a_message_whose_document_is_slow_to_read_holds_nothing
     phi = explained["message"]["content"]["phi"]  # unreadable: counted as PHI
     assert "took longer to read than the scan allows" in phi["error"]
     assert len(waits) >= 3 and max(waits) < 1.0, waits
+
+
+async def test_a_raw_message_to_an_address_that_is_not_ascii_goes_with_smtputf8_and_8bitmime(
+    gateway_factory, world
+):
+    gw, mx = await start(gateway_factory, world)
+    raw = "From: doctor@clinic.test\nSubject: Befund\n\nGrüße\n".encode()
+    path = "/api/v1/messages?to=pati%C3%ABnt%40dest.test"
+    headers = {"Content-Type": "message/rfc822"}
+    status, _, body = await api.call(gw, "POST", path, "ehr", data=raw, headers=headers)
+    assert status == 202, body
+    await wait_until(lambda: mx.received, what="the message")
+    (sent,) = mx.received
+    assert sent.rcpt_tos == ["patiënt@dest.test"]
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(sent.mail_options)
+    assert sent.data.endswith("Grüße\r\n".encode())
