@@ -132,12 +132,14 @@ class Submitter:
 
 def mail_options_for(sender: str, recipients: Iterable[str], data: bytes) -> tuple[str, ...]:
     """The MAIL parameters a message that came without a MAIL command needs
-    (Sealgate's own, or one submitted through the API): SMTPUTF8 when an address is
-    not ASCII (RFC 6531; its headers may then name it in UTF-8, RFC 6532 - and
-    without it the queue would set the message aside, as the listener refuses such
-    an envelope), BODY=8BITMIME when its bytes are not all ASCII (RFC 6152)."""
+    (Sealgate's own, or one submitted through the API): SMTPUTF8 when an address or
+    the header section is not ASCII (RFC 6531, RFC 6532: a header may name such an
+    address only in UTF-8 - and without SMTPUTF8 the queue would set the message
+    aside, as the listener refuses such an envelope), BODY=8BITMIME when its bytes
+    are not all ASCII (RFC 6152)."""
     options: tuple[str, ...] = ()
-    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+    addresses = sender.isascii() and all(r.isascii() for r in recipients)
+    if not (addresses and data.partition(b"\r\n\r\n")[0].isascii()):
         options += ("SMTPUTF8",)
     if not data.isascii():
         options += ("BODY=8BITMIME",)
