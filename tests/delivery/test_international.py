@@ -12,6 +12,7 @@ from email.policy import SMTPUTF8
 from gateway.delivery.dsn import ReportedRecipient, build_dsn
 from gateway.spool.submit import mail_options_for
 from tests.conftest import make_message, smtp_client
+from tests.support.delivery import refusing_and_sender
 from tests.support.portal import code_in, request_code
 from tests.support.world import wait_until
 
@@ -46,14 +47,7 @@ async def test_a_portal_recipient_whose_address_is_not_ascii_gets_the_notice_and
 async def test_a_bounce_to_a_sender_whose_address_is_not_ascii_reaches_the_sender(
     gateway_factory, world
 ):
-    await world.mta(
-        "mx.plain.test",
-        "127.0.0.96",
-        rcpt_replies={"gone@plain.test": "550 5.1.1 No such user"},
-    )
-    clinic = await world.mta("mx.clinic.test", "127.0.0.97")
-    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    _, clinic = await refusing_and_sender(world, "127.0.0.96", "127.0.0.97")
     gw = await gateway_factory(world.config())
     async with smtp_client(gw) as client:
         await client.sendmail(

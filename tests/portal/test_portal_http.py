@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import make_message, run_sealgate, smtp_client
 from tests.support.clock import Clock
+from tests.support.delivery import refusing_and_sender
 from tests.support.portal import csrf_of, request_code
 from tests.support.world import wait_until
 
@@ -135,15 +136,7 @@ async def test_sign_out_needs_the_session_s_token_and_ends_the_session(portal):
 async def test_a_notification_that_bounces_is_reported_to_the_original_sender(
     gateway_factory, world
 ):
-    gone = await world.mta(
-        "mx.plain.test",
-        "127.0.0.94",
-        cert=None,
-        rcpt_replies={"gone@plain.test": "550 5.1.1 No such user"},
-    )
-    clinic = await world.mta("mx.clinic.test", "127.0.0.95")
-    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
-    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gone, clinic = await refusing_and_sender(world, "127.0.0.94", "127.0.0.95", cert=None)
     gw = await gateway_factory(world.config())
     async with smtp_client(gw) as client:
         await client.sendmail("doctor@clinic.test", ["gone@plain.test"], make_message("Biopsy"))

@@ -29,6 +29,22 @@ async def send(gw, rcpts, sender="doctor@clinic.test"):
     return path.name
 
 
+async def refusing_and_sender(world, plain_ip: str, clinic_ip: str, **plain):
+    """mx.plain.test, which refuses gone@plain.test (550 5.1.1), and the sender's own
+    mx.clinic.test, where its DSNs arrive; both in DNS.  ``plain``: more of the
+    first one's settings (``cert=None``: no STARTTLS)."""
+    gone = await world.mta(
+        "mx.plain.test",
+        plain_ip,
+        rcpt_replies={"gone@plain.test": "550 5.1.1 No such user"},
+        **plain,
+    )
+    clinic = await world.mta("mx.clinic.test", clinic_ip)
+    world.dns.add("plain.test", "MX", "10 mx.plain.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    return gone, clinic
+
+
 def done(gw, queue_id) -> bool:
     message = gw.queue.store.message(queue_id)
     return bool(message and message["done"])
