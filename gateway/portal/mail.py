@@ -23,7 +23,7 @@ POLICY = email.policy.SMTP  # CRLF line ends, as sent
 POLICY_UTF8 = email.policy.SMTPUTF8
 
 
-def _policy(*addresses: str) -> email.policy.Policy:
+def _policy(*addresses: str) -> email.policy.EmailPolicy[EmailMessage]:
     return POLICY if all(a.isascii() for a in addresses) else POLICY_UTF8
 
 
@@ -72,7 +72,7 @@ def notification(
     boundary = f"=_sealgate_{secrets.token_hex(16)}"
     head = (
         _from(org, sender)
-        + (_header("To", recipient) if recipient.isascii() else f"To: {recipient}\r\n")
+        + _header("To", recipient, _policy(recipient))
         + _subject(config.notification_subject)
         + f"Date: {email.utils.format_datetime(datetime.datetime.now(datetime.UTC))}\r\n"
         + f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n"
@@ -93,12 +93,15 @@ def notification(
     )
 
 
-def _header(name: str, value: str | Address) -> str:
-    """``name: value`` and its line end, encoded (RFC 2047) and folded as
-    `EmailMessage` does when it needs to be."""
+def _header(
+    name: str, value: str | Address, policy: email.policy.EmailPolicy[EmailMessage] = POLICY
+) -> str:
+    """``name: value`` and its line end, encoded (RFC 2047; under `POLICY_UTF8` an
+    address that is not ASCII stays UTF-8) and folded as `EmailMessage` does when it
+    needs to be."""
     if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) <= 70:
         return f"{name}: {value}\r\n"  # as it is: nothing to encode or fold
-    return str(POLICY.header_factory(name, value).fold(policy=POLICY))
+    return str(policy.header_factory(name, value).fold(policy=policy))
 
 
 @functools.lru_cache(maxsize=64)
