@@ -38,6 +38,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from gateway.addresses import header_is_ascii
 from gateway.delivery.pipelining import pipelined
 from gateway.delivery.results import HostFailure, Outcome, RecipientResult, SessionEvidence
 from gateway.delivery.router import NextHop, Routed
@@ -631,13 +632,21 @@ async def _end_pipelined(smtp: aiosmtplib.SMTP, data_reply: aiosmtplib.SMTPRespo
 
 
 def _needs_smtputf8(message: _Message, evidence: SessionEvidence) -> bool:
-    """For a server without SMTPUTF8: bounce (5.6.7) the recipients whose address is
-    not ASCII - every one when the sender's is not.  True when none is left."""
+    """For a server without SMTPUTF8 (RFC 6531 3.4: an internationalized message is
+    not sent to it): bounce (5.6.7) the recipients whose address is not ASCII - every
+    one when the sender's is not, or when the message came with SMTPUTF8 and its
+    header section holds UTF-8 (an address or a phrase in a header field, RFC 6532;
+    as Postfix does).  True when none is left."""
     why = f"{evidence.mx_host} does not support SMTPUTF8 (RFC 6531), needed for "
+    whose = ""
+    if not message.sender.isascii():
+        whose = "the sender's address"
+    elif message.smtputf8 and not header_is_ascii(message.data):
+        whose = "the message's header fields"
     for rcpt in message.recipients:
-        if not message.sender.isascii() or not rcpt.isascii():
-            whose = "the sender's address" if not message.sender.isascii() else "this address"
-            message.results[rcpt] = RecipientResult(rcpt, "bounced", "5.6.7", why + whose, evidence)
+        if whose or not rcpt.isascii():
+            because = why + (whose or "this address")
+            message.results[rcpt] = RecipientResult(rcpt, "bounced", "5.6.7", because, evidence)
     return all(r in message.results for r in message.recipients)
 
 

@@ -18,6 +18,7 @@ import datetime
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from gateway.addresses import header_is_ascii
 from gateway.errors import SpoolError
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool.store import Spool, SpoolWriter, new_queue_id
@@ -139,7 +140,7 @@ def mail_options_for(sender: str, recipients: Iterable[str], data: bytes) -> tup
     are not all ASCII (RFC 6152)."""
     options: tuple[str, ...] = ()
     addresses = sender.isascii() and all(r.isascii() for r in recipients)
-    if not (addresses and data.partition(b"\r\n\r\n")[0].isascii()):
+    if not (addresses and header_is_ascii(data)):
         options += ("SMTPUTF8",)
     if not data.isascii():
         options += ("BODY=8BITMIME",)

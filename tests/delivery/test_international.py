@@ -90,6 +90,8 @@ def test_sealgate_s_own_mail_asks_for_what_its_addresses_and_bytes_need():
     assert mail_options_for("", [PATIENT], b"ascii") == ("SMTPUTF8",)
     assert mail_options_for("ärztin@clinic.test", ["a@b.test"], b"x") == ("SMTPUTF8",)
     assert mail_options_for("", ["a@b.test"], "\r\n\r\nGrüße".encode()) == ("BODY=8BITMIME",)
+    # (an API message may end its lines with LF alone: its body is still its body)
+    assert mail_options_for("", ["a@b.test"], "S: x\n\nGrüße".encode()) == ("BODY=8BITMIME",)
     # a header naming such an address (a portal reply's Reply-To) needs SMTPUTF8 too
     head = f"Reply-To: {PATIENT}\r\n\r\nDanke\r\n".encode()
     assert mail_options_for("", ["a@b.test"], head) == ("SMTPUTF8", "BODY=8BITMIME")

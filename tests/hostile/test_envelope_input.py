@@ -26,12 +26,15 @@ async def tls_session(gw, helo: bytes = b"EHLO client.test") -> RawSmtp:
     return s
 
 
-async def send_ok(s: RawSmtp, rcpt: str = "r@tls.test", mail: str = PLAIN_MAIL) -> str:
+async def send_ok(
+    s: RawSmtp, rcpt: str = "r@tls.test", mail: str = PLAIN_MAIL, message: bytes | None = None
+) -> str:
     """A whole transaction that must succeed; the queue id."""
     for command, code in ((mail, "250"), (f"RCPT TO:<{rcpt}>", "250"), ("DATA", "354")):
         reply = await s.command(command.encode() + b"\r\n")
         assert reply.startswith(code), (command, reply)
-    reply = await s.command(make_message().replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
+    message = make_message() if message is None else message
+    reply = await s.command(message.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")
     assert reply.startswith("250 2.0.0 Ok: queued as "), reply
     return reply.split()[-1]
 
@@ -194,3 +197,23 @@ async def test_a_utf8_address_for_a_server_without_smtputf8_bounces_with_5_6_7(r
     await wait_until(lambda: sender.received, what="the DSN")
     assert old.received == []
     assert "Status: 5.6.7" in sender.received[0].data.decode()
+
+
+async def test_utf8_header_fields_for_a_server_without_smtputf8_bounce_with_5_6_7(relay, world):
+    """RFC 6531 3.4: an internationalized message - here an ASCII envelope, but a From
+    naming a UTF-8 address (RFC 6532) - is not sent to a server without SMTPUTF8.  A
+    message that asked for SMTPUTF8 but is ASCII throughout still goes, without it."""
+    gw, dest, sender = await relay()
+    old = await world.mta("mx.old.test", "127.0.0.45", utf8=False)  # no SMTPUTF8
+    world.dns.add("old.test", "MX", "10 mx.old.test.")
+    utf8_from = make_message().replace(b"From: sender@", "From: Ärztin <ärztin@".encode())
+    s = await tls_session(gw)
+    await send_ok(s, "one@old.test", UTF8_MAIL, utf8_from)
+    await send_ok(s, "two@old.test", UTF8_MAIL)
+    await s.close()
+    await wait_until(lambda: sender.received and old.received, what="the DSN and the other")
+    dsn = sender.received[0].data.decode()
+    assert "Status: 5.6.7" in dsn and "one@old.test" in dsn
+    assert "needed for the message's header fields" in dsn
+    assert [m.rcpt_tos for m in old.received] == [["two@old.test"]]
+    assert "SMTPUTF8" not in old.received[0].mail_options
