@@ -233,8 +233,9 @@ class Gateway:
         self.spool.recycler = Recycler(
             self.spool.free_dir, worker_count(cfg), cfg.spool.min_free_space
         )
-        if worker_count(cfg) <= 1:  # this process accepts the mail (no SMTP workers)
-            self.spool.reuse = Reuse(self.spool.free_dir, 0)
+        # this process writes its own mail and the API's (and accepts the SMTP mail
+        # too when there are no SMTP workers)
+        self.spool.reuse = Reuse(self.spool.free_dir, self.spool.recycler.own)
 
     async def _start_integrations(self, queue: QueueManager, delivery: DeliveryAgent) -> None:
         """What delivery reports to before the queue starts: TLS-RPT's counts,

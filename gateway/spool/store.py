@@ -42,7 +42,9 @@ commits less.  A done message's file is overwritten with zeros as it is recycled
 (nothing of it can be read under ``free/``; the pages rarely reach the disk before
 the next message overwrites them), only files up to `RECYCLE_SIZE` are kept, at
 most `RECYCLE_KEEP` files and `RECYCLE_BYTES` per writer, none while the disk is
-short of space.  The pool should hold what the queue holds at a busy time: when it
+short of space.  The writers are the SMTP workers and the main process, which
+writes Sealgate's own mail and the API's: each file goes back to the kind of
+writer that wrote it (`Recycler`).  The pool should hold what the queue holds at a busy time: when it
 runs dry, every further message is a new file - on the benchmark machine's ext4
 (no journal: each new inode is checked against those deleted in the last minutes)
 creating them was 12.6 % of all CPU samples of a relay run, about 1 ms a file.  One
@@ -140,6 +142,9 @@ class Spool:
         self.messages = 0
         self.bytes = 0
         self._count_lock = threading.Lock()  # removals may run in another thread
+        # with a recycler (the main process): the messages it wrote itself - its own
+        # mail and the API's - whose files go back to its own pool when they are done
+        self._written: set[str] = set()
         # the batch being formed: each commit, its caller's future, whether it is small
         self._batch: list[tuple[Callable[[], object], asyncio.Future[object], bool]] = []
         # an SMTP worker's: batches of small commits run on the event loop
@@ -292,8 +297,9 @@ class Spool:
                 size = read_envelope(path).size
             except SpoolError:
                 size = 0
+        own = self._forget_written(queue_id)
         with contextlib.suppress(FileNotFoundError):
-            if self.recycler is None or not self.recycler.take(path, queue_id):
+            if self.recycler is None or not self.recycler.take(path, queue_id, own):
                 os.unlink(path)
             with self._count_lock:
                 self.messages = max(0, self.messages - 1)
@@ -309,6 +315,7 @@ class Spool:
             return
         fsync_dir(self.quarantine_dir)
         fsync_dir(self.queue_dir)
+        self._forget_written(queue_id)
         with self._count_lock:
             self.messages = max(0, self.messages - 1)
             self.bytes = max(0, self.bytes - size)
@@ -319,9 +326,25 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     def note_committed(self, size: int) -> None:
+        """A message committed (by a worker, which said so, or here)."""
         with self._count_lock:
             self.messages += 1
             self.bytes += size
+
+    def note_written(self, queue_id: str, size: int) -> None:
+        """A message committed by this process's own writer."""
+        self.note_committed(size)
+        if self.recycler is not None:  # the main process: it recycles its own files
+            with self._count_lock:
+                self._written.add(queue_id)
+
+    def _forget_written(self, queue_id: str) -> bool:
+        """Whether this process wrote the message; forgotten from here on."""
+        with self._count_lock:
+            if queue_id not in self._written:
+                return False
+            self._written.discard(queue_id)
+            return True
 
 
 class SpoolWriter:
@@ -407,7 +430,7 @@ class SpoolWriter:
         except OSError as e:
             await self.abort()
             raise SpoolError(f"cannot commit {self.queue_id}: {e.strerror or e}") from e
-        self.spool.note_committed(self._size)
+        self.spool.note_written(self.queue_id, self._size)
         return envelope
 
     def _abandoned(self, step: asyncio.Future[object]) -> None:
@@ -415,7 +438,7 @@ class SpoolWriter:
         if step.cancelled() or step.exception() is not None:
             self.abort_soon()
         else:
-            self.spool.note_committed(self._size)
+            self.spool.note_written(self.queue_id, self._size)
             _UNDOING.run(self.spool.run_io(self.spool.remove, self.queue_id, self._size))
 
     def abort_soon(self) -> None:
@@ -567,15 +590,21 @@ def _clear_free(free_dir: Path) -> None:
 
 class Recycler:
     """The main process's side: done messages' files, overwritten with zeros, go to
-    the writers' ``free/<n>/`` in turn, named ``<queue id>.<size>``; each writer's
-    pool holds at most `RECYCLE_KEEP` files and `RECYCLE_BYTES`, and none is kept
-    while the file system has less than twice ``keep_free`` bytes free (the spool's
-    ``min_free_space``: the queue state and the archive need the room more).  What a
-    writer took is counted again every `RECOUNT_EVERY` turns."""
+    the writers' ``free/<n>/``, named ``<queue id>.<size>``: a file the main process
+    wrote itself (its own mail, the API's) to its own pool (`own`), every other file
+    to the SMTP workers' in turn.  Each writer's pool holds at most `RECYCLE_KEEP`
+    files and `RECYCLE_BYTES`, and none is kept while the file system has less than
+    twice ``keep_free`` bytes free (the spool's ``min_free_space``: the queue state
+    and the archive need the room more).  What a writer took is counted again every
+    `RECOUNT_EVERY` turns."""
 
-    def __init__(self, free_dir: Path, writers: int, keep_free: int = 0):
+    def __init__(self, free_dir: Path, workers: int, keep_free: int = 0):
         self.root = free_dir
-        self.dirs = [free_dir / str(n) for n in range(max(1, writers))]
+        # ``workers`` SMTP worker processes, 0 .. workers - 1, then the main process;
+        # with one worker or none the main process accepts the mail itself: pool 0
+        self._workers = max(1, workers)
+        self.own = workers if workers > 1 else 0
+        self.dirs = [free_dir / str(n) for n in range(max(self._workers, self.own + 1))]
         for d in self.dirs:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.keep_free = keep_free
@@ -586,14 +615,15 @@ class Recycler:
         self._next = 0
         self._lock = threading.Lock()
 
-    def take(self, path: Path, name: str) -> bool:
-        """Recycle the file at ``path``; False when it is not (too large, enough kept,
-        the disk short of space): the caller removes it.  True once the file has left
-        ``queue/``, even when overwriting it failed (it is removed then)."""
+    def take(self, path: Path, name: str, own: bool = False) -> bool:
+        """Recycle the file at ``path`` (``own``: written by the main process); False
+        when it is not (too large, enough kept, the disk short of space): the caller
+        removes it.  True once the file has left ``queue/``, even when overwriting it
+        failed (it is removed then)."""
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            if size > RECYCLE_SIZE or (n := self._room(size)) is None:
+            if size > RECYCLE_SIZE or (n := self._room(size, own)) is None:
                 return False
             # Zeroed under free/ itself, where no writer looks, then handed to one: a
             # writer never takes a file still being overwritten.  (A crash meanwhile
@@ -620,11 +650,15 @@ class Recycler:
             self._held[n] = max(0, self._held[n] - 1)
             self._held_bytes[n] = max(0, self._held_bytes[n] - size)
 
-    def _room(self, size: int) -> int | None:
-        """The next writer's turn, if its pool has room for a file of ``size``."""
+    def _room(self, size: int, own: bool) -> int | None:
+        """The main process's pool (``own``) or the next worker's turn, if that pool
+        has room for a file of ``size``."""
         with self._lock:
-            n = self._next
-            self._next = (n + 1) % len(self.dirs)
+            if own:
+                n = self.own
+            else:
+                n = self._next
+                self._next = (n + 1) % self._workers
             # Counted per turn, not per file given: a pool found full is counted
             # again too (its writer keeps taking from it).
             self._since_count[n] += 1

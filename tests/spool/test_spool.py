@@ -495,16 +495,48 @@ async def test_recycled_files_are_dealt_to_the_writers_in_turn_and_cleared_at_st
     main = Spool(tmp_path / "spool", io_threads=2)
     main.open()
     main.recycler = Recycler(main.free_dir, 2)
-    envs = [await _store(main, [b"z" * 50]) for _ in range(4)]
+    worker = Spool(tmp_path / "spool", io_threads=2)
+    worker.start_io()
+    envs = [await _store(worker, [b"z" * 50]) for _ in range(4)]
+    worker.close()
     for env in envs:
         main.remove(env.queue_id, env.size)
-    assert [len(list((main.free_dir / str(n)).iterdir())) for n in (0, 1)] == [2, 2]
+    # two SMTP workers' pools, and the main process's own (none of theirs)
+    assert [len(list((main.free_dir / str(n)).iterdir())) for n in (0, 1, 2)] == [2, 2, 0]
     (main.free_dir / "staged-when-it-crashed").write_bytes(b"phi")
     main.close()
     again = Spool(tmp_path / "spool", io_threads=2)
     again.open()
     assert [p for p in again.free_dir.rglob("*") if p.is_file()] == []
     again.close()
+
+
+async def test_the_main_process_writes_its_own_mail_into_files_of_its_own_pool(
+    tmp_path, monkeypatch
+):
+    """Its own mail (a DSN, a portal notification) and the API's go back to its own
+    pool when done, not to the SMTP workers': it writes over them, instead of
+    creating a file for each message."""
+    monkeypatch.setattr("gateway.spool.store.RESCAN_AFTER", 0.0)
+    main = Spool(tmp_path / "spool", io_threads=2)
+    main.open()
+    main.recycler = Recycler(main.free_dir, 2)
+    main.reuse = Reuse(main.free_dir, main.recycler.own)
+    worker = Spool(tmp_path / "spool", io_threads=2)
+    worker.start_io()
+    try:
+        own = await _store(main, [b"a notification\r\n"])
+        relayed = await _store(worker, [b"a message\r\n"])
+        inode = os.stat(main.queue_dir / own.queue_id).st_ino
+        main.remove(own.queue_id, own.size)
+        main.remove(relayed.queue_id, relayed.size)
+        assert [len(list((main.free_dir / str(n)).iterdir())) for n in (0, 1, 2)] == [1, 0, 1]
+        again = await _store(main, [b"the next notification\r\n"])
+        assert os.stat(main.queue_dir / again.queue_id).st_ino == inode
+        assert main.read(again.queue_id)[1] == b"the next notification\r\n"
+    finally:
+        worker.close()
+        main.close()
 
 
 async def test_while_other_sessions_are_open_a_commit_soon_after_a_batch_joins_the_next(
