@@ -44,8 +44,8 @@ the next message overwrites them), only files up to `RECYCLE_SIZE` are kept, at
 most `RECYCLE_KEEP` files and `RECYCLE_BYTES` per writer, none while the disk is
 short of space.  The writers are the SMTP workers and the main process, which
 writes Sealgate's own mail and the API's: each file goes back to the kind of
-writer that wrote it (`Recycler`).  The pool should hold what the queue holds at a busy time: when it
-runs dry, every further message is a new file - on the benchmark machine's ext4
+writer that wrote it (`Recycler`).  The pool should hold what the queue holds at a
+busy time: when it runs dry, every further message is a new file - on the benchmark machine's ext4
 (no journal: each new inode is checked against those deleted in the last minutes)
 creating them was 12.6 % of all CPU samples of a relay run, about 1 ms a file.  One
 daemon relaying 4 rounds of 3,000 x 4 KB (a backlog of ~2,000 at the peak) used
