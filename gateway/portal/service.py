@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.archive.service import ArchiveService, master_keys
+from gateway.batching import Batcher
 from gateway.config import Config, HostPort
 from gateway.delivery.results import Deposited, RecipientResult
 from gateway.events import Event
@@ -40,6 +42,7 @@ from gateway.portal.credentials import (
 from gateway.portal.oidc import OidcClient, OidcError
 from gateway.portal.store import OPEN, CodeCheck, Item, PortalStore
 from gateway.spool.submit import Submit
+from gateway.storage.database import batch
 from gateway.storage.stores import Storage
 from gateway.tls import client_context
 
@@ -74,6 +77,10 @@ class Portal:
         self.store = PortalStore(storage.open("portal"), master_keys(config, True))
         self._shared = storage.shared  # several nodes: rates counted in the store
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="portal")
+        # Deposits made while the one before is committing share one transaction (a
+        # group commit, as the queue's and the archive's writes: a burst of portal
+        # mail waits for one commit, not one each), each in a savepoint of its own
+        self._deposits = Batcher(self._thread, functools.partial(batch, self.store.db))
         self._runner: web.AppRunner | None = None
         self._hasher = ThreadPoolExecutor(2, thread_name_prefix="portal-hash")
         self._checking: dict[str, asyncio.Lock] = {}
@@ -188,15 +195,17 @@ class Portal:
             )
             return RecipientResult(address, "bounced", "5.7.0", why), None
         expires = self.now() + (stay or self.config.portal.expiry)
-        item, token = await self.run(
-            self.store.deposit,
-            envelope.queue_id,
-            address,
-            envelope.mail_from,
-            data,
-            expires,
-            how,
-            envelope.portal_passphrase or None,
+        item, token = await self._deposits.run(
+            functools.partial(
+                self.store.deposit,
+                envelope.queue_id,
+                address,
+                envelope.mail_from,
+                data,
+                expires,
+                how,
+                envelope.portal_passphrase or None,
+            )
         )
         link = f"{self.base_url}/m/{token}"
         note = mail.notification(

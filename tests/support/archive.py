@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from gateway.archive.journal import Archive
@@ -26,11 +27,12 @@ def archive_of(gw: Any) -> Iterator[Archive]:
 
 
 @contextlib.contextmanager
-def refusing(gw: Any, table: str, when: str = "TRUE") -> Iterator[None]:
+def refusing(gw: Any, table: str, when: str = "TRUE", path: Path | None = None) -> Iterator[None]:
     """Until the block ends, inserting a row into ``table`` of the archive's index
-    (SQLite) fails - those for which ``when`` holds (SQL over ``NEW``): a trigger
-    that aborts the statement, as a full disk would.  ``gw``: a running gateway."""
-    path = gw.archive.archive.index.path
+    (SQLite; or of the database at ``path``) fails - those for which ``when`` holds
+    (SQL over ``NEW``): a trigger that aborts the statement, as a full disk would.
+    ``gw``: a running gateway."""
+    path = path or gw.archive.archive.index.path
     assert path is not None, "an archive on SQLite"
     name = f"test_refuses_{table}"
 
