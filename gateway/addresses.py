@@ -44,7 +44,6 @@ _QUOTED_UTF8 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]|[^\x0
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
-_EMPTY_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 class Kind(enum.Enum):
@@ -154,14 +153,6 @@ class EnvelopeProblems:
         if self.other:
             parts.append(self.other)
         return "; ".join(parts)
-
-
-def header_is_ascii(data: bytes) -> bool:
-    """Whether a message's header section (up to its first empty line) is ASCII.  If
-    not - an address or a phrase in UTF-8 (RFC 6532) - it is an internationalized
-    message, which travels only with SMTPUTF8 (RFC 6531 3.4)."""
-    end = _EMPTY_LINE.search(data)
-    return (data[: end.start()] if end else data).isascii()
 
 
 def check_envelope(envelope: Envelope) -> EnvelopeProblems:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.headers import header_section
+
 
 @dataclass(frozen=True)
 class Query:
@@ -110,23 +112,18 @@ def _address_or_domain(
         args.append(value)
 
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+HEADER_LIMIT = 256 * 1024  # a header section longer than this is read this far
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,900}>)", re.I | re.M)
 _SUBJECT = re.compile(rb"^subject:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 
 
-def _header_part(data: bytes) -> bytes:
-    m = _HEADER_END.search(data, 0, 256 * 1024)
-    return data[: m.start() + 2] if m else data[: 256 * 1024]
-
-
 def message_id_of(data: bytes) -> str | None:
-    m = _MESSAGE_ID.search(_header_part(data))
+    m = _MESSAGE_ID.search(header_section(data, HEADER_LIMIT))
     return m.group(1).decode("utf-8", "replace") if m else None
 
 
 def subject_of(data: bytes) -> str:
-    m = _SUBJECT.search(_header_part(data))
+    m = _SUBJECT.search(header_section(data, HEADER_LIMIT))
     if not m:
         return ""
     raw = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip().decode("utf-8", "replace")

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import aiosmtplib
 
-from gateway.addresses import header_is_ascii
 from gateway.delivery.pipelining import pipelined
 from gateway.delivery.results import HostFailure, Outcome, RecipientResult, SessionEvidence
 from gateway.delivery.router import NextHop, Routed
 from gateway.delivery.sessions import Session, SessionCache, SessionKey, quit_session
 from gateway.delivery.tls_policy import TlsLevel
 from gateway.events import Event, TlsFailure
+from gateway.headers import header_is_ascii
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.probe.dane import Tlsa, TlsaStatus, lookup_tlsa

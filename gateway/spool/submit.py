@@ -18,8 +18,8 @@ import datetime
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
-from gateway.addresses import header_is_ascii
 from gateway.errors import SpoolError
+from gateway.headers import header_is_ascii
 from gateway.model import ClientInfo, Envelope, Purpose, Recipient
 from gateway.spool.store import Spool, SpoolWriter, new_queue_id
 
