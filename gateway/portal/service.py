@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import functools
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +39,8 @@ from gateway.portal.credentials import (
     verify_secret,
 )
 from gateway.portal.oidc import OidcClient, OidcError
-from gateway.portal.store import OPEN, CodeCheck, Item, PortalStore
+from gateway.portal.store import OPEN, CodeCheck, Deposit, Item, PortalStore
 from gateway.spool.submit import Submit
-from gateway.storage.database import batch
 from gateway.storage.stores import Storage
 from gateway.tls import client_context
 
@@ -80,7 +78,7 @@ class Portal:
         # Deposits made while the one before is committing share one transaction (a
         # group commit, as the queue's and the archive's writes: a burst of portal
         # mail waits for one commit, not one each), each in a savepoint of its own
-        self._deposits = Batcher(self._thread, functools.partial(batch, self.store.db))
+        self._deposits = Batcher(self._thread, self.store.deposit_all)
         self._runner: web.AppRunner | None = None
         self._hasher = ThreadPoolExecutor(2, thread_name_prefix="portal-hash")
         self._checking: dict[str, asyncio.Lock] = {}
@@ -196,8 +194,8 @@ class Portal:
             return RecipientResult(address, "bounced", "5.7.0", why), None
         expires = self.now() + (stay or self.config.portal.expiry)
         item, token = await self._deposits.run(
-            functools.partial(
-                self.store.deposit,
+            Deposit(
+                self.store,
                 envelope.queue_id,
                 address,
                 envelope.mail_from,

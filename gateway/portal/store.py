@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.archive.sealing import MasterKeys, open_sealed, seal
+from gateway.batching import Outcome
 from gateway.model import PortalAuth
-from gateway.storage.database import Database, Schema
+from gateway.storage.database import Database, Schema, batch
 from gateway.storage.migrations import Versioned, prepare
 
 SCHEMA = Schema("""
@@ -173,6 +174,38 @@ class CodeCheck(enum.Enum):
     REFUSED = "refused"  # the link was locked: not compared
 
 
+@dataclass(eq=False)
+class Deposit:
+    """`PortalStore.deposit` as a job of a batch (`PortalStore.deposit_all`)."""
+
+    store: PortalStore
+    queue_id: str
+    recipient: str
+    sender: str
+    data: bytes
+    expires: float
+    auth: PortalAuth = PortalAuth.CODE
+    passphrase: str | None = None
+    content: str | None = None  # the data's `PortalStore.content_id`, once taken
+
+    def content_id(self) -> str:
+        if self.content is None:
+            self.content = self.store.content_id(self.queue_id, self.data)
+        return self.content
+
+    def __call__(self) -> tuple[Item, str]:
+        return self.store.deposit(
+            self.queue_id,
+            self.recipient,
+            self.sender,
+            self.data,
+            self.expires,
+            self.auth,
+            self.passphrase,
+            self.content_id(),
+        )
+
+
 class PortalStore:
     def __init__(
         self,
@@ -225,14 +258,16 @@ class PortalStore:
         expires: float,
         auth: PortalAuth = PortalAuth.CODE,
         passphrase: str | None = None,
+        content: str | None = None,
     ) -> tuple[Item, str]:
         """Keep ``data`` for ``recipient`` until ``expires``, opened by ``auth``
         (``passphrase``: its Argon2id hash); returns the item and the token of its
-        link (256 random bits; only its digest is stored)."""
+        link (256 random bits; only its digest is stored).  ``content``: the data's
+        `content_id`, when the caller took it already."""
         item_id = f"p-{secrets.token_hex(12)}"
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        content_id = self._content_id(queue_id, data)
+        content_id = content or self.content_id(queue_id, data)
         with self._tx():
             # the row is locked until this commits: a revocation or sweep that would
             # remove the content as unused waits, then sees this item
@@ -266,7 +301,27 @@ class PortalStore:
         assert item is not None
         return item, token
 
-    def _content_id(self, queue_id: str, data: bytes) -> str:
+    def deposit_all(self, jobs: list[Callable[[], Any]]) -> list[Outcome]:
+        """Deposits (`Deposit`s) in one transaction, a savepoint each (`batch`: one
+        that fails fails alone), made in the order of the content rows they lock.  A
+        deposit holds its content's row until the batch commits, so two nodes
+        depositing copies of the same messages at once, each in its own order, could
+        each wait for the other's row (PostgreSQL would end one batch as a deadlock;
+        SQLite has one writer at a time); in one order, one only waits for the other.
+        The outcomes are in the order of ``jobs``."""
+
+        def lock(i: int) -> str:
+            job = jobs[i]
+            return job.content_id() if isinstance(job, Deposit) else ""
+
+        order = sorted(range(len(jobs)), key=lock)
+        outcomes = batch(self.db, [jobs[i] for i in order])
+        in_place: list[Outcome] = [(None, None)] * len(jobs)
+        for i, outcome in zip(order, outcomes, strict=True):
+            in_place[i] = outcome
+        return in_place
+
+    def content_id(self, queue_id: str, data: bytes) -> str:
         """One content for every recipient of the message, by its bytes (a copy
         changed for one recipient is another content) - through a keyed digest, so
         that the store does not tell a reader who guesses a message's bytes whether

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 from gateway.archive.sealing import MasterKeys
 from gateway.model import PortalAuth
-from gateway.portal.store import OPEN, SET_PASSWORD, CodeCheck, PortalStore
+from gateway.portal.store import OPEN, SET_PASSWORD, CodeCheck, Deposit, PortalStore
 from tests.support.clock import Clock
 
 KEYS = MasterKeys("k1", {"k1": os.urandom(32)})
@@ -203,3 +204,52 @@ def test_request_rates_are_counted_together_by_every_connection(connect):
     assert two.hit("ip:192.0.2.7", 3, 60, at + 3) is False  # the fourth, from either
     assert one.hit("ip:198.51.100.1", 3, 60, at + 3) is True  # another address
     assert two.hit("ip:192.0.2.7", 3, 60, at + 21) is True  # the next minute
+
+
+class _Lingering(Deposit):
+    """A deposit that keeps its batch open a while after it (its row locks held)."""
+
+    def __call__(self):
+        made = super().__call__()
+        time.sleep(0.4)
+        return made
+
+
+def test_two_nodes_depositing_the_same_contents_at_once_in_opposite_orders_do_not_deadlock(
+    connect,
+):
+    """Each batch holds its contents' rows until it commits.  Node one is given message
+    A then B, node two B then A: made in that order, each would wait for the row the
+    other holds (PostgreSQL ends one batch as a deadlock).  Made in the order of the
+    rows, one waits for the other and both are kept."""
+    one, two = PortalStore(connect(), KEYS), PortalStore(connect(), KEYS)
+    a, b = ("QA", b"message A"), ("QB", b"message B")
+    later = time.time() + 1000
+
+    def jobs(store, first, second):
+        return [
+            _Lingering(store, q, f"{store is one}-{q}@plain.test", "d@clinic.test", data, later)
+            for q, data in (first, second)
+        ]
+
+    outcomes = {}
+    batches = {"one": (one, jobs(one, a, b)), "two": (two, jobs(two, b, a))}
+
+    def node(name, store, given):
+        outcomes[name] = store.deposit_all(given)
+
+    threads = [threading.Thread(target=node, args=(n, *b)) for n, b in batches.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for name, (_, given) in batches.items():
+        errors = [e for _, e in outcomes[name]]
+        assert errors == [None, None], f"node {name}: {errors}"
+        # the outcomes come back in the order the jobs were given
+        assert [item.queue_id for (item, _), _ in outcomes[name]] == [j.queue_id for j in given]
+    assert {i.recipient for i in one.items_of("QA")} == {
+        "True-QA@plain.test",
+        "False-QA@plain.test",
+    }
+    assert len(two.items_of("QB")) == 2
