@@ -303,6 +303,7 @@ class DeliveryAgent:
         """Carry out each pending recipient's decision; the ones whose mode failed."""
         failed: list[tuple[Addressee, RecipientResult]] = []
         tls: dict[tuple[TlsLevel, tuple[str, ...]], list[Addressee]] = defaultdict(list)
+        portal: list[Addressee] = []
         for row in pending:
             decision = decisions[row.idx]
             if decision.mode is Mode.TLS:
@@ -314,13 +315,11 @@ class DeliveryAgent:
                 else:
                     results[row.idx], made[row.idx] = sent
             elif decision.mode is Mode.PORTAL and self.portal is not None:
-                results[row.idx], deposited = await self.portal.deposit(
-                    envelope, data, row.address, decision.portal_expiry, decision.portal_auth
-                )
-                if deposited is not None:
-                    made[row.idx] = deposited
+                portal.append(row)
             else:
                 results[row.idx] = _not_sent(row.address, decision, causes.get(row.idx))
+        if portal:
+            await self._deposit(envelope, data, portal, decisions, results, made)
         for (level, tags), group in tls.items():
             sent_tls = await self._send(envelope, data, domain, group, level, tags)
             for row, result in zip(group, sent_tls, strict=True):
@@ -329,6 +328,54 @@ class DeliveryAgent:
                 else:
                     results[row.idx] = result
         return failed
+
+    async def _deposit(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rows: list[Addressee],
+        decisions: dict[int, Decision],
+        results: dict[int, RecipientResult],
+        made: dict[int, Encrypted | Deposited],
+    ) -> None:
+        """Keep the message in the portal for ``rows``, all at once (their deposits
+        share one commit); a deposit that fails defers its recipient alone (4.3.0,
+        tried again on the schedule) - the others' results stand, so they are not
+        kept and notified twice."""
+        assert self.portal is not None
+        outcomes = await asyncio.gather(
+            *(
+                self.portal.deposit(
+                    envelope,
+                    data,
+                    row.address,
+                    decisions[row.idx].portal_expiry,
+                    decisions[row.idx].portal_auth,
+                )
+                for row in rows
+            ),
+            return_exceptions=True,
+        )
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error(
+                    Event.DELIVERY_ERROR,
+                    queue_id=envelope.queue_id,
+                    error_type=type(outcome).__name__,
+                    error=str(outcome)[:300],
+                )
+                results[row.idx] = RecipientResult(
+                    row.address,
+                    "deferred",
+                    "4.3.0",
+                    f"the secure portal could not keep the message ({type(outcome).__name__})",
+                )
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome  # cancelled: the attempt is
+            results[row.idx], deposited = outcome
+            if deposited is not None:
+                made[row.idx] = deposited
 
     async def _send_encrypted(
         self,
