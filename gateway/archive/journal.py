@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +173,8 @@ class Archive:
         self._registered: set[str] = set()  # names `register_writes` committed
         self._frontier = merkle.Frontier()
         self._complete_blocks: list[bytes] = []  # roots of full proof blocks (`proofs`)
+        # in a batch's first run: the copies in the archive, as far as its jobs ask
+        self._copies: set[str] | None = None
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         return self.index.db.transaction()
@@ -182,10 +185,33 @@ class Archive:
         when a job of the batch failed - every job here can run again).  The log
         positions for the batch are taken a block at a time (`ArchiveIndex.block`).
         The content a job will store (its ``blob_names()``, if it says) is
-        registered first (`register_writes`)."""
+        registered first (`register_writes`); which of its copies the archive has
+        already is asked once, before any write (`_batch_start`)."""
+        names = [n for job in jobs for n in getattr(job, "blob_names", tuple)()]
         if self._outside:
-            self.register_writes([n for job in jobs for n in getattr(job, "blob_names", tuple)()])
-        return batch(self.index.db, jobs, optimistic=True, around=self.index.block)
+            self.register_writes(names)
+        copies = [n for n in names if n.startswith(COPY_PREFIX)]
+        return batch(
+            self.index.db,
+            jobs,
+            optimistic=True,
+            around=functools.partial(self._batch_start, copies),
+        )
+
+    @contextlib.contextmanager
+    def _batch_start(self, copies: list[str]) -> Iterator[None]:
+        """The start of a batch's first run (in its transaction): log positions a
+        block at a time, and which of ``copies`` the archive has - so that
+        `journal_copy` need not ask each time, which would send the writes kept so
+        far (`Database.write`) and split the batch's multi-row statements.  A run
+        again one job at a time (after a failure) asks each time."""
+        with self.index.block():
+            sql = "SELECT record_id FROM copies WHERE record_id IN ({marks})"
+            self._copies = {r for (r,) in self.index.db.among(sql, copies)}
+            try:
+                yield
+            finally:
+                self._copies = None
 
     # -- content outside the index ----------------------------------------------------------
 
@@ -392,17 +418,23 @@ class Archive:
         record_id = record_id or copy_name(data)
         digest = record_id.removeprefix(COPY_PREFIX)
         db = self.index.db
-        if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
+        known = self._copies
+        if known is None:
+            if db.execute("SELECT 1 FROM copies WHERE record_id=?", (record_id,)).fetchone():
+                return record_id
+        elif record_id in known:
             return record_id
         sealed = seal(data, record_id, self.keys)
         self._register(record_id)
         with self._transaction():
             self._store(record_id, sealed)
             leaf = self._append("copy", record_id, digest, time.time())
-            db.execute(
+            db.write(
                 "INSERT INTO copies VALUES (?,?,?,?,?)",
                 (record_id, queue_id, digest, len(data), leaf),
             )
+        if known is not None:
+            known.add(record_id)
         return record_id
 
     def journal_attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> str:

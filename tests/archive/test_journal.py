@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.archive.journal import Archive, copy_name
 from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
+from gateway.archive.service import _Copy
 from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
 from gateway.storage.database import StorageError
 from tests.support.stores import opener
@@ -267,6 +268,56 @@ def test_a_batch_is_one_transaction_and_a_failing_job_is_undone_alone(archive):
     assert results[0][1] is None and isinstance(results[1][1], RuntimeError)
     assert results[2][0].split("\n")[1] == "7"  # the checkpoint saw the good job only
     assert archive.verify().ok
+
+
+def _copies(archive, record_id: str) -> tuple[int, int]:
+    """(rows in ``copies``, leaves in the log) for one copy."""
+    db = archive.index.db
+    rows = db.execute("SELECT count(*) FROM copies WHERE record_id=?", (record_id,)).fetchone()
+    leaves = db.execute("SELECT count(*) FROM leaves WHERE record_id=?", (record_id,)).fetchone()
+    return int(rows[0]), int(leaves[0])
+
+
+def test_each_copy_of_a_batch_is_kept_once_however_often_it_comes(archive):
+    """A copy the archive has, or one that comes twice in a batch, is kept once - in
+    the batch's first run and in its run again one job at a time after a failure."""
+    old, new, third = b"a copy kept before", b"a new copy", b"a third copy"
+    archive.journal_copy("Q1", old)
+
+    def copy(data: bytes) -> _Copy:
+        return _Copy(archive, "Q1", data, copy_name(data))
+
+    results = archive.batch([copy(old), copy(new), copy(new)])
+    assert results == [(copy_name(old), None), (copy_name(new), None), (copy_name(new), None)]
+
+    def bad():
+        raise RuntimeError("disk full")
+
+    results = archive.batch([copy(third), bad, copy(third), copy(new)])
+    assert [type(e) for _, e in results] == [type(None), RuntimeError, type(None), type(None)]
+    for data in (old, new, third):
+        assert _copies(archive, copy_name(data)) == (1, 1)
+        assert archive.record(copy_name(data)) == data
+    assert archive.verify().ok
+
+
+def test_a_batch_asks_once_which_of_its_copies_the_archive_has(archive):
+    """Not once a copy: each question would first send the writes the batch has kept
+    (`Database.write`) and split its multi-row statements."""
+    connection = archive.index.db._connection
+    if not hasattr(connection, "set_trace_callback"):
+        connection = None  # PostgreSQL: the statements are counted on SQLite
+    asked: list[str] = []
+    if connection is not None:
+        connection.set_trace_callback(asked.append)
+    copies = [b"copy %d" % n for n in range(4)]
+    results = archive.batch([_Copy(archive, "Q1", c, copy_name(c)) for c in copies])
+    if connection is not None:
+        connection.set_trace_callback(None)
+        assert len([sql for sql in asked if "FROM copies WHERE" in sql]) == 1
+        assert len([sql for sql in asked if sql.startswith("INSERT INTO copies")]) == 1
+    assert [e for _, e in results] == [None] * 4
+    assert all(_copies(archive, copy_name(c)) == (1, 1) for c in copies)
 
 
 def test_a_message_whose_blob_was_lost_is_not_counted_as_journaled_and_can_be_again(archive):
