@@ -47,6 +47,16 @@ def test_a_changed_copy_loses_the_original_signature_and_nothing_else():
     signed = sign(message, key) + message
     assert without_signatures(signed) == message
     assert without_signatures(message) == message
+    # only a field of that name goes, in any case; a field that only contains the
+    # name stays, and so does the body's text
+    other = b"X-DKIM-Signature-Note: kept\r\n"
+    head, body = signed.split(b"\r\n\r\n", 1)
+    mixed = head.replace(b"DKIM-Signature:", b"dkim-SIGNATURE:") + b"\r\n" + other + b"\r\n"
+    assert without_signatures(mixed + body) == message.replace(
+        b"\r\n\r\n", b"\r\n" + other + b"\r\n", 1
+    )
+    quoted = message + b"DKIM-Signature: in the body stays\r\n"
+    assert without_signatures(quoted) == quoted
 
 
 def test_keys_are_checked(tmp_path):
