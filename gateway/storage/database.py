@@ -111,6 +111,9 @@ class Database:
         self.auto_migrate = auto_migrate
         self._connection = connection
         self._depth = 0
+        # SQLite: the connection's own wait for locks is off (`_begin_immediate`),
+        # until a statement outside a transaction needs it again (`_waiting`)
+        self._no_wait = False
         self._reconnect: Callable[[], Any] | None = None  # PostgreSQL: a new connection
         # in a transaction: writes not sent yet, in groups (`write`, `_keep`)
         self._deferred: list[tuple[str, list[tuple[Any, ...]]]] = []
@@ -191,7 +194,7 @@ class Database:
         if self.dialect is Dialect.POSTGRESQL:
             with self._server():
                 return self._connection.execute(_postgres_sql(sql), tuple(params))
-        return self._connection.execute(sql, params)
+        return self._waiting().execute(sql, params)
 
     def among(self, sql: str, values: Sequence[Any]) -> Iterator[Any]:
         """The rows of ``sql``, a SELECT whose ``{marks}`` is an ``IN (...)`` list,
@@ -207,7 +210,7 @@ class Database:
             with self._server(), self._connection.cursor() as cursor:
                 cursor.executemany(_postgres_sql(sql), [tuple(r) for r in rows])
         else:
-            self._connection.executemany(sql, rows)
+            self._waiting().executemany(sql, rows)
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> None:
         """A statement whose result nobody reads.  Inside a transaction it is kept
@@ -329,7 +332,7 @@ class Database:
             if statement.strip():  # the last one, without its semicolon
                 self._connection.execute(statement)
         else:
-            self._connection.executescript(script)
+            self._waiting().executescript(script)
 
     def create(self, schema: Schema) -> None:
         self.executescript(schema.for_dialect(self.dialect))
@@ -412,23 +415,36 @@ class Database:
         steps of 0.2 ms growing to 2 ms, up to LOCK_TIMEOUT (then "database is
         locked").  SQLite's own wait sleeps 1, 2, 5, 10, 15, 20, 25 ms... in turn: a
         lock another process held for a millisecond or two (the webhook process's
-        round) cost the queue's writer 5 ms on average, up to 25."""
+        round) cost the queue's writer 5 ms on average, up to 25.
+
+        SQLite's own wait stays off after it, through the transaction (its writes
+        hold the lock) and the next ones, until a statement outside a transaction
+        runs (`_waiting`): a store's thread writing batch after batch sends no
+        PRAGMA between them (two statements, and two hand-backs of the interpreter
+        lock, a transaction)."""
         connection = self._connection
-        connection.execute("PRAGMA busy_timeout=0")
-        try:
-            step, deadline = LOCK_STEP_FIRST, time.monotonic() + LOCK_TIMEOUT
-            while True:
-                try:
-                    connection.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    busy = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
-                    if not busy or time.monotonic() >= deadline:
-                        raise
-                time.sleep(step)
-                step = min(2 * step, LOCK_STEP_MOST)
-        finally:
-            connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
+        if not self._no_wait:
+            connection.execute("PRAGMA busy_timeout=0")
+            self._no_wait = True
+        step, deadline = LOCK_STEP_FIRST, time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                busy = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(step)
+            step = min(2 * step, LOCK_STEP_MOST)
+
+    def _waiting(self) -> Any:
+        """The SQLite connection, its own wait for locks (up to `LOCK_TIMEOUT`) on
+        again for a statement outside a transaction: a read, or a write on its own."""
+        if self._no_wait and not self.in_transaction:
+            self._connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
+            self._no_wait = False
+        return self._connection
 
     @contextlib.contextmanager
     def _begun(self) -> Iterator[None]:

@@ -272,6 +272,48 @@ def test_on_sqlite_a_writer_waits_for_the_lock_no_longer_than_the_timeout(tmp_pa
     assert [r[0] for r in writer.execute("SELECT v FROM t")] == ["held", "writer"]
 
 
+def test_on_sqlite_transactions_one_after_another_send_no_pragma_between_them(tmp_path):
+    """The connection's own wait for locks is turned off once for a run of
+    transactions, and on again only for a statement outside one."""
+    path = tmp_path / "q.db"
+    _table(path)
+    db = Database.sqlite(path)
+    sent: list[str] = []
+    db._connection.set_trace_callback(sent.append)
+    for n in range(3):
+        with db.transaction():
+            db.write("INSERT INTO t(v) VALUES (?)", (str(n),))
+    assert [s for s in sent if "busy_timeout" in s] == ["PRAGMA busy_timeout=0"]
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 3
+    assert [s for s in sent if "busy_timeout" in s][1:] == ["PRAGMA busy_timeout=30000"]
+    db.close()
+
+
+def test_on_sqlite_a_statement_after_a_transaction_waits_for_the_lock_again(tmp_path):
+    """After a transaction of its own, a write outside one waits for another
+    connection's lock (SQLite's own wait, on again), rather than failing at once."""
+    path = tmp_path / "q.db"
+    _table(path)
+    holder, writer = Database.sqlite(path), Database.sqlite(path)
+    with writer.transaction():
+        writer.write("INSERT INTO t(v) VALUES ('first')")
+    held, release, released = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=_holding, args=(holder, held, release, released))
+    thread.start()
+    try:
+        assert held.wait(5)
+        threading.Timer(0.1, release.set).start()
+        writer.execute("INSERT INTO t(v) VALUES ('alone')")
+        done = time.monotonic()
+    finally:
+        release.set()
+        thread.join()
+    assert done >= released[0]
+    assert [r[0] for r in writer.execute("SELECT v FROM t")] == ["first", "held", "alone"]
+    holder.close()
+    writer.close()
+
+
 # the `connect` fixture (tests.support.stores) on its PostgreSQL engine alone
 ON_POSTGRESQL = pytest.mark.parametrize("connect", ["postgresql"], indirect=True)
 
