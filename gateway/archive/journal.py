@@ -39,19 +39,20 @@ from gateway.archive.store import ArchiveIndex, BlobStore, SqlBlobStore
 from gateway.errors import SealgateError
 from gateway.storage.database import StorageError, batch
 
+# made once: `json.dumps` with any argument of its own builds an encoder a call
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_STRING = json.JSONEncoder(ensure_ascii=False).encode
+
 
 def canonical(value: Any) -> bytes:
     """JSON with sorted keys and no spaces: the bytes a commitment is made over."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL(value).encode()
 
 
 def commitment(kind: str, record_id: str, digest: str) -> bytes:
     """What a leaf commits to: ``canonical({"id", "kind", "sha256"})``, written out
     (this runs for every record)."""
-    return (
-        f'{{"id":{json.dumps(record_id, ensure_ascii=False)},"kind":{json.dumps(kind)},'
-        f'"sha256":"{digest}"}}'
-    ).encode()
+    return f'{{"id":{_STRING(record_id)},"kind":{json.dumps(kind)},"sha256":"{digest}"}}'.encode()
 
 
 # -- retention --------------------------------------------------------------------------

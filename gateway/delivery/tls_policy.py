@@ -35,7 +35,7 @@ class TlsLevel(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower().replace("_", "-")
+        return _LABELS[self]
 
     @property
     def attempts_tls(self) -> bool:
@@ -57,3 +57,7 @@ class TlsLevel(enum.IntEnum):
     @property
     def allows_plaintext(self) -> bool:
         return not self.requires_tls
+
+
+# each level's name as configs, logs and evidence write it ("mta-sts"), made once
+_LABELS = {level: level.name.lower().replace("_", "-") for level in TlsLevel}

@@ -22,6 +22,8 @@ import structlog
 
 from gateway.durable import write_file
 
+REDACTED_KEEP = 4096  # addresses whose hash `AddressRedactor` keeps at most
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -82,13 +84,21 @@ class AddressRedactor:
             raise ValueError("hash mode needs a key")
         self.mode = mode
         self._key = key
+        # the hashes of the addresses seen last (a relay writes to the same ones
+        # again and again: an HMAC a log line otherwise)
+        self._hashed: dict[str, str] = {}
 
     def __call__(self, address: str) -> str | None:
         if self.mode == "plain":
             return address
         if self.mode == "omit":
             return None
-        return hash_address(self._key, address)
+        hashed = self._hashed.get(address)
+        if hashed is None:
+            if len(self._hashed) >= REDACTED_KEEP:
+                self._hashed.clear()
+            hashed = self._hashed[address] = hash_address(self._key, address)
+        return hashed
 
 
 def hash_address(key: bytes, address: str) -> str:

@@ -63,6 +63,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -99,6 +100,7 @@ _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten 
 _UNDOING = Background()  # removals of messages given up, held until done
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: no words in queue ids
+_QUEUE_ID = re.compile(f"[{_ALPHABET}]{{16}}")
 
 
 def new_queue_id() -> str:
@@ -112,7 +114,7 @@ def new_queue_id() -> str:
 
 
 def is_queue_id(text: str) -> bool:
-    return len(text) == 16 and all(c in _ALPHABET for c in text)
+    return _QUEUE_ID.fullmatch(text) is not None
 
 
 def _footer(message_len: int, json_len: int) -> bytes:

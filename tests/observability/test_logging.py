@@ -61,3 +61,25 @@ async def test_address_logging_modes(gateway_factory, mode, shown):
     assert event["rcpt"] == ([shown] if shown else None)
     if shown is None:
         assert "example.test" not in json.dumps(logs)
+
+
+def test_the_redactor_keeps_hashes_it_made_and_each_is_the_addresses_own(monkeypatch):
+    """An address seen before gives its hash again without an HMAC; a full store of
+    them starts afresh; every answer is `hash_address`'s."""
+    from gateway.observability import logging as sealgate_logging
+
+    monkeypatch.setattr(sealgate_logging, "REDACTED_KEEP", 3)
+    made: list[str] = []
+    real = sealgate_logging.hash_address
+
+    def counting(key: bytes, address: str) -> str:
+        made.append(address)
+        return real(key, address)
+
+    monkeypatch.setattr(sealgate_logging, "hash_address", counting)
+    redact = sealgate_logging.AddressRedactor("hash", b"k" * 32)
+    addresses = ["a@x.test", "B@x.test", "a@x.test", "c@y.test", "d@y.test", "a@x.test"]
+    assert [redact(a) for a in addresses] == [real(b"k" * 32, a) for a in addresses]
+    # the third is kept; the fifth finds three kept, starts afresh; the sixth was dropped
+    assert made == ["a@x.test", "B@x.test", "c@y.test", "d@y.test", "a@x.test"]
+    assert redact("B@x.test") == real(b"k" * 32, "b@x.test") != redact("c@y.test")
