@@ -28,9 +28,9 @@ event loop instead (`Spool.inline_commits`): a batch of them costs a few fsyncs
 of a few KB each, less than handing it to a thread and back on a busy machine (on
 the 2-core benchmark machine: about half the acceptance latency at 20 sessions, and
 0.15-0.27 ms less of the workers' CPU per message; figures in the README).  A batch
-holding a spilled (large) message goes to a thread, and so does
-every batch for `INLINE_BACKOFF` seconds after one took longer than
-`INLINE_STALL` on the event loop (a slow disk): the other sessions are not held
+holding a spilled (large) message goes to a thread, and so does every batch for
+`INLINE_BACKOFF` seconds while the inline batches' smoothed time is above
+`INLINE_STALL` (a slow disk, not one slow fsync): the other sessions are not held
 up behind it.
 
 Recycled files: a file's inode and blocks are reused instead of freed and allocated
@@ -81,10 +81,12 @@ from gateway.model import Envelope
 MAGIC = b"SEALGATE-SPOOL/1"
 FOOTER_LEN = len(MAGIC) + 1 + 20 + 1 + 20 + 1
 SPILL_THRESHOLD = 256 * 1024
-# `Spool.inline_commits`: a batch that held the event loop longer than this sends the
-# batches of the next `INLINE_BACKOFF` seconds to a thread
-INLINE_STALL = 0.02
-INLINE_BACKOFF = 10.0
+# `Spool.inline_commits`: while the inline batches' smoothed time (each batch weighing
+# `INLINE_WEIGHT`) is above this - a slow disk, not one slow fsync - the batches of the
+# next `INLINE_BACKOFF` seconds go to a thread
+INLINE_STALL = 0.01
+INLINE_WEIGHT = 0.2
+INLINE_BACKOFF = 2.0
 # While other sessions of the process may commit soon (`Spool.siblings`), a commit
 # within this long of the last batch's end waits until then, so that more share a
 # batch and its directory fsync (PostgreSQL's commit_delay, with commit_siblings): a
@@ -152,6 +154,7 @@ class Spool:
         # an SMTP worker's: batches of small commits run on the event loop
         self.inline_commits = False
         self._threaded_until = 0.0
+        self._inline_time = 0.0  # the inline batches' smoothed time (`_submit_batch`)
         self._batch_ended = float("-inf")  # when the last batch of commits ended
         # how many others may commit soon (an SMTP worker: its other sessions); none:
         # commits never wait (`COMMIT_LINGER`)
@@ -243,7 +246,13 @@ class Spool:
             return
         started = time.monotonic()
         self._run_batch(batch, None)
-        if (ended := time.monotonic()) - started > INLINE_STALL:
+        ended = time.monotonic()
+        # Smoothed: one fsync of 20-30 ms (another process's checkpoint, the disk's
+        # hiccup) sent every batch of the next 10 s to a thread - and threaded
+        # commits cost a worker about 0.3 ms of CPU a message more, taken from the
+        # main process's deliveries (the relay 20 % slower until the backoff ended).
+        self._inline_time += INLINE_WEIGHT * (ended - started - self._inline_time)
+        if self._inline_time > INLINE_STALL:
             self._threaded_until = ended + INLINE_BACKOFF
 
     def _run_batch(

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import aiosmtplib
@@ -381,6 +382,46 @@ async def test_a_worker_commits_small_messages_on_its_event_loop_and_large_ones_
         assert threads[0] == loop_thread and threads[1].startswith("spool-io")
         assert spool.read(spool.queue_ids()[0])[1]  # all durable and readable
         assert len(spool.queue_ids()) == 6
+    finally:
+        spool.close()
+
+
+async def test_one_slow_fsync_keeps_a_workers_commits_inline_and_a_slow_disk_does_not(
+    tmp_path, monkeypatch
+):
+    """A batch of 30 ms on the event loop once (another process's checkpoint, the
+    disk's hiccup) leaves the next batches on the event loop - it sent every batch of
+    the next 10 s to a thread, at a cost of CPU a message; batches that stay that
+    slow (a slow disk) go to a thread after a few."""
+    import gateway.spool.store as store
+
+    spool = Spool(tmp_path / "spool", io_threads=2)
+    spool.inline_commits = True
+    spool.open()
+    threads: list[str] = []
+    slow: list[bool] = []
+    real = store.SpoolWriter._commit_sync
+
+    def commit_sync(self, blob):
+        threads.append(threading.current_thread().name)
+        if slow and slow.pop():
+            time.sleep(0.03)
+        real(self, blob)
+
+    monkeypatch.setattr(store.SpoolWriter, "_commit_sync", commit_sync)
+    loop_thread = threading.current_thread().name
+    try:
+        slow.append(True)
+        await _store(spool, [b"held the loop once\r\n"])
+        for i in range(3):
+            await _store(spool, [b"quick %d\r\n" % i])
+        assert threads == [loop_thread] * 4
+        threads.clear()
+        for i in range(4):
+            slow.append(True)
+            await _store(spool, [b"slow %d\r\n" % i])
+        assert threads[0] == loop_thread and threads[-1].startswith("spool-io")
+        assert len(spool.queue_ids()) == 8
     finally:
         spool.close()
 
