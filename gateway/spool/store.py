@@ -84,7 +84,7 @@ SPILL_THRESHOLD = 256 * 1024
 # `Spool.inline_commits`: while the inline batches' smoothed time (each batch weighing
 # `INLINE_WEIGHT`) is above this - a slow disk, not one slow fsync - the batches of the
 # next `INLINE_BACKOFF` seconds go to a thread
-INLINE_STALL = 0.01
+INLINE_STALL = 0.02
 INLINE_WEIGHT = 0.2
 INLINE_BACKOFF = 2.0
 # While other sessions of the process may commit soon (`Spool.siblings`), a commit

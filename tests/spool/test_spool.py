@@ -391,34 +391,34 @@ async def test_one_slow_fsync_keeps_a_workers_commits_inline_and_a_slow_disk_doe
 ):
     """A batch of 30 ms on the event loop once (another process's checkpoint, the
     disk's hiccup) leaves the next batches on the event loop - it sent every batch of
-    the next 10 s to a thread, at a cost of CPU a message; batches that stay that
-    slow (a slow disk) go to a thread after a few."""
+    the next 10 s to a thread, at a cost of CPU a message; batches that stay slow (a
+    slow disk: 50 ms each) go to a thread after a few."""
     import gateway.spool.store as store
 
     spool = Spool(tmp_path / "spool", io_threads=2)
     spool.inline_commits = True
     spool.open()
     threads: list[str] = []
-    slow: list[bool] = []
+    slow: list[float] = []  # how long the next commits take at least
     real = store.SpoolWriter._commit_sync
 
     def commit_sync(self, blob):
         threads.append(threading.current_thread().name)
-        if slow and slow.pop():
-            time.sleep(0.03)
+        if slow:
+            time.sleep(slow.pop())
         real(self, blob)
 
     monkeypatch.setattr(store.SpoolWriter, "_commit_sync", commit_sync)
     loop_thread = threading.current_thread().name
     try:
-        slow.append(True)
+        slow.append(0.03)
         await _store(spool, [b"held the loop once\r\n"])
         for i in range(3):
             await _store(spool, [b"quick %d\r\n" % i])
         assert threads == [loop_thread] * 4
         threads.clear()
         for i in range(4):
-            slow.append(True)
+            slow.append(0.05)
             await _store(spool, [b"slow %d\r\n" % i])
         assert threads[0] == loop_thread and threads[-1].startswith("spool-io")
         assert len(spool.queue_ids()) == 8
