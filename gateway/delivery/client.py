@@ -137,6 +137,25 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def server_text(text: str) -> str:
+    """What a server said (a reply, or an error holding one) as the records keep it.
+    aiosmtplib keeps the bytes of a reply that are not UTF-8 - a server's Latin-1,
+    say - as lone surrogates, which neither SQLite, PostgreSQL nor the archive's
+    UTF-8 can store: the queue's record of a delivery failed, and the message went
+    out again at every retry.  They are written as ``\\xNN`` here."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def failure_text(error: BaseException) -> str:
+    """An error of a session as the records keep it: a refusal as the server said it
+    ("554 5.7.1 ..."; aiosmtplib's own text is a tuple's), anything else as raised."""
+    if isinstance(error, aiosmtplib.SMTPResponseException):
+        return f"{error.code} {server_text(error.message)}"
+    return server_text(str(error))
+
+
 def _status_of(code: int, message: str, fallback: str) -> str:
     head = message.split(" ", 1)[0]
     parts = head.split(".")
@@ -351,7 +370,8 @@ async def _open(
     try:
         smtp = await connect(ip, hop.port, settings.helo_name, settings.connect_timeout)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        return HostFailure("4.4.1", f"connect to {hop.host}[{ip}]:{hop.port} failed: {e}", evidence)
+        why = f"connect to {hop.host}[{ip}]:{hop.port} failed: {failure_text(e)}"
+        return HostFailure("4.4.1", why, evidence)
     if metrics is not None:
         metrics.delivery_connections.labels("new").inc()
     try:
@@ -359,7 +379,8 @@ async def _open(
         await smtp.ehlo()
         secured = await _secure(smtp, hop, level, evidence, settings, tlsa)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-        secured = HostFailure("4.4.2", f"session with {hop.host}[{ip}] failed: {e}", evidence)
+        why = f"session with {hop.host}[{ip}] failed: {failure_text(e)}"
+        secured = HostFailure("4.4.2", why, evidence)
     except BaseException:  # cancelled (shutting down), or a bug: never leave the socket
         smtp.close()
         raise
@@ -395,7 +416,7 @@ async def _use(
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
         session.smtp.close()
         host = f"{evidence.mx_host}[{evidence.ip}]"
-        return HostFailure("4.4.2", f"session with {host} failed: {e}", evidence)
+        return HostFailure("4.4.2", f"session with {host} failed: {failure_text(e)}", evidence)
     except BaseException:  # cancelled mid-transaction (not recorded, retried), or a bug
         session.smtp.close()
         raise
@@ -432,9 +453,8 @@ async def _secure(
         what = (
             "Server certificate not verified" if level.verifies_certificate else "Cannot start TLS"
         )
-        return HostFailure(
-            "4.7.5", f"{what} for {hop.host}[{evidence.ip}]: {e}", evidence, tls_failure_of(e)
-        )
+        why = f"{what} for {hop.host}[{evidence.ip}]: {failure_text(e)}"
+        return HostFailure("4.7.5", why, evidence, tls_failure_of(e))
     sslobj = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
     if sslobj is None:
         return HostFailure(
@@ -541,14 +561,13 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
     if reply.code >= 400:
         # The sender was refused: that is about the whole message on this host.
         await _end_pipelined(smtp, data_reply)
+        said = f"{reply.code} {server_text(reply.message)}"
         status = _status_of(reply.code, reply.message, f"{reply.code // 100}.0.0")
         if reply.code >= 500:
             for rcpt in message.recipients:
-                message.results[rcpt] = RecipientResult(
-                    rcpt, "bounced", status, f"{reply.code} {reply.message}", evidence
-                )
+                message.results[rcpt] = RecipientResult(rcpt, "bounced", status, said, evidence)
             return None
-        return HostFailure(status, f"MAIL FROM refused: {reply.code} {reply.message}", evidence)
+        return HostFailure(status, f"MAIL FROM refused: {said}", evidence)
     accepted = []
     for i, (rcpt, command) in enumerate(rcpts):
         reply = answers[i] if group else await smtp.execute_command(command)
@@ -556,8 +575,9 @@ async def _transaction(  # noqa: C901 - MAIL, RCPT, DATA with their replies, as 
             accepted.append(rcpt)
         else:
             status = _status_of(reply.code, reply.message, f"{reply.code // 100}.1.0")
+            said = f"{reply.code} {server_text(reply.message)}"
             message.results[rcpt] = RecipientResult(
-                rcpt, _outcome(reply.code), status, f"{reply.code} {reply.message}", evidence
+                rcpt, _outcome(reply.code), status, said, evidence
             )
     if not accepted:
         await _end_pipelined(smtp, data_reply)
@@ -665,7 +685,7 @@ async def _data(
     if reply is None:
         reply = await smtp.execute_command(b"DATA")
     if reply.code != 354:
-        return reply.code, reply.message
+        return reply.code, server_text(reply.message)
     if smtp.protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
     if sum(map(len, wire)) <= _JOIN_BELOW:
@@ -674,4 +694,4 @@ async def _data(
         for piece in wire:
             smtp.protocol.write(piece)
     reply = await smtp.protocol.read_response(timeout=smtp.timeout)
-    return reply.code, reply.message
+    return reply.code, server_text(reply.message)

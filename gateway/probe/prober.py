@@ -38,6 +38,7 @@ from gateway.config import Config
 from gateway.delivery.client import (
     addresses_of,
     connect,
+    failure_text,
     presented_chain,
     tls_context,
     tls_failure_of,
@@ -287,11 +288,11 @@ class Prober:
                 ip, hop.port, self.settings.helo_name, self.settings.connect_timeout
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            return f"{hop.host}[{ip}]:{hop.port}: {e}"
+            return f"{hop.host}[{ip}]:{hop.port}: {failure_text(e)}"
         try:
             return await self._session(smtp, hop, verify)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            return f"{hop.host}[{ip}]:{hop.port}: {e}"
+            return f"{hop.host}[{ip}]:{hop.port}: {failure_text(e)}"
         finally:
             smtp.close()
 

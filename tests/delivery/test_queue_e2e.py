@@ -553,3 +553,73 @@ async def test_attempts_under_way_for_one_large_message_share_one_reading_of_it(
     # the archive's journal reads it once; the four attempts at once, once between them
     assert reads == [path.name] * 2
     assert all(s.received[0].data.endswith(make_message(SUBJECT, body)) for s in servers)
+
+
+async def test_replies_that_are_not_utf8_are_recorded_escaped_and_sent_once(
+    gateway_factory, world, pki
+):
+    # Latin-1 in a reply (an old server's own language) or any bytes that are not
+    # UTF-8: the record keeps them escaped - once they made the record fail, and the
+    # delivered message went out again at every retry
+    dest = await world.mta(
+        "mx.dest.test",
+        "127.0.0.31",
+        rcpt_replies={"gone@dest.test": b"550 5.1.1 Benutzer unbekannt: gel\xf6scht"},
+        data_reply=b"250 2.0.0 Ok: re\xe7u \xff",
+    )
+    sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("clinic.test", "MX", "10 mx.clinic.test.")
+    gw = await start(gateway_factory, world, pki)
+    queue_id = await send(gw, ["r@dest.test", "gone@dest.test"])
+    await wait_until(
+        lambda: not (gw.spool.queue_dir / queue_id).exists(),
+        what="the message done, its archive records written",
+    )
+    await wait_until(lambda: sender_sink.received, what="the DSN")
+    await asyncio.sleep(1.5)  # the retry schedule's step: nothing goes out again
+    assert dest.attempts == 1 and [m.rcpt_tos for m in dest.received] == [["r@dest.test"]]
+    assert state(gw, queue_id) == {
+        "r@dest.test": ("delivered", "2.0.0"),
+        "gone@dest.test": ("bounced", "5.1.1"),
+    }
+    said = {r.address: r.diagnostic for r in gw.queue.store.recipients(queue_id)}
+    assert said == {
+        "r@dest.test": "250 2.0.0 Ok: re\\xe7u \\xff",
+        "gone@dest.test": "550 5.1.1 Benutzer unbekannt: gel\\xf6scht",
+    }
+    (attempt,) = [e for e in gw.archive.archive.events(queue_id) if e["kind"] == "attempt"]
+    recorded = {r["address"]: r["diagnostic"] for r in attempt["body"]["recipients"]}
+    assert recorded == said
+    (dsn,) = sender_sink.received
+    assert "550 5.1.1 Benutzer unbekannt: gel\\xf6scht" in dsn.data.decode()
+
+
+async def test_a_greeting_that_is_not_utf8_is_a_failure_recorded_like_any_other(
+    gateway_factory, world, pki
+):
+    # the reply reaches the record through aiosmtplib's exception, not a reply
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.7.1 Zugang verweigert f\xfcr Sie\r\n")
+        await writer.drain()
+        await reader.read(1000)  # QUIT, or the end
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.31", world.port)
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    world.dns.add("mx.dest.test", "A", "127.0.0.31")
+    try:
+        gw = await start(gateway_factory, world, pki)
+        queue_id = await send(gw, ["r@dest.test"])
+        await wait_until(
+            lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "deferred",
+            what="the failure recorded",
+        )
+        (row,) = gw.queue.store.recipients(queue_id)
+        assert row.diagnostic == (
+            f"connect to mx.dest.test[127.0.0.31]:{world.port} failed: "
+            "554 5.7.1 Zugang verweigert f\\xfcr Sie"
+        )
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -33,9 +33,9 @@ class RecipientMta:
     host: str
     port: int
     cert: tuple[Path, Path] | None = None  # (chain, key); None: no STARTTLS
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
-    data_reply: str | None = None
-    data_replies: list[str] = field(default_factory=list)  # used first, one per DATA
+    rcpt_replies: dict[str, str | bytes] = field(default_factory=dict)
+    data_reply: str | bytes | None = None  # bytes: sent as they are (not UTF-8, say)
+    data_replies: list[str | bytes] = field(default_factory=list)  # used first, one per DATA
     received: list[Received] = field(default_factory=list)
     cert_der: bytes = b""
     attempts: int = 0
@@ -77,7 +77,7 @@ class RecipientMta:
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
+    ) -> str | bytes:
         if self.rcpt_delay:
             await asyncio.sleep(self.rcpt_delay)
         reply = self.rcpt_replies.get(address)
@@ -86,7 +86,7 @@ class RecipientMta:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | bytes:
         sslobj = session.ssl.get("ssl_object") if session.ssl else None
         reply = self.data_replies.pop(0) if self.data_replies else self.data_reply
         self.attempts += 1
@@ -97,7 +97,7 @@ class RecipientMta:
                 await asyncio.sleep(self.data_delay)
         finally:
             self.in_data -= 1
-        if reply is None or reply.startswith("2"):
+        if reply is None or reply[:1] in ("2", b"2"):
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from
             self.received.append(
                 Received(
