@@ -63,6 +63,15 @@ def _header_end(data: bytes) -> int:
     return len(data) if end < 0 else end + 4
 
 
+def _utf8(text: str) -> bool:
+    """No lone surrogates: no bytes that were not UTF-8 (decoded with surrogateescape)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def has_tag(subject: str, tag: str) -> bool:
     return tag.lower() in subject.lower()
 
@@ -83,6 +92,8 @@ def strip_subject_tags(data: bytes, tags: tuple[str, ...]) -> bytes:
     value = re.sub(r"\s{2,}", " ", value).strip()
     if value.isascii():
         line = f"Subject: {value}\r\n".encode()
+    elif not _utf8(value):  # raw bytes that are not UTF-8 (a client's Latin-1): as they came
+        line = f"Subject: {value}\r\n".encode("utf-8", "surrogateescape")
     else:
         encoded = email.header.Header(value, "utf-8", header_name="Subject").encode(linesep="\r\n")
         line = f"Subject: {encoded}\r\n".encode()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from tests.conftest import smtp_client
+from tests.conftest import queued, smtp_client
 from tests.support.delivery import send, start, state
 from tests.support.world import tls_only, wait_until
 
@@ -100,6 +100,27 @@ async def test_a_subject_tag_is_removed_from_the_copy_delivered(gateway_factory,
     await wait_until(lambda: mx.received, what="delivery")
     data = mx.received[0].data
     assert b"\r\nSubject: Results\r\n" in data and data.endswith(b"\r\n\r\nBody [secure]\r\n")
+
+
+async def test_a_tagged_subject_in_latin1_is_delivered_once_without_the_tag(
+    gateway_factory, world, pki
+):
+    mx = await world.mta("mx.dest.test", "127.0.0.61")
+    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
+    rule = "  - name: tagged\n    when: {subject_tag: '[secure]'}\n    then: {tls_level: verify}\n"
+    gw = await start(gateway_factory, world, pki, tls_only("encrypt", rules=rule))
+    async with smtp_client(gw) as client:
+        message = b"From: d@clinic.test\r\nSubject: [secure] Befund f\xfcr Sie\r\n\r\nBody\r\n"
+        await client.sendmail("d@clinic.test", ["r@dest.test"], message)
+    (path,) = queued(gw)
+    queue_id = path.name
+    await wait_until(
+        lambda: state(gw, queue_id).get("r@dest.test", ("",))[0] == "delivered",
+        what="the delivery recorded",
+    )
+    (received,) = mx.received
+    assert b"\r\nSubject: Befund f\xfcr Sie\r\n" in received.data
+    assert received.data.endswith(b"\r\n\r\nBody\r\n") and mx.attempts == 1
 
 
 async def test_a_domain_whose_dns_never_answers_delays_no_other_domain(gateway_factory, world, pki):

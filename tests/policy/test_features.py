@@ -28,6 +28,14 @@ def test_a_tag_is_removed_and_the_rest_is_byte_identical():
     assert out == b"From: a@b.test\r\nSubject: Lab results\r\nTo: c@d.test\r\n\r\n" + body
 
 
+def test_a_subject_in_bytes_that_are_not_utf8_keeps_them_without_the_tag():
+    # raw Latin-1 (no RFC 2047): once an error at every attempt, the message retried
+    # until it expired
+    data = b"Subject: [secure] Befund f\xfcr Herrn M\xfcller\r\nTo: c@d.test\r\n\r\nbody\r\n"
+    out = strip_subject_tags(data, ("[secure]",))
+    assert out == b"Subject: Befund f\xfcr Herrn M\xfcller\r\nTo: c@d.test\r\n\r\nbody\r\n"
+
+
 def test_a_folded_encoded_subject_is_decoded_stripped_and_encoded_again():
     data = (
         b"Subject: =?utf-8?q?R=C3=A9sultats_de?=\r\n =?utf-8?q?_labo_=5Bsecure=5D?=\r\n"
