@@ -14,14 +14,15 @@ seed):
   characters, IDNA that does not encode), with and without SMTPUTF8;
 - ``mime``: well-formed sessions carrying hostile MIME (nesting 60 deep, 10,000
   parts, broken base64 and quoted-printable, header fields folded 2,000 times,
-  missing boundaries, 8-bit bytes in headers) through the policy and delivery;
+  missing boundaries, 8-bit bytes in headers, a subject tag in a Latin-1 Subject)
+  through the policy and delivery;
 - ``fault``: connections reset in the middle of DATA, STARTTLS with garbage,
   clients that stop mid-command, AUTH with non-ASCII or 70 KB answers;
 - ``slow``: clients that send a transaction a byte at a time (tarpits from the
   client side), while a normal client's transaction time is measured;
 - ``world``: mail for a server that answers 4xx for ever, one that takes seconds
-  to answer, and domains whose DNS is silent, fails or answers garbage: delivered,
-  or retried and expired with a DSN;
+  to answer, one that answers in bytes that are not UTF-8, and domains whose DNS
+  is silent, fails or answers garbage: delivered, or retried and expired with a DSN;
 - ``web``: hostile HTTPS to the portal, the archive API (api.listen) and the
   compliance console (console.listen): junk and huge tokens, cookies and paths, NUL
   and ``../`` in paths, forged forms and sign-ins, bad lengths, a 100 KB header,
@@ -62,6 +63,7 @@ WORLD_RECIPIENTS = [
     b"r@silent.test",
     b"r@servfail.test",
     b"r@junk.test",
+    b"r@latin1.test",
 ]
 
 
@@ -72,6 +74,9 @@ async def hostile_world(dns: Any, mta: Any) -> None:
     dns.add("tempfail.test", "MX", "10 mx.tempfail.test.")
     await mta("mx.tarpit.test", "127.0.0.44", data_delay=3.0)
     dns.add("tarpit.test", "MX", "10 mx.tarpit.test.")
+    # replies in bytes that are not UTF-8 (an old server's Latin-1)
+    await mta("mx.latin1.test", "127.0.0.48", data_reply=b"250 2.0.0 Ok: re\xe7u \xff")
+    dns.add("latin1.test", "MX", "10 mx.latin1.test.")
     dns.silence("silent.test")
     dns.fail("servfail.test")
     dns.garble("junk.test")
@@ -109,7 +114,9 @@ def message(size: int = 800) -> bytes:
 
 
 def mime_shape(rng: random.Random) -> bytes:
-    kind = rng.choice(["nested", "many", "base64", "qp", "folded", "noboundary", "8bit"])
+    kind = rng.choice(
+        ["nested", "many", "base64", "qp", "folded", "noboundary", "8bit", "8bit-tagged"]
+    )
     head = "From: doctor@clinic.test\r\nTo: r@tls.test\r\nSubject: Battery\r\nMIME-Version: 1.0\r\n"
     if kind == "nested":
         depth = 60
@@ -134,6 +141,11 @@ def mime_shape(rng: random.Random) -> bytes:
         return (head + "X-Long: " + "a\r\n " * 2000 + "z\r\n\r\nbody\r\n").encode()
     if kind == "noboundary":
         return (head + "Content-Type: multipart/mixed\r\n\r\n--\r\nx\r\n").encode()
+    if kind == "8bit-tagged":  # a subject tag (the default policy's) in a raw Latin-1 Subject
+        return (
+            b"From: doctor@clinic.test\r\nTo: r@tls.test\r\n"
+            b"Subject: [secure] Befund f\xfcr Sie\r\n\r\nbody\r\n"
+        )
     return head.encode() + b"X-Bytes: \xff\xfe\x80 caf\xc3\xa9\r\n\r\nbody \xff\r\n"
 
 
