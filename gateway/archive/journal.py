@@ -36,17 +36,18 @@ from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.query import Query, message_id_of, subject_of
 from gateway.archive.sealing import MasterKeys, SealError, open_sealed, seal
 from gateway.archive.store import ArchiveIndex, BlobStore, SqlBlobStore
+from gateway.canonical import Encoded, canonical_text
 from gateway.errors import SealgateError
 from gateway.storage.database import StorageError, batch
 
 # made once: `json.dumps` with any argument of its own builds an encoder a call
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _STRING = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def canonical(value: Any) -> bytes:
-    """JSON with sorted keys and no spaces: the bytes a commitment is made over."""
-    return _CANONICAL(value).encode()
+    """JSON with sorted keys and no spaces: the bytes a commitment is made over
+    (`gateway.canonical`: an `Encoded` in ``value`` is written as its text)."""
+    return canonical_text(value).encode()
 
 
 def commitment(kind: str, record_id: str, digest: str) -> bytes:
@@ -356,10 +357,12 @@ class Archive:
         retain_until: float | None = None,
         durable: bool = True,
         subject: bool = False,
+        data_sha256: str | None = None,
     ) -> str:
         """The message as received and its envelope (every recipient, Bcc included):
         sealed into a blob, committed to the log, indexed, kept until ``retain_until``
         (default: by the retention rules).  ``subject``: index the subject for search.
+        ``data_sha256``: the digest of ``data``, when the caller has checked it.
         Returns its record id."""
         queue_id = str(envelope["queue_id"])
         record_id = f"msg-{queue_id}"
@@ -387,7 +390,7 @@ class Archive:
                 message_id_of(data),
                 str((envelope.get("client") or {}).get("ip", "")),
                 len(data),
-                hashlib.sha256(data).hexdigest(),
+                data_sha256 or hashlib.sha256(data).hexdigest(),
                 leaf,
                 retain_until,
             )
@@ -440,7 +443,8 @@ class Archive:
 
     def journal_attempt(self, queue_id: str, recipients: list[dict[str, Any]]) -> str:
         """One delivery attempt's outcome and evidence for some recipients (``idx``,
-        ``address``, ``state``, ``status``, ``evidence`` with the decision): a record
+        ``address``, ``state``, ``status``, ``evidence`` with the decision; a value
+        may be the `Encoded` text the queue state wrote): a record
         in the log, and each recipient's mode, rule and state for search.  A mode
         with a longer retention rule extends the message's retention."""
         db = self.index.db
@@ -448,7 +452,7 @@ class Archive:
             record_id = self.journal_event(queue_id, "attempt", {"recipients": recipients})
             modes = set()
             for r in recipients:
-                decision = (r.get("evidence") or {}).get("decision") or {}
+                decision = (Encoded.value_of(r.get("evidence")) or {}).get("decision") or {}
                 mode = decision.get("mode")
                 if mode:
                     modes.add(mode)
@@ -486,7 +490,7 @@ class Archive:
         """An event about a message (decision, delivery attempt, access): indexed in
         full, committed to the log by its digest."""
         now = time.time()
-        text = canonical({"queue_id": queue_id, "kind": kind, "at": now, **body}).decode()
+        text = canonical_text({"queue_id": queue_id, "kind": kind, "at": now, **body})
         digest = hashlib.sha256(text.encode()).hexdigest()
         db = self.index.db
         with self._transaction():

@@ -402,8 +402,10 @@ class ArchiveService:
 
     # -- the mail path ----------------------------------------------------------------
 
-    def _journal_job(self, envelope: Envelope, data: bytes | None) -> _Journal:
-        return _Journal(self.archive, self.spool, envelope, data, self.subjects)
+    def _journal_job(
+        self, envelope: Envelope, data: bytes | None, checked: bool = True
+    ) -> _Journal:
+        return _Journal(self.archive, self.spool, envelope, data, self.subjects, checked)
 
     def journal(self, envelope: Envelope, data: bytes | None) -> None:
         """Journal a message that was just spooled (``data``: its bytes when at hand,
@@ -413,7 +415,7 @@ class ArchiveService:
     def ensure(self, envelope: Envelope, data: bytes) -> None:
         """Journal a message another node accepted, if the archive lacks it (that
         node stopped before its journal committed)."""
-        job = self._journal_job(envelope, data)
+        job = self._journal_job(envelope, data, checked=False)  # the shared store's copy
 
         def journal_if_missing() -> Any:
             if self.archive.has_content(envelope.queue_id):
@@ -539,6 +541,9 @@ class _Journal:
     envelope: Envelope
     data: bytes | None  # None: a large message, not kept in memory: read when run
     subjects: bool
+    # the bytes are the ones the envelope's digest was taken of: read from the spool
+    # (which checks them) or handed over by what did; not a shared store's copy
+    checked: bool = True
 
     def blob_names(self) -> tuple[str, ...]:
         return (f"msg-{self.envelope.queue_id}",)
@@ -551,7 +556,8 @@ class _Journal:
         # the passphrase's hash opens the portal copy: the archive needs it no more
         # than the notification does
         envelope.pop("portal_passphrase", None)
-        self.archive.journal_message(envelope, body, subject=self.subjects)
+        digest = self.envelope.sha256 if self.checked else None
+        self.archive.journal_message(envelope, body, subject=self.subjects, data_sha256=digest)
         return len(body)
 
 

@@ -1453,8 +1453,9 @@ class QueueManager:
                     "state": record.state,
                     "status": record.status,
                     "diagnostic": record.diagnostic,
-                    "evidence": record.stored_evidence or None,
-                    "decision": record.stored_decision,  # with its reasons and facts
+                    # (their JSON as the queue state has it: `gateway.canonical`)
+                    "evidence": record.evidence_text if record.stored_evidence else None,
+                    "decision": record.decision_text,  # with its reasons and facts
                 }
                 for row, record in zip(rows, records, strict=True)
             ],

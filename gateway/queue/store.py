@@ -39,6 +39,7 @@ from typing import Any
 
 from gateway.api.store import INSERT_MESSAGE as API_MESSAGE_INSERT
 from gateway.api.store import SCHEMA as API_SCHEMA
+from gateway.canonical import Encoded, encoded
 from gateway.delivery.results import AttemptEvidence
 from gateway.model import Envelope, RecipientState
 from gateway.storage.database import Database, Dialect, Schema, batch
@@ -207,6 +208,16 @@ class AttemptRecord:
     def stored_decision(self) -> dict[str, Any] | None:
         """The decision with its reasons and facts (`Decision.to_dict`)."""
         return self.evidence.decision.to_dict() if self.evidence is not None else None
+
+    # their JSON, made once for the queue state and the archive's attempt record
+    @functools.cached_property
+    def evidence_text(self) -> Encoded:
+        return encoded(self.stored_evidence)
+
+    @functools.cached_property
+    def decision_text(self) -> Encoded | None:
+        decision = self.stored_decision
+        return encoded(decision) if decision else None
 
 
 @dataclass(frozen=True)
@@ -694,7 +705,7 @@ class QueueStore:
                         r.status,
                         r.diagnostic,
                         now,
-                        json.dumps(decision) if (decision := r.stored_decision) else None,
+                        text.text if (text := r.decision_text) else None,
                         queue_id,
                         r.idx,
                     ),
@@ -711,7 +722,7 @@ class QueueStore:
                         r.outcome,
                         r.status,
                         r.diagnostic,
-                        json.dumps(r.stored_evidence),
+                        r.evidence_text.text,
                     ),
                 )
             )

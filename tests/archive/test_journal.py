@@ -5,6 +5,8 @@ real PostgreSQL server, where several nodes append to one log."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import time
 
@@ -14,9 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.archive.journal import Archive, copy_name
 from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
-from gateway.archive.service import _Copy
+from gateway.archive.service import _Copy, _Journal
 from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from gateway.spool import Spool
 from gateway.storage.database import StorageError
+from tests.support.envelopes import envelope
 from tests.support.stores import opener
 
 ENVELOPE = {
@@ -481,3 +485,18 @@ def test_an_attempt_in_the_batch_that_journals_its_message_updates_its_recipient
         ("X", 1, "queued", None, None),
     ]
     assert [m["queue_id"] for m in a.search(Query(mode="tls"))] == ["W", "X"]
+
+
+def test_a_messages_row_holds_the_digest_of_the_bytes_it_archived(archive, tmp_path):
+    # from the spool, which checks the bytes against the envelope's digest: that digest
+    # is taken as it is; a shared store's copy (another node's message) is hashed
+    spool = Spool(tmp_path / "spool")
+    data = b"Subject: x\r\n\r\nThe margins are clear.\r\n"
+    digest = hashlib.sha256(data).hexdigest()
+    ours = dataclasses.replace(envelope("Q7", "a@dest.test"), size=len(data), sha256=digest)
+    theirs = dataclasses.replace(ours, queue_id="Q8", sha256="ab" * 32)  # not its bytes' digest
+    _Journal(archive, spool, ours, data, subjects=False)()
+    _Journal(archive, spool, theirs, data, subjects=False, checked=False)()
+    rows = dict(archive.index.db.execute("SELECT queue_id, sha256 FROM messages").fetchall())
+    assert rows["Q7"] == rows["Q8"] == digest
+    assert archive.verify().ok
