@@ -19,7 +19,10 @@ long, and nothing but the current chunk is kept in memory here.
 from __future__ import annotations
 
 import enum
-import itertools
+import re
+
+# a line that begins with a dot (where every LF ends a CRLF: checked first)
+_DOT_AFTER_LF = re.compile(rb"\n\.").search
 
 
 class DataProblem(enum.Enum):
@@ -57,12 +60,12 @@ class MessageScanner:
             return self._fail(DataProblem.LINE_TOO_LONG)
         if not complete:
             return b""
-        # The lines as sent (the last item: the nothing after the final CRLF); one
-        # split serves every check below (a 50 KB chunk: about half the time of a
-        # count and a split each, and a third split for the headers)
-        lines = complete.split(b"\r\n")
-        crlf = len(lines) - 1
-        if complete.count(b"\n") != crlf or complete.count(b"\r") != crlf:
+        # The lines as sent; one split serves every check below.  ``splitlines``
+        # breaks at CRLF, a bare CR and a bare LF alike (and is the fastest split: a
+        # 50 KB chunk 32 us, against 53 at CRLF), so every line ends in CRLF exactly
+        # when there are as many CRs and as many LFs as lines.
+        lines = complete.splitlines()
+        if complete.count(b"\n") != len(lines) or complete.count(b"\r") != len(lines):
             return self._fail(DataProblem.BARE_LINE_ENDING)
         if max(map(len, lines)) + 2 > self.max_wire_line:
             return self._fail(DataProblem.LINE_TOO_LONG)
@@ -70,12 +73,14 @@ class MessageScanner:
             self._scan_headers(lines)
             if self.problem is not None:
                 return b""
-        # Every chunk of complete lines starts at the beginning of a line.
+        # Every chunk of complete lines starts at the beginning of a line; a line the
+        # client dot-stuffed is rare, and looked for at memchr's speed (a 50 KB chunk
+        # 15 us; replacing to find out took 32).
+        if not (complete.startswith(b".") or _DOT_AFTER_LF(complete)):
+            return complete
+        self._dotted = True
         out = complete[1:] if complete.startswith(b".") else complete
-        unstuffed = out.replace(b"\r\n.", b"\r\n")
-        if len(unstuffed) != len(complete):
-            self._dotted = True
-        return unstuffed
+        return out.replace(b"\r\n.", b"\r\n")
 
     @property
     def data_is_wire(self) -> bool:
@@ -95,7 +100,7 @@ class MessageScanner:
     def _scan_headers(self, lines: list[bytes]) -> None:
         """Count the Received fields among ``lines`` (as sent: a leading dot is the
         client's) up to the first empty line, the end of the header."""
-        for line in itertools.islice(lines, len(lines) - 1):
+        for line in lines:
             if line[:1] == b".":
                 line = line[1:]
             if not line:

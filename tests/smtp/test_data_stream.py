@@ -106,3 +106,36 @@ def test_scanner_allows_a_1000_octet_line_and_its_dot_stuffed_form():
     out = scanner.feed(b"." + b"y" * 998 + b"\r\n")  # 1001 octets on the wire, 1000 stored
     assert scanner.problem is None
     assert len(out) == 1000
+
+
+@pytest.mark.parametrize(
+    "ending", [b"\r", b"\n", b"\r\r\n", b"\n\r", b"\n\n", b"\r\r", b"\r\n\r", b"\n\r\n"]
+)
+@pytest.mark.parametrize("where", ["first line", "a middle line", "the last line"])
+@pytest.mark.parametrize("pieces", ["whole", "a byte at a time"])
+def test_scanner_finds_every_line_ending_but_crlf_wherever_it_is(ending, where, pieces):
+    # the checks count CRs, LFs and lines: every mix of bare ones must still show
+    lines = [b"Subject: x", b"", b"body", b".dotted", b"end"]
+    at = {"first line": 0, "a middle line": 2, "the last line": 4}[where]
+    lines[at] += ending + b"more"
+    message = b"\r\n".join(lines) + b"\r\n"
+    scanner = MessageScanner(10**6, 1000, 50)
+    for chunk in [message] if pieces == "whole" else [bytes([b]) for b in message]:
+        scanner.feed(chunk)
+    scanner.finish()
+    assert scanner.problem is DataProblem.BARE_LINE_ENDING
+
+
+@pytest.mark.parametrize("pieces", ["whole", "a byte at a time", "in lines"])
+def test_scanner_returns_crlf_text_unstuffed_as_the_client_meant_it(pieces):
+    message = b"Subject: x\r\n\r\n.\r\n..x\r\nbody.\r\n\r\n. \r\nend\r\n"
+    chunks = {
+        "whole": [message],
+        "a byte at a time": [bytes([b]) for b in message],
+        "in lines": message.splitlines(keepends=True),
+    }[pieces]
+    scanner = MessageScanner(10**6, 1000, 50)
+    out = b"".join(scanner.feed(chunk) for chunk in chunks) + scanner.finish()
+    assert scanner.problem is None
+    assert out == b"Subject: x\r\n\r\n\r\n.x\r\nbody.\r\n\r\n \r\nend\r\n"
+    assert scanner.data_is_wire is False
