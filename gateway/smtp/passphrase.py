@@ -31,6 +31,13 @@ class PassphraseFilter:
         """What may be written on: nothing while the header section is incomplete."""
         if self.done:
             return data
+        if not self._head:
+            # the first piece: most messages' whole header section is in it - without
+            # such a field, passed on as it is (not copied thrice)
+            end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n")
+            if end >= 0 and self._name not in data[: end + 2].lower():
+                self.done = True
+                return data
         start = max(0, len(self._head) - 3)
         self._head += data
         if self._head.startswith(b"\r\n"):  # no header fields at all

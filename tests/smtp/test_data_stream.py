@@ -8,6 +8,7 @@ import random
 import pytest
 
 from gateway.smtp.data import DataProblem, MessageScanner
+from gateway.smtp.passphrase import PassphraseFilter
 from tests.conftest import RawSmtp, queued
 
 
@@ -139,3 +140,27 @@ def test_scanner_returns_crlf_text_unstuffed_as_the_client_meant_it(pieces):
     assert scanner.problem is None
     assert out == b"Subject: x\r\n\r\n\r\n.x\r\nbody.\r\n\r\n \r\nend\r\n"
     assert scanner.data_is_wire is False
+
+
+@pytest.mark.parametrize("pieces", ["whole", "the header in two", "a byte at a time"])
+def test_the_passphrase_field_is_taken_out_however_the_message_arrives(pieces):
+    head = b"From: a@b.test\r\nX-Sealgate-Passphrase: tulip\r\n radiator\r\nSubject: s\r\n\r\n"
+    body = b"x-sealgate-passphrase: in the body, not a field\r\n" * 3
+    message = head + body
+    cut = {"whole": [len(message)], "the header in two": [20, len(message)]}.get(
+        pieces, range(1, len(message) + 1)
+    )
+    chunks = [message[a:b] for a, b in zip([0, *cut], cut, strict=False)]
+    f = PassphraseFilter("X-Sealgate-Passphrase")
+    out = b"".join(f.feed(chunk) for chunk in chunks) + f.finish()
+    assert out == b"From: a@b.test\r\nSubject: s\r\n\r\n" + body
+    assert f.value == "tulip radiator"
+
+
+def test_a_message_without_the_passphrase_field_passes_as_it_came():
+    message = b"From: a@b.test\r\nSubject: s\r\n\r\nX-Sealgate-Passphrase: body text\r\n"
+    f = PassphraseFilter("X-Sealgate-Passphrase")
+    assert f.feed(message) is message  # the first piece holds the whole header: not copied
+    assert f.feed(b"more\r\n") == b"more\r\n" and f.finish() == b"" and f.value is None
+    empty_head = PassphraseFilter("X-Sealgate-Passphrase")
+    assert empty_head.feed(b"\r\nbody\r\n") == b"\r\nbody\r\n" and empty_head.value is None
