@@ -113,7 +113,8 @@ def _address_or_domain(
 
 
 HEADER_LIMIT = 256 * 1024  # a header section longer than this is read this far
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,900}>)", re.I | re.M)
+# (not NUL, which PostgreSQL's text cannot hold: such a Message-ID is no Message-ID)
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n\0]{1,900}>)", re.I | re.M)
 _SUBJECT = re.compile(rb"^subject:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 
 
@@ -128,6 +129,8 @@ def subject_of(data: bytes) -> str:
         return ""
     raw = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip().decode("utf-8", "replace")
     try:
-        return str(email.header.make_header(email.header.decode_header(raw)))
+        subject = str(email.header.make_header(email.header.decode_header(raw)))
     except (ValueError, LookupError):
-        return raw
+        subject = raw
+    # NUL, which PostgreSQL's text cannot hold: as a byte that is not UTF-8 is
+    return subject.replace("\x00", "\ufffd")

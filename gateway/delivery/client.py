@@ -142,10 +142,11 @@ def server_text(text: str) -> str:
     aiosmtplib keeps the bytes of a reply that are not UTF-8 - a server's Latin-1,
     say - as lone surrogates, which neither SQLite, PostgreSQL nor the archive's
     UTF-8 can store: the queue's record of a delivery failed, and the message went
-    out again at every retry.  They are written as ``\\xNN`` here."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    out again at every retry.  They are written as ``\\xNN`` here, and so is NUL,
+    which PostgreSQL's text cannot hold."""
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 def failure_text(error: BaseException) -> str:

@@ -500,3 +500,14 @@ def test_a_messages_row_holds_the_digest_of_the_bytes_it_archived(archive, tmp_p
     rows = dict(archive.index.db.execute("SELECT queue_id, sha256 FROM messages").fetchall())
     assert rows["Q7"] == rows["Q8"] == digest
     assert archive.verify().ok
+
+
+def test_a_nul_in_the_message_id_or_subject_is_not_written_to_the_index(archive):
+    # PostgreSQL's text cannot hold NUL: the journal failed there at every retry
+    data = b"Message-ID: <a\x00b@clinic.test>\r\nSubject: Biopsy\x00 9\r\n\r\nbody\r\n"
+    archive.journal_message({**ENVELOPE, "queue_id": "Q9"}, data, subject=True)
+    (found,) = archive.search(Query(queue_id="Q9"))
+    assert found["message_id"] is None
+    assert [m["queue_id"] for m in archive.search(Query(subject="9"))] == ["Q9"]
+    assert archive.message("Q9")[1] == data  # the message itself as it came
+    assert archive.verify().ok

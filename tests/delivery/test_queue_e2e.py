@@ -565,7 +565,7 @@ async def test_replies_that_are_not_utf8_are_recorded_escaped_and_sent_once(
         "mx.dest.test",
         "127.0.0.31",
         rcpt_replies={"gone@dest.test": b"550 5.1.1 Benutzer unbekannt: gel\xf6scht"},
-        data_reply=b"250 2.0.0 Ok: re\xe7u \xff",
+        data_reply=b"250 2.0.0 Ok: re\xe7u \xff \x00",  # and NUL: PostgreSQL's text has none
     )
     sender_sink = await world.mta("mx.clinic.test", "127.0.0.33")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
@@ -585,7 +585,7 @@ async def test_replies_that_are_not_utf8_are_recorded_escaped_and_sent_once(
     }
     said = {r.address: r.diagnostic for r in gw.queue.store.recipients(queue_id)}
     assert said == {
-        "r@dest.test": "250 2.0.0 Ok: re\\xe7u \\xff",
+        "r@dest.test": "250 2.0.0 Ok: re\\xe7u \\xff \\x00",
         "gone@dest.test": "550 5.1.1 Benutzer unbekannt: gel\\xf6scht",
     }
     (attempt,) = [e for e in gw.archive.archive.events(queue_id) if e["kind"] == "attempt"]
