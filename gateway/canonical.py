@@ -11,6 +11,7 @@ gives (the encoder writes an object the same wherever it stands).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 from typing import Any
@@ -48,8 +49,8 @@ def _stand_in(value: Any) -> str:
 _TEXT = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_stand_in
 ).encode
-_ASCII = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _QUOTED_MARK = _TEXT(_MARK)[:-1]  # as written: a JSON string, its quote not closed
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def canonical_text(value: Any) -> str:
@@ -62,12 +63,10 @@ def canonical_text(value: Any) -> str:
 
 
 def encoded(value: Any) -> Encoded:
-    """``value``'s canonical text; lone surrogates (bytes that were not UTF-8, kept
-    by ``surrogateescape``), which UTF-8 cannot hold, written as ``\\udcxx``."""
-    text = _TEXT(value)
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            text = _ASCII(value)
+    """``value``'s canonical text (an `Encoded` in it spliced in too); lone
+    surrogates (bytes that were not UTF-8, kept by ``surrogateescape``), which UTF-8
+    cannot hold, written as their JSON escapes (``\\udcxx``: the same value)."""
+    text = canonical_text(value)
+    if not text.isascii() and _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return Encoded(value, text)

@@ -61,6 +61,15 @@ def test_bytes_that_were_not_utf8_are_escaped_so_the_record_can_be_stored():
     assert canonical_text({"a": part}).encode() == b'{"a":{"diagnostic":"250 re\\udce7u"}}'
 
 
+def test_a_part_made_of_parts_is_spliced_whole():
+    inner = encoded(DECISION)
+    outer = encoded({"decision": inner, "n": 1})
+    assert outer.text == canonical_text({"decision": DECISION, "n": 1})
+    assert canonical_text([outer, inner]) == canonical_text(
+        [{"decision": DECISION, "n": 1}, DECISION]
+    )
+
+
 def test_what_is_no_json_value_is_still_refused():
     with pytest.raises(TypeError, match="set is not JSON serializable"):
         canonical_text({"a": {1, 2}})
