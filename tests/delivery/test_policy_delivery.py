@@ -89,14 +89,21 @@ async def test_each_recipient_gets_its_own_decision_and_copy(gateway_factory, wo
     assert sample(gw, "sealgate_policy_decisions_total", mode="portal", rule="defaults") == 1
 
 
-async def test_a_subject_tag_is_removed_from_the_copy_delivered(gateway_factory, world, pki):
+async def _send_tagged(gateway_factory, world, pki, message: bytes):
+    """A gateway whose policy has the subject tag [secure], and ``message`` sent
+    through it to r@dest.test; the gateway and the recipient's server."""
     mx = await world.mta("mx.dest.test", "127.0.0.61")
     world.dns.add("dest.test", "MX", "10 mx.dest.test.")
     rule = "  - name: tagged\n    when: {subject_tag: '[secure]'}\n    then: {tls_level: verify}\n"
     gw = await start(gateway_factory, world, pki, tls_only("encrypt", rules=rule))
     async with smtp_client(gw) as client:
-        message = b"From: d@clinic.test\r\nSubject: [Secure] Results\r\n\r\nBody [secure]\r\n"
         await client.sendmail("d@clinic.test", ["r@dest.test"], message)
+    return gw, mx
+
+
+async def test_a_subject_tag_is_removed_from_the_copy_delivered(gateway_factory, world, pki):
+    message = b"From: d@clinic.test\r\nSubject: [Secure] Results\r\n\r\nBody [secure]\r\n"
+    _, mx = await _send_tagged(gateway_factory, world, pki, message)
     await wait_until(lambda: mx.received, what="delivery")
     data = mx.received[0].data
     assert b"\r\nSubject: Results\r\n" in data and data.endswith(b"\r\n\r\nBody [secure]\r\n")
@@ -105,13 +112,8 @@ async def test_a_subject_tag_is_removed_from_the_copy_delivered(gateway_factory,
 async def test_a_tagged_subject_in_latin1_is_delivered_once_without_the_tag(
     gateway_factory, world, pki
 ):
-    mx = await world.mta("mx.dest.test", "127.0.0.61")
-    world.dns.add("dest.test", "MX", "10 mx.dest.test.")
-    rule = "  - name: tagged\n    when: {subject_tag: '[secure]'}\n    then: {tls_level: verify}\n"
-    gw = await start(gateway_factory, world, pki, tls_only("encrypt", rules=rule))
-    async with smtp_client(gw) as client:
-        message = b"From: d@clinic.test\r\nSubject: [secure] Befund f\xfcr Sie\r\n\r\nBody\r\n"
-        await client.sendmail("d@clinic.test", ["r@dest.test"], message)
+    message = b"From: d@clinic.test\r\nSubject: [secure] Befund f\xfcr Sie\r\n\r\nBody\r\n"
+    gw, mx = await _send_tagged(gateway_factory, world, pki, message)
     (path,) = queued(gw)
     queue_id = path.name
     await wait_until(
