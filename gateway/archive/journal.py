@@ -188,17 +188,31 @@ class Archive:
         positions for the batch are taken a block at a time (`ArchiveIndex.block`).
         The content a job will store (its ``blob_names()``, if it says) is
         registered first (`register_writes`); which of its copies the archive has
-        already is asked once, before any write (`_batch_start`)."""
+        already is asked once, before any write (`_batch_start`).
+
+        The jobs that journal a message (their ``journals_message``) run first: its
+        recipients' rows go in before an attempt's UPDATE of them, so that each
+        table's writes of the batch go out as one statement (`Database.write` keeps
+        a table's writes in the order they were made: journals and attempts taken
+        turn about, each message's INSERT and the next one's UPDATE of recipients
+        went out a row at a time).  The outcomes are in the order of ``jobs``."""
         names = [n for job in jobs for n in getattr(job, "blob_names", tuple)()]
         if self._outside:
             self.register_writes(names)
         copies = [n for n in names if n.startswith(COPY_PREFIX)]
-        return batch(
+        order = sorted(
+            range(len(jobs)), key=lambda i: not getattr(jobs[i], "journals_message", False)
+        )
+        outcomes = batch(
             self.index.db,
-            jobs,
+            [jobs[i] for i in order],
             optimistic=True,
             around=functools.partial(self._batch_start, copies),
         )
+        in_order: list[tuple[Any, BaseException | None]] = [(None, None)] * len(jobs)
+        for outcome, i in zip(outcomes, order, strict=True):
+            in_order[i] = outcome
+        return in_order
 
     @contextlib.contextmanager
     def _batch_start(self, copies: list[str]) -> Iterator[None]:

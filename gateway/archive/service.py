@@ -554,6 +554,8 @@ class _Journal:
     # (which checks them) or handed over by what did; not a shared store's copy
     checked: bool = True
 
+    journals_message = True  # first in its batch (`Archive.batch`)
+
     def blob_names(self) -> tuple[str, ...]:
         return (f"msg-{self.envelope.queue_id}",)
 

@@ -487,6 +487,52 @@ def test_an_attempt_in_the_batch_that_journals_its_message_updates_its_recipient
     assert [m["queue_id"] for m in a.search(Query(mode="tls"))] == ["W", "X"]
 
 
+def test_a_batch_journals_its_messages_first_and_writes_each_tables_rows_together(
+    connect_index, tmp_path
+):
+    """Journals and attempts come turn about under load; the journals run first, so
+    the recipients' rows go in as one statement and the attempts' updates as one
+    (not a row at a time, each INSERT and the next UPDATE of the table in turn) -
+    and an attempt issued before its message's journal (a journal written again
+    after a failure) finds its rows.  The outcomes are in the jobs' order."""
+    a = node(connect_index())
+    spool = Spool(tmp_path / "spool")
+    connection = a.index.db._connection
+    if not hasattr(connection, "set_trace_callback"):
+        connection = None  # PostgreSQL: the statements are counted on SQLite
+    evidence = {"decision": {"mode": "tls", "rule": "tls-everywhere"}}
+
+    def journal(queue_id: str) -> _Journal:
+        spooled = dataclasses.replace(
+            envelope(queue_id, "a@dest.test"),
+            size=len(DATA),
+            sha256=hashlib.sha256(DATA).hexdigest(),
+        )
+        return _Journal(a, spool, spooled, DATA, subjects=False)
+
+    def attempt(queue_id: str):
+        delivered = {"idx": 0, "address": "a@dest.test", "state": "delivered"}
+        return lambda: a.journal_attempt(queue_id, [{**delivered, "evidence": evidence}])
+
+    jobs = [attempt("Q0"), journal("Q0")]
+    for n in range(1, 4):
+        jobs += [journal(f"Q{n}"), attempt(f"Q{n}")]
+    sent: list[str] = []
+    if connection is not None:
+        connection.set_trace_callback(sent.append)
+    results = a.batch(jobs)
+    if connection is not None:
+        connection.set_trace_callback(None)
+        to_recipients = [sql.split(" ", 1)[0] for sql in sent if " recipients" in sql]
+        assert to_recipients == ["INSERT"] + ["UPDATE"] * 4  # (executemany: a line a row)
+    assert [error for _, error in results] == [None] * 8
+    for job, (value, _) in zip(jobs, results, strict=True):
+        assert value == len(DATA) if isinstance(job, _Journal) else value.startswith("evt-")
+    rows = a.index.db.execute("SELECT queue_id, state, mode FROM recipients ORDER BY queue_id")
+    assert [tuple(r) for r in rows] == [(f"Q{n}", "delivered", "tls") for n in range(4)]
+    assert a.verify().ok
+
+
 def test_a_messages_row_holds_the_digest_of_the_bytes_it_archived(archive, tmp_path):
     # from the spool, which checks the bytes against the envelope's digest: that digest
     # is taken as it is; a shared store's copy (another node's message) is hashed
