@@ -123,6 +123,17 @@ def _time(value: str | None, name: str) -> float | None:
     return when.timestamp()
 
 
+def _holds_nul(value: Any) -> bool:
+    """A string of ``value`` (a parsed JSON body: at any depth) holds NUL."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def query_from(params: dict[str, Any]) -> Query:
     unknown = set(params) - {*QUERY_FIELDS, "since", "until", "limit", "format", "case"}
     if unknown:
@@ -182,6 +193,11 @@ class ArchiveApi:
                 b'{"error": "a valid bearer token is needed"}\n',
                 {"WWW-Authenticate": 'Bearer realm="sealgate-archive"'},
             )
+        if "\x00" in unquote(request.path) or any("\x00" in v for v in request.query.values()):
+            # no id, address or case name holds one (and PostgreSQL's text refuses it)
+            return _problem(
+                "400 Bad Request", "a NUL character is not allowed in the path or query"
+            )
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._thread, self._handle, request, who)
@@ -231,6 +247,12 @@ class ArchiveApi:
             raise ApiError("400 Bad Request", "the body is not JSON") from None
         if not isinstance(value, dict):
             raise ApiError("400 Bad Request", "the body must be a JSON object")
+        try:
+            nul = _holds_nul(value)  # no case name, id or search field holds one
+        except RecursionError:
+            raise ApiError("400 Bad Request", "the body is nested too deep") from None
+        if nul:
+            raise ApiError("400 Bad Request", "a NUL character (\\u0000) is not allowed")
         return value
 
     # -- handlers (in the API's thread) ---------------------------------------------

@@ -121,12 +121,16 @@ def query_of(params: Any) -> Query:
 
 
 async def _form(request: web.Request) -> MultiDictProxy[Any]:
-    """A POST's fields; a body that is not a form (not UTF-8, a broken multipart) is
+    """A POST's fields; a body that is not a form (not UTF-8, a broken multipart), or
+    a field with NUL (no name or id holds one, and PostgreSQL's text refuses it), is
     the client's mistake: 400."""
     try:
-        return await request.post()
+        form = await request.post()
     except (UnicodeDecodeError, ValueError) as e:
         raise web.HTTPBadRequest(reason="the form cannot be read") from e
+    if any(isinstance(v, str) and "\x00" in v for v in form.values()):
+        raise web.HTTPBadRequest(reason="a NUL character is not allowed in a form")
+    return form
 
 
 def _local_path(target: str) -> bool:
@@ -239,6 +243,8 @@ class Console:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            if "\x00" in request.path or any("\x00" in v for v in request.query.values()):
+                raise Refused("A NUL character is not allowed in a page's address.")
             response = await handler(request)
         except Refused as e:
             response = self.page(request, "error.html", "Cannot do that", status=400, error=str(e))

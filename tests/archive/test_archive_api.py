@@ -125,3 +125,30 @@ async def test_the_api_refuses_plaintext_and_the_ops_listener_does_not_route_it(
 async def test_the_api_can_be_turned_off(gateway_factory):
     gw = await gateway_factory({**config(), "api.enabled": False})
     assert gw.api is None
+
+
+async def test_a_nul_character_in_a_request_is_a_clear_400_and_changes_nothing(gateway_factory):
+    """No id, address, search field or case name holds NUL, and PostgreSQL's text
+    (a cluster's archive) refuses it: a request carrying one - in the path, the
+    query or a JSON body - is the client's mistake, answered before any store."""
+    gw = await gateway_factory(config())
+    async with smtp_client(gw) as client:
+        _, reply = await client.sendmail("doctor@clinic.test", ["p@dest.test"], make_message("x"))
+    queue_id = reply.rsplit(" ", 1)[1]
+    await journaled(gw, 1)
+    for path in (
+        "/archive/search?sender=doctor%00@clinic.test",
+        f"/archive/messages/{queue_id}%00",
+    ):
+        status, _, body = await call(gw, "GET", path, "auditor")
+        assert status == 400 and "NUL" in json.loads(body)["error"], path
+    for hold in (
+        {"case": "Roe\u0000", "queue_ids": [queue_id]},
+        {"case": "Roe", "queue_ids": ["Q\u0000"]},
+    ):
+        status, _, body = await call(gw, "POST", "/archive/holds", "admin", hold)
+        assert status == 400 and "NUL" in json.loads(body)["error"]
+    status, _, body = await call(gw, "GET", "/archive/holds", "auditor")
+    assert json.loads(body)["cases"] == []
+    status, _, body = await call(gw, "GET", "/archive/search?sender=doctor@clinic.test", "auditor")
+    assert status == 200 and len(json.loads(body)["messages"]) == 1

@@ -111,6 +111,19 @@ async def test_csrf_is_refused_and_changes_nothing(console):
     assert "Case 1" in page
 
 
+async def test_a_nul_character_in_an_address_or_a_form_is_a_400_and_changes_nothing(console):
+    """No name, id or search field holds NUL (PostgreSQL's text refuses it): a page
+    address or a form with one is the client's mistake."""
+    w = await console()
+    admin = await w.signed_in("admin")
+    status, page, _ = await admin.get("/search?sender=dr%00@clinic.test")
+    assert status == 400 and "NUL character" in page
+    status, body, _ = await admin.post("/holds", {"case": "Case\x001", "selected": w.queue_id})
+    assert status == 400 and b"NUL character" in body
+    status, page, _ = await admin.get("/holds")
+    assert "No legal holds" in page
+
+
 async def test_local_sign_in_needs_password_and_code_wrong_ones_lock(console):
     w = await console(**{"console.max_failures": 3})
     ana = await w.account("ana", ("auditor",))
