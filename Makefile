@@ -23,6 +23,7 @@ bench:
 	.venv/bin/python bench/policy.py
 	.venv/bin/python bench/encrypt.py
 	.venv/bin/python bench/archive.py
+	.venv/bin/python bench/journal.py
 	.venv/bin/python bench/cluster.py
 	.venv/bin/python bench/integrations.py
 	.venv/bin/python bench/console.py
