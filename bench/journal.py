@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policy import message as policy_message  # noqa: E402
+
 from gateway.archive.service import _Journal, open_archive  # noqa: E402
 from gateway.canonical import encoded  # noqa: E402
 from gateway.config import load_config_text  # noqa: E402
@@ -110,12 +112,8 @@ EVIDENCE = {
 
 
 def message(size: int) -> bytes:
-    head = (
-        "From: dr@clinic.test\r\nTo: pat@bench.test\r\nSubject: Follow-up visit\r\n"
-        "Message-ID: <m1@clinic.test>\r\nMIME-Version: 1.0\r\n\r\n"
-    )
-    line = "The results look fine; please book a follow-up in two weeks, as discussed.\r\n"
-    return (head + line * max(1, (size - len(head)) // len(line))).encode()
+    """`bench/policy.py`'s message, with a Message-ID (the archive indexes it)."""
+    return b"Message-ID: <m1@clinic.test>\r\n" + policy_message(size)
 
 
 def envelope(queue_id: str, data: bytes) -> Envelope:
