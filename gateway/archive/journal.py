@@ -207,7 +207,7 @@ class Archive:
             self.index.db,
             [jobs[i] for i in order],
             optimistic=True,
-            around=functools.partial(self._batch_start, copies),
+            around=functools.partial(self._batch_start, copies, len(jobs)),
         )
         in_order: list[tuple[Any, BaseException | None]] = [(None, None)] * len(jobs)
         for outcome, i in zip(outcomes, order, strict=True):
@@ -215,13 +215,14 @@ class Archive:
         return in_order
 
     @contextlib.contextmanager
-    def _batch_start(self, copies: list[str]) -> Iterator[None]:
+    def _batch_start(self, copies: list[str], jobs: int) -> Iterator[None]:
         """The start of a batch's first run (in its transaction): log positions a
-        block at a time, and which of ``copies`` the archive has - so that
+        block at a time (a leaf a job: one block, taken before any write), and which
+        of ``copies`` the archive has - so that
         `journal_copy` need not ask each time, which would send the writes kept so
         far (`Database.write`) and split the batch's multi-row statements.  A run
         again one job at a time (after a failure) asks each time."""
-        with self.index.block():
+        with self.index.block(jobs):
             sql = "SELECT record_id FROM copies WHERE record_id IN ({marks})"
             self._copies = {r for (r,) in self.index.db.among(sql, copies)}
             try:

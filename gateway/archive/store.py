@@ -230,7 +230,7 @@ CREATE TABLE IF NOT EXISTS unfinished (
 )
 """)
 INDEX_VERSIONED = Versioned("archive", (INDEX_SCHEMA, UNFINISHED_SCHEMA))
-BLOCK = 32  # log positions a batch takes at once
+BLOCK = 32  # log positions taken at once, beyond what a batch expects
 BLOB_VERSIONED = Versioned("archive_blobs", (BLOB_SCHEMA,))
 # Subjects for search: SQLite's full-text index, PostgreSQL's text search (the same
 # matching: words, case folded, a phrase in order).
@@ -278,21 +278,31 @@ class ArchiveIndex:
         if self._block is None:
             row = self.db.execute("UPDATE log_head SET size = size + 1 RETURNING size").fetchone()
             return int(row[0]) - 1
-        if not self._block:  # a block of positions at once: one answer waited for
-            row = self.db.execute(
-                "UPDATE log_head SET size = size + ? RETURNING size", (BLOCK,)
-            ).fetchone()
-            self._block.extend(range(int(row[0]) - BLOCK, int(row[0])))
+        if not self._block:  # used up: another block
+            self._take(BLOCK)
         return self._block.popleft()
 
+    def _take(self, size: int) -> None:
+        assert self._block is not None
+        row = self.db.execute(
+            "UPDATE log_head SET size = size + ? RETURNING size", (size,)
+        ).fetchone()
+        self._block.extend(range(int(row[0]) - size, int(row[0])))
+
     @contextlib.contextmanager
-    def block(self) -> Iterator[None]:
+    def block(self, expected: int = 0) -> Iterator[None]:
         """Inside one transaction (a batch that is undone whole if anything fails):
-        positions are taken `BLOCK` at a time, and those left over given back
-        before it commits - the row stays locked meanwhile, so nobody else saw
-        them and the log has no gap."""
+        positions are taken a block at a time - the first one at once, one for each
+        of the ``expected`` leaves, later ones (more leaves than that, or none
+        expected) `BLOCK` at a time when needed - and those left over given back
+        before it commits.  The row stays locked meanwhile, so nobody else saw
+        them and the log has no gap.  (A block taken midway is a statement that
+        first sends the writes kept so far, `Database.execute`: it splits each
+        table's multi-row statements.)"""
         self._block = collections.deque()
         try:
+            if expected:
+                self._take(expected)
             yield
             if self._block:
                 self.db.execute("UPDATE log_head SET size = size - ?", (len(self._block),))

@@ -6,9 +6,11 @@ real PostgreSQL server, where several nodes append to one log."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import time
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -17,7 +19,7 @@ from gateway.archive.journal import Archive, copy_name
 from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.service import _Copy, _Journal
-from gateway.archive.store import ArchiveIndex, FileBlobStore, SqlBlobStore
+from gateway.archive.store import BLOCK, ArchiveIndex, FileBlobStore, SqlBlobStore
 from gateway.spool import Spool
 from gateway.storage.database import StorageError
 from tests.support.envelopes import envelope
@@ -530,6 +532,44 @@ def test_a_batch_journals_its_messages_first_and_writes_each_tables_rows_togethe
         assert value == len(DATA) if isinstance(job, _Journal) else value.startswith("evt-")
     rows = a.index.db.execute("SELECT queue_id, state, mode FROM recipients ORDER BY queue_id")
     assert [tuple(r) for r in rows] == [(f"Q{n}", "delivered", "tls") for n in range(4)]
+    assert a.verify().ok
+
+
+def test_a_batch_takes_a_log_position_for_each_job_before_any_write(connect_index, tmp_path):
+    """More records in a batch than `BLOCK`: the positions are still taken in one
+    statement, at the start - one taken midway sends the writes kept so far and
+    splits each table's multi-row statement in two.  None are left over (nothing
+    given back), and the log has no gap."""
+    a = node(connect_index())
+    spool = Spool(tmp_path / "spool")
+    connection = a.index.db._connection
+    if not hasattr(connection, "set_trace_callback"):
+        connection = None  # PostgreSQL: the statements are counted on SQLite
+    jobs: list[Any] = []
+    for n in range(BLOCK):
+        spooled = dataclasses.replace(
+            envelope(f"Q{n}", "a@dest.test"),
+            size=len(DATA),
+            sha256=hashlib.sha256(DATA).hexdigest(),
+        )
+        delivered = {"idx": 0, "address": "a@dest.test", "state": "delivered", "evidence": {}}
+        jobs += [
+            _Journal(a, spool, spooled, DATA, subjects=False),
+            functools.partial(a.journal_attempt, f"Q{n}", [delivered]),
+        ]
+    sent: list[str] = []
+    if connection is not None:
+        connection.set_trace_callback(sent.append)
+    results = a.batch(jobs)
+    if connection is not None:
+        connection.set_trace_callback(None)
+        assert [sql for sql in sent if "log_head" in sql] == [
+            f"UPDATE log_head SET size = size + {2 * BLOCK} RETURNING size"
+        ]
+        assert len([sql for sql in sent if sql.startswith("INSERT INTO leaves")]) == 1
+        assert len([sql for sql in sent if sql.startswith("INSERT INTO messages")]) == 1
+    assert [error for _, error in results] == [None] * len(jobs)
+    assert a.size() == 2 * BLOCK
     assert a.verify().ok
 
 
