@@ -22,6 +22,7 @@ from typing import Protocol
 from gateway.durable import fsync_dir, write_file
 from gateway.storage.database import Database, Dialect, Schema
 from gateway.storage.migrations import Versioned, prepare
+from gateway.storage.stores import ARCHIVE_PAGE_SIZE
 
 
 class BlobStore(Protocol):
@@ -263,7 +264,8 @@ class ArchiveIndex:
         else:
             # NORMAL: commits reach the disk at the latest when `make_durable` syncs
             # the write-ahead log - which the queue does before a spool file may go
-            self.db, self.path = Database.sqlite(where, synchronous="NORMAL"), where
+            self.db = Database.sqlite(where, synchronous="NORMAL", page_size=ARCHIVE_PAGE_SIZE)
+            self.path = where
         prepare(self.db, INDEX_VERSIONED)
         self._block: collections.deque[int] | None = None
         if subjects:  # the index of subjects is made when it is first asked for

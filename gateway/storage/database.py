@@ -123,10 +123,13 @@ class Database:
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def sqlite(cls, path: Path, synchronous: str = "FULL") -> Database:
+    def sqlite(
+        cls, path: Path, synchronous: str = "FULL", page_size: int | None = None
+    ) -> Database:
         """``synchronous``: SQLite's setting in WAL mode - NORMAL survives a crash of
         the process but a power loss can lose the last commits (for a store whose
-        durable truth is elsewhere, such as the queue state beside the spool)."""
+        durable truth is elsewhere, such as the queue state beside the spool).
+        ``page_size``: for a database made now (one made before keeps its own)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             path,
@@ -135,6 +138,8 @@ class Database:
             check_same_thread=False,
             cached_statements=256,  # (multi-row INSERTs of a few sizes each: `write`)
         )
+        if page_size is not None:  # (before WAL mode: a file in WAL mode keeps its size)
+            connection.execute(f"PRAGMA page_size={int(page_size)}")
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
         connection.execute("PRAGMA foreign_keys=ON")

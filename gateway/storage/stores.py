@@ -20,6 +20,13 @@ from gateway.storage.database import Database
 from gateway.storage.migrations import Versioned, migrate, stored_version
 
 STORES = ("queue", "keydir", "portal", "archive", "console", "mta_sts")
+# The archive index's SQLite page, for an index made now: each commit writes the
+# last page of each of its twenty-odd B-trees to the write-ahead log whole (and a
+# checkpoint writes them again), so half the page is half those bytes - the
+# journal of a message and its attempt record 7 % less CPU in the daemon's batches
+# (bench/journal.py, 108.6 -> 99.2 us at 20 messages), its searches as fast
+# (bench/archive.py, 300,000 records: 0.3 ms).  An index made before keeps its own.
+ARCHIVE_PAGE_SIZE = 2048
 
 
 class Storage:
@@ -63,7 +70,8 @@ class Storage:
             # NORMAL for stores whose durable truth is elsewhere or synced on demand:
             # the queue state (the spool) and the archive index (`make_durable`)
             synchronous = "NORMAL" if store in ("queue", "archive") else "FULL"
-            return Database.sqlite(path, synchronous=synchronous)
+            page_size = ARCHIVE_PAGE_SIZE if store == "archive" else None
+            return Database.sqlite(path, synchronous=synchronous, page_size=page_size)
         storage = self.config.storage
         if auto_migrate is None:
             auto_migrate = storage.auto_migrate

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -20,8 +21,10 @@ from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.service import _Copy, _Journal
 from gateway.archive.store import BLOCK, ArchiveIndex, FileBlobStore, SqlBlobStore
+from gateway.config import load_config_text
 from gateway.spool import Spool
 from gateway.storage.database import StorageError
+from gateway.storage.stores import ARCHIVE_PAGE_SIZE, Storage
 from tests.support.envelopes import envelope
 from tests.support.stores import opener
 
@@ -597,3 +600,31 @@ def test_a_nul_in_the_message_id_or_subject_is_not_written_to_the_index(archive)
     assert [m["queue_id"] for m in archive.search(Query(subject="9"))] == ["Q9"]
     assert archive.message("Q9")[1] == data  # the message itself as it came
     assert archive.verify().ok
+
+
+def test_a_new_archive_index_has_small_pages_and_one_made_before_keeps_its_own(tmp_path):
+    """Each commit writes the last page of each of the index's B-trees to the
+    write-ahead log whole: a new index takes `ARCHIVE_PAGE_SIZE` pages (the daemon's,
+    through the node's stores, and the command line's); an index made with SQLite's
+    4 KB pages before stays as it was, and goes on working."""
+    config = load_config_text(f"state_dir: {tmp_path / 'state'}\n")
+    opened = Storage(config).open("archive")
+    try:
+        assert opened.execute("PRAGMA page_size").fetchone()[0] == ARCHIVE_PAGE_SIZE == 2048
+    finally:
+        opened.close()
+    direct = ArchiveIndex(tmp_path / "direct.db")
+    assert direct.db.execute("PRAGMA page_size").fetchone()[0] == ARCHIVE_PAGE_SIZE
+    direct.close()
+
+    before = tmp_path / "before.db"
+    made = sqlite3.connect(before)
+    made.execute("PRAGMA page_size=4096")
+    made.execute("PRAGMA journal_mode=WAL")
+    made.execute("CREATE TABLE made_before (x INTEGER)")
+    made.close()
+    a = node(ArchiveIndex(before))
+    assert a.index.db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    a.journal_message(envelope("Q1", "a@dest.test").to_dict(), DATA)
+    assert a.message("Q1")[1] == DATA
+    assert a.verify().ok
