@@ -385,17 +385,14 @@ class Database:
         SQLite's BEGIN IMMEDIATE has already made the transaction the only writer."""
         return " FOR UPDATE" if self.dialect is Dialect.POSTGRESQL else ""
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One transaction; inside another, part of that one (a bare SQLite connection
-        a caller began a transaction on counts too)."""
-        if self.in_transaction:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
+        a caller began a transaction on counts too) - without a generator's frame: a
+        batch's jobs each open one inside the batch's, several a record."""
+        return _Nested(self) if self.in_transaction else self._outermost()
+
+    @contextlib.contextmanager
+    def _outermost(self) -> Iterator[None]:
         self._depth = 1
         try:
             if self.dialect is Dialect.POSTGRESQL:
@@ -757,6 +754,21 @@ def _pg_type(values: Iterator[Any]) -> str | None:
 
 
 _cursors = itertools.count()
+
+
+class _Nested:
+    """A transaction inside another (`Database.transaction`): part of that one."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.db._depth -= 1
 
 
 Outcome = tuple[Any, BaseException | None]
