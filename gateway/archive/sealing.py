@@ -48,8 +48,8 @@ class MasterKeys:
 
 
 def seal(plaintext: bytes, record_id: str, keys: MasterKeys) -> bytes:
-    data_key = AESGCM.generate_key(bit_length=256)
-    nonce = os.urandom(12)
+    fresh = os.urandom(44)  # one system call: the data key (32 bytes) and the nonce
+    data_key, nonce = fresh[:32], fresh[32:]
     ciphertext = AESGCM(data_key).encrypt(nonce, compress(plaintext), record_id.encode())
     return _pack(keys.current, aes_key_wrap(keys.keys[keys.current], data_key), nonce, ciphertext)
 

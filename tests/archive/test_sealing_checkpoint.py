@@ -7,10 +7,19 @@ import os
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
 from gateway.archive.checkpoint import Checkpoint, CheckpointError, sign, verify
 from gateway.archive.merkle import leaf_hash, root
-from gateway.archive.sealing import MasterKeys, SealError, key_of, open_sealed, rewrap, seal
+from gateway.archive.sealing import (
+    MasterKeys,
+    SealError,
+    _unpack,
+    key_of,
+    open_sealed,
+    rewrap,
+    seal,
+)
 
 K1, K2 = os.urandom(32), os.urandom(32)
 MESSAGE = b"From: a@clinic.test\r\nSubject: Biopsy\r\n\r\n" + b"The margins are clear.\r\n" * 200
@@ -20,6 +29,11 @@ def test_a_record_round_trips_compressed_and_each_has_its_own_key():
     keys = MasterKeys("2026-a", {"2026-a": K1})
     one, two = seal(MESSAGE, "msg-1", keys), seal(MESSAGE, "msg-1", keys)
     assert one != two  # a fresh data key and nonce each time
+    (_, wrapped_one, nonce_one, _), (_, wrapped_two, nonce_two, _) = _unpack(one), _unpack(two)
+    key_one, key_two = aes_key_unwrap(K1, wrapped_one), aes_key_unwrap(K1, wrapped_two)
+    assert len(key_one) == 32 and len(nonce_one) == 12
+    assert key_one != key_two and nonce_one != nonce_two
+    assert nonce_one not in key_one  # drawn together, taken apart
     assert len(one) < len(MESSAGE) / 4  # compressed before encryption
     assert b"Biopsy" not in one and b"margins" not in one
     assert open_sealed(one, "msg-1", keys) == MESSAGE
