@@ -20,6 +20,7 @@ import zipfile
 
 from gateway.archive.journal import copy_name
 from gateway.archive.query import Query
+from gateway.archive.service import LINGER
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 from tests.support.archive import archive_of, refusing
 from tests.support.delivery import BODY, SUBJECT, done, send, start
@@ -352,17 +353,29 @@ async def test_under_load_the_archives_records_share_a_commit_for_longer_than_th
     gw = await start(gateway_factory, world, pki)
     archive = gw.archive
     await archive.settle()
-    archive.access("q-load", "auditor@clinic", "view")
-    archive.access("q-load", "auditor@clinic", "view")  # a batch of two: under load
-    assert await archive.written("q-load")
-    before = archive._batcher.batches
-    started = time.monotonic()
-    for _ in range(3):
+    quick = 0.020  # within the archive's linger, well beyond the queue state's 5 ms
+    assert quick < LINGER
+    timely = 0  # rounds whose records were issued that quickly
+    for _ in range(8):  # a machine too busy to keep 3 ms sleeps short: another round
         archive.access("q-load", "auditor@clinic", "view")
-        await asyncio.sleep(0.003)
-    archive.access("q-load", "auditor@clinic", "view")
-    issued_within = time.monotonic() - started
-    assert await archive.written("q-load")
-    assert archive._batcher.batches - before == 1, f"issued within {issued_within:.3f} s"
+        archive.access("q-load", "auditor@clinic", "view")  # a batch of two: under load
+        assert await archive.written("q-load")
+        for _ in range(1000):  # its thread notes when it ended as it lets go
+            if not archive._batcher.busy:
+                break
+            await asyncio.sleep(0.0005)
+        ended, before = archive._batcher._ended, archive._batcher.batches
+        for _ in range(3):
+            archive.access("q-load", "auditor@clinic", "view")
+            await asyncio.sleep(0.003)
+        archive.access("q-load", "auditor@clinic", "view")
+        issued_within = time.monotonic() - ended  # (the linger counts from there)
+        assert await archive.written("q-load")
+        if issued_within < quick:
+            assert archive._batcher.batches - before == 1, f"issued within {issued_within:.3f} s"
+            timely += 1
+        if timely == 2:
+            break
+    assert timely, "the event loop never issued four records within the linger"
     with archive_of(gw) as reader:
-        assert len(reader.events("q-load", ("access",))) == 6
+        assert len(reader.events("q-load", ("access",))) % 6 == 0
