@@ -114,6 +114,11 @@ class Envelope:
     # beginning with a dot, as the SMTP listener saw every line arrive; delivery then
     # sends them without looking at them again
     data_is_wire: bool = False
+    # what the spool file holds of it: `to_dict`'s canonical JSON (`gateway.canonical`)
+    # as read back, when the file was written so and is ASCII - the archive journals
+    # it as it is instead of writing it again.  None for an envelope made any other
+    # way: a changed copy (`dataclasses.replace`) starts without it.
+    spooled_json: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         # Written out by hand: dataclasses.asdict deep-copies, and this runs for

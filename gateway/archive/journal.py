@@ -373,15 +373,18 @@ class Archive:
         durable: bool = True,
         subject: bool = False,
         data_sha256: str | None = None,
+        envelope_json: bytes | None = None,
     ) -> str:
         """The message as received and its envelope (every recipient, Bcc included):
         sealed into a blob, committed to the log, indexed, kept until ``retain_until``
         (default: by the retention rules).  ``subject``: index the subject for search.
         ``data_sha256``: the digest of ``data``, when the caller has checked it.
-        Returns its record id."""
+        ``envelope_json``: ``canonical(envelope)``, when the caller has it (the
+        spool's).  Returns its record id."""
         queue_id = str(envelope["queue_id"])
         record_id = f"msg-{queue_id}"
-        record = canonical(envelope) + b"\n" + data
+        head = canonical(envelope) if envelope_json is None else envelope_json
+        record = head + b"\n" + data
         digest = hashlib.sha256(record).hexdigest()
         sealed = seal(record, record_id, self.keys)
         self._register(record_id)

@@ -568,7 +568,11 @@ class _Journal:
         # than the notification does
         envelope.pop("portal_passphrase", None)
         digest = self.envelope.sha256 if self.checked else None
-        self.archive.journal_message(envelope, body, subject=self.subjects, data_sha256=digest)
+        # the spool's JSON of it, as it is - unless it holds the passphrase's hash
+        text = None if self.envelope.portal_passphrase else self.envelope.spooled_json
+        self.archive.journal_message(
+            envelope, body, subject=self.subjects, data_sha256=digest, envelope_json=text
+        )
         return len(body)
 
 

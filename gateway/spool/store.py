@@ -74,6 +74,7 @@ from pathlib import Path
 
 from gateway.background import Background
 from gateway.batching import run_each, settle
+from gateway.canonical import canonical_text
 from gateway.durable import fsync_dir, write_all
 from gateway.errors import SpoolError
 from gateway.model import Envelope
@@ -96,6 +97,8 @@ RECYCLE_SIZE = 256 * 1024  # larger files are removed, not zero-filled for reuse
 RECYCLE_KEEP = 4096  # recycled files kept for each writer process at most
 RECYCLE_BYTES = 64 * 1024**2  # and their bytes
 RECOUNT_EVERY = 128  # turns of a writer (a file recycled or refused) between counts of its pool
+# how an envelope written canonical begins (`to_dict`'s keys sorted)
+CANONICAL_START = b'{"client":'
 WHOLE_READ = 1024 * 1024  # a spool file up to this size is read in one system call
 RESCAN_AFTER = 0.5  # seconds before a writer whose free/ was empty looks again
 _ZEROS = memoryview(bytes(RECYCLE_SIZE))  # what a recycled file is overwritten with
@@ -413,12 +416,9 @@ class SpoolWriter:
         if self.failed:
             raise self.failed
         envelope = make_envelope(self._size, self._sha.hexdigest())
-        meta = (
-            json.dumps(envelope.to_dict(), ensure_ascii=False, separators=(",", ":")).encode(
-                "utf-8", "surrogateescape"
-            )
-            + b"\n"
-        )
+        # canonical (keys sorted, no spaces): the archive journals these bytes as they
+        # are (`Envelope.spooled_json`); as cheap to write as unsorted JSON
+        meta = canonical_text(envelope.to_dict()).encode("utf-8", "surrogateescape") + b"\n"
         # The message itself, when it never spilled to disk: handed on to the queue,
         # which then need not read back what it was just given.
         self.message = b"".join(self._buffer) if self._fd is None else None
@@ -526,9 +526,15 @@ def _layout(footer: bytes, end: int, path: Path) -> tuple[int, int]:
 
 def _parse_envelope(raw: bytes, path: Path) -> Envelope:
     try:
-        return Envelope.from_dict(json.loads(raw.decode("utf-8", "surrogateescape")))
+        envelope = Envelope.from_dict(json.loads(raw.decode("utf-8", "surrogateescape")))
     except (ValueError, KeyError, TypeError) as e:
         raise SpoolError(f"{path.name}: envelope is not valid: {e}") from e
+    # written canonical (its keys sorted: "client" first; earlier versions wrote
+    # "queue_id" first) and ASCII (bytes that are not UTF-8 cannot be journaled as
+    # they are): kept for the archive
+    if raw.startswith(CANONICAL_START) and raw.isascii():
+        object.__setattr__(envelope, "spooled_json", raw.removesuffix(b"\n"))
+    return envelope
 
 
 def read_envelope(path: Path) -> Envelope:

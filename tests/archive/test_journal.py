@@ -5,6 +5,7 @@ real PostgreSQL server, where several nodes append to one log."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
@@ -16,13 +17,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.archive.journal import Archive, copy_name
+from gateway.archive.journal import Archive, canonical, copy_name
 from gateway.archive.query import Query
 from gateway.archive.sealing import MasterKeys
 from gateway.archive.service import _Copy, _Journal
 from gateway.archive.store import BLOCK, ArchiveIndex, FileBlobStore, SqlBlobStore
 from gateway.config import load_config_text
-from gateway.spool import Spool
+from gateway.model import Envelope
+from gateway.spool import Spool, new_queue_id
 from gateway.storage.database import StorageError
 from gateway.storage.stores import ARCHIVE_PAGE_SIZE, Storage
 from tests.support.envelopes import envelope
@@ -628,3 +630,43 @@ def test_a_new_archive_index_has_small_pages_and_one_made_before_keeps_its_own(t
     a.journal_message(envelope("Q1", "a@dest.test").to_dict(), DATA)
     assert a.message("Q1")[1] == DATA
     assert a.verify().ok
+
+
+def test_a_spooled_message_is_journaled_with_the_spools_json_of_its_envelope(
+    connect_index, tmp_path
+):
+    """The record of a message read from the spool holds the spool's bytes of its
+    envelope (written canonical: `Envelope.spooled_json`), which are what writing
+    the envelope again gives; one with a portal passphrase's hash is written again,
+    without it."""
+    a = node(connect_index())
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+
+    async def spooled(queue_id: str, passphrase: str) -> Envelope:
+        writer = spool.writer(queue_id)
+        await writer.write(DATA)
+        return await writer.commit(
+            lambda size, sha: dataclasses.replace(
+                envelope(queue_id, "a@dest.test", "b@dest.test"),
+                size=size,
+                sha256=sha,
+                portal_passphrase=passphrase,
+            )
+        )
+
+    for passphrase in ("", "$argon2id$v=19$m=65536,t=3,p=4$xyz"):
+        queue_id = new_queue_id()
+        asyncio.run(spooled(queue_id, passphrase))
+        read, data = spool.read(queue_id)
+        assert read.spooled_json is not None
+        outcomes = a.batch([_Journal(a, spool, read, None, subjects=False), lambda: None])
+        assert [error for _, error in outcomes] == [None, None]
+        head, _, body = a.record(f"msg-{queue_id}").partition(b"\n")
+        expected = read.to_dict()
+        expected.pop("portal_passphrase", None)
+        assert head == canonical(expected) and body == DATA
+        assert (head == read.spooled_json) is (not passphrase)
+        assert b"argon2id" not in head
+    assert a.verify().ok
+    spool.close()

@@ -100,6 +100,74 @@ def test_an_envelope_says_its_data_is_its_own_wire_form_only_when_it_was_seen_so
     assert Envelope.from_dict({**plain.to_dict(), "data_is_wire": "yes"}).data_is_wire is False
 
 
+async def test_the_envelope_is_written_canonical_and_kept_as_read_for_the_archive(spool):
+    """The spool writes the envelope's JSON canonical (`gateway.canonical`): read back,
+    an envelope keeps those bytes (`Envelope.spooled_json`), which the archive
+    journals as they are - the same as writing them again, for every kind of
+    envelope.  A file an earlier version wrote (keys unsorted), an envelope that is
+    not ASCII, and a changed copy of one read have none."""
+    import dataclasses
+    import json
+
+    from gateway.canonical import canonical_text
+    from gateway.model import Purpose
+
+    base = _envelope("X", 0, "0" * 64)
+    kinds = [
+        base,
+        dataclasses.replace(
+            base,
+            recipients=(Recipient("a@x.test", ("NOTIFY=NEVER",)), Recipient("b@y.test")),
+            extra={"portal_item": "p1", "n": [1, 2.5, None, True]},
+            data_is_wire=True,
+            trace_headers='Received: from h\r\n\t"quoted" \\ back\r\n',
+            client=ClientInfo(
+                ip="::1",
+                port=2,
+                helo="h",
+                tls_version="TLSv1.3",
+                client_cert_sha256="ab" * 32,
+                authorized_by="client-cert",
+            ),
+        ),
+        dataclasses.replace(base, purpose=Purpose.DSN, mail_from=""),
+        dataclasses.replace(base, portal_passphrase="$argon2id$v=19$m=65536,t=3,p=4$abc"),
+    ]
+    for kind in kinds:
+        writer = spool.writer(new_queue_id())
+        await writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        env = await writer.commit(
+            lambda size, sha, kind=kind, queue_id=writer.queue_id: dataclasses.replace(
+                kind, queue_id=queue_id, size=size, sha256=sha
+            )
+        )
+        assert env.spooled_json is None  # made here, not read
+        read, _ = spool.read(env.queue_id)
+        assert read == env
+        assert read.spooled_json == canonical_text(env.to_dict()).encode()
+        assert read.spooled_json == canonical_text(read.to_dict()).encode()
+        assert read_envelope(spool.queue_dir / env.queue_id).spooled_json == read.spooled_json
+        assert dataclasses.replace(read, extra={"changed": 1}).spooled_json is None
+
+    # a file of an earlier version: the same envelope, none kept
+    path = spool.queue_dir / env.queue_id
+    data = b"Subject: x\r\n\r\nbody\r\n"
+    unsorted = json.dumps(env.to_dict(), separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(data + unsorted + store_module._footer(len(data), len(unsorted)))
+    old, _ = spool.read(env.queue_id)
+    assert old == env and old.spooled_json is None
+
+    # an address that is not ASCII (SMTPUTF8): journaled the way it was before
+    writer = spool.writer(new_queue_id())
+    await writer.write(data)
+    utf8 = await writer.commit(
+        lambda size, sha: dataclasses.replace(
+            base, queue_id=writer.queue_id, size=size, sha256=sha, mail_from="jos\u00e9@x.test"
+        )
+    )
+    assert spool.read(utf8.queue_id)[0].spooled_json is None
+
+
 async def test_open_removes_unacknowledged_leftovers_and_counts_the_queue(tmp_path, spool):
     await _store(spool, [b"one\r\n"])
     await _store(spool, [b"two\r\n"])
