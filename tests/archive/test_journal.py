@@ -494,6 +494,28 @@ def test_an_attempt_in_the_batch_that_journals_its_message_updates_its_recipient
     assert [m["queue_id"] for m in a.search(Query(mode="tls"))] == ["W", "X"]
 
 
+def _journal_of(archive: Archive, spool: Spool, queue_id: str) -> _Journal:
+    """The job that journals ``DATA`` to ``a@dest.test``, as spooled."""
+    spooled = dataclasses.replace(
+        envelope(queue_id, "a@dest.test"), size=len(DATA), sha256=hashlib.sha256(DATA).hexdigest()
+    )
+    return _Journal(archive, spool, spooled, DATA, subjects=False)
+
+
+def _traced_batch(archive: Archive, jobs: list[Any]) -> tuple[list[Any], list[str] | None]:
+    """``archive.batch(jobs)``'s outcomes, and the statements it sent - on SQLite
+    (its trace); None on PostgreSQL, where they are counted on SQLite."""
+    connection = archive.index.db._connection
+    if not hasattr(connection, "set_trace_callback"):
+        return archive.batch(jobs), None
+    sent: list[str] = []
+    connection.set_trace_callback(sent.append)
+    try:
+        return archive.batch(jobs), sent
+    finally:
+        connection.set_trace_callback(None)
+
+
 def test_a_batch_journals_its_messages_first_and_writes_each_tables_rows_together(
     connect_index, tmp_path
 ):
@@ -504,32 +526,17 @@ def test_a_batch_journals_its_messages_first_and_writes_each_tables_rows_togethe
     after a failure) finds its rows.  The outcomes are in the jobs' order."""
     a = node(connect_index())
     spool = Spool(tmp_path / "spool")
-    connection = a.index.db._connection
-    if not hasattr(connection, "set_trace_callback"):
-        connection = None  # PostgreSQL: the statements are counted on SQLite
     evidence = {"decision": {"mode": "tls", "rule": "tls-everywhere"}}
-
-    def journal(queue_id: str) -> _Journal:
-        spooled = dataclasses.replace(
-            envelope(queue_id, "a@dest.test"),
-            size=len(DATA),
-            sha256=hashlib.sha256(DATA).hexdigest(),
-        )
-        return _Journal(a, spool, spooled, DATA, subjects=False)
 
     def attempt(queue_id: str):
         delivered = {"idx": 0, "address": "a@dest.test", "state": "delivered"}
         return lambda: a.journal_attempt(queue_id, [{**delivered, "evidence": evidence}])
 
-    jobs = [attempt("Q0"), journal("Q0")]
+    jobs = [attempt("Q0"), _journal_of(a, spool, "Q0")]
     for n in range(1, 4):
-        jobs += [journal(f"Q{n}"), attempt(f"Q{n}")]
-    sent: list[str] = []
-    if connection is not None:
-        connection.set_trace_callback(sent.append)
-    results = a.batch(jobs)
-    if connection is not None:
-        connection.set_trace_callback(None)
+        jobs += [_journal_of(a, spool, f"Q{n}"), attempt(f"Q{n}")]
+    results, sent = _traced_batch(a, jobs)
+    if sent is not None:
         to_recipients = [sql.split(" ", 1)[0] for sql in sent if " recipients" in sql]
         assert to_recipients == ["INSERT"] + ["UPDATE"] * 4  # (executemany: a line a row)
     assert [error for _, error in results] == [None] * 8
@@ -547,27 +554,15 @@ def test_a_batch_takes_a_log_position_for_each_job_before_any_write(connect_inde
     given back), and the log has no gap."""
     a = node(connect_index())
     spool = Spool(tmp_path / "spool")
-    connection = a.index.db._connection
-    if not hasattr(connection, "set_trace_callback"):
-        connection = None  # PostgreSQL: the statements are counted on SQLite
     jobs: list[Any] = []
     for n in range(BLOCK):
-        spooled = dataclasses.replace(
-            envelope(f"Q{n}", "a@dest.test"),
-            size=len(DATA),
-            sha256=hashlib.sha256(DATA).hexdigest(),
-        )
         delivered = {"idx": 0, "address": "a@dest.test", "state": "delivered", "evidence": {}}
         jobs += [
-            _Journal(a, spool, spooled, DATA, subjects=False),
+            _journal_of(a, spool, f"Q{n}"),
             functools.partial(a.journal_attempt, f"Q{n}", [delivered]),
         ]
-    sent: list[str] = []
-    if connection is not None:
-        connection.set_trace_callback(sent.append)
-    results = a.batch(jobs)
-    if connection is not None:
-        connection.set_trace_callback(None)
+    results, sent = _traced_batch(a, jobs)
+    if sent is not None:
         assert [sql for sql in sent if "log_head" in sql] == [
             f"UPDATE log_head SET size = size + {2 * BLOCK} RETURNING size"
         ]
