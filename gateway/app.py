@@ -38,6 +38,7 @@ from gateway.delivery.attempt import DeliveryAgent
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.layout import StateLayout
+from gateway.model import Envelope
 from gateway.observability.http import OpsHttpServer
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -473,12 +474,15 @@ class Gateway:
         if self.queue is not None:
             self.queue.adopt_strays_soon(started)
 
-    def _worker_queued(self, queue_id: str, size: int) -> Awaitable[None] | None:
-        """A worker process spooled a message: count it here, then queue it (read
-        back from the spool: its bytes are in the other process)."""
+    def _worker_queued(
+        self, queue_id: str, size: int, envelope: Envelope | None, data: bytes | None
+    ) -> Awaitable[None] | None:
+        """A worker process spooled a message: count it here, then queue it - with
+        its envelope and bytes when the worker handed them over, else read back from
+        the spool."""
         self.spool.note_committed(size)
         if self.queue is not None:
-            return self.queue.queued(queue_id, size=size)
+            return self.queue.queued(queue_id, envelope, size=size, data=data)
         return None
 
     def _tls(self, section: PortalConfig | ConsoleConfig) -> ssl.SSLContext:

@@ -20,6 +20,9 @@ class Event(enum.StrEnum):
     CONFIG_WARNING = "app.config-warning"
     CERT_GENERATED = "tls.self-signed-generated"
     WORKER_EXITED = "smtp.worker-exited"
+    # a worker's message handed over wrongly: read from the spool instead, or (the
+    # line's framing lost) the worker restarted
+    WORKER_HANDOVER_INVALID = "smtp.worker-handover-invalid"
     # spool
     SPOOL_RECOVERED = "spool.recovered"
     SPOOL_INCOMPLETE_REMOVED = "spool.incomplete-removed"

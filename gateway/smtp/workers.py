@@ -7,12 +7,16 @@ the socket and accept from it, the way Postfix's smtpd processes share theirs.  
 worker writes each message to the spool itself (a small one on its event loop, see
 `gateway.spool.store`) and answers 250 only after the fsync; then it tells the main
 process ``queued`` over a control socket, so the main process counts the spool and
-queues the message (reading it from the spool).  A large message in one worker
-cannot stall the sessions of another.
+queues the message.  A large message in one worker cannot stall the sessions of
+another.
 
 Control protocol (one JSON object per line, child -> main): ``ready``; ``queued``
-with ``queue_id`` and ``size``; ``metrics`` with a snapshot of the worker's samples
-(every second and on exit).  The main process adds the snapshots to its own metrics.
+with ``queue_id`` and ``size``, and with ``envelope`` (a length) when the message's
+envelope (the canonical JSON the spool file holds) and then its bytes follow the line
+- a message kept in memory, up to `HANDOVER_MAX`, while the line is not behind
+(`HANDOVER_BACKLOG`): the main process then need not read back what it was just
+written (else it reads the spool file); ``metrics`` with a snapshot of the worker's
+samples (every second and on exit).  The main process adds the snapshots to its own metrics.
 Main -> child: ``reload`` (SIGHUP, after the main process checked the file): the
 worker reads the configuration again for its certificate, relay rules and binding.
 
@@ -58,12 +62,20 @@ from gateway.layout import StateLayout
 from gateway.model import Envelope
 from gateway.observability.logging import configure_logging, get_logger
 from gateway.observability.metrics import Metrics
+from gateway.spool.store import handed_envelope
 from gateway.webhooks import ROUND_GAP
 
 log = get_logger("gateway.smtp.workers")
 
 METRICS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
+# a message handed over with its ``queued`` line at most (the main process keeps one
+# that size for its first attempt: `gateway.queue.manager.CACHE_MESSAGE_MAX`) ...
+HANDOVER_MAX = 256 * 1024
+# ... while the bytes waiting to go down the line are fewer than this (a main process
+# that falls behind reads the spool instead: the worker's memory stays bounded)
+HANDOVER_BACKLOG = 4 * 1024**2
+ENVELOPE_MAX = 4 * 1024**2  # an envelope handed over: longer is not one a worker wrote
 _GAUGES = (
     "sealgate_smtp_connections_active",
     "sealgate_spool_",
@@ -114,7 +126,7 @@ class WorkerPool:
         self,
         config: Config,
         config_path: Path | None,
-        on_queued: Callable[[str, int], Awaitable[None] | None],
+        on_queued: Callable[[str, int, Envelope | None, bytes | None], Awaitable[None] | None],
         on_access: Callable[[dict[str, Any]], None] | None = None,
         api_socket: Path | None = None,
         on_exited: Callable[[float], None] | None = None,
@@ -202,9 +214,13 @@ class WorkerPool:
                 continue
             kind = message.get("type")
             if kind == "queued":
-                handed = self.on_queued(str(message["queue_id"]), int(message["size"]))
+                queue_id, size = str(message["queue_id"]), int(message["size"])
+                handed_over = await self._handed_over(worker, reader, message, queue_id, size)
+                if handed_over is None:
+                    break  # the line's framing is lost, or the worker went away
+                handed = self.on_queued(queue_id, size, *handed_over)
                 if handed is not None:  # cluster.ack: shared - the worker waits for this
-                    self._answer(worker, str(message["queue_id"]), handed)
+                    self._answer(worker, queue_id, handed)
             elif kind == "metrics":
                 worker.snapshot = message["samples"]
             elif kind == "access" and self.on_access is not None:
@@ -212,6 +228,54 @@ class WorkerPool:
             elif kind == "ready":
                 worker.ready.set()
         await self._exited(worker)
+
+    async def _handed_over(
+        self,
+        worker: _Worker,
+        reader: asyncio.StreamReader,
+        message: dict[str, Any],
+        queue_id: str,
+        size: int,
+    ) -> tuple[Envelope | None, bytes | None] | None:
+        """A ``queued`` message's envelope and bytes when they follow its line ((None,
+        None) when they do not, or do not describe it: then read from the spool);
+        None when the line's framing is lost (the worker is ended) or it went away."""
+        if "envelope" not in message:
+            return None, None
+        length = message["envelope"]
+        if not (type(length) is int and 0 < length <= ENVELOPE_MAX):
+            self._unframed(worker, f"an envelope of {length!r} bytes")
+            return None
+        if not 0 <= size <= HANDOVER_MAX:
+            self._unframed(worker, f"a message of {size} bytes")
+            return None
+        try:
+            payload = await reader.readexactly(length + size)
+        except asyncio.IncompleteReadError:
+            return None  # it died meanwhile: what it spooled is looked for
+        try:
+            return handed_envelope(payload[:length], queue_id, size), payload[length:]
+        except SpoolError as e:  # then read from the spool, and checked there
+            log.error(
+                Event.WORKER_HANDOVER_INVALID,
+                worker=worker.index,
+                error=str(e)[:300],
+                action="read from the spool",
+            )
+            return None, None
+
+    def _unframed(self, worker: _Worker, what: str) -> None:
+        """A ``queued`` line announcing what no worker hands over: where its next
+        line begins is lost, so the worker is ended (and started again; what it
+        spooled but could not announce is looked for, `_exited`)."""
+        log.error(
+            Event.WORKER_HANDOVER_INVALID,
+            worker=worker.index,
+            error=f"handed over {what}",
+            action="worker restarted",
+        )
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
 
     async def _exited(self, worker: _Worker) -> None:
         """A worker's control socket closed: keep its counters, and start another
@@ -309,13 +373,27 @@ class _Recording:
     """A worker's side of ``queued``: with ``cluster.ack: shared`` a message is
     acknowledged only when the main process says it is in the shared store."""
 
-    def __init__(self, waiting: bool, send: Callable[[dict[str, Any]], None]):
-        self.waiting, self.send = waiting, send
+    def __init__(self, waiting: bool, control: _Control):
+        self.waiting, self.control = waiting, control
         self._futures: dict[str, asyncio.Future[None]] = {}
 
     def queued(self, env: Envelope, data: bytes | None) -> asyncio.Future[None] | None:
-        """The main process queues it (reading it from the spool)."""
-        self.send({"type": "queued", "queue_id": env.queue_id, "size": env.size})
+        """The main process queues it: handed over with its envelope and bytes when
+        they are in memory (``data``), small enough and the line not behind, else
+        read back from the spool there."""
+        message: dict[str, Any] = {"type": "queued", "queue_id": env.queue_id, "size": env.size}
+        meta = env.spooled_json
+        if (
+            data is not None
+            and meta is not None
+            and len(data) == env.size <= HANDOVER_MAX
+            and len(meta) <= ENVELOPE_MAX
+            and self.control.backlog() < HANDOVER_BACKLOG
+        ):
+            message["envelope"] = len(meta)
+            self.control.send(message, meta + data)
+        else:
+            self.control.send(message)
         if not self.waiting:
             return None
         self._futures[env.queue_id] = asyncio.get_running_loop().create_future()
@@ -448,9 +526,14 @@ class _Control:
     async def open(cls, sock: socket.socket) -> _Control:
         return cls(*await asyncio.open_connection(sock=sock))
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], payload: bytes = b"") -> None:
+        """``message`` as a line, and the bytes that follow it (``payload``)."""
         if not self.writer.is_closing():
-            self.writer.write(json.dumps(message).encode() + b"\n")
+            self.writer.write(b"".join((json.dumps(message).encode(), b"\n", payload)))
+
+    def backlog(self) -> int:
+        """Bytes written and not yet taken by the socket."""
+        return self.writer.transport.get_write_buffer_size()
 
     def start(
         self,
@@ -515,7 +598,7 @@ async def _serve(
     spool.reuse = Reuse(spool.free_dir, index)  # the main process recycles into it
     spool.inline_commits = True  # small messages fsynced on the event loop
     spool.start_io()
-    recording = _Recording(config.cluster.ack == "shared", control.send)
+    recording = _Recording(config.cluster.ack == "shared", control)
     submitter = Submitter(spool, smtp_hostname(config), config.smtp.marker_header, recording.queued)
     ctx = make_smtp_context(config, submitter, metrics, divide_limits_by=worker_count(config))
     spool.siblings = lambda: len(ctx.sessions) - 1  # (whose commits may share a batch)

@@ -419,6 +419,7 @@ class SpoolWriter:
         # canonical (keys sorted, no spaces): the archive journals these bytes as they
         # are (`Envelope.spooled_json`); as cheap to write as unsorted JSON
         meta = canonical_text(envelope.to_dict()).encode("utf-8", "surrogateescape") + b"\n"
+        _keep_json(envelope, meta[:-1])  # as a read of the file would find it
         # The message itself, when it never spilled to disk: handed on to the queue,
         # which then need not read back what it was just given.
         self.message = b"".join(self._buffer) if self._fd is None else None
@@ -524,16 +525,34 @@ def _layout(footer: bytes, end: int, path: Path) -> tuple[int, int]:
     return message_len, json_len
 
 
-def _parse_envelope(raw: bytes, path: Path) -> Envelope:
+def _parse_envelope(raw: bytes, name: str) -> Envelope:
     try:
         envelope = Envelope.from_dict(json.loads(raw.decode("utf-8", "surrogateescape")))
     except (ValueError, KeyError, TypeError) as e:
-        raise SpoolError(f"{path.name}: envelope is not valid: {e}") from e
+        raise SpoolError(f"{name}: envelope is not valid: {e}") from e
     # written canonical (its keys sorted: "client" first; earlier versions wrote
     # "queue_id" first) and ASCII (bytes that are not UTF-8 cannot be journaled as
     # they are): kept for the archive
-    if raw.startswith(CANONICAL_START) and raw.isascii():
-        object.__setattr__(envelope, "spooled_json", raw.removesuffix(b"\n"))
+    if raw.startswith(CANONICAL_START):
+        _keep_json(envelope, raw.removesuffix(b"\n"))
+    return envelope
+
+
+def _keep_json(envelope: Envelope, raw: bytes) -> None:
+    """``raw``, the envelope's canonical JSON as spooled, kept with it when ASCII
+    (`Envelope.spooled_json`: bytes that are not UTF-8 cannot be journaled as they
+    are)."""
+    if raw.isascii():
+        object.__setattr__(envelope, "spooled_json", raw)
+
+
+def handed_envelope(raw: bytes, queue_id: str, size: int) -> Envelope:
+    """The envelope a worker process spooled, handed over as the canonical JSON it
+    wrote (`SpoolWriter.commit`), checked as a spool file's envelope is against its
+    name and size; `SpoolError` if it is not that."""
+    envelope = _parse_envelope(raw, queue_id)
+    if envelope.queue_id != queue_id or envelope.size != size or envelope.spooled_json is None:
+        raise SpoolError(f"{queue_id}: the envelope handed over does not describe it")
     return envelope
 
 
@@ -574,7 +593,7 @@ def _read(path: Path, with_data: bool) -> tuple[Envelope, bytes]:
         raise SpoolError(f"{path.name}: {e.strerror}") from e
     finally:
         os.close(fd)
-    env = _parse_envelope(raw, path)
+    env = _parse_envelope(raw, path.name)
     if env.size != message_len or env.queue_id != path.name:
         raise SpoolError(f"{path.name}: envelope does not describe this file")
     return env, data

@@ -104,8 +104,9 @@ async def test_the_envelope_is_written_canonical_and_kept_as_read_for_the_archiv
     """The spool writes the envelope's JSON canonical (`gateway.canonical`): read back,
     an envelope keeps those bytes (`Envelope.spooled_json`), which the archive
     journals as they are - the same as writing them again, for every kind of
-    envelope.  A file an earlier version wrote (keys unsorted), an envelope that is
-    not ASCII, and a changed copy of one read have none."""
+    envelope; so does the envelope the commit returns (which a worker hands over).
+    A file an earlier version wrote (keys unsorted), an envelope that is not ASCII,
+    and a changed copy of one read have none."""
     import dataclasses
     import json
 
@@ -141,10 +142,10 @@ async def test_the_envelope_is_written_canonical_and_kept_as_read_for_the_archiv
                 kind, queue_id=queue_id, size=size, sha256=sha
             )
         )
-        assert env.spooled_json is None  # made here, not read
         read, _ = spool.read(env.queue_id)
         assert read == env
         assert read.spooled_json == canonical_text(env.to_dict()).encode()
+        assert env.spooled_json == read.spooled_json  # the bytes written, kept
         assert read.spooled_json == canonical_text(read.to_dict()).encode()
         assert read_envelope(spool.queue_dir / env.queue_id).spooled_json == read.spooled_json
         assert dataclasses.replace(read, extra={"changed": 1}).spooled_json is None
@@ -165,6 +166,7 @@ async def test_the_envelope_is_written_canonical_and_kept_as_read_for_the_archiv
             base, queue_id=writer.queue_id, size=size, sha256=sha, mail_from="jos\u00e9@x.test"
         )
     )
+    assert utf8.spooled_json is None
     assert spool.read(utf8.queue_id)[0].spooled_json is None
 
 
