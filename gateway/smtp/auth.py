@@ -41,6 +41,7 @@ from gateway.config import DomainPattern, IPNetwork, parse_domain_pattern
 _PHC = re.compile(r"\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 _USER = re.compile(r"[^\s:#]+")
 SCRYPT_LN, SCRYPT_R, SCRYPT_P = 14, 8, 1
+ALLOWED_KEEP = 4096  # client addresses whose `RelayPolicy.network_allows` answer is kept
 
 
 def _b64(data: bytes) -> str:
@@ -266,6 +267,7 @@ class RelayPolicy:
         self.networks = networks
         self.cert_patterns = tuple(CertPattern.parse(p) for p in cert_patterns)
         self.users = users
+        self._allowed: dict[str, bool] = {}  # `network_allows`'s answers, by address
 
     @property
     def asks_client_cert(self) -> bool:
@@ -276,6 +278,16 @@ class RelayPolicy:
         return bool(self.users)
 
     def network_allows(self, ip: str) -> bool:
+        """Whether ``ip`` is in ``relay.networks``: worked out once for the last
+        `ALLOWED_KEEP` addresses (a policy is made again when they change)."""
+        allowed = self._allowed.get(ip)
+        if allowed is None:
+            if len(self._allowed) >= ALLOWED_KEEP:
+                self._allowed.clear()
+            allowed = self._allowed[ip] = self._in_networks(ip)
+        return allowed
+
+    def _in_networks(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:

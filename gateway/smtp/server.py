@@ -741,8 +741,20 @@ def received_header(
     header = f"Received: from {helo or 'unknown'} (unknown [{ip}])\r\n\tby {hostname} (Sealgate)"
     if client.tls_version:
         header += f"\r\n\t(using {client.tls_version} with cipher {client.tls_cipher})"
-    header += f"\r\n\twith {proto} id {queue_id};\r\n\t{email.utils.format_datetime(when)}\r\n"
+    header += f"\r\n\twith {proto} id {queue_id};\r\n\t{_date(when)}\r\n"
     return header
+
+
+_last_date: tuple[datetime.datetime, str] | None = None
+
+
+def _date(when: datetime.datetime) -> str:
+    """``when`` as RFC 5322 writes a date: to the second, so made once a second."""
+    global _last_date
+    second = when.replace(microsecond=0)
+    if _last_date is None or _last_date[0] != second or _last_date[0].tzinfo != second.tzinfo:
+        _last_date = (second, email.utils.format_datetime(second))
+    return _last_date[1]
 
 
 class SmtpServer:

@@ -164,3 +164,29 @@ def test_a_message_without_the_passphrase_field_passes_as_it_came():
     assert f.feed(b"more\r\n") == b"more\r\n" and f.finish() == b"" and f.value is None
     empty_head = PassphraseFilter("X-Sealgate-Passphrase")
     assert empty_head.feed(b"\r\nbody\r\n") == b"\r\nbody\r\n" and empty_head.value is None
+
+
+def test_the_received_fields_date_is_the_moment_given_to_the_second():
+    """Made once a second (`_date`): each field still carries its own moment, in its
+    own zone."""
+    import datetime
+    import email.utils
+
+    from gateway.model import ClientInfo
+    from gateway.smtp.server import received_header
+
+    client = ClientInfo(ip="127.0.0.1", port=1, helo="h")
+    utc = datetime.UTC
+    est = datetime.timezone(datetime.timedelta(hours=-5))
+    moments = [
+        datetime.datetime(2026, 12, 6, 22, 0, 0, 10, tzinfo=utc),
+        datetime.datetime(2026, 12, 6, 22, 0, 0, 999_999, tzinfo=utc),
+        datetime.datetime(2026, 12, 6, 22, 0, 1, 5, tzinfo=utc),
+        datetime.datetime(2026, 12, 6, 17, 0, 1, 5, tzinfo=est),  # the same instant
+        datetime.datetime(2026, 12, 6, 22, 0, 0, 10, tzinfo=utc),  # back again
+    ]
+    for when in moments:
+        header = received_header(client, "gw.test", "Q1", True, False, when)
+        date = header.rsplit(";\r\n\t", 1)[1].removesuffix("\r\n")
+        assert date == email.utils.format_datetime(when.replace(microsecond=0))
+        assert email.utils.parsedate_to_datetime(date) == when.replace(microsecond=0)

@@ -186,3 +186,32 @@ async def test_swaks_with_auth_from_an_outside_address_is_allowed(gateway_factor
     assert code == 0, out
     assert "235 2.7.0" in out
     assert len(queued(gw)) == 1
+
+
+@pytest.mark.parametrize("keep", [4096, 2])
+def test_relay_networks_answers_are_the_same_when_kept(tmp_path, monkeypatch, keep):
+    """`RelayPolicy.network_allows` keeps its answer for each address (at most
+    `ALLOWED_KEEP` of them, then starts again): asked again, or past the bound, it
+    gives the answer the networks give."""
+    from gateway.smtp import auth
+    from gateway.smtp.auth import RelayPolicy
+    from tests.conftest import load_test_config, write_config
+
+    monkeypatch.setattr(auth, "ALLOWED_KEEP", keep)
+    config = load_test_config(
+        write_config(tmp_path, {"relay.networks": ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]})
+    )
+    policy = RelayPolicy(config.relay.networks, (), {})
+    expected = {
+        "127.0.0.1": True,
+        "127.0.0.2": False,
+        "10.1.2.3": True,
+        "::ffff:10.1.2.3": True,  # IPv4-mapped
+        "::1": True,
+        "::2": False,
+        "fe80::1%eth0": False,
+        "not an address": False,
+    }
+    for _ in range(3):
+        assert {ip: policy.network_allows(ip) for ip in expected} == expected
+    assert len(policy._allowed) <= keep
