@@ -115,8 +115,9 @@ class Envelope:
     # sends them without looking at them again
     data_is_wire: bool = False
     # what the spool file holds of it: `to_dict`'s canonical JSON (`gateway.canonical`)
-    # as read back, when the file was written so and is ASCII - the archive journals
-    # it as it is instead of writing it again.  None for an envelope made any other
+    # as written (kept by the commit) or read back, when the file was written so and
+    # is ASCII - the archive journals it as it is instead of writing it again, and an
+    # SMTP worker hands it to the main process.  None for an envelope made any other
     # way: a changed copy (`dataclasses.replace`) starts without it.
     spooled_json: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
