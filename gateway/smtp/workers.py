@@ -16,7 +16,8 @@ envelope (the canonical JSON the spool file holds) and then its bytes follow the
 - a message kept in memory, up to `HANDOVER_MAX`, while the line is not behind
 (`HANDOVER_BACKLOG`): the main process then need not read back what it was just
 written (else it reads the spool file); ``metrics`` with a snapshot of the worker's
-samples (every second and on exit).  The main process adds the snapshots to its own metrics.
+samples (every second and on exit).  The main process adds the snapshots to its own
+metrics.
 Main -> child: ``reload`` (SIGHUP, after the main process checked the file): the
 worker reads the configuration again for its certificate, relay rules and binding.
 
