@@ -392,7 +392,7 @@ class _Recording:
             and self.control.backlog() < HANDOVER_BACKLOG
         ):
             message["envelope"] = len(meta)
-            self.control.send(message, meta + data)
+            self.control.send(message, meta, data)
         else:
             self.control.send(message)
         if not self.waiting:
@@ -527,10 +527,11 @@ class _Control:
     async def open(cls, sock: socket.socket) -> _Control:
         return cls(*await asyncio.open_connection(sock=sock))
 
-    def send(self, message: dict[str, Any], payload: bytes = b"") -> None:
-        """``message`` as a line, and the bytes that follow it (``payload``)."""
+    def send(self, message: dict[str, Any], *payload: bytes) -> None:
+        """``message`` as a line, and the bytes that follow it (``payload``, joined
+        with the line: one copy, one write)."""
         if not self.writer.is_closing():
-            self.writer.write(b"".join((json.dumps(message).encode(), b"\n", payload)))
+            self.writer.write(b"".join((json.dumps(message).encode(), b"\n", *payload)))
 
     def backlog(self) -> int:
         """Bytes written and not yet taken by the socket."""
