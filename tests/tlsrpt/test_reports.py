@@ -178,7 +178,10 @@ async def test_a_mailed_report_is_held_to_no_tls_policy_and_not_counted_itself(
     assert [(ok, sum(failed.values())) for ok, failed in counted.values()] == [(1, 1)]
     after = datetime.date.fromisoformat(day) + datetime.timedelta(days=1)
     assert gw.tlsrpt.store.counts(after.isoformat()) == {}  # nor on the day it was sent
-    evidence = gw.queue.store.attempts(sent.detail["queued"])[-1]["evidence"]
+    # (the server has the report before the gateway records its attempt)
+    queued = sent.detail["queued"]
+    await wait_until(lambda: gw.queue.store.attempts(queued), what="the attempt recorded")
+    evidence = gw.queue.store.attempts(queued)[-1]["evidence"]
     assert evidence["mx_host"] == "mx1.dest.test" and evidence["verification"] == "none"
 
 
