@@ -11,10 +11,12 @@ killed node's recipients wait for another node; what the shared stores grow by.
    ``cluster.ack: local`` (target >= 0.8x SQLite) and with ``ack: shared`` (reported).
 2. Two nodes on one database (ack: local), smtp-source sending half to each at once:
    total throughput (target: not lower than one node's) and CPU per message per node.
-3. Takeover: node A holds leases for mail its destination does not answer, A is killed
-   with SIGKILL once it has shared them (``ack: local`` shares what is still open after
-   10 s); the time until node B delivers the first of them (target <=
-   cluster.lease_timeout + 5 s, with the shipped lease timeout of 60 s).
+3. Takeover: node A is sent 20 messages for a destination that does not answer.  A
+   leases the attempts it starts; the rest wait unleased, and once A has shared them
+   (``ack: local`` shares what is still open after 10 s) node B delivers those at
+   once.  When B has no more to deliver, A is killed with SIGKILL: the time until
+   node B delivers the first message A held leased (target <= cluster.lease_timeout
+   + 5 s, with the shipped lease timeout of 60 s), and until all 20 are delivered.
 4. Growth: bytes per message in each PostgreSQL schema after the runs (for the sizing
    in the README).
 
@@ -229,7 +231,7 @@ def takeover(workdir: Path, db_url: str, password: Path) -> None:
                 extra=yaml_of({**common, "cluster.node_id": name}),
             )
             nodes.append(gw.__enter__())
-        smtp_source(nodes[0].smtp_port, 20, 5, 4096)  # a leases them all, and hangs
+        smtp_source(nodes[0].smtp_port, 20, 5, 4096)  # a's attempts hang
         # In ack: local a message's content goes to the shared store once it has been
         # open 10 s (SHARE_AFTER); what a node had not shared when it died is its
         # documented loss window, nothing another node could deliver - so A is killed
@@ -249,20 +251,34 @@ def takeover(workdir: Path, db_url: str, password: Path) -> None:
         )
         from relay import DeliveryCounter
 
+        # A leases only the attempts it starts: once its first ones hang, the
+        # destination is busy and the rest wait unleased - shared, free to any node,
+        # so B delivers them as soon as they are shared.  The takeover is about the
+        # ones A holds leased: B's deliveries are counted until they stop, then A dies.
         delivered = DeliveryCounter(log)
-        before = delivered()
+        free, still = delivered(), time.monotonic()
+        waited = time.monotonic()
+        while time.monotonic() - still < 3 and time.monotonic() - waited < 30:
+            time.sleep(0.2)
+            if delivered() != free:
+                free, still = delivered(), time.monotonic()
+        leased = 20 - free
         os.kill(nodes[0].proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         killed = time.monotonic()
-        while delivered() == before and time.monotonic() - killed < 180:
+        while delivered() == free and time.monotonic() - killed < 180:
             time.sleep(0.1)
         first = time.monotonic() - killed
-        while delivered() - before < 20 and time.monotonic() - killed < 240:
+        while delivered() < 20 and time.monotonic() - killed < 240:
             time.sleep(0.1)
+        done = delivered()
+        met = leased > 0 and first <= 65 and done == 20
         print(
-            f"takeover (cluster.lease_timeout 60 s, the default): first of node A's 20 leased "
-            f"messages delivered by node B {first:.1f} s after kill -9 of A (target <= 65 s: "
-            f"{'met' if first <= 65 else 'NOT met'}); all 20 after "
-            f"{time.monotonic() - killed:.1f} s",
+            f"takeover (cluster.lease_timeout 60 s, the default): node B delivered {free} "
+            f"of node A's 20 messages before A was killed (not leased by A: shared, free to "
+            f"any node); of the {leased} A held leased, the first was delivered by node B "
+            f"{first:.1f} s after kill -9 of A, and {done - free} in all after "
+            f"{time.monotonic() - killed:.1f} s (target: the first <= 65 s, every one "
+            f"delivered: {'met' if met else 'NOT met'})",
             flush=True,
         )
     finally:
