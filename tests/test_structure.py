@@ -165,3 +165,20 @@ def test_an_smtp_worker_loads_neither_the_app_nor_delivery_nor_the_web_stack(tmp
     heavy = {"gateway.app", "gateway.queue.manager", "gateway.delivery.attempt", "aiohttp"}
     heavy |= {"gateway.archive.service", "gateway.portal.service", "pysequoia", "nh3"}
     assert loaded & heavy == set()
+
+
+def test_the_command_line_starts_without_the_daemons_network_stack():
+    """`sealgate queue list`, `keys list` and the other commands read a store and
+    print: loading aiohttp, dnspython's resolver, the SMTP libraries or the logging
+    and metrics stacks would cost every command's start (a tenth of a second or
+    more) for nothing - the daemon's modules are imported by `run` alone."""
+    code = "import json, sys, gateway.cli; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(json.loads(out.stdout))
+    assert "gateway.queue.store" in loaded and "gateway.archive.cli" in loaded
+    heavy = {"aiohttp", "aiosmtplib", "aiosmtpd", "dns.asyncresolver", "structlog"}
+    heavy |= {"prometheus_client", "gateway.app", "gateway.queue.manager"}
+    heavy |= {"gateway.tlsrpt.service", "gateway.probe.mta_sts", "gateway.smtp.context"}
+    assert loaded & heavy == set()

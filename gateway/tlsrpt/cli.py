@@ -12,10 +12,8 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.smtp.context import smtp_hostname
 from gateway.storage.stores import Storage
 from gateway.tlsrpt.model import report_json
-from gateway.tlsrpt.service import reporter_of
 from gateway.tlsrpt.store import TlsRptStore
 
 
@@ -34,6 +32,10 @@ def add_parsers(
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    # (the daemon's modules, loaded by this command only: not by every other one's start)
+    from gateway.smtp.context import smtp_hostname
+    from gateway.tlsrpt.service import reporter_of
+
     day = args.day or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     try:
         datetime.datetime.strptime(day, "%Y-%m-%d")

@@ -19,12 +19,15 @@ import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.crypto.mime import base64_body
 from gateway.events import TlsFailure
-from gateway.probe.dane import Tlsa
-from gateway.probe.mta_sts import StsPolicy
+
+if TYPE_CHECKING:  # (names for the annotations: the probes' modules load aiohttp and
+    # dnspython's resolver, which the command line's reading of a store does not need)
+    from gateway.probe.dane import Tlsa
+    from gateway.probe.mta_sts import StsPolicy
 
 REPORT_MEDIA_TYPE = "application/tlsrpt+gzip"
 
