@@ -430,10 +430,12 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
     # what the store recorded (every node's, with a shared one), then what is only
     # spooled: accepted a moment ago, or before a crash (recorded at the next start)
     summaries = store.open_messages() if store is not None else []
-    known = store.known() if store is not None else {}
+    listed = {s["queue_id"] for s in summaries}
     spool = _spool(config)
-    for queue_id in spool.queue_ids():
-        if queue_id in known:
+    spooled = [q for q in spool.queue_ids() if q not in listed]
+    known = store.recorded_among(spooled) if store is not None else set()
+    for queue_id in spooled:
+        if queue_id in known:  # (done: its file is on its way out)
             continue
         try:
             summaries.append(_summary(read_envelope(spool.path_of(queue_id))))
@@ -442,18 +444,24 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
             status = 1
     summaries.sort(key=lambda s: s["queue_id"])
     now = datetime.datetime.now(datetime.UTC)
+    parse = datetime.datetime.fromisoformat
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # (one encoder, not one a line)
+    lines: list[str] = []
     for s in summaries:
-        age = now - datetime.datetime.fromisoformat(s["received_at"])
         s = {
-            **{k: s[k] for k in ("queue_id", "received_at")},
-            "age_seconds": int(age.total_seconds()),
-            **{k: s[k] for k in ("size", "mail_from", "hold", "recipients")},
+            "queue_id": s["queue_id"],
+            "received_at": s["received_at"],
+            "age_seconds": int((now - parse(s["received_at"])).total_seconds()),
+            "size": s["size"],
+            "mail_from": s["mail_from"],
+            "hold": s["hold"],
+            "recipients": s["recipients"],
         }
         if not _matches(s, args.state, args.domain, older):
             continue
         count += 1
         if args.json:
-            print(json.dumps(s, ensure_ascii=False))
+            lines.append(encode(s))
         else:
             flag = " HOLD" if s["hold"] else ""
             rcpts = ", ".join(
@@ -461,10 +469,15 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
                 f"{' ' + r['mode'] + ' by ' + r['rule'] if r['mode'] else ''})"
                 for r in s["recipients"]
             )
-            print(
+            lines.append(
                 f"{s['queue_id']}{flag}  {s['size']:>9}  {s['received_at'][:19]}  "
                 f"<{s['mail_from']}>  {rcpts}"
             )
+        if len(lines) >= 1000:  # written a thousand lines at a time
+            print("\n".join(lines))
+            lines.clear()
+    if lines:
+        print("\n".join(lines))
     if not args.json:
         print(f"-- {count} message{'s' if count != 1 else ''} in the queue")
     return status

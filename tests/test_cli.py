@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+from gateway.layout import StateLayout
+from gateway.model import ClientInfo, Envelope, Recipient, RecipientState
+from gateway.queue.store import AttemptRecord, QueueStore
 from gateway.smtp.auth import verify_password
+from gateway.spool import Spool, new_queue_id
 from tests.conftest import make_message, queued, run_sealgate, smtp_client
 
 
@@ -38,6 +42,57 @@ async def test_queue_list_and_show_read_the_spool(gateway_factory):
     assert "integrity      sha256 verified" in text
     # queue inspection shows the envelope, never the content
     assert "Lab results" not in text and "Lab results" not in shown.stdout
+
+
+async def test_queue_list_adds_what_is_only_spooled_and_leaves_out_what_is_done(tmp_path):
+    """Beside the store's open messages (their recipients in order, with their
+    states), `queue list` shows a message that is only spooled - accepted a moment
+    ago, or before a crash: recorded at the next start - with every recipient
+    pending, and not one whose file outlived its finish (on its way out)."""
+    state = tmp_path / "state"
+    spool = Spool(StateLayout(state).spool)
+    spool.open()
+    envelopes = []
+    for addresses in (["a@x.test", "b@y.test"], ["c@x.test"], ["d@z.test"]):
+        writer = spool.writer(new_queue_id())
+        await writer.write(make_message())
+        envelopes.append(
+            await writer.commit(
+                lambda size, sha, w=writer, a=addresses: Envelope(
+                    queue_id=w.queue_id,
+                    received_at="2026-11-01T07:00:00+00:00",
+                    mail_from="s@clinic.test",
+                    mail_options=(),
+                    recipients=tuple(Recipient(r) for r in a),
+                    client=ClientInfo(ip="127.0.0.1", port=1, helo="h"),
+                    size=size,
+                    sha256=sha,
+                )
+            )
+        )
+    spool.close()
+    opened, done, spooled = envelopes
+    store = QueueStore(state / "queue.db")
+    assert store.add(opened, now=100) and store.add(done, now=100)
+    deferred = RecipientState.DEFERRED
+    store.record(
+        opened.queue_id, [AttemptRecord(1, deferred, "4.4.1", "down", None, 300, "deferred")]
+    )
+    store.finish(done.queue_id, dsn_sent=False)
+    store.close()
+
+    listed = run_sealgate("queue", "list", "--json", "--state-dir", str(state))
+    assert listed.returncode == 0, listed.stderr
+    items = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [i["queue_id"] for i in items] == [opened.queue_id, spooled.queue_id]
+    assert [(r["address"], r["state"], r["status"]) for r in items[0]["recipients"]] == [
+        ("a@x.test", "pending", ""),
+        ("b@y.test", "deferred", "4.4.1"),
+    ]
+    assert [(r["address"], r["state"]) for r in items[1]["recipients"]] == [("d@z.test", "pending")]
+    assert [i["age_seconds"] >= 0 and i["size"] == opened.size for i in items] == [True, True]
+    human = run_sealgate("queue", "list", "--state-dir", str(state)).stdout
+    assert "b@y.test (deferred 4.4.1)" in human and "-- 2 messages in the queue" in human
 
 
 def test_queue_show_of_an_unknown_id_fails_clearly(tmp_path):

@@ -333,35 +333,45 @@ class QueueStore:
 
     def open_messages(self) -> list[dict[str, Any]]:
         """Every unfinished message (by queue id: by arrival), with its recipients'
-        states and latest decisions - in two queries, whatever the size of the queue
+        states and latest decisions - in one query, whatever the size of the queue
         (`sealgate queue list`)."""
-        messages: dict[str, dict[str, Any]] = {}
-        for queue_id, received_at, mail_from, size, hold in self._db.execute(
-            "SELECT queue_id, received_at, mail_from, size, hold FROM messages "
-            "WHERE done=0 ORDER BY queue_id"
-        ):
-            messages[queue_id] = {
-                "queue_id": queue_id,
-                "received_at": received_at,
-                "mail_from": mail_from,
-                "size": size,
-                "hold": bool(hold),
-                "recipients": [],
-            }
         # the decision's mode and rule taken out by the database (not a JSON document
-        # parsed here per recipient)
+        # parsed here per recipient); a message's columns come with each of its
+        # recipients (one pass over the tables: two queries took half as long again)
         mode, rule = (
             ("r.decision::json->>'mode'", "r.decision::json->>'rule'")
             if self._db.dialect is Dialect.POSTGRESQL
             else ("json_extract(r.decision, '$.mode')", "json_extract(r.decision, '$.rule')")
         )
-        for queue_id, address, state, status, made, by in self._db.execute(
-            f"SELECT r.queue_id, r.address, r.state, r.status, {mode}, {rule} "  # noqa: S608 - constants
-            "FROM recipients r JOIN messages m USING (queue_id) WHERE m.done=0 "
-            "ORDER BY r.queue_id, r.idx"
+        messages: dict[str, dict[str, Any]] = {}
+        for (
+            queue_id,
+            received_at,
+            mail_from,
+            size,
+            hold,
+            address,
+            state,
+            status,
+            made,
+            by,
+        ) in self._db.execute(
+            "SELECT m.queue_id, m.received_at, m.mail_from, m.size, m.hold, r.address, "  # noqa: S608 - constants
+            f"r.state, r.status, {mode}, {rule} FROM messages m "
+            "LEFT JOIN recipients r USING (queue_id) WHERE m.done=0 "
+            "ORDER BY m.queue_id, r.idx"
         ):
             message = messages.get(queue_id)
-            if message is not None:  # (not one recorded between the two queries)
+            if message is None:
+                message = messages[queue_id] = {
+                    "queue_id": queue_id,
+                    "received_at": received_at,
+                    "mail_from": mail_from,
+                    "size": size,
+                    "hold": bool(hold),
+                    "recipients": [],
+                }
+            if address is not None:  # (a message recorded without recipients: none)
                 message["recipients"].append(
                     {
                         "address": address,
@@ -501,6 +511,11 @@ class QueueStore:
         return {
             row[0]: bool(row[1]) for row in self._db.execute("SELECT queue_id, done FROM messages")
         }
+
+    def recorded_among(self, queue_ids: list[str]) -> set[str]:
+        """Those of ``queue_ids`` the store has recorded, open or done."""
+        sql = "SELECT queue_id FROM messages WHERE queue_id IN ({marks})"
+        return {q for (q,) in self._db.among(sql, queue_ids)}
 
     def message(self, queue_id: str) -> dict[str, Any] | None:
         row = self._db.execute(

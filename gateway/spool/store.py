@@ -293,7 +293,7 @@ class Spool:
         """The ids of the queued messages (their file names; nothing is read)."""
         if not self.queue_dir.is_dir():
             return []
-        return [p.name for p in self.queue_dir.iterdir() if not p.name.startswith(".")]
+        return [n for n in os.listdir(self.queue_dir) if not n.startswith(".")]
 
     def held(self, queue_ids: list[str]) -> set[str]:
         """Those of ``queue_ids`` whose file is in the queue directory."""
