@@ -433,9 +433,9 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
     listed = {s["queue_id"] for s in summaries}
     spool = _spool(config)
     spooled = [q for q in spool.queue_ids() if q not in listed]
-    known = store.recorded_among(spooled) if store is not None else set()
+    done = set(store.done_among(spooled)) if store is not None else set()
     for queue_id in spooled:
-        if queue_id in known:  # (done: its file is on its way out)
+        if queue_id in done:  # (its file is on its way out)
             continue
         try:
             summaries.append(_summary(read_envelope(spool.path_of(queue_id))))

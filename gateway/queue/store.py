@@ -512,11 +512,6 @@ class QueueStore:
             row[0]: bool(row[1]) for row in self._db.execute("SELECT queue_id, done FROM messages")
         }
 
-    def recorded_among(self, queue_ids: list[str]) -> set[str]:
-        """Those of ``queue_ids`` the store has recorded, open or done."""
-        sql = "SELECT queue_id FROM messages WHERE queue_id IN ({marks})"
-        return {q for (q,) in self._db.among(sql, queue_ids)}
-
     def message(self, queue_id: str) -> dict[str, Any] | None:
         row = self._db.execute(
             "SELECT queue_id, received_at, mail_from, size, arrived, hold, done, dsn_sent "
