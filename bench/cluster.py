@@ -256,12 +256,13 @@ def takeover(workdir: Path, db_url: str, password: Path) -> None:
         # so B delivers them as soon as they are shared.  The takeover is about the
         # ones A holds leased: B's deliveries are counted until they stop, then A dies.
         delivered = DeliveryCounter(log)
-        free, still = delivered(), time.monotonic()
-        waited = time.monotonic()
+        free, waited = delivered(), time.monotonic()
+        still = waited  # (when the count last changed)
         while time.monotonic() - still < 3 and time.monotonic() - waited < 30:
             time.sleep(0.2)
-            if delivered() != free:
-                free, still = delivered(), time.monotonic()
+            count = delivered()
+            if count != free:
+                free, still = count, time.monotonic()
         leased = 20 - free
         os.kill(nodes[0].proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         killed = time.monotonic()
