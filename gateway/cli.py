@@ -65,7 +65,15 @@ SYSTEM_CONFIG = Path("/etc/sealgate/config.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealgate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="sealgate",
+        description="Sealgate, an encrypting SMTP relay gateway: it accepts outbound mail from "
+        "Microsoft 365 or Google Workspace, decides per recipient how the message reaches "
+        "them securely (verified TLS, S/MIME, PGP/MIME or the secure portal), journals it "
+        "with the evidence, and delivers it.",
+        epilog="'sealgate COMMAND --help' describes each command; README.md describes the "
+        "gateway, and config.example.yaml every option.",
+    )
     p.add_argument("--version", action="version", version=f"sealgate {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

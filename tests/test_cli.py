@@ -103,6 +103,17 @@ def test_queue_show_of_an_unknown_id_fails_clearly(tmp_path):
     assert bad.returncode == 1 and "is not a queue id" in bad.stderr
 
 
+def test_help_says_what_sealgate_is_and_lists_every_command():
+    result = run_sealgate("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps to the terminal's width
+    assert "Sealgate, an encrypting SMTP relay gateway" in text
+    assert "'sealgate COMMAND --help' describes each command" in text
+    assert "``" not in text  # no docstring markup
+    for command in ("run", "check-config", "explain", "keys", "queue", "archive", "portal"):
+        assert f" {command} " in text
+
+
 def test_hash_password_output_verifies():
     result = run_sealgate("hash-password", stdin="s3cret pass\n")
     assert result.returncode == 0
