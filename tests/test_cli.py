@@ -110,8 +110,12 @@ def test_help_says_what_sealgate_is_and_lists_every_command():
     assert "Sealgate, an encrypting SMTP relay gateway" in text
     assert "'sealgate COMMAND --help' describes each command" in text
     assert "``" not in text  # no docstring markup
-    for command in ("run", "check-config", "explain", "keys", "queue", "archive", "portal"):
-        assert f" {command} " in text
+    commands = (
+        "run check-config explain keys queue archive portal storage cluster tlsrpt webhooks "
+        "api console hash-password hash-address"
+    )
+    for command in commands.split():
+        assert f" {command} " in text, command
 
 
 def test_hash_password_output_verifies():
