@@ -5,7 +5,19 @@
 #                              server in the interop test, and smtp-source for bench/)
 set -eu
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# The interpreter: PYTHON if set; else the distribution's own python3 when it is 3.11
+# or newer (Debian builds it with profile-guided and link-time optimisation, and it
+# is the one a Debian server runs); else the python3 on PATH.  A python3 earlier on
+# PATH than Debian's - pyenv's, or one built from source without
+# --enable-optimizations - ran the relay about a seventh slower (bench/RESULTS.md,
+# 2026-12-07).
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    PY=python3
+    if /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        PY=/usr/bin/python3
+    fi
+fi
 
 need=""
 # swaks needs Net::SSLeay for --tls (only a Recommends of the swaks package)
@@ -42,6 +54,12 @@ if [ -n "$need" ]; then
     esac
 fi
 
+# a virtualenv made from another interpreter is made again (with its packages)
+want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+if [ -f .venv/pyvenv.cfg ] && ! grep -qx "executable = $want" .venv/pyvenv.cfg; then
+    echo "setup: .venv was made from another Python; making it again from $want"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

@@ -15,6 +15,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from tests.support.net import abort
+
 
 @dataclass
 class Received:
@@ -147,7 +149,7 @@ class RecipientMta:
         # collector they warn "unclosed transport" in whichever later test it runs.
         for smtp in self._sessions:
             if smtp.transport is not None:
-                smtp.transport.abort()
+                abort(smtp.transport)
         self._sessions.clear()
         await asyncio.sleep(0)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from tests.support.net import abort
+
 
 @dataclass
 class Receiver:
@@ -42,7 +44,7 @@ class Receiver:
         # A TLS connection still in its closing handshake when the test's loop ends
         # would never close its socket: cut every connection the receiver served.
         for transport in self._transports:
-            transport.abort()
+            abort(transport)
         self._transports.clear()
 
     async def _handle(self, request: web.Request) -> web.Response:
