@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # or newer (Debian builds it with profile-guided and link-time optimisation, and it
 # is the one a Debian server runs); else the python3 on PATH.  A python3 earlier on
 # PATH than Debian's - pyenv's, or one built from source without
-# --enable-optimizations - ran the relay about a seventh slower (bench/RESULTS.md,
+# --enable-optimizations - ran the relay 12-14 % slower (bench/RESULTS.md,
 # 2026-12-07).
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
