@@ -28,7 +28,6 @@ use by another sealgate or the shared store unreachable.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -279,7 +278,12 @@ def _explain(config: Config, args: argparse.Namespace) -> int:
     directory = KeyDirectory(storage.open("keydir")) if storage.exists("keydir") else None
     try:
         keys = DirectoryKeyStore(directory) if directory is not None else None
-        features, explained = asyncio.run(
+        # on the daemon's loop (uvloop), so it probes as the daemon does - and not on
+        # the asyncio of Debian 12's python3.11 (3.11.2), whose TLS transport raises
+        # AttributeError when aborted after it closed (as an HTTPS client may do)
+        import uvloop
+
+        features, explained = uvloop.run(
             explain(
                 config, policy, args.sender, args.recipients, message, smtp_hostname(config), keys
             )
