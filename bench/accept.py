@@ -12,12 +12,12 @@
    histogram.  Targets (issue 17): p99 <= 25 ms at saturation (``smtp-source`` with
    20 sessions), and <= 10 ms at Postfix's rate: in each round, after the two
    throughput runs, `bench/paced.py` offers that round's Postfix rate to Sealgate
-   (an open loop: message k starts at k / rate, on a new connection, at most 20 at
-   once); the target is the median of the rounds' p99s, each reported with how late
-   its starts were (they fall behind when the rate is more than Sealgate can take)
-   and the client's own p99.  For information, p50 and p99 with ``smtp-source`` at
-   12, 8, 6, 4 and 1 sessions: a closed loop, whose lighter loads still saturate the
-   gateway until they are few.
+   (an open loop: message k starts at k / rate, on a new connection, at most
+   ``--sessions`` at once); the target is the median of the rounds' p99s, each
+   reported with how late its starts were (they fall behind when the rate is more
+   than Sealgate can take) and the client's own p99.  For information, p50 and p99
+   with ``smtp-source`` at 12, 8, 6, 4 and 1 sessions: a closed loop, whose lighter
+   loads still saturate the gateway until they are few.
 3. Large message: while ``smtp-source`` sends one 25 MB message, a probe session
    measures NOOP round trips every 10 ms; the worst one is the stall.
 4. Memory: 200 concurrent sessions; peak resident memory of every Sealgate process.
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             )
             # Latency at Postfix's rate: this round's, offered to Sealgate
             before = histogram(gw.metrics())
-            client = paced(gw.smtp_port, postfix_rates[-1], args.messages, 20, args.size)
+            client = paced(gw.smtp_port, postfix_rates[-1], args.messages, args.sessions, args.size)
             delta = histogram_delta(histogram(gw.metrics()), before)
             p50, p99 = quantile(delta, 0.5) * 1000, quantile(delta, 0.99) * 1000
             at_rate.append((postfix_rates[-1], client, p50, p99))
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"ratio {sg / pf:.2f}  (target >= 1.00: {'met' if sg >= pf else 'NOT met'})"
     )
     # Issue 17's targets: p99 <= 25 ms at saturation (all sessions), <= 10 ms at
-    # Postfix's rate (offered by bench/paced.py: the median of its passes)
+    # Postfix's rate (offered by bench/paced.py: the median of the rounds)
     for row in profile:
         sessions, rate, p50, p99 = row
         if row is profile[0]:

@@ -28,13 +28,7 @@ import statistics
 import time
 
 import uvloop
-
-
-def message(size: int) -> bytes:
-    head = b"From: sender@bench.test\r\nTo: rcpt@example.test\r\nSubject: paced bench\r\n\r\n"
-    line = b"x" * 76 + b"\r\n"
-    return head + line * max(1, (size - len(head)) // len(line))
-
+from smtp_tls import message  # the same message as bench/relay_tls.py's load
 
 # (the reply code expected, what to send after it); the last step's reply ends it
 STEPS = (
