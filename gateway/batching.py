@@ -75,6 +75,7 @@ class Batcher:
         self._draining = False
         self._ended = float("-inf")  # when the thread last ran out of jobs (``clock``)
         self._last = 0  # jobs in the last batch it ran
+        self._timer: asyncio.TimerHandle | None = None  # a batch waiting out its linger
         self.batches = 0  # batches run (for tests and curiosity)
 
     @property
@@ -99,6 +100,16 @@ class Batcher:
         """Run ``job`` in the next batch; nobody waits for it."""
         self._add(job, None)
 
+    async def flush(self, job: Callable[[], T]) -> T:
+        """Like `run`, without waiting out a linger: what is pending goes now (its
+        owner stopping)."""
+        future = self.submit(job)
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            self._hand_over(asyncio.get_running_loop())
+        return await future
+
     def _add(self, job: Job, future: asyncio.Future[Any] | None) -> None:
         with self._lock:
             self._pending.append((job, future))
@@ -111,11 +122,12 @@ class Batcher:
             # (see above), at the end of the turn ``linger`` after the last batch.
             loop = asyncio.get_running_loop()
             if wait > 0:
-                loop.call_later(wait, self._hand_over, loop)
+                self._timer = loop.call_later(wait, self._hand_over, loop)
             else:
                 loop.call_soon(self._hand_over, loop)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
         try:
             loop.run_in_executor(self.executor, self._drain, loop)
         except RuntimeError as e:  # the executor was shut down (its owner stopping)

@@ -91,6 +91,28 @@ async def test_a_lone_job_after_a_lone_job_goes_at_once() -> None:
         assert await asyncio.wait_for(batcher.run(lambda: 2), 5) == 2
 
 
+async def test_a_flush_does_not_wait_out_the_linger_and_takes_what_is_pending() -> None:
+    # (a stopping archive: its last records and checkpoint go now, not a linger later)
+    sizes: list[int] = []
+
+    def run_batch(jobs):
+        sizes.append(len(jobs))
+        return run_each(jobs)
+
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(executor, run_batch, linger=60, clock=lambda: 0.0)
+        assert await asyncio.gather(batcher.run(lambda: 0), batcher.run(lambda: 0)) == [0, 0]
+        await _idle(batcher)  # a batch of two has just ended: the next one lingers
+        waiting = batcher.submit(lambda: 1)
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # lingering
+        assert await asyncio.wait_for(batcher.flush(lambda: 2), 5) == 2
+        assert waiting.result() == 1
+        await _idle(batcher)
+        assert await asyncio.wait_for(batcher.flush(lambda: 3), 5) == 3  # its own linger too
+    assert sizes == [2, 2, 1]
+
+
 async def _idle(batcher: Batcher) -> None:
     """Until the batcher's thread has run out of jobs (it looks once more after the
     callers of its last batch were answered)."""
