@@ -62,14 +62,14 @@ UNFINISHED_AFTER = 3600.0
 # (`gateway.batching.LINGER`, 5 ms): nothing on the mail path waits for a record -
 # the spool keeps the message until its records are written, and only a changed
 # copy of a megabyte or more stays counted in ``delivery.copy_memory`` until then -
-# and a commit costs about the same for a hundred messages as for twenty (the last
+# and a commit costs little more for a hundred messages than for five (the last
 # page of each of the index's twenty-odd B-trees written to the log again, a
-# statement for each table, the thread's caches warmed again).  Measured in the
-# daemon (two or three daemons at once, each its own smtp-source, so that the
-# machine's drift is common to them; the main process's CPU a message, medians of
-# 3-4 rounds): with the archive on at 25 ms, 500 ms and 1 s, 0.20, 0.11-0.17 and
-# 0.14 ms more than with it off; at 500 ms and 580 msg/s a batch held a median of
-# 560 records (journals and attempts: 280 messages).  A stop does not wait it out
+# statement for each table, the thread's caches warmed again).  Measured on the
+# relay (rounds in turn, medians, the main process's CPU a message over the
+# archive off): at 150 msg/s +0.70 ms with 25 ms, +0.12 ms with 500 ms; at
+# saturation (550 msg/s, where 25 ms gathered some 23 messages already) the same
+# rate and about the same cost (a batch then holds a median of 560 records: some
+# 280 messages' journals and attempts).  A stop does not wait the linger out
 # (`Batcher.flush`).
 LINGER = 0.5
 
