@@ -15,10 +15,7 @@ from tests.support.world import wait_until
 
 async def test_jobs_of_one_turn_share_a_batch_and_a_failing_one_fails_alone() -> None:
     sizes: list[int] = []
-
-    def run_batch(jobs):
-        sizes.append(len(jobs))
-        return run_each(jobs)
+    run_batch = _recording(sizes)
 
     def boom() -> int:
         raise ValueError("this one")
@@ -56,11 +53,7 @@ async def test_after_its_executor_shut_down_a_job_fails_at_once_and_nothing_is_l
 
 async def test_under_load_a_batch_lingers_for_the_jobs_of_the_next_turns() -> None:
     sizes: list[int] = []
-
-    def run_batch(jobs):
-        sizes.append(len(jobs))
-        return run_each(jobs)
-
+    run_batch = _recording(sizes)
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(executor, run_batch, linger=0.5)
         assert await asyncio.gather(batcher.run(lambda: 0), batcher.run(lambda: 0)) == [0, 0]
@@ -94,11 +87,7 @@ async def test_a_lone_job_after_a_lone_job_goes_at_once() -> None:
 async def test_a_flush_does_not_wait_out_the_linger_and_takes_what_is_pending() -> None:
     # (a stopping archive: its last records and checkpoint go now, not a linger later)
     sizes: list[int] = []
-
-    def run_batch(jobs):
-        sizes.append(len(jobs))
-        return run_each(jobs)
-
+    run_batch = _recording(sizes)
     with ThreadPoolExecutor(1) as executor:
         batcher = Batcher(executor, run_batch, linger=60, clock=lambda: 0.0)
         assert await asyncio.gather(batcher.run(lambda: 0), batcher.run(lambda: 0)) == [0, 0]
@@ -111,6 +100,16 @@ async def test_a_flush_does_not_wait_out_the_linger_and_takes_what_is_pending() 
         await _idle(batcher)
         assert await asyncio.wait_for(batcher.flush(lambda: 3), 5) == 3  # its own linger too
     assert sizes == [2, 2, 1]
+
+
+def _recording(sizes: list[int]):
+    """A batch runner that notes each batch's size in ``sizes``."""
+
+    def run_batch(jobs):
+        sizes.append(len(jobs))
+        return run_each(jobs)
+
+    return run_batch
 
 
 async def _idle(batcher: Batcher) -> None:
