@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -41,7 +42,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from postfix_anchor import (  # noqa: E402
@@ -53,6 +56,7 @@ from postfix_anchor import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEALGATE = [sys.executable, "-m", "gateway"]
+T = TypeVar("T")
 
 
 def paced(port: int, rate: float, messages: int, sessions: int, size: int) -> dict[str, float]:
@@ -211,6 +215,15 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return prev_le
 
 
+def latency_during(gw: Sealgate, load: Callable[[], T]) -> tuple[T, float, float]:
+    """What ``load`` returns, and the p50 and p99 (ms) of Sealgate's acceptance
+    latency over the messages it sent."""
+    before = histogram(gw.metrics())
+    result = load()
+    delta = histogram_delta(histogram(gw.metrics()), before)
+    return result, quantile(delta, 0.5) * 1000, quantile(delta, 0.99) * 1000
+
+
 def peak_rss_mb(pids: list[int]) -> list[float]:
     out = []
     for pid in pids:
@@ -301,10 +314,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 smtp_source(gw.smtp_port, args.messages, args.sessions, args.size)
             )
             # Latency at Postfix's rate: this round's, offered to Sealgate
-            before = histogram(gw.metrics())
-            client = paced(gw.smtp_port, postfix_rates[-1], args.messages, args.sessions, args.size)
-            delta = histogram_delta(histogram(gw.metrics()), before)
-            p50, p99 = quantile(delta, 0.5) * 1000, quantile(delta, 0.99) * 1000
+            offer = functools.partial(
+                paced, gw.smtp_port, postfix_rates[-1], args.messages, args.sessions, args.size
+            )
+            client, p50, p99 = latency_during(gw, offer)
             at_rate.append((postfix_rates[-1], client, p50, p99))
             print(
                 f"  round {r + 1}: postfix {postfix_rates[-1]:7.0f}/s   "
@@ -314,12 +327,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         # For information: smtp-source's closed loop with fewer sessions
         profile = []
         for sessions in (args.sessions, 12, 8, 6, 4, 1):
-            before = histogram(gw.metrics())
-            rate = smtp_source(gw.smtp_port, args.messages, sessions, args.size)
-            delta = histogram_delta(histogram(gw.metrics()), before)
-            profile.append(
-                (sessions, rate, quantile(delta, 0.5) * 1000, quantile(delta, 0.99) * 1000)
+            rate, p50, p99 = latency_during(
+                gw, functools.partial(smtp_source, gw.smtp_port, args.messages, sessions, args.size)
             )
+            profile.append((sessions, rate, p50, p99))
     pf, sg = statistics.median(postfix_rates), statistics.median(sealgate_rates)
 
     stalls = {}
