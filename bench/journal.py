@@ -2,7 +2,8 @@
 """The archive's own work per message, outside the daemon, by batch size.
 
     .venv/bin/python bench/journal.py [--messages 4000] [--rounds 5] [--size 4096]
-                                      [--batches 1,5,10,20,40]
+                                      [--batches 1,5,10,20,40] [--keys fixed|varied]
+                                      [--index 0]
 
 In one process, on a new archive in a temporary directory (SQLite, the daemon's
 settings): each message's journal (envelope and content sealed, the log leaf, the
@@ -18,12 +19,22 @@ No target of its own: the archive's share of the relay's (issue 17: archive on /
 off >= 0.9, `bench/archive.py`), measured here without the machine's noise (the
 relay's rounds spread by a fifth; these by a few per cent).  Under load the
 daemon's batches gather the records of `gateway.archive.service.LINGER`.
+
+``--keys``: every message with one Message-ID, sender and recipient (``fixed``,
+the default: the relay benchmarks' ``smtp-source`` sends one sender and recipient,
+and Message-IDs in sequence), or a new random Message-ID each, 2,000 senders and
+200,000 recipient addresses, as a hospital's mail (``varied``): then each
+message's rows go to a leaf of their own in the indexes by Message-ID, sender and
+recipient, and its batch writes those pages to the log.  ``--index N``: an index
+of N records first (`bench/archive.py`'s ``build_index``, with their attempts), as
+an archive some months old.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import random
 import shutil
 import statistics
 import sys
@@ -35,6 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from archive import build_index  # noqa: E402
 from policy import message as policy_message  # noqa: E402
 
 from gateway.archive.journal import canonical  # noqa: E402
@@ -120,7 +132,9 @@ def message(size: int) -> bytes:
     return b"Message-ID: <m1@clinic.test>\r\n" + policy_message(size)
 
 
-def envelope(queue_id: str, data: bytes) -> Envelope:
+def envelope(
+    queue_id: str, data: bytes, sender: str = "dr@clinic.test", recipient: str = "pat@bench.test"
+) -> Envelope:
     """As the daemon's queue hands it to the archive: the canonical JSON an SMTP
     worker spooled, taken as the main process takes it (`handed_envelope`: kept as
     `Envelope.spooled_json`, which the journal stores as it is)."""
@@ -128,10 +142,10 @@ def envelope(queue_id: str, data: bytes) -> Envelope:
         {
             "client": {"authorized_by": "network", "helo": "vm", "ip": "127.0.0.1", "port": 4918},
             "data_is_wire": True,
-            "mail_from": "dr@clinic.test",
+            "mail_from": sender,
             "queue_id": queue_id,
             "received_at": "2026-12-06T16:38:28.124781+00:00",
-            "recipients": [{"address": "pat@bench.test", "options": []}],
+            "recipients": [{"address": recipient, "options": []}],
             "sha256": hashlib.sha256(data).hexdigest(),
             "size": len(data),
             "trace_headers": "Received: from vm (unknown [127.0.0.1])\r\n\tby localhost\r\n",
@@ -155,13 +169,29 @@ def attempt(archive: Any, queue_id: str) -> Any:
     return lambda: archive.journal_attempt(queue_id, [record])
 
 
+def one_message(queue_id: str, data: bytes, rng: random.Random | None) -> tuple[bytes, Envelope]:
+    """A message and its envelope: ``rng`` None, as every other (``--keys fixed``)."""
+    if rng is None:
+        return data, envelope(queue_id, data)
+    _, crlf, rest = data.partition(b"\r\n")  # (its first line is the Message-ID)
+    data = f"Message-ID: <{rng.getrandbits(128):032x}@ehr.clinic.test>".encode() + crlf + rest
+    n = rng.randrange(2000)
+    sender = f"user{n}@clinic{n % 20}.example"
+    recipient = f"patient{rng.randrange(200_000)}@mail{rng.randrange(2)}.example"
+    return data, envelope(queue_id, data, sender, recipient)
+
+
 def run(batch: int, args: argparse.Namespace, data: bytes) -> tuple[list[float], float]:
     """CPU microseconds a message, a round each; WAL pages a batch."""
     workdir = Path(tempfile.mkdtemp(prefix="sealgate-journal-"))
+    rng = random.Random(batch) if args.keys == "varied" else None
     try:
         config = load_config_text(f"state_dir: {workdir}\n")
         archive = open_archive(config, "bench.sealgate.test")
         db = archive.index.db
+        if args.index:
+            build_index(archive, args.index, events=True)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # (its log emptied: counted from 0)
         db.execute("PRAGMA wal_autocheckpoint=0")  # (to count the log's pages)
         wal = workdir / "archive" / "index.db-wal"
         page = int(db.execute("PRAGMA page_size").fetchone()[0])
@@ -171,8 +201,9 @@ def run(batch: int, args: argparse.Namespace, data: bytes) -> tuple[list[float],
             jobs: list[Any] = []
             for i in range(args.messages):
                 queue_id = f"B{batch:02d}R{r:02d}{i:08d}"
+                body, handed = one_message(queue_id, data, rng)
                 # (no subject index; the digest checked, as an SMTP worker's handover is)
-                jobs.append(_Journal(archive, None, envelope(queue_id, data), data, False, True))
+                jobs.append(_Journal(archive, None, handed, body, False, True))
                 jobs.append(attempt(archive, queue_id))
             started = time.process_time()
             for start in range(0, len(jobs), 2 * batch):
@@ -195,12 +226,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--batches", default="1,5,10,20,40")
+    ap.add_argument("--keys", choices=["fixed", "varied"], default="fixed")
+    ap.add_argument("--index", type=int, default=0, help="records in the index beforehand")
     args = ap.parse_args()
     data = message(args.size)
     for batch in [int(b) for b in args.batches.split(",")]:
         rounds, pages = run(batch, args, data)
         print(
-            f"batches of {batch} messages ({args.size} B, {args.messages} x {args.rounds}): "
+            f"batches of {batch} messages ({args.size} B, {args.messages} x {args.rounds}, "
+            f"keys {args.keys}, index of {args.index} records before): "
             f"{statistics.median(rounds):.1f} us of CPU a message (journal + one attempt "
             f"record) [{', '.join(f'{r:.1f}' for r in rounds)}]; "
             f"{pages:.1f} pages to the write-ahead log a batch ({pages / batch:.1f} a message)",
